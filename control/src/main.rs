@@ -1,0 +1,3 @@
+//! The `shoal` binary: see the `cli` module of shoal-control.
+
+fn main() {}

@@ -1,0 +1,780 @@
+//! The manager's state and the one state machine that changes it.
+//!
+//! Every change is a [`Command`] applied by [`State::apply`]. `apply` is deterministic: the
+//! IDs, secrets, keys and timestamps a change needs are made before and carried inside the
+//! command, so a replicated log (Raft, a later issue) can replay the same commands on every
+//! manager and reach the same state. A refused command changes nothing.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+
+use serde::{Deserialize, Serialize};
+
+use crate::id::NodeId;
+use crate::token::Secret;
+
+/// What a node is in the swarm.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Runs workloads; cannot view or change cluster state.
+    Worker,
+    /// Can view and change cluster state.
+    Manager,
+}
+
+impl Role {
+    /// The word docker uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Worker => "worker",
+            Role::Manager => "manager",
+        }
+    }
+}
+
+/// Scheduling availability, as docker has it. shoal only reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Availability {
+    /// The node takes work.
+    Active,
+}
+
+/// One entry of the node list, as the manager issued it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    /// The node's ID.
+    pub id: NodeId,
+    /// Host name the node reported at join.
+    pub hostname: String,
+    /// Advertise (underlay) address: gossip and the data path use it.
+    pub addr: IpAddr,
+    /// Worker or manager.
+    pub role: Role,
+    /// Availability.
+    pub availability: Availability,
+    /// The node's static X25519 public key.
+    pub public_key: [u8; 32],
+    /// SHA-256 of the node certificate the manager issued; mTLS calls are checked against it,
+    /// so a removed node's certificate stops working at once.
+    pub cert_digest: [u8; 32],
+    /// Agent version the node reported.
+    pub engine_version: String,
+    /// The node said it left (`shoal leave`).
+    pub left: bool,
+    /// Unix time the node joined.
+    pub joined_at: u64,
+}
+
+/// A 32-byte key with an id, for the gossip keyring or a data-path epoch.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyEntry {
+    /// Key id (gossip) or epoch number (data path); grows by one at each rotation.
+    pub id: u32,
+    /// The key.
+    pub key: [u8; 32],
+}
+
+impl std::fmt::Debug for KeyEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "KeyEntry({}, ..)", self.id)
+    }
+}
+
+/// Network keys: the current one last, the previous one (still live during a rotation) before.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Keys {
+    /// Gossip keys, at most two, oldest first.
+    pub gossip: Vec<KeyEntry>,
+    /// Data-path key epochs, at most two, oldest first.
+    pub data_path: Vec<KeyEntry>,
+    /// Unix time of the last rotation (or of init).
+    pub rotated_at: u64,
+    /// Seconds between rotations.
+    pub interval_secs: u64,
+}
+
+impl Keys {
+    /// Unix time when the next rotation is due.
+    pub fn next_rotation(&self) -> u64 {
+        self.rotated_at.saturating_add(self.interval_secs)
+    }
+}
+
+/// An overlay network definition (only `ingress` for now).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Network {
+    /// Network name.
+    pub name: String,
+    /// VXLAN network identifier.
+    pub vni: u32,
+    /// Overlay subnet, CIDR text.
+    pub subnet: String,
+    /// Data path encrypted (false: plain RFC 7348).
+    pub encrypted: bool,
+    /// UDP port of the data path.
+    pub data_path_port: u16,
+}
+
+/// The cluster CA: certificate (public) and key (manager-only).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaMaterial {
+    /// CA certificate, DER.
+    pub cert_der: Vec<u8>,
+    /// CA private key, PKCS#8 PEM.
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for CaMaterial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CaMaterial(..)")
+    }
+}
+
+/// Everything a swarm is, once initialized.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cluster {
+    /// The cluster CA.
+    pub ca: CaMaterial,
+    /// Worker join secret.
+    pub worker_secret: String,
+    /// Manager join secret.
+    pub manager_secret: String,
+    /// The leader (the node that ran init; Raft will elect later).
+    pub leader: NodeId,
+    /// The leader's API address (`advertise addr:2377`).
+    pub api_addr: SocketAddr,
+    /// The node list.
+    pub nodes: BTreeMap<NodeId, Node>,
+    /// Network keys.
+    pub keys: Keys,
+    /// The ingress network.
+    pub ingress: Network,
+    /// Unix time of init.
+    pub created_at: u64,
+}
+
+impl Cluster {
+    /// The secret for `role`.
+    pub fn secret(&self, role: Role) -> &str {
+        match role {
+            Role::Worker => &self.worker_secret,
+            Role::Manager => &self.manager_secret,
+        }
+    }
+}
+
+/// The manager's whole state.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    /// Grows by one at every command that changed something.
+    pub version: u64,
+    /// `None` until `init`.
+    pub cluster: Option<Cluster>,
+}
+
+/// The data of [`Command::Init`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Init {
+    /// The CA made for this cluster.
+    pub ca: CaMaterial,
+    /// The first node, which becomes the leader.
+    pub leader: Node,
+    /// The leader's API address.
+    pub api_addr: SocketAddr,
+    /// Worker join secret.
+    pub worker_secret: String,
+    /// Manager join secret.
+    pub manager_secret: String,
+    /// First gossip key and data-path epoch (id 1 each).
+    pub gossip_key: [u8; 32],
+    /// First data-path key.
+    pub data_path_key: [u8; 32],
+    /// Seconds between key rotations.
+    pub key_interval_secs: u64,
+    /// The ingress network.
+    pub ingress: Network,
+    /// Unix time now.
+    pub at: u64,
+}
+
+/// A change to the manager's state. Everything random or time-dependent is inside.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Create the cluster.
+    Init(Box<Init>),
+    /// Add a node that presented a valid secret.
+    AddNode(Box<Node>),
+    /// Remove a node from the list.
+    RemoveNode(NodeId),
+    /// Change a node's role.
+    SetRole(NodeId, Role),
+    /// The node left on its own (`shoal leave`).
+    MarkLeft(NodeId),
+    /// Replace the join secret of a role.
+    RotateSecret(Role, String),
+    /// Start a new gossip key and data-path epoch; the previous ones stay live.
+    RotateKeys {
+        /// New gossip key.
+        gossip_key: [u8; 32],
+        /// New data-path key.
+        data_path_key: [u8; 32],
+        /// Unix time now.
+        at: u64,
+    },
+}
+
+/// What an applied command did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// The state changed and its version grew.
+    Changed,
+    /// The command asked for what already was (e.g. promote a manager); nothing changed.
+    Unchanged,
+}
+
+/// Why a command was refused. The state is exactly as before.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApplyError {
+    /// `init` on a node that is already in a swarm.
+    #[error("This node is already part of a swarm. Use \"shoal leave\" to leave this swarm and join another one.")]
+    AlreadyInitialized,
+    /// A command other than `init` before `init`.
+    #[error("This node is not a swarm manager. Use \"shoal init\" or \"shoal join\" to connect this node to swarm and try again.")]
+    NotInitialized,
+    /// A node with this ID is in the list already.
+    #[error("node {0} is already in the swarm")]
+    NodeExists(NodeId),
+    /// No node with this ID.
+    #[error("node {0} not found")]
+    NoSuchNode(NodeId),
+    /// The leader cannot be removed.
+    #[error("node {0} is the leader and can't be removed; run `shoal leave --force` on it to dissolve the swarm")]
+    RemoveLeader(NodeId),
+    /// A manager must be demoted before removal.
+    #[error("node {0} is a cluster manager. It must be demoted to worker before removal")]
+    RemoveManager(NodeId),
+    /// The leader cannot be demoted (no election yet).
+    #[error("node {0} is the leader and can't be demoted: shoal has no leader election yet, so the swarm would have no leader")]
+    DemoteLeader(NodeId),
+    /// A join secret that is not 25 base-36 characters.
+    #[error("refused a malformed join secret: {0}")]
+    BadSecret(crate::token::TokenError),
+    /// Key rotation interval of zero.
+    #[error("the key rotation interval must be at least one second")]
+    ZeroInterval,
+}
+
+impl State {
+    /// Applies `command`. On error nothing changed.
+    pub fn apply(&mut self, command: Command) -> Result<Applied, ApplyError> {
+        let applied = self.apply_inner(command)?;
+        if applied == Applied::Changed {
+            self.version += 1;
+        }
+        Ok(applied)
+    }
+
+    fn apply_inner(&mut self, command: Command) -> Result<Applied, ApplyError> {
+        if let Command::Init(init) = command {
+            if self.cluster.is_some() {
+                return Err(ApplyError::AlreadyInitialized);
+            }
+            if init.key_interval_secs == 0 {
+                return Err(ApplyError::ZeroInterval);
+            }
+            for secret in [&init.worker_secret, &init.manager_secret] {
+                crate::token::Token::parse_secret(secret).map_err(ApplyError::BadSecret)?;
+            }
+            let Init {
+                ca,
+                mut leader,
+                api_addr,
+                worker_secret,
+                manager_secret,
+                gossip_key,
+                data_path_key,
+                key_interval_secs,
+                ingress,
+                at,
+            } = *init;
+            leader.role = Role::Manager;
+            let leader_id = leader.id.clone();
+            self.cluster = Some(Cluster {
+                ca,
+                worker_secret,
+                manager_secret,
+                leader: leader_id.clone(),
+                api_addr,
+                nodes: BTreeMap::from([(leader_id, leader)]),
+                keys: Keys {
+                    gossip: vec![KeyEntry {
+                        id: 1,
+                        key: gossip_key,
+                    }],
+                    data_path: vec![KeyEntry {
+                        id: 1,
+                        key: data_path_key,
+                    }],
+                    rotated_at: at,
+                    interval_secs: key_interval_secs,
+                },
+                ingress,
+                created_at: at,
+            });
+            return Ok(Applied::Changed);
+        }
+        let cluster = self.cluster.as_mut().ok_or(ApplyError::NotInitialized)?;
+        match command {
+            Command::Init(_) => unreachable_init(),
+            Command::AddNode(node) => {
+                if cluster.nodes.contains_key(&node.id) {
+                    return Err(ApplyError::NodeExists(node.id.clone()));
+                }
+                cluster.nodes.insert(node.id.clone(), *node);
+                Ok(Applied::Changed)
+            }
+            Command::RemoveNode(id) => {
+                let node = cluster
+                    .nodes
+                    .get(&id)
+                    .ok_or_else(|| ApplyError::NoSuchNode(id.clone()))?;
+                if id == cluster.leader {
+                    return Err(ApplyError::RemoveLeader(id));
+                }
+                if node.role == Role::Manager {
+                    return Err(ApplyError::RemoveManager(id));
+                }
+                cluster.nodes.remove(&id);
+                Ok(Applied::Changed)
+            }
+            Command::SetRole(id, role) => {
+                if id == cluster.leader && role == Role::Worker {
+                    return Err(ApplyError::DemoteLeader(id));
+                }
+                let node = cluster
+                    .nodes
+                    .get_mut(&id)
+                    .ok_or_else(|| ApplyError::NoSuchNode(id.clone()))?;
+                if node.role == role {
+                    return Ok(Applied::Unchanged);
+                }
+                node.role = role;
+                Ok(Applied::Changed)
+            }
+            Command::MarkLeft(id) => {
+                let node = cluster
+                    .nodes
+                    .get_mut(&id)
+                    .ok_or_else(|| ApplyError::NoSuchNode(id.clone()))?;
+                if node.left {
+                    return Ok(Applied::Unchanged);
+                }
+                node.left = true;
+                Ok(Applied::Changed)
+            }
+            Command::RotateSecret(role, secret) => {
+                crate::token::Token::parse_secret(&secret).map_err(ApplyError::BadSecret)?;
+                let slot = match role {
+                    Role::Worker => &mut cluster.worker_secret,
+                    Role::Manager => &mut cluster.manager_secret,
+                };
+                if *slot == secret {
+                    return Ok(Applied::Unchanged);
+                }
+                *slot = secret;
+                Ok(Applied::Changed)
+            }
+            Command::RotateKeys {
+                gossip_key,
+                data_path_key,
+                at,
+            } => {
+                let keys = &mut cluster.keys;
+                push_key(&mut keys.gossip, gossip_key);
+                push_key(&mut keys.data_path, data_path_key);
+                keys.rotated_at = at;
+                Ok(Applied::Changed)
+            }
+        }
+    }
+
+    /// The cluster, if initialized.
+    pub fn cluster(&self) -> Option<&Cluster> {
+        self.cluster.as_ref()
+    }
+
+    /// Checks `secret` against both roles' secrets; the role it opens, if any.
+    pub fn role_for_secret(&self, secret: &str) -> Option<Role> {
+        let cluster = self.cluster.as_ref()?;
+        [Role::Worker, Role::Manager]
+            .into_iter()
+            .find(|role| secret_eq(cluster.secret(*role), secret))
+    }
+}
+
+/// What every node keeps of the manager's state: no CA key, no join secrets.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterView {
+    /// The state version this view was made from.
+    pub version: u64,
+    /// The leader's node ID.
+    pub leader: NodeId,
+    /// The leader's API address.
+    pub api_addr: SocketAddr,
+    /// The cluster CA certificate, DER.
+    pub ca_cert_der: Vec<u8>,
+    /// The node list.
+    pub nodes: Vec<Node>,
+    /// Network keys.
+    pub keys: Keys,
+    /// The ingress network.
+    pub ingress: Network,
+}
+
+impl ClusterView {
+    /// The node with this ID.
+    pub fn node(&self, id: &NodeId) -> Option<&Node> {
+        self.nodes.iter().find(|n| &n.id == id)
+    }
+}
+
+impl State {
+    /// The view sent to nodes, if initialized.
+    pub fn view(&self) -> Option<ClusterView> {
+        let c = self.cluster.as_ref()?;
+        Some(ClusterView {
+            version: self.version,
+            leader: c.leader.clone(),
+            api_addr: c.api_addr,
+            ca_cert_der: c.ca.cert_der.clone(),
+            nodes: c.nodes.values().cloned().collect(),
+            keys: c.keys.clone(),
+            ingress: c.ingress.clone(),
+        })
+    }
+}
+
+fn secret_eq(ours: &str, theirs: &str) -> bool {
+    crate::token::Token::parse_secret(ours).is_ok_and(|s: Secret| s.matches(theirs))
+}
+
+fn push_key(ring: &mut Vec<KeyEntry>, key: [u8; 32]) {
+    let id = ring.last().map_or(1, |k| k.id.wrapping_add(1));
+    ring.push(KeyEntry { id, key });
+    while ring.len() > 2 {
+        ring.remove(0);
+    }
+}
+
+#[cold]
+fn unreachable_init() -> Result<Applied, ApplyError> {
+    // `Init` is handled before the match; reaching here would be a bug, not bad input.
+    Err(ApplyError::AlreadyInitialized)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn id(n: u128) -> NodeId {
+        NodeId::from_random(n)
+    }
+
+    pub(crate) fn node(n: u128, role: Role) -> Node {
+        Node {
+            id: id(n),
+            hostname: format!("n{n}"),
+            addr: IpAddr::from([198, 18, 0, n as u8]),
+            role,
+            availability: Availability::Active,
+            public_key: [n as u8; 32],
+            cert_digest: [n as u8 + 100; 32],
+            engine_version: "0.1.0".into(),
+            left: false,
+            joined_at: 1000 + n as u64,
+        }
+    }
+
+    pub(crate) fn init_cmd() -> Command {
+        Command::Init(Box::new(Init {
+            ca: CaMaterial {
+                cert_der: vec![1, 2, 3],
+                key_pem: "key".into(),
+            },
+            leader: node(1, Role::Worker),
+            api_addr: "198.18.0.1:2377".parse().unwrap(),
+            worker_secret: Secret::from_random(11).as_str().into(),
+            manager_secret: Secret::from_random(22).as_str().into(),
+            gossip_key: [7; 32],
+            data_path_key: [8; 32],
+            key_interval_secs: 43_200,
+            ingress: Network {
+                name: "ingress".into(),
+                vni: 4096,
+                subnet: "198.19.0.0/24".into(),
+                encrypted: true,
+                data_path_port: 4789,
+            },
+            at: 1000,
+        }))
+    }
+
+    fn initialized() -> State {
+        let mut s = State::default();
+        assert_eq!(s.apply(init_cmd()), Ok(Applied::Changed));
+        s
+    }
+
+    /// Applies a command that must be refused and checks nothing moved.
+    fn refused(s: &mut State, cmd: Command, want: ApplyError) {
+        let before = s.clone();
+        assert_eq!(s.apply(cmd), Err(want));
+        assert_eq!(*s, before);
+    }
+
+    #[test]
+    fn init_makes_leader_manager() {
+        let s = initialized();
+        assert_eq!(s.version, 1);
+        let c = s.cluster().unwrap();
+        assert_eq!(c.leader, id(1));
+        assert_eq!(c.nodes[&id(1)].role, Role::Manager);
+        assert_eq!(c.keys.gossip.len(), 1);
+        assert_eq!(c.keys.next_rotation(), 1000 + 43_200);
+        assert_eq!(
+            s.role_for_secret(Secret::from_random(11).as_str()),
+            Some(Role::Worker)
+        );
+        assert_eq!(
+            s.role_for_secret(Secret::from_random(22).as_str()),
+            Some(Role::Manager)
+        );
+        assert_eq!(s.role_for_secret(Secret::from_random(33).as_str()), None);
+    }
+
+    #[test]
+    fn second_init_refused() {
+        let mut s = initialized();
+        refused(&mut s, init_cmd(), ApplyError::AlreadyInitialized);
+    }
+
+    #[test]
+    fn init_refuses_bad_input() {
+        let mut s = State::default();
+        let Command::Init(mut init) = init_cmd() else {
+            unreachable!()
+        };
+        init.key_interval_secs = 0;
+        refused(
+            &mut s,
+            Command::Init(init.clone()),
+            ApplyError::ZeroInterval,
+        );
+        init.key_interval_secs = 10;
+        init.worker_secret = "BAD".into();
+        refused(
+            &mut s,
+            Command::Init(init),
+            ApplyError::BadSecret(crate::token::TokenError::SecretLength(3)),
+        );
+    }
+
+    #[test]
+    fn commands_before_init_refused() {
+        let mut s = State::default();
+        for cmd in [
+            Command::AddNode(Box::new(node(2, Role::Worker))),
+            Command::RemoveNode(id(2)),
+            Command::SetRole(id(2), Role::Manager),
+            Command::MarkLeft(id(2)),
+            Command::RotateSecret(Role::Worker, Secret::from_random(1).as_str().into()),
+            Command::RotateKeys {
+                gossip_key: [0; 32],
+                data_path_key: [0; 32],
+                at: 1,
+            },
+        ] {
+            refused(&mut s, cmd, ApplyError::NotInitialized);
+        }
+    }
+
+    #[test]
+    fn add_and_remove_node() {
+        let mut s = initialized();
+        assert_eq!(
+            s.apply(Command::AddNode(Box::new(node(2, Role::Worker)))),
+            Ok(Applied::Changed)
+        );
+        assert_eq!(s.version, 2);
+        refused(
+            &mut s,
+            Command::AddNode(Box::new(node(2, Role::Worker))),
+            ApplyError::NodeExists(id(2)),
+        );
+        assert_eq!(s.apply(Command::RemoveNode(id(2))), Ok(Applied::Changed));
+        assert!(!s.cluster().unwrap().nodes.contains_key(&id(2)));
+        refused(
+            &mut s,
+            Command::RemoveNode(id(2)),
+            ApplyError::NoSuchNode(id(2)),
+        );
+        refused(
+            &mut s,
+            Command::RemoveNode(id(1)),
+            ApplyError::RemoveLeader(id(1)),
+        );
+    }
+
+    #[test]
+    fn manager_must_be_demoted_before_removal() {
+        let mut s = initialized();
+        s.apply(Command::AddNode(Box::new(node(3, Role::Manager))))
+            .unwrap();
+        refused(
+            &mut s,
+            Command::RemoveNode(id(3)),
+            ApplyError::RemoveManager(id(3)),
+        );
+        s.apply(Command::SetRole(id(3), Role::Worker)).unwrap();
+        assert_eq!(s.apply(Command::RemoveNode(id(3))), Ok(Applied::Changed));
+    }
+
+    #[test]
+    fn promote_and_demote() {
+        let mut s = initialized();
+        s.apply(Command::AddNode(Box::new(node(2, Role::Worker))))
+            .unwrap();
+        let v = s.version;
+        assert_eq!(
+            s.apply(Command::SetRole(id(2), Role::Manager)),
+            Ok(Applied::Changed)
+        );
+        assert_eq!(s.version, v + 1);
+        assert_eq!(
+            s.apply(Command::SetRole(id(2), Role::Manager)),
+            Ok(Applied::Unchanged)
+        );
+        assert_eq!(s.version, v + 1);
+        assert_eq!(
+            s.apply(Command::SetRole(id(2), Role::Worker)),
+            Ok(Applied::Changed)
+        );
+        assert_eq!(s.cluster().unwrap().nodes[&id(2)].role, Role::Worker);
+        refused(
+            &mut s,
+            Command::SetRole(id(1), Role::Worker),
+            ApplyError::DemoteLeader(id(1)),
+        );
+        refused(
+            &mut s,
+            Command::SetRole(id(9), Role::Manager),
+            ApplyError::NoSuchNode(id(9)),
+        );
+        // Promoting the leader is a no-op.
+        assert_eq!(
+            s.apply(Command::SetRole(id(1), Role::Manager)),
+            Ok(Applied::Unchanged)
+        );
+    }
+
+    #[test]
+    fn mark_left() {
+        let mut s = initialized();
+        s.apply(Command::AddNode(Box::new(node(2, Role::Worker))))
+            .unwrap();
+        assert_eq!(s.apply(Command::MarkLeft(id(2))), Ok(Applied::Changed));
+        assert!(s.cluster().unwrap().nodes[&id(2)].left);
+        assert_eq!(s.apply(Command::MarkLeft(id(2))), Ok(Applied::Unchanged));
+        refused(
+            &mut s,
+            Command::MarkLeft(id(5)),
+            ApplyError::NoSuchNode(id(5)),
+        );
+    }
+
+    #[test]
+    fn rotate_secret() {
+        let mut s = initialized();
+        let old = Secret::from_random(11);
+        let new = Secret::from_random(99);
+        assert_eq!(
+            s.apply(Command::RotateSecret(Role::Worker, new.as_str().into())),
+            Ok(Applied::Changed)
+        );
+        assert_eq!(s.role_for_secret(old.as_str()), None);
+        assert_eq!(s.role_for_secret(new.as_str()), Some(Role::Worker));
+        // The manager secret is untouched.
+        assert_eq!(
+            s.role_for_secret(Secret::from_random(22).as_str()),
+            Some(Role::Manager)
+        );
+        refused(
+            &mut s,
+            Command::RotateSecret(Role::Manager, "zz".into()),
+            ApplyError::BadSecret(crate::token::TokenError::SecretLength(2)),
+        );
+    }
+
+    #[test]
+    fn rotate_keys_keeps_previous() {
+        let mut s = initialized();
+        s.apply(Command::RotateKeys {
+            gossip_key: [2; 32],
+            data_path_key: [3; 32],
+            at: 5000,
+        })
+        .unwrap();
+        let keys = &s.cluster().unwrap().keys;
+        assert_eq!(
+            keys.gossip.iter().map(|k| k.id).collect::<Vec<_>>(),
+            vec![1, 2]
+        );
+        assert_eq!(keys.data_path.last().unwrap().key, [3; 32]);
+        assert_eq!(keys.rotated_at, 5000);
+        s.apply(Command::RotateKeys {
+            gossip_key: [4; 32],
+            data_path_key: [5; 32],
+            at: 6000,
+        })
+        .unwrap();
+        let keys = &s.cluster().unwrap().keys;
+        assert_eq!(
+            keys.gossip.iter().map(|k| k.id).collect::<Vec<_>>(),
+            vec![2, 3]
+        );
+        assert_eq!(keys.data_path[0].key, [3; 32]);
+        assert_eq!(keys.data_path[1].key, [5; 32]);
+    }
+
+    #[test]
+    fn replay_is_deterministic() {
+        let cmds = vec![
+            init_cmd(),
+            Command::AddNode(Box::new(node(2, Role::Worker))),
+            Command::AddNode(Box::new(node(3, Role::Worker))),
+            Command::SetRole(id(2), Role::Manager),
+            Command::RotateSecret(Role::Worker, Secret::from_random(5).as_str().into()),
+            Command::RotateKeys {
+                gossip_key: [2; 32],
+                data_path_key: [3; 32],
+                at: 9,
+            },
+            Command::MarkLeft(id(3)),
+            Command::RemoveNode(id(3)),
+        ];
+        let run = |cmds: &[Command]| {
+            let mut s = State::default();
+            for c in cmds {
+                s.apply(c.clone()).unwrap();
+            }
+            s
+        };
+        let a = run(&cmds);
+        // Commands survive serialization (a log on disk) and replay to the same state.
+        let json = serde_json::to_string(&cmds).unwrap();
+        let b = run(&serde_json::from_str::<Vec<Command>>(&json).unwrap());
+        assert_eq!(a, b);
+        assert_eq!(a.version, 8);
+    }
+}

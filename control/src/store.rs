@@ -1,0 +1,377 @@
+//! The node's persistent state in `--state-dir`, in one redb file.
+//!
+//! Three records: the node's X25519 static secret, its swarm membership (ID, certificate,
+//! the last cluster view) and, on the leader, the manager state. Every change is one redb
+//! write transaction, so a crash at any point leaves the old state or the new one.
+
+use std::path::{Path, PathBuf};
+
+use redb::{Database, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::id::NodeId;
+use crate::state::{ClusterView, Role, State};
+
+const TABLE: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("shoal");
+const NODE_KEY: &str = "node_key";
+const MEMBERSHIP: &str = "membership";
+const MANAGER: &str = "manager";
+
+/// File name of the store inside the state dir.
+pub const FILE_NAME: &str = "shoal.redb";
+
+/// This node's place in a swarm, kept after a successful join or init.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Membership {
+    /// Our node ID.
+    pub node_id: NodeId,
+    /// Our node certificate (DER), signed by the cluster CA: our mTLS identity.
+    pub cert_der: Vec<u8>,
+    /// Its private key, PKCS#8 PEM.
+    pub key_pem: String,
+    /// The last cluster view we received.
+    pub view: ClusterView,
+}
+
+impl Membership {
+    /// Our role in the last view (worker if we are not in it).
+    pub fn role(&self) -> Role {
+        self.view
+            .node(&self.node_id)
+            .map_or(Role::Worker, |n| n.role)
+    }
+}
+
+/// A change to write; a list of them is one transaction.
+#[derive(Debug)]
+pub enum Write<'a> {
+    /// Set the membership record.
+    Membership(&'a Membership),
+    /// Delete the membership record.
+    ClearMembership,
+    /// Set the manager state.
+    Manager(&'a State),
+    /// Delete the manager state.
+    ClearManager,
+}
+
+/// Errors from the state store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The state dir could not be created or secured.
+    #[error("cannot use state dir {path}: {source}; check the path and its permissions")]
+    Dir {
+        /// The directory.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Another process has the store open.
+    #[error("state dir {0} is in use by another shoal agent; stop it or pick another --state-dir")]
+    InUse(PathBuf),
+    /// The store file could not be opened (corrupt or unreadable).
+    #[error("cannot open state store {path}: {source}; move it away to start this node afresh")]
+    Open {
+        /// The store file.
+        path: PathBuf,
+        /// The redb error.
+        source: Box<redb::DatabaseError>,
+    },
+    /// A read or write failed; a failed write changed nothing.
+    #[error("state store I/O failed: {0}; nothing was changed")]
+    Io(Box<redb::Error>),
+    /// A record did not decode.
+    #[error("state store record {key:?} is corrupt: {source}; move the state dir away to start this node afresh")]
+    Corrupt {
+        /// The record.
+        key: &'static str,
+        /// The decode error.
+        source: serde_json::Error,
+    },
+    /// The node key record is not 32 bytes.
+    #[error("state store record \"node_key\" has {0} bytes, expected 32; move the state dir away to start afresh")]
+    BadNodeKey(usize),
+}
+
+impl From<redb::Error> for StoreError {
+    fn from(e: redb::Error) -> Self {
+        Self::Io(Box::new(e))
+    }
+}
+
+/// The open store.
+#[derive(Debug)]
+pub struct Store {
+    db: Database,
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir`; creates `dir` with mode 0700 if missing.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let dir_err = |source| StoreError::Dir {
+            path: dir.to_owned(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(dir_err)?;
+        set_mode(dir, 0o700).map_err(dir_err)?;
+        let path = dir.join(FILE_NAME);
+        let db = match Database::create(&path) {
+            Ok(db) => db,
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                return Err(StoreError::InUse(dir.to_owned()))
+            }
+            Err(source) => {
+                return Err(StoreError::Open {
+                    path,
+                    source: Box::new(source),
+                })
+            }
+        };
+        set_mode(&path, 0o600).map_err(dir_err)?;
+        Ok(Self { db })
+    }
+
+    fn get(&self, key: &'static str) -> Result<Option<Vec<u8>>, StoreError> {
+        let tx = self.db.begin_read().map_err(redb::Error::from)?;
+        let table = match tx.open_table(TABLE) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(redb::Error::from(e).into()),
+        };
+        let value = table.get(key).map_err(redb::Error::from)?;
+        Ok(value.map(|v| v.value().to_vec()))
+    }
+
+    fn get_json<T: for<'de> Deserialize<'de>>(
+        &self,
+        key: &'static str,
+    ) -> Result<Option<T>, StoreError> {
+        match self.get(key)? {
+            None => Ok(None),
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|source| StoreError::Corrupt { key, source }),
+        }
+    }
+
+    /// The node's X25519 static secret; `fresh` is stored and returned if there is none yet.
+    pub fn node_key(&self, fresh: [u8; 32]) -> Result<[u8; 32], StoreError> {
+        if let Some(bytes) = self.get(NODE_KEY)? {
+            return <[u8; 32]>::try_from(bytes.as_slice())
+                .map_err(|_| StoreError::BadNodeKey(bytes.len()));
+        }
+        self.transact(|table| {
+            table.insert(NODE_KEY, fresh.as_slice())?;
+            Ok(())
+        })?;
+        Ok(fresh)
+    }
+
+    /// The membership record, if this node is in a swarm.
+    pub fn membership(&self) -> Result<Option<Membership>, StoreError> {
+        self.get_json(MEMBERSHIP)
+    }
+
+    /// The manager state, if this node is the leader.
+    pub fn manager(&self) -> Result<Option<State>, StoreError> {
+        self.get_json(MANAGER)
+    }
+
+    /// Applies all `writes` in one transaction: all of them or none.
+    pub fn write(&self, writes: &[Write<'_>]) -> Result<(), StoreError> {
+        // Encode first: an encoding failure must not leave a half-made transaction.
+        let mut encoded: Vec<(&'static str, Option<Vec<u8>>)> = Vec::with_capacity(writes.len());
+        for w in writes {
+            let item = match w {
+                Write::Membership(m) => (MEMBERSHIP, Some(to_json(MEMBERSHIP, m)?)),
+                Write::ClearMembership => (MEMBERSHIP, None),
+                Write::Manager(s) => (MANAGER, Some(to_json(MANAGER, s)?)),
+                Write::ClearManager => (MANAGER, None),
+            };
+            encoded.push(item);
+        }
+        self.transact(|table| {
+            for (key, value) in &encoded {
+                match value {
+                    Some(v) => {
+                        table.insert(*key, v.as_slice())?;
+                    }
+                    None => {
+                        table.remove(*key)?;
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn transact(
+        &self,
+        f: impl FnOnce(&mut redb::Table<'_, &str, &[u8]>) -> Result<(), redb::StorageError>,
+    ) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(redb::Error::from)?;
+        {
+            let mut table = tx.open_table(TABLE).map_err(redb::Error::from)?;
+            f(&mut table).map_err(redb::Error::from)?;
+        }
+        tx.commit().map_err(redb::Error::from)?;
+        Ok(())
+    }
+}
+
+fn to_json<T: Serialize>(key: &'static str, value: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(|source| StoreError::Corrupt { key, source })
+}
+
+fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::tests::{init_cmd, node};
+    use crate::state::Command;
+
+    fn membership(state: &State) -> Membership {
+        Membership {
+            node_id: crate::state::tests::id(1),
+            cert_der: vec![9; 10],
+            key_pem: "pem".into(),
+            view: state.view().unwrap(),
+        }
+    }
+
+    fn sample_state() -> State {
+        let mut s = State::default();
+        s.apply(init_cmd()).unwrap();
+        s
+    }
+
+    #[test]
+    fn empty_store_has_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.membership().unwrap(), None);
+        assert_eq!(store.manager().unwrap(), None);
+    }
+
+    #[test]
+    fn reopen_keeps_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = sample_state();
+        let m = membership(&state);
+        {
+            let store = Store::open(dir.path()).unwrap();
+            assert_eq!(store.node_key([5; 32]).unwrap(), [5; 32]);
+            store
+                .write(&[Write::Membership(&m), Write::Manager(&state)])
+                .unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        // The first key stays; a new candidate is ignored.
+        assert_eq!(store.node_key([6; 32]).unwrap(), [5; 32]);
+        assert_eq!(store.membership().unwrap(), Some(m.clone()));
+        assert_eq!(store.manager().unwrap(), Some(state));
+        assert_eq!(m.role(), Role::Manager);
+        store
+            .write(&[Write::ClearMembership, Write::ClearManager])
+            .unwrap();
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.membership().unwrap(), None);
+        assert_eq!(store.manager().unwrap(), None);
+        assert_eq!(store.node_key([7; 32]).unwrap(), [5; 32]);
+    }
+
+    #[test]
+    fn second_open_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let _store = Store::open(dir.path()).unwrap();
+        match Store::open(dir.path()) {
+            Err(StoreError::InUse(p)) => assert_eq!(p, dir.path()),
+            other => panic!("expected InUse, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn garbage_file_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(FILE_NAME),
+            b"not a database at all, just text",
+        )
+        .unwrap();
+        let err = Store::open(dir.path()).unwrap_err();
+        assert!(matches!(err, StoreError::Open { .. }), "{err:?}");
+        assert!(err.to_string().contains("move it away"));
+    }
+
+    #[test]
+    fn corrupt_record_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store
+            .transact(|t| {
+                t.insert(MEMBERSHIP, b"{not json".as_slice())?;
+                t.insert(NODE_KEY, b"short".as_slice())?;
+                Ok(())
+            })
+            .unwrap();
+        assert!(matches!(
+            store.membership(),
+            Err(StoreError::Corrupt {
+                key: MEMBERSHIP,
+                ..
+            })
+        ));
+        assert!(matches!(
+            store.node_key([0; 32]),
+            Err(StoreError::BadNodeKey(5))
+        ));
+    }
+
+    /// A child process (this same test binary) writes a committed state, then starts a
+    /// second write and aborts the process before commit. The reopened store must hold
+    /// exactly the committed state.
+    #[test]
+    fn crash_before_commit_keeps_old_state() {
+        const ENV: &str = "SHOAL_STORE_CRASH_DIR";
+        if let Ok(dir) = std::env::var(ENV) {
+            let store = Store::open(Path::new(&dir)).unwrap();
+            let state = sample_state();
+            store.write(&[Write::Manager(&state)]).unwrap();
+            let mut bigger = state.clone();
+            bigger
+                .apply(Command::AddNode(Box::new(node(2, Role::Worker))))
+                .unwrap();
+            let tx = store.db.begin_write().unwrap();
+            {
+                let mut t = tx.open_table(TABLE).unwrap();
+                let json = serde_json::to_vec(&bigger).unwrap();
+                t.insert(MANAGER, json.as_slice()).unwrap();
+                t.insert(MEMBERSHIP, b"half".as_slice()).unwrap();
+            }
+            // Crash with the transaction open: no destructors, no commit.
+            std::process::abort();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let exe = std::env::current_exe().unwrap();
+        let status = std::process::Command::new(exe)
+            .args([
+                "--exact",
+                "store::tests::crash_before_commit_keeps_old_state",
+                "--nocapture",
+            ])
+            .env(ENV, dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(!status.success(), "the child must have crashed");
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.manager().unwrap(), Some(sample_state()));
+        assert_eq!(store.membership().unwrap(), None);
+    }
+}
