@@ -13,7 +13,12 @@
 //! The state machine ([`state`]), the token format ([`token`]) and node IDs ([`id`]) are
 //! pure: no IO, no clock, no randomness. [`store`], [`tls`], [`manager`] and [`agent`] do IO.
 
+pub mod agent;
+pub mod api;
+pub mod cli;
 pub mod id;
+pub mod manager;
 pub mod state;
 pub mod store;
+pub mod tls;
 pub mod token;

@@ -31,6 +31,9 @@ pub struct Membership {
     pub key_pem: String,
     /// The last cluster view we received.
     pub view: ClusterView,
+    /// Where this node's manager API listens (leader only).
+    #[serde(default)]
+    pub listen_addr: Option<std::net::SocketAddr>,
 }
 
 impl Membership {
@@ -240,6 +243,7 @@ mod tests {
             cert_der: vec![9; 10],
             key_pem: "pem".into(),
             view: state.view().unwrap(),
+            listen_addr: None,
         }
     }
 

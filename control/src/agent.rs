@@ -1,0 +1,753 @@
+//! The agent daemon: the Unix socket the CLI talks to, and this node's part in the swarm.
+//!
+//! On the leader it runs the [`Manager`] and its API on 2377. On every other node it keeps a
+//! watch stream to the leader over mTLS (node certificate issued at join): each change of
+//! the node list or the keys arrives as a new cluster view and is kept in the store, so a
+//! restarted agent is the same node, with no token needed. Manager-only commands on a
+//! promoted (non-leader) manager are forwarded to the leader over the same mTLS identity.
+
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tracing::{debug, info, warn};
+use x25519_dalek::{PublicKey, StaticSecret};
+
+use crate::api::{
+    hex, read_frame, write_frame, AdminRequest, Info, InitRequest, JoinRequest, ManagerReply,
+    ManagerRequest, ManagerResponse, Reply, Request, Response,
+};
+use crate::id::NodeId;
+use crate::manager::{
+    join_addr, random_key, random_u128, unix_now, Manager, StartError, NOT_MANAGER, PING_INTERVAL,
+};
+use crate::state::{Availability, Command, Init, Network, Node, Role, State};
+use crate::store::{Membership, Store, StoreError, Write};
+use crate::tls::{
+    cert_digest, generate_ca, issue_node_cert, join_client_config, node_client_config,
+    server_config, server_name, Issued, TlsError,
+};
+use crate::token::{Secret, Token};
+
+/// The agent's version, reported as ENGINE VERSION.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The manager API port.
+pub const DEFAULT_API_PORT: u16 = 2377;
+/// The ingress network's VNI.
+pub const INGRESS_VNI: u32 = 4096;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// The message for a client command that needs a swarm, on a node that is in none.
+pub const NOT_IN_SWARM: &str = "This node is not a swarm manager. Use \"shoal init\" or \"shoal join\" to connect this node to swarm and try again.";
+/// The message for `init` or `join` on a node that is in a swarm.
+pub const ALREADY_IN_SWARM: &str = "This node is already part of a swarm. Use \"shoal leave\" to leave this swarm and join another one.";
+
+/// Agent settings.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// State directory.
+    pub state_dir: PathBuf,
+    /// Unix socket path for the CLI.
+    pub socket: PathBuf,
+    /// This node's host name.
+    pub hostname: String,
+}
+
+/// Why the agent could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The state store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The Unix socket could not be made.
+    #[error(
+        "cannot listen on socket {path}: {source}; check --socket and that no other agent runs"
+    )]
+    Socket {
+        /// The socket path.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Another agent answers on the socket.
+    #[error("another shoal agent is already listening on {0}; stop it or pick another --socket")]
+    SocketInUse(PathBuf),
+    /// TLS material in the state dir is damaged.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The stored manager state is empty.
+    #[error(transparent)]
+    Manager(#[from] StartError),
+    /// The manager API address is taken.
+    #[error("cannot listen on {addr} for the manager API: {source}; free the port or change --listen-addr")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A background task with a stop signal.
+struct Running {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+#[derive(Default)]
+struct Roles {
+    manager: Option<(Arc<Manager>, Running)>,
+    watcher: Option<Running>,
+}
+
+/// The running agent.
+pub struct Agent {
+    config: AgentConfig,
+    store: Arc<Store>,
+    public_key: [u8; 32],
+    membership: Arc<Mutex<Option<Membership>>>,
+    roles: tokio::sync::Mutex<Roles>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+/// Runs the agent until `shutdown` completes.
+pub async fn run(
+    config: AgentConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
+    let agent = Agent::start(config).await?;
+    let listener = bind_socket(&agent.config.socket).await?;
+    info!(socket = %agent.config.socket.display(), "agent listening");
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let agent = agent.clone();
+                    tokio::spawn(async move { agent.client(stream).await });
+                }
+                Err(e) => {
+                    warn!("socket accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            () = &mut shutdown => break,
+        }
+    }
+    info!("shutting down");
+    agent.stop().await;
+    let _ = std::fs::remove_file(&agent.config.socket);
+    Ok(())
+}
+
+async fn bind_socket(path: &Path) -> Result<UnixListener, AgentError> {
+    let sock_err = |source| AgentError::Socket {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(sock_err)?;
+    }
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            return Err(AgentError::SocketInUse(path.to_owned()));
+        }
+        // A stale socket from an agent that died.
+        std::fs::remove_file(path).map_err(sock_err)?;
+    }
+    let listener = UnixListener::bind(path).map_err(sock_err)?;
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(sock_err)?;
+    Ok(listener)
+}
+
+impl Agent {
+    /// Opens the state and resumes this node's role in its swarm, if any.
+    pub async fn start(config: AgentConfig) -> Result<Arc<Self>, AgentError> {
+        let store = Arc::new(Store::open(&config.state_dir)?);
+        let secret = StaticSecret::from(store.node_key(random_key())?);
+        let public_key = PublicKey::from(&secret).to_bytes();
+        let membership = store.membership()?;
+        let manager_state = store.manager()?;
+        let agent = Arc::new(Self {
+            config,
+            store,
+            public_key,
+            membership: Arc::new(Mutex::new(membership.clone())),
+            roles: tokio::sync::Mutex::new(Roles::default()),
+        });
+        if let Some(m) = membership {
+            let mut roles = agent.roles.lock().await;
+            match (manager_state, m.listen_addr) {
+                (Some(state), Some(listen)) => {
+                    let listener =
+                        TcpListener::bind(listen)
+                            .await
+                            .map_err(|source| AgentError::Bind {
+                                addr: listen,
+                                source,
+                            })?;
+                    roles.manager = Some(agent.start_manager(&m, state, listener, listen)?);
+                    info!(node = %m.node_id, %listen, "resumed as the swarm leader");
+                }
+                _ => {
+                    roles.watcher = Some(agent.start_watcher());
+                    info!(node = %m.node_id, manager = %m.view.api_addr, "resumed swarm membership");
+                }
+            }
+        }
+        Ok(agent)
+    }
+
+    async fn stop(&self) {
+        let mut roles = self.roles.lock().await;
+        if let Some((_, running)) = roles.manager.take() {
+            running.stop().await;
+        }
+        if let Some(running) = roles.watcher.take() {
+            running.stop().await;
+        }
+    }
+
+    fn start_manager(
+        &self,
+        m: &Membership,
+        state: State,
+        listener: TcpListener,
+        listen: SocketAddr,
+    ) -> Result<(Arc<Manager>, Running), AgentError> {
+        let own = Issued {
+            cert_der: m.cert_der.clone(),
+            key_pem: m.key_pem.clone(),
+        };
+        let tls = server_config(&m.view.ca_cert_der, &own)?;
+        let manager = Manager::new(
+            m.node_id.clone(),
+            listen,
+            own,
+            state,
+            self.store.clone(),
+            self.membership.clone(),
+        )?;
+        let (stop, rx) = watch::channel(false);
+        let task = tokio::spawn(manager.clone().serve(listener, TlsAcceptor::from(tls), rx));
+        Ok((manager, Running { stop, task }))
+    }
+
+    fn start_watcher(&self) -> Running {
+        let (stop, rx) = watch::channel(false);
+        let task = tokio::spawn(watch_loop(self.store.clone(), self.membership.clone(), rx));
+        Running { stop, task }
+    }
+
+    async fn client(self: Arc<Self>, mut stream: UnixStream) {
+        let request: Request = match read_frame(&mut stream).await {
+            Ok(Some(r)) => r,
+            Ok(None) => return,
+            Err(e) => {
+                let response: Response = Err(format!("bad request: {e}"));
+                let _ = write_frame(&mut stream, &response).await;
+                return;
+            }
+        };
+        debug!(?request, "client request");
+        let response = self.handle(request).await;
+        if let Err(e) = write_frame(&mut stream, &response).await {
+            debug!("client went away: {e}");
+        }
+    }
+
+    /// Handles one CLI request.
+    pub async fn handle(&self, request: Request) -> Response {
+        match request {
+            Request::Info => Ok(Reply::Info(self.info())),
+            Request::Init(init) => self.init(init).await,
+            Request::Join(join) => self.join(join).await,
+            Request::Leave { force } => self.leave(force).await,
+            Request::Admin(admin) => self.admin(admin).await,
+        }
+    }
+
+    fn info(&self) -> Info {
+        let m = lock(&self.membership).clone();
+        Info {
+            hostname: self.config.hostname.clone(),
+            public_key: hex(&self.public_key),
+            node_id: m.as_ref().map(|m| m.node_id.clone()),
+            role: m.as_ref().map(Membership::role),
+            manager_addr: m.as_ref().map(|m| m.view.api_addr),
+            view_version: m.as_ref().map(|m| m.view.version),
+        }
+    }
+
+    async fn init(&self, req: InitRequest) -> Response {
+        let mut roles = self.roles.lock().await;
+        if lock(&self.membership).is_some() {
+            return Err(ALREADY_IN_SWARM.into());
+        }
+        check_cidr(&req.ingress_subnet)?;
+        if req.key_rotation_secs == 0 {
+            return Err("the key rotation interval must be at least one second".into());
+        }
+        let listener = TcpListener::bind(req.listen_addr).await.map_err(|e| {
+            format!(
+                "cannot listen on {} for the manager API: {e}; free the port or change --listen-addr",
+                req.listen_addr
+            )
+        })?;
+        let node_id = NodeId::from_random(random_u128());
+        let ca = generate_ca().map_err(|e| e.to_string())?;
+        let own = issue_node_cert(&ca, &node_id, Role::Manager).map_err(|e| e.to_string())?;
+        let now = unix_now();
+        let api_addr = join_addr(req.advertise_addr, req.listen_addr);
+        let mut state = State::default();
+        state
+            .apply(Command::Init(Box::new(Init {
+                ca,
+                leader: Node {
+                    id: node_id.clone(),
+                    hostname: self.config.hostname.clone(),
+                    addr: req.advertise_addr,
+                    role: Role::Manager,
+                    availability: Availability::Active,
+                    public_key: self.public_key,
+                    cert_digest: cert_digest(&own.cert_der),
+                    engine_version: VERSION.into(),
+                    left: false,
+                    joined_at: now,
+                },
+                api_addr,
+                worker_secret: Secret::from_random(random_u128()).as_str().into(),
+                manager_secret: Secret::from_random(random_u128()).as_str().into(),
+                gossip_key: random_key(),
+                data_path_key: random_key(),
+                key_interval_secs: req.key_rotation_secs,
+                ingress: Network {
+                    name: "ingress".into(),
+                    vni: INGRESS_VNI,
+                    subnet: req.ingress_subnet.clone(),
+                    encrypted: req.encrypt,
+                    data_path_port: req.data_path_port,
+                },
+                at: now,
+            })))
+            .map_err(|e| e.to_string())?;
+        let view = state.view().ok_or("the new swarm state is empty")?;
+        let membership = Membership {
+            node_id: node_id.clone(),
+            cert_der: own.cert_der.clone(),
+            key_pem: own.key_pem.clone(),
+            view,
+            listen_addr: Some(req.listen_addr),
+        };
+        let cluster = state.cluster().ok_or("the new swarm state is empty")?;
+        let worker_token = format!(
+            "SWMTKN-1-{}-{}",
+            crate::token::CaDigest::of(&cluster.ca.cert_der),
+            cluster.worker_secret
+        );
+        self.store
+            .write(&[Write::Manager(&state), Write::Membership(&membership)])
+            .map_err(|e| e.to_string())?;
+        let started = self.start_manager(&membership, state, listener, req.listen_addr);
+        *lock(&self.membership) = Some(membership);
+        match started {
+            Ok(m) => roles.manager = Some(m),
+            Err(e) => {
+                // Undo: nothing of a half-started swarm stays.
+                *lock(&self.membership) = None;
+                let _ = self
+                    .store
+                    .write(&[Write::ClearManager, Write::ClearMembership]);
+                return Err(e.to_string());
+            }
+        }
+        info!(node = %node_id, %api_addr, "swarm initialized");
+        Ok(Reply::Initialized {
+            node_id,
+            worker_token,
+            join_addr: api_addr,
+        })
+    }
+
+    async fn join(&self, req: JoinRequest) -> Response {
+        let mut roles = self.roles.lock().await;
+        if lock(&self.membership).is_some() {
+            return Err(ALREADY_IN_SWARM.into());
+        }
+        let token = Token::parse(&req.token).map_err(|e| e.to_string())?;
+        let manager = resolve_manager(&req.manager).await?;
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(manager))
+            .await
+            .map_err(|_| unreachable(manager, "no answer"))?
+            .map_err(|e| unreachable(manager, &e.to_string()))?;
+        let local = tcp.local_addr().map_err(|e| e.to_string())?;
+        let (config, pinned) = join_client_config(token.ca_digest).map_err(|e| e.to_string())?;
+        let mut tls = match tokio::time::timeout(
+            REQUEST_TIMEOUT,
+            TlsConnector::from(config).connect(server_name(), tcp),
+        )
+        .await
+        {
+            Err(_) => return Err(unreachable(manager, "the TLS handshake timed out")),
+            Ok(Err(_)) if pinned.mismatched() => {
+                return Err(format!("the manager at {manager} does not hold the swarm CA named in the token: the token is for another swarm, or the address is wrong; nothing was sent"))
+            }
+            Ok(Err(e)) => return Err(unreachable(manager, &format!("TLS failed: {e}"))),
+            Ok(Ok(tls)) => tls,
+        };
+        let request = ManagerRequest::Join {
+            secret: token.secret.as_str().to_owned(),
+            hostname: self.config.hostname.clone(),
+            addr: req.advertise_addr.unwrap_or(local.ip()),
+            public_key: self.public_key,
+            engine_version: VERSION.into(),
+        };
+        let grant = match call(&mut tls, &request)
+            .await
+            .map_err(|e| format!("{e} (manager {manager})"))?
+        {
+            ManagerReply::Joined(grant) => grant,
+            other => {
+                return Err(format!(
+                    "the manager at {manager} gave an unexpected answer: {other:?}"
+                ))
+            }
+        };
+        if grant.view.node(&grant.node_id).is_none() {
+            return Err(format!(
+                "the manager at {manager} sent a node list without this node; nothing was kept"
+            ));
+        }
+        let membership = Membership {
+            node_id: grant.node_id.clone(),
+            cert_der: grant.cert_der,
+            key_pem: grant.key_pem,
+            view: grant.view,
+            listen_addr: None,
+        };
+        let role = membership.role();
+        // Check the issued identity works before keeping it.
+        node_client_config(&membership.view.ca_cert_der, &issued(&membership)).map_err(|e| {
+            format!("the manager sent an unusable certificate: {e}; nothing was kept")
+        })?;
+        self.store
+            .write(&[Write::Membership(&membership)])
+            .map_err(|e| e.to_string())?;
+        info!(node = %membership.node_id, role = role.as_str(), %manager, "joined the swarm");
+        *lock(&self.membership) = Some(membership);
+        roles.watcher = Some(self.start_watcher());
+        Ok(Reply::Joined { role })
+    }
+
+    async fn leave(&self, force: bool) -> Response {
+        let mut roles = self.roles.lock().await;
+        let Some(m) = lock(&self.membership).clone() else {
+            return Err("This node is not part of a swarm".into());
+        };
+        if roles.manager.is_some() {
+            if !force {
+                return Err("You are attempting to leave the swarm on a node that is participating as a manager. Removing the last manager erases all current state of the swarm. Use `--force` to ignore this message.".into());
+            }
+            if let Some((_, running)) = roles.manager.take() {
+                running.stop().await;
+            }
+        } else {
+            if m.role() == Role::Manager && !force {
+                return Err("You are attempting to leave the swarm on a node that is participating as a manager. Demote it first with `shoal node demote`, or use `--force` to ignore this message.".into());
+            }
+            // Tell the manager, so it shows this node Down at once; leave anyway if it can't hear.
+            match tokio::time::timeout(REQUEST_TIMEOUT, async {
+                let mut tls = connect_member(&m).await?;
+                call(&mut tls, &ManagerRequest::Leave).await
+            })
+            .await
+            {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => warn!("could not tell the manager we leave: {e}"),
+                Err(_) => warn!("could not tell the manager we leave: timed out"),
+            }
+        }
+        if let Some(running) = roles.watcher.take() {
+            running.stop().await;
+        }
+        self.store
+            .write(&[Write::ClearMembership, Write::ClearManager])
+            .map_err(|e| e.to_string())?;
+        *lock(&self.membership) = None;
+        info!(node = %m.node_id, "left the swarm");
+        Ok(Reply::Left)
+    }
+
+    async fn admin(&self, request: AdminRequest) -> Response {
+        let leader = self
+            .roles
+            .lock()
+            .await
+            .manager
+            .as_ref()
+            .map(|(m, _)| m.clone());
+        let Some(m) = lock(&self.membership).clone() else {
+            return Err(NOT_IN_SWARM.into());
+        };
+        if let Some(manager) = leader {
+            return manager.handle_admin(request, &m.node_id);
+        }
+        if m.role() != Role::Manager {
+            return Err(NOT_MANAGER.into());
+        }
+        // A promoted manager: forward to the leader.
+        let reply = tokio::time::timeout(REQUEST_TIMEOUT, async {
+            let mut tls = connect_member(&m).await?;
+            call(&mut tls, &ManagerRequest::Admin(request)).await
+        })
+        .await
+        .map_err(|_| format!("the leader at {} did not answer in time", m.view.api_addr))??;
+        match reply {
+            ManagerReply::Admin(reply) => Ok(match *reply {
+                Reply::Nodes { nodes, .. } => Reply::Nodes {
+                    self_id: Some(m.node_id.clone()),
+                    nodes,
+                },
+                other => other,
+            }),
+            other => Err(format!("the leader gave an unexpected answer: {other:?}")),
+        }
+    }
+}
+
+fn issued(m: &Membership) -> Issued {
+    Issued {
+        cert_der: m.cert_der.clone(),
+        key_pem: m.key_pem.clone(),
+    }
+}
+
+fn unreachable(manager: SocketAddr, why: &str) -> String {
+    format!("could not reach the manager at {manager}: {why}; check the address and that the manager's port is open")
+}
+
+/// Parses `HOST[:PORT]`; the port defaults to 2377.
+async fn resolve_manager(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    if let Ok(ip) = text.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, DEFAULT_API_PORT));
+    }
+    let with_port = if text.contains(':') {
+        text.to_owned()
+    } else {
+        format!("{text}:{DEFAULT_API_PORT}")
+    };
+    tokio::net::lookup_host(&with_port)
+        .await
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .ok_or_else(|| {
+            format!("invalid manager address {text:?}: expected IP[:PORT] or HOST[:PORT]")
+        })
+}
+
+/// Checks an IPv4 CIDR like `10.0.0.0/24`.
+pub fn check_cidr(text: &str) -> Result<(), String> {
+    let bad = || format!("invalid subnet {text:?}: expected an IPv4 CIDR such as 10.0.0.0/24");
+    let (ip, len) = text.split_once('/').ok_or_else(bad)?;
+    let ip: std::net::Ipv4Addr = ip.parse().map_err(|_| bad())?;
+    let len: u32 = len.parse().map_err(|_| bad())?;
+    if len > 30 {
+        return Err(format!(
+            "invalid subnet {text:?}: the prefix must be /30 or shorter"
+        ));
+    }
+    let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
+    if u32::from(ip) & !mask != 0 {
+        return Err(format!(
+            "invalid subnet {text:?}: host bits are set; did you mean {}/{len}?",
+            std::net::Ipv4Addr::from(u32::from(ip) & mask)
+        ));
+    }
+    Ok(())
+}
+
+async fn connect_member(m: &Membership) -> Result<TlsStream<TcpStream>, String> {
+    let config = node_client_config(&m.view.ca_cert_der, &issued(m)).map_err(|e| e.to_string())?;
+    let addr = m.view.api_addr;
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| unreachable(addr, "no answer"))?
+        .map_err(|e| unreachable(addr, &e.to_string()))?;
+    tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        TlsConnector::from(config).connect(server_name(), tcp),
+    )
+    .await
+    .map_err(|_| unreachable(addr, "the TLS handshake timed out"))?
+    .map_err(|e| unreachable(addr, &format!("TLS failed: {e}")))
+}
+
+async fn call(
+    tls: &mut TlsStream<TcpStream>,
+    request: &ManagerRequest,
+) -> Result<ManagerReply, String> {
+    write_frame(tls, request).await.map_err(|e| e.to_string())?;
+    let response: Option<ManagerResponse> = tokio::time::timeout(REQUEST_TIMEOUT, read_frame(tls))
+        .await
+        .map_err(|_| "the manager did not answer in time".to_owned())?
+        .map_err(|e| e.to_string())?;
+    match response {
+        None => Err("the manager closed the connection without an answer".into()),
+        Some(Err(message)) => Err(message),
+        Some(Ok(reply)) => Ok(reply),
+    }
+}
+
+enum WatchEnd {
+    Stopped,
+    Removed,
+}
+
+async fn watch_loop(
+    store: Arc<Store>,
+    membership: Arc<Mutex<Option<Membership>>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let Some(m) = lock(&membership).clone() else {
+            return;
+        };
+        match watch_once(&m, &store, &membership, &mut stop, &mut backoff).await {
+            Ok(WatchEnd::Stopped) => return,
+            Ok(WatchEnd::Removed) => {
+                warn!(node = %m.node_id, "this node was removed from the swarm; leaving it");
+                if let Err(e) = store.write(&[Write::ClearMembership]) {
+                    warn!("could not clear the membership: {e}");
+                }
+                *lock(&membership) = None;
+                return;
+            }
+            Err(e) => debug!("watch stream to {}: {e}", m.view.api_addr),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.changed() => return,
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+async fn watch_once(
+    m: &Membership,
+    store: &Store,
+    membership: &Mutex<Option<Membership>>,
+    stop: &mut watch::Receiver<bool>,
+    backoff: &mut Duration,
+) -> Result<WatchEnd, String> {
+    let mut tls = connect_member(m).await?;
+    write_frame(&mut tls, &ManagerRequest::Watch)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut rd, mut wr) = tokio::io::split(tls);
+    let pinger = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(PING_INTERVAL).await;
+            if write_frame(&mut wr, &ManagerRequest::Ping).await.is_err() {
+                return;
+            }
+        }
+    });
+    let end = loop {
+        let frame = tokio::select! {
+            f = read_frame::<_, ManagerResponse>(&mut rd) => f,
+            _ = stop.changed() => break Ok(WatchEnd::Stopped),
+        };
+        match frame {
+            Err(e) => break Err(e.to_string()),
+            Ok(None) => break Err("the manager closed the stream".into()),
+            Ok(Some(Err(message))) => break Err(message),
+            Ok(Some(Ok(ManagerReply::Removed))) => break Ok(WatchEnd::Removed),
+            Ok(Some(Ok(ManagerReply::View(view)))) => {
+                *backoff = Duration::from_millis(200);
+                let mut guard = lock(membership);
+                let Some(current) = guard.as_mut() else {
+                    break Ok(WatchEnd::Stopped);
+                };
+                if view.version <= current.view.version && view.api_addr == current.view.api_addr {
+                    continue;
+                }
+                let mut next = current.clone();
+                next.view = *view;
+                if let Err(e) = store.write(&[Write::Membership(&next)]) {
+                    break Err(e.to_string());
+                }
+                debug!(version = next.view.version, "cluster view updated");
+                *current = next;
+            }
+            Ok(Some(Ok(other))) => {
+                break Err(format!("unexpected message on the watch stream: {other:?}"))
+            }
+        }
+    };
+    pinger.abort();
+    end
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidr_checks() {
+        assert!(check_cidr("10.0.0.0/24").is_ok());
+        assert!(check_cidr("198.19.0.0/16").is_ok());
+        assert!(check_cidr("10.0.0.1/24")
+            .unwrap_err()
+            .contains("10.0.0.0/24"));
+        assert!(check_cidr("10.0.0.0").is_err());
+        assert!(check_cidr("10.0.0.0/31").is_err());
+        assert!(check_cidr("10.0.0.0/x").is_err());
+        assert!(check_cidr("nope/24").is_err());
+        assert!(check_cidr("0.0.0.0/0").is_ok());
+    }
+
+    #[tokio::test]
+    async fn manager_address_forms() {
+        assert_eq!(
+            resolve_manager("198.18.0.1").await,
+            Ok("198.18.0.1:2377".parse().unwrap())
+        );
+        assert_eq!(
+            resolve_manager("198.18.0.1:4000").await,
+            Ok("198.18.0.1:4000".parse().unwrap())
+        );
+        assert!(resolve_manager("not a host!").await.is_err());
+    }
+}

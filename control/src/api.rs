@@ -1,0 +1,389 @@
+//! Messages and framing, for both the local socket (CLI to agent) and the manager API on
+//! 2377 (agent to manager, over TLS). See `docs/api.md`.
+//!
+//! Framing: a 4-byte big-endian length, then that many bytes of JSON. Frames over
+//! [`MAX_FRAME`] are refused before anything is read into memory.
+
+use std::net::{IpAddr, SocketAddr};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::id::NodeId;
+use crate::state::{Availability, ClusterView, Role};
+
+/// Largest frame accepted, in bytes.
+pub const MAX_FRAME: u32 = 4 << 20;
+
+/// Errors reading or writing a frame.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The connection failed or closed mid-frame.
+    #[error("connection error: {0}")]
+    Io(#[from] std::io::Error),
+    /// The peer announced a frame larger than [`MAX_FRAME`].
+    #[error("refused a {0}-byte message (the limit is {MAX_FRAME}); the peer is not a shoal agent of this version")]
+    TooLarge(u32),
+    /// The frame is not a message we know.
+    #[error("malformed message: {0}; the peer is not a shoal agent of this version")]
+    Decode(#[from] serde_json::Error),
+}
+
+/// Writes one frame.
+pub async fn write_frame<W, T>(w: &mut W, value: &T) -> Result<(), FrameError>
+where
+    W: AsyncWrite + Unpin,
+    T: Serialize,
+{
+    let body = serde_json::to_vec(value)?;
+    let len = u32::try_from(body.len())
+        .ok()
+        .filter(|l| *l <= MAX_FRAME)
+        .ok_or(FrameError::TooLarge(u32::MAX))?;
+    let mut buf = Vec::with_capacity(4 + body.len());
+    buf.extend_from_slice(&len.to_be_bytes());
+    buf.extend_from_slice(&body);
+    w.write_all(&buf).await?;
+    w.flush().await?;
+    Ok(())
+}
+
+/// Reads one frame; `None` if the peer closed the connection cleanly before a frame began.
+pub async fn read_frame<R, T>(r: &mut R) -> Result<Option<T>, FrameError>
+where
+    R: AsyncRead + Unpin,
+    T: DeserializeOwned,
+{
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let len = u32::from_be_bytes(len);
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge(len));
+    }
+    let mut body = vec![0u8; len as usize];
+    r.read_exact(&mut body).await?;
+    Ok(Some(serde_json::from_slice(&body)?))
+}
+
+/// A request from the CLI to the local agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Request {
+    /// This node's identity and swarm membership.
+    Info,
+    /// `shoal init`.
+    Init(InitRequest),
+    /// `shoal join`.
+    Join(JoinRequest),
+    /// `shoal leave`.
+    Leave {
+        /// `--force`.
+        force: bool,
+    },
+    /// A command that needs a manager.
+    Admin(AdminRequest),
+}
+
+/// `shoal init` parameters.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InitRequest {
+    /// Address other nodes reach this one at.
+    pub advertise_addr: IpAddr,
+    /// Address the manager API listens on.
+    pub listen_addr: SocketAddr,
+    /// Data-path UDP port.
+    pub data_path_port: u16,
+    /// Ingress overlay subnet, CIDR.
+    pub ingress_subnet: String,
+    /// Encrypt the data path.
+    pub encrypt: bool,
+    /// Seconds between network key rotations.
+    pub key_rotation_secs: u64,
+}
+
+/// `shoal join` parameters.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinRequest {
+    /// The join token.
+    pub token: String,
+    /// Manager address, `HOST[:PORT]` (port 2377 if absent).
+    pub manager: String,
+    /// Our advertise address; if absent, the local address of the connection to the manager.
+    pub advertise_addr: Option<IpAddr>,
+}
+
+/// Commands that need a manager. On a promoted (non-leader) manager the agent forwards them
+/// to the leader over mTLS.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdminRequest {
+    /// `shoal join-token [--rotate] ROLE`.
+    JoinToken {
+        /// Which token.
+        role: Role,
+        /// Replace the secret first.
+        rotate: bool,
+    },
+    /// `shoal node ls`.
+    NodeLs,
+    /// `shoal node inspect NODE`.
+    NodeInspect {
+        /// ID, ID prefix or hostname.
+        node: String,
+    },
+    /// `shoal node rm [--force] NODE...`.
+    NodeRm {
+        /// IDs, ID prefixes or hostnames.
+        nodes: Vec<String>,
+        /// Remove even if up.
+        force: bool,
+    },
+    /// `shoal node promote NODE...`.
+    Promote {
+        /// IDs, ID prefixes or hostnames.
+        nodes: Vec<String>,
+    },
+    /// `shoal node demote NODE...`.
+    Demote {
+        /// IDs, ID prefixes or hostnames.
+        nodes: Vec<String>,
+    },
+}
+
+/// The agent's answer: a reply, or one line saying what went wrong and what to do.
+pub type Response = Result<Reply, String>;
+
+/// A successful answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reply {
+    /// Answer to [`Request::Info`].
+    Info(Info),
+    /// The swarm is initialized.
+    Initialized {
+        /// Our node ID.
+        node_id: NodeId,
+        /// The worker join token.
+        worker_token: String,
+        /// The address joiners use.
+        join_addr: SocketAddr,
+    },
+    /// This node joined.
+    Joined {
+        /// As what.
+        role: Role,
+    },
+    /// This node left.
+    Left,
+    /// A join token.
+    JoinToken {
+        /// For which role.
+        role: Role,
+        /// The token.
+        token: String,
+        /// The address joiners use.
+        join_addr: SocketAddr,
+        /// The secret was just replaced.
+        rotated: bool,
+    },
+    /// The node list.
+    Nodes {
+        /// The asking node (starred in `node ls`).
+        self_id: Option<NodeId>,
+        /// The nodes, sorted by hostname then ID.
+        nodes: Vec<NodeStatus>,
+    },
+    /// One node.
+    Node(Box<NodeStatus>),
+    /// One line per node acted on (rm, promote, demote).
+    Lines(Vec<String>),
+}
+
+/// Gossip-level health, as `node ls` shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Status {
+    /// Up.
+    Ready,
+    /// Not heard from, or left.
+    Down,
+}
+
+/// A manager's standing, as `node ls` shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ManagerStatus {
+    /// The leader.
+    Leader,
+    /// A manager that is up.
+    Reachable,
+    /// A manager that is down.
+    Unreachable,
+}
+
+/// One node as `node ls` and `node inspect` show it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// Node ID.
+    pub id: NodeId,
+    /// Host name.
+    pub hostname: String,
+    /// Advertise address.
+    pub addr: IpAddr,
+    /// Role.
+    pub role: Role,
+    /// Ready or Down.
+    pub status: Status,
+    /// Availability.
+    pub availability: Availability,
+    /// Manager status; `None` for workers.
+    pub manager_status: Option<ManagerStatus>,
+    /// Agent version.
+    pub engine_version: String,
+    /// X25519 public key, hex.
+    pub public_key: String,
+    /// Unix time of join.
+    pub joined_at: u64,
+}
+
+/// What a node knows of itself.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Info {
+    /// Host name.
+    pub hostname: String,
+    /// X25519 public key, hex.
+    pub public_key: String,
+    /// Node ID, if in a swarm.
+    pub node_id: Option<NodeId>,
+    /// Role, if in a swarm.
+    pub role: Option<Role>,
+    /// The leader's API address, if in a swarm.
+    pub manager_addr: Option<SocketAddr>,
+    /// Version of the cluster view we hold.
+    pub view_version: Option<u64>,
+}
+
+/// A request to the manager API on 2377.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ManagerRequest {
+    /// Join with a secret (no client certificate yet).
+    Join {
+        /// The role secret from the token.
+        secret: String,
+        /// Our host name.
+        hostname: String,
+        /// Our advertise address.
+        addr: IpAddr,
+        /// Our X25519 public key.
+        public_key: [u8; 32],
+        /// Our agent version.
+        engine_version: String,
+    },
+    /// mTLS: stream cluster views, starting with the current one.
+    Watch,
+    /// mTLS: keep-alive on a watch stream.
+    Ping,
+    /// mTLS: we are leaving the swarm.
+    Leave,
+    /// mTLS, managers only: a forwarded admin command.
+    Admin(AdminRequest),
+}
+
+/// What a joining node gets.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinGrant {
+    /// The new node's ID.
+    pub node_id: NodeId,
+    /// Its certificate, DER, signed by the cluster CA.
+    pub cert_der: Vec<u8>,
+    /// The certificate's private key, PEM.
+    pub key_pem: String,
+    /// The cluster view: node list (gossip seeds), keys, networks, CA.
+    pub view: ClusterView,
+}
+
+/// The manager's answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ManagerReply {
+    /// Answer to a join.
+    Joined(Box<JoinGrant>),
+    /// A watch stream event: the current view.
+    View(Box<ClusterView>),
+    /// A watch stream event: this node is not in the swarm any more.
+    Removed,
+    /// Done.
+    Ok,
+    /// Answer to a forwarded admin command.
+    Admin(Box<Reply>),
+}
+
+/// The manager's answer or one line of error.
+pub type ManagerResponse = Result<ManagerReply, String>;
+
+/// Lowercase hex of a key.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn frame_round_trip() {
+        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        let req = Request::Admin(AdminRequest::NodeRm {
+            nodes: vec!["n3".into()],
+            force: true,
+        });
+        write_frame(&mut a, &req).await.unwrap();
+        drop(a);
+        let got: Option<Request> = read_frame(&mut b).await.unwrap();
+        assert_eq!(got, Some(req));
+        let eof: Option<Request> = read_frame(&mut b).await.unwrap();
+        assert_eq!(eof, None);
+    }
+
+    #[tokio::test]
+    async fn oversize_and_garbage_refused() {
+        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        a.write_all(&(MAX_FRAME + 1).to_be_bytes()).await.unwrap();
+        let r: Result<Option<Request>, _> = read_frame(&mut b).await;
+        assert!(matches!(r, Err(FrameError::TooLarge(n)) if n == MAX_FRAME + 1));
+
+        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        a.write_all(&5u32.to_be_bytes()).await.unwrap();
+        a.write_all(b"{oops").await.unwrap();
+        let r: Result<Option<Request>, _> = read_frame(&mut b).await;
+        assert!(matches!(r, Err(FrameError::Decode(_))));
+
+        // Truncated body: the peer closed mid-frame.
+        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        a.write_all(&10u32.to_be_bytes()).await.unwrap();
+        a.write_all(b"{}").await.unwrap();
+        drop(a);
+        let r: Result<Option<Request>, _> = read_frame(&mut b).await;
+        assert!(matches!(r, Err(FrameError::Io(_))));
+    }
+
+    #[test]
+    fn wire_names_are_stable() {
+        let json = serde_json::to_string(&Request::Admin(AdminRequest::JoinToken {
+            role: Role::Worker,
+            rotate: false,
+        }))
+        .unwrap();
+        assert_eq!(
+            json,
+            r#"{"admin":{"join_token":{"role":"worker","rotate":false}}}"#
+        );
+        assert_eq!(serde_json::to_string(&Request::Info).unwrap(), r#""info""#);
+        let resp: Response = Err("boom".into());
+        assert_eq!(serde_json::to_string(&resp).unwrap(), r#"{"Err":"boom"}"#);
+    }
+}

@@ -1,0 +1,104 @@
+//! `shoal init`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+
+use crate::api::{InitRequest, Reply, Request};
+use crate::cli::{call, unexpected, CliError};
+
+/// `shoal init` flags.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Address other nodes reach this one at.
+    #[arg(long)]
+    advertise_addr: IpAddr,
+    /// Address the manager API listens on.
+    #[arg(long, default_value = "0.0.0.0:2377")]
+    listen_addr: SocketAddr,
+    /// UDP port of the data path.
+    #[arg(long, default_value_t = 4789)]
+    data_path_port: u16,
+    /// Subnet of the ingress overlay network.
+    #[arg(long, default_value = "10.0.0.0/24")]
+    ingress_subnet: String,
+    /// Plain RFC 7348 VXLAN on the data path (no encryption).
+    #[arg(long)]
+    no_encrypt: bool,
+    /// How often the network keys rotate: a number with s, m, h or d (e.g. 12h).
+    #[arg(long, default_value = "12h", value_parser = parse_interval)]
+    key_rotation_interval: u64,
+}
+
+/// Parses `<n>s|m|h|d` into seconds (at least 1 s).
+pub fn parse_interval(text: &str) -> Result<u64, String> {
+    let bad = || format!("invalid interval {text:?}: use a number with s, m, h or d, such as 12h");
+    let split = text.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let (num, unit) = text.split_at(split);
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(bad()),
+    };
+    match n.checked_mul(mult) {
+        Some(0) => Err(format!("invalid interval {text:?}: it must be at least 1s")),
+        Some(secs) => Ok(secs),
+        None => Err(bad()),
+    }
+}
+
+pub(super) async fn run(args: Args, socket: &Path) -> Result<(), CliError> {
+    let request = Request::Init(InitRequest {
+        advertise_addr: args.advertise_addr,
+        listen_addr: args.listen_addr,
+        data_path_port: args.data_path_port,
+        ingress_subnet: args.ingress_subnet,
+        encrypt: !args.no_encrypt,
+        key_rotation_secs: args.key_rotation_interval,
+    });
+    let reply = call(socket, request).await?;
+    let Reply::Initialized {
+        node_id,
+        worker_token,
+        join_addr,
+    } = reply
+    else {
+        return Err(unexpected(&reply));
+    };
+    println!("Swarm initialized: current node ({node_id}) is now a manager.");
+    println!();
+    println!("To add a worker to this swarm, run the following command:");
+    println!();
+    println!("    shoal join --token {worker_token} {join_addr}");
+    println!();
+    println!("To add a manager to this swarm, run 'shoal join-token manager' and follow the instructions.");
+    println!();
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_interval;
+
+    #[test]
+    fn intervals() {
+        assert_eq!(parse_interval("12h"), Ok(43_200));
+        assert_eq!(parse_interval("30m"), Ok(1800));
+        assert_eq!(parse_interval("1s"), Ok(1));
+        assert_eq!(parse_interval("2d"), Ok(172_800));
+        for bad in [
+            "",
+            "h",
+            "12",
+            "12x",
+            "0s",
+            "-1h",
+            "1.5h",
+            "99999999999999999999d",
+        ] {
+            assert!(parse_interval(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! The `shoal` command line: docker swarm's words, flags and output shapes.
+//!
+//! Every command except `agent` is a client: it sends one request to the local agent over
+//! the Unix socket and prints the answer. Errors print one line on stderr and exit 1.
+
+mod agent;
+mod init;
+mod join;
+mod join_token;
+mod leave;
+mod node;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use tokio::net::UnixStream;
+
+use crate::api::{read_frame, write_frame, Reply, Request, Response};
+
+/// Default Unix socket of the agent.
+pub const DEFAULT_SOCKET: &str = "/run/shoal/shoal.sock";
+
+/// shoal: the networking half of a swarm-mode cluster.
+#[derive(Debug, Parser)]
+#[command(name = "shoal", version, about)]
+pub struct Cli {
+    /// The agent's Unix socket.
+    #[arg(long, global = true, env = "SHOAL_SOCKET", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Run the node agent in the foreground.
+    Agent(agent::Args),
+    /// Initialize a swarm with this node as its manager.
+    Init(init::Args),
+    /// Join a swarm as a worker or a manager.
+    Join(join::Args),
+    /// Print or rotate a join token.
+    JoinToken(join_token::Args),
+    /// Leave the swarm.
+    Leave(leave::Args),
+    /// Manage swarm nodes.
+    #[command(subcommand)]
+    Node(node::Cmd),
+    /// Print this node's identity and swarm membership as JSON.
+    Info,
+}
+
+/// A failed command: the line to print.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// The agent is not running or the socket is wrong.
+    #[error("Cannot connect to the shoal agent at unix://{0}. Is the shoal agent running?")]
+    Connect(String),
+    /// The agent refused the request.
+    #[error("Error response from daemon: {0}")]
+    Daemon(String),
+    /// The conversation with the agent broke.
+    #[error("error talking to the shoal agent: {0}")]
+    Protocol(String),
+    /// The agent gave an answer that does not fit the request.
+    #[error("the shoal agent gave an unexpected answer: {0}")]
+    Unexpected(String),
+    /// A flag value is invalid.
+    #[error("{0}")]
+    Usage(String),
+    /// The agent failed.
+    #[error("{0}")]
+    Agent(#[from] crate::agent::AgentError),
+    /// Writing the output failed.
+    #[error("cannot write output: {0}")]
+    Output(#[from] std::io::Error),
+}
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> Result<(), CliError> {
+    let socket = cli.socket;
+    match cli.command {
+        Cmd::Agent(args) => agent::run(args, socket).await,
+        Cmd::Init(args) => init::run(args, &socket).await,
+        Cmd::Join(args) => join::run(args, &socket).await,
+        Cmd::JoinToken(args) => join_token::run(args, &socket).await,
+        Cmd::Leave(args) => leave::run(args, &socket).await,
+        Cmd::Node(cmd) => node::run(cmd, &socket).await,
+        Cmd::Info => {
+            let reply = call(&socket, Request::Info).await?;
+            let Reply::Info(info) = reply else {
+                return Err(unexpected(&reply));
+            };
+            let json = serde_json::to_string_pretty(&info)
+                .map_err(|e| CliError::Protocol(e.to_string()))?;
+            println!("{json}");
+            Ok(())
+        }
+    }
+}
+
+/// Sends one request to the agent and returns its reply.
+pub async fn call(socket: &std::path::Path, request: Request) -> Result<Reply, CliError> {
+    let mut stream = UnixStream::connect(socket)
+        .await
+        .map_err(|_| CliError::Connect(socket.display().to_string()))?;
+    write_frame(&mut stream, &request)
+        .await
+        .map_err(|e| CliError::Protocol(e.to_string()))?;
+    let response: Option<Response> = read_frame(&mut stream)
+        .await
+        .map_err(|e| CliError::Protocol(e.to_string()))?;
+    match response {
+        None => Err(CliError::Protocol(
+            "the agent closed the connection without an answer".into(),
+        )),
+        Some(Err(message)) => Err(CliError::Daemon(message)),
+        Some(Ok(reply)) => Ok(reply),
+    }
+}
+
+fn unexpected(reply: &Reply) -> CliError {
+    CliError::Unexpected(format!("{reply:?}"))
+}

@@ -1,0 +1,672 @@
+//! The manager: owns the [`State`], applies commands to it, persists every change, and
+//! serves the API on 2377 (join, watch streams, leave, admin commands).
+//!
+//! All changes go through [`Manager::apply_with`]: the command is built and applied to a copy
+//! under one lock, the copy is written to the store in one transaction, and only then does it
+//! replace the live state and go out to every watch stream. A refused command or a failed
+//! write changes nothing. With Raft (a later issue) the same commands become log entries.
+//!
+//! STATUS (Ready/Down) of a node is the OR of two signals: a live watch stream from that node
+//! (closed at once when its agent dies, or after [`PING_TIMEOUT`] without a keep-alive), and
+//! gossip, when the agent feeds it in through [`Manager::set_gossip_up`].
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rand::rngs::OsRng;
+use rand::Rng as _;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+
+use crate::api::{
+    hex, read_frame, write_frame, AdminRequest, JoinGrant, ManagerReply, ManagerRequest,
+    ManagerResponse, ManagerStatus, NodeStatus, Reply, Status,
+};
+use crate::id::NodeId;
+use crate::state::{Applied, Availability, Cluster, ClusterView, Command, Node, Role, State};
+use crate::store::{Membership, Store, Write};
+use crate::tls::{cert_digest, issue_node_cert, Issued};
+use crate::token::{CaDigest, Secret, Token};
+
+/// A watch stream with no keep-alive for this long is closed and the node counted down.
+pub const PING_TIMEOUT: Duration = Duration::from_secs(6);
+/// How often a watching node sends a keep-alive.
+pub const PING_INTERVAL: Duration = Duration::from_secs(2);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The message docker prints when a manager-only command runs on a worker.
+pub const NOT_MANAGER: &str = "This node is not a swarm manager. Worker nodes can't be used to view or modify cluster state. Please run this command on a manager node or promote the current node to a manager.";
+/// The message for a wrong or rotated join secret.
+pub const INVALID_SECRET: &str = "A valid join token is necessary to join this cluster: the token's secret is wrong or was rotated; get the current token with `shoal join-token worker` on a manager";
+
+/// Unix seconds now.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// 128 fresh random bits from the OS.
+pub fn random_u128() -> u128 {
+    OsRng.gen()
+}
+
+/// 32 fresh random bytes from the OS.
+pub fn random_key() -> [u8; 32] {
+    OsRng.gen()
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic elsewhere while holding the lock cannot leave the state half-changed: changes
+    // are made on a copy and swapped in whole.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The leader's manager.
+pub struct Manager {
+    self_id: NodeId,
+    listen_addr: SocketAddr,
+    own_cert: Issued,
+    state: Mutex<State>,
+    store: Arc<Store>,
+    membership: Arc<Mutex<Option<Membership>>>,
+    views: watch::Sender<Arc<ClusterView>>,
+    sessions: Mutex<HashMap<NodeId, usize>>,
+    gossip_up: Mutex<Option<HashSet<NodeId>>>,
+}
+
+impl std::fmt::Debug for Manager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Manager")
+            .field("self_id", &self.self_id)
+            .finish()
+    }
+}
+
+/// Why a manager could not start from a state.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The state has no cluster.
+    #[error("the manager state is empty; run `shoal init`")]
+    Empty,
+}
+
+impl Manager {
+    /// A manager over an initialized `state`; `membership` is the agent's shared record,
+    /// updated on every change.
+    pub fn new(
+        self_id: NodeId,
+        listen_addr: SocketAddr,
+        own_cert: Issued,
+        state: State,
+        store: Arc<Store>,
+        membership: Arc<Mutex<Option<Membership>>>,
+    ) -> Result<Arc<Self>, StartError> {
+        let view = state.view().ok_or(StartError::Empty)?;
+        let (views, _) = watch::channel(Arc::new(view));
+        Ok(Arc::new(Self {
+            self_id,
+            listen_addr,
+            own_cert,
+            state: Mutex::new(state),
+            store,
+            membership,
+            views,
+            sessions: Mutex::new(HashMap::new()),
+            gossip_up: Mutex::new(None),
+        }))
+    }
+
+    /// The current cluster view.
+    pub fn view(&self) -> Arc<ClusterView> {
+        self.views.borrow().clone()
+    }
+
+    /// A copy of the state.
+    pub fn state(&self) -> State {
+        lock(&self.state).clone()
+    }
+
+    /// Feeds gossip's view: the set of node IDs gossip sees up (`None`: no gossip).
+    pub fn set_gossip_up(&self, up: Option<HashSet<NodeId>>) {
+        *lock(&self.gossip_up) = up;
+    }
+
+    /// Builds a command from the current state with `f`, applies it, persists, publishes.
+    pub fn apply_with<T>(
+        &self,
+        f: impl FnOnce(&State) -> Result<(Command, T), String>,
+    ) -> Result<(Applied, T), String> {
+        let mut guard = lock(&self.state);
+        let (command, extra) = f(&guard)?;
+        let mut next = guard.clone();
+        let applied = next.apply(command).map_err(|e| e.to_string())?;
+        if applied == Applied::Unchanged {
+            return Ok((applied, extra));
+        }
+        let view = next
+            .view()
+            .ok_or_else(|| "the swarm state is empty".to_owned())?;
+        let membership = Membership {
+            node_id: self.self_id.clone(),
+            cert_der: self.own_cert.cert_der.clone(),
+            key_pem: self.own_cert.key_pem.clone(),
+            view: view.clone(),
+            listen_addr: Some(self.listen_addr),
+        };
+        self.store
+            .write(&[Write::Manager(&next), Write::Membership(&membership)])
+            .map_err(|e| format!("the manager could not save the change: {e}"))?;
+        *guard = next;
+        drop(guard);
+        *lock(&self.membership) = Some(membership);
+        self.views.send_replace(Arc::new(view));
+        Ok((applied, extra))
+    }
+
+    /// Applies one ready-made command.
+    pub fn apply(&self, command: Command) -> Result<Applied, String> {
+        self.apply_with(|_| Ok((command, ()))).map(|(a, ())| a)
+    }
+
+    /// True if `id` is up: ourselves, a live watch stream, or gossip says so; never if it left.
+    pub fn is_up(&self, node: &Node) -> bool {
+        if node.id == self.self_id {
+            return true;
+        }
+        if node.left {
+            return false;
+        }
+        let watching = lock(&self.sessions).get(&node.id).copied().unwrap_or(0) > 0;
+        let gossip = lock(&self.gossip_up)
+            .as_ref()
+            .is_some_and(|up| up.contains(&node.id));
+        watching || gossip
+    }
+
+    fn status(&self, cluster: &Cluster, node: &Node) -> NodeStatus {
+        let up = self.is_up(node);
+        let manager_status = match node.role {
+            Role::Worker => None,
+            Role::Manager if node.id == cluster.leader => Some(ManagerStatus::Leader),
+            Role::Manager if up => Some(ManagerStatus::Reachable),
+            Role::Manager => Some(ManagerStatus::Unreachable),
+        };
+        NodeStatus {
+            id: node.id.clone(),
+            hostname: node.hostname.clone(),
+            addr: node.addr,
+            role: node.role,
+            status: if up { Status::Ready } else { Status::Down },
+            availability: node.availability,
+            manager_status,
+            engine_version: node.engine_version.clone(),
+            public_key: hex(&node.public_key),
+            joined_at: node.joined_at,
+        }
+    }
+
+    /// Handles a command that needs a manager. `caller` is the asking node (for the `*`).
+    pub fn handle_admin(&self, request: AdminRequest, caller: &NodeId) -> Result<Reply, String> {
+        match request {
+            AdminRequest::JoinToken { role, rotate } => {
+                if rotate {
+                    let secret = Secret::from_random(random_u128());
+                    self.apply(Command::RotateSecret(role, secret.as_str().to_owned()))?;
+                    info!(role = role.as_str(), "join token rotated");
+                }
+                let state = self.state();
+                let cluster = state.cluster().ok_or(NOT_MANAGER)?;
+                let token = Token::parse(&format!(
+                    "SWMTKN-1-{}-{}",
+                    CaDigest::of(&cluster.ca.cert_der),
+                    cluster.secret(role)
+                ))
+                .map_err(|e| e.to_string())?;
+                Ok(Reply::JoinToken {
+                    role,
+                    token: token.to_string(),
+                    join_addr: cluster.api_addr,
+                    rotated: rotate,
+                })
+            }
+            AdminRequest::NodeLs => {
+                let state = self.state();
+                let cluster = state.cluster().ok_or(NOT_MANAGER)?;
+                let mut nodes: Vec<NodeStatus> = cluster
+                    .nodes
+                    .values()
+                    .map(|n| self.status(cluster, n))
+                    .collect();
+                nodes.sort_by(|a, b| (&a.hostname, &a.id).cmp(&(&b.hostname, &b.id)));
+                Ok(Reply::Nodes {
+                    self_id: Some(caller.clone()),
+                    nodes,
+                })
+            }
+            AdminRequest::NodeInspect { node } => {
+                let state = self.state();
+                let cluster = state.cluster().ok_or(NOT_MANAGER)?;
+                let id = resolve(cluster, &node)?;
+                let node = &cluster.nodes[&id];
+                Ok(Reply::Node(Box::new(self.status(cluster, node))))
+            }
+            AdminRequest::NodeRm { nodes, force } => {
+                let state = self.state();
+                let cluster = state.cluster().ok_or(NOT_MANAGER)?;
+                // Check every node first: one refusal and nothing is removed.
+                let mut ids = Vec::new();
+                for name in &nodes {
+                    let id = resolve(cluster, name)?;
+                    let node = &cluster.nodes[&id];
+                    if id == cluster.leader {
+                        return Err(format!("node {id} is the leader and can't be removed; run `shoal leave --force` on it to dissolve the swarm"));
+                    }
+                    if node.role == Role::Manager {
+                        return Err(format!("node {id} is a cluster manager. It must be demoted to worker before removal"));
+                    }
+                    if self.is_up(node) && !force {
+                        return Err(format!("node {id} is not down and can't be removed; stop it or run `shoal leave` on it first, or use --force"));
+                    }
+                    ids.push(id);
+                }
+                let mut lines = Vec::new();
+                for id in ids {
+                    self.apply(Command::RemoveNode(id.clone()))?;
+                    info!(node = %id, "node removed");
+                    lines.push(id.to_string());
+                }
+                Ok(Reply::Lines(lines))
+            }
+            AdminRequest::Promote { nodes } => self.set_roles(&nodes, Role::Manager),
+            AdminRequest::Demote { nodes } => self.set_roles(&nodes, Role::Worker),
+        }
+    }
+
+    fn set_roles(&self, names: &[String], role: Role) -> Result<Reply, String> {
+        let state = self.state();
+        let cluster = state.cluster().ok_or(NOT_MANAGER)?;
+        let mut ids = Vec::new();
+        for name in names {
+            let id = resolve(cluster, name)?;
+            if role == Role::Worker && id == cluster.leader {
+                return Err(format!("node {name} is the leader and can't be demoted: shoal has no leader election yet, so the swarm would have no leader"));
+            }
+            ids.push((name, id));
+        }
+        let mut lines = Vec::new();
+        for (name, id) in ids {
+            let applied = self.apply(Command::SetRole(id, role))?;
+            lines.push(match (role, applied) {
+                (Role::Manager, Applied::Changed) => {
+                    format!("Node {name} promoted to a manager in the swarm.")
+                }
+                (Role::Manager, Applied::Unchanged) => format!("Node {name} is already a manager."),
+                (Role::Worker, Applied::Changed) => format!("Manager {name} demoted in the swarm."),
+                (Role::Worker, Applied::Unchanged) => format!("Node {name} is already a worker."),
+            });
+        }
+        Ok(Reply::Lines(lines))
+    }
+
+    /// Admits a node that presented `secret`.
+    pub fn handle_join(
+        &self,
+        secret: &str,
+        hostname: &str,
+        addr: IpAddr,
+        public_key: [u8; 32],
+        engine_version: &str,
+    ) -> Result<JoinGrant, String> {
+        if hostname.is_empty() || hostname.len() > 253 || hostname.chars().any(char::is_control) {
+            return Err(
+                "the hostname must be 1 to 253 printable characters; pass --hostname to the agent"
+                    .into(),
+            );
+        }
+        if engine_version.len() > 64 {
+            return Err("the agent version string is longer than 64 characters".into());
+        }
+        let id = NodeId::from_random(random_u128());
+        let (_, (cert, role)) = self.apply_with(|state| {
+            let role = state.role_for_secret(secret).ok_or(INVALID_SECRET)?;
+            let cluster = state.cluster().ok_or(NOT_MANAGER)?;
+            let cert = issue_node_cert(&cluster.ca, &id, role).map_err(|e| e.to_string())?;
+            let node = Node {
+                id: id.clone(),
+                hostname: hostname.to_owned(),
+                addr,
+                role,
+                availability: Availability::Active,
+                public_key,
+                cert_digest: cert_digest(&cert.cert_der),
+                engine_version: engine_version.to_owned(),
+                left: false,
+                joined_at: unix_now(),
+            };
+            Ok((Command::AddNode(Box::new(node)), (cert, role)))
+        })?;
+        info!(node = %id, hostname, role = role.as_str(), %addr, "node joined");
+        Ok(JoinGrant {
+            node_id: id,
+            cert_der: cert.cert_der,
+            key_pem: cert.key_pem,
+            view: (*self.view()).clone(),
+        })
+    }
+
+    /// The node whose certificate has this digest.
+    fn caller(&self, digest: Option<[u8; 32]>) -> Option<Node> {
+        let digest = digest?;
+        let state = lock(&self.state);
+        state
+            .cluster()?
+            .nodes
+            .values()
+            .find(|n| n.cert_digest == digest)
+            .cloned()
+    }
+
+    /// Rotates the network keys if due at `now` (unix seconds). True if it rotated.
+    pub fn rotate_keys_if_due(&self, now: u64) -> Result<bool, String> {
+        let (applied, ()) = self.apply_with(|state| {
+            let cluster = state.cluster().ok_or(NOT_MANAGER)?;
+            if now < cluster.keys.next_rotation() {
+                // Nothing due: a command that changes nothing.
+                let same = cluster.worker_secret.clone();
+                return Ok((Command::RotateSecret(Role::Worker, same), ()));
+            }
+            Ok((
+                Command::RotateKeys {
+                    gossip_key: random_key(),
+                    data_path_key: random_key(),
+                    at: now,
+                },
+                (),
+            ))
+        })?;
+        Ok(applied == Applied::Changed)
+    }
+
+    /// Serves the API on `listener` until `stop` turns true.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        acceptor: TlsAcceptor,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let rotator = tokio::spawn(self.clone().rotate_keys_loop(stop.clone()));
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((tcp, peer)) => {
+                        let me = self.clone();
+                        let acceptor = acceptor.clone();
+                        let stop = stop.clone();
+                        tokio::spawn(async move {
+                            if let Err(e) = me.connection(tcp, acceptor, stop).await {
+                                debug!(%peer, "manager API connection: {e}");
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        warn!("manager API accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+                _ = stop.changed() => break,
+            }
+        }
+        rotator.abort();
+    }
+
+    async fn rotate_keys_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let interval = self.state().cluster().map_or(60, |c| c.keys.interval_secs);
+        let tick = Duration::from_secs((interval / 2).clamp(1, 30));
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(tick) => {}
+                _ = stop.changed() => return,
+            }
+            match self.rotate_keys_if_due(unix_now()) {
+                Ok(true) => info!("network keys rotated"),
+                Ok(false) => {}
+                Err(e) => warn!("network key rotation failed: {e}"),
+            }
+        }
+    }
+
+    async fn connection(
+        self: Arc<Self>,
+        tcp: TcpStream,
+        acceptor: TlsAcceptor,
+        stop: watch::Receiver<bool>,
+    ) -> Result<(), String> {
+        let mut tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+            .await
+            .map_err(|_| "TLS handshake timed out".to_owned())?
+            .map_err(|e| format!("TLS handshake failed: {e}"))?;
+        let digest = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| cert_digest(c.as_ref()));
+        let request: ManagerRequest =
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut tls)).await {
+                Err(_) => return Err("no request within the time limit".into()),
+                Ok(Err(e)) => return Err(e.to_string()),
+                Ok(Ok(None)) => return Ok(()),
+                Ok(Ok(Some(r))) => r,
+            };
+        let response: ManagerResponse = match request {
+            ManagerRequest::Join {
+                secret,
+                hostname,
+                addr,
+                public_key,
+                engine_version,
+            } => self
+                .handle_join(&secret, &hostname, addr, public_key, &engine_version)
+                .map(|g| ManagerReply::Joined(Box::new(g))),
+            ManagerRequest::Watch => {
+                return match self.caller(digest) {
+                    Some(node) => self.watch(tls, node.id, stop).await,
+                    None => {
+                        let r: ManagerResponse = Ok(ManagerReply::Removed);
+                        write_frame(&mut tls, &r).await.map_err(|e| e.to_string())
+                    }
+                };
+            }
+            ManagerRequest::Ping => Ok(ManagerReply::Ok),
+            ManagerRequest::Leave => match self.caller(digest) {
+                Some(node) => self.apply(Command::MarkLeft(node.id.clone())).map(|_| {
+                    info!(node = %node.id, "node left");
+                    ManagerReply::Ok
+                }),
+                None => Err(not_member()),
+            },
+            ManagerRequest::Admin(request) => match self.caller(digest) {
+                Some(node) if node.role == Role::Manager => self
+                    .handle_admin(request, &node.id)
+                    .map(|r| ManagerReply::Admin(Box::new(r))),
+                Some(_) => Err(NOT_MANAGER.into()),
+                None => Err(not_member()),
+            },
+        };
+        write_frame(&mut tls, &response)
+            .await
+            .map_err(|e| e.to_string())?;
+        use tokio::io::AsyncWriteExt as _;
+        let _ = tls.shutdown().await;
+        Ok(())
+    }
+
+    async fn watch<S>(
+        self: Arc<Self>,
+        stream: S,
+        id: NodeId,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<(), String>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let _session = Session::start(&self, &id);
+        debug!(node = %id, "watch stream open");
+        let (mut rd, mut wr) = tokio::io::split(stream);
+        // The reader runs apart so a half-read frame is never cancelled.
+        let (alive_tx, mut alive) = mpsc::channel::<()>(4);
+        let reader = tokio::spawn(async move {
+            while let Ok(Some(ManagerRequest::Ping)) = read_frame(&mut rd).await {
+                if alive_tx.send(()).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let mut views = self.views.subscribe();
+        let mut current = Some(views.borrow_and_update().clone());
+        let result = loop {
+            if let Some(view) = current.take() {
+                let reply: ManagerResponse = if view.node(&id).is_some() {
+                    Ok(ManagerReply::View(Box::new((*view).clone())))
+                } else {
+                    Ok(ManagerReply::Removed)
+                };
+                let removed = matches!(reply, Ok(ManagerReply::Removed));
+                if let Err(e) = write_frame(&mut wr, &reply).await {
+                    break Err(e.to_string());
+                }
+                if removed {
+                    break Ok(());
+                }
+            }
+            tokio::select! {
+                changed = views.changed() => {
+                    if changed.is_err() {
+                        break Ok(());
+                    }
+                    current = Some(views.borrow_and_update().clone());
+                }
+                ping = tokio::time::timeout(PING_TIMEOUT, alive.recv()) => match ping {
+                    Ok(Some(())) => {}
+                    Ok(None) => break Ok(()),
+                    Err(_) => break Err("no keep-alive within the time limit".into()),
+                },
+                _ = stop.changed() => break Ok(()),
+            }
+        };
+        reader.abort();
+        debug!(node = %id, "watch stream closed");
+        result
+    }
+}
+
+fn not_member() -> String {
+    "this node's certificate is not in the swarm any more (the node was removed); run `shoal leave`, then join again".into()
+}
+
+/// Counts a watch stream for as long as it lives.
+struct Session<'a> {
+    manager: &'a Manager,
+    id: NodeId,
+}
+
+impl<'a> Session<'a> {
+    fn start(manager: &'a Manager, id: &NodeId) -> Self {
+        *lock(&manager.sessions).entry(id.clone()).or_insert(0) += 1;
+        Self {
+            manager,
+            id: id.clone(),
+        }
+    }
+}
+
+impl Drop for Session<'_> {
+    fn drop(&mut self) {
+        let mut sessions = lock(&self.manager.sessions);
+        if let Some(n) = sessions.get_mut(&self.id) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                sessions.remove(&self.id);
+            }
+        }
+    }
+}
+
+/// Finds a node by exact ID, then unique hostname, then unique ID prefix, as docker does.
+pub fn resolve(cluster: &Cluster, name: &str) -> Result<NodeId, String> {
+    if let Ok(id) = name.parse::<NodeId>() {
+        if cluster.nodes.contains_key(&id) {
+            return Ok(id);
+        }
+    }
+    let by_name: Vec<&NodeId> = cluster
+        .nodes
+        .values()
+        .filter(|n| n.hostname == name)
+        .map(|n| &n.id)
+        .collect();
+    match by_name.as_slice() {
+        [one] => return Ok((*one).clone()),
+        [] => {}
+        many => {
+            return Err(format!(
+                "node {name} is ambiguous ({} nodes have this hostname); use the node ID",
+                many.len()
+            ))
+        }
+    }
+    let by_prefix: Vec<&NodeId> = if name.is_empty() {
+        Vec::new()
+    } else {
+        cluster
+            .nodes
+            .keys()
+            .filter(|id| id.as_str().starts_with(name))
+            .collect()
+    };
+    match by_prefix.as_slice() {
+        [one] => Ok((*one).clone()),
+        [] => Err(format!("node {name} not found")),
+        many => Err(format!(
+            "node {name} is ambiguous ({} node IDs start with it); type more of the ID",
+            many.len()
+        )),
+    }
+}
+
+/// The address joiners use, from the advertise address and the API port.
+pub fn join_addr(advertise: IpAddr, listen: SocketAddr) -> SocketAddr {
+    SocketAddr::new(advertise, listen.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::tests::{init_cmd, node};
+
+    #[test]
+    fn resolve_by_id_name_prefix() {
+        let mut s = State::default();
+        s.apply(init_cmd()).unwrap();
+        s.apply(Command::AddNode(Box::new(node(2, Role::Worker))))
+            .unwrap();
+        let mut twin = node(3, Role::Worker);
+        twin.hostname = "n2".into();
+        s.apply(Command::AddNode(Box::new(twin))).unwrap();
+        let c = s.cluster().unwrap();
+        let id2 = NodeId::from_random(2);
+        assert_eq!(resolve(c, id2.as_str()), Ok(id2.clone()));
+        assert_eq!(resolve(c, "n1"), Ok(NodeId::from_random(1)));
+        assert!(resolve(c, "n2").unwrap_err().contains("ambiguous"));
+        assert!(resolve(c, "000000").unwrap_err().contains("ambiguous"));
+        assert_eq!(resolve(c, "0000000000000000000000002"), Ok(id2));
+        assert!(resolve(c, "nope").unwrap_err().contains("not found"));
+        assert!(resolve(c, "").unwrap_err().contains("not found"));
+    }
+}

@@ -1,0 +1,475 @@
+//! End-to-end tests of the `shoal` binary: real agents on loopback addresses, each with its
+//! own temporary state dir and socket, driven by the CLI as a user would.
+//!
+//! Every test picks its own 127.x.y.0/24 block from its PID and a counter, so tests running
+//! in parallel never share an address. Agents are killed by PID when the test ends, also on
+//! failure.
+
+// Test code: helpers may unwrap (clippy.toml allows it only inside #[test] functions).
+#![allow(clippy::unwrap_used)]
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_shoal");
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A block of loopback addresses for one test.
+fn block() -> [u8; 2] {
+    let n = std::process::id()
+        .wrapping_mul(31)
+        .wrapping_add(COUNTER.fetch_add(1, Ordering::Relaxed));
+    [(n >> 8) as u8 | 1, n as u8]
+}
+
+struct Node {
+    name: String,
+    dir: PathBuf,
+    socket: PathBuf,
+    ip: Ipv4Addr,
+    child: Option<Child>,
+}
+
+impl Node {
+    fn new(root: &Path, name: &str, ip: Ipv4Addr) -> Self {
+        let node = Self {
+            name: name.to_owned(),
+            dir: root.join(name),
+            socket: root.join(format!("{name}.sock")),
+            ip,
+            child: None,
+        };
+        std::fs::create_dir_all(&node.dir).unwrap();
+        node
+    }
+
+    fn start(&mut self) {
+        assert!(self.child.is_none(), "{} already running", self.name);
+        let log = std::fs::File::create(self.dir.with_extension("log")).unwrap();
+        let child = Command::new(BIN)
+            .args(["agent", "--hostname", &self.name, "--state-dir"])
+            .arg(self.dir.join("state"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .env("RUST_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        // Wait (bounded) until the socket answers.
+        wait_until(Duration::from_secs(10), || {
+            self.shoal(&["info"]).status.success()
+        });
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill(); // SIGKILL, by PID
+            let _ = child.wait();
+        }
+    }
+
+    fn terminate(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = child.id().to_string();
+            let _ = Command::new("kill").args(["-TERM", &pid]).status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(status)) = child.try_wait() {
+                    assert!(status.success(), "agent exited with {status}");
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("agent {} did not stop within 10 s of SIGTERM", self.name);
+        }
+    }
+
+    fn shoal(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// Runs a command that must succeed; its stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.shoal(args);
+        assert!(
+            out.status.success(),
+            "{} {:?} failed: {}",
+            self.name,
+            args,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs a command that must fail with one line on stderr; that line.
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.shoal(args);
+        assert!(
+            !out.status.success(),
+            "{} {:?} should have failed",
+            self.name,
+            args
+        );
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(
+            err.trim_end().lines().count(),
+            1,
+            "expected one line: {err:?}"
+        );
+        err.trim_end().to_owned()
+    }
+
+    fn info(&self) -> serde_json::Value {
+        serde_json::from_str(&self.ok(&["info"])).unwrap()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("condition not met within {limit:?}");
+}
+
+/// `node ls --format json` as (hostname, status, manager status, self) rows.
+fn rows(node: &Node) -> Vec<(String, String, String, bool)> {
+    node.ok(&["node", "ls", "--format", "json"])
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                v["Hostname"].as_str().unwrap().to_owned(),
+                v["Status"].as_str().unwrap().to_owned(),
+                v["ManagerStatus"].as_str().unwrap().to_owned(),
+                v["Self"].as_bool().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn status_of(node: &Node, host: &str) -> Option<String> {
+    rows(node).into_iter().find(|r| r.0 == host).map(|r| r.1)
+}
+
+fn join_command(init_output: &str) -> Vec<String> {
+    let line = init_output
+        .lines()
+        .find(|l| l.trim_start().starts_with("shoal join --token"))
+        .expect("init prints a join command");
+    line.split_whitespace().skip(1).map(str::to_owned).collect()
+}
+
+fn cluster(names: &[&str]) -> (tempfile::TempDir, Vec<Node>) {
+    let root = tempfile::tempdir().unwrap();
+    let [a, b] = block();
+    let mut nodes: Vec<Node> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| Node::new(root.path(), n, Ipv4Addr::new(127, a, b, i as u8 + 1)))
+        .collect();
+    for n in &mut nodes {
+        n.start();
+    }
+    (root, nodes)
+}
+
+fn init(n1: &Node) -> String {
+    let listen = format!("{}:2377", n1.ip);
+    let out = n1.ok(&[
+        "init",
+        "--advertise-addr",
+        &n1.ip.to_string(),
+        "--listen-addr",
+        &listen,
+    ]);
+    let id = n1.info()["node_id"].as_str().unwrap().to_owned();
+    assert_eq!(id.len(), 25);
+    assert!(out.starts_with(&format!(
+        "Swarm initialized: current node ({id}) is now a manager.\n\nTo add a worker to this swarm, run the following command:\n\n    shoal join --token SWMTKN-1-"
+    )), "{out}");
+    assert!(out.contains(&format!(" {listen}\n\nTo add a manager to this swarm, run 'shoal join-token manager' and follow the instructions.\n")));
+    out
+}
+
+fn join(node: &Node, cmd: &[String]) -> Output {
+    let mut args: Vec<&str> = cmd.iter().map(String::as_str).collect();
+    let ip = node.ip.to_string();
+    args.extend(["--advertise-addr", &ip]);
+    node.shoal(&args)
+}
+
+#[test]
+fn walkthrough_on_loopback() {
+    let (_root, mut nodes) = cluster(&["n1", "n2", "n3"]);
+    let init_out = init(&nodes[0]);
+    let cmd = join_command(&init_out);
+    for n in &nodes[1..] {
+        let out = join(n, &cmd);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "This node joined a swarm as a worker.\n"
+        );
+    }
+    let (n1, n2, n3) = (&nodes[0], &nodes[1], &nodes[2]);
+
+    // Three Ready, n1 the starred leader.
+    wait_until(Duration::from_secs(10), || {
+        rows(n1).iter().filter(|r| r.1 == "Ready").count() == 3
+    });
+    let table = n1.ok(&["node", "ls"]);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(
+        lines[0]
+            .split("   ")
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect::<Vec<_>>(),
+        [
+            "ID",
+            "HOSTNAME",
+            "STATUS",
+            "AVAILABILITY",
+            "MANAGER STATUS",
+            "ENGINE VERSION"
+        ]
+    );
+    let n1_line = lines.iter().find(|l| l.contains(" n1 ")).unwrap();
+    assert!(
+        n1_line.contains(" * ") && n1_line.contains("Leader"),
+        "{table}"
+    );
+    assert_eq!(lines.iter().filter(|l| l.contains('*')).count(), 1);
+
+    // Manager-only commands on a worker: docker's message.
+    let err = n2.fails(&["node", "ls"]);
+    assert!(
+        err.contains("This node is not a swarm manager. Worker nodes can't be used"),
+        "{err}"
+    );
+
+    // Tokens: the manager token differs; -q prints the token alone.
+    let worker = n1.ok(&["join-token", "-q", "worker"]).trim().to_owned();
+    let manager = n1.ok(&["join-token", "-q", "manager"]).trim().to_owned();
+    assert_ne!(worker, manager);
+    assert_eq!(worker, cmd[2]);
+    assert_eq!(worker[..59], manager[..59], "same CA digest");
+    let full = n1.ok(&["join-token", "manager"]);
+    assert!(full.starts_with("To add a manager to this swarm, run the following command:\n\n    shoal join --token SWMTKN-1-"));
+
+    // Rotate: the old worker token is refused at once, nodes already in stay in.
+    let rotated = n1.ok(&["join-token", "--rotate", "worker"]);
+    assert!(rotated.starts_with("Successfully rotated worker join token.\n"));
+    let new_worker = n1.ok(&["join-token", "-q", "worker"]).trim().to_owned();
+    assert_ne!(new_worker, worker);
+    let root = nodes[0].dir.parent().unwrap().to_owned();
+    let mut n4 = Node::new(
+        &root,
+        "n4",
+        Ipv4Addr::new(127, nodes[0].ip.octets()[1], nodes[0].ip.octets()[2], 4),
+    );
+    n4.start();
+    let err = n4.fails(&cmd.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(err.contains("A valid join token is necessary"), "{err}");
+    assert_eq!(
+        n4.info()["node_id"],
+        serde_json::Value::Null,
+        "nothing kept"
+    );
+    let mut new_cmd = cmd.clone();
+    new_cmd[2] = new_worker;
+    assert!(join(&n4, &new_cmd).status.success());
+    wait_until(Duration::from_secs(10), || {
+        status_of(n1, "n4").as_deref() == Some("Ready")
+    });
+    assert_eq!(status_of(n1, "n2").as_deref(), Some("Ready"));
+
+    // Leave on n3: Down on n1 within 10 s; then rm removes it.
+    assert_eq!(n3.ok(&["leave"]), "Node left the swarm.\n");
+    wait_until(Duration::from_secs(10), || {
+        status_of(n1, "n3").as_deref() == Some("Down")
+    });
+    let n3_err = n3.fails(&["leave"]);
+    assert!(n3_err.contains("not part of a swarm"), "{n3_err}");
+    // rm of a node that is up is refused without --force.
+    let err = n1.fails(&["node", "rm", "n4"]);
+    assert!(err.contains("is not down and can't be removed"), "{err}");
+    n1.ok(&["node", "rm", "n3"]);
+    assert_eq!(status_of(n1, "n3"), None);
+
+    // Promote n2: Reachable, and it can run manager commands; demote: blank again.
+    assert_eq!(
+        n1.ok(&["node", "promote", "n2"]),
+        "Node n2 promoted to a manager in the swarm.\n"
+    );
+    wait_until(Duration::from_secs(10), || {
+        rows(n1).iter().any(|r| r.0 == "n2" && r.2 == "Reachable")
+    });
+    wait_until(Duration::from_secs(10), || {
+        n2.shoal(&["node", "ls"]).status.success()
+    });
+    assert!(
+        rows(n2).iter().any(|r| r.0 == "n2" && r.3),
+        "n2 starred on n2"
+    );
+    assert_eq!(
+        n1.ok(&["node", "promote", "n2"]),
+        "Node n2 is already a manager.\n"
+    );
+    let err = n1.fails(&["node", "demote", "n1"]);
+    assert!(err.contains("leader"), "{err}");
+    assert_eq!(
+        n1.ok(&["node", "demote", "n2"]),
+        "Manager n2 demoted in the swarm.\n"
+    );
+    assert!(rows(n1).iter().any(|r| r.0 == "n2" && r.2.is_empty()));
+
+    // kill -9 of n2's agent: Down within 10 s; a restart with the same state: Ready, no token.
+    let n2_id = nodes[1].info()["node_id"].clone();
+    nodes[1].kill9();
+    wait_until(Duration::from_secs(10), || {
+        status_of(&nodes[0], "n2").as_deref() == Some("Down")
+    });
+    nodes[1].start();
+    assert_eq!(nodes[1].info()["node_id"], n2_id, "same node after restart");
+    wait_until(Duration::from_secs(10), || {
+        status_of(&nodes[0], "n2").as_deref() == Some("Ready")
+    });
+
+    // A manager restart loses nothing.
+    let before = rows(&nodes[0]);
+    nodes[0].kill9();
+    nodes[0].start();
+    wait_until(Duration::from_secs(10), || rows(&nodes[0]) == before);
+
+    // A second init fails cleanly; leave of the last manager needs --force.
+    let err = nodes[0].fails(&["init", "--advertise-addr", "127.0.0.1"]);
+    assert!(err.contains("already part of a swarm"), "{err}");
+    let err = nodes[0].fails(&["leave"]);
+    assert!(err.contains("Use `--force`"), "{err}");
+    assert_eq!(rows(&nodes[0]), before, "nothing changed");
+
+    // A clean SIGTERM stop.
+    nodes[0].terminate();
+    drop(n4);
+}
+
+#[test]
+fn join_errors_keep_nothing() {
+    let (_root, nodes) = cluster(&["m", "w", "other"]);
+    let (m, w, other) = (&nodes[0], &nodes[1], &nodes[2]);
+    let cmd = join_command(&init(m));
+    let token = cmd[2].clone();
+    let addr = cmd[3].clone();
+
+    // Malformed tokens: one clear line each.
+    for (bad, want) in [
+        ("nonsense", "must start with SWMTKN-"),
+        (&token[..token.len() - 1], "the secret has 24 characters"),
+        (
+            &token.replace("SWMTKN-1-", "SWMTKN-2-"),
+            "unsupported version",
+        ),
+    ] {
+        let err = w.fails(&["join", "--token", bad, &addr]);
+        assert!(err.contains(want), "{bad}: {err}");
+    }
+
+    // A token of another swarm: the CA digest does not match; the secret is never sent.
+    let other_cmd = {
+        let listen = format!("{}:2377", other.ip);
+        let out = other.ok(&[
+            "init",
+            "--advertise-addr",
+            &other.ip.to_string(),
+            "--listen-addr",
+            &listen,
+        ]);
+        join_command(&out)
+    };
+    let err = w.fails(&["join", "--token", &other_cmd[2], &addr]);
+    assert!(
+        err.contains("does not hold the swarm CA named in the token"),
+        "{err}"
+    );
+
+    // A manager that does not answer.
+    let dead = format!("{}:2399", m.ip);
+    let err = w.fails(&["join", "--token", &token, &dead]);
+    assert!(err.contains("could not reach the manager"), "{err}");
+
+    // Nothing kept after all of that; the right token still works.
+    assert_eq!(w.info()["node_id"], serde_json::Value::Null);
+    assert_eq!(rows(m).len(), 1);
+    assert!(w
+        .shoal(&["join", "--token", &token, &addr])
+        .status
+        .success());
+    assert_eq!(rows(m).len(), 2);
+    let err = w.fails(&["join", "--token", &token, &addr]);
+    assert!(err.contains("already part of a swarm"), "{err}");
+}
+
+#[test]
+fn no_agent_is_a_clear_error() {
+    let root = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .arg("--socket")
+        .arg(root.path().join("none.sock"))
+        .args(["node", "ls"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.starts_with("Cannot connect to the shoal agent at unix://"),
+        "{err}"
+    );
+}
+
+#[test]
+fn not_in_a_swarm_errors() {
+    let (_root, nodes) = cluster(&["solo"]);
+    let err = nodes[0].fails(&["node", "ls"]);
+    assert!(
+        err.contains("Use \"shoal init\" or \"shoal join\""),
+        "{err}"
+    );
+    let err = nodes[0].fails(&["join-token", "worker"]);
+    assert!(err.contains("not a swarm manager"), "{err}");
+    let err = nodes[0].fails(&[
+        "init",
+        "--advertise-addr",
+        "127.0.0.1",
+        "--ingress-subnet",
+        "10.0.0.1/24",
+    ]);
+    assert!(err.contains("host bits are set"), "{err}");
+    assert_eq!(nodes[0].info()["node_id"], serde_json::Value::Null);
+}
