@@ -1,0 +1,389 @@
+//! Data-path keys: per pair of nodes, per key epoch, one key per direction.
+//!
+//! Each node has a static X25519 key pair (RFC 7748) and an incarnation, a number its agent
+//! renews (persistently, before sending anything) every time it starts. The manager issues network
+//! key epochs (an id and 32 secret bytes) and rotates them. For nodes A and B under epoch E:
+//!
+//! ```text
+//! shared = X25519(a_secret, B_public)                  (= X25519(b_secret, A_public))
+//! okm    = HKDF-SHA256(salt = E.secret, ikm = shared,
+//!                      info = "shoal vxlan v1" || E.id || low_public || low_incarnation
+//!                                              || high_public || high_incarnation,
+//!                      L = 64)
+//! key(low -> high) = okm[0..32],  key(high -> low) = okm[32..64]
+//! ```
+//!
+//! where `low` and `high` order the two public keys bytewise and integers are u32 big-endian.
+//! Both nodes compute the same two keys; an outsider needs a node's static secret *and* the epoch
+//! secret. Counters start at zero in every session, so the incarnations are what keep a nonce
+//! from ever repeating under one key: a restarted node, or a restarted peer, means new keys. Removing a node's
+//! public key from the peer table revokes it; rotating the epoch cuts off anyone who holds an old
+//! epoch secret but no current one.
+
+pub mod session;
+
+use hkdf::Hkdf;
+use sha2::Sha256;
+use x25519_dalek::{PublicKey, StaticSecret};
+use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
+
+pub use session::{OpenError, SealError, Session, SessionState, Verified};
+
+const INFO_LABEL: &[u8] = b"shoal vxlan v1";
+
+/// A node's static X25519 key pair. The secret is zeroized on drop.
+pub struct NodeKey {
+    secret: StaticSecret,
+    public: PublicKey,
+}
+
+impl NodeKey {
+    /// The key pair for a 32-byte secret (clamped as RFC 7748 §5 says).
+    pub fn from_secret(secret: [u8; 32]) -> Self {
+        let secret = StaticSecret::from(secret);
+        let public = PublicKey::from(&secret);
+        NodeKey { secret, public }
+    }
+
+    /// The public half, the one that goes into the node list.
+    pub fn public(&self) -> [u8; 32] {
+        self.public.to_bytes()
+    }
+
+    /// The secret bytes, for the node's own state store.
+    pub fn secret_bytes(&self) -> Zeroizing<[u8; 32]> {
+        Zeroizing::new(self.secret.to_bytes())
+    }
+}
+
+impl core::fmt::Debug for NodeKey {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("NodeKey")
+            .field("public", &self.public)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A network key epoch as the manager issues it.
+#[derive(Clone, Zeroize, ZeroizeOnDrop)]
+pub struct EpochKey {
+    id: u32,
+    secret: [u8; 32],
+}
+
+impl EpochKey {
+    /// An epoch from its id and secret.
+    pub fn new(id: u32, secret: [u8; 32]) -> Self {
+        EpochKey { id, secret }
+    }
+
+    /// The epoch id carried in every envelope.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+}
+
+impl core::fmt::Debug for EpochKey {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("EpochKey")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a pair key could not be made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    /// The peer's public key is a low-order point: the shared secret would be all zeros.
+    #[error("peer public key is a low-order point; refusing it")]
+    WeakPeerKey,
+    /// The peer's public key is this node's own.
+    #[error("peer public key equals this node's own key")]
+    OwnKey,
+}
+
+/// The per-direction keys for one pair under one epoch. Zeroized on drop.
+#[derive(Zeroize, ZeroizeOnDrop)]
+pub struct PairKeys {
+    /// Key for what this node sends.
+    pub send: [u8; 32],
+    /// Key for what this node receives.
+    pub recv: [u8; 32],
+}
+
+/// One side of a pair: a public key and the incarnation it belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PeerKey {
+    /// The node's static X25519 public key.
+    pub public: [u8; 32],
+    /// The node's current incarnation.
+    pub incarnation: u32,
+}
+
+/// Derives the pair keys between `local` (at `local_incarnation`) and `peer` under `epoch`.
+pub fn derive(
+    local: &NodeKey,
+    local_incarnation: u32,
+    peer: &PeerKey,
+    epoch: &EpochKey,
+) -> Result<PairKeys, KeyError> {
+    let local_side = PeerKey {
+        public: local.public.to_bytes(),
+        incarnation: local_incarnation,
+    };
+    if local_side.public == peer.public {
+        return Err(KeyError::OwnKey);
+    }
+    let shared = local.secret.diffie_hellman(&PublicKey::from(peer.public));
+    if !shared.was_contributory() {
+        return Err(KeyError::WeakPeerKey);
+    }
+    let local_is_low = local_side.public < peer.public;
+    let (low, high) = if local_is_low {
+        (&local_side, peer)
+    } else {
+        (peer, &local_side)
+    };
+    let mut info = [0u8; INFO_LABEL.len() + 4 + 2 * (32 + 4)];
+    let mut at = 0;
+    for part in [
+        INFO_LABEL,
+        &epoch.id.to_be_bytes(),
+        &low.public,
+        &low.incarnation.to_be_bytes(),
+        &high.public,
+        &high.incarnation.to_be_bytes(),
+    ] {
+        info[at..at + part.len()].copy_from_slice(part);
+        at += part.len();
+    }
+
+    let hk = Hkdf::<Sha256>::new(Some(&epoch.secret), shared.as_bytes());
+    let mut okm = Zeroizing::new([0u8; 64]);
+    hk.expand(&info, &mut okm[..])
+        .map_err(|_| KeyError::WeakPeerKey)?; // 64 bytes is far below HKDF's limit: unreachable
+    let mut keys = PairKeys {
+        send: [0; 32],
+        recv: [0; 32],
+    };
+    let (low_to_high, high_to_low) = okm.split_at(32);
+    if local_is_low {
+        keys.send.copy_from_slice(low_to_high);
+        keys.recv.copy_from_slice(high_to_low);
+    } else {
+        keys.send.copy_from_slice(high_to_low);
+        keys.recv.copy_from_slice(low_to_high);
+    }
+    Ok(keys)
+}
+
+/// The network key epochs a node holds: at most two live, one of them designated for sending.
+///
+/// Rotation without loss: the control plane adds the new epoch on every node (all of them can
+/// now receive under it), then designates it for sending, then retires the old one once every
+/// node sends under the new one.
+#[derive(Debug, Default)]
+pub struct Keyring {
+    live: [Option<EpochKey>; 2],
+    send: Option<u32>,
+}
+
+/// Why a keyring change was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum KeyringError {
+    /// Two epochs are live already.
+    #[error("two key epochs are live already: retire one before adding epoch {0}")]
+    Full(u32),
+    /// The epoch is live already.
+    #[error("key epoch {0} is live already")]
+    Duplicate(u32),
+    /// The epoch is not live.
+    #[error("key epoch {0} is not live")]
+    Unknown(u32),
+    /// Retiring the epoch designated for sending.
+    #[error("key epoch {0} is the sending epoch: designate another before retiring it")]
+    Sending(u32),
+}
+
+impl Keyring {
+    /// An empty keyring.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The live epochs.
+    pub fn epochs(&self) -> impl Iterator<Item = &EpochKey> {
+        self.live.iter().flatten()
+    }
+
+    /// The epoch designated for sending.
+    pub fn send_epoch(&self) -> Option<u32> {
+        self.send
+    }
+
+    /// Looks up a live epoch.
+    pub fn get(&self, id: u32) -> Option<&EpochKey> {
+        self.epochs().find(|e| e.id == id)
+    }
+
+    /// Adds a live epoch. The first one added becomes the sending epoch.
+    pub fn add(&mut self, epoch: EpochKey) -> Result<(), KeyringError> {
+        if self.get(epoch.id).is_some() {
+            return Err(KeyringError::Duplicate(epoch.id));
+        }
+        let slot = self
+            .live
+            .iter_mut()
+            .find(|s| s.is_none())
+            .ok_or(KeyringError::Full(epoch.id))?;
+        if self.send.is_none() {
+            self.send = Some(epoch.id);
+        }
+        *slot = Some(epoch);
+        Ok(())
+    }
+
+    /// Designates a live epoch for sending.
+    pub fn set_send(&mut self, id: u32) -> Result<(), KeyringError> {
+        self.get(id).ok_or(KeyringError::Unknown(id))?;
+        self.send = Some(id);
+        Ok(())
+    }
+
+    /// Retires a live epoch that is not the sending one. Its secret is zeroized.
+    pub fn retire(&mut self, id: u32) -> Result<(), KeyringError> {
+        if self.send == Some(id) {
+            return Err(KeyringError::Sending(id));
+        }
+        let slot = self
+            .live
+            .iter_mut()
+            .find(|s| s.as_ref().is_some_and(|e| e.id == id))
+            .ok_or(KeyringError::Unknown(id))?;
+        *slot = None;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use hex_literal::hex;
+
+    use super::*;
+
+    /// RFC 7748 §6.1.
+    #[test]
+    fn rfc7748_x25519_vector() {
+        let alice = NodeKey::from_secret(hex!(
+            "77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a"
+        ));
+        let bob = NodeKey::from_secret(hex!(
+            "5dab087e624a8a4b79e17f8b83800ee66f3bb1292618b6fd1c2f8b27ff88e0eb"
+        ));
+        assert_eq!(
+            alice.public(),
+            hex!("8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a")
+        );
+        assert_eq!(
+            bob.public(),
+            hex!("de9edb7d7b7dc1b4d35b61c2ece435373f8343c85b78674dadfc7e146f882b4f")
+        );
+        let shared = alice
+            .secret
+            .diffie_hellman(&PublicKey::from(bob.public()));
+        assert_eq!(
+            shared.to_bytes(),
+            hex!("4a5d9d5ba4ce2de1728e3bf480350f25e07e21c947d19e3376f09b3c1e161742")
+        );
+    }
+
+    /// RFC 8439 §2.8.2, through the same crate and calls the session uses.
+    #[test]
+    fn rfc8439_aead_vector() {
+        use chacha20poly1305::aead::AeadInPlace;
+        use chacha20poly1305::{ChaCha20Poly1305, KeyInit};
+        let key = hex!("808182838485868788898a8b8c8d8e8f909192939495969798999a9b9c9d9e9f");
+        let nonce = hex!("070000004041424344454647");
+        let aad = hex!("50515253c0c1c2c3c4c5c6c7");
+        let mut text = *b"Ladies and Gentlemen of the class of '99: If I could offer you only one tip for the future, sunscreen would be it.";
+        let tag = ChaCha20Poly1305::new(&key.into())
+            .encrypt_in_place_detached(&nonce.into(), &aad, &mut text)
+            .unwrap();
+        assert_eq!(
+            text[..],
+            hex!(
+                "d31a8d34648e60db7b86afbc53ef7ec2a4aded51296e08fea9e2b5a736ee62d6"
+                "3dbea45e8ca9671282fafb69da92728b1a71de0a9e060b2905d6a5b67ecd3b36"
+                "92ddbd7f2d778b8c9803aee328091b58fab324e4fad675945585808b4831d7bc"
+                "3ff4def08e4b7a9de576d26586cec64b6116"
+            )
+        );
+        assert_eq!(tag[..], hex!("1ae10b594f09e26a7e902ecbd0600691"));
+    }
+
+    fn node(seed: u8) -> NodeKey {
+        NodeKey::from_secret([seed; 32])
+    }
+
+    fn peer(n: &NodeKey, incarnation: u32) -> PeerKey {
+        PeerKey {
+            public: n.public(),
+            incarnation,
+        }
+    }
+
+    #[test]
+    fn both_sides_derive_matching_keys() {
+        let (a, b) = (node(1), node(2));
+        let e = EpochKey::new(3, [7; 32]);
+        let ka = derive(&a, 5, &peer(&b, 6), &e).unwrap();
+        let kb = derive(&b, 6, &peer(&a, 5), &e).unwrap();
+        assert_eq!(ka.send, kb.recv);
+        assert_eq!(ka.recv, kb.send);
+        assert_ne!(ka.send, ka.recv, "one key per direction");
+    }
+
+    #[test]
+    fn keys_depend_on_epoch_and_pair() {
+        let (a, b, c) = (node(1), node(2), node(3));
+        let e1 = EpochKey::new(1, [7; 32]);
+        let base = derive(&a, 1, &peer(&b, 1), &e1).unwrap().send;
+        let other_epoch = EpochKey::new(2, [7; 32]);
+        let other_secret = EpochKey::new(1, [8; 32]);
+        assert_ne!(base, derive(&a, 1, &peer(&b, 1), &other_epoch).unwrap().send);
+        assert_ne!(base, derive(&a, 1, &peer(&b, 1), &other_secret).unwrap().send);
+        assert_ne!(base, derive(&a, 1, &peer(&c, 1), &e1).unwrap().send);
+        assert_ne!(base, derive(&a, 2, &peer(&b, 1), &e1).unwrap().send, "own restart");
+        assert_ne!(base, derive(&a, 1, &peer(&b, 2), &e1).unwrap().send, "peer restart");
+    }
+
+    #[test]
+    fn refuses_weak_and_own_keys() {
+        let a = node(1);
+        let e = EpochKey::new(1, [7; 32]);
+        let zero = PeerKey {
+            public: [0; 32],
+            incarnation: 1,
+        };
+        assert_eq!(derive(&a, 1, &zero, &e).err(), Some(KeyError::WeakPeerKey));
+        assert_eq!(derive(&a, 1, &peer(&a, 2), &e).err(), Some(KeyError::OwnKey));
+    }
+
+    #[test]
+    fn keyring_rotation_rules() {
+        let mut k = Keyring::new();
+        k.add(EpochKey::new(1, [1; 32])).unwrap();
+        assert_eq!(k.send_epoch(), Some(1));
+        assert_eq!(k.add(EpochKey::new(1, [1; 32])), Err(KeyringError::Duplicate(1)));
+        k.add(EpochKey::new(2, [2; 32])).unwrap();
+        assert_eq!(k.add(EpochKey::new(3, [3; 32])), Err(KeyringError::Full(3)));
+        assert_eq!(k.send_epoch(), Some(1), "adding does not switch sending");
+        assert_eq!(k.retire(1), Err(KeyringError::Sending(1)));
+        k.set_send(2).unwrap();
+        k.retire(1).unwrap();
+        assert_eq!(k.retire(1), Err(KeyringError::Unknown(1)));
+        assert_eq!(k.set_send(1), Err(KeyringError::Unknown(1)));
+        k.add(EpochKey::new(3, [3; 32])).unwrap();
+        assert_eq!(k.epochs().map(EpochKey::id).collect::<Vec<_>>().len(), 2);
+    }
+}

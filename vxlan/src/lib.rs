@@ -1,0 +1,27 @@
+//! shoal's data-plane core: everything a packet of the overlay goes through, as pure code.
+//!
+//! - [`wire`]: the VXLAN header of RFC 7348 and shoal's sealed envelope (`docs/wire.md`), as
+//!   checked views over caller bytes with `parse`/`emit` representations.
+//! - [`crypto`]: per-pair, per-direction ChaCha20-Poly1305 keys derived from the nodes' static
+//!   X25519 keys and the manager's key epochs; sessions that seal in place with counter nonces.
+//! - [`replay`]: the sliding anti-replay window (RFC 6479).
+//! - [`fdb`]: MAC to VTEP per network, and the flood list for head-end replication.
+//! - [`engine`]: the sans-IO engine that ties them together: frames in, datagrams out, and back.
+//! - [`buffer`]: packet buffers with headroom, recycled so the steady state does not allocate.
+//!
+//! What this crate does not do: no sockets, no TAP device, no clock reads, no threads. The
+//! caller passes time in and does the IO; that is what lets the tests, fuzzers and benchmarks run
+//! the same code as the agent.
+
+#![forbid(unsafe_code)]
+
+pub mod buffer;
+pub mod crypto;
+pub mod engine;
+pub mod fdb;
+pub mod replay;
+pub mod wire;
+
+pub use buffer::{Packet, Transmit, Transmits};
+pub use engine::{DropReason, Engine, Opened};
+pub use wire::{Mac, Vni};
