@@ -304,6 +304,14 @@ impl Agent {
             role: m.as_ref().map(Membership::role),
             manager_addr: m.as_ref().map(|m| m.view.api_addr),
             view_version: m.as_ref().map(|m| m.view.version),
+            gossip_key_ids: m
+                .as_ref()
+                .map(|m| m.view.keys.gossip.iter().map(|k| k.id).collect())
+                .unwrap_or_default(),
+            data_path_epochs: m
+                .as_ref()
+                .map(|m| m.view.keys.data_path.iter().map(|k| k.id).collect())
+                .unwrap_or_default(),
         }
     }
 

@@ -264,6 +264,10 @@ pub struct Info {
     pub manager_addr: Option<SocketAddr>,
     /// Version of the cluster view we hold.
     pub view_version: Option<u64>,
+    /// Ids of the live gossip keys, oldest first (empty outside a swarm).
+    pub gossip_key_ids: Vec<u32>,
+    /// Live data-path key epochs, oldest first (empty outside a swarm).
+    pub data_path_epochs: Vec<u32>,
 }
 
 /// A request to the manager API on 2377.

@@ -137,13 +137,17 @@ impl Manager {
         *lock(&self.gossip_up) = up;
     }
 
-    /// Builds a command from the current state with `f`, applies it, persists, publishes.
+    /// Builds a command from the current state with `f` (`None`: nothing to do), applies
+    /// it, persists, publishes.
     pub fn apply_with<T>(
         &self,
-        f: impl FnOnce(&State) -> Result<(Command, T), String>,
+        f: impl FnOnce(&State) -> Result<(Option<Command>, T), String>,
     ) -> Result<(Applied, T), String> {
         let mut guard = lock(&self.state);
         let (command, extra) = f(&guard)?;
+        let Some(command) = command else {
+            return Ok((Applied::Unchanged, extra));
+        };
         let mut next = guard.clone();
         let applied = next.apply(command).map_err(|e| e.to_string())?;
         if applied == Applied::Unchanged {
@@ -171,7 +175,8 @@ impl Manager {
 
     /// Applies one ready-made command.
     pub fn apply(&self, command: Command) -> Result<Applied, String> {
-        self.apply_with(|_| Ok((command, ()))).map(|(a, ())| a)
+        self.apply_with(|_| Ok((Some(command), ())))
+            .map(|(a, ())| a)
     }
 
     /// True if `id` is up: ourselves, a live watch stream, or gossip says so; never if it left.
@@ -349,7 +354,7 @@ impl Manager {
                 left: false,
                 joined_at: unix_now(),
             };
-            Ok((Command::AddNode(Box::new(node)), (cert, role)))
+            Ok((Some(Command::AddNode(Box::new(node))), (cert, role)))
         })?;
         info!(node = %id, hostname, role = role.as_str(), %addr, "node joined");
         Ok(JoinGrant {
@@ -377,16 +382,14 @@ impl Manager {
         let (applied, ()) = self.apply_with(|state| {
             let cluster = state.cluster().ok_or(NOT_MANAGER)?;
             if now < cluster.keys.next_rotation() {
-                // Nothing due: a command that changes nothing.
-                let same = cluster.worker_secret.clone();
-                return Ok((Command::RotateSecret(Role::Worker, same), ()));
+                return Ok((None, ()));
             }
             Ok((
-                Command::RotateKeys {
+                Some(Command::RotateKeys {
                     gossip_key: random_key(),
                     data_path_key: random_key(),
                     at: now,
-                },
+                }),
                 (),
             ))
         })?;
@@ -649,6 +652,209 @@ pub fn join_addr(advertise: IpAddr, listen: SocketAddr) -> SocketAddr {
 mod tests {
     use super::*;
     use crate::state::tests::{init_cmd, node};
+    use crate::state::{CaMaterial, Init, Network};
+    use crate::tls::generate_ca;
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        manager: Arc<Manager>,
+        membership: Arc<Mutex<Option<Membership>>>,
+    }
+
+    fn leader() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let ca: CaMaterial = generate_ca().unwrap();
+        let id = NodeId::from_random(1);
+        let own = issue_node_cert(&ca, &id, Role::Manager).unwrap();
+        let mut leader = node(1, Role::Manager);
+        leader.cert_digest = cert_digest(&own.cert_der);
+        let mut state = State::default();
+        state
+            .apply(Command::Init(Box::new(Init {
+                ca,
+                leader,
+                api_addr: "127.0.0.1:2377".parse().unwrap(),
+                worker_secret: Secret::from_random(11).as_str().into(),
+                manager_secret: Secret::from_random(22).as_str().into(),
+                gossip_key: [1; 32],
+                data_path_key: [2; 32],
+                key_interval_secs: 100,
+                ingress: Network {
+                    name: "ingress".into(),
+                    vni: 4096,
+                    subnet: "198.19.0.0/24".into(),
+                    encrypted: true,
+                    data_path_port: 4789,
+                },
+                at: 1000,
+            })))
+            .unwrap();
+        let membership = Arc::new(Mutex::new(None));
+        let manager = Manager::new(
+            id,
+            "127.0.0.1:2377".parse().unwrap(),
+            own,
+            state,
+            store,
+            membership.clone(),
+        )
+        .unwrap();
+        Fixture {
+            _dir: dir,
+            manager,
+            membership,
+        }
+    }
+
+    fn join(m: &Manager, secret: u128, host: &str) -> Result<JoinGrant, String> {
+        m.handle_join(
+            Secret::from_random(secret).as_str(),
+            host,
+            "198.18.0.9".parse().unwrap(),
+            [9; 32],
+            "0.1.0",
+        )
+    }
+
+    #[test]
+    fn join_checks_the_secret_and_changes_nothing_on_refusal() {
+        let f = leader();
+        let before = f.manager.state();
+        assert_eq!(join(&f.manager, 33, "w1").unwrap_err(), INVALID_SECRET);
+        assert_eq!(f.manager.state(), before);
+        assert!(join(&f.manager, 11, "").unwrap_err().contains("hostname"));
+        assert!(join(&f.manager, 11, "a\nb")
+            .unwrap_err()
+            .contains("hostname"));
+        assert!(join(&f.manager, 11, &"x".repeat(254))
+            .unwrap_err()
+            .contains("hostname"));
+        assert_eq!(f.manager.state(), before);
+        join(&f.manager, 11, "w1").unwrap();
+        assert_eq!(f.manager.state().version, before.version + 1);
+
+        let grant = join(&f.manager, 22, "m2").unwrap();
+        assert_eq!(grant.view.node(&grant.node_id).unwrap().role, Role::Manager);
+        assert_eq!(grant.view.nodes.len(), 3);
+        // The leader's own record follows every change.
+        let kept = f.membership.lock().unwrap().clone().unwrap();
+        assert_eq!(kept.view.version, f.manager.state().version);
+    }
+
+    #[test]
+    fn rotated_secret_is_refused_at_once() {
+        let f = leader();
+        let me = NodeId::from_random(1);
+        let Reply::JoinToken { token: old, .. } = f
+            .manager
+            .handle_admin(
+                AdminRequest::JoinToken {
+                    role: Role::Worker,
+                    rotate: false,
+                },
+                &me,
+            )
+            .unwrap()
+        else {
+            panic!("not a token")
+        };
+        let Reply::JoinToken {
+            token: new,
+            rotated,
+            ..
+        } = f
+            .manager
+            .handle_admin(
+                AdminRequest::JoinToken {
+                    role: Role::Worker,
+                    rotate: true,
+                },
+                &me,
+            )
+            .unwrap()
+        else {
+            panic!("not a token")
+        };
+        assert!(rotated);
+        assert_ne!(old, new);
+        assert_eq!(join(&f.manager, 11, "w").unwrap_err(), INVALID_SECRET);
+        let secret = Token::parse(&new).unwrap().secret;
+        assert!(f
+            .manager
+            .handle_join(
+                secret.as_str(),
+                "w",
+                "198.18.0.9".parse().unwrap(),
+                [9; 32],
+                "0.1.0"
+            )
+            .is_ok());
+    }
+
+    #[test]
+    fn rm_refuses_an_up_node_unless_forced() {
+        let f = leader();
+        let me = NodeId::from_random(1);
+        let grant = join(&f.manager, 11, "w").unwrap();
+        f.manager
+            .set_gossip_up(Some(HashSet::from([grant.node_id.clone()])));
+        let rm = |force| AdminRequest::NodeRm {
+            nodes: vec!["w".into()],
+            force,
+        };
+        let err = f.manager.handle_admin(rm(false), &me).unwrap_err();
+        assert!(err.contains("is not down"), "{err}");
+        assert_eq!(f.manager.state().cluster().unwrap().nodes.len(), 2);
+        // All-or-nothing: one bad name and nothing is removed.
+        let err = f
+            .manager
+            .handle_admin(
+                AdminRequest::NodeRm {
+                    nodes: vec!["w".into(), "nope".into()],
+                    force: true,
+                },
+                &me,
+            )
+            .unwrap_err();
+        assert!(err.contains("not found"), "{err}");
+        assert_eq!(f.manager.state().cluster().unwrap().nodes.len(), 2);
+        assert_eq!(
+            f.manager.handle_admin(rm(true), &me).unwrap(),
+            Reply::Lines(vec![grant.node_id.to_string()])
+        );
+        // The leader itself.
+        let err = f
+            .manager
+            .handle_admin(
+                AdminRequest::NodeRm {
+                    nodes: vec!["n1".into()],
+                    force: true,
+                },
+                &me,
+            )
+            .unwrap_err();
+        assert!(err.contains("leader"), "{err}");
+    }
+
+    #[test]
+    fn keys_rotate_when_due_and_persist() {
+        let f = leader();
+        let v = f.manager.state().version;
+        assert_eq!(f.manager.rotate_keys_if_due(1099), Ok(false));
+        assert_eq!(f.manager.state().version, v);
+        assert_eq!(f.manager.rotate_keys_if_due(1100), Ok(true));
+        let keys = f.manager.view().keys.clone();
+        assert_eq!(
+            keys.data_path.iter().map(|k| k.id).collect::<Vec<_>>(),
+            vec![1, 2]
+        );
+        assert_eq!(keys.next_rotation(), 1200);
+        assert_eq!(
+            f.manager.store.manager().unwrap().unwrap(),
+            f.manager.state()
+        );
+    }
 
     #[test]
     fn resolve_by_id_name_prefix() {

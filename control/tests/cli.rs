@@ -473,3 +473,67 @@ fn not_in_a_swarm_errors() {
     assert!(err.contains("host bits are set"), "{err}");
     assert_eq!(nodes[0].info()["node_id"], serde_json::Value::Null);
 }
+
+#[test]
+fn keys_rotate_and_reach_every_node() {
+    let (_root, nodes) = cluster(&["k1", "k2"]);
+    let (k1, k2) = (&nodes[0], &nodes[1]);
+    let listen = format!("{}:2377", k1.ip);
+    let out = k1.ok(&[
+        "init",
+        "--advertise-addr",
+        &k1.ip.to_string(),
+        "--listen-addr",
+        &listen,
+        "--key-rotation-interval",
+        "1s",
+    ]);
+    assert!(join(k2, &join_command(&out)).status.success());
+    let epochs = |n: &Node| -> Vec<u64> {
+        n.info()["data_path_epochs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect()
+    };
+    // Two epochs live (previous and current), and the worker follows the rotations.
+    wait_until(Duration::from_secs(10), || {
+        let e = epochs(k2);
+        e.len() == 2 && e[1] >= 3 && e[1] == e[0] + 1
+    });
+    let gossip = k2.info()["gossip_key_ids"].as_array().unwrap().len();
+    assert_eq!(gossip, 2);
+}
+
+#[test]
+fn garbage_on_the_api_port_and_socket_is_refused() {
+    use std::io::{Read, Write};
+    let (_root, nodes) = cluster(&["g1"]);
+    let g1 = &nodes[0];
+    init(g1);
+    let junk: [&[u8]; 3] = [
+        b"\x16\x03\x01\x00\x05hello",
+        b"GET / HTTP/1.1\r\n\r\n",
+        &[0xff; 64],
+    ];
+    for bytes in junk {
+        let mut tcp = std::net::TcpStream::connect((g1.ip, 2377)).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let _ = tcp.write_all(bytes);
+        let mut buf = Vec::new();
+        let _ = tcp.read_to_end(&mut buf); // the manager closes; bounded by the timeout
+    }
+    for bytes in [&u32::MAX.to_be_bytes()[..], b"\x00\x00\x00\x03{x}"] {
+        let mut unix = std::os::unix::net::UnixStream::connect(&g1.socket).unwrap();
+        unix.set_read_timeout(Some(Duration::from_secs(15)))
+            .unwrap();
+        unix.write_all(bytes).unwrap();
+        let mut buf = Vec::new();
+        let _ = unix.read_to_end(&mut buf);
+        let text = String::from_utf8_lossy(&buf);
+        assert!(text.contains("bad request"), "{text}");
+    }
+    // The agent and the manager are still fine.
+    assert_eq!(rows(g1).len(), 1);
+}
