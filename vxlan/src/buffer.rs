@@ -118,7 +118,10 @@ impl Packet {
     /// Returns the grown contents, or `None` if the room is not there.
     pub(crate) fn grow(&mut self, head: usize, tail: usize) -> Option<&mut [u8]> {
         let start = self.start.checked_sub(head)?;
-        let end = self.end.checked_add(tail).filter(|&e| e <= self.buf.len())?;
+        let end = self
+            .end
+            .checked_add(tail)
+            .filter(|&e| e <= self.buf.len())?;
         self.start = start;
         self.end = end;
         Some(&mut self.buf[start..end])
@@ -246,6 +249,10 @@ mod tests {
         t.clear();
         assert!(t.is_empty());
         let again = t.take_spare();
-        assert_eq!(again.data().as_ptr() as usize, ptr, "the same buffer comes back");
+        assert_eq!(
+            again.data().as_ptr() as usize,
+            ptr,
+            "the same buffer comes back"
+        );
     }
 }

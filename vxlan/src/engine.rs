@@ -356,16 +356,9 @@ impl Engine {
         self.peers.get(&vtep)
     }
 
-    fn make_session(
-        &mut self,
-        key: &PeerKey,
-        epoch: &EpochKey,
-    ) -> Result<Session, KeyError> {
+    fn make_session(&mut self, key: &PeerKey, epoch: &EpochKey) -> Result<Session, KeyError> {
         let keys = crypto::derive(&self.node_key, self.incarnation, key, epoch)?;
-        let state = self
-            .retired
-            .remove(&(*key, epoch.id()))
-            .unwrap_or_default();
+        let state = self.retired.remove(&(*key, epoch.id())).unwrap_or_default();
         Ok(Session::resume(epoch.id(), self.incarnation, &keys, state))
     }
 
@@ -692,7 +685,9 @@ fn encap(
             SealError::BufferTooSmall => DropReason::Oversize,
         })?;
     } else {
-        let datagram = pkt.grow(header::HEADER_LEN, 0).ok_or(DropReason::Oversize)?;
+        let datagram = pkt
+            .grow(header::HEADER_LEN, 0)
+            .ok_or(DropReason::Oversize)?;
         header::Repr { vni, sealed: false }.emit(&mut Header::new_unchecked(datagram));
     }
     peer.counters.tx_packets += 1;

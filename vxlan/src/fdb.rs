@@ -91,7 +91,8 @@ mod tests {
     #[test]
     fn insert_lookup_purge() {
         let mut f = Fdb::new();
-        let (a, b): (IpAddr, IpAddr) = ("198.18.0.1".parse().unwrap(), "198.18.0.2".parse().unwrap());
+        let (a, b): (IpAddr, IpAddr) =
+            ("198.18.0.1".parse().unwrap(), "198.18.0.2".parse().unwrap());
         let m1 = Mac([2, 0, 0, 0, 0, 1]);
         let m2 = Mac([2, 0, 0, 0, 0, 2]);
         assert_eq!(f.insert(m1, a), None);

@@ -20,6 +20,7 @@ pub mod crypto;
 pub mod engine;
 pub mod fdb;
 pub mod replay;
+pub mod testing;
 pub mod wire;
 
 pub use buffer::{Packet, Transmit, Transmits};

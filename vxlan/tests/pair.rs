@@ -1,5 +1,7 @@
 //! Two (or three) engines talking in memory over a link that loses, reorders and duplicates.
 
+#![allow(clippy::unwrap_used)] // test helpers: a failed step fails the test
+
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
@@ -9,6 +11,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use shoal_vxlan::crypto::{EpochKey, NodeKey, PeerKey};
 use shoal_vxlan::engine::Provenance;
+use shoal_vxlan::testing::frame;
 use shoal_vxlan::wire::envelope;
 use shoal_vxlan::{DropReason, Engine, Mac, Packet, Transmits, Vni};
 
@@ -70,19 +73,12 @@ impl Node {
     }
 }
 
-fn frame(dst: Mac, src: Mac, payload: &[u8]) -> Vec<u8> {
-    let mut f = Vec::with_capacity(14 + payload.len());
-    f.extend_from_slice(&dst.0);
-    f.extend_from_slice(&src.0);
-    f.extend_from_slice(&[0x08, 0x00]);
-    f.extend_from_slice(payload);
-    f
-}
-
 /// Makes every node a peer of every other, with FDB entries and flood lists.
 fn mesh(nodes: &mut [Node]) {
-    let info: Vec<(SocketAddr, PeerKey, Mac)> =
-        nodes.iter().map(|n| (n.addr, n.peer_key(), n.mac)).collect();
+    let info: Vec<(SocketAddr, PeerKey, Mac)> = nodes
+        .iter()
+        .map(|n| (n.addr, n.peer_key(), n.mac))
+        .collect();
     for node in nodes.iter_mut() {
         for &(addr, key, mac) in &info {
             if addr == node.addr {
@@ -124,7 +120,10 @@ fn unicast_is_sealed_and_delivered() {
         datagram.len(),
         envelope::HEADER_LEN + 14 + secret.len() + envelope::TAG_LEN
     );
-    assert!(!datagram.windows(secret.len()).any(|w| w == secret), "plaintext on the wire");
+    assert!(
+        !datagram.windows(secret.len()).any(|w| w == secret),
+        "plaintext on the wire"
+    );
     let got = b.recv(a.addr, datagram).unwrap();
     assert_eq!(got, frame(b.mac, a.mac, secret));
     assert_eq!(b.engine.counters().rx_packets, 1);
@@ -144,7 +143,10 @@ fn provenance_is_sealed_with_epoch() {
         .engine
         .handle_datagram(Instant::now(), a.addr, &mut pkt)
         .unwrap();
-    assert!(matches!(opened.provenance(), Provenance::Sealed { epoch: 1, .. }));
+    assert!(matches!(
+        opened.provenance(),
+        Provenance::Sealed { epoch: 1, .. }
+    ));
     assert_eq!(opened.vtep(), a.addr.ip());
 }
 
@@ -257,9 +259,19 @@ fn key_not_in_keyring_is_dropped() {
     assert_eq!(b.recv(a.addr, &d[0].1), Err(DropReason::UnknownEpoch));
     // An outsider with the same epoch id but another secret.
     let mut outsider = Node::new(1, 1, true);
-    outsider.engine.add_epoch(EpochKey::new(1, [0x66; 32])).unwrap();
-    outsider.engine.set_peer(b.addr, Some(b.peer_key())).unwrap();
-    outsider.engine.fdb_mut(vni()).unwrap().insert(b.mac, b.addr.ip());
+    outsider
+        .engine
+        .add_epoch(EpochKey::new(1, [0x66; 32]))
+        .unwrap();
+    outsider
+        .engine
+        .set_peer(b.addr, Some(b.peer_key()))
+        .unwrap();
+    outsider
+        .engine
+        .fdb_mut(vni())
+        .unwrap()
+        .insert(b.mac, b.addr.ip());
     let d = outsider.send(b.mac, b"hello").unwrap();
     assert_eq!(b.recv(a.addr, &d[0].1), Err(DropReason::Authentication));
     // A stranger's address.
@@ -303,7 +315,11 @@ fn plain_mode_rules() {
     let [mut a, mut b] = nodes;
     let out = a.send(b.mac, b"plain").unwrap();
     let d = &out[0].1;
-    assert_eq!(&d[..8], &[0x08, 0, 0, 0, 0x00, 0x10, 0x00, 0], "RFC 7348 header");
+    assert_eq!(
+        &d[..8],
+        &[0x08, 0, 0, 0, 0x00, 0x10, 0x00, 0],
+        "RFC 7348 header"
+    );
     assert_eq!(&d[8..], &frame(b.mac, a.mac, b"plain")[..]);
     let mut pkt = Packet::new(MAX_FRAME);
     pkt.set_datagram(d);
@@ -317,10 +333,7 @@ fn plain_mode_rules() {
     let (mut ea, mut eb) = encrypted_pair();
     let sealed = ea.send(eb.mac, b"s").unwrap();
     assert_eq!(b.recv(a.addr, &sealed[0].1), Err(DropReason::SealedOnPlain));
-    assert_eq!(
-        eb.recv(ea.addr, d),
-        Err(DropReason::PlaintextOnEncrypted)
-    );
+    assert_eq!(eb.recv(ea.addr, d), Err(DropReason::PlaintextOnEncrypted));
 
     // A known peer claiming another VTEP's MAC.
     let mut c = Node::new(3, 1, false);
@@ -352,7 +365,13 @@ fn removed_peer_is_revoked_and_readding_never_reuses_a_nonce() {
 
     assert!(b.engine.remove_peer(a.addr.ip()));
     assert_eq!(b.recv(a.addr, &before[0].1), Err(DropReason::UnknownPeer));
-    assert!(b.engine.network(vni()).unwrap().fdb().lookup(&a.mac).is_none());
+    assert!(b
+        .engine
+        .network(vni())
+        .unwrap()
+        .fdb()
+        .lookup(&a.mac)
+        .is_none());
     assert!(b.engine.network(vni()).unwrap().fdb().flood().is_empty());
     assert_eq!(b.send(a.mac, b"x"), Err(DropReason::NoDestination));
 
@@ -385,7 +404,10 @@ fn restarted_peer_gets_new_keys() {
     // Until the control plane announces the new incarnation, b refuses it.
     assert_eq!(b.recv(a.addr, &new[0].1), Err(DropReason::WrongIncarnation));
     b.engine.set_peer(a.addr, Some(a2.peer_key())).unwrap();
-    assert_eq!(b.recv(a.addr, &new[0].1).unwrap(), frame(b.mac, a.mac, b"new life"));
+    assert_eq!(
+        b.recv(a.addr, &new[0].1).unwrap(),
+        frame(b.mac, a.mac, b"new life")
+    );
     assert_eq!(b.recv(a.addr, &old[0].1), Err(DropReason::WrongIncarnation));
 }
 

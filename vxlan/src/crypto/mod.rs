@@ -288,9 +288,7 @@ mod tests {
             bob.public(),
             hex!("de9edb7d7b7dc1b4d35b61c2ece435373f8343c85b78674dadfc7e146f882b4f")
         );
-        let shared = alice
-            .secret
-            .diffie_hellman(&PublicKey::from(bob.public()));
+        let shared = alice.secret.diffie_hellman(&PublicKey::from(bob.public()));
         assert_eq!(
             shared.to_bytes(),
             hex!("4a5d9d5ba4ce2de1728e3bf480350f25e07e21c947d19e3376f09b3c1e161742")
@@ -350,11 +348,25 @@ mod tests {
         let base = derive(&a, 1, &peer(&b, 1), &e1).unwrap().send;
         let other_epoch = EpochKey::new(2, [7; 32]);
         let other_secret = EpochKey::new(1, [8; 32]);
-        assert_ne!(base, derive(&a, 1, &peer(&b, 1), &other_epoch).unwrap().send);
-        assert_ne!(base, derive(&a, 1, &peer(&b, 1), &other_secret).unwrap().send);
+        assert_ne!(
+            base,
+            derive(&a, 1, &peer(&b, 1), &other_epoch).unwrap().send
+        );
+        assert_ne!(
+            base,
+            derive(&a, 1, &peer(&b, 1), &other_secret).unwrap().send
+        );
         assert_ne!(base, derive(&a, 1, &peer(&c, 1), &e1).unwrap().send);
-        assert_ne!(base, derive(&a, 2, &peer(&b, 1), &e1).unwrap().send, "own restart");
-        assert_ne!(base, derive(&a, 1, &peer(&b, 2), &e1).unwrap().send, "peer restart");
+        assert_ne!(
+            base,
+            derive(&a, 2, &peer(&b, 1), &e1).unwrap().send,
+            "own restart"
+        );
+        assert_ne!(
+            base,
+            derive(&a, 1, &peer(&b, 2), &e1).unwrap().send,
+            "peer restart"
+        );
     }
 
     #[test]
@@ -366,7 +378,10 @@ mod tests {
             incarnation: 1,
         };
         assert_eq!(derive(&a, 1, &zero, &e).err(), Some(KeyError::WeakPeerKey));
-        assert_eq!(derive(&a, 1, &peer(&a, 2), &e).err(), Some(KeyError::OwnKey));
+        assert_eq!(
+            derive(&a, 1, &peer(&a, 2), &e).err(),
+            Some(KeyError::OwnKey)
+        );
     }
 
     #[test]
@@ -374,7 +389,10 @@ mod tests {
         let mut k = Keyring::new();
         k.add(EpochKey::new(1, [1; 32])).unwrap();
         assert_eq!(k.send_epoch(), Some(1));
-        assert_eq!(k.add(EpochKey::new(1, [1; 32])), Err(KeyringError::Duplicate(1)));
+        assert_eq!(
+            k.add(EpochKey::new(1, [1; 32])),
+            Err(KeyringError::Duplicate(1))
+        );
         k.add(EpochKey::new(2, [2; 32])).unwrap();
         assert_eq!(k.add(EpochKey::new(3, [3; 32])), Err(KeyringError::Full(3)));
         assert_eq!(k.send_epoch(), Some(1), "adding does not switch sending");

@@ -179,7 +179,10 @@ mod tests {
     }
 
     fn pair() -> (Session, Session) {
-        (Session::new(9, 1, &keys(1, 2)), Session::new(9, 2, &keys(2, 1)))
+        (
+            Session::new(9, 1, &keys(1, 2)),
+            Session::new(9, 2, &keys(2, 1)),
+        )
     }
 
     fn sealed(s: &mut Session, frame: &[u8]) -> Vec<u8> {
@@ -196,7 +199,10 @@ mod tests {
         assert_ne!(&d[HEADER_LEN..HEADER_LEN + 11], b"hello frame");
         let mut env = Envelope::new_checked(d.clone()).unwrap();
         b.open(&mut env).unwrap();
-        assert_eq!(&env.into_inner()[HEADER_LEN..HEADER_LEN + 11], b"hello frame");
+        assert_eq!(
+            &env.into_inner()[HEADER_LEN..HEADER_LEN + 11],
+            b"hello frame"
+        );
         let mut again = Envelope::new_checked(d).unwrap();
         assert_eq!(
             b.open(&mut again).unwrap_err(),
@@ -226,14 +232,19 @@ mod tests {
             a.seal(Vni::new(1).unwrap(), &mut d),
             Err(SealError::CounterExhausted)
         );
-        assert_eq!(a.next_counter(), COUNTER_LIMIT, "a refused seal uses no counter");
+        assert_eq!(
+            a.next_counter(),
+            COUNTER_LIMIT,
+            "a refused seal uses no counter"
+        );
     }
 
     #[test]
     fn resume_keeps_counter_and_window() {
         let (mut a, mut b) = pair();
         let d = sealed(&mut a, b"before");
-        b.open(&mut Envelope::new_checked(d.clone()).unwrap()).unwrap();
+        b.open(&mut Envelope::new_checked(d.clone()).unwrap())
+            .unwrap();
         let (sa, sb) = (a.state(), b.state());
         drop((a, b));
         let mut a = Session::resume(9, 1, &keys(1, 2), sa);
@@ -255,7 +266,8 @@ mod tests {
         // A forger raises the counter and keeps the old tag.
         forged[27] ^= 0x40;
         assert_eq!(
-            b.open(&mut Envelope::new_checked(forged).unwrap()).unwrap_err(),
+            b.open(&mut Envelope::new_checked(forged).unwrap())
+                .unwrap_err(),
             OpenError::Authentication
         );
         b.open(&mut Envelope::new_checked(d).unwrap()).unwrap();

@@ -177,7 +177,9 @@ impl Repr {
             vni: self.vni,
             sealed: true,
         }
-        .emit(&mut header::Header::new_unchecked(&mut buf[..header::HEADER_LEN]));
+        .emit(&mut header::Header::new_unchecked(
+            &mut buf[..header::HEADER_LEN],
+        ));
         buf[field::VERSION] = VERSION;
         buf[field::RESERVED].fill(0);
         buf[field::EPOCH].copy_from_slice(&self.epoch.to_be_bytes());

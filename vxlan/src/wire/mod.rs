@@ -83,7 +83,9 @@ impl Mac {
 
     /// The destination MAC of an Ethernet frame, if the frame holds one.
     pub fn dst_of(frame: &[u8]) -> Option<Mac> {
-        frame.get(0..6).map(|b| Mac([b[0], b[1], b[2], b[3], b[4], b[5]]))
+        frame
+            .get(0..6)
+            .map(|b| Mac([b[0], b[1], b[2], b[3], b[4], b[5]]))
     }
 
     /// The source MAC of an Ethernet frame, if the frame holds one.
@@ -133,7 +135,9 @@ impl core::str::FromStr for Mac {
 
 /// A MAC address that is not six colon-separated pairs of hex digits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("not a MAC address: write six pairs of hex digits separated by colons, e.g. 02:42:0a:00:00:02")]
+#[error(
+    "not a MAC address: write six pairs of hex digits separated by colons, e.g. 02:42:0a:00:00:02"
+)]
 pub struct ParseMacError;
 
 /// Length of an Ethernet header without VLAN tags.
@@ -159,7 +163,14 @@ mod tests {
         let m: Mac = "02:42:0a:00:00:02".parse().unwrap();
         assert_eq!(m.0, [2, 0x42, 10, 0, 0, 2]);
         assert_eq!(m.to_string(), "02:42:0a:00:00:02");
-        for bad in ["", "02:42:0a:00:00", "02:42:0a:00:00:02:03", "2:42:0a:00:00:02", "zz:42:0a:00:00:02", "+2:42:0a:00:00:02"] {
+        for bad in [
+            "",
+            "02:42:0a:00:00",
+            "02:42:0a:00:00:02:03",
+            "2:42:0a:00:00:02",
+            "zz:42:0a:00:00:02",
+            "+2:42:0a:00:00:02",
+        ] {
             assert!(bad.parse::<Mac>().is_err(), "{bad}");
         }
         assert!(Mac::BROADCAST.is_multicast());

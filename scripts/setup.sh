@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs what shoal's tests, lab and benchmarks need on a fresh Debian machine, as root.
+# Idempotent: it installs only what is missing.
+set -euo pipefail
+export PATH="$PATH:/usr/sbin:/sbin:${HOME:-/root}/.cargo/bin"
+
+need_apt=()
+for pair in ip:iproute2 tcpdump:tcpdump tshark:tshark ping:iputils-ping iperf3:iperf3; do
+  cmd=${pair%%:*} pkg=${pair#*:}
+  command -v "$cmd" >/dev/null 2>&1 || need_apt+=("$pkg")
+done
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "setup: missing ${need_apt[*]}; run as root (or install them) first" >&2
+    exit 1
+  fi
+  echo "setup: installing ${need_apt[*]}" >&2
+  apt-get update -qq
+  # tshark asks whether non-root users may capture; the default (no) is what we want.
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+
+if [ "${SHOAL_SETUP_FUZZ:-0}" = 1 ] && ! cargo fuzz --version >/dev/null 2>&1; then
+  echo "setup: installing cargo-fuzz" >&2
+  cargo install cargo-fuzz --locked --quiet
+fi
