@@ -145,7 +145,23 @@ pub const ETHERNET_HEADER_LEN: usize = 14;
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+
+    proptest! {
+        #[test]
+        fn mac_text_round_trip(bytes: [u8; 6]) {
+            let mac = Mac(bytes);
+            prop_assert_eq!(mac.to_string().parse::<Mac>(), Ok(mac));
+        }
+
+        #[test]
+        fn vni_bytes_round_trip(vni in 0u32..=Vni::MAX) {
+            let v = Vni::new(vni).unwrap();
+            prop_assert_eq!(Vni::from_bytes(v.to_bytes()), v);
+        }
+    }
 
     #[test]
     fn vni_bounds() {
