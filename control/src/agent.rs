@@ -268,10 +268,12 @@ impl Agent {
     }
 
     async fn client(self: Arc<Self>, mut stream: UnixStream) {
-        let request: Request = match read_frame(&mut stream).await {
-            Ok(Some(r)) => r,
-            Ok(None) => return,
-            Err(e) => {
+        let request = tokio::time::timeout(REQUEST_TIMEOUT, read_frame(&mut stream)).await;
+        let request: Request = match request {
+            Err(_) => return,
+            Ok(Ok(Some(r))) => r,
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => {
                 let response: Response = Err(format!("bad request: {e}"));
                 let _ = write_frame(&mut stream, &response).await;
                 return;

@@ -38,6 +38,8 @@ pub const PING_TIMEOUT: Duration = Duration::from_secs(6);
 /// How often a watching node sends a keep-alive.
 pub const PING_INTERVAL: Duration = Duration::from_secs(2);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most manager API connections served at once (watch streams included); more are closed.
+pub const MAX_CONNECTIONS: usize = 1024;
 
 /// The message docker prints when a manager-only command runs on a worker.
 pub const NOT_MANAGER: &str = "This node is not a swarm manager. Worker nodes can't be used to view or modify cluster state. Please run this command on a manager node or promote the current node to a manager.";
@@ -404,10 +406,15 @@ impl Manager {
         mut stop: watch::Receiver<bool>,
     ) {
         let rotator = tokio::spawn(self.clone().rotate_keys_loop(stop.clone()));
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         loop {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok((tcp, peer)) => {
+                        let Ok(slot) = slots.clone().try_acquire_owned() else {
+                            warn!(%peer, "manager API: {MAX_CONNECTIONS} connections open; refused one");
+                            continue;
+                        };
                         let me = self.clone();
                         let acceptor = acceptor.clone();
                         let stop = stop.clone();
@@ -415,6 +422,7 @@ impl Manager {
                             if let Err(e) = me.connection(tcp, acceptor, stop).await {
                                 debug!(%peer, "manager API connection: {e}");
                             }
+                            drop(slot);
                         });
                     }
                     Err(e) => {
