@@ -1,0 +1,275 @@
+//! The overlay on one node: the network's TAP interface (address, derived MAC, MTU), the
+//! data-path socket, the engine, and the ARP responder, kept in step with the members the
+//! control plane announces.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+use shoal_vxlan::crypto::{EpochKey, NodeKey, PeerKey};
+use shoal_vxlan::engine::{ConfigError, Counters, Engine};
+use shoal_vxlan::io::tap::{Tap, TapConfig};
+use shoal_vxlan::io::{udp, Dataplane, IoCounters};
+use shoal_vxlan::wire::{Mac, Vni};
+
+use crate::arp::{ArpResponder, ArpTable};
+use crate::network::{mac_for, NetworkSpec};
+
+/// How to bring a network up on this node.
+#[derive(Debug)]
+pub struct OverlayConfig {
+    /// The network.
+    pub network: NetworkSpec,
+    /// The interface name (`shoal-ingress`).
+    pub interface: String,
+    /// This node's overlay address.
+    pub address: Ipv4Addr,
+    /// The underlay MTU the interface MTU is derived from.
+    pub underlay_mtu: u16,
+    /// Where the data-path socket binds (the data-path port on all addresses, or the
+    /// advertise address).
+    pub bind: SocketAddr,
+    /// This node's static key.
+    pub node_key: NodeKey,
+    /// This node's incarnation (renewed at every agent start).
+    pub incarnation: u32,
+}
+
+/// Another member of the network: a shoal node, or an external VTEP (plain networks only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Member {
+    /// Underlay address and data-path port.
+    pub vtep: SocketAddr,
+    /// Its overlay address.
+    pub address: Ipv4Addr,
+    /// Its overlay MAC.
+    pub mac: Mac,
+    /// Its key and incarnation; `None` for an external VTEP.
+    pub key: Option<PeerKey>,
+}
+
+impl Member {
+    /// A shoal node, whose MAC is derived from its overlay address.
+    pub fn node(vtep: SocketAddr, address: Ipv4Addr, key: PeerKey) -> Self {
+        Member {
+            vtep,
+            address,
+            mac: mac_for(address),
+            key: Some(key),
+        }
+    }
+}
+
+/// Why an overlay change was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum OverlayError {
+    /// The engine refused a change.
+    #[error(transparent)]
+    Engine(#[from] ConfigError),
+    /// An external VTEP on an encrypted network.
+    #[error("network {0} is encrypted: external VTEPs can only join plain networks (create it with --no-encrypt)")]
+    ExternalOnEncrypted(String),
+    /// The VNI does not fit in 24 bits.
+    #[error("VNI {0} does not fit in 24 bits")]
+    BadVni(u32),
+    /// Device or socket setup failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being set up.
+        what: &'static str,
+        /// The error.
+        source: io::Error,
+    },
+}
+
+/// A network, up on this node.
+pub struct Overlay {
+    spec: NetworkSpec,
+    vni: Vni,
+    interface: String,
+    mtu: u16,
+    address: Ipv4Addr,
+    dataplane: Dataplane,
+    arp: Arc<ArpResponder>,
+    members: HashMap<IpAddr, Member>,
+}
+
+impl core::fmt::Debug for Overlay {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Overlay")
+            .field("network", &self.spec.name)
+            .field("interface", &self.interface)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Overlay {
+    /// Creates the interface and the socket and starts the data path. Nothing is reachable
+    /// until [`Overlay::set_members`] (and, encrypted, [`Overlay::set_epochs`]).
+    pub fn start(config: OverlayConfig) -> Result<Overlay, OverlayError> {
+        let vni = Vni::new(config.network.vni).map_err(|_| OverlayError::BadVni(config.network.vni))?;
+        let mtu = config.network.mtu(config.underlay_mtu);
+        let tap = Tap::create(&TapConfig {
+            name: config.interface.clone(),
+            mac: mac_for(config.address),
+            mtu,
+            address: Some((config.address, config.network.subnet.prefix_len())),
+        })
+        .map_err(|source| OverlayError::Io {
+            what: "creating the overlay interface",
+            source,
+        })?;
+        let socket = udp::bind(config.bind).map_err(|source| OverlayError::Io {
+            what: "binding the data-path port",
+            source,
+        })?;
+        let mut engine = Engine::new(config.node_key, config.incarnation);
+        engine.add_network(vni, config.network.encrypted)?;
+        let arp = Arc::new(ArpResponder::new());
+        let responder: Arc<dyn shoal_vxlan::io::LocalResponder> = arp.clone();
+        let dataplane = Dataplane::start(engine, vni, tap, socket, Some(responder)).map_err(
+            |source| OverlayError::Io {
+                what: "starting the data path",
+                source,
+            },
+        )?;
+        Ok(Overlay {
+            vni,
+            interface: config.interface,
+            mtu,
+            address: config.address,
+            spec: config.network,
+            dataplane,
+            arp,
+            members: HashMap::new(),
+        })
+    }
+
+    /// The network.
+    pub fn spec(&self) -> &NetworkSpec {
+        &self.spec
+    }
+
+    /// The interface name.
+    pub fn interface(&self) -> &str {
+        &self.interface
+    }
+
+    /// The interface MTU.
+    pub fn mtu(&self) -> u16 {
+        self.mtu
+    }
+
+    /// This node's overlay address.
+    pub fn address(&self) -> Ipv4Addr {
+        self.address
+    }
+
+    /// The members as last set.
+    pub fn members(&self) -> impl Iterator<Item = &Member> {
+        self.members.values()
+    }
+
+    /// Makes the member set exactly `members`: new ones are added, changed ones updated (a new
+    /// key or incarnation means new sessions), missing ones removed and their keys revoked.
+    pub fn set_members(&mut self, members: &[Member]) -> Result<(), OverlayError> {
+        if self.spec.encrypted && members.iter().any(|m| m.key.is_none()) {
+            return Err(OverlayError::ExternalOnEncrypted(self.spec.name.clone()));
+        }
+        let wanted: HashMap<IpAddr, Member> =
+            members.iter().map(|m| (m.vtep.ip(), *m)).collect();
+        let vni = self.vni;
+        let gone: Vec<IpAddr> = self
+            .members
+            .keys()
+            .filter(|ip| !wanted.contains_key(ip))
+            .copied()
+            .collect();
+        self.dataplane.with_engine(|engine| -> Result<(), OverlayError> {
+            for ip in &gone {
+                engine.remove_peer(*ip);
+            }
+            for m in wanted.values() {
+                engine.set_peer(m.vtep, m.key)?;
+                let fdb = engine.fdb_mut(vni)?;
+                // A member whose MAC moved: forget the old one.
+                let stale: Vec<Mac> = fdb
+                    .entries()
+                    .filter(|(mac, e)| e.vtep == m.vtep.ip() && **mac != m.mac)
+                    .map(|(mac, _)| *mac)
+                    .collect();
+                for mac in stale {
+                    fdb.remove(&mac);
+                }
+                fdb.insert(m.mac, m.vtep.ip());
+                fdb.add_flood(m.vtep.ip());
+            }
+            Ok(())
+        })?;
+        let mut table = ArpTable::new();
+        for m in wanted.values() {
+            table.insert(m.address, m.mac);
+        }
+        self.arp.set(table);
+        self.members = wanted;
+        Ok(())
+    }
+
+    /// Makes the live key epochs exactly `epochs` (at most two), sending under `send`.
+    /// Epochs are added before the sending one moves and retired after, so a rotation that
+    /// reaches every node loses nothing.
+    pub fn set_epochs(&self, epochs: &[EpochKey], send: u32) -> Result<(), OverlayError> {
+        self.dataplane.with_engine(|engine| -> Result<(), OverlayError> {
+            let live: Vec<u32> = engine.keyring().epochs().map(EpochKey::id).collect();
+            let wanted: Vec<u32> = epochs.iter().map(EpochKey::id).collect();
+            // Make room first: retire what is no longer wanted (never the sending epoch).
+            for id in live.iter().filter(|id| !wanted.contains(id)) {
+                if engine.keyring().send_epoch() == Some(*id) {
+                    if let Some(other) = live.iter().find(|o| wanted.contains(o)) {
+                        engine.set_send_epoch(*other)?;
+                    } else {
+                        continue;
+                    }
+                }
+                engine.retire_epoch(*id)?;
+            }
+            for e in epochs.iter().filter(|e| !live.contains(&e.id())) {
+                engine.add_epoch(e.clone())?;
+            }
+            engine.set_send_epoch(send)?;
+            // An old sending epoch that could not be retired before the new one arrived.
+            let leftover: Vec<u32> = engine
+                .keyring()
+                .epochs()
+                .map(EpochKey::id)
+                .filter(|id| !wanted.contains(id))
+                .collect();
+            for id in leftover {
+                engine.retire_epoch(id)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// The engine's counters, engine-wide.
+    pub fn counters(&self) -> Counters {
+        self.dataplane.with_engine(|e| e.counters().clone())
+    }
+
+    /// Counters per member VTEP.
+    pub fn peer_counters(&self) -> Vec<(SocketAddr, Counters)> {
+        self.dataplane
+            .with_engine(|e| e.peers().map(|p| (p.vtep(), p.counters().clone())).collect())
+    }
+
+    /// The IO shell's counters.
+    pub fn io_counters(&self) -> &IoCounters {
+        self.dataplane.io_counters()
+    }
+
+    /// Runs `f` on the engine.
+    pub fn with_engine<R>(&self, f: impl FnOnce(&mut Engine) -> R) -> R {
+        self.dataplane.with_engine(f)
+    }
+}

@@ -1,0 +1,11 @@
+//! The IO shell around the sans-IO engine: the TAP device, the UDP socket on the data-path port,
+//! and the threads that move packets between them through the engine.
+//!
+//! This is the only part of the crate that touches devices, sockets or the clock.
+
+mod driver;
+pub mod tap;
+pub mod udp;
+
+pub use driver::{Dataplane, IoCounters, LocalResponder};
+pub use tap::Tap;
