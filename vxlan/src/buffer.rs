@@ -73,6 +73,20 @@ impl Packet {
         true
     }
 
+    /// Copies a frame given in two parts (headers and payload) in as the frame. Returns `false`
+    /// (and changes nothing) if it does not fit.
+    pub fn set_frame_parts(&mut self, head: &[u8], tail: &[u8]) -> bool {
+        let len = head.len() + tail.len();
+        if len > self.max_frame() {
+            return false;
+        }
+        let space = self.frame_space();
+        space[..head.len()].copy_from_slice(head);
+        space[head.len()..len].copy_from_slice(tail);
+        self.set_frame_len(len);
+        true
+    }
+
     /// The whole buffer, where a datagram is received (for example by `recv_from`); then call
     /// [`Packet::set_datagram_len`].
     pub fn datagram_space(&mut self) -> &mut [u8] {
@@ -130,13 +144,6 @@ impl Packet {
     /// The contents, mutable.
     pub(crate) fn data_mut(&mut self) -> &mut [u8] {
         &mut self.buf[self.start..self.end]
-    }
-
-    /// Narrows the contents to `range` (relative to the current contents).
-    pub(crate) fn narrow(&mut self, from: usize, to: usize) {
-        debug_assert!(from <= to && self.start + to <= self.end);
-        self.end = self.start + to;
-        self.start += from;
     }
 }
 
@@ -229,12 +236,14 @@ mod tests {
     }
 
     #[test]
-    fn datagram_and_narrow() {
+    fn datagram_and_parts() {
         let mut p = Packet::new(10);
         assert!(p.set_datagram(&[9; 50]));
         assert_eq!(p.len(), 50);
-        p.narrow(28, 34);
-        assert_eq!(p.len(), 6);
+        assert!(p.set_frame_parts(&[1, 2], &[3]));
+        assert_eq!(p.data(), &[1, 2, 3]);
+        assert!(!p.set_frame_parts(&[0; 6], &[0; 5]));
+        assert_eq!(p.data(), &[1, 2, 3]);
         assert!(p.set_datagram(&[0; HEADROOM + 10 + TAILROOM]));
         assert!(!p.set_datagram(&[0; HEADROOM + 10 + TAILROOM + 1]));
     }

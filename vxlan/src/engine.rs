@@ -571,15 +571,25 @@ impl Engine {
         src: SocketAddr,
         pkt: &'a mut Packet,
     ) -> Result<Opened<'a>, DropReason> {
+        self.handle_datagram_slice(now, src, pkt.data_mut())
+    }
+
+    /// [`Engine::handle_datagram`] for a datagram in any buffer (one segment of a
+    /// GRO-coalesced receive, for example), opened in place.
+    pub fn handle_datagram_slice<'a>(
+        &mut self,
+        now: Instant,
+        src: SocketAddr,
+        data: &'a mut [u8],
+    ) -> Result<Opened<'a>, DropReason> {
         let ip = src.ip();
-        let (vni, from, to, provenance) = match self.open(ip, pkt.data_mut()) {
+        let (vni, from, to, provenance) = match self.open(ip, data) {
             Ok(v) => v,
             Err((peer_known, reason)) => {
                 return Err(self.count_drop(peer_known.then_some(ip), reason))
             }
         };
-        pkt.narrow(from, to);
-        let len = pkt.len() as u64;
+        let len = (to - from) as u64;
         self.counters.rx_packets += 1;
         self.counters.rx_bytes += len;
         if let Some(p) = self.peers.get_mut(&ip) {
@@ -587,10 +597,11 @@ impl Engine {
             p.counters.rx_bytes += len;
             p.last_rx = Some(now);
         }
+        let data: &'a [u8] = data;
         Ok(Opened {
             vni,
             vtep: ip,
-            frame: pkt.data(),
+            frame: &data[from..to],
             provenance,
         })
     }

@@ -7,6 +7,7 @@
 //! - [`replay`]: the sliding anti-replay window (RFC 6479).
 //! - [`fdb`]: MAC to VTEP per network, and the flood list for head-end replication.
 //! - [`engine`]: the sans-IO engine that ties them together: frames in, datagrams out, and back.
+//! - [`offload`]: TCP segmentation and coalescing for a TAP device with offloads.
 //! - [`buffer`]: packet buffers with headroom, recycled so the steady state does not allocate.
 //!
 //! - [`io`]: the thin shell that runs the engine on a TAP device and a UDP socket, with threads.
@@ -23,6 +24,7 @@ pub mod engine;
 pub mod fdb;
 #[allow(unsafe_code)]
 pub mod io;
+pub mod offload;
 pub mod replay;
 pub mod testing;
 pub mod wire;

@@ -158,7 +158,10 @@ fn outbound(
             Ok(n) => n,
             Err(e) if is_timeout(&e) => continue,
             Err(_) => {
-                shared.counters.tap_read_errors.fetch_add(1, Ordering::Relaxed);
+                shared
+                    .counters
+                    .tap_read_errors
+                    .fetch_add(1, Ordering::Relaxed);
                 std::thread::sleep(POLL);
                 continue;
             }
@@ -167,9 +170,15 @@ fn outbound(
         if let Some(r) = responder {
             reply.clear();
             if r.respond(pkt.data(), &mut reply) {
-                shared.counters.answered_locally.fetch_add(1, Ordering::Relaxed);
+                shared
+                    .counters
+                    .answered_locally
+                    .fetch_add(1, Ordering::Relaxed);
                 if tap.send(&reply).is_err() {
-                    shared.counters.tap_write_errors.fetch_add(1, Ordering::Relaxed);
+                    shared
+                        .counters
+                        .tap_write_errors
+                        .fetch_add(1, Ordering::Relaxed);
                 }
                 continue;
             }
@@ -178,7 +187,10 @@ fn outbound(
         let _ = lock(&shared.engine).handle_frame(Instant::now(), vni, &mut pkt, &mut out);
         for t in out.ready() {
             if udp.send_to(t.packet.data(), t.dst).is_err() {
-                shared.counters.udp_send_errors.fetch_add(1, Ordering::Relaxed);
+                shared
+                    .counters
+                    .udp_send_errors
+                    .fetch_add(1, Ordering::Relaxed);
             }
         }
         out.clear();
@@ -192,7 +204,10 @@ fn inbound(shared: &Shared, tap: &Tap, udp: &UdpSocket) {
             Ok(v) => v,
             Err(e) if is_timeout(&e) => continue,
             Err(_) => {
-                shared.counters.udp_recv_errors.fetch_add(1, Ordering::Relaxed);
+                shared
+                    .counters
+                    .udp_recv_errors
+                    .fetch_add(1, Ordering::Relaxed);
                 continue;
             }
         };
@@ -200,7 +215,10 @@ fn inbound(shared: &Shared, tap: &Tap, udp: &UdpSocket) {
         let opened = lock(&shared.engine).handle_datagram(Instant::now(), src, &mut pkt);
         if let Ok(opened) = opened {
             if tap.send(opened.frame()).is_err() {
-                shared.counters.tap_write_errors.fetch_add(1, Ordering::Relaxed);
+                shared
+                    .counters
+                    .tap_write_errors
+                    .fetch_add(1, Ordering::Relaxed);
             }
         }
     }

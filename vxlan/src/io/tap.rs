@@ -122,13 +122,7 @@ fn set_mac(name: &str, mac: Mac) -> io::Result<()> {
         }
     }
     // SAFETY: a valid socket, a request code that takes a *mut ifreq, and a live ifreq.
-    let rc = unsafe {
-        libc::ioctl(
-            sock.as_raw_fd(),
-            libc::SIOCSIFHWADDR,
-            &mut req,
-        )
-    };
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFHWADDR, &mut req) };
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }
