@@ -1,0 +1,796 @@
+//! The versioned wire codec for what travels inside the sealed envelope.
+//!
+//! Layouts (all integers big-endian):
+//!
+//! ```text
+//! identity  = node_id[25] family(4|6) ip[4|16] port u16 bump u32
+//! header    = version(1) src:identity src_incarnation u16 dst:identity message
+//! message   = tag u8 [probe u8 | identity probe u8]      (see `Tag`)
+//! member    = identity incarnation u16 state u8          (0 alive, 1 suspect, 2 down)
+//! item      = 1 node_id[25] seq u64 flags u8 meta        (metadata, custom broadcast)
+//!           | 2 subject:identity incarnation u16 from:node_id[25]   (independent suspicion)
+//! meta      = family ip port u16 public_key[32] role u8 len u8 version[len]
+//! state     = version(1) count u32 member* count u32 item*          (push-pull)
+//! ```
+//!
+//! A foca datagram is `header [count u16 member*] [(len u16 item)*]`; foca itself frames the
+//! updates and the custom broadcasts. Decoding never panics: every read is bounds checked and
+//! every error is a [`DecodeError`].
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use bytes::{Buf, BufMut};
+use foca::{Header, Member, Message, State};
+
+use crate::identity::{Identity, Metadata, NodeId, Role, MAX_VERSION_LEN, NODE_ID_LEN};
+
+/// Version byte that starts every header and every push-pull state.
+pub const VERSION: u8 = 1;
+
+/// Largest member count a push-pull state may announce (bounds allocation on decode).
+pub const MAX_STATE_ENTRIES: u32 = 100_000;
+
+/// Why bytes could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// The input ended before the value did.
+    #[error("gossip message truncated; the sender may run a broken or different agent")]
+    Truncated,
+    /// The version byte is not one this agent speaks.
+    #[error("gossip codec version {0} is not supported (this agent speaks {VERSION}); upgrade the older agents")]
+    Version(u8),
+    /// An enum tag (message, state, family, role, item kind) is unknown.
+    #[error("unknown {what} tag {tag} in gossip message; the sender may run a newer agent")]
+    Tag {
+        /// Which field.
+        what: &'static str,
+        /// The value found.
+        tag: u8,
+    },
+    /// A node ID holds characters outside `0-9a-z`.
+    #[error("node ID in gossip message is not 25 lowercase base-36 characters")]
+    NodeId,
+    /// A length is larger than the codec allows.
+    #[error("gossip message field too long: {0}")]
+    TooLong(&'static str),
+    /// Bytes are left after a value that must fill its buffer.
+    #[error("gossip message has {0} trailing bytes")]
+    Trailing(usize),
+}
+
+/// Why a value could not be encoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EncodeError {
+    /// The output buffer is too small; nothing was written.
+    #[error("gossip message does not fit in the packet; this is a bug, please report it")]
+    NoSpace,
+}
+
+/// A bounds-checked reader over a byte slice.
+pub(crate) struct Reader<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    pub(crate) fn new(buf: &'a [u8]) -> Self {
+        Reader { buf }
+    }
+    pub(crate) fn remaining(&self) -> usize {
+        self.buf.len()
+    }
+    pub(crate) fn rest(&self) -> &'a [u8] {
+        self.buf
+    }
+    pub(crate) fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        if self.buf.len() < n {
+            return Err(DecodeError::Truncated);
+        }
+        let (head, tail) = self.buf.split_at(n);
+        self.buf = tail;
+        Ok(head)
+    }
+    pub(crate) fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.take(1)?[0])
+    }
+    pub(crate) fn u16(&mut self) -> Result<u16, DecodeError> {
+        let b = self.take(2)?;
+        Ok(u16::from_be_bytes([b[0], b[1]]))
+    }
+    pub(crate) fn u32(&mut self) -> Result<u32, DecodeError> {
+        let b = self.take(4)?;
+        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    pub(crate) fn u64(&mut self) -> Result<u64, DecodeError> {
+        let b = self.take(8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(u64::from_be_bytes(a))
+    }
+    pub(crate) fn array<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
+        let b = self.take(N)?;
+        let mut a = [0u8; N];
+        a.copy_from_slice(b);
+        Ok(a)
+    }
+}
+
+fn ip_len(ip: &IpAddr) -> usize {
+    match ip {
+        IpAddr::V4(_) => 1 + 4,
+        IpAddr::V6(_) => 1 + 16,
+    }
+}
+
+fn put_ip(buf: &mut impl BufMut, ip: &IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => {
+            buf.put_u8(4);
+            buf.put_slice(&v4.octets());
+        }
+        IpAddr::V6(v6) => {
+            buf.put_u8(6);
+            buf.put_slice(&v6.octets());
+        }
+    }
+}
+
+fn get_ip(r: &mut Reader<'_>) -> Result<IpAddr, DecodeError> {
+    match r.u8()? {
+        4 => Ok(IpAddr::V4(Ipv4Addr::from(r.array::<4>()?))),
+        6 => Ok(IpAddr::V6(Ipv6Addr::from(r.array::<16>()?))),
+        tag => Err(DecodeError::Tag {
+            what: "address family",
+            tag,
+        }),
+    }
+}
+
+fn get_node_id(r: &mut Reader<'_>) -> Result<NodeId, DecodeError> {
+    NodeId::from_bytes(r.array::<NODE_ID_LEN>()?).map_err(|_| DecodeError::NodeId)
+}
+
+/// Encoded length of an identity.
+pub fn identity_len(id: &Identity) -> usize {
+    NODE_ID_LEN + ip_len(&id.addr.ip()) + 2 + 4
+}
+
+/// Writes an identity (the caller checked the space).
+pub fn put_identity(buf: &mut impl BufMut, id: &Identity) {
+    buf.put_slice(id.id.as_bytes());
+    put_ip(buf, &id.addr.ip());
+    buf.put_u16(id.addr.port());
+    buf.put_u32(id.bump);
+}
+
+pub(crate) fn get_identity(r: &mut Reader<'_>) -> Result<Identity, DecodeError> {
+    let id = get_node_id(r)?;
+    let ip = get_ip(r)?;
+    let port = r.u16()?;
+    let bump = r.u32()?;
+    Ok(Identity::new(id, SocketAddr::new(ip, port), bump))
+}
+
+/// Encoded length of a member.
+pub fn member_len(m: &Member<Identity>) -> usize {
+    identity_len(m.id()) + 3
+}
+
+pub(crate) fn put_member(buf: &mut impl BufMut, m: &Member<Identity>) {
+    put_identity(buf, m.id());
+    buf.put_u16(m.incarnation());
+    buf.put_u8(match m.state() {
+        State::Alive => 0,
+        State::Suspect => 1,
+        State::Down => 2,
+    });
+}
+
+pub(crate) fn get_member(r: &mut Reader<'_>) -> Result<Member<Identity>, DecodeError> {
+    let id = get_identity(r)?;
+    let inc = r.u16()?;
+    let state = match r.u8()? {
+        0 => State::Alive,
+        1 => State::Suspect,
+        2 => State::Down,
+        tag => {
+            return Err(DecodeError::Tag {
+                what: "member state",
+                tag,
+            })
+        }
+    };
+    Ok(Member::new(id, inc, state))
+}
+
+fn message_len(m: &Message<Identity>) -> usize {
+    match m {
+        Message::Ping(_) | Message::Ack(_) => 2,
+        Message::PingReq { target: i, .. }
+        | Message::IndirectPing { origin: i, .. }
+        | Message::IndirectAck { target: i, .. }
+        | Message::ForwardedAck { origin: i, .. } => 2 + identity_len(i),
+        _ => 1,
+    }
+}
+
+/// Encoded length of a header.
+pub fn header_len(h: &Header<Identity>) -> usize {
+    1 + identity_len(&h.src) + 2 + identity_len(&h.dst) + message_len(&h.message)
+}
+
+pub(crate) fn put_header(buf: &mut impl BufMut, h: &Header<Identity>) {
+    buf.put_u8(VERSION);
+    put_identity(buf, &h.src);
+    buf.put_u16(h.src_incarnation);
+    put_identity(buf, &h.dst);
+    let (tag, with_id, probe) = match &h.message {
+        Message::Ping(p) => (0, None, Some(*p)),
+        Message::Ack(p) => (1, None, Some(*p)),
+        Message::PingReq {
+            target,
+            probe_number,
+        } => (2, Some(target), Some(*probe_number)),
+        Message::IndirectPing {
+            origin,
+            probe_number,
+        } => (3, Some(origin), Some(*probe_number)),
+        Message::IndirectAck {
+            target,
+            probe_number,
+        } => (4, Some(target), Some(*probe_number)),
+        Message::ForwardedAck {
+            origin,
+            probe_number,
+        } => (5, Some(origin), Some(*probe_number)),
+        Message::Announce => (6, None, None),
+        Message::Feed => (7, None, None),
+        Message::Gossip => (8, None, None),
+        Message::Broadcast => (9, None, None),
+        Message::TurnUndead => (10, None, None),
+    };
+    buf.put_u8(tag);
+    if let Some(id) = with_id {
+        put_identity(buf, id);
+    }
+    if let Some(p) = probe {
+        buf.put_u8(p);
+    }
+}
+
+pub(crate) fn get_header(r: &mut Reader<'_>) -> Result<Header<Identity>, DecodeError> {
+    let v = r.u8()?;
+    if v != VERSION {
+        return Err(DecodeError::Version(v));
+    }
+    let src = get_identity(r)?;
+    let src_incarnation = r.u16()?;
+    let dst = get_identity(r)?;
+    let tag = r.u8()?;
+    let message = match tag {
+        0 => Message::Ping(r.u8()?),
+        1 => Message::Ack(r.u8()?),
+        2..=5 => {
+            let id = get_identity(r)?;
+            let probe_number = r.u8()?;
+            match tag {
+                2 => Message::PingReq {
+                    target: id,
+                    probe_number,
+                },
+                3 => Message::IndirectPing {
+                    origin: id,
+                    probe_number,
+                },
+                4 => Message::IndirectAck {
+                    target: id,
+                    probe_number,
+                },
+                _ => Message::ForwardedAck {
+                    origin: id,
+                    probe_number,
+                },
+            }
+        }
+        6 => Message::Announce,
+        7 => Message::Feed,
+        8 => Message::Gossip,
+        9 => Message::Broadcast,
+        10 => Message::TurnUndead,
+        tag => {
+            return Err(DecodeError::Tag {
+                what: "message",
+                tag,
+            })
+        }
+    };
+    Ok(Header {
+        src,
+        src_incarnation,
+        dst,
+        message,
+    })
+}
+
+/// Encodes a foca header into a fresh vector (tests, rewriting).
+pub fn encode_header(h: &Header<Identity>) -> Vec<u8> {
+    let mut v = Vec::with_capacity(header_len(h));
+    put_header(&mut v, h);
+    v
+}
+
+/// Decodes a foca header from the start of `data`, returning it and the bytes read.
+pub fn decode_header(data: &[u8]) -> Result<(Header<Identity>, usize), DecodeError> {
+    let mut r = Reader::new(data);
+    let h = get_header(&mut r)?;
+    Ok((h, data.len() - r.remaining()))
+}
+
+/// The [`foca::Codec`] implementation.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Codec;
+
+impl foca::Codec<Identity> for Codec {
+    type Error = CodecError;
+
+    fn encode_header(
+        &mut self,
+        header: &Header<Identity>,
+        mut buf: impl BufMut,
+    ) -> Result<(), Self::Error> {
+        if buf.remaining_mut() < header_len(header) {
+            return Err(CodecError::Encode(EncodeError::NoSpace));
+        }
+        put_header(&mut buf, header);
+        Ok(())
+    }
+
+    fn decode_header(&mut self, mut buf: impl Buf) -> Result<Header<Identity>, Self::Error> {
+        let mut r = Reader::new(buf.chunk());
+        let h = get_header(&mut r)?;
+        let used = buf.chunk().len() - r.remaining();
+        buf.advance(used);
+        Ok(h)
+    }
+
+    fn encode_member(
+        &mut self,
+        member: &Member<Identity>,
+        mut buf: impl BufMut,
+    ) -> Result<(), Self::Error> {
+        if buf.remaining_mut() < member_len(member) {
+            return Err(CodecError::Encode(EncodeError::NoSpace));
+        }
+        put_member(&mut buf, member);
+        Ok(())
+    }
+
+    fn decode_member(&mut self, mut buf: impl Buf) -> Result<Member<Identity>, Self::Error> {
+        let mut r = Reader::new(buf.chunk());
+        let m = get_member(&mut r)?;
+        let used = buf.chunk().len() - r.remaining();
+        buf.advance(used);
+        Ok(m)
+    }
+}
+
+/// The error foca sees from [`Codec`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CodecError {
+    /// Decoding failed.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    /// Encoding failed.
+    #[error(transparent)]
+    Encode(#[from] EncodeError),
+}
+
+/// A custom broadcast item spread by foca with the membership updates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Item {
+    /// A node's metadata, versioned by `seq` (higher wins).
+    Meta {
+        /// The node it describes.
+        id: NodeId,
+        /// Version of this metadata; the node raises it on every change.
+        seq: u64,
+        /// The node is leaving the cluster on purpose.
+        leaving: bool,
+        /// The metadata.
+        meta: Metadata,
+    },
+    /// `from` probed `subject` itself and got no answer (Lifeguard's independent suspicion).
+    Suspect {
+        /// The suspected member.
+        subject: Identity,
+        /// The incarnation that was suspected.
+        incarnation: u16,
+        /// Who suspects it.
+        from: NodeId,
+    },
+}
+
+/// Encoded length of metadata.
+pub fn meta_len(m: &Metadata) -> usize {
+    ip_len(&m.vtep) + 2 + 32 + 1 + 1 + m.version.len().min(MAX_VERSION_LEN)
+}
+
+fn put_meta(buf: &mut impl BufMut, m: &Metadata) {
+    put_ip(buf, &m.vtep);
+    buf.put_u16(m.data_port);
+    buf.put_slice(&m.public_key);
+    buf.put_u8(match m.role {
+        Role::Worker => 0,
+        Role::Manager => 1,
+    });
+    let v = &m.version.as_bytes()[..m.version.len().min(MAX_VERSION_LEN)];
+    buf.put_u8(v.len() as u8);
+    buf.put_slice(v);
+}
+
+fn get_meta(r: &mut Reader<'_>) -> Result<Metadata, DecodeError> {
+    let vtep = get_ip(r)?;
+    let data_port = r.u16()?;
+    let public_key = r.array::<32>()?;
+    let role = match r.u8()? {
+        0 => Role::Worker,
+        1 => Role::Manager,
+        tag => return Err(DecodeError::Tag { what: "role", tag }),
+    };
+    let len = r.u8()? as usize;
+    if len > MAX_VERSION_LEN {
+        return Err(DecodeError::TooLong("agent version"));
+    }
+    let version = String::from_utf8(r.take(len)?.to_vec())
+        .map_err(|_| DecodeError::TooLong("agent version is not UTF-8"))?;
+    Ok(Metadata {
+        vtep,
+        data_port,
+        public_key,
+        role,
+        version,
+    })
+}
+
+impl Item {
+    /// Encodes the item.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(64 + 32);
+        self.put(&mut v);
+        v
+    }
+
+    fn put(&self, buf: &mut impl BufMut) {
+        match self {
+            Item::Meta {
+                id,
+                seq,
+                leaving,
+                meta,
+            } => {
+                buf.put_u8(1);
+                buf.put_slice(id.as_bytes());
+                buf.put_u64(*seq);
+                buf.put_u8(u8::from(*leaving));
+                put_meta(buf, meta);
+            }
+            Item::Suspect {
+                subject,
+                incarnation,
+                from,
+            } => {
+                buf.put_u8(2);
+                put_identity(buf, subject);
+                buf.put_u16(*incarnation);
+                buf.put_slice(from.as_bytes());
+            }
+        }
+    }
+
+    fn get(r: &mut Reader<'_>) -> Result<Item, DecodeError> {
+        match r.u8()? {
+            1 => {
+                let id = get_node_id(r)?;
+                let seq = r.u64()?;
+                let flags = r.u8()?;
+                if flags > 1 {
+                    return Err(DecodeError::Tag {
+                        what: "metadata flags",
+                        tag: flags,
+                    });
+                }
+                let meta = get_meta(r)?;
+                Ok(Item::Meta {
+                    id,
+                    seq,
+                    leaving: flags == 1,
+                    meta,
+                })
+            }
+            2 => {
+                let subject = get_identity(r)?;
+                let incarnation = r.u16()?;
+                let from = get_node_id(r)?;
+                Ok(Item::Suspect {
+                    subject,
+                    incarnation,
+                    from,
+                })
+            }
+            tag => Err(DecodeError::Tag {
+                what: "broadcast item",
+                tag,
+            }),
+        }
+    }
+
+    /// Decodes one item that fills `data` exactly.
+    pub fn decode(data: &[u8]) -> Result<Item, DecodeError> {
+        let mut r = Reader::new(data);
+        let item = Item::get(&mut r)?;
+        if r.remaining() != 0 {
+            return Err(DecodeError::Trailing(r.remaining()));
+        }
+        Ok(item)
+    }
+}
+
+/// A full membership state, as exchanged by push-pull.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StateDump {
+    /// Every member foca knows, down ones included.
+    pub members: Vec<Member<Identity>>,
+    /// Every metadata item known (only [`Item::Meta`] values are sent).
+    pub items: Vec<Item>,
+}
+
+impl StateDump {
+    /// Encodes the state.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(9 + self.members.len() * 50 + self.items.len() * 100);
+        v.put_u8(VERSION);
+        v.put_u32(self.members.len() as u32);
+        for m in &self.members {
+            put_member(&mut v, m);
+        }
+        v.put_u32(self.items.len() as u32);
+        for i in &self.items {
+            i.put(&mut v);
+        }
+        v
+    }
+
+    /// Decodes a state that fills `data` exactly.
+    pub fn decode(data: &[u8]) -> Result<StateDump, DecodeError> {
+        let mut r = Reader::new(data);
+        let v = r.u8()?;
+        if v != VERSION {
+            return Err(DecodeError::Version(v));
+        }
+        let n = r.u32()?;
+        if n > MAX_STATE_ENTRIES {
+            return Err(DecodeError::TooLong("push-pull member count"));
+        }
+        // Each member is at least 39 bytes: never allocate more than the input can hold.
+        let mut members = Vec::with_capacity((n as usize).min(r.remaining() / 39));
+        for _ in 0..n {
+            members.push(get_member(&mut r)?);
+        }
+        let n = r.u32()?;
+        if n > MAX_STATE_ENTRIES {
+            return Err(DecodeError::TooLong("push-pull metadata count"));
+        }
+        let mut items = Vec::with_capacity((n as usize).min(r.remaining() / 40));
+        for _ in 0..n {
+            items.push(Item::get(&mut r)?);
+        }
+        if r.remaining() != 0 {
+            return Err(DecodeError::Trailing(r.remaining()));
+        }
+        Ok(StateDump { members, items })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use foca::Codec as _;
+
+    fn ident(n: u128, v6: bool) -> Identity {
+        let addr: SocketAddr = if v6 {
+            "[2001:db8::1]:7946".parse().unwrap()
+        } else {
+            "198.18.0.7:7946".parse().unwrap()
+        };
+        Identity::new(NodeId::from_index(n), addr, n as u32 * 7)
+    }
+
+    fn meta() -> Metadata {
+        Metadata {
+            vtep: "198.18.0.7".parse().unwrap(),
+            data_port: 4789,
+            public_key: [9; 32],
+            role: Role::Manager,
+            version: "0.1.0".into(),
+        }
+    }
+
+    fn all_messages() -> Vec<Message<Identity>> {
+        vec![
+            Message::Ping(1),
+            Message::Ack(2),
+            Message::PingReq {
+                target: ident(3, true),
+                probe_number: 3,
+            },
+            Message::IndirectPing {
+                origin: ident(4, false),
+                probe_number: 4,
+            },
+            Message::IndirectAck {
+                target: ident(5, false),
+                probe_number: 5,
+            },
+            Message::ForwardedAck {
+                origin: ident(6, true),
+                probe_number: 6,
+            },
+            Message::Announce,
+            Message::Feed,
+            Message::Gossip,
+            Message::Broadcast,
+            Message::TurnUndead,
+        ]
+    }
+
+    #[test]
+    fn header_round_trip_every_message() {
+        for message in all_messages() {
+            let h = Header {
+                src: ident(1, false),
+                src_incarnation: 77,
+                dst: ident(2, true),
+                message,
+            };
+            let bytes = encode_header(&h);
+            assert_eq!(bytes.len(), header_len(&h));
+            let (back, used) = decode_header(&bytes).unwrap();
+            assert_eq!(back, h);
+            assert_eq!(used, bytes.len());
+            // every strict prefix is an error, never a panic
+            for cut in 0..bytes.len() {
+                assert!(decode_header(&bytes[..cut]).is_err(), "prefix {cut}");
+            }
+        }
+    }
+
+    #[test]
+    fn header_golden_bytes() {
+        let h = Header {
+            src: Identity::new(NodeId::from_index(1), "198.18.0.1:7946".parse().unwrap(), 2),
+            src_incarnation: 3,
+            dst: Identity::new(NodeId::from_index(2), "198.18.0.2:7946".parse().unwrap(), 4),
+            message: Message::Ping(5),
+        };
+        let mut want = vec![VERSION];
+        want.extend_from_slice(b"0000000000000000000000001");
+        want.extend_from_slice(&[4, 198, 18, 0, 1, 0x1f, 0x0a, 0, 0, 0, 2, 0, 3]);
+        want.extend_from_slice(b"0000000000000000000000002");
+        want.extend_from_slice(&[4, 198, 18, 0, 2, 0x1f, 0x0a, 0, 0, 0, 4, 0, 5]);
+        assert_eq!(encode_header(&h), want);
+    }
+
+    #[test]
+    fn bad_version_and_tags_rejected() {
+        let h = Header {
+            src: ident(1, false),
+            src_incarnation: 1,
+            dst: ident(2, false),
+            message: Message::Gossip,
+        };
+        let mut bytes = encode_header(&h);
+        bytes[0] = 9;
+        assert_eq!(decode_header(&bytes), Err(DecodeError::Version(9)));
+        let mut bytes = encode_header(&h);
+        let last = bytes.len() - 1;
+        bytes[last] = 99;
+        assert!(matches!(
+            decode_header(&bytes),
+            Err(DecodeError::Tag {
+                what: "message",
+                ..
+            })
+        ));
+        let mut bytes = encode_header(&h);
+        bytes[1] = b'A';
+        assert_eq!(decode_header(&bytes), Err(DecodeError::NodeId));
+    }
+
+    #[test]
+    fn member_round_trip_through_foca_codec() {
+        let mut c = Codec;
+        for (i, state) in [State::Alive, State::Suspect, State::Down]
+            .into_iter()
+            .enumerate()
+        {
+            let m = Member::new(ident(i as u128 + 10, i == 1), 500, state);
+            let mut buf = Vec::new();
+            c.encode_member(&m, &mut buf).unwrap();
+            assert_eq!(buf.len(), member_len(&m));
+            let mut slice = &buf[..];
+            assert_eq!(c.decode_member(&mut slice).unwrap(), m);
+            assert!(slice.is_empty());
+        }
+        // no space: nothing written
+        let m = Member::alive(ident(1, false));
+        let mut small = [0u8; 10];
+        let mut w = &mut small[..];
+        assert!(c.encode_member(&m, &mut w).is_err());
+        assert_eq!(small, [0u8; 10]);
+    }
+
+    #[test]
+    fn items_and_state_round_trip() {
+        let items = vec![
+            Item::Meta {
+                id: NodeId::from_index(8),
+                seq: 1 << 40,
+                leaving: true,
+                meta: meta(),
+            },
+            Item::Suspect {
+                subject: ident(3, false),
+                incarnation: 4,
+                from: NodeId::from_index(9),
+            },
+        ];
+        for i in &items {
+            let b = i.encode();
+            assert_eq!(&Item::decode(&b).unwrap(), i);
+            for cut in 0..b.len() {
+                assert!(Item::decode(&b[..cut]).is_err());
+            }
+        }
+        let dump = StateDump {
+            members: (0..20)
+                .map(|i| Member::new(ident(i, i % 2 == 0), i as u16, State::Alive))
+                .collect(),
+            items: items[..1].to_vec(),
+        };
+        let b = dump.encode();
+        assert_eq!(StateDump::decode(&b).unwrap(), dump);
+        let mut long = b.clone();
+        long.push(0);
+        assert_eq!(StateDump::decode(&long), Err(DecodeError::Trailing(1)));
+    }
+
+    #[test]
+    fn huge_counts_do_not_allocate_or_panic() {
+        let mut b = vec![VERSION];
+        b.extend_from_slice(&u32::MAX.to_be_bytes());
+        assert!(matches!(
+            StateDump::decode(&b),
+            Err(DecodeError::TooLong(_))
+        ));
+        let mut b = vec![VERSION];
+        b.extend_from_slice(&50_000u32.to_be_bytes());
+        assert_eq!(StateDump::decode(&b), Err(DecodeError::Truncated));
+    }
+
+    #[test]
+    fn version_string_is_bounded() {
+        let mut m = meta();
+        m.version = "x".repeat(40);
+        assert!(m.validate().is_err());
+        let mut b = Item::Meta {
+            id: NodeId::from_index(1),
+            seq: 0,
+            leaving: false,
+            meta: meta(),
+        }
+        .encode();
+        // claim a 200-byte version
+        let len_at = b.len() - 1 - "0.1.0".len();
+        b[len_at] = 200;
+        assert!(Item::decode(&b).is_err());
+    }
+}

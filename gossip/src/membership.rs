@@ -1,0 +1,1217 @@
+//! [`Membership`]: the sans-IO gossip core. It owns a `foca::Foca` and adds what foca leaves
+//! out: the sealed envelope, admission, node metadata, push-pull state sync, Lifeguard-style
+//! local health and dynamic suspicion.
+//!
+//! Call order (as quinn-proto's `Connection`):
+//!
+//! 1. feed input: [`Membership::handle_datagram`] for every UDP datagram,
+//!    [`Membership::handle_pushpull`] for every push-pull frame,
+//!    [`Membership::handle_timeout`] when [`Membership::poll_timeout`]'s deadline has passed,
+//!    and API calls (`join`, `leave`, `update_metadata`, `set_admission`, `set_keys`);
+//! 2. drain output: [`Membership::poll_transmit`] (datagrams to send),
+//!    [`Membership::poll_pushpull`] (peers to sync with over TCP), [`Membership::poll_event`].
+//!
+//! Nothing here reads the clock or touches a socket: time comes in as `now`, randomness as
+//! a seed.
+//!
+//! ## Local health (Lifeguard, Dadgar et al. 2018)
+//!
+//! A health score `h` in `0..=max_health` rises when this node's own probe fails, when it
+//! must refute a suspicion about itself, and when its timers fire late (the node was stalled:
+//! a direct sign that it, not its peers, is slow); it falls by one with each probe that
+//! succeeds. With `h > 0` the probe period, the probe round-trip wait and the suspicion
+//! timeout are all multiplied by `1 + h`, and a suspicion timer that fires late is re-armed
+//! once for a probe period, so the input queued during a stall (refutations, acks) is read
+//! before a healthy member is declared down.
+//!
+//! ## Dynamic suspicion
+//!
+//! A member that fails our probe is suspected; we broadcast an [`Item::Suspect`] naming us
+//! as an independent witness. The suspicion timeout starts at `suspicion_max` and shrinks
+//! towards `suspicion_min` as `k` other members independently confirm it:
+//! `max(min, max - (max - min) * ln(c + 1) / ln(k + 1))`. A crashed node is confirmed by
+//! every prober and goes down fast; a healthy node suspected through a lost packet gets the
+//! long timeout and time to refute.
+
+use std::cmp::Ordering;
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use foca::{
+    BroadcastHandler, Foca, Header, Invalidates, Member, Message, OwnedNotification, Runtime,
+    State, Timer,
+};
+use rand_0_10::rngs::SmallRng;
+use rand_0_10::{RngExt, SeedableRng};
+
+use crate::codec::{self, Codec, DecodeError, Item, Reader, StateDump};
+use crate::identity::{Identity, Metadata, MetadataError, NodeId};
+use crate::seal::{Keyring, Kind, OpenError, Sealer, OVERHEAD};
+
+/// Largest datagram on 7946, envelope included.
+pub const MAX_DATAGRAM: usize = 1400;
+
+/// Largest push-pull frame accepted (sealed), about 100,000 members with metadata.
+pub const MAX_PUSHPULL_FRAME: usize = 16 << 20;
+
+/// Tuning of the gossip core. Start from [`Config::lan`].
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The SWIM parameters handed to foca (its `suspect_to_down_after` is replaced by
+    /// `suspicion_min`, its `max_packet_size` by [`MAX_DATAGRAM`] minus the envelope).
+    pub swim: foca::Config,
+    /// Lifeguard local health on (the default) or off (plain SWIM timers).
+    pub local_health: bool,
+    /// Highest health score; timers stretch at most `1 + max_health` times.
+    pub max_health: u32,
+    /// Suspicion timeout with `suspicion_k` or more independent confirmations.
+    pub suspicion_min: Duration,
+    /// Suspicion timeout with no independent confirmation.
+    pub suspicion_max: Duration,
+    /// Confirmations needed to reach `suspicion_min`.
+    pub suspicion_k: u32,
+    /// Mean time between two periodic push-pull exchanges started by this node (jittered
+    /// uniformly in 0.5x..1.5x).
+    pub pushpull_interval: Duration,
+}
+
+impl Config {
+    /// Parameters for a LAN cluster of about `cluster_size` nodes, 1 s probe period.
+    ///
+    /// Chosen from foca's `Config::new_lan` (itself memberlist's LAN defaults) and tuned in
+    /// the simulation (see `README.md`):
+    /// - probe period 1 s, probe RTT 400 ms, 3 indirect probes;
+    /// - gossip every 200 ms to 3 members while updates are pending; each update sent
+    ///   `4 * log10(n + 1)` times (12 at n = 1000);
+    /// - suspicion from `max = 4 * log10(n)` s (at least 8 s; 12 s at n = 1000) down to
+    ///   `min = 2/3 * log10(n)` s (at least 2 s) with two independent confirmations
+    ///   (Lifeguard's dynamic suspicion), instead of memberlist's fixed `4 * log10(n)` s: a
+    ///   crashed node is confirmed by every prober within seconds, a healthy node suspected
+    ///   through one lost packet keeps the long timeout and refutes in time;
+    /// - push-pull once per `max(30 s, n * 0.6 s)` per node: a full state is about 120 bytes
+    ///   per member, so this keeps its share near 400 bytes/s per node at any size;
+    /// - announce (ask one member for a feed of others) every 60 s;
+    /// - announce to down members every 20 s (2 members): with push-pull it heals
+    ///   partitions.
+    pub fn lan(cluster_size: u32) -> Self {
+        let n = NonZeroU32::new(cluster_size.max(1)).unwrap_or(NonZeroU32::MIN);
+        let mut swim = foca::Config::new_lan(n);
+        swim.probe_rtt = Duration::from_millis(400);
+        swim.max_packet_size =
+            NonZeroUsize::new(MAX_DATAGRAM - OVERHEAD).unwrap_or(NonZeroUsize::MIN);
+        swim.remove_down_after = Some(Duration::from_secs(3600));
+        swim.periodic_announce = Some(foca::PeriodicParams {
+            frequency: Duration::from_secs(60),
+            num_members: NonZeroUsize::MIN,
+        });
+        swim.periodic_announce_to_down_members = Some(foca::PeriodicParams {
+            frequency: Duration::from_secs(20),
+            num_members: NonZeroUsize::new(2).unwrap_or(NonZeroUsize::MIN),
+        });
+        let log = f64::from(cluster_size.max(10)).log10();
+        Config {
+            swim,
+            local_health: true,
+            max_health: 8,
+            suspicion_min: Duration::from_secs_f64((log * 2.0 / 3.0).max(2.0)),
+            suspicion_max: Duration::from_secs_f64((log * 4.0).max(8.0)),
+            suspicion_k: 2,
+            pushpull_interval: Duration::from_secs_f64((f64::from(cluster_size) * 0.6).max(30.0)),
+        }
+    }
+}
+
+/// Which nodes may take part, as the control plane says.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Admission {
+    /// Anyone holding the gossip key (tests, the simulation, bootstrap).
+    #[default]
+    Open,
+    /// Only these node IDs, each with the X25519 public key its metadata must carry.
+    Only(HashMap<NodeId, [u8; 32]>),
+}
+
+impl Admission {
+    /// Builds an allow-list.
+    pub fn only(list: impl IntoIterator<Item = (NodeId, [u8; 32])>) -> Self {
+        Admission::Only(list.into_iter().collect())
+    }
+
+    /// Whether `id` may take part at all.
+    pub fn admits(&self, id: &NodeId) -> bool {
+        match self {
+            Admission::Open => true,
+            Admission::Only(m) => m.contains_key(id),
+        }
+    }
+
+    /// Whether `id` may take part with this public key.
+    pub fn admits_key(&self, id: &NodeId, key: &[u8; 32]) -> bool {
+        match self {
+            Admission::Open => true,
+            Admission::Only(m) => m.get(id) == Some(key),
+        }
+    }
+}
+
+/// A member's state as seen from here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemberState {
+    /// Answering probes.
+    Up,
+    /// Failed a probe; will be declared down unless it refutes.
+    Suspect,
+    /// Declared down (or left).
+    Down,
+}
+
+/// What the driver and the control plane learn about a member.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct MemberInfo {
+    /// The node ID.
+    pub id: NodeId,
+    /// Its gossip address.
+    pub addr: SocketAddr,
+    /// Its identity generation (rises each time it rejoins).
+    pub bump: u32,
+    /// Its state.
+    pub state: MemberState,
+    /// Its metadata; always `Some` in an [`Event`], `None` in [`Membership::members`] until
+    /// the metadata has arrived.
+    pub metadata: Option<Metadata>,
+}
+
+impl serde::Serialize for NodeId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+/// Membership changes, in the order they happened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A member is up and its metadata is known.
+    Up(MemberInfo),
+    /// A member that was up was declared down.
+    Down(MemberInfo),
+    /// An up member changed its metadata or address.
+    Updated(MemberInfo),
+    /// An up member left on purpose.
+    Left(MemberInfo),
+}
+
+/// Counters, all since start.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Stats {
+    /// Datagrams received (before any check).
+    pub datagrams_in: u64,
+    /// Datagrams sent.
+    pub datagrams_out: u64,
+    /// Bytes of datagrams received.
+    pub bytes_in: u64,
+    /// Bytes of datagrams sent (sealed).
+    pub bytes_out: u64,
+    /// Bytes of push-pull frames received (sealed).
+    pub stream_bytes_in: u64,
+    /// Bytes of push-pull frames sent (sealed).
+    pub stream_bytes_out: u64,
+    /// Dropped: did not open with a live key.
+    pub dropped_seal: u64,
+    /// Dropped: sender (or an update, or metadata) not on the admission list.
+    pub dropped_not_admitted: u64,
+    /// Dropped: opened but did not decode.
+    pub dropped_decode: u64,
+    /// Dropped: larger than [`MAX_DATAGRAM`].
+    pub dropped_oversize: u64,
+    /// Rejected by foca (from ourselves, stale, out of order).
+    pub dropped_protocol: u64,
+    /// Push-pull exchanges applied.
+    pub pushpull_applied: u64,
+    /// Probes of ours that failed.
+    pub probes_failed: u64,
+    /// Members we declared down ourselves (our suspicion timer expired).
+    pub declared_down: u64,
+    /// Current local health score (0 is healthy).
+    pub health: u32,
+}
+
+/// Why a datagram was dropped. Every variant is counted in [`Stats`].
+#[derive(Debug, thiserror::Error)]
+pub enum RecvError {
+    /// Larger than [`MAX_DATAGRAM`].
+    #[error("gossip datagram of {0} bytes exceeds the 1400-byte limit; dropped")]
+    Oversize(usize),
+    /// Did not open.
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    /// Did not decode.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    /// The sender is not admitted.
+    #[error("gossip datagram from node {0} which is not on the admission list; dropped")]
+    NotAdmitted(NodeId),
+    /// foca refused it.
+    #[error("gossip datagram refused by the SWIM state machine: {0}")]
+    Protocol(String),
+}
+
+/// Why a push-pull frame was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PushPullError {
+    /// Larger than [`MAX_PUSHPULL_FRAME`].
+    #[error("push-pull frame of {0} bytes exceeds the limit; dropped")]
+    Oversize(usize),
+    /// Did not open.
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    /// Did not decode.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    /// Sealing our reply failed.
+    #[error(transparent)]
+    Seal(#[from] crate::seal::SealError),
+}
+
+/// Why an API call failed; nothing changed.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The metadata is out of bounds.
+    #[error(transparent)]
+    Metadata(#[from] MetadataError),
+    /// foca refused the call.
+    #[error("the SWIM state machine refused the call: {0}")]
+    Protocol(String),
+}
+
+/// A datagram to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transmit {
+    /// Where to.
+    pub dst: SocketAddr,
+    /// The sealed bytes, at most [`MAX_DATAGRAM`].
+    pub data: Vec<u8>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// shared state between Membership and foca's broadcast handler
+
+#[derive(Debug)]
+struct MetaEntry {
+    seq: u64,
+    leaving: bool,
+    meta: Metadata,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    admission: Admission,
+    metas: HashMap<NodeId, MetaEntry>,
+    changed: Vec<NodeId>,
+    confirms: HashMap<(NodeId, u32, u16), HashSet<NodeId>>,
+    rejected_items: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ItemKey {
+    Meta { id: NodeId, seq: u64 },
+    Suspect(NodeId, u32, u16, NodeId),
+}
+
+impl Invalidates for ItemKey {
+    fn invalidates(&self, other: &Self) -> bool {
+        match (self, other) {
+            (ItemKey::Meta { id, seq }, ItemKey::Meta { id: o, seq: os }) => id == o && seq >= os,
+            (a, b) => a == b,
+        }
+    }
+}
+
+struct Handler {
+    shared: Arc<Mutex<Shared>>,
+    me: NodeId,
+}
+
+/// Error handed to foca for a custom broadcast that does not decode.
+#[derive(Debug, thiserror::Error)]
+#[error("custom broadcast item: {0}")]
+pub struct ItemError(#[from] DecodeError);
+
+fn lock(m: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
+    // A poisoned lock only means another thread panicked while holding it; the data is
+    // plain counters and maps, still usable.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl BroadcastHandler<Identity> for Handler {
+    type Key = ItemKey;
+    type Error = ItemError;
+
+    fn receive_item(
+        &mut self,
+        data: &[u8],
+        sender: Option<&Identity>,
+    ) -> Result<Option<ItemKey>, ItemError> {
+        let item = Item::decode(data)?;
+        if sender.is_none() {
+            // Our own item, added through `add_broadcast`: always spread it.
+            return Ok(Some(match item {
+                Item::Meta { id, seq, .. } => ItemKey::Meta { id, seq },
+                Item::Suspect {
+                    subject,
+                    incarnation,
+                    from,
+                } => ItemKey::Suspect(subject.id, subject.bump, incarnation, from),
+            }));
+        }
+        let mut sh = lock(&self.shared);
+        Ok(sh.accept_item(item, self.me))
+    }
+}
+
+impl Shared {
+    fn accept_item(&mut self, item: Item, me: NodeId) -> Option<ItemKey> {
+        match item {
+            Item::Meta {
+                id,
+                seq,
+                leaving,
+                meta,
+            } => {
+                if id == me {
+                    return None;
+                }
+                if !self.admission.admits_key(&id, &meta.public_key) || meta.validate().is_err() {
+                    self.rejected_items += 1;
+                    return None;
+                }
+                if let Some(known) = self.metas.get(&id) {
+                    if known.seq >= seq {
+                        return None;
+                    }
+                }
+                self.metas.insert(id, MetaEntry { seq, leaving, meta });
+                self.changed.push(id);
+                Some(ItemKey::Meta { id, seq })
+            }
+            Item::Suspect {
+                subject,
+                incarnation,
+                from,
+            } => {
+                if !self.admission.admits(&from) || !self.admission.admits(&subject.id) {
+                    self.rejected_items += 1;
+                    return None;
+                }
+                if self.confirms.len() > 8192 {
+                    self.confirms.clear();
+                }
+                let set = self
+                    .confirms
+                    .entry((subject.id, subject.bump, incarnation))
+                    .or_default();
+                if set.insert(from) {
+                    Some(ItemKey::Suspect(
+                        subject.id,
+                        subject.bump,
+                        incarnation,
+                        from,
+                    ))
+                } else {
+                    None
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// runtime adapter and timers
+
+#[derive(Default)]
+struct Collect {
+    sends: Vec<(Identity, Vec<u8>)>,
+    timers: Vec<(Duration, Timer<Identity>)>,
+    notes: Vec<OwnedNotification<Identity>>,
+}
+
+impl Runtime<Identity> for Collect {
+    fn notify(&mut self, n: foca::Notification<'_, Identity>) {
+        match n {
+            foca::Notification::DataReceived(_) | foca::Notification::DataSent(_) => {}
+            n => self.notes.push(n.to_owned()),
+        }
+    }
+    fn send_to(&mut self, to: Identity, data: &[u8]) {
+        self.sends.push((to, data.to_vec()));
+    }
+    fn submit_after(&mut self, event: Timer<Identity>, after: Duration) {
+        self.timers.push((after, event));
+    }
+}
+
+struct Pending {
+    deadline: Instant,
+    seq: u64,
+    created: Instant,
+    deferred: bool,
+    timer: Timer<Identity>,
+}
+
+impl PartialEq for Pending {
+    fn eq(&self, o: &Self) -> bool {
+        self.cmp(o) == Ordering::Equal
+    }
+}
+impl Eq for Pending {}
+impl PartialOrd for Pending {
+    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Pending {
+    fn cmp(&self, o: &Self) -> Ordering {
+        // min-heap on (deadline, seq)
+        (o.deadline, o.seq).cmp(&(self.deadline, self.seq))
+    }
+}
+
+type SwimCore = Foca<Identity, Codec, SmallRng, Handler>;
+
+/// The sans-IO gossip core. See the module docs for the call order.
+pub struct Membership {
+    foca: SwimCore,
+    config: Config,
+    shared: Arc<Mutex<Shared>>,
+    sealer: Sealer,
+    rng: SmallRng,
+    timers: BinaryHeap<Pending>,
+    timer_seq: u64,
+    transmits: VecDeque<Transmit>,
+    pushpulls: VecDeque<SocketAddr>,
+    events: VecDeque<Event>,
+    /// Members foca reports up, and whether we emitted `Up` for them.
+    up: HashMap<NodeId, (Identity, bool)>,
+    my_meta: Metadata,
+    my_seq: u64,
+    meta_sent: bool,
+    health: u32,
+    next_pushpull: Option<Instant>,
+    stats: Stats,
+}
+
+impl std::fmt::Debug for Membership {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Membership")
+            .field("identity", self.foca.identity())
+            .field("members", &self.foca.num_members())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Everything [`Membership::new`] needs.
+#[derive(Debug, Clone)]
+pub struct Setup {
+    /// Tuning.
+    pub config: Config,
+    /// Our identity (pick a bump higher than any earlier run's).
+    pub identity: Identity,
+    /// Our metadata.
+    pub metadata: Metadata,
+    /// Gossip keys.
+    pub keyring: Keyring,
+    /// Who may take part.
+    pub admission: Admission,
+    /// Seed for every random choice of the core.
+    pub seed: u64,
+    /// Fresh random bytes for the envelope nonces (must differ on every start).
+    pub nonce_prefix: [u8; 16],
+}
+
+impl Membership {
+    /// A new core at time `now`; call [`Membership::join`] to reach the cluster.
+    pub fn new(setup: Setup, now: Instant) -> Result<Self, ApiError> {
+        setup.metadata.validate()?;
+        let me = setup.identity.id;
+        let shared = Arc::new(Mutex::new(Shared {
+            admission: setup.admission,
+            ..Shared::default()
+        }));
+        let mut swim = setup.config.swim.clone();
+        swim.suspect_to_down_after = setup.config.suspicion_min.max(Duration::from_millis(1));
+        let foca = Foca::with_custom_broadcast(
+            setup.identity,
+            swim,
+            SmallRng::seed_from_u64(setup.seed),
+            Codec,
+            Handler {
+                shared: Arc::clone(&shared),
+                me,
+            },
+        );
+        let m = Membership {
+            foca,
+            config: setup.config,
+            shared,
+            sealer: Sealer::new(setup.keyring, setup.nonce_prefix),
+            rng: SmallRng::seed_from_u64(setup.seed ^ 0x5eed_0f0a_11aa),
+            timers: BinaryHeap::new(),
+            timer_seq: 0,
+            transmits: VecDeque::new(),
+            pushpulls: VecDeque::new(),
+            events: VecDeque::new(),
+            up: HashMap::new(),
+            my_meta: setup.metadata,
+            my_seq: u64::from(setup.identity.bump) << 32,
+            meta_sent: false,
+            health: 0,
+            next_pushpull: None,
+            stats: Stats::default(),
+        };
+        let _ = now;
+        Ok(m)
+    }
+
+    /// Our current identity (the bump changes when we rejoin).
+    pub fn identity(&self) -> &Identity {
+        self.foca.identity()
+    }
+
+    /// Our metadata.
+    pub fn metadata(&self) -> &Metadata {
+        &self.my_meta
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> Stats {
+        let mut s = self.stats.clone();
+        s.health = self.health;
+        s.dropped_not_admitted += lock(&self.shared).rejected_items;
+        s
+    }
+
+    /// Pending membership updates and custom broadcasts (metadata, suspicions) to spread.
+    pub fn backlog(&self) -> (usize, usize) {
+        (
+            self.foca.updates_backlog(),
+            self.foca.custom_broadcast_backlog(),
+        )
+    }
+
+    /// Number of members foca considers active (up or suspect), ourselves excluded.
+    pub fn num_active(&self) -> usize {
+        self.foca.num_members()
+    }
+
+    /// Every member known, down ones included, ourselves excluded.
+    pub fn members(&self) -> Vec<MemberInfo> {
+        let sh = lock(&self.shared);
+        self.foca
+            .iter_membership_state()
+            .map(|m| MemberInfo {
+                id: m.id().id,
+                addr: m.id().addr,
+                bump: m.id().bump,
+                state: match m.state() {
+                    State::Alive => MemberState::Up,
+                    State::Suspect => MemberState::Suspect,
+                    State::Down => MemberState::Down,
+                },
+                metadata: sh.metas.get(&m.id().id).map(|e| e.meta.clone()),
+            })
+            .collect()
+    }
+
+    /// Asks the nodes at `seeds` to let us in (UDP announce), and queues a push-pull with
+    /// each (full state at join).
+    pub fn join(&mut self, seeds: &[SocketAddr], now: Instant) {
+        if !self.meta_sent {
+            self.meta_sent = true;
+            self.broadcast_meta(false, now);
+        }
+        for &seed in seeds {
+            let anyone = Identity::new(NodeId::ANY, seed, 0);
+            let mut rt = Collect::default();
+            if self.foca.announce(anyone, &mut rt).is_err() {
+                self.stats.dropped_protocol += 1;
+            }
+            self.absorb(rt, now);
+            self.pushpulls.push_back(seed);
+        }
+    }
+
+    /// Leaves the cluster on purpose: others report [`Event::Left`]. After this the core
+    /// only answers; drop it once [`Membership::poll_transmit`] is drained.
+    pub fn leave(&mut self, now: Instant) -> Result<(), ApiError> {
+        self.broadcast_meta(true, now);
+        // Send the leaving flag first, on its own, so it arrives before our Down.
+        let mut rt = Collect::default();
+        self.foca
+            .broadcast(&mut rt)
+            .map_err(|e| ApiError::Protocol(e.to_string()))?;
+        self.foca
+            .leave_cluster(&mut rt)
+            .map_err(|e| ApiError::Protocol(e.to_string()))?;
+        self.absorb(rt, now);
+        Ok(())
+    }
+
+    /// Changes our metadata (role change, new key, new VTEP) and spreads it.
+    pub fn update_metadata(&mut self, meta: Metadata, now: Instant) -> Result<(), ApiError> {
+        meta.validate()?;
+        self.my_meta = meta;
+        self.broadcast_meta(false, now);
+        Ok(())
+    }
+
+    /// Replaces the gossip keys.
+    pub fn set_keys(&mut self, keyring: Keyring) {
+        self.sealer.set_keys(keyring);
+    }
+
+    /// Replaces the admission list. Members no longer admitted are declared down (and the
+    /// news spread); metadata whose key no longer matches is forgotten.
+    pub fn set_admission(&mut self, admission: Admission, now: Instant) {
+        let removed: Vec<Identity> = self
+            .foca
+            .iter_membership_state()
+            .filter(|m| m.state() != State::Down && !admission.admits(&m.id().id))
+            .map(|m| *m.id())
+            .collect();
+        {
+            let mut sh = lock(&self.shared);
+            sh.metas
+                .retain(|id, e| admission.admits_key(id, &e.meta.public_key));
+            sh.admission = admission;
+        }
+        if !removed.is_empty() {
+            let mut rt = Collect::default();
+            if self
+                .foca
+                .apply_many(removed.into_iter().map(Member::down), true, &mut rt)
+                .is_err()
+            {
+                self.stats.dropped_protocol += 1;
+            }
+            self.absorb(rt, now);
+        }
+    }
+
+    /// The next time [`Membership::handle_timeout`] must be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let t = self.timers.peek().map(|p| p.deadline);
+        match (t, self.next_pushpull) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The next datagram to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// The next peer to run a push-pull exchange with (over TCP, see
+    /// [`Membership::pushpull_frame`]).
+    pub fn poll_pushpull(&mut self) -> Option<SocketAddr> {
+        self.pushpulls.pop_front()
+    }
+
+    /// The next membership event.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Handles one received datagram. Errors are already counted; the caller may log them.
+    pub fn handle_datagram(&mut self, data: &[u8], now: Instant) -> Result<(), RecvError> {
+        self.stats.datagrams_in += 1;
+        self.stats.bytes_in += data.len() as u64;
+        if data.len() > MAX_DATAGRAM {
+            self.stats.dropped_oversize += 1;
+            return Err(RecvError::Oversize(data.len()));
+        }
+        let plain = match self.sealer.open(Kind::Datagram, data) {
+            Ok(p) => p,
+            Err(e) => {
+                self.stats.dropped_seal += 1;
+                return Err(e.into());
+            }
+        };
+        let plain = match self.screen(plain) {
+            Ok(p) => p,
+            Err(e) => {
+                match e {
+                    RecvError::NotAdmitted(_) => self.stats.dropped_not_admitted += 1,
+                    _ => self.stats.dropped_decode += 1,
+                }
+                return Err(e);
+            }
+        };
+        let mut rt = Collect::default();
+        let res = self.foca.handle_data(&plain, &mut rt);
+        self.absorb(rt, now);
+        match res {
+            Ok(()) => Ok(()),
+            Err(foca::Error::Decode(e)) | Err(foca::Error::CustomBroadcast(e)) => {
+                self.stats.dropped_decode += 1;
+                Err(RecvError::Protocol(e.to_string()))
+            }
+            Err(e) => {
+                self.stats.dropped_protocol += 1;
+                Err(RecvError::Protocol(e.to_string()))
+            }
+        }
+    }
+
+    /// Checks an opened datagram before foca sees it: the sender must be admitted, updates
+    /// about non-admitted members are cut out, an announce to an unknown seed is addressed
+    /// to us, and suspicion about ourselves lowers our health.
+    fn screen(&mut self, plain: Vec<u8>) -> Result<Vec<u8>, RecvError> {
+        let (mut header, hlen) = codec::decode_header(&plain)?;
+        let admission_open;
+        {
+            let sh = lock(&self.shared);
+            if !sh.admission.admits(&header.src.id) {
+                return Err(RecvError::NotAdmitted(header.src.id));
+            }
+            admission_open = sh.admission == Admission::Open;
+        }
+        let me = *self.foca.identity();
+        let mut rewrite = false;
+        if header.message == Message::Announce && header.dst.id == NodeId::ANY {
+            header.dst = me;
+            rewrite = true;
+        }
+        let mut r = Reader::new(&plain[hlen..]);
+        let mut updates: Vec<Member<Identity>> = Vec::new();
+        let has_updates = r.remaining() >= 2 && header.message != Message::Broadcast;
+        if has_updates {
+            let n = r.u16()?;
+            let sh = lock(&self.shared);
+            for _ in 0..n {
+                let m = codec::get_member(&mut r)?;
+                if m.id().id == me.id && m.state() == State::Suspect && self.config.local_health {
+                    self.health = (self.health + 1).min(self.config.max_health);
+                }
+                if admission_open || sh.admission.admits(&m.id().id) {
+                    updates.push(m);
+                } else {
+                    self.stats.dropped_not_admitted += 1;
+                    rewrite = true;
+                }
+            }
+        }
+        if !rewrite {
+            return Ok(plain);
+        }
+        let tail = r.rest();
+        let mut out = codec::encode_header(&header);
+        if has_updates {
+            out.extend_from_slice(&(updates.len() as u16).to_be_bytes());
+            for m in &updates {
+                bytes::BufMut::put_slice(&mut out, &{
+                    let mut v = Vec::new();
+                    codec_put_member(&mut v, m);
+                    v
+                });
+            }
+        }
+        out.extend_from_slice(tail);
+        Ok(out)
+    }
+
+    /// Runs every timer due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if let Some(at) = self.next_pushpull {
+            if at <= now {
+                self.schedule_pushpull(now);
+                if let Some(peer) = self.pick_pushpull_peer() {
+                    self.pushpulls.push_back(peer);
+                }
+            }
+        }
+        while let Some(top) = self.timers.peek() {
+            if top.deadline > now {
+                break;
+            }
+            let Some(p) = self.timers.pop() else { break };
+            self.fire(p, now);
+        }
+    }
+
+    fn multiplier(&self) -> u32 {
+        if self.config.local_health {
+            1 + self.health
+        } else {
+            1
+        }
+    }
+
+    fn fire(&mut self, mut p: Pending, now: Instant) {
+        let period = self.config.swim.probe_period;
+        let late = now.saturating_duration_since(p.deadline);
+        let stalled = self.config.local_health && late > period / 2;
+        if stalled {
+            self.health = (self.health + 1).min(self.config.max_health);
+        }
+        if let Timer::ChangeSuspectToDown {
+            member_id,
+            incarnation,
+            ..
+        } = &p.timer
+        {
+            let due = p.created + self.suspicion_timeout(member_id, *incarnation);
+            if due > now {
+                p.deadline = due;
+                self.push_pending(p);
+                return;
+            }
+            if stalled && !p.deferred {
+                p.deferred = true;
+                p.deadline = now + period;
+                self.push_pending(p);
+                return;
+            }
+        }
+        let is_probe = matches!(p.timer, Timer::ProbeRandomMember(_));
+        let is_down = matches!(p.timer, Timer::ChangeSuspectToDown { .. });
+        let before = self.stats.probes_failed;
+        let active_before = self.foca.num_members();
+        let mut rt = Collect::default();
+        if self.foca.handle_timer(p.timer, &mut rt).is_err() {
+            self.stats.dropped_protocol += 1;
+        }
+        self.absorb(rt, now);
+        if is_probe && self.stats.probes_failed == before && self.config.local_health {
+            self.health = self.health.saturating_sub(1);
+        }
+        if is_down && self.foca.num_members() < active_before {
+            self.stats.declared_down += 1;
+        }
+    }
+
+    fn suspicion_timeout(&self, member: &Identity, incarnation: u16) -> Duration {
+        let c = lock(&self.shared)
+            .confirms
+            .get(&(member.id, member.bump, incarnation))
+            .map(|s| s.iter().filter(|f| **f != self.foca.identity().id).count())
+            .unwrap_or(0) as f64;
+        let (min, max) = (
+            self.config.suspicion_min.as_secs_f64(),
+            self.config.suspicion_max.as_secs_f64(),
+        );
+        let k = f64::from(self.config.suspicion_k.max(1));
+        let t = (max - (max - min) * (c + 1.0).ln() / (k + 1.0).ln()).max(min);
+        Duration::from_secs_f64(t) * self.multiplier()
+    }
+
+    fn push_pending(&mut self, p: Pending) {
+        self.timers.push(p);
+    }
+
+    fn schedule_pushpull(&mut self, now: Instant) {
+        let f: f64 = self.rng.random_range(0.5..1.5);
+        self.next_pushpull = Some(now + self.config.pushpull_interval.mul_f64(f));
+    }
+
+    /// A random known member, down ones included (that is what heals partitions).
+    fn pick_pushpull_peer(&mut self) -> Option<SocketAddr> {
+        let n = self.foca.iter_membership_state().len();
+        if n == 0 {
+            return None;
+        }
+        let i = self.rng.random_range(0..n);
+        self.foca
+            .iter_membership_state()
+            .nth(i)
+            .map(|m| m.id().addr)
+    }
+
+    fn broadcast_meta(&mut self, leaving: bool, now: Instant) {
+        self.my_seq += 1;
+        let item = Item::Meta {
+            id: self.foca.identity().id,
+            seq: self.my_seq,
+            leaving,
+            meta: self.my_meta.clone(),
+        };
+        if self.foca.add_broadcast(&item.encode()).is_err() {
+            self.stats.dropped_protocol += 1;
+        }
+        // Spread it now rather than waiting for the next probe.
+        let mut rt = Collect::default();
+        if self.foca.num_members() > 0 && self.foca.gossip(&mut rt).is_err() {
+            self.stats.dropped_protocol += 1;
+        }
+        self.absorb(rt, now);
+    }
+
+    /// Takes what foca produced: seals datagrams, arms timers, turns notifications into
+    /// events.
+    fn absorb(&mut self, rt: Collect, now: Instant) {
+        for (to, data) in rt.sends {
+            match self.sealer.seal(Kind::Datagram, &data) {
+                Ok(sealed) if sealed.len() <= MAX_DATAGRAM => {
+                    self.stats.datagrams_out += 1;
+                    self.stats.bytes_out += sealed.len() as u64;
+                    self.transmits.push_back(Transmit {
+                        dst: to.addr,
+                        data: sealed,
+                    });
+                }
+                _ => self.stats.dropped_oversize += 1,
+            }
+        }
+        for (after, timer) in rt.timers {
+            let after = match timer {
+                Timer::ProbeRandomMember(_) | Timer::SendIndirectProbe { .. } => {
+                    after * self.multiplier()
+                }
+                _ => after,
+            };
+            self.timer_seq += 1;
+            self.timers.push(Pending {
+                deadline: now + after,
+                seq: self.timer_seq,
+                created: now,
+                deferred: false,
+                timer,
+            });
+        }
+        for note in rt.notes {
+            self.notify(note, now);
+        }
+        let changed: Vec<NodeId> = std::mem::take(&mut lock(&self.shared).changed);
+        for id in changed {
+            self.meta_changed(id);
+        }
+    }
+
+    fn info(&self, ident: &Identity, state: MemberState) -> MemberInfo {
+        MemberInfo {
+            id: ident.id,
+            addr: ident.addr,
+            bump: ident.bump,
+            state,
+            metadata: lock(&self.shared)
+                .metas
+                .get(&ident.id)
+                .map(|e| e.meta.clone()),
+        }
+    }
+
+    fn meta_changed(&mut self, id: NodeId) {
+        if let Some((ident, announced)) = self.up.get(&id).copied() {
+            let info = self.info(&ident, MemberState::Up);
+            if announced {
+                self.events.push_back(Event::Updated(info));
+            } else {
+                self.up.insert(id, (ident, true));
+                self.events.push_back(Event::Up(info));
+            }
+        }
+    }
+
+    fn notify(&mut self, note: OwnedNotification<Identity>, now: Instant) {
+        match note {
+            OwnedNotification::MemberUp(ident) => {
+                let info = self.info(&ident, MemberState::Up);
+                let known = info.metadata.is_some();
+                self.up.insert(ident.id, (ident, known));
+                if known {
+                    self.events.push_back(Event::Up(info));
+                }
+            }
+            OwnedNotification::MemberDown(ident) => {
+                if let Some((_, announced)) = self.up.remove(&ident.id) {
+                    if announced {
+                        let leaving = lock(&self.shared)
+                            .metas
+                            .get(&ident.id)
+                            .is_some_and(|e| e.leaving);
+                        let info = self.info(&ident, MemberState::Down);
+                        self.events.push_back(if leaving {
+                            Event::Left(info)
+                        } else {
+                            Event::Down(info)
+                        });
+                    }
+                }
+            }
+            OwnedNotification::Rename(old, new) => {
+                if let Some((_, announced)) = self.up.get(&new.id).copied() {
+                    self.up.insert(new.id, (new, announced));
+                    if announced && old.addr != new.addr {
+                        let info = self.info(&new, MemberState::Up);
+                        self.events.push_back(Event::Updated(info));
+                    }
+                }
+            }
+            OwnedNotification::ProbeFailed(_, ident) => {
+                self.stats.probes_failed += 1;
+                if self.config.local_health {
+                    self.health = (self.health + 1).min(self.config.max_health);
+                }
+                let inc = self
+                    .foca
+                    .iter_members()
+                    .find(|m| m.id() == &ident)
+                    .map(|m| m.incarnation());
+                if let Some(incarnation) = inc {
+                    let item = Item::Suspect {
+                        subject: ident,
+                        incarnation,
+                        from: self.foca.identity().id,
+                    };
+                    let _ = self.foca.add_broadcast(&item.encode());
+                }
+            }
+            OwnedNotification::Rejoin(_) => {
+                // We were declared down and came back with a new bump: sync with someone at
+                // once, a down member first (it is on the other side of whatever split us).
+                if let Some(peer) = self.pick_pushpull_peer() {
+                    self.pushpulls.push_back(peer);
+                }
+                self.broadcast_meta(false, now);
+            }
+            OwnedNotification::Active if self.next_pushpull.is_none() => {
+                self.schedule_pushpull(now);
+            }
+            _ => {}
+        }
+    }
+
+    // ----- push-pull ------------------------------------------------------------------------
+
+    /// Our full state as one sealed push-pull frame (without the length prefix).
+    pub fn pushpull_frame(&mut self) -> Result<Vec<u8>, PushPullError> {
+        let dump = {
+            let sh = lock(&self.shared);
+            let mut items: Vec<Item> = sh
+                .metas
+                .iter()
+                .map(|(id, e)| Item::Meta {
+                    id: *id,
+                    seq: e.seq,
+                    leaving: e.leaving,
+                    meta: e.meta.clone(),
+                })
+                .collect();
+            // HashMap order is random per process: sort so runs are reproducible.
+            items.sort_by_key(|i| match i {
+                Item::Meta { id, .. } => *id,
+                Item::Suspect { from, .. } => *from,
+            });
+            items.push(Item::Meta {
+                id: self.foca.identity().id,
+                seq: self.my_seq,
+                leaving: false,
+                meta: self.my_meta.clone(),
+            });
+            let mut members: Vec<Member<Identity>> =
+                self.foca.iter_membership_state().cloned().collect();
+            members.push(Member::new(*self.foca.identity(), 0, State::Alive));
+            StateDump { members, items }
+        };
+        let sealed = self.sealer.seal(Kind::Stream, &dump.encode())?;
+        self.stats.stream_bytes_out += sealed.len() as u64;
+        Ok(sealed)
+    }
+
+    /// Loads a known state without spreading it (an agent restoring what it saved, or the
+    /// simulation forming a cluster at once). Our own metadata is not broadcast either.
+    pub fn restore(&mut self, dump: &StateDump, now: Instant) {
+        self.meta_sent = true;
+        let me = self.foca.identity().id;
+        {
+            let mut sh = lock(&self.shared);
+            for item in &dump.items {
+                if matches!(item, Item::Meta { .. }) {
+                    sh.accept_item(item.clone(), me);
+                }
+            }
+            sh.changed.clear();
+        }
+        let members: Vec<Member<Identity>> = dump
+            .members
+            .iter()
+            .filter(|m| m.id().id != me)
+            .cloned()
+            .collect();
+        let mut rt = Collect::default();
+        if self
+            .foca
+            .apply_many(members.into_iter(), false, &mut rt)
+            .is_err()
+        {
+            self.stats.dropped_protocol += 1;
+        }
+        self.absorb(rt, now);
+    }
+
+    /// Applies a peer's push-pull frame. Nothing is applied unless the whole frame opens
+    /// and decodes.
+    pub fn handle_pushpull(&mut self, frame: &[u8], now: Instant) -> Result<(), PushPullError> {
+        self.stats.stream_bytes_in += frame.len() as u64;
+        if frame.len() > MAX_PUSHPULL_FRAME {
+            self.stats.dropped_oversize += 1;
+            return Err(PushPullError::Oversize(frame.len()));
+        }
+        let plain = self.sealer.open(Kind::Stream, frame).inspect_err(|_| {
+            self.stats.dropped_seal += 1;
+        })?;
+        let dump = StateDump::decode(&plain).inspect_err(|_| {
+            self.stats.dropped_decode += 1;
+        })?;
+        let me = self.foca.identity().id;
+        {
+            let mut sh = lock(&self.shared);
+            for item in dump.items {
+                if matches!(item, Item::Meta { .. }) {
+                    sh.accept_item(item, me);
+                }
+            }
+        }
+        let admitted: Vec<Member<Identity>> = {
+            let sh = lock(&self.shared);
+            dump.members
+                .into_iter()
+                .filter(|m| {
+                    let ok = sh.admission.admits(&m.id().id) && m.id().id != NodeId::ANY;
+                    if !ok {
+                        self.stats.dropped_not_admitted += 1;
+                    }
+                    ok
+                })
+                .collect()
+        };
+        // Updates we already hold are no-ops in foca; a state about ourselves as down makes
+        // foca renew our identity (rejoin), which is what heals a partition.
+        let mut rt = Collect::default();
+        if self
+            .foca
+            .apply_many(admitted.into_iter(), true, &mut rt)
+            .is_err()
+        {
+            self.stats.dropped_protocol += 1;
+        }
+        self.absorb(rt, now);
+        self.stats.pushpull_applied += 1;
+        Ok(())
+    }
+
+    /// Whether the header of an opened datagram is a probe (used by tests).
+    #[doc(hidden)]
+    pub fn peek_header(&self, data: &[u8]) -> Option<Header<Identity>> {
+        let plain = self.sealer.open(Kind::Datagram, data).ok()?;
+        codec::decode_header(&plain).ok().map(|(h, _)| h)
+    }
+}
+
+fn codec_put_member(v: &mut Vec<u8>, m: &Member<Identity>) {
+    let mut c = Codec;
+    let _ = foca::Codec::encode_member(&mut c, m, v);
+}

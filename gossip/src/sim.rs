@@ -1,0 +1,862 @@
+//! A deterministic many-node simulation: one process, a virtual clock, a priority queue of
+//! events with a sequence number to break ties, one seeded RNG for the network (loss,
+//! latency, jitter, partitions) and one for the scenario, and real [`Membership`] cores
+//! (real foca, real codec, real sealing). The same seed gives the same trace; the report
+//! carries a hash of the trace to check it.
+//!
+//! Scenarios:
+//! - `steady`: nothing happens; measures bandwidth, false downs and dissemination.
+//! - `crash`: one random node crashes every 20 s and restarts 30 s later (new bump);
+//!   measures the time until 99.9% of live nodes report it down.
+//! - `partition`: a 50/50 split for 60 s, then healed; measures the time until each node
+//!   sees every live node again.
+//! - `stall`: 5% of the nodes freeze for 2 to 4 s, again and again (0.5 to 4 s between
+//!   stalls); input and timers queue up and are handled, timers first, when they wake.
+//!
+//! In every scenario one random node changes its metadata every 10 s; the time until 99.9% of
+//! the other live nodes report [`Event::Updated`] is the dissemination time.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use rand_0_10::rngs::SmallRng;
+use rand_0_10::{RngExt, SeedableRng};
+
+use foca::{Member, State};
+
+use crate::codec::{Item, StateDump};
+use crate::identity::{Identity, Metadata, NodeId, Role};
+use crate::membership::{Admission, Config, Event, Membership, Setup};
+use crate::seal::{Key, Keyring};
+
+/// What happens during a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scenario {
+    /// Nothing.
+    Steady,
+    /// Crashes and restarts.
+    Crash,
+    /// A 60 s 50/50 partition.
+    Partition,
+    /// Stalling nodes.
+    Stall,
+}
+
+impl std::str::FromStr for Scenario {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "steady" => Ok(Scenario::Steady),
+            "crash" => Ok(Scenario::Crash),
+            "partition" => Ok(Scenario::Partition),
+            "stall" => Ok(Scenario::Stall),
+            _ => Err(format!(
+                "unknown scenario {s:?}; use steady, crash, partition or stall"
+            )),
+        }
+    }
+}
+
+/// Parameters of a run.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// Number of nodes.
+    pub nodes: usize,
+    /// Seed of every random choice.
+    pub seed: u64,
+    /// Datagram loss probability, 0..1.
+    pub loss: f64,
+    /// One-way latency.
+    pub latency: Duration,
+    /// Extra uniform one-way delay, 0..jitter.
+    pub jitter: Duration,
+    /// What happens.
+    pub scenario: Scenario,
+    /// Measured time, after the cluster has formed.
+    pub duration: Duration,
+    /// Lifeguard local health on or off.
+    pub local_health: bool,
+    /// Share of nodes that stall (stall scenario).
+    pub stall_fraction: f64,
+}
+
+impl SimConfig {
+    /// Defaults for `nodes` nodes: 1 ms latency, 1 ms jitter, no loss, 5 minutes.
+    pub fn new(nodes: usize, seed: u64, scenario: Scenario) -> Self {
+        SimConfig {
+            nodes,
+            seed,
+            loss: 0.0,
+            latency: Duration::from_millis(1),
+            jitter: Duration::from_millis(1),
+            scenario,
+            duration: Duration::from_secs(300),
+            local_health: true,
+            stall_fraction: 0.05,
+        }
+    }
+}
+
+/// The measurements of one run (one JSON line from `gossip-sim`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Report {
+    /// Number of nodes.
+    pub nodes: usize,
+    /// Seed.
+    pub seed: u64,
+    /// Loss probability.
+    pub loss: f64,
+    /// Scenario.
+    pub scenario: Scenario,
+    /// Local health on.
+    pub local_health: bool,
+    /// Simulated minutes measured (after formation).
+    pub minutes: f64,
+    /// Seconds of simulated time the cluster took to form (everyone sees everyone).
+    pub form_s: f64,
+    /// Crash to 99.9% of live nodes reporting it down, median (crash scenario).
+    pub detect_p50_s: Option<f64>,
+    /// Same, 99th percentile.
+    pub detect_p99_s: Option<f64>,
+    /// Crashes not seen down by 99.9% of live nodes before the run ended or the node restarted.
+    pub detect_missed: usize,
+    /// Metadata change to 99.9% of live nodes reporting it, median.
+    pub disseminate_p50_s: Option<f64>,
+    /// Same, 99th percentile.
+    pub disseminate_p99_s: Option<f64>,
+    /// Samples of the above that did not reach 99.9% before the run ended.
+    pub disseminate_missed: usize,
+    /// Times a live, healthy node was declared down (distinct node and bump). Not counted:
+    /// downs across an active partition, and nodes that stalled in the last 10 s.
+    pub false_downs: u64,
+    /// Times a stalling node was declared down (it was unresponsive for 2 to 4 s).
+    pub stalled_downs: u64,
+    /// Down events about live nodes, summed over observers.
+    pub false_down_events: u64,
+    /// Sealed bytes sent per node per second (UDP payloads and push-pull frames), measured
+    /// after formation.
+    pub bytes_per_node_per_s: f64,
+    /// Largest sealed datagram sent.
+    pub max_datagram_bytes: usize,
+    /// Partition healed to a node seeing every live node again, 99th percentile over nodes.
+    pub heal_p99_s: Option<f64>,
+    /// Datagrams dropped by any node as unopenable or undecodable (should be 0).
+    pub dropped_bad: u64,
+    /// Mean pending (membership updates, custom broadcasts) per node at the end.
+    pub backlog_mean: (f64, f64),
+    /// Hash of the event trace: equal seeds give equal hashes.
+    pub trace_hash: String,
+    /// Number of simulated datagrams.
+    pub datagrams: u64,
+}
+
+enum Ev {
+    Deliver {
+        to: usize,
+        data: Vec<u8>,
+    },
+    PushReq {
+        from: usize,
+        to: usize,
+        frame: Vec<u8>,
+    },
+    PushResp {
+        to: usize,
+        frame: Vec<u8>,
+    },
+    Wake {
+        node: usize,
+    },
+    Action(Action),
+}
+
+#[derive(Clone, Copy)]
+enum Action {
+    Crash(usize),
+    Restart(usize),
+    MetaChange,
+    StallStart(usize),
+    PartitionStart,
+    PartitionEnd,
+    Check,
+}
+
+struct Node {
+    core: Option<Membership>,
+    addr: SocketAddr,
+    bump: u32,
+    wake: Option<Duration>,
+    stalled_until: Option<Duration>,
+    /// End of the last stall (slow nodes declared down soon after are not false downs).
+    last_stall_end: Option<Duration>,
+    version: u32,
+}
+
+struct Sample {
+    subject: NodeId,
+    start: Duration,
+    seen: HashSet<usize>,
+    need: usize,
+    done: Option<Duration>,
+}
+
+/// A simulation run. Build with [`Sim::new`], run with [`Sim::run`].
+pub struct Sim {
+    cfg: SimConfig,
+    base: Instant,
+    now: Duration,
+    seq: u64,
+    queue: BinaryHeap<Reverse<(Duration, u64, usize)>>,
+    slab: HashMap<usize, Ev>,
+    nodes: Vec<Node>,
+    by_addr: HashMap<SocketAddr, usize>,
+    net: SmallRng,
+    plan: SmallRng,
+    partitioned: bool,
+    trace: u64,
+    // metrics
+    measuring_from: Option<Duration>,
+    bytes_at_start: u64,
+    detect: Vec<Sample>,
+    updates: Vec<Sample>,
+    false_downs: HashSet<(NodeId, u32)>,
+    false_down_events: u64,
+    slow_downs: HashSet<(NodeId, u32)>,
+    max_datagram: usize,
+    datagrams: u64,
+    heal_start: Option<Duration>,
+    healed: Vec<Option<Duration>>,
+    formed_at: Option<Duration>,
+    debug: bool,
+    tally: std::collections::BTreeMap<String, (u64, u64)>,
+}
+
+fn addr_of(i: usize) -> SocketAddr {
+    let ip = Ipv4Addr::new(198, 18, (i >> 8) as u8, (i & 0xff) as u8);
+    SocketAddr::new(IpAddr::V4(ip), 7946)
+}
+
+fn meta_for(i: usize, version: u32) -> Metadata {
+    let mut pk = [0u8; 32];
+    pk[..8].copy_from_slice(&(i as u64).to_be_bytes());
+    Metadata {
+        vtep: addr_of(i).ip(),
+        data_port: 4789,
+        public_key: pk,
+        role: if i == 0 { Role::Manager } else { Role::Worker },
+        version: format!("sim-{version}"),
+    }
+}
+
+fn percentile(v: &mut [f64], p: f64) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let idx = ((p * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1;
+    Some((v[idx] * 1000.0).round() / 1000.0)
+}
+
+impl Sim {
+    /// A new run; nothing happens until [`Sim::run`].
+    pub fn new(cfg: SimConfig) -> Self {
+        let n = cfg.nodes.max(2);
+        let nodes = (0..n)
+            .map(|i| Node {
+                core: None,
+                addr: addr_of(i),
+                bump: 1,
+                wake: None,
+                stalled_until: None,
+                last_stall_end: None,
+                version: 0,
+            })
+            .collect::<Vec<_>>();
+        let by_addr = nodes.iter().enumerate().map(|(i, n)| (n.addr, i)).collect();
+        Sim {
+            net: SmallRng::seed_from_u64(cfg.seed),
+            plan: SmallRng::seed_from_u64(cfg.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 1),
+            cfg: SimConfig { nodes: n, ..cfg },
+            base: Instant::now(),
+            now: Duration::ZERO,
+            seq: 0,
+            queue: BinaryHeap::new(),
+            slab: HashMap::new(),
+            nodes,
+            by_addr,
+            partitioned: false,
+            trace: 0xcbf2_9ce4_8422_2325,
+            measuring_from: None,
+            bytes_at_start: 0,
+            detect: Vec::new(),
+            updates: Vec::new(),
+            false_downs: HashSet::new(),
+            false_down_events: 0,
+            slow_downs: HashSet::new(),
+            max_datagram: 0,
+            datagrams: 0,
+            heal_start: None,
+            healed: Vec::new(),
+            formed_at: None,
+            debug: std::env::var_os("SIM_DEBUG").is_some(),
+            tally: Default::default(),
+        }
+    }
+
+    fn push(&mut self, at: Duration, ev: Ev) {
+        self.seq += 1;
+        self.slab.insert(self.seq as usize, ev);
+        self.queue.push(Reverse((at, self.seq, self.seq as usize)));
+    }
+
+    fn mix(&mut self, a: u64, b: u64) {
+        for x in [a, b, self.now.as_micros() as u64] {
+            self.trace ^= x;
+            self.trace = self.trace.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn side(&self, i: usize) -> bool {
+        i < self.nodes.len() / 2
+    }
+
+    fn alive(&self, i: usize) -> bool {
+        self.nodes[i].core.is_some()
+    }
+
+    fn live_count(&self) -> usize {
+        self.nodes.iter().filter(|n| n.core.is_some()).count()
+    }
+
+    fn make_core(&mut self, i: usize) -> Membership {
+        let mut config = Config::lan(self.cfg.nodes as u32);
+        config.local_health = self.cfg.local_health;
+        let node = &self.nodes[i];
+        let setup = Setup {
+            config,
+            identity: Identity::new(NodeId::from_index(i as u128 + 1), node.addr, node.bump),
+            metadata: meta_for(i, node.version),
+            keyring: Keyring::new(Key {
+                id: 1,
+                secret: [0x42; 32],
+            }),
+            admission: Admission::Open,
+            seed: self.cfg.seed ^ ((i as u64) << 20) ^ u64::from(node.bump),
+            nonce_prefix: {
+                let mut p = [0u8; 16];
+                p[..8].copy_from_slice(&(i as u64).to_be_bytes());
+                p[8..12].copy_from_slice(&node.bump.to_be_bytes());
+                p
+            },
+        };
+        // Metadata from meta_for is always valid.
+        match Membership::new(setup, self.base + self.now) {
+            Ok(m) => m,
+            Err(e) => panic!("simulation metadata invalid: {e}"),
+        }
+    }
+
+    /// Drains a node's outputs into the event queue and records its events.
+    fn pump(&mut self, i: usize) {
+        let now = self.now;
+        let Some(core) = self.nodes[i].core.as_mut() else {
+            return;
+        };
+        let mut sends = Vec::new();
+        while let Some(t) = core.poll_transmit() {
+            sends.push(t);
+        }
+        let mut pulls = Vec::new();
+        while let Some(p) = core.poll_pushpull() {
+            pulls.push(p);
+        }
+        let mut events = Vec::new();
+        while let Some(e) = core.poll_event() {
+            events.push(e);
+        }
+        let next = core.poll_timeout();
+        for t in sends {
+            if self.debug && self.measuring_from.is_some() {
+                if let Some(h) = self.nodes[i]
+                    .core
+                    .as_ref()
+                    .and_then(|c| c.peek_header(&t.data))
+                {
+                    let tag = format!("{:?}", h.message);
+                    let tag = tag.split(['(', ' ']).next().unwrap_or("").to_string();
+                    let e = self.tally.entry(tag).or_insert((0, 0));
+                    e.0 += 1;
+                    e.1 += t.data.len() as u64;
+                }
+            }
+            self.datagrams += 1;
+            self.max_datagram = self.max_datagram.max(t.data.len());
+            let Some(&to) = self.by_addr.get(&t.dst) else {
+                continue;
+            };
+            if self.partitioned && self.side(i) != self.side(to) {
+                continue;
+            }
+            if self.net.random::<f64>() < self.cfg.loss {
+                continue;
+            }
+            let delay = self.cfg.latency + self.cfg.jitter.mul_f64(self.net.random::<f64>());
+            self.push(now + delay, Ev::Deliver { to, data: t.data });
+        }
+        for peer in pulls {
+            let Some(&to) = self.by_addr.get(&peer) else {
+                continue;
+            };
+            if to == i {
+                continue;
+            }
+            let Some(core) = self.nodes[i].core.as_mut() else {
+                return;
+            };
+            if let Ok(frame) = core.pushpull_frame() {
+                // TCP: no loss, but a connect + one RTT; blocked by partitions.
+                if !(self.partitioned && self.side(i) != self.side(to)) {
+                    let delay = self.cfg.latency * 3;
+                    self.push(now + delay, Ev::PushReq { from: i, to, frame });
+                }
+            }
+        }
+        for e in events {
+            self.record(i, e);
+        }
+        if let Some(t) = next {
+            let t = t.saturating_duration_since(self.base);
+            let t = t.max(now);
+            if self.nodes[i].wake.is_none_or(|w| t < w || w < now) {
+                self.nodes[i].wake = Some(t);
+                self.push(t, Ev::Wake { node: i });
+            }
+        }
+    }
+
+    fn record(&mut self, observer: usize, e: Event) {
+        let (kind, info) = match &e {
+            Event::Up(m) => (1, m),
+            Event::Down(m) => (2, m),
+            Event::Updated(m) => (3, m),
+            Event::Left(m) => (4, m),
+        };
+        let subj = info.id;
+        let info_bump = info.bump;
+        let subj_index =
+            (u128::from_str_radix(subj.as_str(), 36).unwrap_or(0) as usize).wrapping_sub(1);
+        self.mix(observer as u64 * 8 + kind, subj_index as u64);
+        if self.measuring_from.is_none() {
+            return;
+        }
+        let now = self.now;
+        match e {
+            Event::Down(_) => {
+                if subj_index < self.nodes.len() && self.alive(subj_index) {
+                    let split = self.partitioned && self.side(observer) != self.side(subj_index);
+                    // A node that stalled in the last 10 s was really unresponsive.
+                    let slow = self.nodes[subj_index]
+                        .last_stall_end
+                        .is_some_and(|end| now < end + Duration::from_secs(10));
+                    if slow {
+                        self.slow_downs.insert((subj, info_bump));
+                    } else if !split {
+                        self.false_down_events += 1;
+                        self.false_downs.insert((subj, info_bump));
+                    }
+                }
+                for s in self.detect.iter_mut().filter(|s| s.subject == subj) {
+                    if s.seen.insert(observer) && s.seen.len() >= s.need && s.done.is_none() {
+                        s.done = Some(now - s.start);
+                    }
+                }
+            }
+            Event::Updated(m) => {
+                let version = m.metadata.as_ref().map(|d| d.version.clone());
+                for s in self.updates.iter_mut().filter(|s| s.subject == subj) {
+                    let _ = &version;
+                    if s.seen.insert(observer) && s.seen.len() >= s.need && s.done.is_none() {
+                        s.done = Some(now - s.start);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn need(&self, exclude: usize) -> usize {
+        let live = self.live_count() - usize::from(self.alive(exclude));
+        ((live as f64) * 0.999).ceil() as usize
+    }
+
+    fn act(&mut self, a: Action) {
+        let now = self.now;
+        let n = self.nodes.len();
+        match a {
+            Action::Crash(i) => {
+                if self.alive(i) {
+                    self.nodes[i].core = None;
+                    self.nodes[i].wake = None;
+                    let subject = NodeId::from_index(i as u128 + 1);
+                    let need = self.need(i);
+                    self.detect.push(Sample {
+                        subject,
+                        start: now,
+                        seen: HashSet::new(),
+                        need,
+                        done: None,
+                    });
+                    self.push(
+                        now + Duration::from_secs(30),
+                        Ev::Action(Action::Restart(i)),
+                    );
+                }
+            }
+            Action::Restart(i) => {
+                self.nodes[i].bump += 1;
+                let core = self.make_core(i);
+                self.nodes[i].core = Some(core);
+                let mut seed = self.plan.random_range(0..n);
+                while !self.alive(seed) || seed == i {
+                    seed = (seed + 1) % n;
+                }
+                if let Some(core) = self.nodes[i].core.as_mut() {
+                    core.join(&[addr_of(seed)], self.base + now);
+                }
+                self.pump(i);
+            }
+            Action::MetaChange => {
+                let i = self.plan.random_range(0..n);
+                if self.alive(i) && self.nodes[i].stalled_until.is_none() {
+                    self.nodes[i].version += 1;
+                    let meta = meta_for(i, self.nodes[i].version);
+                    let need = self.need(i);
+                    self.updates.push(Sample {
+                        subject: NodeId::from_index(i as u128 + 1),
+                        start: now,
+                        seen: HashSet::new(),
+                        need,
+                        done: None,
+                    });
+                    if let Some(core) = self.nodes[i].core.as_mut() {
+                        let _ = core.update_metadata(meta, self.base + now);
+                    }
+                    self.pump(i);
+                }
+                self.push(
+                    now + Duration::from_secs(10),
+                    Ev::Action(Action::MetaChange),
+                );
+            }
+            Action::StallStart(i) => {
+                let len = Duration::from_secs_f64(self.plan.random_range(2.0..4.0));
+                self.nodes[i].stalled_until = Some(now + len);
+                self.nodes[i].last_stall_end = Some(now + len);
+                let gap = Duration::from_secs_f64(self.plan.random_range(0.5..4.0));
+                self.push(now + len + gap, Ev::Action(Action::StallStart(i)));
+            }
+            Action::PartitionStart => {
+                self.partitioned = true;
+                self.push(
+                    now + Duration::from_secs(60),
+                    Ev::Action(Action::PartitionEnd),
+                );
+            }
+            Action::PartitionEnd => {
+                self.partitioned = false;
+                self.heal_start = Some(now);
+                self.healed = vec![None; n];
+            }
+            Action::Check => {
+                let live = self.live_count();
+                if self.formed_at.is_none() {
+                    let formed = self.nodes.iter().all(|nd| {
+                        nd.core
+                            .as_ref()
+                            .is_none_or(|c| c.num_active() + 1 == live && c.backlog() == (0, 0))
+                    });
+                    if formed || now > Duration::from_secs(600) {
+                        self.formed_at = Some(now);
+                        self.start_measuring();
+                    }
+                }
+                if let Some(h) = self.heal_start {
+                    for i in 0..n {
+                        if self.healed[i].is_none() {
+                            if let Some(c) = self.nodes[i].core.as_ref() {
+                                if c.num_active() + 1 == live {
+                                    self.healed[i] = Some(now - h);
+                                }
+                            }
+                        }
+                    }
+                }
+                self.push(now + Duration::from_millis(250), Ev::Action(Action::Check));
+            }
+        }
+    }
+
+    fn total_bytes(&self) -> u64 {
+        self.nodes
+            .iter()
+            .filter_map(|n| n.core.as_ref())
+            .map(|c| {
+                let s = c.stats();
+                s.bytes_out + s.stream_bytes_out
+            })
+            .sum()
+    }
+
+    fn start_measuring(&mut self) {
+        let now = self.now;
+        self.measuring_from = Some(now);
+        self.bytes_at_start = self.total_bytes();
+        let n = self.nodes.len();
+        self.push(now + Duration::from_secs(2), Ev::Action(Action::MetaChange));
+        match self.cfg.scenario {
+            Scenario::Steady => {}
+            Scenario::Crash => {
+                let mut t = now + Duration::from_secs(10);
+                while t < now + self.cfg.duration.saturating_sub(Duration::from_secs(20)) {
+                    let i = self.plan.random_range(1..n);
+                    self.push(t, Ev::Action(Action::Crash(i)));
+                    t += Duration::from_secs(20);
+                }
+            }
+            Scenario::Partition => {
+                self.push(
+                    now + Duration::from_secs(5),
+                    Ev::Action(Action::PartitionStart),
+                );
+            }
+            Scenario::Stall => {
+                let k = ((n as f64) * self.cfg.stall_fraction).round() as usize;
+                for j in 0..k {
+                    let i = 1 + (j * (n - 1)) / k.max(1);
+                    let at = now + Duration::from_secs_f64(self.plan.random_range(0.0..10.0));
+                    self.push(at, Ev::Action(Action::StallStart(i)));
+                }
+            }
+        }
+    }
+
+    /// Runs the scenario to the end and reports.
+    pub fn run(mut self) -> Report {
+        let n = self.nodes.len();
+        // The cluster forms at once: every node restores the full state (as an agent
+        // restoring its saved state would), so the run measures the steady cluster, not a
+        // thousand simultaneous joins. Restarted nodes join for real, through a seed.
+        let dump = StateDump {
+            members: (0..n)
+                .map(|i| {
+                    Member::new(
+                        Identity::new(NodeId::from_index(i as u128 + 1), addr_of(i), 1),
+                        0,
+                        State::Alive,
+                    )
+                })
+                .collect(),
+            items: (0..n)
+                .map(|i| Item::Meta {
+                    id: NodeId::from_index(i as u128 + 1),
+                    seq: 1,
+                    leaving: false,
+                    meta: meta_for(i, 0),
+                })
+                .collect(),
+        };
+        for i in 0..n {
+            let mut core = self.make_core(i);
+            core.restore(&dump, self.base);
+            self.nodes[i].core = Some(core);
+            self.pump(i);
+        }
+        self.push(Duration::from_secs(1), Ev::Action(Action::Check));
+        while let Some(Reverse((at, _, key))) = self.queue.pop() {
+            if let Some(from) = self.measuring_from {
+                if at > from + self.cfg.duration {
+                    break;
+                }
+            }
+            let Some(ev) = self.slab.remove(&key) else {
+                continue;
+            };
+            self.now = at;
+            self.step(ev);
+        }
+        self.report()
+    }
+
+    fn deferred(&mut self, i: usize, ev: Ev, timer_first: bool) -> Option<Ev> {
+        match self.nodes[i].stalled_until {
+            Some(until) if until > self.now => {
+                // Frozen: timers fire as soon as it wakes, queued input right after.
+                let at = if timer_first {
+                    until
+                } else {
+                    until + Duration::from_micros(1)
+                };
+                self.push(at, ev);
+                None
+            }
+            Some(_) => {
+                self.nodes[i].stalled_until = None;
+                Some(ev)
+            }
+            None => Some(ev),
+        }
+    }
+
+    fn step(&mut self, ev: Ev) {
+        let now = self.base + self.now;
+        match ev {
+            Ev::Action(a) => self.act(a),
+            Ev::Wake { node } => {
+                let ev = Ev::Wake { node };
+                let Some(Ev::Wake { node }) = self.deferred(node, ev, true) else {
+                    return;
+                };
+                if self.nodes[node].wake.is_some_and(|w| w > self.now) {
+                    return; // superseded by a later schedule
+                }
+                self.nodes[node].wake = None;
+                if let Some(c) = self.nodes[node].core.as_mut() {
+                    c.handle_timeout(now);
+                }
+                self.pump(node);
+            }
+            Ev::Deliver { to, data } => {
+                let Some(Ev::Deliver { to, data }) =
+                    self.deferred(to, Ev::Deliver { to, data }, false)
+                else {
+                    return;
+                };
+                if let Some(c) = self.nodes[to].core.as_mut() {
+                    let _ = c.handle_datagram(&data, now);
+                }
+                self.pump(to);
+            }
+            Ev::PushReq { from, to, frame } => {
+                let Some(Ev::PushReq { from, to, frame }) =
+                    self.deferred(to, Ev::PushReq { from, to, frame }, false)
+                else {
+                    return;
+                };
+                let reply = match self.nodes[to].core.as_mut() {
+                    Some(c) => {
+                        let ok = c.handle_pushpull(&frame, now).is_ok();
+                        if ok {
+                            c.pushpull_frame().ok()
+                        } else {
+                            None
+                        }
+                    }
+                    None => None,
+                };
+                self.pump(to);
+                if let Some(frame) = reply {
+                    if !(self.partitioned && self.side(from) != self.side(to)) {
+                        let at = self.now + self.cfg.latency;
+                        self.push(at, Ev::PushResp { to: from, frame });
+                    }
+                }
+            }
+            Ev::PushResp { to, frame } => {
+                let Some(Ev::PushResp { to, frame }) =
+                    self.deferred(to, Ev::PushResp { to, frame }, false)
+                else {
+                    return;
+                };
+                if let Some(c) = self.nodes[to].core.as_mut() {
+                    let _ = c.handle_pushpull(&frame, now);
+                }
+                self.pump(to);
+            }
+        }
+    }
+
+    fn report(self) -> Report {
+        if self.debug {
+            eprintln!("{:?}", self.tally);
+        }
+        let from = self.measuring_from.unwrap_or(self.now);
+        let secs = (self.now.saturating_sub(from)).as_secs_f64().max(1e-9);
+        let bytes = self.total_bytes().saturating_sub(self.bytes_at_start);
+        let mut detect: Vec<f64> = self
+            .detect
+            .iter()
+            .map(|s| s.done.map_or(f64::INFINITY, |d| d.as_secs_f64()))
+            .collect();
+        let end = self.now;
+        // A metadata change needs a few seconds to spread: ignore samples from the last 10 s.
+        let mut missed = 0;
+        let mut dissem: Vec<f64> = Vec::new();
+        for s in &self.updates {
+            match s.done {
+                Some(d) => dissem.push(d.as_secs_f64()),
+                None if end - s.start > Duration::from_secs(10) => {
+                    missed += 1;
+                    dissem.push(f64::INFINITY);
+                }
+                None => {}
+            }
+        }
+        let heal_p99 = self.heal_start.map(|_| {
+            let mut v: Vec<f64> = self
+                .healed
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| self.nodes[*i].core.is_some())
+                .map(|(_, h)| h.map_or(f64::INFINITY, |d| d.as_secs_f64()))
+                .collect();
+            percentile(&mut v, 0.99).unwrap_or(f64::INFINITY)
+        });
+        let fin = |x: Option<f64>| x.filter(|v| v.is_finite());
+        let dropped_bad = self
+            .nodes
+            .iter()
+            .filter_map(|n| n.core.as_ref())
+            .map(|c| {
+                let s = c.stats();
+                s.dropped_seal + s.dropped_decode
+            })
+            .sum();
+        Report {
+            nodes: self.nodes.len(),
+            seed: self.cfg.seed,
+            loss: self.cfg.loss,
+            scenario: self.cfg.scenario,
+            local_health: self.cfg.local_health,
+            minutes: (secs / 60.0 * 100.0).round() / 100.0,
+            form_s: self.formed_at.map_or(-1.0, |d| d.as_secs_f64()),
+            detect_missed: detect.iter().filter(|d| !d.is_finite()).count(),
+            detect_p50_s: fin(percentile(&mut detect, 0.5)),
+            detect_p99_s: fin(percentile(&mut detect, 0.99)),
+            disseminate_p50_s: fin(percentile(&mut dissem, 0.5)),
+            disseminate_p99_s: fin(percentile(&mut dissem, 0.99)),
+            disseminate_missed: missed,
+            false_downs: self.false_downs.len() as u64,
+            false_down_events: self.false_down_events,
+            stalled_downs: self.slow_downs.len() as u64,
+            bytes_per_node_per_s: (bytes as f64 / self.nodes.len() as f64 / secs).round(),
+            max_datagram_bytes: self.max_datagram,
+            heal_p99_s: heal_p99.and_then(|v| fin(Some(v))),
+            dropped_bad,
+            backlog_mean: {
+                let (mut a, mut b, mut k) = (0usize, 0usize, 0usize);
+                for c in self.nodes.iter().filter_map(|n| n.core.as_ref()) {
+                    let (x, y) = c.backlog();
+                    a += x;
+                    b += y;
+                    k += 1;
+                }
+                (a as f64 / k.max(1) as f64, b as f64 / k.max(1) as f64)
+            },
+            trace_hash: format!("{:016x}", self.trace),
+            datagrams: self.datagrams,
+        }
+    }
+}

@@ -1,0 +1,390 @@
+//! A handful of `Membership` cores talking in memory on a virtual clock (quinn's `Pair`
+//! idea): join, metadata, leave, admission, wrong keys, tampering, local health.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use shoal_gossip::membership::MAX_DATAGRAM;
+use shoal_gossip::{
+    Admission, Config, Event, Identity, Key, Keyring, Membership, Metadata, NodeId, Role, Setup,
+};
+
+struct Net {
+    base: Instant,
+    now: Duration,
+    nodes: Vec<Membership>,
+    addrs: HashMap<SocketAddr, usize>,
+    events: Vec<Vec<Event>>,
+    /// Drop everything to or from these nodes.
+    cut: Vec<bool>,
+    /// Tamper with every datagram (flip one byte).
+    tamper: bool,
+}
+
+fn addr(i: usize) -> SocketAddr {
+    format!("198.18.0.{}:7946", i + 1).parse().expect("address")
+}
+
+fn meta(i: usize) -> Metadata {
+    Metadata {
+        vtep: addr(i).ip(),
+        data_port: 4789,
+        public_key: [i as u8; 32],
+        role: Role::Worker,
+        version: "test".into(),
+    }
+}
+
+fn key(secret: u8) -> Keyring {
+    Keyring::new(Key {
+        id: 1,
+        secret: [secret; 32],
+    })
+}
+
+impl Net {
+    fn new() -> Self {
+        Net {
+            base: Instant::now(),
+            now: Duration::ZERO,
+            nodes: Vec::new(),
+            addrs: HashMap::new(),
+            events: Vec::new(),
+            cut: Vec::new(),
+            tamper: false,
+        }
+    }
+
+    fn add(&mut self, keyring: Keyring, admission: Admission, local_health: bool) -> usize {
+        let i = self.nodes.len();
+        let mut config = Config::lan(10);
+        config.local_health = local_health;
+        let m = Membership::new(
+            Setup {
+                config,
+                identity: Identity::new(NodeId::from_index(i as u128 + 1), addr(i), 1),
+                metadata: meta(i),
+                keyring,
+                admission,
+                seed: i as u64,
+                nonce_prefix: [i as u8; 16],
+            },
+            self.base + self.now,
+        )
+        .expect("valid setup");
+        self.nodes.push(m);
+        self.addrs.insert(addr(i), i);
+        self.events.push(Vec::new());
+        self.cut.push(false);
+        i
+    }
+
+    fn t(&self) -> Instant {
+        self.base + self.now
+    }
+
+    /// Runs the network for `d` of virtual time in 10 ms steps; every datagram and
+    /// push-pull arrives within the step.
+    fn run(&mut self, d: Duration) {
+        let end = self.now + d;
+        while self.now < end {
+            self.now += Duration::from_millis(10);
+            let now = self.t();
+            for i in 0..self.nodes.len() {
+                if !self.cut[i] {
+                    self.nodes[i].handle_timeout(now);
+                }
+            }
+            // deliver until quiet (bounded)
+            for _ in 0..50 {
+                let mut moved = false;
+                for i in 0..self.nodes.len() {
+                    while let Some(t) = self.nodes[i].poll_transmit() {
+                        moved = true;
+                        assert!(t.data.len() <= MAX_DATAGRAM);
+                        let Some(&j) = self.addrs.get(&t.dst) else {
+                            continue;
+                        };
+                        if self.cut[i] || self.cut[j] {
+                            continue;
+                        }
+                        let mut data = t.data;
+                        if self.tamper {
+                            let k = data.len() / 2;
+                            data[k] ^= 0x80;
+                        }
+                        let _ = self.nodes[j].handle_datagram(&data, now);
+                    }
+                    while let Some(peer) = self.nodes[i].poll_pushpull() {
+                        moved = true;
+                        let Some(&j) = self.addrs.get(&peer) else {
+                            continue;
+                        };
+                        if self.cut[i] || self.cut[j] || i == j {
+                            continue;
+                        }
+                        let mut frame = self.nodes[i].pushpull_frame().expect("frame");
+                        if self.tamper {
+                            let k = frame.len() / 2;
+                            frame[k] ^= 0x80;
+                        }
+                        if self.nodes[j].handle_pushpull(&frame, now).is_ok() {
+                            let reply = self.nodes[j].pushpull_frame().expect("frame");
+                            let _ = self.nodes[i].handle_pushpull(&reply, now);
+                        }
+                    }
+                    while let Some(e) = self.nodes[i].poll_event() {
+                        moved = true;
+                        self.events[i].push(e);
+                    }
+                }
+                if !moved {
+                    break;
+                }
+            }
+        }
+    }
+
+    fn up_ids(&self, i: usize) -> Vec<NodeId> {
+        let mut up: Vec<NodeId> = Vec::new();
+        for e in &self.events[i] {
+            match e {
+                Event::Up(m) => up.push(m.id),
+                Event::Down(m) | Event::Left(m) => up.retain(|x| *x != m.id),
+                Event::Updated(_) => {}
+            }
+        }
+        up.sort();
+        up
+    }
+}
+
+fn id(i: usize) -> NodeId {
+    NodeId::from_index(i as u128 + 1)
+}
+
+#[test]
+fn three_nodes_join_and_see_metadata() {
+    let mut net = Net::new();
+    for _ in 0..3 {
+        net.add(key(7), Admission::Open, true);
+    }
+    let t = net.t();
+    net.nodes[1].join(&[addr(0)], t);
+    net.nodes[2].join(&[addr(0)], t);
+    net.run(Duration::from_secs(5));
+    for i in 0..3 {
+        let mut want: Vec<NodeId> = (0..3).filter(|j| *j != i).map(id).collect();
+        want.sort();
+        assert_eq!(net.up_ids(i), want, "node {i} view");
+        let ups: Vec<_> = net.events[i]
+            .iter()
+            .filter_map(|e| match e {
+                Event::Up(m) => Some(m),
+                _ => None,
+            })
+            .collect();
+        for m in ups {
+            let j = (0..3).find(|j| id(*j) == m.id).unwrap();
+            assert_eq!(
+                m.metadata.as_ref(),
+                Some(&meta(j)),
+                "metadata of {j} at {i}"
+            );
+        }
+        assert_eq!(net.nodes[i].members().len(), 2);
+    }
+}
+
+#[test]
+fn metadata_update_reaches_everyone() {
+    let mut net = Net::new();
+    for _ in 0..4 {
+        net.add(key(7), Admission::Open, true);
+    }
+    let t = net.t();
+    for i in 1..4 {
+        net.nodes[i].join(&[addr(0)], t);
+    }
+    net.run(Duration::from_secs(5));
+    let mut m = meta(2);
+    m.role = Role::Manager;
+    let t = net.t();
+    net.nodes[2].update_metadata(m.clone(), t).unwrap();
+    net.run(Duration::from_secs(3));
+    for i in [0, 1, 3] {
+        let got = net.events[i].iter().rev().find_map(|e| match e {
+            Event::Updated(x) if x.id == id(2) => x.metadata.clone(),
+            _ => None,
+        });
+        assert_eq!(got, Some(m.clone()), "node {i}");
+    }
+    let mut bad = meta(2);
+    bad.version = "v".repeat(33);
+    assert!(net.nodes[2].update_metadata(bad, t).is_err());
+}
+
+#[test]
+fn crashed_node_goes_down_and_leave_is_left() {
+    let mut net = Net::new();
+    for _ in 0..4 {
+        net.add(key(7), Admission::Open, true);
+    }
+    let t = net.t();
+    for i in 1..4 {
+        net.nodes[i].join(&[addr(0)], t);
+    }
+    net.run(Duration::from_secs(5));
+    net.cut[3] = true; // crash
+    net.run(Duration::from_secs(30));
+    for i in 0..3 {
+        assert!(
+            net.events[i]
+                .iter()
+                .any(|e| matches!(e, Event::Down(m) if m.id == id(3))),
+            "node {i} never saw node 3 down"
+        );
+    }
+    let t = net.t();
+    net.nodes[2].leave(t).unwrap();
+    net.run(Duration::from_secs(3));
+    for i in 0..2 {
+        assert!(
+            net.events[i]
+                .iter()
+                .any(|e| matches!(e, Event::Left(m) if m.id == id(2))),
+            "node {i} did not see node 2 leave: {:?}",
+            net.events[i]
+        );
+    }
+}
+
+#[test]
+fn wrong_key_is_never_admitted() {
+    let mut net = Net::new();
+    net.add(key(7), Admission::Open, true);
+    net.add(key(7), Admission::Open, true);
+    let intruder = net.add(key(8), Admission::Open, true);
+    let t = net.t();
+    net.nodes[1].join(&[addr(0)], t);
+    net.nodes[intruder].join(&[addr(0), addr(1)], t);
+    net.run(Duration::from_secs(10));
+    for i in 0..2 {
+        assert!(net.nodes[i].members().iter().all(|m| m.id != id(intruder)));
+        assert!(net.up_ids(i).iter().all(|x| *x != id(intruder)));
+    }
+    assert!(net.nodes[0].stats().dropped_seal > 0);
+    assert_eq!(net.nodes[intruder].num_active(), 0);
+}
+
+#[test]
+fn tampered_datagrams_are_dropped_and_counted() {
+    let mut net = Net::new();
+    net.add(key(7), Admission::Open, true);
+    net.add(key(7), Admission::Open, true);
+    net.tamper = true;
+    let t = net.t();
+    net.nodes[1].join(&[addr(0)], t);
+    net.run(Duration::from_secs(3));
+    assert_eq!(net.nodes[0].num_active(), 0);
+    let s = net.nodes[0].stats();
+    assert!(s.dropped_seal >= 1, "{s:?}");
+    assert_eq!(s.dropped_decode, 0);
+    // garbage and oversize input
+    assert!(net.nodes[0].handle_datagram(&[0u8; 5], t).is_err());
+    assert!(net.nodes[0].handle_datagram(&[0u8; 1500], t).is_err());
+    assert_eq!(net.nodes[0].stats().dropped_oversize, 1);
+}
+
+#[test]
+fn admission_list_drops_strangers_and_forgets_removed_members() {
+    let mut net = Net::new();
+    let list = Admission::only([(id(0), meta(0).public_key), (id(1), meta(1).public_key)]);
+    net.add(key(7), list.clone(), true);
+    net.add(key(7), list.clone(), true);
+    // node 2 has the key but is not on the list
+    net.add(key(7), Admission::Open, true);
+    let t = net.t();
+    net.nodes[1].join(&[addr(0)], t);
+    net.nodes[2].join(&[addr(0), addr(1)], t);
+    net.run(Duration::from_secs(5));
+    assert_eq!(net.up_ids(0), vec![id(1)]);
+    assert_eq!(net.up_ids(1), vec![id(0)]);
+    assert!(net.nodes[0].stats().dropped_not_admitted > 0);
+    // the control plane removes node 1: node 0 declares it down
+    let t = net.t();
+    net.nodes[0].set_admission(Admission::only([(id(0), meta(0).public_key)]), t);
+    net.run(Duration::from_millis(100));
+    assert!(net.events[0]
+        .iter()
+        .any(|e| matches!(e, Event::Down(m) if m.id == id(1))));
+}
+
+#[test]
+fn admitted_id_with_wrong_public_key_gets_no_up() {
+    let mut net = Net::new();
+    let list = Admission::only([(id(0), meta(0).public_key), (id(1), [0xee; 32])]);
+    net.add(key(7), list, true);
+    net.add(key(7), Admission::Open, true);
+    let t = net.t();
+    net.nodes[1].join(&[addr(0)], t);
+    net.run(Duration::from_secs(5));
+    // node 1 talks (it is on the list) but its metadata carries another key: no Up event
+    assert!(net.up_ids(0).is_empty(), "{:?}", net.events[0]);
+    assert!(net.nodes[0].stats().dropped_not_admitted > 0);
+}
+
+#[test]
+fn key_rotation_keeps_the_cluster_together() {
+    let mut net = Net::new();
+    net.add(key(7), Admission::Open, true);
+    net.add(key(7), Admission::Open, true);
+    let t = net.t();
+    net.nodes[1].join(&[addr(0)], t);
+    net.run(Duration::from_secs(3));
+    let old = Key {
+        id: 1,
+        secret: [7; 32],
+    };
+    let new = Key {
+        id: 2,
+        secret: [9; 32],
+    };
+    // node 0 rotates first: sends with the new key, still opens the old one
+    net.nodes[0].set_keys(Keyring::with_previous(new.clone(), old.clone()).unwrap());
+    net.nodes[1].set_keys(Keyring::with_previous(new.clone(), old).unwrap());
+    net.run(Duration::from_secs(3));
+    net.nodes[0].set_keys(Keyring::new(new.clone()));
+    net.nodes[1].set_keys(Keyring::new(new));
+    let before = net.nodes[0].stats().dropped_seal;
+    net.run(Duration::from_secs(20));
+    assert_eq!(net.nodes[0].stats().dropped_seal, before);
+    assert_eq!(net.nodes[0].num_active(), 1);
+    assert!(!net.events[0].iter().any(|e| matches!(e, Event::Down(_))));
+}
+
+#[test]
+fn failing_probes_raise_local_health_and_it_recovers() {
+    let mut net = Net::new();
+    for _ in 0..4 {
+        net.add(key(7), Admission::Open, true);
+    }
+    let t = net.t();
+    for i in 1..4 {
+        net.nodes[i].join(&[addr(0)], t);
+    }
+    net.run(Duration::from_secs(5));
+    assert_eq!(net.nodes[0].stats().health, 0);
+    // node 0 is cut off: every probe it sends fails
+    net.cut[0] = true;
+    for _ in 0..400 {
+        net.now += Duration::from_millis(10);
+        let t = net.t();
+        net.nodes[0].handle_timeout(t);
+        while net.nodes[0].poll_transmit().is_some() {}
+    }
+    let h = net.nodes[0].stats().health;
+    assert!(h >= 1, "health {h}");
+    assert!(net.nodes[0].stats().probes_failed >= 1);
+}
