@@ -1,33 +1,48 @@
 //! Two threads around one engine: device to underlay, and underlay to device.
 //!
-//! The engine sits behind a mutex taken once per packet (batching comes with the fast path);
-//! the control plane changes peers and forwarding entries through [`Dataplane::with_engine`].
-//! The threads wake at least every [`POLL`] to notice a stop.
+//! Outbound, one read from the TAP device may be a 64 KiB TCP segment: it is cut into
+//! MTU-sized frames ([`offload::segment`]), each sealed by the engine, and the datagrams for
+//! one destination leave in one `sendmsg` with UDP GSO. Inbound, one `recvmmsg` brings a batch
+//! of GRO-coalesced datagrams; each is opened in place and the frames are merged back into
+//! large TCP segments ([`offload::Coalescer`]) for few writes to the device.
+//!
+//! The engine sits behind a mutex, taken per packet, so the control plane can change peers,
+//! forwarding entries and keys through [`Dataplane::with_engine`] between packets. The
+//! threads wake at least every [`POLL`] to notice a stop.
 
-use std::io;
+use std::io::{self, IoSliceMut};
 use std::net::UdpSocket;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use quinn_udp::{RecvMeta, UdpSocketState};
+
 use super::tap::Tap;
-use crate::buffer::{Packet, Transmits};
+use crate::buffer::{Packet, Transmit, Transmits};
 use crate::engine::Engine;
+use crate::offload::{self, Coalescer, VirtioNetHdr};
 use crate::wire::Vni;
 
 /// How long a blocked read waits before the thread checks whether it should stop.
 pub const POLL: Duration = Duration::from_millis(100);
 
-/// Largest frame the threads read from the device.
-const MAX_FRAME: usize = 65_535 - crate::buffer::HEADROOM - crate::buffer::TAILROOM;
+/// Largest read from the device: a virtio header and a 64 KiB frame.
+const TAP_READ: usize = VirtioNetHdr::LEN + 65_535;
+/// Largest frame after segmentation (jumbo overlays included).
+const MAX_FRAME: usize = 9_216;
+/// Largest UDP payload of one GSO send or GRO receive.
+const MAX_UDP: usize = 65_535;
+/// Receive buffers per `recvmmsg`.
+const RECV_BATCH: usize = 8;
 
 /// Answers some frames from the device locally, instead of sending them (ARP for known
 /// addresses, for example).
 pub trait LocalResponder: Send + Sync {
-    /// Called with each frame read from the device before the engine sees it. To answer it,
-    /// write the reply frame into `reply` and return `true`: the reply goes back to the device
-    /// and the frame goes no further.
+    /// Called with each (whole, unsegmented) frame read from the device before the engine sees
+    /// it. To answer it, write the reply frame into `reply` and return `true`: the reply goes
+    /// back to the device and the frame goes no further.
     fn respond(&self, frame: &[u8], reply: &mut Vec<u8>) -> bool;
 }
 
@@ -36,6 +51,8 @@ pub trait LocalResponder: Send + Sync {
 pub struct IoCounters {
     /// Reads from the device that failed (other than time-outs).
     pub tap_read_errors: AtomicU64,
+    /// Frames from the device that could not be segmented.
+    pub tap_bad_frames: AtomicU64,
     /// Writes to the device that failed.
     pub tap_write_errors: AtomicU64,
     /// Sends on the socket that failed.
@@ -79,25 +96,35 @@ impl Dataplane {
         udp: UdpSocket,
         responder: Option<Arc<dyn LocalResponder>>,
     ) -> io::Result<Dataplane> {
-        udp.set_read_timeout(Some(POLL))?;
+        // Non-blocking, with poll(2) for waiting: recvmmsg on a blocking socket would wait
+        // for a whole batch.
+        udp.set_nonblocking(true)?;
+        let state = Arc::new(UdpSocketState::new((&udp).into())?);
         let shared = Arc::new(Shared {
             engine: Mutex::new(engine),
             stop: AtomicBool::new(false),
             counters: IoCounters::default(),
         });
         let tap = Arc::new(tap);
-        let udp_tx = udp.try_clone()?;
+        let udp = Arc::new(udp);
         let out = {
-            let (shared, tap) = (Arc::clone(&shared), Arc::clone(&tap));
+            let (shared, tap, udp, state) = (
+                Arc::clone(&shared),
+                Arc::clone(&tap),
+                Arc::clone(&udp),
+                Arc::clone(&state),
+            );
             std::thread::Builder::new()
                 .name("shoal-dp-out".into())
-                .spawn(move || outbound(&shared, vni, &tap, &udp_tx, responder.as_deref()))?
+                .spawn(move || {
+                    Outbound::new(&shared, vni, &udp, &state).run(&tap, responder.as_deref())
+                })?
         };
         let inb = {
             let shared = Arc::clone(&shared);
             std::thread::Builder::new()
                 .name("shoal-dp-in".into())
-                .spawn(move || inbound(&shared, &tap, &udp))?
+                .spawn(move || inbound(&shared, &tap, &udp, &state))?
         };
         Ok(Dataplane {
             shared,
@@ -143,83 +170,203 @@ fn is_timeout(e: &io::Error) -> bool {
     )
 }
 
-fn outbound(
-    shared: &Shared,
+/// The device-to-underlay direction.
+struct Outbound<'a> {
+    shared: &'a Shared,
     vni: Vni,
-    tap: &Tap,
-    udp: &UdpSocket,
-    responder: Option<&dyn LocalResponder>,
-) {
-    let mut pkt = Packet::new(MAX_FRAME);
-    let mut out = Transmits::new(MAX_FRAME);
-    let mut reply = Vec::with_capacity(128);
-    while !shared.stop.load(Ordering::Relaxed) {
-        let n = match tap.recv_timeout(pkt.frame_space(), POLL) {
-            Ok(n) => n,
-            Err(e) if is_timeout(&e) => continue,
-            Err(_) => {
-                shared
-                    .counters
-                    .tap_read_errors
-                    .fetch_add(1, Ordering::Relaxed);
-                std::thread::sleep(POLL);
-                continue;
-            }
-        };
-        pkt.set_frame_len(n);
-        if let Some(r) = responder {
-            reply.clear();
-            if r.respond(pkt.data(), &mut reply) {
-                shared
-                    .counters
-                    .answered_locally
-                    .fetch_add(1, Ordering::Relaxed);
-                if tap.send(&reply).is_err() {
-                    shared
-                        .counters
-                        .tap_write_errors
-                        .fetch_add(1, Ordering::Relaxed);
-                }
-                continue;
-            }
+    udp: &'a UdpSocket,
+    state: &'a UdpSocketState,
+    pkt: Packet,
+    out: Transmits,
+    gso: Vec<u8>,
+}
+
+impl<'a> Outbound<'a> {
+    fn new(shared: &'a Shared, vni: Vni, udp: &'a UdpSocket, state: &'a UdpSocketState) -> Self {
+        Outbound {
+            shared,
+            vni,
+            udp,
+            state,
+            pkt: Packet::new(MAX_FRAME),
+            out: Transmits::new(MAX_FRAME),
+            gso: Vec::with_capacity(MAX_UDP),
         }
-        // Drops are counted by the engine.
-        let _ = lock(&shared.engine).handle_frame(Instant::now(), vni, &mut pkt, &mut out);
-        for t in out.ready() {
-            if udp.send_to(t.packet.data(), t.dst).is_err() {
-                shared
+    }
+
+    fn run(mut self, tap: &Tap, responder: Option<&dyn LocalResponder>) {
+        let mut read = vec![0u8; TAP_READ];
+        let mut reply = vec![0u8; VirtioNetHdr::LEN];
+        let counters = &self.shared.counters;
+        while !self.shared.stop.load(Ordering::Relaxed) {
+            let n = match tap.recv_timeout(&mut read, POLL) {
+                Ok(n) => n,
+                Err(e) if is_timeout(&e) => continue,
+                Err(_) => {
+                    counters.tap_read_errors.fetch_add(1, Ordering::Relaxed);
+                    std::thread::sleep(POLL);
+                    continue;
+                }
+            };
+            let Some(hdr) = VirtioNetHdr::parse(&read[..n]) else {
+                counters.tap_bad_frames.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            let frame = &mut read[VirtioNetHdr::LEN..n];
+            if let Some(r) = responder.filter(|_| hdr.gso_type == VirtioNetHdr::GSO_NONE) {
+                reply.truncate(VirtioNetHdr::LEN);
+                let mut answer = Vec::new();
+                if r.respond(frame, &mut answer) {
+                    counters.answered_locally.fetch_add(1, Ordering::Relaxed);
+                    reply[..VirtioNetHdr::LEN].fill(0);
+                    reply.extend_from_slice(&answer);
+                    if tap.send(&reply).is_err() {
+                        counters.tap_write_errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                    continue;
+                }
+            }
+            let (pkt, out, vni) = (&mut self.pkt, &mut self.out, self.vni);
+            let engine = &self.shared.engine;
+            let now = Instant::now();
+            let segmented = offload::segment(&hdr, frame, |head, payload| {
+                if pkt.set_frame_parts(head, payload) {
+                    // Drops are counted by the engine.
+                    let _ = lock(engine).handle_frame(now, vni, pkt, out);
+                }
+            });
+            if segmented.is_err() {
+                counters.tap_bad_frames.fetch_add(1, Ordering::Relaxed);
+            }
+            self.send();
+        }
+    }
+
+    /// Sends the queued datagrams: runs of equal-sized datagrams to one destination go in one
+    /// GSO send (the last of a run may be shorter), the rest one by one.
+    fn send(&mut self) {
+        let max_segments = self.state.max_gso_segments();
+        let ready = self.out.ready();
+        let mut i = 0;
+        while i < ready.len() {
+            let first: &Transmit = &ready[i];
+            let size = first.packet.len();
+            let mut j = i + 1;
+            while j < ready.len()
+                && j - i < max_segments
+                && ready[j].dst == first.dst
+                && ready[j - 1].packet.len() == size
+                && ready[j].packet.len() <= size
+                && (j - i + 1) * size <= MAX_UDP
+            {
+                j += 1;
+            }
+            let result = if j - i == 1 {
+                self.transmit(first.dst, first.packet.data(), None)
+            } else {
+                self.gso.clear();
+                for t in &ready[i..j] {
+                    self.gso.extend_from_slice(t.packet.data());
+                }
+                let contents = core::mem::take(&mut self.gso);
+                let r = self.transmit(first.dst, &contents, Some(size));
+                self.gso = contents;
+                r
+            };
+            if result.is_err() {
+                self.shared
                     .counters
                     .udp_send_errors
                     .fetch_add(1, Ordering::Relaxed);
             }
+            i = j;
         }
-        out.clear();
+        self.out.clear();
+    }
+
+    fn transmit(
+        &self,
+        dst: std::net::SocketAddr,
+        contents: &[u8],
+        segment_size: Option<usize>,
+    ) -> io::Result<()> {
+        let t = quinn_udp::Transmit {
+            destination: dst,
+            ecn: None,
+            contents,
+            segment_size,
+            src_ip: None,
+        };
+        // A full socket buffer: wait for room (backpressure), a bounded number of times.
+        for _ in 0..10 {
+            match self.state.try_send(self.udp.into(), &t) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    wait(self.udp, libc::POLLOUT, POLL)?;
+                }
+                other => return other,
+            }
+        }
+        Err(io::ErrorKind::WouldBlock.into())
     }
 }
 
-fn inbound(shared: &Shared, tap: &Tap, udp: &UdpSocket) {
-    let mut pkt = Packet::new(MAX_FRAME);
+/// The underlay-to-device direction.
+fn inbound(shared: &Shared, tap: &Tap, udp: &UdpSocket, state: &UdpSocketState) {
+    let mut bufs = vec![vec![0u8; MAX_UDP]; RECV_BATCH];
+    let mut meta = [RecvMeta::default(); RECV_BATCH];
+    let mut coalescer = Coalescer::new();
+    let counters = &shared.counters;
+    let mut write = |b: &[u8]| {
+        if tap.send(b).is_err() {
+            counters.tap_write_errors.fetch_add(1, Ordering::Relaxed);
+        }
+    };
     while !shared.stop.load(Ordering::Relaxed) {
-        let (n, src) = match udp.recv_from(pkt.datagram_space()) {
-            Ok(v) => v,
-            Err(e) if is_timeout(&e) => continue,
-            Err(_) => {
-                shared
-                    .counters
-                    .udp_recv_errors
-                    .fetch_add(1, Ordering::Relaxed);
-                continue;
+        if wait(udp, libc::POLLIN, POLL).is_err() {
+            counters.udp_recv_errors.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        let n = {
+            let mut slices: Vec<IoSliceMut<'_>> =
+                bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+            match state.recv(udp.into(), &mut slices, &mut meta) {
+                Ok(n) => n,
+                Err(e) if is_timeout(&e) => continue,
+                Err(_) => {
+                    counters.udp_recv_errors.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
             }
         };
-        pkt.set_datagram_len(n);
-        let opened = lock(&shared.engine).handle_datagram(Instant::now(), src, &mut pkt);
-        if let Ok(opened) = opened {
-            if tap.send(opened.frame()).is_err() {
-                shared
-                    .counters
-                    .tap_write_errors
-                    .fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        for (m, buf) in meta.iter().zip(bufs.iter_mut()).take(n) {
+            let stride = m.stride.max(1);
+            for datagram in buf[..m.len].chunks_mut(stride) {
+                let opened = lock(&shared.engine).handle_datagram_slice(now, m.addr, datagram);
+                if let Ok(opened) = opened {
+                    coalescer.push(opened.frame(), &mut write);
+                }
             }
         }
+        coalescer.flush(&mut write);
     }
+}
+
+/// Waits until `socket` is ready for `events` or `timeout` passes (which is not an error).
+fn wait(socket: &UdpSocket, events: libc::c_short, timeout: Duration) -> io::Result<()> {
+    let mut fd = libc::pollfd {
+        fd: std::os::fd::AsRawFd::as_raw_fd(socket),
+        events,
+        revents: 0,
+    };
+    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: one valid pollfd, and the count passed is one.
+    let rc = unsafe { libc::poll(&mut fd, 1, ms) };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+    Ok(())
 }
