@@ -108,7 +108,8 @@ impl Overlay {
     /// Creates the interface and the socket and starts the data path. Nothing is reachable
     /// until [`Overlay::set_members`] (and, encrypted, [`Overlay::set_epochs`]).
     pub fn start(config: OverlayConfig) -> Result<Overlay, OverlayError> {
-        let vni = Vni::new(config.network.vni).map_err(|_| OverlayError::BadVni(config.network.vni))?;
+        let vni =
+            Vni::new(config.network.vni).map_err(|_| OverlayError::BadVni(config.network.vni))?;
         let mtu = config.network.mtu(config.underlay_mtu);
         let tap = Tap::create(&TapConfig {
             name: config.interface.clone(),
@@ -128,12 +129,13 @@ impl Overlay {
         engine.add_network(vni, config.network.encrypted)?;
         let arp = Arc::new(ArpResponder::new());
         let responder: Arc<dyn shoal_vxlan::io::LocalResponder> = arp.clone();
-        let dataplane = Dataplane::start(engine, vni, tap, socket, Some(responder)).map_err(
-            |source| OverlayError::Io {
-                what: "starting the data path",
-                source,
-            },
-        )?;
+        let dataplane =
+            Dataplane::start(engine, vni, tap, socket, Some(responder)).map_err(|source| {
+                OverlayError::Io {
+                    what: "starting the data path",
+                    source,
+                }
+            })?;
         Ok(Overlay {
             vni,
             interface: config.interface,
@@ -177,8 +179,7 @@ impl Overlay {
         if self.spec.encrypted && members.iter().any(|m| m.key.is_none()) {
             return Err(OverlayError::ExternalOnEncrypted(self.spec.name.clone()));
         }
-        let wanted: HashMap<IpAddr, Member> =
-            members.iter().map(|m| (m.vtep.ip(), *m)).collect();
+        let wanted: HashMap<IpAddr, Member> = members.iter().map(|m| (m.vtep.ip(), *m)).collect();
         let vni = self.vni;
         let gone: Vec<IpAddr> = self
             .members
@@ -186,27 +187,28 @@ impl Overlay {
             .filter(|ip| !wanted.contains_key(ip))
             .copied()
             .collect();
-        self.dataplane.with_engine(|engine| -> Result<(), OverlayError> {
-            for ip in &gone {
-                engine.remove_peer(*ip);
-            }
-            for m in wanted.values() {
-                engine.set_peer(m.vtep, m.key)?;
-                let fdb = engine.fdb_mut(vni)?;
-                // A member whose MAC moved: forget the old one.
-                let stale: Vec<Mac> = fdb
-                    .entries()
-                    .filter(|(mac, e)| e.vtep == m.vtep.ip() && **mac != m.mac)
-                    .map(|(mac, _)| *mac)
-                    .collect();
-                for mac in stale {
-                    fdb.remove(&mac);
+        self.dataplane
+            .with_engine(|engine| -> Result<(), OverlayError> {
+                for ip in &gone {
+                    engine.remove_peer(*ip);
                 }
-                fdb.insert(m.mac, m.vtep.ip());
-                fdb.add_flood(m.vtep.ip());
-            }
-            Ok(())
-        })?;
+                for m in wanted.values() {
+                    engine.set_peer(m.vtep, m.key)?;
+                    let fdb = engine.fdb_mut(vni)?;
+                    // A member whose MAC moved: forget the old one.
+                    let stale: Vec<Mac> = fdb
+                        .entries()
+                        .filter(|(mac, e)| e.vtep == m.vtep.ip() && **mac != m.mac)
+                        .map(|(mac, _)| *mac)
+                        .collect();
+                    for mac in stale {
+                        fdb.remove(&mac);
+                    }
+                    fdb.insert(m.mac, m.vtep.ip());
+                    fdb.add_flood(m.vtep.ip());
+                }
+                Ok(())
+            })?;
         let mut table = ArpTable::new();
         for m in wanted.values() {
             table.insert(m.address, m.mac);
@@ -220,36 +222,37 @@ impl Overlay {
     /// Epochs are added before the sending one moves and retired after, so a rotation that
     /// reaches every node loses nothing.
     pub fn set_epochs(&self, epochs: &[EpochKey], send: u32) -> Result<(), OverlayError> {
-        self.dataplane.with_engine(|engine| -> Result<(), OverlayError> {
-            let live: Vec<u32> = engine.keyring().epochs().map(EpochKey::id).collect();
-            let wanted: Vec<u32> = epochs.iter().map(EpochKey::id).collect();
-            // Make room first: retire what is no longer wanted (never the sending epoch).
-            for id in live.iter().filter(|id| !wanted.contains(id)) {
-                if engine.keyring().send_epoch() == Some(*id) {
-                    if let Some(other) = live.iter().find(|o| wanted.contains(o)) {
-                        engine.set_send_epoch(*other)?;
-                    } else {
-                        continue;
+        self.dataplane
+            .with_engine(|engine| -> Result<(), OverlayError> {
+                let live: Vec<u32> = engine.keyring().epochs().map(EpochKey::id).collect();
+                let wanted: Vec<u32> = epochs.iter().map(EpochKey::id).collect();
+                // Make room first: retire what is no longer wanted (never the sending epoch).
+                for id in live.iter().filter(|id| !wanted.contains(id)) {
+                    if engine.keyring().send_epoch() == Some(*id) {
+                        if let Some(other) = live.iter().find(|o| wanted.contains(o)) {
+                            engine.set_send_epoch(*other)?;
+                        } else {
+                            continue;
+                        }
                     }
+                    engine.retire_epoch(*id)?;
                 }
-                engine.retire_epoch(*id)?;
-            }
-            for e in epochs.iter().filter(|e| !live.contains(&e.id())) {
-                engine.add_epoch(e.clone())?;
-            }
-            engine.set_send_epoch(send)?;
-            // An old sending epoch that could not be retired before the new one arrived.
-            let leftover: Vec<u32> = engine
-                .keyring()
-                .epochs()
-                .map(EpochKey::id)
-                .filter(|id| !wanted.contains(id))
-                .collect();
-            for id in leftover {
-                engine.retire_epoch(id)?;
-            }
-            Ok(())
-        })
+                for e in epochs.iter().filter(|e| !live.contains(&e.id())) {
+                    engine.add_epoch(e.clone())?;
+                }
+                engine.set_send_epoch(send)?;
+                // An old sending epoch that could not be retired before the new one arrived.
+                let leftover: Vec<u32> = engine
+                    .keyring()
+                    .epochs()
+                    .map(EpochKey::id)
+                    .filter(|id| !wanted.contains(id))
+                    .collect();
+                for id in leftover {
+                    engine.retire_epoch(id)?;
+                }
+                Ok(())
+            })
     }
 
     /// The engine's counters, engine-wide.
@@ -259,8 +262,11 @@ impl Overlay {
 
     /// Counters per member VTEP.
     pub fn peer_counters(&self) -> Vec<(SocketAddr, Counters)> {
-        self.dataplane
-            .with_engine(|e| e.peers().map(|p| (p.vtep(), p.counters().clone())).collect())
+        self.dataplane.with_engine(|e| {
+            e.peers()
+                .map(|p| (p.vtep(), p.counters().clone()))
+                .collect()
+        })
     }
 
     /// The IO shell's counters.
