@@ -9,7 +9,7 @@
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
@@ -24,12 +24,13 @@ use crate::api::{
     hex, read_frame, write_frame, AdminRequest, Info, InitRequest, JoinRequest, ManagerReply,
     ManagerRequest, ManagerResponse, Reply, Request, Response,
 };
+use crate::gossip::Link;
 use crate::id::NodeId;
 use crate::manager::{
     join_addr, random_key, random_u128, unix_now, Manager, StartError, NOT_MANAGER, PING_INTERVAL,
 };
 use crate::state::{Availability, Command, Init, Network, Node, Role, State};
-use crate::store::{Membership, Store, StoreError, Write};
+use crate::store::{Current, Membership, Store, StoreError, Write};
 use crate::tls::{
     cert_digest, generate_ca, issue_node_cert, join_client_config, node_client_config,
     server_config, server_name, Issued, TlsError,
@@ -60,6 +61,8 @@ pub struct AgentConfig {
     pub socket: PathBuf,
     /// This node's host name.
     pub hostname: String,
+    /// Where gossip listens (default: the advertise address, port 7946).
+    pub gossip_addr: Option<SocketAddr>,
 }
 
 /// Why the agent could not start or run.
@@ -97,10 +100,6 @@ pub enum AgentError {
     },
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 /// A background task with a stop signal.
 struct Running {
     stop: watch::Sender<bool>,
@@ -118,6 +117,7 @@ impl Running {
 struct Roles {
     manager: Option<(Arc<Manager>, Running)>,
     watcher: Option<Running>,
+    gossip: Option<Running>,
 }
 
 /// The running agent.
@@ -125,7 +125,7 @@ pub struct Agent {
     config: AgentConfig,
     store: Arc<Store>,
     public_key: [u8; 32],
-    membership: Arc<Mutex<Option<Membership>>>,
+    membership: Arc<Current>,
     roles: tokio::sync::Mutex<Roles>,
 }
 
@@ -200,7 +200,7 @@ impl Agent {
             config,
             store,
             public_key,
-            membership: Arc::new(Mutex::new(membership.clone())),
+            membership: Current::new(membership.clone()),
             roles: tokio::sync::Mutex::new(Roles::default()),
         });
         if let Some(m) = membership {
@@ -214,11 +214,14 @@ impl Agent {
                                 addr: listen,
                                 source,
                             })?;
-                    roles.manager = Some(agent.start_manager(&m, state, listener, listen)?);
+                    let (manager, running) = agent.start_manager(&m, state, listener, listen)?;
+                    roles.gossip = Some(agent.start_gossip(Some(manager.clone())));
+                    roles.manager = Some((manager, running));
                     info!(node = %m.node_id, %listen, "resumed as the swarm leader");
                 }
                 _ => {
                     roles.watcher = Some(agent.start_watcher());
+                    roles.gossip = Some(agent.start_gossip(None));
                     info!(node = %m.node_id, manager = %m.view.api_addr, "resumed swarm membership");
                 }
             }
@@ -228,12 +231,27 @@ impl Agent {
 
     async fn stop(&self) {
         let mut roles = self.roles.lock().await;
+        if let Some(running) = roles.gossip.take() {
+            running.stop().await;
+        }
         if let Some((_, running)) = roles.manager.take() {
             running.stop().await;
         }
         if let Some(running) = roles.watcher.take() {
             running.stop().await;
         }
+    }
+
+    fn start_gossip(&self, manager: Option<Arc<Manager>>) -> Running {
+        let (stop, rx) = watch::channel(false);
+        let task = tokio::spawn(gossip_loop(
+            self.membership.clone(),
+            self.public_key,
+            self.config.gossip_addr,
+            manager,
+            rx,
+        ));
+        Running { stop, task }
     }
 
     fn start_manager(
@@ -298,7 +316,7 @@ impl Agent {
     }
 
     fn info(&self) -> Info {
-        let m = lock(&self.membership).clone();
+        let m = self.membership.get();
         Info {
             hostname: self.config.hostname.clone(),
             public_key: hex(&self.public_key),
@@ -319,7 +337,7 @@ impl Agent {
 
     async fn init(&self, req: InitRequest) -> Response {
         let mut roles = self.roles.lock().await;
-        if lock(&self.membership).is_some() {
+        if self.membership.get().is_some() {
             return Err(ALREADY_IN_SWARM.into());
         }
         check_cidr(&req.ingress_subnet)?;
@@ -387,12 +405,15 @@ impl Agent {
             .write(&[Write::Manager(&state), Write::Membership(&membership)])
             .map_err(|e| e.to_string())?;
         let started = self.start_manager(&membership, state, listener, req.listen_addr);
-        *lock(&self.membership) = Some(membership);
+        self.membership.set(Some(membership));
         match started {
-            Ok(m) => roles.manager = Some(m),
+            Ok((manager, running)) => {
+                roles.gossip = Some(self.start_gossip(Some(manager.clone())));
+                roles.manager = Some((manager, running));
+            }
             Err(e) => {
                 // Undo: nothing of a half-started swarm stays.
-                *lock(&self.membership) = None;
+                self.membership.set(None);
                 let _ = self
                     .store
                     .write(&[Write::ClearManager, Write::ClearMembership]);
@@ -409,7 +430,7 @@ impl Agent {
 
     async fn join(&self, req: JoinRequest) -> Response {
         let mut roles = self.roles.lock().await;
-        if lock(&self.membership).is_some() {
+        if self.membership.get().is_some() {
             return Err(ALREADY_IN_SWARM.into());
         }
         let token = Token::parse(&req.token).map_err(|e| e.to_string())?;
@@ -472,19 +493,23 @@ impl Agent {
             .write(&[Write::Membership(&membership)])
             .map_err(|e| e.to_string())?;
         info!(node = %membership.node_id, role = role.as_str(), %manager, "joined the swarm");
-        *lock(&self.membership) = Some(membership);
+        self.membership.set(Some(membership));
         roles.watcher = Some(self.start_watcher());
+        roles.gossip = Some(self.start_gossip(None));
         Ok(Reply::Joined { role })
     }
 
     async fn leave(&self, force: bool) -> Response {
         let mut roles = self.roles.lock().await;
-        let Some(m) = lock(&self.membership).clone() else {
+        let Some(m) = self.membership.get() else {
             return Err("This node is not part of a swarm".into());
         };
         if roles.manager.is_some() {
             if !force {
                 return Err("You are attempting to leave the swarm on a node that is participating as a manager. Removing the last manager erases all current state of the swarm. Use `--force` to ignore this message.".into());
+            }
+            if let Some(running) = roles.gossip.take() {
+                running.stop().await;
             }
             if let Some((_, running)) = roles.manager.take() {
                 running.stop().await;
@@ -505,13 +530,16 @@ impl Agent {
                 Err(_) => warn!("could not tell the manager we leave: timed out"),
             }
         }
+        if let Some(running) = roles.gossip.take() {
+            running.stop().await;
+        }
         if let Some(running) = roles.watcher.take() {
             running.stop().await;
         }
         self.store
             .write(&[Write::ClearMembership, Write::ClearManager])
             .map_err(|e| e.to_string())?;
-        *lock(&self.membership) = None;
+        self.membership.set(None);
         info!(node = %m.node_id, "left the swarm");
         Ok(Reply::Left)
     }
@@ -524,7 +552,7 @@ impl Agent {
             .manager
             .as_ref()
             .map(|(m, _)| m.clone());
-        let Some(m) = lock(&self.membership).clone() else {
+        let Some(m) = self.membership.get() else {
             return Err(NOT_IN_SWARM.into());
         };
         if let Some(manager) = leader {
@@ -639,19 +667,69 @@ async fn call(
     }
 }
 
+async fn gossip_loop(
+    cell: Arc<Current>,
+    public_key: [u8; 32],
+    bind: Option<SocketAddr>,
+    manager: Option<Arc<Manager>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let Some(m) = cell.get() else {
+        return;
+    };
+    let link = match Link::start(&m, public_key, bind).await {
+        Ok(link) => link,
+        Err(e) => {
+            warn!("gossip did not start: {e}; node STATUS falls back to the watch streams");
+            return;
+        }
+    };
+    let mut changes = cell.subscribe();
+    let mut up = link.watch_up();
+    if let Some(manager) = &manager {
+        manager.set_gossip_up(Some(link.up()));
+    }
+    loop {
+        tokio::select! {
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                match cell.get() {
+                    Some(m) => {
+                        if let Err(e) = link.follow(&m, public_key).await {
+                            warn!("gossip could not follow the cluster view: {e}");
+                        }
+                    }
+                    None => break,
+                }
+            }
+            changed = up.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                if let Some(manager) = &manager {
+                    manager.set_gossip_up(Some(up.borrow_and_update().clone()));
+                }
+            }
+            _ = stop.changed() => break,
+        }
+    }
+    if let Some(manager) = &manager {
+        manager.set_gossip_up(None);
+    }
+    link.stop(true).await;
+}
+
 enum WatchEnd {
     Stopped,
     Removed,
 }
 
-async fn watch_loop(
-    store: Arc<Store>,
-    membership: Arc<Mutex<Option<Membership>>>,
-    mut stop: watch::Receiver<bool>,
-) {
+async fn watch_loop(store: Arc<Store>, membership: Arc<Current>, mut stop: watch::Receiver<bool>) {
     let mut backoff = Duration::from_millis(200);
     loop {
-        let Some(m) = lock(&membership).clone() else {
+        let Some(m) = membership.get() else {
             return;
         };
         match watch_once(&m, &store, &membership, &mut stop, &mut backoff).await {
@@ -661,7 +739,7 @@ async fn watch_loop(
                 if let Err(e) = store.write(&[Write::ClearMembership]) {
                     warn!("could not clear the membership: {e}");
                 }
-                *lock(&membership) = None;
+                membership.set(None);
                 return;
             }
             Err(e) => debug!("watch stream to {}: {e}", m.view.api_addr),
@@ -677,7 +755,7 @@ async fn watch_loop(
 async fn watch_once(
     m: &Membership,
     store: &Store,
-    membership: &Mutex<Option<Membership>>,
+    membership: &Current,
     stop: &mut watch::Receiver<bool>,
     backoff: &mut Duration,
 ) -> Result<WatchEnd, String> {
@@ -706,20 +784,19 @@ async fn watch_once(
             Ok(Some(Ok(ManagerReply::Removed))) => break Ok(WatchEnd::Removed),
             Ok(Some(Ok(ManagerReply::View(view)))) => {
                 *backoff = Duration::from_millis(200);
-                let mut guard = lock(membership);
-                let Some(current) = guard.as_mut() else {
+                let Some(current) = membership.get() else {
                     break Ok(WatchEnd::Stopped);
                 };
                 if view.version <= current.view.version && view.api_addr == current.view.api_addr {
                     continue;
                 }
-                let mut next = current.clone();
+                let mut next = current;
                 next.view = *view;
                 if let Err(e) = store.write(&[Write::Membership(&next)]) {
                     break Err(e.to_string());
                 }
                 debug!(version = next.view.version, "cluster view updated");
-                *current = next;
+                membership.set(Some(next));
             }
             Ok(Some(Ok(other))) => {
                 break Err(format!("unexpected message on the watch stream: {other:?}"))

@@ -16,6 +16,7 @@
 pub mod agent;
 pub mod api;
 pub mod cli;
+pub mod gossip;
 pub mod id;
 pub mod manager;
 pub mod state;

@@ -29,7 +29,7 @@ use crate::api::{
 };
 use crate::id::NodeId;
 use crate::state::{Applied, Availability, Cluster, ClusterView, Command, Node, Role, State};
-use crate::store::{Membership, Store, Write};
+use crate::store::{Current, Membership, Store, Write};
 use crate::tls::{cert_digest, issue_node_cert, Issued};
 use crate::token::{CaDigest, Secret, Token};
 
@@ -76,10 +76,10 @@ pub struct Manager {
     own_cert: Issued,
     state: Mutex<State>,
     store: Arc<Store>,
-    membership: Arc<Mutex<Option<Membership>>>,
+    membership: Arc<Current>,
     views: watch::Sender<Arc<ClusterView>>,
     sessions: Mutex<HashMap<NodeId, usize>>,
-    gossip_up: Mutex<Option<HashSet<NodeId>>>,
+    gossip_up: Mutex<Option<Arc<HashSet<NodeId>>>>,
 }
 
 impl std::fmt::Debug for Manager {
@@ -107,7 +107,7 @@ impl Manager {
         own_cert: Issued,
         state: State,
         store: Arc<Store>,
-        membership: Arc<Mutex<Option<Membership>>>,
+        membership: Arc<Current>,
     ) -> Result<Arc<Self>, StartError> {
         let view = state.view().ok_or(StartError::Empty)?;
         let (views, _) = watch::channel(Arc::new(view));
@@ -134,8 +134,8 @@ impl Manager {
         lock(&self.state).clone()
     }
 
-    /// Feeds gossip's view: the set of node IDs gossip sees up (`None`: no gossip).
-    pub fn set_gossip_up(&self, up: Option<HashSet<NodeId>>) {
+    /// Feeds gossip's view: the set of node IDs gossip sees up (`None`: gossip not running).
+    pub fn set_gossip_up(&self, up: Option<Arc<HashSet<NodeId>>>) {
         *lock(&self.gossip_up) = up;
     }
 
@@ -170,7 +170,7 @@ impl Manager {
             .map_err(|e| format!("the manager could not save the change: {e}"))?;
         *guard = next;
         drop(guard);
-        *lock(&self.membership) = Some(membership);
+        self.membership.set(Some(membership));
         self.views.send_replace(Arc::new(view));
         Ok((applied, extra))
     }
@@ -181,7 +181,9 @@ impl Manager {
             .map(|(a, ())| a)
     }
 
-    /// True if `id` is up: ourselves, a live watch stream, or gossip says so; never if it left.
+    /// True if `node` is up. Ourselves always; a node that left never; otherwise it needs a
+    /// live watch stream and, when gossip runs, gossip must see it up too: a node the
+    /// manager can reach but the cluster cannot gossip with is not Ready.
     pub fn is_up(&self, node: &Node) -> bool {
         if node.id == self.self_id {
             return true;
@@ -192,8 +194,8 @@ impl Manager {
         let watching = lock(&self.sessions).get(&node.id).copied().unwrap_or(0) > 0;
         let gossip = lock(&self.gossip_up)
             .as_ref()
-            .is_some_and(|up| up.contains(&node.id));
-        watching || gossip
+            .is_none_or(|up| up.contains(&node.id));
+        watching && gossip
     }
 
     fn status(&self, cluster: &Cluster, node: &Node) -> NodeStatus {
@@ -666,7 +668,7 @@ mod tests {
     struct Fixture {
         _dir: tempfile::TempDir,
         manager: Arc<Manager>,
-        membership: Arc<Mutex<Option<Membership>>>,
+        membership: Arc<Current>,
     }
 
     fn leader() -> Fixture {
@@ -698,7 +700,7 @@ mod tests {
                 at: 1000,
             })))
             .unwrap();
-        let membership = Arc::new(Mutex::new(None));
+        let membership = Current::new(None);
         let manager = Manager::new(
             id,
             "127.0.0.1:2377".parse().unwrap(),
@@ -746,7 +748,7 @@ mod tests {
         assert_eq!(grant.view.node(&grant.node_id).unwrap().role, Role::Manager);
         assert_eq!(grant.view.nodes.len(), 3);
         // The leader's own record follows every change.
-        let kept = f.membership.lock().unwrap().clone().unwrap();
+        let kept = f.membership.get().unwrap();
         assert_eq!(kept.view.version, f.manager.state().version);
     }
 
@@ -804,13 +806,27 @@ mod tests {
     fn rm_refuses_an_up_node_unless_forced() {
         let f = leader();
         let me = NodeId::from_random(1);
-        let grant = join(&f.manager, 11, "w").unwrap();
-        f.manager
-            .set_gossip_up(Some(HashSet::from([grant.node_id.clone()])));
         let rm = |force| AdminRequest::NodeRm {
             nodes: vec!["w".into()],
             force,
         };
+        // Gossip alone is not enough: without a watch stream the node is down and goes.
+        let first = join(&f.manager, 11, "w").unwrap();
+        f.manager
+            .set_gossip_up(Some(Arc::new(HashSet::from([first.node_id.clone()]))));
+        assert!(f.manager.handle_admin(rm(false), &me).is_ok());
+        // A watch stream and gossip: up, so refused without --force.
+        let grant = join(&f.manager, 11, "w").unwrap();
+        f.manager
+            .set_gossip_up(Some(Arc::new(HashSet::from([grant.node_id.clone()]))));
+        let session = Session::start(&f.manager, &grant.node_id);
+        // A watch stream but gossip does not see it: down.
+        f.manager.set_gossip_up(Some(Arc::new(HashSet::new())));
+        let node = f.manager.state().cluster().unwrap().nodes[&grant.node_id].clone();
+        assert!(!f.manager.is_up(&node));
+        f.manager
+            .set_gossip_up(Some(Arc::new(HashSet::from([grant.node_id.clone()]))));
+        assert!(f.manager.is_up(&node));
         let err = f.manager.handle_admin(rm(false), &me).unwrap_err();
         assert!(err.contains("is not down"), "{err}");
         assert_eq!(f.manager.state().cluster().unwrap().nodes.len(), 2);
@@ -831,6 +847,7 @@ mod tests {
             f.manager.handle_admin(rm(true), &me).unwrap(),
             Reply::Lines(vec![grant.node_id.to_string()])
         );
+        drop(session);
         // The leader itself.
         let err = f
             .manager

@@ -45,6 +45,46 @@ impl Membership {
     }
 }
 
+/// The membership record in memory, shared by the agent's tasks; every change is announced
+/// to [`Current::subscribe`]rs (the gossip link follows the view this way).
+#[derive(Debug)]
+pub struct Current {
+    value: std::sync::Mutex<Option<Membership>>,
+    changed: tokio::sync::watch::Sender<u64>,
+}
+
+impl Current {
+    /// A cell holding `value`.
+    pub fn new(value: Option<Membership>) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(Self {
+            value: std::sync::Mutex::new(value),
+            changed: tokio::sync::watch::channel(0).0,
+        })
+    }
+
+    /// A copy of the record.
+    pub fn get(&self) -> Option<Membership> {
+        self.value
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replaces the record and announces it.
+    pub fn set(&self, value: Option<Membership>) {
+        *self
+            .value
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = value;
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// A receiver that changes on every [`Current::set`].
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+}
+
 /// A change to write; a list of them is one transaction.
 #[derive(Debug)]
 pub enum Write<'a> {

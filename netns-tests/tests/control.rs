@@ -389,3 +389,48 @@ fn walkthrough_across_namespaces() {
     assert!(err.contains("already part of a swarm"), "{err}");
     assert_eq!(lab.rows("n1"), before);
 }
+
+/// STATUS comes from gossip: a node whose gossip is cut (its watch stream to the manager
+/// untouched) turns Down, and Ready again when gossip flows.
+#[test]
+fn status_follows_gossip() {
+    let mut lab = Lab::new(&["g1", "g2", "g3"]);
+    for n in ["g1", "g2", "g3"] {
+        lab.start(n);
+    }
+    let g1_ip = lab.node("g1").ip.to_string();
+    let init = lab.ok("g1", &["init", "--advertise-addr", &g1_ip]);
+    let join = join_words(&init);
+    let join_args: Vec<&str> = join.iter().map(String::as_str).collect();
+
+    // g2 advertises a secondary address, which its gossip binds; its watch stream to the
+    // manager runs from its primary address.
+    let ns = lab.node("g2").ns.clone();
+    let o = lab.node("g2").ip.octets();
+    let secondary = Ipv4Addr::new(o[0], o[1], o[2], 200).to_string();
+    let secondary_cidr = format!("{secondary}/24");
+    run(Command::new("ip").args(["-n", &ns, "addr", "add", &secondary_cidr, "dev", "eth0"]));
+    let mut g2_join = join_args.clone();
+    g2_join.extend(["--advertise-addr", &secondary]);
+    lab.ok("g2", &g2_join);
+    lab.ok("g3", &join_args);
+    wait_until(Duration::from_secs(10), || {
+        lab.rows("g1").iter().filter(|r| r.1 == "Ready").count() == 3
+    });
+
+    // Cut g2's gossip and nothing else.
+    run(Command::new("ip").args(["-n", &ns, "addr", "del", &secondary_cidr, "dev", "eth0"]));
+    let t = wait_until(Duration::from_secs(30), || {
+        lab.status("g1", "g2").as_deref() == Some("Down")
+    });
+    eprintln!("g2 Down on g1 {t:?} after its gossip was cut");
+    assert_eq!(lab.status("g1", "g3").as_deref(), Some("Ready"));
+    // Its control plane still works: the watch stream is not what made it Down.
+    assert!(lab.shoal("g2", &["info"]).status.success());
+
+    run(Command::new("ip").args(["-n", &ns, "addr", "add", &secondary_cidr, "dev", "eth0"]));
+    let t = wait_until(Duration::from_secs(30), || {
+        lab.status("g1", "g2").as_deref() == Some("Ready")
+    });
+    eprintln!("g2 Ready on g1 {t:?} after gossip flowed again");
+}

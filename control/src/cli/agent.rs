@@ -14,6 +14,9 @@ pub struct Args {
     /// This node's host name (default: the system host name).
     #[arg(long)]
     hostname: Option<String>,
+    /// Where gossip listens, IP:PORT (default: the node's advertise address, port 7946).
+    #[arg(long)]
+    gossip_addr: Option<std::net::SocketAddr>,
 }
 
 pub(super) async fn run(args: Args, socket: PathBuf) -> Result<(), CliError> {
@@ -29,6 +32,7 @@ pub(super) async fn run(args: Args, socket: PathBuf) -> Result<(), CliError> {
         state_dir: args.state_dir,
         socket,
         hostname,
+        gossip_addr: args.gossip_addr,
     };
     crate::agent::run(config, shutdown_signal()).await?;
     Ok(())

@@ -1,0 +1,280 @@
+//! The one place the control plane meets `shoal-gossip`: it starts the gossip driver from a
+//! node's membership, keeps the driver's admission list, keys and metadata in step with the
+//! cluster view, and turns gossip events into the set of node IDs gossip sees up.
+//!
+//! Admission is exactly the manager's node list (ID and X25519 public key, nodes that left
+//! excluded): gossip spreads the list, but only what the manager issued is believed. The
+//! gossip keyring is the view's gossip keys: the newest seals, the previous one still opens,
+//! so a rotation does not cut anyone off for longer than the view takes to arrive.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use shoal_gossip::driver::{self, Handle, HandleError, StartError};
+use shoal_gossip::{Event, Key, Keyring, Metadata};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use crate::id::NodeId;
+use crate::state::{ClusterView, KeyEntry, Role};
+use crate::store::Membership;
+
+/// Default gossip port.
+pub const DEFAULT_PORT: u16 = 7946;
+
+/// Why the gossip link could not start or follow a view.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The view has no gossip key.
+    #[error("the cluster view has no gossip key; the manager state is damaged")]
+    NoKey,
+    /// This node is not in the view.
+    #[error("this node is not in the cluster view")]
+    NotInView,
+    /// A node ID the gossip crate does not accept.
+    #[error("node ID {0} is not valid for gossip")]
+    BadId(String),
+    /// The driver did not start.
+    #[error(transparent)]
+    Start(#[from] StartError),
+    /// The driver refused an update or has stopped.
+    #[error(transparent)]
+    Handle(#[from] HandleError),
+}
+
+/// A running gossip driver tied to this node's membership.
+pub struct Link {
+    handle: Handle,
+    up: watch::Receiver<Arc<HashSet<NodeId>>>,
+    events: JoinHandle<()>,
+    last: Mutex<Option<Metadata>>,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link")
+            .field("addr", &self.handle.local_addr())
+            .finish()
+    }
+}
+
+fn gossip_id(id: &NodeId) -> Result<shoal_gossip::NodeId, LinkError> {
+    id.as_str()
+        .parse()
+        .map_err(|_| LinkError::BadId(id.to_string()))
+}
+
+fn key(entry: &KeyEntry) -> Key {
+    // Key ids grow by one per rotation, so consecutive ids never collide modulo 256.
+    Key {
+        id: (entry.id & 0xff) as u8,
+        secret: entry.key,
+    }
+}
+
+/// The gossip keyring for a view: newest seals, the one before still opens.
+pub fn keyring(view: &ClusterView) -> Result<Keyring, LinkError> {
+    let mut keys = view.keys.gossip.iter().rev();
+    let current = keys.next().ok_or(LinkError::NoKey)?;
+    match keys.next() {
+        Some(previous) => Ok(Keyring::with_previous(key(current), key(previous))
+            .unwrap_or_else(|_| Keyring::new(key(current)))),
+        None => Ok(Keyring::new(key(current))),
+    }
+}
+
+/// The admission list for a view: every node that has not left, with its public key.
+pub fn admission(view: &ClusterView) -> Vec<(shoal_gossip::NodeId, [u8; 32])> {
+    view.nodes
+        .iter()
+        .filter(|n| !n.left)
+        .filter_map(|n| gossip_id(&n.id).ok().map(|id| (id, n.public_key)))
+        .collect()
+}
+
+/// Gossip addresses of the other nodes that have not left.
+pub fn seeds(view: &ClusterView, me: &NodeId, port: u16) -> Vec<SocketAddr> {
+    view.nodes
+        .iter()
+        .filter(|n| !n.left && &n.id != me)
+        .map(|n| SocketAddr::new(n.addr, port))
+        .collect()
+}
+
+/// Our gossip metadata from the view.
+pub fn metadata(
+    view: &ClusterView,
+    me: &NodeId,
+    public_key: [u8; 32],
+) -> Result<Metadata, LinkError> {
+    let node = view.node(me).ok_or(LinkError::NotInView)?;
+    Ok(Metadata {
+        vtep: node.addr,
+        data_port: view.ingress.data_path_port,
+        public_key,
+        role: match node.role {
+            Role::Worker => shoal_gossip::Role::Worker,
+            Role::Manager => shoal_gossip::Role::Manager,
+        },
+        version: crate::agent::VERSION.chars().take(32).collect(),
+    })
+}
+
+impl Link {
+    /// Starts gossip for `m` on `bind` (default: our advertise address and [`DEFAULT_PORT`]),
+    /// joining through every other node.
+    pub async fn start(
+        m: &Membership,
+        public_key: [u8; 32],
+        bind: Option<SocketAddr>,
+    ) -> Result<Self, LinkError> {
+        let me = m.view.node(&m.node_id).ok_or(LinkError::NotInView)?;
+        let bind = bind.unwrap_or(SocketAddr::new(me.addr, DEFAULT_PORT));
+        let advertise = SocketAddr::new(me.addr, bind.port());
+        let meta = metadata(&m.view, &m.node_id, public_key)?;
+        let mut cfg = driver::Config::new(
+            gossip_id(&m.node_id)?,
+            advertise,
+            meta.clone(),
+            keyring(&m.view)?,
+        );
+        cfg.bind = bind;
+        cfg.seeds = seeds(&m.view, &m.node_id, bind.port());
+        cfg.admission = shoal_gossip::Admission::only(admission(&m.view));
+        let (handle, mut events) = driver::start(cfg).await?;
+        info!(%bind, "gossip started");
+        let (up_tx, up) = watch::channel(Arc::new(HashSet::new()));
+        let task = tokio::spawn(async move {
+            let mut set = HashSet::new();
+            while let Some(event) = events.recv().await {
+                let (id, is_up) = match &event {
+                    Event::Up(m) | Event::Updated(m) => (m.id, true),
+                    Event::Down(m) | Event::Left(m) => (m.id, false),
+                };
+                let Ok(id) = id.as_str().parse::<NodeId>() else {
+                    continue;
+                };
+                debug!(node = %id, up = is_up, "gossip event");
+                let changed = if is_up {
+                    set.insert(id)
+                } else {
+                    set.remove(&id)
+                };
+                if changed {
+                    up_tx.send_replace(Arc::new(set.clone()));
+                }
+            }
+        });
+        Ok(Self {
+            handle,
+            up,
+            events: task,
+            last: Mutex::new(Some(meta)),
+        })
+    }
+
+    /// Node IDs gossip sees up now (not ourselves).
+    pub fn up(&self) -> Arc<HashSet<NodeId>> {
+        self.up.borrow().clone()
+    }
+
+    /// A receiver that changes whenever the up set does.
+    pub fn watch_up(&self) -> watch::Receiver<Arc<HashSet<NodeId>>> {
+        self.up.clone()
+    }
+
+    /// Brings admission, keys and our metadata in step with a new view.
+    pub async fn follow(&self, m: &Membership, public_key: [u8; 32]) -> Result<(), LinkError> {
+        self.handle.set_admission(admission(&m.view))?;
+        self.handle.set_keys(keyring(&m.view)?)?;
+        let meta = metadata(&m.view, &m.node_id, public_key)?;
+        let changed = {
+            let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+            let changed = last.as_ref() != Some(&meta);
+            *last = Some(meta.clone());
+            changed
+        };
+        if changed {
+            self.handle.update_metadata(meta).await?;
+        }
+        Ok(())
+    }
+
+    /// Leaves gracefully (when `leave`) and stops the driver.
+    pub async fn stop(self, leave: bool) {
+        if leave {
+            if let Err(e) = self.handle.leave().await {
+                warn!("gossip leave: {e}");
+            }
+        }
+        self.handle.shutdown().await;
+        self.events.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::tests::{init_cmd, node};
+    use crate::state::{Command, State};
+
+    fn view() -> ClusterView {
+        let mut s = State::default();
+        s.apply(init_cmd()).unwrap();
+        s.apply(Command::AddNode(Box::new(node(2, Role::Worker))))
+            .unwrap();
+        let mut gone = node(3, Role::Worker);
+        gone.left = true;
+        s.apply(Command::AddNode(Box::new(gone))).unwrap();
+        s.view().unwrap()
+    }
+
+    #[test]
+    fn admission_and_seeds_follow_the_node_list() {
+        let v = view();
+        let list = admission(&v);
+        assert_eq!(list.len(), 2, "the node that left is not admitted");
+        assert!(list
+            .iter()
+            .any(|(id, key)| id.as_str() == NodeId::from_random(2).as_str() && *key == [2; 32]));
+        let me = NodeId::from_random(1);
+        assert_eq!(
+            seeds(&v, &me, 7946),
+            vec!["198.18.0.2:7946".parse().unwrap()]
+        );
+    }
+
+    #[test]
+    fn keyring_has_current_and_previous() {
+        let mut s = State::default();
+        s.apply(init_cmd()).unwrap();
+        let ring = keyring(&s.view().unwrap()).unwrap();
+        assert_eq!(ring.current().id, 1);
+        assert!(ring.previous().is_none());
+        s.apply(Command::RotateKeys {
+            gossip_key: [5; 32],
+            data_path_key: [6; 32],
+            at: 2,
+        })
+        .unwrap();
+        let ring = keyring(&s.view().unwrap()).unwrap();
+        assert_eq!((ring.current().id, ring.current().secret), (2, [5; 32]));
+        assert_eq!(ring.previous().map(|k| k.id), Some(1));
+    }
+
+    #[test]
+    fn metadata_from_the_view() {
+        let v = view();
+        let meta = metadata(&v, &NodeId::from_random(1), [1; 32]).unwrap();
+        assert_eq!(meta.role, shoal_gossip::Role::Manager);
+        assert_eq!(meta.data_port, 4789);
+        assert_eq!(meta.vtep, "198.18.0.1".parse::<std::net::IpAddr>().unwrap());
+        assert!(meta.validate().is_ok());
+        assert!(matches!(
+            metadata(&v, &NodeId::from_random(9), [1; 32]),
+            Err(LinkError::NotInView)
+        ));
+    }
+}
