@@ -1,32 +1,24 @@
 //! The seed's walkthrough, as a user would run it, across Linux network namespaces: shoal
-//! agents in their own namespaces on one bridge, driven with the `shoal` CLI.
+//! agents in their own namespaces on one bridge (the shared [`Lab`]), driven with the CLI.
 //!
-//! Needs root (it creates namespaces); fails with a clear message otherwise. Every namespace
-//! has a unique name (PID and a counter), addresses come from 198.18.0.0/15 only, and the
-//! [`Lab`] guard kills its agents by PID and deletes its namespaces on drop, also on failure.
-//!
-//! The `shoal` binary: `SHOAL_BIN` if set, else `<target dir>/<profile>/shoal` next to this
-//! test's executable, built with cargo first if it is missing.
+//! Needs root (it creates namespaces); fails with a clear message otherwise. The lab's
+//! namespaces have unique names, addresses come from 198.18.0.0/15 only, and dropping the
+//! lab kills the agents by PID and deletes the namespaces, also on failure. The binary is
+//! this package's `netns-shoal`, which is exactly the `shoal` program.
 
 // Test code: helpers may unwrap (clippy.toml allows it only inside #[test] functions).
 #![allow(clippy::unwrap_used)]
 
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-static COUNTER: AtomicU32 = AtomicU32::new(0);
+use shoal_netns_tests::{require_root, Lab};
 
-fn require_root() {
-    let out = Command::new("id").arg("-u").output().expect("run `id -u`");
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "0",
-        "this test creates network namespaces and must run as root"
-    );
-}
+const BIN: &str = env!("CARGO_BIN_EXE_netns-shoal");
+static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 fn run(cmd: &mut Command) {
     let out = cmd.output().unwrap();
@@ -37,110 +29,39 @@ fn run(cmd: &mut Command) {
     );
 }
 
-fn shoal_bin() -> PathBuf {
-    if let Some(bin) = std::env::var_os("SHOAL_BIN") {
-        return bin.into();
-    }
-    // <target>/<profile>/deps/control-<hash>
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(Path::parent).unwrap().to_owned();
-    let bin = profile_dir.join("shoal");
-    if !bin.exists() {
-        let target = profile_dir.parent().unwrap();
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.args([
-            "build",
-            "-p",
-            "shoal-control",
-            "--bin",
-            "shoal",
-            "--target-dir",
-        ])
-        .arg(target);
-        if profile_dir.file_name().is_some_and(|p| p == "release") {
-            cmd.arg("--release");
-        }
-        run(&mut cmd);
-    }
-    assert!(
-        bin.exists(),
-        "no shoal binary at {}; set SHOAL_BIN",
-        bin.display()
-    );
-    bin
-}
-
-/// Namespaces on one bridge, agents in them, all removed on drop.
-struct Lab {
-    bin: PathBuf,
-    switch: String,
-    nodes: Vec<LabNode>,
+/// A lab with a named shoal agent per namespace; state dirs and sockets in a temp dir.
+struct Cluster {
+    lab: Lab,
+    names: Vec<String>,
+    agents: Vec<Option<usize>>,
     root: PathBuf,
 }
 
-struct LabNode {
-    name: String,
-    ns: String,
-    ip: Ipv4Addr,
-    agent: Option<Child>,
-}
-
-impl Lab {
+impl Cluster {
     fn new(names: &[&str]) -> Self {
         require_root();
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let tag = format!("{}-{n}", std::process::id());
-        // One /24 per lab inside 198.18.0.0/15, picked from the PID and counter.
-        let block = (std::process::id().wrapping_mul(7).wrapping_add(n)) % 512;
-        let base = Ipv4Addr::new(198, 18 + (block / 256) as u8, (block % 256) as u8, 0);
-        let mut lab = Lab {
-            bin: shoal_bin(),
-            switch: format!("shc-{tag}-sw"),
-            nodes: Vec::new(),
-            root: std::env::temp_dir().join(format!("shoal-netns-control-{tag}")),
-        };
-        std::fs::create_dir_all(&lab.root).unwrap();
-        run(Command::new("ip").args(["netns", "add", &lab.switch]));
-        let sw = lab.switch.clone();
-        run(Command::new("ip").args(["-n", &sw, "link", "add", "br0", "type", "bridge"]));
-        run(Command::new("ip").args(["-n", &sw, "link", "set", "br0", "up"]));
-        for (i, name) in names.iter().enumerate() {
-            let ns = format!("shc-{tag}-{name}");
-            let o = base.octets();
-            let ip = Ipv4Addr::new(o[0], o[1], o[2], i as u8 + 1);
-            // Registered before it exists, so a failure below still deletes it.
-            lab.nodes.push(LabNode {
-                name: (*name).to_owned(),
-                ns: ns.clone(),
-                ip,
-                agent: None,
-            });
-            let port = format!("p{i}");
-            run(Command::new("ip").args(["netns", "add", &ns]));
-            run(Command::new("ip").args(["-n", &ns, "link", "set", "lo", "up"]));
-            run(Command::new("ip").args([
-                "-n", &ns, "link", "add", "eth0", "type", "veth", "peer", "name", &port, "netns",
-                &sw,
-            ]));
-            run(Command::new("ip").args(["-n", &sw, "link", "set", &port, "master", "br0"]));
-            run(Command::new("ip").args(["-n", &sw, "link", "set", &port, "up"]));
-            run(Command::new("ip").args([
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("{ip}/24"),
-                "dev",
-                "eth0",
-            ]));
-            run(Command::new("ip").args(["-n", &ns, "link", "set", "eth0", "up"]));
+        let root =
+            std::env::temp_dir().join(format!("shoal-netns-control-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&root).unwrap();
+        Cluster {
+            lab: Lab::new(names.len()).unwrap(),
+            names: names.iter().map(|s| (*s).to_owned()).collect(),
+            agents: vec![None; names.len()],
+            root,
         }
-        lab
     }
 
-    fn node(&self, name: &str) -> &LabNode {
-        self.nodes.iter().find(|n| n.name == name).unwrap()
+    fn idx(&self, name: &str) -> usize {
+        self.names.iter().position(|n| n == name).unwrap()
+    }
+
+    fn ip(&self, name: &str) -> Ipv4Addr {
+        self.lab.ip(self.idx(name))
+    }
+
+    fn ns(&self, name: &str) -> String {
+        self.lab.ns(self.idx(name))
     }
 
     fn socket(&self, name: &str) -> PathBuf {
@@ -148,45 +69,36 @@ impl Lab {
     }
 
     fn start(&mut self, name: &str) {
-        let socket = self.socket(name);
-        let state = self.root.join(name);
-        let log = std::fs::File::create(self.root.join(format!("{name}.log"))).unwrap();
-        let bin = self.bin.clone();
-        let node = self.nodes.iter_mut().find(|n| n.name == name).unwrap();
-        assert!(node.agent.is_none());
-        // `ip netns exec` execs the agent, so the child's PID is the agent's.
-        let child = Command::new("ip")
-            .args(["netns", "exec", &node.ns])
-            .arg(&bin)
-            .args(["agent", "--hostname", name, "--state-dir"])
-            .arg(&state)
-            .arg("--socket")
-            .arg(&socket)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        node.agent = Some(child);
+        let i = self.idx(name);
+        assert!(self.agents[i].is_none(), "{name} already running");
+        let args: Vec<String> = vec![
+            "RUST_LOG=warn".into(),
+            BIN.into(),
+            "agent".into(),
+            "--hostname".into(),
+            name.into(),
+            "--state-dir".into(),
+            self.root.join(name).display().to_string(),
+            "--socket".into(),
+            self.socket(name).display().to_string(),
+        ];
+        // `env` execs the agent, so the tracked PID is the agent's.
+        self.agents[i] = Some(self.lab.spawn(i, "env", &args).unwrap());
         wait_until(Duration::from_secs(10), || {
             self.shoal(name, &["info"]).status.success()
         });
     }
 
     fn kill9(&mut self, name: &str) {
-        let node = self.nodes.iter_mut().find(|n| n.name == name).unwrap();
-        if let Some(mut child) = node.agent.take() {
-            child.kill().unwrap();
-            child.wait().unwrap();
-        }
+        let i = self.idx(name);
+        let p = self.agents[i].take().unwrap();
+        self.lab.kill(p).unwrap();
     }
 
     /// Runs the CLI inside the node's namespace.
     fn shoal(&self, name: &str, args: &[&str]) -> Output {
-        let node = self.node(name);
         Command::new("ip")
-            .args(["netns", "exec", &node.ns])
-            .arg(&self.bin)
-            .arg("--socket")
+            .args(["netns", "exec", &self.ns(name), BIN, "--socket"])
             .arg(self.socket(name))
             .args(args)
             .output()
@@ -232,23 +144,10 @@ impl Lab {
     }
 }
 
-impl Drop for Lab {
+impl Drop for Cluster {
     fn drop(&mut self) {
-        for node in &mut self.nodes {
-            if let Some(mut child) = node.agent.take() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
-        for node in &self.nodes {
-            let _ = Command::new("ip").args(["netns", "del", &node.ns]).status();
-        }
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.switch])
-            .status();
-        if std::thread::panicking() {
-            eprintln!("agent logs kept in {}", self.root.display());
-        } else {
+        // The lab (dropped after this) kills the agents and deletes the namespaces.
+        if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.root);
         }
     }
@@ -276,11 +175,11 @@ fn join_words(text: &str) -> Vec<String> {
 
 #[test]
 fn walkthrough_across_namespaces() {
-    let mut lab = Lab::new(&["n1", "n2", "n3", "n4"]);
+    let mut lab = Cluster::new(&["n1", "n2", "n3", "n4"]);
     for n in ["n1", "n2", "n3", "n4"] {
         lab.start(n);
     }
-    let n1_ip = lab.node("n1").ip.to_string();
+    let n1_ip = lab.ip("n1").to_string();
 
     // init on n1 prints the paste-ready join command.
     let init = lab.ok("n1", &["init", "--advertise-addr", &n1_ip]);
@@ -321,7 +220,7 @@ fn walkthrough_across_namespaces() {
     )
     .unwrap()["Addr"]
         .clone();
-    assert_eq!(n2_addr, lab.node("n2").ip.to_string());
+    assert_eq!(n2_addr, lab.ip("n2").to_string());
 
     // Tokens.
     let worker = lab
@@ -394,19 +293,19 @@ fn walkthrough_across_namespaces() {
 /// untouched) turns Down, and Ready again when gossip flows.
 #[test]
 fn status_follows_gossip() {
-    let mut lab = Lab::new(&["g1", "g2", "g3"]);
+    let mut lab = Cluster::new(&["g1", "g2", "g3"]);
     for n in ["g1", "g2", "g3"] {
         lab.start(n);
     }
-    let g1_ip = lab.node("g1").ip.to_string();
+    let g1_ip = lab.ip("g1").to_string();
     let init = lab.ok("g1", &["init", "--advertise-addr", &g1_ip]);
     let join = join_words(&init);
     let join_args: Vec<&str> = join.iter().map(String::as_str).collect();
 
     // g2 advertises a secondary address, which its gossip binds; its watch stream to the
     // manager runs from its primary address.
-    let ns = lab.node("g2").ns.clone();
-    let o = lab.node("g2").ip.octets();
+    let ns = lab.ns("g2");
+    let o = lab.ip("g2").octets();
     let secondary = Ipv4Addr::new(o[0], o[1], o[2], 200).to_string();
     let secondary_cidr = format!("{secondary}/24");
     run(Command::new("ip").args(["-n", &ns, "addr", "add", &secondary_cidr, "dev", "eth0"]));
