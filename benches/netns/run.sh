@@ -218,7 +218,11 @@ shoal_build() {
   fi
   SHOAL_BIN="${CARGO_TARGET_DIR:-$REPO/target}/release/examples/overlay_pair"
   [ -x "$SHOAL_BIN" ] || { log "built, but $SHOAL_BIN is missing"; return 1; }
-  SHOAL_NOTE="overlay_pair example, release, commit $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')"
+  SHOAL_NOTE="overlay_pair example, release build of commit $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')"
+  # the working tree is shared: say so when the data path's sources differ from that commit
+  if [ -n "$(git -C "$REPO" status --porcelain -- vxlan ingress 2>/dev/null)" ]; then
+    SHOAL_NOTE+=" plus uncommitted changes in vxlan/ or ingress/"
+  fi
 }
 
 # The one place that starts a shoal node. $1 namespace, $2 side (a|b), $3 mode (plain|encrypted).
@@ -335,7 +339,7 @@ setup_esp() {
     ip -n "$NSA" xfrm state flush 2>/dev/null; ip -n "$NSB" xfrm state flush 2>/dev/null
   done
   SETUP_SKIP=1
-  SETUP_ERR="skipped: this kernel has no IPsec ESP ($(tr '\n' ' ' <"$WORK/setup.err" | sed 's/  */ /g; s/ $//'))"
+  SETUP_ERR="skipped: this kernel has no IPsec ESP ($(awk '!seen[$0]++' "$WORK/setup.err" | tr '\n' ' ' | sed 's/  */ /g; s/ $//'))"
   return 1
 }
 
@@ -724,7 +728,7 @@ targets() {
 }
 
 # ----------------------------------------------------------------------------- main
-ARGS_TEXT="$([ "$QUICK" = 1 ] && echo --quick) --reps $REPS --dur $DUR --par $PAR --rows $ROWS_ARG"
+ARGS_TEXT="$([ "$QUICK" = 1 ] && echo '--quick ')--reps $REPS --dur $DUR --par $PAR --rows $ROWS_ARG"
 : >"$WORK/ns.list"
 SHOAL_OK=1
 if row_wanted shoal-plain || row_wanted shoal-enc; then shoal_build || SHOAL_OK=0; fi
