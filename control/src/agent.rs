@@ -33,7 +33,7 @@ use crate::state::{Availability, Command, Init, Network, Node, Role, State};
 use crate::store::{Current, Membership, Store, StoreError, Write};
 use crate::tls::{
     cert_digest, generate_ca, issue_node_cert, join_client_config, node_client_config,
-    server_config, server_name, Issued, TlsError,
+    server_config, server_name, Issued, NodeKey, TlsError,
 };
 use crate::token::{Secret, Token};
 
@@ -454,11 +454,14 @@ impl Agent {
             Ok(Err(e)) => return Err(unreachable(manager, &format!("TLS failed: {e}"))),
             Ok(Ok(tls)) => tls,
         };
+        // Our certificate key: the manager signs its public half; the private half stays here.
+        let cert_key = NodeKey::generate().map_err(|e| e.to_string())?;
         let request = ManagerRequest::Join {
             secret: token.secret.as_str().to_owned(),
             hostname: self.config.hostname.clone(),
             addr: req.advertise_addr.unwrap_or(local.ip()),
             public_key: self.public_key,
+            cert_public_key: cert_key.public_raw(),
             engine_version: VERSION.into(),
         };
         let grant = match call(&mut tls, &request)
@@ -480,7 +483,7 @@ impl Agent {
         let membership = Membership {
             node_id: grant.node_id.clone(),
             cert_der: grant.cert_der,
-            key_pem: grant.key_pem,
+            key_pem: cert_key.private_pem(),
             view: grant.view,
             listen_addr: None,
         };

@@ -284,6 +284,9 @@ pub enum ManagerRequest {
         addr: IpAddr,
         /// Our X25519 public key.
         public_key: [u8; 32],
+        /// The public half of our certificate key (uncompressed P-256 point); the private
+        /// half never leaves our state dir.
+        cert_public_key: Vec<u8>,
         /// Our agent version.
         engine_version: String,
     },
@@ -302,10 +305,8 @@ pub enum ManagerRequest {
 pub struct JoinGrant {
     /// The new node's ID.
     pub node_id: NodeId,
-    /// Its certificate, DER, signed by the cluster CA.
+    /// Its certificate, DER, signed by the cluster CA, for the key it sent.
     pub cert_der: Vec<u8>,
-    /// The certificate's private key, PEM.
-    pub key_pem: String,
     /// The cluster view: node list (gossip seeds), keys, networks, CA.
     pub view: ClusterView,
 }

@@ -30,7 +30,7 @@ use crate::api::{
 use crate::id::NodeId;
 use crate::state::{Applied, Availability, Cluster, ClusterView, Command, Node, Role, State};
 use crate::store::{Current, Membership, Store, Write};
-use crate::tls::{cert_digest, issue_node_cert, Issued};
+use crate::tls::{cert_digest, sign_node_cert, Issued};
 use crate::token::{CaDigest, Secret, Token};
 
 /// A watch stream with no keep-alive for this long is closed and the node counted down.
@@ -330,6 +330,7 @@ impl Manager {
         hostname: &str,
         addr: IpAddr,
         public_key: [u8; 32],
+        cert_public_key: &[u8],
         engine_version: &str,
     ) -> Result<JoinGrant, String> {
         if hostname.is_empty() || hostname.len() > 253 || hostname.chars().any(char::is_control) {
@@ -345,7 +346,8 @@ impl Manager {
         let (_, (cert, role)) = self.apply_with(|state| {
             let role = state.role_for_secret(secret).ok_or(INVALID_SECRET)?;
             let cluster = state.cluster().ok_or(NOT_MANAGER)?;
-            let cert = issue_node_cert(&cluster.ca, &id, role).map_err(|e| e.to_string())?;
+            let cert = sign_node_cert(&cluster.ca, &id, role, cert_public_key)
+                .map_err(|e| e.to_string())?;
             let node = Node {
                 id: id.clone(),
                 hostname: hostname.to_owned(),
@@ -353,7 +355,7 @@ impl Manager {
                 role,
                 availability: Availability::Active,
                 public_key,
-                cert_digest: cert_digest(&cert.cert_der),
+                cert_digest: cert_digest(&cert),
                 engine_version: engine_version.to_owned(),
                 left: false,
                 joined_at: unix_now(),
@@ -363,8 +365,7 @@ impl Manager {
         info!(node = %id, hostname, role = role.as_str(), %addr, "node joined");
         Ok(JoinGrant {
             node_id: id,
-            cert_der: cert.cert_der,
-            key_pem: cert.key_pem,
+            cert_der: cert,
             view: (*self.view()).clone(),
         })
     }
@@ -483,9 +484,17 @@ impl Manager {
                 hostname,
                 addr,
                 public_key,
+                cert_public_key,
                 engine_version,
             } => self
-                .handle_join(&secret, &hostname, addr, public_key, &engine_version)
+                .handle_join(
+                    &secret,
+                    &hostname,
+                    addr,
+                    public_key,
+                    &cert_public_key,
+                    &engine_version,
+                )
                 .map(|g| ManagerReply::Joined(Box::new(g))),
             ManagerRequest::Watch => {
                 return match self.caller(digest) {
@@ -663,7 +672,7 @@ mod tests {
     use super::*;
     use crate::state::tests::{init_cmd, node};
     use crate::state::{CaMaterial, Init, Network};
-    use crate::tls::generate_ca;
+    use crate::tls::{generate_ca, issue_node_cert};
 
     struct Fixture {
         _dir: tempfile::TempDir,
@@ -723,6 +732,7 @@ mod tests {
             host,
             "198.18.0.9".parse().unwrap(),
             [9; 32],
+            &crate::tls::NodeKey::generate().unwrap().public_raw(),
             "0.1.0",
         )
     }
@@ -797,9 +807,25 @@ mod tests {
                 "w",
                 "198.18.0.9".parse().unwrap(),
                 [9; 32],
+                &crate::tls::NodeKey::generate().unwrap().public_raw(),
                 "0.1.0"
             )
             .is_ok());
+        // A certificate key that is not a P-256 point: refused, nothing added.
+        let before = f.manager.state();
+        let err = f
+            .manager
+            .handle_join(
+                secret.as_str(),
+                "w",
+                "198.18.0.9".parse().unwrap(),
+                [9; 32],
+                &[4; 10],
+                "0.1.0",
+            )
+            .unwrap_err();
+        assert!(err.contains("P-256"), "{err}");
+        assert_eq!(f.manager.state(), before);
     }
 
     #[test]

@@ -41,6 +41,9 @@ pub enum TlsError {
     /// rustls refused a certificate, key or configuration (a damaged state dir).
     #[error("TLS setup failed: {0}; the CA or node certificate in the state dir is damaged")]
     Config(#[from] rustls::Error),
+    /// A joining node sent a certificate public key that is not an uncompressed P-256 point.
+    #[error("the node's certificate public key has {0} bytes and is not an uncompressed P-256 point (65 bytes starting with 04); the agent is not of this version")]
+    BadPublicKey(usize),
     /// The client certificate verifier could not be built.
     #[error("TLS setup failed: {0}")]
     Verifier(#[from] rustls::server::VerifierBuilderError),
@@ -89,12 +92,66 @@ pub fn generate_ca() -> Result<CaMaterial, TlsError> {
     })
 }
 
-/// Issues a node certificate (server and client use) for `node_id`, signed by `ca`.
-pub fn issue_node_cert(ca: &CaMaterial, node_id: &NodeId, role: Role) -> Result<Issued, TlsError> {
+/// A node's certificate key pair, made by the node itself: only the public half leaves it.
+pub struct NodeKey {
+    key: KeyPair,
+}
+
+impl std::fmt::Debug for NodeKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NodeKey(..)")
+    }
+}
+
+impl NodeKey {
+    /// A fresh ECDSA P-256 key pair.
+    pub fn generate() -> Result<Self, TlsError> {
+        Ok(Self {
+            key: KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?,
+        })
+    }
+
+    /// The public key as an uncompressed P-256 point (65 bytes): what the manager signs.
+    pub fn public_raw(&self) -> Vec<u8> {
+        self.key.public_key_raw().to_vec()
+    }
+
+    /// The private key, PKCS#8 PEM, for the node's own store.
+    pub fn private_pem(&self) -> String {
+        self.key.serialize_pem()
+    }
+}
+
+/// Length of an uncompressed P-256 point.
+pub const P256_RAW_LEN: usize = 65;
+
+/// A P-256 public key received from a joining node.
+struct RawP256<'a>(&'a [u8]);
+
+impl rcgen::PublicKeyData for RawP256<'_> {
+    fn der_bytes(&self) -> &[u8] {
+        self.0
+    }
+
+    fn algorithm(&self) -> &rcgen::SignatureAlgorithm {
+        &rcgen::PKCS_ECDSA_P256_SHA256
+    }
+}
+
+/// Issues a node certificate (server and client use) for `node_id` and the node's own
+/// P-256 public key `public_raw` (uncompressed point), signed by `ca`.
+pub fn sign_node_cert(
+    ca: &CaMaterial,
+    node_id: &NodeId,
+    role: Role,
+    public_raw: &[u8],
+) -> Result<Vec<u8>, TlsError> {
+    if public_raw.len() != P256_RAW_LEN || public_raw[0] != 4 {
+        return Err(TlsError::BadPublicKey(public_raw.len()));
+    }
     let ca_key = KeyPair::from_pem(&ca.key_pem)?;
     // rcgen signs with the issuer's name and key; both are what the CA certificate holds.
     let issuer = ca_params().self_signed(&ca_key)?;
-    let key = KeyPair::generate()?;
     let mut params =
         CertificateParams::new(vec![SERVER_NAME.to_owned(), node_id.as_str().to_owned()])?;
     let mut dn = DistinguishedName::new();
@@ -107,10 +164,17 @@ pub fn issue_node_cert(ca: &CaMaterial, node_id: &NodeId, role: Role) -> Result<
         ExtendedKeyUsagePurpose::ClientAuth,
     ];
     params.use_authority_key_identifier_extension = true;
-    let cert = params.signed_by(&key, &issuer, &ca_key)?;
+    let cert = params.signed_by(&RawP256(public_raw), &issuer, &ca_key)?;
+    Ok(cert.der().to_vec())
+}
+
+/// Makes a key pair here and issues its certificate: for the node that runs `init`, which is
+/// its own CA.
+pub fn issue_node_cert(ca: &CaMaterial, node_id: &NodeId, role: Role) -> Result<Issued, TlsError> {
+    let key = NodeKey::generate()?;
     Ok(Issued {
-        cert_der: cert.der().to_vec(),
-        key_pem: key.serialize_pem(),
+        cert_der: sign_node_cert(ca, node_id, role, &key.public_raw())?,
+        key_pem: key.private_pem(),
     })
 }
 
@@ -325,6 +389,29 @@ mod tests {
         assert!(!verify(&pinned, &forged.cert_der, &[&other.cert_der]));
         // The right CA in the chain but a leaf signed by another CA.
         assert!(!verify(&pinned, &forged.cert_der, &[&ca.cert_der]));
+    }
+
+    #[test]
+    fn the_node_keeps_its_private_key() {
+        let ca = generate_ca().unwrap();
+        let key = NodeKey::generate().unwrap();
+        let id = NodeId::from_random(3);
+        let cert = sign_node_cert(&ca, &id, Role::Worker, &key.public_raw()).unwrap();
+        let node = Issued {
+            cert_der: cert,
+            key_pem: key.private_pem(),
+        };
+        // The certificate verifies under the CA and works with the node's own key.
+        let (_, pinned) = join_client_config(CaDigest::of(&ca.cert_der)).unwrap();
+        assert!(verify(&pinned, &node.cert_der, &[&ca.cert_der]));
+        node_client_config(&ca.cert_der, &node).unwrap();
+        server_config(&ca.cert_der, &node).unwrap();
+        for bad in [vec![], vec![4; 64], vec![2; 65], vec![4; 66]] {
+            assert!(matches!(
+                sign_node_cert(&ca, &id, Role::Worker, &bad),
+                Err(TlsError::BadPublicKey(n)) if n == bad.len()
+            ));
+        }
     }
 
     #[test]
