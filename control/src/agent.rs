@@ -46,6 +46,7 @@ pub const INGRESS_VNI: u32 = 4096;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
+const GOSSIP_RETRY: Duration = Duration::from_secs(5);
 
 /// The message for a client command that needs a swarm, on a node that is in none.
 pub const NOT_IN_SWARM: &str = "This node is not a swarm manager. Use \"shoal init\" or \"shoal join\" to connect this node to swarm and try again.";
@@ -677,16 +678,29 @@ async fn gossip_loop(
     manager: Option<Arc<Manager>>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let Some(m) = cell.get() else {
-        return;
-    };
-    let link = match Link::start(&m, public_key, bind).await {
-        Ok(link) => link,
-        Err(e) => {
-            warn!("gossip did not start: {e}; node STATUS falls back to the watch streams");
+    // Start gossip, retrying while it cannot (e.g. the advertise address is not up yet).
+    let mut warned = false;
+    let link = loop {
+        let Some(m) = cell.get() else {
             return;
+        };
+        match Link::start(&m, public_key, bind).await {
+            Ok(link) => break link,
+            Err(e) => {
+                if !warned {
+                    warn!("gossip did not start: {e}; retrying every 5 s, and node STATUS falls back to the watch streams meanwhile");
+                    warned = true;
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(GOSSIP_RETRY) => {}
+            _ = stop.changed() => return,
         }
     };
+    if warned {
+        info!("gossip started after all");
+    }
     let mut changes = cell.subscribe();
     let mut up = link.watch_up();
     if let Some(manager) = &manager {
