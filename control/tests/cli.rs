@@ -267,6 +267,21 @@ fn walkthrough_on_loopback() {
     );
     assert_eq!(lines.iter().filter(|l| l.contains('*')).count(), 1);
 
+    // node inspect: by hostname or ID prefix, a JSON array of one node.
+    let n2_id = n2.info()["node_id"].as_str().unwrap().to_owned();
+    for name in ["n2", &n2_id[..6]] {
+        let v: serde_json::Value =
+            serde_json::from_str(&n1.ok(&["node", "inspect", name])).unwrap();
+        assert_eq!(v[0]["id"], n2_id.as_str());
+        assert_eq!(v[0]["hostname"], "n2");
+        assert_eq!(v[0]["addr"], n2.ip.to_string());
+        assert_eq!(v[0]["role"], "worker");
+        assert_eq!(v[0]["status"], "Ready");
+        assert_eq!(v[0]["public_key"], n2.info()["public_key"]);
+    }
+    let err = n1.fails(&["node", "inspect", "nope"]);
+    assert!(err.contains("node nope not found"), "{err}");
+
     // Manager-only commands on a worker: docker's message.
     let err = n2.fails(&["node", "ls"]);
     assert!(
