@@ -377,6 +377,16 @@ fn walkthrough_on_loopback() {
         status_of(&nodes[0], "n2").as_deref() == Some("Ready")
     });
 
+    // rm --force of a running node: it notices, leaves the swarm on its own, and its old
+    // certificate no longer opens anything.
+    nodes[0].ok(&["node", "rm", "--force", "n4"]);
+    assert_eq!(status_of(&nodes[0], "n4"), None);
+    wait_until(Duration::from_secs(10), || {
+        n4.info()["node_id"] == serde_json::Value::Null
+    });
+    let err = n4.fails(&["leave"]);
+    assert!(err.contains("not part of a swarm"), "{err}");
+
     // A manager restart loses nothing.
     let before = rows(&nodes[0]);
     nodes[0].kill9();
