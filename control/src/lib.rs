@@ -13,6 +13,8 @@
 //! The state machine ([`state`]), the token format ([`token`]) and node IDs ([`id`]) are
 //! pure: no IO, no clock, no randomness. [`store`], [`tls`], [`manager`] and [`agent`] do IO.
 
+#![forbid(unsafe_code)]
+
 pub mod agent;
 pub mod api;
 pub mod cli;
