@@ -128,6 +128,7 @@ pub struct Agent {
     public_key: [u8; 32],
     membership: Arc<Current>,
     roles: tokio::sync::Mutex<Roles>,
+    gossip: Arc<std::sync::Mutex<Option<shoal_gossip::driver::Handle>>>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -203,6 +204,7 @@ impl Agent {
             public_key,
             membership: Current::new(membership.clone()),
             roles: tokio::sync::Mutex::new(Roles::default()),
+            gossip: Arc::new(std::sync::Mutex::new(None)),
         });
         if let Some(m) = membership {
             let mut roles = agent.roles.lock().await;
@@ -246,6 +248,7 @@ impl Agent {
     fn start_gossip(&self, manager: Option<Arc<Manager>>) -> Running {
         let (stop, rx) = watch::channel(false);
         let task = tokio::spawn(gossip_loop(
+            self.gossip.clone(),
             self.membership.clone(),
             self.public_key,
             self.config.gossip_addr,
@@ -308,7 +311,20 @@ impl Agent {
     /// Handles one CLI request.
     pub async fn handle(&self, request: Request) -> Response {
         match request {
-            Request::Info => Ok(Reply::Info(self.info())),
+            Request::Info => {
+                let mut info = self.info();
+                let handle = self
+                    .gossip
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clone();
+                if let Some(handle) = handle {
+                    if let Ok(stats) = handle.stats().await {
+                        info.gossip = serde_json::to_value(stats).ok();
+                    }
+                }
+                Ok(Reply::Info(info))
+            }
             Request::Init(init) => self.init(init).await,
             Request::Join(join) => self.join(join).await,
             Request::Leave { force } => self.leave(force).await,
@@ -333,6 +349,7 @@ impl Agent {
                 .as_ref()
                 .map(|m| m.view.keys.data_path.iter().map(|k| k.id).collect())
                 .unwrap_or_default(),
+            gossip: None,
         }
     }
 
@@ -672,6 +689,7 @@ async fn call(
 }
 
 async fn gossip_loop(
+    handle_slot: Arc<std::sync::Mutex<Option<shoal_gossip::driver::Handle>>>,
     cell: Arc<Current>,
     public_key: [u8; 32],
     bind: Option<SocketAddr>,
@@ -701,12 +719,20 @@ async fn gossip_loop(
     if warned {
         info!("gossip started after all");
     }
+    *handle_slot
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(link.handle());
     let mut changes = cell.subscribe();
     let mut up = link.watch_up();
     if let Some(manager) = &manager {
         manager.set_gossip_up(Some(link.up()));
     }
     loop {
+        // When a new gossip key starts sealing (see gossip::KEY_GRACE); far away if none.
+        let switch = link.key_switch_at().map_or_else(
+            || tokio::time::Instant::now() + Duration::from_secs(3600),
+            tokio::time::Instant::from_std,
+        );
         tokio::select! {
             changed = changes.changed() => {
                 if changed.is_err() {
@@ -729,12 +755,22 @@ async fn gossip_loop(
                     manager.set_gossip_up(Some(up.borrow_and_update().clone()));
                 }
             }
+            () = tokio::time::sleep_until(switch) => {
+                if let Some(m) = cell.get() {
+                    if let Err(e) = link.refresh_keys(&m.view) {
+                        warn!("gossip could not switch keys: {e}");
+                    }
+                }
+            }
             _ = stop.changed() => break,
         }
     }
     if let Some(manager) = &manager {
         manager.set_gossip_up(None);
     }
+    *handle_slot
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
     link.stop(true).await;
 }
 

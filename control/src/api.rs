@@ -268,6 +268,9 @@ pub struct Info {
     pub gossip_key_ids: Vec<u32>,
     /// Live data-path key epochs, oldest first (empty outside a swarm).
     pub data_path_epochs: Vec<u32>,
+    /// The gossip driver's counters (`shoal_gossip::Stats`), if gossip runs.
+    #[serde(default)]
+    pub gossip: Option<serde_json::Value>,
 }
 
 /// A request to the manager API on 2377.

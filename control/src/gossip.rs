@@ -4,12 +4,14 @@
 //!
 //! Admission is exactly the manager's node list (ID and X25519 public key, nodes that left
 //! excluded): gossip spreads the list, but only what the manager issued is believed. The
-//! gossip keyring is the view's gossip keys: the newest seals, the previous one still opens,
-//! so a rotation does not cut anyone off for longer than the view takes to arrive.
+//! gossip keyring is the view's gossip keys, both of which always open; a new key starts
+//! sealing only [`KEY_GRACE`] after this node first saw it, by which time every node holds
+//! it, so a rotation drops nothing.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use shoal_gossip::driver::{self, Handle, HandleError, StartError};
 use shoal_gossip::{Event, Key, Keyring, Metadata};
@@ -50,6 +52,8 @@ pub struct Link {
     up: watch::Receiver<Arc<HashSet<NodeId>>>,
     events: JoinHandle<()>,
     last: Mutex<Option<Metadata>>,
+    seen: Mutex<HashMap<u32, Instant>>,
+    switch_at: Mutex<Option<Instant>>,
 }
 
 impl std::fmt::Debug for Link {
@@ -74,15 +78,38 @@ fn key(entry: &KeyEntry) -> Key {
     }
 }
 
-/// The gossip keyring for a view: newest seals, the one before still opens.
-pub fn keyring(view: &ClusterView) -> Result<Keyring, LinkError> {
-    let mut keys = view.keys.gossip.iter().rev();
-    let current = keys.next().ok_or(LinkError::NoKey)?;
-    match keys.next() {
-        Some(previous) => Ok(Keyring::with_previous(key(current), key(previous))
-            .unwrap_or_else(|_| Keyring::new(key(current)))),
-        None => Ok(Keyring::new(key(current))),
+/// How long a new gossip key only opens before it also seals: long enough for the view that
+/// carries it to reach every node, so no node receives a key it does not hold yet.
+pub const KEY_GRACE: Duration = Duration::from_secs(10);
+
+/// The gossip keyring for a view at `now`, and when it next changes by itself.
+///
+/// `seen` records when this node first saw each key id (kept by the caller between calls).
+/// Both live keys always open. The newest seals once it has been known for [`KEY_GRACE`];
+/// until then the one before keeps sealing. Pure: time is an input.
+pub fn keyring_at(
+    view: &ClusterView,
+    seen: &mut HashMap<u32, Instant>,
+    now: Instant,
+) -> Result<(Keyring, Option<Instant>), LinkError> {
+    for entry in &view.keys.gossip {
+        seen.entry(entry.id).or_insert(now);
     }
+    seen.retain(|id, _| view.keys.gossip.iter().any(|k| k.id == *id));
+    let mut keys = view.keys.gossip.iter().rev();
+    let newest = keys.next().ok_or(LinkError::NoKey)?;
+    let Some(previous) = keys.next() else {
+        return Ok((Keyring::new(key(newest)), None));
+    };
+    let ready_at = seen.get(&newest.id).copied().unwrap_or(now) + KEY_GRACE;
+    let (seal, open, next) = if now < ready_at {
+        (previous, newest, Some(ready_at))
+    } else {
+        (newest, previous, None)
+    };
+    let ring =
+        Keyring::with_previous(key(seal), key(open)).unwrap_or_else(|_| Keyring::new(key(seal)));
+    Ok((ring, next))
 }
 
 /// The admission list for a view: every node that has not left, with its public key.
@@ -134,12 +161,9 @@ impl Link {
         let bind = bind.unwrap_or(SocketAddr::new(me.addr, DEFAULT_PORT));
         let advertise = SocketAddr::new(me.addr, bind.port());
         let meta = metadata(&m.view, &m.node_id, public_key)?;
-        let mut cfg = driver::Config::new(
-            gossip_id(&m.node_id)?,
-            advertise,
-            meta.clone(),
-            keyring(&m.view)?,
-        );
+        let mut seen = HashMap::new();
+        let (ring, switch_at) = keyring_at(&m.view, &mut seen, Instant::now())?;
+        let mut cfg = driver::Config::new(gossip_id(&m.node_id)?, advertise, meta.clone(), ring);
         cfg.bind = bind;
         cfg.seeds = seeds(&m.view, &m.node_id, bind.port());
         cfg.admission = shoal_gossip::Admission::only(admission(&m.view));
@@ -172,7 +196,14 @@ impl Link {
             up,
             events: task,
             last: Mutex::new(Some(meta)),
+            seen: Mutex::new(seen),
+            switch_at: Mutex::new(switch_at),
         })
+    }
+
+    /// The driver handle (for stats and members).
+    pub fn handle(&self) -> Handle {
+        self.handle.clone()
     }
 
     /// Node IDs gossip sees up now (not ourselves).
@@ -185,10 +216,36 @@ impl Link {
         self.up.clone()
     }
 
+    /// When the keyring next changes by itself (a new key starts sealing); call
+    /// [`Link::refresh_keys`] then.
+    pub fn key_switch_at(&self) -> Option<Instant> {
+        *self
+            .switch_at
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Re-applies the keyring for `view` at the current time.
+    pub fn refresh_keys(&self, view: &ClusterView) -> Result<(), LinkError> {
+        let result = {
+            let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+            keyring_at(view, &mut seen, Instant::now())
+        };
+        // Never leave a switch time in the past behind: the caller would wake at once again.
+        *self
+            .switch_at
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) =
+            result.as_ref().ok().and_then(|(_, next)| *next);
+        let (ring, _) = result?;
+        self.handle.set_keys(ring)?;
+        Ok(())
+    }
+
     /// Brings admission, keys and our metadata in step with a new view.
     pub async fn follow(&self, m: &Membership, public_key: [u8; 32]) -> Result<(), LinkError> {
         self.handle.set_admission(admission(&m.view))?;
-        self.handle.set_keys(keyring(&m.view)?)?;
+        self.refresh_keys(&m.view)?;
         let meta = metadata(&m.view, &m.node_id, public_key)?;
         let changed = {
             let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
@@ -247,21 +304,51 @@ mod tests {
     }
 
     #[test]
-    fn keyring_has_current_and_previous() {
+    fn a_new_key_opens_at_once_and_seals_after_the_grace() {
         let mut s = State::default();
         s.apply(init_cmd()).unwrap();
-        let ring = keyring(&s.view().unwrap()).unwrap();
+        let t0 = Instant::now();
+        let mut seen = HashMap::new();
+        let (ring, next) = keyring_at(&s.view().unwrap(), &mut seen, t0).unwrap();
         assert_eq!(ring.current().id, 1);
         assert!(ring.previous().is_none());
+        assert_eq!(next, None);
+
         s.apply(Command::RotateKeys {
             gossip_key: [5; 32],
             data_path_key: [6; 32],
             at: 2,
         })
         .unwrap();
-        let ring = keyring(&s.view().unwrap()).unwrap();
+        let v = s.view().unwrap();
+        let t1 = t0 + Duration::from_secs(100);
+        // Just seen: the old key still seals, the new one already opens.
+        let (ring, next) = keyring_at(&v, &mut seen, t1).unwrap();
+        assert_eq!(
+            (ring.current().id, ring.previous().map(|k| k.id)),
+            (1, Some(2))
+        );
+        assert_eq!(next, Some(t1 + KEY_GRACE));
+        // After the grace: the new key seals, the old one still opens.
+        let (ring, next) = keyring_at(&v, &mut seen, t1 + KEY_GRACE).unwrap();
         assert_eq!((ring.current().id, ring.current().secret), (2, [5; 32]));
         assert_eq!(ring.previous().map(|k| k.id), Some(1));
+        assert_eq!(next, None);
+
+        // The next rotation drops key 1 and forgets when it was seen.
+        s.apply(Command::RotateKeys {
+            gossip_key: [7; 32],
+            data_path_key: [8; 32],
+            at: 3,
+        })
+        .unwrap();
+        let t2 = t1 + Duration::from_secs(200);
+        let (ring, _) = keyring_at(&s.view().unwrap(), &mut seen, t2).unwrap();
+        assert_eq!(
+            (ring.current().id, ring.previous().map(|k| k.id)),
+            (2, Some(3))
+        );
+        assert!(!seen.contains_key(&1));
     }
 
     #[test]

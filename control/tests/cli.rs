@@ -497,6 +497,20 @@ fn not_in_a_swarm_errors() {
     ]);
     assert!(err.contains("host bits are set"), "{err}");
     assert_eq!(nodes[0].info()["node_id"], serde_json::Value::Null);
+
+    // A reader that goes away (`shoal info | head -1`) is no crash.
+    let mut child = Command::new(BIN)
+        .arg("--socket")
+        .arg(&nodes[0].socket)
+        .arg("info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !err.contains("panicked"), "{err}");
 }
 
 #[test]
@@ -527,8 +541,12 @@ fn keys_rotate_and_reach_every_node() {
         let e = epochs(k2);
         e.len() == 2 && e[1] >= 3 && e[1] == e[0] + 1
     });
-    let gossip = k2.info()["gossip_key_ids"].as_array().unwrap().len();
-    assert_eq!(gossip, 2);
+    let info = k2.info();
+    assert_eq!(info["gossip_key_ids"].as_array().unwrap().len(), 2);
+    // Gossip runs on the worker, under the rotating keys.
+    wait_until(Duration::from_secs(10), || {
+        k2.info()["gossip"]["datagrams_in"].as_u64().unwrap_or(0) > 0
+    });
 }
 
 #[test]

@@ -67,14 +67,14 @@ pub(super) async fn run(args: Args, socket: &Path) -> Result<(), CliError> {
     else {
         return Err(unexpected(&reply));
     };
-    println!("Swarm initialized: current node ({node_id}) is now a manager.");
-    println!();
-    println!("To add a worker to this swarm, run the following command:");
-    println!();
-    println!("    shoal join --token {worker_token} {join_addr}");
-    println!();
-    println!("To add a manager to this swarm, run 'shoal join-token manager' and follow the instructions.");
-    println!();
+    outln!("Swarm initialized: current node ({node_id}) is now a manager.");
+    outln!();
+    outln!("To add a worker to this swarm, run the following command:");
+    outln!();
+    outln!("    shoal join --token {worker_token} {join_addr}");
+    outln!();
+    outln!("To add a manager to this swarm, run 'shoal join-token manager' and follow the instructions.");
+    outln!();
     Ok(())
 }
 

@@ -29,6 +29,6 @@ pub(super) async fn run(args: Args, socket: &Path) -> Result<(), CliError> {
     let Reply::Joined { role } = reply else {
         return Err(unexpected(&reply));
     };
-    println!("This node joined a swarm as a {}.", role.as_str());
+    outln!("This node joined a swarm as a {}.", role.as_str());
     Ok(())
 }

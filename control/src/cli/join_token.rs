@@ -51,19 +51,19 @@ pub(super) async fn run(args: Args, socket: &Path) -> Result<(), CliError> {
         return Err(unexpected(&reply));
     };
     if args.quiet {
-        println!("{token}");
+        outln!("{token}");
         return Ok(());
     }
     if rotated {
-        println!("Successfully rotated {} join token.", role.as_str());
-        println!();
+        outln!("Successfully rotated {} join token.", role.as_str());
+        outln!();
     }
-    println!(
+    outln!(
         "To add a {} to this swarm, run the following command:",
         role.as_str()
     );
-    println!();
-    println!("    shoal join --token {token} {join_addr}");
-    println!();
+    outln!();
+    outln!("    shoal join --token {token} {join_addr}");
+    outln!();
     Ok(())
 }

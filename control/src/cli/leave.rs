@@ -18,6 +18,6 @@ pub(super) async fn run(args: Args, socket: &Path) -> Result<(), CliError> {
     let Reply::Left = reply else {
         return Err(unexpected(&reply));
     };
-    println!("Node left the swarm.");
+    outln!("Node left the swarm.");
     Ok(())
 }

@@ -3,6 +3,23 @@
 //! Every command except `agent` is a client: it sends one request to the local agent over
 //! the Unix socket and prints the answer. Errors print one line on stderr and exit 1.
 
+/// `println!` that returns an error instead of panicking (see [`emit`]).
+macro_rules! outln {
+    () => {
+        $crate::cli::emit("\n")?
+    };
+    ($($arg:tt)*) => {
+        $crate::cli::emit(&format!("{}\n", format_args!($($arg)*)))?
+    };
+}
+
+/// `print!` that returns an error instead of panicking (see [`emit`]).
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cli::emit(&format!($($arg)*))?
+    };
+}
+
 mod agent;
 mod init;
 mod join;
@@ -99,14 +116,14 @@ pub fn main() -> std::process::ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("cannot start the async runtime: {e}");
+            eprint_line(&format!("cannot start the async runtime: {e}"));
             return std::process::ExitCode::FAILURE;
         }
     };
     match runtime.block_on(run(cli)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("{e}");
+            eprint_line(&e.to_string());
             std::process::ExitCode::FAILURE
         }
     }
@@ -129,10 +146,30 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             };
             let json = serde_json::to_string_pretty(&info)
                 .map_err(|e| CliError::Protocol(e.to_string()))?;
-            println!("{json}");
+            outln!("{json}");
             Ok(())
         }
     }
+}
+
+/// Writes `text` to stdout. A reader that went away (`shoal node ls | head`) is not an
+/// error: the output just stops. Any other write failure is [`CliError::Output`].
+pub fn emit(text: &str) -> Result<(), CliError> {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(CliError::Output(e)),
+        _ => Ok(()),
+    }
+}
+
+fn eprint_line(text: &str) {
+    use std::io::Write as _;
+    // Nothing more can be done if stderr is gone too.
+    let _ = writeln!(std::io::stderr(), "{text}");
 }
 
 /// Sends one request to the agent and returns its reply.

@@ -68,21 +68,21 @@ pub(super) async fn run(cmd: Cmd, socket: &Path) -> Result<(), CliError> {
     let reply = call(socket, Request::Admin(request)).await?;
     match (reply, format) {
         (Reply::Nodes { self_id, nodes }, Format::Table) => {
-            print!("{}", table(self_id.as_ref(), &nodes));
+            out!("{}", table(self_id.as_ref(), &nodes));
         }
         (Reply::Nodes { self_id, nodes }, Format::Json) => {
             for n in &nodes {
-                println!("{}", json_line(self_id.as_ref(), n));
+                outln!("{}", json_line(self_id.as_ref(), n));
             }
         }
         (Reply::Node(node), _) => {
             let text = serde_json::to_string_pretty(&[node])
                 .map_err(|e| CliError::Protocol(e.to_string()))?;
-            println!("{text}");
+            outln!("{text}");
         }
         (Reply::Lines(lines), _) => {
             for line in lines {
-                println!("{line}");
+                outln!("{line}");
             }
         }
         (other, _) => return Err(unexpected(&other)),
