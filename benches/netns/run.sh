@@ -115,6 +115,7 @@ WGA="snbwa$ID" WGB="snbwb$ID"  # userspace WireGuard: UAPI sockets live in the s
 UA=198.18.0.1 UB=198.18.0.2
 IPERF_PORT=5201
 PIDS=()          # processes of the current row
+ENGINE_PIDS=()   # the current row's userspace engines (side a, side b)
 SAMPLER_PID=""
 T0=$SECONDS
 
@@ -233,7 +234,7 @@ shoal_start() {
   # `ip netns exec` execs the program, so $! is the overlay_pair process itself
   ip netns exec "$ns" "$SHOAL_BIN" "$side" "$mode" >"$WORK/shoal-$mode-$side.log" 2>&1 &
   p=$!
-  PIDS+=("$p") SHOAL_PIDS+=("$p")
+  PIDS+=("$p") SHOAL_PIDS+=("$p") ENGINE_PIDS+=("$p")
 }
 
 # ------------------------------------------------------------------------------ the lab
@@ -366,7 +367,7 @@ wg_up() {        # $1 engine: bt|bt1|wggo
       wggo) ip netns exec "$ns" env WG_PROCESS_FOREGROUND=1 LOG_LEVEL=error \
             wireguard-go -f "$ifn" >"$logf.out" 2>&1 & ;;
     esac
-    PIDS+=("$!")
+    PIDS+=("$!") ENGINE_PIDS+=("$!")
     wait_uapi "$ns" "$ifn" || { SETUP_ERR="$eng did not come up: $(tail -c 200 "$logf.out" | tr '\n|' ' /')"; return 1; }
   done
   local pa pb
@@ -412,6 +413,25 @@ shoal_up() {     # $1 plain|encrypted
 }
 setup_shoal-plain() { shoal_up plain; }
 setup_shoal-enc() { shoal_up encrypted; }
+
+cpu_idle_snap() { awk '/^cpu / {print $5 + $6, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9; exit}' /proc/stat; }
+idle_note() {    # $1 snapshot "idle total" from cpu_idle_snap -> "; machine idle 3%"
+  local i0 t0 i1 t1
+  read -r i0 t0 <<<"$1"
+  read -r i1 t1 <<<"$(cpu_idle_snap)"
+  awk -v di=$((i1 - i0)) -v dt=$((t1 - t0)) 'BEGIN {if (dt > 0) printf "; machine idle %.0f%%", 100 * di / dt}'
+}
+
+engine_cpu_note() {  # CPU seconds the userspace engines (all their threads) used so far
+  local p hz out="" sep=""
+  ((${#ENGINE_PIDS[@]})) || return 0
+  hz=$(getconf CLK_TCK)
+  for p in "${ENGINE_PIDS[@]}"; do
+    out+="$sep$(awk -v hz="$hz" '{sub(/^.*\) /, ""); printf "%.1f", ($12 + $13) / hz}' "/proc/$p/stat" 2>/dev/null || echo '?')"
+    sep=" + "
+  done
+  echo "; engine CPU (a + b) $out s over the row"
+}
 
 shoal_rss_kib() {  # peak RSS (VmHWM, KiB) over the shoal processes of this row, or "-"
   local p m best=-1
@@ -577,7 +597,7 @@ LABEL[shoal-enc]="shoal encrypted"
 run_row() {      # $1 row id: set up, measure, tear down; fills the tables above
   local id=$1 r s1=() sn=() r1=() rn=() errs=() t_row=$SECONDS
   T1[$id]=- TN[$id]=- R1[$id]=- RN[$id]=- PING[$id]=- RSS[$id]=- STATUS[$id]=fail
-  TARGET="" NOTE="" SETUP_ERR="" SETUP_SKIP=0
+  TARGET="" NOTE="" SETUP_ERR="" SETUP_SKIP=0 ENGINE_PIDS=()
   log "row $id: ${LABEL[$id]}"
   if ! "setup_$id"; then
     if [ "$SETUP_SKIP" = 1 ]; then STATUS[$id]=skipped; else NOTES[$id]="setup failed: "; fi
@@ -594,6 +614,8 @@ run_row() {      # $1 row id: set up, measure, tear down; fills the tables above
     return 1
   fi
   foreign_snap >"$WORK/foreign.start"
+  local idle0
+  idle0=$(cpu_idle_snap)
   PING[$id]=$(ping_avg_us "$TARGET")
   for r in $(seq 1 "$REPS"); do
     iperf_run "$TARGET" 1 "$id-1-$r"
@@ -616,6 +638,7 @@ run_row() {      # $1 row id: set up, measure, tear down; fills the tables above
     RSS[$id]=$(shoal_rss_kib)
     NOTES[$id]+="; $SHOAL_NOTE; counters $(shoal_counters)"
   fi
+  NOTES[$id]+="$(engine_cpu_note)$(idle_note "$idle0")"
   ((${#errs[@]})) && NOTES[$id]+="; errors: ${errs[*]}"
   NOTES[$id]+="; $(foreign_note "$WORK/foreign.start" $((SECONDS - t_row > 0 ? SECONDS - t_row : 1)))"
   SAMPLES[$id]="1 stream [${s1[*]}] Gbit/s, retransmits [${r1[*]}]"
