@@ -323,6 +323,13 @@ fn walkthrough_on_loopback() {
     wait_until(Duration::from_secs(10), || {
         status_of(n1, "n4").as_deref() == Some("Ready")
     });
+    // The join reached every node: all hold the leader's current view.
+    let leader_version = n1.info()["view_version"].clone();
+    for n in [n2, n3, &n4] {
+        wait_until(Duration::from_secs(10), || {
+            n.info()["view_version"] == leader_version
+        });
+    }
     assert_eq!(status_of(n1, "n2").as_deref(), Some("Ready"));
 
     // Leave on n3: Down on n1 within 10 s; then rm removes it.
