@@ -577,7 +577,9 @@ impl Agent {
             return Err(NOT_IN_SWARM.into());
         };
         if let Some(manager) = leader {
-            return manager.handle_admin(request, &m.node_id);
+            return manager
+                .handle_admin(request, &m.node_id)
+                .map_err(|e| e.to_string());
         }
         if m.role() != Role::Manager {
             return Err(NOT_MANAGER.into());

@@ -24,12 +24,14 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use crate::api::{
-    hex, read_frame, write_frame, AdminRequest, JoinGrant, ManagerReply, ManagerRequest,
-    ManagerResponse, ManagerStatus, NodeStatus, Reply, Status,
+    hex, read_frame, write_frame, AdminRequest, FrameError, JoinGrant, ManagerReply,
+    ManagerRequest, ManagerResponse, ManagerStatus, NodeStatus, Reply, Status,
 };
 use crate::id::NodeId;
-use crate::state::{Applied, Availability, Cluster, ClusterView, Command, Node, Role, State};
-use crate::store::{Current, Membership, Store, Write};
+use crate::state::{
+    Applied, ApplyError, Availability, Cluster, ClusterView, Command, Node, Role, State,
+};
+use crate::store::{Current, Membership, Store, StoreError, Write};
 use crate::tls::{cert_digest, sign_node_cert, Issued};
 use crate::token::{CaDigest, Secret, Token};
 
@@ -90,6 +92,97 @@ impl std::fmt::Debug for Manager {
     }
 }
 
+/// Why a change to the manager's state was not made. The state is exactly as before.
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeError {
+    /// This node has no swarm state.
+    #[error("{NOT_MANAGER}")]
+    NotManager,
+    /// The state machine refused the command.
+    #[error(transparent)]
+    Refused(#[from] ApplyError),
+    /// The new state could not be saved, so it was not applied.
+    #[error("the manager could not save the change: {0}")]
+    Save(#[from] StoreError),
+}
+
+/// Why an admin command failed. Nothing changed: rm, promote and demote check every node
+/// before they change any.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// No node has this ID, hostname or ID prefix.
+    #[error("node {0} not found")]
+    NotFound(String),
+    /// Several nodes have this hostname.
+    #[error("node {name} is ambiguous ({count} nodes have this hostname); use the node ID")]
+    AmbiguousName {
+        /// What was asked for.
+        name: String,
+        /// How many match.
+        count: usize,
+    },
+    /// Several node IDs start with this prefix.
+    #[error("node {name} is ambiguous ({count} node IDs start with it); type more of the ID")]
+    AmbiguousPrefix {
+        /// What was asked for.
+        name: String,
+        /// How many match.
+        count: usize,
+    },
+    /// `rm` of the leader.
+    #[error("node {0} is the leader and can't be removed; run `shoal leave --force` on it to dissolve the swarm")]
+    RemoveLeader(NodeId),
+    /// `rm` of a manager.
+    #[error("node {0} is a cluster manager. It must be demoted to worker before removal")]
+    RemoveManager(NodeId),
+    /// `rm` without `--force` of a node that is up.
+    #[error("node {0} is not down and can't be removed; stop it or run `shoal leave` on it first, or use --force")]
+    NodeUp(NodeId),
+    /// `demote` of the leader.
+    #[error("node {0} is the leader and can't be demoted: shoal has no leader election yet, so the swarm would have no leader")]
+    DemoteLeader(String),
+    /// The change itself failed.
+    #[error(transparent)]
+    Change(#[from] ChangeError),
+    /// The stored join secret is damaged.
+    #[error("the stored join secret is damaged ({0}); rotate it with `shoal join-token --rotate`")]
+    Token(#[from] crate::token::TokenError),
+}
+
+/// Why a join was refused. Nothing was added to the node list.
+#[derive(Debug, thiserror::Error)]
+pub enum AdmitError {
+    /// The secret matches no role (wrong, or rotated away).
+    #[error("{INVALID_SECRET}")]
+    InvalidSecret,
+    /// The host name is empty, too long or has control characters.
+    #[error("the hostname must be 1 to 253 printable characters; pass --hostname to the agent")]
+    BadHostname,
+    /// The agent version string is too long.
+    #[error("the agent version string is longer than 64 characters")]
+    VersionTooLong,
+    /// The node's certificate could not be made (e.g. a malformed public key).
+    #[error(transparent)]
+    Certificate(#[from] crate::tls::TlsError),
+    /// Adding the node failed.
+    #[error(transparent)]
+    Change(#[from] ChangeError),
+}
+
+/// Why one manager API connection ended early (logged, never shown to a user).
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The TLS handshake failed or timed out.
+    #[error("TLS handshake failed: {0}")]
+    Handshake(String),
+    /// The peer sent no request, or no keep-alive, in time.
+    #[error("the peer went silent")]
+    Silent,
+    /// A frame could not be read or written.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+}
+
 /// Why a manager could not start from a state.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -141,23 +234,24 @@ impl Manager {
 
     /// Builds a command from the current state with `f` (`None`: nothing to do), applies
     /// it, persists, publishes.
-    pub fn apply_with<T>(
+    pub fn apply_with<T, E>(
         &self,
-        f: impl FnOnce(&State) -> Result<(Option<Command>, T), String>,
-    ) -> Result<(Applied, T), String> {
+        f: impl FnOnce(&State) -> Result<(Option<Command>, T), E>,
+    ) -> Result<(Applied, T), E>
+    where
+        E: From<ChangeError>,
+    {
         let mut guard = lock(&self.state);
         let (command, extra) = f(&guard)?;
         let Some(command) = command else {
             return Ok((Applied::Unchanged, extra));
         };
         let mut next = guard.clone();
-        let applied = next.apply(command).map_err(|e| e.to_string())?;
+        let applied = next.apply(command).map_err(ChangeError::from)?;
         if applied == Applied::Unchanged {
             return Ok((applied, extra));
         }
-        let view = next
-            .view()
-            .ok_or_else(|| "the swarm state is empty".to_owned())?;
+        let view = next.view().ok_or(ChangeError::NotManager)?;
         let membership = Membership {
             node_id: self.self_id.clone(),
             cert_der: self.own_cert.cert_der.clone(),
@@ -167,7 +261,7 @@ impl Manager {
         };
         self.store
             .write(&[Write::Manager(&next), Write::Membership(&membership)])
-            .map_err(|e| format!("the manager could not save the change: {e}"))?;
+            .map_err(ChangeError::from)?;
         *guard = next;
         drop(guard);
         self.membership.set(Some(membership));
@@ -176,8 +270,8 @@ impl Manager {
     }
 
     /// Applies one ready-made command.
-    pub fn apply(&self, command: Command) -> Result<Applied, String> {
-        self.apply_with(|_| Ok((Some(command), ())))
+    pub fn apply(&self, command: Command) -> Result<Applied, ChangeError> {
+        self.apply_with(|_| Ok::<_, ChangeError>((Some(command), ())))
             .map(|(a, ())| a)
     }
 
@@ -221,7 +315,11 @@ impl Manager {
     }
 
     /// Handles a command that needs a manager. `caller` is the asking node (for the `*`).
-    pub fn handle_admin(&self, request: AdminRequest, caller: &NodeId) -> Result<Reply, String> {
+    pub fn handle_admin(
+        &self,
+        request: AdminRequest,
+        caller: &NodeId,
+    ) -> Result<Reply, AdminError> {
         match request {
             AdminRequest::JoinToken { role, rotate } => {
                 if rotate {
@@ -230,13 +328,12 @@ impl Manager {
                     info!(role = role.as_str(), "join token rotated");
                 }
                 let state = self.state();
-                let cluster = state.cluster().ok_or(NOT_MANAGER)?;
+                let cluster = state.cluster().ok_or(ChangeError::NotManager)?;
                 let token = Token::parse(&format!(
                     "SWMTKN-1-{}-{}",
                     CaDigest::of(&cluster.ca.cert_der),
                     cluster.secret(role)
-                ))
-                .map_err(|e| e.to_string())?;
+                ))?;
                 Ok(Reply::JoinToken {
                     role,
                     token: token.to_string(),
@@ -246,7 +343,7 @@ impl Manager {
             }
             AdminRequest::NodeLs => {
                 let state = self.state();
-                let cluster = state.cluster().ok_or(NOT_MANAGER)?;
+                let cluster = state.cluster().ok_or(ChangeError::NotManager)?;
                 let mut nodes: Vec<NodeStatus> = cluster
                     .nodes
                     .values()
@@ -260,27 +357,27 @@ impl Manager {
             }
             AdminRequest::NodeInspect { node } => {
                 let state = self.state();
-                let cluster = state.cluster().ok_or(NOT_MANAGER)?;
+                let cluster = state.cluster().ok_or(ChangeError::NotManager)?;
                 let id = resolve(cluster, &node)?;
                 let node = &cluster.nodes[&id];
                 Ok(Reply::Node(Box::new(self.status(cluster, node))))
             }
             AdminRequest::NodeRm { nodes, force } => {
                 let state = self.state();
-                let cluster = state.cluster().ok_or(NOT_MANAGER)?;
+                let cluster = state.cluster().ok_or(ChangeError::NotManager)?;
                 // Check every node first: one refusal and nothing is removed.
                 let mut ids = Vec::new();
                 for name in &nodes {
                     let id = resolve(cluster, name)?;
                     let node = &cluster.nodes[&id];
                     if id == cluster.leader {
-                        return Err(format!("node {id} is the leader and can't be removed; run `shoal leave --force` on it to dissolve the swarm"));
+                        return Err(AdminError::RemoveLeader(id));
                     }
                     if node.role == Role::Manager {
-                        return Err(format!("node {id} is a cluster manager. It must be demoted to worker before removal"));
+                        return Err(AdminError::RemoveManager(id));
                     }
                     if self.is_up(node) && !force {
-                        return Err(format!("node {id} is not down and can't be removed; stop it or run `shoal leave` on it first, or use --force"));
+                        return Err(AdminError::NodeUp(id));
                     }
                     ids.push(id);
                 }
@@ -297,14 +394,14 @@ impl Manager {
         }
     }
 
-    fn set_roles(&self, names: &[String], role: Role) -> Result<Reply, String> {
+    fn set_roles(&self, names: &[String], role: Role) -> Result<Reply, AdminError> {
         let state = self.state();
-        let cluster = state.cluster().ok_or(NOT_MANAGER)?;
+        let cluster = state.cluster().ok_or(ChangeError::NotManager)?;
         let mut ids = Vec::new();
         for name in names {
             let id = resolve(cluster, name)?;
             if role == Role::Worker && id == cluster.leader {
-                return Err(format!("node {name} is the leader and can't be demoted: shoal has no leader election yet, so the swarm would have no leader"));
+                return Err(AdminError::DemoteLeader(name.clone()));
             }
             ids.push((name, id));
         }
@@ -332,22 +429,20 @@ impl Manager {
         public_key: [u8; 32],
         cert_public_key: &[u8],
         engine_version: &str,
-    ) -> Result<JoinGrant, String> {
+    ) -> Result<JoinGrant, AdmitError> {
         if hostname.is_empty() || hostname.len() > 253 || hostname.chars().any(char::is_control) {
-            return Err(
-                "the hostname must be 1 to 253 printable characters; pass --hostname to the agent"
-                    .into(),
-            );
+            return Err(AdmitError::BadHostname);
         }
         if engine_version.len() > 64 {
-            return Err("the agent version string is longer than 64 characters".into());
+            return Err(AdmitError::VersionTooLong);
         }
         let id = NodeId::from_random(random_u128());
-        let (_, (cert, role)) = self.apply_with(|state| {
-            let role = state.role_for_secret(secret).ok_or(INVALID_SECRET)?;
-            let cluster = state.cluster().ok_or(NOT_MANAGER)?;
-            let cert = sign_node_cert(&cluster.ca, &id, role, cert_public_key)
-                .map_err(|e| e.to_string())?;
+        let (_, (cert, role)) = self.apply_with(|state| -> Result<_, AdmitError> {
+            let role = state
+                .role_for_secret(secret)
+                .ok_or(AdmitError::InvalidSecret)?;
+            let cluster = state.cluster().ok_or(ChangeError::NotManager)?;
+            let cert = sign_node_cert(&cluster.ca, &id, role, cert_public_key)?;
             let node = Node {
                 id: id.clone(),
                 hostname: hostname.to_owned(),
@@ -383,9 +478,9 @@ impl Manager {
     }
 
     /// Rotates the network keys if due at `now` (unix seconds). True if it rotated.
-    pub fn rotate_keys_if_due(&self, now: u64) -> Result<bool, String> {
-        let (applied, ()) = self.apply_with(|state| {
-            let cluster = state.cluster().ok_or(NOT_MANAGER)?;
+    pub fn rotate_keys_if_due(&self, now: u64) -> Result<bool, ChangeError> {
+        let (applied, ()) = self.apply_with(|state| -> Result<_, ChangeError> {
+            let cluster = state.cluster().ok_or(ChangeError::NotManager)?;
             if now < cluster.keys.next_rotation() {
                 return Ok((None, ()));
             }
@@ -460,11 +555,11 @@ impl Manager {
         tcp: TcpStream,
         acceptor: TlsAcceptor,
         stop: watch::Receiver<bool>,
-    ) -> Result<(), String> {
+    ) -> Result<(), ServeError> {
         let mut tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
             .await
-            .map_err(|_| "TLS handshake timed out".to_owned())?
-            .map_err(|e| format!("TLS handshake failed: {e}"))?;
+            .map_err(|_| ServeError::Handshake("timed out".into()))?
+            .map_err(|e| ServeError::Handshake(e.to_string()))?;
         let digest = tls
             .get_ref()
             .1
@@ -473,8 +568,8 @@ impl Manager {
             .map(|c| cert_digest(c.as_ref()));
         let request: ManagerRequest =
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut tls)).await {
-                Err(_) => return Err("no request within the time limit".into()),
-                Ok(Err(e)) => return Err(e.to_string()),
+                Err(_) => return Err(ServeError::Silent),
+                Ok(Err(e)) => return Err(e.into()),
                 Ok(Ok(None)) => return Ok(()),
                 Ok(Ok(Some(r))) => r,
             };
@@ -495,35 +590,38 @@ impl Manager {
                     &cert_public_key,
                     &engine_version,
                 )
-                .map(|g| ManagerReply::Joined(Box::new(g))),
+                .map(|g| ManagerReply::Joined(Box::new(g)))
+                .map_err(|e| e.to_string()),
             ManagerRequest::Watch => {
                 return match self.caller(digest) {
                     Some(node) => self.watch(tls, node.id, stop).await,
                     None => {
                         let r: ManagerResponse = Ok(ManagerReply::Removed);
-                        write_frame(&mut tls, &r).await.map_err(|e| e.to_string())
+                        Ok(write_frame(&mut tls, &r).await?)
                     }
                 };
             }
             ManagerRequest::Ping => Ok(ManagerReply::Ok),
             ManagerRequest::Leave => match self.caller(digest) {
-                Some(node) => self.apply(Command::MarkLeft(node.id.clone())).map(|_| {
-                    info!(node = %node.id, "node left");
-                    ManagerReply::Ok
-                }),
+                Some(node) => self
+                    .apply(Command::MarkLeft(node.id.clone()))
+                    .map(|_| {
+                        info!(node = %node.id, "node left");
+                        ManagerReply::Ok
+                    })
+                    .map_err(|e| e.to_string()),
                 None => Err(not_member()),
             },
             ManagerRequest::Admin(request) => match self.caller(digest) {
                 Some(node) if node.role == Role::Manager => self
                     .handle_admin(request, &node.id)
-                    .map(|r| ManagerReply::Admin(Box::new(r))),
+                    .map(|r| ManagerReply::Admin(Box::new(r)))
+                    .map_err(|e| e.to_string()),
                 Some(_) => Err(NOT_MANAGER.into()),
                 None => Err(not_member()),
             },
         };
-        write_frame(&mut tls, &response)
-            .await
-            .map_err(|e| e.to_string())?;
+        write_frame(&mut tls, &response).await?;
         use tokio::io::AsyncWriteExt as _;
         let _ = tls.shutdown().await;
         Ok(())
@@ -534,7 +632,7 @@ impl Manager {
         stream: S,
         id: NodeId,
         mut stop: watch::Receiver<bool>,
-    ) -> Result<(), String>
+    ) -> Result<(), ServeError>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -561,7 +659,7 @@ impl Manager {
                 };
                 let removed = matches!(reply, Ok(ManagerReply::Removed));
                 if let Err(e) = write_frame(&mut wr, &reply).await {
-                    break Err(e.to_string());
+                    break Err(e.into());
                 }
                 if removed {
                     break Ok(());
@@ -577,7 +675,7 @@ impl Manager {
                 ping = tokio::time::timeout(PING_TIMEOUT, alive.recv()) => match ping {
                     Ok(Some(())) => {}
                     Ok(None) => break Ok(()),
-                    Err(_) => break Err("no keep-alive within the time limit".into()),
+                    Err(_) => break Err(ServeError::Silent),
                 },
                 _ = stop.changed() => break Ok(()),
             }
@@ -621,7 +719,7 @@ impl Drop for Session<'_> {
 }
 
 /// Finds a node by exact ID, then unique hostname, then unique ID prefix, as docker does.
-pub fn resolve(cluster: &Cluster, name: &str) -> Result<NodeId, String> {
+pub fn resolve(cluster: &Cluster, name: &str) -> Result<NodeId, AdminError> {
     if let Ok(id) = name.parse::<NodeId>() {
         if cluster.nodes.contains_key(&id) {
             return Ok(id);
@@ -637,10 +735,10 @@ pub fn resolve(cluster: &Cluster, name: &str) -> Result<NodeId, String> {
         [one] => return Ok((*one).clone()),
         [] => {}
         many => {
-            return Err(format!(
-                "node {name} is ambiguous ({} nodes have this hostname); use the node ID",
-                many.len()
-            ))
+            return Err(AdminError::AmbiguousName {
+                name: name.to_owned(),
+                count: many.len(),
+            })
         }
     }
     let by_prefix: Vec<&NodeId> = if name.is_empty() {
@@ -654,11 +752,11 @@ pub fn resolve(cluster: &Cluster, name: &str) -> Result<NodeId, String> {
     };
     match by_prefix.as_slice() {
         [one] => Ok((*one).clone()),
-        [] => Err(format!("node {name} not found")),
-        many => Err(format!(
-            "node {name} is ambiguous ({} node IDs start with it); type more of the ID",
-            many.len()
-        )),
+        [] => Err(AdminError::NotFound(name.to_owned())),
+        many => Err(AdminError::AmbiguousPrefix {
+            name: name.to_owned(),
+            count: many.len(),
+        }),
     }
 }
 
@@ -735,6 +833,7 @@ mod tests {
             &crate::tls::NodeKey::generate().unwrap().public_raw(),
             "0.1.0",
         )
+        .map_err(|e| e.to_string())
     }
 
     #[test]
@@ -823,7 +922,8 @@ mod tests {
                 &[4; 10],
                 "0.1.0",
             )
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("P-256"), "{err}");
         assert_eq!(f.manager.state(), before);
     }
@@ -853,7 +953,11 @@ mod tests {
         f.manager
             .set_gossip_up(Some(Arc::new(HashSet::from([grant.node_id.clone()]))));
         assert!(f.manager.is_up(&node));
-        let err = f.manager.handle_admin(rm(false), &me).unwrap_err();
+        let err = f
+            .manager
+            .handle_admin(rm(false), &me)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("is not down"), "{err}");
         assert_eq!(f.manager.state().cluster().unwrap().nodes.len(), 2);
         // All-or-nothing: one bad name and nothing is removed.
@@ -866,7 +970,8 @@ mod tests {
                 },
                 &me,
             )
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("not found"), "{err}");
         assert_eq!(f.manager.state().cluster().unwrap().nodes.len(), 2);
         assert_eq!(
@@ -884,7 +989,8 @@ mod tests {
                 },
                 &me,
             )
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("leader"), "{err}");
     }
 
@@ -892,9 +998,9 @@ mod tests {
     fn keys_rotate_when_due_and_persist() {
         let f = leader();
         let v = f.manager.state().version;
-        assert_eq!(f.manager.rotate_keys_if_due(1099), Ok(false));
+        assert!(!f.manager.rotate_keys_if_due(1099).unwrap());
         assert_eq!(f.manager.state().version, v);
-        assert_eq!(f.manager.rotate_keys_if_due(1100), Ok(true));
+        assert!(f.manager.rotate_keys_if_due(1100).unwrap());
         let keys = f.manager.view().keys.clone();
         assert_eq!(
             keys.data_path.iter().map(|k| k.id).collect::<Vec<_>>(),
@@ -905,6 +1011,10 @@ mod tests {
             f.manager.store.manager().unwrap().unwrap(),
             f.manager.state()
         );
+    }
+
+    fn resolve_s(c: &Cluster, name: &str) -> Result<NodeId, String> {
+        resolve(c, name).map_err(|e| e.to_string())
     }
 
     #[test]
@@ -918,12 +1028,12 @@ mod tests {
         s.apply(Command::AddNode(Box::new(twin))).unwrap();
         let c = s.cluster().unwrap();
         let id2 = NodeId::from_random(2);
-        assert_eq!(resolve(c, id2.as_str()), Ok(id2.clone()));
-        assert_eq!(resolve(c, "n1"), Ok(NodeId::from_random(1)));
-        assert!(resolve(c, "n2").unwrap_err().contains("ambiguous"));
-        assert!(resolve(c, "000000").unwrap_err().contains("ambiguous"));
-        assert_eq!(resolve(c, "0000000000000000000000002"), Ok(id2));
-        assert!(resolve(c, "nope").unwrap_err().contains("not found"));
-        assert!(resolve(c, "").unwrap_err().contains("not found"));
+        assert_eq!(resolve_s(c, id2.as_str()), Ok(id2.clone()));
+        assert_eq!(resolve_s(c, "n1"), Ok(NodeId::from_random(1)));
+        assert!(resolve_s(c, "n2").unwrap_err().contains("ambiguous"));
+        assert!(resolve_s(c, "000000").unwrap_err().contains("ambiguous"));
+        assert_eq!(resolve_s(c, "0000000000000000000000002"), Ok(id2));
+        assert!(resolve_s(c, "nope").unwrap_err().contains("not found"));
+        assert!(resolve_s(c, "").unwrap_err().contains("not found"));
     }
 }
