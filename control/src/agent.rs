@@ -21,15 +21,16 @@ use tracing::{debug, info, warn};
 use x25519_dalek::{PublicKey, StaticSecret};
 
 use crate::api::{
-    hex, read_frame, write_frame, AdminRequest, Info, InitRequest, JoinRequest, ManagerReply,
-    ManagerRequest, ManagerResponse, Reply, Request, Response,
+    hex, read_frame, write_frame, AdminRequest, FrameError, Info, InitRequest, JoinRequest,
+    ManagerReply, ManagerRequest, ManagerResponse, Reply, Request, Response,
 };
 use crate::gossip::Link;
 use crate::id::NodeId;
 use crate::manager::{
-    join_addr, random_key, random_u128, unix_now, Manager, StartError, NOT_MANAGER, PING_INTERVAL,
+    join_addr, random_key, random_u128, unix_now, AdminError, Manager, StartError, NOT_MANAGER,
+    PING_INTERVAL,
 };
-use crate::state::{Availability, Command, Init, Network, Node, Role, State};
+use crate::state::{ApplyError, Availability, Command, Init, Network, Node, Role, State};
 use crate::store::{Current, Membership, Store, StoreError, Write};
 use crate::tls::{
     cert_digest, generate_ca, issue_node_cert, join_client_config, node_client_config,
@@ -99,6 +100,151 @@ pub enum AgentError {
         /// The OS error.
         source: std::io::Error,
     },
+}
+
+/// Why a call to the manager API failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// No connection (refused, no route, timeout, TLS failure).
+    #[error("could not reach the manager at {addr}: {why}; check the address and that the manager's port is open")]
+    Unreachable {
+        /// The manager's address.
+        addr: SocketAddr,
+        /// What failed.
+        why: String,
+    },
+    /// Connected, but no answer in time.
+    #[error("the manager at {0} did not answer in time")]
+    Timeout(SocketAddr),
+    /// Connected, but closed without an answer.
+    #[error("the manager at {0} closed the connection without an answer")]
+    Closed(SocketAddr),
+    /// The manager refused, with its own one-line reason.
+    #[error("{message} (manager {addr})")]
+    Refused {
+        /// The manager's address.
+        addr: SocketAddr,
+        /// Its reason.
+        message: String,
+    },
+    /// A message could not be sent or read.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// Our TLS identity is unusable.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// An answer that does not fit the request.
+    #[error("the manager gave an unexpected answer: {0}")]
+    Unexpected(String),
+}
+
+impl CallError {
+    fn unreachable(addr: SocketAddr, why: impl std::fmt::Display) -> Self {
+        Self::Unreachable {
+            addr,
+            why: why.to_string(),
+        }
+    }
+}
+
+/// Why `shoal init` failed. Nothing was kept.
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    /// The node is in a swarm.
+    #[error("{ALREADY_IN_SWARM}")]
+    AlreadyInSwarm,
+    /// The ingress subnet is not usable.
+    #[error(transparent)]
+    Subnet(#[from] CidrError),
+    /// A key rotation interval of zero.
+    #[error("the key rotation interval must be at least one second")]
+    ZeroInterval,
+    /// The manager API address is taken.
+    #[error("cannot listen on {addr} for the manager API: {source}; free the port or change --listen-addr")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The CA or the node certificate could not be made.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The state machine refused the new cluster.
+    #[error(transparent)]
+    Refused(#[from] ApplyError),
+    /// The new state could not be saved.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The manager did not start; the state was removed again.
+    #[error("the manager did not start: {0}")]
+    Start(Box<AgentError>),
+}
+
+/// Why `shoal join` failed. Nothing was kept.
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    /// The node is in a swarm.
+    #[error("{ALREADY_IN_SWARM}")]
+    AlreadyInSwarm,
+    /// The token is malformed.
+    #[error(transparent)]
+    Token(#[from] crate::token::TokenError),
+    /// The manager address does not parse or resolve.
+    #[error("invalid manager address {0:?}: expected IP[:PORT] or HOST[:PORT]")]
+    Address(String),
+    /// The manager's certificate chain is not the CA in the token; the secret was not sent.
+    #[error("the manager at {0} does not hold the swarm CA named in the token: the token is for another swarm, or the address is wrong; nothing was sent")]
+    CaMismatch(SocketAddr),
+    /// Talking to the manager failed (including a refused secret).
+    #[error(transparent)]
+    Call(#[from] CallError),
+    /// The manager's node list does not hold the new node.
+    #[error("the manager at {0} sent a node list without this node; nothing was kept")]
+    NotInView(SocketAddr),
+    /// The issued certificate does not work with our key.
+    #[error("the manager sent an unusable certificate: {0}; nothing was kept")]
+    BadCertificate(TlsError),
+    /// Our key or the join TLS configuration could not be made.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The membership could not be saved.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Why `shoal leave` failed. Nothing changed.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaveError {
+    /// Not in a swarm.
+    #[error("This node is not part of a swarm")]
+    NotInSwarm,
+    /// The leader (the last manager) without `--force`.
+    #[error("You are attempting to leave the swarm on a node that is participating as a manager. Removing the last manager erases all current state of the swarm. Use `--force` to ignore this message.")]
+    LastManager,
+    /// A promoted manager without `--force`.
+    #[error("You are attempting to leave the swarm on a node that is participating as a manager. Demote it first with `shoal node demote`, or use `--force` to ignore this message.")]
+    Manager,
+    /// The state could not be cleared.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Why a manager-only command failed on this node.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminCallError {
+    /// Not in a swarm.
+    #[error("{NOT_IN_SWARM}")]
+    NotInSwarm,
+    /// A worker.
+    #[error("{NOT_MANAGER}")]
+    NotManager,
+    /// The leader refused or failed.
+    #[error(transparent)]
+    Admin(#[from] AdminError),
+    /// Forwarding to the leader failed.
+    #[error(transparent)]
+    Forward(#[from] CallError),
 }
 
 /// A background task with a stop signal.
@@ -325,10 +471,10 @@ impl Agent {
                 }
                 Ok(Reply::Info(info))
             }
-            Request::Init(init) => self.init(init).await,
-            Request::Join(join) => self.join(join).await,
-            Request::Leave { force } => self.leave(force).await,
-            Request::Admin(admin) => self.admin(admin).await,
+            Request::Init(init) => self.init(init).await.map_err(|e| e.to_string()),
+            Request::Join(join) => self.join(join).await.map_err(|e| e.to_string()),
+            Request::Leave { force } => self.leave(force).await.map_err(|e| e.to_string()),
+            Request::Admin(admin) => self.admin(admin).await.map_err(|e| e.to_string()),
         }
     }
 
@@ -353,59 +499,65 @@ impl Agent {
         }
     }
 
-    async fn init(&self, req: InitRequest) -> Response {
+    async fn init(&self, req: InitRequest) -> Result<Reply, InitError> {
         let mut roles = self.roles.lock().await;
         if self.membership.get().is_some() {
-            return Err(ALREADY_IN_SWARM.into());
+            return Err(InitError::AlreadyInSwarm);
         }
         check_cidr(&req.ingress_subnet)?;
         if req.key_rotation_secs == 0 {
-            return Err("the key rotation interval must be at least one second".into());
+            return Err(InitError::ZeroInterval);
         }
-        let listener = TcpListener::bind(req.listen_addr).await.map_err(|e| {
-            format!(
-                "cannot listen on {} for the manager API: {e}; free the port or change --listen-addr",
-                req.listen_addr
-            )
-        })?;
+        let listener =
+            TcpListener::bind(req.listen_addr)
+                .await
+                .map_err(|source| InitError::Bind {
+                    addr: req.listen_addr,
+                    source,
+                })?;
         let node_id = NodeId::from_random(random_u128());
-        let ca = generate_ca().map_err(|e| e.to_string())?;
-        let own = issue_node_cert(&ca, &node_id, Role::Manager).map_err(|e| e.to_string())?;
+        let ca = generate_ca()?;
+        let own = issue_node_cert(&ca, &node_id, Role::Manager)?;
         let now = unix_now();
         let api_addr = join_addr(req.advertise_addr, req.listen_addr);
         let mut state = State::default();
-        state
-            .apply(Command::Init(Box::new(Init {
-                ca,
-                leader: Node {
-                    id: node_id.clone(),
-                    hostname: self.config.hostname.clone(),
-                    addr: req.advertise_addr,
-                    role: Role::Manager,
-                    availability: Availability::Active,
-                    public_key: self.public_key,
-                    cert_digest: cert_digest(&own.cert_der),
-                    engine_version: VERSION.into(),
-                    left: false,
-                    joined_at: now,
-                },
-                api_addr,
-                worker_secret: Secret::from_random(random_u128()).as_str().into(),
-                manager_secret: Secret::from_random(random_u128()).as_str().into(),
-                gossip_key: random_key(),
-                data_path_key: random_key(),
-                key_interval_secs: req.key_rotation_secs,
-                ingress: Network {
-                    name: "ingress".into(),
-                    vni: INGRESS_VNI,
-                    subnet: req.ingress_subnet.clone(),
-                    encrypted: req.encrypt,
-                    data_path_port: req.data_path_port,
-                },
-                at: now,
-            })))
-            .map_err(|e| e.to_string())?;
-        let view = state.view().ok_or("the new swarm state is empty")?;
+        state.apply(Command::Init(Box::new(Init {
+            ca,
+            leader: Node {
+                id: node_id.clone(),
+                hostname: self.config.hostname.clone(),
+                addr: req.advertise_addr,
+                role: Role::Manager,
+                availability: Availability::Active,
+                public_key: self.public_key,
+                cert_digest: cert_digest(&own.cert_der),
+                engine_version: VERSION.into(),
+                left: false,
+                joined_at: now,
+            },
+            api_addr,
+            worker_secret: Secret::from_random(random_u128()).as_str().into(),
+            manager_secret: Secret::from_random(random_u128()).as_str().into(),
+            gossip_key: random_key(),
+            data_path_key: random_key(),
+            key_interval_secs: req.key_rotation_secs,
+            ingress: Network {
+                name: "ingress".into(),
+                vni: INGRESS_VNI,
+                subnet: req.ingress_subnet.clone(),
+                encrypted: req.encrypt,
+                data_path_port: req.data_path_port,
+            },
+            at: now,
+        })))?;
+        let (Some(view), Some(cluster)) = (state.view(), state.cluster()) else {
+            return Err(InitError::Refused(ApplyError::NotInitialized));
+        };
+        let worker_token = format!(
+            "SWMTKN-1-{}-{}",
+            crate::token::CaDigest::of(&cluster.ca.cert_der),
+            cluster.worker_secret
+        );
         let membership = Membership {
             node_id: node_id.clone(),
             cert_der: own.cert_der.clone(),
@@ -413,15 +565,8 @@ impl Agent {
             view,
             listen_addr: Some(req.listen_addr),
         };
-        let cluster = state.cluster().ok_or("the new swarm state is empty")?;
-        let worker_token = format!(
-            "SWMTKN-1-{}-{}",
-            crate::token::CaDigest::of(&cluster.ca.cert_der),
-            cluster.worker_secret
-        );
         self.store
-            .write(&[Write::Manager(&state), Write::Membership(&membership)])
-            .map_err(|e| e.to_string())?;
+            .write(&[Write::Manager(&state), Write::Membership(&membership)])?;
         let started = self.start_manager(&membership, state, listener, req.listen_addr);
         self.membership.set(Some(membership));
         match started {
@@ -435,7 +580,7 @@ impl Agent {
                 let _ = self
                     .store
                     .write(&[Write::ClearManager, Write::ClearMembership]);
-                return Err(e.to_string());
+                return Err(InitError::Start(Box::new(e)));
             }
         }
         info!(node = %node_id, %api_addr, "swarm initialized");
@@ -446,34 +591,38 @@ impl Agent {
         })
     }
 
-    async fn join(&self, req: JoinRequest) -> Response {
+    async fn join(&self, req: JoinRequest) -> Result<Reply, JoinError> {
         let mut roles = self.roles.lock().await;
         if self.membership.get().is_some() {
-            return Err(ALREADY_IN_SWARM.into());
+            return Err(JoinError::AlreadyInSwarm);
         }
-        let token = Token::parse(&req.token).map_err(|e| e.to_string())?;
+        let token = Token::parse(&req.token)?;
         let manager = resolve_manager(&req.manager).await?;
         let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(manager))
             .await
-            .map_err(|_| unreachable(manager, "no answer"))?
-            .map_err(|e| unreachable(manager, &e.to_string()))?;
-        let local = tcp.local_addr().map_err(|e| e.to_string())?;
-        let (config, pinned) = join_client_config(token.ca_digest).map_err(|e| e.to_string())?;
+            .map_err(|_| CallError::unreachable(manager, "no answer"))?
+            .map_err(|e| CallError::unreachable(manager, e))?;
+        let local = tcp
+            .local_addr()
+            .map_err(|e| CallError::unreachable(manager, e))?;
+        let (config, pinned) = join_client_config(token.ca_digest)?;
         let mut tls = match tokio::time::timeout(
             REQUEST_TIMEOUT,
             TlsConnector::from(config).connect(server_name(), tcp),
         )
         .await
         {
-            Err(_) => return Err(unreachable(manager, "the TLS handshake timed out")),
-            Ok(Err(_)) if pinned.mismatched() => {
-                return Err(format!("the manager at {manager} does not hold the swarm CA named in the token: the token is for another swarm, or the address is wrong; nothing was sent"))
+            Err(_) => {
+                return Err(CallError::unreachable(manager, "the TLS handshake timed out").into())
             }
-            Ok(Err(e)) => return Err(unreachable(manager, &format!("TLS failed: {e}"))),
+            Ok(Err(_)) if pinned.mismatched() => return Err(JoinError::CaMismatch(manager)),
+            Ok(Err(e)) => {
+                return Err(CallError::unreachable(manager, format!("TLS failed: {e}")).into())
+            }
             Ok(Ok(tls)) => tls,
         };
         // Our certificate key: the manager signs its public half; the private half stays here.
-        let cert_key = NodeKey::generate().map_err(|e| e.to_string())?;
+        let cert_key = NodeKey::generate()?;
         let request = ManagerRequest::Join {
             secret: token.secret.as_str().to_owned(),
             hostname: self.config.hostname.clone(),
@@ -482,21 +631,12 @@ impl Agent {
             cert_public_key: cert_key.public_raw(),
             engine_version: VERSION.into(),
         };
-        let grant = match call(&mut tls, &request)
-            .await
-            .map_err(|e| format!("{e} (manager {manager})"))?
-        {
+        let grant = match call(&mut tls, manager, &request).await? {
             ManagerReply::Joined(grant) => grant,
-            other => {
-                return Err(format!(
-                    "the manager at {manager} gave an unexpected answer: {other:?}"
-                ))
-            }
+            other => return Err(CallError::Unexpected(format!("{other:?}")).into()),
         };
         if grant.view.node(&grant.node_id).is_none() {
-            return Err(format!(
-                "the manager at {manager} sent a node list without this node; nothing was kept"
-            ));
+            return Err(JoinError::NotInView(manager));
         }
         let membership = Membership {
             node_id: grant.node_id.clone(),
@@ -507,12 +647,9 @@ impl Agent {
         };
         let role = membership.role();
         // Check the issued identity works before keeping it.
-        node_client_config(&membership.view.ca_cert_der, &issued(&membership)).map_err(|e| {
-            format!("the manager sent an unusable certificate: {e}; nothing was kept")
-        })?;
-        self.store
-            .write(&[Write::Membership(&membership)])
-            .map_err(|e| e.to_string())?;
+        node_client_config(&membership.view.ca_cert_der, &issued(&membership))
+            .map_err(JoinError::BadCertificate)?;
+        self.store.write(&[Write::Membership(&membership)])?;
         info!(node = %membership.node_id, role = role.as_str(), %manager, "joined the swarm");
         self.membership.set(Some(membership));
         roles.watcher = Some(self.start_watcher());
@@ -520,14 +657,14 @@ impl Agent {
         Ok(Reply::Joined { role })
     }
 
-    async fn leave(&self, force: bool) -> Response {
+    async fn leave(&self, force: bool) -> Result<Reply, LeaveError> {
         let mut roles = self.roles.lock().await;
         let Some(m) = self.membership.get() else {
-            return Err("This node is not part of a swarm".into());
+            return Err(LeaveError::NotInSwarm);
         };
         if roles.manager.is_some() {
             if !force {
-                return Err("You are attempting to leave the swarm on a node that is participating as a manager. Removing the last manager erases all current state of the swarm. Use `--force` to ignore this message.".into());
+                return Err(LeaveError::LastManager);
             }
             if let Some(running) = roles.gossip.take() {
                 running.stop().await;
@@ -537,12 +674,12 @@ impl Agent {
             }
         } else {
             if m.role() == Role::Manager && !force {
-                return Err("You are attempting to leave the swarm on a node that is participating as a manager. Demote it first with `shoal node demote`, or use `--force` to ignore this message.".into());
+                return Err(LeaveError::Manager);
             }
             // Tell the manager, so it shows this node Down at once; leave anyway if it can't hear.
             match tokio::time::timeout(REQUEST_TIMEOUT, async {
                 let mut tls = connect_member(&m).await?;
-                call(&mut tls, &ManagerRequest::Leave).await
+                call(&mut tls, m.view.api_addr, &ManagerRequest::Leave).await
             })
             .await
             {
@@ -558,14 +695,13 @@ impl Agent {
             running.stop().await;
         }
         self.store
-            .write(&[Write::ClearMembership, Write::ClearManager])
-            .map_err(|e| e.to_string())?;
+            .write(&[Write::ClearMembership, Write::ClearManager])?;
         self.membership.set(None);
         info!(node = %m.node_id, "left the swarm");
         Ok(Reply::Left)
     }
 
-    async fn admin(&self, request: AdminRequest) -> Response {
+    async fn admin(&self, request: AdminRequest) -> Result<Reply, AdminCallError> {
         let leader = self
             .roles
             .lock()
@@ -574,23 +710,22 @@ impl Agent {
             .as_ref()
             .map(|(m, _)| m.clone());
         let Some(m) = self.membership.get() else {
-            return Err(NOT_IN_SWARM.into());
+            return Err(AdminCallError::NotInSwarm);
         };
         if let Some(manager) = leader {
-            return manager
-                .handle_admin(request, &m.node_id)
-                .map_err(|e| e.to_string());
+            return Ok(manager.handle_admin(request, &m.node_id)?);
         }
         if m.role() != Role::Manager {
-            return Err(NOT_MANAGER.into());
+            return Err(AdminCallError::NotManager);
         }
         // A promoted manager: forward to the leader.
+        let addr = m.view.api_addr;
         let reply = tokio::time::timeout(REQUEST_TIMEOUT, async {
             let mut tls = connect_member(&m).await?;
-            call(&mut tls, &ManagerRequest::Admin(request)).await
+            call(&mut tls, addr, &ManagerRequest::Admin(request)).await
         })
         .await
-        .map_err(|_| format!("the leader at {} did not answer in time", m.view.api_addr))??;
+        .map_err(|_| CallError::Timeout(addr))??;
         match reply {
             ManagerReply::Admin(reply) => Ok(match *reply {
                 Reply::Nodes { nodes, .. } => Reply::Nodes {
@@ -599,7 +734,7 @@ impl Agent {
                 },
                 other => other,
             }),
-            other => Err(format!("the leader gave an unexpected answer: {other:?}")),
+            other => Err(CallError::Unexpected(format!("{other:?}")).into()),
         }
     }
 }
@@ -611,12 +746,8 @@ fn issued(m: &Membership) -> Issued {
     }
 }
 
-fn unreachable(manager: SocketAddr, why: &str) -> String {
-    format!("could not reach the manager at {manager}: {why}; check the address and that the manager's port is open")
-}
-
 /// Parses `HOST[:PORT]`; the port defaults to 2377.
-async fn resolve_manager(text: &str) -> Result<SocketAddr, String> {
+async fn resolve_manager(text: &str) -> Result<SocketAddr, JoinError> {
     if let Ok(addr) = text.parse::<SocketAddr>() {
         return Ok(addr);
     }
@@ -632,60 +763,75 @@ async fn resolve_manager(text: &str) -> Result<SocketAddr, String> {
         .await
         .ok()
         .and_then(|mut addrs| addrs.next())
-        .ok_or_else(|| {
-            format!("invalid manager address {text:?}: expected IP[:PORT] or HOST[:PORT]")
-        })
+        .ok_or_else(|| JoinError::Address(text.to_owned()))
+}
+
+/// Why a subnet is not usable for an overlay network.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CidrError {
+    /// Not `a.b.c.d/len`.
+    #[error("invalid subnet {0:?}: expected an IPv4 CIDR such as 10.0.0.0/24")]
+    Syntax(String),
+    /// Fewer than two host addresses.
+    #[error("invalid subnet {0:?}: the prefix must be /30 or shorter")]
+    TooSmall(String),
+    /// Bits set below the prefix.
+    #[error("invalid subnet {text:?}: host bits are set; did you mean {fixed}?")]
+    HostBits {
+        /// What was given.
+        text: String,
+        /// The network it probably means.
+        fixed: String,
+    },
 }
 
 /// Checks an IPv4 CIDR like `10.0.0.0/24`.
-pub fn check_cidr(text: &str) -> Result<(), String> {
-    let bad = || format!("invalid subnet {text:?}: expected an IPv4 CIDR such as 10.0.0.0/24");
+pub fn check_cidr(text: &str) -> Result<(), CidrError> {
+    let bad = || CidrError::Syntax(text.to_owned());
     let (ip, len) = text.split_once('/').ok_or_else(bad)?;
     let ip: std::net::Ipv4Addr = ip.parse().map_err(|_| bad())?;
     let len: u32 = len.parse().map_err(|_| bad())?;
     if len > 30 {
-        return Err(format!(
-            "invalid subnet {text:?}: the prefix must be /30 or shorter"
-        ));
+        return Err(CidrError::TooSmall(text.to_owned()));
     }
     let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
     if u32::from(ip) & !mask != 0 {
-        return Err(format!(
-            "invalid subnet {text:?}: host bits are set; did you mean {}/{len}?",
-            std::net::Ipv4Addr::from(u32::from(ip) & mask)
-        ));
+        return Err(CidrError::HostBits {
+            text: text.to_owned(),
+            fixed: format!("{}/{len}", std::net::Ipv4Addr::from(u32::from(ip) & mask)),
+        });
     }
     Ok(())
 }
 
-async fn connect_member(m: &Membership) -> Result<TlsStream<TcpStream>, String> {
-    let config = node_client_config(&m.view.ca_cert_der, &issued(m)).map_err(|e| e.to_string())?;
+async fn connect_member(m: &Membership) -> Result<TlsStream<TcpStream>, CallError> {
+    let config = node_client_config(&m.view.ca_cert_der, &issued(m))?;
     let addr = m.view.api_addr;
     let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
         .await
-        .map_err(|_| unreachable(addr, "no answer"))?
-        .map_err(|e| unreachable(addr, &e.to_string()))?;
+        .map_err(|_| CallError::unreachable(addr, "no answer"))?
+        .map_err(|e| CallError::unreachable(addr, e))?;
     tokio::time::timeout(
         CONNECT_TIMEOUT,
         TlsConnector::from(config).connect(server_name(), tcp),
     )
     .await
-    .map_err(|_| unreachable(addr, "the TLS handshake timed out"))?
-    .map_err(|e| unreachable(addr, &format!("TLS failed: {e}")))
+    .map_err(|_| CallError::unreachable(addr, "the TLS handshake timed out"))?
+    .map_err(|e| CallError::unreachable(addr, format!("TLS failed: {e}")))
 }
 
 async fn call(
     tls: &mut TlsStream<TcpStream>,
+    addr: SocketAddr,
     request: &ManagerRequest,
-) -> Result<ManagerReply, String> {
-    write_frame(tls, request).await.map_err(|e| e.to_string())?;
+) -> Result<ManagerReply, CallError> {
+    write_frame(tls, request).await?;
     let response: Option<ManagerResponse> = tokio::time::timeout(REQUEST_TIMEOUT, read_frame(tls))
         .await
-        .map_err(|_| "the manager did not answer in time".to_owned())?
-        .map_err(|e| e.to_string())?;
+        .map_err(|_| CallError::Timeout(addr))??;
     match response {
-        None => Err("the manager closed the connection without an answer".into()),
-        Some(Err(message)) => Err(message),
+        None => Err(CallError::Closed(addr)),
+        Some(Err(message)) => Err(CallError::Refused { addr, message }),
         Some(Ok(reply)) => Ok(reply),
     }
 }
@@ -776,6 +922,29 @@ async fn gossip_loop(
     link.stop(true).await;
 }
 
+/// Why a watch stream ended (logged; the agent reconnects with backoff).
+#[derive(Debug, thiserror::Error)]
+enum WatchError {
+    /// No connection.
+    #[error(transparent)]
+    Call(#[from] CallError),
+    /// A frame could not be read or written.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// The manager closed the stream.
+    #[error("the manager closed the stream")]
+    Closed,
+    /// The manager refused the stream.
+    #[error("{0}")]
+    Refused(String),
+    /// A view could not be saved.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A message that does not belong on a watch stream.
+    #[error("unexpected message on the watch stream: {0}")]
+    Unexpected(String),
+}
+
 enum WatchEnd {
     Stopped,
     Removed,
@@ -813,11 +982,9 @@ async fn watch_once(
     membership: &Current,
     stop: &mut watch::Receiver<bool>,
     backoff: &mut Duration,
-) -> Result<WatchEnd, String> {
+) -> Result<WatchEnd, WatchError> {
     let mut tls = connect_member(m).await?;
-    write_frame(&mut tls, &ManagerRequest::Watch)
-        .await
-        .map_err(|e| e.to_string())?;
+    write_frame(&mut tls, &ManagerRequest::Watch).await?;
     let (mut rd, mut wr) = tokio::io::split(tls);
     let pinger = tokio::spawn(async move {
         loop {
@@ -833,9 +1000,9 @@ async fn watch_once(
             _ = stop.changed() => break Ok(WatchEnd::Stopped),
         };
         match frame {
-            Err(e) => break Err(e.to_string()),
-            Ok(None) => break Err("the manager closed the stream".into()),
-            Ok(Some(Err(message))) => break Err(message),
+            Err(e) => break Err(e.into()),
+            Ok(None) => break Err(WatchError::Closed),
+            Ok(Some(Err(message))) => break Err(WatchError::Refused(message)),
             Ok(Some(Ok(ManagerReply::Removed))) => break Ok(WatchEnd::Removed),
             Ok(Some(Ok(ManagerReply::View(view)))) => {
                 *backoff = Duration::from_millis(200);
@@ -848,14 +1015,12 @@ async fn watch_once(
                 let mut next = current;
                 next.view = *view;
                 if let Err(e) = store.write(&[Write::Membership(&next)]) {
-                    break Err(e.to_string());
+                    break Err(e.into());
                 }
                 debug!(version = next.view.version, "cluster view updated");
                 membership.set(Some(next));
             }
-            Ok(Some(Ok(other))) => {
-                break Err(format!("unexpected message on the watch stream: {other:?}"))
-            }
+            Ok(Some(Ok(other))) => break Err(WatchError::Unexpected(format!("{other:?}"))),
         }
     };
     pinger.abort();
@@ -870,26 +1035,40 @@ mod tests {
     fn cidr_checks() {
         assert!(check_cidr("10.0.0.0/24").is_ok());
         assert!(check_cidr("198.19.0.0/16").is_ok());
-        assert!(check_cidr("10.0.0.1/24")
-            .unwrap_err()
-            .contains("10.0.0.0/24"));
-        assert!(check_cidr("10.0.0.0").is_err());
-        assert!(check_cidr("10.0.0.0/31").is_err());
-        assert!(check_cidr("10.0.0.0/x").is_err());
-        assert!(check_cidr("nope/24").is_err());
+        assert_eq!(
+            check_cidr("10.0.0.1/24"),
+            Err(CidrError::HostBits {
+                text: "10.0.0.1/24".into(),
+                fixed: "10.0.0.0/24".into()
+            })
+        );
+        assert_eq!(
+            check_cidr("10.0.0.0/31"),
+            Err(CidrError::TooSmall("10.0.0.0/31".into()))
+        );
+        assert_eq!(
+            check_cidr("10.0.0.0/33"),
+            Err(CidrError::TooSmall("10.0.0.0/33".into()))
+        );
+        for bad in ["10.0.0.0", "10.0.0.0/x", "nope/24", ""] {
+            assert_eq!(check_cidr(bad), Err(CidrError::Syntax(bad.into())), "{bad}");
+        }
         assert!(check_cidr("0.0.0.0/0").is_ok());
     }
 
     #[tokio::test]
     async fn manager_address_forms() {
         assert_eq!(
-            resolve_manager("198.18.0.1").await,
-            Ok("198.18.0.1:2377".parse().unwrap())
+            resolve_manager("198.18.0.1").await.unwrap(),
+            "198.18.0.1:2377".parse::<SocketAddr>().unwrap()
         );
         assert_eq!(
-            resolve_manager("198.18.0.1:4000").await,
-            Ok("198.18.0.1:4000".parse().unwrap())
+            resolve_manager("198.18.0.1:4000").await.unwrap(),
+            "198.18.0.1:4000".parse::<SocketAddr>().unwrap()
         );
-        assert!(resolve_manager("not a host!").await.is_err());
+        assert!(matches!(
+            resolve_manager("not a host!").await,
+            Err(JoinError::Address(a)) if a == "not a host!"
+        ));
     }
 }
