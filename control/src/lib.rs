@@ -7,11 +7,14 @@
 //! a watch stream to the manager so node-list and key changes reach every node; the CLI talks
 //! to the local agent over a Unix socket, with docker swarm's words and output shapes.
 //!
-//! What it does not do: no Raft yet (one leader; promoted managers forward to it), no data
-//! path (that is `shoal-vxlan`), no overlay networks beyond their definition.
+//! What it does not do: no Raft yet (one leader; promoted managers forward to it, and nodes
+//! join through the leader's address), no data path (that is `shoal-vxlan`), no overlay
+//! networks beyond their definition, no `shoal lab`, `network` or `capture` commands yet.
 //!
-//! The state machine ([`state`]), the token format ([`token`]) and node IDs ([`id`]) are
-//! pure: no IO, no clock, no randomness. [`store`], [`tls`], [`manager`] and [`agent`] do IO.
+//! The state machine ([`state`]), the token format ([`token`]), node IDs ([`id`]) and the
+//! gossip keyring schedule ([`gossip::keyring_at`]) are pure: no IO, no clock, no
+//! randomness. [`store`], [`tls`], [`manager`], [`agent`] and [`gossip`] (the one seam to
+//! `shoal-gossip`) do IO; [`cli`] is the `shoal` program.
 
 #![forbid(unsafe_code)]
 
