@@ -51,6 +51,10 @@ use crate::codec::{self, Codec, DecodeError, Item, Reader, StateDump};
 use crate::identity::{Identity, Metadata, MetadataError, NodeId};
 use crate::seal::{Keyring, Kind, OpenError, Sealer, OVERHEAD};
 
+/// Independent witnesses (the first suspecter plus confirmation probes) after which any
+/// member may declare a suspect down, once `suspicion_min` has passed since it heard of it.
+const QUORUM: usize = 3;
+
 /// Largest datagram on 7946, envelope included.
 pub const MAX_DATAGRAM: usize = 1400;
 
@@ -73,6 +77,10 @@ pub struct Config {
     pub suspicion_max: Duration,
     /// Confirmations needed to reach `suspicion_min`.
     pub suspicion_k: u32,
+    /// How many members, on average, check a fresh suspicion themselves (confirmation
+    /// probes: four announces 200 ms apart; no answer within 900 ms makes them independent
+    /// witnesses, which shortens the suspicion timeout). 0 turns it off.
+    pub confirm_probes: u32,
     /// Mean time between two periodic push-pull exchanges started by this node (jittered
     /// uniformly in 0.5x..1.5x).
     pub pushpull_interval: Duration,
@@ -85,9 +93,9 @@ impl Config {
     /// the simulation (see `README.md`):
     /// - probe period 1 s, probe RTT 400 ms, 3 indirect probes;
     /// - gossip every 200 ms to 3 members while updates are pending; each update sent
-    ///   `4 * log10(n + 1)` times (12 at n = 1000);
+    ///   `4 * log10(n + 1) + 4` times (16 at n = 1000);
     /// - suspicion from `max = 4 * log10(n)` s (at least 8 s; 12 s at n = 1000) down to
-    ///   `min = 2/3 * log10(n)` s (at least 2 s) with two independent confirmations
+    ///   `min = log10(n) / 2` s (at least 1.5 s) with two independent confirmations
     ///   (Lifeguard's dynamic suspicion), instead of memberlist's fixed `4 * log10(n)` s: a
     ///   crashed node is confirmed by every prober within seconds, a healthy node suspected
     ///   through one lost packet keeps the long timeout and refutes in time;
@@ -100,6 +108,9 @@ impl Config {
         let n = NonZeroU32::new(cluster_size.max(1)).unwrap_or(NonZeroU32::MIN);
         let mut swim = foca::Config::new_lan(n);
         swim.probe_rtt = Duration::from_millis(400);
+        // foca sends each update 4 * log10(n + 1) times; four more make a node that misses
+        // every copy (probability about e^-tx) rare even at 200 nodes.
+        swim.max_transmissions = swim.max_transmissions.saturating_add(4);
         swim.max_packet_size =
             NonZeroUsize::new(MAX_DATAGRAM - OVERHEAD).unwrap_or(NonZeroUsize::MIN);
         swim.remove_down_after = Some(Duration::from_secs(3600));
@@ -116,9 +127,10 @@ impl Config {
             swim,
             local_health: true,
             max_health: 8,
-            suspicion_min: Duration::from_secs_f64((log * 2.0 / 3.0).max(2.0)),
+            suspicion_min: Duration::from_secs_f64((log * 0.5).max(1.5)),
             suspicion_max: Duration::from_secs_f64((log * 4.0).max(8.0)),
             suspicion_k: 2,
+            confirm_probes: 5,
             pushpull_interval: Duration::from_secs_f64((f64::from(cluster_size) * 0.6).max(30.0)),
         }
     }
@@ -312,6 +324,10 @@ struct Shared {
     metas: HashMap<NodeId, MetaEntry>,
     changed: Vec<NodeId>,
     confirms: HashMap<(NodeId, u32, u16), HashSet<NodeId>>,
+    /// Suspicions we just heard of for the first time: candidates for a confirmation probe.
+    fresh_suspects: Vec<(Identity, u16)>,
+    /// Suspicions that just reached a quorum of independent witnesses.
+    quorums: Vec<(Identity, u16)>,
     rejected_items: u64,
 }
 
@@ -413,7 +429,13 @@ impl Shared {
                     .confirms
                     .entry((subject.id, subject.bump, incarnation))
                     .or_default();
+                if set.is_empty() && subject.id != me {
+                    self.fresh_suspects.push((subject, incarnation));
+                }
                 if set.insert(from) {
+                    if set.len() == QUORUM {
+                        self.quorums.push((subject, incarnation));
+                    }
                     Some(ItemKey::Suspect(
                         subject.id,
                         subject.bump,
@@ -500,7 +522,22 @@ pub struct Membership {
     meta_sent: bool,
     health: u32,
     next_pushpull: Option<Instant>,
+    checks: HashMap<NodeId, Check>,
+    /// When we first heard of each suspicion (for the quorum rule's minimum wait).
+    heard: HashMap<(NodeId, u32, u16), Instant>,
+    /// Quorum declarations waiting for `suspicion_min` to pass.
+    declares: Vec<(Instant, Identity, u16)>,
     stats: Stats,
+}
+
+/// A confirmation probe in flight.
+#[derive(Debug, Clone, Copy)]
+struct Check {
+    subject: Identity,
+    incarnation: u16,
+    sends_left: u8,
+    next_send: Instant,
+    deadline: Instant,
 }
 
 impl std::fmt::Debug for Membership {
@@ -569,6 +606,9 @@ impl Membership {
             meta_sent: false,
             health: 0,
             next_pushpull: None,
+            checks: HashMap::new(),
+            heard: HashMap::new(),
+            declares: Vec::new(),
             stats: Stats::default(),
         };
         let _ = now;
@@ -702,7 +742,26 @@ impl Membership {
 
     /// The next time [`Membership::handle_timeout`] must be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let t = self.timers.peek().map(|p| p.deadline);
+        let c = self
+            .checks
+            .values()
+            .map(|c| {
+                if c.sends_left > 0 {
+                    c.next_send
+                } else {
+                    c.deadline
+                }
+            })
+            .min();
+        let d = self.declares.iter().map(|d| d.0).min();
+        let c = match (c, d) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let t = match (self.timers.peek().map(|p| p.deadline), c) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         match (t, self.next_pushpull) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -779,6 +838,9 @@ impl Membership {
             }
             admission_open = sh.admission == Admission::Open;
         }
+        if !self.checks.is_empty() {
+            self.checks.remove(&header.src.id);
+        }
         let me = *self.foca.identity();
         let mut rewrite = false;
         if header.message == Message::Announce && header.dst.id == NodeId::ANY {
@@ -840,6 +902,91 @@ impl Membership {
             let Some(p) = self.timers.pop() else { break };
             self.fire(p, now);
         }
+        self.run_checks(now);
+        if self.declares.iter().any(|d| d.0 <= now) {
+            self.run_declares(now);
+        }
+    }
+
+    /// Confirmation probes: re-send, or declare ourselves an independent witness.
+    fn run_checks(&mut self, now: Instant) {
+        if self.checks.is_empty() {
+            return;
+        }
+        let mut due: Vec<NodeId> = self
+            .checks
+            .iter()
+            .filter(|(_, c)| (c.sends_left > 0 && c.next_send <= now) || c.deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        due.sort();
+        let me = self.foca.identity().id;
+        for id in due {
+            let Some(mut c) = self.checks.remove(&id) else {
+                continue;
+            };
+            if c.deadline <= now {
+                if self.config.local_health
+                    && now.saturating_duration_since(c.deadline) > Duration::from_millis(250)
+                {
+                    // We were stalled: the answers may be sitting unread in our queue.
+                    continue;
+                }
+                // Silent through four announces: we are an independent witness.
+                let item = Item::Suspect {
+                    subject: c.subject,
+                    incarnation: c.incarnation,
+                    from: me,
+                };
+                let _ = self.foca.add_broadcast(&item.encode());
+                lock(&self.shared).accept_item(item, NodeId::ANY);
+                continue;
+            }
+            c.sends_left -= 1;
+            c.next_send = now + Duration::from_millis(200);
+            let mut rt = Collect::default();
+            let _ = self.foca.announce(c.subject, &mut rt);
+            self.absorb(rt, now);
+            self.checks.insert(id, c);
+        }
+    }
+
+    /// Starts confirmation probes for suspicions we just heard of.
+    fn start_checks(&mut self, now: Instant) {
+        let fresh: Vec<(Identity, u16)> = std::mem::take(&mut lock(&self.shared).fresh_suspects);
+        if self.heard.len() > 8192 {
+            self.heard.clear();
+        }
+        for (subject, inc) in &fresh {
+            self.heard
+                .entry((subject.id, subject.bump, *inc))
+                .or_insert(now);
+        }
+        if fresh.is_empty() || self.config.confirm_probes == 0 {
+            return;
+        }
+        // A node that knows it is slow does not trust its own silence observations.
+        if self.config.local_health && self.health > 0 {
+            return;
+        }
+        let n = self.foca.num_members().max(1) as f64;
+        let q = (f64::from(self.config.confirm_probes) / n).min(1.0);
+        for (subject, incarnation) in fresh {
+            if self.checks.contains_key(&subject.id) || self.rng.random::<f64>() >= q {
+                continue;
+            }
+            self.checks.insert(
+                subject.id,
+                Check {
+                    subject,
+                    incarnation,
+                    sends_left: 4,
+                    next_send: now,
+                    deadline: now + Duration::from_millis(900),
+                },
+            );
+        }
+        self.run_checks(now);
     }
 
     fn multiplier(&self) -> u32 {
@@ -987,6 +1134,55 @@ impl Membership {
         let changed: Vec<NodeId> = std::mem::take(&mut lock(&self.shared).changed);
         for id in changed {
             self.meta_changed(id);
+        }
+        if !lock(&self.shared).fresh_suspects.is_empty() {
+            self.start_checks(now);
+        }
+        let quorums = std::mem::take(&mut lock(&self.shared).quorums);
+        for (subject, inc) in quorums {
+            let heard = self
+                .heard
+                .get(&(subject.id, subject.bump, inc))
+                .copied()
+                .unwrap_or(now);
+            self.declares
+                .push((heard + self.config.suspicion_min, subject, inc));
+        }
+        if self.declares.iter().any(|d| d.0 <= now) {
+            self.run_declares(now);
+        }
+    }
+
+    /// Declares down the suspects whose witness quorum has waited `suspicion_min`, unless
+    /// they refuted (their incarnation moved on) or changed identity meanwhile.
+    fn run_declares(&mut self, now: Instant) {
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.declares)
+            .into_iter()
+            .partition(|d| d.0 <= now);
+        self.declares = later;
+        for (_, subject, inc) in due {
+            let still = self
+                .foca
+                .iter_members()
+                .any(|m| m.id() == &subject && m.incarnation() == inc);
+            if !still {
+                continue;
+            }
+            let mut rt = Collect::default();
+            if self
+                .foca
+                .apply_many(
+                    std::iter::once(Member::new(subject, inc, State::Down)),
+                    true,
+                    &mut rt,
+                )
+                .is_err()
+            {
+                self.stats.dropped_protocol += 1;
+            } else {
+                self.stats.declared_down += 1;
+            }
+            self.absorb(rt, now);
         }
     }
 

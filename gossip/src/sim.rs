@@ -81,6 +81,8 @@ pub struct SimConfig {
     pub local_health: bool,
     /// Share of nodes that stall (stall scenario).
     pub stall_fraction: f64,
+    /// Print diagnostics (slow samples, datagram counts by message) on stderr.
+    pub debug: bool,
 }
 
 impl SimConfig {
@@ -96,6 +98,7 @@ impl SimConfig {
             duration: Duration::from_secs(300),
             local_health: true,
             stall_fraction: 0.05,
+            debug: false,
         }
     }
 }
@@ -277,6 +280,7 @@ impl Sim {
             .collect::<Vec<_>>();
         let by_addr = nodes.iter().enumerate().map(|(i, n)| (n.addr, i)).collect();
         Sim {
+            debug: cfg.debug,
             net: SmallRng::seed_from_u64(cfg.seed),
             plan: SmallRng::seed_from_u64(cfg.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 1),
             cfg: SimConfig { nodes: n, ..cfg },
@@ -301,7 +305,6 @@ impl Sim {
             heal_start: None,
             healed: Vec::new(),
             formed_at: None,
-            debug: std::env::var_os("SIM_DEBUG").is_some(),
             tally: Default::default(),
         }
     }
@@ -469,6 +472,12 @@ impl Sim {
                     }
                 }
                 for s in self.detect.iter_mut().filter(|s| s.subject == subj) {
+                    if s.seen.is_empty() && self.debug {
+                        eprintln!(
+                            "first down of {subj} after {:.2}",
+                            (now - s.start).as_secs_f64()
+                        );
+                    }
                     if s.seen.insert(observer) && s.seen.len() >= s.need && s.done.is_none() {
                         s.done = Some(now - s.start);
                     }
@@ -480,6 +489,13 @@ impl Sim {
                     let _ = &version;
                     if s.seen.insert(observer) && s.seen.len() >= s.need && s.done.is_none() {
                         s.done = Some(now - s.start);
+                        if self.debug && (now - s.start) > Duration::from_secs(3) {
+                            eprintln!(
+                                "slow update of {subj} at {:.1}: {:.2} s",
+                                s.start.as_secs_f64(),
+                                (now - s.start).as_secs_f64()
+                            );
+                        }
                     }
                 }
             }

@@ -38,6 +38,9 @@ struct Args {
     /// Run the same seed with local health on and off and print both lines.
     #[arg(long)]
     compare_plain: bool,
+    /// Print diagnostics on stderr.
+    #[arg(long)]
+    debug: bool,
 }
 
 fn main() -> ExitCode {
@@ -52,6 +55,7 @@ fn main() -> ExitCode {
     }
     let mut cfg = SimConfig::new(args.nodes, args.seed, args.scenario);
     cfg.loss = args.loss;
+    cfg.debug = args.debug;
     cfg.duration = Duration::from_secs_f64(args.minutes * 60.0);
     cfg.latency = Duration::from_secs_f64(args.latency_ms.max(0.0) / 1000.0);
     cfg.jitter = Duration::from_secs_f64(args.jitter_ms.max(0.0) / 1000.0);

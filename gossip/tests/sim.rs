@@ -1,0 +1,107 @@
+//! The simulation in CI: the targets' shape at N = 200 (the N = 1000 figures come from the
+//! `gossip-sim` binary, see README.md).
+//!
+//! Unoptimized, real sealing and foca make N = 200 take minutes, so those tests run only in
+//! an optimized build and say so when skipped:
+//! `cargo test --release -p shoal-gossip --test sim` (about 15 s). The determinism test and a
+//! small crash test run in every profile.
+
+use std::time::Duration;
+
+use shoal_gossip::sim::{Report, Scenario, Sim, SimConfig};
+
+fn run(nodes: usize, seed: u64, scenario: Scenario, loss: f64, minutes: f64, lh: bool) -> Report {
+    let mut c = SimConfig::new(nodes, seed, scenario);
+    c.loss = loss;
+    c.duration = Duration::from_secs_f64(minutes * 60.0);
+    c.local_health = lh;
+    let r = Sim::new(c).run();
+    eprintln!("{}", serde_json::to_string(&r).expect("json"));
+    r
+}
+
+#[test]
+fn same_seed_same_trace_other_seed_other_trace() {
+    let a = run(30, 7, Scenario::Crash, 0.05, 1.0, true);
+    let b = run(30, 7, Scenario::Crash, 0.05, 1.0, true);
+    let c = run(30, 8, Scenario::Crash, 0.05, 1.0, true);
+    assert_eq!(a.trace_hash, b.trace_hash);
+    assert_eq!(a.datagrams, b.datagrams);
+    assert_ne!(a.trace_hash, c.trace_hash);
+}
+
+#[test]
+fn small_cluster_detects_a_crash_in_any_profile() {
+    let r = run(40, 11, Scenario::Crash, 0.01, 1.0, true);
+    assert_eq!(r.detect_missed, 0);
+    let p99 = r.detect_p99_s.expect("crash samples");
+    assert!(p99 <= 10.0, "detection p99 {p99} s > 10 s");
+    assert_eq!(r.false_downs, 0);
+    assert_eq!(r.dropped_bad, 0);
+}
+
+#[test]
+#[cfg_attr(
+    debug_assertions,
+    ignore = "N = 200 needs an optimized build: cargo test --release -p shoal-gossip --test sim"
+)]
+fn crashes_are_detected_fast_and_updates_spread_at_one_percent_loss() {
+    let r = run(200, 1, Scenario::Crash, 0.01, 2.5, true);
+    assert_eq!(r.detect_missed, 0, "a crash was never seen down by 99.9%");
+    let p99 = r.detect_p99_s.expect("crash samples");
+    assert!(p99 <= 10.0, "detection p99 {p99} s > 10 s");
+    assert_eq!(r.false_downs, 0);
+    let d = r.disseminate_p99_s.expect("update samples");
+    assert!(d <= 3.0, "dissemination p99 {d} s > 3 s");
+    assert!(r.max_datagram_bytes <= 1400);
+    assert_eq!(r.dropped_bad, 0);
+}
+
+#[test]
+#[cfg_attr(
+    debug_assertions,
+    ignore = "N = 200 needs an optimized build: cargo test --release -p shoal-gossip --test sim"
+)]
+fn steady_state_stays_under_one_kilobyte_per_node_per_second() {
+    let r = run(200, 2, Scenario::Steady, 0.0, 2.0, true);
+    assert!(
+        r.bytes_per_node_per_s <= 1000.0,
+        "{} B/s per node",
+        r.bytes_per_node_per_s
+    );
+    assert!(r.bytes_per_node_per_s > 0.0);
+    assert_eq!(r.false_downs, 0);
+}
+
+#[test]
+#[cfg_attr(
+    debug_assertions,
+    ignore = "N = 200 needs an optimized build: cargo test --release -p shoal-gossip --test sim"
+)]
+fn a_sixty_second_partition_heals_within_thirty_seconds() {
+    let r = run(200, 3, Scenario::Partition, 0.0, 2.0, true);
+    let h = r
+        .heal_p99_s
+        .expect("every node must see every live node again");
+    assert!(h <= 30.0, "heal p99 {h} s > 30 s");
+}
+
+#[test]
+#[cfg_attr(
+    debug_assertions,
+    ignore = "N = 200 needs an optimized build: cargo test --release -p shoal-gossip --test sim"
+)]
+fn local_health_does_not_add_false_downs_under_stalls() {
+    let on = run(200, 4, Scenario::Stall, 0.01, 2.0, true);
+    let off = run(200, 4, Scenario::Stall, 0.01, 2.0, false);
+    assert!(
+        on.false_downs <= off.false_downs,
+        "local health on: {} false downs, off: {}",
+        on.false_downs,
+        off.false_downs
+    );
+    assert_eq!(
+        on.false_downs, 0,
+        "healthy nodes declared down with local health on"
+    );
+}
