@@ -219,7 +219,7 @@ shoal_build() {
   fi
   SHOAL_BIN="${CARGO_TARGET_DIR:-$REPO/target}/release/examples/overlay_pair"
   [ -x "$SHOAL_BIN" ] || { log "built, but $SHOAL_BIN is missing"; return 1; }
-  SHOAL_NOTE="overlay_pair example, release build of commit $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')"
+  SHOAL_NOTE="overlay_pair example, release build of commit $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo 'unknown (not a git checkout)')"
   # the working tree is shared: say so when the data path's sources differ from that commit
   if [ -n "$(git -C "$REPO" status --porcelain -- vxlan ingress 2>/dev/null)" ]; then
     SHOAL_NOTE+=" plus uncommitted changes in vxlan/ or ingress/"
