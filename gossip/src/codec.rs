@@ -9,7 +9,7 @@
 //! member    = identity incarnation u16 state u8          (0 alive, 1 suspect, 2 down)
 //! item      = 1 node_id[25] seq u64 flags u8 meta        (metadata, custom broadcast)
 //!           | 2 subject:identity incarnation u16 from:node_id[25]   (independent suspicion)
-//! meta      = family ip port u16 public_key[32] role u8 len u8 version[len]
+//! meta      = family ip port u16 public_key[32] incarnation u32 role u8 len u8 version[len]
 //! state     = version(1) count u32 member* count u32 item*          (push-pull)
 //! ```
 //!
@@ -411,13 +411,14 @@ pub enum Item {
 
 /// Encoded length of metadata.
 pub fn meta_len(m: &Metadata) -> usize {
-    ip_len(&m.vtep) + 2 + 32 + 1 + 1 + m.version.len().min(MAX_VERSION_LEN)
+    ip_len(&m.vtep) + 2 + 32 + 4 + 1 + 1 + m.version.len().min(MAX_VERSION_LEN)
 }
 
 fn put_meta(buf: &mut impl BufMut, m: &Metadata) {
     put_ip(buf, &m.vtep);
     buf.put_u16(m.data_port);
     buf.put_slice(&m.public_key);
+    buf.put_u32(m.incarnation);
     buf.put_u8(match m.role {
         Role::Worker => 0,
         Role::Manager => 1,
@@ -431,6 +432,7 @@ fn get_meta(r: &mut Reader<'_>) -> Result<Metadata, DecodeError> {
     let vtep = get_ip(r)?;
     let data_port = r.u16()?;
     let public_key = r.array::<32>()?;
+    let incarnation = r.u32()?;
     let role = match r.u8()? {
         0 => Role::Worker,
         1 => Role::Manager,
@@ -446,6 +448,7 @@ fn get_meta(r: &mut Reader<'_>) -> Result<Metadata, DecodeError> {
         vtep,
         data_port,
         public_key,
+        incarnation,
         role,
         version,
     })
@@ -609,6 +612,7 @@ mod tests {
             vtep: "198.18.0.7".parse().unwrap(),
             data_port: 4789,
             public_key: [9; 32],
+            incarnation: 0x0102_0304,
             role: Role::Manager,
             version: "0.1.0".into(),
         }

@@ -169,6 +169,10 @@ pub struct Metadata {
     /// The node's static X25519 public key.
     #[serde(with = "hex32")]
     pub public_key: [u8; 32],
+    /// The data path's incarnation: renewed at every agent start, part of the data-path key
+    /// derivation so a restarted node never reuses a nonce (see `shoal-vxlan`'s `crypto`).
+    #[serde(default)]
+    pub incarnation: u32,
     /// Worker or manager.
     pub role: Role,
     /// Agent version string, at most [`MAX_VERSION_LEN`] bytes.

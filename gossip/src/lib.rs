@@ -24,7 +24,7 @@
 //! use shoal_gossip::{driver, Admission, Event, Identity, Key, Keyring, Metadata, Role};
 //! let id = "abcdefghijklmnopqrstuvw12".parse()?;
 //! let meta = Metadata {
-//!     vtep: "198.18.0.1".parse()?, data_port: 4789, public_key: [7; 32],
+//!     vtep: "198.18.0.1".parse()?, data_port: 4789, public_key: [7; 32], incarnation: 1,
 //!     role: Role::Manager, version: "0.1.0".into(),
 //! };
 //! let mut cfg = driver::Config::new(id, "198.18.0.1:7946".parse()?, meta,

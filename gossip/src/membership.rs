@@ -521,6 +521,8 @@ pub struct Membership {
     my_seq: u64,
     meta_sent: bool,
     health: u32,
+    last_suspected: Option<u16>,
+    stall_counted: bool,
     next_pushpull: Option<Instant>,
     checks: HashMap<NodeId, Check>,
     /// When we first heard of each suspicion (for the quorum rule's minimum wait).
@@ -604,6 +606,8 @@ impl Membership {
             my_meta: setup.metadata,
             my_seq: u64::from(setup.identity.bump) << 32,
             meta_sent: false,
+            last_suspected: None,
+            stall_counted: false,
             health: 0,
             next_pushpull: None,
             checks: HashMap::new(),
@@ -855,7 +859,13 @@ impl Membership {
             let sh = lock(&self.shared);
             for _ in 0..n {
                 let m = codec::get_member(&mut r)?;
-                if m.id().id == me.id && m.state() == State::Suspect && self.config.local_health {
+                if m.id().id == me.id
+                    && m.state() == State::Suspect
+                    && self.config.local_health
+                    && self.last_suspected != Some(m.incarnation())
+                {
+                    // Once per suspected incarnation, not once per copy of the rumour.
+                    self.last_suspected = Some(m.incarnation());
                     self.health = (self.health + 1).min(self.config.max_health);
                 }
                 if admission_open || sh.admission.admits(&m.id().id) {
@@ -902,6 +912,7 @@ impl Membership {
             let Some(p) = self.timers.pop() else { break };
             self.fire(p, now);
         }
+        self.stall_counted = false;
         self.run_checks(now);
         if self.declares.iter().any(|d| d.0 <= now) {
             self.run_declares(now);
@@ -1001,7 +1012,9 @@ impl Membership {
         let period = self.config.swim.probe_period;
         let late = now.saturating_duration_since(p.deadline);
         let stalled = self.config.local_health && late > period / 2;
-        if stalled {
+        if stalled && !self.stall_counted {
+            // One point per stall, however many timers it delayed.
+            self.stall_counted = true;
             self.health = (self.health + 1).min(self.config.max_health);
         }
         if let Timer::ChangeSuspectToDown {

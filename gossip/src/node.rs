@@ -74,6 +74,7 @@ fn build(args: &Args) -> Result<driver::Config, String> {
         vtep: args.vtep.unwrap_or(args.advertise.ip()),
         data_port: args.data_port,
         public_key,
+        incarnation: 0,
         role,
         version: env!("CARGO_PKG_VERSION").into(),
     };

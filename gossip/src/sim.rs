@@ -249,6 +249,7 @@ fn meta_for(i: usize, version: u32) -> Metadata {
         vtep: addr_of(i).ip(),
         data_port: 4789,
         public_key: pk,
+        incarnation: 1,
         role: if i == 0 { Role::Manager } else { Role::Worker },
         version: format!("sim-{version}"),
     }

@@ -19,6 +19,7 @@ fn meta(i: u8) -> Metadata {
         vtep: "127.0.0.1".parse().expect("ip"),
         data_port: 4789,
         public_key: [i; 32],
+        incarnation: 1,
         role: Role::Worker,
         version: "test".into(),
     }

@@ -31,6 +31,7 @@ fn meta(i: usize) -> Metadata {
         vtep: addr(i).ip(),
         data_port: 4789,
         public_key: [i as u8; 32],
+        incarnation: 1,
         role: Role::Worker,
         version: "test".into(),
     }
