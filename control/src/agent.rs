@@ -22,8 +22,10 @@ use x25519_dalek::{PublicKey, StaticSecret};
 
 use crate::api::{
     hex, read_frame, write_frame, AdminRequest, FrameError, Info, InitRequest, JoinRequest,
-    ManagerReply, ManagerRequest, ManagerResponse, Reply, Request, Response,
+    LocalDataPath, ManagerReply, ManagerRequest, ManagerResponse, NetworkDetail, NetworkMember,
+    NetworkSummary, PeerCounters, Reply, Request, Response,
 };
+use crate::datapath::DataPath;
 use crate::gossip::Link;
 use crate::id::NodeId;
 use crate::manager::{
@@ -65,6 +67,9 @@ pub struct AgentConfig {
     pub hostname: String,
     /// Where gossip listens (default: the advertise address, port 7946).
     pub gossip_addr: Option<SocketAddr>,
+    /// The data path's settings; `None` runs the control plane only. The incarnation is
+    /// filled in at start.
+    pub data_path: Option<crate::datapath::Params>,
 }
 
 /// Why the agent could not start or run.
@@ -275,7 +280,13 @@ pub struct Agent {
     membership: Arc<Current>,
     roles: tokio::sync::Mutex<Roles>,
     gossip: Arc<std::sync::Mutex<Option<shoal_gossip::driver::Handle>>>,
+    node_secret: zeroize::Zeroizing<[u8; 32]>,
+    datapath: DataPathSlot,
 }
+
+/// The running data path, shared by the gossip loop (which starts and steers it) and the
+/// requests that read it.
+pub type DataPathSlot = Arc<std::sync::Mutex<Option<Arc<DataPath>>>>;
 
 impl std::fmt::Debug for Agent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -340,8 +351,13 @@ impl Agent {
     /// Opens the state and resumes this node's role in its swarm, if any.
     pub async fn start(config: AgentConfig) -> Result<Arc<Self>, AgentError> {
         let store = Arc::new(Store::open(&config.state_dir)?);
-        let secret = StaticSecret::from(store.node_key(random_key())?);
+        let node_secret = zeroize::Zeroizing::new(store.node_key(random_key())?);
+        let secret = StaticSecret::from(*node_secret);
         let public_key = PublicKey::from(&secret).to_bytes();
+        let mut config = config;
+        if let Some(params) = config.data_path.as_mut() {
+            params.incarnation = store.bump_incarnation()?;
+        }
         let membership = store.membership()?;
         let manager_state = store.manager()?;
         let agent = Arc::new(Self {
@@ -351,6 +367,8 @@ impl Agent {
             membership: Current::new(membership.clone()),
             roles: tokio::sync::Mutex::new(Roles::default()),
             gossip: Arc::new(std::sync::Mutex::new(None)),
+            node_secret,
+            datapath: Arc::new(std::sync::Mutex::new(None)),
         });
         if let Some(m) = membership {
             let mut roles = agent.roles.lock().await;
@@ -393,12 +411,18 @@ impl Agent {
 
     fn start_gossip(&self, manager: Option<Arc<Manager>>) -> Running {
         let (stop, rx) = watch::channel(false);
+        let data_path = self
+            .config
+            .data_path
+            .clone()
+            .map(|params| (params, *self.node_secret, self.datapath.clone()));
         let task = tokio::spawn(gossip_loop(
             self.gossip.clone(),
             self.membership.clone(),
             self.public_key,
             self.config.gossip_addr,
             manager,
+            data_path,
             rx,
         ));
         Running { stop, task }
@@ -475,6 +499,83 @@ impl Agent {
             Request::Join(join) => self.join(join).await.map_err(|e| e.to_string()),
             Request::Leave { force } => self.leave(force).await.map_err(|e| e.to_string()),
             Request::Admin(admin) => self.admin(admin).await.map_err(|e| e.to_string()),
+            Request::NetworkLs => {
+                let m = self
+                    .membership
+                    .get()
+                    .ok_or_else(|| NOT_IN_SWARM.to_owned())?;
+                let n = &m.view.ingress;
+                Ok(Reply::Networks(vec![NetworkSummary {
+                    name: n.name.clone(),
+                    vni: n.vni,
+                    subnet: n.subnet.clone(),
+                    encrypted: n.encrypted,
+                }]))
+            }
+            Request::NetworkInspect { network } => {
+                let m = self
+                    .membership
+                    .get()
+                    .ok_or_else(|| NOT_IN_SWARM.to_owned())?;
+                if network != m.view.ingress.name {
+                    return Err(format!(
+                        "network {network} not found (shoal has one network, ingress)"
+                    ));
+                }
+                Ok(Reply::Network(Box::new(self.network_detail(&m))))
+            }
+        }
+    }
+
+    fn network_detail(&self, m: &Membership) -> NetworkDetail {
+        let n = &m.view.ingress;
+        let dp = self
+            .datapath
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let local = dp.map(|dp| {
+            let s = dp.status();
+            LocalDataPath {
+                interface: s.interface,
+                address: s.address,
+                mac: s.mac.to_string(),
+                mtu: s.mtu,
+                send_epoch: s.send_epoch,
+                members: s.members,
+                counters: (&s.counters).into(),
+                peers: s
+                    .peers
+                    .iter()
+                    .map(|(vtep, c)| PeerCounters {
+                        vtep: *vtep,
+                        counters: c.into(),
+                    })
+                    .collect(),
+            }
+        });
+        NetworkDetail {
+            name: n.name.clone(),
+            driver: "overlay".into(),
+            scope: "swarm".into(),
+            vni: n.vni,
+            subnet: n.subnet.clone(),
+            encrypted: n.encrypted,
+            data_path_port: n.data_path_port,
+            members: m
+                .view
+                .nodes
+                .iter()
+                .filter(|node| !node.left)
+                .map(|node| NetworkMember {
+                    node_id: node.id.clone(),
+                    hostname: node.hostname.clone(),
+                    address: node.overlay_addr,
+                    vtep: node.addr,
+                })
+                .collect(),
+            vteps: n.vteps.clone(),
+            local,
         }
     }
 
@@ -533,6 +634,7 @@ impl Agent {
                 cert_digest: cert_digest(&own.cert_der),
                 engine_version: VERSION.into(),
                 left: false,
+                overlay_addr: None,
                 joined_at: now,
             },
             api_addr,
@@ -547,6 +649,7 @@ impl Agent {
                 subnet: req.ingress_subnet.clone(),
                 encrypted: req.encrypt,
                 data_path_port: req.data_path_port,
+                vteps: Vec::new(),
             },
             at: now,
         })))?;
@@ -842,15 +945,17 @@ async fn gossip_loop(
     public_key: [u8; 32],
     bind: Option<SocketAddr>,
     manager: Option<Arc<Manager>>,
+    data_path: Option<(crate::datapath::Params, [u8; 32], DataPathSlot)>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let incarnation = data_path.as_ref().map_or(0, |(p, _, _)| p.incarnation);
     // Start gossip, retrying while it cannot (e.g. the advertise address is not up yet).
     let mut warned = false;
     let link = loop {
         let Some(m) = cell.get() else {
             return;
         };
-        match Link::start(&m, public_key, bind).await {
+        match Link::start(&m, public_key, incarnation, bind).await {
             Ok(link) => break link,
             Err(e) => {
                 if !warned {
@@ -872,10 +977,22 @@ async fn gossip_loop(
         .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(link.handle());
     let mut changes = cell.subscribe();
     let mut up = link.watch_up();
+    let mut heard = link.watch_heard();
     if let Some(manager) = &manager {
         manager.set_gossip_up(Some(link.up()));
     }
+    let mut steer = data_path.map(|(params, secret, slot)| Steer::new(params, secret, slot));
+    let mut epoch_switch = None;
+    if let (Some(s), Some(m)) = (steer.as_mut(), cell.get()) {
+        epoch_switch = s.follow(&m, &link.heard());
+    }
     loop {
+        // Also wake when the data path's sending epoch changes (or, if it is not up yet, to
+        // retry bringing it up).
+        let dp_wake = epoch_switch.map_or_else(
+            || tokio::time::Instant::now() + Duration::from_secs(3600),
+            tokio::time::Instant::from_std,
+        );
         // When a new gossip key starts sealing (see gossip::KEY_GRACE); far away if none.
         let switch = link.key_switch_at().map_or_else(
             || tokio::time::Instant::now() + Duration::from_secs(3600),
@@ -891,8 +1008,25 @@ async fn gossip_loop(
                         if let Err(e) = link.follow(&m, public_key).await {
                             warn!("gossip could not follow the cluster view: {e}");
                         }
+                        if let Some(s) = steer.as_mut() {
+                            epoch_switch = s.follow(&m, &link.heard());
+                        }
                     }
                     None => break,
+                }
+            }
+            changed = heard.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let now_heard = heard.borrow_and_update().clone();
+                if let (Some(s), Some(m)) = (steer.as_mut(), cell.get()) {
+                    epoch_switch = s.follow(&m, &now_heard);
+                }
+            }
+            () = tokio::time::sleep_until(dp_wake) => {
+                if let (Some(s), Some(m)) = (steer.as_mut(), cell.get()) {
+                    epoch_switch = s.follow(&m, &link.heard());
                 }
             }
             changed = up.changed() => {
@@ -916,10 +1050,91 @@ async fn gossip_loop(
     if let Some(manager) = &manager {
         manager.set_gossip_up(None);
     }
+    if let Some(s) = steer {
+        s.stop();
+    }
     *handle_slot
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
     link.stop(true).await;
+}
+
+/// Brings the data path up once this node has an overlay address, and keeps it following the
+/// view and gossip. Failures are logged and retried (the control plane runs without it).
+struct Steer {
+    params: crate::datapath::Params,
+    secret: zeroize::Zeroizing<[u8; 32]>,
+    slot: DataPathSlot,
+    warned: bool,
+}
+
+/// How often a data path that could not start is retried.
+const DATA_PATH_RETRY: Duration = Duration::from_secs(5);
+
+impl Steer {
+    fn new(params: crate::datapath::Params, secret: [u8; 32], slot: DataPathSlot) -> Self {
+        Steer {
+            params,
+            secret: zeroize::Zeroizing::new(secret),
+            slot,
+            warned: false,
+        }
+    }
+
+    fn current(&self) -> Option<Arc<DataPath>> {
+        self.slot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Follows `m`; returns when to be called again by itself.
+    fn follow(
+        &mut self,
+        m: &Membership,
+        heard: &std::collections::HashMap<NodeId, crate::datapath::Heard>,
+    ) -> Option<std::time::Instant> {
+        let now = std::time::Instant::now();
+        let dp = match self.current() {
+            Some(dp) => dp,
+            None => match DataPath::start(&m.view, &m.node_id, *self.secret, &self.params) {
+                Ok(dp) => {
+                    let dp = Arc::new(dp);
+                    info!(
+                        interface = %self.params.interface,
+                        incarnation = self.params.incarnation,
+                        "data path up"
+                    );
+                    *self
+                        .slot
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(dp.clone());
+                    dp
+                }
+                Err(e) => {
+                    if !self.warned {
+                        warn!("data path did not start: {e}; retrying every 5 s");
+                        self.warned = true;
+                    }
+                    return Some(now + DATA_PATH_RETRY);
+                }
+            },
+        };
+        match dp.follow(&m.view, &m.node_id, heard, now) {
+            Ok(next) => next,
+            Err(e) => {
+                warn!("data path could not follow the cluster view: {e}");
+                Some(now + DATA_PATH_RETRY)
+            }
+        }
+    }
+
+    fn stop(self) {
+        *self
+            .slot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+    }
 }
 
 /// Why a watch stream ended (logged; the agent reconnects with backoff).

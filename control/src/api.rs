@@ -87,6 +87,13 @@ pub enum Request {
     },
     /// A command that needs a manager.
     Admin(AdminRequest),
+    /// `shoal network ls`: from this node's view.
+    NetworkLs,
+    /// `shoal network inspect NETWORK`: from this node's view, with its data path.
+    NetworkInspect {
+        /// The network's name.
+        network: String,
+    },
 }
 
 /// `shoal init` parameters.
@@ -153,6 +160,136 @@ pub enum AdminRequest {
         /// IDs, ID prefixes or hostnames.
         nodes: Vec<String>,
     },
+    /// `shoal network vtep add NETWORK --addr --mac --ip`.
+    VtepAdd(VtepArgs),
+    /// `shoal network vtep rm NETWORK --addr --mac --ip`.
+    VtepRm(VtepArgs),
+}
+
+/// An external VTEP as the CLI names it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VtepArgs {
+    /// The network.
+    pub network: String,
+    /// Its underlay address.
+    pub addr: IpAddr,
+    /// Its overlay MAC.
+    pub mac: String,
+    /// Its overlay address.
+    pub ip: std::net::Ipv4Addr,
+}
+
+/// A network as `network ls` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkSummary {
+    /// Name.
+    pub name: String,
+    /// VXLAN network identifier.
+    pub vni: u32,
+    /// Subnet, CIDR.
+    pub subnet: String,
+    /// Sealed or plain.
+    pub encrypted: bool,
+}
+
+/// A network as `network inspect` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkDetail {
+    /// Name.
+    pub name: String,
+    /// Driver (always `overlay`).
+    pub driver: String,
+    /// Scope (always `swarm`).
+    pub scope: String,
+    /// VXLAN network identifier.
+    pub vni: u32,
+    /// Subnet, CIDR.
+    pub subnet: String,
+    /// Sealed (ChaCha20-Poly1305 per pair of nodes) or plain RFC 7348.
+    pub encrypted: bool,
+    /// UDP port of the data path.
+    pub data_path_port: u16,
+    /// The nodes on it.
+    pub members: Vec<NetworkMember>,
+    /// External VTEPs (plain networks).
+    pub vteps: Vec<crate::state::Vtep>,
+    /// This node's data path, if it runs.
+    pub local: Option<LocalDataPath>,
+}
+
+/// A node on a network.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkMember {
+    /// Node ID.
+    pub node_id: NodeId,
+    /// Host name.
+    pub hostname: String,
+    /// Overlay address.
+    pub address: Option<std::net::Ipv4Addr>,
+    /// Underlay address of its VTEP.
+    pub vtep: IpAddr,
+}
+
+/// This node's data path on a network.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalDataPath {
+    /// Interface name.
+    pub interface: String,
+    /// Overlay address.
+    pub address: std::net::Ipv4Addr,
+    /// Interface MAC.
+    pub mac: String,
+    /// Interface MTU.
+    pub mtu: u16,
+    /// Key epoch this node seals under (encrypted networks).
+    pub send_epoch: Option<u32>,
+    /// Members with entries in the engine.
+    pub members: usize,
+    /// Counters, engine-wide.
+    pub counters: Counters,
+    /// Counters per peer VTEP.
+    pub peers: Vec<PeerCounters>,
+}
+
+/// Traffic and drops, engine-wide or for one peer.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    /// Datagrams sent.
+    pub tx_packets: u64,
+    /// Frame bytes sent.
+    pub tx_bytes: u64,
+    /// Frames delivered.
+    pub rx_packets: u64,
+    /// Frame bytes delivered.
+    pub rx_bytes: u64,
+    /// Drops by reason (only reasons that happened).
+    pub drops: std::collections::BTreeMap<String, u64>,
+}
+
+impl From<&shoal_vxlan::engine::Counters> for Counters {
+    fn from(c: &shoal_vxlan::engine::Counters) -> Self {
+        Counters {
+            tx_packets: c.tx_packets,
+            tx_bytes: c.tx_bytes,
+            rx_packets: c.rx_packets,
+            rx_bytes: c.rx_bytes,
+            drops: c
+                .drops
+                .iter()
+                .filter(|(_, n)| *n > 0)
+                .map(|(r, n)| (r.label().to_owned(), n))
+                .collect(),
+        }
+    }
+}
+
+/// One peer's counters.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerCounters {
+    /// Its underlay address.
+    pub vtep: IpAddr,
+    /// Its counters.
+    pub counters: Counters,
 }
 
 /// The agent's answer: a reply, or one line saying what went wrong and what to do.
@@ -202,6 +339,10 @@ pub enum Reply {
     Node(Box<NodeStatus>),
     /// One line per node acted on (rm, promote, demote).
     Lines(Vec<String>),
+    /// The networks.
+    Networks(Vec<NetworkSummary>),
+    /// One network.
+    Network(Box<NetworkDetail>),
 }
 
 /// Gossip-level health, as `node ls` shows it.
@@ -247,6 +388,9 @@ pub struct NodeStatus {
     pub public_key: String,
     /// Unix time of join.
     pub joined_at: u64,
+    /// Address on the ingress network.
+    #[serde(default)]
+    pub overlay_addr: Option<std::net::Ipv4Addr>,
 }
 
 /// What a node knows of itself.

@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
+use crate::datapath::Heard;
 use crate::id::NodeId;
 use crate::state::{ClusterView, KeyEntry, Role};
 use crate::store::Membership;
@@ -49,7 +50,9 @@ pub enum LinkError {
 /// A running gossip driver tied to this node's membership.
 pub struct Link {
     handle: Handle,
+    incarnation: u32,
     up: watch::Receiver<Arc<HashSet<NodeId>>>,
+    heard: watch::Receiver<Arc<HashMap<NodeId, Heard>>>,
     events: JoinHandle<()>,
     last: Mutex<Option<Metadata>>,
     seen: Mutex<HashMap<u32, Instant>>,
@@ -92,24 +95,41 @@ pub fn keyring_at(
     seen: &mut HashMap<u32, Instant>,
     now: Instant,
 ) -> Result<(Keyring, Option<Instant>), LinkError> {
-    for entry in &view.keys.gossip {
+    let (seal, open, next) = sealing_order(&view.keys.gossip, seen, now).ok_or(LinkError::NoKey)?;
+    let ring = match open {
+        Some(open) => {
+            Keyring::with_previous(key(seal), key(open)).unwrap_or_else(|_| Keyring::new(key(seal)))
+        }
+        None => Keyring::new(key(seal)),
+    };
+    Ok((ring, next))
+}
+
+/// Which key of a ring (at most two, oldest first) seals at `now`, which other one only
+/// opens, and when that changes by itself: the newest seals once this node has known it for
+/// [`KEY_GRACE`] (`seen` keeps when each id was first seen, between calls); until then the one
+/// before it keeps sealing. The same rule serves the gossip keys and the data-path epochs.
+/// Pure: time is an input. `None` for an empty ring.
+pub fn sealing_order<'a>(
+    ring: &'a [KeyEntry],
+    seen: &mut HashMap<u32, Instant>,
+    now: Instant,
+) -> Option<(&'a KeyEntry, Option<&'a KeyEntry>, Option<Instant>)> {
+    for entry in ring {
         seen.entry(entry.id).or_insert(now);
     }
-    seen.retain(|id, _| view.keys.gossip.iter().any(|k| k.id == *id));
-    let mut keys = view.keys.gossip.iter().rev();
-    let newest = keys.next().ok_or(LinkError::NoKey)?;
+    seen.retain(|id, _| ring.iter().any(|k| k.id == *id));
+    let mut keys = ring.iter().rev();
+    let newest = keys.next()?;
     let Some(previous) = keys.next() else {
-        return Ok((Keyring::new(key(newest)), None));
+        return Some((newest, None, None));
     };
     let ready_at = seen.get(&newest.id).copied().unwrap_or(now) + KEY_GRACE;
-    let (seal, open, next) = if now < ready_at {
-        (previous, newest, Some(ready_at))
+    Some(if now < ready_at {
+        (previous, Some(newest), Some(ready_at))
     } else {
-        (newest, previous, None)
-    };
-    let ring =
-        Keyring::with_previous(key(seal), key(open)).unwrap_or_else(|_| Keyring::new(key(seal)));
-    Ok((ring, next))
+        (newest, Some(previous), None)
+    })
 }
 
 /// The admission list for a view: every node that has not left, with its public key.
@@ -135,12 +155,14 @@ pub fn metadata(
     view: &ClusterView,
     me: &NodeId,
     public_key: [u8; 32],
+    incarnation: u32,
 ) -> Result<Metadata, LinkError> {
     let node = view.node(me).ok_or(LinkError::NotInView)?;
     Ok(Metadata {
         vtep: node.addr,
         data_port: view.ingress.data_path_port,
         public_key,
+        incarnation,
         role: match node.role {
             Role::Worker => shoal_gossip::Role::Worker,
             Role::Manager => shoal_gossip::Role::Manager,
@@ -155,12 +177,13 @@ impl Link {
     pub async fn start(
         m: &Membership,
         public_key: [u8; 32],
+        incarnation: u32,
         bind: Option<SocketAddr>,
     ) -> Result<Self, LinkError> {
         let me = m.view.node(&m.node_id).ok_or(LinkError::NotInView)?;
         let bind = bind.unwrap_or(SocketAddr::new(me.addr, DEFAULT_PORT));
         let advertise = SocketAddr::new(me.addr, bind.port());
-        let meta = metadata(&m.view, &m.node_id, public_key)?;
+        let meta = metadata(&m.view, &m.node_id, public_key, incarnation)?;
         let mut seen = HashMap::new();
         let (ring, switch_at) = keyring_at(&m.view, &mut seen, Instant::now())?;
         let mut cfg = driver::Config::new(gossip_id(&m.node_id)?, advertise, meta.clone(), ring);
@@ -170,17 +193,30 @@ impl Link {
         let (handle, mut events) = driver::start(cfg).await?;
         info!(%bind, "gossip started");
         let (up_tx, up) = watch::channel(Arc::new(HashSet::new()));
+        let (heard_tx, heard) = watch::channel(Arc::new(HashMap::new()));
         let task = tokio::spawn(async move {
             let mut set = HashSet::new();
+            let mut known: HashMap<NodeId, Heard> = HashMap::new();
             while let Some(event) = events.recv().await {
-                let (id, is_up) = match &event {
-                    Event::Up(m) | Event::Updated(m) => (m.id, true),
-                    Event::Down(m) | Event::Left(m) => (m.id, false),
+                let (member, is_up) = match &event {
+                    Event::Up(m) | Event::Updated(m) => (m, true),
+                    Event::Down(m) | Event::Left(m) => (m, false),
                 };
-                let Ok(id) = id.as_str().parse::<NodeId>() else {
+                let Ok(id) = member.id.as_str().parse::<NodeId>() else {
                     continue;
                 };
                 debug!(node = %id, up = is_up, "gossip event");
+                // What a node said of itself stays known while it is down: it may come back,
+                // and its data-path entries stay meanwhile.
+                if let Some(meta) = &member.metadata {
+                    let h = Heard {
+                        public_key: meta.public_key,
+                        incarnation: meta.incarnation,
+                    };
+                    if known.insert(id.clone(), h) != Some(h) {
+                        heard_tx.send_replace(Arc::new(known.clone()));
+                    }
+                }
                 let changed = if is_up {
                     set.insert(id)
                 } else {
@@ -193,7 +229,9 @@ impl Link {
         });
         Ok(Self {
             handle,
+            incarnation,
             up,
+            heard,
             events: task,
             last: Mutex::new(Some(meta)),
             seen: Mutex::new(seen),
@@ -209,6 +247,16 @@ impl Link {
     /// Node IDs gossip sees up now (not ourselves).
     pub fn up(&self) -> Arc<HashSet<NodeId>> {
         self.up.borrow().clone()
+    }
+
+    /// What gossip heard of each node: public key and data-path incarnation.
+    pub fn heard(&self) -> Arc<HashMap<NodeId, Heard>> {
+        self.heard.borrow().clone()
+    }
+
+    /// A receiver that changes whenever [`Link::heard`] does.
+    pub fn watch_heard(&self) -> watch::Receiver<Arc<HashMap<NodeId, Heard>>> {
+        self.heard.clone()
     }
 
     /// A receiver that changes whenever the up set does.
@@ -246,7 +294,7 @@ impl Link {
     pub async fn follow(&self, m: &Membership, public_key: [u8; 32]) -> Result<(), LinkError> {
         self.handle.set_admission(admission(&m.view))?;
         self.refresh_keys(&m.view)?;
-        let meta = metadata(&m.view, &m.node_id, public_key)?;
+        let meta = metadata(&m.view, &m.node_id, public_key, self.incarnation)?;
         let changed = {
             let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
             let changed = last.as_ref() != Some(&meta);
@@ -354,13 +402,14 @@ mod tests {
     #[test]
     fn metadata_from_the_view() {
         let v = view();
-        let meta = metadata(&v, &NodeId::from_random(1), [1; 32]).unwrap();
+        let meta = metadata(&v, &NodeId::from_random(1), [1; 32], 7).unwrap();
         assert_eq!(meta.role, shoal_gossip::Role::Manager);
+        assert_eq!(meta.incarnation, 7);
         assert_eq!(meta.data_port, 4789);
         assert_eq!(meta.vtep, "198.18.0.1".parse::<std::net::IpAddr>().unwrap());
         assert!(meta.validate().is_ok());
         assert!(matches!(
-            metadata(&v, &NodeId::from_random(9), [1; 32]),
+            metadata(&v, &NodeId::from_random(9), [1; 32], 1),
             Err(LinkError::NotInView)
         ));
     }

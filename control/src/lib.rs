@@ -21,8 +21,10 @@
 pub mod agent;
 pub mod api;
 pub mod cli;
+pub mod datapath;
 pub mod gossip;
 pub mod id;
+pub mod lab;
 pub mod manager;
 pub mod state;
 pub mod store;

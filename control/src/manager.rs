@@ -110,6 +110,12 @@ pub enum ChangeError {
 /// before they change any.
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
+    /// No network by this name.
+    #[error("network {0} not found (shoal has one network, ingress)")]
+    NoSuchNetwork(String),
+    /// No such external VTEP.
+    #[error("no external VTEP {0} on network ingress; `shoal network inspect ingress` lists them")]
+    NoSuchVtep(String),
     /// No node has this ID, hostname or ID prefix.
     #[error("node {0} not found")]
     NotFound(String),
@@ -311,6 +317,7 @@ impl Manager {
             engine_version: node.engine_version.clone(),
             public_key: hex(&node.public_key),
             joined_at: node.joined_at,
+            overlay_addr: node.overlay_addr,
         }
     }
 
@@ -391,6 +398,37 @@ impl Manager {
             }
             AdminRequest::Promote { nodes } => self.set_roles(&nodes, Role::Manager),
             AdminRequest::Demote { nodes } => self.set_roles(&nodes, Role::Worker),
+            AdminRequest::VtepAdd(v) | AdminRequest::VtepRm(v)
+                if v.network != shoal_ingress::INGRESS_NAME =>
+            {
+                Err(AdminError::NoSuchNetwork(v.network))
+            }
+            AdminRequest::VtepAdd(v) => {
+                let line = format!("{} {} {}", v.addr, v.mac, v.ip);
+                self.apply(Command::AddVtep(crate::state::Vtep {
+                    addr: v.addr,
+                    mac: v.mac.to_ascii_lowercase(),
+                    ip: v.ip,
+                }))?;
+                info!(vtep = %line, "external VTEP added");
+                Ok(Reply::Lines(vec![line]))
+            }
+            AdminRequest::VtepRm(v) => {
+                let state = self.state();
+                let cluster = state.cluster().ok_or(ChangeError::NotManager)?;
+                let found = cluster.ingress.vteps.iter().any(|x| {
+                    x.ip == v.ip && x.addr == v.addr && x.mac.eq_ignore_ascii_case(&v.mac)
+                });
+                if !found {
+                    return Err(AdminError::NoSuchVtep(format!(
+                        "{} {} {}",
+                        v.addr, v.mac, v.ip
+                    )));
+                }
+                self.apply(Command::RemoveVtep(v.ip))?;
+                info!(vtep = %v.ip, "external VTEP removed");
+                Ok(Reply::Lines(vec![format!("{} {} {}", v.addr, v.mac, v.ip)]))
+            }
         }
     }
 
@@ -453,6 +491,7 @@ impl Manager {
                 cert_digest: cert_digest(&cert),
                 engine_version: engine_version.to_owned(),
                 left: false,
+                overlay_addr: None,
                 joined_at: unix_now(),
             };
             Ok((Some(Command::AddNode(Box::new(node))), (cert, role)))
@@ -803,6 +842,7 @@ mod tests {
                     subnet: "198.19.0.0/24".into(),
                     encrypted: true,
                     data_path_port: 4789,
+                    vteps: Vec::new(),
                 },
                 at: 1000,
             })))

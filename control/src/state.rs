@@ -5,8 +5,8 @@
 //! command, so a replicated log (Raft, a later issue) can replay the same commands on every
 //! manager and reach the same state. A refused command changes nothing.
 
-use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
@@ -62,6 +62,10 @@ pub struct Node {
     pub engine_version: String,
     /// The node said it left (`shoal leave`).
     pub left: bool,
+    /// The node's address on the ingress network, from the manager's IPAM (kept for as long
+    /// as the node is in the list).
+    #[serde(default)]
+    pub overlay_addr: Option<Ipv4Addr>,
     /// Unix time the node joined.
     pub joined_at: u64,
 }
@@ -114,6 +118,20 @@ pub struct Network {
     pub encrypted: bool,
     /// UDP port of the data path.
     pub data_path_port: u16,
+    /// External VTEPs (kernel or hardware) on a plain network.
+    #[serde(default)]
+    pub vteps: Vec<Vtep>,
+}
+
+/// An external VTEP: a kernel vxlan device or a hardware switch on a plain network.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vtep {
+    /// Its underlay address.
+    pub addr: IpAddr,
+    /// The MAC of its overlay interface.
+    pub mac: String,
+    /// Its overlay address.
+    pub ip: Ipv4Addr,
 }
 
 /// The cluster CA: certificate (public) and key (manager-only).
@@ -155,6 +173,15 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// Overlay addresses in use: the nodes' and the external VTEPs'.
+    pub fn overlay_used(&self) -> BTreeSet<Ipv4Addr> {
+        self.nodes
+            .values()
+            .filter_map(|n| n.overlay_addr)
+            .chain(self.ingress.vteps.iter().map(|v| v.ip))
+            .collect()
+    }
+
     /// The secret for `role`.
     pub fn secret(&self, role: Role) -> &str {
         match role {
@@ -213,6 +240,10 @@ pub enum Command {
     MarkLeft(NodeId),
     /// Replace the join secret of a role.
     RotateSecret(Role, String),
+    /// Register an external VTEP on the ingress network (plain networks only).
+    AddVtep(Vtep),
+    /// Remove the external VTEP with this overlay address.
+    RemoveVtep(Ipv4Addr),
     /// Start a new gossip key and data-path epoch; the previous ones stay live.
     RotateKeys {
         /// New gossip key.
@@ -260,6 +291,18 @@ pub enum ApplyError {
     /// A join secret that is not 25 base-36 characters.
     #[error("refused a malformed join secret: {0}")]
     BadSecret(crate::token::TokenError),
+    /// No overlay address left, or a bad subnet.
+    #[error("cannot give an address on network ingress: {0}")]
+    Ipam(String),
+    /// External VTEPs on an encrypted network.
+    #[error("network ingress is encrypted: external VTEPs can only join a plain network (one made with `shoal init --no-encrypt`)")]
+    VtepOnEncrypted,
+    /// A VTEP that clashes with a node or another VTEP, or a bad one.
+    #[error("{0}")]
+    BadVtep(String),
+    /// No VTEP with this overlay address.
+    #[error("no external VTEP with overlay address {0} on network ingress")]
+    NoSuchVtep(Ipv4Addr),
     /// Key rotation interval of zero.
     #[error("the key rotation interval must be at least one second")]
     ZeroInterval,
@@ -299,6 +342,11 @@ impl State {
                 at,
             } = *init;
             leader.role = Role::Manager;
+            leader.overlay_addr = Some(
+                ipam(&ingress)?
+                    .allocate(&BTreeSet::new())
+                    .map_err(|e| ApplyError::Ipam(e.to_string()))?,
+            );
             let leader_id = leader.id.clone();
             self.cluster = Some(Cluster {
                 ca,
@@ -327,11 +375,60 @@ impl State {
         let cluster = self.cluster.as_mut().ok_or(ApplyError::NotInitialized)?;
         match command {
             Command::Init(_) => unreachable_init(),
-            Command::AddNode(node) => {
+            Command::AddNode(mut node) => {
                 if cluster.nodes.contains_key(&node.id) {
                     return Err(ApplyError::NodeExists(node.id.clone()));
                 }
+                let ipam = ipam(&cluster.ingress)?;
+                let used = cluster.overlay_used();
+                node.overlay_addr = Some(match node.overlay_addr {
+                    Some(a) if ipam.is_assignable(a) && !used.contains(&a) => a,
+                    _ => ipam
+                        .allocate(&used)
+                        .map_err(|e| ApplyError::Ipam(e.to_string()))?,
+                });
                 cluster.nodes.insert(node.id.clone(), *node);
+                Ok(Applied::Changed)
+            }
+            Command::AddVtep(vtep) => {
+                if cluster.ingress.encrypted {
+                    return Err(ApplyError::VtepOnEncrypted);
+                }
+                if vtep.mac.parse::<shoal_vxlan::wire::Mac>().is_err() {
+                    return Err(ApplyError::BadVtep(format!(
+                        "{} is not a MAC address: write six pairs of hex digits separated by colons",
+                        vtep.mac
+                    )));
+                }
+                ipam(&cluster.ingress)?
+                    .check(vtep.ip)
+                    .map_err(|e| ApplyError::BadVtep(e.to_string()))?;
+                if cluster.ingress.vteps.contains(&vtep) {
+                    return Ok(Applied::Unchanged);
+                }
+                if cluster.overlay_used().contains(&vtep.ip) {
+                    return Err(ApplyError::BadVtep(format!(
+                        "overlay address {} is in use on network ingress",
+                        vtep.ip
+                    )));
+                }
+                if cluster.nodes.values().any(|n| n.addr == vtep.addr)
+                    || cluster.ingress.vteps.iter().any(|v| v.addr == vtep.addr)
+                {
+                    return Err(ApplyError::BadVtep(format!(
+                        "underlay address {} is already a node or VTEP of network ingress",
+                        vtep.addr
+                    )));
+                }
+                cluster.ingress.vteps.push(vtep);
+                Ok(Applied::Changed)
+            }
+            Command::RemoveVtep(ip) => {
+                let before = cluster.ingress.vteps.len();
+                cluster.ingress.vteps.retain(|v| v.ip != ip);
+                if cluster.ingress.vteps.len() == before {
+                    return Err(ApplyError::NoSuchVtep(ip));
+                }
                 Ok(Applied::Changed)
             }
             Command::RemoveNode(id) => {
@@ -459,6 +556,14 @@ fn secret_eq(ours: &str, theirs: &str) -> bool {
     crate::token::Token::parse_secret(ours).is_ok_and(|s: Secret| s.matches(theirs))
 }
 
+fn ipam(network: &Network) -> Result<shoal_ingress::ipam::Ipam, ApplyError> {
+    let subnet = network
+        .subnet
+        .parse()
+        .map_err(|_| ApplyError::Ipam(format!("subnet {} is not a CIDR", network.subnet)))?;
+    shoal_ingress::ipam::Ipam::new(subnet).map_err(|e| ApplyError::Ipam(e.to_string()))
+}
+
 fn push_key(ring: &mut Vec<KeyEntry>, key: [u8; 32]) {
     let id = ring.last().map_or(1, |k| k.id.wrapping_add(1));
     ring.push(KeyEntry { id, key });
@@ -492,6 +597,7 @@ pub(crate) mod tests {
             cert_digest: [n as u8 + 100; 32],
             engine_version: "0.1.0".into(),
             left: false,
+            overlay_addr: None,
             joined_at: 1000 + n as u64,
         }
     }
@@ -515,6 +621,7 @@ pub(crate) mod tests {
                 subnet: "198.19.0.0/24".into(),
                 encrypted: true,
                 data_path_port: 4789,
+                vteps: Vec::new(),
             },
             at: 1000,
         }))
@@ -776,5 +883,84 @@ pub(crate) mod tests {
         let b = run(&serde_json::from_str::<Vec<Command>>(&json).unwrap());
         assert_eq!(a, b);
         assert_eq!(a.version, 8);
+    }
+
+    #[test]
+    fn ipam_gives_every_node_an_overlay_address_and_frees_it_on_rm() {
+        let mut s = State::default();
+        s.apply(init_cmd()).unwrap();
+        s.apply(Command::AddNode(Box::new(node(2, Role::Worker))))
+            .unwrap();
+        s.apply(Command::AddNode(Box::new(node(3, Role::Worker))))
+            .unwrap();
+        let addr = |s: &State, n| s.cluster().unwrap().nodes[&id(n)].overlay_addr;
+        let (a1, a2, a3) = (addr(&s, 1), addr(&s, 2), addr(&s, 3));
+        assert!(a1.is_some() && a2.is_some() && a3.is_some());
+        assert!(a1 != a2 && a2 != a3 && a1 != a3);
+        s.apply(Command::RemoveNode(id(2))).unwrap();
+        s.apply(Command::AddNode(Box::new(node(4, Role::Worker))))
+            .unwrap();
+        assert_eq!(addr(&s, 4), a2, "the freed address is given again");
+    }
+
+    #[test]
+    fn vteps_only_on_plain_networks_and_never_clash() {
+        let mut s = State::default();
+        s.apply(init_cmd()).unwrap();
+        let vtep = Vtep {
+            addr: "198.18.0.99".parse().unwrap(),
+            mac: "02:42:c6:13:00:63".into(),
+            ip: "10.0.0.99".parse().unwrap(),
+        };
+        if s.cluster().unwrap().ingress.encrypted {
+            let before = s.clone();
+            assert_eq!(
+                s.apply(Command::AddVtep(vtep.clone())),
+                Err(ApplyError::VtepOnEncrypted)
+            );
+            assert_eq!(s, before);
+            s.cluster.as_mut().unwrap().ingress.encrypted = false;
+        }
+        let subnet: ipnet::Ipv4Net = s.cluster().unwrap().ingress.subnet.parse().unwrap();
+        let vtep = Vtep {
+            ip: Ipv4Addr::from(u32::from(subnet.network()) + 99),
+            ..vtep
+        };
+        s.apply(Command::AddVtep(vtep.clone())).unwrap();
+        assert_eq!(
+            s.apply(Command::AddVtep(vtep.clone())),
+            Ok(Applied::Unchanged)
+        );
+        let leader_addr = s.cluster().unwrap().nodes[&id(1)].overlay_addr.unwrap();
+        let clash = Vtep {
+            addr: "198.18.0.98".parse().unwrap(),
+            ip: leader_addr,
+            ..vtep.clone()
+        };
+        assert!(matches!(
+            s.apply(Command::AddVtep(clash)),
+            Err(ApplyError::BadVtep(_))
+        ));
+        let bad_mac = Vtep {
+            mac: "nonsense".into(),
+            addr: "198.18.0.97".parse().unwrap(),
+            ip: Ipv4Addr::from(u32::from(subnet.network()) + 97),
+        };
+        assert!(matches!(
+            s.apply(Command::AddVtep(bad_mac)),
+            Err(ApplyError::BadVtep(_))
+        ));
+        // A node joining later does not take the VTEP's address.
+        s.apply(Command::AddNode(Box::new(node(2, Role::Worker))))
+            .unwrap();
+        assert_ne!(
+            s.cluster().unwrap().nodes[&id(2)].overlay_addr,
+            Some(vtep.ip)
+        );
+        s.apply(Command::RemoveVtep(vtep.ip)).unwrap();
+        assert_eq!(
+            s.apply(Command::RemoveVtep(vtep.ip)),
+            Err(ApplyError::NoSuchVtep(vtep.ip))
+        );
     }
 }

@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use redb::{Database, TableDefinition};
+use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::id::NodeId;
@@ -14,6 +14,7 @@ use crate::state::{ClusterView, Role, State};
 
 const TABLE: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("shoal");
 const NODE_KEY: &str = "node_key";
+const INCARNATION: &str = "incarnation";
 const MEMBERSHIP: &str = "membership";
 const MANAGER: &str = "manager";
 
@@ -208,6 +209,25 @@ impl Store {
             Ok(())
         })?;
         Ok(fresh)
+    }
+
+    /// Renews the data path's incarnation: the stored number plus one, stored before it is
+    /// returned, so no two starts of this agent ever use the same one (see `shoal-vxlan`'s
+    /// `crypto`: the incarnation keeps nonces from repeating across restarts).
+    pub fn bump_incarnation(&self) -> Result<u32, StoreError> {
+        let mut next: u32 = 0;
+        self.transact(|table| {
+            let current = match table.get(INCARNATION)? {
+                Some(v) => <[u8; 4]>::try_from(v.value())
+                    .map(u32::from_be_bytes)
+                    .unwrap_or(0),
+                None => 0,
+            };
+            next = current.wrapping_add(1).max(1);
+            table.insert(INCARNATION, next.to_be_bytes().as_slice())?;
+            Ok(())
+        })?;
+        Ok(next)
     }
 
     /// The membership record, if this node is in a swarm.

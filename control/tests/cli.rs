@@ -50,7 +50,13 @@ impl Node {
         assert!(self.child.is_none(), "{} already running", self.name);
         let log = std::fs::File::create(self.dir.with_extension("log")).unwrap();
         let child = Command::new(BIN)
-            .args(["agent", "--hostname", &self.name, "--state-dir"])
+            .args([
+                "agent",
+                "--no-data-path",
+                "--hostname",
+                &self.name,
+                "--state-dir",
+            ])
             .arg(self.dir.join("state"))
             .arg("--socket")
             .arg(&self.socket)

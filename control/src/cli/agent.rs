@@ -17,6 +17,16 @@ pub struct Args {
     /// Where gossip listens, IP:PORT (default: the node's advertise address, port 7946).
     #[arg(long)]
     gossip_addr: Option<std::net::SocketAddr>,
+    /// Name of the ingress overlay interface.
+    #[arg(long, default_value = shoal_ingress::network::INGRESS_INTERFACE)]
+    overlay_interface: String,
+    /// MTU of the underlay; the overlay interface gets this less the encapsulation.
+    #[arg(long, default_value_t = crate::datapath::DEFAULT_UNDERLAY_MTU)]
+    underlay_mtu: u16,
+    /// Run the control plane only: no overlay interface, no data path on this node (for
+    /// control-plane tests that run several agents in one network namespace).
+    #[arg(long)]
+    no_data_path: bool,
 }
 
 pub(super) async fn run(args: Args, socket: PathBuf) -> Result<(), CliError> {
@@ -33,6 +43,11 @@ pub(super) async fn run(args: Args, socket: PathBuf) -> Result<(), CliError> {
         socket,
         hostname,
         gossip_addr: args.gossip_addr,
+        data_path: (!args.no_data_path).then_some(crate::datapath::Params {
+            interface: args.overlay_interface,
+            underlay_mtu: args.underlay_mtu,
+            incarnation: 0,
+        }),
     };
     crate::agent::run(config, shutdown_signal()).await?;
     Ok(())

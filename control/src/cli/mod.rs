@@ -24,7 +24,9 @@ mod agent;
 mod init;
 mod join;
 mod join_token;
+mod lab;
 mod leave;
+mod network;
 mod node;
 
 use std::path::PathBuf;
@@ -65,6 +67,12 @@ pub enum Cmd {
     /// Manage swarm nodes.
     #[command(subcommand)]
     Node(node::Cmd),
+    /// Inspect overlay networks and manage external VTEPs.
+    #[command(subcommand)]
+    Network(network::Cmd),
+    /// A small cluster on this machine, in network namespaces (needs root).
+    #[command(subcommand)]
+    Lab(lab::Cmd),
     /// Print this node's identity and swarm membership as JSON.
     Info,
 }
@@ -99,7 +107,24 @@ pub enum CliError {
 /// line on stderr. `main.rs` (and test binaries that embed the CLI) call only this.
 pub fn main() -> std::process::ExitCode {
     use clap::Parser as _;
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    // The lab runs commands and waits on them: no async runtime.
+    let lab_cmd = match std::mem::replace(&mut cli.command, Cmd::Info) {
+        Cmd::Lab(cmd) => Some(cmd),
+        other => {
+            cli.command = other;
+            None
+        }
+    };
+    if let Some(cmd) = lab_cmd {
+        return match lab::run(cmd) {
+            Ok(code) => code,
+            Err(e) => {
+                eprint_line(&e.to_string());
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     if matches!(cli.command, Cmd::Agent(_)) {
         tracing_subscriber::fmt()
             .with_env_filter(
@@ -139,6 +164,8 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Cmd::JoinToken(args) => join_token::run(args, &socket).await,
         Cmd::Leave(args) => leave::run(args, &socket).await,
         Cmd::Node(cmd) => node::run(cmd, &socket).await,
+        Cmd::Network(cmd) => network::run(cmd, &socket).await,
+        Cmd::Lab(cmd) => lab::run(cmd).map(drop),
         Cmd::Info => {
             let reply = call(&socket, Request::Info).await?;
             let Reply::Info(info) = reply else {

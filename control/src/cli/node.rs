@@ -184,6 +184,7 @@ mod tests {
             engine_version: "0.1.0".into(),
             public_key: String::new(),
             joined_at: 0,
+            overlay_addr: None,
         }
     }
 

@@ -1,0 +1,89 @@
+//! `shoal lab up|status|down|exec`.
+
+use crate::cli::CliError;
+use crate::lab::{Lab, DEFAULT_NAME};
+
+/// `shoal lab` subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum Cmd {
+    /// Make N namespaces on a bridge, an agent in each, init and join; print `node ls` and a
+    /// ping across the overlay.
+    Up {
+        /// How many nodes.
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// Plain RFC 7348 overlay instead of the encrypted one.
+        #[arg(long)]
+        no_encrypt: bool,
+        /// The lab's name (several labs can be up at once).
+        #[arg(long, default_value = DEFAULT_NAME)]
+        name: String,
+    },
+    /// Show the lab's nodes and `node ls`.
+    Status {
+        /// The lab's name.
+        #[arg(long, default_value = DEFAULT_NAME)]
+        name: String,
+    },
+    /// Remove everything the lab made. Safe to run twice.
+    Down {
+        /// The lab's name.
+        #[arg(long, default_value = DEFAULT_NAME)]
+        name: String,
+    },
+    /// Run a command in a node's namespace, with SHOAL_SOCKET set to its agent:
+    /// `shoal lab exec n2 -- shoal node ls`.
+    Exec {
+        /// The lab's name.
+        #[arg(long, default_value = DEFAULT_NAME)]
+        name: String,
+        /// The node: n1, n2, ...
+        node: String,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
+}
+
+fn lab_err(e: crate::lab::LabError) -> CliError {
+    CliError::Usage(e.to_string())
+}
+
+pub(super) fn run(cmd: Cmd) -> Result<std::process::ExitCode, CliError> {
+    match cmd {
+        Cmd::Up {
+            nodes,
+            no_encrypt,
+            name,
+        } => {
+            let out = Lab::new(&name)
+                .and_then(|lab| lab.up(nodes, !no_encrypt))
+                .map_err(lab_err)?;
+            out!("{out}");
+        }
+        Cmd::Status { name } => {
+            let out = Lab::new(&name)
+                .and_then(|lab| lab.status())
+                .map_err(lab_err)?;
+            out!("{out}");
+        }
+        Cmd::Down { name } => {
+            let out = Lab::new(&name)
+                .and_then(|lab| lab.down())
+                .map_err(lab_err)?;
+            outln!("{out}");
+        }
+        Cmd::Exec { name, node, cmd } => {
+            let status = Lab::new(&name)
+                .and_then(|lab| lab.exec(&node, &cmd))
+                .map_err(lab_err)?;
+            return Ok(std::process::ExitCode::from(
+                status
+                    .code()
+                    .and_then(|c| u8::try_from(c).ok())
+                    .unwrap_or(1),
+            ));
+        }
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}

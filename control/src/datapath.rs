@@ -1,0 +1,227 @@
+//! The one place the control plane meets the data path: it brings the ingress overlay up on
+//! this node (the `shoal-ingress` interface, the data-path socket, the engine) and keeps the
+//! engine's members and key epochs in step with the cluster view and gossip.
+//!
+//! Members come from the manager's node list (underlay address, X25519 public key, overlay
+//! address), never from gossip alone: gossip only adds each node's incarnation (renewed at
+//! every agent start), and only for a node whose gossip public key is the one the manager
+//! issued. A node that goes Down keeps its entries (it may come back); a node removed from
+//! the list loses them, and its sessions' keys, at once. External VTEPs (plain networks) come
+//! from the network definition.
+//!
+//! Key epochs follow the gossip keys' rule ([`crate::gossip::sealing_order`]): both live
+//! epochs always open, the newest seals once this node has known it for
+//! [`crate::gossip::KEY_GRACE`].
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Mutex, PoisonError};
+use std::time::Instant;
+
+use shoal_ingress::network::{mac_for, INGRESS_INTERFACE};
+use shoal_ingress::overlay::{Member, Overlay, OverlayConfig, OverlayError};
+use shoal_ingress::NetworkSpec;
+use shoal_vxlan::crypto::{EpochKey, NodeKey, PeerKey};
+use shoal_vxlan::engine::Counters;
+use shoal_vxlan::wire::Mac;
+
+use crate::gossip::sealing_order;
+use crate::id::NodeId;
+use crate::state::{ClusterView, Network};
+
+/// The underlay MTU assumed when none is given.
+pub const DEFAULT_UNDERLAY_MTU: u16 = 1500;
+
+/// Why the data path could not start or follow a view.
+#[derive(Debug, thiserror::Error)]
+pub enum DataPathError {
+    /// This node has no overlay address in the view.
+    #[error("this node has no address on the ingress network yet")]
+    NoAddress,
+    /// The network definition is not usable.
+    #[error("the ingress network definition is damaged: {0}")]
+    BadNetwork(String),
+    /// The overlay refused a change or could not be set up.
+    #[error(transparent)]
+    Overlay(#[from] OverlayError),
+}
+
+/// How to run the data path on this node.
+#[derive(Debug, Clone)]
+pub struct Params {
+    /// The interface name.
+    pub interface: String,
+    /// The underlay MTU.
+    pub underlay_mtu: u16,
+    /// This node's incarnation.
+    pub incarnation: u32,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Params {
+            interface: INGRESS_INTERFACE.to_owned(),
+            underlay_mtu: DEFAULT_UNDERLAY_MTU,
+            incarnation: 0,
+        }
+    }
+}
+
+/// What gossip says of a node: its public key and incarnation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Heard {
+    /// The public key in its gossip metadata.
+    pub public_key: [u8; 32],
+    /// Its incarnation.
+    pub incarnation: u32,
+}
+
+/// The network spec of a view's ingress network.
+pub fn spec(network: &Network) -> Result<NetworkSpec, DataPathError> {
+    let subnet = network
+        .subnet
+        .parse()
+        .map_err(|_| DataPathError::BadNetwork(format!("subnet {}", network.subnet)))?;
+    Ok(NetworkSpec {
+        name: network.name.clone(),
+        vni: network.vni,
+        subnet,
+        encrypted: network.encrypted,
+    })
+}
+
+/// The overlay members for a view: every other node that has not left, has an overlay
+/// address and is heard in gossip with the key the manager issued; plus the external VTEPs.
+pub fn members(view: &ClusterView, me: &NodeId, heard: &HashMap<NodeId, Heard>) -> Vec<Member> {
+    let port = view.ingress.data_path_port;
+    let nodes = view
+        .nodes
+        .iter()
+        .filter(|n| &n.id != me && !n.left)
+        .filter_map(|n| {
+            let address = n.overlay_addr?;
+            let h = heard.get(&n.id).filter(|h| h.public_key == n.public_key)?;
+            Some(Member::node(
+                SocketAddr::new(n.addr, port),
+                address,
+                PeerKey {
+                    public: n.public_key,
+                    incarnation: h.incarnation,
+                },
+            ))
+        });
+    let vteps = view.ingress.vteps.iter().filter_map(|v| {
+        let mac: Mac = v.mac.parse().ok()?;
+        Some(Member {
+            vtep: SocketAddr::new(v.addr, port),
+            address: v.ip,
+            mac,
+            key: None,
+        })
+    });
+    nodes.chain(vteps).collect()
+}
+
+/// A running data path.
+pub struct DataPath {
+    overlay: Mutex<Overlay>,
+    seen: Mutex<HashMap<u32, Instant>>,
+}
+
+impl std::fmt::Debug for DataPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataPath").finish_non_exhaustive()
+    }
+}
+
+impl DataPath {
+    /// Brings the overlay up for `me` in `view`: the interface with this node's overlay
+    /// address, the socket on the advertise address and data-path port.
+    pub fn start(
+        view: &ClusterView,
+        me: &NodeId,
+        node_secret: [u8; 32],
+        params: &Params,
+    ) -> Result<Self, DataPathError> {
+        let node = view.node(me).ok_or(DataPathError::NoAddress)?;
+        let address = node.overlay_addr.ok_or(DataPathError::NoAddress)?;
+        let overlay = Overlay::start(OverlayConfig {
+            network: spec(&view.ingress)?,
+            interface: params.interface.clone(),
+            address,
+            underlay_mtu: params.underlay_mtu,
+            bind: SocketAddr::new(node.addr, view.ingress.data_path_port),
+            node_key: NodeKey::from_secret(node_secret),
+            incarnation: params.incarnation,
+        })?;
+        Ok(DataPath {
+            overlay: Mutex::new(overlay),
+            seen: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Brings members and key epochs in step with `view` and what gossip `heard`, at `now`.
+    /// Returns when the sending epoch will next change by itself, if it will.
+    pub fn follow(
+        &self,
+        view: &ClusterView,
+        me: &NodeId,
+        heard: &HashMap<NodeId, Heard>,
+        now: Instant,
+    ) -> Result<Option<Instant>, DataPathError> {
+        let mut overlay = self.overlay.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        let next = match sealing_order(&view.keys.data_path, &mut seen, now) {
+            Some((seal, open, next)) if overlay.spec().encrypted => {
+                let mut epochs = vec![EpochKey::new(seal.id, seal.key)];
+                epochs.extend(open.map(|o| EpochKey::new(o.id, o.key)));
+                overlay.set_epochs(&epochs, seal.id)?;
+                next
+            }
+            _ => None,
+        };
+        overlay.set_members(&members(view, me, heard))?;
+        Ok(next)
+    }
+
+    /// A summary for `network inspect` and `node inspect`.
+    pub fn status(&self) -> Status {
+        let overlay = self.overlay.lock().unwrap_or_else(PoisonError::into_inner);
+        let peers = overlay
+            .peer_counters()
+            .into_iter()
+            .map(|(vtep, c)| (vtep.ip(), c))
+            .collect();
+        Status {
+            interface: overlay.interface().to_owned(),
+            address: overlay.address(),
+            mac: mac_for(overlay.address()),
+            mtu: overlay.mtu(),
+            members: overlay.members().count(),
+            counters: overlay.counters(),
+            peers,
+            send_epoch: overlay.with_engine(|e| e.keyring().send_epoch()),
+        }
+    }
+}
+
+/// The data path as `network inspect` shows it.
+#[derive(Debug, Clone)]
+pub struct Status {
+    /// The interface.
+    pub interface: String,
+    /// This node's overlay address.
+    pub address: Ipv4Addr,
+    /// Its MAC.
+    pub mac: Mac,
+    /// The interface MTU.
+    pub mtu: u16,
+    /// Members with sessions or entries.
+    pub members: usize,
+    /// Engine-wide counters.
+    pub counters: Counters,
+    /// Counters per peer underlay address.
+    pub peers: Vec<(IpAddr, Counters)>,
+    /// The key epoch this node seals under.
+    pub send_epoch: Option<u32>,
+}

@@ -1,0 +1,437 @@
+//! `shoal lab`: a small cluster on one machine, in network namespaces.
+//!
+//! `lab up` makes a switch namespace holding a Linux bridge (so the host's own namespace is
+//! never touched) and N node namespaces on it, with underlay addresses 198.18.0.1..N/24; it
+//! starts an agent in each, runs `init` on the first with the overlay on 198.19.0.0/24, joins
+//! the others with the printed token, and prints `node ls` and a ping across the overlay.
+//! Everything it makes is named after the lab (`shoal-lab` unless `--name`), and its agents'
+//! PIDs, state and logs live in `/run/shoal/lab-NAME/`; `lab down` kills exactly those PIDs and
+//! deletes exactly those namespaces, and is safe to run twice.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The lab's underlay subnet (the first /24 of the benchmark range).
+pub const UNDERLAY: [u8; 3] = [198, 18, 0];
+/// The lab's overlay subnet.
+pub const OVERLAY_SUBNET: &str = "198.19.0.0/24";
+/// The lab's default name.
+pub const DEFAULT_NAME: &str = "shoal-lab";
+/// At most this many nodes (addresses .1 to .N of one /24, interface names stay short).
+pub const MAX_NODES: usize = 50;
+const WAIT: Duration = Duration::from_secs(20);
+
+/// Why a lab command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    /// Not root.
+    #[error("shoal lab needs root to create network namespaces; run it with sudo")]
+    NotRoot,
+    /// A lab of this name is up.
+    #[error("lab {0} is already up; run `shoal lab down` first (or pick another --name)")]
+    AlreadyUp(String),
+    /// No lab of this name.
+    #[error("lab {0} is not up; run `shoal lab up`")]
+    NotUp(String),
+    /// A bad node count or name.
+    #[error("{0}")]
+    Usage(String),
+    /// A command failed.
+    #[error("`{cmd}` failed: {detail}")]
+    Command {
+        /// The command line.
+        cmd: String,
+        /// What went wrong.
+        detail: String,
+    },
+    /// Something did not happen in time.
+    #[error("timed out: {0}")]
+    Timeout(String),
+    /// A file operation failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// One lab, by name.
+#[derive(Debug, Clone)]
+pub struct Lab {
+    name: String,
+    dir: PathBuf,
+}
+
+fn run(cmd: &mut Command) -> Result<String, LabError> {
+    let line = format!("{cmd:?}").replace('"', "");
+    let out = cmd.output().map_err(|e| LabError::Command {
+        cmd: line.clone(),
+        detail: e.to_string(),
+    })?;
+    if !out.status.success() {
+        return Err(LabError::Command {
+            cmd: line,
+            detail: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn ip(args: &[&str]) -> Result<String, LabError> {
+    run(Command::new("ip").args(args))
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(|v| v == "0"))
+        })
+        .unwrap_or(false)
+}
+
+impl Lab {
+    /// The lab called `name`.
+    pub fn new(name: &str) -> Result<Self, LabError> {
+        let ok = !name.is_empty()
+            && name.len() <= 20
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !ok {
+            return Err(LabError::Usage(format!(
+                "lab name {name:?}: use up to 20 lowercase letters, digits and dashes"
+            )));
+        }
+        Ok(Lab {
+            name: name.to_owned(),
+            dir: PathBuf::from("/run/shoal").join(format!("lab-{name}")),
+        })
+    }
+
+    fn switch(&self) -> String {
+        format!("{}-sw", self.name)
+    }
+
+    /// The namespace of node `i` (1-based).
+    pub fn node_ns(&self, i: usize) -> String {
+        format!("{}-n{i}", self.name)
+    }
+
+    /// The agent socket of node `i`.
+    pub fn socket(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("n{i}.sock"))
+    }
+
+    /// The node count of a lab that is up.
+    pub fn nodes(&self) -> Result<usize, LabError> {
+        let text = std::fs::read_to_string(self.dir.join("nodes"))
+            .map_err(|_| LabError::NotUp(self.name.clone()))?;
+        text.trim()
+            .parse()
+            .map_err(|_| LabError::NotUp(self.name.clone()))
+    }
+
+    /// The node number of `node` (`n2` or `2`).
+    pub fn node_index(&self, node: &str) -> Result<usize, LabError> {
+        let n = self.nodes()?;
+        node.trim_start_matches('n')
+            .parse::<usize>()
+            .ok()
+            .filter(|i| (1..=n).contains(i))
+            .ok_or_else(|| {
+                LabError::Usage(format!("no node {node} in lab {} (n1 to n{n})", self.name))
+            })
+    }
+
+    fn shoal(&self, exe: &Path, i: usize, args: &[&str]) -> Result<String, LabError> {
+        run(Command::new(exe)
+            .arg("--socket")
+            .arg(self.socket(i))
+            .args(args))
+    }
+
+    /// Brings the lab up and returns what to print.
+    pub fn up(&self, nodes: usize, encrypt: bool) -> Result<String, LabError> {
+        if !is_root() {
+            return Err(LabError::NotRoot);
+        }
+        if !(1..=MAX_NODES).contains(&nodes) {
+            return Err(LabError::Usage(format!("--nodes must be 1 to {MAX_NODES}")));
+        }
+        if self.dir.join("nodes").exists() {
+            return Err(LabError::AlreadyUp(self.name.clone()));
+        }
+        let result = self.build(nodes, encrypt);
+        if result.is_err() {
+            let _ = self.down();
+        }
+        result
+    }
+
+    fn build(&self, nodes: usize, encrypt: bool) -> Result<String, LabError> {
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| LabError::Io { path, source }
+        };
+        std::fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
+        std::fs::write(self.dir.join("nodes"), nodes.to_string()).map_err(io(&self.dir))?;
+        let exe = std::env::current_exe().map_err(io(Path::new("/proc/self/exe")))?;
+        let sw = self.switch();
+        ip(&["netns", "add", &sw])?;
+        ip(&["-n", &sw, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &sw, "link", "set", "br0", "up"])?;
+        for i in 1..=nodes {
+            let ns = self.node_ns(i);
+            let port = format!("p{i}");
+            let addr = format!("{}.{}.{}.{i}/24", UNDERLAY[0], UNDERLAY[1], UNDERLAY[2]);
+            ip(&["netns", "add", &ns])?;
+            ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+            ip(&[
+                "link", "add", "eth0", "netns", &ns, "type", "veth", "peer", "name", &port,
+                "netns", &sw,
+            ])?;
+            ip(&["-n", &sw, "link", "set", &port, "master", "br0", "up"])?;
+            ip(&["-n", &ns, "addr", "add", &addr, "dev", "eth0"])?;
+            ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+            self.start_agent(&exe, i)?;
+        }
+        for i in 1..=nodes {
+            self.wait_socket(i)?;
+        }
+        let first = Ipv4Addr::new(UNDERLAY[0], UNDERLAY[1], UNDERLAY[2], 1).to_string();
+        let mut init = vec![
+            "init",
+            "--advertise-addr",
+            &first,
+            "--ingress-subnet",
+            OVERLAY_SUBNET,
+        ];
+        if !encrypt {
+            init.push("--no-encrypt");
+        }
+        let mut out = self.shoal(&exe, 1, &init)?;
+        let token = self.shoal(&exe, 1, &["join-token", "-q", "worker"])?;
+        let manager = format!("{first}:2377");
+        for i in 2..=nodes {
+            self.shoal(&exe, i, &["join", "--token", token.trim(), &manager])?;
+        }
+        self.wait_ready(&exe, nodes)?;
+        out.push('\n');
+        out.push_str(&self.shoal(&exe, 1, &["node", "ls"])?);
+        if nodes > 1 {
+            out.push('\n');
+            out.push_str(&self.ping_across(&exe, nodes)?);
+        }
+        Ok(out)
+    }
+
+    fn start_agent(&self, exe: &Path, i: usize) -> Result<(), LabError> {
+        use std::os::unix::process::CommandExt;
+        let state = self.dir.join(format!("n{i}"));
+        let log_path = self.dir.join(format!("n{i}.log"));
+        let log = std::fs::File::create(&log_path).map_err(|source| LabError::Io {
+            path: log_path.clone(),
+            source,
+        })?;
+        let err = log.try_clone().map_err(|source| LabError::Io {
+            path: log_path.clone(),
+            source,
+        })?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.node_ns(i)])
+            .arg(exe)
+            .arg("--socket")
+            .arg(self.socket(i))
+            .args(["agent", "--hostname", &format!("n{i}"), "--state-dir"])
+            .arg(&state)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err)
+            // Its own process group: a Ctrl-C at the terminal that ran `lab up` leaves it be.
+            .process_group(0)
+            .spawn()
+            .map_err(|e| LabError::Command {
+                cmd: "ip netns exec ... shoal agent".into(),
+                detail: e.to_string(),
+            })?;
+        let pid_path = self.dir.join(format!("n{i}.pid"));
+        std::fs::write(&pid_path, child.id().to_string()).map_err(|source| LabError::Io {
+            path: pid_path,
+            source,
+        })?;
+        Ok(())
+    }
+
+    fn wait_socket(&self, i: usize) -> Result<(), LabError> {
+        let deadline = Instant::now() + WAIT;
+        while !self.socket(i).exists() {
+            if Instant::now() > deadline {
+                return Err(LabError::Timeout(format!(
+                    "agent n{i} did not open its socket; see {}",
+                    self.dir.join(format!("n{i}.log")).display()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    fn wait_ready(&self, exe: &Path, nodes: usize) -> Result<(), LabError> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let ls = self.shoal(exe, 1, &["node", "ls"])?;
+            if ls.matches(" Ready ").count() >= nodes {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(LabError::Timeout(format!("not every node is Ready:\n{ls}")));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Pings node 1's overlay address from the last node until it answers (bounded).
+    fn ping_across(&self, exe: &Path, nodes: usize) -> Result<String, LabError> {
+        let inspect = self.shoal(exe, 1, &["node", "inspect", "n1"])?;
+        let target = serde_json::from_str::<serde_json::Value>(&inspect)
+            .ok()
+            .and_then(|v| v[0]["overlay_addr"].as_str().map(str::to_owned))
+            .ok_or_else(|| LabError::Timeout("node n1 has no overlay address".into()))?;
+        let ns = self.node_ns(nodes);
+        let deadline = Instant::now() + WAIT;
+        loop {
+            // One probe at a time until the path is up (keys and entries follow gossip).
+            let probe = ip(&["netns", "exec", &ns, "ping", "-c", "1", "-W", "1", &target]);
+            if probe.is_ok() {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(LabError::Timeout(format!(
+                    "no answer from {target} across the overlay"
+                )));
+            }
+        }
+        let out = ip(&[
+            "netns", "exec", &ns, "ping", "-c", "3", "-i", "0.2", &target,
+        ])?;
+        Ok(format!(
+            "n{nodes} $ ping {target}   (n1 across the overlay)\n{out}"
+        ))
+    }
+
+    /// What is up: namespaces, agents alive, `node ls`.
+    pub fn status(&self) -> Result<String, LabError> {
+        let nodes = self.nodes()?;
+        let mut out = format!(
+            "lab {}: {nodes} nodes, state in {}\n",
+            self.name,
+            self.dir.display()
+        );
+        for i in 1..=nodes {
+            let alive = self
+                .pid(i)
+                .is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
+            out.push_str(&format!(
+                "n{i}: namespace {}, agent {}\n",
+                self.node_ns(i),
+                if alive { "running" } else { "not running" }
+            ));
+        }
+        let exe = std::env::current_exe().map_err(|source| LabError::Io {
+            path: "/proc/self/exe".into(),
+            source,
+        })?;
+        match self.shoal(&exe, 1, &["node", "ls"]) {
+            Ok(ls) => out.push_str(&ls),
+            Err(e) => out.push_str(&format!("node ls on n1: {e}\n")),
+        }
+        Ok(out)
+    }
+
+    fn pid(&self, i: usize) -> Option<u32> {
+        std::fs::read_to_string(self.dir.join(format!("n{i}.pid")))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// Removes the lab: kills its agents (by the PIDs it recorded), deletes its namespaces
+    /// and its directory. Safe to run twice, and on a half-built lab.
+    pub fn down(&self) -> Result<String, LabError> {
+        if !is_root() {
+            return Err(LabError::NotRoot);
+        }
+        let listed = ip(&["netns", "list"]).unwrap_or_default();
+        let ours: Vec<String> = listed
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|n| {
+                *n == self.switch()
+                    || n.strip_prefix(&format!("{}-n", self.name))
+                        .is_some_and(|rest| rest.parse::<usize>().is_ok())
+            })
+            .map(str::to_owned)
+            .collect();
+        for i in 1..=MAX_NODES {
+            if let Some(pid) = self.pid(i) {
+                // `ip netns exec` execs the agent, so this PID is the agent itself.
+                let _ = Command::new("kill")
+                    .args(["-TERM", &pid.to_string()])
+                    .status();
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                if Path::new(&format!("/proc/{pid}")).exists() {
+                    let _ = Command::new("kill")
+                        .args(["-KILL", &pid.to_string()])
+                        .status();
+                }
+            }
+        }
+        for ns in &ours {
+            let _ = ip(&["netns", "del", ns]);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+        Ok(if ours.is_empty() {
+            format!("lab {} was not up; nothing to remove", self.name)
+        } else {
+            format!("lab {} removed ({} namespaces)", self.name, ours.len())
+        })
+    }
+
+    /// Runs `cmd` in node `node`'s namespace, with `SHOAL_SOCKET` set to its agent.
+    pub fn exec(&self, node: &str, cmd: &[String]) -> Result<std::process::ExitStatus, LabError> {
+        let i = self.node_index(node)?;
+        let Some((program, args)) = cmd.split_first() else {
+            return Err(LabError::Usage("lab exec needs a command after --".into()));
+        };
+        // `shoal` means this very program, wherever it was run from.
+        let program: std::ffi::OsString = match std::env::current_exe() {
+            Ok(exe) if program == "shoal" => exe.into(),
+            _ => program.into(),
+        };
+        Command::new("ip")
+            .args(["netns", "exec", &self.node_ns(i)])
+            .arg(&program)
+            .args(args)
+            .env("SHOAL_SOCKET", self.socket(i))
+            .status()
+            .map_err(|e| LabError::Command {
+                cmd: format!(
+                    "ip netns exec {} {}",
+                    self.node_ns(i),
+                    program.to_string_lossy()
+                ),
+                detail: e.to_string(),
+            })
+    }
+}
