@@ -5,7 +5,7 @@ set -euo pipefail
 export PATH="$PATH:/usr/sbin:/sbin:${HOME:-/root}/.cargo/bin"
 
 need_apt=()
-for pair in ip:iproute2 tcpdump:tcpdump tshark:tshark ping:iputils-ping iperf3:iperf3; do
+for pair in ip:iproute2 tcpdump:tcpdump tshark:tshark ping:iputils-ping iperf3:iperf3 ethtool:ethtool python3:python3; do
   cmd=${pair%%:*} pkg=${pair#*:}
   command -v "$cmd" >/dev/null 2>&1 || need_apt+=("$pkg")
 done

@@ -408,6 +408,32 @@ impl Lab {
         })
     }
 
+    /// Kills node `node`'s agent with SIGKILL (no goodbye, as a crash) and starts it again on
+    /// the same state; returns when its socket is back.
+    pub fn restart(&self, node: &str) -> Result<String, LabError> {
+        if !is_root() {
+            return Err(LabError::NotRoot);
+        }
+        let i = self.node_index(node)?;
+        if let Some(pid) = self.pid(i) {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let _ = std::fs::remove_file(self.socket(i));
+        let exe = std::env::current_exe().map_err(|source| LabError::Io {
+            path: "/proc/self/exe".into(),
+            source,
+        })?;
+        self.start_agent(&exe, i)?;
+        self.wait_socket(i)?;
+        Ok(format!("n{i} restarted"))
+    }
+
     /// Runs `cmd` in node `node`'s namespace, with `SHOAL_SOCKET` set to its agent.
     pub fn exec(&self, node: &str, cmd: &[String]) -> Result<std::process::ExitStatus, LabError> {
         let i = self.node_index(node)?;

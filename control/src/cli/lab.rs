@@ -25,6 +25,14 @@ pub enum Cmd {
         #[arg(long, default_value = DEFAULT_NAME)]
         name: String,
     },
+    /// Kill a node's agent with SIGKILL and start it again on the same state.
+    Restart {
+        /// The lab's name.
+        #[arg(long, default_value = DEFAULT_NAME)]
+        name: String,
+        /// The node: n1, n2, ...
+        node: String,
+    },
     /// Remove everything the lab made. Safe to run twice.
     Down {
         /// The lab's name.
@@ -66,6 +74,12 @@ pub(super) fn run(cmd: Cmd) -> Result<std::process::ExitCode, CliError> {
                 .and_then(|lab| lab.status())
                 .map_err(lab_err)?;
             out!("{out}");
+        }
+        Cmd::Restart { name, node } => {
+            let out = Lab::new(&name)
+                .and_then(|lab| lab.restart(&node))
+                .map_err(lab_err)?;
+            outln!("{out}");
         }
         Cmd::Down { name } => {
             let out = Lab::new(&name)

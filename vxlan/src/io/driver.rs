@@ -340,6 +340,11 @@ fn inbound(shared: &Shared, tap: &Tap, udp: &UdpSocket, state: &UdpSocketState) 
         };
         let now = Instant::now();
         for (m, buf) in meta.iter().zip(bufs.iter_mut()).take(n) {
+            if m.len == 0 {
+                // An empty datagram: nothing to split, but still a drop to count.
+                let _ = lock(&shared.engine).handle_datagram_slice(now, m.addr, &mut []);
+                continue;
+            }
             let stride = m.stride.max(1);
             for datagram in buf[..m.len].chunks_mut(stride) {
                 let opened = lock(&shared.engine).handle_datagram_slice(now, m.addr, datagram);
