@@ -335,9 +335,7 @@ impl Lab {
             self.dir.display()
         );
         for i in 1..=nodes {
-            let alive = self
-                .pid(i)
-                .is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
+            let alive = self.live_agent(i).is_some();
             out.push_str(&format!(
                 "n{i}: namespace {}, agent {}\n",
                 self.node_ns(i),
@@ -353,6 +351,37 @@ impl Lab {
             Err(e) => out.push_str(&format!("node ls on n1: {e}\n")),
         }
         Ok(out)
+    }
+
+    /// The PID of node `i`'s agent, if that process is alive and is still our agent (its
+    /// command line names this lab's socket: a PID the system reused is left alone).
+    fn live_agent(&self, i: usize) -> Option<u32> {
+        let pid = self.pid(i)?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let socket = self.socket(i);
+        let ours = cmdline
+            .split(|b| *b == 0)
+            .any(|arg| arg == socket.as_os_str().as_encoded_bytes());
+        ours.then_some(pid)
+    }
+
+    /// Stops node `i`'s agent: SIGTERM and up to 5 s to go, then SIGKILL (`graceful`), or
+    /// SIGKILL at once, as a crash.
+    fn stop_agent(&self, i: usize, graceful: bool) {
+        let Some(pid) = self.live_agent(i) else {
+            return;
+        };
+        let signal = |sig: &str| {
+            let _ = Command::new("kill").args([sig, &pid.to_string()]).status();
+        };
+        signal(if graceful { "-TERM" } else { "-KILL" });
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            signal("-KILL");
+        }
     }
 
     fn pid(&self, i: usize) -> Option<u32> {
@@ -381,21 +410,7 @@ impl Lab {
             .map(str::to_owned)
             .collect();
         for i in 1..=MAX_NODES {
-            if let Some(pid) = self.pid(i) {
-                // `ip netns exec` execs the agent, so this PID is the agent itself.
-                let _ = Command::new("kill")
-                    .args(["-TERM", &pid.to_string()])
-                    .status();
-                let deadline = Instant::now() + Duration::from_secs(5);
-                while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                if Path::new(&format!("/proc/{pid}")).exists() {
-                    let _ = Command::new("kill")
-                        .args(["-KILL", &pid.to_string()])
-                        .status();
-                }
-            }
+            self.stop_agent(i, true);
         }
         for ns in &ours {
             let _ = ip(&["netns", "del", ns]);
@@ -415,15 +430,7 @@ impl Lab {
             return Err(LabError::NotRoot);
         }
         let i = self.node_index(node)?;
-        if let Some(pid) = self.pid(i) {
-            let _ = Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
+        self.stop_agent(i, false);
         let _ = std::fs::remove_file(self.socket(i));
         let exe = std::env::current_exe().map_err(|source| LabError::Io {
             path: "/proc/self/exe".into(),

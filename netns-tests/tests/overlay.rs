@@ -139,9 +139,9 @@ impl TestLab {
         }
     }
 
-    /// Sends `data` over TCP from node `from` to `to`:port, and returns what the server on
+    /// Sends `data` over TCP from namespace `from` to `to`:5555, and returns what the server on
     /// node `server` received (python3, bounded by timeouts).
-    fn tcp_transfer(&self, server: usize, from: usize, to: &str, data: &str) -> String {
+    fn tcp_transfer(&self, server: usize, from: &str, to: &str, data: &str) -> String {
         let out_file = self.scratch.join(format!("tcp-{server}-{from}.out"));
         let srv = format!(
             "import socket,sys\ns=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
@@ -159,7 +159,7 @@ impl TestLab {
             "import socket,time\nfor _ in range(50):\n    try:\n        c=socket.create_connection(('{to}',5555),timeout=5);break\n    except OSError: time.sleep(0.1)\n\
              c.sendall({data:?}.encode());c.close()\n"
         );
-        let client = self.exec(from, &["python3", "-c", &cli]);
+        let client = run(Command::new("ip").args(["netns", "exec", from, "python3", "-c", &cli]));
         assert!(
             client.status.success(),
             "{}",
@@ -252,9 +252,9 @@ fn encrypted_overlay_carries_ping_and_tcp_and_never_the_plaintext() {
     }
     let secret = "shoal-known-plaintext-".repeat(200);
     let pcap = lab.capture(1, "enc", || {
-        let got = lab.tcp_transfer(1, 3, &addrs[0], &secret);
+        let got = lab.tcp_transfer(1, &lab.ns(3), &addrs[0], &secret);
         assert_eq!(got, secret, "TCP transfer n3 -> n1 arrives intact");
-        let got = lab.tcp_transfer(2, 1, &addrs[1], "n1 to n2");
+        let got = lab.tcp_transfer(2, &lab.ns(1), &addrs[1], "n1 to n2");
         assert_eq!(got, "n1 to n2");
     });
     let bytes = std::fs::read(&pcap).unwrap();
@@ -369,32 +369,8 @@ fn kernel_vxlan_device_joins_a_plain_overlay_as_external_vtep() {
         lab.ping(2, "198.19.0.200")
     });
     // TCP from the kernel side to shoal node n1.
-    let srv_file = lab.scratch.join("k.out");
-    let srv = format!(
-        "import socket\ns=socket.socket();s.bind(('{n1}',5556));s.listen(1);s.settimeout(20)\n\
-         c,_=s.accept();c.settimeout(20)\nb=b''\nwhile True:\n    d=c.recv(65536)\n    if not d: break\n    b+=d\n\
-         open('{}','wb').write(b)\n",
-        srv_file.display()
-    );
-    let mut server = Command::new("ip")
-        .args(["netns", "exec", &lab.ns(1), "python3", "-c", &srv])
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
     let payload = "from-the-kernel-".repeat(500);
-    let cli = format!(
-        "import socket\nc=socket.create_connection(('{n1}',5556),timeout=10);c.sendall({payload:?}.encode());c.close()\n"
-    );
-    ok(Command::new("ip").args(["netns", "exec", &k, "python3", "-c", &cli]));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while server.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = server.kill();
-            panic!("server did not finish");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert_eq!(std::fs::read_to_string(&srv_file).unwrap(), payload);
+    assert_eq!(lab.tcp_transfer(1, &k, &n1, &payload), payload);
     // The VTEP is listed, and refused on an encrypted lab (below, in another test's lab).
     let v = lab.inspect(2);
     assert_eq!(v["vteps"][0]["ip"], "198.19.0.200");
