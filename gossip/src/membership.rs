@@ -341,6 +341,12 @@ impl Invalidates for ItemKey {
     fn invalidates(&self, other: &Self) -> bool {
         match (self, other) {
             (ItemKey::Meta { id, seq }, ItemKey::Meta { id: o, seq: os }) => id == o && seq >= os,
+            // A witness about a later generation or incarnation of the same member makes the
+            // witnesses about earlier ones useless (that suspicion was refuted or the member
+            // rejoined): drop them from the queue instead of spreading them on.
+            (ItemKey::Suspect(id, b, i, _), ItemKey::Suspect(o, ob, oi, _)) if id == o => {
+                (b, i) > (ob, oi) || self == other
+            }
             (a, b) => a == b,
         }
     }
@@ -1284,7 +1290,7 @@ impl Membership {
                 if let Some(peer) = self.pick_pushpull_peer() {
                     self.pushpulls.push_back(peer);
                 }
-                self.broadcast_meta(false, now);
+                // Metadata is keyed by node ID, not by bump: the others still hold ours.
             }
             OwnedNotification::Active if self.next_pushpull.is_none() => {
                 self.schedule_pushpull(now);
