@@ -403,8 +403,13 @@ fn vtep_add_is_refused_on_an_encrypted_network() {
 #[test]
 fn node_rm_cuts_the_node_off_the_overlay() {
     let lab = TestLab::up(3, true);
+    let n1 = lab.overlay_addr(1);
     let n3 = lab.overlay_addr(3);
+    // A genuine datagram n3 sealed for n1, to send again once n3 is removed.
+    let pcap = lab.capture(1, "from-n3", || assert!(lab.ping(3, &n1)));
+    let sealed = first_payload(&pcap, "198.18.0.3");
     assert!(lab.ping(1, &n3));
+    let unknown_before = lab.drops(1, "unknown_peer");
     let ls = lab.shoal(1, &["node", "rm", "--force", "n3"]);
     assert!(
         ls.status.success(),
@@ -425,12 +430,56 @@ fn node_rm_cuts_the_node_off_the_overlay() {
             })
         },
     );
-    assert!(removed.elapsed() <= Duration::from_secs(2));
+    // n3's datagrams are now dropped and counted.
+    send_udp(&lab, 3, "198.18.0.3", &sealed);
+    lab.eventually(
+        "n3's datagram counted as from an unknown peer",
+        Duration::from_secs(1),
+        || lab.drops(1, "unknown_peer") > unknown_before,
+    );
+    assert!(
+        removed.elapsed() <= Duration::from_secs(2),
+        "{:?}",
+        removed.elapsed()
+    );
     assert!(
         !lab.ping(1, &n3),
         "n3's overlay address is unreachable after rm"
     );
     assert!(!lab.ping(2, &n3));
+}
+
+/// The UDP payload (hex) of the first datagram from `src` to port 4789 in a capture.
+fn first_payload(pcap: &std::path::Path, src: &str) -> String {
+    let filter = format!("ip.src == {src} && udp.dstport == 4789");
+    let hex = tshark(&[
+        "-r",
+        pcap.to_str().unwrap(),
+        "-Y",
+        &filter,
+        "-T",
+        "fields",
+        "-e",
+        "udp.payload",
+    ]);
+    hex.lines()
+        .next()
+        .unwrap_or_else(|| panic!("no datagram from {src} in the capture"))
+        .replace(':', "")
+}
+
+/// Sends one datagram (hex) from node `i`'s underlay address to n1's data-path port.
+fn send_udp(lab: &TestLab, i: usize, from: &str, hex: &str) {
+    let py = format!(
+        "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('{from}',0))\n\
+         s.sendto(bytes.fromhex('{hex}'),('198.18.0.1',4789))\n"
+    );
+    let sent = lab.exec(i, &["python3", "-c", &py]);
+    assert!(
+        sent.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
 }
 
 #[test]
@@ -439,21 +488,7 @@ fn hostile_datagrams_are_dropped_counted_and_harmless() {
     let n1 = lab.overlay_addr(1);
     // A real sealed datagram from n2 to n1, captured on n1's underlay.
     let pcap = lab.capture(1, "real", || assert!(lab.ping(2, &n1)));
-    let hex = tshark(&[
-        "-r",
-        pcap.to_str().unwrap(),
-        "-Y",
-        "ip.src == 198.18.0.2 && udp.dstport == 4789",
-        "-T",
-        "fields",
-        "-e",
-        "udp.payload",
-    ]);
-    let real = hex
-        .lines()
-        .next()
-        .expect("a datagram from n2")
-        .replace(':', "");
+    let real = first_payload(&pcap, "198.18.0.2");
     let before: Vec<u64> = ["replay", "authentication", "plaintext_on_encrypted"]
         .iter()
         .map(|r| lab.drops(1, r))
