@@ -197,6 +197,7 @@ impl<'a> Outbound<'a> {
     fn run(mut self, tap: &Tap, responder: Option<&dyn LocalResponder>) {
         let mut read = vec![0u8; TAP_READ];
         let mut reply = vec![0u8; VirtioNetHdr::LEN];
+        let mut answer = Vec::with_capacity(128);
         let counters = &self.shared.counters;
         while !self.shared.stop.load(Ordering::Relaxed) {
             let n = match tap.recv_timeout(&mut read, POLL) {
@@ -215,7 +216,7 @@ impl<'a> Outbound<'a> {
             let frame = &mut read[VirtioNetHdr::LEN..n];
             if let Some(r) = responder.filter(|_| hdr.gso_type == VirtioNetHdr::GSO_NONE) {
                 reply.truncate(VirtioNetHdr::LEN);
-                let mut answer = Vec::new();
+                answer.clear();
                 if r.respond(frame, &mut answer) {
                     counters.answered_locally.fetch_add(1, Ordering::Relaxed);
                     reply[..VirtioNetHdr::LEN].fill(0);
@@ -312,7 +313,8 @@ impl<'a> Outbound<'a> {
 
 /// The underlay-to-device direction.
 fn inbound(shared: &Shared, tap: &Tap, udp: &UdpSocket, state: &UdpSocketState) {
-    let mut bufs = vec![vec![0u8; MAX_UDP]; RECV_BATCH];
+    // One allocation, at start: RECV_BATCH receive buffers side by side.
+    let mut bufs = vec![0u8; MAX_UDP * RECV_BATCH];
     let mut meta = [RecvMeta::default(); RECV_BATCH];
     let mut coalescer = Coalescer::new();
     let counters = &shared.counters;
@@ -327,8 +329,9 @@ fn inbound(shared: &Shared, tap: &Tap, udp: &UdpSocket, state: &UdpSocketState) 
             continue;
         }
         let n = {
-            let mut slices: Vec<IoSliceMut<'_>> =
-                bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+            let mut chunks = bufs.chunks_mut(MAX_UDP);
+            let mut slices: [IoSliceMut<'_>; RECV_BATCH] =
+                std::array::from_fn(|_| IoSliceMut::new(chunks.next().unwrap_or_default()));
             match state.recv(udp.into(), &mut slices, &mut meta) {
                 Ok(n) => n,
                 Err(e) if is_timeout(&e) => continue,
@@ -339,7 +342,7 @@ fn inbound(shared: &Shared, tap: &Tap, udp: &UdpSocket, state: &UdpSocketState) 
             }
         };
         let now = Instant::now();
-        for (m, buf) in meta.iter().zip(bufs.iter_mut()).take(n) {
+        for (m, buf) in meta.iter().zip(bufs.chunks_mut(MAX_UDP)).take(n) {
             if m.len == 0 {
                 // An empty datagram: nothing to split, but still a drop to count.
                 let _ = lock(&shared.engine).handle_datagram_slice(now, m.addr, &mut []);
