@@ -200,7 +200,7 @@ impl DataPath {
             members: overlay.members().count(),
             counters: overlay.counters(),
             peers,
-            send_epoch: overlay.with_engine(|e| e.keyring().send_epoch()),
+            send_epoch: overlay.send_epoch(),
         }
     }
 }

@@ -125,16 +125,20 @@ impl Overlay {
             what: "binding the data-path port",
             source,
         })?;
-        let mut engine = Engine::new(config.node_key, config.incarnation);
-        engine.add_network(vni, config.network.encrypted)?;
+        // One engine per direction (see `shoal_vxlan::io`), from the same key.
+        let secret = config.node_key.secret_bytes();
+        let mut engines =
+            [0, 1].map(|_| Engine::new(NodeKey::from_secret(*secret), config.incarnation));
+        for e in &mut engines {
+            e.add_network(vni, config.network.encrypted)?;
+        }
+        let [outbound, inbound] = engines;
         let arp = Arc::new(ArpResponder::new());
         let responder: Arc<dyn shoal_vxlan::io::LocalResponder> = arp.clone();
-        let dataplane =
-            Dataplane::start(engine, vni, tap, socket, Some(responder)).map_err(|source| {
-                OverlayError::Io {
-                    what: "starting the data path",
-                    source,
-                }
+        let dataplane = Dataplane::start(outbound, inbound, vni, tap, socket, Some(responder))
+            .map_err(|source| OverlayError::Io {
+                what: "starting the data path",
+                source,
             })?;
         Ok(Overlay {
             vni,
@@ -188,7 +192,7 @@ impl Overlay {
             .copied()
             .collect();
         self.dataplane
-            .with_engine(|engine| -> Result<(), OverlayError> {
+            .configure(|engine| -> Result<(), OverlayError> {
                 for ip in &gone {
                     engine.remove_peer(*ip);
                 }
@@ -223,7 +227,7 @@ impl Overlay {
     /// reaches every node loses nothing.
     pub fn set_epochs(&self, epochs: &[EpochKey], send: u32) -> Result<(), OverlayError> {
         self.dataplane
-            .with_engine(|engine| -> Result<(), OverlayError> {
+            .configure(|engine| -> Result<(), OverlayError> {
                 let live: Vec<u32> = engine.keyring().epochs().map(EpochKey::id).collect();
                 let wanted: Vec<u32> = epochs.iter().map(EpochKey::id).collect();
                 // Make room first: retire what is no longer wanted (never the sending epoch).
@@ -255,27 +259,37 @@ impl Overlay {
             })
     }
 
-    /// The engine's counters, engine-wide.
+    /// The engines' counters, both directions.
     pub fn counters(&self) -> Counters {
-        self.dataplane.with_engine(|e| e.counters().clone())
+        self.dataplane.read(|out, inb| {
+            let mut c = out.counters().clone();
+            c.add(inb.counters());
+            c
+        })
     }
 
-    /// Counters per member VTEP.
+    /// Counters per member VTEP, both directions.
     pub fn peer_counters(&self) -> Vec<(SocketAddr, Counters)> {
-        self.dataplane.with_engine(|e| {
-            e.peers()
-                .map(|p| (p.vtep(), p.counters().clone()))
+        self.dataplane.read(|out, inb| {
+            out.peers()
+                .map(|p| {
+                    let mut c = p.counters().clone();
+                    if let Some(q) = inb.peer(p.vtep().ip()) {
+                        c.add(q.counters());
+                    }
+                    (p.vtep(), c)
+                })
                 .collect()
         })
+    }
+
+    /// The key epoch this node seals under.
+    pub fn send_epoch(&self) -> Option<u32> {
+        self.dataplane.read(|out, _| out.keyring().send_epoch())
     }
 
     /// The IO shell's counters.
     pub fn io_counters(&self) -> &IoCounters {
         self.dataplane.io_counters()
-    }
-
-    /// Runs `f` on the engine.
-    pub fn with_engine<R>(&self, f: impl FnOnce(&mut Engine) -> R) -> R {
-        self.dataplane.with_engine(f)
     }
 }

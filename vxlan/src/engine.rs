@@ -101,6 +101,13 @@ impl core::fmt::Display for DropReason {
 pub struct DropCounts([u64; DropReason::COUNT]);
 
 impl DropCounts {
+    /// Adds `other`'s counts to these.
+    pub fn add(&mut self, other: &DropCounts) {
+        for (a, b) in self.0.iter_mut().zip(other.0.iter()) {
+            *a += b;
+        }
+    }
+
     /// The count for `reason`.
     pub fn get(&self, reason: DropReason) -> u64 {
         self.0[reason as usize]
@@ -134,6 +141,17 @@ pub struct Counters {
     pub rx_bytes: u64,
     /// Drops by reason.
     pub drops: DropCounts,
+}
+
+impl Counters {
+    /// Adds `other`'s counts to these (to merge the two directions' engines, for example).
+    pub fn add(&mut self, other: &Counters) {
+        self.tx_packets += other.tx_packets;
+        self.tx_bytes += other.tx_bytes;
+        self.rx_packets += other.rx_packets;
+        self.rx_bytes += other.rx_bytes;
+        self.drops.add(&other.drops);
+    }
 }
 
 /// A peer: another node, or an external VTEP on plain networks.

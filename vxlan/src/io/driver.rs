@@ -6,9 +6,12 @@
 //! of GRO-coalesced datagrams; each is opened in place and the frames are merged back into
 //! large TCP segments ([`offload::Coalescer`]) for few writes to the device.
 //!
-//! The engine sits behind a mutex, taken per packet, so the control plane can change peers,
-//! forwarding entries and keys through [`Dataplane::with_engine`] between packets. The
-//! threads wake at least every [`POLL`] to notice a stop.
+//! Each direction has its own engine, configured identically (same peers, forwarding entries
+//! and keys): the outbound one only seals (its counters advance), the inbound one only opens
+//! (its replay windows advance). So the two threads never wait for each other; each engine
+//! sits behind its own mutex, taken per packet, so the control plane can change both through
+//! [`Dataplane::configure`] between packets. The threads wake at least every [`POLL`] to
+//! notice a stop.
 
 use std::io::{self, IoSliceMut};
 use std::net::UdpSocket;
@@ -64,7 +67,8 @@ pub struct IoCounters {
 }
 
 struct Shared {
-    engine: Mutex<Engine>,
+    outbound: Mutex<Engine>,
+    inbound: Mutex<Engine>,
     stop: AtomicBool,
     counters: IoCounters,
 }
@@ -88,9 +92,11 @@ fn lock(engine: &Mutex<Engine>) -> MutexGuard<'_, Engine> {
 }
 
 impl Dataplane {
-    /// Starts the two threads. Frames read from `tap` go out on network `vni`.
+    /// Starts the two threads with their engines (built from the same key and incarnation, and
+    /// configured alike). Frames read from `tap` go out on network `vni`.
     pub fn start(
-        engine: Engine,
+        outbound: Engine,
+        inbound: Engine,
         vni: Vni,
         tap: Tap,
         udp: UdpSocket,
@@ -101,7 +107,8 @@ impl Dataplane {
         udp.set_nonblocking(true)?;
         let state = Arc::new(UdpSocketState::new((&udp).into())?);
         let shared = Arc::new(Shared {
-            engine: Mutex::new(engine),
+            outbound: Mutex::new(outbound),
+            inbound: Mutex::new(inbound),
             stop: AtomicBool::new(false),
             counters: IoCounters::default(),
         });
@@ -124,7 +131,7 @@ impl Dataplane {
             let shared = Arc::clone(&shared);
             std::thread::Builder::new()
                 .name("shoal-dp-in".into())
-                .spawn(move || inbound(&shared, &tap, &udp, &state))?
+                .spawn(move || receive(&shared, &tap, &udp, &state))?
         };
         Ok(Dataplane {
             shared,
@@ -132,10 +139,19 @@ impl Dataplane {
         })
     }
 
-    /// Runs `f` on the engine (to change peers, forwarding entries or keys, or to read
-    /// counters), between packets.
-    pub fn with_engine<R>(&self, f: impl FnOnce(&mut Engine) -> R) -> R {
-        f(&mut lock(&self.shared.engine))
+    /// Applies the same change to both engines (peers, forwarding entries, keys), between
+    /// packets. Both are configured alike, so they accept or refuse alike: a refusal by the
+    /// first is returned before the second is touched.
+    pub fn configure<E>(&self, mut f: impl FnMut(&mut Engine) -> Result<(), E>) -> Result<(), E> {
+        f(&mut lock(&self.shared.outbound))?;
+        f(&mut lock(&self.shared.inbound))
+    }
+
+    /// Reads the two engines (outbound, inbound): counters, keys.
+    pub fn read<R>(&self, f: impl FnOnce(&Engine, &Engine) -> R) -> R {
+        let out = lock(&self.shared.outbound);
+        let inb = lock(&self.shared.inbound);
+        f(&out, &inb)
     }
 
     /// The IO shell's counters.
@@ -228,7 +244,7 @@ impl<'a> Outbound<'a> {
                 }
             }
             let (pkt, out, vni) = (&mut self.pkt, &mut self.out, self.vni);
-            let engine = &self.shared.engine;
+            let engine = &self.shared.outbound;
             let now = Instant::now();
             let segmented = offload::segment(&hdr, frame, |head, payload| {
                 if pkt.set_frame_parts(head, payload) {
@@ -312,7 +328,7 @@ impl<'a> Outbound<'a> {
 }
 
 /// The underlay-to-device direction.
-fn inbound(shared: &Shared, tap: &Tap, udp: &UdpSocket, state: &UdpSocketState) {
+fn receive(shared: &Shared, tap: &Tap, udp: &UdpSocket, state: &UdpSocketState) {
     // One allocation, at start: RECV_BATCH receive buffers side by side.
     let mut bufs = vec![0u8; MAX_UDP * RECV_BATCH];
     let mut meta = [RecvMeta::default(); RECV_BATCH];
@@ -345,12 +361,12 @@ fn inbound(shared: &Shared, tap: &Tap, udp: &UdpSocket, state: &UdpSocketState) 
         for (m, buf) in meta.iter().zip(bufs.chunks_mut(MAX_UDP)).take(n) {
             if m.len == 0 {
                 // An empty datagram: nothing to split, but still a drop to count.
-                let _ = lock(&shared.engine).handle_datagram_slice(now, m.addr, &mut []);
+                let _ = lock(&shared.inbound).handle_datagram_slice(now, m.addr, &mut []);
                 continue;
             }
             let stride = m.stride.max(1);
             for datagram in buf[..m.len].chunks_mut(stride) {
-                let opened = lock(&shared.engine).handle_datagram_slice(now, m.addr, datagram);
+                let opened = lock(&shared.inbound).handle_datagram_slice(now, m.addr, datagram);
                 if let Ok(opened) = opened {
                     coalescer.push(opened.frame(), &mut write);
                 }
