@@ -83,6 +83,8 @@ pub struct SimConfig {
     pub stall_fraction: f64,
     /// Print diagnostics (slow samples, datagram counts by message) on stderr.
     pub debug: bool,
+    /// Confirmation probes on (the default) or off.
+    pub confirm_probes: bool,
 }
 
 impl SimConfig {
@@ -99,6 +101,7 @@ impl SimConfig {
             local_health: true,
             stall_fraction: 0.05,
             debug: false,
+            confirm_probes: true,
         }
     }
 }
@@ -338,6 +341,9 @@ impl Sim {
     fn make_core(&mut self, i: usize) -> Membership {
         let mut config = Config::lan(self.cfg.nodes as u32);
         config.local_health = self.cfg.local_health;
+        if !self.cfg.confirm_probes {
+            config.confirm_probes = 0;
+        }
         let node = &self.nodes[i];
         let setup = Setup {
             config,

@@ -41,6 +41,9 @@ struct Args {
     /// Print diagnostics on stderr.
     #[arg(long)]
     debug: bool,
+    /// Turn confirmation probes (and so the witness quorum) off.
+    #[arg(long)]
+    no_confirm: bool,
 }
 
 fn main() -> ExitCode {
@@ -56,6 +59,7 @@ fn main() -> ExitCode {
     let mut cfg = SimConfig::new(args.nodes, args.seed, args.scenario);
     cfg.loss = args.loss;
     cfg.debug = args.debug;
+    cfg.confirm_probes = !args.no_confirm;
     cfg.duration = Duration::from_secs_f64(args.minutes * 60.0);
     cfg.latency = Duration::from_secs_f64(args.latency_ms.max(0.0) / 1000.0);
     cfg.jitter = Duration::from_secs_f64(args.jitter_ms.max(0.0) / 1000.0);
