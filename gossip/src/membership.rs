@@ -1235,6 +1235,12 @@ impl Membership {
             OwnedNotification::MemberUp(ident) => {
                 let info = self.info(&ident, MemberState::Up);
                 let known = info.metadata.is_some();
+                if !known {
+                    // Its metadata broadcast may have gone round before we were there to
+                    // hear it: pull the state from the member itself now rather than wait
+                    // for the periodic push-pull (up to 30 s away).
+                    self.pushpulls.push_back(ident.addr);
+                }
                 self.up.insert(ident.id, (ident, known));
                 if known {
                     self.events.push_back(Event::Up(info));
