@@ -113,6 +113,26 @@ impl TestLab {
         serde_json::from_slice::<Value>(&out.stdout).unwrap()[0].clone()
     }
 
+    /// `shoal network vtep add` on n1 for the kernel VTEP of these tests (198.18.0.200,
+    /// overlay 198.19.0.200) with `mac`.
+    fn vtep_add(&self, mac: &str) -> Output {
+        self.shoal(
+            1,
+            &[
+                "network",
+                "vtep",
+                "add",
+                "ingress",
+                "--addr",
+                "198.18.0.200",
+                "--mac",
+                mac,
+                "--ip",
+                "198.19.0.200",
+            ],
+        )
+    }
+
     fn overlay_addr(&self, i: usize) -> String {
         let v = self.inspect(i);
         v["local"]["address"].as_str().unwrap().to_owned()
@@ -339,21 +359,7 @@ fn kernel_vxlan_device_joins_a_plain_overlay_as_external_vtep() {
     }
     ok(Command::new("ip").args(["-n", &k, "addr", "add", "198.19.0.200/24", "dev", "vx0"]));
     ok(Command::new("ip").args(["-n", &k, "link", "set", "vx0", "up"]));
-    let add = lab.shoal(
-        1,
-        &[
-            "network",
-            "vtep",
-            "add",
-            "ingress",
-            "--addr",
-            "198.18.0.200",
-            "--mac",
-            kmac,
-            "--ip",
-            "198.19.0.200",
-        ],
-    );
+    let add = lab.vtep_add(kmac);
     assert!(
         add.status.success(),
         "{}",
@@ -379,21 +385,7 @@ fn kernel_vxlan_device_joins_a_plain_overlay_as_external_vtep() {
 #[test]
 fn vtep_add_is_refused_on_an_encrypted_network() {
     let lab = TestLab::up(1, true);
-    let out = lab.shoal(
-        1,
-        &[
-            "network",
-            "vtep",
-            "add",
-            "ingress",
-            "--addr",
-            "198.18.0.200",
-            "--mac",
-            "02:42:c6:13:00:c8",
-            "--ip",
-            "198.19.0.200",
-        ],
-    );
+    let out = lab.vtep_add("02:42:c6:13:00:c8");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("encrypted"), "{err}");
