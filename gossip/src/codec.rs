@@ -24,8 +24,9 @@ use foca::{Header, Member, Message, State};
 
 use crate::identity::{Identity, Metadata, NodeId, Role, MAX_VERSION_LEN, NODE_ID_LEN};
 
-/// Version byte that starts every header and every push-pull state.
-pub const VERSION: u8 = 1;
+/// Version byte that starts every header and every push-pull state. 2: the envelope nonce is
+/// `epoch salt counter` and datagrams are replay-checked (1 had a random nonce prefix).
+pub const VERSION: u8 = 2;
 
 /// Largest member count a push-pull state may announce (bounds allocation on decode).
 pub const MAX_STATE_ENTRIES: u32 = 100_000;

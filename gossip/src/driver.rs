@@ -212,17 +212,16 @@ impl Handle {
     }
 }
 
-fn os_random() -> Result<([u8; 16], u64), StartError> {
+/// Two random words: the nonce salt and the core's seed.
+fn os_random() -> Result<(u64, u64), StartError> {
     use rand_0_10::rngs::SysRng;
     use rand_0_10::TryRng;
-    let mut prefix = [0u8; 16];
     let mut rng = SysRng;
-    rng.try_fill_bytes(&mut prefix)
-        .map_err(|e| StartError::Random(e.to_string()))?;
-    let seed = rng
-        .try_next_u64()
-        .map_err(|e| StartError::Random(e.to_string()))?;
-    Ok((prefix, seed))
+    let mut word = || {
+        rng.try_next_u64()
+            .map_err(|e| StartError::Random(e.to_string()))
+    };
+    Ok((word()?, word()?))
 }
 
 /// Binds the sockets, starts the driver task and joins the seeds.
@@ -251,7 +250,12 @@ pub async fn start(cfg: Config) -> Result<(Handle, mpsc::UnboundedReceiver<Event
             .unwrap_or(0);
         tenths as u32
     });
-    let (nonce_prefix, seed) = os_random()?;
+    let (salt, seed) = os_random()?;
+    // The envelope epoch: rises with every start, so peers refuse an earlier run's datagrams.
+    let epoch = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
     let now = Instant::now();
     let mut core = Membership::new(
         Setup {
@@ -261,7 +265,8 @@ pub async fn start(cfg: Config) -> Result<(Handle, mpsc::UnboundedReceiver<Event
             keyring: cfg.keyring.clone(),
             admission: cfg.admission.clone(),
             seed,
-            nonce_prefix,
+            epoch,
+            salt,
         },
         now,
     )?;

@@ -49,7 +49,9 @@ use rand_0_10::{RngExt, SeedableRng};
 
 use crate::codec::{self, Codec, DecodeError, Item, Reader, StateDump};
 use crate::identity::{Identity, Metadata, MetadataError, NodeId};
-use crate::seal::{Keyring, Kind, OpenError, Sealer, OVERHEAD};
+use crate::seal::{
+    Keyring, Kind, OpenError, ReplayError, ReplayWindow, Sealer, Sequence, OVERHEAD,
+};
 
 /// Independent witnesses (the first suspecter plus confirmation probes) after which any
 /// member may declare a suspect down, once `suspicion_min` has passed since it heard of it.
@@ -237,6 +239,9 @@ pub struct Stats {
     pub dropped_not_admitted: u64,
     /// Dropped: opened but did not decode.
     pub dropped_decode: u64,
+    /// Dropped: a datagram seen before, too far behind its sender's newest, or from an
+    /// earlier run of its sender (replay protection).
+    pub dropped_replay: u64,
     /// Dropped: larger than [`MAX_DATAGRAM`].
     pub dropped_oversize: u64,
     /// Rejected by foca (from ourselves, stale, out of order).
@@ -266,6 +271,9 @@ pub enum RecvError {
     /// The sender is not admitted.
     #[error("gossip datagram from node {0} which is not on the admission list; dropped")]
     NotAdmitted(NodeId),
+    /// Replayed (or duplicated, or far out of order).
+    #[error(transparent)]
+    Replay(#[from] ReplayError),
     /// foca refused it.
     #[error("gossip datagram refused by the SWIM state machine: {0}")]
     Protocol(String),
@@ -535,6 +543,8 @@ pub struct Membership {
     heard: HashMap<(NodeId, u32, u16), Instant>,
     /// Quorum declarations waiting for `suspicion_min` to pass.
     declares: Vec<(Instant, Identity, u16)>,
+    /// Anti-replay state per sender.
+    replay: HashMap<NodeId, ReplayWindow>,
     stats: Stats,
 }
 
@@ -572,8 +582,11 @@ pub struct Setup {
     pub admission: Admission,
     /// Seed for every random choice of the core.
     pub seed: u64,
-    /// Fresh random bytes for the envelope nonces (must differ on every start).
-    pub nonce_prefix: [u8; 16],
+    /// Rises with every start of this agent (the driver uses the wall clock in
+    /// milliseconds): peers refuse datagrams sealed by an earlier run (replay protection).
+    pub epoch: u64,
+    /// Fresh random bits for every start (with `epoch`, makes the envelope nonces unique).
+    pub salt: u64,
 }
 
 impl Membership {
@@ -601,7 +614,7 @@ impl Membership {
             foca,
             config: setup.config,
             shared,
-            sealer: Sealer::new(setup.keyring, setup.nonce_prefix),
+            sealer: Sealer::new(setup.keyring, setup.epoch, setup.salt),
             rng: SmallRng::seed_from_u64(setup.seed ^ 0x5eed_0f0a_11aa),
             timers: BinaryHeap::new(),
             timer_seq: 0,
@@ -619,6 +632,7 @@ impl Membership {
             checks: HashMap::new(),
             heard: HashMap::new(),
             declares: Vec::new(),
+            replay: HashMap::new(),
             stats: Stats::default(),
         };
         let _ = now;
@@ -802,18 +816,19 @@ impl Membership {
             self.stats.dropped_oversize += 1;
             return Err(RecvError::Oversize(data.len()));
         }
-        let plain = match self.sealer.open(Kind::Datagram, data) {
+        let (plain, seq) = match self.sealer.open(Kind::Datagram, data) {
             Ok(p) => p,
             Err(e) => {
                 self.stats.dropped_seal += 1;
                 return Err(e.into());
             }
         };
-        let plain = match self.screen(plain) {
+        let plain = match self.screen(plain, seq) {
             Ok(p) => p,
             Err(e) => {
                 match e {
                     RecvError::NotAdmitted(_) => self.stats.dropped_not_admitted += 1,
+                    RecvError::Replay(_) => self.stats.dropped_replay += 1,
                     _ => self.stats.dropped_decode += 1,
                 }
                 return Err(e);
@@ -835,10 +850,11 @@ impl Membership {
         }
     }
 
-    /// Checks an opened datagram before foca sees it: the sender must be admitted, updates
-    /// about non-admitted members are cut out, an announce to an unknown seed is addressed
-    /// to us, and suspicion about ourselves lowers our health.
-    fn screen(&mut self, plain: Vec<u8>) -> Result<Vec<u8>, RecvError> {
+    /// Checks an opened datagram before foca sees it: the sender must be admitted, the
+    /// datagram must not be a replay, updates about non-admitted members are cut out, an
+    /// announce to an unknown seed is addressed to us, and suspicion about ourselves lowers
+    /// our health.
+    fn screen(&mut self, plain: Vec<u8>, seq: Sequence) -> Result<Vec<u8>, RecvError> {
         let (mut header, hlen) = codec::decode_header(&plain)?;
         let admission_open;
         {
@@ -848,6 +864,7 @@ impl Membership {
             }
             admission_open = sh.admission == Admission::Open;
         }
+        self.check_replay(header.src.id, seq)?;
         if !self.checks.is_empty() {
             self.checks.remove(&header.src.id);
         }
@@ -899,6 +916,26 @@ impl Membership {
         }
         out.extend_from_slice(tail);
         Ok(out)
+    }
+
+    /// Accepts `seq` from `sender` once. Windows are kept for every node foca knows (down
+    /// ones included, until foca forgets them) so a down run's datagrams stay refused.
+    fn check_replay(&mut self, sender: NodeId, seq: Sequence) -> Result<(), ReplayError> {
+        if let Some(w) = self.replay.get_mut(&sender) {
+            return w.check(seq);
+        }
+        let known = self.foca.iter_membership_state().len();
+        if self.replay.len() > 2 * known + 64 {
+            // Forget the senders foca no longer knows (bounded, amortized).
+            let ids: HashSet<NodeId> = self
+                .foca
+                .iter_membership_state()
+                .map(|m| m.id().id)
+                .collect();
+            self.replay.retain(|id, _| ids.contains(id));
+        }
+        self.replay.insert(sender, ReplayWindow::new(seq));
+        Ok(())
     }
 
     /// Runs every timer due at `now`.
@@ -1381,7 +1418,9 @@ impl Membership {
             self.stats.dropped_oversize += 1;
             return Err(PushPullError::Oversize(frame.len()));
         }
-        let plain = self.sealer.open(Kind::Stream, frame).inspect_err(|_| {
+        // Stream frames are not replay-checked: a replayed frame can only bring back an old
+        // state, which foca (incarnations, bumps) and metadata (seq) already treat as stale.
+        let (plain, _) = self.sealer.open(Kind::Stream, frame).inspect_err(|_| {
             self.stats.dropped_seal += 1;
         })?;
         let dump = StateDump::decode(&plain).inspect_err(|_| {
@@ -1427,7 +1466,7 @@ impl Membership {
     /// Whether the header of an opened datagram is a probe (used by tests).
     #[doc(hidden)]
     pub fn peek_header(&self, data: &[u8]) -> Option<Header<Identity>> {
-        let plain = self.sealer.open(Kind::Datagram, data).ok()?;
+        let (plain, _) = self.sealer.open(Kind::Datagram, data).ok()?;
         codec::decode_header(&plain).ok().map(|(h, _)| h)
     }
 }

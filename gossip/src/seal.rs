@@ -5,16 +5,26 @@
 //! envelope = kind u8 (1 datagram, 2 stream frame) key_id u8 nonce[24] ciphertext tag[16]
 //! ```
 //!
-//! The nonce is a 16-byte prefix drawn at random once per [`Sealer`] (once per agent start)
-//! followed by a 64-bit counter that only goes up: a (key, nonce) pair never repeats within a
-//! process, and across the cluster's processes the 128-bit random prefixes do not collide in
-//! practice (birthday bound about 2^64 starts). The kind and key id bytes are authenticated as
-//! associated data, so a datagram cannot be replayed as a stream frame. Two keys can be live
-//! during a rotation: [`Keyring`] seals with the current one and opens with either.
+//! ```text
+//! nonce    = epoch u64 salt u64 counter u64
+//! ```
+//!
+//! The nonce names the sending process and orders its messages: `epoch` rises with every start
+//! of the agent (the driver uses the wall clock in milliseconds), `salt` is drawn at random at
+//! start, and `counter` only goes up. A (key, nonce) pair never repeats within a process, and
+//! two processes share an (epoch, salt) pair only if they start in the same millisecond and
+//! draw the same 64 random bits. All 24 bytes are the AEAD nonce, so they are authenticated.
+//! The kind and key id bytes are authenticated as associated data, so a datagram cannot be
+//! replayed as a stream frame. Two keys can be live during a rotation: [`Keyring`] seals with
+//! the current one and opens with either.
 //!
 //! What does not open is an [`OpenError`]: the caller drops and counts it and never decodes it.
-//! No replay protection: SWIM tolerates duplicates (probe numbers, incarnations), and push-pull
-//! state is idempotent.
+//!
+//! Replay: [`ReplayWindow`] keeps, per sender, the (epoch, salt) of its current process and a
+//! 128-message sliding window over its counter (IPsec's anti-replay window, RFC 4303 §3.4.3).
+//! A datagram seen before, older than the window, or from an earlier process of the same
+//! sender is refused. The receiver keys the windows by the sender's node ID, read from the
+//! opened header (see `membership`).
 
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
@@ -122,12 +132,95 @@ pub enum OpenError {
     Auth,
 }
 
+/// Where a sealed message stands in its sender's stream: read from the (authenticated) nonce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sequence {
+    /// Rises with every start of the sending agent.
+    pub epoch: u64,
+    /// Random per start: tells apart two processes that started in the same millisecond.
+    pub salt: u64,
+    /// Rises with every message the process seals.
+    pub counter: u64,
+}
+
+/// Messages a [`ReplayWindow`] remembers below the highest counter seen.
+pub const REPLAY_WINDOW: u64 = 128;
+
+/// Why a [`ReplayWindow`] refused a message. The message must be dropped and counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ReplayError {
+    /// This counter was accepted before.
+    #[error("gossip datagram already received (replayed or duplicated); dropped")]
+    Duplicate,
+    /// The counter is more than [`REPLAY_WINDOW`] messages behind the newest one.
+    #[error("gossip datagram too far behind the sender's newest one (replayed or badly reordered); dropped")]
+    TooOld,
+    /// Sealed by an earlier process of the sender (lower epoch, or same epoch other salt).
+    #[error("gossip datagram from an earlier run of its sender (replayed, or the sender's clock went back across a restart); dropped")]
+    StaleEpoch,
+}
+
+/// One sender's anti-replay state: its process and a sliding window over its counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplayWindow {
+    epoch: u64,
+    salt: u64,
+    top: u64,
+    /// Bit `i` set: counter `top - i` was accepted.
+    seen: u128,
+}
+
+impl ReplayWindow {
+    /// A window that has accepted `first`.
+    pub fn new(first: Sequence) -> Self {
+        ReplayWindow {
+            epoch: first.epoch,
+            salt: first.salt,
+            top: first.counter,
+            seen: 1,
+        }
+    }
+
+    /// Accepts `seq` (and remembers it) or says why it is a replay. A higher epoch is a
+    /// restart of the sender: the window starts over.
+    pub fn check(&mut self, seq: Sequence) -> Result<(), ReplayError> {
+        if seq.epoch > self.epoch {
+            *self = ReplayWindow::new(seq);
+            return Ok(());
+        }
+        if seq.epoch < self.epoch || seq.salt != self.salt {
+            return Err(ReplayError::StaleEpoch);
+        }
+        if seq.counter > self.top {
+            let shift = seq.counter - self.top;
+            self.seen = if shift >= 128 {
+                1
+            } else {
+                (self.seen << shift) | 1
+            };
+            self.top = seq.counter;
+            return Ok(());
+        }
+        let behind = self.top - seq.counter;
+        if behind >= REPLAY_WINDOW {
+            return Err(ReplayError::TooOld);
+        }
+        let bit = 1u128 << behind;
+        if self.seen & bit != 0 {
+            return Err(ReplayError::Duplicate);
+        }
+        self.seen |= bit;
+        Ok(())
+    }
+}
+
 /// Seals with the current key and a never-repeating nonce; opens with any live key.
 pub struct Sealer {
     keyring: Keyring,
     current: XChaCha20Poly1305,
     previous: Option<XChaCha20Poly1305>,
-    prefix: [u8; 16],
+    epoch: u64,
+    salt: u64,
     counter: u64,
 }
 
@@ -135,14 +228,16 @@ impl std::fmt::Debug for Sealer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Sealer")
             .field("keyring", &self.keyring)
+            .field("epoch", &self.epoch)
             .field("counter", &self.counter)
             .finish_non_exhaustive()
     }
 }
 
 impl Sealer {
-    /// A sealer. `nonce_prefix` must be fresh random bytes for every process start.
-    pub fn new(keyring: Keyring, nonce_prefix: [u8; 16]) -> Self {
+    /// A sealer. `epoch` must rise with every start of the agent (wall clock milliseconds);
+    /// `salt` must be fresh random bits for every start.
+    pub fn new(keyring: Keyring, epoch: u64, salt: u64) -> Self {
         let current = XChaCha20Poly1305::new((&keyring.current.secret).into());
         let previous = keyring
             .previous
@@ -152,16 +247,16 @@ impl Sealer {
             keyring,
             current,
             previous,
-            prefix: nonce_prefix,
+            epoch,
+            salt,
             counter: 0,
         }
     }
 
     /// Replaces the keys; the nonce counter keeps going.
     pub fn set_keys(&mut self, keyring: Keyring) {
-        let prefix = self.prefix;
         let counter = self.counter;
-        *self = Sealer::new(keyring, prefix);
+        *self = Sealer::new(keyring, self.epoch, self.salt);
         self.counter = counter;
     }
 
@@ -176,7 +271,8 @@ impl Sealer {
             return Err(SealError::NonceExhausted);
         }
         let mut nonce = [0u8; 24];
-        nonce[..16].copy_from_slice(&self.prefix);
+        nonce[..8].copy_from_slice(&self.epoch.to_be_bytes());
+        nonce[8..16].copy_from_slice(&self.salt.to_be_bytes());
         nonce[16..].copy_from_slice(&self.counter.to_be_bytes());
         self.counter += 1;
         let aad = [kind as u8, self.keyring.current.id];
@@ -197,8 +293,9 @@ impl Sealer {
         Ok(out)
     }
 
-    /// Opens an envelope of the expected `kind`, returning the plaintext.
-    pub fn open(&self, kind: Kind, data: &[u8]) -> Result<Vec<u8>, OpenError> {
+    /// Opens an envelope of the expected `kind`, returning the plaintext and where it stands
+    /// in its sender's stream (for a [`ReplayWindow`]).
+    pub fn open(&self, kind: Kind, data: &[u8]) -> Result<(Vec<u8>, Sequence), OpenError> {
         if data.len() < OVERHEAD {
             return Err(OpenError::Short(data.len()));
         }
@@ -214,7 +311,7 @@ impl Sealer {
                 _ => return Err(OpenError::UnknownKey(key_id)),
             }
         };
-        cipher
+        let plain = cipher
             .decrypt(
                 XNonce::from_slice(&data[2..26]),
                 Payload {
@@ -222,7 +319,20 @@ impl Sealer {
                     aad: &data[..2],
                 },
             )
-            .map_err(|_| OpenError::Auth)
+            .map_err(|_| OpenError::Auth)?;
+        let word = |at: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&data[at..at + 8]);
+            u64::from_be_bytes(b)
+        };
+        Ok((
+            plain,
+            Sequence {
+                epoch: word(2),
+                salt: word(10),
+                counter: word(18),
+            },
+        ))
     }
 }
 
@@ -239,19 +349,28 @@ mod tests {
 
     #[test]
     fn round_trip_and_nonce_never_repeats() {
-        let mut s = Sealer::new(Keyring::new(key(1, 7)), [3; 16]);
+        let mut s = Sealer::new(Keyring::new(key(1, 7)), 3, 3);
         let a = s.seal(Kind::Datagram, b"hello").unwrap();
         let b = s.seal(Kind::Datagram, b"hello").unwrap();
         assert_eq!(a.len(), 5 + OVERHEAD);
         assert_ne!(a[2..26], b[2..26], "nonce reused");
         assert_ne!(a, b);
-        assert_eq!(s.open(Kind::Datagram, &a).unwrap(), b"hello");
-        assert_eq!(s.open(Kind::Datagram, &b).unwrap(), b"hello");
+        let (plain, seq) = s.open(Kind::Datagram, &a).unwrap();
+        assert_eq!(plain, b"hello");
+        assert_eq!(
+            seq,
+            Sequence {
+                epoch: 3,
+                salt: 3,
+                counter: 0
+            }
+        );
+        assert_eq!(s.open(Kind::Datagram, &b).unwrap().0, b"hello");
     }
 
     #[test]
     fn every_tampered_byte_fails() {
-        let mut s = Sealer::new(Keyring::new(key(1, 7)), [3; 16]);
+        let mut s = Sealer::new(Keyring::new(key(1, 7)), 3, 3);
         let good = s.seal(Kind::Datagram, b"some gossip payload").unwrap();
         for i in 0..good.len() {
             let mut bad = good.clone();
@@ -267,8 +386,8 @@ mod tests {
 
     #[test]
     fn wrong_key_fails_and_rotation_accepts_both() {
-        let mut old = Sealer::new(Keyring::new(key(1, 7)), [1; 16]);
-        let mut new = Sealer::new(Keyring::new(key(2, 8)), [2; 16]);
+        let mut old = Sealer::new(Keyring::new(key(1, 7)), 1, 1);
+        let mut new = Sealer::new(Keyring::new(key(2, 8)), 2, 2);
         let from_old = old.seal(Kind::Datagram, b"x").unwrap();
         let from_new = new.seal(Kind::Datagram, b"y").unwrap();
         assert_eq!(
@@ -276,18 +395,89 @@ mod tests {
             Err(OpenError::UnknownKey(1))
         );
         // same id, different secret: authentication failure
-        let imposter = Sealer::new(Keyring::new(key(1, 9)), [4; 16]);
+        let imposter = Sealer::new(Keyring::new(key(1, 9)), 4, 4);
         assert_eq!(
             imposter.open(Kind::Datagram, &from_old),
             Err(OpenError::Auth)
         );
-        let mut rotating = Sealer::new(Keyring::new(key(1, 7)), [5; 16]);
+        let mut rotating = Sealer::new(Keyring::new(key(1, 7)), 5, 5);
         rotating.set_keys(Keyring::with_previous(key(2, 8), key(1, 7)).unwrap());
-        assert_eq!(rotating.open(Kind::Datagram, &from_old).unwrap(), b"x");
-        assert_eq!(rotating.open(Kind::Datagram, &from_new).unwrap(), b"y");
+        assert_eq!(rotating.open(Kind::Datagram, &from_old).unwrap().0, b"x");
+        assert_eq!(rotating.open(Kind::Datagram, &from_new).unwrap().0, b"y");
         let sent = rotating.seal(Kind::Datagram, b"z").unwrap();
         assert_eq!(sent[1], 2, "seals with the current key");
-        assert_eq!(new.open(Kind::Datagram, &sent).unwrap(), b"z");
+        assert_eq!(new.open(Kind::Datagram, &sent).unwrap().0, b"z");
         assert!(Keyring::with_previous(key(3, 1), key(3, 2)).is_err());
+    }
+
+    fn seq(epoch: u64, salt: u64, counter: u64) -> Sequence {
+        Sequence {
+            epoch,
+            salt,
+            counter,
+        }
+    }
+
+    #[test]
+    fn window_refuses_a_replay_and_accepts_reordering_inside_it() {
+        let mut w = ReplayWindow::new(seq(5, 1, 10));
+        assert_eq!(w.check(seq(5, 1, 10)), Err(ReplayError::Duplicate));
+        assert_eq!(w.check(seq(5, 1, 12)), Ok(()));
+        // 11 arrives after 12: reordered, accepted once
+        assert_eq!(w.check(seq(5, 1, 11)), Ok(()));
+        assert_eq!(w.check(seq(5, 1, 11)), Err(ReplayError::Duplicate));
+        assert_eq!(w.check(seq(5, 1, 12)), Err(ReplayError::Duplicate));
+        // never-seen counters below the top but inside the window are fine
+        assert_eq!(w.check(seq(5, 1, 3)), Ok(()));
+        assert_eq!(w.check(seq(5, 1, 3)), Err(ReplayError::Duplicate));
+    }
+
+    #[test]
+    fn window_refuses_what_falls_behind_it() {
+        let mut w = ReplayWindow::new(seq(5, 1, 0));
+        assert_eq!(w.check(seq(5, 1, REPLAY_WINDOW + 10)), Ok(()));
+        // exactly the window's width behind: too old, even though never seen
+        assert_eq!(w.check(seq(5, 1, 10)), Err(ReplayError::TooOld));
+        assert_eq!(w.check(seq(5, 1, 11)), Ok(()));
+        // a jump beyond the window forgets everything below it
+        assert_eq!(w.check(seq(5, 1, 10_000)), Ok(()));
+        assert_eq!(
+            w.check(seq(5, 1, REPLAY_WINDOW + 10)),
+            Err(ReplayError::TooOld)
+        );
+        assert_eq!(w.check(seq(5, 1, 10_000 - REPLAY_WINDOW + 1)), Ok(()));
+        assert_eq!(w.check(seq(5, 1, 0)), Err(ReplayError::TooOld));
+    }
+
+    #[test]
+    fn window_follows_a_restarted_sender_and_refuses_its_old_run() {
+        let mut w = ReplayWindow::new(seq(100, 7, 5_000));
+        // the sender restarts: higher epoch, new salt, counter from zero
+        assert_eq!(w.check(seq(200, 9, 0)), Ok(()));
+        assert_eq!(w.check(seq(200, 9, 1)), Ok(()));
+        // anything from the earlier run, even far ahead in its counter, is stale
+        assert_eq!(w.check(seq(100, 7, 5_001)), Err(ReplayError::StaleEpoch));
+        assert_eq!(w.check(seq(100, 7, 9_999)), Err(ReplayError::StaleEpoch));
+        // same epoch, other salt: another process, refused
+        assert_eq!(w.check(seq(200, 8, 2)), Err(ReplayError::StaleEpoch));
+        assert_eq!(w.check(seq(200, 9, 0)), Err(ReplayError::Duplicate));
+    }
+
+    #[test]
+    fn open_reports_the_sequence_of_every_sealed_message() {
+        let mut s = Sealer::new(Keyring::new(key(1, 7)), 42, 9);
+        let mut w: Option<ReplayWindow> = None;
+        for n in 0..300u64 {
+            let sealed = s.seal(Kind::Datagram, b"m").unwrap();
+            let (_, q) = s.open(Kind::Datagram, &sealed).unwrap();
+            assert_eq!(q, seq(42, 9, n));
+            match w.as_mut() {
+                None => w = Some(ReplayWindow::new(q)),
+                Some(w) => {
+                    assert_eq!(w.check(q), Ok(()));
+                    assert_eq!(w.check(q), Err(ReplayError::Duplicate));
+                }
+            }
+        }
     }
 }

@@ -151,6 +151,9 @@ pub struct Report {
     pub heal_p99_s: Option<f64>,
     /// Datagrams dropped by any node as unopenable or undecodable (should be 0).
     pub dropped_bad: u64,
+    /// Datagrams dropped by the replay windows (the simulated network never duplicates, so
+    /// these are reorderings deeper than the window; should be 0).
+    pub dropped_replay: u64,
     /// Mean pending (membership updates, custom broadcasts) per node at the end.
     pub backlog_mean: (f64, f64),
     /// Hash of the event trace: equal seeds give equal hashes.
@@ -355,12 +358,10 @@ impl Sim {
             }),
             admission: Admission::Open,
             seed: self.cfg.seed ^ ((i as u64) << 20) ^ u64::from(node.bump),
-            nonce_prefix: {
-                let mut p = [0u8; 16];
-                p[..8].copy_from_slice(&(i as u64).to_be_bytes());
-                p[8..12].copy_from_slice(&node.bump.to_be_bytes());
-                p
-            },
+            // Every start of a node gets a later epoch: virtual milliseconds, plus the bump
+            // (which rises with each restart) so it rises even within one millisecond.
+            epoch: self.now.as_millis() as u64 + u64::from(node.bump),
+            salt: i as u64,
         };
         // Metadata from meta_for is always valid.
         match Membership::new(setup, self.base + self.now) {
@@ -847,6 +848,12 @@ impl Sim {
                 s.dropped_seal + s.dropped_decode
             })
             .sum();
+        let dropped_replay = self
+            .nodes
+            .iter()
+            .filter_map(|n| n.core.as_ref())
+            .map(|c| c.stats().dropped_replay)
+            .sum();
         Report {
             nodes: self.nodes.len(),
             seed: self.cfg.seed,
@@ -868,6 +875,7 @@ impl Sim {
             max_datagram_bytes: self.max_datagram,
             heal_p99_s: heal_p99.and_then(|v| fin(Some(v))),
             dropped_bad,
+            dropped_replay,
             backlog_mean: {
                 let (mut a, mut b, mut k) = (0usize, 0usize, 0usize);
                 for c in self.nodes.iter().filter_map(|n| n.core.as_ref()) {

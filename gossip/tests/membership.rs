@@ -20,6 +20,12 @@ struct Net {
     cut: Vec<bool>,
     /// Tamper with every datagram (flip one byte).
     tamper: bool,
+    /// Hold datagrams back instead of delivering them.
+    hold: bool,
+    /// Datagrams held back: (from, to, bytes).
+    held: Vec<(usize, usize, Vec<u8>)>,
+    /// Every datagram delivered: (from, to, bytes).
+    log: Vec<(usize, usize, Vec<u8>)>,
 }
 
 fn addr(i: usize) -> SocketAddr {
@@ -54,26 +60,41 @@ impl Net {
             events: Vec::new(),
             cut: Vec::new(),
             tamper: false,
+            hold: false,
+            held: Vec::new(),
+            log: Vec::new(),
         }
+    }
+
+    fn core(
+        &self,
+        i: usize,
+        keyring: Keyring,
+        admission: Admission,
+        lh: bool,
+        run: u32,
+    ) -> Membership {
+        let mut config = Config::lan(10);
+        config.local_health = lh;
+        Membership::new(
+            Setup {
+                config,
+                identity: Identity::new(NodeId::from_index(i as u128 + 1), addr(i), run),
+                metadata: meta(i),
+                keyring,
+                admission,
+                seed: i as u64 + u64::from(run),
+                epoch: u64::from(run),
+                salt: i as u64 + (u64::from(run) << 32),
+            },
+            self.base + self.now,
+        )
+        .expect("valid setup")
     }
 
     fn add(&mut self, keyring: Keyring, admission: Admission, local_health: bool) -> usize {
         let i = self.nodes.len();
-        let mut config = Config::lan(10);
-        config.local_health = local_health;
-        let m = Membership::new(
-            Setup {
-                config,
-                identity: Identity::new(NodeId::from_index(i as u128 + 1), addr(i), 1),
-                metadata: meta(i),
-                keyring,
-                admission,
-                seed: i as u64,
-                nonce_prefix: [i as u8; 16],
-            },
-            self.base + self.now,
-        )
-        .expect("valid setup");
+        let m = self.core(i, keyring, admission, local_health, 1);
         self.nodes.push(m);
         self.addrs.insert(addr(i), i);
         self.events.push(Vec::new());
@@ -115,7 +136,12 @@ impl Net {
                             let k = data.len() / 2;
                             data[k] ^= 0x80;
                         }
+                        if self.hold {
+                            self.held.push((i, j, data));
+                            continue;
+                        }
                         let _ = self.nodes[j].handle_datagram(&data, now);
+                        self.log.push((i, j, data));
                     }
                     while let Some(peer) = self.nodes[i].poll_pushpull() {
                         moved = true;
@@ -388,4 +414,123 @@ fn failing_probes_raise_local_health_and_it_recovers() {
     let h = net.nodes[0].stats().health;
     assert!(h >= 1, "health {h}");
     assert!(net.nodes[0].stats().probes_failed >= 1);
+}
+
+#[test]
+fn replayed_datagrams_are_dropped_and_counted() {
+    let mut net = Net::new();
+    net.add(key(7), Admission::Open, true);
+    net.add(key(7), Admission::Open, true);
+    let t = net.t();
+    net.nodes[1].join(&[addr(0)], t);
+    net.run(Duration::from_secs(10));
+    assert_eq!(net.nodes[0].num_active(), 1);
+    let captured: Vec<Vec<u8>> = net
+        .log
+        .iter()
+        .filter(|(from, to, _)| (*from, *to) == (1, 0))
+        .map(|(_, _, d)| d.clone())
+        .collect();
+    assert!(captured.len() >= 10, "only {} datagrams", captured.len());
+    let before = net.nodes[0].stats();
+    let events_before = net.events[0].len();
+    let t = net.t();
+    for d in &captured {
+        assert!(net.nodes[0].handle_datagram(d, t).is_err());
+    }
+    let after = net.nodes[0].stats();
+    assert_eq!(
+        after.dropped_replay - before.dropped_replay,
+        captured.len() as u64
+    );
+    assert_eq!(after.dropped_seal, before.dropped_seal);
+    assert_eq!(after.dropped_decode, before.dropped_decode);
+    // nothing was answered: a replay makes no traffic
+    assert!(net.nodes[0].poll_transmit().is_none());
+    net.run(Duration::from_secs(1));
+    assert_eq!(net.events[0].len(), events_before);
+}
+
+#[test]
+fn reordered_datagrams_inside_the_window_are_accepted() {
+    let mut net = Net::new();
+    for _ in 0..3 {
+        net.add(key(7), Admission::Open, true);
+    }
+    let t = net.t();
+    net.nodes[1].join(&[addr(0)], t);
+    net.nodes[2].join(&[addr(0)], t);
+    net.run(Duration::from_secs(5));
+    net.hold = true;
+    let mut m = meta(1);
+    m.role = Role::Manager;
+    let t = net.t();
+    net.nodes[1].update_metadata(m, t).unwrap();
+    net.run(Duration::from_secs(2));
+    net.hold = false;
+    let mut held: Vec<(usize, usize, Vec<u8>)> = std::mem::take(&mut net.held)
+        .into_iter()
+        .filter(|(from, _, _)| *from == 1)
+        .collect();
+    assert!(held.len() >= 3, "only {} datagrams held", held.len());
+    held.reverse();
+    let before: Vec<u64> = (0..3)
+        .map(|i| net.nodes[i].stats().dropped_replay)
+        .collect();
+    let t = net.t();
+    for (_, to, d) in &held {
+        let _ = net.nodes[*to].handle_datagram(d, t);
+    }
+    for (i, b) in before.iter().enumerate() {
+        assert_eq!(net.nodes[i].stats().dropped_replay, *b, "node {i}");
+    }
+    // and each of them, delivered again, is now a replay
+    for (_, to, d) in &held {
+        assert!(net.nodes[*to].handle_datagram(d, t).is_err());
+    }
+    let dropped: u64 = (0..3)
+        .map(|i| net.nodes[i].stats().dropped_replay - before[i])
+        .sum();
+    assert_eq!(dropped, held.len() as u64);
+}
+
+#[test]
+fn a_restarted_sender_is_heard_and_its_old_run_is_not() {
+    let mut net = Net::new();
+    net.add(key(7), Admission::Open, true);
+    net.add(key(7), Admission::Open, true);
+    let t = net.t();
+    net.nodes[1].join(&[addr(0)], t);
+    net.run(Duration::from_secs(10));
+    let old_run: Vec<Vec<u8>> = net
+        .log
+        .iter()
+        .filter(|(from, to, _)| (*from, *to) == (1, 0))
+        .map(|(_, _, d)| d.clone())
+        .collect();
+    // node 1 restarts: a later epoch and a new identity bump
+    net.nodes[1] = net.core(1, key(7), Admission::Open, true, 2);
+    let t = net.t();
+    net.nodes[1].join(&[addr(0)], t);
+    net.run(Duration::from_secs(10));
+    let seen = net.nodes[0].members();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(
+        seen[0].bump, 2,
+        "the restarted run is not the member: {seen:?}"
+    );
+    assert_eq!(net.nodes[0].num_active(), 1);
+    let before = net.nodes[0].stats().dropped_replay;
+    let t = net.t();
+    for d in &old_run {
+        assert!(net.nodes[0].handle_datagram(d, t).is_err());
+    }
+    assert_eq!(
+        net.nodes[0].stats().dropped_replay - before,
+        old_run.len() as u64
+    );
+    net.run(Duration::from_secs(5));
+    let seen = net.nodes[0].members();
+    assert_eq!(seen[0].bump, 2);
+    assert_eq!(net.nodes[0].num_active(), 1);
 }

@@ -38,6 +38,7 @@ fn small_cluster_detects_a_crash_in_any_profile() {
     assert!(p99 <= 10.0, "detection p99 {p99} s > 10 s");
     assert_eq!(r.false_downs, 0);
     assert_eq!(r.dropped_bad, 0);
+    assert_eq!(r.dropped_replay, 0);
 }
 
 #[test]
@@ -55,6 +56,7 @@ fn crashes_are_detected_fast_and_updates_spread_at_one_percent_loss() {
     assert!(d <= 3.0, "dissemination p99 {d} s > 3 s");
     assert!(r.max_datagram_bytes <= 1400);
     assert_eq!(r.dropped_bad, 0);
+    assert_eq!(r.dropped_replay, 0);
 }
 
 #[test]
