@@ -6,6 +6,7 @@
 //! restarted agent is the same node, with no token needed. Manager-only commands on a
 //! promoted (non-leader) manager are forwarded to the leader over the same mTLS identity.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -21,9 +22,10 @@ use tracing::{debug, info, warn};
 use x25519_dalek::{PublicKey, StaticSecret};
 
 use crate::api::{
-    hex, read_frame, write_frame, AdminRequest, FrameError, Info, InitRequest, JoinRequest,
-    LocalDataPath, ManagerReply, ManagerRequest, ManagerResponse, NetworkDetail, NetworkMember,
-    NetworkSummary, PeerCounters, Reply, Request, Response,
+    hex, read_frame, write_frame, write_raw_frame, AdminRequest, CaptureFrame, CaptureRequest,
+    FrameError, Info, InitRequest, JoinRequest, LocalDataPath, ManagerReply, ManagerRequest,
+    ManagerResponse, NetworkDetail, NetworkMember, NetworkSummary, PeerCounters, Reply, Request,
+    Response,
 };
 use crate::datapath::DataPath;
 use crate::gossip::Link;
@@ -472,6 +474,9 @@ impl Agent {
             }
         };
         debug!(?request, "client request");
+        if let Request::Capture(req) = request {
+            return self.capture(req, stream).await;
+        }
         let response = self.handle(request).await;
         if let Err(e) = write_frame(&mut stream, &response).await {
             debug!("client went away: {e}");
@@ -524,7 +529,136 @@ impl Agent {
                 }
                 Ok(Reply::Network(Box::new(self.network_detail(&m))))
             }
+            Request::Capture(_) => Err(
+                "a capture streams packets: send it on its own connection (shoal capture)".into(),
+            ),
         }
+    }
+
+    /// `shoal capture`: streams pcapng to the client until it goes away (or the data path
+    /// stops). The data path never waits for the client: see [`crate::capture`].
+    async fn capture(&self, req: CaptureRequest, mut stream: UnixStream) {
+        let started = self.start_capture(&req);
+        let (mut sub, mut encoder, header) = match started {
+            Ok(s) => s,
+            Err(line) => {
+                let _ = write_frame(&mut stream, &Response::Err(line)).await;
+                return;
+            }
+        };
+        info!(network = %req.network, peer = ?req.peer, inner = req.inner, outer = req.outer, "capture started");
+        let (mut rd, mut wr) = stream.into_split();
+        let frame = CaptureFrame {
+            lost: 0,
+            pcapng: header,
+        };
+        if write_frame(&mut wr, &Response::Ok(Reply::Capturing))
+            .await
+            .is_err()
+            || write_raw_frame(&mut wr, &frame.encode()).await.is_err()
+        {
+            return;
+        }
+        let mut probe = [0u8; 1];
+        loop {
+            let copy = tokio::select! {
+                copy = sub.rx.recv() => copy,
+                // The client sends nothing more: a read returning means it went away.
+                _ = tokio::io::AsyncReadExt::read(&mut rd, &mut probe) => break,
+            };
+            let Some(copy) = copy else { break };
+            let frame = match encoder.packet(&copy, sub.lost()) {
+                Ok(pcapng) => CaptureFrame {
+                    lost: sub.lost(),
+                    pcapng,
+                },
+                Err(e) => {
+                    warn!("capture: {e}");
+                    continue;
+                }
+            };
+            if write_raw_frame(&mut wr, &frame.encode()).await.is_err() {
+                break;
+            }
+        }
+        info!(lost = sub.lost(), "capture ended");
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn start_capture(
+        &self,
+        req: &CaptureRequest,
+    ) -> Result<
+        (
+            crate::capture::Subscription,
+            crate::capture::Encoder,
+            Vec<u8>,
+        ),
+        String,
+    > {
+        let m = self
+            .membership
+            .get()
+            .ok_or_else(|| NOT_IN_SWARM.to_owned())?;
+        let n = &m.view.ingress;
+        if req.network != n.name {
+            return Err(format!(
+                "network {} not found (shoal has one network, {})",
+                req.network, n.name
+            ));
+        }
+        if !req.inner && !req.outer {
+            return Err("nothing to capture: ask for --inner, --outer or --both".into());
+        }
+        let dp = self
+            .datapath
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+            .ok_or("the data path is not running on this node; see the agent's log")?;
+        let me = m.view.node(&m.node_id).ok_or(NOT_IN_SWARM)?;
+        let peer = match &req.peer {
+            None => None,
+            Some(name) => {
+                let nodes = m.view.nodes.iter().filter(|n| !n.left);
+                let id = crate::manager::resolve_among(
+                    nodes.map(|n| (&n.id, n.hostname.as_str())),
+                    name,
+                )
+                .map_err(|e| e.to_string())?;
+                if id == m.node_id {
+                    return Err(format!(
+                        "{name} is this node: capture here shows its traffic with every peer; name another node with --peer"
+                    ));
+                }
+                m.view.node(&id).map(|n| n.addr)
+            }
+        };
+        let mut names: HashMap<IpAddr, String> = m
+            .view
+            .nodes
+            .iter()
+            .map(|n| (n.addr, n.hostname.clone()))
+            .collect();
+        for v in &n.vteps {
+            names.insert(v.addr, format!("vtep {}", v.ip));
+        }
+        let context = crate::capture::Context {
+            network: n.name.clone(),
+            vni: n.vni,
+            interface: dp.status().interface,
+            hostname: me.hostname.clone(),
+            local: SocketAddr::new(me.addr, n.data_path_port),
+            names,
+        };
+        let (encoder, header) =
+            crate::capture::Encoder::start(context).map_err(|e| e.to_string())?;
+        let sub = dp.capture(crate::capture::Filter {
+            inner: req.inner,
+            outer: req.outer,
+            peer,
+        });
+        Ok((sub, encoder, header))
     }
 
     fn network_detail(&self, m: &Membership) -> NetworkDetail {
@@ -1092,7 +1226,7 @@ impl Steer {
     fn follow(
         &mut self,
         m: &Membership,
-        heard: &std::collections::HashMap<NodeId, crate::datapath::Heard>,
+        heard: &HashMap<NodeId, crate::datapath::Heard>,
     ) -> Option<std::time::Instant> {
         let now = std::time::Instant::now();
         let dp = match self.current() {

@@ -36,24 +36,31 @@ where
     W: AsyncWrite + Unpin,
     T: Serialize,
 {
-    let body = serde_json::to_vec(value)?;
+    write_raw_frame(w, &serde_json::to_vec(value)?).await
+}
+
+/// Writes one frame of bytes that are not JSON (the packet stream of `shoal capture`).
+pub async fn write_raw_frame<W>(w: &mut W, body: &[u8]) -> Result<(), FrameError>
+where
+    W: AsyncWrite + Unpin,
+{
     let len = u32::try_from(body.len())
         .ok()
         .filter(|l| *l <= MAX_FRAME)
         .ok_or(FrameError::TooLarge(u32::MAX))?;
     let mut buf = Vec::with_capacity(4 + body.len());
     buf.extend_from_slice(&len.to_be_bytes());
-    buf.extend_from_slice(&body);
+    buf.extend_from_slice(body);
     w.write_all(&buf).await?;
     w.flush().await?;
     Ok(())
 }
 
-/// Reads one frame; `None` if the peer closed the connection cleanly before a frame began.
-pub async fn read_frame<R, T>(r: &mut R) -> Result<Option<T>, FrameError>
+/// Reads one frame of raw bytes; `None` if the peer closed the connection cleanly before a
+/// frame began.
+pub async fn read_raw_frame<R>(r: &mut R) -> Result<Option<Vec<u8>>, FrameError>
 where
     R: AsyncRead + Unpin,
-    T: DeserializeOwned,
 {
     let mut len = [0u8; 4];
     match r.read_exact(&mut len).await {
@@ -67,7 +74,19 @@ where
     }
     let mut body = vec![0u8; len as usize];
     r.read_exact(&mut body).await?;
-    Ok(Some(serde_json::from_slice(&body)?))
+    Ok(Some(body))
+}
+
+/// Reads one frame; `None` if the peer closed the connection cleanly before a frame began.
+pub async fn read_frame<R, T>(r: &mut R) -> Result<Option<T>, FrameError>
+where
+    R: AsyncRead + Unpin,
+    T: DeserializeOwned,
+{
+    match read_raw_frame(r).await? {
+        None => Ok(None),
+        Some(body) => Ok(Some(serde_json::from_slice(&body)?)),
+    }
 }
 
 /// A request from the CLI to the local agent.
@@ -94,6 +113,53 @@ pub enum Request {
         /// The network's name.
         network: String,
     },
+    /// `shoal capture`: after [`Reply::Capturing`], the agent sends raw frames (see
+    /// [`CaptureFrame`]) until the client closes the connection.
+    Capture(CaptureRequest),
+}
+
+/// `shoal capture` parameters.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaptureRequest {
+    /// The network's name.
+    pub network: String,
+    /// Only packets to or from this node (host name or node ID, or a unique ID prefix).
+    pub peer: Option<String>,
+    /// Decrypted inner frames.
+    pub inner: bool,
+    /// Outer datagrams as on the wire.
+    pub outer: bool,
+}
+
+/// One raw frame of a capture stream: the reader's running count of copies the agent had to
+/// drop (8 bytes, big-endian), then pcapng bytes. The first frame holds the section header
+/// and the interface blocks, each later frame one packet block.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaptureFrame {
+    /// Copies lost so far because the reader was too slow.
+    pub lost: u64,
+    /// pcapng blocks.
+    pub pcapng: Vec<u8>,
+}
+
+impl CaptureFrame {
+    /// The frame's bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(8 + self.pcapng.len());
+        out.extend_from_slice(&self.lost.to_be_bytes());
+        out.extend_from_slice(&self.pcapng);
+        out
+    }
+
+    /// Parses a frame; `None` if it is shorter than its count.
+    pub fn decode(mut frame: Vec<u8>) -> Option<CaptureFrame> {
+        let lost = u64::from_be_bytes(frame.get(..8)?.try_into().ok()?);
+        frame.drain(..8);
+        Some(CaptureFrame {
+            lost,
+            pcapng: frame,
+        })
+    }
 }
 
 /// `shoal init` parameters.
@@ -343,6 +409,8 @@ pub enum Reply {
     Networks(Vec<NetworkSummary>),
     /// One network.
     Network(Box<NetworkDetail>),
+    /// A capture started; raw [`CaptureFrame`]s follow.
+    Capturing,
 }
 
 /// Gossip-level health, as `node ls` shows it.

@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use shoal_ingress::network::{mac_for, INGRESS_INTERFACE};
@@ -126,6 +126,7 @@ pub fn members(view: &ClusterView, me: &NodeId, heard: &HashMap<NodeId, Heard>) 
 pub struct DataPath {
     overlay: Mutex<Overlay>,
     seen: Mutex<HashMap<u32, Instant>>,
+    capture: Arc<crate::capture::Hub>,
 }
 
 impl std::fmt::Debug for DataPath {
@@ -154,9 +155,12 @@ impl DataPath {
             node_key: NodeKey::from_secret(node_secret),
             incarnation: params.incarnation,
         })?;
+        let capture = Arc::new(crate::capture::Hub::default());
+        overlay.set_capture(Some(capture.clone()));
         Ok(DataPath {
             overlay: Mutex::new(overlay),
             seen: Mutex::new(HashMap::new()),
+            capture,
         })
     }
 
@@ -184,6 +188,11 @@ impl DataPath {
         Ok(next)
     }
 
+    /// Starts a `shoal capture` reader.
+    pub fn capture(&self, filter: crate::capture::Filter) -> crate::capture::Subscription {
+        self.capture.subscribe(filter)
+    }
+
     /// A summary for `network inspect` and `node inspect`.
     pub fn status(&self) -> Status {
         let overlay = self.overlay.lock().unwrap_or_else(PoisonError::into_inner);
@@ -202,6 +211,13 @@ impl DataPath {
             peers,
             send_epoch: overlay.send_epoch(),
         }
+    }
+}
+
+impl Drop for DataPath {
+    fn drop(&mut self) {
+        // Capture readers see their stream end rather than wait on a data path that is gone.
+        self.capture.close();
     }
 }
 

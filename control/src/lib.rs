@@ -7,9 +7,11 @@
 //! a watch stream to the manager so node-list and key changes reach every node; the CLI talks
 //! to the local agent over a Unix socket, with docker swarm's words and output shapes.
 //!
+//! It also runs this node's data path ([`datapath`], on `shoal-ingress`), lets `shoal
+//! capture` copy its packets ([`capture`]).
+//!
 //! What it does not do: no Raft yet (one leader; promoted managers forward to it, and nodes
-//! join through the leader's address), no data path (that is `shoal-vxlan`), no overlay
-//! networks beyond their definition, no `shoal lab`, `network` or `capture` commands yet.
+//! join through the leader's address), no overlay networks beyond `ingress`.
 //!
 //! The state machine ([`state`]), the token format ([`token`]), node IDs ([`id`]) and the
 //! gossip keyring schedule ([`gossip::keyring_at`]) are pure: no IO, no clock, no
@@ -20,6 +22,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod capture;
 pub mod cli;
 pub mod datapath;
 pub mod gossip;

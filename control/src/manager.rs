@@ -759,16 +759,27 @@ impl Drop for Session<'_> {
 
 /// Finds a node by exact ID, then unique hostname, then unique ID prefix, as docker does.
 pub fn resolve(cluster: &Cluster, name: &str) -> Result<NodeId, AdminError> {
+    resolve_among(
+        cluster.nodes.values().map(|n| (&n.id, n.hostname.as_str())),
+        name,
+    )
+}
+
+/// [`resolve`] among any list of (node ID, host name): a node list from a cluster view, for
+/// example.
+pub fn resolve_among<'a, I>(nodes: I, name: &str) -> Result<NodeId, AdminError>
+where
+    I: Iterator<Item = (&'a NodeId, &'a str)> + Clone,
+{
     if let Ok(id) = name.parse::<NodeId>() {
-        if cluster.nodes.contains_key(&id) {
+        if nodes.clone().any(|(n, _)| *n == id) {
             return Ok(id);
         }
     }
-    let by_name: Vec<&NodeId> = cluster
-        .nodes
-        .values()
-        .filter(|n| n.hostname == name)
-        .map(|n| &n.id)
+    let by_name: Vec<&NodeId> = nodes
+        .clone()
+        .filter(|(_, hostname)| *hostname == name)
+        .map(|(id, _)| id)
         .collect();
     match by_name.as_slice() {
         [one] => return Ok((*one).clone()),
@@ -783,9 +794,8 @@ pub fn resolve(cluster: &Cluster, name: &str) -> Result<NodeId, AdminError> {
     let by_prefix: Vec<&NodeId> = if name.is_empty() {
         Vec::new()
     } else {
-        cluster
-            .nodes
-            .keys()
+        nodes
+            .map(|(id, _)| id)
             .filter(|id| id.as_str().starts_with(name))
             .collect()
     };

@@ -292,4 +292,10 @@ impl Overlay {
     pub fn io_counters(&self) -> &IoCounters {
         self.dataplane.io_counters()
     }
+
+    /// Installs (or removes) the sink offered a copy of every packet (see
+    /// [`shoal_vxlan::io::capture`]).
+    pub fn set_capture(&self, sink: Option<Arc<dyn shoal_vxlan::io::CaptureSink>>) {
+        self.dataplane.set_capture(sink);
+    }
 }

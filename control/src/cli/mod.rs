@@ -21,6 +21,7 @@ macro_rules! out {
 }
 
 mod agent;
+mod capture;
 mod init;
 mod join;
 mod join_token;
@@ -70,6 +71,9 @@ pub enum Cmd {
     /// Inspect overlay networks and manage external VTEPs.
     #[command(subcommand)]
     Network(network::Cmd),
+    /// Write a live copy of this node's overlay traffic as pcapng: decrypted inner frames
+    /// and/or outer datagrams as on the wire.
+    Capture(capture::Args),
     /// A small cluster on this machine, in network namespaces (needs root).
     #[command(subcommand)]
     Lab(lab::Cmd),
@@ -165,6 +169,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Cmd::Leave(args) => leave::run(args, &socket).await,
         Cmd::Node(cmd) => node::run(cmd, &socket).await,
         Cmd::Network(cmd) => network::run(cmd, &socket).await,
+        Cmd::Capture(args) => capture::run(args, &socket).await,
         Cmd::Lab(cmd) => lab::run(cmd).map(drop),
         Cmd::Info => {
             let reply = call(&socket, Request::Info).await?;

@@ -22,9 +22,10 @@ use std::time::{Duration, Instant};
 
 use quinn_udp::{RecvMeta, UdpSocketState};
 
+use super::capture::{CaptureRecord, CaptureSink, Direction, Layer};
 use super::tap::Tap;
 use crate::buffer::{Packet, Transmit, Transmits};
-use crate::engine::Engine;
+use crate::engine::{DropReason, Engine};
 use crate::offload::{self, Coalescer, VirtioNetHdr};
 use crate::wire::Vni;
 
@@ -71,6 +72,22 @@ struct Shared {
     inbound: Mutex<Engine>,
     stop: AtomicBool,
     counters: IoCounters,
+    /// Whether `capture` holds a sink: checked once per batch without taking the lock.
+    capturing: AtomicBool,
+    capture: Mutex<Option<Arc<dyn CaptureSink>>>,
+}
+
+impl Shared {
+    /// The capture sink, if one is installed.
+    fn sink(&self) -> Option<Arc<dyn CaptureSink>> {
+        if !self.capturing.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.capture
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
 }
 
 /// The running data path of one network: a TAP device, a UDP socket and an engine.
@@ -111,6 +128,8 @@ impl Dataplane {
             inbound: Mutex::new(inbound),
             stop: AtomicBool::new(false),
             counters: IoCounters::default(),
+            capturing: AtomicBool::new(false),
+            capture: Mutex::new(None),
         });
         let tap = Arc::new(tap);
         let udp = Arc::new(udp);
@@ -157,6 +176,20 @@ impl Dataplane {
     /// The IO shell's counters.
     pub fn io_counters(&self) -> &IoCounters {
         &self.shared.counters
+    }
+
+    /// Installs (or, with `None`, removes) the sink offered a copy of every packet from the
+    /// next batch on. See [`super::capture`].
+    pub fn set_capture(&self, sink: Option<Arc<dyn CaptureSink>>) {
+        let mut slot = self
+            .shared
+            .capture
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.shared
+            .capturing
+            .store(sink.is_some(), Ordering::Relaxed);
+        *slot = sink;
     }
 
     /// Stops the threads and waits for them (at most about [`POLL`]); the device goes away
@@ -214,6 +247,7 @@ impl<'a> Outbound<'a> {
         let mut read = vec![0u8; TAP_READ];
         let mut reply = vec![0u8; VirtioNetHdr::LEN];
         let mut answer = Vec::with_capacity(128);
+        let mut copy = Vec::new();
         let counters = &self.shared.counters;
         while !self.shared.stop.load(Ordering::Relaxed) {
             let n = match tap.recv_timeout(&mut read, POLL) {
@@ -230,11 +264,15 @@ impl<'a> Outbound<'a> {
                 continue;
             };
             let frame = &mut read[VirtioNetHdr::LEN..n];
+            let sink = self.shared.sink();
             if let Some(r) = responder.filter(|_| hdr.gso_type == VirtioNetHdr::GSO_NONE) {
                 reply.truncate(VirtioNetHdr::LEN);
                 answer.clear();
                 if r.respond(frame, &mut answer) {
                     counters.answered_locally.fetch_add(1, Ordering::Relaxed);
+                    if let Some(sink) = &sink {
+                        offer_local(&**sink, frame, &answer);
+                    }
                     reply[..VirtioNetHdr::LEN].fill(0);
                     reply.extend_from_slice(&answer);
                     if tap.send(&reply).is_err() {
@@ -246,10 +284,49 @@ impl<'a> Outbound<'a> {
             let (pkt, out, vni) = (&mut self.pkt, &mut self.out, self.vni);
             let engine = &self.shared.outbound;
             let now = Instant::now();
+            let inner = sink
+                .as_ref()
+                .filter(|s| s.wants(Direction::Out, Layer::Inner));
+            let outer = sink
+                .as_ref()
+                .filter(|s| s.wants(Direction::Out, Layer::Outer));
             let segmented = offload::segment(&hdr, frame, |head, payload| {
-                if pkt.set_frame_parts(head, payload) {
-                    // Drops are counted by the engine.
-                    let _ = lock(engine).handle_frame(now, vni, pkt, out);
+                if !pkt.set_frame_parts(head, payload) {
+                    return;
+                }
+                if inner.is_some() {
+                    // Sealing happens in place: keep the clear frame for the capture.
+                    copy.clear();
+                    copy.extend_from_slice(pkt.data());
+                }
+                let before = out.len();
+                // Drops are counted by the engine.
+                let result = lock(engine).handle_frame(now, vni, pkt, out);
+                let sent = out.ready().get(before..).unwrap_or_default();
+                if let Some(sink) = inner {
+                    sink.offer(&CaptureRecord {
+                        direction: Direction::Out,
+                        layer: Layer::Inner,
+                        peer: match sent {
+                            [one] => Some(one.dst),
+                            _ => None,
+                        },
+                        fanout: sent.len(),
+                        dropped: result.err(),
+                        data: &copy,
+                    });
+                }
+                if let Some(sink) = outer {
+                    for t in sent {
+                        sink.offer(&CaptureRecord {
+                            direction: Direction::Out,
+                            layer: Layer::Outer,
+                            peer: Some(t.dst),
+                            fanout: 1,
+                            dropped: None,
+                            data: t.packet.data(),
+                        });
+                    }
                 }
             });
             if segmented.is_err() {
@@ -333,6 +410,7 @@ fn receive(shared: &Shared, tap: &Tap, udp: &UdpSocket, state: &UdpSocketState) 
     let mut bufs = vec![0u8; MAX_UDP * RECV_BATCH];
     let mut meta = [RecvMeta::default(); RECV_BATCH];
     let mut coalescer = Coalescer::new();
+    let mut copy = Vec::new();
     let counters = &shared.counters;
     let mut write = |b: &[u8]| {
         if tap.send(b).is_err() {
@@ -358,21 +436,83 @@ fn receive(shared: &Shared, tap: &Tap, udp: &UdpSocket, state: &UdpSocketState) 
             }
         };
         let now = Instant::now();
+        let sink = shared.sink();
+        let inner = sink
+            .as_ref()
+            .filter(|s| s.wants(Direction::In, Layer::Inner));
+        let outer = sink
+            .as_ref()
+            .filter(|s| s.wants(Direction::In, Layer::Outer));
         for (m, buf) in meta.iter().zip(bufs.chunks_mut(MAX_UDP)).take(n) {
             if m.len == 0 {
                 // An empty datagram: nothing to split, but still a drop to count.
-                let _ = lock(&shared.inbound).handle_datagram_slice(now, m.addr, &mut []);
+                let r = lock(&shared.inbound).handle_datagram_slice(now, m.addr, &mut []);
+                if let Some(sink) = outer {
+                    offer_received(&**sink, m.addr, &[], r.err());
+                }
                 continue;
             }
             let stride = m.stride.max(1);
             for datagram in buf[..m.len].chunks_mut(stride) {
+                if outer.is_some() {
+                    // Opening happens in place: keep the datagram as it came.
+                    copy.clear();
+                    copy.extend_from_slice(datagram);
+                }
                 let opened = lock(&shared.inbound).handle_datagram_slice(now, m.addr, datagram);
+                if let Some(sink) = outer {
+                    offer_received(&**sink, m.addr, &copy, opened.as_ref().err().copied());
+                }
                 if let Ok(opened) = opened {
+                    if let Some(sink) = inner {
+                        sink.offer(&CaptureRecord {
+                            direction: Direction::In,
+                            layer: Layer::Inner,
+                            peer: Some(m.addr),
+                            fanout: 1,
+                            dropped: None,
+                            data: opened.frame(),
+                        });
+                    }
                     coalescer.push(opened.frame(), &mut write);
                 }
             }
         }
         coalescer.flush(&mut write);
+    }
+}
+
+/// Offers a received datagram (as it came, before opening) with what became of it.
+fn offer_received(
+    sink: &dyn CaptureSink,
+    from: std::net::SocketAddr,
+    data: &[u8],
+    dropped: Option<DropReason>,
+) {
+    sink.offer(&CaptureRecord {
+        direction: Direction::In,
+        layer: Layer::Outer,
+        peer: Some(from),
+        fanout: 1,
+        dropped,
+        data,
+    });
+}
+
+/// Offers a frame answered locally (an ARP request, say) and the answer, as inner frames
+/// that went to no peer.
+fn offer_local(sink: &dyn CaptureSink, frame: &[u8], answer: &[u8]) {
+    for (direction, data) in [(Direction::Out, frame), (Direction::In, answer)] {
+        if sink.wants(direction, Layer::Inner) {
+            sink.offer(&CaptureRecord {
+                direction,
+                layer: Layer::Inner,
+                peer: None,
+                fanout: 0,
+                dropped: None,
+                data,
+            });
+        }
     }
 }
 

@@ -3,9 +3,11 @@
 //!
 //! This is the only part of the crate that touches devices, sockets or the clock.
 
+pub mod capture;
 mod driver;
 pub mod tap;
 pub mod udp;
 
+pub use capture::{CaptureRecord, CaptureSink};
 pub use driver::{Dataplane, IoCounters, LocalResponder};
 pub use tap::Tap;
