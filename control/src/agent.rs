@@ -72,6 +72,8 @@ pub struct AgentConfig {
     /// The data path's settings; `None` runs the control plane only. The incarnation is
     /// filled in at start.
     pub data_path: Option<crate::datapath::Params>,
+    /// Where to serve Prometheus metrics (`GET /metrics`); `None`: nowhere.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// Why the agent could not start or run.
@@ -100,6 +102,16 @@ pub enum AgentError {
     #[error(transparent)]
     Manager(#[from] StartError),
     /// The manager API address is taken.
+    #[error(
+        "cannot listen on {addr} for metrics: {source}; free the port or change --metrics-addr"
+    )]
+    Metrics {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The manager API's port could not be bound.
     #[error("cannot listen on {addr} for the manager API: {source}; free the port or change --listen-addr")]
     Bind {
         /// The address.
@@ -167,6 +179,16 @@ pub enum InitError {
     #[error("the key rotation interval must be at least one second")]
     ZeroInterval,
     /// The manager API address is taken.
+    #[error(
+        "cannot listen on {addr} for metrics: {source}; free the port or change --metrics-addr"
+    )]
+    Metrics {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The manager API's port could not be bound.
     #[error("cannot listen on {addr} for the manager API: {source}; free the port or change --listen-addr")]
     Bind {
         /// The address.
@@ -306,6 +328,22 @@ pub async fn run(
     let agent = Agent::start(config).await?;
     let listener = bind_socket(&agent.config.socket).await?;
     info!(socket = %agent.config.socket.display(), "agent listening");
+    let metrics = match agent.config.metrics_addr {
+        None => None,
+        Some(addr) => {
+            let tcp = TcpListener::bind(addr)
+                .await
+                .map_err(|source| AgentError::Metrics { addr, source })?;
+            info!(%addr, "metrics at http://{addr}/metrics");
+            let agent = agent.clone();
+            let page = move || {
+                let agent = agent.clone();
+                async move { crate::metrics::render(&agent.metrics_snapshot().await) }
+            };
+            Some(tokio::spawn(crate::metrics::serve(tcp, page)))
+        }
+    };
+    let drops = tokio::spawn(drop_summaries(agent.datapath.clone()));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -323,9 +361,46 @@ pub async fn run(
         }
     }
     info!("shutting down");
+    drops.abort();
+    if let Some(task) = metrics {
+        task.abort();
+    }
     agent.stop().await;
     let _ = std::fs::remove_file(&agent.config.socket);
     Ok(())
+}
+
+/// Logs one line per interval with the data path's drops by reason, when there were any
+/// (never a line per packet).
+async fn drop_summaries(slot: DataPathSlot) {
+    let mut tick = tokio::time::interval(crate::datapath::DROP_SUMMARY_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last: Option<(Arc<DataPath>, shoal_vxlan::engine::DropCounts)> = None;
+    loop {
+        tick.tick().await;
+        let dp = slot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let Some(dp) = dp else {
+            last = None;
+            continue;
+        };
+        let now = dp.status().counters.drops;
+        if let Some((prev_dp, prev)) = &last {
+            if Arc::ptr_eq(prev_dp, &dp) {
+                if let Some((total, reasons)) = crate::datapath::drop_summary(prev, &now) {
+                    warn!(
+                        total,
+                        %reasons,
+                        "data path dropped {total} packets in the last {}s",
+                        crate::datapath::DROP_SUMMARY_INTERVAL.as_secs()
+                    );
+                }
+            }
+        }
+        last = Some((dp, now));
+    }
 }
 
 async fn bind_socket(path: &Path) -> Result<UnixListener, AgentError> {
@@ -634,22 +709,13 @@ impl Agent {
                 m.view.node(&id).map(|n| n.addr)
             }
         };
-        let mut names: HashMap<IpAddr, String> = m
-            .view
-            .nodes
-            .iter()
-            .map(|n| (n.addr, n.hostname.clone()))
-            .collect();
-        for v in &n.vteps {
-            names.insert(v.addr, format!("vtep {}", v.ip));
-        }
         let context = crate::capture::Context {
             network: n.name.clone(),
             vni: n.vni,
             interface: dp.status().interface,
             hostname: me.hostname.clone(),
             local: SocketAddr::new(me.addr, n.data_path_port),
-            names,
+            names: peer_names(&m.view),
         };
         let (encoder, header) =
             crate::capture::Encoder::start(context).map_err(|e| e.to_string())?;
@@ -678,14 +744,10 @@ impl Agent {
                 send_epoch: s.send_epoch,
                 members: s.members,
                 counters: (&s.counters).into(),
-                peers: s
-                    .peers
-                    .iter()
-                    .map(|(vtep, c)| PeerCounters {
-                        vtep: *vtep,
-                        counters: c.into(),
-                    })
-                    .collect(),
+                peers: {
+                    let names = peer_names(&m.view);
+                    s.peers.iter().map(|p| peer_counters(&names, p)).collect()
+                },
             }
         });
         NetworkDetail {
@@ -938,6 +1000,116 @@ impl Agent {
         Ok(Reply::Left)
     }
 
+    /// Everything `/metrics` exports, read now.
+    pub async fn metrics_snapshot(&self) -> crate::metrics::Snapshot {
+        use crate::metrics::{DataPathSnapshot, GossipSnapshot, PeerSnapshot, Snapshot};
+        let m = self.membership.get();
+        let handle = self
+            .gossip
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let (members, stats) = match &handle {
+            Some(h) => (h.members().await.ok(), h.stats().await.ok()),
+            None => (None, None),
+        };
+        let up: Option<std::collections::HashSet<String>> = members.as_ref().map(|ms| {
+            ms.iter()
+                .filter(|i| i.state == shoal_gossip::MemberState::Up)
+                .map(|i| i.id.as_str().to_owned())
+                .collect()
+        });
+        let mut snapshot = Snapshot {
+            hostname: self.config.hostname.clone(),
+            ..Snapshot::default()
+        };
+        if let Some(m) = &m {
+            snapshot.node = Some((m.node_id.to_string(), m.role().as_str().to_owned()));
+            snapshot.view_version = Some(m.view.version);
+            snapshot.nodes = m
+                .view
+                .nodes
+                .iter()
+                .filter(|n| !n.left)
+                .map(|n| {
+                    let status = match &up {
+                        _ if n.id == m.node_id => "Ready",
+                        Some(up) if up.contains(n.id.as_str()) => "Ready",
+                        Some(_) => "Down",
+                        None => "Unknown",
+                    };
+                    (n.role.as_str().to_owned(), status.to_owned())
+                })
+                .collect();
+        }
+        if let (Some(members), Some(stats)) = (members, stats) {
+            let count = |s: shoal_gossip::MemberState| {
+                members.iter().filter(|i| i.state == s).count() as u64
+            };
+            snapshot.gossip = Some(GossipSnapshot {
+                members: vec![
+                    ("up".into(), count(shoal_gossip::MemberState::Up)),
+                    ("suspect".into(), count(shoal_gossip::MemberState::Suspect)),
+                    ("down".into(), count(shoal_gossip::MemberState::Down)),
+                ],
+                stats,
+            });
+        }
+        let dp = self
+            .datapath
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        if let (Some(dp), Some(m)) = (dp, &m) {
+            let s = dp.status();
+            let names = peer_names(&m.view);
+            snapshot.data_path = Some(DataPathSnapshot {
+                network: m.view.ingress.name.clone(),
+                counters: s.counters,
+                peers: s
+                    .peers
+                    .into_iter()
+                    .map(|p| PeerSnapshot {
+                        name: names
+                            .get(&p.vtep.ip())
+                            .cloned()
+                            .unwrap_or_else(|| "unknown".into()),
+                        vtep: Some(p.vtep.ip()),
+                        counters: p.counters,
+                        last_rx_epoch: p.last_rx_epoch,
+                        last_rx_age: p.last_rx.map(|t| t.elapsed()),
+                    })
+                    .collect(),
+                send_epoch: s.send_epoch,
+                io_errors: s.io_errors,
+                answered_locally: s.answered_locally,
+                capture_readers: dp.capture_readers(),
+            });
+        }
+        snapshot
+    }
+
+    /// `node inspect` of another node: adds what this node's data path knows of it.
+    fn with_data_path(&self, m: &Membership, reply: Reply) -> Reply {
+        let Reply::Node(mut node) = reply else {
+            return reply;
+        };
+        let dp = self
+            .datapath
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        if let Some(dp) = dp.filter(|_| node.id != m.node_id) {
+            node.data_path = dp
+                .status()
+                .peers
+                .iter()
+                .find(|p| p.vtep.ip() == node.addr)
+                .map(|p| peer_counters(&peer_names(&m.view), p));
+        }
+        Reply::Node(node)
+    }
+
     async fn admin(&self, request: AdminRequest) -> Result<Reply, AdminCallError> {
         let leader = self
             .roles
@@ -950,7 +1122,8 @@ impl Agent {
             return Err(AdminCallError::NotInSwarm);
         };
         if let Some(manager) = leader {
-            return Ok(manager.handle_admin(request, &m.node_id)?);
+            let reply = manager.handle_admin(request, &m.node_id)?;
+            return Ok(self.with_data_path(&m, reply));
         }
         if m.role() != Role::Manager {
             return Err(AdminCallError::NotManager);
@@ -969,10 +1142,40 @@ impl Agent {
                     self_id: Some(m.node_id.clone()),
                     nodes,
                 },
-                other => other,
+                other => self.with_data_path(&m, other),
             }),
             other => Err(CallError::Unexpected(format!("{other:?}")).into()),
         }
+    }
+}
+
+/// Names for the data path's peers by underlay address: host names of nodes, `vtep
+/// OVERLAY-IP` for external VTEPs.
+fn peer_names(view: &crate::state::ClusterView) -> HashMap<IpAddr, String> {
+    let vteps = view
+        .ingress
+        .vteps
+        .iter()
+        .map(|v| (v.addr, format!("vtep {}", v.ip)));
+    let nodes = view.nodes.iter().map(|n| (n.addr, n.hostname.clone()));
+    vteps.chain(nodes).collect()
+}
+
+/// A peer of the data path as `network inspect` and `node inspect` show it.
+fn peer_counters(
+    names: &HashMap<IpAddr, String>,
+    p: &shoal_ingress::overlay::PeerStatus,
+) -> PeerCounters {
+    let ip = p.vtep.ip();
+    PeerCounters {
+        vtep: ip,
+        name: names.get(&ip).cloned(),
+        counters: (&p.counters).into(),
+        epochs: p.epochs.clone(),
+        last_rx_epoch: p.last_rx_epoch,
+        last_rx_ms_ago: p
+            .last_rx
+            .map(|t| u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)),
     }
 }
 

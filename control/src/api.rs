@@ -349,13 +349,25 @@ impl From<&shoal_vxlan::engine::Counters> for Counters {
     }
 }
 
-/// One peer's counters.
+/// One peer as this node's data path sees it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerCounters {
     /// Its underlay address.
     pub vtep: IpAddr,
-    /// Its counters.
+    /// Its host name (a node), or `vtep OVERLAY-IP` (an external VTEP).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Its counters: traffic both ways, drops attributed to it.
     pub counters: Counters,
+    /// Key epochs this node holds sessions with it under (encrypted networks).
+    #[serde(default)]
+    pub epochs: Vec<u32>,
+    /// The key epoch of the last sealed datagram received from it.
+    #[serde(default)]
+    pub last_rx_epoch: Option<u32>,
+    /// Milliseconds since the last frame from it was delivered; `None` if none yet.
+    #[serde(default)]
+    pub last_rx_ms_ago: Option<u64>,
 }
 
 /// The agent's answer: a reply, or one line saying what went wrong and what to do.
@@ -459,6 +471,10 @@ pub struct NodeStatus {
     /// Address on the ingress network.
     #[serde(default)]
     pub overlay_addr: Option<std::net::Ipv4Addr>,
+    /// This node as the data path of the node answering `node inspect` sees it (absent for
+    /// the answering node itself, and where its data path does not run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_path: Option<PeerCounters>,
 }
 
 /// What a node knows of itself.

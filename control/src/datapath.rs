@@ -14,15 +14,16 @@
 //! [`crate::gossip::KEY_GRACE`].
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use shoal_ingress::network::{mac_for, INGRESS_INTERFACE};
-use shoal_ingress::overlay::{Member, Overlay, OverlayConfig, OverlayError};
+use shoal_ingress::overlay::{Member, Overlay, OverlayConfig, OverlayError, PeerStatus};
 use shoal_ingress::NetworkSpec;
 use shoal_vxlan::crypto::{EpochKey, NodeKey, PeerKey};
-use shoal_vxlan::engine::Counters;
+use shoal_vxlan::engine::{Counters, DropCounts};
 use shoal_vxlan::wire::Mac;
 
 use crate::gossip::sealing_order;
@@ -179,13 +180,26 @@ impl DataPath {
             Some((seal, open, next)) if overlay.spec().encrypted => {
                 let mut epochs = vec![EpochKey::new(seal.id, seal.key)];
                 epochs.extend(open.map(|o| EpochKey::new(o.id, o.key)));
+                let before = overlay.send_epoch();
                 overlay.set_epochs(&epochs, seal.id)?;
+                if before != Some(seal.id) {
+                    tracing::info!(
+                        epoch = seal.id,
+                        previous = ?before,
+                        "data path seals under a new key epoch"
+                    );
+                }
                 next
             }
             _ => None,
         };
         overlay.set_members(&members(view, me, heard))?;
         Ok(next)
+    }
+
+    /// `shoal capture` readers attached.
+    pub fn capture_readers(&self) -> usize {
+        self.capture.readers()
     }
 
     /// Starts a `shoal capture` reader.
@@ -196,11 +210,7 @@ impl DataPath {
     /// A summary for `network inspect` and `node inspect`.
     pub fn status(&self) -> Status {
         let overlay = self.overlay.lock().unwrap_or_else(PoisonError::into_inner);
-        let peers = overlay
-            .peer_counters()
-            .into_iter()
-            .map(|(vtep, c)| (vtep.ip(), c))
-            .collect();
+        let peers = overlay.peer_status();
         Status {
             interface: overlay.interface().to_owned(),
             address: overlay.address(),
@@ -210,8 +220,40 @@ impl DataPath {
             counters: overlay.counters(),
             peers,
             send_epoch: overlay.send_epoch(),
+            io_errors: {
+                let io = overlay.io_counters();
+                let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+                vec![
+                    ("tap_read", get(&io.tap_read_errors)),
+                    ("tap_bad_frame", get(&io.tap_bad_frames)),
+                    ("tap_write", get(&io.tap_write_errors)),
+                    ("udp_send", get(&io.udp_send_errors)),
+                    ("udp_recv", get(&io.udp_recv_errors)),
+                ]
+            },
+            answered_locally: overlay
+                .io_counters()
+                .answered_locally
+                .load(Ordering::Relaxed),
         }
     }
+}
+
+/// How often the agent logs a summary of the data path's drops (one line, if any).
+pub const DROP_SUMMARY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The drops between two readings of the counters, as `reason=count` pairs, `None` if none.
+pub fn drop_summary(before: &DropCounts, now: &DropCounts) -> Option<(u64, String)> {
+    let mut total = 0;
+    let mut parts = Vec::new();
+    for ((reason, n), (_, m)) in now.iter().zip(before.iter()) {
+        let d = n.saturating_sub(m);
+        if d > 0 {
+            total += d;
+            parts.push(format!("{reason}={d}"));
+        }
+    }
+    (total > 0).then(|| (total, parts.join(" ")))
 }
 
 impl Drop for DataPath {
@@ -236,8 +278,42 @@ pub struct Status {
     pub members: usize,
     /// Engine-wide counters.
     pub counters: Counters,
-    /// Counters per peer underlay address.
-    pub peers: Vec<(IpAddr, Counters)>,
+    /// Each peer: counters, epochs, last packet.
+    pub peers: Vec<PeerStatus>,
     /// The key epoch this node seals under.
     pub send_epoch: Option<u32>,
+    /// Device and socket errors by kind.
+    pub io_errors: Vec<(&'static str, u64)>,
+    /// Frames answered locally (ARP).
+    pub answered_locally: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_vxlan::engine::Engine;
+    use shoal_vxlan::wire::Vni;
+
+    #[test]
+    fn drop_summary_names_the_new_drops_only() {
+        let mut engine = Engine::new(NodeKey::from_secret([7; 32]), 1);
+        engine.add_network(Vni::new(4096).unwrap(), true).unwrap();
+        let src: SocketAddr = "198.18.0.9:4789".parse().unwrap();
+        let mut send = |bytes: &[u8]| {
+            let mut b = bytes.to_vec();
+            let _ = engine.handle_datagram_slice(Instant::now(), src, &mut b);
+            engine.counters().drops.clone()
+        };
+        let zero = DropCounts::default();
+        let short = send(b"short");
+        assert_eq!(drop_summary(&zero, &zero), None);
+        assert_eq!(drop_summary(&zero, &short), Some((1, "too_short=1".into())));
+        // A well-formed VXLAN header on an unknown VNI.
+        let unknown = send(&[0x08, 0, 0, 0, 0, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(
+            drop_summary(&short, &unknown),
+            Some((1, "unknown_vni=1".into()))
+        );
+        assert_eq!(drop_summary(&unknown, &unknown), None);
+    }
 }

@@ -218,11 +218,17 @@ impl Link {
                     }
                 }
                 let changed = if is_up {
-                    set.insert(id)
+                    set.insert(id.clone())
                 } else {
                     set.remove(&id)
                 };
                 if changed {
+                    let addr = member.addr;
+                    match &event {
+                        Event::Left(_) => info!(node = %id, %addr, "peer left"),
+                        _ if is_up => info!(node = %id, %addr, "peer up"),
+                        _ => warn!(node = %id, %addr, "peer down"),
+                    }
                     up_tx.send_replace(Arc::new(set.clone()));
                 }
             }

@@ -21,6 +21,9 @@ pub const OVERLAY_SUBNET: &str = "198.19.0.0/24";
 pub const DEFAULT_NAME: &str = "shoal-lab";
 /// At most this many nodes (addresses .1 to .N of one /24, interface names stay short).
 pub const MAX_NODES: usize = 50;
+/// Where each lab agent serves `/metrics`, inside its node's namespace:
+/// `shoal lab exec n1 -- curl -s http://127.0.0.1:9323/metrics`.
+pub const METRICS_ADDR: &str = "127.0.0.1:9323";
 const WAIT: Duration = Duration::from_secs(20);
 
 /// Why a lab command failed.
@@ -251,6 +254,7 @@ impl Lab {
             .arg(self.socket(i))
             .args(["agent", "--hostname", &format!("n{i}"), "--state-dir"])
             .arg(&state)
+            .args(["--metrics-addr", METRICS_ADDR])
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err)

@@ -8,7 +8,7 @@
 //! to the local agent over a Unix socket, with docker swarm's words and output shapes.
 //!
 //! It also runs this node's data path ([`datapath`], on `shoal-ingress`), lets `shoal
-//! capture` copy its packets ([`capture`]).
+//! capture` copy its packets ([`capture`]), and exports Prometheus metrics ([`metrics`]).
 //!
 //! What it does not do: no Raft yet (one leader; promoted managers forward to it, and nodes
 //! join through the leader's address), no overlay networks beyond `ingress`.
@@ -29,6 +29,7 @@ pub mod gossip;
 pub mod id;
 pub mod lab;
 pub mod manager;
+pub mod metrics;
 pub mod state;
 pub mod store;
 pub mod tls;

@@ -318,6 +318,7 @@ impl Manager {
             public_key: hex(&node.public_key),
             joined_at: node.joined_at,
             overlay_addr: node.overlay_addr,
+            data_path: None,
         }
     }
 

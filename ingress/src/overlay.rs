@@ -104,6 +104,21 @@ impl core::fmt::Debug for Overlay {
     }
 }
 
+/// One peer as the data path sees it.
+#[derive(Debug, Clone)]
+pub struct PeerStatus {
+    /// Its VTEP: underlay address and data-path port.
+    pub vtep: SocketAddr,
+    /// Traffic with it, both directions, and drops attributed to it.
+    pub counters: Counters,
+    /// Key epochs this node holds sessions with it under.
+    pub epochs: Vec<u32>,
+    /// The key epoch of the last sealed datagram opened from it.
+    pub last_rx_epoch: Option<u32>,
+    /// When the last frame from it was delivered.
+    pub last_rx: Option<std::time::Instant>,
+}
+
 impl Overlay {
     /// Creates the interface and the socket and starts the data path. Nothing is reachable
     /// until [`Overlay::set_members`] (and, encrypted, [`Overlay::set_epochs`]).
@@ -268,16 +283,23 @@ impl Overlay {
         })
     }
 
-    /// Counters per member VTEP, both directions.
-    pub fn peer_counters(&self) -> Vec<(SocketAddr, Counters)> {
+    /// Each peer VTEP: counters (both directions), key epochs, last packet.
+    pub fn peer_status(&self) -> Vec<PeerStatus> {
         self.dataplane.read(|out, inb| {
             out.peers()
                 .map(|p| {
-                    let mut c = p.counters().clone();
-                    if let Some(q) = inb.peer(p.vtep().ip()) {
-                        c.add(q.counters());
+                    let mut counters = p.counters().clone();
+                    let received = inb.peer(p.vtep().ip());
+                    if let Some(q) = received {
+                        counters.add(q.counters());
                     }
-                    (p.vtep(), c)
+                    PeerStatus {
+                        vtep: p.vtep(),
+                        counters,
+                        epochs: p.epochs().collect(),
+                        last_rx_epoch: received.and_then(|q| q.last_rx_epoch()),
+                        last_rx: received.and_then(|q| q.last_rx()),
+                    }
                 })
                 .collect()
         })

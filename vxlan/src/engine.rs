@@ -162,6 +162,7 @@ pub struct Peer {
     sessions: [Option<Session>; 2],
     counters: Counters,
     last_rx: Option<Instant>,
+    last_rx_epoch: Option<u32>,
 }
 
 impl Peer {
@@ -188,6 +189,11 @@ impl Peer {
     /// When the last frame from this peer was delivered.
     pub fn last_rx(&self) -> Option<Instant> {
         self.last_rx
+    }
+
+    /// The key epoch of the last sealed datagram opened from this peer.
+    pub fn last_rx_epoch(&self) -> Option<u32> {
+        self.last_rx_epoch
     }
 
     fn session_mut(&mut self, epoch: u32) -> Option<&mut Session> {
@@ -415,6 +421,7 @@ impl Engine {
                 sessions,
                 counters: Counters::default(),
                 last_rx: None,
+                last_rx_epoch: None,
             },
         );
         if let Some(mut old) = old {
@@ -422,6 +429,7 @@ impl Engine {
             if let Some(p) = self.peers.get_mut(&ip) {
                 p.counters = old.counters;
                 p.last_rx = old.last_rx;
+                p.last_rx_epoch = old.last_rx_epoch;
             }
         }
         Ok(())
@@ -614,6 +622,9 @@ impl Engine {
             p.counters.rx_packets += 1;
             p.counters.rx_bytes += len;
             p.last_rx = Some(now);
+            if let Provenance::Sealed { epoch, .. } = &provenance {
+                p.last_rx_epoch = Some(*epoch);
+            }
         }
         let data: &'a [u8] = data;
         Ok(Opened {

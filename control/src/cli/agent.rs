@@ -27,6 +27,21 @@ pub struct Args {
     /// control-plane tests that run several agents in one network namespace).
     #[arg(long)]
     no_data_path: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics (IP:PORT; off by default).
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
+    /// Log lines as text for people or JSON objects for machines.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One readable line per event.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 pub(super) async fn run(args: Args, socket: PathBuf) -> Result<(), CliError> {
@@ -48,6 +63,7 @@ pub(super) async fn run(args: Args, socket: PathBuf) -> Result<(), CliError> {
             underlay_mtu: args.underlay_mtu,
             incarnation: 0,
         }),
+        metrics_addr: args.metrics_addr,
     };
     crate::agent::run(config, shutdown_signal()).await?;
     Ok(())

@@ -129,14 +129,18 @@ pub fn main() -> std::process::ExitCode {
             }
         };
     }
-    if matches!(cli.command, Cmd::Agent(_)) {
-        tracing_subscriber::fmt()
+    if let Cmd::Agent(args) = &cli.command {
+        let logs = tracing_subscriber::fmt()
             .with_env_filter(
                 tracing_subscriber::EnvFilter::try_from_default_env()
                     .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
             )
             .with_writer(std::io::stderr)
-            .init();
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+        match args.log_format {
+            agent::LogFormat::Text => logs.init(),
+            agent::LogFormat::Json => logs.json().flatten_event(true).init(),
+        }
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

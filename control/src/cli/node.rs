@@ -185,6 +185,7 @@ mod tests {
             public_key: String::new(),
             joined_at: 0,
             overlay_addr: None,
+            data_path: None,
         }
     }
 

@@ -1,0 +1,637 @@
+//! Prometheus metrics at `/metrics` (`shoal agent --metrics-addr ADDR`, off by default):
+//! the data path (traffic and drops by reason, engine-wide and per peer, key epochs, last
+//! packet seen), gossip (members by state, datagrams, bytes, drops, failed probes, local
+//! health) and the control plane (view version, nodes by role and status).
+//!
+//! [`render`] is pure: it turns a [`Snapshot`] into the OpenMetrics text format (which
+//! Prometheus scrapes) through `prometheus-client`. [`serve`] is the HTTP shell: one
+//! `GET /metrics` per connection, bounded in size and time.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use shoal_vxlan::engine::{Counters, DropReason};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Everything exported, read at one moment.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// This node's host name.
+    pub hostname: String,
+    /// Node ID and role, in a swarm.
+    pub node: Option<(String, String)>,
+    /// Version of the cluster view held.
+    pub view_version: Option<u64>,
+    /// Nodes in the view: (role, status as `node ls` says it).
+    pub nodes: Vec<(String, String)>,
+    /// The data path, if it runs.
+    pub data_path: Option<DataPathSnapshot>,
+    /// Gossip, if it runs.
+    pub gossip: Option<GossipSnapshot>,
+}
+
+/// The data path's figures.
+#[derive(Debug, Clone, Default)]
+pub struct DataPathSnapshot {
+    /// Network name.
+    pub network: String,
+    /// Engine-wide counters.
+    pub counters: Counters,
+    /// Per peer.
+    pub peers: Vec<PeerSnapshot>,
+    /// The epoch this node seals under.
+    pub send_epoch: Option<u32>,
+    /// IO errors by kind (device reads, socket sends, ...).
+    pub io_errors: Vec<(&'static str, u64)>,
+    /// Frames answered locally (ARP).
+    pub answered_locally: u64,
+    /// `shoal capture` readers attached.
+    pub capture_readers: usize,
+}
+
+/// One peer of the data path.
+#[derive(Debug, Clone, Default)]
+pub struct PeerSnapshot {
+    /// Its host name, or how else it is known.
+    pub name: String,
+    /// Its underlay address.
+    pub vtep: Option<IpAddr>,
+    /// Traffic and drops attributed to it.
+    pub counters: Counters,
+    /// Epoch of the last sealed datagram from it.
+    pub last_rx_epoch: Option<u32>,
+    /// Seconds since the last frame from it.
+    pub last_rx_age: Option<Duration>,
+}
+
+/// Gossip's figures.
+#[derive(Debug, Clone, Default)]
+pub struct GossipSnapshot {
+    /// Members by state (`alive`, `suspect`, `down`).
+    pub members: Vec<(String, u64)>,
+    /// The driver's counters.
+    pub stats: shoal_gossip::Stats,
+}
+
+/// Builds one scrape's registry.
+struct Page {
+    registry: Registry,
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+impl Page {
+    fn counter(
+        &mut self,
+        name: &str,
+        help: &str,
+        samples: impl IntoIterator<Item = (Labels, u64)>,
+    ) {
+        let family = Family::<Labels, Counter>::default();
+        for (labels, v) in samples {
+            family.get_or_create(&labels).inc_by(v);
+        }
+        self.registry.register(name, help, family);
+    }
+
+    fn gauge(&mut self, name: &str, help: &str, samples: impl IntoIterator<Item = (Labels, i64)>) {
+        let family = Family::<Labels, Gauge>::default();
+        for (labels, v) in samples {
+            family.get_or_create(&labels).set(v);
+        }
+        self.registry.register(name, help, family);
+    }
+
+    fn seconds(
+        &mut self,
+        name: &str,
+        help: &str,
+        samples: impl IntoIterator<Item = (Labels, f64)>,
+    ) {
+        let family = Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        for (labels, v) in samples {
+            family.get_or_create(&labels).set(v);
+        }
+        self.registry.register(name, help, family);
+    }
+}
+
+fn saturate(v: impl TryInto<i64>) -> i64 {
+    v.try_into().unwrap_or(i64::MAX)
+}
+
+/// The OpenMetrics text for `s`.
+pub fn render(s: &Snapshot) -> String {
+    let mut p = Page {
+        registry: Registry::with_prefix("shoal"),
+    };
+    let mut info: Labels = vec![
+        ("version", env!("CARGO_PKG_VERSION").to_owned()),
+        ("hostname", s.hostname.clone()),
+    ];
+    if let Some((id, role)) = &s.node {
+        info.push(("node_id", id.clone()));
+        info.push(("role", role.clone()));
+    }
+    p.gauge(
+        "agent_info",
+        "This agent: version, host name, node ID and role.",
+        [(info, 1)],
+    );
+    if let Some(v) = s.view_version {
+        p.gauge(
+            "cluster_view_version",
+            "Version of the cluster view this node holds.",
+            [(vec![], saturate(v))],
+        );
+    }
+    let mut by_role_status: std::collections::BTreeMap<(String, String), i64> = Default::default();
+    for (role, status) in &s.nodes {
+        *by_role_status
+            .entry((role.clone(), status.clone()))
+            .or_default() += 1;
+    }
+    p.gauge(
+        "cluster_nodes",
+        "Nodes in the cluster view, by role and status.",
+        by_role_status
+            .into_iter()
+            .map(|((role, status), n)| (vec![("role", role), ("status", status)], n)),
+    );
+    if let Some(dp) = &s.data_path {
+        data_path(&mut p, dp);
+    }
+    if let Some(g) = &s.gossip {
+        gossip(&mut p, g);
+    }
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = encode(&mut out, &p.registry);
+    out
+}
+
+fn traffic(c: &Counters, labels: &Labels) -> [(Labels, u64, u64); 2] {
+    let with = |dir: &str| {
+        let mut l = labels.clone();
+        l.push(("direction", dir.to_owned()));
+        l
+    };
+    [
+        (with("tx"), c.tx_packets, c.tx_bytes),
+        (with("rx"), c.rx_packets, c.rx_bytes),
+    ]
+}
+
+fn data_path(p: &mut Page, dp: &DataPathSnapshot) {
+    let net: Labels = vec![("network", dp.network.clone())];
+    let t = traffic(&dp.counters, &net);
+    p.counter(
+        "datapath_packets",
+        "Frames sent (datagrams) and delivered, engine-wide.",
+        t.iter().map(|(l, n, _)| (l.clone(), *n)),
+    );
+    p.counter(
+        "datapath_bytes",
+        "Inner frame bytes sent and delivered, engine-wide.",
+        t.iter().map(|(l, _, b)| (l.clone(), *b)),
+    );
+    p.counter(
+        "datapath_drops",
+        "Frames and datagrams dropped, by reason, engine-wide.",
+        DropReason::ALL.iter().map(|r| {
+            let mut l = net.clone();
+            l.push(("reason", r.label().to_owned()));
+            (l, dp.counters.drops.get(*r))
+        }),
+    );
+    let peer_labels = |peer: &PeerSnapshot| -> Labels {
+        let mut l = net.clone();
+        l.push(("peer", peer.name.clone()));
+        l.push(("vtep", peer.vtep.map(|v| v.to_string()).unwrap_or_default()));
+        l
+    };
+    let peer_traffic: Vec<_> = dp
+        .peers
+        .iter()
+        .flat_map(|peer| traffic(&peer.counters, &peer_labels(peer)))
+        .collect();
+    p.counter(
+        "datapath_peer_packets",
+        "Frames sent to and delivered from each peer.",
+        peer_traffic.iter().map(|(l, n, _)| (l.clone(), *n)),
+    );
+    p.counter(
+        "datapath_peer_bytes",
+        "Inner frame bytes sent to and delivered from each peer.",
+        peer_traffic.iter().map(|(l, _, b)| (l.clone(), *b)),
+    );
+    p.counter(
+        "datapath_peer_drops",
+        "Drops attributed to each peer, by reason (reasons that happened).",
+        dp.peers.iter().flat_map(|peer| {
+            peer.counters
+                .drops
+                .iter()
+                .filter(|(_, n)| *n > 0)
+                .map(move |(r, n)| {
+                    let mut l = peer_labels(peer);
+                    l.push(("reason", r.label().to_owned()));
+                    (l, n)
+                })
+        }),
+    );
+    p.seconds(
+        "datapath_peer_last_rx_age_seconds",
+        "Seconds since the last frame from each peer was delivered (absent: none yet).",
+        dp.peers
+            .iter()
+            .filter_map(|peer| Some((peer_labels(peer), peer.last_rx_age?.as_secs_f64()))),
+    );
+    p.gauge(
+        "datapath_peer_rx_epoch",
+        "Key epoch of the last sealed datagram from each peer.",
+        dp.peers
+            .iter()
+            .filter_map(|peer| Some((peer_labels(peer), i64::from(peer.last_rx_epoch?)))),
+    );
+    p.gauge(
+        "datapath_peers",
+        "Peers with sessions or forwarding entries.",
+        [(net.clone(), saturate(dp.peers.len()))],
+    );
+    if let Some(e) = dp.send_epoch {
+        p.gauge(
+            "datapath_send_epoch",
+            "Key epoch this node seals under.",
+            [(net.clone(), i64::from(e))],
+        );
+    }
+    p.counter(
+        "datapath_io_errors",
+        "Device and socket errors of the data-path threads, by kind.",
+        dp.io_errors.iter().map(|(kind, n)| {
+            let mut l = net.clone();
+            l.push(("kind", (*kind).to_owned()));
+            (l, *n)
+        }),
+    );
+    p.counter(
+        "datapath_answered_locally",
+        "Frames answered by the agent itself (ARP).",
+        [(net.clone(), dp.answered_locally)],
+    );
+    p.gauge(
+        "capture_readers",
+        "shoal capture readers attached.",
+        [(net, saturate(dp.capture_readers))],
+    );
+}
+
+fn gossip(p: &mut Page, g: &GossipSnapshot) {
+    let s = &g.stats;
+    let one = |k: &'static str, v: &str| -> Labels { vec![(k, v.to_owned())] };
+    p.gauge(
+        "gossip_members",
+        "Gossip members by state, as this node sees them.",
+        g.members
+            .iter()
+            .map(|(state, n)| (one("state", state), saturate(*n))),
+    );
+    p.counter(
+        "gossip_datagrams",
+        "Gossip datagrams sent and received.",
+        [
+            (one("direction", "tx"), s.datagrams_out),
+            (one("direction", "rx"), s.datagrams_in),
+        ],
+    );
+    p.counter(
+        "gossip_bytes",
+        "Sealed gossip bytes sent and received, UDP datagrams and TCP push-pull.",
+        [
+            (
+                vec![("direction", "tx".into()), ("transport", "udp".into())],
+                s.bytes_out,
+            ),
+            (
+                vec![("direction", "rx".into()), ("transport", "udp".into())],
+                s.bytes_in,
+            ),
+            (
+                vec![("direction", "tx".into()), ("transport", "tcp".into())],
+                s.stream_bytes_out,
+            ),
+            (
+                vec![("direction", "rx".into()), ("transport", "tcp".into())],
+                s.stream_bytes_in,
+            ),
+        ],
+    );
+    p.counter(
+        "gossip_drops",
+        "Gossip datagrams dropped, by reason.",
+        [
+            ("seal", s.dropped_seal),
+            ("not_admitted", s.dropped_not_admitted),
+            ("decode", s.dropped_decode),
+            ("replay", s.dropped_replay),
+            ("oversize", s.dropped_oversize),
+            ("protocol", s.dropped_protocol),
+        ]
+        .map(|(r, n)| (one("reason", r), n)),
+    );
+    p.counter(
+        "gossip_pushpull",
+        "Push-pull state exchanges applied.",
+        [(vec![], s.pushpull_applied)],
+    );
+    p.counter(
+        "gossip_probes_failed",
+        "Probes of ours that got no answer (each starts a suspicion).",
+        [(vec![], s.probes_failed)],
+    );
+    p.counter(
+        "gossip_declared_down",
+        "Members this node declared down (its suspicion timer expired).",
+        [(vec![], s.declared_down)],
+    );
+    p.gauge(
+        "gossip_local_health",
+        "Local health score (0 is healthy; higher slows probing).",
+        [(vec![], i64::from(s.health))],
+    );
+}
+
+/// Largest request accepted.
+const MAX_REQUEST: usize = 8192;
+/// Time a client has to send its request.
+const REQUEST_TIME: Duration = Duration::from_secs(5);
+
+/// Serves `GET /metrics` on `listener` with the text of `page()` until the task is dropped.
+pub async fn serve<F, Fut>(listener: TcpListener, page: F)
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = String> + Send,
+{
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let page = page.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(REQUEST_TIME * 2, answer(stream, page)).await;
+        });
+    }
+}
+
+async fn answer<F, Fut>(mut stream: TcpStream, page: F) -> std::io::Result<()>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = String>,
+{
+    let mut buf = Vec::with_capacity(1024);
+    let request = tokio::time::timeout(REQUEST_TIME, async {
+        loop {
+            let mut chunk = [0u8; 1024];
+            let n = stream.read(&mut chunk).await?;
+            if n == 0 {
+                return Ok::<_, std::io::Error>(None);
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            let mut headers = [httparse::EMPTY_HEADER; 32];
+            let mut req = httparse::Request::new(&mut headers);
+            match req.parse(&buf) {
+                Ok(httparse::Status::Complete(_)) => {
+                    return Ok(Some((
+                        req.method.map(str::to_owned),
+                        req.path.map(str::to_owned),
+                    )))
+                }
+                Ok(httparse::Status::Partial) if buf.len() < MAX_REQUEST => {}
+                _ => return Ok(Some((None, None))),
+            }
+        }
+    })
+    .await;
+    let (status, content_type, body) = match request {
+        Err(_) | Ok(Ok(None)) => return Ok(()),
+        Ok(Err(e)) => return Err(e),
+        Ok(Ok(Some((Some(method), Some(path))))) => match (method.as_str(), path.as_str()) {
+            ("GET", "/metrics") => (
+                "200 OK",
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                page().await,
+            ),
+            ("GET", _) => (
+                "404 Not Found",
+                "text/plain",
+                "shoal serves /metrics only\n".to_owned(),
+            ),
+            _ => (
+                "405 Method Not Allowed",
+                "text/plain",
+                "only GET\n".to_owned(),
+            ),
+        },
+        Ok(Ok(Some(_))) => (
+            "400 Bad Request",
+            "text/plain",
+            "malformed request\n".to_owned(),
+        ),
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot() -> Snapshot {
+        let mut counters = Counters {
+            tx_packets: 10,
+            tx_bytes: 1000,
+            rx_packets: 7,
+            rx_bytes: 700,
+            ..Counters::default()
+        };
+        let mut peer = PeerSnapshot {
+            name: "n2".into(),
+            vtep: Some("198.18.0.2".parse().unwrap()),
+            counters: counters.clone(),
+            last_rx_epoch: Some(3),
+            last_rx_age: Some(Duration::from_millis(1500)),
+        };
+        // Drops are counted through the engine; add two the way it does, by merging.
+        let mut engine =
+            shoal_vxlan::engine::Engine::new(shoal_vxlan::crypto::NodeKey::from_secret([1; 32]), 1);
+        let vni = shoal_vxlan::wire::Vni::new(4096).unwrap();
+        engine.add_network(vni, true).unwrap();
+        let mut d = *b"garbage";
+        for _ in 0..2 {
+            let _ = engine.handle_datagram_slice(
+                std::time::Instant::now(),
+                "198.18.0.9:4789".parse().unwrap(),
+                &mut d,
+            );
+        }
+        counters.add(engine.counters());
+        peer.counters.add(engine.counters());
+        Snapshot {
+            hostname: "n1".into(),
+            node: Some(("abc".into(), "manager".into())),
+            view_version: Some(12),
+            nodes: vec![
+                ("manager".into(), "Ready".into()),
+                ("worker".into(), "Ready".into()),
+                ("worker".into(), "Down".into()),
+            ],
+            data_path: Some(DataPathSnapshot {
+                network: "ingress".into(),
+                counters,
+                peers: vec![peer],
+                send_epoch: Some(3),
+                io_errors: vec![("udp_send", 0)],
+                answered_locally: 4,
+                capture_readers: 1,
+            }),
+            gossip: Some(GossipSnapshot {
+                members: vec![("alive".into(), 2), ("down".into(), 1)],
+                stats: shoal_gossip::Stats {
+                    dropped_replay: 5,
+                    ..Default::default()
+                },
+            }),
+        }
+    }
+
+    /// The value of the sample whose line starts with `prefix` (name and labels).
+    fn sample(text: &str, prefix: &str) -> f64 {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no sample {prefix} in\n{text}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    }
+
+    #[test]
+    fn snapshot_renders_as_openmetrics() {
+        let text = render(&snapshot());
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        assert!(text.contains("# TYPE shoal_datapath_drops counter"));
+        assert_eq!(
+            sample(
+                &text,
+                r#"shoal_datapath_packets_total{network="ingress",direction="tx"}"#
+            ),
+            10.0
+        );
+        assert_eq!(
+            sample(
+                &text,
+                r#"shoal_datapath_bytes_total{network="ingress",direction="rx"}"#
+            ),
+            700.0
+        );
+        // The two garbage datagrams are too short: counted under that reason, others at 0.
+        assert_eq!(
+            sample(
+                &text,
+                r#"shoal_datapath_drops_total{network="ingress",reason="too_short"}"#
+            ),
+            2.0
+        );
+        assert_eq!(
+            sample(
+                &text,
+                r#"shoal_datapath_drops_total{network="ingress",reason="authentication"}"#
+            ),
+            0.0
+        );
+        assert_eq!(
+            sample(
+                &text,
+                r#"shoal_datapath_peer_drops_total{network="ingress",peer="n2",vtep="198.18.0.2",reason="too_short"}"#
+            ),
+            2.0
+        );
+        assert!(!text.contains(r#"peer="n2",vtep="198.18.0.2",reason="replay""#));
+        assert_eq!(
+            sample(
+                &text,
+                r#"shoal_datapath_peer_last_rx_age_seconds{network="ingress",peer="n2",vtep="198.18.0.2"}"#
+            ),
+            1.5
+        );
+        assert_eq!(
+            sample(
+                &text,
+                r#"shoal_datapath_peer_rx_epoch{network="ingress",peer="n2",vtep="198.18.0.2"}"#
+            ),
+            3.0
+        );
+        assert_eq!(
+            sample(
+                &text,
+                r#"shoal_cluster_nodes{role="worker",status="Ready"}"#
+            ),
+            1.0
+        );
+        assert_eq!(sample(&text, r#"shoal_gossip_members{state="alive"}"#), 2.0);
+        assert_eq!(
+            sample(&text, r#"shoal_gossip_drops_total{reason="replay"}"#),
+            5.0
+        );
+        assert_eq!(sample(&text, "shoal_cluster_view_version"), 12.0);
+        assert_eq!(sample(&text, "shoal_capture_readers"), 1.0);
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        let s = Snapshot {
+            hostname: "we\"ird\\name\n".into(),
+            ..Snapshot::default()
+        };
+        let text = render(&s);
+        assert!(text.contains(r#"hostname="we\"ird\\name\n""#), "{text}");
+    }
+
+    #[tokio::test]
+    async fn http_serves_metrics_and_refuses_the_rest() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(serve(listener, || async { render(&snapshot()) }));
+        let get = |request: &'static str| async move {
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            c.write_all(request.as_bytes()).await.unwrap();
+            let mut out = String::new();
+            c.read_to_string(&mut out).await.unwrap();
+            out
+        };
+        let ok = get("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
+        assert!(ok.contains("shoal_datapath_packets_total"));
+        assert!(get("GET /other HTTP/1.1\r\n\r\n")
+            .await
+            .starts_with("HTTP/1.1 404"));
+        assert!(get("POST /metrics HTTP/1.1\r\n\r\n")
+            .await
+            .starts_with("HTTP/1.1 405"));
+        assert!(get("\x00\x01 garbage\r\n\r\n")
+            .await
+            .starts_with("HTTP/1.1 400"));
+        server.abort();
+    }
+}
