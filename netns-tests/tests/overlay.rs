@@ -255,6 +255,49 @@ fn tshark(args: &[&str]) -> String {
     ok(Command::new("tshark").args(args))
 }
 
+/// Lines tshark prints for the packets of `file` that match `filter`.
+fn matching(file: &std::path::Path, filter: &str) -> Vec<String> {
+    tshark(&["-r", file.to_str().unwrap(), "-Y", filter])
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Waits (bounded) for a child to exit; kills it if it does not.
+fn wait_exit(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{child:?} did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The metrics page of node i's agent (the lab serves it inside the node's namespace).
+fn metrics(lab: &TestLab, i: usize) -> String {
+    let py = "import urllib.request\nprint(urllib.request.urlopen('http://127.0.0.1:9323/metrics', timeout=5).read().decode())";
+    let out = lab.exec(i, &["python3", "-c", py]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The value of the sample `name{labels}` on a metrics page (0 if absent).
+fn sample(page: &str, name_and_labels: &str) -> f64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name_and_labels)?.strip_prefix(' '))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
 #[test]
 fn encrypted_overlay_carries_ping_and_tcp_and_never_the_plaintext() {
     let lab = TestLab::up(3, true);
@@ -517,10 +560,162 @@ fn hostile_datagrams_are_dropped_counted_and_harmless() {
         total >= 9,
         "every injected datagram dropped and counted: {total}"
     );
+    // The same drops, attributed to n2, in `node inspect n2` on n1 and in n1's metrics.
+    let out = lab.shoal(1, &["node", "inspect", "n2"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let node: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let dp = &node[0]["data_path"];
+    assert_eq!(dp["name"], "n2", "{node}");
+    for reason in ["replay", "authentication", "plaintext_on_encrypted"] {
+        assert!(
+            dp["counters"]["drops"][reason].as_u64().unwrap_or(0) >= 1,
+            "{reason} in node inspect: {dp}"
+        );
+        let peer = format!(
+            "shoal_datapath_peer_drops_total{{network=\"ingress\",peer=\"n2\",vtep=\"198.18.0.2\",reason=\"{reason}\"}}"
+        );
+        let page = metrics(&lab, 1);
+        assert!(sample(&page, &peer) >= 1.0, "{peer} in\n{page}");
+        let all = format!("shoal_datapath_drops_total{{network=\"ingress\",reason=\"{reason}\"}}");
+        assert!(sample(&page, &all) >= 1.0, "{all} in\n{page}");
+    }
+    assert!(dp["last_rx_epoch"].as_u64().is_some(), "{dp}");
     assert!(
         lab.ping(2, &n1),
         "the agent keeps running and the overlay works"
     );
+}
+
+#[test]
+fn capture_shows_decrypted_inner_frames_and_sealed_outer_datagrams() {
+    let lab = TestLab::up(2, true);
+    let n2 = lab.overlay_addr(2);
+    // The ICMP payload pattern: "SHALO!" repeated.
+    let pattern = "5348414c4f21";
+    let file = lab.scratch.join("capture.pcapng");
+    let file_arg = file.to_str().unwrap().to_owned();
+    let mut capture = Command::new(BIN)
+        .args(["lab", "exec", "--name", &lab.name, "n1", "--"])
+        .args(["shoal", "capture", "--duration", "4", "-w", &file_arg])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The file appears once the agent has agreed and sent the pcapng header.
+    lab.eventually("the capture file", Duration::from_secs(10), || {
+        std::fs::metadata(&file).is_ok_and(|m| m.len() > 0)
+    });
+    let ping = lab.exec(1, &["ping", "-c", "3", "-i", "0.2", "-p", pattern, &n2]);
+    assert!(
+        ping.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ping.stdout)
+    );
+    assert!(wait_exit(&mut capture, Duration::from_secs(15)).success());
+    let mut err = String::new();
+    std::io::Read::read_to_string(capture.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(err.contains("packets captured"), "{err}");
+
+    let inner = "frame.interface_name == \"ingress/inner\"";
+    let outer = "frame.interface_name == \"ingress/outer\"";
+    let requests = matching(
+        &file,
+        &format!("{inner} && icmp.type == 8 && ip.dst == {n2}"),
+    );
+    let replies = matching(
+        &file,
+        &format!("{inner} && icmp.type == 0 && ip.src == {n2}"),
+    );
+    assert!(
+        requests.len() >= 3 && replies.len() >= 3,
+        "{requests:?} {replies:?} {err} in\n{}",
+        tshark(&["-r", &file_arg])
+    );
+    let commented = matching(
+        &file,
+        &format!("{inner} && icmp.type == 8 && frame.comment contains \"to n2\""),
+    );
+    assert_eq!(
+        commented.len(),
+        requests.len(),
+        "each request names its peer"
+    );
+    let bytes = pattern
+        .as_bytes()
+        .chunks(2)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect::<Vec<_>>()
+        .join(":");
+    let clear = matching(&file, &format!("{inner} && frame contains {bytes}"));
+    assert!(
+        clear.len() >= 6,
+        "the payload is in the inner frames: {clear:?}"
+    );
+    let sealed = matching(&file, outer);
+    assert!(sealed.len() >= 6, "outer datagrams both ways: {sealed:?}");
+    let on_4789 = matching(
+        &file,
+        &format!("{outer} && udp.srcport == 4789 && udp.dstport == 4789"),
+    );
+    assert_eq!(
+        on_4789.len(),
+        sealed.len(),
+        "every outer packet is UDP 4789"
+    );
+    let leaked = matching(&file, &format!("{outer} && frame contains {bytes}"));
+    assert!(
+        leaked.is_empty(),
+        "no inner payload in outer packets: {leaked:?}"
+    );
+
+    // `-w -` streams to a reader such as `tshark -r -`; -c stops it.
+    let mut piped = Command::new(BIN)
+        .args(["lab", "exec", "--name", &lab.name, "n1", "--"])
+        .args(["shoal", "capture", "--inner", "-c", "4", "-w", "-"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut reader = Command::new("tshark")
+        .args(["-r", "-"])
+        .stdin(piped.stdout.take().unwrap())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let ping = lab.exec(1, &["ping", "-c", "4", "-i", "0.2", &n2]);
+    assert!(ping.status.success());
+    assert!(wait_exit(&mut piped, Duration::from_secs(15)).success());
+    assert!(wait_exit(&mut reader, Duration::from_secs(15)).success());
+    let mut text = String::new();
+    std::io::Read::read_to_string(reader.stdout.as_mut().unwrap(), &mut text).unwrap();
+    assert_eq!(text.lines().count(), 4, "{text}");
+    assert!(text.contains("ICMP"), "{text}");
+
+    // Refusals are one clear line each, and write no file.
+    let this = lab.shoal(
+        1,
+        &["capture", "--peer", "n1", "-w", &format!("{file_arg}.x")],
+    );
+    assert!(!this.status.success());
+    assert!(String::from_utf8_lossy(&this.stderr).contains("is this node"));
+    let nope = lab.shoal(
+        1,
+        &[
+            "capture",
+            "--network",
+            "nope",
+            "-w",
+            &format!("{file_arg}.x"),
+        ],
+    );
+    assert!(String::from_utf8_lossy(&nope.stderr).contains("network nope not found"));
+    assert!(!std::path::Path::new(&format!("{file_arg}.x")).exists());
 }
 
 #[test]

@@ -11,6 +11,9 @@ use crate::api::{
 };
 use crate::cli::{unexpected, CliError};
 
+/// How long the stream may be quiet before what is buffered goes to the file.
+const FLUSH_AFTER: Duration = Duration::from_millis(200);
+
 /// `shoal capture` flags.
 #[derive(Debug, clap::Args)]
 #[command(group = clap::ArgGroup::new("layer").multiple(false))]
@@ -62,7 +65,7 @@ impl Sink {
         }
         let file = std::fs::File::create(path)
             .map_err(|e| CliError::Usage(format!("cannot create {}: {e}", path.display())))?;
-        Ok(Sink::File(std::io::BufWriter::new(file)))
+        Ok(Sink::File(std::io::BufWriter::with_capacity(1 << 16, file)))
     }
 
     /// Writes and, for a pipe, flushes (so `| tshark -r -` sees packets as they come).
@@ -82,10 +85,11 @@ impl Sink {
         }
     }
 
-    fn finish(self) -> Result<(), CliError> {
+    /// Pushes what is buffered to the file (standard output is never buffered here).
+    fn flush(&mut self) -> Result<(), CliError> {
         match self {
             Sink::Stdout(_) => Ok(()),
-            Sink::File(mut f) => f.flush().map_err(CliError::Output),
+            Sink::File(f) => f.flush().map_err(CliError::Output),
         }
     }
 }
@@ -125,7 +129,7 @@ pub async fn run(args: Args, socket: &Path) -> Result<(), CliError> {
     // Open the output only once the agent agreed, so a refused capture leaves no file.
     let mut out = Sink::open(&args.write)?;
     let deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
-    let (mut packets, mut lost, mut header) = (0u64, 0u64, true);
+    let (mut packets, mut lost, mut header, mut dirty) = (0u64, 0u64, true, false);
     let interrupt = tokio::signal::ctrl_c();
     tokio::pin!(interrupt);
     loop {
@@ -136,6 +140,12 @@ pub async fn run(args: Args, socket: &Path) -> Result<(), CliError> {
             f = read_raw_frame(&mut stream) => f.map_err(protocol)?,
             () = sleep_until(deadline) => break,
             _ = &mut interrupt => break,
+            // A quiet moment: make what was captured so far readable in the file.
+            () = tokio::time::sleep(FLUSH_AFTER), if dirty => {
+                out.flush()?;
+                dirty = false;
+                continue;
+            }
         };
         let Some(frame) = frame.and_then(CaptureFrame::decode) else {
             // The agent ended the stream (its data path stopped).
@@ -145,11 +155,15 @@ pub async fn run(args: Args, socket: &Path) -> Result<(), CliError> {
         if !out.write(&frame.pcapng)? {
             break;
         }
-        if !std::mem::take(&mut header) {
+        if std::mem::take(&mut header) {
+            // The file is a valid (empty) capture from the start.
+            out.flush()?;
+        } else {
             packets += 1;
+            dirty = true;
         }
     }
-    out.finish()?;
+    out.flush()?;
     let mut err = std::io::stderr().lock();
     // As tcpdump does: the summary on stderr, so `-w -` output stays clean.
     let _ = writeln!(err, "{packets} packets captured");
