@@ -110,6 +110,12 @@ impl Config {
         let n = NonZeroU32::new(cluster_size.max(1)).unwrap_or(NonZeroU32::MIN);
         let mut swim = foca::Config::new_lan(n);
         swim.probe_rtt = Duration::from_millis(400);
+        // Five indirect probes instead of three: at 10 % loss an indirect path (four legs)
+        // fails with p = 0.34, so a healthy member is suspected after 0.19 * 0.34^k of its
+        // probes; k = 5 makes that 0.09 % instead of 0.77 %, and each suspicion costs every
+        // node a suspect, a refutation and a witness item, each sent max_transmissions
+        // times. The extra PingReqs go out only after a missed direct ack.
+        swim.num_indirect_probes = NonZeroUsize::new(5).unwrap_or(NonZeroUsize::MIN);
         // foca sends each update 4 * log10(n + 1) times; four more make a node that misses
         // every copy (probability about e^-tx) rare even at 200 nodes.
         swim.max_transmissions = swim.max_transmissions.saturating_add(4);
@@ -545,6 +551,13 @@ pub struct Membership {
     declares: Vec<(Instant, Identity, u16)>,
     /// Anti-replay state per sender.
     replay: HashMap<NodeId, ReplayWindow>,
+    /// Members we heard are suspected (pruned lazily): probes to them carry the suspicion
+    /// (Lifeguard's buddy system).
+    suspects: HashSet<NodeId>,
+    /// Debug notes (the simulation's `--debug`); `None` when off.
+    notes: Option<Vec<String>>,
+    /// What is being handled, for the debug notes.
+    ctx: String,
     stats: Stats,
 }
 
@@ -633,6 +646,9 @@ impl Membership {
             heard: HashMap::new(),
             declares: Vec::new(),
             replay: HashMap::new(),
+            suspects: HashSet::new(),
+            notes: None,
+            ctx: String::new(),
             stats: Stats::default(),
         };
         let _ = now;
@@ -835,6 +851,12 @@ impl Membership {
             }
         };
         let mut rt = Collect::default();
+        if self.notes.is_some() {
+            self.ctx = match codec::decode_header(&plain) {
+                Ok((h, _)) => format!("{:?} from {} bump {}", h.message, h.src.id, h.src.bump),
+                Err(_) => "bad datagram".into(),
+            };
+        }
         let res = self.foca.handle_data(&plain, &mut rt);
         self.absorb(rt, now);
         match res {
@@ -1011,10 +1033,14 @@ impl Membership {
         if self.heard.len() > 8192 {
             self.heard.clear();
         }
+        if self.suspects.len() > 4096 {
+            self.suspects.clear();
+        }
         for (subject, inc) in &fresh {
             self.heard
                 .entry((subject.id, subject.bump, *inc))
                 .or_insert(now);
+            self.suspects.insert(subject.id);
         }
         if fresh.is_empty() || self.config.confirm_probes == 0 {
             return;
@@ -1078,11 +1104,46 @@ impl Membership {
                 self.push_pending(p);
                 return;
             }
+            // foca 2.0 sends its courtesy TurnUndead whenever the member still exists, even
+            // when the suspicion was refuted meanwhile (its incarnation moved on) and nothing
+            // is declared down: the healthy member then believes it was declared down and
+            // renews its identity, and everyone sees its old identity go down. So the timer
+            // only reaches foca while the suspicion it was armed for still stands.
+            let stands = self.foca.iter_members().any(|m| {
+                m.id() == member_id
+                    && m.incarnation() == *incarnation
+                    && m.state() == State::Suspect
+            });
+            if !stands {
+                return;
+            }
         }
         let is_probe = matches!(p.timer, Timer::ProbeRandomMember(_));
         let is_down = matches!(p.timer, Timer::ChangeSuspectToDown { .. });
+        let note = match (&p.timer, self.notes.is_some()) {
+            (
+                Timer::ChangeSuspectToDown {
+                    member_id,
+                    incarnation,
+                    ..
+                },
+                true,
+            ) => Some(format!(
+                "timer {} inc {} after {:.2}s (late {:.2}s) witnesses {} health {}",
+                member_id.id,
+                incarnation,
+                now.saturating_duration_since(p.created).as_secs_f64(),
+                late.as_secs_f64(),
+                self.witnesses(member_id, *incarnation),
+                self.health
+            )),
+            _ => None,
+        };
         let before = self.stats.probes_failed;
         let active_before = self.foca.num_members();
+        if self.notes.is_some() {
+            self.ctx = format!("timer {:?}", p.timer);
+        }
         let mut rt = Collect::default();
         if self.foca.handle_timer(p.timer, &mut rt).is_err() {
             self.stats.dropped_protocol += 1;
@@ -1093,7 +1154,29 @@ impl Membership {
         }
         if is_down && self.foca.num_members() < active_before {
             self.stats.declared_down += 1;
+            if let (Some(n), Some(notes)) = (note, self.notes.as_mut()) {
+                notes.push(n);
+            }
         }
+    }
+
+    fn witnesses(&self, member: &Identity, incarnation: u16) -> usize {
+        lock(&self.shared)
+            .confirms
+            .get(&(member.id, member.bump, incarnation))
+            .map_or(0, HashSet::len)
+    }
+
+    /// Turns debug notes on (declarations of members down, with why); simulation only.
+    #[doc(hidden)]
+    pub fn set_debug(&mut self, on: bool) {
+        self.notes = on.then(Vec::new);
+    }
+
+    /// Takes the debug notes gathered since the last call.
+    #[doc(hidden)]
+    pub fn take_notes(&mut self) -> Vec<String> {
+        self.notes.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
     fn suspicion_timeout(&self, member: &Identity, incarnation: u16) -> Duration {
@@ -1156,6 +1239,21 @@ impl Membership {
     /// events.
     fn absorb(&mut self, rt: Collect, now: Instant) {
         for (to, data) in rt.sends {
+            let data = if self.suspects.contains(&to.id) {
+                self.buddy(&to, data)
+            } else {
+                data
+            };
+            if let Some(n) = self.notes.as_mut() {
+                if let Ok((h, _)) = codec::decode_header(&data) {
+                    if h.message == Message::TurnUndead {
+                        n.push(format!(
+                            "send TurnUndead to {} bump {} via {}",
+                            to.id, to.bump, self.ctx
+                        ));
+                    }
+                }
+            }
             match self.sealer.seal(Kind::Datagram, &data) {
                 Ok(sealed) if sealed.len() <= MAX_DATAGRAM => {
                     self.stats.datagrams_out += 1;
@@ -1209,6 +1307,54 @@ impl Membership {
         }
     }
 
+    /// Lifeguard's buddy system: a probe (`Ping`, `IndirectPing`) to a member we hold as
+    /// suspect carries that suspicion, so the member hears of it at once and refutes it.
+    /// Without this, a member that was unreachable while the rumour went round (a stalled
+    /// host) may never hear of it: each node sends a rumour only `max_transmissions` times.
+    fn buddy(&mut self, to: &Identity, data: Vec<u8>) -> Vec<u8> {
+        let Some(member) = self.foca.iter_members().find(|m| m.id() == to).cloned() else {
+            self.suspects.remove(&to.id);
+            return data;
+        };
+        if member.state() != State::Suspect {
+            self.suspects.remove(&to.id);
+            return data;
+        }
+        let Ok((header, hlen)) = codec::decode_header(&data) else {
+            return data;
+        };
+        if !matches!(
+            header.message,
+            Message::Ping(_) | Message::IndirectPing { .. }
+        ) {
+            return data;
+        }
+        let mut r = Reader::new(&data[hlen..]);
+        let Ok(count) = r.u16() else {
+            return data;
+        };
+        for _ in 0..count {
+            match codec::get_member(&mut r) {
+                Ok(m) if m.id() == to && m.state() == State::Suspect => return data,
+                Ok(_) => {}
+                Err(_) => return data,
+            }
+        }
+        let members_end = data.len() - r.remaining();
+        let mut extra = Vec::new();
+        codec_put_member(&mut extra, &member);
+        if data.len() + extra.len() > self.config.swim.max_packet_size.get() || count == u16::MAX {
+            return data;
+        }
+        let mut out = Vec::with_capacity(data.len() + extra.len());
+        out.extend_from_slice(&data[..hlen]);
+        out.extend_from_slice(&(count + 1).to_be_bytes());
+        out.extend_from_slice(&data[hlen + 2..members_end]);
+        out.extend_from_slice(&extra);
+        out.extend_from_slice(&data[members_end..]);
+        out
+    }
+
     /// Declares down the suspects whose witness quorum has waited `suspicion_min`, unless
     /// they refuted (their incarnation moved on) or changed identity meanwhile.
     fn run_declares(&mut self, now: Instant) {
@@ -1237,6 +1383,19 @@ impl Membership {
                 self.stats.dropped_protocol += 1;
             } else {
                 self.stats.declared_down += 1;
+                if self.notes.is_some() {
+                    let w = self.witnesses(&subject, inc);
+                    let heard = self
+                        .heard
+                        .get(&(subject.id, subject.bump, inc))
+                        .map(|h| now.saturating_duration_since(*h).as_secs_f64());
+                    if let Some(notes) = self.notes.as_mut() {
+                        notes.push(format!(
+                            "quorum {} inc {} heard {:?}s ago witnesses {}",
+                            subject.id, inc, heard, w
+                        ));
+                    }
+                }
             }
             self.absorb(rt, now);
         }
@@ -1284,6 +1443,12 @@ impl Membership {
                 }
             }
             OwnedNotification::MemberDown(ident) => {
+                if let Some(n) = self.notes.as_mut() {
+                    n.push(format!(
+                        "member down {} bump {} via {}",
+                        ident.id, ident.bump, self.ctx
+                    ));
+                }
                 if let Some((_, announced)) = self.up.remove(&ident.id) {
                     if announced {
                         let leaving = lock(&self.shared)
@@ -1309,6 +1474,7 @@ impl Membership {
                 }
             }
             OwnedNotification::ProbeFailed(_, ident) => {
+                self.suspects.insert(ident.id);
                 self.stats.probes_failed += 1;
                 if self.config.local_health {
                     self.health = (self.health + 1).min(self.config.max_health);
@@ -1327,7 +1493,10 @@ impl Membership {
                     let _ = self.foca.add_broadcast(&item.encode());
                 }
             }
-            OwnedNotification::Rejoin(_) => {
+            OwnedNotification::Rejoin(new) => {
+                if let Some(n) = self.notes.as_mut() {
+                    n.push(format!("rejoin as bump {} via {}", new.bump, self.ctx));
+                }
                 // We were declared down and came back with a new bump: sync with someone at
                 // once, a down member first (it is on the other side of whatever split us).
                 if let Some(peer) = self.pick_pushpull_peer() {
@@ -1448,6 +1617,23 @@ impl Membership {
                 })
                 .collect()
         };
+        if self.notes.is_some() {
+            let downs: Vec<String> = admitted
+                .iter()
+                .filter(|m| m.state() != State::Alive)
+                .map(|m| {
+                    format!(
+                        "{}/{}/{}/{:?}",
+                        m.id().id,
+                        m.id().bump,
+                        m.incarnation(),
+                        m.state()
+                    )
+                })
+                .collect();
+            let last = admitted.last().map(|m| m.id().id);
+            self.ctx = format!("push-pull from {last:?} non-alive {downs:?}");
+        }
         // Updates we already hold are no-ops in foca; a state about ourselves as down makes
         // foca renew our identity (rejoin), which is what heals a partition.
         let mut rt = Collect::default();

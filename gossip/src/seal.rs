@@ -21,7 +21,7 @@
 //! What does not open is an [`OpenError`]: the caller drops and counts it and never decodes it.
 //!
 //! Replay: [`ReplayWindow`] keeps, per sender, the (epoch, salt) of its current process and a
-//! 128-message sliding window over its counter (IPsec's anti-replay window, RFC 4303 §3.4.3).
+//! 512-message sliding window over its counter (IPsec's anti-replay window, RFC 4303 §3.4.3).
 //! A datagram seen before, older than the window, or from an earlier process of the same
 //! sender is refused. The receiver keys the windows by the sender's node ID, read from the
 //! opened header (see `membership`).
@@ -143,8 +143,12 @@ pub struct Sequence {
     pub counter: u64,
 }
 
-/// Messages a [`ReplayWindow`] remembers below the highest counter seen.
-pub const REPLAY_WINDOW: u64 = 128;
+/// Messages a [`ReplayWindow`] remembers below the highest counter seen. The counter is
+/// shared by all of a sender's destinations, and a node waking from a stall answers its
+/// backlog in one burst of hundreds of datagrams, so the window is wide.
+pub const REPLAY_WINDOW: u64 = 512;
+
+const WINDOW_WORDS: usize = (REPLAY_WINDOW / 64) as usize;
 
 /// Why a [`ReplayWindow`] refused a message. The message must be dropped and counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -166,19 +170,37 @@ pub struct ReplayWindow {
     epoch: u64,
     salt: u64,
     top: u64,
-    /// Bit `i` set: counter `top - i` was accepted.
-    seen: u128,
+    /// A ring of bits: bit `c % REPLAY_WINDOW` set means counter `c` (within the window
+    /// below `top`) was accepted.
+    seen: [u64; WINDOW_WORDS],
 }
 
 impl ReplayWindow {
     /// A window that has accepted `first`.
     pub fn new(first: Sequence) -> Self {
-        ReplayWindow {
+        let mut w = ReplayWindow {
             epoch: first.epoch,
             salt: first.salt,
             top: first.counter,
-            seen: 1,
-        }
+            seen: [0; WINDOW_WORDS],
+        };
+        w.set(first.counter);
+        w
+    }
+
+    fn slot(counter: u64) -> (usize, u64) {
+        let bit = counter % REPLAY_WINDOW;
+        ((bit / 64) as usize, 1 << (bit % 64))
+    }
+
+    fn set(&mut self, counter: u64) {
+        let (w, b) = Self::slot(counter);
+        self.seen[w] |= b;
+    }
+
+    fn is_set(&self, counter: u64) -> bool {
+        let (w, b) = Self::slot(counter);
+        self.seen[w] & b != 0
     }
 
     /// Accepts `seq` (and remembers it) or says why it is a replay. A higher epoch is a
@@ -192,24 +214,27 @@ impl ReplayWindow {
             return Err(ReplayError::StaleEpoch);
         }
         if seq.counter > self.top {
-            let shift = seq.counter - self.top;
-            self.seen = if shift >= 128 {
-                1
+            if seq.counter - self.top >= REPLAY_WINDOW {
+                self.seen = [0; WINDOW_WORDS];
             } else {
-                (self.seen << shift) | 1
-            };
+                // Forget the counters that fall out of the window (they share ring slots
+                // with the new ones).
+                for c in self.top + 1..seq.counter {
+                    let (w, b) = Self::slot(c);
+                    self.seen[w] &= !b;
+                }
+            }
+            self.set(seq.counter);
             self.top = seq.counter;
             return Ok(());
         }
-        let behind = self.top - seq.counter;
-        if behind >= REPLAY_WINDOW {
+        if self.top - seq.counter >= REPLAY_WINDOW {
             return Err(ReplayError::TooOld);
         }
-        let bit = 1u128 << behind;
-        if self.seen & bit != 0 {
+        if self.is_set(seq.counter) {
             return Err(ReplayError::Duplicate);
         }
-        self.seen |= bit;
+        self.set(seq.counter);
         Ok(())
     }
 }
@@ -447,6 +472,28 @@ mod tests {
         );
         assert_eq!(w.check(seq(5, 1, 10_000 - REPLAY_WINDOW + 1)), Ok(()));
         assert_eq!(w.check(seq(5, 1, 0)), Err(ReplayError::TooOld));
+    }
+
+    #[test]
+    fn window_ring_slots_are_reused_cleanly() {
+        let mut w = ReplayWindow::new(seq(5, 1, 0));
+        for c in 1..10 {
+            assert_eq!(w.check(seq(5, 1, c)), Ok(()));
+        }
+        // counters 3 and REPLAY_WINDOW + 3 share a ring slot: the old bit must not make the
+        // new counter look like a duplicate
+        assert_eq!(w.check(seq(5, 1, REPLAY_WINDOW + 5)), Ok(()));
+        assert_eq!(w.check(seq(5, 1, REPLAY_WINDOW + 3)), Ok(()));
+        assert_eq!(
+            w.check(seq(5, 1, REPLAY_WINDOW + 3)),
+            Err(ReplayError::Duplicate)
+        );
+        // 6 to 9 are still inside the window and were seen; 5 fell out of it
+        assert_eq!(w.check(seq(5, 1, 9)), Err(ReplayError::Duplicate));
+        assert_eq!(w.check(seq(5, 1, 6)), Err(ReplayError::Duplicate));
+        assert_eq!(w.check(seq(5, 1, 5)), Err(ReplayError::TooOld));
+        // never seen, inside the window
+        assert_eq!(w.check(seq(5, 1, 200)), Ok(()));
     }
 
     #[test]

@@ -365,7 +365,10 @@ impl Sim {
         };
         // Metadata from meta_for is always valid.
         match Membership::new(setup, self.base + self.now) {
-            Ok(m) => m,
+            Ok(mut m) => {
+                m.set_debug(self.debug);
+                m
+            }
             Err(e) => panic!("simulation metadata invalid: {e}"),
         }
     }
@@ -389,6 +392,11 @@ impl Sim {
             events.push(e);
         }
         let next = core.poll_timeout();
+        if self.debug {
+            for n in core.take_notes() {
+                eprintln!("{:.3} node {i}: {n}", now.as_secs_f64());
+            }
+        }
         for t in sends {
             if self.debug && self.measuring_from.is_some() {
                 if let Some(h) = self.nodes[i]
@@ -475,6 +483,12 @@ impl Sim {
                     if slow {
                         self.slow_downs.insert((subj, info_bump));
                     } else if !split {
+                        if self.debug && !self.false_downs.contains(&(subj, info_bump)) {
+                            eprintln!(
+                                "{:.3} FALSE DOWN {subj} bump {info_bump} first seen by node {observer}",
+                                now.as_secs_f64()
+                            );
+                        }
                         self.false_down_events += 1;
                         self.false_downs.insert((subj, info_bump));
                     }

@@ -534,3 +534,44 @@ fn a_restarted_sender_is_heard_and_its_old_run_is_not() {
     assert_eq!(seen[0].bump, 2);
     assert_eq!(net.nodes[0].num_active(), 1);
 }
+
+/// Two faults made this fail: foca 2.0 telling a member "you are down" (TurnUndead) when a
+/// refuted suspicion's timer fires, and a member that was unreachable while the rumour of its
+/// suspicion went round never hearing of it (fixed by the buddy system: probes to a suspect
+/// carry its suspicion).
+#[test]
+fn a_refuted_suspicion_does_not_make_the_member_rejoin() {
+    let mut net = Net::new();
+    for _ in 0..3 {
+        net.add(key(7), Admission::Open, true);
+    }
+    let t = net.t();
+    net.nodes[1].join(&[addr(0)], t);
+    net.nodes[2].join(&[addr(0)], t);
+    net.run(Duration::from_secs(5));
+    assert_eq!(net.nodes[0].num_active(), 2);
+    let failed_before: u64 = (0..2).map(|i| net.nodes[i].stats().probes_failed).sum();
+    // node 2 is unreachable long enough to fail a probe, not long enough to go down
+    net.cut[2] = true;
+    net.run(Duration::from_millis(1800));
+    net.cut[2] = false;
+    let failed: u64 = (0..2).map(|i| net.nodes[i].stats().probes_failed).sum();
+    assert!(
+        failed > failed_before,
+        "no probe failed: nothing was suspected"
+    );
+    // every suspicion timer armed meanwhile fires within this time
+    net.run(Duration::from_secs(20));
+    assert_eq!(
+        net.nodes[2].identity().bump,
+        1,
+        "node 2 renewed its identity: it was told it was down"
+    );
+    for i in 0..2 {
+        assert!(
+            !net.events[i].iter().any(|e| matches!(e, Event::Down(_))),
+            "node {i}: {:?}",
+            net.events[i]
+        );
+    }
+}
