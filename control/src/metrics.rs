@@ -87,25 +87,45 @@ struct Page {
 type Labels = Vec<(&'static str, String)>;
 
 impl Page {
+    /// Registers one family of metrics of type `M`, each sample set by `set`.
+    fn family<M, V>(
+        &mut self,
+        name: &str,
+        help: &str,
+        samples: impl IntoIterator<Item = (Labels, V)>,
+        set: impl Fn(&M, V),
+    ) where
+        M: prometheus_client::metrics::TypedMetric
+            + prometheus_client::encoding::EncodeMetric
+            + Default
+            + Clone
+            + std::fmt::Debug
+            + Send
+            + Sync
+            + 'static,
+    {
+        let family = Family::<Labels, M>::default();
+        for (labels, v) in samples {
+            set(&family.get_or_create(&labels), v);
+        }
+        self.registry.register(name, help, family);
+    }
+
     fn counter(
         &mut self,
         name: &str,
         help: &str,
         samples: impl IntoIterator<Item = (Labels, u64)>,
     ) {
-        let family = Family::<Labels, Counter>::default();
-        for (labels, v) in samples {
-            family.get_or_create(&labels).inc_by(v);
-        }
-        self.registry.register(name, help, family);
+        self.family(name, help, samples, |c: &Counter, v| {
+            c.inc_by(v);
+        });
     }
 
     fn gauge(&mut self, name: &str, help: &str, samples: impl IntoIterator<Item = (Labels, i64)>) {
-        let family = Family::<Labels, Gauge>::default();
-        for (labels, v) in samples {
-            family.get_or_create(&labels).set(v);
-        }
-        self.registry.register(name, help, family);
+        self.family(name, help, samples, |g: &Gauge, v| {
+            g.set(v);
+        });
     }
 
     fn seconds(
@@ -114,11 +134,14 @@ impl Page {
         help: &str,
         samples: impl IntoIterator<Item = (Labels, f64)>,
     ) {
-        let family = Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
-        for (labels, v) in samples {
-            family.get_or_create(&labels).set(v);
-        }
-        self.registry.register(name, help, family);
+        self.family(
+            name,
+            help,
+            samples,
+            |g: &Gauge<f64, std::sync::atomic::AtomicU64>, v| {
+                g.set(v);
+            },
+        );
     }
 }
 
@@ -188,19 +211,24 @@ fn traffic(c: &Counters, labels: &Labels) -> [(Labels, u64, u64); 2] {
     ]
 }
 
+/// `{name}_packets` and `{name}_bytes` from (labels, packets, bytes) samples.
+fn packets_and_bytes(p: &mut Page, name: &str, whose: &str, samples: &[(Labels, u64, u64)]) {
+    p.counter(
+        &format!("{name}_packets"),
+        &format!("Frames sent (as datagrams) and delivered, {whose}."),
+        samples.iter().map(|(l, n, _)| (l.clone(), *n)),
+    );
+    p.counter(
+        &format!("{name}_bytes"),
+        &format!("Inner frame bytes sent and delivered, {whose}."),
+        samples.iter().map(|(l, _, b)| (l.clone(), *b)),
+    );
+}
+
 fn data_path(p: &mut Page, dp: &DataPathSnapshot) {
     let net: Labels = vec![("network", dp.network.clone())];
     let t = traffic(&dp.counters, &net);
-    p.counter(
-        "datapath_packets",
-        "Frames sent (datagrams) and delivered, engine-wide.",
-        t.iter().map(|(l, n, _)| (l.clone(), *n)),
-    );
-    p.counter(
-        "datapath_bytes",
-        "Inner frame bytes sent and delivered, engine-wide.",
-        t.iter().map(|(l, _, b)| (l.clone(), *b)),
-    );
+    packets_and_bytes(p, "datapath", "engine-wide", &t);
     p.counter(
         "datapath_drops",
         "Frames and datagrams dropped, by reason, engine-wide.",
@@ -221,16 +249,7 @@ fn data_path(p: &mut Page, dp: &DataPathSnapshot) {
         .iter()
         .flat_map(|peer| traffic(&peer.counters, &peer_labels(peer)))
         .collect();
-    p.counter(
-        "datapath_peer_packets",
-        "Frames sent to and delivered from each peer.",
-        peer_traffic.iter().map(|(l, n, _)| (l.clone(), *n)),
-    );
-    p.counter(
-        "datapath_peer_bytes",
-        "Inner frame bytes sent to and delivered from each peer.",
-        peer_traffic.iter().map(|(l, _, b)| (l.clone(), *b)),
-    );
+    packets_and_bytes(p, "datapath_peer", "per peer", &peer_traffic);
     p.counter(
         "datapath_peer_drops",
         "Drops attributed to each peer, by reason (reasons that happened).",

@@ -284,12 +284,7 @@ impl<'a> Outbound<'a> {
             let (pkt, out, vni) = (&mut self.pkt, &mut self.out, self.vni);
             let engine = &self.shared.outbound;
             let now = Instant::now();
-            let inner = sink
-                .as_ref()
-                .filter(|s| s.wants(Direction::Out, Layer::Inner));
-            let outer = sink
-                .as_ref()
-                .filter(|s| s.wants(Direction::Out, Layer::Outer));
+            let (inner, outer) = wanted(sink.as_ref(), Direction::Out);
             let segmented = offload::segment(&hdr, frame, |head, payload| {
                 if !pkt.set_frame_parts(head, payload) {
                     return;
@@ -437,12 +432,7 @@ fn receive(shared: &Shared, tap: &Tap, udp: &UdpSocket, state: &UdpSocketState) 
         };
         let now = Instant::now();
         let sink = shared.sink();
-        let inner = sink
-            .as_ref()
-            .filter(|s| s.wants(Direction::In, Layer::Inner));
-        let outer = sink
-            .as_ref()
-            .filter(|s| s.wants(Direction::In, Layer::Outer));
+        let (inner, outer) = wanted(sink.as_ref(), Direction::In);
         for (m, buf) in meta.iter().zip(bufs.chunks_mut(MAX_UDP)).take(n) {
             if m.len == 0 {
                 // An empty datagram: nothing to split, but still a drop to count.
@@ -480,6 +470,14 @@ fn receive(shared: &Shared, tap: &Tap, udp: &UdpSocket, state: &UdpSocketState) 
         }
         coalescer.flush(&mut write);
     }
+}
+
+/// The sink, where it wants (inner frames, outer datagrams) of this direction.
+type Wanted<'a> = Option<&'a Arc<dyn CaptureSink>>;
+
+fn wanted(sink: Wanted<'_>, direction: Direction) -> (Wanted<'_>, Wanted<'_>) {
+    let of = |layer| sink.filter(|s| s.wants(direction, layer));
+    (of(Layer::Inner), of(Layer::Outer))
 }
 
 /// Offers a received datagram (as it came, before opening) with what became of it.
