@@ -387,6 +387,8 @@ fn gossip(p: &mut Page, g: &GossipSnapshot) {
     );
 }
 
+/// Connections served at once.
+const MAX_CONNECTIONS: usize = 16;
 /// Largest request accepted.
 const MAX_REQUEST: usize = 8192;
 /// Time a client has to send its request.
@@ -398,14 +400,20 @@ where
     F: Fn() -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = String> + Send,
 {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
+        // Over the limit the connection is closed at once: scrapers retry, floods cost nothing.
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            continue;
+        };
         let page = page.clone();
         tokio::spawn(async move {
             let _ = tokio::time::timeout(REQUEST_TIME * 2, answer(stream, page)).await;
+            drop(slot);
         });
     }
 }
