@@ -47,6 +47,11 @@ impl Node {
     }
 
     fn start(&mut self) {
+        self.start_with(&[]);
+    }
+
+    /// Starts the agent with extra `agent` flags.
+    fn start_with(&mut self, extra: &[&str]) {
         assert!(self.child.is_none(), "{} already running", self.name);
         let log = std::fs::File::create(self.dir.with_extension("log")).unwrap();
         let child = Command::new(BIN)
@@ -60,6 +65,7 @@ impl Node {
             .arg(self.dir.join("state"))
             .arg("--socket")
             .arg(&self.socket)
+            .args(extra)
             .env("RUST_LOG", "debug")
             .stdout(Stdio::null())
             .stderr(log)
@@ -592,4 +598,54 @@ fn garbage_on_the_api_port_and_socket_is_refused() {
     }
     // The agent and the manager are still fine.
     assert_eq!(rows(g1).len(), 1);
+}
+
+#[test]
+fn json_logs_and_metrics_on_loopback() {
+    let root = tempfile::tempdir().unwrap();
+    let [a, b] = block();
+    let ip = Ipv4Addr::new(127, a, b, 1);
+    let mut n1 = Node::new(root.path(), "n1", ip);
+    let metrics_addr = format!("{ip}:9323");
+    n1.start_with(&["--log-format", "json", "--metrics-addr", &metrics_addr]);
+    init(&n1);
+
+    let scrape = || {
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect(&metrics_addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: shoal\r\n\r\n")
+            .unwrap();
+        let mut page = String::new();
+        c.read_to_string(&mut page).unwrap();
+        page
+    };
+    let page = scrape();
+    assert!(page.starts_with("HTTP/1.1 200 OK\r\n"), "{page}");
+    assert!(page.contains("role=\"manager\""), "{page}");
+    assert!(page.contains("shoal_cluster_view_version"), "{page}");
+    // The gossip figures appear once gossip runs (it starts with the swarm).
+    wait_until(Duration::from_secs(10), || {
+        scrape().contains("shoal_gossip_bytes_total")
+    });
+    assert!(page.trim_end().ends_with("# EOF"), "{page}");
+
+    // Every log line is one JSON object; init's line is there with its fields.
+    let log = std::fs::read_to_string(n1.dir.with_extension("log")).unwrap();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert!(lines
+        .iter()
+        .all(|l| l["level"].is_string() && l["message"].is_string()));
+    let init_line = lines
+        .iter()
+        .find(|l| l["message"] == "swarm initialized")
+        .unwrap_or_else(|| panic!("no init line in {log}"));
+    assert!(init_line["node"].is_string(), "{init_line}");
+    assert!(lines
+        .iter()
+        .any(|l| l["message"] == "metrics at http://".to_owned() + &metrics_addr + "/metrics"));
 }
