@@ -3,8 +3,10 @@
 //! The driver offers each packet to an installed [`CaptureSink`] as a borrowed
 //! [`CaptureRecord`]; the sink decides whether it wants it (by direction, layer and peer) and
 //! copies what it keeps. A sink must never block: when its reader is slow it drops the copy
-//! and counts it, so capture can never slow or stop the data path. With no sink installed
-//! the cost is one relaxed atomic load per batch.
+//! and counts it, so capture can never slow or stop the data path. Each data-path thread
+//! keeps its own reference to the sink, refreshed only when one is installed or removed: with
+//! no sink the cost is one atomic load per batch, with one two more for
+//! [`CaptureSink::wants`].
 
 use std::net::SocketAddr;
 
