@@ -380,6 +380,24 @@ fn gossip(p: &mut Page, g: &GossipSnapshot) {
         "Members this node declared down (its suspicion timer expired).",
         [(vec![], s.declared_down)],
     );
+    p.counter(
+        "gossip_probes_answered",
+        "Direct probes of ours answered (round-trip samples).",
+        [(vec![], s.probe_rtt_count)],
+    );
+    if s.probe_rtt_count > 0 {
+        let us = |v: u64| v as f64 / 1e6;
+        p.seconds(
+            "gossip_probe_rtt_mean_seconds",
+            "Mean round trip of answered direct probes since start.",
+            [(vec![], us(s.probe_rtt_sum_us) / s.probe_rtt_count as f64)],
+        );
+        p.seconds(
+            "gossip_probe_rtt_last_seconds",
+            "Round trip of the latest answered direct probe.",
+            [(vec![], us(s.probe_rtt_last_us))],
+        );
+    }
     p.gauge(
         "gossip_local_health",
         "Local health score (0 is healthy; higher slows probing).",
@@ -538,6 +556,9 @@ mod tests {
                 members: vec![("alive".into(), 2), ("down".into(), 1)],
                 stats: shoal_gossip::Stats {
                     dropped_replay: 5,
+                    probe_rtt_count: 4,
+                    probe_rtt_sum_us: 2000,
+                    probe_rtt_last_us: 250,
                     ..Default::default()
                 },
             }),
@@ -622,6 +643,11 @@ mod tests {
             5.0
         );
         assert_eq!(sample(&text, "shoal_cluster_view_version"), 12.0);
+        assert_eq!(sample(&text, "shoal_gossip_probe_rtt_mean_seconds"), 0.0005);
+        assert_eq!(
+            sample(&text, "shoal_gossip_probe_rtt_last_seconds"),
+            0.00025
+        );
         assert_eq!(sample(&text, "shoal_capture_readers"), 1.0);
     }
 

@@ -260,6 +260,12 @@ pub struct Stats {
     pub declared_down: u64,
     /// Current local health score (0 is healthy).
     pub health: u32,
+    /// Direct probes answered (each gives one round-trip sample).
+    pub probe_rtt_count: u64,
+    /// Sum of those round trips, in microseconds (with the count: the mean).
+    pub probe_rtt_sum_us: u64,
+    /// The latest round trip, in microseconds.
+    pub probe_rtt_last_us: u64,
 }
 
 /// Why a datagram was dropped. Every variant is counted in [`Stats`].
@@ -554,6 +560,8 @@ pub struct Membership {
     /// Members we heard are suspected (pruned lazily): probes to them carry the suspicion
     /// (Lifeguard's buddy system).
     suspects: HashSet<NodeId>,
+    /// Direct probes sent and not yet acknowledged, for the round-trip figures.
+    pings: HashMap<(NodeId, u8), Instant>,
     /// Debug notes (the simulation's `--debug`); `None` when off.
     notes: Option<Vec<String>>,
     /// What is being handled, for the debug notes.
@@ -647,6 +655,7 @@ impl Membership {
             declares: Vec::new(),
             replay: HashMap::new(),
             suspects: HashSet::new(),
+            pings: HashMap::new(),
             notes: None,
             ctx: String::new(),
             stats: Stats::default(),
@@ -850,6 +859,11 @@ impl Membership {
                 return Err(e);
             }
         };
+        if let Ok((h, _)) = codec::decode_header(&plain) {
+            if let Message::Ack(probe) = h.message {
+                self.probe_answered(h.src.id, probe, now);
+            }
+        }
         let mut rt = Collect::default();
         if self.notes.is_some() {
             self.ctx = match codec::decode_header(&plain) {
@@ -1160,6 +1174,29 @@ impl Membership {
         }
     }
 
+    /// Notes a direct probe sent, for [`Stats::probe_rtt_count`]. Kept bounded: probes go
+    /// out about once a period, and those unanswered for 10 s are forgotten.
+    fn probe_sent(&mut self, to: NodeId, probe: u8, now: Instant) {
+        if self.pings.len() >= 64 {
+            self.pings
+                .retain(|_, sent| now.saturating_duration_since(*sent) < Duration::from_secs(10));
+        }
+        if self.pings.len() < 64 {
+            self.pings.insert((to, probe), now);
+        }
+    }
+
+    /// An acknowledgement of a direct probe: one round-trip sample.
+    fn probe_answered(&mut self, from: NodeId, probe: u8, now: Instant) {
+        if let Some(sent) = self.pings.remove(&(from, probe)) {
+            let us =
+                u64::try_from(now.saturating_duration_since(sent).as_micros()).unwrap_or(u64::MAX);
+            self.stats.probe_rtt_count += 1;
+            self.stats.probe_rtt_sum_us = self.stats.probe_rtt_sum_us.saturating_add(us);
+            self.stats.probe_rtt_last_us = us;
+        }
+    }
+
     fn witnesses(&self, member: &Identity, incarnation: u16) -> usize {
         lock(&self.shared)
             .confirms
@@ -1244,6 +1281,11 @@ impl Membership {
             } else {
                 data
             };
+            if let Ok((h, _)) = codec::decode_header(&data) {
+                if let Message::Ping(probe) = h.message {
+                    self.probe_sent(to.id, probe, now);
+                }
+            }
             if let Some(n) = self.notes.as_mut() {
                 if let Ok((h, _)) = codec::decode_header(&data) {
                     if h.message == Message::TurnUndead {

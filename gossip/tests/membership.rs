@@ -575,3 +575,27 @@ fn a_refuted_suspicion_does_not_make_the_member_rejoin() {
         );
     }
 }
+
+#[test]
+fn answered_probes_give_round_trip_samples() {
+    let mut net = Net::new();
+    for _ in 0..3 {
+        net.add(key(7), Admission::Open, true);
+    }
+    let t = net.t();
+    net.nodes[1].join(&[addr(0)], t);
+    net.nodes[2].join(&[addr(0)], t);
+    net.run(Duration::from_secs(10));
+    for i in 0..3 {
+        let s = net.nodes[i].stats();
+        // About one direct probe a second, each answered.
+        assert!(s.probe_rtt_count >= 5, "node {i}: {s:?}");
+        // This network delivers within its 10 ms step: every answer comes in the same step.
+        assert_eq!(s.probe_rtt_sum_us, 0, "node {i}: {s:?}");
+    }
+    // A cut node's probes go unanswered: no samples while it is cut.
+    net.cut[2] = true;
+    let before = net.nodes[2].stats().probe_rtt_count;
+    net.run(Duration::from_secs(5));
+    assert_eq!(net.nodes[2].stats().probe_rtt_count, before);
+}
