@@ -165,12 +165,17 @@ impl CaptureSink for Hub {
         let readers = self.readers.lock().unwrap_or_else(PoisonError::into_inner);
         let mut at = None;
         for r in readers.iter().filter(|r| r.filter.matches(record)) {
+            // Room first: a reader that is behind costs a count, not a copy or a clock read.
+            let Ok(permit) = r.tx.try_reserve() else {
+                r.lost.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
             let at = *at.get_or_insert_with(|| {
                 SystemTime::now()
                     .duration_since(UNIX_EPOCH)
                     .unwrap_or_default()
             });
-            let copy = Captured {
+            permit.send(Captured {
                 at,
                 direction: record.direction,
                 layer: record.layer,
@@ -178,10 +183,7 @@ impl CaptureSink for Hub {
                 fanout: record.fanout,
                 dropped: record.dropped,
                 data: record.data.to_vec(),
-            };
-            if r.tx.try_send(copy).is_err() {
-                r.lost.fetch_add(1, Ordering::Relaxed);
-            }
+            });
         }
     }
 }
