@@ -12,6 +12,10 @@
 //!   sees every live node again.
 //! - `stall`: 5% of the nodes freeze for 2 to 4 s, again and again (0.5 to 4 s between
 //!   stalls); input and timers queue up and are handled, timers first, when they wake.
+//! - `slow`: 5% of the nodes are slow at reading their input (a starved receive loop, as in
+//!   the Lifeguard paper's experiments): every datagram they receive waits 0.2 to 1.2 s,
+//!   in order, before they handle it; their timers run on time. Their probes time out, so
+//!   they suspect healthy members again and again.
 //!
 //! In every scenario one random node changes its metadata every 10 s; the time until 99.9% of
 //! the other live nodes report [`Event::Updated`] is the dissemination time.
@@ -43,6 +47,8 @@ pub enum Scenario {
     Partition,
     /// Stalling nodes.
     Stall,
+    /// Nodes slow to read their input.
+    Slow,
 }
 
 impl std::str::FromStr for Scenario {
@@ -53,8 +59,9 @@ impl std::str::FromStr for Scenario {
             "crash" => Ok(Scenario::Crash),
             "partition" => Ok(Scenario::Partition),
             "stall" => Ok(Scenario::Stall),
+            "slow" => Ok(Scenario::Slow),
             _ => Err(format!(
-                "unknown scenario {s:?}; use steady, crash, partition or stall"
+                "unknown scenario {s:?}; use steady, crash, partition, stall or slow"
             )),
         }
     }
@@ -79,7 +86,7 @@ pub struct SimConfig {
     pub duration: Duration,
     /// Lifeguard local health on or off.
     pub local_health: bool,
-    /// Share of nodes that stall (stall scenario).
+    /// Share of nodes that stall (stall scenario) or are slow (slow scenario).
     pub stall_fraction: f64,
     /// Print diagnostics (slow samples, datagram counts by message) on stderr.
     pub debug: bool,
@@ -136,9 +143,10 @@ pub struct Report {
     /// Samples of the above that did not reach 99.9% before the run ended.
     pub disseminate_missed: usize,
     /// Times a live, healthy node was declared down (distinct node and bump). Not counted:
-    /// downs across an active partition, and nodes that stalled in the last 10 s.
+    /// downs across an active partition, nodes that stalled in the last 10 s, slow nodes.
     pub false_downs: u64,
-    /// Times a stalling node was declared down (it was unresponsive for 2 to 4 s).
+    /// Times a stalling or slow node was declared down (stall: it was unresponsive for 2 to
+    /// 4 s; slow: it answered too late).
     pub stalled_downs: u64,
     /// Down events about live nodes, summed over observers.
     pub false_down_events: u64,
@@ -201,6 +209,10 @@ struct Node {
     stalled_until: Option<Duration>,
     /// End of the last stall (slow nodes declared down soon after are not false downs).
     last_stall_end: Option<Duration>,
+    /// Slow at reading input (slow scenario): not counted in false downs.
+    slow: bool,
+    /// When the slow node's input backlog is read up to.
+    slow_busy_until: Duration,
     version: u32,
 }
 
@@ -282,6 +294,8 @@ impl Sim {
                 wake: None,
                 stalled_until: None,
                 last_stall_end: None,
+                slow: false,
+                slow_busy_until: Duration::ZERO,
                 version: 0,
             })
             .collect::<Vec<_>>();
@@ -423,7 +437,14 @@ impl Sim {
                 continue;
             }
             let delay = self.cfg.latency + self.cfg.jitter.mul_f64(self.net.random::<f64>());
-            self.push(now + delay, Ev::Deliver { to, data: t.data });
+            let mut at = now + delay;
+            if self.nodes[to].slow {
+                // A starved receive loop: each datagram waits 0.2-1.2 s, in order.
+                let wait = Duration::from_secs_f64(self.net.random_range(0.2..1.2));
+                at = (at + wait).max(self.nodes[to].slow_busy_until);
+                self.nodes[to].slow_busy_until = at;
+            }
+            self.push(at, Ev::Deliver { to, data: t.data });
         }
         for peer in pulls {
             let Some(&to) = self.by_addr.get(&peer) else {
@@ -477,9 +498,10 @@ impl Sim {
                 if subj_index < self.nodes.len() && self.alive(subj_index) {
                     let split = self.partitioned && self.side(observer) != self.side(subj_index);
                     // A node that stalled in the last 10 s was really unresponsive.
-                    let slow = self.nodes[subj_index]
-                        .last_stall_end
-                        .is_some_and(|end| now < end + Duration::from_secs(10));
+                    let slow = self.nodes[subj_index].slow
+                        || self.nodes[subj_index]
+                            .last_stall_end
+                            .is_some_and(|end| now < end + Duration::from_secs(10));
                     if slow {
                         self.slow_downs.insert((subj, info_bump));
                     } else if !split {
@@ -676,6 +698,13 @@ impl Sim {
                     let i = 1 + (j * (n - 1)) / k.max(1);
                     let at = now + Duration::from_secs_f64(self.plan.random_range(0.0..10.0));
                     self.push(at, Ev::Action(Action::StallStart(i)));
+                }
+            }
+            Scenario::Slow => {
+                let k = ((n as f64) * self.cfg.stall_fraction).round() as usize;
+                for j in 0..k {
+                    let i = 1 + (j * (n - 1)) / k.max(1);
+                    self.nodes[i].slow = true;
                 }
             }
         }
