@@ -637,7 +637,7 @@ impl Agent {
         let mut probe = [0u8; 1];
         loop {
             let copy = tokio::select! {
-                copy = sub.rx.recv() => copy,
+                copy = sub.recv() => copy,
                 // The client sends nothing more: a read returning means it went away.
                 _ = tokio::io::AsyncReadExt::read(&mut rd, &mut probe) => break,
             };

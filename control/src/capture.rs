@@ -82,13 +82,36 @@ struct Reader {
     lost: Arc<AtomicU64>,
 }
 
+/// The readers of one direction. Each direction is fed by its own data-path thread, so the
+/// two threads never touch the same lock, queue or counter.
+#[derive(Default)]
+struct Side {
+    readers: Mutex<Vec<Reader>>,
+    /// Readers wanting inner frames, outer datagrams: read without the lock.
+    wanting: [AtomicUsize; 2],
+}
+
+impl Side {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Reader>> {
+        self.readers.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Changes the reader list and recounts who wants what.
+    fn change(&self, f: impl FnOnce(&mut Vec<Reader>)) {
+        let mut readers = self.lock();
+        f(&mut readers);
+        for layer in [Layer::Inner, Layer::Outer] {
+            let n = readers.iter().filter(|r| r.filter.layer(layer)).count();
+            self.wanting[slot(layer)].store(n, Ordering::Relaxed);
+        }
+    }
+}
+
 /// The fan-out installed in the data path: a [`CaptureSink`] with any number of readers.
 #[derive(Default)]
 pub struct Hub {
-    readers: Mutex<Vec<Reader>>,
+    sides: [Side; 2],
     next_id: AtomicU64,
-    /// Readers wanting inner frames, outer datagrams: read without the lock.
-    wanting: [AtomicUsize; 2],
 }
 
 impl std::fmt::Debug for Hub {
@@ -104,21 +127,34 @@ fn slot(layer: Layer) -> usize {
     }
 }
 
+fn side(direction: Direction) -> usize {
+    match direction {
+        Direction::Out => 0,
+        Direction::In => 1,
+    }
+}
+
 impl Hub {
-    /// Adds a reader with its own queue of [`QUEUE`] copies. It stays until the returned
-    /// [`Subscription`] is dropped.
+    /// Adds a reader with its own queues of [`QUEUE`] copies (one per direction). It stays
+    /// until the returned [`Subscription`] is dropped.
     pub fn subscribe(self: &Arc<Self>, filter: Filter) -> Subscription {
-        let (tx, rx) = mpsc::channel(QUEUE);
-        let lost = Arc::new(AtomicU64::new(0));
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let mut readers = self.readers.lock().unwrap_or_else(PoisonError::into_inner);
-        readers.push(Reader {
-            id,
-            filter,
-            tx,
-            lost: lost.clone(),
-        });
-        self.recount(&readers);
+        let mut rx = Vec::with_capacity(2);
+        let mut lost = Vec::with_capacity(2);
+        for s in &self.sides {
+            let (tx, r) = mpsc::channel(QUEUE);
+            let l = Arc::new(AtomicU64::new(0));
+            s.change(|readers| {
+                readers.push(Reader {
+                    id,
+                    filter,
+                    tx,
+                    lost: l.clone(),
+                })
+            });
+            rx.push(r);
+            lost.push(l);
+        }
         Subscription {
             hub: self.clone(),
             id,
@@ -129,40 +165,30 @@ impl Hub {
 
     /// Number of readers.
     pub fn readers(&self) -> usize {
-        self.readers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
+        self.sides[0].lock().len()
     }
 
     /// Removes every reader: their queues end once drained.
     pub fn close(&self) {
-        let mut readers = self.readers.lock().unwrap_or_else(PoisonError::into_inner);
-        readers.clear();
-        self.recount(&readers);
-    }
-
-    fn recount(&self, readers: &[Reader]) {
-        for layer in [Layer::Inner, Layer::Outer] {
-            let n = readers.iter().filter(|r| r.filter.layer(layer)).count();
-            self.wanting[slot(layer)].store(n, Ordering::Relaxed);
+        for s in &self.sides {
+            s.change(Vec::clear);
         }
     }
 
     fn unsubscribe(&self, id: u64) {
-        let mut readers = self.readers.lock().unwrap_or_else(PoisonError::into_inner);
-        readers.retain(|r| r.id != id);
-        self.recount(&readers);
+        for s in &self.sides {
+            s.change(|readers| readers.retain(|r| r.id != id));
+        }
     }
 }
 
 impl CaptureSink for Hub {
-    fn wants(&self, _direction: Direction, layer: Layer) -> bool {
-        self.wanting[slot(layer)].load(Ordering::Relaxed) > 0
+    fn wants(&self, direction: Direction, layer: Layer) -> bool {
+        self.sides[side(direction)].wanting[slot(layer)].load(Ordering::Relaxed) > 0
     }
 
     fn offer(&self, record: &CaptureRecord<'_>) {
-        let readers = self.readers.lock().unwrap_or_else(PoisonError::into_inner);
+        let readers = self.sides[side(record.direction)].lock();
         let mut at = None;
         for r in readers.iter().filter(|r| r.filter.matches(record)) {
             // Room first: a reader that is behind costs a count, not a copy or a clock read.
@@ -188,20 +214,38 @@ impl CaptureSink for Hub {
     }
 }
 
-/// One reader's end: the copies, and how many were lost because the queue was full.
+/// One reader's end: the copies (a queue per direction), and how many were lost because a
+/// queue was full.
 #[derive(Debug)]
 pub struct Subscription {
     hub: Arc<Hub>,
     id: u64,
-    /// The copies, in the order the data path made them (per direction).
-    pub rx: mpsc::Receiver<Captured>,
-    lost: Arc<AtomicU64>,
+    rx: Vec<mpsc::Receiver<Captured>>,
+    lost: Vec<Arc<AtomicU64>>,
 }
 
 impl Subscription {
-    /// Copies lost so far because this reader's queue was full.
+    /// The next copy from either direction (each direction in the order the data path made
+    /// them); `None` once the hub closed and both queues are drained.
+    pub async fn recv(&mut self) -> Option<Captured> {
+        let [out, inb] = &mut self.rx[..] else {
+            return None;
+        };
+        tokio::select! {
+            Some(c) = out.recv() => Some(c),
+            Some(c) = inb.recv() => Some(c),
+            else => None,
+        }
+    }
+
+    /// A copy already waiting, if any.
+    pub fn try_recv(&mut self) -> Option<Captured> {
+        self.rx.iter_mut().find_map(|r| r.try_recv().ok())
+    }
+
+    /// Copies lost so far because this reader's queues were full.
     pub fn lost(&self) -> u64 {
-        self.lost.load(Ordering::Relaxed)
+        self.lost.iter().map(|l| l.load(Ordering::Relaxed)).sum()
     }
 }
 
@@ -437,7 +481,7 @@ mod tests {
         hub.offer(&record(Layer::Outer, "198.18.0.3:4789", b"b"));
         hub.offer(&record(Layer::Inner, "198.18.0.3:4789", b"c"));
         let got = |s: &mut Subscription| {
-            std::iter::from_fn(|| s.rx.try_recv().ok())
+            std::iter::from_fn(|| s.try_recv())
                 .map(|c| c.data)
                 .collect::<Vec<_>>()
         };
@@ -464,7 +508,7 @@ mod tests {
         }
         assert_eq!(sub.lost(), extra as u64);
         // The first QUEUE copies are there, in order.
-        let first = sub.rx.try_recv().unwrap();
+        let first = sub.try_recv().unwrap();
         assert_eq!(first.data, 0usize.to_be_bytes());
     }
 
