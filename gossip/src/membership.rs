@@ -24,6 +24,11 @@
 //! once for a probe period, so the input queued during a stall (refutations, acks) is read
 //! before a healthy member is declared down.
 //!
+//! ## Buddy system (Lifeguard)
+//!
+//! A probe to a member we hold as suspect carries that suspicion, so the member learns of it
+//! from the probe itself and refutes, even if it missed the rumour.
+//!
 //! ## Dynamic suspicion
 //!
 //! A member that fails our probe is suspected; we broadcast an [`Item::Suspect`] naming us
@@ -93,7 +98,7 @@ impl Config {
     ///
     /// Chosen from foca's `Config::new_lan` (itself memberlist's LAN defaults) and tuned in
     /// the simulation (see `README.md`):
-    /// - probe period 1 s, probe RTT 400 ms, 3 indirect probes;
+    /// - probe period 1 s, probe RTT 400 ms, 5 indirect probes (3 in foca and memberlist);
     /// - gossip every 200 ms to 3 members while updates are pending; each update sent
     ///   `4 * log10(n + 1) + 4` times (16 at n = 1000);
     /// - suspicion from `max = 4 * log10(n)` s (at least 8 s; 12 s at n = 1000) down to
@@ -461,6 +466,11 @@ impl Shared {
                 if set.insert(from) {
                     if set.len() == QUORUM {
                         self.quorums.push((subject, incarnation));
+                    }
+                    if set.len() > QUORUM {
+                        // Counted, but not spread: past the quorum, more witnesses change
+                        // nothing anywhere (each node spreads the first QUORUM it heard).
+                        return None;
                     }
                     Some(ItemKey::Suspect(
                         subject.id,
@@ -1028,7 +1038,9 @@ impl Membership {
                     incarnation: c.incarnation,
                     from: me,
                 };
-                let _ = self.foca.add_broadcast(&item.encode());
+                if self.witnesses(&c.subject, c.incarnation) < QUORUM {
+                    let _ = self.foca.add_broadcast(&item.encode());
+                }
                 lock(&self.shared).accept_item(item, NodeId::ANY);
                 continue;
             }
@@ -1532,7 +1544,9 @@ impl Membership {
                         incarnation,
                         from: self.foca.identity().id,
                     };
-                    let _ = self.foca.add_broadcast(&item.encode());
+                    if self.witnesses(&ident, incarnation) < QUORUM {
+                        let _ = self.foca.add_broadcast(&item.encode());
+                    }
                 }
             }
             OwnedNotification::Rejoin(new) => {
