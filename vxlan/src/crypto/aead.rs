@@ -192,14 +192,15 @@ mod tests {
         );
     }
 
-    /// With the `ring` feature, both implementations seal every size and AAD alike, byte for
-    /// byte, and each opens what the other sealed.
-    #[cfg(feature = "ring")]
+    /// Both implementations (called directly) and this build's [`Aead`] seal every size and
+    /// AAD alike, byte for byte, and [`Aead`] opens what either sealed. ring is a
+    /// dev-dependency, so this runs with and without the `ring` feature.
     #[test]
-    fn ring_and_rustcrypto_agree() {
+    fn ring_rustcrypto_and_backend_agree() {
         use chacha20poly1305::aead::AeadInPlace;
         use chacha20poly1305::{ChaCha20Poly1305, KeyInit};
         use rand::{Rng, SeedableRng};
+        use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
 
         let mut rng = rand::rngs::StdRng::seed_from_u64(6);
         for len in (0..300).chain([1400, 1450, 8950, 9000]) {
@@ -209,25 +210,36 @@ mod tests {
             rng.fill(&mut nonce);
             let aad: Vec<u8> = (0..rng.gen_range(0..64)).map(|_| rng.gen()).collect();
             let text: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
-            let ring = Aead::new(&key);
+            let ours = Aead::new(&key);
             let rc = ChaCha20Poly1305::new(&key.into());
+            let ring = LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, &key).unwrap());
 
-            let mut by_ring = text.clone();
-            let ring_tag = ring.seal(nonce, &aad, &mut by_ring).unwrap();
+            let mut by_ours = text.clone();
+            let ours_tag = ours.seal(nonce, &aad, &mut by_ours).unwrap();
             let mut by_rc = text.clone();
             let rc_tag = rc
                 .encrypt_in_place_detached(&nonce.into(), &aad, &mut by_rc)
                 .unwrap();
-            assert_eq!(by_ring, by_rc, "ciphertext, {len} bytes");
-            assert_eq!(ring_tag[..], rc_tag[..], "tag, {len} bytes");
-
-            rc.decrypt_in_place_detached(&nonce.into(), &aad, &mut by_ring, &ring_tag.into())
+            let mut by_ring = text.clone();
+            let ring_tag = ring
+                .seal_in_place_separate_tag(
+                    Nonce::assume_unique_for_key(nonce),
+                    Aad::from(&aad),
+                    &mut by_ring,
+                )
                 .unwrap();
-            assert_eq!(by_ring, text);
-            let mut rc_tag_bytes = [0u8; 16];
-            rc_tag_bytes.copy_from_slice(&rc_tag);
-            ring.open(nonce, &aad, &mut by_rc, &rc_tag_bytes).unwrap();
+            assert_eq!(by_rc, by_ring, "ciphertext, {len} bytes");
+            assert_eq!(rc_tag[..], *ring_tag.as_ref(), "tag, {len} bytes");
+            assert_eq!(by_ours, by_rc, "ciphertext, {len} bytes ({BACKEND})");
+            assert_eq!(ours_tag[..], rc_tag[..], "tag, {len} bytes ({BACKEND})");
+
+            let mut tag = [0u8; 16];
+            tag.copy_from_slice(&rc_tag);
+            ours.open(nonce, &aad, &mut by_rc, &tag).unwrap();
             assert_eq!(by_rc, text);
+            tag.copy_from_slice(ring_tag.as_ref());
+            ours.open(nonce, &aad, &mut by_ring, &tag).unwrap();
+            assert_eq!(by_ring, text);
         }
     }
 }
