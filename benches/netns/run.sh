@@ -57,7 +57,8 @@ usage: $0 [--quick] [--reps N] [--dur SECONDS] [--par N] [--rows LIST] [--out FI
 
 Environment: SHOAL_OVERLAY_BIN = a prebuilt overlay_pair example binary (otherwise it is built
 with 'cargo build --release -p shoal-ingress --example overlay_pair'); CARGO_TARGET_DIR is
-honoured for that build.
+honoured for that build, and SHOAL_FEATURES adds cargo features to it (for example
+SHOAL_FEATURES=shoal-vxlan/ring for ring's ChaCha20-Poly1305).
 EOF
 }
 
@@ -211,15 +212,18 @@ shoal_build() {
     return 0
   fi
   have cargo || { log "no cargo: cannot build the shoal data path"; return 1; }
-  log "cargo build --release -p shoal-ingress --example overlay_pair"
-  if ! (cd "$REPO" && timeout 1800 cargo build --release -p shoal-ingress --example overlay_pair) \
-       >"$WORK/shoal-build.log" 2>&1; then
+  local features=()
+  [ -z "${SHOAL_FEATURES:-}" ] || features=(--features "$SHOAL_FEATURES")
+  log "cargo build --release -p shoal-ingress --example overlay_pair ${features[*]}"
+  if ! (cd "$REPO" && timeout 1800 cargo build --release -p shoal-ingress --example overlay_pair \
+          "${features[@]}") >"$WORK/shoal-build.log" 2>&1; then
     log "building overlay_pair failed; last lines:"; tail -20 "$WORK/shoal-build.log" >&2
     return 1
   fi
   SHOAL_BIN="${CARGO_TARGET_DIR:-$REPO/target}/release/examples/overlay_pair"
   [ -x "$SHOAL_BIN" ] || { log "built, but $SHOAL_BIN is missing"; return 1; }
   SHOAL_NOTE="overlay_pair example, release build of commit $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo 'unknown (not a git checkout)')"
+  [ -z "${SHOAL_FEATURES:-}" ] || SHOAL_NOTE+=" with features $SHOAL_FEATURES"
   # the working tree is shared: say so when the data path's sources differ from that commit
   if [ -n "$(git -C "$REPO" status --porcelain -- vxlan ingress 2>/dev/null)" ]; then
     SHOAL_NOTE+=" plus uncommitted changes in vxlan/ or ingress/"

@@ -3,7 +3,8 @@
 //! encapsulation and decapsulation, at 64, 1400 and 8950-byte frames.
 //!
 //! `cargo bench -p shoal-vxlan --bench datapath`. Compare each engine figure with `raw_seal`
-//! at the same size, from the same run.
+//! at the same size, from the same run. `raw_seal` is always RustCrypto's `chacha20poly1305`;
+//! the engine paths use the session's backend, so `--features ring` measures ring's there.
 
 #![allow(missing_docs)] // criterion_group! generates an undocumented function
 #![allow(clippy::unwrap_used)] // a benchmark that cannot run should stop loudly

@@ -20,6 +20,7 @@
 //! public key from the peer table revokes it; rotating the epoch cuts off anyone who holds an old
 //! epoch secret but no current one.
 
+mod aead;
 pub mod session;
 
 use hkdf::Hkdf;
@@ -27,6 +28,7 @@ use sha2::Sha256;
 use x25519_dalek::{PublicKey, StaticSecret};
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
+pub use aead::BACKEND;
 pub use session::{OpenError, SealError, Session, SessionState, Verified};
 
 const INFO_LABEL: &[u8] = b"shoal vxlan v1";

@@ -1,9 +1,7 @@
 //! One direction pair between two nodes under one key epoch: a sealer with its counter and an
 //! opener with its replay window.
 
-use chacha20poly1305::aead::AeadInPlace;
-use chacha20poly1305::{ChaCha20Poly1305, KeyInit};
-
+use super::aead::Aead;
 use super::PairKeys;
 use crate::replay::{self, ReplayError};
 use crate::wire::envelope::{self, Envelope, HEADER_LEN, TAG_LEN};
@@ -55,8 +53,8 @@ pub struct SessionState {
 pub struct Session {
     epoch: u32,
     incarnation: u32,
-    seal: ChaCha20Poly1305,
-    open: ChaCha20Poly1305,
+    seal: Aead,
+    open: Aead,
     next: u64,
     window: replay::Window,
 }
@@ -72,8 +70,8 @@ impl core::fmt::Debug for Session {
 
 impl Session {
     /// A session from the two direction keys, `incarnation` being this node's (written in every
-    /// datagram it seals). The AEAD key schedules are built once here; the ciphers zeroize their
-    /// keys on drop.
+    /// datagram it seals). The AEAD keys are expanded once here (see [`super::BACKEND`] for
+    /// which implementation).
     pub fn new(epoch: u32, incarnation: u32, keys: &PairKeys) -> Self {
         Self::resume(epoch, incarnation, keys, SessionState::default())
     }
@@ -85,8 +83,8 @@ impl Session {
         Session {
             epoch,
             incarnation,
-            seal: ChaCha20Poly1305::new((&keys.send).into()),
-            open: ChaCha20Poly1305::new((&keys.recv).into()),
+            seal: Aead::new(&keys.send),
+            open: Aead::new(&keys.recv),
             next: state.next,
             window: state.window,
         }
@@ -137,7 +135,7 @@ impl Session {
         let (aad, body, _) = env.split_mut();
         let tag = self
             .seal
-            .encrypt_in_place_detached(&envelope::Repr::nonce(counter).into(), aad, body)
+            .seal(envelope::Repr::nonce(counter), aad, body)
             // The AEAD fails only for messages over 2^38 bytes, far beyond any buffer.
             .map_err(|_| SealError::BufferTooSmall)?;
         let tag_at = datagram.len() - TAG_LEN;
@@ -154,13 +152,9 @@ impl Session {
         let counter = env.counter();
         self.window.check(counter)?;
         let (aad, body, tag) = env.split_mut();
+        let tag: &[u8; TAG_LEN] = tag.try_into().map_err(|_| OpenError::Authentication)?;
         self.open
-            .decrypt_in_place_detached(
-                &envelope::Repr::nonce(counter).into(),
-                aad,
-                body,
-                tag.into(),
-            )
+            .open(envelope::Repr::nonce(counter), aad, body, tag)
             .map_err(|_| OpenError::Authentication)?;
         self.window.accept(counter)?;
         Ok(Verified { _private: () })
@@ -246,7 +240,7 @@ mod tests {
         b.open(&mut Envelope::new_checked(d.clone()).unwrap())
             .unwrap();
         let (sa, sb) = (a.state(), b.state());
-        drop((a, b));
+        // The old sessions are replaced (shadowed) by ones resumed from their state.
         let mut a = Session::resume(9, 1, &keys(1, 2), sa);
         let mut b = Session::resume(9, 2, &keys(2, 1), sb);
         assert_eq!(a.next_counter(), 1);
