@@ -214,6 +214,10 @@ fn message_len(m: &Message<Identity>) -> usize {
     }
 }
 
+/// The message tag of foca's `TurnUndead` ("you were declared down"), found in a header
+/// right after `version src src_incarnation dst`.
+pub const TAG_TURN_UNDEAD: u8 = 10;
+
 /// Encoded length of a header.
 pub fn header_len(h: &Header<Identity>) -> usize {
     1 + identity_len(&h.src) + 2 + identity_len(&h.dst) + message_len(&h.message)
@@ -247,7 +251,7 @@ pub(crate) fn put_header(buf: &mut impl BufMut, h: &Header<Identity>) {
         Message::Feed => (7, None, None),
         Message::Gossip => (8, None, None),
         Message::Broadcast => (9, None, None),
-        Message::TurnUndead => (10, None, None),
+        Message::TurnUndead => (TAG_TURN_UNDEAD, None, None),
     };
     buf.put_u8(tag);
     if let Some(id) = with_id {
@@ -296,7 +300,7 @@ pub(crate) fn get_header(r: &mut Reader<'_>) -> Result<Header<Identity>, DecodeE
         7 => Message::Feed,
         8 => Message::Gossip,
         9 => Message::Broadcast,
-        10 => Message::TurnUndead,
+        TAG_TURN_UNDEAD => Message::TurnUndead,
         tag => {
             return Err(DecodeError::Tag {
                 what: "message",

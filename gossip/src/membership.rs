@@ -1288,6 +1288,26 @@ impl Membership {
     /// events.
     fn absorb(&mut self, rt: Collect, now: Instant) {
         for (to, data) in rt.sends {
+            // foca tells a member we hold down that it is down (TurnUndead) when it talks to
+            // us. When we hold many members down (10 % or more: a split, not one slow or
+            // crashed node), also run a push-pull with it: our state tells it so too, it
+            // renews its identity, and its reply brings us its side's state. This is what
+            // reconnects the two sides of a healed partition at their first contact.
+            let tag_at =
+                1 + codec::identity_len(self.foca.identity()) + 2 + codec::identity_len(&to);
+            if data.get(tag_at) == Some(&codec::TAG_TURN_UNDEAD)
+                && !self.pushpulls.contains(&to.addr)
+            {
+                let known = self.foca.iter_membership_state().len();
+                let down = self
+                    .foca
+                    .iter_membership_state()
+                    .filter(|m| m.state() == State::Down)
+                    .count();
+                if down * 10 >= known {
+                    self.pushpulls.push_back(to.addr);
+                }
+            }
             let data = if self.suspects.contains(&to.id) {
                 self.buddy(&to, data)
             } else {
