@@ -105,6 +105,21 @@ impl Net {
         i
     }
 
+    /// `n` nodes with the same key, open admission and local health, all joined through
+    /// node 0, after 5 s of virtual time.
+    fn joined(n: usize) -> Net {
+        let mut net = Net::new();
+        for _ in 0..n {
+            net.add(key(7), Admission::Open, true);
+        }
+        let t = net.t();
+        for i in 1..n {
+            net.nodes[i].join(&[addr(0)], t);
+        }
+        net.run(Duration::from_secs(5));
+        net
+    }
+
     fn t(&self) -> Instant {
         self.base + self.now
     }
@@ -200,14 +215,7 @@ fn id(i: usize) -> NodeId {
 
 #[test]
 fn three_nodes_join_and_see_metadata() {
-    let mut net = Net::new();
-    for _ in 0..3 {
-        net.add(key(7), Admission::Open, true);
-    }
-    let t = net.t();
-    net.nodes[1].join(&[addr(0)], t);
-    net.nodes[2].join(&[addr(0)], t);
-    net.run(Duration::from_secs(5));
+    let net = Net::joined(3);
     for i in 0..3 {
         let mut want: Vec<NodeId> = (0..3).filter(|j| *j != i).map(id).collect();
         want.sort();
@@ -233,15 +241,7 @@ fn three_nodes_join_and_see_metadata() {
 
 #[test]
 fn metadata_update_reaches_everyone() {
-    let mut net = Net::new();
-    for _ in 0..4 {
-        net.add(key(7), Admission::Open, true);
-    }
-    let t = net.t();
-    for i in 1..4 {
-        net.nodes[i].join(&[addr(0)], t);
-    }
-    net.run(Duration::from_secs(5));
+    let mut net = Net::joined(4);
     let mut m = meta(2);
     m.role = Role::Manager;
     let t = net.t();
@@ -261,15 +261,7 @@ fn metadata_update_reaches_everyone() {
 
 #[test]
 fn crashed_node_goes_down_and_leave_is_left() {
-    let mut net = Net::new();
-    for _ in 0..4 {
-        net.add(key(7), Admission::Open, true);
-    }
-    let t = net.t();
-    for i in 1..4 {
-        net.nodes[i].join(&[addr(0)], t);
-    }
-    net.run(Duration::from_secs(5));
+    let mut net = Net::joined(4);
     net.cut[3] = true; // crash
     net.run(Duration::from_secs(30));
     for i in 0..3 {
@@ -371,12 +363,7 @@ fn admitted_id_with_wrong_public_key_gets_no_up() {
 
 #[test]
 fn key_rotation_keeps_the_cluster_together() {
-    let mut net = Net::new();
-    net.add(key(7), Admission::Open, true);
-    net.add(key(7), Admission::Open, true);
-    let t = net.t();
-    net.nodes[1].join(&[addr(0)], t);
-    net.run(Duration::from_secs(3));
+    let mut net = Net::joined(2);
     let old = Key {
         id: 1,
         secret: [7; 32],
@@ -400,15 +387,7 @@ fn key_rotation_keeps_the_cluster_together() {
 
 #[test]
 fn failing_probes_raise_local_health_and_it_recovers() {
-    let mut net = Net::new();
-    for _ in 0..4 {
-        net.add(key(7), Admission::Open, true);
-    }
-    let t = net.t();
-    for i in 1..4 {
-        net.nodes[i].join(&[addr(0)], t);
-    }
-    net.run(Duration::from_secs(5));
+    let mut net = Net::joined(4);
     assert_eq!(net.nodes[0].stats().health, 0);
     // node 0 is cut off: every probe it sends fails
     net.cut[0] = true;
@@ -425,12 +404,8 @@ fn failing_probes_raise_local_health_and_it_recovers() {
 
 #[test]
 fn replayed_datagrams_are_dropped_and_counted() {
-    let mut net = Net::new();
-    net.add(key(7), Admission::Open, true);
-    net.add(key(7), Admission::Open, true);
-    let t = net.t();
-    net.nodes[1].join(&[addr(0)], t);
-    net.run(Duration::from_secs(10));
+    let mut net = Net::joined(2);
+    net.run(Duration::from_secs(5));
     assert_eq!(net.nodes[0].num_active(), 1);
     let captured: Vec<Vec<u8>> = net
         .log
@@ -460,14 +435,7 @@ fn replayed_datagrams_are_dropped_and_counted() {
 
 #[test]
 fn reordered_datagrams_inside_the_window_are_accepted() {
-    let mut net = Net::new();
-    for _ in 0..3 {
-        net.add(key(7), Admission::Open, true);
-    }
-    let t = net.t();
-    net.nodes[1].join(&[addr(0)], t);
-    net.nodes[2].join(&[addr(0)], t);
-    net.run(Duration::from_secs(5));
+    let mut net = Net::joined(3);
     net.hold = true;
     let mut m = meta(1);
     m.role = Role::Manager;
@@ -548,14 +516,7 @@ fn a_restarted_sender_is_heard_and_its_old_run_is_not() {
 /// carry its suspicion).
 #[test]
 fn a_refuted_suspicion_does_not_make_the_member_rejoin() {
-    let mut net = Net::new();
-    for _ in 0..3 {
-        net.add(key(7), Admission::Open, true);
-    }
-    let t = net.t();
-    net.nodes[1].join(&[addr(0)], t);
-    net.nodes[2].join(&[addr(0)], t);
-    net.run(Duration::from_secs(5));
+    let mut net = Net::joined(3);
     assert_eq!(net.nodes[0].num_active(), 2);
     let failed_before: u64 = (0..2).map(|i| net.nodes[i].stats().probes_failed).sum();
     // node 2 is unreachable long enough to fail a probe, not long enough to go down
@@ -585,14 +546,8 @@ fn a_refuted_suspicion_does_not_make_the_member_rejoin() {
 
 #[test]
 fn answered_probes_give_round_trip_samples() {
-    let mut net = Net::new();
-    for _ in 0..3 {
-        net.add(key(7), Admission::Open, true);
-    }
-    let t = net.t();
-    net.nodes[1].join(&[addr(0)], t);
-    net.nodes[2].join(&[addr(0)], t);
-    net.run(Duration::from_secs(10));
+    let mut net = Net::joined(3);
+    net.run(Duration::from_secs(5));
     for i in 0..3 {
         let s = net.nodes[i].stats();
         // About one direct probe a second, each answered.
@@ -613,15 +568,7 @@ fn answered_probes_give_round_trip_samples() {
 /// RESULTS.md for the N = 500 runs that need it).
 #[test]
 fn a_healed_partition_reconnects() {
-    let mut net = Net::new();
-    for _ in 0..6 {
-        net.add(key(7), Admission::Open, true);
-    }
-    let t = net.t();
-    for i in 1..6 {
-        net.nodes[i].join(&[addr(0)], t);
-    }
-    net.run(Duration::from_secs(5));
+    let mut net = Net::joined(6);
     assert!((0..6).all(|i| net.nodes[i].num_active() == 5));
     net.split = Some(3);
     net.run(Duration::from_secs(40));
