@@ -312,6 +312,13 @@ pub struct Agent {
 /// requests that read it.
 pub type DataPathSlot = Arc<std::sync::Mutex<Option<Arc<DataPath>>>>;
 
+/// The data path in `slot`, if one runs.
+fn running(slot: &DataPathSlot) -> Option<Arc<DataPath>> {
+    slot.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone()
+}
+
 impl std::fmt::Debug for Agent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Agent")
@@ -378,10 +385,7 @@ async fn drop_summaries(slot: DataPathSlot) {
     let mut last: Option<(Arc<DataPath>, shoal_vxlan::engine::DropCounts)> = None;
     loop {
         tick.tick().await;
-        let dp = slot
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
+        let dp = running(&slot);
         let Some(dp) = dp else {
             last = None;
             continue;
@@ -593,15 +597,7 @@ impl Agent {
                 }]))
             }
             Request::NetworkInspect { network } => {
-                let m = self
-                    .membership
-                    .get()
-                    .ok_or_else(|| NOT_IN_SWARM.to_owned())?;
-                if network != m.view.ingress.name {
-                    return Err(format!(
-                        "network {network} not found (shoal has one network, ingress)"
-                    ));
-                }
+                let m = self.membership_on(&network)?;
                 Ok(Reply::Network(Box::new(self.network_detail(&m))))
             }
             Request::Capture(_) => Err(
@@ -671,25 +667,12 @@ impl Agent {
         ),
         String,
     > {
-        let m = self
-            .membership
-            .get()
-            .ok_or_else(|| NOT_IN_SWARM.to_owned())?;
+        let m = self.membership_on(&req.network)?;
         let n = &m.view.ingress;
-        if req.network != n.name {
-            return Err(format!(
-                "network {} not found (shoal has one network, {})",
-                req.network, n.name
-            ));
-        }
         if !req.inner && !req.outer {
             return Err("nothing to capture: ask for --inner, --outer or --both".into());
         }
-        let dp = self
-            .datapath
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        let dp = running(&self.datapath)
             .ok_or("the data path is not running on this node; see the agent's log")?;
         let me = m.view.node(&m.node_id).ok_or(NOT_IN_SWARM)?;
         let peer = match &req.peer {
@@ -727,13 +710,24 @@ impl Agent {
         Ok((sub, encoder, header))
     }
 
+    /// This node's membership, if it is in a swarm and `network` is one of its networks.
+    fn membership_on(&self, network: &str) -> Result<Membership, String> {
+        let m = self
+            .membership
+            .get()
+            .ok_or_else(|| NOT_IN_SWARM.to_owned())?;
+        if network != m.view.ingress.name {
+            return Err(format!(
+                "network {network} not found (shoal has one network, {})",
+                m.view.ingress.name
+            ));
+        }
+        Ok(m)
+    }
+
     fn network_detail(&self, m: &Membership) -> NetworkDetail {
         let n = &m.view.ingress;
-        let dp = self
-            .datapath
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
+        let dp = running(&self.datapath);
         let local = dp.map(|dp| {
             let s = dp.status();
             LocalDataPath {
@@ -1055,11 +1049,7 @@ impl Agent {
                 stats,
             });
         }
-        let dp = self
-            .datapath
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
+        let dp = running(&self.datapath);
         if let (Some(dp), Some(m)) = (dp, &m) {
             let s = dp.status();
             let names = peer_names(&m.view);
@@ -1094,11 +1084,7 @@ impl Agent {
         let Reply::Node(mut node) = reply else {
             return reply;
         };
-        let dp = self
-            .datapath
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
+        let dp = running(&self.datapath);
         if let Some(dp) = dp.filter(|_| node.id != m.node_id) {
             node.data_path = dp
                 .status()
@@ -1419,10 +1405,7 @@ impl Steer {
     }
 
     fn current(&self) -> Option<Arc<DataPath>> {
-        self.slot
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        running(&self.slot)
     }
 
     /// Follows `m`; returns when to be called again by itself.

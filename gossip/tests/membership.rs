@@ -584,3 +584,24 @@ fn a_healed_partition_reconnects() {
         assert_eq!(net.nodes[i].num_active(), 5, "node {i} did not reconnect");
     }
 }
+
+#[test]
+fn a_late_answer_is_timed_from_its_probe() {
+    let mut net = Net::joined(2);
+    let before = net.nodes[0].stats().probe_rtt_sum_us;
+    // Hold everything for 1.5 s (node 0 probes node 1 at least once), let 300 ms more pass,
+    // then deliver what was held: the answers come 300 ms or more after their probes.
+    net.hold = true;
+    net.run(Duration::from_millis(1500));
+    net.hold = false;
+    net.run(Duration::from_millis(300));
+    let held = std::mem::take(&mut net.held);
+    assert!(!held.is_empty());
+    let now = net.t();
+    for (_, to, d) in &held {
+        let _ = net.nodes[*to].handle_datagram(d, now);
+    }
+    net.run(Duration::from_millis(20));
+    let grown = net.nodes[0].stats().probe_rtt_sum_us - before;
+    assert!(grown >= 300_000, "round trips grew by {grown} us");
+}

@@ -687,9 +687,14 @@ fn capture_shows_decrypted_inner_frames_and_sealed_outer_datagrams() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
-    let ping = lab.exec(1, &["ping", "-c", "4", "-i", "0.2", &n2]);
-    assert!(ping.status.success());
+    // No signal tells when the agent has attached the reader: ping (one at a time, bounded)
+    // until the capture has its 4 packets and exits.
+    for _ in 0..40 {
+        if piped.try_wait().unwrap().is_some() {
+            break;
+        }
+        assert!(lab.ping(1, &n2));
+    }
     assert!(wait_exit(&mut piped, Duration::from_secs(15)).success());
     assert!(wait_exit(&mut reader, Duration::from_secs(15)).success());
     let mut text = String::new();
