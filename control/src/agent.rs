@@ -1423,6 +1423,7 @@ impl Steer {
                     info!(
                         interface = %self.params.interface,
                         incarnation = self.params.incarnation,
+                        aead = shoal_vxlan::crypto::BACKEND,
                         "data path up"
                     );
                     *self

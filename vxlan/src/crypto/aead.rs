@@ -4,13 +4,13 @@
 //! Two implementations of the same algorithm, chosen at build time; the bytes on the wire are
 //! the same, so nodes built either way talk to each other.
 //!
-//! - By default, RustCrypto's `chacha20poly1305` (pure Rust, AVX2 chosen at run time). Its
-//!   per-message cost is high in a build for baseline x86-64: the Poly1305 AVX2 backend's helper
-//!   operations are compiled without AVX2 and call the vector intrinsics out of line, and a
-//!   28-byte AAD leaves the hash unaligned so the message goes through its one-block path.
-//!   About 6,600 instructions for a 64-byte frame, 17,100 for 1400 bytes (`examples/seal_loop`
-//!   under callgrind); building the whole binary with `-C target-feature=+avx2` gets 2,600 and
-//!   12,800. Its key is zeroized on drop.
+//! - By default, RustCrypto's `chacha20poly1305` (pure Rust; ChaCha20's AVX2 code chosen at
+//!   run time). The repository's `.cargo/config.toml` builds its Poly1305 with the crate's
+//!   portable backend (`--cfg poly1305_force_soft`): the AVX2 backend it would otherwise pick at
+//!   run time has helpers compiled without AVX2 that call the vector intrinsics out of line and
+//!   ~450 ns of key setup per message, so at our sizes it is the slower one (1400-byte seal
+//!   2.67 µs with it, 1.96 µs without; 64 bytes 1.65 µs against 0.36 µs;
+//!   `benches/netns/PROFILE.md`). Its key is zeroized on drop.
 //! - With the `ring` cargo feature, `ring`'s (BoringSSL's assembly, CPU features detected at
 //!   run time, in a portable build). `ring` keeps its key schedule without zeroizing it on drop.
 
@@ -38,8 +38,13 @@ impl fmt::Debug for Aead {
 }
 
 /// The implementation this build uses, for logs and reports.
-#[cfg(not(feature = "ring"))]
-pub const BACKEND: &str = "chacha20poly1305 (RustCrypto)";
+#[cfg(all(not(feature = "ring"), poly1305_force_soft))]
+pub const BACKEND: &str = "chacha20poly1305 (RustCrypto, portable Poly1305)";
+/// The implementation this build uses, for logs and reports. (Built without the repository's
+/// `.cargo/config.toml`, or with a `RUSTFLAGS` that replaced it: Poly1305's AVX2 backend,
+/// chosen at run time, which is slower at our message sizes.)
+#[cfg(all(not(feature = "ring"), not(poly1305_force_soft)))]
+pub const BACKEND: &str = "chacha20poly1305 (RustCrypto, Poly1305 AVX2 chosen at run time)";
 /// The implementation this build uses, for logs and reports.
 #[cfg(feature = "ring")]
 pub const BACKEND: &str = "ring";
