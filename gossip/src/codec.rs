@@ -18,6 +18,7 @@
 //! every error is a [`DecodeError`].
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
 
 use bytes::{Buf, BufMut};
 use foca::{Header, Member, Message, State};
@@ -401,7 +402,7 @@ pub enum Item {
         /// The node is leaving the cluster on purpose.
         leaving: bool,
         /// The metadata.
-        meta: Metadata,
+        meta: Arc<Metadata>,
     },
     /// `from` probed `subject` itself and got no answer (Lifeguard's independent suspicion).
     Suspect {
@@ -506,7 +507,7 @@ impl Item {
                         tag: flags,
                     });
                 }
-                let meta = get_meta(r)?;
+                let meta = Arc::new(get_meta(r)?);
                 Ok(Item::Meta {
                     id,
                     seq,
@@ -744,7 +745,7 @@ mod tests {
                 id: NodeId::from_index(8),
                 seq: 1 << 40,
                 leaving: true,
-                meta: meta(),
+                meta: Arc::new(meta()),
             },
             Item::Suspect {
                 subject: ident(3, false),
@@ -794,7 +795,7 @@ mod tests {
             id: NodeId::from_index(1),
             seq: 0,
             leaving: false,
-            meta: meta(),
+            meta: Arc::new(meta()),
         }
         .encode();
         // claim a 200-byte version
