@@ -153,14 +153,14 @@ fn get_node_id(r: &mut Reader<'_>) -> Result<NodeId, DecodeError> {
 
 /// Encoded length of an identity.
 pub fn identity_len(id: &Identity) -> usize {
-    NODE_ID_LEN + ip_len(&id.addr.ip()) + 2 + 4
+    NODE_ID_LEN + ip_len(&id.socket_addr().ip()) + 2 + 4
 }
 
 /// Writes an identity (the caller checked the space).
 pub fn put_identity(buf: &mut impl BufMut, id: &Identity) {
     buf.put_slice(id.id.as_bytes());
-    put_ip(buf, &id.addr.ip());
-    buf.put_u16(id.addr.port());
+    put_ip(buf, &id.socket_addr().ip());
+    buf.put_u16(id.socket_addr().port());
     buf.put_u32(id.bump);
 }
 

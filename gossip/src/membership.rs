@@ -743,7 +743,7 @@ impl Membership {
             .iter_membership_state()
             .map(|m| MemberInfo {
                 id: m.id().id,
-                addr: m.id().addr,
+                addr: m.id().socket_addr(),
                 bump: m.id().bump,
                 state: match m.state() {
                     State::Alive => MemberState::Up,
@@ -1299,7 +1299,7 @@ impl Membership {
         self.foca
             .iter_membership_state()
             .nth(i)
-            .map(|m| m.id().addr)
+            .map(|m| m.id().socket_addr())
     }
 
     fn broadcast_meta(&mut self, leaving: bool, now: Instant) {
@@ -1333,7 +1333,7 @@ impl Membership {
             let tag_at =
                 1 + codec::identity_len(self.foca.identity()) + 2 + codec::identity_len(&to);
             if data.get(tag_at) == Some(&codec::TAG_TURN_UNDEAD)
-                && !self.pushpulls.contains(&to.addr)
+                && !self.pushpulls.contains(&to.socket_addr())
             {
                 let known = self.foca.iter_membership_state().len();
                 let down = self
@@ -1342,7 +1342,7 @@ impl Membership {
                     .filter(|m| m.state() == State::Down)
                     .count();
                 if down * 10 >= known {
-                    self.pushpulls.push_back(to.addr);
+                    self.pushpulls.push_back(to.socket_addr());
                 }
             }
             let data = if self.suspects.contains(&to.id) {
@@ -1370,7 +1370,7 @@ impl Membership {
                     self.stats.datagrams_out += 1;
                     self.stats.bytes_out += sealed.len() as u64;
                     self.transmits.push_back(Transmit {
-                        dst: to.addr,
+                        dst: to.socket_addr(),
                         data: sealed,
                     });
                 }
@@ -1515,7 +1515,7 @@ impl Membership {
     fn info(&self, ident: &Identity, state: MemberState) -> MemberInfo {
         MemberInfo {
             id: ident.id,
-            addr: ident.addr,
+            addr: ident.socket_addr(),
             bump: ident.bump,
             state,
             metadata: lock(&self.shared)
@@ -1556,7 +1556,7 @@ impl Membership {
                     // Its metadata broadcast may have gone round before we were there to
                     // hear it: pull the state from the member itself now rather than wait
                     // for the periodic push-pull (up to 30 s away).
-                    self.pushpulls.push_back(ident.addr);
+                    self.pushpulls.push_back(ident.socket_addr());
                 }
                 lock(&self.shared).peers.set_up(ident.id, known);
                 if known {
@@ -1589,7 +1589,7 @@ impl Membership {
             OwnedNotification::Rename(old, new) => {
                 let up = lock(&self.shared).peers.up(&new.id);
                 if let Some(announced) = up {
-                    if announced && old.addr != new.addr {
+                    if announced && old.socket_addr() != new.socket_addr() {
                         let info = self.info(&new, MemberState::Up);
                         self.events.push_back(Event::Updated(info));
                     }
