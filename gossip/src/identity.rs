@@ -15,8 +15,49 @@ pub const MAX_VERSION_LEN: usize = 32;
 ///
 /// The all-zero ID `0000000000000000000000000` is reserved: it addresses "whoever listens
 /// there" when joining through a seed address whose node ID is not known yet.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy)]
 pub struct NodeId([u8; NODE_ID_LEN]);
+
+impl std::hash::Hash for NodeId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // The bytes, as a derive would: equal IDs have equal bytes.
+        self.0.hash(state);
+    }
+}
+
+impl NodeId {
+    /// The 25 bytes as three big-endian words (16 + 8 + 1 bytes): comparing them compares
+    /// the bytes in order, without a call to `memcmp` (foca compares node IDs in a scan of
+    /// its member list for every update it applies).
+    fn words(&self) -> (u128, u64, u8) {
+        let b = &self.0;
+        let mut hi = [0u8; 16];
+        hi.copy_from_slice(&b[..16]);
+        let mut mid = [0u8; 8];
+        mid.copy_from_slice(&b[16..24]);
+        (u128::from_be_bytes(hi), u64::from_be_bytes(mid), b[24])
+    }
+}
+
+impl PartialEq for NodeId {
+    fn eq(&self, other: &Self) -> bool {
+        self.words() == other.words()
+    }
+}
+
+impl Eq for NodeId {}
+
+impl PartialOrd for NodeId {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for NodeId {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.words().cmp(&other.words())
+    }
+}
 
 /// Why a string is not a [`NodeId`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -309,6 +350,28 @@ mod tests {
         assert_eq!("abc".parse::<NodeId>(), Err(NodeIdError::Length(3)));
         assert_eq!(NodeId::from_index(0), NodeId::ANY);
         assert_eq!(NodeId::from_index(37).as_str(), "0000000000000000000000011");
+    }
+
+    #[test]
+    fn node_id_order_and_equality_are_the_bytes() {
+        let ids: Vec<NodeId> = [
+            "0000000000000000000000000",
+            "000000000000000000000000z",
+            "00000000000000000000000z0",
+            "0000000000000000z00000000",
+            "000000000000000z000000000",
+            "z00000000000000000000000a",
+            "zzzzzzzzzzzzzzzzzzzzzzzzz",
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+        for a in &ids {
+            for b in &ids {
+                assert_eq!(a.cmp(b), a.as_bytes().cmp(b.as_bytes()), "{a} {b}");
+                assert_eq!(a == b, a.as_bytes() == b.as_bytes());
+            }
+        }
     }
 
     #[test]
