@@ -18,6 +18,7 @@
 //! every error is a [`DecodeError`].
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
 
 use bytes::{Buf, BufMut};
 use foca::{Header, Member, Message, State};
@@ -152,14 +153,14 @@ fn get_node_id(r: &mut Reader<'_>) -> Result<NodeId, DecodeError> {
 
 /// Encoded length of an identity.
 pub fn identity_len(id: &Identity) -> usize {
-    NODE_ID_LEN + ip_len(&id.addr.ip()) + 2 + 4
+    NODE_ID_LEN + ip_len(&id.socket_addr().ip()) + 2 + 4
 }
 
 /// Writes an identity (the caller checked the space).
 pub fn put_identity(buf: &mut impl BufMut, id: &Identity) {
     buf.put_slice(id.id.as_bytes());
-    put_ip(buf, &id.addr.ip());
-    buf.put_u16(id.addr.port());
+    put_ip(buf, &id.socket_addr().ip());
+    buf.put_u16(id.socket_addr().port());
     buf.put_u32(id.bump);
 }
 
@@ -401,7 +402,7 @@ pub enum Item {
         /// The node is leaving the cluster on purpose.
         leaving: bool,
         /// The metadata.
-        meta: Metadata,
+        meta: Arc<Metadata>,
     },
     /// `from` probed `subject` itself and got no answer (Lifeguard's independent suspicion).
     Suspect {
@@ -506,7 +507,7 @@ impl Item {
                         tag: flags,
                     });
                 }
-                let meta = get_meta(r)?;
+                let meta = Arc::new(get_meta(r)?);
                 Ok(Item::Meta {
                     id,
                     seq,
@@ -744,7 +745,7 @@ mod tests {
                 id: NodeId::from_index(8),
                 seq: 1 << 40,
                 leaving: true,
-                meta: meta(),
+                meta: Arc::new(meta()),
             },
             Item::Suspect {
                 subject: ident(3, false),
@@ -794,7 +795,7 @@ mod tests {
             id: NodeId::from_index(1),
             seq: 0,
             leaving: false,
-            meta: meta(),
+            meta: Arc::new(meta()),
         }
         .encode();
         // claim a 200-byte version

@@ -15,8 +15,49 @@ pub const MAX_VERSION_LEN: usize = 32;
 ///
 /// The all-zero ID `0000000000000000000000000` is reserved: it addresses "whoever listens
 /// there" when joining through a seed address whose node ID is not known yet.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy)]
 pub struct NodeId([u8; NODE_ID_LEN]);
+
+impl std::hash::Hash for NodeId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // The bytes, as a derive would: equal IDs have equal bytes.
+        self.0.hash(state);
+    }
+}
+
+impl NodeId {
+    /// The 25 bytes as three big-endian words (16 + 8 + 1 bytes): comparing them compares
+    /// the bytes in order, without a call to `memcmp` (foca compares node IDs in a scan of
+    /// its member list for every update it applies).
+    fn words(&self) -> (u128, u64, u8) {
+        let b = &self.0;
+        let mut hi = [0u8; 16];
+        hi.copy_from_slice(&b[..16]);
+        let mut mid = [0u8; 8];
+        mid.copy_from_slice(&b[16..24]);
+        (u128::from_be_bytes(hi), u64::from_be_bytes(mid), b[24])
+    }
+}
+
+impl PartialEq for NodeId {
+    fn eq(&self, other: &Self) -> bool {
+        self.words() == other.words()
+    }
+}
+
+impl Eq for NodeId {}
+
+impl PartialOrd for NodeId {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for NodeId {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.words().cmp(&other.words())
+    }
+}
 
 /// Why a string is not a [`NodeId`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -106,20 +147,84 @@ impl fmt::Debug for NodeId {
 /// when the node learns it was declared down, so it rejoins at once with an identity that
 /// wins over the old one; a restarted agent should start from a higher bump than it ever
 /// used (the driver uses the wall clock in seconds).
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+///
+/// 48 bytes: the address is kept as its IP bytes, port and family (what the wire carries),
+/// not as a `SocketAddr` (32 bytes with the IPv6 flow label and scope ID, which the wire
+/// does not carry); every member record holds one, in every node's foca.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Identity {
     /// The control-plane node ID.
     pub id: NodeId,
-    /// Where the node receives gossip (UDP and TCP).
-    pub addr: SocketAddr,
+    /// Where the node receives gossip (UDP and TCP); see [`Identity::socket_addr`].
+    addr: PackedAddr,
     /// Generation counter, compared with wrap-around (serial number arithmetic).
     pub bump: u32,
 }
 
+/// A socket address as IP bytes (IPv4 in the first four), port and family.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct PackedAddr {
+    ip: [u8; 16],
+    port: [u8; 2],
+    v6: bool,
+}
+
+impl From<SocketAddr> for PackedAddr {
+    fn from(a: SocketAddr) -> Self {
+        let mut ip = [0u8; 16];
+        let v6 = match a.ip() {
+            IpAddr::V4(v4) => {
+                ip[..4].copy_from_slice(&v4.octets());
+                false
+            }
+            IpAddr::V6(v6) => {
+                ip = v6.octets();
+                true
+            }
+        };
+        PackedAddr {
+            ip,
+            port: a.port().to_be_bytes(),
+            v6,
+        }
+    }
+}
+
+impl PackedAddr {
+    fn get(&self) -> SocketAddr {
+        let ip = if self.v6 {
+            IpAddr::from(self.ip)
+        } else {
+            IpAddr::from([self.ip[0], self.ip[1], self.ip[2], self.ip[3]])
+        };
+        SocketAddr::new(ip, u16::from_be_bytes(self.port))
+    }
+}
+
+impl fmt::Debug for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Identity")
+            .field("id", &self.id)
+            .field("addr", &self.socket_addr())
+            .field("bump", &self.bump)
+            .finish()
+    }
+}
+
 impl Identity {
-    /// A new identity.
+    /// A new identity. An IPv6 address's flow label and scope ID are not kept (the wire
+    /// format does not carry them either).
     pub fn new(id: NodeId, addr: SocketAddr, bump: u32) -> Self {
-        Identity { id, addr, bump }
+        Identity {
+            id,
+            addr: addr.into(),
+            bump,
+        }
+    }
+
+    /// Where the node receives gossip (UDP and TCP).
+    pub fn socket_addr(&self) -> SocketAddr {
+        self.addr.get()
     }
 
     /// Whether `self` is a later generation than `other` (serial number arithmetic, so a
@@ -248,6 +353,28 @@ mod tests {
     }
 
     #[test]
+    fn node_id_order_and_equality_are_the_bytes() {
+        let ids: Vec<NodeId> = [
+            "0000000000000000000000000",
+            "000000000000000000000000z",
+            "00000000000000000000000z0",
+            "0000000000000000z00000000",
+            "000000000000000z000000000",
+            "z00000000000000000000000a",
+            "zzzzzzzzzzzzzzzzzzzzzzzzz",
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+        for a in &ids {
+            for b in &ids {
+                assert_eq!(a.cmp(b), a.as_bytes().cmp(b.as_bytes()), "{a} {b}");
+                assert_eq!(a == b, a.as_bytes() == b.as_bytes());
+            }
+        }
+    }
+
+    #[test]
     fn renewed_identity_wins_even_across_wrap() {
         let addr: SocketAddr = "198.18.0.1:7946".parse().unwrap();
         let old = Identity::new(NodeId::from_index(5), addr, u32::MAX);
@@ -258,6 +385,28 @@ mod tests {
         // equal generation: keep the known one
         let other = Identity::new(old.id, "198.18.0.2:7946".parse().unwrap(), old.bump);
         assert!(old.win_addr_conflict(&other));
+    }
+
+    #[test]
+    fn address_kept_compactly_round_trips() {
+        assert_eq!(size_of::<Identity>(), 48);
+        for a in [
+            "198.18.0.1:7946",
+            "[2001:db8::1]:7946",
+            "[::ffff:198.18.0.1]:1",
+        ] {
+            let a: SocketAddr = a.parse().unwrap();
+            let id = Identity::new(NodeId::from_index(1), a, 3);
+            assert_eq!(id.socket_addr(), a);
+        }
+        // An IPv4 address and its IPv4-mapped IPv6 form stay different identities.
+        let v4 = Identity::new(NodeId::ANY, "198.18.0.1:1".parse().unwrap(), 0);
+        let v6 = Identity::new(NodeId::ANY, "[::ffff:198.18.0.1]:1".parse().unwrap(), 0);
+        assert_ne!(v4, v6);
+        assert_eq!(
+            format!("{v4:?}"),
+            "Identity { id: NodeId(0000000000000000000000000), addr: 198.18.0.1:1, bump: 0 }"
+        );
     }
 
     #[test]

@@ -57,6 +57,7 @@ pub mod driver;
 pub mod identity;
 pub mod membership;
 pub mod node;
+mod peers;
 pub mod seal;
 pub mod sim;
 

@@ -54,6 +54,7 @@ use rand_0_10::{RngExt, SeedableRng};
 
 use crate::codec::{self, Codec, DecodeError, Item, Reader, StateDump};
 use crate::identity::{Identity, Metadata, MetadataError, NodeId};
+use crate::peers::Peers;
 use crate::seal::{
     Keyring, Kind, OpenError, ReplayError, ReplayWindow, Sealer, Sequence, OVERHEAD,
 };
@@ -336,17 +337,11 @@ pub struct Transmit {
 // ---------------------------------------------------------------------------------------------
 // shared state between Membership and foca's broadcast handler
 
-#[derive(Debug)]
-struct MetaEntry {
-    seq: u64,
-    leaving: bool,
-    meta: Metadata,
-}
-
 #[derive(Debug, Default)]
 struct Shared {
     admission: Admission,
-    metas: HashMap<NodeId, MetaEntry>,
+    /// Metadata and up state per member.
+    peers: Peers,
     changed: Vec<NodeId>,
     confirms: HashMap<(NodeId, u32, u16), HashSet<NodeId>>,
     /// Suspicions we just heard of for the first time: candidates for a confirmation probe.
@@ -435,12 +430,12 @@ impl Shared {
                     self.rejected_items += 1;
                     return None;
                 }
-                if let Some(known) = self.metas.get(&id) {
+                if let Some(known) = self.peers.meta(&id) {
                     if known.seq >= seq {
                         return None;
                     }
                 }
-                self.metas.insert(id, MetaEntry { seq, leaving, meta });
+                self.peers.set_meta(id, seq, leaving, meta);
                 self.changed.push(id);
                 Some(ItemKey::Meta { id, seq })
             }
@@ -551,9 +546,7 @@ pub struct Membership {
     transmits: VecDeque<Transmit>,
     pushpulls: VecDeque<SocketAddr>,
     events: VecDeque<Event>,
-    /// Members foca reports up, and whether we emitted `Up` for them.
-    up: HashMap<NodeId, (Identity, bool)>,
-    my_meta: Metadata,
+    my_meta: Arc<Metadata>,
     my_seq: u64,
     meta_sent: bool,
     health: u32,
@@ -652,8 +645,7 @@ impl Membership {
             transmits: VecDeque::new(),
             pushpulls: VecDeque::new(),
             events: VecDeque::new(),
-            up: HashMap::new(),
-            my_meta: setup.metadata,
+            my_meta: Arc::new(setup.metadata),
             my_seq: u64::from(setup.identity.bump) << 32,
             meta_sent: false,
             last_suspected: None,
@@ -684,6 +676,45 @@ impl Membership {
         &self.my_meta
     }
 
+    /// Estimated heap bytes per part of this core (capacities times element sizes; hash
+    /// maps with their empty buckets and control bytes). The simulation's `--mem`; foca's
+    /// member list is estimated from its length (its `Vec` grows by doubling).
+    #[doc(hidden)]
+    pub fn memory(&self) -> Vec<(&'static str, usize)> {
+        fn map<K, V>(m: &HashMap<K, V>) -> usize {
+            map_bytes(m.capacity(), size_of::<(K, V)>())
+        }
+        fn set<K>(m: &HashSet<K>) -> usize {
+            map_bytes(m.capacity(), size_of::<K>())
+        }
+        let sh = lock(&self.shared);
+        let members = self.foca.iter_membership_state().len();
+        vec![
+            (
+                "foca_members",
+                members.next_power_of_two() * size_of::<Member<Identity>>(),
+            ),
+            ("peers", sh.peers.heap_bytes()),
+            ("replay", map(&self.replay)),
+            (
+                "confirms",
+                map(&sh.confirms) + sh.confirms.values().map(set).sum::<usize>(),
+            ),
+            ("heard", map(&self.heard)),
+            (
+                "queues",
+                self.events.capacity() * size_of::<Event>()
+                    + self.transmits.capacity() * size_of::<Transmit>(),
+            ),
+            ("suspects", set(&self.suspects)),
+            ("checks_pings", map(&self.checks) + map(&self.pings)),
+            (
+                "timers",
+                self.timers.capacity() * size_of::<Pending>() + self.declares.capacity() * 40,
+            ),
+        ]
+    }
+
     /// Counters.
     pub fn stats(&self) -> Stats {
         let mut s = self.stats.clone();
@@ -712,14 +743,14 @@ impl Membership {
             .iter_membership_state()
             .map(|m| MemberInfo {
                 id: m.id().id,
-                addr: m.id().addr,
+                addr: m.id().socket_addr(),
                 bump: m.id().bump,
                 state: match m.state() {
                     State::Alive => MemberState::Up,
                     State::Suspect => MemberState::Suspect,
                     State::Down => MemberState::Down,
                 },
-                metadata: sh.metas.get(&m.id().id).map(|e| e.meta.clone()),
+                metadata: sh.peers.meta(&m.id().id).map(|e| Metadata::clone(e.meta)),
             })
             .collect()
     }
@@ -761,7 +792,7 @@ impl Membership {
     /// Changes our metadata (role change, new key, new VTEP) and spreads it.
     pub fn update_metadata(&mut self, meta: Metadata, now: Instant) -> Result<(), ApiError> {
         meta.validate()?;
-        self.my_meta = meta;
+        self.my_meta = Arc::new(meta);
         self.broadcast_meta(false, now);
         Ok(())
     }
@@ -782,8 +813,8 @@ impl Membership {
             .collect();
         {
             let mut sh = lock(&self.shared);
-            sh.metas
-                .retain(|id, e| admission.admits_key(id, &e.meta.public_key));
+            sh.peers
+                .retain_metas(|id, meta| admission.admits_key(id, &meta.public_key));
             sh.admission = admission;
         }
         if !removed.is_empty() {
@@ -840,7 +871,13 @@ impl Membership {
 
     /// The next membership event.
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+        let e = self.events.pop_front();
+        if e.is_none() && self.events.capacity() > 256 {
+            // A restore or a push-pull queues an event per member; once drained, give the
+            // space back (a simulation holds thousands of cores at once).
+            self.events.shrink_to(16);
+        }
+        e
     }
 
     /// Handles one received datagram. Errors are already counted; the caller may log them.
@@ -1262,7 +1299,7 @@ impl Membership {
         self.foca
             .iter_membership_state()
             .nth(i)
-            .map(|m| m.id().addr)
+            .map(|m| m.id().socket_addr())
     }
 
     fn broadcast_meta(&mut self, leaving: bool, now: Instant) {
@@ -1271,7 +1308,7 @@ impl Membership {
             id: self.foca.identity().id,
             seq: self.my_seq,
             leaving,
-            meta: self.my_meta.clone(),
+            meta: Arc::clone(&self.my_meta),
         };
         if self.foca.add_broadcast(&item.encode()).is_err() {
             self.stats.dropped_protocol += 1;
@@ -1296,7 +1333,7 @@ impl Membership {
             let tag_at =
                 1 + codec::identity_len(self.foca.identity()) + 2 + codec::identity_len(&to);
             if data.get(tag_at) == Some(&codec::TAG_TURN_UNDEAD)
-                && !self.pushpulls.contains(&to.addr)
+                && !self.pushpulls.contains(&to.socket_addr())
             {
                 let known = self.foca.iter_membership_state().len();
                 let down = self
@@ -1305,7 +1342,7 @@ impl Membership {
                     .filter(|m| m.state() == State::Down)
                     .count();
                 if down * 10 >= known {
-                    self.pushpulls.push_back(to.addr);
+                    self.pushpulls.push_back(to.socket_addr());
                 }
             }
             let data = if self.suspects.contains(&to.id) {
@@ -1333,7 +1370,7 @@ impl Membership {
                     self.stats.datagrams_out += 1;
                     self.stats.bytes_out += sealed.len() as u64;
                     self.transmits.push_back(Transmit {
-                        dst: to.addr,
+                        dst: to.socket_addr(),
                         data: sealed,
                     });
                 }
@@ -1478,25 +1515,35 @@ impl Membership {
     fn info(&self, ident: &Identity, state: MemberState) -> MemberInfo {
         MemberInfo {
             id: ident.id,
-            addr: ident.addr,
+            addr: ident.socket_addr(),
             bump: ident.bump,
             state,
             metadata: lock(&self.shared)
-                .metas
-                .get(&ident.id)
-                .map(|e| e.meta.clone()),
+                .peers
+                .meta(&ident.id)
+                .map(|e| Metadata::clone(e.meta)),
         }
     }
 
     fn meta_changed(&mut self, id: NodeId) {
-        if let Some((ident, announced)) = self.up.get(&id).copied() {
-            let info = self.info(&ident, MemberState::Up);
-            if announced {
-                self.events.push_back(Event::Updated(info));
-            } else {
-                self.up.insert(id, (ident, true));
-                self.events.push_back(Event::Up(info));
-            }
+        let Some(announced) = lock(&self.shared).peers.up(&id) else {
+            return;
+        };
+        // An up member's identity is foca's active record for it (kept current by `Rename`).
+        let Some(ident) = self
+            .foca
+            .iter_members()
+            .find(|m| m.id().id == id)
+            .map(|m| *m.id())
+        else {
+            return;
+        };
+        let info = self.info(&ident, MemberState::Up);
+        if announced {
+            self.events.push_back(Event::Updated(info));
+        } else {
+            lock(&self.shared).peers.set_up(id, true);
+            self.events.push_back(Event::Up(info));
         }
     }
 
@@ -1509,9 +1556,9 @@ impl Membership {
                     // Its metadata broadcast may have gone round before we were there to
                     // hear it: pull the state from the member itself now rather than wait
                     // for the periodic push-pull (up to 30 s away).
-                    self.pushpulls.push_back(ident.addr);
+                    self.pushpulls.push_back(ident.socket_addr());
                 }
-                self.up.insert(ident.id, (ident, known));
+                lock(&self.shared).peers.set_up(ident.id, known);
                 if known {
                     self.events.push_back(Event::Up(info));
                 }
@@ -1523,11 +1570,12 @@ impl Membership {
                         ident.id, ident.bump, self.ctx
                     ));
                 }
-                if let Some((_, announced)) = self.up.remove(&ident.id) {
+                let was_up = lock(&self.shared).peers.remove_up(&ident.id);
+                if let Some(announced) = was_up {
                     if announced {
                         let leaving = lock(&self.shared)
-                            .metas
-                            .get(&ident.id)
+                            .peers
+                            .meta(&ident.id)
                             .is_some_and(|e| e.leaving);
                         let info = self.info(&ident, MemberState::Down);
                         self.events.push_back(if leaving {
@@ -1539,9 +1587,9 @@ impl Membership {
                 }
             }
             OwnedNotification::Rename(old, new) => {
-                if let Some((_, announced)) = self.up.get(&new.id).copied() {
-                    self.up.insert(new.id, (new, announced));
-                    if announced && old.addr != new.addr {
+                let up = lock(&self.shared).peers.up(&new.id);
+                if let Some(announced) = up {
+                    if announced && old.socket_addr() != new.socket_addr() {
                         let info = self.info(&new, MemberState::Up);
                         self.events.push_back(Event::Updated(info));
                     }
@@ -1593,26 +1641,22 @@ impl Membership {
     pub fn pushpull_frame(&mut self) -> Result<Vec<u8>, PushPullError> {
         let dump = {
             let sh = lock(&self.shared);
+            // In node ID order, so runs are reproducible.
             let mut items: Vec<Item> = sh
-                .metas
-                .iter()
+                .peers
+                .metas()
                 .map(|(id, e)| Item::Meta {
-                    id: *id,
+                    id,
                     seq: e.seq,
                     leaving: e.leaving,
-                    meta: e.meta.clone(),
+                    meta: Arc::clone(e.meta),
                 })
                 .collect();
-            // HashMap order is random per process: sort so runs are reproducible.
-            items.sort_by_key(|i| match i {
-                Item::Meta { id, .. } => *id,
-                Item::Suspect { from, .. } => *from,
-            });
             items.push(Item::Meta {
                 id: self.foca.identity().id,
                 seq: self.my_seq,
                 leaving: false,
-                meta: self.my_meta.clone(),
+                meta: Arc::clone(&self.my_meta),
             });
             let mut members: Vec<Member<Identity>> =
                 self.foca.iter_membership_state().cloned().collect();
@@ -1631,6 +1675,8 @@ impl Membership {
         let me = self.foca.identity().id;
         {
             let mut sh = lock(&self.shared);
+            // A restore into an empty core: size the table once instead of by doubling.
+            sh.peers.reserve_exact(dump.items.len());
             for item in &dump.items {
                 if matches!(item, Item::Meta { .. }) {
                     sh.accept_item(item.clone(), me);
@@ -1731,6 +1777,19 @@ impl Membership {
         let (plain, _) = self.sealer.open(Kind::Datagram, data).ok()?;
         codec::decode_header(&plain).ok().map(|(h, _)| h)
     }
+}
+
+/// Heap bytes of a hashbrown table with `cap` usable slots of `entry` bytes each.
+fn map_bytes(cap: usize, entry: usize) -> usize {
+    if cap == 0 {
+        return 0;
+    }
+    let buckets = if cap < 8 {
+        (cap + 1).next_power_of_two()
+    } else {
+        (cap * 8 / 7).next_power_of_two()
+    };
+    buckets * (entry + 1) + 16
 }
 
 fn codec_put_member(v: &mut Vec<u8>, m: &Member<Identity>) {

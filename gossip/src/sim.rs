@@ -23,6 +23,7 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand_0_10::rngs::SmallRng;
@@ -92,6 +93,10 @@ pub struct SimConfig {
     pub debug: bool,
     /// Confirmation probes on (the default) or off.
     pub confirm_probes: bool,
+    /// Print an estimated memory breakdown (summed over nodes, bytes per (node, member)
+    /// pair) on stderr once the cluster has formed and at the end, with the resident set
+    /// size `rss` reports (the binary reads it; the simulation does no IO).
+    pub mem: Option<fn() -> Option<u64>>,
 }
 
 impl SimConfig {
@@ -109,6 +114,7 @@ impl SimConfig {
             stall_fraction: 0.05,
             debug: false,
             confirm_probes: true,
+            mem: None,
         }
     }
 }
@@ -640,6 +646,7 @@ impl Sim {
                     });
                     if formed || now > Duration::from_secs(600) {
                         self.formed_at = Some(now);
+                        self.mem_report("formed");
                         self.start_measuring();
                     }
                 }
@@ -731,7 +738,7 @@ impl Sim {
                     id: NodeId::from_index(i as u128 + 1),
                     seq: 1,
                     leaving: false,
-                    meta: meta_for(i, 0),
+                    meta: Arc::new(meta_for(i, 0)),
                 })
                 .collect(),
         };
@@ -845,7 +852,48 @@ impl Sim {
         }
     }
 
+    fn mem_report(&self, when: &str) {
+        let Some(rss) = self.cfg.mem else {
+            return;
+        };
+        let mut parts: Vec<(&'static str, usize)> = Vec::new();
+        for c in self.nodes.iter().filter_map(|n| n.core.as_ref()) {
+            for (name, b) in c.memory() {
+                match parts.iter_mut().find(|p| p.0 == name) {
+                    Some(p) => p.1 += b,
+                    None => parts.push((name, b)),
+                }
+            }
+        }
+        let n = self.nodes.len() as f64;
+        let pairs = n * (n - 1.0);
+        let mut out = serde_json::Map::new();
+        out.insert("mem".into(), when.into());
+        let mut total = 0;
+        for (name, b) in parts {
+            total += b;
+            out.insert(
+                format!("{name}_B_per_pair"),
+                serde_json::json!((b as f64 / pairs * 10.0).round() / 10.0),
+            );
+        }
+        out.insert(
+            "estimated_B_per_pair".into(),
+            serde_json::json!((total as f64 / pairs * 10.0).round() / 10.0),
+        );
+        if let Some(r) = rss() {
+            out.insert(
+                "rss_B_per_pair".into(),
+                serde_json::json!((r as f64 / pairs * 10.0).round() / 10.0),
+            );
+            out.insert("rss_kb".into(), serde_json::json!(r / 1024));
+        }
+        out.insert("queue_events".into(), serde_json::json!(self.slab.len()));
+        eprintln!("{}", serde_json::Value::Object(out));
+    }
+
     fn report(self) -> Report {
+        self.mem_report("end");
         if self.debug {
             eprintln!("{:?}", self.tally);
         }

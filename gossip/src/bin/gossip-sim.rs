@@ -44,6 +44,18 @@ struct Args {
     /// Turn confirmation probes (and so the witness quorum) off.
     #[arg(long)]
     no_confirm: bool,
+    /// Print an estimated memory breakdown (bytes per node-member pair) and the resident
+    /// set size on stderr, once formed and at the end.
+    #[arg(long)]
+    mem: bool,
+}
+
+/// Resident set size of this process, from `/proc/self/status` (Linux).
+fn rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 fn main() -> ExitCode {
@@ -60,6 +72,9 @@ fn main() -> ExitCode {
     cfg.loss = args.loss;
     cfg.debug = args.debug;
     cfg.confirm_probes = !args.no_confirm;
+    if args.mem {
+        cfg.mem = Some(rss_bytes);
+    }
     cfg.duration = Duration::from_secs_f64(args.minutes * 60.0);
     cfg.latency = Duration::from_secs_f64(args.latency_ms.max(0.0) / 1000.0);
     cfg.jitter = Duration::from_secs_f64(args.jitter_ms.max(0.0) / 1000.0);
