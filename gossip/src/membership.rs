@@ -76,6 +76,16 @@ pub struct Config {
     pub swim: foca::Config,
     /// Lifeguard local health on (the default) or off (plain SWIM timers).
     pub local_health: bool,
+    /// Dynamic suspicion on (the default): a member whose probe fails broadcasts an
+    /// independent-witness item, the suspicion timeout shrinks from `suspicion_max` towards
+    /// `suspicion_min` as witnesses accumulate, and a quorum of witnesses lets any member
+    /// declare the suspect down. Off (plain SWIM): no witness items, no quorum, every
+    /// suspicion waits `suspicion_max`.
+    pub dynamic_suspicion: bool,
+    /// Lifeguard's buddy system on (the default): a probe to a member we hold as suspect
+    /// carries that suspicion. Off (plain SWIM): probes carry only the usual piggybacked
+    /// updates.
+    pub buddy_system: bool,
     /// Highest health score; timers stretch at most `1 + max_health` times.
     pub max_health: u32,
     /// Suspicion timeout with `suspicion_k` or more independent confirmations.
@@ -139,6 +149,8 @@ impl Config {
         Config {
             swim,
             local_health: true,
+            dynamic_suspicion: true,
+            buddy_system: true,
             max_health: 8,
             suspicion_min: Duration::from_secs_f64((log * 0.5).max(1.5)),
             suspicion_max: Duration::from_secs_f64((log * 4.0).max(8.0)),
@@ -146,6 +158,36 @@ impl Config {
             confirm_probes: 5,
             pushpull_interval: Duration::from_secs_f64((f64::from(cluster_size) * 0.6).max(30.0)),
         }
+    }
+
+    /// Plain SWIM, the baseline the Lifeguard paper compares against (memberlist without
+    /// Lifeguard, the SWIM paper's protocol): [`Config::lan`] with all three Lifeguard parts
+    /// off and foca's 3 indirect probes:
+    /// - no local health (`local_health` off: probe period, probe RTT and suspicion timeout
+    ///   never stretch; a late timer is not deferred; a slow node still acts on its own
+    ///   observations);
+    /// - a fixed suspicion timeout, memberlist's `suspicion_mult * max(1, log10(n)) *
+    ///   probe_interval` with `suspicion_mult = 4` and a 1 s probe period (foca's
+    ///   `Config::new_lan` computes the same): 9.2 s at n = 200, 10.8 s at 500, 12 s at
+    ///   1000. `suspicion_min = suspicion_max` = that value, `dynamic_suspicion` off (no
+    ///   witness items, no quorum), `confirm_probes` 0;
+    /// - no buddy system (`buddy_system` off);
+    /// - 3 indirect probes (foca's and memberlist's default; [`Config::lan`] uses 5).
+    ///
+    /// Everything else (probe period and RTT, gossip fan-out and transmissions, push-pull,
+    /// announces, the TurnUndead fix, codec, sealing, metadata) is as in [`Config::lan`].
+    pub fn plain_swim(cluster_size: u32) -> Self {
+        let mut c = Config::lan(cluster_size);
+        let n = NonZeroU32::new(cluster_size.max(1)).unwrap_or(NonZeroU32::MIN);
+        let fixed = foca::Config::new_lan(n).suspect_to_down_after;
+        c.swim.num_indirect_probes = NonZeroUsize::new(3).unwrap_or(NonZeroUsize::MIN);
+        c.local_health = false;
+        c.dynamic_suspicion = false;
+        c.buddy_system = false;
+        c.confirm_probes = 0;
+        c.suspicion_min = fixed;
+        c.suspicion_max = fixed;
+        c
     }
 }
 
@@ -1068,7 +1110,7 @@ impl Membership {
                 .or_insert(now);
             self.suspects.insert(subject.id);
         }
-        if fresh.is_empty() || self.config.confirm_probes == 0 {
+        if fresh.is_empty() || self.config.confirm_probes == 0 || !self.config.dynamic_suspicion {
             return;
         }
         // A node that knows it is slow does not trust its own silence observations.
@@ -1229,6 +1271,10 @@ impl Membership {
     }
 
     fn suspicion_timeout(&self, member: &Identity, incarnation: u16) -> Duration {
+        if !self.config.dynamic_suspicion {
+            // Plain SWIM: one fixed timeout, whoever else suspects the member.
+            return self.config.suspicion_max * self.multiplier();
+        }
         let c = lock(&self.shared)
             .confirms
             .get(&(member.id, member.bump, incarnation))
@@ -1308,7 +1354,7 @@ impl Membership {
                     self.pushpulls.push_back(to.addr);
                 }
             }
-            let data = if self.suspects.contains(&to.id) {
+            let data = if self.config.buddy_system && self.suspects.contains(&to.id) {
                 self.buddy(&to, data)
             } else {
                 data
@@ -1366,7 +1412,11 @@ impl Membership {
         if !lock(&self.shared).fresh_suspects.is_empty() {
             self.start_checks(now);
         }
-        let quorums = std::mem::take(&mut lock(&self.shared).quorums);
+        let mut quorums = std::mem::take(&mut lock(&self.shared).quorums);
+        if !self.config.dynamic_suspicion {
+            // Plain SWIM: only the suspicion timer declares a member down.
+            quorums.clear();
+        }
         for (subject, inc) in quorums {
             let heard = self
                 .heard
@@ -1558,7 +1608,8 @@ impl Membership {
                     .iter_members()
                     .find(|m| m.id() == &ident)
                     .map(|m| m.incarnation());
-                if let Some(incarnation) = inc {
+                // Plain SWIM (dynamic suspicion off) has no witness items.
+                if let Some(incarnation) = inc.filter(|_| self.config.dynamic_suspicion) {
                     let item = Item::Suspect {
                         subject: ident,
                         incarnation,
