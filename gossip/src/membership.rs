@@ -37,6 +37,9 @@
 //! `max(min, max - (max - min) * ln(c + 1) / ln(k + 1))`. A crashed node is confirmed by
 //! every prober and goes down fast; a healthy node suspected through a lost packet gets the
 //! long timeout and time to refute.
+//!
+//! [`Config::plain_swim`] turns all of the above off (`local_health`, `dynamic_suspicion`,
+//! `buddy_system`, `confirm_probes`): the plain SWIM baseline the simulation compares with.
 
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
@@ -1598,6 +1601,9 @@ impl Membership {
                 }
             }
             OwnedNotification::ProbeFailed(_, ident) => {
+                if let Some(n) = self.notes.as_mut() {
+                    n.push(format!("probe failed {} bump {}", ident.id, ident.bump));
+                }
                 self.suspects.insert(ident.id);
                 self.stats.probes_failed += 1;
                 if self.config.local_health {

@@ -19,6 +19,15 @@
 //!
 //! In every scenario one random node changes its metadata every 10 s; the time until 99.9% of
 //! the other live nodes report [`Event::Updated`] is the dissemination time.
+//!
+//! [`SimConfig::anomaly_secs`] changes the stall lengths or the slow nodes' read delay.
+//! [`SimConfig::protocol`] picks every node's membership configuration: ours
+//! ([`Config::lan`]), ours without local health, or plain SWIM ([`Config::plain_swim`]).
+//! The scenario's draws (crashes, restarts, metadata changes, stalls, which nodes are slow)
+//! come from their own RNG and do not depend on the protocol ([`Report::schedule_hash`]);
+//! loss, jitter and the slow nodes' per-datagram delay are drawn per datagram sent, so two
+//! protocols that send different datagrams get the same distributions, not the same fate
+//! for each datagram.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
