@@ -1163,7 +1163,7 @@ impl Membership {
             ..
         } = &p.timer
         {
-            let due = p.created + self.suspicion_timeout(member_id, *incarnation);
+            let due = p.created + self.suspicion_timeout(member_id, *incarnation, p.created);
             if due > now {
                 p.deadline = due;
                 self.push_pending(p);
@@ -1273,9 +1273,26 @@ impl Membership {
         self.notes.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
-    fn suspicion_timeout(&self, member: &Identity, incarnation: u16) -> Duration {
+    /// Whether the witnesses of this suspicion (member, incarnation) were first heard more
+    /// than `suspicion_max` (stretched by local health) before `at`. A suspicion lives at
+    /// most that long, so they belong to an earlier episode: one that was declared, refuted,
+    /// or never reached its subject. As Lifeguard counts confirmations only while their
+    /// suspicion runs, such witnesses neither shorten a later suspicion's timeout nor make a
+    /// quorum. (At N = 500 with slow readers, witnesses heard 77 s apart at the same bump and
+    /// incarnation made a quorum and declared a healthy member down at once.)
+    fn witnesses_stale(&self, member: &Identity, incarnation: u16, at: Instant) -> bool {
+        let window = self.config.suspicion_max * self.multiplier();
+        self.heard
+            .get(&(member.id, member.bump, incarnation))
+            .is_some_and(|h| at.saturating_duration_since(*h) > window)
+    }
+
+    fn suspicion_timeout(&self, member: &Identity, incarnation: u16, created: Instant) -> Duration {
         if !self.config.dynamic_suspicion {
             // Plain SWIM: one fixed timeout, whoever else suspects the member.
+            return self.config.suspicion_max * self.multiplier();
+        }
+        if self.witnesses_stale(member, incarnation, created) {
             return self.config.suspicion_max * self.multiplier();
         }
         let c = lock(&self.shared)
@@ -1420,6 +1437,7 @@ impl Membership {
             // Plain SWIM: only the suspicion timer declares a member down.
             quorums.clear();
         }
+        quorums.retain(|(subject, inc)| !self.witnesses_stale(subject, *inc, now));
         for (subject, inc) in quorums {
             let heard = self
                 .heard
