@@ -12,7 +12,10 @@ fn plain_swim_has_memberlists_fixed_timeout_and_no_lifeguard_parts() {
         let want = Duration::from_secs_f64(secs);
         for got in [c.suspicion_min, c.suspicion_max] {
             let diff = got.abs_diff(want);
-            assert!(diff < Duration::from_millis(1), "n = {n}: {got:?}, want {want:?}");
+            assert!(
+                diff < Duration::from_millis(1),
+                "n = {n}: {got:?}, want {want:?}"
+            );
         }
         assert!(!c.local_health && !c.dynamic_suspicion && !c.buddy_system);
         assert_eq!(c.confirm_probes, 0);
