@@ -37,6 +37,9 @@
 //! `max(min, max - (max - min) * ln(c + 1) / ln(k + 1))`. A crashed node is confirmed by
 //! every prober and goes down fast; a healthy node suspected through a lost packet gets the
 //! long timeout and time to refute.
+//!
+//! [`Config::plain_swim`] turns all of the above off (`local_health`, `dynamic_suspicion`,
+//! `buddy_system`, `confirm_probes`): the plain SWIM baseline the simulation compares with.
 
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
@@ -77,6 +80,16 @@ pub struct Config {
     pub swim: foca::Config,
     /// Lifeguard local health on (the default) or off (plain SWIM timers).
     pub local_health: bool,
+    /// Dynamic suspicion on (the default): a member whose probe fails broadcasts an
+    /// independent-witness item, the suspicion timeout shrinks from `suspicion_max` towards
+    /// `suspicion_min` as witnesses accumulate, and a quorum of witnesses lets any member
+    /// declare the suspect down. Off (plain SWIM): no witness items, no quorum, every
+    /// suspicion waits `suspicion_max`.
+    pub dynamic_suspicion: bool,
+    /// Lifeguard's buddy system on (the default): a probe to a member we hold as suspect
+    /// carries that suspicion. Off (plain SWIM): probes carry only the usual piggybacked
+    /// updates.
+    pub buddy_system: bool,
     /// Highest health score; timers stretch at most `1 + max_health` times.
     pub max_health: u32,
     /// Suspicion timeout with `suspicion_k` or more independent confirmations.
@@ -140,6 +153,8 @@ impl Config {
         Config {
             swim,
             local_health: true,
+            dynamic_suspicion: true,
+            buddy_system: true,
             max_health: 8,
             suspicion_min: Duration::from_secs_f64((log * 0.5).max(1.5)),
             suspicion_max: Duration::from_secs_f64((log * 4.0).max(8.0)),
@@ -147,6 +162,36 @@ impl Config {
             confirm_probes: 5,
             pushpull_interval: Duration::from_secs_f64((f64::from(cluster_size) * 0.6).max(30.0)),
         }
+    }
+
+    /// Plain SWIM, the baseline the Lifeguard paper compares against (memberlist without
+    /// Lifeguard, the SWIM paper's protocol): [`Config::lan`] with all three Lifeguard parts
+    /// off and foca's 3 indirect probes:
+    /// - no local health (`local_health` off: probe period, probe RTT and suspicion timeout
+    ///   never stretch; a late timer is not deferred; a slow node still acts on its own
+    ///   observations);
+    /// - a fixed suspicion timeout, memberlist's `suspicion_mult * max(1, log10(n)) *
+    ///   probe_interval` with `suspicion_mult = 4` and a 1 s probe period (foca's
+    ///   `Config::new_lan` computes the same): 9.2 s at n = 200, 10.8 s at 500, 12 s at
+    ///   1000. `suspicion_min = suspicion_max` = that value, `dynamic_suspicion` off (no
+    ///   witness items, no quorum), `confirm_probes` 0;
+    /// - no buddy system (`buddy_system` off);
+    /// - 3 indirect probes (foca's and memberlist's default; [`Config::lan`] uses 5).
+    ///
+    /// Everything else (probe period and RTT, gossip fan-out and transmissions, push-pull,
+    /// announces, the TurnUndead fix, codec, sealing, metadata) is as in [`Config::lan`].
+    pub fn plain_swim(cluster_size: u32) -> Self {
+        let mut c = Config::lan(cluster_size);
+        let n = NonZeroU32::new(cluster_size.max(1)).unwrap_or(NonZeroU32::MIN);
+        let fixed = foca::Config::new_lan(n).suspect_to_down_after;
+        c.swim.num_indirect_probes = NonZeroUsize::new(3).unwrap_or(NonZeroUsize::MIN);
+        c.local_health = false;
+        c.dynamic_suspicion = false;
+        c.buddy_system = false;
+        c.confirm_probes = 0;
+        c.suspicion_min = fixed;
+        c.suspicion_max = fixed;
+        c
     }
 }
 
@@ -1105,7 +1150,7 @@ impl Membership {
                 .or_insert(now);
             self.suspects.insert(subject.id);
         }
-        if fresh.is_empty() || self.config.confirm_probes == 0 {
+        if fresh.is_empty() || self.config.confirm_probes == 0 || !self.config.dynamic_suspicion {
             return;
         }
         // A node that knows it is slow does not trust its own silence observations.
@@ -1155,7 +1200,7 @@ impl Membership {
             ..
         } = &p.timer
         {
-            let due = p.created + self.suspicion_timeout(member_id, *incarnation);
+            let due = p.created + self.suspicion_timeout(member_id, *incarnation, p.created);
             if due > now {
                 p.deadline = due;
                 self.push_pending(p);
@@ -1265,7 +1310,28 @@ impl Membership {
         self.notes.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
-    fn suspicion_timeout(&self, member: &Identity, incarnation: u16) -> Duration {
+    /// Whether the witnesses of this suspicion (member, incarnation) were first heard more
+    /// than `suspicion_max` (stretched by local health) before `at`. A suspicion lives at
+    /// most that long, so they belong to an earlier episode: one that was declared, refuted,
+    /// or never reached its subject. As Lifeguard counts confirmations only while their
+    /// suspicion runs, such witnesses neither shorten a later suspicion's timeout nor make a
+    /// quorum. (At N = 500 with slow readers, witnesses heard 77 s apart at the same bump and
+    /// incarnation made a quorum and declared a healthy member down at once.)
+    fn witnesses_stale(&self, member: &Identity, incarnation: u16, at: Instant) -> bool {
+        let window = self.config.suspicion_max * self.multiplier();
+        self.heard
+            .get(&(member.id, member.bump, incarnation))
+            .is_some_and(|h| at.saturating_duration_since(*h) > window)
+    }
+
+    fn suspicion_timeout(&self, member: &Identity, incarnation: u16, created: Instant) -> Duration {
+        if !self.config.dynamic_suspicion {
+            // Plain SWIM: one fixed timeout, whoever else suspects the member.
+            return self.config.suspicion_max * self.multiplier();
+        }
+        if self.witnesses_stale(member, incarnation, created) {
+            return self.config.suspicion_max * self.multiplier();
+        }
         let c = lock(&self.shared)
             .confirms
             .get(&(member.id, member.bump, incarnation))
@@ -1345,7 +1411,7 @@ impl Membership {
                     self.pushpulls.push_back(to.socket_addr());
                 }
             }
-            let data = if self.suspects.contains(&to.id) {
+            let data = if self.config.buddy_system && self.suspects.contains(&to.id) {
                 self.buddy(&to, data)
             } else {
                 data
@@ -1403,7 +1469,12 @@ impl Membership {
         if !lock(&self.shared).fresh_suspects.is_empty() {
             self.start_checks(now);
         }
-        let quorums = std::mem::take(&mut lock(&self.shared).quorums);
+        let mut quorums = std::mem::take(&mut lock(&self.shared).quorums);
+        if !self.config.dynamic_suspicion {
+            // Plain SWIM: only the suspicion timer declares a member down.
+            quorums.clear();
+        }
+        quorums.retain(|(subject, inc)| !self.witnesses_stale(subject, *inc, now));
         for (subject, inc) in quorums {
             let heard = self
                 .heard
@@ -1596,6 +1667,9 @@ impl Membership {
                 }
             }
             OwnedNotification::ProbeFailed(_, ident) => {
+                if let Some(n) = self.notes.as_mut() {
+                    n.push(format!("probe failed {} bump {}", ident.id, ident.bump));
+                }
                 self.suspects.insert(ident.id);
                 self.stats.probes_failed += 1;
                 if self.config.local_health {
@@ -1606,7 +1680,8 @@ impl Membership {
                     .iter_members()
                     .find(|m| m.id() == &ident)
                     .map(|m| m.incarnation());
-                if let Some(incarnation) = inc {
+                // Plain SWIM (dynamic suspicion off) has no witness items.
+                if let Some(incarnation) = inc.filter(|_| self.config.dynamic_suspicion) {
                     let item = Item::Suspect {
                         subject: ident,
                         incarnation,

@@ -19,6 +19,15 @@
 //!
 //! In every scenario one random node changes its metadata every 10 s; the time until 99.9% of
 //! the other live nodes report [`Event::Updated`] is the dissemination time.
+//!
+//! [`SimConfig::anomaly_secs`] changes the stall lengths or the slow nodes' read delay.
+//! [`SimConfig::protocol`] picks every node's membership configuration: ours
+//! ([`Config::lan`]), ours without local health, or plain SWIM ([`Config::plain_swim`]).
+//! The scenario's draws (crashes, restarts, metadata changes, stalls, which nodes are slow)
+//! come from their own RNG and do not depend on the protocol ([`Report::schedule_hash`]);
+//! loss, jitter and the slow nodes' per-datagram delay are drawn per datagram sent, so two
+//! protocols that send different datagrams get the same distributions, not the same fate
+//! for each datagram.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
@@ -68,6 +77,49 @@ impl std::str::FromStr for Scenario {
     }
 }
 
+/// Which membership configuration every node of a run uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Protocol {
+    /// Ours: [`Config::lan`] (local health, dynamic suspicion with confirmation probes and
+    /// witness quorum, buddy system, 5 indirect probes).
+    Lifeguard,
+    /// [`Config::lan`] with only local health off (dynamic suspicion, confirmation probes
+    /// and the buddy system stay on).
+    NoLocalHealth,
+    /// [`Config::plain_swim`]: memberlist without Lifeguard (fixed `4 * log10(n)` s
+    /// suspicion, no witnesses or confirmations, no buddy system, 3 indirect probes).
+    PlainSwim,
+}
+
+impl Protocol {
+    /// The membership configuration for a cluster of `nodes`.
+    pub fn config(self, nodes: u32) -> Config {
+        match self {
+            Protocol::Lifeguard => Config::lan(nodes),
+            Protocol::NoLocalHealth => Config {
+                local_health: false,
+                ..Config::lan(nodes)
+            },
+            Protocol::PlainSwim => Config::plain_swim(nodes),
+        }
+    }
+}
+
+impl std::str::FromStr for Protocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "lifeguard" => Ok(Protocol::Lifeguard),
+            "no-local-health" => Ok(Protocol::NoLocalHealth),
+            "plain-swim" => Ok(Protocol::PlainSwim),
+            _ => Err(format!(
+                "unknown protocol {s:?}; use lifeguard, no-local-health or plain-swim"
+            )),
+        }
+    }
+}
+
 /// Parameters of a run.
 #[derive(Debug, Clone)]
 pub struct SimConfig {
@@ -85,10 +137,14 @@ pub struct SimConfig {
     pub scenario: Scenario,
     /// Measured time, after the cluster has formed.
     pub duration: Duration,
-    /// Lifeguard local health on or off.
-    pub local_health: bool,
+    /// The membership configuration of every node.
+    pub protocol: Protocol,
     /// Share of nodes that stall (stall scenario) or are slow (slow scenario).
     pub stall_fraction: f64,
+    /// Range in seconds of the anomaly, drawn uniformly: each stall's length (stall
+    /// scenario, 2 to 4 s by default) or each datagram's wait before a slow node reads it
+    /// (slow scenario, 0.2 to 1.2 s by default). `None`: the scenario's default.
+    pub anomaly_secs: Option<(f64, f64)>,
     /// Print diagnostics (slow samples, datagram counts by message) on stderr.
     pub debug: bool,
     /// Confirmation probes on (the default) or off.
@@ -110,8 +166,9 @@ impl SimConfig {
             jitter: Duration::from_millis(1),
             scenario,
             duration: Duration::from_secs(300),
-            local_health: true,
+            protocol: Protocol::Lifeguard,
             stall_fraction: 0.05,
+            anomaly_secs: None,
             debug: false,
             confirm_probes: true,
             mem: None,
@@ -130,7 +187,9 @@ pub struct Report {
     pub loss: f64,
     /// Scenario.
     pub scenario: Scenario,
-    /// Local health on.
+    /// Membership configuration of every node.
+    pub protocol: Protocol,
+    /// Local health on (true only for `lifeguard`).
     pub local_health: bool,
     /// Simulated minutes measured (after formation).
     pub minutes: f64,
@@ -148,13 +207,18 @@ pub struct Report {
     pub disseminate_p99_s: Option<f64>,
     /// Samples of the above that did not reach 99.9% before the run ended.
     pub disseminate_missed: usize,
-    /// Times a live, healthy node was declared down (distinct node and bump). Not counted:
-    /// downs across an active partition, nodes that stalled in the last 10 s, slow nodes.
+    /// False Downs as the targets mean them: healthy members declared down by anyone.
+    /// Counted once per member identity (node and bump) that at least one node reported
+    /// `Down` while it was healthy: not crashed, not a slow reader, not stalled within the
+    /// last 10 s (a stalling node's stalls are 0.5 to 4 s apart, so from its first stall on
+    /// it never counts as healthy), and not across an active partition from the reporter.
     pub false_downs: u64,
-    /// Times a stalling or slow node was declared down (stall: it was unresponsive for 2 to
-    /// 4 s; slow: it answered too late).
+    /// The stalling or slow nodes' own downs (distinct node and bump), kept apart from
+    /// `false_downs` (stall: the node was unresponsive; slow: it answered too late).
     pub stalled_downs: u64,
-    /// Down events about live nodes, summed over observers.
+    /// The same false Downs counted per reporter: the number of `Down` events about healthy
+    /// members, summed over the nodes that reported them. A healthy member declared down
+    /// and spread to the whole cluster counts about `nodes - 1` here and 1 in `false_downs`.
     pub false_down_events: u64,
     /// Sealed bytes sent per node per second (UDP payloads and push-pull frames), measured
     /// after formation.
@@ -172,6 +236,14 @@ pub struct Report {
     pub backlog_mean: (f64, f64),
     /// Hash of the event trace: equal seeds give equal hashes.
     pub trace_hash: String,
+    /// Hash of the scenario's draws (which node crashes when, restart seeds, metadata
+    /// changes, stall starts and lengths, slow nodes) and their times. It depends on the seed
+    /// and scenario only, not on the protocol: both lines of `--compare-plain` show the same
+    /// value.
+    pub schedule_hash: String,
+    /// Probes that failed (direct and indirect; each makes the prober suspect the target),
+    /// summed over the nodes, after formation. A restarted node's count starts over.
+    pub probes_failed: u64,
     /// Number of simulated datagrams.
     pub datagrams: u64,
 }
@@ -247,6 +319,9 @@ pub struct Sim {
     // metrics
     measuring_from: Option<Duration>,
     bytes_at_start: u64,
+    probes_failed_at_start: u64,
+    /// Hash of the scenario's own draws (crashes, restarts' seeds, metadata changes, stalls).
+    schedule: u64,
     detect: Vec<Sample>,
     updates: Vec<Sample>,
     false_downs: HashSet<(NodeId, u32)>,
@@ -322,6 +397,8 @@ impl Sim {
             trace: 0xcbf2_9ce4_8422_2325,
             measuring_from: None,
             bytes_at_start: 0,
+            probes_failed_at_start: 0,
+            schedule: 0xcbf2_9ce4_8422_2325,
             detect: Vec::new(),
             updates: Vec::new(),
             false_downs: HashSet::new(),
@@ -362,8 +439,7 @@ impl Sim {
     }
 
     fn make_core(&mut self, i: usize) -> Membership {
-        let mut config = Config::lan(self.cfg.nodes as u32);
-        config.local_health = self.cfg.local_health;
+        let mut config = self.cfg.protocol.config(self.cfg.nodes as u32);
         if !self.cfg.confirm_probes {
             config.confirm_probes = 0;
         }
@@ -446,7 +522,12 @@ impl Sim {
             let mut at = now + delay;
             if self.nodes[to].slow {
                 // A starved receive loop: each datagram waits 0.2-1.2 s, in order.
-                let wait = Duration::from_secs_f64(self.net.random_range(0.2..1.2));
+                let (lo, hi) = self.cfg.anomaly_secs.unwrap_or((0.2, 1.2));
+                let wait = Duration::from_secs_f64(if hi > lo {
+                    self.net.random_range(lo..hi)
+                } else {
+                    lo.max(0.0)
+                });
                 at = (at + wait).max(self.nodes[to].slow_busy_until);
                 self.nodes[to].slow_busy_until = at;
             }
@@ -563,6 +644,7 @@ impl Sim {
         let n = self.nodes.len();
         match a {
             Action::Crash(i) => {
+                self.plan_mix(1, i as u64, 0);
                 if self.alive(i) {
                     self.nodes[i].core = None;
                     self.nodes[i].wake = None;
@@ -589,6 +671,7 @@ impl Sim {
                 while !self.alive(seed) || seed == i {
                     seed = (seed + 1) % n;
                 }
+                self.plan_mix(2, i as u64, seed as u64);
                 if let Some(core) = self.nodes[i].core.as_mut() {
                     core.join(&[addr_of(seed)], self.base + now);
                 }
@@ -596,6 +679,7 @@ impl Sim {
             }
             Action::MetaChange => {
                 let i = self.plan.random_range(0..n);
+                self.plan_mix(3, i as u64, 0);
                 if self.alive(i) && self.nodes[i].stalled_until.is_none() {
                     self.nodes[i].version += 1;
                     let meta = meta_for(i, self.nodes[i].version);
@@ -618,10 +702,16 @@ impl Sim {
                 );
             }
             Action::StallStart(i) => {
-                let len = Duration::from_secs_f64(self.plan.random_range(2.0..4.0));
+                let (lo, hi) = self.cfg.anomaly_secs.unwrap_or((2.0, 4.0));
+                let len = Duration::from_secs_f64(if hi > lo {
+                    self.plan.random_range(lo..hi)
+                } else {
+                    lo.max(0.0)
+                });
                 self.nodes[i].stalled_until = Some(now + len);
                 self.nodes[i].last_stall_end = Some(now + len);
                 let gap = Duration::from_secs_f64(self.plan.random_range(0.5..4.0));
+                self.plan_mix(4, i as u64, (len + gap).as_micros() as u64);
                 self.push(now + len + gap, Ev::Action(Action::StallStart(i)));
             }
             Action::PartitionStart => {
@@ -666,6 +756,22 @@ impl Sim {
         }
     }
 
+    fn total_probes_failed(&self) -> u64 {
+        self.nodes
+            .iter()
+            .filter_map(|n| n.core.as_ref())
+            .map(|c| c.stats().probes_failed)
+            .sum()
+    }
+
+    /// Records one scenario draw in the schedule hash.
+    fn plan_mix(&mut self, kind: u64, a: u64, b: u64) {
+        for x in [kind, a, b, self.now.as_micros() as u64] {
+            self.schedule ^= x;
+            self.schedule = self.schedule.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
     fn total_bytes(&self) -> u64 {
         self.nodes
             .iter()
@@ -681,6 +787,7 @@ impl Sim {
         let now = self.now;
         self.measuring_from = Some(now);
         self.bytes_at_start = self.total_bytes();
+        self.probes_failed_at_start = self.total_probes_failed();
         let n = self.nodes.len();
         self.push(now + Duration::from_secs(2), Ev::Action(Action::MetaChange));
         match self.cfg.scenario {
@@ -712,6 +819,7 @@ impl Sim {
                 for j in 0..k {
                     let i = 1 + (j * (n - 1)) / k.max(1);
                     self.nodes[i].slow = true;
+                    self.plan_mix(5, i as u64, 0);
                 }
             }
         }
@@ -950,7 +1058,8 @@ impl Sim {
             seed: self.cfg.seed,
             loss: self.cfg.loss,
             scenario: self.cfg.scenario,
-            local_health: self.cfg.local_health,
+            protocol: self.cfg.protocol,
+            local_health: self.cfg.protocol.config(2).local_health,
             minutes: (secs / 60.0 * 100.0).round() / 100.0,
             form_s: self.formed_at.map_or(-1.0, |d| d.as_secs_f64()),
             detect_missed: detect.iter().filter(|d| !d.is_finite()).count(),
@@ -978,6 +1087,10 @@ impl Sim {
                 (a as f64 / k.max(1) as f64, b as f64 / k.max(1) as f64)
             },
             trace_hash: format!("{:016x}", self.trace),
+            schedule_hash: format!("{:016x}", self.schedule),
+            probes_failed: self
+                .total_probes_failed()
+                .saturating_sub(self.probes_failed_at_start),
             datagrams: self.datagrams,
         }
     }

@@ -1,11 +1,12 @@
 //! `gossip-sim`: runs the deterministic gossip simulation and prints one JSON line of
-//! measurements (two with `--compare-plain`: local health on, then off, same seed).
+//! measurements (two with `--compare-plain`: ours, then the baseline, same seed and so the
+//! same network draws, stalls and crashes).
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use shoal_gossip::sim::{Scenario, Sim, SimConfig};
+use shoal_gossip::sim::{Protocol, Scenario, Sim, SimConfig};
 
 /// Deterministic many-node SWIM simulation (virtual clock, real foca and sealing).
 #[derive(Parser, Debug)]
@@ -32,12 +33,25 @@ struct Args {
     /// Extra uniform one-way delay in milliseconds.
     #[arg(long, default_value_t = 1.0)]
     jitter_ms: f64,
-    /// Turn local health off.
+    /// Run only the baseline (see --baseline) instead of ours.
     #[arg(long)]
     plain: bool,
-    /// Run the same seed with local health on and off and print both lines.
+    /// Run the same seed twice, ours (`lifeguard`: Config::lan) then the baseline, and print
+    /// both lines. Only the membership configuration differs: the network, stall, slow-node
+    /// and crash draws are the same.
     #[arg(long)]
     compare_plain: bool,
+    /// The baseline of --plain and --compare-plain: `plain-swim` (memberlist without
+    /// Lifeguard: no local health, fixed 4*log10(n) s suspicion timeout, no confirmation
+    /// probes or witness quorum, no buddy system, 3 indirect probes) or `no-local-health`
+    /// (ours with only local health off).
+    #[arg(long, default_value = "plain-swim")]
+    baseline: Protocol,
+    /// Anomaly range in seconds, `MIN-MAX`: each stall's length (stall scenario, default
+    /// 2-4) or each datagram's wait before a slow node reads it (slow scenario, default
+    /// 0.2-1.2).
+    #[arg(long, value_parser = parse_range)]
+    anomaly_s: Option<(f64, f64)>,
     /// Print diagnostics on stderr.
     #[arg(long)]
     debug: bool,
@@ -58,6 +72,18 @@ fn rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// Parses `MIN-MAX` (seconds, 0 <= MIN <= MAX <= 600).
+fn parse_range(s: &str) -> Result<(f64, f64), String> {
+    let err = || format!("{s:?}: expected MIN-MAX in seconds, e.g. 2-4 (0 <= MIN <= MAX <= 600)");
+    let (a, b) = s.split_once('-').ok_or_else(err)?;
+    let a: f64 = a.trim().parse().map_err(|_| err())?;
+    let b: f64 = b.trim().parse().map_err(|_| err())?;
+    if !(0.0..=600.0).contains(&a) || !(a..=600.0).contains(&b) {
+        return Err(err());
+    }
+    Ok((a, b))
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     if args.nodes < 2
@@ -71,6 +97,7 @@ fn main() -> ExitCode {
     let mut cfg = SimConfig::new(args.nodes, args.seed, args.scenario);
     cfg.loss = args.loss;
     cfg.debug = args.debug;
+    cfg.anomaly_secs = args.anomaly_s;
     cfg.confirm_probes = !args.no_confirm;
     if args.mem {
         cfg.mem = Some(rss_bytes);
@@ -78,16 +105,16 @@ fn main() -> ExitCode {
     cfg.duration = Duration::from_secs_f64(args.minutes * 60.0);
     cfg.latency = Duration::from_secs_f64(args.latency_ms.max(0.0) / 1000.0);
     cfg.jitter = Duration::from_secs_f64(args.jitter_ms.max(0.0) / 1000.0);
-    let runs: &[bool] = if args.compare_plain {
-        &[true, false]
+    let runs = if args.compare_plain {
+        vec![Protocol::Lifeguard, args.baseline]
     } else if args.plain {
-        &[false]
+        vec![args.baseline]
     } else {
-        &[true]
+        vec![Protocol::Lifeguard]
     };
-    for &lh in runs {
+    for protocol in runs {
         let mut c = cfg.clone();
-        c.local_health = lh;
+        c.protocol = protocol;
         let started = Instant::now();
         let report = Sim::new(c).run();
         let mut v = match serde_json::to_value(&report) {
