@@ -1325,11 +1325,9 @@ impl Membership {
     }
 
     fn suspicion_timeout(&self, member: &Identity, incarnation: u16, created: Instant) -> Duration {
-        if !self.config.dynamic_suspicion {
-            // Plain SWIM: one fixed timeout, whoever else suspects the member.
-            return self.config.suspicion_max * self.multiplier();
-        }
-        if self.witnesses_stale(member, incarnation, created) {
+        // Plain SWIM has one fixed timeout, whoever else suspects the member; stale
+        // witnesses count for nothing.
+        if !self.config.dynamic_suspicion || self.witnesses_stale(member, incarnation, created) {
             return self.config.suspicion_max * self.multiplier();
         }
         let c = lock(&self.shared)

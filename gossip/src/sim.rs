@@ -45,8 +45,8 @@ use crate::identity::{Identity, Metadata, NodeId, Role};
 use crate::membership::{Admission, Config, Event, Membership, Setup};
 use crate::seal::{Key, Keyring};
 
-/// What happens during a run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+/// What happens during a run (named in lower case on `gossip-sim`'s command line).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Scenario {
     /// Nothing.
@@ -61,24 +61,9 @@ pub enum Scenario {
     Slow,
 }
 
-impl std::str::FromStr for Scenario {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "steady" => Ok(Scenario::Steady),
-            "crash" => Ok(Scenario::Crash),
-            "partition" => Ok(Scenario::Partition),
-            "stall" => Ok(Scenario::Stall),
-            "slow" => Ok(Scenario::Slow),
-            _ => Err(format!(
-                "unknown scenario {s:?}; use steady, crash, partition, stall or slow"
-            )),
-        }
-    }
-}
-
-/// Which membership configuration every node of a run uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+/// Which membership configuration every node of a run uses (kebab case on the command
+/// line and in the JSON: `lifeguard`, `no-local-health`, `plain-swim`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Protocol {
     /// Ours: [`Config::lan`] (local health, dynamic suspicion with confirmation probes and
@@ -102,20 +87,6 @@ impl Protocol {
                 ..Config::lan(nodes)
             },
             Protocol::PlainSwim => Config::plain_swim(nodes),
-        }
-    }
-}
-
-impl std::str::FromStr for Protocol {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "lifeguard" => Ok(Protocol::Lifeguard),
-            "no-local-health" => Ok(Protocol::NoLocalHealth),
-            "plain-swim" => Ok(Protocol::PlainSwim),
-            _ => Err(format!(
-                "unknown protocol {s:?}; use lifeguard, no-local-health or plain-swim"
-            )),
         }
     }
 }

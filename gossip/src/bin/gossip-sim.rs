@@ -21,7 +21,7 @@ struct Args {
     /// Datagram loss probability, 0 to 1.
     #[arg(long, default_value_t = 0.0)]
     loss: f64,
-    /// steady, crash, partition, stall or slow.
+    /// What happens during the run.
     #[arg(long, default_value = "steady")]
     scenario: Scenario,
     /// Simulated minutes to measure after the cluster has formed.

@@ -8,7 +8,7 @@
 //!   run time). The repository's `.cargo/config.toml` builds its Poly1305 with the crate's
 //!   portable backend (`--cfg poly1305_force_soft`): the AVX2 backend it would otherwise pick at
 //!   run time has helpers compiled without AVX2 that call the vector intrinsics out of line and
-//!   ~450 ns of key setup per message, so at our sizes it is the slower one (1400-byte seal
+//!   ~500 ns of key setup per message, so at our sizes it is the slower one (1400-byte seal
 //!   2.67 µs with it, 1.96 µs without; 64 bytes 1.65 µs against 0.36 µs;
 //!   `benches/netns/PROFILE.md`). Its key is zeroized on drop.
 //! - With the `ring` cargo feature, `ring`'s (BoringSSL's assembly, CPU features detected at
