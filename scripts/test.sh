@@ -11,3 +11,19 @@ cargo test --workspace --all-targets "$@"
 # The gossip simulation's target tests (N = 200) need an optimized build; in the line above
 # they are ignored, here they run.
 cargo test --release -p shoal-gossip --test sim "$@"
+# The AEAD's portable Poly1305 (what a CPU without AVX2 runs; this one has AVX2, so the line above
+# tests the AVX2 backend): the crypto tests again in a build forced to it, in its own target
+# directory. RUSTFLAGS replaces any from the environment for this build only.
+RUSTFLAGS="--cfg poly1305_force_soft" CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}/portable-poly1305" \
+  cargo test -p shoal-vxlan --lib crypto "$@"
+# The patched poly1305 (third_party/poly1305/SHOAL-PATCH.md): its own tests, as built here
+# (RFC 8439 and other vectors through the run-time backend choice), then built for AVX2, which
+# adds its AVX2-against-portable checks on its fuzzers' past crash inputs.
+poly_dir="${CARGO_TARGET_DIR:-target}/poly1305"
+CARGO_TARGET_DIR="$poly_dir" cargo test --manifest-path third_party/poly1305/Cargo.toml --locked
+if grep -qw avx2 /proc/cpuinfo; then
+  RUSTFLAGS="-C target-feature=+avx2" CARGO_TARGET_DIR="$poly_dir/avx2" \
+    cargo test --manifest-path third_party/poly1305/Cargo.toml --locked
+else
+  echo "test: poly1305's AVX2 checks not run: this CPU has no AVX2, so that backend never runs here" >&2
+fi

@@ -1423,7 +1423,7 @@ impl Steer {
                     info!(
                         interface = %self.params.interface,
                         incarnation = self.params.incarnation,
-                        aead = shoal_vxlan::crypto::BACKEND,
+                        aead = shoal_vxlan::crypto::backend(),
                         "data path up"
                     );
                     *self

@@ -4,13 +4,14 @@
 //! Two implementations of the same algorithm, chosen at build time; the bytes on the wire are
 //! the same, so nodes built either way talk to each other.
 //!
-//! - By default, RustCrypto's `chacha20poly1305` (pure Rust; ChaCha20's AVX2 code chosen at
-//!   run time). The repository's `.cargo/config.toml` builds its Poly1305 with the crate's
-//!   portable backend (`--cfg poly1305_force_soft`): the AVX2 backend it would otherwise pick at
-//!   run time has helpers compiled without AVX2 that call the vector intrinsics out of line and
-//!   ~500 ns of key setup per message, so at our sizes it is the slower one (1400-byte seal
-//!   2.67 µs with it, 1.96 µs without; 64 bytes 1.65 µs against 0.36 µs;
-//!   `benches/netns/PROFILE.md`). Its key is zeroized on drop.
+//! - By default, RustCrypto's `chacha20poly1305` (pure Rust; ChaCha20's and Poly1305's AVX2
+//!   code chosen at run time, portable code on CPUs without AVX2). The workspace builds it with
+//!   a patched `poly1305` 0.8.0 (`third_party/poly1305/SHOAL-PATCH.md`): in the released crate
+//!   the AVX2 backend's helpers and per-key setup are compiled without AVX2 and call the vector
+//!   intrinsics out of line, which made it slower than the portable backend at our sizes
+//!   (Poly1305 over 1400 bytes: 2,048 ns released, 1,058 ns portable, ~640 ns patched;
+//!   `benches/netns/PROFILE.md`). `--cfg poly1305_force_soft` forces the portable backend
+//!   (scripts/test.sh tests that build too). Its key is zeroized on drop.
 //! - With the `ring` cargo feature, `ring`'s (BoringSSL's assembly, CPU features detected at
 //!   run time, in a portable build). `ring` keeps its key schedule without zeroizing it on drop.
 
@@ -32,22 +33,36 @@ pub(crate) struct Aead {
 impl fmt::Debug for Aead {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Aead")
-            .field("backend", &BACKEND)
+            .field("backend", &backend())
             .finish_non_exhaustive()
     }
 }
 
-/// The implementation this build uses, for logs and reports.
-#[cfg(all(not(feature = "ring"), poly1305_force_soft))]
-pub const BACKEND: &str = "chacha20poly1305 (RustCrypto, portable Poly1305)";
-/// The implementation this build uses, for logs and reports. (Built without the repository's
-/// `.cargo/config.toml`, or with a `RUSTFLAGS` that replaced it: Poly1305's AVX2 backend,
-/// chosen at run time, which is slower at our message sizes.)
-#[cfg(all(not(feature = "ring"), not(poly1305_force_soft)))]
-pub const BACKEND: &str = "chacha20poly1305 (RustCrypto, Poly1305 AVX2 chosen at run time)";
-/// The implementation this build uses, for logs and reports.
-#[cfg(feature = "ring")]
-pub const BACKEND: &str = "ring";
+/// The implementation this build uses on this CPU, for logs and reports.
+pub fn backend() -> &'static str {
+    if cfg!(feature = "ring") {
+        "ring"
+    } else if cfg!(poly1305_force_soft) {
+        "chacha20poly1305 (RustCrypto, portable Poly1305 forced at build time)"
+    } else if poly1305_avx2() {
+        "chacha20poly1305 (RustCrypto, Poly1305 AVX2)"
+    } else {
+        "chacha20poly1305 (RustCrypto, portable Poly1305: no AVX2 on this CPU)"
+    }
+}
+
+/// Whether `poly1305`'s run-time detection picks its AVX2 backend here (it asks for AVX2 with
+/// OS support, as this does).
+fn poly1305_avx2() -> bool {
+    #[cfg(any(target_arch = "x86_64", target_arch = "x86"))]
+    {
+        std::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "x86")))]
+    {
+        false
+    }
+}
 
 impl Aead {
     /// Expands `key`.
@@ -235,8 +250,8 @@ mod tests {
                 .unwrap();
             assert_eq!(by_rc, by_ring, "ciphertext, {len} bytes");
             assert_eq!(rc_tag[..], *ring_tag.as_ref(), "tag, {len} bytes");
-            assert_eq!(by_ours, by_rc, "ciphertext, {len} bytes ({BACKEND})");
-            assert_eq!(ours_tag[..], rc_tag[..], "tag, {len} bytes ({BACKEND})");
+            assert_eq!(by_ours, by_rc, "ciphertext, {len} bytes ({})", backend());
+            assert_eq!(ours_tag[..], rc_tag[..], "tag, {len} bytes ({})", backend());
 
             let mut tag = [0u8; 16];
             tag.copy_from_slice(&rc_tag);

@@ -28,7 +28,7 @@ use sha2::Sha256;
 use x25519_dalek::{PublicKey, StaticSecret};
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
-pub use aead::BACKEND;
+pub use aead::backend;
 pub use session::{OpenError, SealError, Session, SessionState, Verified};
 
 const INFO_LABEL: &[u8] = b"shoal vxlan v1";

@@ -70,7 +70,7 @@ impl core::fmt::Debug for Session {
 
 impl Session {
     /// A session from the two direction keys, `incarnation` being this node's (written in every
-    /// datagram it seals). The AEAD keys are expanded once here (see [`super::BACKEND`] for
+    /// datagram it seals). The AEAD keys are expanded once here (see [`super::backend`] for
     /// which implementation).
     pub fn new(epoch: u32, incarnation: u32, keys: &PairKeys) -> Self {
         Self::resume(epoch, incarnation, keys, SessionState::default())
