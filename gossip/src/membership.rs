@@ -38,8 +38,18 @@
 //! every prober and goes down fast; a healthy node suspected through a lost packet gets the
 //! long timeout and time to refute.
 //!
+//! ## Flap damping
+//!
+//! For a while after a member was seen down ([`Config::flap_damping`]), a suspicion of it
+//! waits the whole `suspicion_max`, without quorum or witnesses, and each such suspicion
+//! starts that while again. A host that stalls for a few seconds now and then is declared
+//! down at its first stall and rejoins; its later stalls are suspicions it refutes, not
+//! down-and-rejoin cycles. A member never seen down keeps the fast path, so crash
+//! detection is unchanged.
+//!
 //! [`Config::plain_swim`] turns all of the above off (`local_health`, `dynamic_suspicion`,
-//! `buddy_system`, `confirm_probes`): the plain SWIM baseline the simulation compares with.
+//! `buddy_system`, `confirm_probes`, `flap_damping`): the plain SWIM baseline the
+//! simulation compares with.
 
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
@@ -105,6 +115,12 @@ pub struct Config {
     /// Mean time between two periodic push-pull exchanges started by this node (jittered
     /// uniformly in 0.5x..1.5x).
     pub pushpull_interval: Duration,
+    /// Flap damping (with dynamic suspicion): for this long after we saw a member go down,
+    /// a suspicion of it waits the whole `suspicion_max` (no quorum, no shortening by
+    /// witnesses), and each such suspicion starts the period again. A host that pauses for
+    /// a few seconds again and again (a stalled VM, long GC pauses) is declared down once,
+    /// not at every pause; a member never seen down keeps the fast path. `None`: off.
+    pub flap_damping: Option<Duration>,
 }
 
 impl Config {
@@ -124,7 +140,10 @@ impl Config {
     ///   per member, so this keeps its share near 400 bytes/s per node at any size;
     /// - announce (ask one member for a feed of others) every 60 s;
     /// - announce to down members every 20 s (2 members): with push-pull it heals
-    ///   partitions.
+    ///   partitions;
+    /// - flap damping for `5 * suspicion_max` (60 s at n = 1000) after a member is seen
+    ///   down: a member that went down and came back gets the full `suspicion_max` for its
+    ///   next suspicions.
     pub fn lan(cluster_size: u32) -> Self {
         let n = NonZeroU32::new(cluster_size.max(1)).unwrap_or(NonZeroU32::MIN);
         let mut swim = foca::Config::new_lan(n);
@@ -161,6 +180,7 @@ impl Config {
             suspicion_k: 2,
             confirm_probes: 5,
             pushpull_interval: Duration::from_secs_f64((f64::from(cluster_size) * 0.6).max(30.0)),
+            flap_damping: Some(Duration::from_secs_f64((log * 4.0).max(8.0) * 5.0)),
         }
     }
 
@@ -189,6 +209,7 @@ impl Config {
         c.dynamic_suspicion = false;
         c.buddy_system = false;
         c.confirm_probes = 0;
+        c.flap_damping = None;
         c.suspicion_min = fixed;
         c.suspicion_max = fixed;
         c
@@ -601,6 +622,8 @@ pub struct Membership {
     checks: HashMap<NodeId, Check>,
     /// When we first heard of each suspicion (for the quorum rule's minimum wait).
     heard: HashMap<(NodeId, u32, u16), Instant>,
+    /// Flap damping: when we last saw each member go down, or suspected it while damped.
+    flapped: HashMap<NodeId, Instant>,
     /// Quorum declarations waiting for `suspicion_min` to pass.
     declares: Vec<(Instant, Identity, u16)>,
     /// Anti-replay state per sender.
@@ -699,6 +722,7 @@ impl Membership {
             next_pushpull: None,
             checks: HashMap::new(),
             heard: HashMap::new(),
+            flapped: HashMap::new(),
             declares: Vec::new(),
             replay: HashMap::new(),
             suspects: HashSet::new(),
@@ -746,6 +770,7 @@ impl Membership {
                 map(&sh.confirms) + sh.confirms.values().map(set).sum::<usize>(),
             ),
             ("heard", map(&self.heard)),
+            ("flapped", map(&self.flapped)),
             (
                 "queues",
                 self.events.capacity() * size_of::<Event>()
@@ -1149,6 +1174,9 @@ impl Membership {
                 .entry((subject.id, subject.bump, *inc))
                 .or_insert(now);
             self.suspects.insert(subject.id);
+            if self.damped(&subject.id, now) {
+                self.flapped(subject.id, now);
+            }
         }
         if fresh.is_empty() || self.config.confirm_probes == 0 || !self.config.dynamic_suspicion {
             return;
@@ -1324,10 +1352,35 @@ impl Membership {
             .is_some_and(|h| at.saturating_duration_since(*h) > window)
     }
 
+    /// Whether `id` is under flap damping at `at`: seen down (or suspected while damped)
+    /// less than `flap_damping` before.
+    fn damped(&self, id: &NodeId, at: Instant) -> bool {
+        self.config.flap_damping.is_some_and(|window| {
+            self.flapped
+                .get(id)
+                .is_some_and(|t| at.saturating_duration_since(*t) <= window)
+        })
+    }
+
+    /// Flap damping: records that `id` went down (or was suspected while damped) at `now`.
+    fn flapped(&mut self, id: NodeId, now: Instant) {
+        let Some(window) = self.config.flap_damping else {
+            return;
+        };
+        if self.flapped.len() >= 4096 && !self.flapped.contains_key(&id) {
+            self.flapped
+                .retain(|_, t| now.saturating_duration_since(*t) <= window);
+        }
+        self.flapped.insert(id, now);
+    }
+
     fn suspicion_timeout(&self, member: &Identity, incarnation: u16, created: Instant) -> Duration {
         // Plain SWIM has one fixed timeout, whoever else suspects the member; stale
         // witnesses count for nothing.
-        if !self.config.dynamic_suspicion || self.witnesses_stale(member, incarnation, created) {
+        if !self.config.dynamic_suspicion
+            || self.witnesses_stale(member, incarnation, created)
+            || self.damped(&member.id, created)
+        {
             return self.config.suspicion_max * self.multiplier();
         }
         let c = lock(&self.shared)
@@ -1472,7 +1525,9 @@ impl Membership {
             // Plain SWIM: only the suspicion timer declares a member down.
             quorums.clear();
         }
-        quorums.retain(|(subject, inc)| !self.witnesses_stale(subject, *inc, now));
+        quorums.retain(|(subject, inc)| {
+            !self.witnesses_stale(subject, *inc, now) && !self.damped(&subject.id, now)
+        });
         for (subject, inc) in quorums {
             let heard = self
                 .heard
@@ -1640,12 +1695,15 @@ impl Membership {
                     ));
                 }
                 let was_up = lock(&self.shared).peers.remove_up(&ident.id);
+                let leaving = lock(&self.shared)
+                    .peers
+                    .meta(&ident.id)
+                    .is_some_and(|e| e.leaving);
+                if !leaving {
+                    self.flapped(ident.id, now);
+                }
                 if let Some(announced) = was_up {
                     if announced {
-                        let leaving = lock(&self.shared)
-                            .peers
-                            .meta(&ident.id)
-                            .is_some_and(|e| e.leaving);
                         let info = self.info(&ident, MemberState::Down);
                         self.events.push_back(if leaving {
                             Event::Left(info)

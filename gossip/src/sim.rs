@@ -120,6 +120,11 @@ pub struct SimConfig {
     pub debug: bool,
     /// Confirmation probes on (the default) or off.
     pub confirm_probes: bool,
+    /// Overrides the protocol's `suspicion_min` (raised to it, `suspicion_max` too), to
+    /// measure the trade-off between tolerating stalls and detecting crashes.
+    pub suspicion_min: Option<Duration>,
+    /// Flap damping as the protocol configures it (the default) or off.
+    pub flap_damping: bool,
     /// Print an estimated memory breakdown (summed over nodes, bytes per (node, member)
     /// pair) on stderr once the cluster has formed and at the end, with the resident set
     /// size `rss` reports (the binary reads it; the simulation does no IO).
@@ -142,6 +147,8 @@ impl SimConfig {
             anomaly_secs: None,
             debug: false,
             confirm_probes: true,
+            suspicion_min: None,
+            flap_damping: true,
             mem: None,
         }
     }
@@ -162,6 +169,10 @@ pub struct Report {
     pub protocol: Protocol,
     /// Local health on (true only for `lifeguard`).
     pub local_health: bool,
+    /// Shortest time from a suspicion to a Down in this run's configuration, seconds.
+    pub suspicion_min_s: f64,
+    /// Flap damping on in this run's configuration.
+    pub flap_damping: bool,
     /// Simulated minutes measured (after formation).
     pub minutes: f64,
     /// Seconds of simulated time the cluster took to form (everyone sees everyone).
@@ -413,6 +424,13 @@ impl Sim {
         let mut config = self.cfg.protocol.config(self.cfg.nodes as u32);
         if !self.cfg.confirm_probes {
             config.confirm_probes = 0;
+        }
+        if !self.cfg.flap_damping {
+            config.flap_damping = None;
+        }
+        if let Some(min) = self.cfg.suspicion_min {
+            config.suspicion_min = min;
+            config.suspicion_max = config.suspicion_max.max(min);
         }
         let node = &self.nodes[i];
         let setup = Setup {
@@ -1031,6 +1049,23 @@ impl Sim {
             scenario: self.cfg.scenario,
             protocol: self.cfg.protocol,
             local_health: self.cfg.protocol.config(2).local_health,
+            suspicion_min_s: self
+                .cfg
+                .suspicion_min
+                .unwrap_or(
+                    self.cfg
+                        .protocol
+                        .config(self.nodes.len() as u32)
+                        .suspicion_min,
+                )
+                .as_secs_f64(),
+            flap_damping: self.cfg.flap_damping
+                && self
+                    .cfg
+                    .protocol
+                    .config(self.nodes.len() as u32)
+                    .flap_damping
+                    .is_some(),
             minutes: (secs / 60.0 * 100.0).round() / 100.0,
             form_s: self.formed_at.map_or(-1.0, |d| d.as_secs_f64()),
             detect_missed: detect.iter().filter(|d| !d.is_finite()).count(),

@@ -28,6 +28,8 @@ struct Net {
     held: Vec<(usize, usize, Vec<u8>)>,
     /// Every datagram delivered: (from, to, bytes).
     log: Vec<(usize, usize, Vec<u8>)>,
+    /// Build cores without flap damping.
+    no_damping: bool,
 }
 
 fn addr(i: usize) -> SocketAddr {
@@ -66,6 +68,7 @@ impl Net {
             split: None,
             held: Vec::new(),
             log: Vec::new(),
+            no_damping: false,
         }
     }
 
@@ -79,6 +82,9 @@ impl Net {
     ) -> Membership {
         let mut config = Config::lan(10);
         config.local_health = lh;
+        if self.no_damping {
+            config.flap_damping = None;
+        }
         Membership::new(
             Setup {
                 config,
@@ -108,7 +114,13 @@ impl Net {
     /// `n` nodes with the same key, open admission and local health, all joined through
     /// node 0, after 5 s of virtual time.
     fn joined(n: usize) -> Net {
+        Net::joined_with(n, false)
+    }
+
+    /// [`Net::joined`], with flap damping off when `no_damping`.
+    fn joined_with(n: usize, no_damping: bool) -> Net {
         let mut net = Net::new();
+        net.no_damping = no_damping;
         for _ in 0..n {
             net.add(key(7), Admission::Open, true);
         }
@@ -604,4 +616,59 @@ fn a_late_answer_is_timed_from_its_probe() {
     net.run(Duration::from_millis(20));
     let grown = net.nodes[0].stats().probe_rtt_sum_us - before;
     assert!(grown >= 300_000, "round trips grew by {grown} us");
+}
+
+/// Node 4 pauses (no timers, no traffic) until every other node has declared it down, comes
+/// back (rejoining under a new bump), then pauses again for as long as the first
+/// declaration took. Returns how long that took and whether anyone declared it down during
+/// the second pause.
+fn pause_twice(no_damping: bool) -> (Duration, bool) {
+    let mut net = Net::joined_with(5, no_damping);
+    let down_seen = |net: &Net, i: usize| {
+        net.events[i]
+            .iter()
+            .filter(|e| matches!(e, Event::Down(m) if m.id == id(4)))
+            .count()
+    };
+    net.cut[4] = true;
+    let start = net.now;
+    while (0..4).any(|i| down_seen(&net, i) == 0) {
+        assert!(
+            net.now - start < Duration::from_secs(30),
+            "node 4 never went down"
+        );
+        net.run(Duration::from_millis(100));
+    }
+    let first = net.now - start;
+    net.cut[4] = false;
+    net.run(Duration::from_secs(10));
+    assert_eq!(net.nodes[4].identity().bump, 2, "node 4 did not rejoin");
+    for i in 0..4 {
+        assert!(
+            net.up_ids(i).contains(&id(4)),
+            "node {i} does not have node 4 up"
+        );
+    }
+    net.cut[4] = true;
+    net.run(first);
+    net.cut[4] = false;
+    net.run(Duration::from_secs(2));
+    let again = (0..4).any(|i| down_seen(&net, i) > 1) || net.nodes[4].identity().bump > 2;
+    (first, again)
+}
+
+#[test]
+fn a_member_seen_down_is_not_declared_down_again_by_a_pause_as_long() {
+    let (first, again) = pause_twice(false);
+    assert!(
+        !again,
+        "with flap damping, a second {first:?} pause made node 4 go down again"
+    );
+    // The control: without damping the same pause is declared down again, so the test
+    // above measures the damping and not a pause too short to matter.
+    let (first, again) = pause_twice(true);
+    assert!(
+        again,
+        "without flap damping, a second {first:?} pause did not make node 4 go down"
+    );
 }

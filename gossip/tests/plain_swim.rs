@@ -19,10 +19,12 @@ fn plain_swim_has_memberlists_fixed_timeout_and_no_lifeguard_parts() {
         }
         assert!(!c.local_health && !c.dynamic_suspicion && !c.buddy_system);
         assert_eq!(c.confirm_probes, 0);
+        assert!(c.flap_damping.is_none());
         assert_eq!(c.swim.num_indirect_probes.get(), 3);
         // Everything else is ours.
         let ours = Config::lan(n);
         assert!(ours.local_health && ours.dynamic_suspicion && ours.buddy_system);
+        assert!(ours.flap_damping.is_some());
         assert_eq!(ours.swim.num_indirect_probes.get(), 5);
         assert_eq!(c.swim.probe_period, ours.swim.probe_period);
         assert_eq!(c.swim.probe_rtt, ours.swim.probe_rtt);

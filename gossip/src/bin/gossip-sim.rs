@@ -58,6 +58,13 @@ struct Args {
     /// Turn confirmation probes (and so the witness quorum) off.
     #[arg(long)]
     no_confirm: bool,
+    /// Override the suspicion minimum, in seconds (both runs of --compare-plain): the
+    /// shortest time from a suspicion to a Down, however many members confirm it.
+    #[arg(long, value_parser = parse_secs)]
+    suspicion_min: Option<Duration>,
+    /// Turn flap damping off (both runs of --compare-plain).
+    #[arg(long)]
+    no_flap_damping: bool,
     /// Print an estimated memory breakdown (bytes per node-member pair) and the resident
     /// set size on stderr, once formed and at the end.
     #[arg(long)]
@@ -84,6 +91,14 @@ fn parse_range(s: &str) -> Result<(f64, f64), String> {
     Ok((a, b))
 }
 
+/// Parses seconds (0 < S <= 600).
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 600.0 => Ok(Duration::from_secs_f64(v)),
+        _ => Err(format!("{s:?}: expected seconds, 0 < S <= 600")),
+    }
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     if args.nodes < 2
@@ -99,6 +114,8 @@ fn main() -> ExitCode {
     cfg.debug = args.debug;
     cfg.anomaly_secs = args.anomaly_s;
     cfg.confirm_probes = !args.no_confirm;
+    cfg.suspicion_min = args.suspicion_min;
+    cfg.flap_damping = !args.no_flap_damping;
     if args.mem {
         cfg.mem = Some(rss_bytes);
     }
