@@ -45,7 +45,8 @@
 //! starts that while again. A host that stalls for a few seconds now and then is declared
 //! down at its first stall and rejoins; its later stalls are suspicions it refutes, not
 //! down-and-rejoin cycles. A member never seen down keeps the fast path, so crash
-//! detection is unchanged.
+//! detection is unchanged. Many members down at once (a partition and its heal) switch it
+//! off: there the fast path is what reconnects the two sides.
 //!
 //! [`Config::plain_swim`] turns all of the above off (`local_health`, `dynamic_suspicion`,
 //! `buddy_system`, `confirm_probes`, `flap_damping`): the plain SWIM baseline the
@@ -119,7 +120,9 @@ pub struct Config {
     /// a suspicion of it waits the whole `suspicion_max` (no quorum, no shortening by
     /// witnesses), and each such suspicion starts the period again. A host that pauses for
     /// a few seconds again and again (a stalled VM, long GC pauses) is declared down once,
-    /// not at every pause; a member never seen down keeps the fast path. `None`: off.
+    /// not at every pause; a member never seen down keeps the fast path. While three or
+    /// more members, and a tenth or more, went down within the period (a partition), nobody
+    /// is damped. `None`: off.
     pub flap_damping: Option<Duration>,
 }
 
@@ -624,6 +627,8 @@ pub struct Membership {
     heard: HashMap<(NodeId, u32, u16), Instant>,
     /// Flap damping: when we last saw each member go down, or suspected it while damped.
     flapped: HashMap<NodeId, Instant>,
+    /// When `flapped` was last pruned.
+    flapped_pruned: Option<Instant>,
     /// Quorum declarations waiting for `suspicion_min` to pass.
     declares: Vec<(Instant, Identity, u16)>,
     /// Anti-replay state per sender.
@@ -723,6 +728,7 @@ impl Membership {
             checks: HashMap::new(),
             heard: HashMap::new(),
             flapped: HashMap::new(),
+            flapped_pruned: None,
             declares: Vec::new(),
             replay: HashMap::new(),
             suspects: HashSet::new(),
@@ -1093,6 +1099,7 @@ impl Membership {
 
     /// Runs every timer due at `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.prune_flapped(now);
         if let Some(at) = self.next_pushpull {
             if at <= now {
                 self.schedule_pushpull(now);
@@ -1353,25 +1360,47 @@ impl Membership {
     }
 
     /// Whether `id` is under flap damping at `at`: seen down (or suspected while damped)
-    /// less than `flap_damping` before.
+    /// less than `flap_damping` before, and not as one of many. When three or more members,
+    /// and a tenth or more of them, went down within that time (a partition and its heal,
+    /// not a host that pauses), nobody is damped: the fast path is what brings the two sides
+    /// back together (with damping there, the N = 1000 partition heal p99 went from 22.75 to
+    /// 32.75 s).
     fn damped(&self, id: &NodeId, at: Instant) -> bool {
+        let recent = self.flapped.len();
+        let many = recent >= 3 && recent * 10 >= self.foca.num_members().max(1);
         self.config.flap_damping.is_some_and(|window| {
-            self.flapped
-                .get(id)
-                .is_some_and(|t| at.saturating_duration_since(*t) <= window)
+            !many
+                && self
+                    .flapped
+                    .get(id)
+                    .is_some_and(|t| at.saturating_duration_since(*t) <= window)
         })
     }
 
     /// Flap damping: records that `id` went down (or was suspected while damped) at `now`.
     fn flapped(&mut self, id: NodeId, now: Instant) {
+        if self.config.flap_damping.is_some() {
+            self.prune_flapped(now);
+            self.flapped.insert(id, now);
+        }
+    }
+
+    /// Drops flap-damping entries older than the window, at most once a second, so the
+    /// map's size is the count of recent downs [`Self::damped`] reads.
+    fn prune_flapped(&mut self, now: Instant) {
         let Some(window) = self.config.flap_damping else {
             return;
         };
-        if self.flapped.len() >= 4096 && !self.flapped.contains_key(&id) {
-            self.flapped
-                .retain(|_, t| now.saturating_duration_since(*t) <= window);
+        if self.flapped.is_empty()
+            || self
+                .flapped_pruned
+                .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1))
+        {
+            return;
         }
-        self.flapped.insert(id, now);
+        self.flapped_pruned = Some(now);
+        self.flapped
+            .retain(|_, t| now.saturating_duration_since(*t) <= window);
     }
 
     fn suspicion_timeout(&self, member: &Identity, incarnation: u16, created: Instant) -> Duration {
