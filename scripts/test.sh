@@ -15,7 +15,7 @@ cargo test --release -p shoal-gossip --test sim "$@"
 # tests the AVX2 backend): the crypto tests again in a build forced to it, in its own target
 # directory. RUSTFLAGS replaces any from the environment for this build only.
 RUSTFLAGS="--cfg poly1305_force_soft" CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}/portable-poly1305" \
-  cargo test -p shoal-vxlan --lib crypto "$@"
+  cargo test -p shoal-vxlan --lib crypto
 # The patched poly1305 (third_party/poly1305/SHOAL-PATCH.md): its own tests, as built here
 # (RFC 8439 and other vectors through the run-time backend choice), then built for AVX2, which
 # adds its AVX2-against-portable checks on its fuzzers' past crash inputs.

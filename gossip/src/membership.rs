@@ -42,7 +42,7 @@
 //!
 //! For a while after a member was seen down ([`Config::flap_damping`]), a suspicion of it
 //! waits the whole `suspicion_max`, without quorum or witnesses, and each such suspicion
-//! starts that while again. A host that stalls for a few seconds now and then is declared
+//! heard from another member starts that while again. A host that stalls for a few seconds now and then is declared
 //! down at its first stall and rejoins; its later stalls are suspicions it refutes, not
 //! down-and-rejoin cycles. A member never seen down keeps the fast path, so crash
 //! detection is unchanged. Many members down at once (a partition and its heal) switch it
@@ -118,7 +118,8 @@ pub struct Config {
     pub pushpull_interval: Duration,
     /// Flap damping (with dynamic suspicion): for this long after we saw a member go down,
     /// a suspicion of it waits the whole `suspicion_max` (no quorum, no shortening by
-    /// witnesses), and each such suspicion starts the period again. A host that pauses for
+    /// witnesses), and each such suspicion that reaches us from another member starts the
+    /// period again. A host that pauses for
     /// a few seconds again and again (a stalled VM, long GC pauses) is declared down once,
     /// not at every pause; a member never seen down keeps the fast path. While three or
     /// more members, and a tenth or more, went down within the period (a partition), nobody
@@ -1381,12 +1382,18 @@ impl Membership {
     fn flapped(&mut self, id: NodeId, now: Instant) {
         if self.config.flap_damping.is_some() {
             self.prune_flapped(now);
+            if self.flapped.len() > 8192 {
+                // More downs within one period than any cluster we size for: a mass event,
+                // during which damping is off anyway.
+                self.flapped.clear();
+            }
             self.flapped.insert(id, now);
         }
     }
 
     /// Drops flap-damping entries older than the window, at most once a second, so the
-    /// map's size is the count of recent downs [`Self::damped`] reads.
+    /// map's size is (to within that second) the count of recent downs, and of suspicions of
+    /// damped members, that [`Self::damped`] reads.
     fn prune_flapped(&mut self, now: Instant) {
         let Some(window) = self.config.flap_damping else {
             return;

@@ -420,7 +420,8 @@ impl Sim {
         self.nodes.iter().filter(|n| n.core.is_some()).count()
     }
 
-    fn make_core(&mut self, i: usize) -> Membership {
+    /// The membership configuration every node of this run gets.
+    fn node_config(&self) -> Config {
         let mut config = self.cfg.protocol.config(self.cfg.nodes as u32);
         if !self.cfg.confirm_probes {
             config.confirm_probes = 0;
@@ -431,7 +432,16 @@ impl Sim {
         if let Some(min) = self.cfg.suspicion_min {
             config.suspicion_min = min;
             config.suspicion_max = config.suspicion_max.max(min);
+            // The damping period follows suspicion_max, as in `Config::lan`.
+            if let Some(period) = config.flap_damping.as_mut() {
+                *period = (*period).max(config.suspicion_max * 5);
+            }
         }
+        config
+    }
+
+    fn make_core(&mut self, i: usize) -> Membership {
+        let config = self.node_config();
         let node = &self.nodes[i];
         let setup = Setup {
             config,
@@ -1042,6 +1052,7 @@ impl Sim {
             .filter_map(|n| n.core.as_ref())
             .map(|c| c.stats().dropped_replay)
             .sum();
+        let node_config = self.node_config();
         Report {
             nodes: self.nodes.len(),
             seed: self.cfg.seed,
@@ -1049,23 +1060,13 @@ impl Sim {
             scenario: self.cfg.scenario,
             protocol: self.cfg.protocol,
             local_health: self.cfg.protocol.config(2).local_health,
-            suspicion_min_s: self
-                .cfg
-                .suspicion_min
-                .unwrap_or(
-                    self.cfg
-                        .protocol
-                        .config(self.nodes.len() as u32)
-                        .suspicion_min,
-                )
-                .as_secs_f64(),
-            flap_damping: self.cfg.flap_damping
-                && self
-                    .cfg
-                    .protocol
-                    .config(self.nodes.len() as u32)
-                    .flap_damping
-                    .is_some(),
+            // Plain SWIM's suspicions all wait suspicion_max.
+            suspicion_min_s: if node_config.dynamic_suspicion {
+                node_config.suspicion_min.as_secs_f64()
+            } else {
+                node_config.suspicion_max.as_secs_f64()
+            },
+            flap_damping: node_config.flap_damping.is_some(),
             minutes: (secs / 60.0 * 100.0).round() / 100.0,
             form_s: self.formed_at.map_or(-1.0, |d| d.as_secs_f64()),
             detect_missed: detect.iter().filter(|d| !d.is_finite()).count(),

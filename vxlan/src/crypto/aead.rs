@@ -51,12 +51,12 @@ pub fn backend() -> &'static str {
     }
 }
 
-/// Whether `poly1305`'s run-time detection picks its AVX2 backend here (it asks for AVX2 with
-/// OS support, as this does).
+/// Whether `poly1305`'s run-time detection picks its AVX2 backend here (its `cpufeatures`
+/// check asks for AVX and AVX2 with OS support, as this does).
 fn poly1305_avx2() -> bool {
     #[cfg(any(target_arch = "x86_64", target_arch = "x86"))]
     {
-        std::is_x86_feature_detected!("avx2")
+        std::is_x86_feature_detected!("avx") && std::is_x86_feature_detected!("avx2")
     }
     #[cfg(not(any(target_arch = "x86_64", target_arch = "x86")))]
     {
