@@ -42,9 +42,9 @@
 //!
 //! For a while after a member was seen down ([`Config::flap_damping`]), a suspicion of it
 //! waits the whole `suspicion_max`, without quorum or witnesses, and each such suspicion
-//! heard from another member starts that while again. A host that stalls for a few seconds now and then is declared
-//! down at its first stall and rejoins; its later stalls are suspicions it refutes, not
-//! down-and-rejoin cycles. A member never seen down keeps the fast path, so crash
+//! heard from another member starts that while again. A host that stalls for a few seconds
+//! now and then is declared down at its first stall and rejoins; its later stalls are
+//! suspicions it refutes, not down-and-rejoin cycles. A member never seen down keeps the fast path, so crash
 //! detection is unchanged. Many members down at once (a partition and its heal) switch it
 //! off: there the fast path is what reconnects the two sides.
 //!
@@ -119,9 +119,8 @@ pub struct Config {
     /// Flap damping (with dynamic suspicion): for this long after we saw a member go down,
     /// a suspicion of it waits the whole `suspicion_max` (no quorum, no shortening by
     /// witnesses), and each such suspicion that reaches us from another member starts the
-    /// period again. A host that pauses for
-    /// a few seconds again and again (a stalled VM, long GC pauses) is declared down once,
-    /// not at every pause; a member never seen down keeps the fast path. While three or
+    /// period again. A host that pauses for a few seconds again and again (a stalled VM,
+    /// long GC pauses) is declared down once, not at every pause; a member never seen down keeps the fast path. While three or
     /// more members, and a tenth or more, went down within the period (a partition), nobody
     /// is damped. `None`: off.
     pub flap_damping: Option<Duration>,
@@ -173,6 +172,7 @@ impl Config {
             num_members: NonZeroUsize::new(2).unwrap_or(NonZeroUsize::MIN),
         });
         let log = f64::from(cluster_size.max(10)).log10();
+        let suspicion_max = Duration::from_secs_f64((log * 4.0).max(8.0));
         Config {
             swim,
             local_health: true,
@@ -180,11 +180,11 @@ impl Config {
             buddy_system: true,
             max_health: 8,
             suspicion_min: Duration::from_secs_f64((log * 0.5).max(1.5)),
-            suspicion_max: Duration::from_secs_f64((log * 4.0).max(8.0)),
+            suspicion_max,
             suspicion_k: 2,
             confirm_probes: 5,
             pushpull_interval: Duration::from_secs_f64((f64::from(cluster_size) * 0.6).max(30.0)),
-            flap_damping: Some(Duration::from_secs_f64((log * 4.0).max(8.0) * 5.0)),
+            flap_damping: Some(suspicion_max * 5),
         }
     }
 

@@ -1059,7 +1059,7 @@ impl Sim {
             loss: self.cfg.loss,
             scenario: self.cfg.scenario,
             protocol: self.cfg.protocol,
-            local_health: self.cfg.protocol.config(2).local_health,
+            local_health: node_config.local_health,
             // Plain SWIM's suspicions all wait suspicion_max.
             suspicion_min_s: if node_config.dynamic_suspicion {
                 node_config.suspicion_min.as_secs_f64()

@@ -19,6 +19,15 @@ fn run(nodes: usize, seed: u64, scenario: Scenario, loss: f64, minutes: f64, lh:
     run_with(nodes, seed, scenario, loss, minutes, p)
 }
 
+/// A run's configuration: `nodes` nodes, `loss`, `minutes` measured, the rest as
+/// [`SimConfig::new`] sets it.
+fn config(nodes: usize, seed: u64, scenario: Scenario, loss: f64, minutes: f64) -> SimConfig {
+    let mut c = SimConfig::new(nodes, seed, scenario);
+    c.loss = loss;
+    c.duration = Duration::from_secs_f64(minutes * 60.0);
+    c
+}
+
 fn run_with(
     nodes: usize,
     seed: u64,
@@ -27,9 +36,7 @@ fn run_with(
     minutes: f64,
     protocol: Protocol,
 ) -> Report {
-    let mut c = SimConfig::new(nodes, seed, scenario);
-    c.loss = loss;
-    c.duration = Duration::from_secs_f64(minutes * 60.0);
+    let mut c = config(nodes, seed, scenario, loss, minutes);
     c.protocol = protocol;
     let r = Sim::new(c).run();
     eprintln!("{}", serde_json::to_string(&r).expect("json"));
@@ -134,12 +141,9 @@ fn local_health_does_not_add_false_downs_under_stalls() {
     ignore = "N = 200 needs an optimized build: cargo test --release -p shoal-gossip --test sim"
 )]
 fn flap_damping_stops_stalling_nodes_going_down_at_every_stall() {
-    let cfg = |damping| {
-        let mut c = SimConfig::new(200, 4, Scenario::Stall);
-        c.loss = 0.01;
-        c.duration = Duration::from_secs(120);
-        c.flap_damping = damping;
-        c
+    let cfg = |damping| SimConfig {
+        flap_damping: damping,
+        ..config(200, 4, Scenario::Stall, 0.01, 2.0)
     };
     let on = Sim::new(cfg(true)).run();
     let off = Sim::new(cfg(false)).run();
@@ -169,13 +173,10 @@ fn flap_damping_stops_stalling_nodes_going_down_at_every_stall() {
     ignore = "N = 200 needs an optimized build: cargo test --release -p shoal-gossip --test sim"
 )]
 fn plain_swim_declares_healthy_members_down_where_lifeguard_does_not() {
-    let cfg = |protocol| {
-        let mut c = SimConfig::new(200, 4, Scenario::Slow);
-        c.loss = 0.01;
-        c.duration = Duration::from_secs(60);
-        c.anomaly_secs = Some((5.0, 10.0));
-        c.protocol = protocol;
-        c
+    let cfg = |protocol| SimConfig {
+        anomaly_secs: Some((5.0, 10.0)),
+        protocol,
+        ..config(200, 4, Scenario::Slow, 0.01, 1.0)
     };
     let ours = Sim::new(cfg(Protocol::Lifeguard)).run();
     let plain = Sim::new(cfg(Protocol::PlainSwim)).run();
