@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use shoal_vxlan::crypto::Incarnation;
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -433,12 +434,9 @@ impl Agent {
     pub async fn start(config: AgentConfig) -> Result<Arc<Self>, AgentError> {
         let store = Arc::new(Store::open(&config.state_dir)?);
         let node_secret = zeroize::Zeroizing::new(store.node_key(random_key())?);
+        store.check_incarnation()?;
         let secret = StaticSecret::from(*node_secret);
         let public_key = PublicKey::from(&secret).to_bytes();
-        let mut config = config;
-        if let Some(params) = config.data_path.as_mut() {
-            params.incarnation = store.bump_incarnation()?;
-        }
         let membership = store.membership()?;
         let manager_state = store.manager()?;
         let agent = Arc::new(Self {
@@ -453,6 +451,7 @@ impl Agent {
         });
         if let Some(m) = membership {
             let mut roles = agent.roles.lock().await;
+            let incarnation = agent.fresh_incarnation()?;
             match (manager_state, m.listen_addr) {
                 (Some(state), Some(listen)) => {
                     let listener =
@@ -463,13 +462,13 @@ impl Agent {
                                 source,
                             })?;
                     let (manager, running) = agent.start_manager(&m, state, listener, listen)?;
-                    roles.gossip = Some(agent.start_gossip(Some(manager.clone())));
+                    roles.gossip = Some(agent.start_gossip(Some(manager.clone()), incarnation));
                     roles.manager = Some((manager, running));
                     info!(node = %m.node_id, %listen, "resumed as the swarm leader");
                 }
                 _ => {
                     roles.watcher = Some(agent.start_watcher());
-                    roles.gossip = Some(agent.start_gossip(None));
+                    roles.gossip = Some(agent.start_gossip(None, incarnation));
                     info!(node = %m.node_id, manager = %m.view.api_addr, "resumed swarm membership");
                 }
             }
@@ -490,17 +489,34 @@ impl Agent {
         }
     }
 
-    fn start_gossip(&self, manager: Option<Arc<Manager>>) -> Running {
+    /// A new incarnation for the next start of gossip and the data path, stored before it is
+    /// used (see [`Store::renew_incarnation`]).
+    fn fresh_incarnation(&self) -> Result<Incarnation, StoreError> {
+        self.store
+            .renew_incarnation(|| {
+                let mut bytes = [0u8; 16];
+                bytes.copy_from_slice(&random_key()[..16]);
+                // Gossip carries the incarnation's first four bytes only, until shoal-gossip
+                // carries all sixteen: the others stay zero so every peer derives the same keys.
+                bytes[4..].fill(0);
+                bytes
+            })
+            .map(Incarnation)
+    }
+
+    /// Starts gossip (and, with it, the data path) with `incarnation`, which must be fresh:
+    /// from [`Agent::fresh_incarnation`], once per start.
+    fn start_gossip(&self, manager: Option<Arc<Manager>>, incarnation: Incarnation) -> Running {
         let (stop, rx) = watch::channel(false);
-        let data_path = self
-            .config
-            .data_path
-            .clone()
-            .map(|params| (params, *self.node_secret, self.datapath.clone()));
+        let data_path = self.config.data_path.clone().map(|mut params| {
+            params.incarnation = incarnation;
+            (params, *self.node_secret, self.datapath.clone())
+        });
         let task = tokio::spawn(gossip_loop(
             self.gossip.clone(),
             self.membership.clone(),
             self.public_key,
+            incarnation,
             self.config.gossip_addr,
             manager,
             data_path,
@@ -799,6 +815,8 @@ impl Agent {
         if req.key_rotation_secs == 0 {
             return Err(InitError::ZeroInterval);
         }
+        // Before anything is made: a store that cannot renew the incarnation keeps nothing.
+        let incarnation = self.fresh_incarnation()?;
         let listener =
             TcpListener::bind(req.listen_addr)
                 .await
@@ -864,7 +882,7 @@ impl Agent {
         self.membership.set(Some(membership));
         match started {
             Ok((manager, running)) => {
-                roles.gossip = Some(self.start_gossip(Some(manager.clone())));
+                roles.gossip = Some(self.start_gossip(Some(manager.clone()), incarnation));
                 roles.manager = Some((manager, running));
             }
             Err(e) => {
@@ -891,6 +909,8 @@ impl Agent {
         }
         let token = Token::parse(&req.token)?;
         let manager = resolve_manager(&req.manager).await?;
+        // Before the manager is asked: a store that cannot renew the incarnation keeps nothing.
+        let incarnation = self.fresh_incarnation()?;
         let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(manager))
             .await
             .map_err(|_| CallError::unreachable(manager, "no answer"))?
@@ -946,7 +966,7 @@ impl Agent {
         info!(node = %membership.node_id, role = role.as_str(), %manager, "joined the swarm");
         self.membership.set(Some(membership));
         roles.watcher = Some(self.start_watcher());
-        roles.gossip = Some(self.start_gossip(None));
+        roles.gossip = Some(self.start_gossip(None, incarnation));
         Ok(Reply::Joined { role })
     }
 
@@ -1262,16 +1282,17 @@ async fn call(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn gossip_loop(
     handle_slot: Arc<std::sync::Mutex<Option<shoal_gossip::driver::Handle>>>,
     cell: Arc<Current>,
     public_key: [u8; 32],
+    incarnation: Incarnation,
     bind: Option<SocketAddr>,
     manager: Option<Arc<Manager>>,
     data_path: Option<(crate::datapath::Params, [u8; 32], DataPathSlot)>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let incarnation = data_path.as_ref().map_or(0, |(p, _, _)| p.incarnation);
     // Start gossip, retrying while it cannot (e.g. the advertise address is not up yet).
     let mut warned = false;
     let link = loop {
@@ -1422,7 +1443,7 @@ impl Steer {
                     let dp = Arc::new(dp);
                     info!(
                         interface = %self.params.interface,
-                        incarnation = self.params.incarnation,
+                        incarnation = ?self.params.incarnation,
                         aead = shoal_vxlan::crypto::backend(),
                         "data path up"
                     );

@@ -22,7 +22,7 @@ use std::time::Instant;
 use shoal_ingress::network::{mac_for, INGRESS_INTERFACE};
 use shoal_ingress::overlay::{Member, Overlay, OverlayConfig, OverlayError, PeerStatus};
 use shoal_ingress::NetworkSpec;
-use shoal_vxlan::crypto::{EpochKey, NodeKey, PeerKey};
+use shoal_vxlan::crypto::{EpochKey, Incarnation, NodeKey, PeerKey};
 use shoal_vxlan::engine::{Counters, DropCounts};
 use shoal_vxlan::wire::Mac;
 
@@ -54,8 +54,9 @@ pub struct Params {
     pub interface: String,
     /// The underlay MTU.
     pub underlay_mtu: u16,
-    /// This node's incarnation.
-    pub incarnation: u32,
+    /// This node's incarnation: drawn afresh and stored before every start of the data path
+    /// (see `Store::renew_incarnation`).
+    pub incarnation: Incarnation,
 }
 
 impl Default for Params {
@@ -63,7 +64,7 @@ impl Default for Params {
         Params {
             interface: INGRESS_INTERFACE.to_owned(),
             underlay_mtu: DEFAULT_UNDERLAY_MTU,
-            incarnation: 0,
+            incarnation: Incarnation::default(),
         }
     }
 }
@@ -74,7 +75,7 @@ pub struct Heard {
     /// The public key in its gossip metadata.
     pub public_key: [u8; 32],
     /// Its incarnation.
-    pub incarnation: u32,
+    pub incarnation: Incarnation,
 }
 
 /// The network spec of a view's ingress network.
@@ -107,6 +108,7 @@ pub fn members(view: &ClusterView, me: &NodeId, heard: &HashMap<NodeId, Heard>) 
                 address,
                 PeerKey {
                     public: n.public_key,
+                    node_id: n.id.bytes(),
                     incarnation: h.incarnation,
                 },
             ))
@@ -154,6 +156,7 @@ impl DataPath {
             underlay_mtu: params.underlay_mtu,
             bind: SocketAddr::new(node.addr, view.ingress.data_path_port),
             node_key: NodeKey::from_secret(node_secret),
+            node_id: me.bytes(),
             incarnation: params.incarnation,
         })?;
         let capture = Arc::new(crate::capture::Hub::default());
@@ -296,7 +299,7 @@ mod tests {
 
     #[test]
     fn drop_summary_names_the_new_drops_only() {
-        let mut engine = Engine::new(NodeKey::from_secret([7; 32]), 1);
+        let mut engine = Engine::new(shoal_vxlan::testing::local(7, 1));
         engine.add_network(Vni::new(4096).unwrap(), true).unwrap();
         let src: SocketAddr = "198.18.0.9:4789".parse().unwrap();
         let mut send = |bytes: &[u8]| {

@@ -19,6 +19,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
+use shoal_vxlan::crypto::Incarnation;
+
 use crate::datapath::Heard;
 use crate::id::NodeId;
 use crate::state::{ClusterView, KeyEntry, Role};
@@ -50,7 +52,7 @@ pub enum LinkError {
 /// A running gossip driver tied to this node's membership.
 pub struct Link {
     handle: Handle,
-    incarnation: u32,
+    incarnation: Incarnation,
     up: watch::Receiver<Arc<HashSet<NodeId>>>,
     heard: watch::Receiver<Arc<HashMap<NodeId, Heard>>>,
     events: JoinHandle<()>,
@@ -132,6 +134,14 @@ pub fn sealing_order<'a>(
     })
 }
 
+/// A peer's incarnation from what its gossip metadata carries: the first four bytes (the rest
+/// zero, as this node draws its own; see `Agent::fresh_incarnation`).
+fn heard_incarnation(tag: u32) -> Incarnation {
+    let mut bytes = [0u8; 16];
+    bytes[..4].copy_from_slice(&tag.to_be_bytes());
+    Incarnation(bytes)
+}
+
 /// The admission list for a view: every node that has not left, with its public key.
 pub fn admission(view: &ClusterView) -> Vec<(shoal_gossip::NodeId, [u8; 32])> {
     view.nodes
@@ -155,14 +165,14 @@ pub fn metadata(
     view: &ClusterView,
     me: &NodeId,
     public_key: [u8; 32],
-    incarnation: u32,
+    incarnation: Incarnation,
 ) -> Result<Metadata, LinkError> {
     let node = view.node(me).ok_or(LinkError::NotInView)?;
     Ok(Metadata {
         vtep: node.addr,
         data_port: view.ingress.data_path_port,
         public_key,
-        incarnation,
+        incarnation: incarnation.tag(),
         role: match node.role {
             Role::Worker => shoal_gossip::Role::Worker,
             Role::Manager => shoal_gossip::Role::Manager,
@@ -177,7 +187,7 @@ impl Link {
     pub async fn start(
         m: &Membership,
         public_key: [u8; 32],
-        incarnation: u32,
+        incarnation: Incarnation,
         bind: Option<SocketAddr>,
     ) -> Result<Self, LinkError> {
         let me = m.view.node(&m.node_id).ok_or(LinkError::NotInView)?;
@@ -211,7 +221,7 @@ impl Link {
                 if let Some(meta) = &member.metadata {
                     let h = Heard {
                         public_key: meta.public_key,
-                        incarnation: meta.incarnation,
+                        incarnation: heard_incarnation(meta.incarnation),
                     };
                     if known.insert(id.clone(), h) != Some(h) {
                         heard_tx.send_replace(Arc::new(known.clone()));
@@ -408,14 +418,15 @@ mod tests {
     #[test]
     fn metadata_from_the_view() {
         let v = view();
-        let meta = metadata(&v, &NodeId::from_random(1), [1; 32], 7).unwrap();
+        let inc = heard_incarnation(7);
+        let meta = metadata(&v, &NodeId::from_random(1), [1; 32], inc).unwrap();
         assert_eq!(meta.role, shoal_gossip::Role::Manager);
-        assert_eq!(meta.incarnation, 7);
+        assert_eq!(heard_incarnation(meta.incarnation), inc);
         assert_eq!(meta.data_port, 4789);
         assert_eq!(meta.vtep, "198.18.0.1".parse::<std::net::IpAddr>().unwrap());
         assert!(meta.validate().is_ok());
         assert!(matches!(
-            metadata(&v, &NodeId::from_random(9), [1; 32], 1),
+            metadata(&v, &NodeId::from_random(9), [1; 32], inc),
             Err(LinkError::NotInView)
         ));
     }

@@ -88,6 +88,14 @@ impl NodeId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The ID's 25 ASCII bytes (what the data path's key derivation takes).
+    pub fn bytes(&self) -> [u8; ID_LEN] {
+        let mut out = [b'0'; ID_LEN];
+        // Every constructor checks the length is ID_LEN.
+        out.copy_from_slice(&self.0.as_bytes()[..ID_LEN]);
+        out
+    }
 }
 
 impl TryFrom<String> for NodeId {

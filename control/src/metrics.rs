@@ -520,8 +520,7 @@ mod tests {
             last_rx_age: Some(Duration::from_millis(1500)),
         };
         // Drops are counted through the engine; add two the way it does, by merging.
-        let mut engine =
-            shoal_vxlan::engine::Engine::new(shoal_vxlan::crypto::NodeKey::from_secret([1; 32]), 1);
+        let mut engine = shoal_vxlan::engine::Engine::new(shoal_vxlan::testing::local(1, 1));
         let vni = shoal_vxlan::wire::Vni::new(4096).unwrap();
         engine.add_network(vni, true).unwrap();
         let mut d = *b"garbage";

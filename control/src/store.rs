@@ -15,6 +15,21 @@ use crate::state::{ClusterView, Role, State};
 const TABLE: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("shoal");
 const NODE_KEY: &str = "node_key";
 const INCARNATION: &str = "incarnation";
+
+/// Length of the data path's incarnation.
+pub const INCARNATION_LEN: usize = 16;
+
+/// Reads an incarnation record: 16 bytes, or the 4-byte counter of agents before the data
+/// path's envelope version 2 (read as its bytes followed by zeros).
+fn parse_incarnation(v: &[u8]) -> Result<[u8; INCARNATION_LEN], StoreError> {
+    let mut out = [0u8; INCARNATION_LEN];
+    match v.len() {
+        INCARNATION_LEN => out.copy_from_slice(v),
+        4 => out[..4].copy_from_slice(v),
+        _ => return Err(StoreError::Incarnation("damaged")),
+    }
+    Ok(out)
+}
 const MEMBERSHIP: &str = "membership";
 const MANAGER: &str = "manager";
 
@@ -132,6 +147,10 @@ pub enum StoreError {
         /// The decode error.
         source: serde_json::Error,
     },
+    /// The incarnation record of a node that has a key is missing or damaged: its data path
+    /// cannot prove it will not repeat a nonce.
+    #[error("state store record \"incarnation\" is {0}, so this node cannot start its data path without risking a repeated nonce; to recover, remove the node on a manager (`shoal node rm --force NODE`), move the state dir away and join again")]
+    Incarnation(&'static str),
     /// The node key record is not 32 bytes.
     #[error("state store record \"node_key\" has {0} bytes, expected 32; move the state dir away to start afresh")]
     BadNodeKey(usize),
@@ -198,7 +217,9 @@ impl Store {
         }
     }
 
-    /// The node's X25519 static secret; `fresh` is stored and returned if there is none yet.
+    /// The node's X25519 static secret; `fresh` is stored and returned if there is none yet,
+    /// together with a first incarnation record (see [`Store::renew_incarnation`]), in one
+    /// transaction: a node that has a key always has an incarnation record.
     pub fn node_key(&self, fresh: [u8; 32]) -> Result<[u8; 32], StoreError> {
         if let Some(bytes) = self.get(NODE_KEY)? {
             return <[u8; 32]>::try_from(bytes.as_slice())
@@ -206,28 +227,67 @@ impl Store {
         }
         self.transact(|table| {
             table.insert(NODE_KEY, fresh.as_slice())?;
+            table.insert(INCARNATION, [0u8; INCARNATION_LEN].as_slice())?;
             Ok(())
         })?;
         Ok(fresh)
     }
 
-    /// Renews the data path's incarnation: the stored number plus one, stored before it is
-    /// returned, so no two starts of this agent ever use the same one (see `shoal-vxlan`'s
-    /// `crypto`: the incarnation keeps nonces from repeating across restarts).
-    pub fn bump_incarnation(&self) -> Result<u32, StoreError> {
-        let mut next: u32 = 0;
+    /// Checks that a node with a key has a usable incarnation record (the agent refuses to
+    /// start otherwise: see [`StoreError::Incarnation`]).
+    pub fn check_incarnation(&self) -> Result<(), StoreError> {
+        if self.get(NODE_KEY)?.is_none() {
+            return Ok(());
+        }
+        self.get(INCARNATION)?
+            .ok_or(StoreError::Incarnation("missing"))
+            .and_then(|v| parse_incarnation(&v))
+            .map(drop)
+    }
+
+    /// Renews the data path's incarnation before a start of the data path: draws 16 bytes with
+    /// `fresh` until they differ from the stored ones, stores them, and only then returns them.
+    /// The incarnation goes into the data path's pair keys (see `shoal_vxlan::crypto`), so no
+    /// start of this node's data path, in this process or any other, reuses a key and nonce:
+    /// not after a restart, a leave and join, a removal and rejoin, nor from a copy of this state
+    /// directory (each start draws its own 128 random bits).
+    ///
+    /// A node that has a key but no incarnation record, or a damaged one, is refused: the record
+    /// must never silently start over.
+    pub fn renew_incarnation(
+        &self,
+        mut fresh: impl FnMut() -> [u8; INCARNATION_LEN],
+    ) -> Result<[u8; INCARNATION_LEN], StoreError> {
+        let mut failed = None;
+        let mut next = [0u8; INCARNATION_LEN];
         self.transact(|table| {
-            let current = match table.get(INCARNATION)? {
-                Some(v) => <[u8; 4]>::try_from(v.value())
-                    .map(u32::from_be_bytes)
-                    .unwrap_or(0),
-                None => 0,
+            let has_key = table.get(NODE_KEY)?.is_some();
+            let current = table.get(INCARNATION)?.map(|v| v.value().to_vec());
+            let current = match (current, has_key) {
+                (Some(v), _) => match parse_incarnation(&v) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        failed = Some(e);
+                        return Ok(());
+                    }
+                },
+                (None, true) => {
+                    failed = Some(StoreError::Incarnation("missing"));
+                    return Ok(());
+                }
+                (None, false) => [0u8; INCARNATION_LEN],
             };
-            next = current.wrapping_add(1).max(1);
-            table.insert(INCARNATION, next.to_be_bytes().as_slice())?;
+            next = fresh();
+            while next == current {
+                next = fresh();
+            }
+            table.insert(INCARNATION, next.as_slice())?;
             Ok(())
         })?;
-        Ok(next)
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(next),
+        }
     }
 
     /// The membership record, if this node is in a swarm.
@@ -394,6 +454,91 @@ mod tests {
             store.node_key([0; 32]),
             Err(StoreError::BadNodeKey(5))
         ));
+    }
+
+    #[test]
+    fn incarnation_is_renewed_stored_and_never_repeated() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut draws = (1u8..).map(|n| [n; INCARNATION_LEN]);
+        let first;
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store.node_key([5; 32]).unwrap();
+            store.check_incarnation().unwrap();
+            first = store.renew_incarnation(|| draws.next().unwrap()).unwrap();
+            assert_eq!(first, [1; INCARNATION_LEN]);
+        }
+        // Reopened (a restart): the stored one is not drawn again, even if the source repeats.
+        let store = Store::open(dir.path()).unwrap();
+        let mut again = [
+            [1u8; INCARNATION_LEN],
+            [1; INCARNATION_LEN],
+            [9; INCARNATION_LEN],
+        ]
+        .into_iter();
+        assert_eq!(
+            store.renew_incarnation(|| again.next().unwrap()).unwrap(),
+            [9; INCARNATION_LEN]
+        );
+        assert_eq!(
+            parse_incarnation(&store.get(INCARNATION).unwrap().unwrap()).unwrap(),
+            [9; INCARNATION_LEN],
+            "stored before it was returned"
+        );
+    }
+
+    #[test]
+    fn missing_or_damaged_incarnation_refuses_to_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        // No key yet: nothing to protect.
+        store.check_incarnation().unwrap();
+        store.node_key([5; 32]).unwrap();
+        store
+            .transact(|t| {
+                t.remove(INCARNATION)?;
+                Ok(())
+            })
+            .unwrap();
+        for err in [
+            store.check_incarnation().unwrap_err(),
+            store
+                .renew_incarnation(|| [1; INCARNATION_LEN])
+                .unwrap_err(),
+        ] {
+            assert!(matches!(err, StoreError::Incarnation("missing")), "{err:?}");
+            let line = err.to_string();
+            assert!(
+                line.contains("node rm --force") && !line.contains('\n'),
+                "{line}"
+            );
+        }
+        assert!(
+            store.get(INCARNATION).unwrap().is_none(),
+            "never silently 0"
+        );
+        store
+            .transact(|t| {
+                t.insert(INCARNATION, b"xyz".as_slice())?;
+                Ok(())
+            })
+            .unwrap();
+        assert!(matches!(
+            store.renew_incarnation(|| [1; INCARNATION_LEN]),
+            Err(StoreError::Incarnation("damaged"))
+        ));
+        // The four-byte counter of earlier agents is a valid record.
+        store
+            .transact(|t| {
+                t.insert(INCARNATION, 7u32.to_be_bytes().as_slice())?;
+                Ok(())
+            })
+            .unwrap();
+        store.check_incarnation().unwrap();
+        assert_eq!(
+            store.renew_incarnation(|| [3; INCARNATION_LEN]).unwrap(),
+            [3; INCARNATION_LEN]
+        );
     }
 
     /// A child process (this same test binary) writes a committed state, then starts a

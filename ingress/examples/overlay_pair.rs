@@ -31,6 +31,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         underlay_mtu: 1500,
         bind: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 4789),
         node_key: NodeKey::from_secret(me.secret),
+        node_id: me.node_id,
         incarnation: me.incarnation,
     })?;
     overlay.set_epochs(&[epoch()], epoch().id())?;

@@ -7,7 +7,7 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
-use shoal_vxlan::crypto::{EpochKey, NodeKey, PeerKey};
+use shoal_vxlan::crypto::{EpochKey, Incarnation, Local, NodeIdBytes, NodeKey, PeerKey};
 use shoal_vxlan::engine::{ConfigError, Counters, Engine};
 use shoal_vxlan::io::tap::{Tap, TapConfig};
 use shoal_vxlan::io::{udp, Dataplane, IoCounters};
@@ -32,8 +32,10 @@ pub struct OverlayConfig {
     pub bind: SocketAddr,
     /// This node's static key.
     pub node_key: NodeKey,
-    /// This node's incarnation (renewed at every agent start).
-    pub incarnation: u32,
+    /// This node's ID, as the manager issued it (it goes into the pair keys).
+    pub node_id: NodeIdBytes,
+    /// This node's incarnation (drawn afresh at every start of the data path).
+    pub incarnation: Incarnation,
 }
 
 /// Another member of the network: a shoal node, or an external VTEP (plain networks only).
@@ -142,8 +144,13 @@ impl Overlay {
         })?;
         // One engine per direction (see `shoal_vxlan::io`), from the same key.
         let secret = config.node_key.secret_bytes();
-        let mut engines =
-            [0, 1].map(|_| Engine::new(NodeKey::from_secret(*secret), config.incarnation));
+        let mut engines = [0, 1].map(|_| {
+            Engine::new(Local::new(
+                NodeKey::from_secret(*secret),
+                config.node_id,
+                config.incarnation,
+            ))
+        });
         for e in &mut engines {
             e.add_network(vni, config.network.encrypted)?;
         }

@@ -21,8 +21,8 @@ use std::time::Instant;
 
 use crate::buffer::{Packet, Transmits, HEADROOM, TAILROOM};
 use crate::crypto::{
-    self, EpochKey, KeyError, Keyring, KeyringError, NodeKey, OpenError, PeerKey, SealError,
-    Session, SessionState, Verified,
+    self, EpochKey, KeyError, Keyring, KeyringError, Local, OpenError, PeerKey, SealError, Session,
+    SessionState, Shared, Verified,
 };
 use crate::fdb::Fdb;
 use crate::replay::ReplayError;
@@ -159,6 +159,9 @@ impl Counters {
 pub struct Peer {
     vtep: SocketAddr,
     key: Option<PeerKey>,
+    /// The X25519 secret shared with `key.public`, kept so a restart of the peer (same key,
+    /// new incarnation) costs no new X25519.
+    shared: Option<Shared>,
     sessions: [Option<Session>; 2],
     counters: Counters,
     last_rx: Option<Instant>,
@@ -285,43 +288,107 @@ pub enum ConfigError {
     Key(#[from] KeyError),
 }
 
+/// Retired sessions kept per peer node ID (each key epoch counts apart): the newest ones.
+pub const RETIRED_PER_NODE: usize = 8;
+/// Retired sessions kept in all.
+pub const RETIRED_MAX: usize = 4096;
+
+/// Counters and windows of sessions whose keys were dropped (peer removed, or re-keyed by a new
+/// incarnation), so that the same keys never start over from counter zero; forgotten when their
+/// epoch is retired. Bounded: at most [`RETIRED_PER_NODE`] per peer node ID and [`RETIRED_MAX`]
+/// in all, the oldest going first.
+///
+/// Forgetting one is safe. Its keys come back only if that peer announces the very same
+/// 128-bit random incarnation again, which only the peer itself can do (its announcements are
+/// signed and ordered): the pair key it would repeat nonces under is one that peer holds
+/// already, so it learns nothing it could not decrypt, and can forge nothing it could not seal.
+#[derive(Debug, Default)]
+struct Retired {
+    entries: HashMap<(PeerKey, u32), (u64, SessionState)>,
+    seq: u64,
+}
+
+impl Retired {
+    fn take(&mut self, key: &PeerKey, epoch: u32) -> Option<SessionState> {
+        self.entries.remove(&(*key, epoch)).map(|(_, s)| s)
+    }
+
+    fn put(&mut self, key: PeerKey, epoch: u32, state: SessionState) {
+        self.seq += 1;
+        self.entries.insert((key, epoch), (self.seq, state));
+        let same_node = |k: &(PeerKey, u32)| k.0.node_id == key.node_id;
+        if self.entries.keys().filter(|k| same_node(k)).count() > RETIRED_PER_NODE {
+            self.evict_oldest(same_node);
+        }
+        if self.entries.len() > RETIRED_MAX {
+            self.evict_oldest(|_| true);
+        }
+    }
+
+    fn evict_oldest(&mut self, among: impl Fn(&(PeerKey, u32)) -> bool) {
+        let oldest = self
+            .entries
+            .iter()
+            .filter(|(k, _)| among(k))
+            .min_by_key(|(_, (seq, _))| *seq)
+            .map(|(k, _)| *k);
+        if let Some(k) = oldest {
+            self.entries.remove(&k);
+        }
+    }
+
+    fn retire_epoch(&mut self, id: u32) {
+        self.entries.retain(|(_, epoch), _| *epoch != id);
+    }
+
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+}
+
 /// The data-plane engine of one node.
 #[derive(Debug)]
 pub struct Engine {
-    node_key: NodeKey,
-    incarnation: u32,
+    local: Local,
     keyring: Keyring,
     networks: HashMap<Vni, Network>,
     peers: HashMap<IpAddr, Peer>,
-    /// Counters and windows of sessions whose keys were dropped (peer removed or re-keyed),
-    /// so that the same keys never start over; forgotten when their epoch is retired.
-    retired: HashMap<(PeerKey, u32), SessionState>,
+    retired: Retired,
     counters: Counters,
 }
 
 impl Engine {
-    /// An engine for the node with `node_key`, in its `incarnation` (renewed by the agent at
-    /// every start, see [`crate::crypto`]).
-    pub fn new(node_key: NodeKey, incarnation: u32) -> Self {
+    /// An engine for `local`: this node's key pair, node ID and incarnation (drawn by the agent
+    /// at every start of the data path, see [`crate::crypto`]).
+    pub fn new(local: Local) -> Self {
         Engine {
-            node_key,
-            incarnation,
+            local,
             keyring: Keyring::new(),
             networks: HashMap::new(),
             peers: HashMap::new(),
-            retired: HashMap::new(),
+            retired: Retired::default(),
             counters: Counters::default(),
         }
     }
 
     /// This node's public key.
     pub fn public_key(&self) -> [u8; 32] {
-        self.node_key.public()
+        self.local.side().public
     }
 
-    /// This node's incarnation.
+    /// This node's incarnation tag (what its envelopes carry).
     pub fn incarnation(&self) -> u32 {
-        self.incarnation
+        self.local.side().incarnation.tag()
+    }
+
+    /// This node as its peers see it: public key, node ID, incarnation.
+    pub fn local(&self) -> &PeerKey {
+        self.local.side()
+    }
+
+    /// Sessions kept without keys (see [`RETIRED_PER_NODE`]).
+    pub fn retired_sessions(&self) -> usize {
+        self.retired.len()
     }
 
     /// Engine-wide counters.
@@ -380,16 +447,16 @@ impl Engine {
         self.peers.get(&vtep)
     }
 
-    fn make_session(&mut self, key: &PeerKey, epoch: &EpochKey) -> Result<Session, KeyError> {
-        let keys = crypto::derive(&self.node_key, self.incarnation, key, epoch)?;
-        let state = self.retired.remove(&(*key, epoch.id())).unwrap_or_default();
-        Ok(Session::resume(epoch.id(), self.incarnation, &keys, state))
+    fn make_session(&mut self, shared: &Shared, key: &PeerKey, epoch: &EpochKey) -> Session {
+        let keys = crypto::derive_shared(shared, self.local.side(), key, epoch);
+        let state = self.retired.take(key, epoch.id()).unwrap_or_default();
+        Session::resume(epoch.id(), self.incarnation(), &keys, state)
     }
 
     fn retire_sessions(&mut self, key: Option<PeerKey>, sessions: &mut [Option<Session>; 2]) {
         for s in sessions.iter_mut() {
             if let (Some(key), Some(session)) = (key, s.take()) {
-                self.retired.insert((key, session.epoch()), session.state());
+                self.retired.put(key, session.epoch(), session.state());
             }
         }
     }
@@ -407,17 +474,30 @@ impl Engine {
             return Ok(());
         }
         let mut sessions: [Option<Session>; 2] = [None, None];
+        let mut shared = None;
         if let Some(k) = &key {
+            // The same public key as before (a restart of the peer): no new X25519.
+            let cached = self
+                .peers
+                .get(&ip)
+                .filter(|p| p.key.is_some_and(|old| old.public == k.public))
+                .and_then(|p| p.shared.clone());
+            let secret = match cached {
+                Some(s) => s,
+                None => crypto::shared(self.local.key(), &k.public)?,
+            };
             let epochs: Vec<EpochKey> = self.keyring.epochs().cloned().collect();
             for (slot, epoch) in sessions.iter_mut().zip(&epochs) {
-                *slot = Some(self.make_session(k, epoch)?);
+                *slot = Some(self.make_session(&secret, k, epoch));
             }
+            shared = Some(secret);
         }
         let old = self.peers.insert(
             ip,
             Peer {
                 vtep,
                 key,
+                shared,
                 sessions,
                 counters: Counters::default(),
                 last_rx: None,
@@ -453,10 +533,10 @@ impl Engine {
     /// becomes the sending one.
     pub fn add_epoch(&mut self, epoch: EpochKey) -> Result<(), ConfigError> {
         let mut fresh = Vec::with_capacity(self.peers.len());
-        let keyed: Vec<(IpAddr, PeerKey)> = self
+        let keyed: Vec<(IpAddr, PeerKey, Shared)> = self
             .peers
             .iter()
-            .filter_map(|(ip, p)| p.key.map(|k| (*ip, k)))
+            .filter_map(|(ip, p)| Some((*ip, p.key?, p.shared.clone()?)))
             .collect();
         if self.keyring.get(epoch.id()).is_some() {
             return Err(KeyringError::Duplicate(epoch.id()).into());
@@ -464,8 +544,8 @@ impl Engine {
         if self.keyring.epochs().count() == 2 {
             return Err(KeyringError::Full(epoch.id()).into());
         }
-        for (ip, key) in keyed {
-            fresh.push((ip, self.make_session(&key, &epoch)?));
+        for (ip, key, shared) in keyed {
+            fresh.push((ip, self.make_session(&shared, &key, &epoch)));
         }
         self.keyring.add(epoch)?;
         for (ip, session) in fresh {
@@ -495,7 +575,7 @@ impl Engine {
                 }
             }
         }
-        self.retired.retain(|(_, epoch), _| *epoch != id);
+        self.retired.retire_epoch(id);
         Ok(())
     }
 
@@ -660,7 +740,7 @@ impl Engine {
             (true, true) => {
                 let mut env = Envelope::new_checked(&mut *data).map_err(|e| fail(wire_drop(e)))?;
                 let key = peer.key.ok_or(fail(DropReason::NoSession))?;
-                if env.incarnation() != key.incarnation {
+                if env.incarnation() != key.incarnation.tag() {
                     return Err(fail(DropReason::WrongIncarnation));
                 }
                 let epoch = env.epoch();

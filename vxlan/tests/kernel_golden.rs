@@ -12,7 +12,6 @@ use std::time::Instant;
 
 use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 use pcap_file::pcap::PcapReader;
-use shoal_vxlan::crypto::NodeKey;
 use shoal_vxlan::wire::{header, Header};
 use shoal_vxlan::{Engine, Mac, Packet, Transmits, Vni};
 
@@ -79,7 +78,7 @@ fn engine_delivers_and_reproduces_kernel_datagrams() {
         let dst_mac = Mac::dst_of(inner).unwrap();
 
         // Receiving side: the kernel sender is an external VTEP on a plain network.
-        let mut rx = Engine::new(NodeKey::from_secret([1; 32]), 1);
+        let mut rx = Engine::new(shoal_vxlan::testing::local(1, 1));
         rx.add_network(vni, false).unwrap();
         rx.set_peer(SocketAddr::new(c.src.ip(), 4789), None)
             .unwrap();
@@ -90,7 +89,7 @@ fn engine_delivers_and_reproduces_kernel_datagrams() {
         assert_eq!(opened.frame(), inner);
 
         // Sending side: the same frame, encapsulated by us, is the kernel's datagram exactly.
-        let mut tx = Engine::new(NodeKey::from_secret([2; 32]), 1);
+        let mut tx = Engine::new(shoal_vxlan::testing::local(2, 1));
         tx.add_network(vni, false).unwrap();
         tx.set_peer(c.dst, None).unwrap();
         tx.fdb_mut(vni).unwrap().insert(dst_mac, c.dst.ip());

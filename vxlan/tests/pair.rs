@@ -9,9 +9,9 @@ use std::time::Instant;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
-use shoal_vxlan::crypto::{EpochKey, NodeKey, PeerKey};
+use shoal_vxlan::crypto::{EpochKey, PeerKey};
 use shoal_vxlan::engine::Provenance;
-use shoal_vxlan::testing::frame;
+use shoal_vxlan::testing::{frame, local};
 use shoal_vxlan::wire::envelope;
 use shoal_vxlan::{DropReason, Engine, Mac, Packet, Transmits, Vni};
 
@@ -29,9 +29,8 @@ struct Node {
 }
 
 impl Node {
-    fn new(n: u8, incarnation: u32, encrypted: bool) -> Node {
-        let key = NodeKey::from_secret([n; 32]);
-        let mut engine = Engine::new(key, incarnation);
+    fn new(n: u8, incarnation: u8, encrypted: bool) -> Node {
+        let mut engine = Engine::new(local(n, incarnation));
         engine.add_network(vni(), encrypted).unwrap();
         Node {
             engine,
@@ -42,10 +41,7 @@ impl Node {
     }
 
     fn peer_key(&self) -> PeerKey {
-        PeerKey {
-            public: self.engine.public_key(),
-            incarnation: self.engine.incarnation(),
-        }
+        *self.engine.local()
     }
 
     /// Seals `payload` from this node to `dst`, returning the datagrams it queued.
@@ -422,11 +418,40 @@ fn garbage_is_dropped_never_delivered() {
         if len >= 8 && rng.gen_bool(0.5) {
             d[..8].copy_from_slice(&[0x48, 0, 0, 0, 0, 0x10, 0, 0]);
             if len > 8 {
-                d[8] = 1;
+                d[8] = envelope::VERSION;
             }
         }
         assert!(b.recv(a_addr, &d).is_err());
     }
     assert_eq!(b.engine.counters().rx_packets, 0);
     assert_eq!(b.engine.counters().drops.total(), 5000);
+}
+
+/// A peer that announces a new incarnation again and again (a restart loop, or a member that
+/// cycles them on purpose) leaves a bounded trace: the engine keeps the counters of a few
+/// retired sessions per peer, not one per incarnation.
+#[test]
+fn retired_sessions_are_bounded_per_peer() {
+    use shoal_vxlan::engine::RETIRED_PER_NODE;
+    let (mut a, b) = encrypted_pair();
+    let counter = |d: &[u8]| envelope::Envelope::new_checked(d).unwrap().counter();
+    let mut key = b.peer_key();
+    for i in 0..1000u32 {
+        key.incarnation.0[..4].copy_from_slice(&i.to_be_bytes());
+        a.engine.set_peer(b.addr, Some(key)).unwrap();
+        if i == 998 {
+            a.engine.fdb_mut(vni()).unwrap().insert(b.mac, b.addr.ip());
+            assert_eq!(counter(&a.send(b.mac, b"x").unwrap()[0].1), 0);
+        }
+    }
+    assert!(
+        a.engine.retired_sessions() <= RETIRED_PER_NODE,
+        "{} retired sessions kept",
+        a.engine.retired_sessions()
+    );
+    // A recent one resumes where it stopped: its counter does not start over at zero.
+    key.incarnation.0[..4].copy_from_slice(&998u32.to_be_bytes());
+    a.engine.set_peer(b.addr, Some(key)).unwrap();
+    a.engine.fdb_mut(vni()).unwrap().insert(b.mac, b.addr.ip());
+    assert_eq!(counter(&a.send(b.mac, b"y").unwrap()[0].1), 1);
 }

@@ -61,7 +61,8 @@ pub(super) async fn run(args: Args, socket: PathBuf) -> Result<(), CliError> {
         data_path: (!args.no_data_path).then_some(crate::datapath::Params {
             interface: args.overlay_interface,
             underlay_mtu: args.underlay_mtu,
-            incarnation: 0,
+            // Drawn and stored by the agent before every start of the data path.
+            incarnation: shoal_vxlan::crypto::Incarnation::default(),
         }),
         metrics_addr: args.metrics_addr,
     };

@@ -1,24 +1,33 @@
 //! Data-path keys: per pair of nodes, per key epoch, one key per direction.
 //!
-//! Each node has a static X25519 key pair (RFC 7748) and an incarnation, a number its agent
-//! renews (persistently, before sending anything) every time it starts. The manager issues network
-//! key epochs (an id and 32 secret bytes) and rotates them. For nodes A and B under epoch E:
+//! Each node has a static X25519 key pair (RFC 7748), a node ID the manager issued (25 lowercase
+//! base-36 ASCII characters) and an [`Incarnation`]: 16 random bytes its agent draws, and stores
+//! durably, before every start of its data path (agent start, join after leave, rejoin after a
+//! removal). The manager issues network key epochs (an id and 32 secret bytes) and rotates them.
+//! For nodes A and B under epoch E:
 //!
 //! ```text
 //! shared = X25519(a_secret, B_public)                  (= X25519(b_secret, A_public))
 //! okm    = HKDF-SHA256(salt = E.secret, ikm = shared,
-//!                      info = "shoal vxlan v1" || E.id || low_public || low_incarnation
-//!                                              || high_public || high_incarnation,
+//!                      info = "shoal vxlan v2" || E.id
+//!                             || low_node_id || low_public || low_incarnation
+//!                             || high_node_id || high_public || high_incarnation,
 //!                      L = 64)
 //! key(low -> high) = okm[0..32],  key(high -> low) = okm[32..64]
 //! ```
 //!
-//! where `low` and `high` order the two public keys bytewise and integers are u32 big-endian.
-//! Both nodes compute the same two keys; an outsider needs a node's static secret *and* the epoch
+//! where `low` and `high` order the two public keys bytewise and E.id is u32 big-endian. Both
+//! nodes compute the same two keys; an outsider needs a node's static secret *and* the epoch
 //! secret. Counters start at zero in every session, so the incarnations are what keep a nonce
-//! from ever repeating under one key: a restarted node, or a restarted peer, means new keys. Removing a node's
-//! public key from the peer table revokes it; rotating the epoch cuts off anyone who holds an old
-//! epoch secret but no current one.
+//! from ever repeating under one key: every start of a data path draws 128 fresh random bits, so
+//! a restarted node, a node that left and joined again, a state directory restored from a copy
+//! and two machines cloned from one state directory all get keys of their own. The node ID binds
+//! the keys to the identity the manager issued, so a key registered under one node ID is useless
+//! under another. Removing a node's public key from the peer table revokes it; rotating the
+//! epoch cuts off anyone who holds an old epoch secret but no current one.
+//!
+//! The envelope carries the first four bytes of the sender's incarnation ([`Incarnation::tag`])
+//! so a receiver can tell which of the sender's lives sealed a datagram.
 
 mod aead;
 pub mod session;
@@ -31,7 +40,35 @@ use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 pub use aead::backend;
 pub use session::{OpenError, SealError, Session, SessionState, Verified};
 
-const INFO_LABEL: &[u8] = b"shoal vxlan v1";
+const INFO_LABEL: &[u8] = b"shoal vxlan v2";
+
+/// Length of a node ID as the manager issues it: 25 lowercase base-36 ASCII characters.
+pub const NODE_ID_LEN: usize = 25;
+
+/// A node ID, as the bytes that go into the key derivation.
+pub type NodeIdBytes = [u8; NODE_ID_LEN];
+
+/// A node's data-path incarnation: 16 random bytes drawn at every start of its data path. See
+/// the module docs.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Incarnation(pub [u8; 16]);
+
+impl Incarnation {
+    /// The first four bytes, big-endian: what the envelope carries to name this incarnation.
+    pub fn tag(&self) -> u32 {
+        let b = &self.0;
+        u32::from_be_bytes([b[0], b[1], b[2], b[3]])
+    }
+}
+
+impl core::fmt::Debug for Incarnation {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
 
 /// A node's static X25519 key pair. The secret is zeroized on drop.
 pub struct NodeKey {
@@ -113,57 +150,116 @@ pub struct PairKeys {
     pub recv: [u8; 32],
 }
 
-/// One side of a pair: a public key and the incarnation it belongs to.
+/// One side of a pair: a node's public key, its node ID and the incarnation it is in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PeerKey {
     /// The node's static X25519 public key.
     pub public: [u8; 32],
+    /// The node ID the manager issued to it.
+    pub node_id: NodeIdBytes,
     /// The node's current incarnation.
-    pub incarnation: u32,
+    pub incarnation: Incarnation,
 }
 
-/// Derives the pair keys between `local` (at `local_incarnation`) and `peer` under `epoch`.
-pub fn derive(
-    local: &NodeKey,
-    local_incarnation: u32,
-    peer: &PeerKey,
-    epoch: &EpochKey,
-) -> Result<PairKeys, KeyError> {
-    let local_side = PeerKey {
-        public: local.public.to_bytes(),
-        incarnation: local_incarnation,
-    };
-    if local_side.public == peer.public {
+/// The X25519 secret this node shares with a peer, before the per-epoch derivation: computed
+/// once per peer public key and kept (zeroized on drop), so a peer that restarts (same key, new
+/// incarnation) costs one HKDF per epoch, not another X25519.
+#[derive(Clone, Zeroize, ZeroizeOnDrop)]
+pub struct Shared([u8; 32]);
+
+impl core::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("Shared(..)")
+    }
+}
+
+/// The secret `local` shares with the node whose public key is `peer_public`.
+pub fn shared(local: &NodeKey, peer_public: &[u8; 32]) -> Result<Shared, KeyError> {
+    if local.public.to_bytes() == *peer_public {
         return Err(KeyError::OwnKey);
     }
-    let shared = local.secret.diffie_hellman(&PublicKey::from(peer.public));
+    let shared = local.secret.diffie_hellman(&PublicKey::from(*peer_public));
     if !shared.was_contributory() {
         return Err(KeyError::WeakPeerKey);
     }
+    Ok(Shared(shared.to_bytes()))
+}
+
+/// This node as the key derivation sees it: its static key pair, node ID and incarnation.
+pub struct Local {
+    key: NodeKey,
+    side: PeerKey,
+}
+
+impl Local {
+    /// This node, with the node ID the manager issued and the incarnation of this start.
+    pub fn new(key: NodeKey, node_id: NodeIdBytes, incarnation: Incarnation) -> Self {
+        let side = PeerKey {
+            public: key.public(),
+            node_id,
+            incarnation,
+        };
+        Local { key, side }
+    }
+
+    /// The static key pair.
+    pub fn key(&self) -> &NodeKey {
+        &self.key
+    }
+
+    /// This node as its peers see it.
+    pub fn side(&self) -> &PeerKey {
+        &self.side
+    }
+}
+
+impl core::fmt::Debug for Local {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Local")
+            .field("side", &self.side)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Derives the pair keys between `local` and `peer` under `epoch`.
+pub fn derive(local: &Local, peer: &PeerKey, epoch: &EpochKey) -> Result<PairKeys, KeyError> {
+    let shared = shared(&local.key, &peer.public)?;
+    Ok(derive_shared(&shared, &local.side, peer, epoch))
+}
+
+/// [`derive`] from a secret already computed with [`shared`] for `peer.public`.
+pub fn derive_shared(
+    shared: &Shared,
+    local_side: &PeerKey,
+    peer: &PeerKey,
+    epoch: &EpochKey,
+) -> PairKeys {
     let local_is_low = local_side.public < peer.public;
     let (low, high) = if local_is_low {
-        (&local_side, peer)
+        (local_side, peer)
     } else {
-        (peer, &local_side)
+        (peer, local_side)
     };
-    let mut info = [0u8; INFO_LABEL.len() + 4 + 2 * (32 + 4)];
+    let mut info = [0u8; INFO_LABEL.len() + 4 + 2 * (NODE_ID_LEN + 32 + 16)];
     let mut at = 0;
     for part in [
         INFO_LABEL,
         &epoch.id.to_be_bytes(),
+        &low.node_id,
         &low.public,
-        &low.incarnation.to_be_bytes(),
+        &low.incarnation.0,
+        &high.node_id,
         &high.public,
-        &high.incarnation.to_be_bytes(),
+        &high.incarnation.0,
     ] {
         info[at..at + part.len()].copy_from_slice(part);
         at += part.len();
     }
 
-    let hk = Hkdf::<Sha256>::new(Some(&epoch.secret), shared.as_bytes());
+    let hk = Hkdf::<Sha256>::new(Some(&epoch.secret), &shared.0);
     let mut okm = Zeroizing::new([0u8; 64]);
-    hk.expand(&info, &mut okm[..])
-        .map_err(|_| KeyError::WeakPeerKey)?; // 64 bytes is far below HKDF's limit: unreachable
+    // 64 bytes is far below HKDF's limit (255 * 32): expand cannot fail.
+    let _ = hk.expand(&info, &mut okm[..]);
     let mut keys = PairKeys {
         send: [0; 32],
         recv: [0; 32],
@@ -176,7 +272,7 @@ pub fn derive(
         keys.send.copy_from_slice(high_to_low);
         keys.recv.copy_from_slice(low_to_high);
     }
-    Ok(keys)
+    keys
 }
 
 /// The network key epochs a node holds: at most two live, one of them designated for sending.
@@ -297,69 +393,121 @@ mod tests {
         );
     }
 
-    fn node(seed: u8) -> NodeKey {
-        NodeKey::from_secret([seed; 32])
+    fn local(seed: u8, incarnation: u8) -> Local {
+        Local::new(
+            NodeKey::from_secret([seed; 32]),
+            [b'a' + seed % 26; NODE_ID_LEN],
+            Incarnation([incarnation; 16]),
+        )
     }
 
-    fn peer(n: &NodeKey, incarnation: u32) -> PeerKey {
-        PeerKey {
-            public: n.public(),
-            incarnation,
-        }
+    fn peer(l: &Local) -> PeerKey {
+        *l.side()
     }
 
     #[test]
     fn both_sides_derive_matching_keys() {
-        let (a, b) = (node(1), node(2));
+        let (a, b) = (local(1, 5), local(2, 6));
         let e = EpochKey::new(3, [7; 32]);
-        let ka = derive(&a, 5, &peer(&b, 6), &e).unwrap();
-        let kb = derive(&b, 6, &peer(&a, 5), &e).unwrap();
+        let ka = derive(&a, &peer(&b), &e).unwrap();
+        let kb = derive(&b, &peer(&a), &e).unwrap();
         assert_eq!(ka.send, kb.recv);
         assert_eq!(ka.recv, kb.send);
         assert_ne!(ka.send, ka.recv, "one key per direction");
     }
 
+    /// A vector computed with an independent implementation (Python `cryptography` 48:
+    /// X25519 and HKDF-SHA256) from the inputs below; the script is in `docs/wire.md`.
     #[test]
-    fn keys_depend_on_epoch_and_pair() {
-        let (a, b, c) = (node(1), node(2), node(3));
-        let e1 = EpochKey::new(1, [7; 32]);
-        let base = derive(&a, 1, &peer(&b, 1), &e1).unwrap().send;
-        let other_epoch = EpochKey::new(2, [7; 32]);
-        let other_secret = EpochKey::new(1, [8; 32]);
-        assert_ne!(
-            base,
-            derive(&a, 1, &peer(&b, 1), &other_epoch).unwrap().send
+    fn derivation_vector() {
+        let a = Local::new(
+            NodeKey::from_secret([0xa1; 32]),
+            *b"aaaaaaaaaaaaaaaaaaaaaaaaa",
+            Incarnation([0x11; 16]),
         );
-        assert_ne!(
-            base,
-            derive(&a, 1, &peer(&b, 1), &other_secret).unwrap().send
+        let b = Local::new(
+            NodeKey::from_secret([0xb2; 32]),
+            *b"bbbbbbbbbbbbbbbbbbbbbbbbb",
+            Incarnation([0x22; 16]),
         );
-        assert_ne!(base, derive(&a, 1, &peer(&c, 1), &e1).unwrap().send);
-        assert_ne!(
-            base,
-            derive(&a, 2, &peer(&b, 1), &e1).unwrap().send,
-            "own restart"
+        let e = EpochKey::new(1, [0xe1; 32]);
+        let ka = derive(&a, b.side(), &e).unwrap();
+        let (a_to_b, b_to_a) = (ka.send, ka.recv);
+        assert_eq!(
+            a_to_b,
+            hex!("dfb32370bb44c45dd56a4803b5d6aee1547573705de37f86e11445b0c330835a")
         );
-        assert_ne!(
-            base,
-            derive(&a, 1, &peer(&b, 2), &e1).unwrap().send,
-            "peer restart"
+        assert_eq!(
+            b_to_a,
+            hex!("ae5f73c5ab8b63aae3c3e818e48abef1bbcd978b20c943f2db9e343307e159fb")
         );
     }
 
     #[test]
+    fn keys_depend_on_epoch_pair_identity_and_incarnations() {
+        let (a, b, c) = (local(1, 1), local(2, 1), local(3, 1));
+        let e1 = EpochKey::new(1, [7; 32]);
+        let base = derive(&a, &peer(&b), &e1).unwrap().send;
+        let other_epoch = EpochKey::new(2, [7; 32]);
+        let other_secret = EpochKey::new(1, [8; 32]);
+        assert_ne!(base, derive(&a, &peer(&b), &other_epoch).unwrap().send);
+        assert_ne!(base, derive(&a, &peer(&b), &other_secret).unwrap().send);
+        assert_ne!(base, derive(&a, &peer(&c), &e1).unwrap().send);
+        assert_ne!(
+            base,
+            derive(&local(1, 2), &peer(&b), &e1).unwrap().send,
+            "own restart"
+        );
+        assert_ne!(
+            base,
+            derive(&a, &peer(&local(2, 2)), &e1).unwrap().send,
+            "peer restart"
+        );
+        // Two incarnations that share the four bytes the envelope carries still differ.
+        let mut close = peer(&b);
+        close.incarnation.0[15] ^= 1;
+        assert_eq!(close.incarnation.tag(), peer(&b).incarnation.tag());
+        assert_ne!(
+            base,
+            derive(&a, &close, &e1).unwrap().send,
+            "whole incarnation"
+        );
+        // The same key and incarnation under another node ID (a key registered twice).
+        let mut renamed = peer(&b);
+        renamed.node_id[0] = b'z';
+        assert_ne!(base, derive(&a, &renamed, &e1).unwrap().send, "node ID");
+        let mut me_renamed = Local::new(
+            NodeKey::from_secret([1; 32]),
+            [b'q'; NODE_ID_LEN],
+            a.side().incarnation,
+        );
+        assert_ne!(base, derive(&me_renamed, &peer(&b), &e1).unwrap().send);
+        me_renamed = local(1, 1);
+        assert_eq!(base, derive(&me_renamed, &peer(&b), &e1).unwrap().send);
+    }
+
+    #[test]
     fn refuses_weak_and_own_keys() {
-        let a = node(1);
+        let a = local(1, 1);
         let e = EpochKey::new(1, [7; 32]);
         let zero = PeerKey {
             public: [0; 32],
-            incarnation: 1,
+            node_id: [b'x'; NODE_ID_LEN],
+            incarnation: Incarnation([1; 16]),
         };
-        assert_eq!(derive(&a, 1, &zero, &e).err(), Some(KeyError::WeakPeerKey));
+        assert_eq!(derive(&a, &zero, &e).err(), Some(KeyError::WeakPeerKey));
         assert_eq!(
-            derive(&a, 1, &peer(&a, 2), &e).err(),
+            derive(&a, &peer(&local(1, 2)), &e).err(),
             Some(KeyError::OwnKey)
         );
+    }
+
+    #[test]
+    fn incarnation_tag_is_the_first_four_bytes() {
+        let mut i = Incarnation([0; 16]);
+        i.0[..4].copy_from_slice(&[0xde, 0xad, 0xbe, 0xef]);
+        assert_eq!(i.tag(), 0xdead_beef);
+        assert_eq!(format!("{i:?}"), "deadbeef000000000000000000000000");
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! shoal's sealed envelope, version 1: a VXLAN datagram whose payload is an encrypted Ethernet
+//! shoal's sealed envelope, version 2: a VXLAN datagram whose payload is an encrypted Ethernet
 //! frame. `docs/wire.md` describes it byte by byte.
 //!
 //! ```text
@@ -9,11 +9,11 @@
 //! +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+  I and S flags
 //! |                VXLAN Network Identifier (VNI) | Reserved (0)  |
 //! +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
-//! |  Version (1)  |              Reserved (0)                     |
+//! |  Version (2)  |              Reserved (0)                     |
 //! +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
 //! |                       Key epoch (u32)                         |
 //! +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
-//! |                  Sender incarnation (u32)                     |
+//! |              Sender incarnation tag (u32)                     |
 //! +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
 //! |                                                               |
 //! +                       Counter (u64)                           +
@@ -26,10 +26,16 @@
 //! ```
 //!
 //! All integers are big-endian. The first 28 bytes are the AEAD's associated data, so the VNI,
-//! the epoch, the incarnation and the counter are all authenticated. The sender's incarnation
-//! changes every time its agent starts; it is part of the key derivation (see `crate::crypto`),
-//! so a restarted sender never reuses a (key, counter) pair. The nonce is four zero bytes followed by the
-//! counter (RFC 8439 §2.8 takes a 96-bit nonce).
+//! the epoch, the incarnation tag and the counter are all authenticated. The tag is the first
+//! four bytes of the sender's 16-byte incarnation, which is drawn afresh at every start of its
+//! data path and is part of the key derivation (see `crate::crypto`), so a restarted sender
+//! never reuses a (key, counter) pair. The nonce is four zero bytes followed by the counter
+//! (RFC 8439 §2.8 takes a 96-bit nonce).
+//!
+//! Version 1 had the same layout and derived its keys without node IDs and from 4-byte
+//! incarnations; a version-2 receiver drops version-1 datagrams as `unknown_version`, and a
+//! version-1 receiver drops version-2 ones the same way. Both ends of a pair must run the same
+//! version: upgrade every node before traffic flows again.
 
 use super::{header, Error, Vni};
 
@@ -45,7 +51,7 @@ mod field {
 }
 
 /// The envelope version this code writes and reads.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Bytes before the ciphertext: VXLAN header plus envelope header. All of them are associated data.
 pub const HEADER_LEN: usize = field::PAYLOAD;
 /// Length of the Poly1305 tag after the ciphertext.
@@ -103,7 +109,8 @@ impl<T: AsRef<[u8]>> Envelope<T> {
         u32::from_be_bytes([b[0], b[1], b[2], b[3]])
     }
 
-    /// The sender's incarnation (a number its agent renews at every start).
+    /// The sender's incarnation tag (the first four bytes of the incarnation it drew at the
+    /// start of its data path).
     pub fn incarnation(&self) -> u32 {
         let b = &self.buffer.as_ref()[field::INCARNATION];
         u32::from_be_bytes([b[0], b[1], b[2], b[3]])
@@ -145,7 +152,7 @@ pub struct Repr {
     pub vni: Vni,
     /// The key epoch.
     pub epoch: u32,
-    /// The sender's incarnation.
+    /// The sender's incarnation tag.
     pub incarnation: u32,
     /// The sender's counter (the nonce).
     pub counter: u64,
@@ -214,7 +221,7 @@ mod tests {
         repr.emit(&mut buf);
         assert_eq!(
             buf[..HEADER_LEN],
-            hex!("48 00 00 00 00 10 00 00  01 00 00 00 00 00 00 07  0a 0b 0c 0d  01 02 03 04 05 06 07 08")
+            hex!("48 00 00 00 00 10 00 00  02 00 00 00 00 00 00 07  0a 0b 0c 0d  01 02 03 04 05 06 07 08")
         );
         let env = Envelope::new_checked(&buf[..]).unwrap();
         assert_eq!(Repr::parse(&env), repr);
@@ -241,12 +248,15 @@ mod tests {
             Envelope::new_checked(&buf[..8]).unwrap_err(),
             Error::Truncated
         );
-        let mut v2 = buf;
-        v2[8] = 2;
-        assert_eq!(
-            Envelope::new_checked(&v2[..]).unwrap_err(),
-            Error::UnknownVersion(2)
-        );
+        // Version 1 (keys without node IDs) and any other version: refused.
+        for other in [0, 1, 3, 0xff] {
+            let mut v = buf;
+            v[8] = other;
+            assert_eq!(
+                Envelope::new_checked(&v[..]).unwrap_err(),
+                Error::UnknownVersion(other)
+            );
+        }
         let mut plain = buf;
         plain[0] = 0x08;
         assert_eq!(
