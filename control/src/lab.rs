@@ -237,7 +237,7 @@ impl Lab {
 
     fn start_agent(&self, exe: &Path, i: usize) -> Result<(), LabError> {
         use std::os::unix::process::CommandExt;
-        let state = self.dir.join(format!("n{i}"));
+        let state = self.state_dir(i);
         let log_path = self.dir.join(format!("n{i}.log"));
         let log = std::fs::File::create(&log_path).map_err(|source| LabError::Io {
             path: log_path.clone(),
@@ -430,19 +430,54 @@ impl Lab {
     /// Kills node `node`'s agent with SIGKILL (no goodbye, as a crash) and starts it again on
     /// the same state; returns when its socket is back.
     pub fn restart(&self, node: &str) -> Result<String, LabError> {
+        let i = self.stopped(node, false)?;
+        self.started(i)?;
+        Ok(format!("n{i} restarted"))
+    }
+
+    /// Stops node `node`'s agent (SIGTERM, then SIGKILL after 5 s); its state stays, in
+    /// [`Lab::state_dir`].
+    pub fn stop(&self, node: &str) -> Result<String, LabError> {
+        let i = self.stopped(node, true)?;
+        Ok(format!("n{i} stopped"))
+    }
+
+    /// Starts node `node`'s agent on its state, if it is not running; returns when its socket
+    /// is back.
+    pub fn start(&self, node: &str) -> Result<String, LabError> {
         if !is_root() {
             return Err(LabError::NotRoot);
         }
         let i = self.node_index(node)?;
-        self.stop_agent(i, false);
+        if self.live_agent(i).is_some() {
+            return Err(LabError::Usage(format!("n{i} is running; stop it first")));
+        }
+        self.started(i)?;
+        Ok(format!("n{i} started"))
+    }
+
+    /// Where node `i` (1-based) keeps its state.
+    pub fn state_dir(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("n{i}"))
+    }
+
+    fn stopped(&self, node: &str, graceful: bool) -> Result<usize, LabError> {
+        if !is_root() {
+            return Err(LabError::NotRoot);
+        }
+        let i = self.node_index(node)?;
+        self.stop_agent(i, graceful);
         let _ = std::fs::remove_file(self.socket(i));
+        Ok(i)
+    }
+
+    fn started(&self, i: usize) -> Result<(), LabError> {
         let exe = std::env::current_exe().map_err(|source| LabError::Io {
             path: "/proc/self/exe".into(),
             source,
         })?;
         self.start_agent(&exe, i)?;
-        self.wait_socket(i)?;
-        Ok(format!("n{i} restarted"))
+        self.wait_socket(i)
     }
 
     /// Runs `cmd` in node `node`'s namespace, with `SHOAL_SOCKET` set to its agent.

@@ -13,6 +13,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod shoal_lab;
+
 use std::io::{BufRead, BufReader};
 use std::net::Ipv4Addr;
 use std::process::{Child, Command, Output, Stdio};

@@ -5,302 +5,19 @@
 
 #![allow(clippy::unwrap_used)] // test helpers: a failed step fails the test
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use shoal_netns_tests::require_root;
+use shoal_netns_tests::shoal_lab::{
+    first_payload, matching, metrics, ok, run, sample, send_udp, tshark, wait_exit, TestLab,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_netns-shoal");
-static SEQ: AtomicU32 = AtomicU32::new(0);
-
-/// A lab that is taken down when dropped.
-struct TestLab {
-    name: String,
-    extra_ns: Vec<String>,
-    scratch: PathBuf,
-}
-
-fn run(cmd: &mut Command) -> Output {
-    cmd.output().unwrap()
-}
-
-fn ok(cmd: &mut Command) -> String {
-    let line = format!("{cmd:?}");
-    let out = run(cmd);
-    assert!(
-        out.status.success(),
-        "{line} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-impl TestLab {
-    fn up(nodes: usize, encrypt: bool) -> TestLab {
-        require_root();
-        let name = format!(
-            "t{}-{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::Relaxed)
-        );
-        let scratch = std::env::temp_dir().join(format!("shoal-{name}"));
-        std::fs::create_dir_all(&scratch).unwrap();
-        let lab = TestLab {
-            name,
-            extra_ns: Vec::new(),
-            scratch,
-        };
-        let mut cmd = Command::new(BIN);
-        cmd.args([
-            "lab",
-            "up",
-            "--name",
-            &lab.name,
-            "--nodes",
-            &nodes.to_string(),
-        ]);
-        if !encrypt {
-            cmd.arg("--no-encrypt");
-        }
-        let out = ok(&mut cmd);
-        assert!(out.contains("Leader"), "{out}");
-        if nodes > 1 {
-            assert!(
-                out.contains(" 0% packet loss"),
-                "lab up pings across the overlay:\n{out}"
-            );
-        }
-        lab
-    }
-
-    fn ns(&self, i: usize) -> String {
-        format!("{}-n{i}", self.name)
-    }
-
-    /// `shoal ARGS` against node i's agent.
-    fn shoal(&self, i: usize, args: &[&str]) -> Output {
-        let mut cmd = Command::new(BIN);
-        cmd.args([
-            "lab",
-            "exec",
-            "--name",
-            &self.name,
-            &format!("n{i}"),
-            "--",
-            "shoal",
-        ]);
-        run(cmd.args(args))
-    }
-
-    /// A command inside node i's namespace.
-    fn exec(&self, i: usize, args: &[&str]) -> Output {
-        run(Command::new("ip")
-            .args(["netns", "exec", &self.ns(i)])
-            .args(args))
-    }
-
-    fn inspect(&self, i: usize) -> Value {
-        let out = self.shoal(i, &["network", "inspect", "ingress"]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice::<Value>(&out.stdout).unwrap()[0].clone()
-    }
-
-    /// `shoal network vtep add` on n1 for the kernel VTEP of these tests (198.18.0.200,
-    /// overlay 198.19.0.200) with `mac`.
-    fn vtep_add(&self, mac: &str) -> Output {
-        self.shoal(
-            1,
-            &[
-                "network",
-                "vtep",
-                "add",
-                "ingress",
-                "--addr",
-                "198.18.0.200",
-                "--mac",
-                mac,
-                "--ip",
-                "198.19.0.200",
-            ],
-        )
-    }
-
-    fn overlay_addr(&self, i: usize) -> String {
-        let v = self.inspect(i);
-        v["local"]["address"].as_str().unwrap().to_owned()
-    }
-
-    fn drops(&self, i: usize, reason: &str) -> u64 {
-        self.inspect(i)["local"]["counters"]["drops"][reason]
-            .as_u64()
-            .unwrap_or(0)
-    }
-
-    fn ping(&self, from: usize, to: &str) -> bool {
-        self.exec(from, &["ping", "-c", "1", "-W", "1", to])
-            .status
-            .success()
-    }
-
-    /// Waits (bounded) until `f` holds.
-    fn eventually(&self, what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-        let deadline = Instant::now() + limit;
-        while !f() {
-            assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// Sends `data` over TCP from namespace `from` to `to`:5555, and returns what the server on
-    /// node `server` received (python3, bounded by timeouts).
-    fn tcp_transfer(&self, server: usize, from: &str, to: &str, data: &str) -> String {
-        let out_file = self.scratch.join(format!("tcp-{server}-{from}.out"));
-        let srv = format!(
-            "import socket,sys\ns=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
-             s.bind(('{to}',5555));s.listen(1);s.settimeout(20)\nc,_=s.accept();c.settimeout(20)\n\
-             b=b''\nwhile True:\n    d=c.recv(65536)\n    if not d: break\n    b+=d\n\
-             open('{}','wb').write(b)\n",
-            out_file.display()
-        );
-        let mut server_proc = Command::new("ip")
-            .args(["netns", "exec", &self.ns(server), "python3", "-c", &srv])
-            .spawn()
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(300));
-        let cli = format!(
-            "import socket,time\nfor _ in range(50):\n    try:\n        c=socket.create_connection(('{to}',5555),timeout=5);break\n    except OSError: time.sleep(0.1)\n\
-             c.sendall({data:?}.encode());c.close()\n"
-        );
-        let client = run(Command::new("ip").args(["netns", "exec", from, "python3", "-c", &cli]));
-        assert!(
-            client.status.success(),
-            "{}",
-            String::from_utf8_lossy(&client.stderr)
-        );
-        let deadline = Instant::now() + Duration::from_secs(25);
-        loop {
-            if let Some(status) = server_proc.try_wait().unwrap() {
-                assert!(status.success(), "tcp server failed");
-                break;
-            }
-            if Instant::now() > deadline {
-                let _ = server_proc.kill();
-                let _ = server_proc.wait();
-                panic!("tcp server did not finish");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        std::fs::read_to_string(&out_file).unwrap()
-    }
-
-    /// Runs tcpdump on node i's underlay interface while `during` runs; returns the pcap path.
-    fn capture(&self, i: usize, tag: &str, during: impl FnOnce()) -> PathBuf {
-        let file = self.scratch.join(format!("{tag}.pcap"));
-        let mut dump = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.ns(i),
-                "tcpdump",
-                "-i",
-                "eth0",
-                "-U",
-                "-w",
-            ])
-            .arg(&file)
-            .args(["udp", "port", "4789"])
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(700));
-        during();
-        std::thread::sleep(Duration::from_millis(500));
-        let _ = Command::new("kill")
-            .args(["-INT", &dump.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while dump.try_wait().unwrap().is_none() {
-            if Instant::now() > deadline {
-                let _ = dump.kill();
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = dump.wait();
-        file
-    }
-}
-
-impl Drop for TestLab {
-    fn drop(&mut self) {
-        let _ = Command::new(BIN)
-            .args(["lab", "down", "--name", &self.name])
-            .output();
-        for ns in &self.extra_ns {
-            let _ = Command::new("ip").args(["netns", "del", ns]).output();
-        }
-        let _ = std::fs::remove_dir_all(&self.scratch);
-    }
-}
-
-fn tshark(args: &[&str]) -> String {
-    ok(Command::new("tshark").args(args))
-}
-
-/// Lines tshark prints for the packets of `file` that match `filter`.
-fn matching(file: &std::path::Path, filter: &str) -> Vec<String> {
-    tshark(&["-r", file.to_str().unwrap(), "-Y", filter])
-        .lines()
-        .map(str::to_owned)
-        .collect()
-}
-
-/// Waits (bounded) for a child to exit; kills it if it does not.
-fn wait_exit(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{child:?} did not finish within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// The metrics page of node i's agent (the lab serves it inside the node's namespace).
-fn metrics(lab: &TestLab, i: usize) -> String {
-    let py = "import urllib.request\nprint(urllib.request.urlopen('http://127.0.0.1:9323/metrics', timeout=5).read().decode())";
-    let out = lab.exec(i, &["python3", "-c", py]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// The value of the sample `name{labels}` on a metrics page (0 if absent).
-fn sample(page: &str, name_and_labels: &str) -> f64 {
-    page.lines()
-        .find_map(|l| l.strip_prefix(name_and_labels)?.strip_prefix(' '))
-        .map_or(0.0, |v| v.trim().parse().unwrap())
-}
 
 #[test]
 fn encrypted_overlay_carries_ping_and_tcp_and_never_the_plaintext() {
-    let lab = TestLab::up(3, true);
+    let lab = TestLab::up(BIN, 3, true);
     let addrs: Vec<String> = (1..=3).map(|i| lab.overlay_addr(i)).collect();
     for from in 1..=3 {
         for (to, addr) in addrs.iter().enumerate() {
@@ -334,7 +51,7 @@ fn encrypted_overlay_carries_ping_and_tcp_and_never_the_plaintext() {
 
 #[test]
 fn plain_mode_is_rfc7348_that_tshark_decodes() {
-    let lab = TestLab::up(2, false);
+    let lab = TestLab::up(BIN, 2, false);
     let target = lab.overlay_addr(1);
     let pcap = lab.capture(2, "plain", || {
         assert!(lab.ping(2, &target));
@@ -350,7 +67,7 @@ fn plain_mode_is_rfc7348_that_tshark_decodes() {
 
 #[test]
 fn kernel_vxlan_device_joins_a_plain_overlay_as_external_vtep() {
-    let mut lab = TestLab::up(2, false);
+    let mut lab = TestLab::up(BIN, 2, false);
     let k = format!("{}-k", lab.name);
     lab.extra_ns.push(k.clone());
     let sw = format!("{}-sw", lab.name);
@@ -427,7 +144,7 @@ fn kernel_vxlan_device_joins_a_plain_overlay_as_external_vtep() {
 
 #[test]
 fn vtep_add_is_refused_on_an_encrypted_network() {
-    let lab = TestLab::up(1, true);
+    let lab = TestLab::up(BIN, 1, true);
     let out = lab.vtep_add("02:42:c6:13:00:c8");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
@@ -437,7 +154,7 @@ fn vtep_add_is_refused_on_an_encrypted_network() {
 
 #[test]
 fn node_rm_cuts_the_node_off_the_overlay() {
-    let lab = TestLab::up(3, true);
+    let lab = TestLab::up(BIN, 3, true);
     let n1 = lab.overlay_addr(1);
     let n3 = lab.overlay_addr(3);
     // A genuine datagram n3 sealed for n1, to send again once n3 is removed.
@@ -484,42 +201,9 @@ fn node_rm_cuts_the_node_off_the_overlay() {
     assert!(!lab.ping(2, &n3));
 }
 
-/// The UDP payload (hex) of the first datagram from `src` to port 4789 in a capture.
-fn first_payload(pcap: &std::path::Path, src: &str) -> String {
-    let filter = format!("ip.src == {src} && udp.dstport == 4789");
-    let hex = tshark(&[
-        "-r",
-        pcap.to_str().unwrap(),
-        "-Y",
-        &filter,
-        "-T",
-        "fields",
-        "-e",
-        "udp.payload",
-    ]);
-    hex.lines()
-        .next()
-        .unwrap_or_else(|| panic!("no datagram from {src} in the capture"))
-        .replace(':', "")
-}
-
-/// Sends one datagram (hex) from node `i`'s underlay address to n1's data-path port.
-fn send_udp(lab: &TestLab, i: usize, from: &str, hex: &str) {
-    let py = format!(
-        "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('{from}',0))\n\
-         s.sendto(bytes.fromhex('{hex}'),('198.18.0.1',4789))\n"
-    );
-    let sent = lab.exec(i, &["python3", "-c", &py]);
-    assert!(
-        sent.status.success(),
-        "{}",
-        String::from_utf8_lossy(&sent.stderr)
-    );
-}
-
 #[test]
 fn hostile_datagrams_are_dropped_counted_and_harmless() {
-    let lab = TestLab::up(2, true);
+    let lab = TestLab::up(BIN, 2, true);
     let n1 = lab.overlay_addr(1);
     // A real sealed datagram from n2 to n1, captured on n1's underlay.
     let pcap = lab.capture(1, "real", || assert!(lab.ping(2, &n1)));
@@ -592,7 +276,7 @@ fn hostile_datagrams_are_dropped_counted_and_harmless() {
 
 #[test]
 fn capture_shows_decrypted_inner_frames_and_sealed_outer_datagrams() {
-    let lab = TestLab::up(2, true);
+    let lab = TestLab::up(BIN, 2, true);
     let n2 = lab.overlay_addr(2);
     // The ICMP payload pattern: "SHALO!" repeated.
     let pattern = "5348414c4f21";
@@ -725,7 +409,7 @@ fn capture_shows_decrypted_inner_frames_and_sealed_outer_datagrams() {
 
 #[test]
 fn restarted_agent_comes_back_with_the_same_interface_and_address() {
-    let lab = TestLab::up(2, true);
+    let lab = TestLab::up(BIN, 2, true);
     let before = lab.inspect(2)["local"].clone();
     let n1 = lab.overlay_addr(1);
     assert!(lab.ping(2, &n1));

@@ -1,4 +1,4 @@
-//! `shoal lab up|status|down|exec`.
+//! `shoal lab up|status|restart|stop|start|down|exec`.
 
 use crate::cli::CliError;
 use crate::lab::{Lab, DEFAULT_NAME};
@@ -27,6 +27,22 @@ pub enum Cmd {
     },
     /// Kill a node's agent with SIGKILL and start it again on the same state.
     Restart {
+        /// The lab's name.
+        #[arg(long, default_value = DEFAULT_NAME)]
+        name: String,
+        /// The node: n1, n2, ...
+        node: String,
+    },
+    /// Stop a node's agent (SIGTERM); its state stays for `lab start`.
+    Stop {
+        /// The lab's name.
+        #[arg(long, default_value = DEFAULT_NAME)]
+        name: String,
+        /// The node: n1, n2, ...
+        node: String,
+    },
+    /// Start a stopped node's agent on its state.
+    Start {
         /// The lab's name.
         #[arg(long, default_value = DEFAULT_NAME)]
         name: String,
@@ -78,6 +94,18 @@ pub(super) fn run(cmd: Cmd) -> Result<std::process::ExitCode, CliError> {
         Cmd::Restart { name, node } => {
             let out = Lab::new(&name)
                 .and_then(|lab| lab.restart(&node))
+                .map_err(lab_err)?;
+            outln!("{out}");
+        }
+        Cmd::Stop { name, node } => {
+            let out = Lab::new(&name)
+                .and_then(|lab| lab.stop(&node))
+                .map_err(lab_err)?;
+            outln!("{out}");
+        }
+        Cmd::Start { name, node } => {
+            let out = Lab::new(&name)
+                .and_then(|lab| lab.start(&node))
                 .map_err(lab_err)?;
             outln!("{out}");
         }
