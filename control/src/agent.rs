@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,9 +25,9 @@ use x25519_dalek::{PublicKey, StaticSecret};
 
 use crate::api::{
     hex, read_frame, write_frame, write_raw_frame, AdminRequest, CaptureFrame, CaptureRequest,
-    FrameError, Info, InitRequest, JoinRequest, LocalDataPath, ManagerReply, ManagerRequest,
-    ManagerResponse, NetworkDetail, NetworkMember, NetworkSummary, PeerCounters, Reply, Request,
-    Response,
+    FrameError, Info, InitRequest, JoinGrant, JoinRequest, LocalDataPath, ManagerReply,
+    ManagerRequest, ManagerResponse, NetworkDetail, NetworkMember, NetworkSummary, PeerCounters,
+    Reply, Request, Response,
 };
 use crate::datapath::DataPath;
 use crate::gossip::Link;
@@ -38,8 +39,8 @@ use crate::manager::{
 use crate::state::{ApplyError, Availability, Command, Init, Network, Node, Role, State};
 use crate::store::{Current, Membership, Store, StoreError, Write};
 use crate::tls::{
-    cert_digest, generate_ca, issue_node_cert, join_client_config, node_client_config,
-    server_config, server_name, Issued, NodeKey, TlsError,
+    cert_digest, generate_ca, join_client_config, manager_client_config, server_config,
+    server_name, Issued, NodeKey, TlsError, Validity,
 };
 use crate::token::{Secret, Token};
 
@@ -176,9 +177,12 @@ pub enum InitError {
     /// The ingress subnet is not usable.
     #[error(transparent)]
     Subnet(#[from] CidrError),
-    /// A key rotation interval of zero.
-    #[error("the key rotation interval must be at least one second")]
-    ZeroInterval,
+    /// A key rotation interval shorter than a rotation takes.
+    #[error("--key-rotation-interval {0}s is too short: a rotation takes {min}s to reach every node and retire the old key, so the interval must be at least {min}s", min = crate::gossip::MIN_ROTATION_INTERVAL.as_secs())]
+    RotationTooShort(u64),
+    /// A certificate lifetime that is too short.
+    #[error("--cert-expiry {0}s is too short: it must be at least {min}s", min = crate::tls::MIN_CERT_EXPIRY.as_secs())]
+    CertExpiryTooShort(u64),
     /// The manager API address is taken.
     #[error(
         "cannot listen on {addr} for metrics: {source}; free the port or change --metrics-addr"
@@ -226,6 +230,23 @@ pub enum JoinError {
     /// The manager's certificate chain is not the CA in the token; the secret was not sent.
     #[error("the manager at {0} does not hold the swarm CA named in the token: the token is for another swarm, or the address is wrong; nothing was sent")]
     CaMismatch(SocketAddr),
+    /// The server holds a certificate of the token's swarm, but not a manager's.
+    #[error("the server at {0} presents a certificate of this swarm that is not a manager's (a worker's?): check the manager address; nothing was sent")]
+    NotManager(SocketAddr),
+    /// What came back is not a grant from the swarm's manager: a view under another CA, a
+    /// certificate that does not name this node, or a server that is not the view's manager.
+    #[error(
+        "the server at {addr} sent a join grant that does not hold up ({why}); nothing was kept"
+    )]
+    BadGrant {
+        /// The server.
+        addr: SocketAddr,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// The manager's X25519 key is not usable.
+    #[error("the manager at {0} sent an unusable X25519 key; nothing was kept")]
+    BadManagerKey(SocketAddr),
     /// Talking to the manager failed (including a refused secret).
     #[error(transparent)]
     Call(#[from] CallError),
@@ -307,6 +328,7 @@ pub struct Agent {
     gossip: Arc<std::sync::Mutex<Option<shoal_gossip::driver::Handle>>>,
     node_secret: zeroize::Zeroizing<[u8; 32]>,
     datapath: DataPathSlot,
+    faults: Arc<Faults>,
 }
 
 /// The running data path, shared by the gossip loop (which starts and steers it) and the
@@ -448,6 +470,7 @@ impl Agent {
             gossip: Arc::new(std::sync::Mutex::new(None)),
             node_secret,
             datapath: Arc::new(std::sync::Mutex::new(None)),
+            faults: Arc::new(Faults::default()),
         });
         if let Some(m) = membership {
             let mut roles = agent.roles.lock().await;
@@ -540,7 +563,8 @@ impl Agent {
         let manager = Manager::new(
             m.node_id.clone(),
             listen,
-            own,
+            (own, m.cert_not_after),
+            *self.node_secret,
             state,
             self.store.clone(),
             self.membership.clone(),
@@ -552,7 +576,12 @@ impl Agent {
 
     fn start_watcher(&self) -> Running {
         let (stop, rx) = watch::channel(false);
-        let task = tokio::spawn(watch_loop(self.store.clone(), self.membership.clone(), rx));
+        let task = tokio::spawn(watch_loop(
+            self.store.clone(),
+            self.membership.clone(),
+            self.faults.clone(),
+            rx,
+        ));
         Running { stop, task }
     }
 
@@ -812,8 +841,11 @@ impl Agent {
             return Err(InitError::AlreadyInSwarm);
         }
         check_cidr(&req.ingress_subnet)?;
-        if req.key_rotation_secs == 0 {
-            return Err(InitError::ZeroInterval);
+        if req.key_rotation_secs < crate::gossip::MIN_ROTATION_INTERVAL.as_secs() {
+            return Err(InitError::RotationTooShort(req.key_rotation_secs));
+        }
+        if req.cert_expiry_secs < crate::tls::MIN_CERT_EXPIRY.as_secs() {
+            return Err(InitError::CertExpiryTooShort(req.cert_expiry_secs));
         }
         // Before anything is made: a store that cannot renew the incarnation keeps nothing.
         let incarnation = self.fresh_incarnation()?;
@@ -826,8 +858,20 @@ impl Agent {
                 })?;
         let node_id = NodeId::from_random(random_u128());
         let ca = generate_ca()?;
-        let own = issue_node_cert(&ca, &node_id, Role::Manager)?;
         let now = unix_now();
+        let validity = Validity::from_now(now, Duration::from_secs(req.cert_expiry_secs));
+        let own_key = NodeKey::generate()?;
+        let own = Issued {
+            cert_der: crate::tls::sign_node_cert(
+                &ca,
+                &node_id,
+                Role::Manager,
+                &own_key.public_raw(),
+                validity,
+            )?,
+            key_pem: own_key.private_pem(),
+        };
+        let (_, signing_key) = crate::join::public_keys(&self.node_secret);
         let api_addr = join_addr(req.advertise_addr, req.listen_addr);
         let mut state = State::default();
         state.apply(Command::Init(Box::new(Init {
@@ -839,7 +883,12 @@ impl Agent {
                 role: Role::Manager,
                 availability: Availability::Active,
                 public_key: self.public_key,
+                signing_key,
                 cert_digest: cert_digest(&own.cert_der),
+                cert_der: own.cert_der.clone(),
+                cert_not_after: validity.not_after,
+                cert_public_key: own_key.public_raw(),
+                previous_cert_digest: None,
                 engine_version: VERSION.into(),
                 left: false,
                 overlay_addr: None,
@@ -851,6 +900,7 @@ impl Agent {
             gossip_key: random_key(),
             data_path_key: random_key(),
             key_interval_secs: req.key_rotation_secs,
+            cert_expiry_secs: req.cert_expiry_secs,
             ingress: Network {
                 name: "ingress".into(),
                 vni: INGRESS_VNI,
@@ -873,6 +923,7 @@ impl Agent {
             node_id: node_id.clone(),
             cert_der: own.cert_der.clone(),
             key_pem: own.key_pem.clone(),
+            cert_not_after: validity.not_after,
             view,
             listen_addr: Some(req.listen_addr),
         };
@@ -929,39 +980,52 @@ impl Agent {
                 return Err(CallError::unreachable(manager, "the TLS handshake timed out").into())
             }
             Ok(Err(_)) if pinned.mismatched() => return Err(JoinError::CaMismatch(manager)),
+            Ok(Err(_)) if pinned.not_manager() => return Err(JoinError::NotManager(manager)),
             Ok(Err(e)) => {
                 return Err(CallError::unreachable(manager, format!("TLS failed: {e}")).into())
             }
             Ok(Ok(tls)) => tls,
         };
+        // The proofs are bound to this TLS session: worth nothing on any other connection.
+        let mut exporter = [0u8; crate::join::EXPORTER_LEN];
+        tls.get_ref()
+            .1
+            .export_keying_material(&mut exporter, crate::join::EXPORTER_LABEL, None)
+            .map_err(|e| CallError::unreachable(manager, format!("TLS exporter: {e}")))?;
+        let manager_public = match call(&mut tls, manager, &ManagerRequest::JoinHello).await? {
+            ManagerReply::JoinChallenge { public_key } => public_key,
+            other => return Err(CallError::Unexpected(format!("{other:?}")).into()),
+        };
         // Our certificate key: the manager signs its public half; the private half stays here.
         let cert_key = NodeKey::generate()?;
-        let request = ManagerRequest::Join {
-            secret: token.secret.as_str().to_owned(),
+        let (public_key, signing_key) = crate::join::public_keys(&self.node_secret);
+        let claim = crate::join::Claim {
+            secret_proof: crate::join::secret_proof(token.secret.as_str(), &exporter),
             hostname: self.config.hostname.clone(),
             addr: req.advertise_addr.unwrap_or(local.ip()),
-            public_key: self.public_key,
+            public_key,
+            signing_key,
             cert_public_key: cert_key.public_raw(),
             engine_version: VERSION.into(),
-        };
-        let grant = match call(&mut tls, manager, &request).await? {
+            key_proof: [0; 32],
+            signature: [0; 64],
+        }
+        .prove(&self.node_secret, &manager_public, &exporter)
+        .ok_or(JoinError::BadManagerKey(manager))?;
+        let grant = match call(&mut tls, manager, &ManagerRequest::Join(Box::new(claim))).await? {
             ManagerReply::Joined(grant) => grant,
             other => return Err(CallError::Unexpected(format!("{other:?}")).into()),
         };
-        if grant.view.node(&grant.node_id).is_none() {
-            return Err(JoinError::NotInView(manager));
-        }
+        check_grant(&grant, &token, pinned.accepted_leaf(), manager)?;
         let membership = Membership {
             node_id: grant.node_id.clone(),
             cert_der: grant.cert_der,
             key_pem: cert_key.private_pem(),
+            cert_not_after: grant.cert_not_after,
             view: grant.view,
             listen_addr: None,
         };
         let role = membership.role();
-        // Check the issued identity works before keeping it.
-        node_client_config(&membership.view.ca_cert_der, &issued(&membership))
-            .map_err(JoinError::BadCertificate)?;
         self.store.write(&[Write::Membership(&membership)])?;
         info!(node = %membership.node_id, role = role.as_str(), %manager, "joined the swarm");
         self.membership.set(Some(membership));
@@ -1185,6 +1249,40 @@ fn peer_counters(
     }
 }
 
+/// Checks a join grant before anything of it is kept: the view's CA is the token's, the node is
+/// in the view, its certificate is the CA's for this node in its role, and the server that
+/// granted it is the view's manager (the certificate it showed names the view's leader).
+fn check_grant(
+    grant: &JoinGrant,
+    token: &Token,
+    server_leaf: Option<Vec<u8>>,
+    addr: SocketAddr,
+) -> Result<(), JoinError> {
+    let bad = |why: String| JoinError::BadGrant { addr, why };
+    if crate::token::CaDigest::of(&grant.view.ca_cert_der) != token.ca_digest {
+        return Err(bad("its CA is not the one the token names".into()));
+    }
+    let node = grant
+        .view
+        .node(&grant.node_id)
+        .ok_or(JoinError::NotInView(addr))?;
+    crate::tls::verify_issued(
+        &grant.view.ca_cert_der,
+        &grant.cert_der,
+        &grant.node_id,
+        node.role,
+    )
+    .map_err(|e| bad(format!("the certificate: {e}")))?;
+    let server = server_leaf.and_then(|der| crate::tls::cert_identity(&der));
+    if server != Some((grant.view.leader.clone(), Role::Manager)) {
+        return Err(bad(format!(
+            "the server is not the swarm's manager {}",
+            grant.view.leader
+        )));
+    }
+    Ok(())
+}
+
 fn issued(m: &Membership) -> Issued {
     Issued {
         cert_der: m.cert_der.clone(),
@@ -1250,8 +1348,10 @@ pub fn check_cidr(text: &str) -> Result<(), CidrError> {
     Ok(())
 }
 
+/// A mutual-TLS connection to this node's manager: it must show a manager certificate of the
+/// cluster CA naming the view's leader.
 async fn connect_member(m: &Membership) -> Result<TlsStream<TcpStream>, CallError> {
-    let config = node_client_config(&m.view.ca_cert_der, &issued(m))?;
+    let config = manager_client_config(&m.view.ca_cert_der, &issued(m), &m.view.leader)?;
     let addr = m.view.api_addr;
     let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
         .await
@@ -1494,9 +1594,9 @@ enum WatchError {
     /// The manager refused the stream.
     #[error("{0}")]
     Refused(String),
-    /// A view could not be saved.
-    #[error(transparent)]
-    Store(#[from] StoreError),
+    /// A reissued certificate that does not hold up.
+    #[error("the manager sent a certificate that does not hold up: {0}")]
+    BadCertificate(TlsError),
     /// A message that does not belong on a watch stream.
     #[error("unexpected message on the watch stream: {0}")]
     Unexpected(String),
@@ -1505,16 +1605,138 @@ enum WatchError {
 enum WatchEnd {
     Stopped,
     Removed,
+    /// Connect again at once: this node has a new certificate.
+    Reconnect,
 }
 
-async fn watch_loop(store: Arc<Store>, membership: Arc<Current>, mut stop: watch::Receiver<bool>) {
+/// Faults the agent survives but must not keep quiet: counted for `/metrics`, logged at warn
+/// level at most once per [`FAULT_LOG_EVERY`] each.
+#[derive(Debug, Default)]
+pub struct Faults {
+    /// Cluster views (or certificates) that could not be written to the state dir.
+    pub state_write_failures: AtomicU64,
+    /// Watch streams to the manager that failed or could not be opened.
+    pub watch_failures: AtomicU64,
+    /// Certificate renewals that failed.
+    pub renewal_failures: AtomicU64,
+    last_log: std::sync::Mutex<HashMap<&'static str, std::time::Instant>>,
+}
+
+/// How often one kind of fault is logged at most.
+pub const FAULT_LOG_EVERY: Duration = Duration::from_secs(30);
+
+impl Faults {
+    /// Counts a fault of `kind` and logs it at warn level, unless that kind was logged less
+    /// than [`FAULT_LOG_EVERY`] ago.
+    fn report(&self, counter: &AtomicU64, kind: &'static str, what: &dyn std::fmt::Display) {
+        let n = counter.fetch_add(1, Ordering::Relaxed) + 1;
+        let now = std::time::Instant::now();
+        let mut last = self
+            .last_log
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if last
+            .get(kind)
+            .is_none_or(|t| now.duration_since(*t) >= FAULT_LOG_EVERY)
+        {
+            last.insert(kind, now);
+            warn!(count = n, "{kind}: {what}");
+        }
+    }
+}
+
+/// Renews this node's certificate over its own connection and keeps it.
+async fn renew(
+    m: &Membership,
+    store: &Store,
+    membership: &Current,
+    faults: &Faults,
+) -> Result<(), WatchError> {
+    let addr = m.view.api_addr;
+    let cert = tokio::time::timeout(REQUEST_TIMEOUT, async {
+        let mut tls = connect_member(m).await?;
+        call(&mut tls, addr, &ManagerRequest::Renew).await
+    })
+    .await
+    .map_err(|_| CallError::Timeout(addr))??;
+    match cert {
+        ManagerReply::Certificate(cert) => {
+            take_certificate(m, cert, store, membership, faults)?;
+            info!("certificate renewed");
+            Ok(())
+        }
+        other => Err(WatchError::Unexpected(format!("{other:?}"))),
+    }
+}
+
+/// Checks a certificate the manager issued to this node and keeps it (in memory at once; in
+/// the store too, or the fault is reported and the write retried with the next change).
+fn take_certificate(
+    m: &Membership,
+    cert: crate::api::IssuedCert,
+    store: &Store,
+    membership: &Current,
+    faults: &Faults,
+) -> Result<(), WatchError> {
+    let role = m.role();
+    crate::tls::verify_issued(&m.view.ca_cert_der, &cert.cert_der, &m.node_id, role)
+        .map_err(WatchError::BadCertificate)?;
+    let mut next = m.clone();
+    next.cert_der = cert.cert_der;
+    next.cert_not_after = cert.not_after;
+    keep(store, membership, faults, next);
+    Ok(())
+}
+
+/// Keeps `next` as this node's membership: in memory always (the node goes on with the newest
+/// view and certificate it was given), in the store if it can be written; a failed write is a
+/// fault, retried on the next change and every [`SAVE_RETRY`].
+fn keep(store: &Store, membership: &Current, faults: &Faults, next: Membership) {
+    match store.write(&[Write::Membership(&next)]) {
+        Ok(()) => membership.set(Some(next)),
+        Err(e) => {
+            faults.report(
+                &faults.state_write_failures,
+                "cannot save the cluster view to the state dir; running on it from memory and retrying",
+                &e,
+            );
+            membership.set_unsaved(next);
+        }
+    }
+}
+
+/// How often a membership that could not be saved is written again.
+pub const SAVE_RETRY: Duration = Duration::from_secs(5);
+
+/// The lifetime of this node's certificates, as the view says.
+fn cert_lifetime(m: &Membership) -> Duration {
+    Duration::from_secs(m.view.cert_expiry_secs)
+}
+
+async fn watch_loop(
+    store: Arc<Store>,
+    membership: Arc<Current>,
+    faults: Arc<Faults>,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut backoff = Duration::from_millis(200);
     loop {
         let Some(m) = membership.get() else {
             return;
         };
-        match watch_once(&m, &store, &membership, &mut stop, &mut backoff).await {
+        if crate::tls::renewal_due(m.cert_not_after, cert_lifetime(&m), unix_now()) {
+            match renew(&m, &store, &membership, &faults).await {
+                Ok(()) => continue,
+                Err(e) => faults.report(
+                    &faults.renewal_failures,
+                    "certificate renewal failed; retrying",
+                    &e,
+                ),
+            }
+        }
+        match watch_once(&m, &store, &membership, &faults, &mut stop, &mut backoff).await {
             Ok(WatchEnd::Stopped) => return,
+            Ok(WatchEnd::Reconnect) => continue,
             Ok(WatchEnd::Removed) => {
                 warn!(node = %m.node_id, "this node was removed from the swarm; leaving it");
                 if let Err(e) = store.write(&[Write::ClearMembership]) {
@@ -1523,7 +1745,11 @@ async fn watch_loop(store: Arc<Store>, membership: Arc<Current>, mut stop: watch
                 membership.set(None);
                 return;
             }
-            Err(e) => debug!("watch stream to {}: {e}", m.view.api_addr),
+            Err(e) => faults.report(
+                &faults.watch_failures,
+                "the watch stream to the manager failed; reconnecting",
+                &format_args!("{}: {e}", m.view.api_addr),
+            ),
         }
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
@@ -1537,6 +1763,7 @@ async fn watch_once(
     m: &Membership,
     store: &Store,
     membership: &Current,
+    faults: &Faults,
     stop: &mut watch::Receiver<bool>,
     backoff: &mut Duration,
 ) -> Result<WatchEnd, WatchError> {
@@ -1551,10 +1778,24 @@ async fn watch_once(
             }
         }
     });
+    // Wake to renew the certificate once it is due (then reconnect with the new one).
+    let lifetime = cert_lifetime(m).as_secs();
+    let due_in = m
+        .cert_not_after
+        .saturating_sub(lifetime / 3)
+        .saturating_sub(unix_now());
+    let renew_at = tokio::time::Instant::now() + Duration::from_secs(due_in.min(86_400));
     let end = loop {
         let frame = tokio::select! {
             f = read_frame::<_, ManagerResponse>(&mut rd) => f,
             _ = stop.changed() => break Ok(WatchEnd::Stopped),
+            () = tokio::time::sleep_until(renew_at) => break Ok(WatchEnd::Reconnect),
+            () = tokio::time::sleep(SAVE_RETRY), if membership.unsaved() => {
+                if let Some(current) = membership.get() {
+                    keep(store, membership, faults, current);
+                }
+                continue;
+            }
         };
         match frame {
             Err(e) => break Err(e.into()),
@@ -1566,16 +1807,29 @@ async fn watch_once(
                 let Some(current) = membership.get() else {
                     break Ok(WatchEnd::Stopped);
                 };
-                if view.version <= current.view.version && view.api_addr == current.view.api_addr {
+                // Only a newer view replaces the one we hold; the connection it came on is
+                // authenticated as the manager this node expects (see `connect_member`).
+                if view.version <= current.view.version {
                     continue;
                 }
                 let mut next = current;
                 next.view = *view;
-                if let Err(e) = store.write(&[Write::Membership(&next)]) {
-                    break Err(e.into());
-                }
-                debug!(version = next.view.version, "cluster view updated");
-                membership.set(Some(next));
+                keep(store, membership, faults, next);
+                debug!(
+                    version = membership.get().map(|m| m.view.version),
+                    "cluster view updated"
+                );
+            }
+            Ok(Some(Ok(ManagerReply::Certificate(cert)))) => {
+                let Some(current) = membership.get() else {
+                    break Ok(WatchEnd::Stopped);
+                };
+                take_certificate(&current, cert, store, membership, faults)?;
+                info!(
+                    role = current.role().as_str(),
+                    "new certificate from the manager"
+                );
+                break Ok(WatchEnd::Reconnect);
             }
             Ok(Some(Ok(other))) => break Err(WatchError::Unexpected(format!("{other:?}"))),
         }

@@ -62,6 +62,25 @@ pub async fn read_raw_frame<R>(r: &mut R) -> Result<Option<Vec<u8>>, FrameError>
 where
     R: AsyncRead + Unpin,
 {
+    read_raw_limited(r, MAX_FRAME).await
+}
+
+/// [`read_frame`] with a lower size limit (`max`, at most [`MAX_FRAME`]).
+pub async fn read_frame_limited<R, T>(r: &mut R, max: u32) -> Result<Option<T>, FrameError>
+where
+    R: AsyncRead + Unpin,
+    T: DeserializeOwned,
+{
+    match read_raw_limited(r, max.min(MAX_FRAME)).await? {
+        None => Ok(None),
+        Some(body) => Ok(Some(serde_json::from_slice(&body)?)),
+    }
+}
+
+async fn read_raw_limited<R>(r: &mut R, max: u32) -> Result<Option<Vec<u8>>, FrameError>
+where
+    R: AsyncRead + Unpin,
+{
     let mut len = [0u8; 4];
     match r.read_exact(&mut len).await {
         Ok(_) => {}
@@ -69,7 +88,7 @@ where
         Err(e) => return Err(e.into()),
     }
     let len = u32::from_be_bytes(len);
-    if len > MAX_FRAME {
+    if len > max {
         return Err(FrameError::TooLarge(len));
     }
     let mut body = vec![0u8; len as usize];
@@ -177,6 +196,13 @@ pub struct InitRequest {
     pub encrypt: bool,
     /// Seconds between network key rotations.
     pub key_rotation_secs: u64,
+    /// Seconds node certificates are valid.
+    #[serde(default = "default_cert_expiry")]
+    pub cert_expiry_secs: u64,
+}
+
+fn default_cert_expiry() -> u64 {
+    crate::tls::DEFAULT_CERT_EXPIRY.as_secs()
 }
 
 /// `shoal join` parameters.
@@ -505,24 +531,17 @@ pub struct Info {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ManagerRequest {
-    /// Join with a secret (no client certificate yet).
-    Join {
-        /// The role secret from the token.
-        secret: String,
-        /// Our host name.
-        hostname: String,
-        /// Our advertise address.
-        addr: IpAddr,
-        /// Our X25519 public key.
-        public_key: [u8; 32],
-        /// The public half of our certificate key (uncompressed P-256 point); the private
-        /// half never leaves our state dir.
-        cert_public_key: Vec<u8>,
-        /// Our agent version.
-        engine_version: String,
-    },
-    /// mTLS: stream cluster views, starting with the current one.
+    /// The first step of a join (no client certificate yet): the manager answers
+    /// [`ManagerReply::JoinChallenge`], and the node sends [`ManagerRequest::Join`] on the same
+    /// connection. See `crate::join`.
+    JoinHello,
+    /// The second step of a join: who the node is, and its proofs.
+    Join(Box<crate::join::Claim>),
+    /// mTLS: stream cluster views, starting with the current one (and this node's certificate
+    /// when the manager reissued it).
     Watch,
+    /// mTLS: a new certificate for this node, same key and role (a renewal).
+    Renew,
     /// mTLS: keep-alive on a watch stream.
     Ping,
     /// mTLS: we are leaving the swarm.
@@ -538,16 +557,36 @@ pub struct JoinGrant {
     pub node_id: NodeId,
     /// Its certificate, DER, signed by the cluster CA, for the key it sent.
     pub cert_der: Vec<u8>,
+    /// When that certificate expires (Unix seconds).
+    #[serde(default)]
+    pub cert_not_after: u64,
     /// The cluster view: node list (gossip seeds), keys, networks, CA.
     pub view: ClusterView,
+}
+
+/// A certificate the manager issued to the asking node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IssuedCert {
+    /// DER.
+    pub cert_der: Vec<u8>,
+    /// When it expires (Unix seconds).
+    pub not_after: u64,
 }
 
 /// The manager's answer.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ManagerReply {
+    /// Answer to [`ManagerRequest::JoinHello`]: the manager node's X25519 public key, for the
+    /// joining node's key proof.
+    JoinChallenge {
+        /// The manager's X25519 public key.
+        public_key: [u8; 32],
+    },
     /// Answer to a join.
     Joined(Box<JoinGrant>),
+    /// This node's certificate, reissued (a role change, a renewal): use it from now on.
+    Certificate(IssuedCert),
     /// A watch stream event: the current view.
     View(Box<ClusterView>),
     /// A watch stream event: this node is not in the swarm any more.

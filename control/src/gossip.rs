@@ -4,9 +4,11 @@
 //!
 //! Admission is exactly the manager's node list (ID and X25519 public key, nodes that left
 //! excluded): gossip spreads the list, but only what the manager issued is believed. The
-//! gossip keyring is the view's gossip keys, both of which always open; a new key starts
-//! sealing only [`KEY_GRACE`] after this node first saw it, by which time every node holds
-//! it, so a rotation drops nothing.
+//! gossip keyring is the view's gossip keys: a new key opens at once and starts sealing only
+//! [`KEY_GRACE`] after this node first saw it, by which time every node holds it, so a
+//! rotation drops nothing; the key before it stops opening [`KEY_RETIRE`] after that first
+//! sight, so a node that was removed or left (and caused the rotation) is cut off for good
+//! then, not at the next scheduled rotation.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -87,6 +89,17 @@ fn key(entry: &KeyEntry) -> Key {
 /// carries it to reach every node, so no node receives a key it does not hold yet.
 pub const KEY_GRACE: Duration = Duration::from_secs(10);
 
+/// How long after this node first saw a new key it stops opening the one before: three times
+/// the grace, so every node has sealed with the new key for twice the grace by then.
+pub const KEY_RETIRE: Duration = Duration::from_secs(3 * KEY_GRACE.as_secs());
+
+/// The shortest time between two key rotations (`init --key-rotation-interval`, and rotations
+/// for a removal or a leave, which wait for it): a new key must have reached every node and
+/// started sealing everywhere ([`KEY_GRACE`] after each node first saw it) before the one after
+/// it pushes the oldest out of the ring. Twice the grace leaves as long again for the view to
+/// travel.
+pub const MIN_ROTATION_INTERVAL: Duration = Duration::from_secs(2 * KEY_GRACE.as_secs());
+
 /// The gossip keyring for a view at `now`, and when it next changes by itself.
 ///
 /// `seen` records when this node first saw each key id (kept by the caller between calls).
@@ -110,8 +123,9 @@ pub fn keyring_at(
 /// Which key of a ring (at most two, oldest first) seals at `now`, which other one only
 /// opens, and when that changes by itself: the newest seals once this node has known it for
 /// [`KEY_GRACE`] (`seen` keeps when each id was first seen, between calls); until then the one
-/// before it keeps sealing. The same rule serves the gossip keys and the data-path epochs.
-/// Pure: time is an input. `None` for an empty ring.
+/// before it keeps sealing. The one before stops opening once this node has known the newest
+/// for [`KEY_RETIRE`]. The same rule serves the gossip keys and the data-path epochs. Pure:
+/// time is an input. `None` for an empty ring.
 pub fn sealing_order<'a>(
     ring: &'a [KeyEntry],
     seen: &mut HashMap<u32, Instant>,
@@ -126,11 +140,14 @@ pub fn sealing_order<'a>(
     let Some(previous) = keys.next() else {
         return Some((newest, None, None));
     };
-    let ready_at = seen.get(&newest.id).copied().unwrap_or(now) + KEY_GRACE;
+    let first_seen = seen.get(&newest.id).copied().unwrap_or(now);
+    let (ready_at, retire_at) = (first_seen + KEY_GRACE, first_seen + KEY_RETIRE);
     Some(if now < ready_at {
         (previous, Some(newest), Some(ready_at))
+    } else if now < retire_at {
+        (newest, Some(previous), Some(retire_at))
     } else {
-        (newest, Some(previous), None)
+        (newest, None, None)
     })
 }
 
@@ -397,6 +414,11 @@ mod tests {
         let (ring, next) = keyring_at(&v, &mut seen, t1 + KEY_GRACE).unwrap();
         assert_eq!((ring.current().id, ring.current().secret), (2, [5; 32]));
         assert_eq!(ring.previous().map(|k| k.id), Some(1));
+        assert_eq!(next, Some(t1 + KEY_RETIRE));
+        // After the retirement: the old one no longer opens.
+        let (ring, next) = keyring_at(&v, &mut seen, t1 + KEY_RETIRE).unwrap();
+        assert_eq!(ring.current().id, 2);
+        assert_eq!(ring.previous().map(|k| k.id), None);
         assert_eq!(next, None);
 
         // The next rotation drops key 1 and forgets when it was seen.

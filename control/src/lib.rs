@@ -27,6 +27,7 @@ pub mod cli;
 pub mod datapath;
 pub mod gossip;
 pub mod id;
+pub mod join;
 pub mod lab;
 pub mod manager;
 pub mod metrics;

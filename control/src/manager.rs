@@ -24,24 +24,34 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use crate::api::{
-    hex, read_frame, write_frame, AdminRequest, FrameError, JoinGrant, ManagerReply,
+    hex, read_frame, write_frame, AdminRequest, FrameError, IssuedCert, JoinGrant, ManagerReply,
     ManagerRequest, ManagerResponse, ManagerStatus, NodeStatus, Reply, Status,
 };
 use crate::id::NodeId;
+use crate::join::{Claim, ProofError, EXPORTER_LABEL, EXPORTER_LEN};
 use crate::state::{
-    Applied, ApplyError, Availability, Cluster, ClusterView, Command, Node, Role, State,
+    Applied, ApplyError, Availability, Cluster, ClusterView, Command, Node, NodeCert, Role, State,
 };
 use crate::store::{Current, Membership, Store, StoreError, Write};
-use crate::tls::{cert_digest, sign_node_cert, Issued};
+use crate::tls::{cert_digest, sign_node_cert, Issued, Validity};
 use crate::token::{CaDigest, Secret, Token};
 
 /// A watch stream with no keep-alive for this long is closed and the node counted down.
 pub const PING_TIMEOUT: Duration = Duration::from_secs(6);
 /// How often a watching node sends a keep-alive.
 pub const PING_INTERVAL: Duration = Duration::from_secs(2);
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most manager API connections served at once (watch streams included); more are closed.
 pub const MAX_CONNECTIONS: usize = 1024;
+/// Most connections whose peer has not shown a member's certificate yet (joins, and anyone
+/// else); more are closed at once.
+pub const MAX_PREAUTH: usize = 128;
+/// Most connections from one address, authenticated or not (a member has one watch stream
+/// and the odd request).
+pub const MAX_PER_SOURCE: usize = 8;
+/// Time a connection has for its TLS handshake and first request.
+pub const PREAUTH_DEADLINE: Duration = Duration::from_secs(5);
+/// How often refused connections are logged, at most (with their count).
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// The message docker prints when a manager-only command runs on a worker.
 pub const NOT_MANAGER: &str = "This node is not a swarm manager. Worker nodes can't be used to view or modify cluster state. Please run this command on a manager node or promote the current node to a manager.";
@@ -75,12 +85,16 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct Manager {
     self_id: NodeId,
     listen_addr: SocketAddr,
-    own_cert: Issued,
+    /// This node's own certificate (it serves the API with it); renewed like any node's.
+    own_cert: Mutex<(Issued, u64)>,
+    /// This node's X25519 secret: joining nodes prove they hold theirs against it.
+    node_secret: zeroize::Zeroizing<[u8; 32]>,
     state: Mutex<State>,
     store: Arc<Store>,
     membership: Arc<Current>,
     views: watch::Sender<Arc<ClusterView>>,
     sessions: Mutex<HashMap<NodeId, usize>>,
+    gate: Arc<Gate>,
     gossip_up: Mutex<Option<Arc<HashSet<NodeId>>>>,
 }
 
@@ -104,6 +118,9 @@ pub enum ChangeError {
     /// The new state could not be saved, so it was not applied.
     #[error("the manager could not save the change: {0}")]
     Save(#[from] StoreError),
+    /// A certificate could not be issued.
+    #[error("the manager could not issue a certificate: {0}")]
+    Certificate(crate::tls::TlsError),
 }
 
 /// Why an admin command failed. Nothing changed: rm, promote and demote check every node
@@ -153,6 +170,9 @@ pub enum AdminError {
     /// The stored join secret is damaged.
     #[error("the stored join secret is damaged ({0}); rotate it with `shoal join-token --rotate`")]
     Token(#[from] crate::token::TokenError),
+    /// A node whose record has no certificate key cannot get a new certificate.
+    #[error("node {0} joined before certificates named roles and cannot be given a new one; run `shoal leave` on it and join it again")]
+    NoCertKey(NodeId),
 }
 
 /// Why a join was refused. Nothing was added to the node list.
@@ -170,6 +190,12 @@ pub enum AdmitError {
     /// The node's certificate could not be made (e.g. a malformed public key).
     #[error(transparent)]
     Certificate(#[from] crate::tls::TlsError),
+    /// The node did not prove it holds the keys it sent.
+    #[error(transparent)]
+    Proof(#[from] ProofError),
+    /// The TLS session gave no exporter bytes to bind the proofs to.
+    #[error("the join connection cannot bind its proofs (no TLS exporter): {0}")]
+    Exporter(String),
     /// Adding the node failed.
     #[error(transparent)]
     Change(#[from] ChangeError),
@@ -198,12 +224,14 @@ pub enum StartError {
 }
 
 impl Manager {
-    /// A manager over an initialized `state`; `membership` is the agent's shared record,
-    /// updated on every change.
+    /// A manager over an initialized `state`, serving with `own_cert` (expiring at
+    /// `own_not_after`), for the node whose X25519 secret is `node_secret`; `membership` is the
+    /// agent's shared record, updated on every change.
     pub fn new(
         self_id: NodeId,
         listen_addr: SocketAddr,
-        own_cert: Issued,
+        own_cert: (Issued, u64),
+        node_secret: [u8; 32],
         state: State,
         store: Arc<Store>,
         membership: Arc<Current>,
@@ -213,12 +241,14 @@ impl Manager {
         Ok(Arc::new(Self {
             self_id,
             listen_addr,
-            own_cert,
+            own_cert: Mutex::new(own_cert),
+            node_secret: zeroize::Zeroizing::new(node_secret),
             state: Mutex::new(state),
             store,
             membership,
             views,
             sessions: Mutex::new(HashMap::new()),
+            gate: Arc::new(Gate::default()),
             gossip_up: Mutex::new(None),
         }))
     }
@@ -258,13 +288,7 @@ impl Manager {
             return Ok((applied, extra));
         }
         let view = next.view().ok_or(ChangeError::NotManager)?;
-        let membership = Membership {
-            node_id: self.self_id.clone(),
-            cert_der: self.own_cert.cert_der.clone(),
-            key_pem: self.own_cert.key_pem.clone(),
-            view: view.clone(),
-            listen_addr: Some(self.listen_addr),
-        };
+        let membership = self.own_membership(view.clone());
         self.store
             .write(&[Write::Manager(&next), Write::Membership(&membership)])
             .map_err(ChangeError::from)?;
@@ -273,6 +297,24 @@ impl Manager {
         self.membership.set(Some(membership));
         self.views.send_replace(Arc::new(view));
         Ok((applied, extra))
+    }
+
+    /// This node's membership record with `view`.
+    fn own_membership(&self, view: ClusterView) -> Membership {
+        let (own, not_after) = lock(&self.own_cert).clone();
+        Membership {
+            node_id: self.self_id.clone(),
+            cert_der: own.cert_der,
+            key_pem: own.key_pem,
+            cert_not_after: not_after,
+            view,
+            listen_addr: Some(self.listen_addr),
+        }
+    }
+
+    /// The certificate this node serves with.
+    pub fn own_cert(&self) -> Issued {
+        lock(&self.own_cert).0.clone()
     }
 
     /// Applies one ready-made command.
@@ -446,7 +488,20 @@ impl Manager {
         }
         let mut lines = Vec::new();
         for (name, id) in ids {
-            let applied = self.apply(Command::SetRole(id, role))?;
+            let (applied, ()) = self.apply_with(|state| -> Result<_, AdminError> {
+                let cluster = state.cluster().ok_or(ChangeError::NotManager)?;
+                let node = cluster
+                    .nodes
+                    .get(&id)
+                    .ok_or_else(|| AdminError::NotFound(name.clone()))?;
+                if node.role == role {
+                    return Ok((None, ()));
+                }
+                // A new certificate in the new role: the old one stops opening the manager API
+                // (a demotion) at once.
+                let cert = self.reissue(cluster, node, role)?;
+                Ok((Some(Command::SetRole(id.clone(), role, cert)), ()))
+            })?;
             lines.push(match (role, applied) {
                 (Role::Manager, Applied::Changed) => {
                     format!("Node {name} promoted to a manager in the swarm.")
@@ -459,62 +514,153 @@ impl Manager {
         Ok(Reply::Lines(lines))
     }
 
-    /// Admits a node that presented `secret`.
+    /// A certificate for `node` in `role`, for the key its current one certifies.
+    fn reissue(&self, cluster: &Cluster, node: &Node, role: Role) -> Result<NodeCert, AdminError> {
+        if node.cert_public_key.is_empty() {
+            return Err(AdminError::NoCertKey(node.id.clone()));
+        }
+        let validity =
+            Validity::from_now(unix_now(), Duration::from_secs(cluster.cert_expiry_secs));
+        let der = sign_node_cert(&cluster.ca, &node.id, role, &node.cert_public_key, validity)
+            .map_err(|e| AdminError::Change(ChangeError::Certificate(e)))?;
+        Ok(NodeCert {
+            digest: cert_digest(&der),
+            der,
+            not_after: validity.not_after,
+        })
+    }
+
+    /// The X25519 public key joining nodes prove their keys against.
+    pub fn public_key(&self) -> [u8; 32] {
+        crate::join::public_keys(&self.node_secret).0
+    }
+
+    /// Admits a node that sent `claim` on a connection whose exporter bytes are `exporter`:
+    /// its secret proof picks the role, its key proof and signature show it holds the keys it
+    /// registers, and the state machine refuses an address or key another node in the swarm
+    /// has.
     pub fn handle_join(
         &self,
-        secret: &str,
-        hostname: &str,
-        addr: IpAddr,
-        public_key: [u8; 32],
-        cert_public_key: &[u8],
-        engine_version: &str,
+        claim: &Claim,
+        exporter: &[u8; EXPORTER_LEN],
     ) -> Result<JoinGrant, AdmitError> {
+        let hostname = claim.hostname.as_str();
         if hostname.is_empty() || hostname.len() > 253 || hostname.chars().any(char::is_control) {
             return Err(AdmitError::BadHostname);
         }
-        if engine_version.len() > 64 {
+        if claim.engine_version.len() > 64 {
             return Err(AdmitError::VersionTooLong);
         }
+        claim.verify(&self.node_secret, exporter)?;
         let id = NodeId::from_random(random_u128());
-        let (_, (cert, role)) = self.apply_with(|state| -> Result<_, AdmitError> {
+        let (_, (cert, role, not_after)) = self.apply_with(|state| -> Result<_, AdmitError> {
             let role = state
-                .role_for_secret(secret)
+                .role_for_proof(exporter, &claim.secret_proof)
                 .ok_or(AdmitError::InvalidSecret)?;
             let cluster = state.cluster().ok_or(ChangeError::NotManager)?;
-            let cert = sign_node_cert(&cluster.ca, &id, role, cert_public_key)?;
+            let validity =
+                Validity::from_now(unix_now(), Duration::from_secs(cluster.cert_expiry_secs));
+            let cert = sign_node_cert(&cluster.ca, &id, role, &claim.cert_public_key, validity)?;
             let node = Node {
                 id: id.clone(),
                 hostname: hostname.to_owned(),
-                addr,
+                addr: claim.addr,
                 role,
                 availability: Availability::Active,
-                public_key,
+                public_key: claim.public_key,
+                signing_key: claim.signing_key,
                 cert_digest: cert_digest(&cert),
-                engine_version: engine_version.to_owned(),
+                cert_der: cert.clone(),
+                cert_not_after: validity.not_after,
+                cert_public_key: claim.cert_public_key.clone(),
+                previous_cert_digest: None,
+                engine_version: claim.engine_version.clone(),
                 left: false,
                 overlay_addr: None,
                 joined_at: unix_now(),
             };
-            Ok((Some(Command::AddNode(Box::new(node))), (cert, role)))
+            Ok((
+                Some(Command::AddNode(Box::new(node))),
+                (cert, role, validity.not_after),
+            ))
         })?;
-        info!(node = %id, hostname, role = role.as_str(), %addr, "node joined");
+        info!(node = %id, hostname, role = role.as_str(), addr = %claim.addr, "node joined");
         Ok(JoinGrant {
             node_id: id,
             cert_der: cert,
+            cert_not_after: not_after,
             view: (*self.view()).clone(),
         })
     }
 
-    /// The node whose certificate has this digest.
-    fn caller(&self, digest: Option<[u8; 32]>) -> Option<Node> {
+    /// The node whose certificate has this digest, if it is in the swarm (not left or
+    /// removed), and whether that is its current certificate (`false`: the one before its last
+    /// reissue, good for a watch stream only).
+    fn caller(&self, digest: Option<[u8; 32]>) -> Option<(Node, bool)> {
         let digest = digest?;
         let state = lock(&self.state);
-        state
-            .cluster()?
-            .nodes
-            .values()
-            .find(|n| n.cert_digest == digest)
-            .cloned()
+        state.cluster()?.nodes.values().find_map(|n| {
+            if !n.active() {
+                None
+            } else if n.cert_digest == digest {
+                Some((n.clone(), true))
+            } else if n.previous_cert_digest == Some(digest) {
+                Some((n.clone(), false))
+            } else {
+                None
+            }
+        })
+    }
+
+    /// A new certificate for node `id`, same role and key (a renewal).
+    pub fn renew(&self, id: &NodeId) -> Result<IssuedCert, AdminError> {
+        let (_, cert) = self.apply_with(|state| -> Result<_, AdminError> {
+            let cluster = state.cluster().ok_or(ChangeError::NotManager)?;
+            let node = cluster
+                .nodes
+                .get(id)
+                .ok_or_else(|| AdminError::NotFound(id.to_string()))?;
+            let cert = self.reissue(cluster, node, node.role)?;
+            Ok((Some(Command::Renew(id.clone(), cert.clone())), cert))
+        })?;
+        info!(node = %id, "certificate renewed");
+        Ok(IssuedCert {
+            cert_der: cert.der,
+            not_after: cert.not_after,
+        })
+    }
+
+    /// Renews this node's own certificate when it is due (it signs its own: it holds the CA);
+    /// returns the new one for the API's TLS configuration, if it renewed.
+    pub fn renew_own_if_due(&self, now: u64) -> Result<Option<Issued>, AdminError> {
+        let (own, not_after) = lock(&self.own_cert).clone();
+        if !crate::tls::renewal_due(not_after, self.cert_lifetime(), now) {
+            return Ok(None);
+        }
+        let issued = self.renew(&self.self_id)?;
+        let fresh = Issued {
+            cert_der: issued.cert_der,
+            key_pem: own.key_pem,
+        };
+        *lock(&self.own_cert) = (fresh.clone(), issued.not_after);
+        // Keep the agent's record in step (it holds our certificate too).
+        let view = (*self.view()).clone();
+        let membership = self.own_membership(view);
+        self.store
+            .write(&[Write::Membership(&membership)])
+            .map_err(|e| AdminError::Change(ChangeError::Save(e)))?;
+        self.membership.set(Some(membership));
+        Ok(Some(fresh))
+    }
+
+    fn cert_lifetime(&self) -> Duration {
+        Duration::from_secs(
+            self.state()
+                .cluster()
+                .map_or(crate::tls::DEFAULT_CERT_EXPIRY.as_secs(), |c| {
+                    c.cert_expiry_secs
+                }),
+        )
     }
 
     /// Rotates the network keys if due at `now` (unix seconds). True if it rotated.
@@ -536,31 +682,38 @@ impl Manager {
         Ok(applied == Applied::Changed)
     }
 
-    /// Serves the API on `listener` until `stop` turns true.
+    /// Serves the API on `listener` until `stop` turns true, with `acceptor` (replaced when
+    /// this node's own certificate is renewed).
     pub async fn serve(
         self: Arc<Self>,
         listener: TcpListener,
         acceptor: TlsAcceptor,
         mut stop: watch::Receiver<bool>,
     ) {
-        let rotator = tokio::spawn(self.clone().rotate_keys_loop(stop.clone()));
-        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+        let acceptor = Arc::new(std::sync::RwLock::new(acceptor));
+        let rotator = tokio::spawn(
+            self.clone()
+                .maintenance_loop(acceptor.clone(), stop.clone()),
+        );
+        let gate = self.gate.clone();
         loop {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok((tcp, peer)) => {
-                        let Ok(slot) = slots.clone().try_acquire_owned() else {
-                            warn!(%peer, "manager API: {MAX_CONNECTIONS} connections open; refused one");
+                        let Some(ticket) = gate.admit(peer.ip()) else {
+                            gate.log_refusals();
                             continue;
                         };
                         let me = self.clone();
-                        let acceptor = acceptor.clone();
+                        let acceptor = acceptor
+                            .read()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .clone();
                         let stop = stop.clone();
                         tokio::spawn(async move {
-                            if let Err(e) = me.connection(tcp, acceptor, stop).await {
+                            if let Err(e) = me.connection(tcp, acceptor, ticket, stop).await {
                                 debug!(%peer, "manager API connection: {e}");
                             }
-                            drop(slot);
                         });
                     }
                     Err(e) => {
@@ -574,9 +727,21 @@ impl Manager {
         rotator.abort();
     }
 
-    async fn rotate_keys_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+    /// The connection limits' counters (see [`GateStats`]).
+    pub fn gate_stats(&self) -> GateStats {
+        self.gate.stats()
+    }
+
+    /// Key rotation when due, and this node's own certificate renewal.
+    async fn maintenance_loop(
+        self: Arc<Self>,
+        acceptor: Arc<std::sync::RwLock<TlsAcceptor>>,
+        mut stop: watch::Receiver<bool>,
+    ) {
         let interval = self.state().cluster().map_or(60, |c| c.keys.interval_secs);
-        let tick = Duration::from_secs((interval / 2).clamp(1, 30));
+        let tick = Duration::from_secs((interval / 2).clamp(1, 30))
+            .min(self.cert_lifetime() / 10)
+            .max(Duration::from_secs(1));
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(tick) => {}
@@ -587,6 +752,22 @@ impl Manager {
                 Ok(false) => {}
                 Err(e) => warn!("network key rotation failed: {e}"),
             }
+            match self.renew_own_if_due(unix_now()) {
+                Ok(Some(own)) => {
+                    let ca = self.state().cluster().map(|c| c.ca.cert_der.clone());
+                    match ca.map(|ca| crate::tls::server_config(&ca, &own)) {
+                        Some(Ok(config)) => {
+                            *acceptor.write().unwrap_or_else(PoisonError::into_inner) =
+                                TlsAcceptor::from(config);
+                            info!("this manager's certificate was renewed");
+                        }
+                        Some(Err(e)) => warn!("renewed certificate unusable: {e}"),
+                        None => {}
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => warn!("this manager's certificate renewal failed: {e}; retrying"),
+            }
         }
     }
 
@@ -594,9 +775,12 @@ impl Manager {
         self: Arc<Self>,
         tcp: TcpStream,
         acceptor: TlsAcceptor,
+        ticket: Ticket,
         stop: watch::Receiver<bool>,
     ) -> Result<(), ServeError> {
-        let mut tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+        // Before authentication: a short deadline for the handshake and the first request.
+        let deadline = tokio::time::Instant::now() + PREAUTH_DEADLINE;
+        let mut tls = tokio::time::timeout_at(deadline, acceptor.accept(tcp))
             .await
             .map_err(|_| ServeError::Handshake("timed out".into()))?
             .map_err(|e| ServeError::Handshake(e.to_string()))?;
@@ -606,35 +790,36 @@ impl Manager {
             .peer_certificates()
             .and_then(|c| c.first())
             .map(|c| cert_digest(c.as_ref()));
-        let request: ManagerRequest =
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut tls)).await {
-                Err(_) => return Err(ServeError::Silent),
-                Ok(Err(e)) => return Err(e.into()),
-                Ok(Ok(None)) => return Ok(()),
-                Ok(Ok(Some(r))) => r,
-            };
+        let caller = self.caller(digest);
+        let mut ticket = ticket;
+        if caller.is_some() {
+            // A member: its connection no longer counts against the unauthenticated limits.
+            ticket.authenticated();
+        }
+        let request = match read_request(&mut tls, deadline).await? {
+            Some(r) => r,
+            None => return Ok(()),
+        };
         let response: ManagerResponse = match request {
-            ManagerRequest::Join {
-                secret,
-                hostname,
-                addr,
-                public_key,
-                cert_public_key,
-                engine_version,
-            } => self
-                .handle_join(
-                    &secret,
-                    &hostname,
-                    addr,
-                    public_key,
-                    &cert_public_key,
-                    &engine_version,
-                )
-                .map(|g| ManagerReply::Joined(Box::new(g)))
-                .map_err(|e| e.to_string()),
+            ManagerRequest::JoinHello => {
+                let hello: ManagerResponse = Ok(ManagerReply::JoinChallenge {
+                    public_key: self.public_key(),
+                });
+                write_frame(&mut tls, &hello).await?;
+                match read_request(&mut tls, deadline).await? {
+                    Some(ManagerRequest::Join(claim)) => self.join(&tls, &claim),
+                    Some(_) => Err("expected a join after the join hello".into()),
+                    None => return Ok(()),
+                }
+            }
+            ManagerRequest::Join(claim) => self.join(&tls, &claim),
             ManagerRequest::Watch => {
-                return match self.caller(digest) {
-                    Some(node) => self.watch(tls, node.id, stop).await,
+                return match caller {
+                    Some((node, _)) => {
+                        let result = self.watch(tls, node.id, digest, stop).await;
+                        drop(ticket);
+                        result
+                    }
                     None => {
                         let r: ManagerResponse = Ok(ManagerReply::Removed);
                         Ok(write_frame(&mut tls, &r).await?)
@@ -642,8 +827,16 @@ impl Manager {
                 };
             }
             ManagerRequest::Ping => Ok(ManagerReply::Ok),
-            ManagerRequest::Leave => match self.caller(digest) {
-                Some(node) => self
+            ManagerRequest::Renew => match caller {
+                Some((node, true)) => self
+                    .renew(&node.id)
+                    .map(ManagerReply::Certificate)
+                    .map_err(|e| e.to_string()),
+                Some((_, false)) => Err(OLD_CERT.into()),
+                None => Err(not_member()),
+            },
+            ManagerRequest::Leave => match caller {
+                Some((node, _)) => self
                     .apply(Command::MarkLeft(node.id.clone()))
                     .map(|_| {
                         info!(node = %node.id, "node left");
@@ -652,11 +845,12 @@ impl Manager {
                     .map_err(|e| e.to_string()),
                 None => Err(not_member()),
             },
-            ManagerRequest::Admin(request) => match self.caller(digest) {
-                Some(node) if node.role == Role::Manager => self
+            ManagerRequest::Admin(request) => match caller {
+                Some((node, true)) if node.role == Role::Manager => self
                     .handle_admin(request, &node.id)
                     .map(|r| ManagerReply::Admin(Box::new(r)))
                     .map_err(|e| e.to_string()),
+                Some((_, false)) => Err(OLD_CERT.into()),
                 Some(_) => Err(NOT_MANAGER.into()),
                 None => Err(not_member()),
             },
@@ -667,10 +861,27 @@ impl Manager {
         Ok(())
     }
 
+    /// A join on this TLS connection: its proofs are bound to the session's exporter bytes.
+    fn join(&self, tls: &ServerTls, claim: &Claim) -> ManagerResponse {
+        let mut exporter = [0u8; EXPORTER_LEN];
+        tls.get_ref()
+            .1
+            .export_keying_material(&mut exporter, EXPORTER_LABEL, None)
+            .map_err(|e| AdmitError::Exporter(e.to_string()).to_string())?;
+        self.handle_join(claim, &exporter)
+            .map(|g| ManagerReply::Joined(Box::new(g)))
+            .map_err(|e| e.to_string())
+    }
+
+    /// A watch stream for node `id`, which connected with the certificate whose digest is
+    /// `presented`: the current view now and on every change, the node's new certificate when
+    /// the manager reissued it (then the node reconnects with it), and `Removed` once the node
+    /// is no longer in the swarm (removed, or left).
     async fn watch<S>(
         self: Arc<Self>,
         stream: S,
         id: NodeId,
+        presented: Option<[u8; 32]>,
         mut stop: watch::Receiver<bool>,
     ) -> Result<(), ServeError>
     where
@@ -692,16 +903,27 @@ impl Manager {
         let mut current = Some(views.borrow_and_update().clone());
         let result = loop {
             if let Some(view) = current.take() {
-                let reply: ManagerResponse = if view.node(&id).is_some() {
-                    Ok(ManagerReply::View(Box::new((*view).clone())))
-                } else {
-                    Ok(ManagerReply::Removed)
+                let (reply, last) = match view.node(&id).filter(|n| n.active()) {
+                    None => (Ok(ManagerReply::Removed), true),
+                    Some(n) if Some(n.cert_digest) != presented => {
+                        // Reissued: the view first, then the certificate, then we part.
+                        let frame: ManagerResponse =
+                            Ok(ManagerReply::View(Box::new((*view).clone())));
+                        if let Err(e) = write_frame(&mut wr, &frame).await {
+                            break Err(e.into());
+                        }
+                        match self.issued_cert(&id) {
+                            Some(cert) => (Ok(ManagerReply::Certificate(cert)), true),
+                            None => (Ok(ManagerReply::Removed), true),
+                        }
+                    }
+                    Some(_) => (Ok(ManagerReply::View(Box::new((*view).clone()))), false),
                 };
-                let removed = matches!(reply, Ok(ManagerReply::Removed));
+                let reply: ManagerResponse = reply;
                 if let Err(e) = write_frame(&mut wr, &reply).await {
                     break Err(e.into());
                 }
-                if removed {
+                if last {
                     break Ok(());
                 }
             }
@@ -723,6 +945,171 @@ impl Manager {
         reader.abort();
         debug!(node = %id, "watch stream closed");
         result
+    }
+
+    /// Node `id`'s current certificate, as the state holds it.
+    fn issued_cert(&self, id: &NodeId) -> Option<IssuedCert> {
+        let state = lock(&self.state);
+        let node = state.cluster()?.nodes.get(id)?;
+        (!node.cert_der.is_empty()).then(|| IssuedCert {
+            cert_der: node.cert_der.clone(),
+            not_after: node.cert_not_after,
+        })
+    }
+}
+
+type ServerTls = tokio_rustls::server::TlsStream<TcpStream>;
+
+/// The message for a request made with a certificate the manager has since replaced.
+pub const OLD_CERT: &str = "this node's certificate was replaced (a role change or a renewal); the agent picks up the new one on its watch stream, try again in a moment";
+
+/// Most bytes a request frame may have (requests are small; views and certificates only flow
+/// the other way).
+pub const MAX_REQUEST: u32 = 64 << 10;
+
+/// Reads one request within `deadline`.
+async fn read_request(
+    tls: &mut ServerTls,
+    deadline: tokio::time::Instant,
+) -> Result<Option<ManagerRequest>, ServeError> {
+    match tokio::time::timeout_at(deadline, crate::api::read_frame_limited(tls, MAX_REQUEST)).await
+    {
+        Err(_) => Err(ServeError::Silent),
+        Ok(r) => Ok(r?),
+    }
+}
+
+/// Counters of the manager API's connection limits.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct GateStats {
+    /// Refused: [`MAX_PER_SOURCE`] connections from that address already.
+    pub refused_per_source: u64,
+    /// Refused: [`MAX_PREAUTH`] unauthenticated connections already.
+    pub refused_unauthenticated: u64,
+    /// Refused: [`MAX_CONNECTIONS`] connections already.
+    pub refused_total: u64,
+}
+
+impl GateStats {
+    fn sum(&self) -> u64 {
+        self.refused_per_source + self.refused_unauthenticated + self.refused_total
+    }
+}
+
+/// The limits on who may hold a connection to the manager API, checked before the TLS
+/// handshake: per source address, unauthenticated, and in all. A member's connection leaves
+/// the unauthenticated count once its certificate is checked ([`Ticket::authenticated`]).
+#[derive(Debug, Default)]
+struct Gate {
+    inner: Mutex<GateInner>,
+}
+
+#[derive(Debug, Default)]
+struct GateInner {
+    per_source: HashMap<IpAddr, usize>,
+    unauthenticated: usize,
+    total: usize,
+    stats: GateStats,
+    logged: u64,
+    last_log: Option<std::time::Instant>,
+}
+
+/// One admitted connection's place; released when dropped.
+#[derive(Debug)]
+struct Ticket {
+    gate: Arc<Gate>,
+    source: IpAddr,
+    unauthenticated: bool,
+}
+
+impl Gate {
+    fn admit(self: &Arc<Self>, source: IpAddr) -> Option<Ticket> {
+        let mut g = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let from_source = g.per_source.get(&source).copied().unwrap_or(0);
+        if from_source >= MAX_PER_SOURCE {
+            g.stats.refused_per_source += 1;
+            return None;
+        }
+        if g.unauthenticated >= MAX_PREAUTH {
+            g.stats.refused_unauthenticated += 1;
+            return None;
+        }
+        if g.total >= MAX_CONNECTIONS {
+            g.stats.refused_total += 1;
+            return None;
+        }
+        *g.per_source.entry(source).or_insert(0) += 1;
+        g.unauthenticated += 1;
+        g.total += 1;
+        Some(Ticket {
+            gate: self.clone(),
+            source,
+            unauthenticated: true,
+        })
+    }
+
+    fn stats(&self) -> GateStats {
+        self.inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .stats
+            .clone()
+    }
+
+    /// Logs the refusals since the last line, at most once per [`REFUSAL_LOG_EVERY`].
+    fn log_refusals(&self) {
+        let mut g = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = std::time::Instant::now();
+        if g.last_log
+            .is_some_and(|t| now.duration_since(t) < REFUSAL_LOG_EVERY)
+        {
+            return;
+        }
+        let total = g.stats.sum();
+        let new = total - g.logged;
+        g.logged = total;
+        g.last_log = Some(now);
+        warn!(
+            refused = new,
+            per_source = g.stats.refused_per_source,
+            unauthenticated = g.stats.refused_unauthenticated,
+            total = g.stats.refused_total,
+            "manager API refused connections over its limits ({MAX_PER_SOURCE} per address, {MAX_PREAUTH} unauthenticated, {MAX_CONNECTIONS} in all)"
+        );
+    }
+}
+
+impl Ticket {
+    /// The peer showed a member's certificate: it stops counting as unauthenticated.
+    fn authenticated(&mut self) {
+        if std::mem::take(&mut self.unauthenticated) {
+            let mut g = self
+                .gate
+                .inner
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            g.unauthenticated = g.unauthenticated.saturating_sub(1);
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let mut g = self
+            .gate
+            .inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if self.unauthenticated {
+            g.unauthenticated = g.unauthenticated.saturating_sub(1);
+        }
+        g.total = g.total.saturating_sub(1);
+        if let Some(n) = g.per_source.get_mut(&self.source) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                g.per_source.remove(&self.source);
+            }
+        }
     }
 }
 
@@ -833,9 +1220,11 @@ mod tests {
         let store = Arc::new(Store::open(dir.path()).unwrap());
         let ca: CaMaterial = generate_ca().unwrap();
         let id = NodeId::from_random(1);
-        let own = issue_node_cert(&ca, &id, Role::Manager).unwrap();
+        let validity = Validity::from_now(unix_now(), crate::tls::DEFAULT_CERT_EXPIRY);
+        let own = issue_node_cert(&ca, &id, Role::Manager, validity).unwrap();
         let mut leader = node(1, Role::Manager);
         leader.cert_digest = cert_digest(&own.cert_der);
+        leader.public_key = crate::join::public_keys(&LEADER_SECRET).0;
         let mut state = State::default();
         state
             .apply(Command::Init(Box::new(Init {
@@ -847,6 +1236,7 @@ mod tests {
                 gossip_key: [1; 32],
                 data_path_key: [2; 32],
                 key_interval_secs: 100,
+                cert_expiry_secs: crate::tls::DEFAULT_CERT_EXPIRY.as_secs(),
                 ingress: Network {
                     name: "ingress".into(),
                     vni: 4096,
@@ -862,7 +1252,8 @@ mod tests {
         let manager = Manager::new(
             id,
             "127.0.0.1:2377".parse().unwrap(),
-            own,
+            (own, validity.not_after),
+            LEADER_SECRET,
             state,
             store,
             membership.clone(),
@@ -875,16 +1266,37 @@ mod tests {
         }
     }
 
+    const LEADER_SECRET: [u8; 32] = [0x1e; 32];
+    /// The TLS exporter bytes of the tests' pretend connection.
+    const EXPORTER: [u8; 32] = [0xee; 32];
+    static NEXT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(10);
+
+    /// A claim proved by the node with secret `[n; 32]` at 198.18.0.n, for `m`.
+    fn claim(m: &Manager, secret: &str, host: &str, n: u8, cert_key: Vec<u8>) -> Claim {
+        let node_secret = [n; 32];
+        let (public_key, signing_key) = crate::join::public_keys(&node_secret);
+        Claim {
+            secret_proof: crate::join::secret_proof(secret, &EXPORTER),
+            hostname: host.into(),
+            addr: IpAddr::from([198, 18, 0, n]),
+            public_key,
+            signing_key,
+            cert_public_key: cert_key,
+            engine_version: "0.1.0".into(),
+            key_proof: [0; 32],
+            signature: [0; 64],
+        }
+        .prove(&node_secret, &m.public_key(), &EXPORTER)
+        .unwrap()
+    }
+
+    /// A join by a node of its own (its own keys and address) with the secret
+    /// `Secret::from_random(secret)`.
     fn join(m: &Manager, secret: u128, host: &str) -> Result<JoinGrant, String> {
-        m.handle_join(
-            Secret::from_random(secret).as_str(),
-            host,
-            "198.18.0.9".parse().unwrap(),
-            [9; 32],
-            &crate::tls::NodeKey::generate().unwrap().public_raw(),
-            "0.1.0",
-        )
-        .map_err(|e| e.to_string())
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let key = crate::tls::NodeKey::generate().unwrap().public_raw();
+        let c = claim(m, Secret::from_random(secret).as_str(), host, n, key);
+        m.handle_join(&c, &EXPORTER).map_err(|e| e.to_string())
     }
 
     #[test]
@@ -950,33 +1362,141 @@ mod tests {
         assert_ne!(old, new);
         assert_eq!(join(&f.manager, 11, "w").unwrap_err(), INVALID_SECRET);
         let secret = Token::parse(&new).unwrap().secret;
-        assert!(f
-            .manager
-            .handle_join(
-                secret.as_str(),
-                "w",
-                "198.18.0.9".parse().unwrap(),
-                [9; 32],
-                &crate::tls::NodeKey::generate().unwrap().public_raw(),
-                "0.1.0"
-            )
-            .is_ok());
+        let key = crate::tls::NodeKey::generate().unwrap().public_raw();
+        let c = claim(&f.manager, secret.as_str(), "w", 200, key);
+        assert!(f.manager.handle_join(&c, &EXPORTER).is_ok());
         // A certificate key that is not a P-256 point: refused, nothing added.
         let before = f.manager.state();
+        let c = claim(&f.manager, secret.as_str(), "w", 201, vec![4; 10]);
         let err = f
             .manager
-            .handle_join(
-                secret.as_str(),
-                "w",
-                "198.18.0.9".parse().unwrap(),
-                [9; 32],
-                &[4; 10],
-                "0.1.0",
-            )
+            .handle_join(&c, &EXPORTER)
             .unwrap_err()
             .to_string();
         assert!(err.contains("P-256"), "{err}");
         assert_eq!(f.manager.state(), before);
+    }
+
+    #[test]
+    fn a_join_must_prove_its_keys_and_cannot_take_another_nodes() {
+        let f = leader();
+        let key = || crate::tls::NodeKey::generate().unwrap().public_raw();
+        let secret = Secret::from_random(11);
+        let n2 = claim(&f.manager, secret.as_str(), "n2", 2, key());
+        f.manager.handle_join(&n2, &EXPORTER).unwrap();
+        let before = f.manager.state();
+        // n2's address from another machine.
+        let mut same_addr = claim(&f.manager, secret.as_str(), "n3", 3, key());
+        same_addr.addr = n2.addr;
+        let same_addr = Claim {
+            key_proof: [0; 32],
+            ..same_addr
+        }
+        .prove(&[3; 32], &f.manager.public_key(), &EXPORTER)
+        .unwrap();
+        let err = f.manager.handle_join(&same_addr, &EXPORTER).unwrap_err();
+        assert!(err.to_string().contains("already used by node"), "{err}");
+        // n2's public key, sent by someone who cannot prove it holds it.
+        let mut stolen = claim(&f.manager, secret.as_str(), "n4", 4, key());
+        stolen.public_key = n2.public_key;
+        let err = f.manager.handle_join(&stolen, &EXPORTER).unwrap_err();
+        assert!(matches!(err, AdmitError::Proof(_)), "{err}");
+        // n2's own keys again (a copy of its state dir), proved: refused as taken.
+        let twin = claim(&f.manager, secret.as_str(), "n2-copy", 2, key());
+        let twin = Claim {
+            addr: IpAddr::from([198, 18, 0, 5]),
+            ..twin
+        }
+        .prove(&[2; 32], &f.manager.public_key(), &EXPORTER)
+        .unwrap();
+        let err = f.manager.handle_join(&twin, &EXPORTER).unwrap_err();
+        assert!(err.to_string().contains("already the key of node"), "{err}");
+        // Proofs made on another TLS session: refused.
+        let replayed = claim(&f.manager, secret.as_str(), "n6", 6, key());
+        assert!(f.manager.handle_join(&replayed, &[0x01; 32]).is_err());
+        assert_eq!(f.manager.state(), before, "nothing was added");
+    }
+
+    #[test]
+    fn promote_and_demote_reissue_the_certificate_in_the_new_role() {
+        let f = leader();
+        let me = NodeId::from_random(1);
+        let grant = join(&f.manager, 11, "w").unwrap();
+        let ca = f.manager.view().ca_cert_der.clone();
+        crate::tls::verify_issued(&ca, &grant.cert_der, &grant.node_id, Role::Worker).unwrap();
+        let worker_digest = cert_digest(&grant.cert_der);
+        f.manager
+            .handle_admin(
+                AdminRequest::Promote {
+                    nodes: vec!["w".into()],
+                },
+                &me,
+            )
+            .unwrap();
+        let promoted = f.manager.issued_cert(&grant.node_id).unwrap();
+        crate::tls::verify_issued(&ca, &promoted.cert_der, &grant.node_id, Role::Manager).unwrap();
+        // The worker certificate now only opens a watch stream (to fetch the new one).
+        assert_eq!(
+            f.manager
+                .caller(Some(worker_digest))
+                .map(|(_, current)| current),
+            Some(false)
+        );
+        let manager_digest = cert_digest(&promoted.cert_der);
+        assert_eq!(
+            f.manager
+                .caller(Some(manager_digest))
+                .map(|(n, c)| (n.role, c)),
+            Some((Role::Manager, true))
+        );
+        f.manager
+            .handle_admin(
+                AdminRequest::Demote {
+                    nodes: vec!["w".into()],
+                },
+                &me,
+            )
+            .unwrap();
+        let demoted = f.manager.issued_cert(&grant.node_id).unwrap();
+        crate::tls::verify_issued(&ca, &demoted.cert_der, &grant.node_id, Role::Worker).unwrap();
+        // The manager certificate it held is no longer current: no admin rights with it.
+        assert_eq!(
+            f.manager.caller(Some(manager_digest)).map(|(_, c)| c),
+            Some(false)
+        );
+        assert_eq!(
+            f.manager.caller(Some(worker_digest)),
+            None,
+            "two back: gone"
+        );
+        // Renewal: same role, a new certificate.
+        let renewed = f.manager.renew(&grant.node_id).unwrap();
+        assert_ne!(renewed.cert_der, demoted.cert_der);
+        crate::tls::verify_issued(&ca, &renewed.cert_der, &grant.node_id, Role::Worker).unwrap();
+    }
+
+    #[test]
+    fn a_node_that_left_has_no_access() {
+        let f = leader();
+        let me = NodeId::from_random(1);
+        let grant = join(&f.manager, 22, "m2").unwrap();
+        let digest = cert_digest(&grant.cert_der);
+        assert_eq!(
+            f.manager.caller(Some(digest)).map(|(n, c)| (n.role, c)),
+            Some((Role::Manager, true))
+        );
+        f.manager
+            .apply(Command::MarkLeft(grant.node_id.clone()))
+            .unwrap();
+        assert_eq!(f.manager.caller(Some(digest)), None);
+        // Still listed (Down), as docker does, until `node rm`.
+        let Reply::Nodes { nodes, .. } = f.manager.handle_admin(AdminRequest::NodeLs, &me).unwrap()
+        else {
+            panic!("not a node list")
+        };
+        assert!(nodes
+            .iter()
+            .any(|n| n.id == grant.node_id && n.status == Status::Down));
     }
 
     #[test]

@@ -55,9 +55,26 @@ pub struct Node {
     pub availability: Availability,
     /// The node's static X25519 public key.
     pub public_key: [u8; 32],
+    /// The node's Ed25519 public key (it signs what it says in gossip).
+    #[serde(default)]
+    pub signing_key: [u8; 32],
     /// SHA-256 of the node certificate the manager issued; mTLS calls are checked against it,
     /// so a removed node's certificate stops working at once.
     pub cert_digest: [u8; 32],
+    /// The certificate itself, DER (kept so the node can be given it again; not in views).
+    #[serde(default)]
+    pub cert_der: Vec<u8>,
+    /// Unix time the certificate expires.
+    #[serde(default)]
+    pub cert_not_after: u64,
+    /// The public half of the node's certificate key (uncompressed P-256 point), for
+    /// reissuing its certificate on a role change or a renewal.
+    #[serde(default)]
+    pub cert_public_key: Vec<u8>,
+    /// The digest of the certificate before the last reissue: accepted for a watch stream
+    /// only (which hands the node its new one), never for anything else.
+    #[serde(default)]
+    pub previous_cert_digest: Option<[u8; 32]>,
     /// Agent version the node reported.
     pub engine_version: String,
     /// The node said it left (`shoal leave`).
@@ -170,6 +187,13 @@ pub struct Cluster {
     pub ingress: Network,
     /// Unix time of init.
     pub created_at: u64,
+    /// How long node certificates are valid (`init --cert-expiry`).
+    #[serde(default = "default_cert_expiry")]
+    pub cert_expiry_secs: u64,
+}
+
+fn default_cert_expiry() -> u64 {
+    crate::tls::DEFAULT_CERT_EXPIRY.as_secs()
 }
 
 impl Cluster {
@@ -200,6 +224,35 @@ pub struct State {
     pub cluster: Option<Cluster>,
 }
 
+/// A certificate the manager issued to a node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeCert {
+    /// DER.
+    pub der: Vec<u8>,
+    /// SHA-256 of `der`.
+    pub digest: [u8; 32],
+    /// Unix time it expires.
+    pub not_after: u64,
+}
+
+impl Node {
+    /// Takes `cert` as the node's certificate; the one before stays usable for a watch stream
+    /// only, until the node picks the new one up.
+    fn set_cert(&mut self, cert: NodeCert) {
+        if cert.digest != self.cert_digest {
+            self.previous_cert_digest = Some(self.cert_digest);
+        }
+        self.cert_digest = cert.digest;
+        self.cert_der = cert.der;
+        self.cert_not_after = cert.not_after;
+    }
+
+    /// Whether this record still speaks for a node: it has not left.
+    pub fn active(&self) -> bool {
+        !self.left
+    }
+}
+
 /// The data of [`Command::Init`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Init {
@@ -219,6 +272,8 @@ pub struct Init {
     pub data_path_key: [u8; 32],
     /// Seconds between key rotations.
     pub key_interval_secs: u64,
+    /// How long node certificates are valid.
+    pub cert_expiry_secs: u64,
     /// The ingress network.
     pub ingress: Network,
     /// Unix time now.
@@ -234,8 +289,10 @@ pub enum Command {
     AddNode(Box<Node>),
     /// Remove a node from the list.
     RemoveNode(NodeId),
-    /// Change a node's role.
-    SetRole(NodeId, Role),
+    /// Change a node's role, with the certificate issued for it in that role.
+    SetRole(NodeId, Role, NodeCert),
+    /// Replace a node's certificate (a renewal), same role.
+    Renew(NodeId, NodeCert),
     /// The node left on its own (`shoal leave`).
     MarkLeft(NodeId),
     /// Replace the join secret of a role.
@@ -279,6 +336,24 @@ pub enum ApplyError {
     /// No node with this ID.
     #[error("node {0} not found")]
     NoSuchNode(NodeId),
+    /// A joining node's advertise address belongs to a node in the swarm.
+    #[error("advertise address {addr} is already used by node {owner} ({hostname}), which is in the swarm; if that node is gone, remove it first (`shoal node rm {owner}`), or join with another --advertise-addr")]
+    AddressInUse {
+        /// The address.
+        addr: IpAddr,
+        /// The node that has it.
+        owner: NodeId,
+        /// Its host name.
+        hostname: String,
+    },
+    /// A joining node's public key belongs to a node in the swarm.
+    #[error("this node's key is already the key of node {owner} ({hostname}), which is in the swarm: a copy of that node's state dir? Give this node its own state dir, or remove the other first (`shoal node rm {owner}`)")]
+    KeyInUse {
+        /// The node that has it.
+        owner: NodeId,
+        /// Its host name.
+        hostname: String,
+    },
     /// The leader cannot be removed.
     #[error("node {0} is the leader and can't be removed; run `shoal leave --force` on it to dissolve the swarm")]
     RemoveLeader(NodeId),
@@ -338,6 +413,7 @@ impl State {
                 gossip_key,
                 data_path_key,
                 key_interval_secs,
+                cert_expiry_secs,
                 ingress,
                 at,
             } = *init;
@@ -369,6 +445,7 @@ impl State {
                 },
                 ingress,
                 created_at: at,
+                cert_expiry_secs,
             });
             return Ok(Applied::Changed);
         }
@@ -378,6 +455,25 @@ impl State {
             Command::AddNode(mut node) => {
                 if cluster.nodes.contains_key(&node.id) {
                     return Err(ApplyError::NodeExists(node.id.clone()));
+                }
+                // One identity per node: the address and the keys of a node that is in the
+                // swarm (not one that left) are its own.
+                for other in cluster.nodes.values().filter(|n| n.active()) {
+                    if other.addr == node.addr {
+                        return Err(ApplyError::AddressInUse {
+                            addr: node.addr,
+                            owner: other.id.clone(),
+                            hostname: other.hostname.clone(),
+                        });
+                    }
+                    let same_signing_key =
+                        other.signing_key != [0; 32] && other.signing_key == node.signing_key;
+                    if other.public_key == node.public_key || same_signing_key {
+                        return Err(ApplyError::KeyInUse {
+                            owner: other.id.clone(),
+                            hostname: other.hostname.clone(),
+                        });
+                    }
                 }
                 let ipam = ipam(&cluster.ingress)?;
                 let used = cluster.overlay_used();
@@ -445,7 +541,7 @@ impl State {
                 cluster.nodes.remove(&id);
                 Ok(Applied::Changed)
             }
-            Command::SetRole(id, role) => {
+            Command::SetRole(id, role, cert) => {
                 if id == cluster.leader && role == Role::Worker {
                     return Err(ApplyError::DemoteLeader(id));
                 }
@@ -457,6 +553,18 @@ impl State {
                     return Ok(Applied::Unchanged);
                 }
                 node.role = role;
+                node.set_cert(cert);
+                Ok(Applied::Changed)
+            }
+            Command::Renew(id, cert) => {
+                let node = cluster
+                    .nodes
+                    .get_mut(&id)
+                    .ok_or_else(|| ApplyError::NoSuchNode(id.clone()))?;
+                if node.cert_digest == cert.digest {
+                    return Ok(Applied::Unchanged);
+                }
+                node.set_cert(cert);
                 Ok(Applied::Changed)
             }
             Command::MarkLeft(id) => {
@@ -467,7 +575,9 @@ impl State {
                 if node.left {
                     return Ok(Applied::Unchanged);
                 }
+                // Leaving revokes, as a removal does: no certificate of its works any more.
                 node.left = true;
+                node.previous_cert_digest = None;
                 Ok(Applied::Changed)
             }
             Command::RotateSecret(role, secret) => {
@@ -501,6 +611,15 @@ impl State {
         self.cluster.as_ref()
     }
 
+    /// The role whose join secret `proof` proves on the connection with these exporter bytes
+    /// (see `crate::join`), if any.
+    pub fn role_for_proof(&self, exporter: &[u8; 32], proof: &[u8; 32]) -> Option<Role> {
+        let cluster = self.cluster.as_ref()?;
+        [Role::Worker, Role::Manager]
+            .into_iter()
+            .find(|role| crate::join::proves_secret(cluster.secret(*role), exporter, proof))
+    }
+
     /// Checks `secret` against both roles' secrets; the role it opens, if any.
     pub fn role_for_secret(&self, secret: &str) -> Option<Role> {
         let cluster = self.cluster.as_ref()?;
@@ -527,6 +646,9 @@ pub struct ClusterView {
     pub keys: Keys,
     /// The ingress network.
     pub ingress: Network,
+    /// How long node certificates are valid (nodes renew theirs with a third left).
+    #[serde(default = "default_cert_expiry")]
+    pub cert_expiry_secs: u64,
 }
 
 impl ClusterView {
@@ -545,9 +667,18 @@ impl State {
             leader: c.leader.clone(),
             api_addr: c.api_addr,
             ca_cert_der: c.ca.cert_der.clone(),
-            nodes: c.nodes.values().cloned().collect(),
+            nodes: c
+                .nodes
+                .values()
+                .map(|n| Node {
+                    cert_der: Vec::new(),
+                    cert_public_key: Vec::new(),
+                    ..n.clone()
+                })
+                .collect(),
             keys: c.keys.clone(),
             ingress: c.ingress.clone(),
+            cert_expiry_secs: c.cert_expiry_secs,
         })
     }
 }
@@ -586,6 +717,15 @@ pub(crate) mod tests {
         NodeId::from_random(n)
     }
 
+    /// A certificate record for node `n` (its bytes are not a real certificate).
+    pub(crate) fn cert(n: u128) -> NodeCert {
+        NodeCert {
+            der: vec![n as u8; 3],
+            digest: [n as u8 + 200; 32],
+            not_after: 1_000_000,
+        }
+    }
+
     pub(crate) fn node(n: u128, role: Role) -> Node {
         Node {
             id: id(n),
@@ -594,6 +734,11 @@ pub(crate) mod tests {
             role,
             availability: Availability::Active,
             public_key: [n as u8; 32],
+            signing_key: [n as u8 + 50; 32],
+            cert_der: Vec::new(),
+            cert_not_after: 0,
+            cert_public_key: Vec::new(),
+            previous_cert_digest: None,
             cert_digest: [n as u8 + 100; 32],
             engine_version: "0.1.0".into(),
             left: false,
@@ -615,6 +760,7 @@ pub(crate) mod tests {
             gossip_key: [7; 32],
             data_path_key: [8; 32],
             key_interval_secs: 43_200,
+            cert_expiry_secs: 90 * 24 * 3600,
             ingress: Network {
                 name: "ingress".into(),
                 vni: 4096,
@@ -693,7 +839,7 @@ pub(crate) mod tests {
         for cmd in [
             Command::AddNode(Box::new(node(2, Role::Worker))),
             Command::RemoveNode(id(2)),
-            Command::SetRole(id(2), Role::Manager),
+            Command::SetRole(id(2), Role::Manager, cert(2)),
             Command::MarkLeft(id(2)),
             Command::RotateSecret(Role::Worker, Secret::from_random(1).as_str().into()),
             Command::RotateKeys {
@@ -743,7 +889,8 @@ pub(crate) mod tests {
             Command::RemoveNode(id(3)),
             ApplyError::RemoveManager(id(3)),
         );
-        s.apply(Command::SetRole(id(3), Role::Worker)).unwrap();
+        s.apply(Command::SetRole(id(3), Role::Worker, cert(3)))
+            .unwrap();
         assert_eq!(s.apply(Command::RemoveNode(id(3))), Ok(Applied::Changed));
     }
 
@@ -754,34 +901,119 @@ pub(crate) mod tests {
             .unwrap();
         let v = s.version;
         assert_eq!(
-            s.apply(Command::SetRole(id(2), Role::Manager)),
+            s.apply(Command::SetRole(id(2), Role::Manager, cert(2))),
             Ok(Applied::Changed)
         );
         assert_eq!(s.version, v + 1);
         assert_eq!(
-            s.apply(Command::SetRole(id(2), Role::Manager)),
+            s.apply(Command::SetRole(id(2), Role::Manager, cert(2))),
             Ok(Applied::Unchanged)
         );
         assert_eq!(s.version, v + 1);
         assert_eq!(
-            s.apply(Command::SetRole(id(2), Role::Worker)),
+            s.apply(Command::SetRole(id(2), Role::Worker, cert(2))),
             Ok(Applied::Changed)
         );
         assert_eq!(s.cluster().unwrap().nodes[&id(2)].role, Role::Worker);
         refused(
             &mut s,
-            Command::SetRole(id(1), Role::Worker),
+            Command::SetRole(id(1), Role::Worker, cert(1)),
             ApplyError::DemoteLeader(id(1)),
         );
         refused(
             &mut s,
-            Command::SetRole(id(9), Role::Manager),
+            Command::SetRole(id(9), Role::Manager, cert(9)),
             ApplyError::NoSuchNode(id(9)),
         );
         // Promoting the leader is a no-op.
         assert_eq!(
-            s.apply(Command::SetRole(id(1), Role::Manager)),
+            s.apply(Command::SetRole(id(1), Role::Manager, cert(1))),
             Ok(Applied::Unchanged)
+        );
+    }
+
+    #[test]
+    fn a_node_in_the_swarm_keeps_its_address_and_keys() {
+        let mut s = initialized();
+        s.apply(Command::AddNode(Box::new(node(2, Role::Worker))))
+            .unwrap();
+        let mut same_addr = node(3, Role::Worker);
+        same_addr.addr = node(2, Role::Worker).addr;
+        refused(
+            &mut s,
+            Command::AddNode(Box::new(same_addr)),
+            ApplyError::AddressInUse {
+                addr: node(2, Role::Worker).addr,
+                owner: id(2),
+                hostname: "n2".into(),
+            },
+        );
+        for (x25519, ed25519) in [([2; 32], [0x99; 32]), ([0x98; 32], [52; 32])] {
+            let mut same_key = node(4, Role::Worker);
+            same_key.public_key = x25519;
+            same_key.signing_key = ed25519;
+            refused(
+                &mut s,
+                Command::AddNode(Box::new(same_key)),
+                ApplyError::KeyInUse {
+                    owner: id(2),
+                    hostname: "n2".into(),
+                },
+            );
+        }
+        // Once n2 left, its address and keys are free (the same machine joining again).
+        s.apply(Command::MarkLeft(id(2))).unwrap();
+        let mut again = node(5, Role::Worker);
+        again.addr = node(2, Role::Worker).addr;
+        again.public_key = [2; 32];
+        assert_eq!(
+            s.apply(Command::AddNode(Box::new(again))),
+            Ok(Applied::Changed)
+        );
+    }
+
+    #[test]
+    fn role_changes_and_renewals_reissue_the_certificate() {
+        let mut s = initialized();
+        s.apply(Command::AddNode(Box::new(node(2, Role::Worker))))
+            .unwrap();
+        let old = s.cluster().unwrap().nodes[&id(2)].cert_digest;
+        s.apply(Command::SetRole(id(2), Role::Manager, cert(7)))
+            .unwrap();
+        let n = &s.cluster().unwrap().nodes[&id(2)];
+        assert_eq!(
+            (n.cert_digest, n.previous_cert_digest),
+            (cert(7).digest, Some(old))
+        );
+        assert_eq!(n.cert_not_after, cert(7).not_after);
+        assert!(
+            s.view()
+                .unwrap()
+                .nodes
+                .iter()
+                .all(|n| n.cert_der.is_empty()),
+            "certificates stay with the manager"
+        );
+        assert_eq!(
+            s.apply(Command::Renew(id(2), cert(7))),
+            Ok(Applied::Unchanged)
+        );
+        s.apply(Command::Renew(id(2), cert(8))).unwrap();
+        let n = &s.cluster().unwrap().nodes[&id(2)];
+        assert_eq!(
+            (n.cert_digest, n.previous_cert_digest),
+            (cert(8).digest, Some(cert(7).digest))
+        );
+        refused(
+            &mut s,
+            Command::Renew(id(9), cert(9)),
+            ApplyError::NoSuchNode(id(9)),
+        );
+        // Leaving revokes every certificate of the node.
+        s.apply(Command::MarkLeft(id(2))).unwrap();
+        assert_eq!(
+            s.cluster().unwrap().nodes[&id(2)].previous_cert_digest,
+            None
         );
     }
 
@@ -860,7 +1092,7 @@ pub(crate) mod tests {
             init_cmd(),
             Command::AddNode(Box::new(node(2, Role::Worker))),
             Command::AddNode(Box::new(node(3, Role::Worker))),
-            Command::SetRole(id(2), Role::Manager),
+            Command::SetRole(id(2), Role::Manager, cert(2)),
             Command::RotateSecret(Role::Worker, Secret::from_random(5).as_str().into()),
             Command::RotateKeys {
                 gossip_key: [2; 32],

@@ -45,6 +45,10 @@ pub struct Membership {
     pub cert_der: Vec<u8>,
     /// Its private key, PKCS#8 PEM.
     pub key_pem: String,
+    /// When that certificate expires (Unix seconds; 0 in records of older agents: renewed at
+    /// once).
+    #[serde(default)]
+    pub cert_not_after: u64,
     /// The last cluster view we received.
     pub view: ClusterView,
     /// Where this node's manager API listens (leader only).
@@ -67,6 +71,8 @@ impl Membership {
 pub struct Current {
     value: std::sync::Mutex<Option<Membership>>,
     changed: tokio::sync::watch::Sender<u64>,
+    /// The record in memory is newer than the one in the store (a write failed).
+    unsaved: std::sync::atomic::AtomicBool,
 }
 
 impl Current {
@@ -75,6 +81,7 @@ impl Current {
         std::sync::Arc::new(Self {
             value: std::sync::Mutex::new(value),
             changed: tokio::sync::watch::channel(0).0,
+            unsaved: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -86,12 +93,28 @@ impl Current {
             .clone()
     }
 
-    /// Replaces the record and announces it.
+    /// Replaces the record (which the store holds too) and announces it.
     pub fn set(&self, value: Option<Membership>) {
+        self.replace(value, false);
+    }
+
+    /// Replaces the record with one the store could not save, and announces it.
+    pub fn set_unsaved(&self, value: Membership) {
+        self.replace(Some(value), true);
+    }
+
+    /// Whether the record is newer than the store's (its write failed and must be retried).
+    pub fn unsaved(&self) -> bool {
+        self.unsaved.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn replace(&self, value: Option<Membership>, unsaved: bool) {
         *self
             .value
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = value;
+        self.unsaved
+            .store(unsaved, std::sync::atomic::Ordering::Relaxed);
         self.changed.send_modify(|n| *n = n.wrapping_add(1));
     }
 
@@ -362,6 +385,7 @@ mod tests {
             node_id: crate::state::tests::id(1),
             cert_der: vec![9; 10],
             key_pem: "pem".into(),
+            cert_not_after: 0,
             view: state.view().unwrap(),
             listen_addr: None,
         }

@@ -1,11 +1,26 @@
 //! The cluster CA, node certificates and the rustls configurations.
 //!
-//! The CA is made at `init` (ECDSA P-256, rcgen). Every node gets a certificate signed by it
-//! at join, naming its node ID and `swarm-manager`; the leader serves the API with its own,
-//! and every node uses its own as its mTLS client identity. A joining node has no CA yet:
-//! it trusts the manager only through [`PinnedCa`], which accepts a chain only if it holds a
-//! CA certificate whose SHA-256 equals the token's digest and the leaf is validly signed by
-//! that CA. There is no trust on first use.
+//! The CA is made at `init` (ECDSA P-256, rcgen). Every node gets a certificate signed by it at
+//! join, for a key pair the node made itself, binding its node ID and its role, as docker's do:
+//!
+//! | role | subject | DNS names | extended key usage |
+//! |---|---|---|---|
+//! | manager | CN = node ID, OU = `swarm-manager` | `swarm-manager`, `node-<node ID>` | server and client |
+//! | worker | CN = node ID, OU = `swarm-worker` | `swarm-worker`, `node-<node ID>` | client only |
+//!
+//! (The node ID goes into a DNS name behind `node-`: a name of digits only, which a node ID
+//! can be, is not a valid DNS name.)
+//!
+//! So only a manager's certificate can serve the manager API: a worker's has neither the
+//! server name `swarm-manager` nor server use, and every verifier here asks for both. A member
+//! connecting to its manager ([`manager_client_config`]) also asks that the certificate name the
+//! manager node it expects (the view's leader). Certificates live [`DEFAULT_CERT_EXPIRY`]
+//! unless `init --cert-expiry` says otherwise, and agents renew theirs when a third of that is
+//! left; promote and demote reissue them with the new role.
+//!
+//! A joining node has no CA yet: it trusts the manager only through [`PinnedCa`], which accepts
+//! a chain only if it holds a CA certificate whose SHA-256 equals the token's digest and the
+//! leaf is a manager certificate validly signed by that CA. There is no trust on first use.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -25,12 +40,61 @@ use rustls::{
 };
 use sha2::{Digest as _, Sha256};
 
+use std::sync::Mutex;
+use std::time::Duration;
+
 use crate::id::NodeId;
 use crate::state::{CaMaterial, Role};
 use crate::token::CaDigest;
 
 /// The TLS server name every node uses for the manager, as docker does.
 pub const SERVER_NAME: &str = "swarm-manager";
+
+/// How long a node certificate is valid unless `init --cert-expiry` says otherwise: 90 days,
+/// as docker's.
+pub const DEFAULT_CERT_EXPIRY: Duration = Duration::from_secs(90 * 24 * 3600);
+/// The shortest `--cert-expiry` (docker's is an hour; a minute lets a lab see a renewal).
+pub const MIN_CERT_EXPIRY: Duration = Duration::from_secs(60);
+/// A certificate is valid from this long before it was issued, for clocks slightly behind.
+pub const CLOCK_SKEW: Duration = Duration::from_secs(3600);
+
+/// The DNS name that names node `id` in a certificate.
+pub fn node_dns_name(id: &NodeId) -> String {
+    format!("node-{}", id.as_str())
+}
+
+/// The organizational unit that names a role in a certificate, as docker's.
+pub fn role_unit(role: Role) -> &'static str {
+    match role {
+        Role::Manager => "swarm-manager",
+        Role::Worker => "swarm-worker",
+    }
+}
+
+/// When a certificate is valid, in Unix seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Validity {
+    /// Not before.
+    pub not_before: u64,
+    /// Not after.
+    pub not_after: u64,
+}
+
+impl Validity {
+    /// Issued at `now` for `lifetime`.
+    pub fn from_now(now: u64, lifetime: Duration) -> Self {
+        Validity {
+            not_before: now.saturating_sub(CLOCK_SKEW.as_secs()),
+            not_after: now.saturating_add(lifetime.as_secs()),
+        }
+    }
+}
+
+/// Whether a certificate that expires at `not_after`, issued for `lifetime`, is due for
+/// renewal at `now` (Unix seconds): a third of its lifetime or less is left, or it is gone.
+pub fn renewal_due(not_after: u64, lifetime: Duration, now: u64) -> bool {
+    now.saturating_add(lifetime.as_secs() / 3) >= not_after
+}
 
 /// Errors making certificates or TLS configurations.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +111,12 @@ pub enum TlsError {
     /// The client certificate verifier could not be built.
     #[error("TLS setup failed: {0}")]
     Verifier(#[from] rustls::server::VerifierBuilderError),
+    /// A validity time that cannot be written in a certificate.
+    #[error("certificate validity out of range: {0}")]
+    Time(String),
+    /// An issued certificate that is not what was asked for.
+    #[error("{0}")]
+    NotIssuedAsAsked(String),
 }
 
 /// A certificate and its private key.
@@ -138,13 +208,20 @@ impl rcgen::PublicKeyData for RawP256<'_> {
     }
 }
 
-/// Issues a node certificate (server and client use) for `node_id` and the node's own
-/// P-256 public key `public_raw` (uncompressed point), signed by `ca`.
+fn unix_time(secs: u64) -> Result<time::OffsetDateTime, TlsError> {
+    let secs = i64::try_from(secs).map_err(|e| TlsError::Time(e.to_string()))?;
+    time::OffsetDateTime::from_unix_timestamp(secs).map_err(|e| TlsError::Time(e.to_string()))
+}
+
+/// Issues a node certificate for `node_id` in `role` (see the module docs for what each role's
+/// says) and the node's own P-256 public key `public_raw` (uncompressed point), signed by `ca`,
+/// valid for `validity`.
 pub fn sign_node_cert(
     ca: &CaMaterial,
     node_id: &NodeId,
     role: Role,
     public_raw: &[u8],
+    validity: Validity,
 ) -> Result<Vec<u8>, TlsError> {
     if public_raw.len() != P256_RAW_LEN || public_raw[0] != 4 {
         return Err(TlsError::BadPublicKey(public_raw.len()));
@@ -152,17 +229,22 @@ pub fn sign_node_cert(
     let ca_key = KeyPair::from_pem(&ca.key_pem)?;
     // rcgen signs with the issuer's name and key; both are what the CA certificate holds.
     let issuer = ca_params().self_signed(&ca_key)?;
-    let mut params =
-        CertificateParams::new(vec![SERVER_NAME.to_owned(), node_id.as_str().to_owned()])?;
+    let names = vec![role_unit(role).to_owned(), node_dns_name(node_id)];
+    let mut params = CertificateParams::new(names)?;
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, node_id.as_str());
-    dn.push(DnType::OrganizationalUnitName, role.as_str());
+    dn.push(DnType::OrganizationalUnitName, role_unit(role));
     params.distinguished_name = dn;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
+    params.extended_key_usages = match role {
+        Role::Manager => vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ],
+        Role::Worker => vec![ExtendedKeyUsagePurpose::ClientAuth],
+    };
+    params.not_before = unix_time(validity.not_before)?;
+    params.not_after = unix_time(validity.not_after)?;
     params.use_authority_key_identifier_extension = true;
     let cert = params.signed_by(&RawP256(public_raw), &issuer, &ca_key)?;
     Ok(cert.der().to_vec())
@@ -170,12 +252,68 @@ pub fn sign_node_cert(
 
 /// Makes a key pair here and issues its certificate: for the node that runs `init`, which is
 /// its own CA.
-pub fn issue_node_cert(ca: &CaMaterial, node_id: &NodeId, role: Role) -> Result<Issued, TlsError> {
+pub fn issue_node_cert(
+    ca: &CaMaterial,
+    node_id: &NodeId,
+    role: Role,
+    validity: Validity,
+) -> Result<Issued, TlsError> {
     let key = NodeKey::generate()?;
     Ok(Issued {
-        cert_der: sign_node_cert(ca, node_id, role, &key.public_raw())?,
+        cert_der: sign_node_cert(ca, node_id, role, &key.public_raw(), validity)?,
         key_pem: key.private_pem(),
     })
+}
+
+/// The node ID and role a certificate names (its DNS names `node-<node ID>` and
+/// `swarm-manager` or `swarm-worker`). Read it only from a certificate already verified
+/// against the cluster CA.
+pub fn cert_identity(der: &[u8]) -> Option<(NodeId, Role)> {
+    let der = CertificateDer::from(der);
+    let cert = webpki::EndEntityCert::try_from(&der).ok()?;
+    let mut id = None;
+    let mut role = None;
+    for name in cert.valid_dns_names() {
+        let found = if let Some(n) = name.strip_prefix("node-") {
+            id.replace(n.parse::<NodeId>().ok()?).is_some()
+        } else if name == role_unit(Role::Manager) {
+            role.replace(Role::Manager).is_some()
+        } else if name == role_unit(Role::Worker) {
+            role.replace(Role::Worker).is_some()
+        } else {
+            false
+        };
+        if found {
+            return None; // a name twice: not one of ours
+        }
+    }
+    Some((id?, role?))
+}
+
+/// Checks a certificate the manager issued to this node before it is kept: it chains to the
+/// cluster CA, is valid now, is for client use, and names `node_id` in `role`.
+pub fn verify_issued(
+    ca_der: &[u8],
+    cert_der: &[u8],
+    node_id: &NodeId,
+    role: Role,
+) -> Result<(), TlsError> {
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(roots(ca_der)?, provider()).build()?;
+    verifier
+        .verify_client_cert(&CertificateDer::from(cert_der), &[], UnixTime::now())
+        .map_err(|e| {
+            TlsError::NotIssuedAsAsked(format!("it does not verify under the cluster CA: {e}"))
+        })?;
+    match cert_identity(cert_der) {
+        Some((id, r)) if &id == node_id && r == role => Ok(()),
+        Some((id, r)) => Err(TlsError::NotIssuedAsAsked(format!(
+            "it names node {id} as a {} instead of node {node_id} as a {}",
+            r.as_str(),
+            role.as_str()
+        ))),
+        None => Err(TlsError::NotIssuedAsAsked("it names no node ID".to_owned())),
+    }
 }
 
 /// SHA-256 of a certificate.
@@ -214,17 +352,89 @@ pub fn server_config(ca_der: &[u8], node: &Issued) -> Result<Arc<ServerConfig>, 
     Ok(Arc::new(config))
 }
 
-/// A member's client configuration: the cluster CA as the only root, its node certificate
-/// as client identity.
-pub fn node_client_config(ca_der: &[u8], node: &Issued) -> Result<Arc<ClientConfig>, TlsError> {
-    let config = ClientConfig::builder_with_provider(provider())
+/// A member's client configuration for its manager: the cluster CA as the only root, its node
+/// certificate as client identity, and only a manager certificate naming `manager` (the view's
+/// leader) accepted from the server.
+pub fn manager_client_config(
+    ca_der: &[u8],
+    node: &Issued,
+    manager: &NodeId,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let provider = provider();
+    let inner = WebPkiServerVerifier::builder_with_provider(roots(ca_der)?, provider.clone())
+        .build()
+        .map_err(|e| TlsError::Config(rustls::Error::General(e.to_string())))?;
+    let expected = rustls::pki_types::DnsName::try_from(node_dns_name(manager))
+        .map_err(|e| TlsError::Config(rustls::Error::General(e.to_string())))?;
+    let verifier = Arc::new(ManagerCert {
+        inner,
+        expected: ServerName::DnsName(expected),
+    });
+    let config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots(ca_der)?)
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(
             vec![CertificateDer::from(node.cert_der.clone())],
             private_key(&node.key_pem)?,
         )?;
     Ok(Arc::new(config))
+}
+
+/// Accepts only a manager certificate (server name `swarm-manager`, server use, chained to the
+/// cluster CA, valid now) that also names the expected manager node.
+#[derive(Debug)]
+struct ManagerCert {
+    inner: Arc<WebPkiServerVerifier>,
+    expected: ServerName<'static>,
+}
+
+impl ServerCertVerifier for ManagerCert {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
+        self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            &self.expected,
+            ocsp_response,
+            now,
+        )
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
 }
 
 /// A joining node's client configuration: trust only a manager whose chain holds the CA
@@ -237,6 +447,8 @@ pub fn join_client_config(
         digest,
         provider: provider.clone(),
         mismatch: AtomicBool::new(false),
+        not_manager: AtomicBool::new(false),
+        leaf: Mutex::new(None),
     });
     let config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
@@ -263,18 +475,36 @@ fn unreachable_dns() -> rustls::pki_types::DnsName<'static> {
         .unwrap_or_else(|_| unreachable_dns())
 }
 
-/// Server certificate verifier pinned to the CA digest from a join token.
+/// Server certificate verifier pinned to the CA digest from a join token: the chain must hold
+/// that CA, and the leaf must be a manager certificate it signed.
 #[derive(Debug)]
 pub struct PinnedCa {
     digest: CaDigest,
     provider: Arc<CryptoProvider>,
     mismatch: AtomicBool,
+    not_manager: AtomicBool,
+    leaf: Mutex<Option<Vec<u8>>>,
 }
 
 impl PinnedCa {
-    /// True if a handshake failed because the manager's chain did not match the digest.
+    /// True if a handshake failed because the manager's chain did not hold the token's CA.
     pub fn mismatched(&self) -> bool {
         self.mismatch.load(Ordering::Relaxed)
+    }
+
+    /// True if a handshake failed because the server's certificate, signed by the token's CA,
+    /// is not a manager's (a worker's, or one for another use).
+    pub fn not_manager(&self) -> bool {
+        self.not_manager.load(Ordering::Relaxed)
+    }
+
+    /// The manager certificate the last handshake accepted, to check once the node list says
+    /// which node is the manager.
+    pub fn accepted_leaf(&self) -> Option<Vec<u8>> {
+        self.leaf
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     fn refuse(&self) -> rustls::Error {
@@ -306,9 +536,22 @@ impl ServerCertVerifier for PinnedCa {
             WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
                 .build()
                 .map_err(|e| rustls::Error::General(e.to_string()))?;
-        verifier
-            .verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
-            .map_err(|_| self.refuse())
+        match verifier.verify_server_cert(end_entity, &[], server_name, ocsp_response, now) {
+            Ok(ok) => {
+                *self
+                    .leaf
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                    Some(end_entity.as_ref().to_vec());
+                Ok(ok)
+            }
+            // Signed by the token's CA, but not a manager's certificate (or expired).
+            Err(e) if verifier_accepts_chain(&self.provider, ca, end_entity, now) => {
+                self.not_manager.store(true, Ordering::Relaxed);
+                Err(e)
+            }
+            Err(_) => Err(self.refuse()),
+        }
     }
 
     fn verify_tls12_signature(
@@ -346,9 +589,40 @@ impl ServerCertVerifier for PinnedCa {
     }
 }
 
+/// Whether `leaf` chains to `ca` as a client certificate (any member's certificate does).
+fn verifier_accepts_chain(
+    provider: &Arc<CryptoProvider>,
+    ca: &CertificateDer<'_>,
+    leaf: &CertificateDer<'_>,
+    now: UnixTime,
+) -> bool {
+    let mut roots = RootCertStore::empty();
+    if roots.add(ca.clone().into_owned()).is_err() {
+        return false;
+    }
+    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .is_ok_and(|v| v.verify_client_cert(leaf, &[], now).is_ok())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn now() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    }
+
+    fn valid() -> Validity {
+        Validity::from_now(now(), DEFAULT_CERT_EXPIRY)
+    }
+
+    fn cert(ca: &CaMaterial, n: u128, role: Role) -> Issued {
+        issue_node_cert(ca, &NodeId::from_random(n), role, valid()).unwrap()
+    }
 
     #[test]
     fn server_name_is_valid() {
@@ -372,16 +646,16 @@ mod tests {
     }
 
     #[test]
-    fn pinned_ca_accepts_only_the_right_ca() {
+    fn pinned_ca_accepts_only_a_manager_of_the_right_ca() {
         let ca = generate_ca().unwrap();
         let other = generate_ca().unwrap();
-        let id = NodeId::from_random(1);
-        let leaf = issue_node_cert(&ca, &id, Role::Manager).unwrap();
-        let forged = issue_node_cert(&other, &id, Role::Manager).unwrap();
+        let leaf = cert(&ca, 1, Role::Manager);
+        let forged = cert(&other, 1, Role::Manager);
         let (_, pinned) = join_client_config(CaDigest::of(&ca.cert_der)).unwrap();
 
         assert!(verify(&pinned, &leaf.cert_der, &[&ca.cert_der]));
-        assert!(!pinned.mismatched());
+        assert!(!pinned.mismatched() && !pinned.not_manager());
+        assert_eq!(pinned.accepted_leaf(), Some(leaf.cert_der.clone()));
         // No CA in the chain.
         assert!(!verify(&pinned, &leaf.cert_der, &[]));
         assert!(pinned.mismatched());
@@ -389,6 +663,50 @@ mod tests {
         assert!(!verify(&pinned, &forged.cert_der, &[&other.cert_der]));
         // The right CA in the chain but a leaf signed by another CA.
         assert!(!verify(&pinned, &forged.cert_der, &[&ca.cert_der]));
+
+        // A worker's certificate, signed by the right CA: not a manager.
+        let (_, pinned) = join_client_config(CaDigest::of(&ca.cert_der)).unwrap();
+        let worker = cert(&ca, 2, Role::Worker);
+        assert!(!verify(&pinned, &worker.cert_der, &[&ca.cert_der]));
+        assert!(pinned.not_manager() && !pinned.mismatched());
+        assert_eq!(pinned.accepted_leaf(), None);
+    }
+
+    #[test]
+    fn certificates_name_the_node_and_its_role() {
+        let ca = generate_ca().unwrap();
+        let m = cert(&ca, 1, Role::Manager);
+        let w = cert(&ca, 2, Role::Worker);
+        assert_eq!(
+            cert_identity(&m.cert_der),
+            Some((NodeId::from_random(1), Role::Manager))
+        );
+        assert_eq!(
+            cert_identity(&w.cert_der),
+            Some((NodeId::from_random(2), Role::Worker))
+        );
+        assert_eq!(cert_identity(&ca.cert_der), None);
+        assert_eq!(cert_identity(b"junk"), None);
+        verify_issued(
+            &ca.cert_der,
+            &w.cert_der,
+            &NodeId::from_random(2),
+            Role::Worker,
+        )
+        .unwrap();
+        for (id, role) in [(2, Role::Manager), (3, Role::Worker)] {
+            let err = verify_issued(&ca.cert_der, &w.cert_der, &NodeId::from_random(id), role)
+                .unwrap_err();
+            assert!(matches!(err, TlsError::NotIssuedAsAsked(_)), "{err}");
+        }
+        let other = generate_ca().unwrap();
+        assert!(verify_issued(
+            &other.cert_der,
+            &w.cert_der,
+            &NodeId::from_random(2),
+            Role::Worker
+        )
+        .is_err());
     }
 
     #[test]
@@ -396,7 +714,7 @@ mod tests {
         let ca = generate_ca().unwrap();
         let key = NodeKey::generate().unwrap();
         let id = NodeId::from_random(3);
-        let cert = sign_node_cert(&ca, &id, Role::Worker, &key.public_raw()).unwrap();
+        let cert = sign_node_cert(&ca, &id, Role::Manager, &key.public_raw(), valid()).unwrap();
         let node = Issued {
             cert_der: cert,
             key_pem: key.private_pem(),
@@ -404,11 +722,11 @@ mod tests {
         // The certificate verifies under the CA and works with the node's own key.
         let (_, pinned) = join_client_config(CaDigest::of(&ca.cert_der)).unwrap();
         assert!(verify(&pinned, &node.cert_der, &[&ca.cert_der]));
-        node_client_config(&ca.cert_der, &node).unwrap();
+        manager_client_config(&ca.cert_der, &node, &id).unwrap();
         server_config(&ca.cert_der, &node).unwrap();
         for bad in [vec![], vec![4; 64], vec![2; 65], vec![4; 66]] {
             assert!(matches!(
-                sign_node_cert(&ca, &id, Role::Worker, &bad),
+                sign_node_cert(&ca, &id, Role::Worker, &bad, valid()),
                 Err(TlsError::BadPublicKey(n)) if n == bad.len()
             ));
         }
@@ -417,13 +735,68 @@ mod tests {
     #[test]
     fn configs_build_from_issued_material() {
         let ca = generate_ca().unwrap();
-        let leaf = issue_node_cert(&ca, &NodeId::from_random(2), Role::Worker).unwrap();
+        let leaf = cert(&ca, 2, Role::Worker);
         server_config(&ca.cert_der, &leaf).unwrap();
-        node_client_config(&ca.cert_der, &leaf).unwrap();
+        manager_client_config(&ca.cert_der, &leaf, &NodeId::from_random(1)).unwrap();
         let broken = Issued {
             cert_der: leaf.cert_der.clone(),
             key_pem: "garbage".into(),
         };
         assert!(server_config(&ca.cert_der, &broken).is_err());
+    }
+
+    #[test]
+    fn renewal_is_due_with_a_third_left() {
+        let life = Duration::from_secs(900);
+        let v = Validity::from_now(1_000_000, life);
+        assert_eq!(v.not_after, 1_000_900);
+        assert_eq!(v.not_before, 1_000_000 - CLOCK_SKEW.as_secs());
+        assert!(!renewal_due(v.not_after, life, 1_000_000));
+        assert!(!renewal_due(v.not_after, life, 1_000_599));
+        assert!(renewal_due(v.not_after, life, 1_000_600));
+        assert!(renewal_due(v.not_after, life, 2_000_000));
+        // A record with no expiry (older agents): due at once.
+        assert!(renewal_due(0, life, 1));
+    }
+
+    /// A TLS handshake in memory: `server` serves, a member with `client` credentials connects
+    /// expecting manager `expected`.
+    async fn handshake(ca: &CaMaterial, server: &Issued, client: &Issued, expected: u128) -> bool {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let acceptor =
+            tokio_rustls::TlsAcceptor::from(server_config(&ca.cert_der, server).unwrap());
+        let connector = tokio_rustls::TlsConnector::from(
+            manager_client_config(&ca.cert_der, client, &NodeId::from_random(expected)).unwrap(),
+        );
+        let srv = tokio::spawn(async move { acceptor.accept(a).await.is_ok() });
+        let ok = connector.connect(server_name(), b).await.is_ok();
+        let _ = srv.await;
+        ok
+    }
+
+    #[tokio::test]
+    async fn members_accept_only_the_manager_they_expect() {
+        let ca = generate_ca().unwrap();
+        let leader = cert(&ca, 1, Role::Manager);
+        let other_manager = cert(&ca, 3, Role::Manager);
+        let worker = cert(&ca, 2, Role::Worker);
+        assert!(handshake(&ca, &leader, &worker, 1).await);
+        // A worker's certificate cannot serve the manager API.
+        assert!(!handshake(&ca, &worker, &worker, 2).await);
+        assert!(!handshake(&ca, &worker, &leader, 2).await);
+        // A manager certificate, but not of the manager this node expects.
+        assert!(!handshake(&ca, &other_manager, &worker, 1).await);
+        // An expired manager certificate.
+        let old = issue_node_cert(
+            &ca,
+            &NodeId::from_random(1),
+            Role::Manager,
+            Validity {
+                not_before: 1_000,
+                not_after: 2_000,
+            },
+        )
+        .unwrap();
+        assert!(!handshake(&ca, &old, &worker, 1).await);
     }
 }

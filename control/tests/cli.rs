@@ -544,7 +544,7 @@ fn keys_rotate_and_reach_every_node() {
         "--listen-addr",
         &listen,
         "--key-rotation-interval",
-        "1s",
+        "20s",
     ]);
     assert!(join(k2, &join_command(&out)).status.success());
     let epochs = |n: &Node| -> Vec<u64> {
@@ -556,9 +556,9 @@ fn keys_rotate_and_reach_every_node() {
             .collect()
     };
     // Two epochs live (previous and current), and the worker follows the rotations.
-    wait_until(Duration::from_secs(10), || {
+    wait_until(Duration::from_secs(45), || {
         let e = epochs(k2);
-        e.len() == 2 && e[1] >= 3 && e[1] == e[0] + 1
+        e.len() == 2 && e[1] >= 2 && e[1] == e[0] + 1
     });
     let info = k2.info();
     assert_eq!(info["gossip_key_ids"].as_array().unwrap().len(), 2);

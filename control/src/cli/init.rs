@@ -27,6 +27,10 @@ pub struct Args {
     /// How often the network keys rotate: a number with s, m, h or d (e.g. 12h).
     #[arg(long, default_value = "12h", value_parser = parse_interval)]
     key_rotation_interval: u64,
+    /// How long node certificates are valid (nodes renew theirs with a third left): a number
+    /// with s, m, h or d, as docker's `--cert-expiry` (default 2160h, 90 days).
+    #[arg(long, default_value = "2160h", value_parser = parse_interval)]
+    cert_expiry: u64,
 }
 
 /// Parses `<n>s|m|h|d` into seconds (at least 1 s).
@@ -57,6 +61,7 @@ pub(super) async fn run(args: Args, socket: &Path) -> Result<(), CliError> {
         ingress_subnet: args.ingress_subnet,
         encrypt: !args.no_encrypt,
         key_rotation_secs: args.key_rotation_interval,
+        cert_expiry_secs: args.cert_expiry,
     });
     let reply = call(socket, request).await?;
     let Reply::Initialized {

@@ -1,0 +1,307 @@
+//! The proofs a joining node sends the manager, bound to their TLS session. Pure: no IO, no
+//! clock; randomness only through the keys passed in.
+//!
+//! A join is two requests on one TLS connection (the joiner has checked the manager's
+//! certificate against the token's CA digest first, see `tls::PinnedCa`):
+//!
+//! 1. `JoinHello`: the manager answers with its node's X25519 public key.
+//! 2. `Join` ([`Claim`]): what the node says it is, and three proofs over a transcript that
+//!    starts with 32 bytes exported from the TLS session ([RFC 5705], label
+//!    [`EXPORTER_LABEL`]), so none of them is worth anything on another connection:
+//!    - `secret_proof` = HMAC-SHA256(key = the token's secret, the exporter bytes): the secret
+//!      itself never crosses the wire, so a server that is not the manager (a worker's
+//!      certificate refused at the handshake, or a manager certificate of a node that was
+//!      demoted or left and kept it) learns nothing it can use;
+//!    - `key_proof` = HMAC-SHA256(key = HKDF-SHA256(X25519(node secret, manager public),
+//!      info = "shoal join key proof v1"), transcript): the joiner holds the private half of
+//!      the X25519 public key it registers;
+//!    - `signature` = Ed25519 over the transcript with the node's signing key: it holds that
+//!      one too. Nobody can register someone else's key.
+//!
+//! The transcript is `"shoal join v1" || exporter (32) || hostname || addr || public_key (32)
+//! || signing_key (32) || cert_public_key || engine_version`, variable fields each preceded by
+//! their length as a u16 big-endian, the address as its text form so prefixed.
+//!
+//! [RFC 5705]: https://www.rfc-editor.org/rfc/rfc5705
+
+use std::net::IpAddr;
+
+use ed25519_dalek::{Signer as _, SigningKey, VerifyingKey};
+use hmac::{Hmac, Mac as _};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+use x25519_dalek::{PublicKey, StaticSecret};
+use zeroize::Zeroizing;
+
+/// The TLS exporter label of the join proofs.
+pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-shoal-join-v1";
+/// Bytes exported from the TLS session.
+pub const EXPORTER_LEN: usize = 32;
+
+const TRANSCRIPT_LABEL: &[u8] = b"shoal join v1";
+const KEY_PROOF_INFO: &[u8] = b"shoal join key proof v1";
+const SIGNING_KEY_INFO: &[u8] = b"shoal node signing key v1";
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// What a joining node says it is, and its proofs (see the module docs).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claim {
+    /// HMAC of the exporter bytes under the token's secret.
+    pub secret_proof: [u8; 32],
+    /// Our host name.
+    pub hostname: String,
+    /// Our advertise address.
+    pub addr: IpAddr,
+    /// Our X25519 public key.
+    pub public_key: [u8; 32],
+    /// Our Ed25519 public key.
+    pub signing_key: [u8; 32],
+    /// The public half of our certificate key (uncompressed P-256 point); the private half
+    /// never leaves our state dir.
+    pub cert_public_key: Vec<u8>,
+    /// Our agent version.
+    pub engine_version: String,
+    /// Proof that we hold the X25519 private key.
+    pub key_proof: [u8; 32],
+    /// Ed25519 signature of the transcript.
+    #[serde(with = "signature_bytes")]
+    pub signature: [u8; 64],
+}
+
+mod signature_bytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(sig: &[u8; 64], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(sig)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 64], D::Error> {
+        let v = Vec::<u8>::deserialize(d)?;
+        v.try_into()
+            .map_err(|v: Vec<u8>| serde::de::Error::invalid_length(v.len(), &"64 bytes"))
+    }
+}
+
+/// The node's Ed25519 signing key, derived from its X25519 secret: HKDF-SHA256(salt = none,
+/// ikm = secret, info = "shoal node signing key v1"), the 32 bytes as the Ed25519 seed.
+pub fn signing_key(node_secret: &[u8; 32]) -> SigningKey {
+    let hk = hkdf::Hkdf::<Sha256>::new(None, node_secret);
+    let mut seed = Zeroizing::new([0u8; 32]);
+    // 32 bytes is far below HKDF's limit: expand cannot fail.
+    let _ = hk.expand(SIGNING_KEY_INFO, &mut seed[..]);
+    SigningKey::from_bytes(&seed)
+}
+
+/// The node's two public keys: X25519 and Ed25519.
+pub fn public_keys(node_secret: &[u8; 32]) -> ([u8; 32], [u8; 32]) {
+    let x = PublicKey::from(&StaticSecret::from(*node_secret)).to_bytes();
+    (x, signing_key(node_secret).verifying_key().to_bytes())
+}
+
+/// HMAC-SHA256 of the exporter bytes under a join secret.
+pub fn secret_proof(secret: &str, exporter: &[u8; EXPORTER_LEN]) -> [u8; 32] {
+    mac(secret.as_bytes(), exporter)
+}
+
+/// Whether `proof` is [`secret_proof`] of `secret`, compared in constant time.
+pub fn proves_secret(secret: &str, exporter: &[u8; EXPORTER_LEN], proof: &[u8; 32]) -> bool {
+    let Ok(mut m) = HmacSha256::new_from_slice(secret.as_bytes()) else {
+        return false;
+    };
+    m.update(exporter);
+    m.verify_slice(proof).is_ok()
+}
+
+fn mac(key: &[u8], msg: &[u8]) -> [u8; 32] {
+    // HMAC takes keys of any length: new_from_slice cannot fail.
+    let mut m = HmacSha256::new_from_slice(key).unwrap_or_else(|_| unreachable_hmac());
+    m.update(msg);
+    m.finalize().into_bytes().into()
+}
+
+#[cold]
+fn unreachable_hmac() -> HmacSha256 {
+    // HMAC accepts every key length (RFC 2104 hashes long keys); never reached.
+    <HmacSha256 as hmac::digest::KeyInit>::new(&Default::default())
+}
+
+fn put(out: &mut Vec<u8>, field: &[u8]) {
+    let len = u16::try_from(field.len()).unwrap_or(u16::MAX);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(&field[..usize::from(len)]);
+}
+
+impl Claim {
+    /// The transcript the proofs cover (see the module docs).
+    pub fn transcript(&self, exporter: &[u8; EXPORTER_LEN]) -> Vec<u8> {
+        let mut t = Vec::with_capacity(256);
+        t.extend_from_slice(TRANSCRIPT_LABEL);
+        t.extend_from_slice(exporter);
+        put(&mut t, self.hostname.as_bytes());
+        put(&mut t, self.addr.to_string().as_bytes());
+        t.extend_from_slice(&self.public_key);
+        t.extend_from_slice(&self.signing_key);
+        put(&mut t, &self.cert_public_key);
+        put(&mut t, self.engine_version.as_bytes());
+        t
+    }
+
+    /// Fills in the key proof and the signature, as the node whose X25519 secret is
+    /// `node_secret`, for the manager whose X25519 public key is `manager_public`. `None` if
+    /// that key is not a usable X25519 key (a low-order point).
+    pub fn prove(
+        mut self,
+        node_secret: &[u8; 32],
+        manager_public: &[u8; 32],
+        exporter: &[u8; EXPORTER_LEN],
+    ) -> Option<Claim> {
+        let transcript = self.transcript(exporter);
+        let key = proof_key(node_secret, manager_public)?;
+        self.key_proof = mac(&key[..], &transcript);
+        self.signature = signing_key(node_secret).sign(&transcript).to_bytes();
+        Some(self)
+    }
+
+    /// Checks the key proof and the signature, as the manager whose X25519 secret is
+    /// `manager_secret`.
+    pub fn verify(
+        &self,
+        manager_secret: &[u8; 32],
+        exporter: &[u8; EXPORTER_LEN],
+    ) -> Result<(), ProofError> {
+        let transcript = self.transcript(exporter);
+        let key = proof_key(manager_secret, &self.public_key).ok_or(ProofError::WeakKey)?;
+        let mut m = HmacSha256::new_from_slice(&key[..]).map_err(|_| ProofError::KeyProof)?;
+        m.update(&transcript);
+        m.verify_slice(&self.key_proof)
+            .map_err(|_| ProofError::KeyProof)?;
+        let vk = VerifyingKey::from_bytes(&self.signing_key).map_err(|_| ProofError::Signature)?;
+        vk.verify_strict(
+            &transcript,
+            &ed25519_dalek::Signature::from_bytes(&self.signature),
+        )
+        .map_err(|_| ProofError::Signature)
+    }
+}
+
+/// HKDF of the X25519 secret two keys share; `None` for a low-order peer key.
+fn proof_key(secret: &[u8; 32], peer_public: &[u8; 32]) -> Option<Zeroizing<[u8; 32]>> {
+    let shared = StaticSecret::from(*secret).diffie_hellman(&PublicKey::from(*peer_public));
+    if !shared.was_contributory() {
+        return None;
+    }
+    let hk = hkdf::Hkdf::<Sha256>::new(None, shared.as_bytes());
+    let mut key = Zeroizing::new([0u8; 32]);
+    // 32 bytes is far below HKDF's limit: expand cannot fail.
+    let _ = hk.expand(KEY_PROOF_INFO, &mut key[..]);
+    Some(key)
+}
+
+/// Why a joining node's proofs were refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ProofError {
+    /// The X25519 public key is a low-order point.
+    #[error(
+        "the joining node's X25519 public key is not usable (a low-order point); nothing was added"
+    )]
+    WeakKey,
+    /// The key proof does not verify.
+    #[error("the joining node did not prove it holds the private half of the X25519 key it sent; nothing was added")]
+    KeyProof,
+    /// The signature does not verify.
+    #[error("the joining node did not prove it holds the private half of the Ed25519 key it sent; nothing was added")]
+    Signature,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claim(secret: &[u8; 32], join_secret: &str, exporter: &[u8; 32]) -> Claim {
+        let (public_key, signing_key) = public_keys(secret);
+        Claim {
+            secret_proof: secret_proof(join_secret, exporter),
+            hostname: "n2".into(),
+            addr: "198.18.0.2".parse().unwrap(),
+            public_key,
+            signing_key,
+            cert_public_key: vec![4; 65],
+            engine_version: "0.1.0".into(),
+            key_proof: [0; 32],
+            signature: [0; 64],
+        }
+    }
+
+    const MANAGER: [u8; 32] = [0x11; 32];
+    const NODE: [u8; 32] = [0x22; 32];
+    const EXPORTER: [u8; 32] = [0x33; 32];
+
+    fn proved() -> Claim {
+        let (manager_public, _) = public_keys(&MANAGER);
+        claim(&NODE, "secret", &EXPORTER)
+            .prove(&NODE, &manager_public, &EXPORTER)
+            .unwrap()
+    }
+
+    #[test]
+    fn an_honest_claim_verifies() {
+        proved().verify(&MANAGER, &EXPORTER).unwrap();
+        assert!(proves_secret("secret", &EXPORTER, &proved().secret_proof));
+        assert!(!proves_secret("other", &EXPORTER, &proved().secret_proof));
+    }
+
+    #[test]
+    fn proofs_belong_to_their_session_and_their_keys() {
+        // Another TLS session (a replay elsewhere): every proof fails.
+        let other = [0x44; 32];
+        assert!(!proves_secret("secret", &other, &proved().secret_proof));
+        assert_eq!(proved().verify(&MANAGER, &other), Err(ProofError::KeyProof));
+        // Someone else's X25519 key, with our own proofs: refused.
+        let mut stolen = proved();
+        stolen.public_key = public_keys(&[0x55; 32]).0;
+        assert_eq!(
+            stolen.verify(&MANAGER, &EXPORTER),
+            Err(ProofError::KeyProof)
+        );
+        // Someone else's signing key: refused.
+        let mut stolen = proved();
+        stolen.signing_key = public_keys(&[0x55; 32]).1;
+        // The key proof covers the signing key too, so it fails first.
+        assert_eq!(
+            stolen.verify(&MANAGER, &EXPORTER),
+            Err(ProofError::KeyProof)
+        );
+        // A changed field after proving (a man in the middle editing the address).
+        let mut edited = proved();
+        edited.addr = "198.18.0.9".parse().unwrap();
+        assert_eq!(
+            edited.verify(&MANAGER, &EXPORTER),
+            Err(ProofError::KeyProof)
+        );
+        // A proof made for another manager key.
+        assert_eq!(
+            proved().verify(&[0x66; 32], &EXPORTER),
+            Err(ProofError::KeyProof)
+        );
+        // A bad signature alone.
+        let mut forged = proved();
+        forged.signature[0] ^= 1;
+        assert_eq!(
+            forged.verify(&MANAGER, &EXPORTER),
+            Err(ProofError::Signature)
+        );
+        // A low-order key.
+        let mut weak = proved();
+        weak.public_key = [0; 32];
+        assert_eq!(weak.verify(&MANAGER, &EXPORTER), Err(ProofError::WeakKey));
+    }
+
+    #[test]
+    fn the_signing_key_is_derived_from_the_node_secret() {
+        assert_eq!(public_keys(&NODE), public_keys(&NODE));
+        assert_ne!(public_keys(&NODE).1, public_keys(&MANAGER).1);
+        let json = serde_json::to_string(&proved()).unwrap();
+        assert_eq!(serde_json::from_str::<Claim>(&json).unwrap(), proved());
+    }
+}
