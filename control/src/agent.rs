@@ -329,7 +329,11 @@ pub struct Agent {
     node_secret: zeroize::Zeroizing<[u8; 32]>,
     datapath: DataPathSlot,
     faults: Arc<Faults>,
+    gossip_keys: GossipKeysSlot,
 }
+
+/// The gossip keys live on this node (`None`: gossip not running).
+type GossipKeysSlot = Arc<std::sync::Mutex<Option<crate::gossip::LiveKeys>>>;
 
 /// The running data path, shared by the gossip loop (which starts and steers it) and the
 /// requests that read it.
@@ -471,6 +475,7 @@ impl Agent {
             node_secret,
             datapath: Arc::new(std::sync::Mutex::new(None)),
             faults: Arc::new(Faults::default()),
+            gossip_keys: Arc::new(std::sync::Mutex::new(None)),
         });
         if let Some(m) = membership {
             let mut roles = agent.roles.lock().await;
@@ -537,6 +542,7 @@ impl Agent {
         });
         let task = tokio::spawn(gossip_loop(
             self.gossip.clone(),
+            self.gossip_keys.clone(),
             self.membership.clone(),
             self.public_key,
             incarnation,
@@ -831,6 +837,18 @@ impl Agent {
                 .as_ref()
                 .map(|m| m.view.keys.data_path.iter().map(|k| k.id).collect())
                 .unwrap_or_default(),
+            gossip_keys_live: *self
+                .gossip_keys
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            data_path_epochs_live: running(&self.datapath).and_then(|dp| {
+                let s = dp.status();
+                let sealing = s.send_epoch?;
+                Some(crate::gossip::LiveKeys {
+                    sealing,
+                    also_open: s.epochs.into_iter().find(|e| *e != sealing),
+                })
+            }),
             gossip: None,
         }
     }
@@ -1385,6 +1403,7 @@ async fn call(
 #[allow(clippy::too_many_arguments)]
 async fn gossip_loop(
     handle_slot: Arc<std::sync::Mutex<Option<shoal_gossip::driver::Handle>>>,
+    keys_slot: GossipKeysSlot,
     cell: Arc<Current>,
     public_key: [u8; 32],
     incarnation: Incarnation,
@@ -1399,7 +1418,7 @@ async fn gossip_loop(
         let Some(m) = cell.get() else {
             return;
         };
-        match Link::start(&m, public_key, incarnation, bind).await {
+        match Link::start(&m, public_key, incarnation, bind, keys_slot.clone()).await {
             Ok(link) => break link,
             Err(e) => {
                 if !warned {
@@ -1498,6 +1517,9 @@ async fn gossip_loop(
         s.stop();
     }
     *handle_slot
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+    *keys_slot
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
     link.stop(true).await;

@@ -522,6 +522,13 @@ pub struct Info {
     pub gossip_key_ids: Vec<u32>,
     /// Live data-path key epochs, oldest first (empty outside a swarm).
     pub data_path_epochs: Vec<u32>,
+    /// The gossip keys this node seals with and still opens now (`None`: gossip not running).
+    #[serde(default)]
+    pub gossip_keys_live: Option<crate::gossip::LiveKeys>,
+    /// The data-path epochs this node seals under and still opens now (`None`: no data path,
+    /// or a plain network).
+    #[serde(default)]
+    pub data_path_epochs_live: Option<crate::gossip::LiveKeys>,
     /// The gossip driver's counters (`shoal_gossip::Stats`), if gossip runs.
     #[serde(default)]
     pub gossip: Option<serde_json::Value>,

@@ -223,6 +223,7 @@ impl DataPath {
             counters: overlay.counters(),
             peers,
             send_epoch: overlay.send_epoch(),
+            epochs: overlay.epochs(),
             io_errors: {
                 let io = overlay.io_counters();
                 let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
@@ -285,6 +286,8 @@ pub struct Status {
     pub peers: Vec<PeerStatus>,
     /// The key epoch this node seals under.
     pub send_epoch: Option<u32>,
+    /// The key epochs live here (the sending one and the one before, while it still opens).
+    pub epochs: Vec<u32>,
     /// Device and socket errors by kind.
     pub io_errors: Vec<(&'static str, u64)>,
     /// Frames answered locally (ARP).

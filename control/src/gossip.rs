@@ -61,6 +61,7 @@ pub struct Link {
     last: Mutex<Option<Metadata>>,
     seen: Mutex<HashMap<u32, Instant>>,
     switch_at: Mutex<Option<Instant>>,
+    live: Arc<Mutex<Option<LiveKeys>>>,
 }
 
 impl std::fmt::Debug for Link {
@@ -100,16 +101,26 @@ pub const KEY_RETIRE: Duration = Duration::from_secs(3 * KEY_GRACE.as_secs());
 /// travel.
 pub const MIN_ROTATION_INTERVAL: Duration = Duration::from_secs(2 * KEY_GRACE.as_secs());
 
-/// The gossip keyring for a view at `now`, and when it next changes by itself.
+/// Which keys of a ring are live on this node: the one that seals, and the other one that
+/// still opens (by their ids in the view).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct LiveKeys {
+    /// The id that seals.
+    pub sealing: u32,
+    /// The other id that opens, if one does.
+    pub also_open: Option<u32>,
+}
+
+/// The gossip keyring for a view at `now`, which ids it holds, and when it next changes by
+/// itself.
 ///
-/// `seen` records when this node first saw each key id (kept by the caller between calls).
-/// Both live keys always open. The newest seals once it has been known for [`KEY_GRACE`];
-/// until then the one before keeps sealing. Pure: time is an input.
+/// `seen` records when this node first saw each key id (kept by the caller between calls). See
+/// [`sealing_order`] for which key seals and which opens. Pure: time is an input.
 pub fn keyring_at(
     view: &ClusterView,
     seen: &mut HashMap<u32, Instant>,
     now: Instant,
-) -> Result<(Keyring, Option<Instant>), LinkError> {
+) -> Result<(Keyring, LiveKeys, Option<Instant>), LinkError> {
     let (seal, open, next) = sealing_order(&view.keys.gossip, seen, now).ok_or(LinkError::NoKey)?;
     let ring = match open {
         Some(open) => {
@@ -117,7 +128,11 @@ pub fn keyring_at(
         }
         None => Keyring::new(key(seal)),
     };
-    Ok((ring, next))
+    let live = LiveKeys {
+        sealing: seal.id,
+        also_open: open.map(|k| k.id),
+    };
+    Ok((ring, live, next))
 }
 
 /// Which key of a ring (at most two, oldest first) seals at `now`, which other one only
@@ -200,19 +215,21 @@ pub fn metadata(
 
 impl Link {
     /// Starts gossip for `m` on `bind` (default: our advertise address and [`DEFAULT_PORT`]),
-    /// joining through every other node.
+    /// joining through every other node. The keys live on this node are kept in `live_slot`
+    /// (for `shoal info`).
     pub async fn start(
         m: &Membership,
         public_key: [u8; 32],
         incarnation: Incarnation,
         bind: Option<SocketAddr>,
+        live_slot: Arc<Mutex<Option<LiveKeys>>>,
     ) -> Result<Self, LinkError> {
         let me = m.view.node(&m.node_id).ok_or(LinkError::NotInView)?;
         let bind = bind.unwrap_or(SocketAddr::new(me.addr, DEFAULT_PORT));
         let advertise = SocketAddr::new(me.addr, bind.port());
         let meta = metadata(&m.view, &m.node_id, public_key, incarnation)?;
         let mut seen = HashMap::new();
-        let (ring, switch_at) = keyring_at(&m.view, &mut seen, Instant::now())?;
+        let (ring, live, switch_at) = keyring_at(&m.view, &mut seen, Instant::now())?;
         let mut cfg = driver::Config::new(gossip_id(&m.node_id)?, advertise, meta.clone(), ring);
         cfg.bind = bind;
         cfg.seeds = seeds(&m.view, &m.node_id, bind.port());
@@ -269,6 +286,10 @@ impl Link {
             last: Mutex::new(Some(meta)),
             seen: Mutex::new(seen),
             switch_at: Mutex::new(switch_at),
+            live: {
+                *live_slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(live);
+                live_slot
+            },
         })
     }
 
@@ -317,9 +338,10 @@ impl Link {
             .switch_at
             .lock()
             .unwrap_or_else(PoisonError::into_inner) =
-            result.as_ref().ok().and_then(|(_, next)| *next);
-        let (ring, _) = result?;
+            result.as_ref().ok().and_then(|(_, _, next)| *next);
+        let (ring, live, _) = result?;
         self.handle.set_keys(ring)?;
+        *self.live.lock().unwrap_or_else(PoisonError::into_inner) = Some(live);
         Ok(())
     }
 
@@ -390,7 +412,7 @@ mod tests {
         s.apply(init_cmd()).unwrap();
         let t0 = Instant::now();
         let mut seen = HashMap::new();
-        let (ring, next) = keyring_at(&s.view().unwrap(), &mut seen, t0).unwrap();
+        let (ring, _, next) = keyring_at(&s.view().unwrap(), &mut seen, t0).unwrap();
         assert_eq!(ring.current().id, 1);
         assert!(ring.previous().is_none());
         assert_eq!(next, None);
@@ -404,19 +426,33 @@ mod tests {
         let v = s.view().unwrap();
         let t1 = t0 + Duration::from_secs(100);
         // Just seen: the old key still seals, the new one already opens.
-        let (ring, next) = keyring_at(&v, &mut seen, t1).unwrap();
+        let (ring, live, next) = keyring_at(&v, &mut seen, t1).unwrap();
+        assert_eq!(
+            live,
+            LiveKeys {
+                sealing: 1,
+                also_open: Some(2)
+            }
+        );
         assert_eq!(
             (ring.current().id, ring.previous().map(|k| k.id)),
             (1, Some(2))
         );
         assert_eq!(next, Some(t1 + KEY_GRACE));
         // After the grace: the new key seals, the old one still opens.
-        let (ring, next) = keyring_at(&v, &mut seen, t1 + KEY_GRACE).unwrap();
+        let (ring, _, next) = keyring_at(&v, &mut seen, t1 + KEY_GRACE).unwrap();
         assert_eq!((ring.current().id, ring.current().secret), (2, [5; 32]));
         assert_eq!(ring.previous().map(|k| k.id), Some(1));
         assert_eq!(next, Some(t1 + KEY_RETIRE));
         // After the retirement: the old one no longer opens.
-        let (ring, next) = keyring_at(&v, &mut seen, t1 + KEY_RETIRE).unwrap();
+        let (ring, live, next) = keyring_at(&v, &mut seen, t1 + KEY_RETIRE).unwrap();
+        assert_eq!(
+            live,
+            LiveKeys {
+                sealing: 2,
+                also_open: None
+            }
+        );
         assert_eq!(ring.current().id, 2);
         assert_eq!(ring.previous().map(|k| k.id), None);
         assert_eq!(next, None);
@@ -429,7 +465,7 @@ mod tests {
         })
         .unwrap();
         let t2 = t1 + Duration::from_secs(200);
-        let (ring, _) = keyring_at(&s.view().unwrap(), &mut seen, t2).unwrap();
+        let (ring, _, _) = keyring_at(&s.view().unwrap(), &mut seen, t2).unwrap();
         assert_eq!(
             (ring.current().id, ring.previous().map(|k| k.id)),
             (2, Some(3))

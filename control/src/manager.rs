@@ -437,6 +437,7 @@ impl Manager {
                     info!(node = %id, "node removed");
                     lines.push(id.to_string());
                 }
+                self.rotate_now_if_owed();
                 Ok(Reply::Lines(lines))
             }
             AdminRequest::Promote { nodes } => self.set_roles(&nodes, Role::Manager),
@@ -663,6 +664,16 @@ impl Manager {
         )
     }
 
+    /// Rotates the keys at once if a removal or a leave made a rotation due (and the last one
+    /// is old enough); otherwise the maintenance loop does it when it is.
+    fn rotate_now_if_owed(&self) {
+        match self.rotate_keys_if_due(unix_now()) {
+            Ok(true) => info!("network keys rotated: a node left or was removed"),
+            Ok(false) => {}
+            Err(e) => warn!("network key rotation failed: {e}; retrying"),
+        }
+    }
+
     /// Rotates the network keys if due at `now` (unix seconds). True if it rotated.
     pub fn rotate_keys_if_due(&self, now: u64) -> Result<bool, ChangeError> {
         let (applied, ()) = self.apply_with(|state| -> Result<_, ChangeError> {
@@ -738,10 +749,9 @@ impl Manager {
         acceptor: Arc<std::sync::RwLock<TlsAcceptor>>,
         mut stop: watch::Receiver<bool>,
     ) {
-        let interval = self.state().cluster().map_or(60, |c| c.keys.interval_secs);
-        let tick = Duration::from_secs((interval / 2).clamp(1, 30))
-            .min(self.cert_lifetime() / 10)
-            .max(Duration::from_secs(1));
+        // Often enough for a rotation a removal made due (MIN_ROTATION_INTERVAL after the
+        // last) and for short certificate lifetimes; each tick is a look at the state.
+        let tick = Duration::from_secs(1);
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(tick) => {}
@@ -840,6 +850,7 @@ impl Manager {
                     .apply(Command::MarkLeft(node.id.clone()))
                     .map(|_| {
                         info!(node = %node.id, "node left");
+                        self.rotate_now_if_owed();
                         ManagerReply::Ok
                     })
                     .map_err(|e| e.to_string()),

@@ -113,12 +113,22 @@ pub struct Keys {
     pub rotated_at: u64,
     /// Seconds between rotations.
     pub interval_secs: u64,
+    /// A node left or was removed since the last rotation: the next one is due as soon as
+    /// [`crate::gossip::MIN_ROTATION_INTERVAL`] after the last allows, so what that node held
+    /// stops working.
+    #[serde(default)]
+    pub owed: bool,
 }
 
 impl Keys {
     /// Unix time when the next rotation is due.
     pub fn next_rotation(&self) -> u64 {
-        self.rotated_at.saturating_add(self.interval_secs)
+        let interval = if self.owed {
+            crate::gossip::MIN_ROTATION_INTERVAL.as_secs()
+        } else {
+            self.interval_secs
+        };
+        self.rotated_at.saturating_add(interval)
     }
 }
 
@@ -442,6 +452,7 @@ impl State {
                     }],
                     rotated_at: at,
                     interval_secs: key_interval_secs,
+                    owed: false,
                 },
                 ingress,
                 created_at: at,
@@ -538,7 +549,11 @@ impl State {
                 if node.role == Role::Manager {
                     return Err(ApplyError::RemoveManager(id));
                 }
+                let was_in = node.active();
                 cluster.nodes.remove(&id);
+                // What it held (gossip key, data-path epoch) must stop working: rotate soon.
+                // (A node that left already caused that rotation.)
+                cluster.keys.owed |= was_in;
                 Ok(Applied::Changed)
             }
             Command::SetRole(id, role, cert) => {
@@ -575,9 +590,11 @@ impl State {
                 if node.left {
                     return Ok(Applied::Unchanged);
                 }
-                // Leaving revokes, as a removal does: no certificate of its works any more.
+                // Leaving revokes, as a removal does: no certificate of its works any more, and
+                // the keys it held are rotated soon.
                 node.left = true;
                 node.previous_cert_digest = None;
+                cluster.keys.owed = true;
                 Ok(Applied::Changed)
             }
             Command::RotateSecret(role, secret) => {
@@ -601,6 +618,7 @@ impl State {
                 push_key(&mut keys.gossip, gossip_key);
                 push_key(&mut keys.data_path, data_path_key);
                 keys.rotated_at = at;
+                keys.owed = false;
                 Ok(Applied::Changed)
             }
         }
@@ -1053,6 +1071,38 @@ pub(crate) mod tests {
             Command::RotateSecret(Role::Manager, "zz".into()),
             ApplyError::BadSecret(crate::token::TokenError::SecretLength(2)),
         );
+    }
+
+    #[test]
+    fn leaving_and_removal_make_a_rotation_due_soon() {
+        let mut s = initialized();
+        let keys = |s: &State| s.cluster().unwrap().keys.clone();
+        assert_eq!(keys(&s).next_rotation(), 1000 + 43_200);
+        s.apply(Command::AddNode(Box::new(node(2, Role::Worker))))
+            .unwrap();
+        s.apply(Command::AddNode(Box::new(node(3, Role::Worker))))
+            .unwrap();
+        s.apply(Command::RemoveNode(id(3))).unwrap();
+        let min = crate::gossip::MIN_ROTATION_INTERVAL.as_secs();
+        assert_eq!(keys(&s).next_rotation(), 1000 + min);
+        s.apply(Command::RotateKeys {
+            gossip_key: [2; 32],
+            data_path_key: [3; 32],
+            at: 2000,
+        })
+        .unwrap();
+        assert_eq!(keys(&s).next_rotation(), 2000 + 43_200, "paid");
+        s.apply(Command::MarkLeft(id(2))).unwrap();
+        assert_eq!(keys(&s).next_rotation(), 2000 + min);
+        s.apply(Command::RotateKeys {
+            gossip_key: [4; 32],
+            data_path_key: [5; 32],
+            at: 3000,
+        })
+        .unwrap();
+        // Removing the node that left owes nothing more: it held nothing new.
+        s.apply(Command::RemoveNode(id(2))).unwrap();
+        assert_eq!(keys(&s).next_rotation(), 3000 + 43_200);
     }
 
     #[test]

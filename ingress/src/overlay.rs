@@ -317,6 +317,12 @@ impl Overlay {
         self.dataplane.read(|out, _| out.keyring().send_epoch())
     }
 
+    /// The key epochs live here: the sending one, and any other that still opens.
+    pub fn epochs(&self) -> Vec<u32> {
+        self.dataplane
+            .read(|out, _| out.keyring().epochs().map(EpochKey::id).collect())
+    }
+
     /// The IO shell's counters.
     pub fn io_counters(&self) -> &IoCounters {
         self.dataplane.io_counters()

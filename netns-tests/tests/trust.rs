@@ -155,3 +155,62 @@ fn restart_from_a_copied_state_directory_never_repeats_a_nonce() {
         lab_cmd("start");
     });
 }
+
+/// The keys live on node i now: (gossip sealing, gossip also open, data-path sealing, data-path
+/// also open), from `shoal info`.
+fn live_keys(lab: &TestLab, i: usize) -> (u64, Option<u64>, u64, Option<u64>) {
+    let info: serde_json::Value = serde_json::from_str(&shoal_ok(lab, i, &["info"])).unwrap();
+    let g = &info["gossip_keys_live"];
+    let d = &info["data_path_epochs_live"];
+    (
+        g["sealing"].as_u64().unwrap_or(0),
+        g["also_open"].as_u64(),
+        d["sealing"].as_u64().unwrap_or(0),
+        d["also_open"].as_u64(),
+    )
+}
+
+/// `node rm` (and `leave`) rotate the gossip key and the data-path epoch, and the keys the
+/// node held stop opening anywhere soon after: a removed node can then neither read nor forge
+/// anything new. Prints how long that took.
+#[test]
+fn removal_and_leave_retire_the_keys_the_node_held() {
+    let lab = TestLab::up(BIN, 3, true);
+    let n1 = lab.overlay_addr(1);
+    let (g0, _, d0, _) = live_keys(&lab, 1);
+    assert!(g0 >= 1 && d0 >= 1);
+    let removed = Instant::now();
+    shoal_ok(&lab, 1, &["node", "rm", "--force", "n3"]);
+    let retired = |g_old: u64, d_old: u64| {
+        [1, 2].iter().all(|&i| {
+            let (g, g_open, d, d_open) = live_keys(&lab, i);
+            g > g_old && d > d_old && g_open.is_none() && d_open.is_none()
+        })
+    };
+    lab.eventually(
+        "n3's gossip key and epoch retired on n1 and n2",
+        Duration::from_secs(75),
+        || retired(g0, d0),
+    );
+    eprintln!(
+        "node rm: the keys n3 held stopped opening on every node {:?} after the removal",
+        removed.elapsed()
+    );
+    assert!(lab.ping(2, &n1), "the others talk under the new keys");
+    // The same for a node that leaves.
+    let (g1, _, d1, _) = live_keys(&lab, 1);
+    let left = Instant::now();
+    shoal_ok(&lab, 2, &["leave"]);
+    lab.eventually(
+        "n2's gossip key and epoch retired on n1",
+        Duration::from_secs(75),
+        || {
+            let (g, g_open, d, d_open) = live_keys(&lab, 1);
+            g > g1 && d > d1 && g_open.is_none() && d_open.is_none()
+        },
+    );
+    eprintln!(
+        "leave: the keys n2 held stopped opening on n1 {:?} after it left",
+        left.elapsed()
+    );
+}
