@@ -76,6 +76,9 @@ pub struct AgentConfig {
     pub data_path: Option<crate::datapath::Params>,
     /// Where to serve Prometheus metrics (`GET /metrics`); `None`: nowhere.
     pub metrics_addr: Option<SocketAddr>,
+    /// The group whose members may use the socket besides root and the agent's user (as the
+    /// docker group); `None`: nobody else.
+    pub socket_group: Option<String>,
 }
 
 /// Why the agent could not start or run.
@@ -97,6 +100,9 @@ pub enum AgentError {
     /// Another agent answers on the socket.
     #[error("another shoal agent is already listening on {0}; stop it or pick another --socket")]
     SocketInUse(PathBuf),
+    /// The socket could not be made private, or its group does not exist.
+    #[error(transparent)]
+    Local(#[from] crate::local::LocalError),
     /// TLS material in the state dir is damaged.
     #[error(transparent)]
     Tls(#[from] TlsError),
@@ -359,8 +365,9 @@ pub async fn run(
     config: AgentConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
+    let access = crate::local::Access::new(config.socket_group.as_deref())?;
     let agent = Agent::start(config).await?;
-    let listener = bind_socket(&agent.config.socket).await?;
+    let listener = bind_socket(&agent.config.socket, &access).await?;
     info!(socket = %agent.config.socket.display(), "agent listening");
     let metrics = match agent.config.metrics_addr {
         None => None,
@@ -384,7 +391,22 @@ pub async fn run(
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let agent = agent.clone();
-                    tokio::spawn(async move { agent.client(stream).await });
+                    let allowed = match stream.peer_cred() {
+                        Ok(c) => access.allows(
+                            &crate::local::Peer {
+                                uid: c.uid(),
+                                gid: c.gid(),
+                                pid: c.pid(),
+                            },
+                            crate::local::groups_of,
+                        ),
+                        Err(_) => false,
+                    };
+                    if allowed {
+                        tokio::spawn(async move { agent.client(stream).await });
+                    } else {
+                        tokio::spawn(async move { agent.refuse(stream).await });
+                    }
                 }
                 Err(e) => {
                     warn!("socket accept failed: {e}");
@@ -434,25 +456,16 @@ async fn drop_summaries(slot: DataPathSlot) {
     }
 }
 
-async fn bind_socket(path: &Path) -> Result<UnixListener, AgentError> {
-    let sock_err = |source| AgentError::Socket {
-        path: path.to_owned(),
-        source,
-    };
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(sock_err)?;
+/// Binds the local socket, private from its first moment (see [`crate::local`]); a socket
+/// left by an agent that died is replaced, one that answers is another agent's.
+async fn bind_socket(
+    path: &Path,
+    access: &crate::local::Access,
+) -> Result<UnixListener, AgentError> {
+    if path.exists() && UnixStream::connect(path).await.is_ok() {
+        return Err(AgentError::SocketInUse(path.to_owned()));
     }
-    if path.exists() {
-        if UnixStream::connect(path).await.is_ok() {
-            return Err(AgentError::SocketInUse(path.to_owned()));
-        }
-        // A stale socket from an agent that died.
-        std::fs::remove_file(path).map_err(sock_err)?;
-    }
-    let listener = UnixListener::bind(path).map_err(sock_err)?;
-    use std::os::unix::fs::PermissionsExt as _;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(sock_err)?;
-    Ok(listener)
+    Ok(crate::local::bind(path, access)?)
 }
 
 impl Agent {
@@ -589,6 +602,28 @@ impl Agent {
             rx,
         ));
         Running { stop, task }
+    }
+
+    /// A client the socket's access rules do not allow: one line, counted, closed.
+    async fn refuse(self: Arc<Self>, mut stream: UnixStream) {
+        let who = stream
+            .peer_cred()
+            .map(|c| format!("uid {} gid {}", c.uid(), c.gid()))
+            .unwrap_or_else(|_| "a process whose credentials cannot be read".into());
+        self.faults.report(
+            &self.faults.socket_refusals,
+            "refused a client on the local socket",
+            &who,
+        );
+        let response: Response = Err(format!(
+            "permission denied: this agent's socket is for root, its own user{}; {who} is none of them",
+            self.config
+                .socket_group
+                .as_deref()
+                .map(|g| format!(" and the members of group {g}"))
+                .unwrap_or_default()
+        ));
+        let _ = write_frame(&mut stream, &response).await;
     }
 
     async fn client(self: Arc<Self>, mut stream: UnixStream) {
@@ -753,11 +788,13 @@ impl Agent {
         };
         let (encoder, header) =
             crate::capture::Encoder::start(context).map_err(|e| e.to_string())?;
-        let sub = dp.capture(crate::capture::Filter {
-            inner: req.inner,
-            outer: req.outer,
-            peer,
-        });
+        let sub = dp
+            .capture(crate::capture::Filter {
+                inner: req.inner,
+                outer: req.outer,
+                peer,
+            })
+            .map_err(|e| e.to_string())?;
         Ok((sub, encoder, header))
     }
 
@@ -1115,8 +1152,28 @@ impl Agent {
                 .map(|i| i.id.as_str().to_owned())
                 .collect()
         });
+        let f = &self.faults;
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let api_refused = match self.roles.lock().await.manager.as_ref() {
+            Some((manager, _)) => {
+                let g = manager.gate_stats();
+                vec![
+                    ("per_source", g.refused_per_source),
+                    ("unauthenticated", g.refused_unauthenticated),
+                    ("total", g.refused_total),
+                ]
+            }
+            None => Vec::new(),
+        };
         let mut snapshot = Snapshot {
             hostname: self.config.hostname.clone(),
+            faults: vec![
+                ("state_write", get(&f.state_write_failures)),
+                ("watch_stream", get(&f.watch_failures)),
+                ("certificate_renewal", get(&f.renewal_failures)),
+                ("socket_refused", get(&f.socket_refusals)),
+            ],
+            api_refused,
             ..Snapshot::default()
         };
         if let Some(m) = &m {
@@ -1641,6 +1698,8 @@ pub struct Faults {
     pub watch_failures: AtomicU64,
     /// Certificate renewals that failed.
     pub renewal_failures: AtomicU64,
+    /// Clients refused on the local socket (not root, the agent's user, or the socket group).
+    pub socket_refusals: AtomicU64,
     last_log: std::sync::Mutex<HashMap<&'static str, std::time::Instant>>,
 }
 

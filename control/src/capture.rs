@@ -107,12 +107,25 @@ impl Side {
     }
 }
 
-/// The fan-out installed in the data path: a [`CaptureSink`] with any number of readers.
+/// The fan-out installed in the data path: a [`CaptureSink`] with up to [`MAX_READERS`]
+/// readers.
 #[derive(Default)]
 pub struct Hub {
     sides: [Side; 2],
     next_id: AtomicU64,
+    /// Readers admitted (checked and counted under this lock, so two at once cannot both take
+    /// the last place).
+    admitted: Mutex<usize>,
 }
+
+/// Most `shoal capture` readers on one node at once: they see decrypted frames, and each costs
+/// the data path a copy of every packet it wants.
+pub const MAX_READERS: usize = 4;
+
+/// A capture refused because [`MAX_READERS`] run already.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{MAX_READERS} captures are running on this node already (the most it allows); stop one and try again")]
+pub struct Busy;
 
 impl std::fmt::Debug for Hub {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -135,9 +148,17 @@ fn side(direction: Direction) -> usize {
 }
 
 impl Hub {
-    /// Adds a reader with its own queues of [`QUEUE`] copies (one per direction). It stays
-    /// until the returned [`Subscription`] is dropped.
-    pub fn subscribe(self: &Arc<Self>, filter: Filter) -> Subscription {
+    /// Adds a reader with its own queues of [`QUEUE`] copies (one per direction), unless
+    /// [`MAX_READERS`] are there already. It stays until the returned [`Subscription`] is
+    /// dropped.
+    pub fn subscribe(self: &Arc<Self>, filter: Filter) -> Result<Subscription, Busy> {
+        {
+            let mut admitted = self.admitted.lock().unwrap_or_else(PoisonError::into_inner);
+            if *admitted >= MAX_READERS {
+                return Err(Busy);
+            }
+            *admitted += 1;
+        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut rx = Vec::with_capacity(2);
         let mut lost = Vec::with_capacity(2);
@@ -155,12 +176,12 @@ impl Hub {
             rx.push(r);
             lost.push(l);
         }
-        Subscription {
+        Ok(Subscription {
             hub: self.clone(),
             id,
             rx,
             lost,
-        }
+        })
     }
 
     /// Number of readers.
@@ -252,6 +273,12 @@ impl Subscription {
 impl Drop for Subscription {
     fn drop(&mut self) {
         self.hub.unsubscribe(self.id);
+        let mut admitted = self
+            .hub
+            .admitted
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        *admitted = admitted.saturating_sub(1);
     }
 }
 
@@ -465,16 +492,20 @@ mod tests {
     fn readers_get_what_their_filter_says() {
         let hub = Arc::new(Hub::default());
         assert!(!hub.wants(Direction::In, Layer::Inner));
-        let mut inner = hub.subscribe(Filter {
-            inner: true,
-            outer: false,
-            peer: None,
-        });
-        let mut n3 = hub.subscribe(Filter {
-            inner: true,
-            outer: true,
-            peer: Some("198.18.0.3".parse().unwrap()),
-        });
+        let mut inner = hub
+            .subscribe(Filter {
+                inner: true,
+                outer: false,
+                peer: None,
+            })
+            .unwrap();
+        let mut n3 = hub
+            .subscribe(Filter {
+                inner: true,
+                outer: true,
+                peer: Some("198.18.0.3".parse().unwrap()),
+            })
+            .unwrap();
         assert!(hub.wants(Direction::Out, Layer::Inner));
         assert!(hub.wants(Direction::Out, Layer::Outer));
         hub.offer(&record(Layer::Inner, "198.18.0.2:4789", b"a"));
@@ -491,17 +522,33 @@ mod tests {
         assert!(!hub.wants(Direction::In, Layer::Outer));
         drop(inner);
         assert_eq!(hub.readers(), 0);
+        // At most MAX_READERS at once; a place frees when one goes.
+        let any = Filter {
+            inner: true,
+            outer: true,
+            peer: None,
+        };
+        let mut held: Vec<Subscription> = (0..MAX_READERS)
+            .map(|_| hub.subscribe(any).unwrap())
+            .collect();
+        assert_eq!(hub.subscribe(any).err(), Some(Busy));
+        held.pop();
+        held.push(hub.subscribe(any).unwrap());
+        assert_eq!(hub.readers(), MAX_READERS);
+        drop(held);
         assert!(!hub.wants(Direction::In, Layer::Inner));
     }
 
     #[test]
     fn a_reader_that_does_not_read_loses_copies_and_never_blocks() {
         let hub = Arc::new(Hub::default());
-        let mut sub = hub.subscribe(Filter {
-            inner: true,
-            outer: true,
-            peer: None,
-        });
+        let mut sub = hub
+            .subscribe(Filter {
+                inner: true,
+                outer: true,
+                peer: None,
+            })
+            .unwrap();
         let extra = 100;
         for i in 0..QUEUE + extra {
             hub.offer(&record(Layer::Inner, "198.18.0.2:4789", &i.to_be_bytes()));

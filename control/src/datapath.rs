@@ -205,8 +205,11 @@ impl DataPath {
         self.capture.readers()
     }
 
-    /// Starts a `shoal capture` reader.
-    pub fn capture(&self, filter: crate::capture::Filter) -> crate::capture::Subscription {
+    /// Starts a `shoal capture` reader, unless [`crate::capture::MAX_READERS`] run already.
+    pub fn capture(
+        &self,
+        filter: crate::capture::Filter,
+    ) -> Result<crate::capture::Subscription, crate::capture::Busy> {
         self.capture.subscribe(filter)
     }
 

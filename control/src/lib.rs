@@ -29,6 +29,7 @@ pub mod gossip;
 pub mod id;
 pub mod join;
 pub mod lab;
+pub mod local;
 pub mod manager;
 pub mod metrics;
 pub mod state;

@@ -34,6 +34,10 @@ pub struct Snapshot {
     pub data_path: Option<DataPathSnapshot>,
     /// Gossip, if it runs.
     pub gossip: Option<GossipSnapshot>,
+    /// Faults the agent survived, by kind (counts since start).
+    pub faults: Vec<(&'static str, u64)>,
+    /// On the manager: connections its API refused over a limit, by limit.
+    pub api_refused: Vec<(&'static str, u64)>,
 }
 
 /// The data path's figures.
@@ -187,6 +191,22 @@ pub fn render(s: &Snapshot) -> String {
             .into_iter()
             .map(|((role, status), n)| (vec![("role", role), ("status", status)], n)),
     );
+    p.counter(
+        "agent_faults",
+        "Faults the agent survived and kept running through, by kind (state writes that failed, watch streams that broke, certificate renewals that failed, clients refused on the local socket).",
+        s.faults
+            .iter()
+            .map(|(kind, n)| (vec![("kind", (*kind).to_owned())], *n)),
+    );
+    if !s.api_refused.is_empty() {
+        p.counter(
+            "manager_api_refused_connections",
+            "Connections the manager API refused before any handshake, by the limit they hit.",
+            s.api_refused
+                .iter()
+                .map(|(limit, n)| (vec![("limit", (*limit).to_owned())], *n)),
+        );
+    }
     if let Some(dp) = &s.data_path {
         data_path(&mut p, dp);
     }
@@ -561,6 +581,8 @@ mod tests {
                     ..Default::default()
                 },
             }),
+            faults: vec![("state_write", 3), ("watch_stream", 0)],
+            api_refused: vec![("per_source", 7)],
         }
     }
 
@@ -617,6 +639,14 @@ mod tests {
                 5.0,
             ),
             ("shoal_cluster_view_version".to_owned(), 12.0),
+            (
+                r#"shoal_agent_faults_total{kind="state_write"}"#.to_owned(),
+                3.0,
+            ),
+            (
+                r#"shoal_manager_api_refused_connections_total{limit="per_source"}"#.to_owned(),
+                7.0,
+            ),
             ("shoal_gossip_probe_rtt_mean_seconds".to_owned(), 0.0005),
             ("shoal_gossip_probe_rtt_last_seconds".to_owned(), 0.00025),
             ("shoal_capture_readers".to_owned(), 1.0),

@@ -27,6 +27,10 @@ pub struct Args {
     /// control-plane tests that run several agents in one network namespace).
     #[arg(long)]
     no_data_path: bool,
+    /// Let the members of this group use the agent's socket (mode 0660), as the docker group
+    /// does; root and the agent's own user always may.
+    #[arg(long, value_name = "GROUP")]
+    socket_group: Option<String>,
     /// Serve Prometheus metrics at http://ADDR/metrics (IP:PORT; off by default).
     #[arg(long, value_name = "ADDR")]
     metrics_addr: Option<std::net::SocketAddr>,
@@ -65,6 +69,7 @@ pub(super) async fn run(args: Args, socket: PathBuf) -> Result<(), CliError> {
             incarnation: shoal_vxlan::crypto::Incarnation::default(),
         }),
         metrics_addr: args.metrics_addr,
+        socket_group: args.socket_group,
     };
     crate::agent::run(config, shutdown_signal()).await?;
     Ok(())
