@@ -615,6 +615,13 @@ impl Agent {
             "refused a client on the local socket",
             &who,
         );
+        // Read (and drop) the request first, so the client reads our answer rather than a
+        // broken pipe.
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            crate::api::read_frame_limited::<_, serde_json::Value>(&mut stream, 64 << 10),
+        )
+        .await;
         let response: Response = Err(format!(
             "permission denied: this agent's socket is for root, its own user{}; {who} is none of them",
             self.config

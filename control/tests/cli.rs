@@ -649,3 +649,51 @@ fn json_logs_and_metrics_on_loopback() {
         .iter()
         .any(|l| l["message"] == "metrics at http://".to_owned() + &metrics_addr + "/metrics"));
 }
+
+/// The local socket: mode 0600 from the start, and even with its mode loosened by hand, a
+/// user who is not root, the agent's user or in `--socket-group` is refused by the agent
+/// itself, with one line, and counted.
+#[test]
+fn the_socket_is_private_and_refuses_other_users() {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let (root, nodes) = cluster(&["s1"]);
+    let s1 = &nodes[0];
+    let mode = std::fs::metadata(&s1.socket).unwrap().mode() & 0o777;
+    assert_eq!(mode, 0o600, "socket mode {mode:o}");
+    // Let `nobody` reach the socket file: the agent's own check must still refuse it.
+    std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&s1.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            BIN,
+            "--socket",
+        ])
+        .arg(&s1.socket)
+        .arg("info")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "nobody must be refused");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("permission denied"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    // Root still gets in.
+    assert!(s1.info()["hostname"].as_str() == Some("s1"));
+    // A --socket-group that does not exist: the agent says so and does not start.
+    let out = Command::new(BIN)
+        .args(["agent", "--no-data-path", "--hostname", "s2", "--state-dir"])
+        .arg(root.path().join("s2-state"))
+        .arg("--socket")
+        .arg(root.path().join("s2.sock"))
+        .args(["--socket-group", "no-such-group-shoal"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no-such-group-shoal") && err.contains("does not exist"),
+        "{err}"
+    );
+}
