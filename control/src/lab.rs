@@ -62,6 +62,17 @@ pub enum LabError {
     },
 }
 
+/// What `shoal lab up` makes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpOptions {
+    /// How many nodes.
+    pub nodes: usize,
+    /// Encrypted overlay (or plain).
+    pub encrypt: bool,
+    /// `init --key-rotation-interval` (default: init's).
+    pub key_rotation_interval: Option<String>,
+}
+
 /// One lab, by name.
 #[derive(Debug, Clone)]
 pub struct Lab {
@@ -162,6 +173,16 @@ impl Lab {
 
     /// Brings the lab up and returns what to print.
     pub fn up(&self, nodes: usize, encrypt: bool) -> Result<String, LabError> {
+        self.up_with(&UpOptions {
+            nodes,
+            encrypt,
+            key_rotation_interval: None,
+        })
+    }
+
+    /// [`Lab::up`] with every option.
+    pub fn up_with(&self, o: &UpOptions) -> Result<String, LabError> {
+        let (nodes, encrypt) = (o.nodes, o.encrypt);
         if !is_root() {
             return Err(LabError::NotRoot);
         }
@@ -171,14 +192,19 @@ impl Lab {
         if self.dir.join("nodes").exists() {
             return Err(LabError::AlreadyUp(self.name.clone()));
         }
-        let result = self.build(nodes, encrypt);
+        let result = self.build(nodes, encrypt, o.key_rotation_interval.as_deref());
         if result.is_err() {
             let _ = self.down();
         }
         result
     }
 
-    fn build(&self, nodes: usize, encrypt: bool) -> Result<String, LabError> {
+    fn build(
+        &self,
+        nodes: usize,
+        encrypt: bool,
+        key_rotation_interval: Option<&str>,
+    ) -> Result<String, LabError> {
         let io = |path: &Path| {
             let path = path.to_owned();
             move |source| LabError::Io { path, source }
@@ -218,6 +244,9 @@ impl Lab {
         ];
         if !encrypt {
             init.push("--no-encrypt");
+        }
+        if let Some(interval) = key_rotation_interval {
+            init.extend(["--key-rotation-interval", interval]);
         }
         let mut out = self.shoal(&exe, 1, &init)?;
         let token = self.shoal(&exe, 1, &["join-token", "-q", "worker"])?;

@@ -711,7 +711,8 @@ impl Manager {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok((tcp, peer)) => {
-                        let Some(ticket) = gate.admit(peer.ip()) else {
+                        let member = self.is_member_address(peer.ip());
+                        let Some(ticket) = gate.admit(peer.ip(), member) else {
                             gate.log_refusals();
                             continue;
                         };
@@ -736,6 +737,15 @@ impl Manager {
             }
         }
         rotator.abort();
+    }
+
+    /// Whether `ip` is the address of a node in the swarm: its connections do not count
+    /// against the unauthenticated limit (they still must show the node's certificate, and a
+    /// TCP connection cannot come from an address that does not answer).
+    fn is_member_address(&self, ip: IpAddr) -> bool {
+        lock(&self.state)
+            .cluster()
+            .is_some_and(|c| c.nodes.values().any(|n| n.active() && n.addr == ip))
     }
 
     /// The connection limits' counters (see [`GateStats`]).
@@ -1009,7 +1019,9 @@ impl GateStats {
 
 /// The limits on who may hold a connection to the manager API, checked before the TLS
 /// handshake: per source address, unauthenticated, and in all. A member's connection leaves
-/// the unauthenticated count once its certificate is checked ([`Ticket::authenticated`]).
+/// the unauthenticated count once its certificate is checked ([`Ticket::authenticated`]);
+/// one from a member's address never enters it, so strangers filling the unauthenticated
+/// places cannot keep the nodes of the swarm out.
 #[derive(Debug, Default)]
 struct Gate {
     inner: Mutex<GateInner>,
@@ -1034,14 +1046,14 @@ struct Ticket {
 }
 
 impl Gate {
-    fn admit(self: &Arc<Self>, source: IpAddr) -> Option<Ticket> {
+    fn admit(self: &Arc<Self>, source: IpAddr, member: bool) -> Option<Ticket> {
         let mut g = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         let from_source = g.per_source.get(&source).copied().unwrap_or(0);
         if from_source >= MAX_PER_SOURCE {
             g.stats.refused_per_source += 1;
             return None;
         }
-        if g.unauthenticated >= MAX_PREAUTH {
+        if !member && g.unauthenticated >= MAX_PREAUTH {
             g.stats.refused_unauthenticated += 1;
             return None;
         }
@@ -1050,12 +1062,12 @@ impl Gate {
             return None;
         }
         *g.per_source.entry(source).or_insert(0) += 1;
-        g.unauthenticated += 1;
+        g.unauthenticated += usize::from(!member);
         g.total += 1;
         Some(Ticket {
             gate: self.clone(),
             source,
-            unauthenticated: true,
+            unauthenticated: !member,
         })
     }
 
@@ -1508,6 +1520,42 @@ mod tests {
         assert!(nodes
             .iter()
             .any(|n| n.id == grant.node_id && n.status == Status::Down));
+    }
+
+    #[test]
+    fn connection_limits_per_source_unauthenticated_and_members() {
+        let gate = Arc::new(Gate::default());
+        let stranger: IpAddr = "198.18.0.100".parse().unwrap();
+        let held: Vec<Ticket> = (0..MAX_PER_SOURCE)
+            .map(|_| gate.admit(stranger, false).unwrap())
+            .collect();
+        assert!(gate.admit(stranger, false).is_none(), "per source");
+        assert_eq!(gate.stats().refused_per_source, 1);
+        // Strangers from many addresses fill the unauthenticated places...
+        let mut many = Vec::new();
+        for i in 0..MAX_PREAUTH - MAX_PER_SOURCE {
+            many.push(
+                gate.admit(
+                    IpAddr::from([10, 0, (i / 250) as u8, (i % 250) as u8]),
+                    false,
+                )
+                .unwrap(),
+            );
+        }
+        assert!(gate.admit("10.9.9.9".parse().unwrap(), false).is_none());
+        assert_eq!(gate.stats().refused_unauthenticated, 1);
+        // ...and a node of the swarm still gets in.
+        let mut member = gate.admit("198.18.0.2".parse().unwrap(), true).unwrap();
+        member.authenticated();
+        // A stranger's connection that authenticates frees its place.
+        let mut first = many.pop().unwrap();
+        first.authenticated();
+        assert!(gate.admit("10.9.9.9".parse().unwrap(), false).is_some());
+        drop(held);
+        assert!(
+            gate.admit(stranger, false).is_some(),
+            "places come back when closed"
+        );
     }
 
     #[test]

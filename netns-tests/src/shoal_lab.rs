@@ -50,6 +50,11 @@ impl TestLab {
     /// `shoal lab up` (the program at `bin`) with `nodes` nodes, encrypted or plain; checks
     /// it printed the leader and, with two or more nodes, a ping across the overlay.
     pub fn up(bin: &str, nodes: usize, encrypt: bool) -> TestLab {
+        Self::up_with(bin, nodes, encrypt, &[])
+    }
+
+    /// [`TestLab::up`] with more `shoal lab up` flags.
+    pub fn up_with(bin: &str, nodes: usize, encrypt: bool, flags: &[&str]) -> TestLab {
         require_root();
         let name = format!(
             "t{}-{}",
@@ -76,6 +81,7 @@ impl TestLab {
         if !encrypt {
             cmd.arg("--no-encrypt");
         }
+        cmd.args(flags);
         let out = ok(&mut cmd);
         assert!(out.contains("Leader"), "{out}");
         if nodes > 1 {
@@ -85,6 +91,41 @@ impl TestLab {
             );
         }
         lab
+    }
+
+    /// Adds a namespace `<lab>-<suffix>` on the lab's bridge with underlay address `cidr`
+    /// (from 198.18.0.0/24); it is deleted with the lab. Returns its name.
+    pub fn add_host(&mut self, suffix: &str, cidr: &str) -> String {
+        let ns = format!("{}-{suffix}", self.name);
+        let sw = format!("{}-sw", self.name);
+        let port = format!("p{suffix}");
+        ok(Command::new("ip").args(["netns", "add", &ns]));
+        self.extra_ns.push(ns.clone());
+        ok(Command::new("ip").args(["-n", &ns, "link", "set", "lo", "up"]));
+        ok(Command::new("ip").args([
+            "link", "add", "eth0", "netns", &ns, "type", "veth", "peer", "name", &port, "netns",
+            &sw,
+        ]));
+        ok(Command::new("ip").args(["-n", &sw, "link", "set", &port, "master", "br0", "up"]));
+        ok(Command::new("ip").args(["-n", &ns, "addr", "add", cidr, "dev", "eth0"]));
+        ok(Command::new("ip").args(["-n", &ns, "link", "set", "eth0", "up"]));
+        ns
+    }
+
+    /// Where node i keeps its state (`shoal lab` puts it under /run/shoal).
+    pub fn state_dir(&self, i: usize) -> PathBuf {
+        PathBuf::from(format!("/run/shoal/lab-{}/n{i}", self.name))
+    }
+
+    /// Node i's agent log.
+    pub fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(format!("/run/shoal/lab-{}/n{i}.log", self.name))
+            .unwrap_or_default()
+    }
+
+    /// `shoal lab VERB --name LAB nI` (restart, stop, start).
+    pub fn lab_node(&self, verb: &str, i: usize) {
+        ok(Command::new(&self.bin).args(["lab", verb, "--name", &self.name, &format!("n{i}")]));
     }
 
     /// Node i's namespace.

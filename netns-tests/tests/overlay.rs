@@ -68,17 +68,7 @@ fn plain_mode_is_rfc7348_that_tshark_decodes() {
 #[test]
 fn kernel_vxlan_device_joins_a_plain_overlay_as_external_vtep() {
     let mut lab = TestLab::up(BIN, 2, false);
-    let k = format!("{}-k", lab.name);
-    lab.extra_ns.push(k.clone());
-    let sw = format!("{}-sw", lab.name);
-    ok(Command::new("ip").args(["netns", "add", &k]));
-    ok(Command::new("ip").args(["-n", &k, "link", "set", "lo", "up"]));
-    ok(Command::new("ip").args([
-        "link", "add", "eth0", "netns", &k, "type", "veth", "peer", "name", "pk", "netns", &sw,
-    ]));
-    ok(Command::new("ip").args(["-n", &sw, "link", "set", "pk", "master", "br0", "up"]));
-    ok(Command::new("ip").args(["-n", &k, "addr", "add", "198.18.0.200/24", "dev", "eth0"]));
-    ok(Command::new("ip").args(["-n", &k, "link", "set", "eth0", "up"]));
+    let k = lab.add_host("k", "198.18.0.200/24");
     // Over veth the kernel leaves the inner TCP checksum for a NIC to fill in (CHECKSUM_PARTIAL
     // survives into the other namespace), and a userspace VTEP gets the datagram from a socket
     // with that state lost: make the kernel side compute its checksums, as a NIC would.

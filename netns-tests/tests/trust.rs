@@ -137,11 +137,9 @@ fn removal_and_rejoin_never_repeats_a_nonce() {
 #[test]
 fn restart_from_a_copied_state_directory_never_repeats_a_nonce() {
     let lab = TestLab::up(BIN, 2, true);
-    let state = std::path::PathBuf::from(format!("/run/shoal/lab-{}/n2", lab.name));
+    let state = lab.state_dir(2);
     let copy = lab.scratch.join("n2-copy");
-    let lab_cmd = |verb: &str| {
-        ok(Command::new(BIN).args(["lab", verb, "--name", &lab.name, "n2"]));
-    };
+    let lab_cmd = |verb: &str| lab.lab_node(verb, 2);
     // A copy taken while n2 is stopped, then one more life of n2 on its own state.
     lab_cmd("stop");
     ok(Command::new("cp").arg("-a").arg(&state).arg(&copy));
@@ -212,5 +210,198 @@ fn removal_and_leave_retire_the_keys_the_node_held() {
     eprintln!(
         "leave: the keys n2 held stopped opening on n1 {:?} after it left",
         left.elapsed()
+    );
+}
+
+/// Python run in a namespace that is not a member: `per_port` tasks for each of n1's 2377
+/// and 7946/TCP, each connecting, holding its connection until the agent closes it, and
+/// connecting again at once, for `secs` seconds; then prints how many connections it made.
+fn flood_script(per_port: usize, secs: u64) -> String {
+    format!(
+        r#"
+import asyncio, resource, time
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
+made = 0
+async def hold(port, end):
+    global made
+    while time.time() < end:
+        try:
+            r, w = await asyncio.wait_for(asyncio.open_connection("198.18.0.1", port), 1)
+        except (OSError, asyncio.TimeoutError):
+            await asyncio.sleep(0.05)
+            continue
+        made += 1
+        try:
+            await asyncio.wait_for(r.read(1), max(0.01, end - time.time()))
+        except (OSError, asyncio.TimeoutError):
+            pass
+        w.close()
+async def main():
+    end = time.time() + {secs}
+    await asyncio.gather(*[hold(p, end) for p in (2377, 7946) for _ in range({per_port})])
+asyncio.run(main())
+print(made, flush=True)
+"#
+    )
+}
+
+/// A namespace that is not a member holds as many connections as the limits allow on n1's
+/// 2377 and 7946/TCP (and more); meanwhile a worker restarts and a node joins: both are Ready
+/// within 15 s, and n1 counts what it refused.
+#[test]
+fn strangers_holding_connections_do_not_keep_nodes_out() {
+    let mut lab = TestLab::up(BIN, 3, true);
+    let join = worker_join(&lab);
+    // n3 leaves the swarm for good (removed), to join again as a new node during the flood.
+    shoal_ok(&lab, 1, &["node", "rm", "--force", "n3"]);
+    lab.eventually("n3 out of the swarm", Duration::from_secs(10), || {
+        shoal_ok(&lab, 3, &["info"]).contains("\"node_id\": null")
+    });
+    let stranger = lab.add_host("x", "198.18.0.100/24");
+    let mut flood = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &stranger,
+            "python3",
+            "-c",
+            &flood_script(1100, 40),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let guard = KillOnDrop(flood.id());
+    std::thread::sleep(Duration::from_secs(8));
+    let started = Instant::now();
+    lab.lab_node("restart", 2);
+    let args: Vec<&str> = join.iter().map(String::as_str).collect();
+    shoal_ok(&lab, 3, &args);
+    lab.eventually(
+        "the restarted worker and the new node are Ready on n1",
+        Duration::from_secs(15),
+        || {
+            let ls = shoal_ok(&lab, 1, &["node", "ls"]);
+            ls.lines()
+                .filter(|l| (l.contains(" n2 ") || l.contains(" n3 ")) && l.contains(" Ready "))
+                .count()
+                == 2
+        },
+    );
+    eprintln!(
+        "under the flood: n2 (restarted) and n3 (joined) Ready {:?} after the restart",
+        started.elapsed()
+    );
+    let page = shoal_netns_tests::shoal_lab::metrics(&lab, 1);
+    let refused = shoal_netns_tests::shoal_lab::sample(
+        &page,
+        r#"shoal_manager_api_refused_connections_total{limit="per_source"}"#,
+    );
+    assert!(refused > 0.0, "n1 counted the refused connections:\n{page}");
+    assert!(
+        lab.log(1).contains("manager API refused connections"),
+        "n1 logged them"
+    );
+    drop(guard);
+    let _ = flood.wait();
+}
+
+/// Kills a process by PID when dropped (a helper process of a test, also when it fails).
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", &self.0.to_string()])
+            .status();
+    }
+}
+
+/// Unmounts a test's tmpfs when dropped (lazily, so a busy mount goes as soon as it can).
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// A worker whose state directory is full through two key rotations: it says so (a warn line,
+/// a counter in /metrics), keeps running on the views it could not save, and once there is
+/// room again it saves them; ping works throughout and after.
+#[test]
+fn a_worker_with_a_full_state_dir_says_so_and_keeps_working() {
+    let lab = TestLab::up_with(BIN, 2, true, &["--key-rotation-interval", "20s"]);
+    let n1 = lab.overlay_addr(1);
+    // n2's state on a small tmpfs.
+    let state = lab.state_dir(2);
+    let saved = lab.scratch.join("n2-state");
+    lab.lab_node("stop", 2);
+    ok(Command::new("cp").arg("-a").arg(&state).arg(&saved));
+    ok(Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs"])
+        .arg(&state));
+    let _unmount = Unmount(state.clone());
+    ok(Command::new("sh").arg("-c").arg(format!(
+        "cp -a {}/. {}/",
+        saved.display(),
+        state.display()
+    )));
+    lab.lab_node("start", 2);
+    lab.eventually("n2 pings n1", Duration::from_secs(15), || lab.ping(2, &n1));
+    // Fill it.
+    let filler = state.join("filler");
+    let _ = Command::new("dd")
+        .args(["if=/dev/zero", "bs=64k"])
+        .arg(format!("of={}", filler.display()))
+        .stderr(std::process::Stdio::null())
+        .status();
+    let view_of = |i: usize| -> u64 {
+        serde_json::from_str::<serde_json::Value>(&shoal_ok(&lab, i, &["info"])).unwrap()
+            ["view_version"]
+            .as_u64()
+            .unwrap()
+    };
+    let epochs_of = |i: usize| -> u64 {
+        serde_json::from_str::<serde_json::Value>(&shoal_ok(&lab, i, &["info"])).unwrap()
+            ["data_path_epochs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(serde_json::Value::as_u64)
+            .max()
+            .unwrap()
+    };
+    let first = epochs_of(2);
+    lab.eventually(
+        "two key rotations reach n2 while its state dir is full",
+        Duration::from_secs(70),
+        || epochs_of(2) >= first + 2,
+    );
+    assert!(lab.ping(2, &n1), "traffic flows on the rotated keys");
+    assert!(
+        lab.log(2).contains("cannot save the cluster view"),
+        "a warn line on n2:\n{}",
+        lab.log(2)
+    );
+    let page = shoal_netns_tests::shoal_lab::metrics(&lab, 2);
+    let faults = shoal_netns_tests::shoal_lab::sample(
+        &page,
+        r#"shoal_agent_faults_total{kind="state_write"}"#,
+    );
+    assert!(faults >= 1.0, "counted in /metrics:\n{page}");
+    // Room again: the view is saved (a restart resumes from it) and ping works.
+    std::fs::remove_file(&filler).unwrap();
+    let version = view_of(2);
+    std::thread::sleep(Duration::from_secs(7));
+    lab.lab_node("restart", 2);
+    assert!(
+        view_of(2) >= version,
+        "n2 saved the newest view once it had room"
+    );
+    lab.eventually(
+        "n2 pings n1 after the restart",
+        Duration::from_secs(15),
+        || lab.ping(2, &n1),
     );
 }

@@ -15,6 +15,9 @@ pub enum Cmd {
         /// Plain RFC 7348 overlay instead of the encrypted one.
         #[arg(long)]
         no_encrypt: bool,
+        /// How often the network keys rotate (passed to `init`; e.g. 20s).
+        #[arg(long)]
+        key_rotation_interval: Option<String>,
         /// The lab's name (several labs can be up at once).
         #[arg(long, default_value = DEFAULT_NAME)]
         name: String,
@@ -78,10 +81,16 @@ pub(super) fn run(cmd: Cmd) -> Result<std::process::ExitCode, CliError> {
         Cmd::Up {
             nodes,
             no_encrypt,
+            key_rotation_interval,
             name,
         } => {
+            let options = crate::lab::UpOptions {
+                nodes,
+                encrypt: !no_encrypt,
+                key_rotation_interval,
+            };
             let out = Lab::new(&name)
-                .and_then(|lab| lab.up(nodes, !no_encrypt))
+                .and_then(|lab| lab.up_with(&options))
                 .map_err(lab_err)?;
             out!("{out}");
         }
