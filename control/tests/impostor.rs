@@ -186,9 +186,11 @@ async fn a_worker_certificate_cannot_pose_as_the_manager_to_a_joining_node() {
         .unwrap_err();
     assert!(err.contains("not a manager's"), "{err}");
     assert!(err.contains("nothing was sent"), "{err}");
-    let seen = seen.lock().unwrap();
-    assert_eq!(seen.handshakes, 0, "the handshake itself failed");
-    assert!(seen.bytes.is_empty());
+    {
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.handshakes, 0, "the handshake itself failed");
+        assert!(seen.bytes.is_empty());
+    }
     assert!(joiner.handle(Request::Info).await.is_ok());
 }
 
