@@ -881,6 +881,7 @@ impl Agent {
                 .as_ref()
                 .map(|m| m.view.keys.data_path.iter().map(|k| k.id).collect())
                 .unwrap_or_default(),
+            cert_not_after: m.as_ref().map(|m| m.cert_not_after),
             gossip_keys_live: *self
                 .gossip_keys
                 .lock()

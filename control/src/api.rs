@@ -522,6 +522,9 @@ pub struct Info {
     pub gossip_key_ids: Vec<u32>,
     /// Live data-path key epochs, oldest first (empty outside a swarm).
     pub data_path_epochs: Vec<u32>,
+    /// When this node's certificate expires (Unix seconds), in a swarm.
+    #[serde(default)]
+    pub cert_not_after: Option<u64>,
     /// The gossip keys this node seals with and still opens now (`None`: gossip not running).
     #[serde(default)]
     pub gossip_keys_live: Option<crate::gossip::LiveKeys>,

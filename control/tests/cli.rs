@@ -697,3 +697,56 @@ fn the_socket_is_private_and_refuses_other_users() {
         "{err}"
     );
 }
+
+/// Certificates expire (`init --cert-expiry`) and every node renews its own with a third of
+/// the lifetime left, the leader included; the swarm goes on working on the new ones.
+#[test]
+fn certificates_are_renewed_before_they_expire() {
+    let (_root, nodes) = cluster(&["c1", "c2"]);
+    let (c1, c2) = (&nodes[0], &nodes[1]);
+    let listen = format!("{}:2377", c1.ip);
+    let out = c1.ok(&[
+        "init",
+        "--advertise-addr",
+        &c1.ip.to_string(),
+        "--listen-addr",
+        &listen,
+        "--cert-expiry",
+        "60s",
+    ]);
+    assert!(join(c2, &join_command(&out)).status.success());
+    let expiry = |n: &Node| n.info()["cert_not_after"].as_u64().unwrap();
+    let (e1, e2) = (expiry(c1), expiry(c2));
+    // Renewal is due with 20 s left, 40 s after issue.
+    wait_until(Duration::from_secs(55), || {
+        expiry(c1) > e1 && expiry(c2) > e2
+    });
+    // The worker still follows the leader over the renewed certificates.
+    let version = c2.info()["view_version"].as_u64().unwrap();
+    c1.ok(&["join-token", "--rotate", "worker"]);
+    wait_until(Duration::from_secs(10), || {
+        c2.info()["view_version"].as_u64().unwrap() > version
+    });
+    assert_eq!(status_of(c1, "c2").as_deref(), Some("Ready"));
+    // A lifetime shorter than the minimum is refused with one line.
+    let (_root2, more) = cluster(&["c3"]);
+    let err = more[0].fails(&[
+        "init",
+        "--advertise-addr",
+        &more[0].ip.to_string(),
+        "--cert-expiry",
+        "10s",
+    ]);
+    assert!(err.contains("--cert-expiry 10s is too short"), "{err}");
+    let err = more[0].fails(&[
+        "init",
+        "--advertise-addr",
+        &more[0].ip.to_string(),
+        "--key-rotation-interval",
+        "5s",
+    ]);
+    assert!(
+        err.contains("--key-rotation-interval 5s is too short"),
+        "{err}"
+    );
+}
