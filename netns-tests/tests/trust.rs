@@ -405,3 +405,71 @@ fn a_worker_with_a_full_state_dir_says_so_and_keeps_working() {
         || lab.ping(2, &n1),
     );
 }
+
+/// A node may not take the identity of a node in the swarm: a join with n2's advertise
+/// address, and a join with n2's keys (a copy of its state directory, in another namespace),
+/// are both refused with one line, and n1 and n2 go on talking.
+#[test]
+fn a_join_cannot_take_another_nodes_address_or_keys() {
+    let lab = TestLab::up(BIN, 4, true);
+    let join = worker_join(&lab);
+    let (n1, n2) = (lab.overlay_addr(1), lab.overlay_addr(2));
+    // n4 leaves the swarm for good, to try joining as someone else.
+    shoal_ok(&lab, 1, &["node", "rm", "--force", "n4"]);
+    lab.eventually("n4 out of the swarm", Duration::from_secs(10), || {
+        shoal_ok(&lab, 4, &["info"]).contains("\"node_id\": null")
+    });
+    let args: Vec<&str> = join.iter().map(String::as_str).collect();
+    // n4 claims n2's address (it has it as a second address).
+    ok(Command::new("ip").args([
+        "-n",
+        &lab.ns(4),
+        "addr",
+        "add",
+        "198.18.0.2/32",
+        "dev",
+        "lo",
+    ]));
+    let mut with_addr = args.clone();
+    with_addr.extend(["--advertise-addr", "198.18.0.2"]);
+    let out = lab.shoal(4, &with_addr);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "a join with n2's address must be refused"
+    );
+    assert!(err.contains("already used by node"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    // n3's agent restarted on a copy of n2's state (n2's keys), after n3 was removed. The copy
+    // first drops the swarm membership it copied without telling the manager (its link is down
+    // meanwhile: it must not make n2 leave), then tries to join as a new node.
+    shoal_ok(&lab, 1, &["node", "rm", "--force", "n3"]);
+    lab.eventually("n3 out of the swarm", Duration::from_secs(10), || {
+        shoal_ok(&lab, 3, &["info"]).contains("\"node_id\": null")
+    });
+    lab.lab_node("stop", 3);
+    let n3_state = lab.state_dir(3);
+    ok(Command::new("rm").arg("-rf").arg(&n3_state));
+    lab.lab_node("stop", 2);
+    ok(Command::new("cp")
+        .arg("-a")
+        .arg(lab.state_dir(2))
+        .arg(&n3_state));
+    lab.lab_node("start", 2);
+    ok(Command::new("ip").args(["-n", &lab.ns(3), "link", "set", "eth0", "down"]));
+    lab.lab_node("start", 3);
+    let _ = lab.shoal(3, &["leave", "--force"]);
+    ok(Command::new("ip").args(["-n", &lab.ns(3), "link", "set", "eth0", "up"]));
+    let out = lab.shoal(3, &args);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "a join with n2's keys must be refused"
+    );
+    assert!(err.contains("already the key of node"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    // n1 and n2 are unaffected.
+    lab.eventually("n1 and n2 still talk", Duration::from_secs(10), || {
+        lab.ping(1, &n2) && lab.ping(2, &n1)
+    });
+}
