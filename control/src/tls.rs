@@ -366,9 +366,12 @@ pub fn manager_client_config(
         .map_err(|e| TlsError::Config(rustls::Error::General(e.to_string())))?;
     let expected = rustls::pki_types::DnsName::try_from(node_dns_name(manager))
         .map_err(|e| TlsError::Config(rustls::Error::General(e.to_string())))?;
-    let verifier = Arc::new(ManagerCert {
-        inner,
-        expected: ServerName::DnsName(expected),
+    let verifier = Arc::new(Verifier {
+        check: Arc::new(ManagerCert {
+            inner,
+            expected: ServerName::DnsName(expected),
+        }),
+        provider: provider.clone(),
     });
     let config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
@@ -389,8 +392,8 @@ struct ManagerCert {
     expected: ServerName<'static>,
 }
 
-impl ServerCertVerifier for ManagerCert {
-    fn verify_server_cert(
+impl CheckServer for ManagerCert {
+    fn check(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
@@ -413,6 +416,40 @@ impl ServerCertVerifier for ManagerCert {
             now,
         )
     }
+}
+
+/// How a server certificate is checked; [`Verifier`] adds the signature checks, which are the
+/// provider's for every verifier here.
+trait CheckServer: std::fmt::Debug + Send + Sync {
+    fn check(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error>;
+}
+
+/// A rustls server certificate verifier from a [`CheckServer`] and the crypto provider.
+#[derive(Debug)]
+struct Verifier<C> {
+    check: Arc<C>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl<C: CheckServer> ServerCertVerifier for Verifier<C> {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.check
+            .check(end_entity, intermediates, server_name, ocsp_response, now)
+    }
 
     fn verify_tls12_signature(
         &self,
@@ -420,7 +457,12 @@ impl ServerCertVerifier for ManagerCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -429,11 +471,18 @@ impl ServerCertVerifier for ManagerCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -453,7 +502,10 @@ pub fn join_client_config(
     let config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .dangerous()
-        .with_custom_certificate_verifier(pinned.clone())
+        .with_custom_certificate_verifier(Arc::new(Verifier {
+            check: pinned.clone(),
+            provider: pinned.provider.clone(),
+        }))
         .with_no_client_auth();
     Ok((Arc::new(config), pinned))
 }
@@ -513,8 +565,8 @@ impl PinnedCa {
     }
 }
 
-impl ServerCertVerifier for PinnedCa {
-    fn verify_server_cert(
+impl CheckServer for PinnedCa {
+    fn check(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
@@ -552,40 +604,6 @@ impl ServerCertVerifier for PinnedCa {
             }
             Err(_) => Err(self.refuse()),
         }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
     }
 }
 
@@ -635,7 +653,7 @@ mod tests {
             .map(|c| CertificateDer::from(c.to_vec()))
             .collect();
         pinned
-            .verify_server_cert(
+            .check(
                 &CertificateDer::from(leaf.to_vec()),
                 &inter,
                 &server_name(),

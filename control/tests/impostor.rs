@@ -167,6 +167,24 @@ fn token(ca: &CaMaterial, secret: &str) -> String {
     format!("SWMTKN-1-{}-{secret}", CaDigest::of(&ca.cert_der))
 }
 
+/// A fresh agent in `dir` joins the swarm of `ca` through `addr`; its error line.
+async fn join_fails(
+    dir: &std::path::Path,
+    ca: &CaMaterial,
+    addr: SocketAddr,
+) -> (Arc<Agent>, String) {
+    let joiner = agent(dir, "j").await;
+    let err = joiner
+        .handle(Request::Join(JoinRequest {
+            token: token(ca, SECRET),
+            manager: addr.to_string(),
+            advertise_addr: None,
+        }))
+        .await
+        .unwrap_err();
+    (joiner, err)
+}
+
 const SECRET: &str = "0123456789abcdefghijklmno";
 
 #[tokio::test]
@@ -175,15 +193,7 @@ async fn a_worker_certificate_cannot_pose_as_the_manager_to_a_joining_node() {
     let worker = cert(&ca, &NodeId::from_random(7), Role::Worker);
     let (addr, seen) = impostor(&ca, worker, None).await;
     let dir = tempfile::tempdir().unwrap();
-    let joiner = agent(dir.path(), "j").await;
-    let err = joiner
-        .handle(Request::Join(JoinRequest {
-            token: token(&ca, SECRET),
-            manager: addr.to_string(),
-            advertise_addr: None,
-        }))
-        .await
-        .unwrap_err();
+    let (joiner, err) = join_fails(dir.path(), &ca, addr).await;
     assert!(err.contains("not a manager's"), "{err}");
     assert!(err.contains("nothing was sent"), "{err}");
     {
@@ -222,15 +232,7 @@ async fn a_manager_certificate_of_another_node_gets_no_secret_and_no_member() {
     };
     let (addr, seen) = impostor(&ca, impostor_cert, Some(grant)).await;
     let dir = tempfile::tempdir().unwrap();
-    let joiner = agent(dir.path(), "j").await;
-    let err = joiner
-        .handle(Request::Join(JoinRequest {
-            token: token(&ca, SECRET),
-            manager: addr.to_string(),
-            advertise_addr: None,
-        }))
-        .await
-        .unwrap_err();
+    let (joiner, err) = join_fails(dir.path(), &ca, addr).await;
     assert!(err.contains("not the swarm's manager"), "{err}");
     let (handshakes, bytes) = {
         let seen = seen.lock().unwrap();

@@ -355,8 +355,8 @@ pub fn sample(page: &str, name_and_labels: &str) -> f64 {
         .map_or(0.0, |v| v.trim().parse().unwrap())
 }
 
-/// The UDP payload (hex) of the first datagram from `src` to port 4789 in a capture.
-pub fn first_payload(pcap: &std::path::Path, src: &str) -> String {
+/// The UDP payloads (hex) of the datagrams from `src` to port 4789 in a capture, in order.
+pub fn payloads(pcap: &std::path::Path, src: &str) -> Vec<String> {
     let filter = format!("ip.src == {src} && udp.dstport == 4789");
     let hex = tshark(&[
         "-r",
@@ -368,10 +368,15 @@ pub fn first_payload(pcap: &std::path::Path, src: &str) -> String {
         "-e",
         "udp.payload",
     ]);
-    hex.lines()
+    hex.lines().map(|l| l.replace(':', "")).collect()
+}
+
+/// The UDP payload (hex) of the first datagram from `src` to port 4789 in a capture.
+pub fn first_payload(pcap: &std::path::Path, src: &str) -> String {
+    payloads(pcap, src)
+        .into_iter()
         .next()
         .unwrap_or_else(|| panic!("no datagram from {src} in the capture"))
-        .replace(':', "")
 }
 
 /// Sends one datagram (hex) from node `i`'s underlay address to n1's data-path port.

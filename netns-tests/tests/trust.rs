@@ -9,30 +9,20 @@ use std::collections::HashSet;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use shoal_netns_tests::shoal_lab::{ok, tshark, TestLab};
+use shoal_netns_tests::shoal_lab::{ok, payloads, TestLab};
 
 const BIN: &str = env!("CARGO_BIN_EXE_netns-shoal");
 
 /// (key epoch, incarnation tag, counter) of every sealed datagram from `src` in a capture:
 /// bytes 12..28 of the UDP payload (docs/wire.md).
 fn sealed_from(pcap: &std::path::Path, src: &str) -> Vec<(u32, u32, u64)> {
-    let filter = format!("ip.src == {src} && udp.dstport == 4789");
-    let hex = tshark(&[
-        "-r",
-        pcap.to_str().unwrap(),
-        "-Y",
-        &filter,
-        "-T",
-        "fields",
-        "-e",
-        "udp.payload",
-    ]);
-    hex.lines()
-        .map(|l| {
-            let b: Vec<u8> = (0..l.replace(':', "").len() / 2)
-                .map(|i| u8::from_str_radix(&l.replace(':', "")[2 * i..2 * i + 2], 16).unwrap())
+    payloads(pcap, src)
+        .iter()
+        .map(|hex| {
+            let b: Vec<u8> = (0..hex.len() / 2)
+                .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
                 .collect();
-            assert!(b.len() >= 44 && b[0] == 0x48, "a sealed datagram: {l}");
+            assert!(b.len() >= 44 && b[0] == 0x48, "a sealed datagram: {hex}");
             let u32_at = |at: usize| u32::from_be_bytes(b[at..at + 4].try_into().unwrap());
             let counter = u64::from_be_bytes(b[20..28].try_into().unwrap());
             (u32_at(12), u32_at(16), counter)
