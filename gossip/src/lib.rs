@@ -52,6 +52,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod codec;
 pub mod driver;
 pub mod identity;
@@ -61,8 +62,9 @@ mod peers;
 pub mod seal;
 pub mod sim;
 
+pub use auth::{Admission, NodeKeys, PublicKeys};
 pub use identity::{Identity, Metadata, NodeId, Role};
 pub use membership::{
-    Admission, Config, Event, MemberInfo, MemberState, Membership, Setup, Stats, Transmit,
+    Config, Event, MemberInfo, MemberState, Membership, Peer, Setup, Stats, Transmit,
 };
 pub use seal::{Key, Keyring};
