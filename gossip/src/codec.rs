@@ -897,13 +897,13 @@ mod tests {
                     want.meta.public_key = [0; 32];
                     assert_eq!(**got, want);
                     // and it verifies once the receiver puts the directory's key back
-                    assert!(crate::auth::Crypto::verify(
+                    assert!(Crypto::verify(
                         &keys,
                         &keys.public().ed25519,
                         &got.signed_bytes(&keys.public().x25519),
                         &got.sig
                     ));
-                    assert!(!crate::auth::Crypto::verify(
+                    assert!(!Crypto::verify(
                         &keys,
                         &keys.public().ed25519,
                         &got.signed_bytes(&[1; 32]),

@@ -346,7 +346,7 @@ pub async fn start(cfg: Config) -> Result<(Handle, mpsc::UnboundedReceiver<Event
         }),
         log: cfg.log,
         logged: TcpTotals::default(),
-        logged_at: now,
+        logged_at: None,
     };
     let task = tokio::spawn(driver.run(cmd_rx));
     Ok((
@@ -464,7 +464,7 @@ struct Driver {
     log: fn(&str),
     /// Refusal counts at the last log line, and when it was written.
     logged: TcpTotals,
-    logged_at: Instant,
+    logged_at: Option<Instant>,
 }
 
 async fn read_frame(s: &mut TcpStream) -> io::Result<Vec<u8>> {
@@ -575,7 +575,10 @@ impl Driver {
     /// [`REFUSAL_LOG_PERIOD`], when there were any since the last line.
     fn log_refusals(&mut self) {
         let now = Instant::now();
-        if now.saturating_duration_since(self.logged_at) < REFUSAL_LOG_PERIOD {
+        if self
+            .logged_at
+            .is_some_and(|t| now.saturating_duration_since(t) < REFUSAL_LOG_PERIOD)
+        {
             return;
         }
         let t = self.gate.counts.totals();
@@ -589,16 +592,19 @@ impl Driver {
             busy: t.busy - self.logged.busy,
         };
         (self.log)(&format!(
-            "refused {} push-pull connections in the last {} s: {} over the per-address cap, {} over the total cap of connections not yet authenticated, {} without a first frame in time, {} with every exchange slot busy",
+            "refused {} push-pull connections since {}: {} over the per-address cap, {} over the total cap of connections not yet authenticated, {} without a first frame in time, {} with every exchange slot busy",
             d.per_ip + d.total + d.timeout + d.busy,
-            now.saturating_duration_since(self.logged_at).as_secs(),
+            match self.logged_at {
+                Some(t) => format!("{} s ago", now.saturating_duration_since(t).as_secs()),
+                None => "start".into(),
+            },
             d.per_ip,
             d.total,
             d.timeout,
             d.busy
         ));
         self.logged = t;
-        self.logged_at = now;
+        self.logged_at = Some(now);
     }
 
     /// Returns false on shutdown.

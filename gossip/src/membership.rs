@@ -1953,10 +1953,15 @@ impl Membership {
             self.my_incarnation = 0;
         }
         let identity = now_identity;
-        if self.meta_sent
-            && (identity != self.my_record.subject
-                || self.my_incarnation != self.my_record.incarnation)
+        let first_contact = !self.meta_sent && self.foca.num_members() > 0;
+        if first_contact
+            || identity != self.my_record.subject
+            || self.my_incarnation != self.my_record.incarnation
         {
+            // Our first record goes out when we first have someone to tell (a node that
+            // joined nobody, the first of a cluster, included), and a new one whenever our
+            // identity or incarnation moves.
+            self.meta_sent = true;
             self.publish(now);
         }
     }
