@@ -1006,6 +1006,11 @@ impl Membership {
         self.foca.identity()
     }
 
+    /// Our SWIM incarnation (rises with each suspicion we refute; 0 after a renewal).
+    pub fn incarnation(&self) -> u16 {
+        self.my_incarnation
+    }
+
     /// Our metadata.
     pub fn metadata(&self) -> &Metadata {
         &self.my_meta
@@ -2156,8 +2161,13 @@ impl Membership {
                         addr: ident.socket_addr(),
                     });
                 }
-                lock(&self.shared).peers.set_up(ident.id, known);
+                let mut sh = lock(&self.shared);
+                sh.peers.set_up(ident.id, known);
                 if known {
+                    // Its record may have come in the same datagram: the Up carries it, no
+                    // Updated after it.
+                    sh.changed.retain(|c| *c != ident.id);
+                    drop(sh);
                     self.events.push_back(Event::Up(info));
                 }
             }
@@ -2454,6 +2464,11 @@ fn screen_member(
     }
     if x != me.id && !sh.admission.admits(&x) {
         return Screened::NotAdmitted;
+    }
+    if x == me.id && m.id() != me {
+        // About another identity of our own node: foca would record it as down and spread
+        // that in our name. Nobody else may speak of our identities.
+        return Screened::Unproven;
     }
     let (m, rewritten) = if m.state() == State::Down {
         (Member::new(*m.id(), m.incarnation(), State::Suspect), true)
