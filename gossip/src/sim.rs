@@ -1186,11 +1186,17 @@ impl Sim {
 #[derive(Debug, Default)]
 pub struct CryptoCache {
     /// X25519 result per unordered pair of public keys (lower key first).
-    dh: Mutex<HashMap<([u8; 32], [u8; 32]), Option<[u8; 32]>>>,
+    dh: Mutex<HashMap<KeyPair, Option<[u8; 32]>>>,
     /// Verification result per signature, with the key and message it was for (a lookup
     /// with another key or message computes again).
-    verified: Mutex<HashMap<Sig, ([u8; 32], Vec<u8>, bool)>>,
+    verified: Mutex<HashMap<Sig, Verified>>,
 }
+
+/// Two X25519 public keys, the lower first.
+type KeyPair = ([u8; 32], [u8; 32]);
+
+/// A verification: the Ed25519 key, the message, the result.
+type Verified = ([u8; 32], Vec<u8>, bool);
 
 /// Most entries per map of [`CryptoCache`] (about 100 bytes each).
 const CACHE_ENTRIES: usize = 1 << 22;
