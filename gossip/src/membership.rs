@@ -845,6 +845,13 @@ pub struct Membership {
     flapped_pruned: Option<Instant>,
     /// Quorum declarations waiting for `suspicion_min` to pass.
     declares: Vec<(Instant, Identity, u16)>,
+    /// Suspicions relayed to us (records that passed the rules) since the last input: each
+    /// gets our own suspicion timer once foca holds it (see [`Membership::arm_suspicions`]).
+    relayed_suspicions: Vec<(Identity, u16)>,
+    /// Suspicions we armed a timer for (bounded).
+    armed: HashSet<(NodeId, u32, u16)>,
+    /// foca's current timer token, read from the timers it submits.
+    timer_token: Option<foca::TimerToken>,
     /// Members we heard are suspected (pruned lazily): probes to them carry the suspicion
     /// (Lifeguard's buddy system).
     suspects: HashSet<NodeId>,
@@ -978,6 +985,9 @@ impl Membership {
             flapped: HashMap::new(),
             flapped_pruned: None,
             declares: Vec::new(),
+            relayed_suspicions: Vec::new(),
+            armed: HashSet::new(),
+            timer_token: None,
             suspects: HashSet::new(),
             pings: HashMap::new(),
             notes: None,
@@ -1107,10 +1117,8 @@ impl Membership {
     /// Asks the nodes at `seeds` (node ID and gossip address: the control plane knows both)
     /// to let us in (UDP announce), and queues a push-pull with each (full state at join).
     pub fn join(&mut self, seeds: &[(NodeId, SocketAddr)], now: Instant) {
-        if !self.meta_sent {
-            self.meta_sent = true;
-            self.publish(now);
-        }
+        // Our first record goes out at our first contact (see `absorb`), straight to a few
+        // members rather than behind the backlog of updates a join brings.
         let me = self.foca.identity().id;
         for &(id, addr) in seeds {
             if id == me || id == NodeId::ANY {
@@ -1131,12 +1139,9 @@ impl Membership {
     /// only answers; drop it once [`Membership::poll_transmit`] is drained.
     pub fn leave(&mut self, now: Instant) -> Result<(), ApiError> {
         self.left = true;
+        // The signed leaving record goes first, on its own, so it arrives before our Down.
         self.publish(now);
-        // Send the signed leaving record first, on its own, so it arrives before our Down.
         let mut rt = Collect::default();
-        self.foca
-            .broadcast(&mut rt)
-            .map_err(|e| ApiError::Protocol(e.to_string()))?;
         self.foca
             .leave_cluster(&mut rt)
             .map_err(|e| ApiError::Protocol(e.to_string()))?;
@@ -1294,6 +1299,7 @@ impl Membership {
         }
         let res = self.foca.handle_data(plain, &mut rt);
         self.absorb(rt, now);
+        self.arm_suspicions(now);
         match res {
             Ok(()) => Ok(()),
             Err(foca::Error::Decode(e)) | Err(foca::Error::CustomBroadcast(e)) => {
@@ -1373,6 +1379,9 @@ impl Membership {
             }
         }
         for m in &updates {
+            if m.id().id != me.id && m.state() == State::Suspect {
+                self.relayed_suspicions.push((*m.id(), m.incarnation()));
+            }
             if m.id() == &me
                 && m.state() == State::Suspect
                 && self.config.local_health
@@ -1792,7 +1801,10 @@ impl Membership {
     }
 
     /// Signs and spreads a new record of ourselves (identity, incarnation, metadata,
-    /// leaving), and gossips it at once rather than waiting for the next probe.
+    /// leaving), and sends it at once to a few members in datagrams of its own: foca puts
+    /// custom broadcasts after its membership updates, and after a join or a push-pull the
+    /// updates can fill every datagram for seconds. Members learn a new identity or
+    /// incarnation of ours only from this record (or from us directly).
     fn publish(&mut self, now: Instant) {
         self.my_seq += 1;
         let identity = *self.foca.identity();
@@ -1811,7 +1823,7 @@ impl Membership {
             self.stats.dropped_protocol += 1;
         }
         let mut rt = Collect::default();
-        if self.foca.num_members() > 0 && self.foca.gossip(&mut rt).is_err() {
+        if self.foca.num_members() > 0 && self.foca.broadcast(&mut rt).is_err() {
             self.stats.dropped_protocol += 1;
         }
         self.absorb(rt, now);
@@ -1903,6 +1915,15 @@ impl Membership {
             }
         }
         for (after, timer) in rt.timers {
+            match &timer {
+                Timer::ProbeRandomMember(t)
+                | Timer::PeriodicAnnounce(t)
+                | Timer::PeriodicAnnounceDown(t)
+                | Timer::PeriodicGossip(t)
+                | Timer::SendIndirectProbe { token: t, .. }
+                | Timer::ChangeSuspectToDown { token: t, .. } => self.timer_token = Some(*t),
+                Timer::RemoveDown(_) => {}
+            }
             let after = match timer {
                 Timer::ProbeRandomMember(_) | Timer::SendIndirectProbe { .. } => {
                     after * self.multiplier()
@@ -1968,6 +1989,50 @@ impl Membership {
             // identity or incarnation moves.
             self.meta_sent = true;
             self.publish(now);
+        }
+    }
+
+    /// Gives each suspicion relayed to us its own suspicion timer, as memberlist does. foca
+    /// arms a timer only for its own failed probes and otherwise waits for someone's `Down`;
+    /// since a relayed `Down` is only a `Suspect` here, every node must be able to declare a
+    /// suspect down itself (by this timer, or by a quorum of signed witnesses). The timer
+    /// goes through [`Membership::fire`], so it waits the dynamic suspicion timeout and is
+    /// dropped if the suspicion was refuted.
+    fn arm_suspicions(&mut self, now: Instant) {
+        if self.relayed_suspicions.is_empty() {
+            return;
+        }
+        let Some(token) = self.timer_token else {
+            self.relayed_suspicions.clear();
+            return;
+        };
+        if self.armed.len() > 8192 {
+            self.armed.clear();
+        }
+        for (ident, inc) in std::mem::take(&mut self.relayed_suspicions) {
+            if self.armed.contains(&(ident.id, ident.bump, inc)) {
+                continue;
+            }
+            let held = self
+                .foca
+                .iter_members()
+                .any(|m| m.id() == &ident && m.incarnation() == inc && m.state() == State::Suspect);
+            if !held {
+                continue;
+            }
+            self.armed.insert((ident.id, ident.bump, inc));
+            self.timer_seq += 1;
+            self.timers.push(Pending {
+                deadline: now + self.config.suspicion_min,
+                seq: self.timer_seq,
+                created: now,
+                deferred: false,
+                timer: Timer::ChangeSuspectToDown {
+                    member_id: ident,
+                    incarnation: inc,
+                    token,
+                },
+            });
         }
     }
 
@@ -2386,6 +2451,12 @@ impl Membership {
             }
             let mut out = Vec::with_capacity(dump.members.len());
             for m in dump.members {
+                if m.id().id != me.id && m.state() != State::Alive && m.id().id != sender {
+                    // (a Down becomes a Suspect below)
+                    if within(sh.stated(&m.id().id), m.id(), m.incarnation()) {
+                        self.relayed_suspicions.push((*m.id(), m.incarnation()));
+                    }
+                }
                 match screen_member(&sh, m, Some(sender), &me) {
                     Screened::Keep(m) => out.push(m),
                     Screened::Rewritten(m) => {
@@ -2424,6 +2495,7 @@ impl Membership {
             self.stats.dropped_protocol += 1;
         }
         self.absorb(rt, now);
+        self.arm_suspicions(now);
         self.stats.pushpull_applied += 1;
         Ok(sender)
     }

@@ -305,6 +305,8 @@ struct Node {
 
 struct Sample {
     subject: NodeId,
+    /// The metadata version an update sample waits for (`None` for a crash sample).
+    version: Option<String>,
     start: Duration,
     seen: HashSet<usize>,
     need: usize,
@@ -667,10 +669,15 @@ impl Sim {
                     }
                 }
             }
-            Event::Updated(m) => {
+            // An update has arrived when the node reports the new version, as an update or
+            // in the Up of a member it has just (re)discovered.
+            Event::Updated(m) | Event::Up(m) => {
                 let version = m.metadata.as_ref().map(|d| d.version.clone());
-                for s in self.updates.iter_mut().filter(|s| s.subject == subj) {
-                    let _ = &version;
+                for s in self
+                    .updates
+                    .iter_mut()
+                    .filter(|s| s.subject == subj && s.version == version)
+                {
                     if s.seen.insert(observer) && s.seen.len() >= s.need && s.done.is_none() {
                         s.done = Some(now - s.start);
                         if self.debug && (now - s.start) > Duration::from_secs(3) {
@@ -705,6 +712,7 @@ impl Sim {
                     let need = self.need(i);
                     self.detect.push(Sample {
                         subject,
+                        version: None,
                         start: now,
                         seen: HashSet::new(),
                         need,
@@ -739,6 +747,7 @@ impl Sim {
                     let need = self.need(i);
                     self.updates.push(Sample {
                         subject: NodeId::from_index(i as u128 + 1),
+                        version: Some(meta.version.clone()),
                         start: now,
                         seen: HashSet::new(),
                         need,
@@ -1079,6 +1088,22 @@ impl Sim {
                 None if end - s.start > Duration::from_secs(10) => {
                     missed += 1;
                     dissem.push(f64::INFINITY);
+                    if self.debug {
+                        let missing: Vec<usize> = (0..self.nodes.len())
+                            .filter(|i| {
+                                self.nodes[*i].core.is_some()
+                                    && !s.seen.contains(i)
+                                    && id_of(*i) != s.subject
+                            })
+                            .collect();
+                        eprintln!(
+                            "update of {} at {:.1} s reached {} of {} needed; not at {missing:?}",
+                            s.subject,
+                            s.start.as_secs_f64(),
+                            s.seen.len(),
+                            s.need
+                        );
+                    }
                 }
                 None => {}
             }
