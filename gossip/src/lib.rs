@@ -59,6 +59,7 @@ pub mod identity;
 pub mod membership;
 pub mod node;
 mod peers;
+mod relay;
 pub mod seal;
 pub mod sim;
 

@@ -97,6 +97,7 @@ use crate::codec::{
 };
 use crate::identity::{Identity, Metadata, MetadataError, NodeId};
 use crate::peers::Peers;
+use crate::relay::RecordQueue;
 use crate::seal::{
     Keyring, Kind, OpenError, Opened, ReplayError, ReplayWindow, SealError, Sealer, Sequence,
     OVERHEAD,
@@ -537,6 +538,8 @@ struct Shared {
     quorums: Vec<(Identity, u16)>,
     /// Records just accepted: applied to foca where they say more than it holds.
     raised: Vec<Arc<NodeRecord>>,
+    /// Records just accepted from gossip: to spread on (see [`RecordQueue`]).
+    relay: Vec<Arc<NodeRecord>>,
     /// Our own identity and incarnation (what we stated last).
     own: (Identity, u16),
     counts: ItemCounts,
@@ -605,7 +608,16 @@ impl BroadcastHandler<Identity> for Handler {
             }));
         }
         let mut sh = lock(&self.shared);
-        Ok(sh.accept_item(item, self.me))
+        match item {
+            // Records are spread by the core itself, ahead of foca's updates.
+            Item::Node(rec) => {
+                if sh.accept_record(Arc::clone(&rec), self.me).is_some() {
+                    sh.relay.push(rec);
+                }
+                Ok(None)
+            }
+            item => Ok(sh.accept_item(item, self.me)),
+        }
     }
 }
 
@@ -813,6 +825,8 @@ pub struct Membership {
     timer_seq: u64,
     transmits: VecDeque<Transmit>,
     pushpulls: VecDeque<Peer>,
+    /// Signed records to spread, ours and relayed (see [`RecordQueue`]).
+    records: RecordQueue,
     events: VecDeque<Event>,
     /// The directory (also in `shared`, for the broadcast handler).
     admission: Admission,
@@ -939,6 +953,7 @@ impl Membership {
             fresh_suspects: Vec::new(),
             quorums: Vec::new(),
             raised: Vec::new(),
+            relay: Vec::new(),
             own: (setup.identity, 0),
             counts: ItemCounts::default(),
         }));
@@ -964,6 +979,7 @@ impl Membership {
             timer_seq: 0,
             transmits: VecDeque::new(),
             pushpulls: VecDeque::new(),
+            records: RecordQueue::new(me),
             events: VecDeque::new(),
             admission: setup.admission,
             crypto: setup.crypto,
@@ -1063,6 +1079,7 @@ impl Membership {
                     + self.transmits.capacity() * size_of::<Transmit>(),
             ),
             ("suspects", set(&self.suspects)),
+            ("record_queue", self.records.heap_bytes()),
             ("checks_pings", map(&self.checks) + map(&self.pings)),
             (
                 "timers",
@@ -1082,11 +1099,11 @@ impl Membership {
         s
     }
 
-    /// Pending membership updates and custom broadcasts (metadata, suspicions) to spread.
+    /// Pending membership updates, and signed items (node records and witnesses) to spread.
     pub fn backlog(&self) -> (usize, usize) {
         (
             self.foca.updates_backlog(),
-            self.foca.custom_broadcast_backlog(),
+            self.foca.custom_broadcast_backlog() + self.records.len(),
         )
     }
 
@@ -1186,6 +1203,7 @@ impl Membership {
             sh.admission = admission.clone();
         }
         self.sealer.set_directory(&admission);
+        self.records.retain(|id| admission.admits(id));
         if !removed.is_empty() {
             let mut rt = Collect::default();
             if self
@@ -1633,9 +1651,24 @@ impl Membership {
         if self.notes.is_some() {
             self.ctx = format!("timer {:?}", p.timer);
         }
+        let is_gossip = matches!(p.timer, Timer::PeriodicGossip(_));
         let mut rt = Collect::default();
         if self.foca.handle_timer(p.timer, &mut rt).is_err() {
             self.stats.dropped_protocol += 1;
+        }
+        if is_gossip
+            && !self.records.is_empty()
+            && self.foca.updates_backlog() == 0
+            && self.foca.custom_broadcast_backlog() == 0
+            && self.foca.num_members() > 0
+        {
+            // foca gossips only while its own queues hold something; our records are kept
+            // apart (see `RecordQueue`), so they ask for the gossip round themselves. Each
+            // datagram spends one of a record's transmissions: the bytes are those of a
+            // round foca would have made.
+            if self.foca.gossip(&mut rt).is_err() {
+                self.stats.dropped_protocol += 1;
+            }
         }
         self.absorb(rt, now);
         if is_probe && self.stats.probes_failed == before && self.config.local_health {
@@ -1801,10 +1834,9 @@ impl Membership {
     }
 
     /// Signs and spreads a new record of ourselves (identity, incarnation, metadata,
-    /// leaving), and sends it at once to a few members in datagrams of its own: foca puts
-    /// custom broadcasts after its membership updates, and after a join or a push-pull the
-    /// updates can fill every datagram for seconds. Members learn a new identity or
-    /// incarnation of ours only from this record (or from us directly).
+    /// leaving), at once to a few members and then with the other records
+    /// ([`RecordQueue`]). Members learn a new identity or incarnation of ours only from this
+    /// record (or from us directly).
     fn publish(&mut self, now: Instant) {
         self.my_seq += 1;
         let identity = *self.foca.identity();
@@ -1818,12 +1850,12 @@ impl Membership {
         );
         self.my_record = Arc::new(rec);
         lock(&self.shared).own = (identity, self.my_incarnation);
-        let item = Item::Node(Arc::clone(&self.my_record));
-        if self.foca.add_broadcast(&item.encode()).is_err() {
-            self.stats.dropped_protocol += 1;
-        }
+        self.records.push(
+            &self.my_record,
+            self.config.swim.max_transmissions.get().into(),
+        );
         let mut rt = Collect::default();
-        if self.foca.num_members() > 0 && self.foca.broadcast(&mut rt).is_err() {
+        if self.foca.num_members() > 0 && self.foca.gossip(&mut rt).is_err() {
             self.stats.dropped_protocol += 1;
         }
         self.absorb(rt, now);
@@ -1848,6 +1880,11 @@ impl Membership {
     fn absorb(&mut self, rt: Collect, now: Instant) {
         let identity = *self.foca.identity();
         let mut spoke = false;
+        let relay = std::mem::take(&mut lock(&self.shared).relay);
+        let tx: usize = self.config.swim.max_transmissions.get().into();
+        for rec in &relay {
+            self.records.push(rec, tx);
+        }
         for (to, data) in rt.sends {
             // foca tells a member we hold down that it is down (TurnUndead) when it talks to
             // us. When we hold many members down (10 % or more: a split, not one slow or
@@ -1876,6 +1913,7 @@ impl Membership {
             } else {
                 data
             };
+            let data = self.piggyback(data);
             if let Ok((h, _)) = codec::decode_header(&data) {
                 if h.src == identity {
                     self.my_incarnation = h.src_incarnation;
@@ -2081,6 +2119,62 @@ impl Membership {
             self.stats.dropped_protocol += 1;
         }
         self.absorb(rt, now);
+    }
+
+    /// Rewrites a datagram foca made: relayed `Alive` updates about other members
+    /// are left out (a receiver takes them only from the member's signed record, which
+    /// travels on its own), and signed records from [`RecordQueue`] go in ahead of foca's
+    /// custom broadcasts. If the datagram is full, some of foca's other updates make room,
+    /// up to half the datagram (foca sends each update many times; these lose one).
+    fn piggyback(&mut self, data: Vec<u8>) -> Vec<u8> {
+        let Ok((h, hlen)) = codec::decode_header(&data) else {
+            return data;
+        };
+        if matches!(h.message, Message::Announce | Message::TurnUndead) {
+            return data;
+        }
+        let me = self.foca.identity().id;
+        let max = self.config.swim.max_packet_size.get();
+        let mut r = Reader::new(&data[hlen..]);
+        let has_updates = h.message != Message::Broadcast && r.remaining() >= 2;
+        let mut members: Vec<Member<Identity>> = Vec::new();
+        if has_updates {
+            let Ok(n) = r.u16() else { return data };
+            for _ in 0..n {
+                match codec::get_member(&mut r) {
+                    Ok(m) => members.push(m),
+                    Err(_) => return data,
+                }
+            }
+        }
+        let tail = r.rest();
+        let before = members.len();
+        if h.message != Message::Feed {
+            members.retain(|m| m.state() != State::Alive || m.id().id == me);
+        }
+        if self.records.is_empty() && members.len() == before {
+            return data;
+        }
+        let head = hlen + if has_updates { 2 } else { 0 };
+        let mut used = head + members.iter().map(codec::member_len).sum::<usize>() + tail.len();
+        if let Some(smallest) = self.records.smallest() {
+            while used + smallest > max && !members.is_empty() && used + smallest > max / 2 {
+                if let Some(m) = members.pop() {
+                    used -= codec::member_len(&m);
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(max);
+        out.extend_from_slice(&data[..hlen]);
+        if has_updates {
+            out.extend_from_slice(&(members.len() as u16).to_be_bytes());
+            for m in &members {
+                codec_put_member(&mut out, m);
+            }
+        }
+        self.records.fill(&mut out, max.saturating_sub(used));
+        out.extend_from_slice(tail);
+        out
     }
 
     /// Lifeguard's buddy system: a probe (`Ping`, `IndirectPing`) to a member we hold as

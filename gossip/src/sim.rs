@@ -1108,6 +1108,41 @@ impl Sim {
                 None => {}
             }
         }
+        if self.debug && self.heal_start.is_some() {
+            let live = self.live_count();
+            let mut shown = 0;
+            for (i, n) in self.nodes.iter().enumerate() {
+                let Some(c) = n.core.as_ref() else { continue };
+                if c.num_active() + 1 < live && shown < 5 {
+                    shown += 1;
+                    let members = c.members();
+                    let missing: Vec<String> = members
+                        .iter()
+                        .filter(|m| m.state != crate::MemberState::Up)
+                        .take(8)
+                        .map(|m| {
+                            format!(
+                                "{}/{}/{:?} (it is at bump {})",
+                                m.id,
+                                m.bump,
+                                m.state,
+                                (u128::from_str_radix(m.id.as_str(), 36).unwrap_or(1) as usize)
+                                    .checked_sub(1)
+                                    .and_then(|j| self.nodes.get(j))
+                                    .and_then(|n| n.core.as_ref())
+                                    .map_or(0, |c| c.identity().bump)
+                            )
+                        })
+                        .collect();
+                    eprintln!(
+                        "not healed: node {i} (bump {}) holds {} active of {}; e.g. {missing:?}",
+                        c.identity().bump,
+                        c.num_active(),
+                        live - 1
+                    );
+                }
+            }
+        }
         let heal_p99 = self.heal_start.map(|_| {
             let mut v: Vec<f64> = self
                 .healed
@@ -1141,6 +1176,18 @@ impl Sim {
                 .map(|c| f(&c.stats()))
                 .sum()
         };
+        if self.debug {
+            eprintln!(
+                "auth: spoofed {} future {} bad_sig {} unproven {} unsealable {} renewal {} not_admitted {}",
+                sum(&|s| s.dropped_spoofed),
+                sum(&|s| s.dropped_future),
+                sum(&|s| s.items_bad_signature),
+                sum(&|s| s.items_unproven),
+                sum(&|s| s.dropped_unsealable),
+                sum(&|s| s.dropped_renewal),
+                sum(&|s| s.dropped_not_admitted)
+            );
+        }
         let records_dropped = sum(&|s| s.records_dropped);
         let records_rewritten = sum(&|s| s.records_rewritten);
         let auth_refused = sum(&|s| {
