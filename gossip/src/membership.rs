@@ -278,8 +278,11 @@ pub struct MemberInfo {
     pub id: NodeId,
     /// Its gossip address.
     pub addr: SocketAddr,
-    /// Its identity generation (rises each time it rejoins).
+    /// Its identity generation (rises each time it restarts).
     pub bump: u32,
+    /// Its SWIM incarnation as we hold it (rises each time it refutes a suspicion; a member
+    /// declared down comes back at a higher one).
+    pub incarnation: u16,
     /// Its state.
     pub state: MemberState,
     /// Its metadata; always `Some` in an [`Event`], `None` in [`Membership::members`] until
@@ -373,6 +376,9 @@ pub struct Stats {
     /// Signed items (node records, witnesses) whose signature did not verify under the
     /// directory's key of their author.
     pub items_bad_signature: u64,
+    /// Members we held down and took back up: their signed record refuted, at a higher
+    /// incarnation, the suspicion that had them declared down.
+    pub revived: u64,
     /// Witnesses dropped without verifying: they suspect a (bump, incarnation) their subject
     /// never stated.
     pub items_unproven: u64,
@@ -791,6 +797,9 @@ struct Pending {
     seq: u64,
     created: Instant,
     deferred: bool,
+    /// Our own timer for a suspicion relayed to us (see [`Membership::arm_suspicions`]),
+    /// not one foca armed for its own failed probe.
+    relayed: bool,
     timer: Timer<Identity>,
 }
 
@@ -841,8 +850,10 @@ pub struct Membership {
     /// We left on purpose: every record we sign says so.
     left: bool,
     meta_sent: bool,
-    /// When we last renewed our identity (see [`RENEW_HOLD`]).
+    /// When we last answered a "you are down" (see [`RENEW_HOLD`]).
     renewed: Option<Instant>,
+    /// A "you are down" arrived: refute once foca has handled the datagram.
+    refute: bool,
     /// Wall clock (milliseconds since the Unix epoch) at the instant `wall_at`.
     wall_ms: u64,
     wall_at: Instant,
@@ -990,6 +1001,7 @@ impl Membership {
             left: false,
             meta_sent: false,
             renewed: None,
+            refute: false,
             wall_ms: setup.wall_ms,
             wall_at: now,
             last_suspected: None,
@@ -1121,6 +1133,7 @@ impl Membership {
                 id: m.id().id,
                 addr: m.id().socket_addr(),
                 bump: m.id().bump,
+                incarnation: m.incarnation(),
                 state: match m.state() {
                     State::Alive => MemberState::Up,
                     State::Suspect => MemberState::Suspect,
@@ -1318,6 +1331,9 @@ impl Membership {
         let res = self.foca.handle_data(plain, &mut rt);
         self.absorb(rt, now);
         self.arm_suspicions(now);
+        if std::mem::take(&mut self.refute) {
+            self.refute_now(now);
+        }
         match res {
             Ok(()) => Ok(()),
             Err(foca::Error::Decode(e)) | Err(foca::Error::CustomBroadcast(e)) => {
@@ -1355,7 +1371,9 @@ impl Membership {
                 ahead_s: (seq.epoch - wall) / 1000,
             });
         }
-        if header.message == Message::TurnUndead
+        let me = *self.foca.identity();
+        let turn_undead = header.message == Message::TurnUndead && header.dst == me;
+        if turn_undead
             && self
                 .renewed
                 .is_some_and(|t| now.saturating_duration_since(t) < RENEW_HOLD)
@@ -1363,10 +1381,21 @@ impl Membership {
             return Err(RecvError::RenewalHeld(sender));
         }
         self.check_sender(sender, seq, header.src, header.src_incarnation)?;
+        if turn_undead {
+            // "You are down": we refute (a higher incarnation, in a new signed record that
+            // takes us back up wherever we are held down) instead of letting foca renew our
+            // identity. foca sees an empty gossip from the sender.
+            self.renewed = Some(now);
+            self.refute = true;
+            let mut h = header;
+            h.message = Message::Gossip;
+            return Ok(Some(codec::encode_header(&h)));
+        }
         if !self.checks.is_empty() {
             self.checks.remove(&sender);
         }
-        let me = *self.foca.identity();
+        let broadcast = header.message == Message::Broadcast;
+        self.take_own_record(sender, &plain[hlen..], broadcast, now);
         let mut r = Reader::new(&plain[hlen..]);
         if r.remaining() < 2 || header.message == Message::Broadcast {
             return Ok(None);
@@ -1599,7 +1628,17 @@ impl Membership {
             ..
         } = &p.timer
         {
-            let due = p.created + self.suspicion_timeout(member_id, *incarnation, p.created);
+            // A suspicion someone else raised waits the whole suspicion_max here: the
+            // witnesses that shorten it only count through the quorum rule, as before
+            // relayed Downs became suspicions (the prober's own timer, stretched by its
+            // local health, was what declared; a slow prober must not make every healthy
+            // node declare at the minimum).
+            let timeout = if p.relayed {
+                self.config.suspicion_max * self.multiplier()
+            } else {
+                self.suspicion_timeout(member_id, *incarnation, p.created)
+            };
+            let due = p.created + timeout;
             if due > now {
                 p.deadline = due;
                 self.push_pending(p);
@@ -1974,6 +2013,7 @@ impl Membership {
                 seq: self.timer_seq,
                 created: now,
                 deferred: false,
+                relayed: false,
                 timer,
             });
         }
@@ -2030,12 +2070,73 @@ impl Membership {
         }
     }
 
+    /// Makes foca refute a suspicion of our current incarnation (it raises it and gossips;
+    /// `absorb` then signs and spreads our new record).
+    fn refute_now(&mut self, now: Instant) {
+        let me = Member::new(*self.foca.identity(), self.my_incarnation, State::Suspect);
+        let mut rt = Collect::default();
+        if self
+            .foca
+            .apply_many(std::iter::once(me), true, &mut rt)
+            .is_err()
+        {
+            self.stats.dropped_protocol += 1;
+        }
+        self.absorb(rt, now);
+    }
+
+    /// A datagram from a member foca holds down is ignored by foca, payload included, so a
+    /// member that refuted after being declared down could never say so to anyone who holds
+    /// it down. Its own signed record in the datagram is therefore taken here first: if it
+    /// refutes the down, the member is up again before foca looks at the datagram.
+    fn take_own_record(&mut self, sender: NodeId, rest: &[u8], broadcast: bool, now: Instant) {
+        let mut r = Reader::new(rest);
+        if !broadcast && r.remaining() >= 2 {
+            let Ok(n) = r.u16() else { return };
+            for _ in 0..n {
+                if codec::get_member(&mut r).is_err() {
+                    return;
+                }
+            }
+        }
+        let mut own = None;
+        while r.remaining() > 2 {
+            let Ok(len) = r.u16() else { return };
+            let Ok(bytes) = r.take(usize::from(len)) else {
+                return;
+            };
+            if let Ok(Item::Node(rec)) = Item::decode(bytes) {
+                if rec.subject.id == sender {
+                    own = Some(rec);
+                }
+            }
+        }
+        let Some(rec) = own else { return };
+        let down = self
+            .foca
+            .iter_membership_state()
+            .any(|m| m.id().id == sender && m.state() == State::Down);
+        if !down {
+            return;
+        }
+        let me = self.foca.identity().id;
+        let raised = {
+            let mut sh = lock(&self.shared);
+            if sh.accept_record(Arc::clone(&rec), me).is_none() {
+                return;
+            }
+            sh.relay.push(rec);
+            std::mem::take(&mut sh.raised)
+        };
+        self.apply_records(raised, now);
+    }
+
     /// Gives each suspicion relayed to us its own suspicion timer, as memberlist does. foca
     /// arms a timer only for its own failed probes and otherwise waits for someone's `Down`;
     /// since a relayed `Down` is only a `Suspect` here, every node must be able to declare a
-    /// suspect down itself (by this timer, or by a quorum of signed witnesses). The timer
-    /// goes through [`Membership::fire`], so it waits the dynamic suspicion timeout and is
-    /// dropped if the suspicion was refuted.
+    /// suspect down itself: by a quorum of signed witnesses (the fast path), or by this
+    /// timer, which waits `suspicion_max` (stretched by our local health) and is dropped if
+    /// the suspicion was refuted meanwhile (see [`Membership::fire`]).
     fn arm_suspicions(&mut self, now: Instant) {
         if self.relayed_suspicions.is_empty() {
             return;
@@ -2061,10 +2162,11 @@ impl Membership {
             self.armed.insert((ident.id, ident.bump, inc));
             self.timer_seq += 1;
             self.timers.push(Pending {
-                deadline: now + self.config.suspicion_min,
+                deadline: now + self.config.suspicion_max * self.multiplier(),
                 seq: self.timer_seq,
                 created: now,
                 deferred: false,
+                relayed: true,
                 timer: Timer::ChangeSuspectToDown {
                     member_id: ident,
                     incarnation: inc,
@@ -2095,12 +2197,23 @@ impl Membership {
                 .collect()
         };
         let mut updates = Vec::new();
+        let mut revive = Vec::new();
         for r in records {
             let held = view.get(&r.subject.id);
             if r.leaving {
                 // Its own signed word: apply its Down here (others do the same).
                 if held.is_some_and(|(id, _, st)| *id == r.subject && *st != State::Down) {
                     updates.push(Member::new(r.subject, r.incarnation, State::Down));
+                }
+            } else if let Some((id, inc, State::Down)) = held {
+                // Declared down at an incarnation it has since refuted, in its own signed
+                // word: it is alive (Lifeguard's and memberlist's rule; foca keeps a down
+                // identity down, so the record is removed and the member added again).
+                if *id == r.subject && r.incarnation > *inc {
+                    revive.push(*id);
+                    updates.push(Member::new(r.subject, r.incarnation, State::Alive));
+                } else if r.subject.newer_than(id) {
+                    updates.push(Member::new(r.subject, r.incarnation, State::Alive));
                 }
             } else if held.is_none_or(|(id, inc, _)| later((r.subject, r.incarnation), (*id, *inc)))
             {
@@ -2111,6 +2224,16 @@ impl Membership {
             return;
         }
         let mut rt = Collect::default();
+        for id in revive {
+            self.stats.revived += 1;
+            if self
+                .foca
+                .handle_timer(Timer::RemoveDown(id), &mut rt)
+                .is_err()
+            {
+                self.stats.dropped_protocol += 1;
+            }
+        }
         if self
             .foca
             .apply_many(updates.into_iter(), false, &mut rt)
@@ -2276,6 +2399,11 @@ impl Membership {
             id: ident.id,
             addr: ident.socket_addr(),
             bump: ident.bump,
+            incarnation: self
+                .foca
+                .iter_membership_state()
+                .find(|m| m.id() == ident)
+                .map_or(0, |m| m.incarnation()),
             state,
             metadata: lock(&self.shared)
                 .peers

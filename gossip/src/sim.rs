@@ -206,12 +206,14 @@ pub struct Report {
     /// Samples of the above that did not reach 99.9% before the run ended.
     pub disseminate_missed: usize,
     /// False Downs as the targets mean them: healthy members declared down by anyone.
-    /// Counted once per member identity (node and bump) that at least one node reported
+    /// Counted once per member incarnation (node, bump, incarnation: a member declared down
+    /// comes back at a higher incarnation, or after a restart at a higher bump) that at
+    /// least one node reported
     /// `Down` while it was healthy: not crashed, not a slow reader, not stalled within the
     /// last 10 s (a stalling node's stalls are 0.5 to 4 s apart, so from its first stall on
     /// it never counts as healthy), and not across an active partition from the reporter.
     pub false_downs: u64,
-    /// The stalling or slow nodes' own downs (distinct node and bump), kept apart from
+    /// The stalling or slow nodes' own downs (distinct node, bump and incarnation), kept apart from
     /// `false_downs` (stall: the node was unresponsive; slow: it answered too late).
     pub stalled_downs: u64,
     /// The same false Downs counted per reporter: the number of `Down` events about healthy
@@ -341,9 +343,9 @@ pub struct Sim {
     schedule: u64,
     detect: Vec<Sample>,
     updates: Vec<Sample>,
-    false_downs: HashSet<(NodeId, u32)>,
+    false_downs: HashSet<(NodeId, u32, u16)>,
     false_down_events: u64,
-    slow_downs: HashSet<(NodeId, u32)>,
+    slow_downs: HashSet<(NodeId, u32, u16)>,
     max_datagram: usize,
     datagrams: u64,
     heal_start: Option<Duration>,
@@ -628,6 +630,7 @@ impl Sim {
         };
         let subj = info.id;
         let info_bump = info.bump;
+        let info_inc = info.incarnation;
         let subj_index =
             (u128::from_str_radix(subj.as_str(), 36).unwrap_or(0) as usize).wrapping_sub(1);
         self.mix(observer as u64 * 8 + kind, subj_index as u64);
@@ -645,16 +648,16 @@ impl Sim {
                             .last_stall_end
                             .is_some_and(|end| now < end + Duration::from_secs(10));
                     if slow {
-                        self.slow_downs.insert((subj, info_bump));
+                        self.slow_downs.insert((subj, info_bump, info_inc));
                     } else if !split {
-                        if self.debug && !self.false_downs.contains(&(subj, info_bump)) {
+                        if self.debug && !self.false_downs.contains(&(subj, info_bump, info_inc)) {
                             eprintln!(
-                                "{:.3} FALSE DOWN {subj} bump {info_bump} first seen by node {observer}",
+                                "{:.3} FALSE DOWN {subj} bump {info_bump} inc {info_inc} first seen by node {observer}",
                                 now.as_secs_f64()
                             );
                         }
                         self.false_down_events += 1;
-                        self.false_downs.insert((subj, info_bump));
+                        self.false_downs.insert((subj, info_bump, info_inc));
                     }
                 }
                 for s in self.detect.iter_mut().filter(|s| s.subject == subj) {
