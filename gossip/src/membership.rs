@@ -865,7 +865,7 @@ pub struct Membership {
     /// When we first heard of each suspicion (for the quorum rule's minimum wait).
     heard: HashMap<(NodeId, u32, u16), Instant>,
     /// Flap damping: when we last saw each member go down, or suspected it while damped.
-    flapped: HashMap<NodeId, Instant>,
+    flapped: HashMap<NodeId, Flapped>,
     /// When `flapped` was last pruned.
     flapped_pruned: Option<Instant>,
     /// Quorum declarations waiting for `suspicion_min` to pass.
@@ -887,6 +887,15 @@ pub struct Membership {
     /// What is being handled, for the debug notes.
     ctx: String,
     stats: Stats,
+}
+
+/// Flap damping's memory of a member: when it was last seen down (or suspected while
+/// damped), and the identity and incarnation it went down at. Only suspicions of a later
+/// incarnation are damped: the one that had it declared down, still running here, is not.
+#[derive(Debug, Clone, Copy)]
+struct Flapped {
+    at: Instant,
+    down: (Identity, u16),
 }
 
 /// A confirmation probe in flight.
@@ -1403,6 +1412,7 @@ impl Membership {
         let n = r.u16()?;
         let mut updates: Vec<Member<Identity>> = Vec::with_capacity(usize::from(n));
         let mut rewrite = false;
+        let mut downed: Vec<(Identity, u16)> = Vec::new();
         {
             let sh = lock(&self.shared);
             for _ in 0..n {
@@ -1412,6 +1422,9 @@ impl Membership {
                     Screened::Rewritten(m) => {
                         self.stats.records_rewritten += 1;
                         rewrite = true;
+                        if m.id().id != me.id {
+                            downed.push((*m.id(), m.incarnation()));
+                        }
                         updates.push(m);
                     }
                     Screened::NotAdmitted => {
@@ -1424,6 +1437,13 @@ impl Membership {
                     }
                 }
             }
+        }
+        for (member, inc) in downed {
+            // Someone declared it down: flap damping treats it as seen down, as it did when
+            // relayed Downs were taken as they came (otherwise the nodes that did not declare
+            // it themselves would not damp its next pause). The suspicion running now is not
+            // damped, only the ones after it refutes.
+            self.flapped(member, inc, now);
         }
         for m in &updates {
             if m.id().id != me.id && m.state() == State::Suspect {
@@ -1574,8 +1594,11 @@ impl Membership {
                 .entry((subject.id, subject.bump, *inc))
                 .or_insert(now);
             self.suspects.insert(subject.id);
-            if self.damped(&subject.id, now) {
-                self.flapped(subject.id, now);
+            if self.damped(subject, *inc, now) {
+                // Each suspicion of a damped member starts the period again.
+                if let Some(f) = self.flapped.get_mut(&subject.id) {
+                    f.at = now;
+                }
             }
         }
         if fresh.is_empty() || self.config.confirm_probes == 0 || !self.config.dynamic_suspicion {
@@ -1783,20 +1806,21 @@ impl Membership {
     /// not a host that pauses), nobody is damped: the fast path is what brings the two sides
     /// back together (with damping there, the N = 1000 partition heal p99 went from 22.75 to
     /// 32.75 s).
-    fn damped(&self, id: &NodeId, at: Instant) -> bool {
+    fn damped(&self, member: &Identity, incarnation: u16, at: Instant) -> bool {
         let recent = self.flapped.len();
         let many = recent >= 3 && recent * 10 >= self.foca.num_members().max(1);
         self.config.flap_damping.is_some_and(|window| {
             !many
-                && self
-                    .flapped
-                    .get(id)
-                    .is_some_and(|t| at.saturating_duration_since(*t) <= window)
+                && self.flapped.get(&member.id).is_some_and(|f| {
+                    at.saturating_duration_since(f.at) <= window
+                        && later((*member, incarnation), f.down)
+                })
         })
     }
 
-    /// Flap damping: records that `id` went down (or was suspected while damped) at `now`.
-    fn flapped(&mut self, id: NodeId, now: Instant) {
+    /// Flap damping: records that `member` went down at `incarnation`, at `now` (seen by us,
+    /// or declared by someone whose `Down` reached us).
+    fn flapped(&mut self, member: Identity, incarnation: u16, now: Instant) {
         if self.config.flap_damping.is_some() {
             self.prune_flapped(now);
             if self.flapped.len() > 8192 {
@@ -1804,7 +1828,11 @@ impl Membership {
                 // during which damping is off anyway.
                 self.flapped.clear();
             }
-            self.flapped.insert(id, now);
+            let down = match self.flapped.get(&member.id) {
+                Some(f) if later(f.down, (member, incarnation)) => f.down,
+                _ => (member, incarnation),
+            };
+            self.flapped.insert(member.id, Flapped { at: now, down });
         }
     }
 
@@ -1824,7 +1852,7 @@ impl Membership {
         }
         self.flapped_pruned = Some(now);
         self.flapped
-            .retain(|_, t| now.saturating_duration_since(*t) <= window);
+            .retain(|_, f| now.saturating_duration_since(f.at) <= window);
     }
 
     fn suspicion_timeout(&self, member: &Identity, incarnation: u16, created: Instant) -> Duration {
@@ -1832,7 +1860,7 @@ impl Membership {
         // witnesses count for nothing.
         if !self.config.dynamic_suspicion
             || self.witnesses_stale(member, incarnation, created)
-            || self.damped(&member.id, created)
+            || self.damped(member, incarnation, created)
         {
             return self.config.suspicion_max * self.multiplier();
         }
@@ -2037,7 +2065,7 @@ impl Membership {
             quorums.clear();
         }
         quorums.retain(|(subject, inc)| {
-            !self.witnesses_stale(subject, *inc, now) && !self.damped(&subject.id, now)
+            !self.witnesses_stale(subject, *inc, now) && !self.damped(subject, *inc, now)
         });
         for (subject, inc) in quorums {
             let heard = self
@@ -2471,7 +2499,12 @@ impl Membership {
                     .record(&ident.id)
                     .is_some_and(|r| r.leaving);
                 if !leaving {
-                    self.flapped(ident.id, now);
+                    let inc = self
+                        .foca
+                        .iter_membership_state()
+                        .find(|m| m.id() == &ident)
+                        .map_or(0, |m| m.incarnation());
+                    self.flapped(ident, inc, now);
                 }
                 if let Some(announced) = was_up {
                     if announced {
@@ -2666,6 +2699,7 @@ impl Membership {
             self.stats.dropped_decode += 1;
         })?;
         let me = *self.foca.identity();
+        let mut downed: Vec<(Identity, u16)> = Vec::new();
         let admitted: Vec<Member<Identity>> = {
             let mut sh = lock(&self.shared);
             for r in dump.records {
@@ -2683,6 +2717,9 @@ impl Membership {
                     Screened::Keep(m) => out.push(m),
                     Screened::Rewritten(m) => {
                         self.stats.records_rewritten += 1;
+                        if m.id().id != me.id {
+                            downed.push((*m.id(), m.incarnation()));
+                        }
                         out.push(m);
                     }
                     Screened::NotAdmitted => self.stats.dropped_not_admitted += 1,
@@ -2691,6 +2728,9 @@ impl Membership {
             }
             out
         };
+        for (member, inc) in downed {
+            self.flapped(member, inc, now);
+        }
         if self.notes.is_some() {
             let downs: Vec<String> = admitted
                 .iter()

@@ -323,25 +323,33 @@ fn relayed_down_and_inflated_records_leave_the_victim_up_with_its_bump() {
     assert_eq!(net.nodes[victim].identity().bump, subject.bump);
 }
 
-/// Defence: renewals on a member's "you are down" are held for `RENEW_HOLD`. A member tells
-/// the victim it is down twice in a row: the victim renews once, not twice.
+/// Defences: a member's "you are down" makes us refute (a higher incarnation in a new
+/// signed record), never renew our identity; and it is heeded at most once per
+/// `RENEW_HOLD`. A member tells the victim it is down twice in a row: the victim keeps its
+/// bump, refutes once, and drops the second.
 #[test]
-fn a_member_cannot_make_another_renew_again_and_again() {
+fn a_member_cannot_make_another_renew_or_refute_again_and_again() {
     let mut net = Net::joined(3);
     let victim = 1;
     let mut f = Forger::new(ATTACKER, WALL0 + 50);
     let b0 = net.nodes[victim].identity().bump;
+    let i0 = net.nodes[victim].incarnation();
     let me = f.identity();
     let dst = *net.nodes[victim].identity();
     let d = f.datagram(&dst, me, Message::TurnUndead, &[], &[]);
     net.deliver(victim, &d);
-    assert_eq!(net.nodes[victim].identity().bump, b0 + 1);
+    assert_eq!(net.nodes[victim].identity().bump, b0);
+    assert_eq!(net.nodes[victim].incarnation(), i0 + 1);
     net.run(Duration::from_secs(2));
     let dst = *net.nodes[victim].identity();
     let d = f.datagram(&dst, me, Message::TurnUndead, &[], &[]);
     assert!(!net.deliver(victim, &d));
-    assert_eq!(net.nodes[victim].identity().bump, b0 + 1);
+    assert_eq!(net.nodes[victim].identity().bump, b0);
+    assert_eq!(net.nodes[victim].incarnation(), i0 + 1);
     assert_eq!(net.nodes[victim].stats().dropped_renewal, 1);
+    for i in others(&net, victim) {
+        assert!(!net.saw_down(i, victim), "node {i}");
+    }
 }
 
 /// Defence: the directory. A node with the gossip key but not in the directory (a stranger,
