@@ -10,7 +10,9 @@
 //! item      = 1 record | 2 subject:identity incarnation u16 from:node_id[25] sig[64]
 //! record    = subject:identity incarnation u16 seq u64 flags u8 meta sig[64]   (node record)
 //! meta      = family ip port u16 incarnation[16] role u8 len u8 version[len]
-//! state     = version(1) count u32 member* count u32 (1 record)*        (push-pull)
+//! state     = version(1) count u32 (kind u8 1 record)* count u32 member*   (push-pull)
+//!             kind 1: the record only; kind 2: the record and an alive member entry at
+//!             exactly its identity and incarnation (not listed again)
 //! ```
 //!
 //! Signatures (Ed25519, by the node the item speaks for; see [`NodeRecord::signed_bytes`]
@@ -25,6 +27,7 @@
 //! updates and the custom broadcasts. Decoding never panics: every read is bounds checked and
 //! every error is a [`DecodeError`].
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
@@ -669,26 +672,55 @@ const MIN_MEMBER_LEN: usize = NODE_ID_LEN + 5 + 2 + 4 + 3;
 /// Smallest encoded record (IPv4, empty version string).
 const MIN_RECORD_LEN: usize = 1 + NODE_ID_LEN + 5 + 2 + 4 + 2 + 8 + 1 + 5 + 2 + 16 + 2 + 64;
 
+/// A push-pull record whose member entry, if any, is in the member list.
+const RECORD_ONLY: u8 = 1;
+/// A push-pull record whose node the sender holds alive at exactly the record's identity
+/// and incarnation: that member entry is not sent (it is most of them, and 39 bytes each).
+const RECORD_ALIVE: u8 = 2;
+
 impl StateDump {
-    /// Encodes the state.
+    /// Encodes the state: the records, each saying whether it also stands for an alive
+    /// member entry, then the member entries it does not stand for.
     pub fn encode(&self) -> Vec<u8> {
+        let implied: HashMap<NodeId, usize> = self
+            .members
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.state() == State::Alive)
+            .map(|(i, m)| (m.id().id, i))
+            .collect();
+        let mut skip = vec![false; self.members.len()];
         let len = 9
             + self.members.iter().map(member_len).sum::<usize>()
-            + self.records.iter().map(|r| r.item_len()).sum::<usize>();
+            + self.records.iter().map(|r| 1 + r.item_len()).sum::<usize>();
         let mut v = Vec::with_capacity(len);
         v.put_u8(VERSION);
-        v.put_u32(self.members.len() as u32);
-        for m in &self.members {
-            put_member(&mut v, m);
-        }
         v.put_u32(self.records.len() as u32);
         for r in &self.records {
+            let alive = implied.get(&r.subject.id).copied().filter(|i| {
+                let m = &self.members[*i];
+                !skip[*i] && *m.id() == r.subject && m.incarnation() == r.incarnation
+            });
+            match alive {
+                Some(i) => {
+                    skip[i] = true;
+                    v.put_u8(RECORD_ALIVE);
+                }
+                None => v.put_u8(RECORD_ONLY),
+            }
             put_record(&mut v, r);
+        }
+        let rest = skip.iter().filter(|s| !**s).count();
+        v.put_u32(rest as u32);
+        for (m, _) in self.members.iter().zip(&skip).filter(|(_, s)| !**s) {
+            put_member(&mut v, m);
         }
         v
     }
 
-    /// Decodes a state that fills `data` exactly.
+    /// Decodes a state that fills `data` exactly. Members a record stands for come after
+    /// the listed ones. Only the canonical encoding decodes (a listed member that its
+    /// node's record could have stood for is an error).
     pub fn decode(data: &[u8]) -> Result<StateDump, DecodeError> {
         let mut r = Reader::new(data);
         let v = r.u8()?;
@@ -697,32 +729,71 @@ impl StateDump {
         }
         let n = r.u32()?;
         if n > MAX_STATE_ENTRIES {
-            return Err(DecodeError::TooLong("push-pull member count"));
-        }
-        // Never allocate more than the input can hold.
-        let mut members = Vec::with_capacity((n as usize).min(r.remaining() / MIN_MEMBER_LEN));
-        for _ in 0..n {
-            members.push(get_member(&mut r)?);
-        }
-        let n = r.u32()?;
-        if n > MAX_STATE_ENTRIES {
             return Err(DecodeError::TooLong("push-pull record count"));
         }
+        // Never allocate more than the input can hold.
         let mut records = Vec::with_capacity((n as usize).min(r.remaining() / MIN_RECORD_LEN));
+        let mut implied = Vec::new();
+        // Per node: the record's identity and incarnation, and whether it stands for the
+        // node's alive entry.
+        let mut stands: HashMap<NodeId, (Identity, u16, bool)> = HashMap::new();
         for _ in 0..n {
-            match r.u8()? {
-                1 => records.push(Arc::new(get_record_body(&mut r)?)),
+            let tag = r.u8()?;
+            if r.u8()? != 1 {
+                return Err(DecodeError::Tag {
+                    what: "push-pull record",
+                    tag: 0,
+                });
+            }
+            let rec = Arc::new(get_record_body(&mut r)?);
+            let alive = match tag {
+                RECORD_ONLY => false,
+                RECORD_ALIVE => true,
                 tag => {
                     return Err(DecodeError::Tag {
                         what: "push-pull record",
                         tag,
                     })
                 }
+            };
+            if alive {
+                implied.push(Member::new(rec.subject, rec.incarnation, State::Alive));
             }
+            let e = stands
+                .entry(rec.subject.id)
+                .or_insert((rec.subject, rec.incarnation, false));
+            *e = (rec.subject, rec.incarnation, e.2 || alive);
+            records.push(rec);
+        }
+        let n = r.u32()?;
+        if n > MAX_STATE_ENTRIES {
+            return Err(DecodeError::TooLong("push-pull member count"));
+        }
+        let mut members = Vec::with_capacity(
+            (n as usize).min(r.remaining() / MIN_MEMBER_LEN) + implied.len(),
+        );
+        for _ in 0..n {
+            let m = get_member(&mut r)?;
+            if let Some((ident, inc, used)) = stands.get(&m.id().id) {
+                // Canonical form: a record stands for its node's alive entry at exactly its
+                // identity and incarnation whenever it can.
+                if !*used
+                    && m.state() == State::Alive
+                    && m.id() == ident
+                    && m.incarnation() == *inc
+                {
+                    return Err(DecodeError::Tag {
+                        what: "push-pull member (not canonical)",
+                        tag: 0,
+                    });
+                }
+            }
+            members.push(m);
         }
         if r.remaining() != 0 {
             return Err(DecodeError::Trailing(r.remaining()));
         }
+        members.extend(implied);
         Ok(StateDump { members, records })
     }
 }
@@ -918,17 +989,43 @@ mod tests {
         }
         let mut zeroed = rec.clone();
         zeroed.meta.public_key = [0; 32];
+        let mut members: Vec<Member<Identity>> = (0..20)
+            .map(|i| Member::new(ident(i, i % 2 == 0), i as u16, State::Alive))
+            .collect();
+        // the record's node alive at exactly its identity and incarnation: not listed
+        members.push(Member::new(zeroed.subject, zeroed.incarnation, State::Alive));
         let dump = StateDump {
-            members: (0..20)
-                .map(|i| Member::new(ident(i, i % 2 == 0), i as u16, State::Alive))
-                .collect(),
-            records: vec![Arc::new(zeroed)],
+            members,
+            records: vec![Arc::new(zeroed.clone())],
         };
         let b = dump.encode();
-        assert_eq!(StateDump::decode(&b).unwrap(), dump);
+        assert_eq!(b.len(), 1 + 4 + 1 + zeroed.item_len() + 4 + 20 * member_len(&dump.members[0]) - 20 * 12 + 10 * 12);
+        let back = StateDump::decode(&b).unwrap();
+        assert_eq!(back.records, dump.records);
+        let key = |m: &Member<Identity>| (m.id().id, m.incarnation());
+        let (mut want, mut got) = (dump.members.clone(), back.members.clone());
+        want.sort_by_key(key);
+        got.sort_by_key(key);
+        assert_eq!(got, want);
+        assert_eq!(back.encode(), b, "canonical");
         let mut long = b.clone();
         long.push(0);
         assert_eq!(StateDump::decode(&long), Err(DecodeError::Trailing(1)));
+        // the record's alive member listed instead of implied: not canonical
+        let mut listed = vec![VERSION];
+        listed.extend_from_slice(&1u32.to_be_bytes());
+        listed.push(RECORD_ONLY);
+        listed.extend_from_slice(&Item::Node(Arc::new(zeroed.clone())).encode());
+        listed.extend_from_slice(&1u32.to_be_bytes());
+        put_member(
+            &mut listed,
+            &Member::new(zeroed.subject, zeroed.incarnation, State::Alive),
+        );
+        assert!(StateDump::decode(&listed).is_err());
+        // and as a suspect it must be listed
+        let n = listed.len();
+        listed[n - 1] = 1;
+        assert_eq!(StateDump::decode(&listed).unwrap().encode(), listed);
     }
 
     #[test]
