@@ -769,18 +769,14 @@ impl StateDump {
         if n > MAX_STATE_ENTRIES {
             return Err(DecodeError::TooLong("push-pull member count"));
         }
-        let mut members = Vec::with_capacity(
-            (n as usize).min(r.remaining() / MIN_MEMBER_LEN) + implied.len(),
-        );
+        let mut members =
+            Vec::with_capacity((n as usize).min(r.remaining() / MIN_MEMBER_LEN) + implied.len());
         for _ in 0..n {
             let m = get_member(&mut r)?;
             if let Some((ident, inc, used)) = stands.get(&m.id().id) {
                 // Canonical form: a record stands for its node's alive entry at exactly its
                 // identity and incarnation whenever it can.
-                if !*used
-                    && m.state() == State::Alive
-                    && m.id() == ident
-                    && m.incarnation() == *inc
+                if !*used && m.state() == State::Alive && m.id() == ident && m.incarnation() == *inc
                 {
                     return Err(DecodeError::Tag {
                         what: "push-pull member (not canonical)",
@@ -993,13 +989,21 @@ mod tests {
             .map(|i| Member::new(ident(i, i % 2 == 0), i as u16, State::Alive))
             .collect();
         // the record's node alive at exactly its identity and incarnation: not listed
-        members.push(Member::new(zeroed.subject, zeroed.incarnation, State::Alive));
+        members.push(Member::new(
+            zeroed.subject,
+            zeroed.incarnation,
+            State::Alive,
+        ));
         let dump = StateDump {
             members,
             records: vec![Arc::new(zeroed.clone())],
         };
         let b = dump.encode();
-        assert_eq!(b.len(), 1 + 4 + 1 + zeroed.item_len() + 4 + 20 * member_len(&dump.members[0]) - 20 * 12 + 10 * 12);
+        assert_eq!(
+            b.len(),
+            1 + 4 + 1 + zeroed.item_len() + 4 + 20 * member_len(&dump.members[0]) - 20 * 12
+                + 10 * 12
+        );
         let back = StateDump::decode(&b).unwrap();
         assert_eq!(back.records, dump.records);
         let key = |m: &Member<Identity>| (m.id().id, m.incarnation());

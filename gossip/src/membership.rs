@@ -1085,8 +1085,8 @@ impl Membership {
             ("senders", map(&sh.senders)),
             (
                 "pair_keys",
-                // entry, X25519 result and one gossip key's two ciphers, plus the map slot
-                self.sealer.pairs_cached() * (size_of::<NodeId>() + 8 + 32 + 32 + 24 + 72 + 1),
+                // entry (key, directory key, tick, Vec) and one gossip key's two ciphers
+                self.sealer.pairs_cached() * (size_of::<NodeId>() + 32 + 8 + 24 + 72 + 1),
             ),
             (
                 "confirms",

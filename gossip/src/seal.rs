@@ -12,9 +12,8 @@
 //! static keys as input, and both node IDs (sender first) in the info. A node holding the
 //! gossip key but not one end's X25519 secret can neither read nor forge a pair's messages,
 //! so a message that opens under the pair key of sender S came from S. [`Sealer`] caches the
-//! X25519 result per peer and the derived keys per (peer, gossip key), drops them when the
-//! peer leaves the directory or changes key, or the gossip key leaves the ring, and keeps at
-//! most [`PAIR_CACHE`] peers.
+//! derived keys per (peer, gossip key), drops them when the peer leaves the directory or
+//! changes key, or the gossip key leaves the ring, and keeps at most [`PAIR_CACHE`] peers.
 //!
 //! **Sender tag.** The first 4 bytes of SHA-256 of the sender's node ID
 //! ([`crate::auth::sender_tag`]): the receiver looks the tag up in its directory and tries
@@ -311,11 +310,11 @@ struct PairCiphers {
     recv: XChaCha20Poly1305,
 }
 
-/// What we keep per peer: the X25519 result (kept while the directory names the same key)
-/// and the keys derived from it per live gossip key.
+/// What we keep per peer: the directory key the pair keys were derived from, and those keys
+/// per live gossip key. (The X25519 result is not kept: a new gossip key, once per rotation,
+/// computes it again.)
 struct Pair {
     x25519: [u8; 32],
-    shared: Zeroizing<[u8; 32]>,
     keys: Vec<PairCiphers>,
     used: u64,
 }
@@ -431,7 +430,6 @@ impl Sealer {
         let tick = self.tick;
         let fresh = self.pairs.get(peer).is_none_or(|p| p.x25519 != keys.x25519);
         if fresh {
-            let shared = crypto.shared(&keys.x25519).ok_or(PairError::BadKey)?;
             if self.pairs.len() >= PAIR_CACHE && !self.pairs.contains_key(peer) {
                 self.evict();
             }
@@ -439,8 +437,7 @@ impl Sealer {
                 *peer,
                 Pair {
                     x25519: keys.x25519,
-                    shared,
-                    keys: Vec::new(),
+                    keys: Vec::with_capacity(1),
                     used: tick,
                 },
             );
@@ -451,8 +448,9 @@ impl Sealer {
         let at = match pair.keys.iter().position(|c| c.key_id == key_id) {
             Some(at) => at,
             None => {
-                let send = pair_key(&secret, &pair.shared, &me, peer);
-                let recv = pair_key(&secret, &pair.shared, peer, &me);
+                let shared = crypto.shared(&keys.x25519).ok_or(PairError::BadKey)?;
+                let send = pair_key(&secret, &shared, &me, peer);
+                let recv = pair_key(&secret, &shared, peer, &me);
                 pair.keys.push(PairCiphers {
                     key_id,
                     send: XChaCha20Poly1305::new((&*send).into()),
