@@ -1170,7 +1170,7 @@ impl Membership {
                 self.stats.dropped_protocol += 1;
             }
             self.absorb(rt, now);
-            self.pushpulls.push_back(Peer { id, addr });
+            self.queue_pushpull(Peer { id, addr });
         }
     }
 
@@ -1270,6 +1270,14 @@ impl Membership {
     /// The next datagram to send.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         self.transmits.pop_front()
+    }
+
+    /// Queues a push-pull exchange with `peer`, unless one is queued already (a join and the
+    /// member coming up would otherwise open two connections to it at once).
+    fn queue_pushpull(&mut self, peer: Peer) {
+        if !self.pushpulls.contains(&peer) {
+            self.pushpulls.push_back(peer);
+        }
     }
 
     /// The next peer to run a push-pull exchange with (over TCP, see
@@ -1521,7 +1529,7 @@ impl Membership {
             if at <= now {
                 self.schedule_pushpull(now);
                 if let Some(peer) = self.pick_pushpull_peer() {
-                    self.pushpulls.push_back(peer);
+                    self.queue_pushpull(peer);
                 }
             }
         }
@@ -1972,7 +1980,7 @@ impl Membership {
                     .filter(|m| m.state() == State::Down)
                     .count();
                 if down * 10 >= known {
-                    self.pushpulls.push_back(peer);
+                    self.queue_pushpull(peer);
                 }
             }
             let data = if self.config.buddy_system && self.suspects.contains(&to.id) {
@@ -2471,7 +2479,7 @@ impl Membership {
                     // Its metadata broadcast may have gone round before we were there to
                     // hear it: pull the state from the member itself now rather than wait
                     // for the periodic push-pull (up to 30 s away).
-                    self.pushpulls.push_back(Peer {
+                    self.queue_pushpull(Peer {
                         id: ident.id,
                         addr: ident.socket_addr(),
                     });
@@ -2556,7 +2564,7 @@ impl Membership {
                 // We were declared down and came back with a new bump: sync with someone at
                 // once, a down member first (it is on the other side of whatever split us).
                 if let Some(peer) = self.pick_pushpull_peer() {
-                    self.pushpulls.push_back(peer);
+                    self.queue_pushpull(peer);
                 }
                 // Metadata is keyed by node ID, not by bump: the others still hold ours.
             }
