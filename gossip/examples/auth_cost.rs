@@ -54,17 +54,25 @@ fn main() {
         black_box(ka.shared(black_box(&pb)));
     });
     let shared = ka.shared(&pb).expect("contributory");
-    bench("HKDF: the two pair keys of a peer (per peer and gossip key)", 2000, || {
-        black_box(pair_key(&[7; 32], &shared, &a, &b));
-        black_box(pair_key(&[7; 32], &shared, &b, &a));
-    });
-    bench("first datagram to a new peer (DH, HKDF, seal 1400 B)", 300, || {
-        let mut s = Sealer::new(a, ring(), 1, 1);
-        black_box(
-            s.seal(Kind::Datagram, &b, &dir, &ka, &[0u8; 1354])
-                .expect("seal"),
-        );
-    });
+    bench(
+        "HKDF: the two pair keys of a peer (per peer and gossip key)",
+        2000,
+        || {
+            black_box(pair_key(&[7; 32], &shared, &a, &b));
+            black_box(pair_key(&[7; 32], &shared, &b, &a));
+        },
+    );
+    bench(
+        "first datagram to a new peer (DH, HKDF, seal 1400 B)",
+        300,
+        || {
+            let mut s = Sealer::new(a, ring(), 1, 1);
+            black_box(
+                s.seal(Kind::Datagram, &b, &dir, &ka, &[0u8; 1354])
+                    .expect("seal"),
+            );
+        },
+    );
 
     let meta = Metadata {
         vtep: "198.18.0.1".parse().expect("ip"),
@@ -76,14 +84,7 @@ fn main() {
     };
     let subject = Identity::new(a, "198.18.0.1:7946".parse().expect("addr"), 1);
     bench("Ed25519: sign a node record", 2000, || {
-        black_box(NodeRecord::signed(
-            subject,
-            0,
-            1,
-            false,
-            meta.clone(),
-            &ka,
-        ));
+        black_box(NodeRecord::signed(subject, 0, 1, false, meta.clone(), &ka));
     });
     let rec = NodeRecord::signed(subject, 0, 1, false, meta, &ka);
     let ed = ka.public().ed25519;
@@ -117,19 +118,23 @@ fn main() {
     });
     let cipher = XChaCha20Poly1305::new((&[7u8; 32]).into());
     let nonce = [3u8; 24];
-    bench("before: XChaCha20-Poly1305 seal 1400 B, one cluster key", 20000, || {
-        black_box(
-            cipher
-                .encrypt(
-                    XNonce::from_slice(&nonce),
-                    Payload {
-                        msg: &plain,
-                        aad: &[1, 1],
-                    },
-                )
-                .expect("seal"),
-        );
-    });
+    bench(
+        "before: XChaCha20-Poly1305 seal 1400 B, one cluster key",
+        20000,
+        || {
+            black_box(
+                cipher
+                    .encrypt(
+                        XNonce::from_slice(&nonce),
+                        Payload {
+                            msg: &plain,
+                            aad: &[1, 1],
+                        },
+                    )
+                    .expect("seal"),
+            );
+        },
+    );
     let ct = cipher
         .encrypt(
             XNonce::from_slice(&nonce),
@@ -139,17 +144,21 @@ fn main() {
             },
         )
         .expect("seal");
-    bench("before: XChaCha20-Poly1305 open 1400 B, one cluster key", 20000, || {
-        black_box(
-            cipher
-                .decrypt(
-                    XNonce::from_slice(&nonce),
-                    Payload {
-                        msg: &ct,
-                        aad: &[1, 1],
-                    },
-                )
-                .expect("open"),
-        );
-    });
+    bench(
+        "before: XChaCha20-Poly1305 open 1400 B, one cluster key",
+        20000,
+        || {
+            black_box(
+                cipher
+                    .decrypt(
+                        XNonce::from_slice(&nonce),
+                        Payload {
+                            msg: &ct,
+                            aad: &[1, 1],
+                        },
+                    )
+                    .expect("open"),
+            );
+        },
+    );
 }

@@ -896,6 +896,9 @@ pub struct Membership {
 struct Flapped {
     at: Instant,
     down: (Identity, u16),
+    /// Seen (or declared) down, not only suspected by a quorum: counts towards the
+    /// many-downs rule of [`Membership::damped`].
+    counted: bool,
 }
 
 /// A confirmation probe in flight.
@@ -906,6 +909,9 @@ struct Check {
     sends_left: u8,
     next_send: Instant,
     deadline: Instant,
+    /// Declare the subject down if it stays silent (a suspicion someone else raised, whose
+    /// time is up or which someone already declared): our own observation is what declares.
+    declare: bool,
 }
 
 impl std::fmt::Debug for Membership {
@@ -1447,11 +1453,7 @@ impl Membership {
             }
         }
         for (member, inc) in downed {
-            // Someone declared it down: flap damping treats it as seen down, as it did when
-            // relayed Downs were taken as they came (otherwise the nodes that did not declare
-            // it themselves would not damp its next pause). The suspicion running now is not
-            // damped, only the ones after it refutes.
-            self.flapped(member, inc, now);
+            self.relayed_down(member, inc, now);
         }
         for m in &updates {
             if m.id().id != me.id && m.state() == State::Suspect {
@@ -1577,6 +1579,9 @@ impl Membership {
                     let _ = self.foca.add_broadcast(&item.encode());
                 }
                 lock(&self.shared).witness(c.subject, c.incarnation, me, me);
+                if c.declare {
+                    self.declare_down(c.subject, c.incarnation, now, "silent to our check");
+                }
                 continue;
             }
             c.sends_left -= 1;
@@ -1586,6 +1591,59 @@ impl Membership {
             self.absorb(rt, now);
             self.checks.insert(id, c);
         }
+    }
+
+    /// Checks a suspect ourselves (four announces 200 ms apart) and declares it down if it
+    /// stays silent for 900 ms; see [`Check::declare`].
+    fn check_then_declare(&mut self, subject: Identity, incarnation: u16, now: Instant) {
+        match self.checks.get_mut(&subject.id) {
+            Some(c) if c.subject == subject && c.incarnation == incarnation => c.declare = true,
+            _ => {
+                self.checks.insert(
+                    subject.id,
+                    Check {
+                        subject,
+                        incarnation,
+                        sends_left: 4,
+                        next_send: now,
+                        deadline: now + Duration::from_millis(900),
+                        declare: true,
+                    },
+                );
+            }
+        }
+        self.suspects.insert(subject.id);
+        self.run_checks(now);
+    }
+
+    /// Declares `subject` down at `incarnation`, if foca still holds it there (up or
+    /// suspect), and spreads the news.
+    fn declare_down(&mut self, subject: Identity, incarnation: u16, now: Instant, why: &str) {
+        let held = self
+            .foca
+            .iter_members()
+            .any(|m| m.id() == &subject && m.incarnation() == incarnation);
+        if !held {
+            return;
+        }
+        if let Some(n) = self.notes.as_mut() {
+            n.push(format!("declare {} inc {incarnation}: {why}", subject.id));
+        }
+        let mut rt = Collect::default();
+        if self
+            .foca
+            .apply_many(
+                std::iter::once(Member::new(subject, incarnation, State::Down)),
+                true,
+                &mut rt,
+            )
+            .is_err()
+        {
+            self.stats.dropped_protocol += 1;
+        } else {
+            self.stats.declared_down += 1;
+        }
+        self.absorb(rt, now);
     }
 
     /// Starts confirmation probes for suspicions we just heard of.
@@ -1630,6 +1688,7 @@ impl Membership {
                     sends_left: 4,
                     next_send: now,
                     deadline: now + Duration::from_millis(900),
+                    declare: false,
                 },
             );
         }
@@ -1692,6 +1751,21 @@ impl Membership {
                     && m.state() == State::Suspect
             });
             if !stands {
+                return;
+            }
+            if p.relayed && self.config.dynamic_suspicion {
+                // Someone else's suspicion, unrefuted here after suspicion_max. We may have
+                // missed the refutation (its record reaches every node but one now and
+                // then): ask the suspect ourselves before declaring. A node that knows it is
+                // slow does not trust its own silence observations, and waits again.
+                let (member, inc) = (*member_id, *incarnation);
+                if self.config.local_health && self.health > 0 {
+                    p.created = now;
+                    p.deadline = now + self.config.suspicion_max * self.multiplier();
+                    self.push_pending(p);
+                } else {
+                    self.check_then_declare(member, inc, now);
+                }
                 return;
             }
         }
@@ -1815,7 +1889,7 @@ impl Membership {
     /// back together (with damping there, the N = 1000 partition heal p99 went from 22.75 to
     /// 32.75 s).
     fn damped(&self, member: &Identity, incarnation: u16, at: Instant) -> bool {
-        let recent = self.flapped.len();
+        let recent = self.flapped.values().filter(|f| f.counted).count();
         let many = recent >= 3 && recent * 10 >= self.foca.num_members().max(1);
         self.config.flap_damping.is_some_and(|window| {
             !many
@@ -1829,6 +1903,16 @@ impl Membership {
     /// Flap damping: records that `member` went down at `incarnation`, at `now` (seen by us,
     /// or declared by someone whose `Down` reached us).
     fn flapped(&mut self, member: Identity, incarnation: u16, now: Instant) {
+        self.flapped_as(member, incarnation, now, true);
+    }
+
+    /// [`Self::flapped`], saying whether it counts as a down for the many-downs rule. A
+    /// quorum alone (`counted` false) only starts damping a member not damped yet: it must
+    /// not move the marker of one that is, or the suspicion it damps would no longer be.
+    fn flapped_as(&mut self, member: Identity, incarnation: u16, now: Instant, counted: bool) {
+        if !counted && self.flapped.contains_key(&member.id) {
+            return;
+        }
         if self.config.flap_damping.is_some() {
             self.prune_flapped(now);
             if self.flapped.len() > 8192 {
@@ -1836,11 +1920,19 @@ impl Membership {
                 // during which damping is off anyway.
                 self.flapped.clear();
             }
-            let down = match self.flapped.get(&member.id) {
-                Some(f) if later(f.down, (member, incarnation)) => f.down,
-                _ => (member, incarnation),
+            let (down, was) = match self.flapped.get(&member.id) {
+                Some(f) if later(f.down, (member, incarnation)) => (f.down, f.counted),
+                Some(f) => ((member, incarnation), f.counted),
+                None => ((member, incarnation), false),
             };
-            self.flapped.insert(member.id, Flapped { at: now, down });
+            self.flapped.insert(
+                member.id,
+                Flapped {
+                    at: now,
+                    down,
+                    counted: counted || was,
+                },
+            );
         }
     }
 
@@ -1925,6 +2017,12 @@ impl Membership {
         );
         self.my_record = Arc::new(rec);
         lock(&self.shared).own = (identity, self.my_incarnation);
+        if let Some(n) = self.notes.as_mut() {
+            n.push(format!(
+                "own record seq {} bump {} inc {} via {}",
+                self.my_seq, identity.bump, self.my_incarnation, self.ctx
+            ));
+        }
         self.records.push(
             &self.my_record,
             self.config.swim.max_transmissions.get().into(),
@@ -2072,6 +2170,15 @@ impl Membership {
             // Plain SWIM: only the suspicion timer declares a member down.
             quorums.clear();
         }
+        for (subject, inc) in &quorums {
+            // A quorum of signed witnesses is as good as seeing it down for flap damping:
+            // every node hears the witnesses, while a Down, only a suspicion once relayed,
+            // travels one hop. (Its next suspicions are damped, not this one; and it does
+            // not count towards the many-downs rule, which counts downs.)
+            if !self.witnesses_stale(subject, *inc, now) {
+                self.flapped_as(*subject, *inc, now, false);
+            }
+        }
         quorums.retain(|(subject, inc)| {
             !self.witnesses_stale(subject, *inc, now) && !self.damped(subject, *inc, now)
         });
@@ -2167,6 +2274,29 @@ impl Membership {
         self.apply_records(raised, now);
     }
 
+    /// Someone declared `member` down at `incarnation` (its `Down`, relayed to us, is only a
+    /// suspicion here). Flap damping treats it as seen down, as it did when relayed Downs were
+    /// taken as they came (or the nodes that did not declare it themselves would not damp
+    /// its next pause); the suspicion running now is not damped, only those after it
+    /// refutes. And we check the member ourselves: silent, we declare it down too (a crash
+    /// is then seen down everywhere about a second after its first declaration, as when
+    /// Downs were taken as they came); answering, it stays up. Not for a damped member (its
+    /// pauses wait `suspicion_max`), nor while we know we are slow.
+    fn relayed_down(&mut self, member: Identity, incarnation: u16, now: Instant) {
+        self.flapped(member, incarnation, now);
+        let slow = self.config.local_health && self.health > 0;
+        if self.config.dynamic_suspicion
+            && !slow
+            && !self.damped(&member, incarnation, now)
+            && self
+                .foca
+                .iter_members()
+                .any(|m| m.id() == &member && m.incarnation() == incarnation)
+        {
+            self.check_then_declare(member, incarnation, now);
+        }
+    }
+
     /// Gives each suspicion relayed to us its own suspicion timer, as memberlist does. foca
     /// arms a timer only for its own failed probes and otherwise waits for someone's `Down`;
     /// since a relayed `Down` is only a `Suspect` here, every node must be able to declare a
@@ -2196,6 +2326,8 @@ impl Membership {
                 continue;
             }
             self.armed.insert((ident.id, ident.bump, inc));
+            // Our probes to it carry the suspicion (buddy system), so it hears of it.
+            self.suspects.insert(ident.id);
             self.timer_seq += 1;
             self.timers.push(Pending {
                 deadline: now + self.config.suspicion_max * self.multiplier(),
@@ -2737,7 +2869,7 @@ impl Membership {
             out
         };
         for (member, inc) in downed {
-            self.flapped(member, inc, now);
+            self.relayed_down(member, inc, now);
         }
         if self.notes.is_some() {
             let downs: Vec<String> = admitted
