@@ -107,6 +107,9 @@ use crate::seal::{
 /// member may declare a suspect down, once `suspicion_min` has passed since it heard of it.
 const QUORUM: usize = 3;
 
+/// Most confirmation checks running at once (each sends four announces).
+const MAX_CHECKS: usize = 16;
+
 /// Largest datagram on 7946, envelope included.
 pub const MAX_DATAGRAM: usize = 1400;
 
@@ -2278,20 +2281,22 @@ impl Membership {
     /// suspicion here). Flap damping treats it as seen down, as it did when relayed Downs were
     /// taken as they came (or the nodes that did not declare it themselves would not damp
     /// its next pause); the suspicion running now is not damped, only those after it
-    /// refutes. And we check the member ourselves: silent, we declare it down too (a crash
-    /// is then seen down everywhere about a second after its first declaration, as when
-    /// Downs were taken as they came); answering, it stays up. Not for a damped member (its
-    /// pauses wait `suspicion_max`), nor while we know we are slow.
+    /// refutes. And if we suspect it too, we check it ourselves: silent, we declare it down
+    /// as well (a crash is then seen down everywhere about a second after its first
+    /// declaration, as when Downs were taken as they came); answering, it stays up. Not for a
+    /// member we hold up (after a healed partition each side hears the other's Downs of
+    /// hundreds of members it talks to every second), a damped one (its pauses wait
+    /// `suspicion_max`), nor while we know we are slow; and at most [`MAX_CHECKS`] at once.
     fn relayed_down(&mut self, member: Identity, incarnation: u16, now: Instant) {
         self.flapped(member, incarnation, now);
         let slow = self.config.local_health && self.health > 0;
         if self.config.dynamic_suspicion
             && !slow
+            && self.checks.len() < MAX_CHECKS
             && !self.damped(&member, incarnation, now)
-            && self
-                .foca
-                .iter_members()
-                .any(|m| m.id() == &member && m.incarnation() == incarnation)
+            && self.foca.iter_members().any(|m| {
+                m.id() == &member && m.incarnation() == incarnation && m.state() == State::Suspect
+            })
         {
             self.check_then_declare(member, incarnation, now);
         }
