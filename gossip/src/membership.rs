@@ -549,6 +549,8 @@ struct Shared {
     raised: Vec<Arc<NodeRecord>>,
     /// Records just accepted from gossip: to spread on (see [`RecordQueue`]).
     relay: Vec<Arc<NodeRecord>>,
+    /// Witnesses just accepted from gossip: to spread on.
+    relay_witnesses: Vec<Item>,
     /// Our own identity and incarnation (what we stated last).
     own: (Identity, u16),
     counts: ItemCounts,
@@ -625,7 +627,13 @@ impl BroadcastHandler<Identity> for Handler {
                 }
                 Ok(None)
             }
-            item => Ok(sh.accept_item(item, self.me)),
+            // So are witnesses (a refutation ends them there).
+            item => {
+                if sh.accept_item(item.clone(), self.me).is_some() {
+                    sh.relay_witnesses.push(item);
+                }
+                Ok(None)
+            }
         }
     }
 }
@@ -711,6 +719,10 @@ impl Shared {
                     self.stated(&subject.id)
                 };
                 if !within(stated, &subject, incarnation) {
+                    if stated.is_some_and(|s| later(s, (subject, incarnation))) {
+                        // Refuted (or superseded) already: worth nothing, and not a lie.
+                        return None;
+                    }
                     self.counts.unproven += 1;
                     return None;
                 }
@@ -983,6 +995,7 @@ impl Membership {
             quorums: Vec::new(),
             raised: Vec::new(),
             relay: Vec::new(),
+            relay_witnesses: Vec::new(),
             own: (setup.identity, 0),
             counts: ItemCounts::default(),
         }));
@@ -1504,6 +1517,8 @@ impl Membership {
             if later((identity, incarnation), (s.identity, s.incarnation)) {
                 s.identity = identity;
                 s.incarnation = incarnation;
+                drop(sh);
+                self.records.refuted(sender, identity.bump, incarnation);
             }
             return Ok(());
         }
@@ -1579,7 +1594,8 @@ impl Membership {
                 // Silent through four announces: we are an independent witness.
                 if self.witnesses(&c.subject, c.incarnation) < QUORUM {
                     let item = self.witness_item(c.subject, c.incarnation);
-                    let _ = self.foca.add_broadcast(&item.encode());
+                    let tx = self.config.swim.max_transmissions.get().into();
+                    self.records.push_witness(&item, tx);
                 }
                 lock(&self.shared).witness(c.subject, c.incarnation, me, me);
                 if c.declare {
@@ -2056,10 +2072,19 @@ impl Membership {
     fn absorb(&mut self, rt: Collect, now: Instant) {
         let identity = *self.foca.identity();
         let mut spoke = false;
-        let relay = std::mem::take(&mut lock(&self.shared).relay);
+        let (relay, witnesses) = {
+            let mut sh = lock(&self.shared);
+            (
+                std::mem::take(&mut sh.relay),
+                std::mem::take(&mut sh.relay_witnesses),
+            )
+        };
         let tx: usize = self.config.swim.max_transmissions.get().into();
         for rec in &relay {
             self.records.push(rec, tx);
+        }
+        for w in &witnesses {
+            self.records.push_witness(w, tx);
         }
         for (to, data) in rt.sends {
             // foca tells a member we hold down that it is down (TurnUndead) when it talks to
@@ -2372,6 +2397,8 @@ impl Membership {
         let mut updates = Vec::new();
         let mut revive = Vec::new();
         for r in records {
+            self.records
+                .refuted(r.subject.id, r.subject.bump, r.incarnation);
             let held = view.get(&r.subject.id);
             if r.leaving {
                 // Its own signed word: apply its Down here (others do the same).
@@ -2689,7 +2716,8 @@ impl Membership {
                 if let Some(incarnation) = inc.filter(|_| self.config.dynamic_suspicion) {
                     if self.witnesses(&ident, incarnation) < QUORUM {
                         let item = self.witness_item(ident, incarnation);
-                        let _ = self.foca.add_broadcast(&item.encode());
+                        let tx = self.config.swim.max_transmissions.get().into();
+                        self.records.push_witness(&item, tx);
                     }
                 }
             }
