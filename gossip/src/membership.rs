@@ -1434,7 +1434,7 @@ impl Membership {
             self.checks.remove(&sender);
         }
         let broadcast = header.message == Message::Broadcast;
-        self.take_own_record(sender, &plain[hlen..], broadcast, now);
+        self.take_records_from_down_sender(sender, &plain[hlen..], broadcast, now);
         let mut r = Reader::new(&plain[hlen..]);
         if r.remaining() < 2 || header.message == Message::Broadcast {
             return Ok(None);
@@ -2258,9 +2258,21 @@ impl Membership {
 
     /// A datagram from a member foca holds down is ignored by foca, payload included, so a
     /// member that refuted after being declared down could never say so to anyone who holds
-    /// it down. Its own signed record in the datagram is therefore taken here first: if it
-    /// refutes the down, the member is up again before foca looks at the datagram.
-    fn take_own_record(&mut self, sender: NodeId, rest: &[u8], broadcast: bool, now: Instant) {
+    /// it down, and the records it carries would never cross a healed partition (each side
+    /// holds the other down). Signed records speak for their authors whoever relays them, so
+    /// those in such a datagram are taken here first: a sender that refuted the down is up
+    /// again before foca looks at the datagram, and the others' records spread from here.
+    fn take_records_from_down_sender(
+        &mut self,
+        sender: NodeId,
+        rest: &[u8],
+        broadcast: bool,
+        now: Instant,
+    ) {
+        // Cheap first: a member we announced up is not down.
+        if lock(&self.shared).peers.up(&sender).is_some() {
+            return;
+        }
         let mut r = Reader::new(rest);
         if !broadcast && r.remaining() >= 2 {
             let Ok(n) = r.u16() else { return };
@@ -2270,19 +2282,19 @@ impl Membership {
                 }
             }
         }
-        let mut own = None;
+        let mut records = Vec::new();
         while r.remaining() > 2 {
             let Ok(len) = r.u16() else { return };
             let Ok(bytes) = r.take(usize::from(len)) else {
                 return;
             };
             if let Ok(Item::Node(rec)) = Item::decode(bytes) {
-                if rec.subject.id == sender {
-                    own = Some(rec);
-                }
+                records.push(rec);
             }
         }
-        let Some(rec) = own else { return };
+        if records.is_empty() {
+            return;
+        }
         let down = self
             .foca
             .iter_membership_state()
@@ -2293,10 +2305,11 @@ impl Membership {
         let me = self.foca.identity().id;
         let raised = {
             let mut sh = lock(&self.shared);
-            if sh.accept_record(Arc::clone(&rec), me).is_none() {
-                return;
+            for rec in records {
+                if sh.accept_record(Arc::clone(&rec), me).is_some() {
+                    sh.relay.push(rec);
+                }
             }
-            sh.relay.push(rec);
             std::mem::take(&mut sh.raised)
         };
         self.apply_records(raised, now);

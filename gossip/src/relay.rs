@@ -199,18 +199,23 @@ impl RecordQueue {
     }
 
     /// Writes as many items as fit in `budget` bytes into `out`, each as `len u16 | item`
-    /// (foca's custom broadcast framing), freshest first (most transmissions left, then the
-    /// newest; our own record before all), counting one transmission for each. Returns the
-    /// bytes written.
+    /// (foca's custom broadcast framing), counting one transmission for each: our own record
+    /// first, then the other records, then witnesses, each freshest first (most
+    /// transmissions left, then the newest). Records are what refutes and heals; witnesses
+    /// only hasten declarations, and a mass event (a healed partition: every node suspects
+    /// half the cluster) makes more of them than any queue can send. Returns the bytes
+    /// written.
     pub(crate) fn fill(&mut self, out: &mut Vec<u8>, budget: usize) -> usize {
         if self.items.is_empty() {
             return 0;
         }
         let me = self.me;
         let own = |q: &Queued| matches!(q.what, What::Record { id, .. } if Some(id) == me);
+        let record = |q: &Queued| matches!(q.what, What::Record { .. });
         self.items.sort_by(|a, b| {
             own(b)
                 .cmp(&own(a))
+                .then(record(b).cmp(&record(a)))
                 .then(b.left.cmp(&a.left))
                 .then(b.queued.cmp(&a.queued))
         });
@@ -305,11 +310,14 @@ mod tests {
         q.push(&record(2, 5, 0), 2);
         q.push(&record(3, 5, 0), 2);
         q.push(&record(1, 5, 0), 2);
+        q.push_witness(&witness(4, 0, 5), 2);
         let first = drain(&mut q);
         assert!(matches!(&first[0], Item::Node(r) if r.subject.id == NodeId::from_index(1)));
         // then the newest of the others
         assert!(matches!(&first[1], Item::Node(r) if r.subject.id == NodeId::from_index(3)));
-        assert_eq!(drain(&mut q).len(), 3);
+        // and the witness, though newer, after the records
+        assert!(matches!(&first[3], Item::Suspect { .. }));
+        assert_eq!(drain(&mut q).len(), 4);
         assert!(q.is_empty());
         // an older record of a node does not replace a newer one
         q.push(&record(2, 6, 0), 1);
