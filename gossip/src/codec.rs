@@ -759,10 +759,16 @@ impl StateDump {
             if alive {
                 implied.push(Member::new(rec.subject, rec.incarnation, State::Alive));
             }
-            let e = stands
-                .entry(rec.subject.id)
-                .or_insert((rec.subject, rec.incarnation, false));
-            *e = (rec.subject, rec.incarnation, e.2 || alive);
+            // One record per node (the newest one held): a repeat is not canonical.
+            if stands
+                .insert(rec.subject.id, (rec.subject, rec.incarnation, alive))
+                .is_some()
+            {
+                return Err(DecodeError::Tag {
+                    what: "push-pull record (repeated node)",
+                    tag,
+                });
+            }
             records.push(rec);
         }
         let n = r.u32()?;
