@@ -60,21 +60,29 @@
 //! - `Alive(X, i)` and `Suspect(X, i)` pass only if X stated that identity and an
 //!   incarnation of at least `i` (a member cannot invent an incarnation or a bump);
 //! - `Down(X, i)` from anyone but X becomes `Suspect(X, i)` (then the rule above): each node
-//!   declares X down by its own suspicion timer or by a quorum of signed witnesses; a node
-//!   that leaves says so in its signed record;
+//!   declares X down itself, by a quorum of signed witnesses, by its own timer for every
+//!   suspicion it hears (`suspicion_max`, then a check of X: four announces, silence
+//!   declares), or at once by such a check when someone declared X down and it suspects X
+//!   too; a node that leaves says so in its signed record;
 //! - records about ourselves: a suspicion we really had is refuted (foca), a `Down` is
-//!   treated as a suspicion; only a member's direct "you are down" (TurnUndead) makes us
-//!   renew our identity, at most once per [`RENEW_HOLD`];
+//!   treated as a suspicion, one about another identity of our node is dropped; a member's
+//!   direct "you are down" (TurnUndead) makes us refute, at most once per [`RENEW_HOLD`],
+//!   never renew our identity;
 //! - when a signed record raises what X stated above what foca holds, we apply it to foca
-//!   ourselves, so a refutation lands even where its relayed foca record was dropped.
+//!   ourselves, so a refutation lands even where its relayed foca record was dropped; a
+//!   record refuting the incarnation X was declared down at takes X back up (foca keeps a
+//!   down identity down: the core removes and adds it again).
 //!
-//! Numbers a sender advances are bounded: an envelope epoch (the sender's start, wall-clock
-//! milliseconds) more than [`MAX_EPOCH_AHEAD`] ahead of our wall clock is refused; record
-//! sequence numbers, bumps and incarnations rise only under their author's signature.
+//! Signed records and witnesses are spread by the core itself (its record queue), ahead of
+//! foca's updates. Numbers a sender advances are bounded: an envelope epoch (the sender's
+//! start, wall-clock milliseconds) more than [`MAX_EPOCH_AHEAD`] ahead of our wall clock is
+//! refused; record sequence numbers, bumps and incarnations rise only under their author's
+//! signature.
 //!
 //! [`Config::plain_swim`] turns all of the above off (`local_health`, `dynamic_suspicion`,
 //! `buddy_system`, `confirm_probes`, `flap_damping`): the plain SWIM baseline the
-//! simulation compares with.
+//! simulation compares with (its relayed suspicions wait `suspicion_max` and are declared
+//! without a check).
 
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
