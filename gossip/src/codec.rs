@@ -7,27 +7,42 @@
 //! header    = version(1) src:identity src_incarnation u16 dst:identity message
 //! message   = tag u8 [probe u8 | identity probe u8]      (see `Tag`)
 //! member    = identity incarnation u16 state u8          (0 alive, 1 suspect, 2 down)
-//! item      = 1 node_id[25] seq u64 flags u8 meta        (metadata, custom broadcast)
-//!           | 2 subject:identity incarnation u16 from:node_id[25]   (independent suspicion)
-//! meta      = family ip port u16 public_key[32] incarnation u32 role u8 len u8 version[len]
-//! state     = version(1) count u32 member* count u32 item*          (push-pull)
+//! item      = 1 record | 2 subject:identity incarnation u16 from:node_id[25] sig[64]
+//! record    = subject:identity incarnation u16 seq u64 flags u8 meta sig[64]   (node record)
+//! meta      = family ip port u16 incarnation[16] role u8 len u8 version[len]
+//! state     = version(1) count u32 (kind u8 1 record)* count u32 member*   (push-pull)
+//!             kind 1: the record only; kind 2: the record and an alive member entry at
+//!             exactly its identity and incarnation (not listed again)
+//! ```
+//!
+//! Signatures (Ed25519, by the node the item speaks for; see [`NodeRecord::signed_bytes`]
+//! and [`suspect_signed_bytes`]):
+//!
+//! ```text
+//! record    signs "shoal gossip node v1" subject incarnation seq flags x25519[32] meta
+//! witness   signs "shoal gossip suspect v1" subject incarnation from
 //! ```
 //!
 //! A foca datagram is `header [count u16 member*] [(len u16 item)*]`; foca itself frames the
 //! updates and the custom broadcasts. Decoding never panics: every read is bounds checked and
 //! every error is a [`DecodeError`].
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
 use bytes::{Buf, BufMut};
 use foca::{Header, Member, Message, State};
 
+use crate::auth::{Crypto, Sig, SIGNATURE_LEN};
 use crate::identity::{Identity, Metadata, NodeId, Role, MAX_VERSION_LEN, NODE_ID_LEN};
 
-/// Version byte that starts every header and every push-pull state. 2: the envelope nonce is
-/// `epoch salt counter` and datagrams are replay-checked (1 had a random nonce prefix).
-pub const VERSION: u8 = 2;
+/// Version byte that starts every header and every push-pull state. 3: envelopes sealed per
+/// pair of nodes with a sender tag, signed node records and witnesses (2: one cluster key,
+/// unsigned metadata items; 1 had a random nonce prefix). An agent speaking 2 cannot open a
+/// version-3 envelope (nor the other way round): each counts the other's datagrams as
+/// `dropped_seal` and the two never see each other up; upgrade every node.
+pub const VERSION: u8 = 3;
 
 /// Largest member count a push-pull state may announce (bounds allocation on decode).
 pub const MAX_STATE_ENTRIES: u32 = 100_000;
@@ -390,21 +405,14 @@ pub enum CodecError {
     Encode(#[from] EncodeError),
 }
 
-/// A custom broadcast item spread by foca with the membership updates.
+/// A custom broadcast item spread by foca with the membership updates. Both kinds are
+/// signed by the node they speak for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Item {
-    /// A node's metadata, versioned by `seq` (higher wins).
-    Meta {
-        /// The node it describes.
-        id: NodeId,
-        /// Version of this metadata; the node raises it on every change.
-        seq: u64,
-        /// The node is leaving the cluster on purpose.
-        leaving: bool,
-        /// The metadata.
-        meta: Arc<Metadata>,
-    },
-    /// `from` probed `subject` itself and got no answer (Lifeguard's independent suspicion).
+    /// What a node says about itself (identity, incarnation, metadata), signed by it.
+    Node(Arc<NodeRecord>),
+    /// `from` probed `subject` itself and got no answer (Lifeguard's independent suspicion),
+    /// signed by `from`.
     Suspect {
         /// The suspected member.
         subject: Identity,
@@ -412,19 +420,103 @@ pub enum Item {
         incarnation: u16,
         /// Who suspects it.
         from: NodeId,
+        /// `from`'s signature over [`suspect_signed_bytes`].
+        sig: Sig,
     },
 }
 
-/// Encoded length of metadata.
+/// What a node says about itself, signed by it with its Ed25519 key: its identity (address
+/// and bump), its SWIM incarnation, its metadata and whether it is leaving. `seq` orders a
+/// node's records (higher wins); the node raises it with every record it makes. A node
+/// makes a new record whenever its identity, incarnation or metadata changes, so the
+/// highest record of a node is the highest (bump, incarnation) it stated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRecord {
+    /// The node and its identity (address, bump).
+    pub subject: Identity,
+    /// Its SWIM incarnation.
+    pub incarnation: u16,
+    /// Version of this record; higher wins.
+    pub seq: u64,
+    /// The node is leaving the cluster on purpose.
+    pub leaving: bool,
+    /// The metadata. The wire form leaves out `public_key`: a decoded record holds zeros
+    /// there until the receiver fills in the key its directory names for the node. The
+    /// signature covers that key, so a record is accepted only if its author signed the key
+    /// the directory binds to it.
+    pub meta: Metadata,
+    /// The node's signature over [`NodeRecord::signed_bytes`].
+    pub sig: Sig,
+}
+
+/// Domain separation of node records.
+const NODE_DOMAIN: &[u8] = b"shoal gossip node v1";
+/// Domain separation of suspicion witnesses.
+const SUSPECT_DOMAIN: &[u8] = b"shoal gossip suspect v1";
+
+impl NodeRecord {
+    /// A record signed with `crypto` (our keys); `meta.public_key` must be our X25519 key.
+    pub fn signed(
+        subject: Identity,
+        incarnation: u16,
+        seq: u64,
+        leaving: bool,
+        meta: Metadata,
+        crypto: &dyn Crypto,
+    ) -> Self {
+        let mut r = NodeRecord {
+            subject,
+            incarnation,
+            seq,
+            leaving,
+            meta,
+            sig: [0; SIGNATURE_LEN],
+        };
+        r.sig = crypto.sign(&r.signed_bytes(&r.meta.public_key));
+        r
+    }
+
+    /// The bytes the signature covers: `"shoal gossip node v1" identity incarnation seq flags
+    /// x25519[32] meta`, with `x25519` the node's public key (taken from the directory by a
+    /// receiver, not from the record).
+    pub fn signed_bytes(&self, x25519: &[u8; 32]) -> Vec<u8> {
+        let mut v = Vec::with_capacity(NODE_DOMAIN.len() + 64 + meta_len(&self.meta));
+        v.put_slice(NODE_DOMAIN);
+        put_identity(&mut v, &self.subject);
+        v.put_u16(self.incarnation);
+        v.put_u64(self.seq);
+        v.put_u8(u8::from(self.leaving));
+        v.put_slice(x25519);
+        put_meta(&mut v, &self.meta);
+        v
+    }
+
+    /// Encoded length of the record as an item (tag included).
+    pub fn item_len(&self) -> usize {
+        1 + identity_len(&self.subject) + 2 + 8 + 1 + meta_len(&self.meta) + SIGNATURE_LEN
+    }
+}
+
+/// The bytes a suspicion witness signs: `"shoal gossip suspect v1" subject:identity
+/// incarnation from:node_id`.
+pub fn suspect_signed_bytes(subject: &Identity, incarnation: u16, from: &NodeId) -> Vec<u8> {
+    let mut v = Vec::with_capacity(SUSPECT_DOMAIN.len() + 64 + NODE_ID_LEN);
+    v.put_slice(SUSPECT_DOMAIN);
+    put_identity(&mut v, subject);
+    v.put_u16(incarnation);
+    v.put_slice(from.as_bytes());
+    v
+}
+
+/// Encoded length of metadata (the public key is not on the wire).
 pub fn meta_len(m: &Metadata) -> usize {
-    ip_len(&m.vtep) + 2 + 32 + 4 + 1 + 1 + m.version.len().min(MAX_VERSION_LEN)
+    ip_len(&m.vtep) + 2 + 16 + 1 + 1 + m.version.len().min(MAX_VERSION_LEN)
 }
 
 fn put_meta(buf: &mut impl BufMut, m: &Metadata) {
     put_ip(buf, &m.vtep);
     buf.put_u16(m.data_port);
-    buf.put_slice(&m.public_key);
-    buf.put_u32(m.incarnation);
+    buf.put_slice(&m.incarnation);
     buf.put_u8(match m.role {
         Role::Worker => 0,
         Role::Manager => 1,
@@ -437,8 +529,7 @@ fn put_meta(buf: &mut impl BufMut, m: &Metadata) {
 fn get_meta(r: &mut Reader<'_>) -> Result<Metadata, DecodeError> {
     let vtep = get_ip(r)?;
     let data_port = r.u16()?;
-    let public_key = r.array::<32>()?;
-    let incarnation = r.u32()?;
+    let incarnation = r.array::<16>()?;
     let role = match r.u8()? {
         0 => Role::Worker,
         1 => Role::Manager,
@@ -453,76 +544,77 @@ fn get_meta(r: &mut Reader<'_>) -> Result<Metadata, DecodeError> {
     Ok(Metadata {
         vtep,
         data_port,
-        public_key,
+        public_key: [0; 32],
         incarnation,
         role,
         version,
     })
 }
 
+fn put_record(buf: &mut impl BufMut, r: &NodeRecord) {
+    buf.put_u8(1);
+    put_identity(buf, &r.subject);
+    buf.put_u16(r.incarnation);
+    buf.put_u64(r.seq);
+    buf.put_u8(u8::from(r.leaving));
+    put_meta(buf, &r.meta);
+    buf.put_slice(&r.sig);
+}
+
 impl Item {
     /// Encodes the item.
     pub fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(64 + 32);
+        let mut v = Vec::with_capacity(self.len());
         self.put(&mut v);
         v
     }
 
+    /// Encoded length.
+    pub fn len(&self) -> usize {
+        match self {
+            Item::Node(r) => r.item_len(),
+            Item::Suspect { subject, .. } => {
+                1 + identity_len(subject) + 2 + NODE_ID_LEN + SIGNATURE_LEN
+            }
+        }
+    }
+
+    /// Never: an item has at least its tag byte (for clippy's `len` without `is_empty`).
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
     fn put(&self, buf: &mut impl BufMut) {
         match self {
-            Item::Meta {
-                id,
-                seq,
-                leaving,
-                meta,
-            } => {
-                buf.put_u8(1);
-                buf.put_slice(id.as_bytes());
-                buf.put_u64(*seq);
-                buf.put_u8(u8::from(*leaving));
-                put_meta(buf, meta);
-            }
+            Item::Node(r) => put_record(buf, r),
             Item::Suspect {
                 subject,
                 incarnation,
                 from,
+                sig,
             } => {
                 buf.put_u8(2);
                 put_identity(buf, subject);
                 buf.put_u16(*incarnation);
                 buf.put_slice(from.as_bytes());
+                buf.put_slice(sig);
             }
         }
     }
 
     fn get(r: &mut Reader<'_>) -> Result<Item, DecodeError> {
         match r.u8()? {
-            1 => {
-                let id = get_node_id(r)?;
-                let seq = r.u64()?;
-                let flags = r.u8()?;
-                if flags > 1 {
-                    return Err(DecodeError::Tag {
-                        what: "metadata flags",
-                        tag: flags,
-                    });
-                }
-                let meta = Arc::new(get_meta(r)?);
-                Ok(Item::Meta {
-                    id,
-                    seq,
-                    leaving: flags == 1,
-                    meta,
-                })
-            }
+            1 => Ok(Item::Node(Arc::new(get_record_body(r)?))),
             2 => {
                 let subject = get_identity(r)?;
                 let incarnation = r.u16()?;
                 let from = get_node_id(r)?;
+                let sig = r.array::<SIGNATURE_LEN>()?;
                 Ok(Item::Suspect {
                     subject,
                     incarnation,
                     from,
+                    sig,
                 })
             }
             tag => Err(DecodeError::Tag {
@@ -543,32 +635,92 @@ impl Item {
     }
 }
 
+fn get_record_body(r: &mut Reader<'_>) -> Result<NodeRecord, DecodeError> {
+    let subject = get_identity(r)?;
+    let incarnation = r.u16()?;
+    let seq = r.u64()?;
+    let flags = r.u8()?;
+    if flags > 1 {
+        return Err(DecodeError::Tag {
+            what: "record flags",
+            tag: flags,
+        });
+    }
+    let meta = get_meta(r)?;
+    let sig = r.array::<SIGNATURE_LEN>()?;
+    Ok(NodeRecord {
+        subject,
+        incarnation,
+        seq,
+        leaving: flags == 1,
+        meta,
+        sig,
+    })
+}
+
 /// A full membership state, as exchanged by push-pull.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct StateDump {
     /// Every member foca knows, down ones included.
     pub members: Vec<Member<Identity>>,
-    /// Every metadata item known (only [`Item::Meta`] values are sent).
-    pub items: Vec<Item>,
+    /// Every signed node record known.
+    pub records: Vec<Arc<NodeRecord>>,
 }
 
+/// Smallest encoded member (IPv4): what a member count can claim per remaining byte.
+const MIN_MEMBER_LEN: usize = NODE_ID_LEN + 5 + 2 + 4 + 3;
+/// Smallest encoded record (IPv4, empty version string).
+const MIN_RECORD_LEN: usize = 1 + NODE_ID_LEN + 5 + 2 + 4 + 2 + 8 + 1 + 5 + 2 + 16 + 2 + 64;
+
+/// A push-pull record whose member entry, if any, is in the member list.
+const RECORD_ONLY: u8 = 1;
+/// A push-pull record whose node the sender holds alive at exactly the record's identity
+/// and incarnation: that member entry is not sent (it is most of them, and 39 bytes each).
+const RECORD_ALIVE: u8 = 2;
+
 impl StateDump {
-    /// Encodes the state.
+    /// Encodes the state: the records, each saying whether it also stands for an alive
+    /// member entry, then the member entries it does not stand for.
     pub fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(9 + self.members.len() * 50 + self.items.len() * 100);
+        let implied: HashMap<NodeId, usize> = self
+            .members
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.state() == State::Alive)
+            .map(|(i, m)| (m.id().id, i))
+            .collect();
+        let mut skip = vec![false; self.members.len()];
+        let len = 9
+            + self.members.iter().map(member_len).sum::<usize>()
+            + self.records.iter().map(|r| 1 + r.item_len()).sum::<usize>();
+        let mut v = Vec::with_capacity(len);
         v.put_u8(VERSION);
-        v.put_u32(self.members.len() as u32);
-        for m in &self.members {
-            put_member(&mut v, m);
+        v.put_u32(self.records.len() as u32);
+        for r in &self.records {
+            let alive = implied.get(&r.subject.id).copied().filter(|i| {
+                let m = &self.members[*i];
+                !skip[*i] && *m.id() == r.subject && m.incarnation() == r.incarnation
+            });
+            match alive {
+                Some(i) => {
+                    skip[i] = true;
+                    v.put_u8(RECORD_ALIVE);
+                }
+                None => v.put_u8(RECORD_ONLY),
+            }
+            put_record(&mut v, r);
         }
-        v.put_u32(self.items.len() as u32);
-        for i in &self.items {
-            i.put(&mut v);
+        let rest = skip.iter().filter(|s| !**s).count();
+        v.put_u32(rest as u32);
+        for (m, _) in self.members.iter().zip(&skip).filter(|(_, s)| !**s) {
+            put_member(&mut v, m);
         }
         v
     }
 
-    /// Decodes a state that fills `data` exactly.
+    /// Decodes a state that fills `data` exactly. Members a record stands for come after
+    /// the listed ones. Only the canonical encoding decodes (a listed member that its
+    /// node's record could have stood for is an error).
     pub fn decode(data: &[u8]) -> Result<StateDump, DecodeError> {
         let mut r = Reader::new(data);
         let v = r.u8()?;
@@ -577,25 +729,74 @@ impl StateDump {
         }
         let n = r.u32()?;
         if n > MAX_STATE_ENTRIES {
-            return Err(DecodeError::TooLong("push-pull member count"));
+            return Err(DecodeError::TooLong("push-pull record count"));
         }
-        // Each member is at least 39 bytes: never allocate more than the input can hold.
-        let mut members = Vec::with_capacity((n as usize).min(r.remaining() / 39));
+        // Never allocate more than the input can hold.
+        let mut records = Vec::with_capacity((n as usize).min(r.remaining() / MIN_RECORD_LEN));
+        let mut implied = Vec::new();
+        // Per node: the record's identity and incarnation, and whether it stands for the
+        // node's alive entry.
+        let mut stands: HashMap<NodeId, (Identity, u16, bool)> = HashMap::new();
         for _ in 0..n {
-            members.push(get_member(&mut r)?);
+            let tag = r.u8()?;
+            if r.u8()? != 1 {
+                return Err(DecodeError::Tag {
+                    what: "push-pull record",
+                    tag: 0,
+                });
+            }
+            let rec = Arc::new(get_record_body(&mut r)?);
+            let alive = match tag {
+                RECORD_ONLY => false,
+                RECORD_ALIVE => true,
+                tag => {
+                    return Err(DecodeError::Tag {
+                        what: "push-pull record",
+                        tag,
+                    })
+                }
+            };
+            if alive {
+                implied.push(Member::new(rec.subject, rec.incarnation, State::Alive));
+            }
+            // One record per node (the newest one held): a repeat is not canonical.
+            if stands
+                .insert(rec.subject.id, (rec.subject, rec.incarnation, alive))
+                .is_some()
+            {
+                return Err(DecodeError::Tag {
+                    what: "push-pull record (repeated node)",
+                    tag,
+                });
+            }
+            records.push(rec);
         }
         let n = r.u32()?;
         if n > MAX_STATE_ENTRIES {
-            return Err(DecodeError::TooLong("push-pull metadata count"));
+            return Err(DecodeError::TooLong("push-pull member count"));
         }
-        let mut items = Vec::with_capacity((n as usize).min(r.remaining() / 40));
+        let mut members =
+            Vec::with_capacity((n as usize).min(r.remaining() / MIN_MEMBER_LEN) + implied.len());
         for _ in 0..n {
-            items.push(Item::get(&mut r)?);
+            let m = get_member(&mut r)?;
+            if let Some((ident, inc, used)) = stands.get(&m.id().id) {
+                // Canonical form: a record stands for its node's alive entry at exactly its
+                // identity and incarnation whenever it can.
+                if !*used && m.state() == State::Alive && m.id() == ident && m.incarnation() == *inc
+                {
+                    return Err(DecodeError::Tag {
+                        what: "push-pull member (not canonical)",
+                        tag: 0,
+                    });
+                }
+            }
+            members.push(m);
         }
         if r.remaining() != 0 {
             return Err(DecodeError::Trailing(r.remaining()));
         }
-        Ok(StateDump { members, items })
+        members.extend(implied);
+        Ok(StateDump { members, records })
     }
 }
 
@@ -617,11 +818,17 @@ mod tests {
         Metadata {
             vtep: "198.18.0.7".parse().unwrap(),
             data_port: 4789,
-            public_key: [9; 32],
-            incarnation: 0x0102_0304,
+            public_key: [0; 32],
+            incarnation: [0x11; 16],
             role: Role::Manager,
             version: "0.1.0".into(),
         }
+    }
+
+    fn record(keys: &crate::auth::NodeKeys) -> NodeRecord {
+        let mut m = meta();
+        m.public_key = keys.public().x25519;
+        NodeRecord::signed(ident(8, false), 3, 1 << 40, true, m, keys)
     }
 
     fn all_messages() -> Vec<Message<Identity>> {
@@ -740,37 +947,152 @@ mod tests {
 
     #[test]
     fn items_and_state_round_trip() {
+        let keys = crate::auth::NodeKeys::from_secret([5; 32]);
+        let rec = record(&keys);
         let items = vec![
-            Item::Meta {
-                id: NodeId::from_index(8),
-                seq: 1 << 40,
-                leaving: true,
-                meta: Arc::new(meta()),
-            },
+            Item::Node(Arc::new(rec.clone())),
             Item::Suspect {
                 subject: ident(3, false),
                 incarnation: 4,
                 from: NodeId::from_index(9),
+                sig: [0x5a; 64],
             },
         ];
         for i in &items {
             let b = i.encode();
-            assert_eq!(&Item::decode(&b).unwrap(), i);
+            assert_eq!(b.len(), i.len());
+            let back = Item::decode(&b).unwrap();
+            match (&back, i) {
+                // the public key is not on the wire: it comes back as zeros
+                (Item::Node(got), Item::Node(sent)) => {
+                    assert_eq!(got.meta.public_key, [0; 32]);
+                    let mut want = NodeRecord::clone(sent);
+                    want.meta.public_key = [0; 32];
+                    assert_eq!(**got, want);
+                    // and it verifies once the receiver puts the directory's key back
+                    assert!(Crypto::verify(
+                        &keys,
+                        &keys.public().ed25519,
+                        &got.signed_bytes(&keys.public().x25519),
+                        &got.sig
+                    ));
+                    assert!(!Crypto::verify(
+                        &keys,
+                        &keys.public().ed25519,
+                        &got.signed_bytes(&[1; 32]),
+                        &got.sig
+                    ));
+                }
+                _ => assert_eq!(&back, i),
+            }
             for cut in 0..b.len() {
                 assert!(Item::decode(&b[..cut]).is_err());
             }
         }
+        let mut zeroed = rec.clone();
+        zeroed.meta.public_key = [0; 32];
+        let mut members: Vec<Member<Identity>> = (0..20)
+            .map(|i| Member::new(ident(i, i % 2 == 0), i as u16, State::Alive))
+            .collect();
+        // the record's node alive at exactly its identity and incarnation: not listed
+        members.push(Member::new(
+            zeroed.subject,
+            zeroed.incarnation,
+            State::Alive,
+        ));
         let dump = StateDump {
-            members: (0..20)
-                .map(|i| Member::new(ident(i, i % 2 == 0), i as u16, State::Alive))
-                .collect(),
-            items: items[..1].to_vec(),
+            members,
+            records: vec![Arc::new(zeroed.clone())],
         };
         let b = dump.encode();
-        assert_eq!(StateDump::decode(&b).unwrap(), dump);
+        assert_eq!(
+            b.len(),
+            1 + 4 + 1 + zeroed.item_len() + 4 + 20 * member_len(&dump.members[0]) - 20 * 12
+                + 10 * 12
+        );
+        let back = StateDump::decode(&b).unwrap();
+        assert_eq!(back.records, dump.records);
+        let key = |m: &Member<Identity>| (m.id().id, m.incarnation());
+        let (mut want, mut got) = (dump.members.clone(), back.members.clone());
+        want.sort_by_key(key);
+        got.sort_by_key(key);
+        assert_eq!(got, want);
+        assert_eq!(back.encode(), b, "canonical");
         let mut long = b.clone();
         long.push(0);
         assert_eq!(StateDump::decode(&long), Err(DecodeError::Trailing(1)));
+        // the record's alive member listed instead of implied: not canonical
+        let mut listed = vec![VERSION];
+        listed.extend_from_slice(&1u32.to_be_bytes());
+        listed.push(RECORD_ONLY);
+        listed.extend_from_slice(&Item::Node(Arc::new(zeroed.clone())).encode());
+        listed.extend_from_slice(&1u32.to_be_bytes());
+        put_member(
+            &mut listed,
+            &Member::new(zeroed.subject, zeroed.incarnation, State::Alive),
+        );
+        assert!(StateDump::decode(&listed).is_err());
+        // and as a suspect it must be listed
+        let n = listed.len();
+        listed[n - 1] = 1;
+        assert_eq!(StateDump::decode(&listed).unwrap().encode(), listed);
+    }
+
+    #[test]
+    fn item_golden_bytes() {
+        let subject = Identity::new(NodeId::from_index(1), "198.18.0.1:7946".parse().unwrap(), 2);
+        let mut ident_bytes = b"0000000000000000000000001".to_vec();
+        ident_bytes.extend_from_slice(&[4, 198, 18, 0, 1, 0x1f, 0x0a, 0, 0, 0, 2]);
+        let rec = NodeRecord {
+            subject,
+            incarnation: 3,
+            seq: 0x0102_0304_0506_0708,
+            leaving: false,
+            meta: Metadata {
+                vtep: "198.18.0.1".parse().unwrap(),
+                data_port: 4789,
+                public_key: [0; 32],
+                incarnation: [0xaa; 16],
+                role: Role::Worker,
+                version: "v1".into(),
+            },
+            sig: [0x77; 64],
+        };
+        let mut want = vec![1];
+        want.extend_from_slice(&ident_bytes);
+        want.extend_from_slice(&[0, 3, 1, 2, 3, 4, 5, 6, 7, 8, 0]);
+        want.extend_from_slice(&[4, 198, 18, 0, 1, 0x12, 0xb5]);
+        want.extend_from_slice(&[0xaa; 16]);
+        want.extend_from_slice(&[0, 2, b'v', b'1']);
+        want.extend_from_slice(&[0x77; 64]);
+        assert_eq!(Item::Node(Arc::new(rec.clone())).encode(), want);
+        assert_eq!(want.len(), 1 + 36 + 2 + 8 + 1 + 7 + 16 + 4 + 64);
+        // what the signature covers: domain, the record without its tag and signature, with
+        // the x25519 key between the flags and the metadata
+        let mut signed = b"shoal gossip node v1".to_vec();
+        signed.extend_from_slice(&want[1..1 + 36 + 2 + 8 + 1]);
+        signed.extend_from_slice(&[0x33; 32]);
+        signed.extend_from_slice(&want[1 + 36 + 2 + 8 + 1..want.len() - 64]);
+        assert_eq!(rec.signed_bytes(&[0x33; 32]), signed);
+
+        let w = Item::Suspect {
+            subject,
+            incarnation: 9,
+            from: NodeId::from_index(5),
+            sig: [0x66; 64],
+        };
+        let mut want = vec![2];
+        want.extend_from_slice(&ident_bytes);
+        want.extend_from_slice(&[0, 9]);
+        want.extend_from_slice(b"0000000000000000000000005");
+        want.extend_from_slice(&[0x66; 64]);
+        assert_eq!(w.encode(), want);
+        let mut signed = b"shoal gossip suspect v1".to_vec();
+        signed.extend_from_slice(&want[1..want.len() - 64]);
+        assert_eq!(
+            suspect_signed_bytes(&subject, 9, &NodeId::from_index(5)),
+            signed
+        );
     }
 
     #[test]
@@ -791,15 +1113,11 @@ mod tests {
         let mut m = meta();
         m.version = "x".repeat(40);
         assert!(m.validate().is_err());
-        let mut b = Item::Meta {
-            id: NodeId::from_index(1),
-            seq: 0,
-            leaving: false,
-            meta: Arc::new(meta()),
-        }
-        .encode();
+        let keys = crate::auth::NodeKeys::from_secret([5; 32]);
+        let mut b = Item::Node(Arc::new(record(&keys))).encode();
         // claim a 200-byte version
-        let len_at = b.len() - 1 - "0.1.0".len();
+        let len_at = b.len() - 64 - 1 - "0.1.0".len();
+        assert_eq!(b[len_at], 5);
         b[len_at] = 200;
         assert!(Item::decode(&b).is_err());
     }

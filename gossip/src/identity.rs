@@ -274,10 +274,11 @@ pub struct Metadata {
     /// The node's static X25519 public key.
     #[serde(with = "hex32")]
     pub public_key: [u8; 32],
-    /// The data path's incarnation: renewed at every agent start, part of the data-path key
-    /// derivation so a restarted node never reuses a nonce (see `shoal-vxlan`'s `crypto`).
-    #[serde(default)]
-    pub incarnation: u32,
+    /// The data path's incarnation: 16 random bytes the control plane draws at every start
+    /// of the data path and mixes into the data-path keys, so a restarted node never reuses
+    /// a nonce (the data-path envelope carries the first 4 bytes). Opaque to gossip.
+    #[serde(default, with = "hex16")]
+    pub incarnation: [u8; 16],
     /// Worker or manager.
     pub role: Role,
     /// Agent version string, at most [`MAX_VERSION_LEN`] bytes.
@@ -316,6 +317,31 @@ mod hex32 {
     pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
         let s = String::deserialize(d)?;
         super::parse_hex32(&s).ok_or_else(|| serde::de::Error::custom("expected 64 hex digits"))
+    }
+}
+
+mod hex16 {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(crate) fn serialize<S: Serializer>(v: &[u8; 16], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&v.iter().map(|b| format!("{b:02x}")).collect::<String>())
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 16], D::Error> {
+        let s = String::deserialize(d)?;
+        let b = s.as_bytes();
+        let mut out = [0u8; 16];
+        if b.len() != 32 {
+            return Err(serde::de::Error::custom("expected 32 hex digits"));
+        }
+        for (i, pair) in b.chunks_exact(2).enumerate() {
+            let digit = |c: u8| (c as char).to_digit(16);
+            match (digit(pair[0]), digit(pair[1])) {
+                (Some(hi), Some(lo)) => out[i] = (hi * 16 + lo) as u8,
+                _ => return Err(serde::de::Error::custom("expected 32 hex digits")),
+            }
+        }
+        Ok(out)
     }
 }
 

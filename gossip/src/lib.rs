@@ -2,13 +2,19 @@
 //!
 //! What it does:
 //! - [`Membership`] (sans-IO) runs foca with our [`Identity`] (node ID, advertise address,
-//!   bump), a versioned [`codec`], node [`Metadata`] spread as custom broadcasts, an
-//!   [`Admission`] list from the control plane, push-pull full-state sync, Lifeguard-style
-//!   local health and dynamic suspicion. It emits [`Event`]s: up, down, updated, left.
-//! - [`seal`]: every datagram and stream frame is sealed with the cluster gossip key
-//!   (XChaCha20-Poly1305, key id, never-repeating nonces); what does not open is dropped and
-//!   counted.
-//! - [`driver`]: the tokio shell (UDP + TCP on one address, default `0.0.0.0:7946`).
+//!   bump), a versioned [`codec`], signed node records (identity, incarnation, [`Metadata`])
+//!   spread ahead of foca's updates, an [`Admission`] directory of node keys from the control
+//!   plane, push-pull full-state sync, Lifeguard-style local health and dynamic suspicion. It
+//!   emits [`Event`]s: up, down, updated, left.
+//! - [`auth`]: node keys ([`NodeKeys`]: the X25519 static secret and the Ed25519 key derived
+//!   from it), [`PublicKeys`], the [`Admission`] directory. Who speaks is authenticated, not
+//!   only that a member speaks: every datagram and stream frame is sealed per pair of nodes
+//!   ([`seal`]), what speaks for a node is signed by it, and relayed membership records may
+//!   not say more of a node than it stated itself.
+//! - [`seal`]: the envelope (XChaCha20-Poly1305 under pair keys, sender tag, key id,
+//!   never-repeating nonces); what does not open is dropped and counted.
+//! - [`driver`]: the tokio shell (UDP + TCP on one address, default `0.0.0.0:7946`), with
+//!   caps on TCP connections that have not authenticated yet.
 //! - [`sim`]: a deterministic many-node simulation on a virtual clock, running the same
 //!   [`Membership`] code; the `gossip-sim` binary prints its measurements as JSON.
 //!
@@ -21,16 +27,20 @@
 //!
 //! ```no_run
 //! # async fn f() -> Result<(), Box<dyn std::error::Error>> {
-//! use shoal_gossip::{driver, Admission, Event, Identity, Key, Keyring, Metadata, Role};
+//! use shoal_gossip::{driver, Admission, Event, Key, Keyring, Metadata, NodeKeys, Role};
+//! let secret = [1u8; 32]; // the node's X25519 static secret, from the state dir
+//! let keys = NodeKeys::from_secret(secret);
 //! let id = "abcdefghijklmnopqrstuvw12".parse()?;
 //! let meta = Metadata {
-//!     vtep: "198.18.0.1".parse()?, data_port: 4789, public_key: [7; 32], incarnation: 1,
-//!     role: Role::Manager, version: "0.1.0".into(),
+//!     vtep: "198.18.0.1".parse()?, data_port: 4789, public_key: keys.public().x25519,
+//!     incarnation: [0; 16], role: Role::Manager, version: "0.1.0".into(),
 //! };
+//! let peer = "abcdefghijklmnopqrstuvw13".parse()?;
+//! let peer_keys = NodeKeys::from_secret([2; 32]).public(); // from the manager's node list
 //! let mut cfg = driver::Config::new(id, "198.18.0.1:7946".parse()?, meta,
-//!     Keyring::new(Key { id: 1, secret: [9; 32] }));
-//! cfg.seeds = vec!["198.18.0.2:7946".parse()?];
-//! cfg.admission = Admission::Open;
+//!     Keyring::new(Key { id: 1, secret: [9; 32] }), keys);
+//! cfg.seeds = vec![(peer, "198.18.0.2:7946".parse()?)];
+//! cfg.admission = Admission::only([(id, cfg.keys.public()), (peer, peer_keys)]);
 //! let (handle, mut events) = driver::start(cfg).await?;
 //! while let Some(ev) = events.recv().await {
 //!     match ev {
@@ -52,17 +62,20 @@
 
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod codec;
 pub mod driver;
 pub mod identity;
 pub mod membership;
 pub mod node;
 mod peers;
+mod relay;
 pub mod seal;
 pub mod sim;
 
+pub use auth::{Admission, NodeKeys, PublicKeys};
 pub use identity::{Identity, Metadata, NodeId, Role};
 pub use membership::{
-    Admission, Config, Event, MemberInfo, MemberState, Membership, Setup, Stats, Transmit,
+    Config, Event, MemberInfo, MemberState, Membership, Peer, Setup, Stats, Transmit,
 };
 pub use seal::{Key, Keyring};

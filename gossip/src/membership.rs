@@ -48,9 +48,41 @@
 //! detection is unchanged. Many members down at once (a partition and its heal) switch it
 //! off: there the fast path is what reconnects the two sides.
 //!
+//! ## Authentication (who speaks for whom)
+//!
+//! Every datagram and stream frame is sealed per pair of nodes ([`crate::seal`]): one that
+//! opens names its sender, and the foca header inside must name the same node (else
+//! `dropped_spoofed`). What speaks for a node is signed by it (Ed25519, keys from the
+//! [`Admission`] directory): its [`NodeRecord`] (identity, incarnation, metadata, leaving)
+//! and its suspicion witnesses. foca's own member records carry no author, so before foca
+//! sees a relayed record about member X it is checked against what X itself stated (the
+//! highest (identity, incarnation) of X's signed records and of X's own datagram headers):
+//! - `Alive(X, i)` and `Suspect(X, i)` pass only if X stated that identity and an
+//!   incarnation of at least `i` (a member cannot invent an incarnation or a bump);
+//! - `Down(X, i)` from anyone but X becomes `Suspect(X, i)` (then the rule above): each node
+//!   declares X down itself, by a quorum of signed witnesses, by its own timer for every
+//!   suspicion it hears (`suspicion_max`, then a check of X: four announces, silence
+//!   declares), or at once by such a check when someone declared X down and it suspects X
+//!   too; a node that leaves says so in its signed record;
+//! - records about ourselves: a suspicion we really had is refuted (foca), a `Down` is
+//!   treated as a suspicion, one about another identity of our node is dropped; a member's
+//!   direct "you are down" (TurnUndead) makes us refute, at most once per [`RENEW_HOLD`],
+//!   never renew our identity;
+//! - when a signed record raises what X stated above what foca holds, we apply it to foca
+//!   ourselves, so a refutation lands even where its relayed foca record was dropped; a
+//!   record refuting the incarnation X was declared down at takes X back up (foca keeps a
+//!   down identity down: the core removes and adds it again).
+//!
+//! Signed records and witnesses are spread by the core itself (its record queue), ahead of
+//! foca's updates. Numbers a sender advances are bounded: an envelope epoch (the sender's
+//! start, wall-clock milliseconds) more than [`MAX_EPOCH_AHEAD`] ahead of our wall clock is
+//! refused; record sequence numbers, bumps and incarnations rise only under their author's
+//! signature.
+//!
 //! [`Config::plain_swim`] turns all of the above off (`local_health`, `dynamic_suspicion`,
 //! `buddy_system`, `confirm_probes`, `flap_damping`): the plain SWIM baseline the
-//! simulation compares with.
+//! simulation compares with (its relayed suspicions wait `suspicion_max` and are declared
+//! without a check).
 
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
@@ -66,22 +98,40 @@ use foca::{
 use rand_0_10::rngs::SmallRng;
 use rand_0_10::{RngExt, SeedableRng};
 
-use crate::codec::{self, Codec, DecodeError, Item, Reader, StateDump};
+pub use crate::auth::Admission;
+use crate::auth::Crypto;
+use crate::codec::{
+    self, suspect_signed_bytes, Codec, DecodeError, Item, NodeRecord, Reader, StateDump,
+};
 use crate::identity::{Identity, Metadata, MetadataError, NodeId};
 use crate::peers::Peers;
+use crate::relay::RecordQueue;
 use crate::seal::{
-    Keyring, Kind, OpenError, ReplayError, ReplayWindow, Sealer, Sequence, OVERHEAD,
+    Keyring, Kind, OpenError, Opened, ReplayError, ReplayWindow, SealError, Sealer, Sequence,
+    OVERHEAD,
 };
 
 /// Independent witnesses (the first suspecter plus confirmation probes) after which any
 /// member may declare a suspect down, once `suspicion_min` has passed since it heard of it.
 const QUORUM: usize = 3;
 
+/// Most confirmation checks running at once (each sends four announces).
+const MAX_CHECKS: usize = 16;
+
 /// Largest datagram on 7946, envelope included.
 pub const MAX_DATAGRAM: usize = 1400;
 
-/// Largest push-pull frame accepted (sealed), about 100,000 members with metadata.
+/// Largest push-pull frame accepted (sealed), about 80,000 members with their records.
 pub const MAX_PUSHPULL_FRAME: usize = 16 << 20;
+
+/// How far ahead of our wall clock an envelope epoch (the sender's start time) may be.
+pub const MAX_EPOCH_AHEAD: Duration = Duration::from_secs(600);
+
+/// After we renew our identity, a member's "you are down" (TurnUndead) is refused for this
+/// long: one member alone cannot make us churn identities faster than this. (A TurnUndead
+/// about our previous identity never reaches this point: foca drops what is addressed to an
+/// identity that is no longer ours.)
+pub const RENEW_HOLD: Duration = Duration::from_secs(10);
 
 /// Tuning of the gossip core. Start from [`Config::lan`].
 #[derive(Debug, Clone)]
@@ -220,39 +270,6 @@ impl Config {
     }
 }
 
-/// Which nodes may take part, as the control plane says.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub enum Admission {
-    /// Anyone holding the gossip key (tests, the simulation, bootstrap).
-    #[default]
-    Open,
-    /// Only these node IDs, each with the X25519 public key its metadata must carry.
-    Only(HashMap<NodeId, [u8; 32]>),
-}
-
-impl Admission {
-    /// Builds an allow-list.
-    pub fn only(list: impl IntoIterator<Item = (NodeId, [u8; 32])>) -> Self {
-        Admission::Only(list.into_iter().collect())
-    }
-
-    /// Whether `id` may take part at all.
-    pub fn admits(&self, id: &NodeId) -> bool {
-        match self {
-            Admission::Open => true,
-            Admission::Only(m) => m.contains_key(id),
-        }
-    }
-
-    /// Whether `id` may take part with this public key.
-    pub fn admits_key(&self, id: &NodeId, key: &[u8; 32]) -> bool {
-        match self {
-            Admission::Open => true,
-            Admission::Only(m) => m.get(id) == Some(key),
-        }
-    }
-}
-
 /// A member's state as seen from here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -272,8 +289,11 @@ pub struct MemberInfo {
     pub id: NodeId,
     /// Its gossip address.
     pub addr: SocketAddr,
-    /// Its identity generation (rises each time it rejoins).
+    /// Its identity generation (rises each time it restarts).
     pub bump: u32,
+    /// Its SWIM incarnation as we hold it (rises each time it refutes a suspicion; a member
+    /// declared down comes back at a higher one).
+    pub incarnation: u16,
     /// Its state.
     pub state: MemberState,
     /// Its metadata; always `Some` in an [`Event`], `None` in [`Membership::members`] until
@@ -315,9 +335,11 @@ pub struct Stats {
     pub stream_bytes_in: u64,
     /// Bytes of push-pull frames sent (sealed).
     pub stream_bytes_out: u64,
-    /// Dropped: did not open with a live key.
+    /// Dropped: did not open (no live gossip key with its id, or no candidate sender's pair
+    /// key opened it: wrong key, tampered, or a member posing as another).
     pub dropped_seal: u64,
-    /// Dropped: sender (or an update, or metadata) not on the admission list.
+    /// Dropped: the sender tag names no member of the directory, or a relayed record, signed
+    /// item or push-pull entry is about (or by) a node not in it.
     pub dropped_not_admitted: u64,
     /// Dropped: opened but did not decode.
     pub dropped_decode: u64,
@@ -342,6 +364,47 @@ pub struct Stats {
     pub probe_rtt_sum_us: u64,
     /// The latest round trip, in microseconds.
     pub probe_rtt_last_us: u64,
+    /// Dropped: the foca header of an opened datagram names another sender than the one
+    /// whose pair key opened it, or a push-pull answer came from another node than the one
+    /// asked.
+    pub dropped_spoofed: u64,
+    /// Dropped: the envelope epoch (the sender's start, wall-clock milliseconds) is more than
+    /// [`MAX_EPOCH_AHEAD`] ahead of our wall clock.
+    pub dropped_future: u64,
+    /// Not sent: the destination is in no directory entry (or its X25519 key is unusable),
+    /// so nothing can be sealed for it.
+    pub dropped_unsealable: u64,
+    /// Dropped: a member's "you are down" (TurnUndead) within [`RENEW_HOLD`] of our last
+    /// identity renewal.
+    pub dropped_renewal: u64,
+    /// Relayed member records dropped: they said more of a member (identity, incarnation)
+    /// than the member itself stated. Some are only early (the member's signed record is on
+    /// its way), and applied when it arrives.
+    pub records_dropped: u64,
+    /// Relayed `Down` records turned into `Suspect`: only a member's own word, a quorum of
+    /// signed witnesses or our own suspicion timer declares it down.
+    pub records_rewritten: u64,
+    /// Signed items (node records, witnesses) whose signature did not verify under the
+    /// directory's key of their author.
+    pub items_bad_signature: u64,
+    /// Members we held down and took back up: their signed record refuted, at a higher
+    /// incarnation, the suspicion that had them declared down.
+    pub revived: u64,
+    /// Witnesses dropped without verifying: they suspect a (bump, incarnation) their subject
+    /// never stated.
+    pub items_unproven: u64,
+    /// TCP (push-pull) connections refused at accept: their source IP already held its share
+    /// of connections not yet authenticated (driver only).
+    pub tcp_refused_per_ip: u64,
+    /// TCP connections refused at accept: the cap on all connections not yet authenticated
+    /// was reached (driver only).
+    pub tcp_refused_global: u64,
+    /// TCP connections closed because no complete first frame came within the deadline
+    /// (driver only).
+    pub tcp_first_frame_timeout: u64,
+    /// TCP connections closed after their first frame opened, because every exchange slot
+    /// was busy (driver only).
+    pub tcp_refused_busy: u64,
 }
 
 /// Why a datagram was dropped. Every variant is counted in [`Stats`].
@@ -356,9 +419,25 @@ pub enum RecvError {
     /// Did not decode.
     #[error(transparent)]
     Decode(#[from] DecodeError),
-    /// The sender is not admitted.
-    #[error("gossip datagram from node {0} which is not on the admission list; dropped")]
-    NotAdmitted(NodeId),
+    /// The foca header names another sender than the one that sealed the datagram.
+    #[error("gossip datagram sealed by node {sender} claims to come from {claimed}; dropped")]
+    Spoofed {
+        /// Who the header names.
+        claimed: NodeId,
+        /// Who sealed it.
+        sender: NodeId,
+    },
+    /// The envelope epoch is implausibly far ahead of our wall clock.
+    #[error("gossip datagram from node {sender} started {ahead_s} s in our future; dropped (check both clocks)")]
+    FutureEpoch {
+        /// Who sealed it.
+        sender: NodeId,
+        /// How far ahead, in seconds.
+        ahead_s: u64,
+    },
+    /// A "you are down" too soon after our last identity renewal.
+    #[error("gossip: node {0} says we are down again within 10 s of our last renewal; ignored")]
+    RenewalHeld(NodeId),
     /// Replayed (or duplicated, or far out of order).
     #[error(transparent)]
     Replay(#[from] ReplayError),
@@ -379,9 +458,20 @@ pub enum PushPullError {
     /// Did not decode.
     #[error(transparent)]
     Decode(#[from] DecodeError),
-    /// Sealing our reply failed.
+    /// Sealing our frame failed.
     #[error(transparent)]
-    Seal(#[from] crate::seal::SealError),
+    Seal(#[from] SealError),
+    /// The answer came from another node than the one asked.
+    #[error("push-pull answer from node {sender} on an exchange with {expected}; dropped")]
+    Spoofed {
+        /// Whom we asked.
+        expected: NodeId,
+        /// Who sealed the answer.
+        sender: NodeId,
+    },
+    /// The envelope epoch is implausibly far ahead of our wall clock.
+    #[error("push-pull frame from node {0} started in our future; dropped (check both clocks)")]
+    FutureEpoch(NodeId),
 }
 
 /// Why an API call failed; nothing changed.
@@ -390,9 +480,21 @@ pub enum ApiError {
     /// The metadata is out of bounds.
     #[error(transparent)]
     Metadata(#[from] MetadataError),
+    /// The metadata's public key is not the X25519 key of our node keys.
+    #[error("gossip metadata carries another X25519 public key than this node's keys; pass the node's own public key")]
+    KeyMismatch,
     /// foca refused the call.
     #[error("the SWIM state machine refused the call: {0}")]
     Protocol(String),
+}
+
+/// A peer to run a push-pull exchange with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    /// Its node ID (the frame is sealed for it).
+    pub id: NodeId,
+    /// Its gossip address (TCP).
+    pub addr: SocketAddr,
 }
 
 /// A datagram to send.
@@ -407,30 +509,71 @@ pub struct Transmit {
 // ---------------------------------------------------------------------------------------------
 // shared state between Membership and foca's broadcast handler
 
-#[derive(Debug, Default)]
+/// What we know of an authenticated sender: its anti-replay window and the highest
+/// (identity, incarnation) its own datagram headers stated.
+#[derive(Debug, Clone, Copy)]
+struct Sender {
+    window: ReplayWindow,
+    identity: Identity,
+    incarnation: u16,
+}
+
+/// Whether `a` is a later statement than `b`: a newer bump, or the same identity at a higher
+/// incarnation.
+fn later(a: (Identity, u16), b: (Identity, u16)) -> bool {
+    a.0.newer_than(&b.0) || (a.0 == b.0 && a.1 > b.1)
+}
+
+/// Whether a record about `ident` at `incarnation` is within what its subject stated: the
+/// same identity (node, address, bump) at an incarnation no higher.
+fn within(stated: Option<(Identity, u16)>, ident: &Identity, incarnation: u16) -> bool {
+    stated.is_some_and(|(s, si)| s == *ident && incarnation <= si)
+}
+
+/// Counters of the broadcast handler (it runs inside foca).
+#[derive(Debug, Default, Clone, Copy)]
+struct ItemCounts {
+    not_admitted: u64,
+    bad_signature: u64,
+    unproven: u64,
+}
+
+#[derive(Debug)]
 struct Shared {
     admission: Admission,
-    /// Metadata and up state per member.
+    crypto: Arc<dyn Crypto>,
+    /// Signed records and up state per member.
     peers: Peers,
+    /// Per authenticated sender: replay window and what its headers stated.
+    senders: HashMap<NodeId, Sender>,
+    /// Members whose metadata changed (events to emit).
     changed: Vec<NodeId>,
     confirms: HashMap<(NodeId, u32, u16), HashSet<NodeId>>,
     /// Suspicions we just heard of for the first time: candidates for a confirmation probe.
     fresh_suspects: Vec<(Identity, u16)>,
     /// Suspicions that just reached a quorum of independent witnesses.
     quorums: Vec<(Identity, u16)>,
-    rejected_items: u64,
+    /// Records just accepted: applied to foca where they say more than it holds.
+    raised: Vec<Arc<NodeRecord>>,
+    /// Records just accepted from gossip: to spread on (see [`RecordQueue`]).
+    relay: Vec<Arc<NodeRecord>>,
+    /// Witnesses just accepted from gossip: to spread on.
+    relay_witnesses: Vec<Item>,
+    /// Our own identity and incarnation (what we stated last).
+    own: (Identity, u16),
+    counts: ItemCounts,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum ItemKey {
-    Meta { id: NodeId, seq: u64 },
+    Node { id: NodeId, seq: u64 },
     Suspect(NodeId, u32, u16, NodeId),
 }
 
 impl Invalidates for ItemKey {
     fn invalidates(&self, other: &Self) -> bool {
         match (self, other) {
-            (ItemKey::Meta { id, seq }, ItemKey::Meta { id: o, seq: os }) => id == o && seq >= os,
+            (ItemKey::Node { id, seq }, ItemKey::Node { id: o, seq: os }) => id == o && seq >= os,
             // A witness about a later generation or incarnation of the same member makes the
             // witnesses about earlier ones useless (that suspicion was refuted or the member
             // rejoined): drop them from the queue instead of spreading them on.
@@ -471,83 +614,179 @@ impl BroadcastHandler<Identity> for Handler {
         if sender.is_none() {
             // Our own item, added through `add_broadcast`: always spread it.
             return Ok(Some(match item {
-                Item::Meta { id, seq, .. } => ItemKey::Meta { id, seq },
+                Item::Node(r) => ItemKey::Node {
+                    id: r.subject.id,
+                    seq: r.seq,
+                },
                 Item::Suspect {
                     subject,
                     incarnation,
                     from,
+                    ..
                 } => ItemKey::Suspect(subject.id, subject.bump, incarnation, from),
             }));
         }
         let mut sh = lock(&self.shared);
-        Ok(sh.accept_item(item, self.me))
+        match item {
+            // Records are spread by the core itself, ahead of foca's updates.
+            Item::Node(rec) => {
+                if sh.accept_record(Arc::clone(&rec), self.me).is_some() {
+                    sh.relay.push(rec);
+                }
+                Ok(None)
+            }
+            // So are witnesses (a refutation ends them there).
+            item => {
+                if sh.accept_item(item.clone(), self.me).is_some() {
+                    sh.relay_witnesses.push(item);
+                }
+                Ok(None)
+            }
+        }
     }
 }
 
 impl Shared {
+    /// The highest (identity, incarnation) `id` stated itself: in its signed records or in
+    /// its own datagram headers.
+    fn stated(&self, id: &NodeId) -> Option<(Identity, u16)> {
+        let rec = self.peers.record(id).map(|r| (r.subject, r.incarnation));
+        let hdr = self.senders.get(id).map(|s| (s.identity, s.incarnation));
+        match (rec, hdr) {
+            (Some(r), Some(h)) => Some(if later(h, r) { h } else { r }),
+            (r, h) => r.or(h),
+        }
+    }
+
+    /// Takes a signed record received from someone else (gossip, push-pull, restore). Checks
+    /// the cheap things first: the author is in the directory, the record is newer than what
+    /// we hold (so each (node, seq) is verified once); then the signature, under the
+    /// directory's keys.
+    fn accept_record(&mut self, rec: Arc<NodeRecord>, me: NodeId) -> Option<ItemKey> {
+        let id = rec.subject.id;
+        if id == me {
+            return None;
+        }
+        let Some(keys) = self.admission.keys(&id).copied() else {
+            self.counts.not_admitted += 1;
+            return None;
+        };
+        let known = self.peers.record(&id);
+        if known.is_some_and(|k| k.seq >= rec.seq) || rec.meta.validate().is_err() {
+            return None;
+        }
+        let msg = rec.signed_bytes(&keys.x25519);
+        if !self.crypto.verify(&keys.ed25519, &msg, &rec.sig) {
+            self.counts.bad_signature += 1;
+            return None;
+        }
+        let meta_changed = self.peers.record(&id).is_none_or(|k| {
+            let mut m = rec.meta.clone();
+            m.public_key = keys.x25519;
+            k.meta != m
+        });
+        // The wire leaves the key out; what we hold carries the directory's (which the
+        // signature covered).
+        let rec = if rec.meta.public_key == keys.x25519 {
+            rec
+        } else {
+            let mut r = NodeRecord::clone(&rec);
+            r.meta.public_key = keys.x25519;
+            Arc::new(r)
+        };
+        let key = ItemKey::Node { id, seq: rec.seq };
+        self.peers.set_record(id, Arc::clone(&rec));
+        if meta_changed {
+            self.changed.push(id);
+        }
+        self.raised.push(rec);
+        Some(key)
+    }
+
     fn accept_item(&mut self, item: Item, me: NodeId) -> Option<ItemKey> {
         match item {
-            Item::Meta {
-                id,
-                seq,
-                leaving,
-                meta,
-            } => {
-                if id == me {
-                    return None;
-                }
-                if !self.admission.admits_key(&id, &meta.public_key) || meta.validate().is_err() {
-                    self.rejected_items += 1;
-                    return None;
-                }
-                if let Some(known) = self.peers.meta(&id) {
-                    if known.seq >= seq {
-                        return None;
-                    }
-                }
-                self.peers.set_meta(id, seq, leaving, meta);
-                self.changed.push(id);
-                Some(ItemKey::Meta { id, seq })
-            }
+            Item::Node(rec) => self.accept_record(rec, me),
             Item::Suspect {
                 subject,
                 incarnation,
                 from,
+                sig,
             } => {
-                if !self.admission.admits(&from) || !self.admission.admits(&subject.id) {
-                    self.rejected_items += 1;
+                let Some(keys) = self.admission.keys(&from).copied() else {
+                    self.counts.not_admitted += 1;
+                    return None;
+                };
+                if !self.admission.admits(&subject.id) {
+                    self.counts.not_admitted += 1;
                     return None;
                 }
-                if self.confirms.len() > 8192 {
-                    self.confirms.clear();
-                }
-                let set = self
-                    .confirms
-                    .entry((subject.id, subject.bump, incarnation))
-                    .or_default();
-                if set.is_empty() && subject.id != me {
-                    self.fresh_suspects.push((subject, incarnation));
-                }
-                if set.insert(from) {
-                    if set.len() == QUORUM {
-                        self.quorums.push((subject, incarnation));
-                    }
-                    if set.len() > QUORUM {
-                        // Counted, but not spread: past the quorum, more witnesses change
-                        // nothing anywhere (each node spreads the first QUORUM it heard).
+                // Only an incarnation the subject really had can be suspected.
+                let stated = if subject.id == me {
+                    Some(self.own)
+                } else {
+                    self.stated(&subject.id)
+                };
+                if !within(stated, &subject, incarnation) {
+                    if stated.is_some_and(|s| later(s, (subject, incarnation))) {
+                        // Refuted (or superseded) already: worth nothing, and not a lie.
                         return None;
                     }
-                    Some(ItemKey::Suspect(
-                        subject.id,
-                        subject.bump,
-                        incarnation,
-                        from,
-                    ))
-                } else {
-                    None
+                    self.counts.unproven += 1;
+                    return None;
                 }
+                if self
+                    .confirms
+                    .get(&(subject.id, subject.bump, incarnation))
+                    .is_some_and(|set| set.contains(&from) || set.len() >= QUORUM)
+                {
+                    // Known witness, or past the quorum (more witnesses change nothing
+                    // anywhere: each node spreads the first QUORUM it heard). No signature
+                    // check needed to ignore it.
+                    return None;
+                }
+                let msg = suspect_signed_bytes(&subject, incarnation, &from);
+                if !self.crypto.verify(&keys.ed25519, &msg, &sig) {
+                    self.counts.bad_signature += 1;
+                    return None;
+                }
+                Some(self.witness(subject, incarnation, from, me)?)
             }
         }
+    }
+
+    /// Counts an independent witness (already authenticated, or our own).
+    fn witness(
+        &mut self,
+        subject: Identity,
+        incarnation: u16,
+        from: NodeId,
+        me: NodeId,
+    ) -> Option<ItemKey> {
+        if self.confirms.len() > 8192 {
+            self.confirms.clear();
+        }
+        let set = self
+            .confirms
+            .entry((subject.id, subject.bump, incarnation))
+            .or_default();
+        if set.is_empty() && subject.id != me {
+            self.fresh_suspects.push((subject, incarnation));
+        }
+        if !set.insert(from) {
+            return None;
+        }
+        if set.len() == QUORUM {
+            self.quorums.push((subject, incarnation));
+        }
+        if set.len() > QUORUM {
+            return None;
+        }
+        Some(ItemKey::Suspect(
+            subject.id,
+            subject.bump,
+            incarnation,
+            from,
+        ))
     }
 }
 
@@ -581,6 +820,9 @@ struct Pending {
     seq: u64,
     created: Instant,
     deferred: bool,
+    /// Our own timer for a suspicion relayed to us (see [`Membership::arm_suspicions`]),
+    /// not one foca armed for its own failed probe.
+    relayed: bool,
     timer: Timer<Identity>,
 }
 
@@ -614,11 +856,30 @@ pub struct Membership {
     timers: BinaryHeap<Pending>,
     timer_seq: u64,
     transmits: VecDeque<Transmit>,
-    pushpulls: VecDeque<SocketAddr>,
+    pushpulls: VecDeque<Peer>,
+    /// Signed records to spread, ours and relayed (see [`RecordQueue`]).
+    records: RecordQueue,
     events: VecDeque<Event>,
+    /// The directory (also in `shared`, for the broadcast handler).
+    admission: Admission,
+    /// Our keys (also in `shared`).
+    crypto: Arc<dyn Crypto>,
     my_meta: Arc<Metadata>,
     my_seq: u64,
+    /// Our latest signed record.
+    my_record: Arc<NodeRecord>,
+    /// Our SWIM incarnation, as our own datagram headers carry it.
+    my_incarnation: u16,
+    /// We left on purpose: every record we sign says so.
+    left: bool,
     meta_sent: bool,
+    /// When we last answered a "you are down" (see [`RENEW_HOLD`]).
+    renewed: Option<Instant>,
+    /// A "you are down" arrived: refute once foca has handled the datagram.
+    refute: bool,
+    /// Wall clock (milliseconds since the Unix epoch) at the instant `wall_at`.
+    wall_ms: u64,
+    wall_at: Instant,
     health: u32,
     last_suspected: Option<u16>,
     stall_counted: bool,
@@ -627,13 +888,18 @@ pub struct Membership {
     /// When we first heard of each suspicion (for the quorum rule's minimum wait).
     heard: HashMap<(NodeId, u32, u16), Instant>,
     /// Flap damping: when we last saw each member go down, or suspected it while damped.
-    flapped: HashMap<NodeId, Instant>,
+    flapped: HashMap<NodeId, Flapped>,
     /// When `flapped` was last pruned.
     flapped_pruned: Option<Instant>,
     /// Quorum declarations waiting for `suspicion_min` to pass.
     declares: Vec<(Instant, Identity, u16)>,
-    /// Anti-replay state per sender.
-    replay: HashMap<NodeId, ReplayWindow>,
+    /// Suspicions relayed to us (records that passed the rules) since the last input: each
+    /// gets our own suspicion timer once foca holds it (see [`Membership::arm_suspicions`]).
+    relayed_suspicions: Vec<(Identity, u16)>,
+    /// Suspicions we armed a timer for (bounded).
+    armed: HashSet<(NodeId, u32, u16)>,
+    /// foca's current timer token, read from the timers it submits.
+    timer_token: Option<foca::TimerToken>,
     /// Members we heard are suspected (pruned lazily): probes to them carry the suspicion
     /// (Lifeguard's buddy system).
     suspects: HashSet<NodeId>,
@@ -646,6 +912,18 @@ pub struct Membership {
     stats: Stats,
 }
 
+/// Flap damping's memory of a member: when it was last seen down (or suspected while
+/// damped), and the identity and incarnation it went down at. Only suspicions of a later
+/// incarnation are damped: the one that had it declared down, still running here, is not.
+#[derive(Debug, Clone, Copy)]
+struct Flapped {
+    at: Instant,
+    down: (Identity, u16),
+    /// Seen (or declared) down, not only suspected by a quorum: counts towards the
+    /// many-downs rule of [`Membership::damped`].
+    counted: bool,
+}
+
 /// A confirmation probe in flight.
 #[derive(Debug, Clone, Copy)]
 struct Check {
@@ -654,6 +932,9 @@ struct Check {
     sends_left: u8,
     next_send: Instant,
     deadline: Instant,
+    /// Declare the subject down if it stays silent (a suspicion someone else raised, whose
+    /// time is up or which someone already declared): our own observation is what declares.
+    declare: bool,
 }
 
 impl std::fmt::Debug for Membership {
@@ -676,8 +957,11 @@ pub struct Setup {
     pub metadata: Metadata,
     /// Gossip keys.
     pub keyring: Keyring,
-    /// Who may take part.
+    /// Who may take part, with their public keys.
     pub admission: Admission,
+    /// Our node keys (the production [`crate::auth::NodeKeys`], or the simulation's cached
+    /// wrapper). `metadata.public_key` must be its X25519 public key.
+    pub crypto: Arc<dyn Crypto>,
     /// Seed for every random choice of the core.
     pub seed: u64,
     /// Rises with every start of this agent (the driver uses the wall clock in
@@ -685,16 +969,43 @@ pub struct Setup {
     pub epoch: u64,
     /// Fresh random bits for every start (with `epoch`, makes the envelope nonces unique).
     pub salt: u64,
+    /// The wall clock, in milliseconds since the Unix epoch, at the `now` given to
+    /// [`Membership::new`] (then kept with [`Membership::set_wall_clock`]). Envelope epochs
+    /// more than [`MAX_EPOCH_AHEAD`] beyond it are refused.
+    pub wall_ms: u64,
 }
 
 impl Membership {
     /// A new core at time `now`; call [`Membership::join`] to reach the cluster.
     pub fn new(setup: Setup, now: Instant) -> Result<Self, ApiError> {
         setup.metadata.validate()?;
+        if setup.metadata.public_key != setup.crypto.public().x25519 {
+            return Err(ApiError::KeyMismatch);
+        }
         let me = setup.identity.id;
+        let my_seq = u64::from(setup.identity.bump) << 32;
+        let my_record = Arc::new(NodeRecord::signed(
+            setup.identity,
+            0,
+            my_seq,
+            false,
+            setup.metadata.clone(),
+            setup.crypto.as_ref(),
+        ));
         let shared = Arc::new(Mutex::new(Shared {
-            admission: setup.admission,
-            ..Shared::default()
+            admission: setup.admission.clone(),
+            crypto: Arc::clone(&setup.crypto),
+            peers: Peers::default(),
+            senders: HashMap::new(),
+            changed: Vec::new(),
+            confirms: HashMap::new(),
+            fresh_suspects: Vec::new(),
+            quorums: Vec::new(),
+            raised: Vec::new(),
+            relay: Vec::new(),
+            relay_witnesses: Vec::new(),
+            own: (setup.identity, 0),
+            counts: ItemCounts::default(),
         }));
         let mut swim = setup.config.swim.clone();
         swim.suspect_to_down_after = setup.config.suspicion_min.max(Duration::from_millis(1));
@@ -712,16 +1023,26 @@ impl Membership {
             foca,
             config: setup.config,
             shared,
-            sealer: Sealer::new(setup.keyring, setup.epoch, setup.salt),
+            sealer: Sealer::new(me, setup.keyring, setup.epoch, setup.salt),
             rng: SmallRng::seed_from_u64(setup.seed ^ 0x5eed_0f0a_11aa),
             timers: BinaryHeap::new(),
             timer_seq: 0,
             transmits: VecDeque::new(),
             pushpulls: VecDeque::new(),
+            records: RecordQueue::new(me),
             events: VecDeque::new(),
+            admission: setup.admission,
+            crypto: setup.crypto,
             my_meta: Arc::new(setup.metadata),
-            my_seq: u64::from(setup.identity.bump) << 32,
+            my_seq,
+            my_record,
+            my_incarnation: 0,
+            left: false,
             meta_sent: false,
+            renewed: None,
+            refute: false,
+            wall_ms: setup.wall_ms,
+            wall_at: now,
             last_suspected: None,
             stall_counted: false,
             health: 0,
@@ -731,20 +1052,40 @@ impl Membership {
             flapped: HashMap::new(),
             flapped_pruned: None,
             declares: Vec::new(),
-            replay: HashMap::new(),
+            relayed_suspicions: Vec::new(),
+            armed: HashSet::new(),
+            timer_token: None,
             suspects: HashSet::new(),
             pings: HashMap::new(),
             notes: None,
             ctx: String::new(),
             stats: Stats::default(),
         };
-        let _ = now;
         Ok(m)
+    }
+
+    /// Tells the core the wall clock (milliseconds since the Unix epoch) at `now`; the
+    /// driver calls it before each input, so a clock that was stepped is followed.
+    pub fn set_wall_clock(&mut self, wall_ms: u64, now: Instant) {
+        self.wall_ms = wall_ms;
+        self.wall_at = now;
+    }
+
+    /// Our estimate of the wall clock at `now`.
+    fn wall_ms_at(&self, now: Instant) -> u64 {
+        let since = now.saturating_duration_since(self.wall_at).as_millis();
+        self.wall_ms
+            .saturating_add(u64::try_from(since).unwrap_or(u64::MAX))
     }
 
     /// Our current identity (the bump changes when we rejoin).
     pub fn identity(&self) -> &Identity {
         self.foca.identity()
+    }
+
+    /// Our SWIM incarnation (rises with each suspicion we refute; 0 after a renewal).
+    pub fn incarnation(&self) -> u16 {
+        self.my_incarnation
     }
 
     /// Our metadata.
@@ -771,7 +1112,12 @@ impl Membership {
                 members.next_power_of_two() * size_of::<Member<Identity>>(),
             ),
             ("peers", sh.peers.heap_bytes()),
-            ("replay", map(&self.replay)),
+            ("senders", map(&sh.senders)),
+            (
+                "pair_keys",
+                // entry (key, directory key, tick, Vec) and one gossip key's two ciphers
+                self.sealer.pairs_cached() * (size_of::<NodeId>() + 32 + 8 + 24 + 72 + 1),
+            ),
             (
                 "confirms",
                 map(&sh.confirms) + sh.confirms.values().map(set).sum::<usize>(),
@@ -784,6 +1130,7 @@ impl Membership {
                     + self.transmits.capacity() * size_of::<Transmit>(),
             ),
             ("suspects", set(&self.suspects)),
+            ("record_queue", self.records.heap_bytes()),
             ("checks_pings", map(&self.checks) + map(&self.pings)),
             (
                 "timers",
@@ -796,15 +1143,18 @@ impl Membership {
     pub fn stats(&self) -> Stats {
         let mut s = self.stats.clone();
         s.health = self.health;
-        s.dropped_not_admitted += lock(&self.shared).rejected_items;
+        let c = lock(&self.shared).counts;
+        s.dropped_not_admitted += c.not_admitted;
+        s.items_bad_signature += c.bad_signature;
+        s.items_unproven += c.unproven;
         s
     }
 
-    /// Pending membership updates and custom broadcasts (metadata, suspicions) to spread.
+    /// Pending membership updates, and signed items (node records and witnesses) to spread.
     pub fn backlog(&self) -> (usize, usize) {
         (
             self.foca.updates_backlog(),
-            self.foca.custom_broadcast_backlog(),
+            self.foca.custom_broadcast_backlog() + self.records.len(),
         )
     }
 
@@ -822,43 +1172,45 @@ impl Membership {
                 id: m.id().id,
                 addr: m.id().socket_addr(),
                 bump: m.id().bump,
+                incarnation: m.incarnation(),
                 state: match m.state() {
                     State::Alive => MemberState::Up,
                     State::Suspect => MemberState::Suspect,
                     State::Down => MemberState::Down,
                 },
-                metadata: sh.peers.meta(&m.id().id).map(|e| Metadata::clone(e.meta)),
+                metadata: sh.peers.record(&m.id().id).map(|r| r.meta.clone()),
             })
             .collect()
     }
 
-    /// Asks the nodes at `seeds` to let us in (UDP announce), and queues a push-pull with
-    /// each (full state at join).
-    pub fn join(&mut self, seeds: &[SocketAddr], now: Instant) {
-        if !self.meta_sent {
-            self.meta_sent = true;
-            self.broadcast_meta(false, now);
-        }
-        for &seed in seeds {
-            let anyone = Identity::new(NodeId::ANY, seed, 0);
+    /// Asks the nodes at `seeds` (node ID and gossip address: the control plane knows both)
+    /// to let us in (UDP announce), and queues a push-pull with each (full state at join).
+    pub fn join(&mut self, seeds: &[(NodeId, SocketAddr)], now: Instant) {
+        // Our first record goes out at our first contact (see `absorb`), straight to a few
+        // members rather than behind the backlog of updates a join brings.
+        let me = self.foca.identity().id;
+        for &(id, addr) in seeds {
+            if id == me || id == NodeId::ANY {
+                continue;
+            }
+            // Bump 0: foca accepts an announce addressed to any identity of the right node.
+            let seed = Identity::new(id, addr, 0);
             let mut rt = Collect::default();
-            if self.foca.announce(anyone, &mut rt).is_err() {
+            if self.foca.announce(seed, &mut rt).is_err() {
                 self.stats.dropped_protocol += 1;
             }
             self.absorb(rt, now);
-            self.pushpulls.push_back(seed);
+            self.queue_pushpull(Peer { id, addr });
         }
     }
 
     /// Leaves the cluster on purpose: others report [`Event::Left`]. After this the core
     /// only answers; drop it once [`Membership::poll_transmit`] is drained.
     pub fn leave(&mut self, now: Instant) -> Result<(), ApiError> {
-        self.broadcast_meta(true, now);
-        // Send the leaving flag first, on its own, so it arrives before our Down.
+        self.left = true;
+        // The signed leaving record goes first, on its own, so it arrives before our Down.
+        self.publish(now);
         let mut rt = Collect::default();
-        self.foca
-            .broadcast(&mut rt)
-            .map_err(|e| ApiError::Protocol(e.to_string()))?;
         self.foca
             .leave_cluster(&mut rt)
             .map_err(|e| ApiError::Protocol(e.to_string()))?;
@@ -866,11 +1218,15 @@ impl Membership {
         Ok(())
     }
 
-    /// Changes our metadata (role change, new key, new VTEP) and spreads it.
+    /// Changes our metadata (role change, new VTEP, new data-path incarnation) and spreads
+    /// it. Its public key must stay our own.
     pub fn update_metadata(&mut self, meta: Metadata, now: Instant) -> Result<(), ApiError> {
         meta.validate()?;
+        if meta.public_key != self.crypto.public().x25519 {
+            return Err(ApiError::KeyMismatch);
+        }
         self.my_meta = Arc::new(meta);
-        self.broadcast_meta(false, now);
+        self.publish(now);
         Ok(())
     }
 
@@ -879,8 +1235,9 @@ impl Membership {
         self.sealer.set_keys(keyring);
     }
 
-    /// Replaces the admission list. Members no longer admitted are declared down (and the
-    /// news spread); metadata whose key no longer matches is forgotten.
+    /// Replaces the directory. Members no longer in it are declared down (and the news
+    /// spread); what was accepted under keys that changed (signed records, cached pair keys)
+    /// is forgotten.
     pub fn set_admission(&mut self, admission: Admission, now: Instant) {
         let removed: Vec<Identity> = self
             .foca
@@ -888,12 +1245,17 @@ impl Membership {
             .filter(|m| m.state() != State::Down && !admission.admits(&m.id().id))
             .map(|m| *m.id())
             .collect();
+        let old = std::mem::replace(&mut self.admission, admission.clone());
         {
             let mut sh = lock(&self.shared);
-            sh.peers
-                .retain_metas(|id, meta| admission.admits_key(id, &meta.public_key));
-            sh.admission = admission;
+            sh.peers.retain_records(|id| {
+                admission.keys(id).is_some() && admission.keys(id) == old.keys(id)
+            });
+            sh.senders.retain(|id, _| admission.admits(id));
+            sh.admission = admission.clone();
         }
+        self.sealer.set_directory(&admission);
+        self.records.retain(|id| admission.admits(id));
         if !removed.is_empty() {
             let mut rt = Collect::default();
             if self
@@ -940,9 +1302,17 @@ impl Membership {
         self.transmits.pop_front()
     }
 
+    /// Queues a push-pull exchange with `peer`, unless one is queued already (a join and the
+    /// member coming up would otherwise open two connections to it at once).
+    fn queue_pushpull(&mut self, peer: Peer) {
+        if !self.pushpulls.contains(&peer) {
+            self.pushpulls.push_back(peer);
+        }
+    }
+
     /// The next peer to run a push-pull exchange with (over TCP, see
     /// [`Membership::pushpull_frame`]).
-    pub fn poll_pushpull(&mut self) -> Option<SocketAddr> {
+    pub fn poll_pushpull(&mut self) -> Option<Peer> {
         self.pushpulls.pop_front()
     }
 
@@ -965,38 +1335,52 @@ impl Membership {
             self.stats.dropped_oversize += 1;
             return Err(RecvError::Oversize(data.len()));
         }
-        let (plain, seq) = match self.sealer.open(Kind::Datagram, data) {
-            Ok(p) => p,
-            Err(e) => {
-                self.stats.dropped_seal += 1;
-                return Err(e.into());
-            }
-        };
-        let plain = match self.screen(plain, seq) {
+        let opened =
+            match self
+                .sealer
+                .open(Kind::Datagram, data, &self.admission, self.crypto.as_ref())
+            {
+                Ok(o) => o,
+                Err(e) => {
+                    match e {
+                        OpenError::UnknownSender => self.stats.dropped_not_admitted += 1,
+                        _ => self.stats.dropped_seal += 1,
+                    }
+                    return Err(e.into());
+                }
+            };
+        let plain = match self.screen(&opened, now) {
             Ok(p) => p,
             Err(e) => {
                 match e {
-                    RecvError::NotAdmitted(_) => self.stats.dropped_not_admitted += 1,
+                    RecvError::Spoofed { .. } => self.stats.dropped_spoofed += 1,
+                    RecvError::FutureEpoch { .. } => self.stats.dropped_future += 1,
+                    RecvError::RenewalHeld(_) => self.stats.dropped_renewal += 1,
                     RecvError::Replay(_) => self.stats.dropped_replay += 1,
                     _ => self.stats.dropped_decode += 1,
                 }
                 return Err(e);
             }
         };
-        if let Ok((h, _)) = codec::decode_header(&plain) {
+        let plain: &[u8] = plain.as_deref().unwrap_or(opened.plaintext());
+        if let Ok((h, _)) = codec::decode_header(plain) {
             if let Message::Ack(probe) = h.message {
                 self.probe_answered(h.src.id, probe, now);
             }
         }
         let mut rt = Collect::default();
         if self.notes.is_some() {
-            self.ctx = match codec::decode_header(&plain) {
+            self.ctx = match codec::decode_header(plain) {
                 Ok((h, _)) => format!("{:?} from {} bump {}", h.message, h.src.id, h.src.bump),
                 Err(_) => "bad datagram".into(),
             };
         }
-        let res = self.foca.handle_data(&plain, &mut rt);
+        let res = self.foca.handle_data(plain, &mut rt);
         self.absorb(rt, now);
+        self.arm_suspicions(now);
+        if std::mem::take(&mut self.refute) {
+            self.refute_now(now);
+        }
         match res {
             Ok(()) => Ok(()),
             Err(foca::Error::Decode(e)) | Err(foca::Error::CustomBroadcast(e)) => {
@@ -1010,91 +1394,159 @@ impl Membership {
         }
     }
 
-    /// Checks an opened datagram before foca sees it: the sender must be admitted, the
-    /// datagram must not be a replay, updates about non-admitted members are cut out, an
-    /// announce to an unknown seed is addressed to us, and suspicion about ourselves lowers
-    /// our health.
-    fn screen(&mut self, plain: Vec<u8>, seq: Sequence) -> Result<Vec<u8>, RecvError> {
-        let (mut header, hlen) = codec::decode_header(&plain)?;
-        let admission_open;
-        {
-            let sh = lock(&self.shared);
-            if !sh.admission.admits(&header.src.id) {
-                return Err(RecvError::NotAdmitted(header.src.id));
-            }
-            admission_open = sh.admission == Admission::Open;
+    /// Checks an opened datagram before foca sees it: the header must name the sender that
+    /// sealed it, its epoch must be plausible, it must not be a replay, a "you are down" must
+    /// not come too soon after our last renewal, and every member record in it must be within
+    /// what its subject stated (see the module docs). Returns the rewritten plaintext, or
+    /// `None` to hand foca the datagram as it came.
+    fn screen(&mut self, opened: &Opened, now: Instant) -> Result<Option<Vec<u8>>, RecvError> {
+        let plain = opened.plaintext();
+        let sender = opened.sender();
+        let (header, hlen) = codec::decode_header(plain)?;
+        if header.src.id != sender {
+            return Err(RecvError::Spoofed {
+                claimed: header.src.id,
+                sender,
+            });
         }
-        self.check_replay(header.src.id, seq)?;
-        if !self.checks.is_empty() {
-            self.checks.remove(&header.src.id);
+        let seq = opened.sequence();
+        let wall = self.wall_ms_at(now);
+        let bound = u64::try_from(MAX_EPOCH_AHEAD.as_millis()).unwrap_or(u64::MAX);
+        if seq.epoch > wall.saturating_add(bound) {
+            return Err(RecvError::FutureEpoch {
+                sender,
+                ahead_s: (seq.epoch - wall) / 1000,
+            });
         }
         let me = *self.foca.identity();
-        let mut rewrite = false;
-        if header.message == Message::Announce && header.dst.id == NodeId::ANY {
-            header.dst = me;
-            rewrite = true;
+        let turn_undead = header.message == Message::TurnUndead && header.dst == me;
+        if turn_undead
+            && self
+                .renewed
+                .is_some_and(|t| now.saturating_duration_since(t) < RENEW_HOLD)
+        {
+            return Err(RecvError::RenewalHeld(sender));
         }
+        self.check_sender(sender, seq, header.src, header.src_incarnation)?;
+        if turn_undead {
+            // "You are down": we refute (a higher incarnation, in a new signed record that
+            // takes us back up wherever we are held down) instead of letting foca renew our
+            // identity. foca sees an empty gossip from the sender.
+            self.renewed = Some(now);
+            self.refute = true;
+            let mut h = header;
+            h.message = Message::Gossip;
+            return Ok(Some(codec::encode_header(&h)));
+        }
+        if !self.checks.is_empty() {
+            self.checks.remove(&sender);
+        }
+        let broadcast = header.message == Message::Broadcast;
+        self.take_records_from_down_sender(sender, &plain[hlen..], broadcast, now);
         let mut r = Reader::new(&plain[hlen..]);
-        let mut updates: Vec<Member<Identity>> = Vec::new();
-        let has_updates = r.remaining() >= 2 && header.message != Message::Broadcast;
-        if has_updates {
-            let n = r.u16()?;
+        if r.remaining() < 2 || header.message == Message::Broadcast {
+            return Ok(None);
+        }
+        let n = r.u16()?;
+        let mut updates: Vec<Member<Identity>> = Vec::with_capacity(usize::from(n));
+        let mut rewrite = false;
+        let mut downed: Vec<(Identity, u16)> = Vec::new();
+        {
             let sh = lock(&self.shared);
             for _ in 0..n {
                 let m = codec::get_member(&mut r)?;
-                if m.id().id == me.id
-                    && m.state() == State::Suspect
-                    && self.config.local_health
-                    && self.last_suspected != Some(m.incarnation())
-                {
-                    // Once per suspected incarnation, not once per copy of the rumour.
-                    self.last_suspected = Some(m.incarnation());
-                    self.health = (self.health + 1).min(self.config.max_health);
+                match screen_member(&sh, m, Some(sender), &me) {
+                    Screened::Keep(m) => updates.push(m),
+                    Screened::Rewritten(m) => {
+                        self.stats.records_rewritten += 1;
+                        rewrite = true;
+                        if m.id().id != me.id {
+                            downed.push((*m.id(), m.incarnation()));
+                        }
+                        updates.push(m);
+                    }
+                    Screened::NotAdmitted => {
+                        self.stats.dropped_not_admitted += 1;
+                        rewrite = true;
+                    }
+                    Screened::Unproven => {
+                        self.stats.records_dropped += 1;
+                        rewrite = true;
+                    }
                 }
-                if admission_open || sh.admission.admits(&m.id().id) {
-                    updates.push(m);
-                } else {
-                    self.stats.dropped_not_admitted += 1;
-                    rewrite = true;
-                }
+            }
+        }
+        for (member, inc) in downed {
+            self.relayed_down(member, inc, now);
+        }
+        for m in &updates {
+            if m.id().id != me.id && m.state() == State::Suspect {
+                self.relayed_suspicions.push((*m.id(), m.incarnation()));
+            }
+            if m.id() == &me
+                && m.state() == State::Suspect
+                && self.config.local_health
+                && self.last_suspected != Some(m.incarnation())
+            {
+                // Once per suspected incarnation, not once per copy of the rumour.
+                self.last_suspected = Some(m.incarnation());
+                self.health = (self.health + 1).min(self.config.max_health);
             }
         }
         if !rewrite {
-            return Ok(plain);
+            return Ok(None);
         }
         let tail = r.rest();
-        let mut out = codec::encode_header(&header);
-        if has_updates {
-            out.extend_from_slice(&(updates.len() as u16).to_be_bytes());
-            for m in &updates {
-                bytes::BufMut::put_slice(&mut out, &{
-                    let mut v = Vec::new();
-                    codec_put_member(&mut v, m);
-                    v
-                });
-            }
+        let mut out = Vec::with_capacity(plain.len());
+        out.extend_from_slice(&plain[..hlen]);
+        out.extend_from_slice(&(updates.len() as u16).to_be_bytes());
+        for m in &updates {
+            codec_put_member(&mut out, m);
         }
         out.extend_from_slice(tail);
-        Ok(out)
+        Ok(Some(out))
     }
 
-    /// Accepts `seq` from `sender` once. Windows are kept for every node foca knows (down
-    /// ones included, until foca forgets them) so a down run's datagrams stay refused.
-    fn check_replay(&mut self, sender: NodeId, seq: Sequence) -> Result<(), ReplayError> {
-        if let Some(w) = self.replay.get_mut(&sender) {
-            return w.check(seq);
-        }
+    /// Accepts `seq` from the authenticated `sender` once, and notes what its header states
+    /// of itself. Windows are kept for every node foca knows (down ones included, until foca
+    /// forgets them) so a down run's datagrams stay refused; the map is bounded by the
+    /// directory (only members authenticate) and pruned to what foca knows.
+    fn check_sender(
+        &mut self,
+        sender: NodeId,
+        seq: Sequence,
+        identity: Identity,
+        incarnation: u16,
+    ) -> Result<(), ReplayError> {
         let known = self.foca.iter_membership_state().len();
-        if self.replay.len() > 2 * known + 64 {
+        let mut sh = lock(&self.shared);
+        if let Some(s) = sh.senders.get_mut(&sender) {
+            s.window.check(seq)?;
+            if later((identity, incarnation), (s.identity, s.incarnation)) {
+                s.identity = identity;
+                s.incarnation = incarnation;
+                drop(sh);
+                self.records.refuted(sender, identity.bump, incarnation);
+            }
+            return Ok(());
+        }
+        if sh.senders.len() > 2 * known + 64 {
             // Forget the senders foca no longer knows (bounded, amortized).
             let ids: HashSet<NodeId> = self
                 .foca
                 .iter_membership_state()
                 .map(|m| m.id().id)
                 .collect();
-            self.replay.retain(|id, _| ids.contains(id));
+            sh.senders.retain(|id, _| ids.contains(id));
         }
-        self.replay.insert(sender, ReplayWindow::new(seq));
+        sh.senders.insert(
+            sender,
+            Sender {
+                window: ReplayWindow::new(seq),
+                identity,
+                incarnation,
+            },
+        );
         Ok(())
     }
 
@@ -1105,7 +1557,7 @@ impl Membership {
             if at <= now {
                 self.schedule_pushpull(now);
                 if let Some(peer) = self.pick_pushpull_peer() {
-                    self.pushpulls.push_back(peer);
+                    self.queue_pushpull(peer);
                 }
             }
         }
@@ -1148,15 +1600,15 @@ impl Membership {
                     continue;
                 }
                 // Silent through four announces: we are an independent witness.
-                let item = Item::Suspect {
-                    subject: c.subject,
-                    incarnation: c.incarnation,
-                    from: me,
-                };
                 if self.witnesses(&c.subject, c.incarnation) < QUORUM {
-                    let _ = self.foca.add_broadcast(&item.encode());
+                    let item = self.witness_item(c.subject, c.incarnation);
+                    let tx = self.config.swim.max_transmissions.get().into();
+                    self.records.push_witness(&item, tx);
                 }
-                lock(&self.shared).accept_item(item, NodeId::ANY);
+                lock(&self.shared).witness(c.subject, c.incarnation, me, me);
+                if c.declare {
+                    self.declare_down(c.subject, c.incarnation, now, "silent to our check");
+                }
                 continue;
             }
             c.sends_left -= 1;
@@ -1166,6 +1618,59 @@ impl Membership {
             self.absorb(rt, now);
             self.checks.insert(id, c);
         }
+    }
+
+    /// Checks a suspect ourselves (four announces 200 ms apart) and declares it down if it
+    /// stays silent for 900 ms; see [`Check::declare`].
+    fn check_then_declare(&mut self, subject: Identity, incarnation: u16, now: Instant) {
+        match self.checks.get_mut(&subject.id) {
+            Some(c) if c.subject == subject && c.incarnation == incarnation => c.declare = true,
+            _ => {
+                self.checks.insert(
+                    subject.id,
+                    Check {
+                        subject,
+                        incarnation,
+                        sends_left: 4,
+                        next_send: now,
+                        deadline: now + Duration::from_millis(900),
+                        declare: true,
+                    },
+                );
+            }
+        }
+        self.suspects.insert(subject.id);
+        self.run_checks(now);
+    }
+
+    /// Declares `subject` down at `incarnation`, if foca still holds it there (up or
+    /// suspect), and spreads the news.
+    fn declare_down(&mut self, subject: Identity, incarnation: u16, now: Instant, why: &str) {
+        let held = self
+            .foca
+            .iter_members()
+            .any(|m| m.id() == &subject && m.incarnation() == incarnation);
+        if !held {
+            return;
+        }
+        if let Some(n) = self.notes.as_mut() {
+            n.push(format!("declare {} inc {incarnation}: {why}", subject.id));
+        }
+        let mut rt = Collect::default();
+        if self
+            .foca
+            .apply_many(
+                std::iter::once(Member::new(subject, incarnation, State::Down)),
+                true,
+                &mut rt,
+            )
+            .is_err()
+        {
+            self.stats.dropped_protocol += 1;
+        } else {
+            self.stats.declared_down += 1;
+        }
+        self.absorb(rt, now);
     }
 
     /// Starts confirmation probes for suspicions we just heard of.
@@ -1182,8 +1687,11 @@ impl Membership {
                 .entry((subject.id, subject.bump, *inc))
                 .or_insert(now);
             self.suspects.insert(subject.id);
-            if self.damped(&subject.id, now) {
-                self.flapped(subject.id, now);
+            if self.damped(subject, *inc, now) {
+                // Each suspicion of a damped member starts the period again.
+                if let Some(f) = self.flapped.get_mut(&subject.id) {
+                    f.at = now;
+                }
             }
         }
         if fresh.is_empty() || self.config.confirm_probes == 0 || !self.config.dynamic_suspicion {
@@ -1207,6 +1715,7 @@ impl Membership {
                     sends_left: 4,
                     next_send: now,
                     deadline: now + Duration::from_millis(900),
+                    declare: false,
                 },
             );
         }
@@ -1236,7 +1745,17 @@ impl Membership {
             ..
         } = &p.timer
         {
-            let due = p.created + self.suspicion_timeout(member_id, *incarnation, p.created);
+            // A suspicion someone else raised waits the whole suspicion_max here: the
+            // witnesses that shorten it only count through the quorum rule, as before
+            // relayed Downs became suspicions (the prober's own timer, stretched by its
+            // local health, was what declared; a slow prober must not make every healthy
+            // node declare at the minimum).
+            let timeout = if p.relayed {
+                self.config.suspicion_max * self.multiplier()
+            } else {
+                self.suspicion_timeout(member_id, *incarnation, p.created)
+            };
+            let due = p.created + timeout;
             if due > now {
                 p.deadline = due;
                 self.push_pending(p);
@@ -1259,6 +1778,21 @@ impl Membership {
                     && m.state() == State::Suspect
             });
             if !stands {
+                return;
+            }
+            if p.relayed && self.config.dynamic_suspicion {
+                // Someone else's suspicion, unrefuted here after suspicion_max. We may have
+                // missed the refutation (its record reaches every node but one now and
+                // then): ask the suspect ourselves before declaring. A node that knows it is
+                // slow does not trust its own silence observations, and waits again.
+                let (member, inc) = (*member_id, *incarnation);
+                if self.config.local_health && self.health > 0 {
+                    p.created = now;
+                    p.deadline = now + self.config.suspicion_max * self.multiplier();
+                    self.push_pending(p);
+                } else {
+                    self.check_then_declare(member, inc, now);
+                }
                 return;
             }
         }
@@ -1288,9 +1822,24 @@ impl Membership {
         if self.notes.is_some() {
             self.ctx = format!("timer {:?}", p.timer);
         }
+        let is_gossip = matches!(p.timer, Timer::PeriodicGossip(_));
         let mut rt = Collect::default();
         if self.foca.handle_timer(p.timer, &mut rt).is_err() {
             self.stats.dropped_protocol += 1;
+        }
+        if is_gossip
+            && !self.records.is_empty()
+            && self.foca.updates_backlog() == 0
+            && self.foca.custom_broadcast_backlog() == 0
+            && self.foca.num_members() > 0
+        {
+            // foca gossips only while its own queues hold something; our records are kept
+            // apart (see `RecordQueue`), so they ask for the gossip round themselves. Each
+            // datagram spends one of a record's transmissions: the bytes are those of a
+            // round foca would have made.
+            if self.foca.gossip(&mut rt).is_err() {
+                self.stats.dropped_protocol += 1;
+            }
         }
         self.absorb(rt, now);
         if is_probe && self.stats.probes_failed == before && self.config.local_health {
@@ -1366,20 +1915,31 @@ impl Membership {
     /// not a host that pauses), nobody is damped: the fast path is what brings the two sides
     /// back together (with damping there, the N = 1000 partition heal p99 went from 22.75 to
     /// 32.75 s).
-    fn damped(&self, id: &NodeId, at: Instant) -> bool {
-        let recent = self.flapped.len();
+    fn damped(&self, member: &Identity, incarnation: u16, at: Instant) -> bool {
+        let recent = self.flapped.values().filter(|f| f.counted).count();
         let many = recent >= 3 && recent * 10 >= self.foca.num_members().max(1);
         self.config.flap_damping.is_some_and(|window| {
             !many
-                && self
-                    .flapped
-                    .get(id)
-                    .is_some_and(|t| at.saturating_duration_since(*t) <= window)
+                && self.flapped.get(&member.id).is_some_and(|f| {
+                    at.saturating_duration_since(f.at) <= window
+                        && later((*member, incarnation), f.down)
+                })
         })
     }
 
-    /// Flap damping: records that `id` went down (or was suspected while damped) at `now`.
-    fn flapped(&mut self, id: NodeId, now: Instant) {
+    /// Flap damping: records that `member` went down at `incarnation`, at `now` (seen by us,
+    /// or declared by someone whose `Down` reached us).
+    fn flapped(&mut self, member: Identity, incarnation: u16, now: Instant) {
+        self.flapped_as(member, incarnation, now, true);
+    }
+
+    /// [`Self::flapped`], saying whether it counts as a down for the many-downs rule. A
+    /// quorum alone (`counted` false) only starts damping a member not damped yet: it must
+    /// not move the marker of one that is, or the suspicion it damps would no longer be.
+    fn flapped_as(&mut self, member: Identity, incarnation: u16, now: Instant, counted: bool) {
+        if !counted && self.flapped.contains_key(&member.id) {
+            return;
+        }
         if self.config.flap_damping.is_some() {
             self.prune_flapped(now);
             if self.flapped.len() > 8192 {
@@ -1387,7 +1947,19 @@ impl Membership {
                 // during which damping is off anyway.
                 self.flapped.clear();
             }
-            self.flapped.insert(id, now);
+            let (down, was) = match self.flapped.get(&member.id) {
+                Some(f) if later(f.down, (member, incarnation)) => (f.down, f.counted),
+                Some(f) => ((member, incarnation), f.counted),
+                None => ((member, incarnation), false),
+            };
+            self.flapped.insert(
+                member.id,
+                Flapped {
+                    at: now,
+                    down,
+                    counted: counted || was,
+                },
+            );
         }
     }
 
@@ -1407,7 +1979,7 @@ impl Membership {
         }
         self.flapped_pruned = Some(now);
         self.flapped
-            .retain(|_, t| now.saturating_duration_since(*t) <= window);
+            .retain(|_, f| now.saturating_duration_since(f.at) <= window);
     }
 
     fn suspicion_timeout(&self, member: &Identity, incarnation: u16, created: Instant) -> Duration {
@@ -1415,7 +1987,7 @@ impl Membership {
         // witnesses count for nothing.
         if !self.config.dynamic_suspicion
             || self.witnesses_stale(member, incarnation, created)
-            || self.damped(&member.id, created)
+            || self.damped(member, incarnation, created)
         {
             return self.config.suspicion_max * self.multiplier();
         }
@@ -1443,30 +2015,45 @@ impl Membership {
     }
 
     /// A random known member, down ones included (that is what heals partitions).
-    fn pick_pushpull_peer(&mut self) -> Option<SocketAddr> {
+    fn pick_pushpull_peer(&mut self) -> Option<Peer> {
         let n = self.foca.iter_membership_state().len();
         if n == 0 {
             return None;
         }
         let i = self.rng.random_range(0..n);
-        self.foca
-            .iter_membership_state()
-            .nth(i)
-            .map(|m| m.id().socket_addr())
+        self.foca.iter_membership_state().nth(i).map(|m| Peer {
+            id: m.id().id,
+            addr: m.id().socket_addr(),
+        })
     }
 
-    fn broadcast_meta(&mut self, leaving: bool, now: Instant) {
+    /// Signs and spreads a new record of ourselves (identity, incarnation, metadata,
+    /// leaving), at once to a few members and then with the other records
+    /// ([`RecordQueue`]). Members learn a new identity or incarnation of ours only from this
+    /// record (or from us directly).
+    fn publish(&mut self, now: Instant) {
         self.my_seq += 1;
-        let item = Item::Meta {
-            id: self.foca.identity().id,
-            seq: self.my_seq,
-            leaving,
-            meta: Arc::clone(&self.my_meta),
-        };
-        if self.foca.add_broadcast(&item.encode()).is_err() {
-            self.stats.dropped_protocol += 1;
+        let identity = *self.foca.identity();
+        let rec = NodeRecord::signed(
+            identity,
+            self.my_incarnation,
+            self.my_seq,
+            self.left,
+            Metadata::clone(&self.my_meta),
+            self.crypto.as_ref(),
+        );
+        self.my_record = Arc::new(rec);
+        lock(&self.shared).own = (identity, self.my_incarnation);
+        if let Some(n) = self.notes.as_mut() {
+            n.push(format!(
+                "own record seq {} bump {} inc {} via {}",
+                self.my_seq, identity.bump, self.my_incarnation, self.ctx
+            ));
         }
-        // Spread it now rather than waiting for the next probe.
+        self.records.push(
+            &self.my_record,
+            self.config.swim.max_transmissions.get().into(),
+        );
         let mut rt = Collect::default();
         if self.foca.num_members() > 0 && self.foca.gossip(&mut rt).is_err() {
             self.stats.dropped_protocol += 1;
@@ -1474,19 +2061,51 @@ impl Membership {
         self.absorb(rt, now);
     }
 
+    /// A witness item of ours, signed: we probed `subject` and got no answer.
+    fn witness_item(&self, subject: Identity, incarnation: u16) -> Item {
+        let from = self.foca.identity().id;
+        Item::Suspect {
+            subject,
+            incarnation,
+            from,
+            sig: self
+                .crypto
+                .sign(&suspect_signed_bytes(&subject, incarnation, &from)),
+        }
+    }
+
     /// Takes what foca produced: seals datagrams, arms timers, turns notifications into
-    /// events.
+    /// events, applies the signed records just accepted, and signs a new record of our own
+    /// when our identity or incarnation moved.
     fn absorb(&mut self, rt: Collect, now: Instant) {
+        let identity = *self.foca.identity();
+        let mut spoke = false;
+        let (relay, witnesses) = {
+            let mut sh = lock(&self.shared);
+            (
+                std::mem::take(&mut sh.relay),
+                std::mem::take(&mut sh.relay_witnesses),
+            )
+        };
+        let tx: usize = self.config.swim.max_transmissions.get().into();
+        for rec in &relay {
+            self.records.push(rec, tx);
+        }
+        for w in &witnesses {
+            self.records.push_witness(w, tx);
+        }
         for (to, data) in rt.sends {
             // foca tells a member we hold down that it is down (TurnUndead) when it talks to
             // us. When we hold many members down (10 % or more: a split, not one slow or
-            // crashed node), also run a push-pull with it: our state tells it so too, it
-            // renews its identity, and its reply brings us its side's state. This is what
-            // reconnects the two sides of a healed partition at their first contact.
-            let tag_at =
-                1 + codec::identity_len(self.foca.identity()) + 2 + codec::identity_len(&to);
-            if data.get(tag_at) == Some(&codec::TAG_TURN_UNDEAD)
-                && !self.pushpulls.contains(&to.socket_addr())
+            // crashed node), also run a push-pull with it: the TurnUndead makes it renew its
+            // identity, and its reply brings us its side's state. This is what reconnects the
+            // two sides of a healed partition at their first contact.
+            let tag_at = 1 + codec::identity_len(&identity) + 2 + codec::identity_len(&to);
+            let peer = Peer {
+                id: to.id,
+                addr: to.socket_addr(),
+            };
+            if data.get(tag_at) == Some(&codec::TAG_TURN_UNDEAD) && !self.pushpulls.contains(&peer)
             {
                 let known = self.foca.iter_membership_state().len();
                 let down = self
@@ -1495,7 +2114,7 @@ impl Membership {
                     .filter(|m| m.state() == State::Down)
                     .count();
                 if down * 10 >= known {
-                    self.pushpulls.push_back(to.socket_addr());
+                    self.queue_pushpull(peer);
                 }
             }
             let data = if self.config.buddy_system && self.suspects.contains(&to.id) {
@@ -1503,13 +2122,16 @@ impl Membership {
             } else {
                 data
             };
+            let data = self.piggyback(data);
             if let Ok((h, _)) = codec::decode_header(&data) {
+                if h.src == identity {
+                    self.my_incarnation = h.src_incarnation;
+                    spoke = true;
+                }
                 if let Message::Ping(probe) = h.message {
                     self.probe_sent(to.id, probe, now);
                 }
-            }
-            if let Some(n) = self.notes.as_mut() {
-                if let Ok((h, _)) = codec::decode_header(&data) {
+                if let Some(n) = self.notes.as_mut() {
                     if h.message == Message::TurnUndead {
                         n.push(format!(
                             "send TurnUndead to {} bump {} via {}",
@@ -1518,7 +2140,13 @@ impl Membership {
                     }
                 }
             }
-            match self.sealer.seal(Kind::Datagram, &data) {
+            match self.sealer.seal(
+                Kind::Datagram,
+                &to.id,
+                &self.admission,
+                self.crypto.as_ref(),
+                &data,
+            ) {
                 Ok(sealed) if sealed.len() <= MAX_DATAGRAM => {
                     self.stats.datagrams_out += 1;
                     self.stats.bytes_out += sealed.len() as u64;
@@ -1527,10 +2155,22 @@ impl Membership {
                         data: sealed,
                     });
                 }
+                Err(SealError::UnknownPeer(_)) | Err(SealError::PeerKey(_)) => {
+                    self.stats.dropped_unsealable += 1;
+                }
                 _ => self.stats.dropped_oversize += 1,
             }
         }
         for (after, timer) in rt.timers {
+            match &timer {
+                Timer::ProbeRandomMember(t)
+                | Timer::PeriodicAnnounce(t)
+                | Timer::PeriodicAnnounceDown(t)
+                | Timer::PeriodicGossip(t)
+                | Timer::SendIndirectProbe { token: t, .. }
+                | Timer::ChangeSuspectToDown { token: t, .. } => self.timer_token = Some(*t),
+                Timer::RemoveDown(_) => {}
+            }
             let after = match timer {
                 Timer::ProbeRandomMember(_) | Timer::SendIndirectProbe { .. } => {
                     after * self.multiplier()
@@ -1543,6 +2183,7 @@ impl Membership {
                 seq: self.timer_seq,
                 created: now,
                 deferred: false,
+                relayed: false,
                 timer,
             });
         }
@@ -1553,6 +2194,10 @@ impl Membership {
         for id in changed {
             self.meta_changed(id);
         }
+        let raised = std::mem::take(&mut lock(&self.shared).raised);
+        if !raised.is_empty() {
+            self.apply_records(raised, now);
+        }
         if !lock(&self.shared).fresh_suspects.is_empty() {
             self.start_checks(now);
         }
@@ -1561,8 +2206,17 @@ impl Membership {
             // Plain SWIM: only the suspicion timer declares a member down.
             quorums.clear();
         }
+        for (subject, inc) in &quorums {
+            // A quorum of signed witnesses is as good as seeing it down for flap damping:
+            // every node hears the witnesses, while a Down, only a suspicion once relayed,
+            // travels one hop. (Its next suspicions are damped, not this one; and it does
+            // not count towards the many-downs rule, which counts downs.)
+            if !self.witnesses_stale(subject, *inc, now) {
+                self.flapped_as(*subject, *inc, now, false);
+            }
+        }
         quorums.retain(|(subject, inc)| {
-            !self.witnesses_stale(subject, *inc, now) && !self.damped(&subject.id, now)
+            !self.witnesses_stale(subject, *inc, now) && !self.damped(subject, *inc, now)
         });
         for (subject, inc) in quorums {
             let heard = self
@@ -1576,6 +2230,295 @@ impl Membership {
         if self.declares.iter().any(|d| d.0 <= now) {
             self.run_declares(now);
         }
+        let now_identity = *self.foca.identity();
+        if now_identity != identity || (identity != self.my_record.subject && !spoke) {
+            // A new identity starts at incarnation 0 (foca resets it).
+            self.my_incarnation = 0;
+        }
+        let identity = now_identity;
+        let first_contact = !self.meta_sent && self.foca.num_members() > 0;
+        if first_contact
+            || identity != self.my_record.subject
+            || self.my_incarnation != self.my_record.incarnation
+        {
+            // Our first record goes out when we first have someone to tell (a node that
+            // joined nobody, the first of a cluster, included), and a new one whenever our
+            // identity or incarnation moves.
+            self.meta_sent = true;
+            self.publish(now);
+        }
+    }
+
+    /// Makes foca refute a suspicion of our current incarnation (it raises it and gossips;
+    /// `absorb` then signs and spreads our new record).
+    fn refute_now(&mut self, now: Instant) {
+        let me = Member::new(*self.foca.identity(), self.my_incarnation, State::Suspect);
+        let mut rt = Collect::default();
+        if self
+            .foca
+            .apply_many(std::iter::once(me), true, &mut rt)
+            .is_err()
+        {
+            self.stats.dropped_protocol += 1;
+        }
+        self.absorb(rt, now);
+    }
+
+    /// A datagram from a member foca holds down is ignored by foca, payload included, so a
+    /// member that refuted after being declared down could never say so to anyone who holds
+    /// it down, and the records it carries would never cross a healed partition (each side
+    /// holds the other down). Signed records speak for their authors whoever relays them, so
+    /// those in such a datagram are taken here first: a sender that refuted the down is up
+    /// again before foca looks at the datagram, and the others' records spread from here.
+    fn take_records_from_down_sender(
+        &mut self,
+        sender: NodeId,
+        rest: &[u8],
+        broadcast: bool,
+        now: Instant,
+    ) {
+        // Cheap first: a member we announced up is not down.
+        if lock(&self.shared).peers.up(&sender).is_some() {
+            return;
+        }
+        let mut r = Reader::new(rest);
+        if !broadcast && r.remaining() >= 2 {
+            let Ok(n) = r.u16() else { return };
+            for _ in 0..n {
+                if codec::get_member(&mut r).is_err() {
+                    return;
+                }
+            }
+        }
+        let mut records = Vec::new();
+        while r.remaining() > 2 {
+            let Ok(len) = r.u16() else { return };
+            let Ok(bytes) = r.take(usize::from(len)) else {
+                return;
+            };
+            if let Ok(Item::Node(rec)) = Item::decode(bytes) {
+                records.push(rec);
+            }
+        }
+        if records.is_empty() {
+            return;
+        }
+        let down = self
+            .foca
+            .iter_membership_state()
+            .any(|m| m.id().id == sender && m.state() == State::Down);
+        if !down {
+            return;
+        }
+        let me = self.foca.identity().id;
+        let raised = {
+            let mut sh = lock(&self.shared);
+            for rec in records {
+                if sh.accept_record(Arc::clone(&rec), me).is_some() {
+                    sh.relay.push(rec);
+                }
+            }
+            std::mem::take(&mut sh.raised)
+        };
+        self.apply_records(raised, now);
+    }
+
+    /// Someone declared `member` down at `incarnation` (its `Down`, relayed to us, is only a
+    /// suspicion here). Flap damping treats it as seen down, as it did when relayed Downs were
+    /// taken as they came (or the nodes that did not declare it themselves would not damp
+    /// its next pause); the suspicion running now is not damped, only those after it
+    /// refutes. And if we suspect it too, we check it ourselves: silent, we declare it down
+    /// as well (a crash is then seen down everywhere about a second after its first
+    /// declaration, as when Downs were taken as they came); answering, it stays up. Not for a
+    /// member we hold up (after a healed partition each side hears the other's Downs of
+    /// hundreds of members it talks to every second), a damped one (its pauses wait
+    /// `suspicion_max`), nor while we know we are slow; and at most [`MAX_CHECKS`] at once.
+    fn relayed_down(&mut self, member: Identity, incarnation: u16, now: Instant) {
+        self.flapped(member, incarnation, now);
+        let slow = self.config.local_health && self.health > 0;
+        if self.config.dynamic_suspicion
+            && !slow
+            && self.checks.len() < MAX_CHECKS
+            && !self.damped(&member, incarnation, now)
+            && self.foca.iter_members().any(|m| {
+                m.id() == &member && m.incarnation() == incarnation && m.state() == State::Suspect
+            })
+        {
+            self.check_then_declare(member, incarnation, now);
+        }
+    }
+
+    /// Gives each suspicion relayed to us its own suspicion timer, as memberlist does. foca
+    /// arms a timer only for its own failed probes and otherwise waits for someone's `Down`;
+    /// since a relayed `Down` is only a `Suspect` here, every node must be able to declare a
+    /// suspect down itself: by a quorum of signed witnesses (the fast path), or by this
+    /// timer, which waits `suspicion_max` (stretched by our local health) and is dropped if
+    /// the suspicion was refuted meanwhile (see [`Membership::fire`]).
+    fn arm_suspicions(&mut self, now: Instant) {
+        if self.relayed_suspicions.is_empty() {
+            return;
+        }
+        let Some(token) = self.timer_token else {
+            self.relayed_suspicions.clear();
+            return;
+        };
+        if self.armed.len() > 8192 {
+            self.armed.clear();
+        }
+        for (ident, inc) in std::mem::take(&mut self.relayed_suspicions) {
+            if self.armed.contains(&(ident.id, ident.bump, inc)) {
+                continue;
+            }
+            let held = self
+                .foca
+                .iter_members()
+                .any(|m| m.id() == &ident && m.incarnation() == inc && m.state() == State::Suspect);
+            if !held {
+                continue;
+            }
+            self.armed.insert((ident.id, ident.bump, inc));
+            // Our probes to it carry the suspicion (buddy system), so it hears of it.
+            self.suspects.insert(ident.id);
+            self.timer_seq += 1;
+            self.timers.push(Pending {
+                deadline: now + self.config.suspicion_max * self.multiplier(),
+                seq: self.timer_seq,
+                created: now,
+                deferred: false,
+                relayed: true,
+                timer: Timer::ChangeSuspectToDown {
+                    member_id: ident,
+                    incarnation: inc,
+                    token,
+                },
+            });
+        }
+    }
+
+    /// Applies to foca what signed records say beyond what it holds: a member alive at a
+    /// later identity or incarnation (a refutation or a renewal whose relayed foca record we
+    /// dropped or never got), or a member that left. Not spread: every node gets the records.
+    fn apply_records(&mut self, records: Vec<Arc<NodeRecord>>, now: Instant) {
+        let view: HashMap<NodeId, (Identity, u16, State)> = if records.len() > 8 {
+            self.foca
+                .iter_membership_state()
+                .map(|m| (m.id().id, (*m.id(), m.incarnation(), m.state())))
+                .collect()
+        } else {
+            records
+                .iter()
+                .filter_map(|r| {
+                    self.foca
+                        .iter_membership_state()
+                        .find(|m| m.id().id == r.subject.id)
+                        .map(|m| (m.id().id, (*m.id(), m.incarnation(), m.state())))
+                })
+                .collect()
+        };
+        let mut updates = Vec::new();
+        let mut revive = Vec::new();
+        for r in records {
+            self.records
+                .refuted(r.subject.id, r.subject.bump, r.incarnation);
+            let held = view.get(&r.subject.id);
+            if r.leaving {
+                // Its own signed word: apply its Down here (others do the same).
+                if held.is_some_and(|(id, _, st)| *id == r.subject && *st != State::Down) {
+                    updates.push(Member::new(r.subject, r.incarnation, State::Down));
+                }
+            } else if let Some((id, inc, State::Down)) = held {
+                // Declared down at an incarnation it has since refuted, in its own signed
+                // word: it is alive (Lifeguard's and memberlist's rule; foca keeps a down
+                // identity down, so the record is removed and the member added again).
+                if *id == r.subject && r.incarnation > *inc {
+                    revive.push(*id);
+                    updates.push(Member::new(r.subject, r.incarnation, State::Alive));
+                } else if r.subject.newer_than(id) {
+                    updates.push(Member::new(r.subject, r.incarnation, State::Alive));
+                }
+            } else if held.is_none_or(|(id, inc, _)| later((r.subject, r.incarnation), (*id, *inc)))
+            {
+                updates.push(Member::new(r.subject, r.incarnation, State::Alive));
+            }
+        }
+        if updates.is_empty() {
+            return;
+        }
+        let mut rt = Collect::default();
+        for id in revive {
+            self.stats.revived += 1;
+            if self
+                .foca
+                .handle_timer(Timer::RemoveDown(id), &mut rt)
+                .is_err()
+            {
+                self.stats.dropped_protocol += 1;
+            }
+        }
+        if self
+            .foca
+            .apply_many(updates.into_iter(), false, &mut rt)
+            .is_err()
+        {
+            self.stats.dropped_protocol += 1;
+        }
+        self.absorb(rt, now);
+    }
+
+    /// Rewrites a datagram foca made: relayed `Alive` updates about other members
+    /// are left out (a receiver takes them only from the member's signed record, which
+    /// travels on its own), and signed records from [`RecordQueue`] go in ahead of foca's
+    /// custom broadcasts. If the datagram is full, some of foca's other updates make room,
+    /// up to half the datagram (foca sends each update many times; these lose one).
+    fn piggyback(&mut self, data: Vec<u8>) -> Vec<u8> {
+        let Ok((h, hlen)) = codec::decode_header(&data) else {
+            return data;
+        };
+        if matches!(h.message, Message::Announce | Message::TurnUndead) {
+            return data;
+        }
+        let me = self.foca.identity().id;
+        let max = self.config.swim.max_packet_size.get();
+        let mut r = Reader::new(&data[hlen..]);
+        let has_updates = h.message != Message::Broadcast && r.remaining() >= 2;
+        let mut members: Vec<Member<Identity>> = Vec::new();
+        if has_updates {
+            let Ok(n) = r.u16() else { return data };
+            for _ in 0..n {
+                match codec::get_member(&mut r) {
+                    Ok(m) => members.push(m),
+                    Err(_) => return data,
+                }
+            }
+        }
+        let tail = r.rest();
+        let before = members.len();
+        if h.message != Message::Feed {
+            members.retain(|m| m.state() != State::Alive || m.id().id == me);
+        }
+        if self.records.is_empty() && members.len() == before {
+            return data;
+        }
+        let head = hlen + if has_updates { 2 } else { 0 };
+        let mut used = head + members.iter().map(codec::member_len).sum::<usize>() + tail.len();
+        if let Some(smallest) = self.records.smallest() {
+            while used + smallest > max && !members.is_empty() && used + smallest > max / 2 {
+                if let Some(m) = members.pop() {
+                    used -= codec::member_len(&m);
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(max);
+        out.extend_from_slice(&data[..hlen]);
+        if has_updates {
+            out.extend_from_slice(&(members.len() as u16).to_be_bytes());
+            for m in &members {
+                codec_put_member(&mut out, m);
+            }
+        }
+        self.records.fill(&mut out, max.saturating_sub(used));
+        out.extend_from_slice(tail);
+        out
     }
 
     /// Lifeguard's buddy system: a probe (`Ping`, `IndirectPing`) to a member we hold as
@@ -1677,11 +2620,16 @@ impl Membership {
             id: ident.id,
             addr: ident.socket_addr(),
             bump: ident.bump,
+            incarnation: self
+                .foca
+                .iter_membership_state()
+                .find(|m| m.id() == ident)
+                .map_or(0, |m| m.incarnation()),
             state,
             metadata: lock(&self.shared)
                 .peers
-                .meta(&ident.id)
-                .map(|e| Metadata::clone(e.meta)),
+                .record(&ident.id)
+                .map(|r| r.meta.clone()),
         }
     }
 
@@ -1716,10 +2664,18 @@ impl Membership {
                     // Its metadata broadcast may have gone round before we were there to
                     // hear it: pull the state from the member itself now rather than wait
                     // for the periodic push-pull (up to 30 s away).
-                    self.pushpulls.push_back(ident.socket_addr());
+                    self.queue_pushpull(Peer {
+                        id: ident.id,
+                        addr: ident.socket_addr(),
+                    });
                 }
-                lock(&self.shared).peers.set_up(ident.id, known);
+                let mut sh = lock(&self.shared);
+                sh.peers.set_up(ident.id, known);
                 if known {
+                    // Its record may have come in the same datagram: the Up carries it, no
+                    // Updated after it.
+                    sh.changed.retain(|c| *c != ident.id);
+                    drop(sh);
                     self.events.push_back(Event::Up(info));
                 }
             }
@@ -1733,10 +2689,15 @@ impl Membership {
                 let was_up = lock(&self.shared).peers.remove_up(&ident.id);
                 let leaving = lock(&self.shared)
                     .peers
-                    .meta(&ident.id)
-                    .is_some_and(|e| e.leaving);
+                    .record(&ident.id)
+                    .is_some_and(|r| r.leaving);
                 if !leaving {
-                    self.flapped(ident.id, now);
+                    let inc = self
+                        .foca
+                        .iter_membership_state()
+                        .find(|m| m.id() == &ident)
+                        .map_or(0, |m| m.incarnation());
+                    self.flapped(ident, inc, now);
                 }
                 if let Some(announced) = was_up {
                     if announced {
@@ -1774,13 +2735,10 @@ impl Membership {
                     .map(|m| m.incarnation());
                 // Plain SWIM (dynamic suspicion off) has no witness items.
                 if let Some(incarnation) = inc.filter(|_| self.config.dynamic_suspicion) {
-                    let item = Item::Suspect {
-                        subject: ident,
-                        incarnation,
-                        from: self.foca.identity().id,
-                    };
                     if self.witnesses(&ident, incarnation) < QUORUM {
-                        let _ = self.foca.add_broadcast(&item.encode());
+                        let item = self.witness_item(ident, incarnation);
+                        let tx = self.config.swim.max_transmissions.get().into();
+                        self.records.push_witness(&item, tx);
                     }
                 }
             }
@@ -1788,10 +2746,11 @@ impl Membership {
                 if let Some(n) = self.notes.as_mut() {
                     n.push(format!("rejoin as bump {} via {}", new.bump, self.ctx));
                 }
+                self.renewed = Some(now);
                 // We were declared down and came back with a new bump: sync with someone at
                 // once, a down member first (it is on the other side of whatever split us).
                 if let Some(peer) = self.pick_pushpull_peer() {
-                    self.pushpulls.push_back(peer);
+                    self.queue_pushpull(peer);
                 }
                 // Metadata is keyed by node ID, not by bump: the others still hold ours.
             }
@@ -1804,59 +2763,67 @@ impl Membership {
 
     // ----- push-pull ------------------------------------------------------------------------
 
-    /// Our full state as one sealed push-pull frame (without the length prefix).
-    pub fn pushpull_frame(&mut self) -> Result<Vec<u8>, PushPullError> {
+    /// Our full state as one push-pull frame sealed for `to` (without the length prefix):
+    /// every member foca knows and every signed record we hold, ours included.
+    pub fn pushpull_frame(&mut self, to: NodeId) -> Result<Vec<u8>, PushPullError> {
         let dump = {
             let sh = lock(&self.shared);
             // In node ID order, so runs are reproducible.
-            let mut items: Vec<Item> = sh
-                .peers
-                .metas()
-                .map(|(id, e)| Item::Meta {
-                    id,
-                    seq: e.seq,
-                    leaving: e.leaving,
-                    meta: Arc::clone(e.meta),
-                })
-                .collect();
-            items.push(Item::Meta {
-                id: self.foca.identity().id,
-                seq: self.my_seq,
-                leaving: false,
-                meta: Arc::clone(&self.my_meta),
-            });
+            let mut records: Vec<Arc<NodeRecord>> =
+                sh.peers.records().map(|(_, r)| Arc::clone(r)).collect();
+            records.push(Arc::clone(&self.my_record));
             let mut members: Vec<Member<Identity>> =
                 self.foca.iter_membership_state().cloned().collect();
-            members.push(Member::new(*self.foca.identity(), 0, State::Alive));
-            StateDump { members, items }
+            members.push(Member::new(
+                *self.foca.identity(),
+                self.my_incarnation,
+                State::Alive,
+            ));
+            StateDump { members, records }
         };
-        let sealed = self.sealer.seal(Kind::Stream, &dump.encode())?;
+        let sealed = self
+            .sealer
+            .seal(
+                Kind::Stream,
+                &to,
+                &self.admission,
+                self.crypto.as_ref(),
+                &dump.encode(),
+            )
+            .inspect_err(|e| {
+                if matches!(e, SealError::UnknownPeer(_) | SealError::PeerKey(_)) {
+                    self.stats.dropped_unsealable += 1;
+                }
+            })?;
         self.stats.stream_bytes_out += sealed.len() as u64;
         Ok(sealed)
     }
 
     /// Loads a known state without spreading it (an agent restoring what it saved, or the
     /// simulation forming a cluster at once). Our own metadata is not broadcast either.
+    /// Records are verified and members screened as if a peer had sent them.
     pub fn restore(&mut self, dump: &StateDump, now: Instant) {
         self.meta_sent = true;
-        let me = self.foca.identity().id;
-        {
+        let me = *self.foca.identity();
+        let members: Vec<Member<Identity>> = {
             let mut sh = lock(&self.shared);
             // A restore into an empty core: size the table once instead of by doubling.
-            sh.peers.reserve_exact(dump.items.len());
-            for item in &dump.items {
-                if matches!(item, Item::Meta { .. }) {
-                    sh.accept_item(item.clone(), me);
-                }
+            sh.peers.reserve_exact(dump.records.len());
+            for r in &dump.records {
+                sh.accept_record(Arc::clone(r), me.id);
             }
             sh.changed.clear();
-        }
-        let members: Vec<Member<Identity>> = dump
-            .members
-            .iter()
-            .filter(|m| m.id().id != me)
-            .cloned()
-            .collect();
+            // The members below say what foca should hold; the records only vouch for them.
+            sh.raised.clear();
+            dump.members
+                .iter()
+                .filter(|m| m.id().id != me.id)
+                .filter_map(|m| match screen_member(&sh, m.clone(), None, &me) {
+                    Screened::Keep(m) | Screened::Rewritten(m) => Some(m),
+                    _ => None,
+                })
+                .collect()
+        };
         let mut rt = Collect::default();
         if self
             .foca
@@ -1868,44 +2835,96 @@ impl Membership {
         self.absorb(rt, now);
     }
 
-    /// Applies a peer's push-pull frame. Nothing is applied unless the whole frame opens
-    /// and decodes.
-    pub fn handle_pushpull(&mut self, frame: &[u8], now: Instant) -> Result<(), PushPullError> {
+    /// Applies a peer's push-pull frame ([`Membership::open_pushpull`] then
+    /// [`Membership::apply_pushpull`]). `expect`: the peer we asked, when this is the answer
+    /// to our own exchange. Returns the authenticated sender (answer it with
+    /// [`Membership::pushpull_frame`]).
+    pub fn handle_pushpull(
+        &mut self,
+        frame: &[u8],
+        expect: Option<NodeId>,
+        now: Instant,
+    ) -> Result<NodeId, PushPullError> {
+        let opened = self.open_pushpull(frame, now)?;
+        self.apply_pushpull(opened, expect, now)
+    }
+
+    /// Opens a push-pull frame: nothing is applied yet, but the sender is authenticated (the
+    /// driver takes an exchange slot only then).
+    pub fn open_pushpull(&mut self, frame: &[u8], now: Instant) -> Result<Opened, PushPullError> {
         self.stats.stream_bytes_in += frame.len() as u64;
         if frame.len() > MAX_PUSHPULL_FRAME {
             self.stats.dropped_oversize += 1;
             return Err(PushPullError::Oversize(frame.len()));
         }
         // Stream frames are not replay-checked: a replayed frame can only bring back an old
-        // state, which foca (incarnations, bumps) and metadata (seq) already treat as stale.
-        let (plain, _) = self.sealer.open(Kind::Stream, frame).inspect_err(|_| {
-            self.stats.dropped_seal += 1;
-        })?;
-        let dump = StateDump::decode(&plain).inspect_err(|_| {
+        // state, which signed records (seq) and the rules on relayed member records already
+        // treat as stale, and its answer is sealed for the node that really sent it.
+        let opened = self
+            .sealer
+            .open(Kind::Stream, frame, &self.admission, self.crypto.as_ref())
+            .inspect_err(|e| match e {
+                OpenError::UnknownSender => self.stats.dropped_not_admitted += 1,
+                _ => self.stats.dropped_seal += 1,
+            })?;
+        let bound = u64::try_from(MAX_EPOCH_AHEAD.as_millis()).unwrap_or(u64::MAX);
+        if opened.sequence().epoch > self.wall_ms_at(now).saturating_add(bound) {
+            self.stats.dropped_future += 1;
+            return Err(PushPullError::FutureEpoch(opened.sender()));
+        }
+        Ok(opened)
+    }
+
+    /// Applies an opened push-pull frame. Nothing is applied unless the whole frame decodes.
+    /// Signed records are taken first (each verified once), then the members, screened by
+    /// the same rules as a datagram's records.
+    pub fn apply_pushpull(
+        &mut self,
+        opened: Opened,
+        expect: Option<NodeId>,
+        now: Instant,
+    ) -> Result<NodeId, PushPullError> {
+        let sender = opened.sender();
+        if let Some(expected) = expect.filter(|e| *e != sender) {
+            self.stats.dropped_spoofed += 1;
+            return Err(PushPullError::Spoofed { expected, sender });
+        }
+        let dump = StateDump::decode(opened.plaintext()).inspect_err(|_| {
             self.stats.dropped_decode += 1;
         })?;
-        let me = self.foca.identity().id;
-        {
+        let me = *self.foca.identity();
+        let mut downed: Vec<(Identity, u16)> = Vec::new();
+        let admitted: Vec<Member<Identity>> = {
             let mut sh = lock(&self.shared);
-            for item in dump.items {
-                if matches!(item, Item::Meta { .. }) {
-                    sh.accept_item(item, me);
+            for r in dump.records {
+                sh.accept_record(r, me.id);
+            }
+            let mut out = Vec::with_capacity(dump.members.len());
+            for m in dump.members {
+                if m.id().id != me.id && m.state() != State::Alive && m.id().id != sender {
+                    // (a Down becomes a Suspect below)
+                    if within(sh.stated(&m.id().id), m.id(), m.incarnation()) {
+                        self.relayed_suspicions.push((*m.id(), m.incarnation()));
+                    }
+                }
+                match screen_member(&sh, m, Some(sender), &me) {
+                    Screened::Keep(m) => out.push(m),
+                    Screened::Rewritten(m) => {
+                        self.stats.records_rewritten += 1;
+                        if m.id().id != me.id {
+                            downed.push((*m.id(), m.incarnation()));
+                        }
+                        out.push(m);
+                    }
+                    Screened::NotAdmitted => self.stats.dropped_not_admitted += 1,
+                    Screened::Unproven => self.stats.records_dropped += 1,
                 }
             }
-        }
-        let admitted: Vec<Member<Identity>> = {
-            let sh = lock(&self.shared);
-            dump.members
-                .into_iter()
-                .filter(|m| {
-                    let ok = sh.admission.admits(&m.id().id) && m.id().id != NodeId::ANY;
-                    if !ok {
-                        self.stats.dropped_not_admitted += 1;
-                    }
-                    ok
-                })
-                .collect()
+            out
         };
+        for (member, inc) in downed {
+            self.relayed_down(member, inc, now);
+        }
         if self.notes.is_some() {
             let downs: Vec<String> = admitted
                 .iter()
@@ -1920,11 +2939,9 @@ impl Membership {
                     )
                 })
                 .collect();
-            let last = admitted.last().map(|m| m.id().id);
-            self.ctx = format!("push-pull from {last:?} non-alive {downs:?}");
+            self.ctx = format!("push-pull from {sender} non-alive {downs:?}");
         }
-        // Updates we already hold are no-ops in foca; a state about ourselves as down makes
-        // foca renew our identity (rejoin), which is what heals a partition.
+        // Updates we already hold are no-ops in foca.
         let mut rt = Collect::default();
         if self
             .foca
@@ -1934,15 +2951,74 @@ impl Membership {
             self.stats.dropped_protocol += 1;
         }
         self.absorb(rt, now);
+        self.arm_suspicions(now);
         self.stats.pushpull_applied += 1;
-        Ok(())
+        Ok(sender)
     }
 
-    /// Whether the header of an opened datagram is a probe (used by tests).
+    /// The header of a datagram we sealed for `to` (the simulation's debug tally).
     #[doc(hidden)]
-    pub fn peek_header(&self, data: &[u8]) -> Option<Header<Identity>> {
-        let (plain, _) = self.sealer.open(Kind::Datagram, data).ok()?;
+    pub fn peek_header(&self, to: &NodeId, data: &[u8]) -> Option<Header<Identity>> {
+        let plain = self.sealer.open_own(to, data)?;
         codec::decode_header(&plain).ok().map(|(h, _)| h)
+    }
+}
+
+/// What [`screen_member`] made of a relayed member record.
+enum Screened {
+    /// Passed as it came.
+    Keep(Member<Identity>),
+    /// A `Down` turned into a `Suspect` (which passed).
+    Rewritten(Member<Identity>),
+    /// About a node not in the directory.
+    NotAdmitted,
+    /// Says more of its subject than the subject stated.
+    Unproven,
+}
+
+/// The rule for a member record relayed by `sender` (`None`: our own saved state), see the
+/// module docs: a sender speaks for itself; about anyone else, `Down` becomes `Suspect`, and
+/// `Alive` and `Suspect` pass only within what their subject stated (for us: our own
+/// identity and incarnation).
+fn screen_member(
+    sh: &Shared,
+    m: Member<Identity>,
+    sender: Option<NodeId>,
+    me: &Identity,
+) -> Screened {
+    let x = m.id().id;
+    if Some(x) == sender {
+        return Screened::Keep(m);
+    }
+    if x != me.id && !sh.admission.admits(&x) {
+        return Screened::NotAdmitted;
+    }
+    if x == me.id && m.id() != me {
+        // About another identity of our own node: foca would record it as down and spread
+        // that in our name. Nobody else may speak of our identities.
+        return Screened::Unproven;
+    }
+    let (m, rewritten) = if m.state() == State::Down {
+        (Member::new(*m.id(), m.incarnation(), State::Suspect), true)
+    } else {
+        (m, false)
+    };
+    if x == me.id && m.state() == State::Alive {
+        // foca ignores what others say of our liveness.
+        return Screened::Keep(m);
+    }
+    let stated = if x == me.id {
+        Some(sh.own)
+    } else {
+        sh.stated(&x)
+    };
+    if !within(stated, m.id(), m.incarnation()) {
+        return Screened::Unproven;
+    }
+    if rewritten {
+        Screened::Rewritten(m)
+    } else {
+        Screened::Keep(m)
     }
 }
 

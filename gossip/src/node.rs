@@ -1,12 +1,14 @@
 //! The `gossip-node` program as a library function, so that other packages (the netns tests)
 //! can ship it as their own binary: it runs the gossip driver alone and prints membership
 //! events as JSON lines on stdout (`ready`, `up`, `down`, `updated`, `left`, and `stats`
-//! every 2 s). SIGTERM or SIGINT leaves the cluster gracefully.
+//! every 2 s). SIGTERM or SIGINT leaves the cluster gracefully. Its directory comes from
+//! `--admit` (and, with `--insecure-test-keys`, from the node IDs themselves).
 
 use std::net::{IpAddr, SocketAddr};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use crate::auth::{insecure_test_keys, NodeKeys, PublicKeys};
 use crate::identity::parse_hex32;
 use crate::{driver, Admission, Event, Key, Keyring, Metadata, NodeId, Role};
 use clap::Parser;
@@ -31,26 +33,31 @@ struct Args {
     /// Id of the gossip key.
     #[arg(long, default_value_t = 1)]
     key_id: u8,
-    /// Seed address to join through (repeatable).
+    /// Our X25519 static secret, 64 hex digits (our Ed25519 key is derived from it).
+    #[arg(long, conflicts_with = "insecure_test_keys")]
+    secret: Option<String>,
+    /// Derive every node's keys from its node ID (ours, each --seed's, each --admit given
+    /// as a bare ID). Anyone can compute these keys: tests only, never a real cluster.
+    #[arg(long)]
+    insecure_test_keys: bool,
+    /// Node to join through, as ID@ADDRESS (repeatable).
     #[arg(long = "seed")]
-    seeds: Vec<SocketAddr>,
+    seeds: Vec<String>,
     /// VXLAN endpoint address (defaults to the advertise IP).
     #[arg(long)]
     vtep: Option<IpAddr>,
     /// Data path port.
     #[arg(long, default_value_t = 4789)]
     data_port: u16,
-    /// Our X25519 public key, 64 hex digits (defaults to zeros).
-    #[arg(long)]
-    public_key: Option<String>,
     /// worker or manager.
     #[arg(long, default_value = "worker")]
     role: String,
     /// Expected cluster size (tunes timeouts).
     #[arg(long, default_value_t = 16)]
     cluster_size: u32,
-    /// Admit only this member, as ID:PUBLIC_KEY_HEX (repeatable; none admits everyone
-    /// holding the key).
+    /// A member of the directory, as ID:X25519_HEX:ED25519_HEX, or a bare ID with
+    /// --insecure-test-keys (repeatable). With --insecure-test-keys, ourselves and every
+    /// --seed are members too.
     #[arg(long = "admit")]
     admit: Vec<String>,
 }
@@ -61,9 +68,10 @@ fn hex32(what: &str, s: &str) -> Result<[u8; 32], String> {
 
 fn build(args: &Args) -> Result<driver::Config, String> {
     let key = hex32("key", &args.key)?;
-    let public_key = match &args.public_key {
-        Some(s) => hex32("public-key", s)?,
-        None => [0; 32],
+    let keys = match (&args.secret, args.insecure_test_keys) {
+        (Some(s), false) => NodeKeys::from_secret(hex32("secret", s)?),
+        (None, true) => insecure_test_keys(&args.id),
+        _ => return Err("give --secret HEX, or --insecure-test-keys for a test cluster".into()),
     };
     let role = match args.role.as_str() {
         "worker" => Role::Worker,
@@ -73,11 +81,48 @@ fn build(args: &Args) -> Result<driver::Config, String> {
     let metadata = Metadata {
         vtep: args.vtep.unwrap_or(args.advertise.ip()),
         data_port: args.data_port,
-        public_key,
-        incarnation: 0,
+        public_key: keys.public().x25519,
+        incarnation: [0; 16],
         role,
         version: env!("CARGO_PKG_VERSION").into(),
     };
+    let mut seeds = Vec::new();
+    for s in &args.seeds {
+        let (id, addr) = s
+            .split_once('@')
+            .ok_or_else(|| format!("--seed takes ID@ADDRESS, got {s:?}"))?;
+        let id: NodeId = id.parse().map_err(|e| format!("--seed {s:?}: {e}"))?;
+        let addr: SocketAddr = addr.parse().map_err(|e| format!("--seed {s:?}: {e}"))?;
+        seeds.push((id, addr));
+    }
+    let mut list: Vec<(NodeId, PublicKeys)> = Vec::new();
+    if args.insecure_test_keys {
+        list.push((args.id, keys.public()));
+        for (id, _) in &seeds {
+            list.push((*id, insecure_test_keys(id).public()));
+        }
+    }
+    for a in &args.admit {
+        let mut parts = a.split(':');
+        let id: NodeId = parts
+            .next()
+            .unwrap_or_default()
+            .parse()
+            .map_err(|e| format!("--admit {a:?}: {e}"))?;
+        let pk = match (parts.next(), parts.next(), parts.next()) {
+            (Some(x), Some(e), None) => PublicKeys {
+                x25519: hex32("admit", x)?,
+                ed25519: hex32("admit", e)?,
+            },
+            (None, None, None) if args.insecure_test_keys => insecure_test_keys(&id).public(),
+            _ => {
+                return Err(format!(
+                    "--admit takes ID:X25519_HEX:ED25519_HEX (or a bare ID with --insecure-test-keys), got {a:?}"
+                ))
+            }
+        };
+        list.push((id, pk));
+    }
     let mut cfg = driver::Config::new(
         args.id,
         args.advertise,
@@ -86,21 +131,12 @@ fn build(args: &Args) -> Result<driver::Config, String> {
             id: args.key_id,
             secret: key,
         }),
+        keys,
     );
     cfg.bind = args.listen;
-    cfg.seeds = args.seeds.clone();
+    cfg.seeds = seeds;
     cfg.gossip = crate::Config::lan(args.cluster_size);
-    if !args.admit.is_empty() {
-        let mut list = Vec::new();
-        for a in &args.admit {
-            let (id, pk) = a
-                .split_once(':')
-                .ok_or_else(|| format!("--admit takes ID:PUBLIC_KEY_HEX, got {a:?}"))?;
-            let id: NodeId = id.parse().map_err(|e| format!("--admit {a:?}: {e}"))?;
-            list.push((id, hex32("admit", pk)?));
-        }
-        cfg.admission = Admission::only(list);
-    }
+    cfg.admission = Admission::only(list);
     Ok(cfg)
 }
 

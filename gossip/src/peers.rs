@@ -1,42 +1,30 @@
 //! [`Peers`]: what the core keeps per member besides foca's own record, in one compact table
-//! sorted by node ID: the member's metadata (version, leaving flag, shared value) and whether
-//! foca reports it up and we announced it.
+//! sorted by node ID: the member's latest signed record (shared, with its metadata) and
+//! whether foca reports it up and we announced it.
 //!
-//! It replaces two hash maps (metadata by node ID, and up members by node ID with their
-//! identity). Three parallel vectors cost 42 bytes per member, against about 230 for the two
-//! maps (with their empty buckets, a metadata copy and its version string per holder). That
-//! matters to the simulation, which holds N full memberships in one process; one agent holds
-//! one. Lookups are a binary search; inserting a member not yet known moves the tail of the
-//! vectors (members join rarely, and a full state arrives sorted, so it appends).
+//! Two parallel vectors plus the IDs cost 34 bytes per member (ID, record pointer, flags).
+//! That matters to the simulation, which holds N full memberships in one process; one agent
+//! holds one. Lookups are a binary search; inserting a member not yet known moves the tail of
+//! the vectors (members join rarely, and a full state arrives sorted, so it appends).
 
 use std::sync::Arc;
 
-use crate::identity::{Metadata, NodeId};
+use crate::codec::NodeRecord;
+use crate::identity::NodeId;
 
-/// The member announced it is leaving (its latest metadata carries the flag).
-const LEAVING: u8 = 1;
 /// foca reports the member up.
 const UP: u8 = 2;
-/// We emitted `Event::Up` for it (its metadata had arrived).
+/// We emitted `Event::Up` for it (its record had arrived).
 const ANNOUNCED: u8 = 4;
 
 /// Per-member state, sorted by node ID. See the module docs.
 #[derive(Debug, Default)]
 pub(crate) struct Peers {
     ids: Vec<NodeId>,
-    /// Metadata version and value, `None` until metadata arrived.
-    metas: Vec<Option<(u64, Arc<Metadata>)>>,
+    /// The member's latest signed record (its public key filled in), `None` until one
+    /// arrived.
+    records: Vec<Option<Arc<NodeRecord>>>,
     flags: Vec<u8>,
-}
-
-/// A member's metadata as held: version, leaving flag, value.
-pub(crate) struct MetaRef<'a> {
-    /// Version (higher wins).
-    pub(crate) seq: u64,
-    /// The member is leaving on purpose.
-    pub(crate) leaving: bool,
-    /// The value.
-    pub(crate) meta: &'a Arc<Metadata>,
 }
 
 impl Peers {
@@ -50,7 +38,7 @@ impl Peers {
             Ok(i) => i,
             Err(i) => {
                 self.ids.insert(i, id);
-                self.metas.insert(i, None);
+                self.records.insert(i, None);
                 self.flags.insert(i, 0);
                 i
             }
@@ -59,9 +47,9 @@ impl Peers {
 
     /// Drops the entry at `i` when it holds nothing any more.
     fn prune(&mut self, i: usize) {
-        if self.metas[i].is_none() && self.flags[i] & (UP | ANNOUNCED) == 0 {
+        if self.records[i].is_none() && self.flags[i] & (UP | ANNOUNCED) == 0 {
             self.ids.remove(i);
-            self.metas.remove(i);
+            self.records.remove(i);
             self.flags.remove(i);
         }
     }
@@ -69,62 +57,36 @@ impl Peers {
     /// Makes room for `extra` more members without over-allocating (a state restore).
     pub(crate) fn reserve_exact(&mut self, extra: usize) {
         self.ids.reserve_exact(extra);
-        self.metas.reserve_exact(extra);
+        self.records.reserve_exact(extra);
         self.flags.reserve_exact(extra);
     }
 
-    /// The metadata held for `id`.
-    pub(crate) fn meta(&self, id: &NodeId) -> Option<MetaRef<'_>> {
+    /// The record held for `id`.
+    pub(crate) fn record(&self, id: &NodeId) -> Option<&Arc<NodeRecord>> {
         let i = self.find(id).ok()?;
-        let (seq, meta) = self.metas[i].as_ref()?;
-        Some(MetaRef {
-            seq: *seq,
-            leaving: self.flags[i] & LEAVING != 0,
-            meta,
-        })
+        self.records[i].as_ref()
     }
 
-    /// Stores metadata for `id` (replacing what was held).
-    pub(crate) fn set_meta(&mut self, id: NodeId, seq: u64, leaving: bool, meta: Arc<Metadata>) {
+    /// Stores the record of `id` (replacing what was held).
+    pub(crate) fn set_record(&mut self, id: NodeId, record: Arc<NodeRecord>) {
         let i = self.slot(id);
-        self.metas[i] = Some((seq, meta));
-        if leaving {
-            self.flags[i] |= LEAVING;
-        } else {
-            self.flags[i] &= !LEAVING;
-        }
+        self.records[i] = Some(record);
     }
 
-    /// Every metadata held, in node ID order.
-    pub(crate) fn metas(&self) -> impl Iterator<Item = (NodeId, MetaRef<'_>)> + '_ {
+    /// Every record held, in node ID order.
+    pub(crate) fn records(&self) -> impl Iterator<Item = (NodeId, &Arc<NodeRecord>)> + '_ {
         self.ids
             .iter()
-            .zip(&self.metas)
-            .zip(&self.flags)
-            .filter_map(|((id, m), f)| {
-                m.as_ref().map(|(seq, meta)| {
-                    (
-                        *id,
-                        MetaRef {
-                            seq: *seq,
-                            leaving: f & LEAVING != 0,
-                            meta,
-                        },
-                    )
-                })
-            })
+            .zip(&self.records)
+            .filter_map(|(id, r)| r.as_ref().map(|r| (*id, r)))
     }
 
-    /// Forgets the metadata for which `keep` says no.
-    pub(crate) fn retain_metas(&mut self, mut keep: impl FnMut(&NodeId, &Metadata) -> bool) {
+    /// Forgets the records of the members for which `keep` says no.
+    pub(crate) fn retain_records(&mut self, mut keep: impl FnMut(&NodeId) -> bool) {
         let mut i = 0;
         while i < self.ids.len() {
-            let drop = self.metas[i]
-                .as_ref()
-                .is_some_and(|(_, m)| !keep(&self.ids[i], m));
-            if drop {
-                self.metas[i] = None;
-                self.flags[i] &= !LEAVING;
+            if self.records[i].is_some() && !keep(&self.ids[i]) {
+                self.records[i] = None;
                 let before = self.ids.len();
                 self.prune(i);
                 if self.ids.len() < before {
@@ -145,7 +107,7 @@ impl Peers {
     /// Marks `id` up, announced or not.
     pub(crate) fn set_up(&mut self, id: NodeId, announced: bool) {
         let i = self.slot(id);
-        self.flags[i] = (self.flags[i] & LEAVING) | UP | if announced { ANNOUNCED } else { 0 };
+        self.flags[i] = UP | if announced { ANNOUNCED } else { 0 };
     }
 
     /// Marks `id` no longer up; returns whether it was up, and then whether it was announced.
@@ -155,7 +117,7 @@ impl Peers {
         if f & UP == 0 {
             return None;
         }
-        self.flags[i] = f & LEAVING;
+        self.flags[i] = 0;
         self.prune(i);
         Some(f & ANNOUNCED != 0)
     }
@@ -163,7 +125,7 @@ impl Peers {
     /// Bytes held (capacity, not length), for the simulation's memory breakdown.
     pub(crate) fn heap_bytes(&self) -> usize {
         self.ids.capacity() * size_of::<NodeId>()
-            + self.metas.capacity() * size_of::<Option<(u64, Arc<Metadata>)>>()
+            + self.records.capacity() * size_of::<Option<Arc<NodeRecord>>>()
             + self.flags.capacity()
     }
 }
@@ -171,52 +133,57 @@ impl Peers {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::Role;
+    use crate::identity::{Identity, Metadata, Role};
 
-    fn meta(v: &str) -> Arc<Metadata> {
-        Arc::new(Metadata {
-            vtep: "198.18.0.1".parse().unwrap(),
-            data_port: 4789,
-            public_key: [1; 32],
-            incarnation: 1,
-            role: Role::Worker,
-            version: v.into(),
+    fn record(id: NodeId, seq: u64, v: &str) -> Arc<NodeRecord> {
+        Arc::new(NodeRecord {
+            subject: Identity::new(id, "198.18.0.1:7946".parse().unwrap(), 1),
+            incarnation: 0,
+            seq,
+            leaving: false,
+            meta: Metadata {
+                vtep: "198.18.0.1".parse().unwrap(),
+                data_port: 4789,
+                public_key: [1; 32],
+                incarnation: [1; 16],
+                role: Role::Worker,
+                version: v.into(),
+            },
+            sig: [0; 64],
         })
     }
 
     #[test]
-    fn metadata_and_up_state_kept_apart_and_sorted() {
+    fn records_and_up_state_kept_apart_and_sorted() {
         let mut p = Peers::default();
         let (a, b, c) = (
             NodeId::from_index(3),
             NodeId::from_index(1),
             NodeId::from_index(2),
         );
-        p.set_meta(a, 5, false, meta("a"));
+        p.set_record(a, record(a, 5, "a"));
         p.set_up(b, false);
-        p.set_meta(c, 7, true, meta("c"));
+        p.set_record(c, record(c, 7, "c"));
         assert_eq!(p.ids, vec![b, c, a]);
-        assert!(p.meta(&b).is_none());
+        assert!(p.record(&b).is_none());
         assert_eq!(p.up(&b), Some(false));
         assert_eq!(p.up(&a), None);
-        let m = p.meta(&c).unwrap();
-        assert_eq!((m.seq, m.leaving, m.meta.version.as_str()), (7, true, "c"));
-        // Up keeps the leaving flag; a newer metadata clears it.
+        let r = p.record(&c).unwrap();
+        assert_eq!((r.seq, r.meta.version.as_str()), (7, "c"));
         p.set_up(c, true);
         assert_eq!(p.up(&c), Some(true));
-        assert!(p.meta(&c).unwrap().leaving);
-        p.set_meta(c, 8, false, meta("c2"));
-        assert!(!p.meta(&c).unwrap().leaving);
-        let order: Vec<NodeId> = p.metas().map(|(id, _)| id).collect();
+        p.set_record(c, record(c, 8, "c2"));
+        assert_eq!(p.record(&c).unwrap().seq, 8);
+        let order: Vec<NodeId> = p.records().map(|(id, _)| id).collect();
         assert_eq!(order, vec![c, a]);
         // b holds nothing once down: its entry goes.
         assert_eq!(p.remove_up(&b), Some(false));
         assert_eq!(p.remove_up(&b), None);
         assert_eq!(p.ids, vec![c, a]);
-        // Dropping c's metadata keeps its up entry; dropping a's removes a.
-        p.retain_metas(|_, _| false);
+        // Dropping c's record keeps its up entry; dropping a's removes a.
+        p.retain_records(|_| false);
         assert_eq!(p.ids, vec![c]);
         assert_eq!(p.up(&c), Some(true));
-        assert!(p.meta(&c).is_none());
+        assert!(p.record(&c).is_none());
     }
 }

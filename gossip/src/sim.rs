@@ -1,8 +1,17 @@
 //! A deterministic many-node simulation: one process, a virtual clock, a priority queue of
 //! events with a sequence number to break ties, one seeded RNG for the network (loss,
 //! latency, jitter, partitions) and one for the scenario, and real [`Membership`] cores
-//! (real foca, real codec, real sealing). The same seed gives the same trace; the report
-//! carries a hash of the trace to check it.
+//! (real foca, real codec, real sealing, real X25519 and Ed25519). The same seed gives the
+//! same trace; the report carries a hash of the trace to check it.
+//!
+//! Every node has its own keys (derived from its node ID, [`insecure_test_keys`]) and all
+//! share one directory naming all of them. The cores reach X25519 and Ed25519 through a
+//! cache shared by every simulated node ([`CryptoCache`]): an X25519 result per unordered
+//! pair of public keys (both ends compute the same value) and a verification result per
+//! (key, message, signature). Both are pure functions of their inputs, so the cache changes
+//! no outcome, only wall time (`SimConfig::crypto_cache` off gives the same trace hash; a
+//! test checks it): at N = 1000, every node verifies the same signed records, and without
+//! the cache forming the cluster alone would cost a million verifications.
 //!
 //! Scenarios:
 //! - `steady`: nothing happens; measures bandwidth, false downs and dissemination.
@@ -32,7 +41,7 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rand_0_10::rngs::SmallRng;
@@ -40,9 +49,12 @@ use rand_0_10::{RngExt, SeedableRng};
 
 use foca::{Member, State};
 
-use crate::codec::{Item, StateDump};
+use zeroize::Zeroizing;
+
+use crate::auth::{insecure_test_keys, Admission, Crypto, NodeKeys, PublicKeys, Sig};
+use crate::codec::{NodeRecord, StateDump};
 use crate::identity::{Identity, Metadata, NodeId, Role};
-use crate::membership::{Admission, Config, Event, Membership, Setup};
+use crate::membership::{Config, Event, Membership, Setup};
 use crate::seal::{Key, Keyring};
 
 /// What happens during a run (named in lower case on `gossip-sim`'s command line).
@@ -125,6 +137,9 @@ pub struct SimConfig {
     pub suspicion_min: Option<Duration>,
     /// Flap damping as the protocol configures it (the default) or off.
     pub flap_damping: bool,
+    /// Share X25519 and Ed25519 results between the simulated nodes (the default; see the
+    /// module docs). Off: every node computes everything itself (same trace, more time).
+    pub crypto_cache: bool,
     /// Print an estimated memory breakdown (summed over nodes, bytes per (node, member)
     /// pair) on stderr once the cluster has formed and at the end, with the resident set
     /// size `rss` reports (the binary reads it; the simulation does no IO).
@@ -149,6 +164,7 @@ impl SimConfig {
             confirm_probes: true,
             suspicion_min: None,
             flap_damping: true,
+            crypto_cache: true,
             mem: None,
         }
     }
@@ -190,12 +206,14 @@ pub struct Report {
     /// Samples of the above that did not reach 99.9% before the run ended.
     pub disseminate_missed: usize,
     /// False Downs as the targets mean them: healthy members declared down by anyone.
-    /// Counted once per member identity (node and bump) that at least one node reported
+    /// Counted once per member incarnation (node, bump, incarnation: a member declared down
+    /// comes back at a higher incarnation, or after a restart at a higher bump) that at
+    /// least one node reported
     /// `Down` while it was healthy: not crashed, not a slow reader, not stalled within the
     /// last 10 s (a stalling node's stalls are 0.5 to 4 s apart, so from its first stall on
     /// it never counts as healthy), and not across an active partition from the reporter.
     pub false_downs: u64,
-    /// The stalling or slow nodes' own downs (distinct node and bump), kept apart from
+    /// The stalling or slow nodes' own downs (distinct node, bump and incarnation), kept apart from
     /// `false_downs` (stall: the node was unresponsive; slow: it answered too late).
     pub stalled_downs: u64,
     /// The same false Downs counted per reporter: the number of `Down` events about healthy
@@ -228,6 +246,15 @@ pub struct Report {
     pub probes_failed: u64,
     /// Number of simulated datagrams.
     pub datagrams: u64,
+    /// Relayed member records dropped for saying more than their subject stated, summed
+    /// over the nodes (most are early: the subject's signed record is on its way).
+    pub records_dropped: u64,
+    /// Relayed `Down` records turned into `Suspect`, summed over the nodes.
+    pub records_rewritten: u64,
+    /// Authentication refusals, summed over the nodes (should be 0 in a simulation with no
+    /// attacker): spoofed senders, future epochs, bad signatures, unproven witnesses,
+    /// unsealable destinations, refused renewals.
+    pub auth_refused: u64,
 }
 
 enum Ev {
@@ -242,6 +269,8 @@ enum Ev {
     },
     PushResp {
         to: usize,
+        /// Who answers (the node `to` asked).
+        from: NodeId,
         frame: Vec<u8>,
     },
     Wake {
@@ -278,6 +307,8 @@ struct Node {
 
 struct Sample {
     subject: NodeId,
+    /// The metadata version an update sample waits for (`None` for a crash sample).
+    version: Option<String>,
     start: Duration,
     seen: HashSet<usize>,
     need: usize,
@@ -287,6 +318,12 @@ struct Sample {
 /// A simulation run. Build with [`Sim::new`], run with [`Sim::run`].
 pub struct Sim {
     cfg: SimConfig,
+    /// Every node's public keys.
+    publics: Vec<PublicKeys>,
+    /// The directory every node holds (one, shared).
+    directory: Admission,
+    /// Shared X25519 and verification results (see the module docs).
+    cache: Option<Arc<CryptoCache>>,
     base: Instant,
     now: Duration,
     seq: u64,
@@ -306,9 +343,9 @@ pub struct Sim {
     schedule: u64,
     detect: Vec<Sample>,
     updates: Vec<Sample>,
-    false_downs: HashSet<(NodeId, u32)>,
+    false_downs: HashSet<(NodeId, u32, u16)>,
     false_down_events: u64,
-    slow_downs: HashSet<(NodeId, u32)>,
+    slow_downs: HashSet<(NodeId, u32, u16)>,
     max_datagram: usize,
     datagrams: u64,
     heal_start: Option<Duration>,
@@ -323,14 +360,16 @@ fn addr_of(i: usize) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(ip), 7946)
 }
 
-fn meta_for(i: usize, version: u32) -> Metadata {
-    let mut pk = [0u8; 32];
-    pk[..8].copy_from_slice(&(i as u64).to_be_bytes());
+fn id_of(i: usize) -> NodeId {
+    NodeId::from_index(i as u128 + 1)
+}
+
+fn meta_for(i: usize, version: u32, public: &PublicKeys) -> Metadata {
     Metadata {
         vtep: addr_of(i).ip(),
         data_port: 4789,
-        public_key: pk,
-        incarnation: 1,
+        public_key: public.x25519,
+        incarnation: [1; 16],
         role: if i == 0 { Role::Manager } else { Role::Worker },
         version: format!("sim-{version}"),
     }
@@ -363,7 +402,14 @@ impl Sim {
             })
             .collect::<Vec<_>>();
         let by_addr = nodes.iter().enumerate().map(|(i, n)| (n.addr, i)).collect();
+        let publics: Vec<PublicKeys> = (0..n)
+            .map(|i| insecure_test_keys(&id_of(i)).public())
+            .collect();
+        let directory = Admission::only((0..n).map(|i| (id_of(i), publics[i])));
         Sim {
+            publics,
+            directory,
+            cache: cfg.crypto_cache.then(|| Arc::new(CryptoCache::default())),
             debug: cfg.debug,
             net: SmallRng::seed_from_u64(cfg.seed),
             plan: SmallRng::seed_from_u64(cfg.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 1),
@@ -440,31 +486,41 @@ impl Sim {
         config
     }
 
+    fn crypto(&self, i: usize) -> Arc<SimCrypto> {
+        Arc::new(SimCrypto {
+            keys: insecure_test_keys(&id_of(i)),
+            cache: self.cache.clone(),
+        })
+    }
+
     fn make_core(&mut self, i: usize) -> Membership {
         let config = self.node_config();
         let node = &self.nodes[i];
         let setup = Setup {
             config,
-            identity: Identity::new(NodeId::from_index(i as u128 + 1), node.addr, node.bump),
-            metadata: meta_for(i, node.version),
+            identity: Identity::new(id_of(i), node.addr, node.bump),
+            metadata: meta_for(i, node.version, &self.publics[i]),
             keyring: Keyring::new(Key {
                 id: 1,
                 secret: [0x42; 32],
             }),
-            admission: Admission::Open,
+            admission: self.directory.clone(),
+            crypto: self.crypto(i),
             seed: self.cfg.seed ^ ((i as u64) << 20) ^ u64::from(node.bump),
             // Every start of a node gets a later epoch: virtual milliseconds, plus the bump
             // (which rises with each restart) so it rises even within one millisecond.
             epoch: self.now.as_millis() as u64 + u64::from(node.bump),
             salt: i as u64,
+            // The wall clock is the virtual clock.
+            wall_ms: self.now.as_millis() as u64,
         };
-        // Metadata from meta_for is always valid.
+        // Metadata from meta_for is always valid and carries the node's own key.
         match Membership::new(setup, self.base + self.now) {
             Ok(mut m) => {
                 m.set_debug(self.debug);
                 m
             }
-            Err(e) => panic!("simulation metadata invalid: {e}"),
+            Err(e) => panic!("simulation setup invalid: {e}"),
         }
     }
 
@@ -494,10 +550,12 @@ impl Sim {
         }
         for t in sends {
             if self.debug && self.measuring_from.is_some() {
+                let to = self.by_addr.get(&t.dst).map(|j| id_of(*j));
                 if let Some(h) = self.nodes[i]
                     .core
                     .as_ref()
-                    .and_then(|c| c.peek_header(&t.data))
+                    .zip(to)
+                    .and_then(|(c, to)| c.peek_header(&to, &t.data))
                 {
                     let tag = format!("{:?}", h.message);
                     let tag = tag.split(['(', ' ']).next().unwrap_or("").to_string();
@@ -533,7 +591,7 @@ impl Sim {
             self.push(at, Ev::Deliver { to, data: t.data });
         }
         for peer in pulls {
-            let Some(&to) = self.by_addr.get(&peer) else {
+            let Some(&to) = self.by_addr.get(&peer.addr) else {
                 continue;
             };
             if to == i {
@@ -542,7 +600,7 @@ impl Sim {
             let Some(core) = self.nodes[i].core.as_mut() else {
                 return;
             };
-            if let Ok(frame) = core.pushpull_frame() {
+            if let Ok(frame) = core.pushpull_frame(peer.id) {
                 // TCP: no loss, but a connect + one RTT; blocked by partitions.
                 if !(self.partitioned && self.side(i) != self.side(to)) {
                     let delay = self.cfg.latency * 3;
@@ -572,6 +630,7 @@ impl Sim {
         };
         let subj = info.id;
         let info_bump = info.bump;
+        let info_inc = info.incarnation;
         let subj_index =
             (u128::from_str_radix(subj.as_str(), 36).unwrap_or(0) as usize).wrapping_sub(1);
         self.mix(observer as u64 * 8 + kind, subj_index as u64);
@@ -589,16 +648,16 @@ impl Sim {
                             .last_stall_end
                             .is_some_and(|end| now < end + Duration::from_secs(10));
                     if slow {
-                        self.slow_downs.insert((subj, info_bump));
+                        self.slow_downs.insert((subj, info_bump, info_inc));
                     } else if !split {
-                        if self.debug && !self.false_downs.contains(&(subj, info_bump)) {
+                        if self.debug && !self.false_downs.contains(&(subj, info_bump, info_inc)) {
                             eprintln!(
-                                "{:.3} FALSE DOWN {subj} bump {info_bump} first seen by node {observer}",
+                                "{:.3} FALSE DOWN {subj} bump {info_bump} inc {info_inc} first seen by node {observer}",
                                 now.as_secs_f64()
                             );
                         }
                         self.false_down_events += 1;
-                        self.false_downs.insert((subj, info_bump));
+                        self.false_downs.insert((subj, info_bump, info_inc));
                     }
                 }
                 for s in self.detect.iter_mut().filter(|s| s.subject == subj) {
@@ -613,10 +672,15 @@ impl Sim {
                     }
                 }
             }
-            Event::Updated(m) => {
+            // An update has arrived when the node reports the new version, as an update or
+            // in the Up of a member it has just (re)discovered.
+            Event::Updated(m) | Event::Up(m) => {
                 let version = m.metadata.as_ref().map(|d| d.version.clone());
-                for s in self.updates.iter_mut().filter(|s| s.subject == subj) {
-                    let _ = &version;
+                for s in self
+                    .updates
+                    .iter_mut()
+                    .filter(|s| s.subject == subj && s.version == version)
+                {
                     if s.seen.insert(observer) && s.seen.len() >= s.need && s.done.is_none() {
                         s.done = Some(now - s.start);
                         if self.debug && (now - s.start) > Duration::from_secs(3) {
@@ -651,6 +715,7 @@ impl Sim {
                     let need = self.need(i);
                     self.detect.push(Sample {
                         subject,
+                        version: None,
                         start: now,
                         seen: HashSet::new(),
                         need,
@@ -672,7 +737,7 @@ impl Sim {
                 }
                 self.plan_mix(2, i as u64, seed as u64);
                 if let Some(core) = self.nodes[i].core.as_mut() {
-                    core.join(&[addr_of(seed)], self.base + now);
+                    core.join(&[(id_of(seed), addr_of(seed))], self.base + now);
                 }
                 self.pump(i);
             }
@@ -681,10 +746,11 @@ impl Sim {
                 self.plan_mix(3, i as u64, 0);
                 if self.alive(i) && self.nodes[i].stalled_until.is_none() {
                     self.nodes[i].version += 1;
-                    let meta = meta_for(i, self.nodes[i].version);
+                    let meta = meta_for(i, self.nodes[i].version, &self.publics[i]);
                     let need = self.need(i);
                     self.updates.push(Sample {
                         subject: NodeId::from_index(i as u128 + 1),
+                        version: Some(meta.version.clone()),
                         start: now,
                         seen: HashSet::new(),
                         need,
@@ -832,20 +898,20 @@ impl Sim {
         // thousand simultaneous joins. Restarted nodes join for real, through a seed.
         let dump = StateDump {
             members: (0..n)
-                .map(|i| {
-                    Member::new(
-                        Identity::new(NodeId::from_index(i as u128 + 1), addr_of(i), 1),
-                        0,
-                        State::Alive,
-                    )
-                })
+                .map(|i| Member::new(Identity::new(id_of(i), addr_of(i), 1), 0, State::Alive))
                 .collect(),
-            items: (0..n)
-                .map(|i| Item::Meta {
-                    id: NodeId::from_index(i as u128 + 1),
-                    seq: 1,
-                    leaving: false,
-                    meta: Arc::new(meta_for(i, 0)),
+            // Each node's first record, exactly as its core signs it at start (Ed25519 is
+            // deterministic): identity at bump 1, incarnation 0, seq 1 << 32.
+            records: (0..n)
+                .map(|i| {
+                    Arc::new(NodeRecord::signed(
+                        Identity::new(id_of(i), addr_of(i), 1),
+                        0,
+                        1 << 32,
+                        false,
+                        meta_for(i, 0, &self.publics[i]),
+                        self.crypto(i).as_ref(),
+                    ))
                 })
                 .collect(),
         };
@@ -927,32 +993,35 @@ impl Sim {
                     return;
                 };
                 let reply = match self.nodes[to].core.as_mut() {
-                    Some(c) => {
-                        let ok = c.handle_pushpull(&frame, now).is_ok();
-                        if ok {
-                            c.pushpull_frame().ok()
-                        } else {
-                            None
-                        }
-                    }
+                    Some(c) => match c.handle_pushpull(&frame, None, now) {
+                        Ok(sender) => c.pushpull_frame(sender).ok(),
+                        Err(_) => None,
+                    },
                     None => None,
                 };
                 self.pump(to);
                 if let Some(frame) = reply {
                     if !(self.partitioned && self.side(from) != self.side(to)) {
                         let at = self.now + self.cfg.latency;
-                        self.push(at, Ev::PushResp { to: from, frame });
+                        self.push(
+                            at,
+                            Ev::PushResp {
+                                to: from,
+                                from: id_of(to),
+                                frame,
+                            },
+                        );
                     }
                 }
             }
-            Ev::PushResp { to, frame } => {
-                let Some(Ev::PushResp { to, frame }) =
-                    self.deferred(to, Ev::PushResp { to, frame }, false)
+            Ev::PushResp { to, from, frame } => {
+                let Some(Ev::PushResp { to, from, frame }) =
+                    self.deferred(to, Ev::PushResp { to, from, frame }, false)
                 else {
                     return;
                 };
                 if let Some(c) = self.nodes[to].core.as_mut() {
-                    let _ = c.handle_pushpull(&frame, now);
+                    let _ = c.handle_pushpull(&frame, Some(from), now);
                 }
                 self.pump(to);
             }
@@ -1022,8 +1091,59 @@ impl Sim {
                 None if end - s.start > Duration::from_secs(10) => {
                     missed += 1;
                     dissem.push(f64::INFINITY);
+                    if self.debug {
+                        let missing: Vec<usize> = (0..self.nodes.len())
+                            .filter(|i| {
+                                self.nodes[*i].core.is_some()
+                                    && !s.seen.contains(i)
+                                    && id_of(*i) != s.subject
+                            })
+                            .collect();
+                        eprintln!(
+                            "update of {} at {:.1} s reached {} of {} needed; not at {missing:?}",
+                            s.subject,
+                            s.start.as_secs_f64(),
+                            s.seen.len(),
+                            s.need
+                        );
+                    }
                 }
                 None => {}
+            }
+        }
+        if self.debug && self.heal_start.is_some() {
+            let live = self.live_count();
+            let mut shown = 0;
+            for (i, n) in self.nodes.iter().enumerate() {
+                let Some(c) = n.core.as_ref() else { continue };
+                if c.num_active() + 1 < live && shown < 5 {
+                    shown += 1;
+                    let members = c.members();
+                    let missing: Vec<String> = members
+                        .iter()
+                        .filter(|m| m.state != crate::MemberState::Up)
+                        .take(8)
+                        .map(|m| {
+                            format!(
+                                "{}/{}/{:?} (it is at bump {})",
+                                m.id,
+                                m.bump,
+                                m.state,
+                                (u128::from_str_radix(m.id.as_str(), 36).unwrap_or(1) as usize)
+                                    .checked_sub(1)
+                                    .and_then(|j| self.nodes.get(j))
+                                    .and_then(|n| n.core.as_ref())
+                                    .map_or(0, |c| c.identity().bump)
+                            )
+                        })
+                        .collect();
+                    eprintln!(
+                        "not healed: node {i} (bump {}) holds {} active of {}; e.g. {missing:?}",
+                        c.identity().bump,
+                        c.num_active(),
+                        live - 1
+                    );
+                }
             }
         }
         let heal_p99 = self.heal_start.map(|_| {
@@ -1052,6 +1172,36 @@ impl Sim {
             .filter_map(|n| n.core.as_ref())
             .map(|c| c.stats().dropped_replay)
             .sum();
+        let sum = |f: &dyn Fn(&crate::Stats) -> u64| -> u64 {
+            self.nodes
+                .iter()
+                .filter_map(|n| n.core.as_ref())
+                .map(|c| f(&c.stats()))
+                .sum()
+        };
+        if self.debug {
+            eprintln!(
+                "auth: spoofed {} future {} bad_sig {} unproven {} unsealable {} renewal {} not_admitted {}",
+                sum(&|s| s.dropped_spoofed),
+                sum(&|s| s.dropped_future),
+                sum(&|s| s.items_bad_signature),
+                sum(&|s| s.items_unproven),
+                sum(&|s| s.dropped_unsealable),
+                sum(&|s| s.dropped_renewal),
+                sum(&|s| s.dropped_not_admitted)
+            );
+        }
+        let records_dropped = sum(&|s| s.records_dropped);
+        let records_rewritten = sum(&|s| s.records_rewritten);
+        let auth_refused = sum(&|s| {
+            s.dropped_spoofed
+                + s.dropped_future
+                + s.items_bad_signature
+                + s.items_unproven
+                + s.dropped_unsealable
+                + s.dropped_renewal
+                + s.dropped_not_admitted
+        });
         let node_config = self.node_config();
         Report {
             nodes: self.nodes.len(),
@@ -1099,6 +1249,92 @@ impl Sim {
                 .total_probes_failed()
                 .saturating_sub(self.probes_failed_at_start),
             datagrams: self.datagrams,
+            records_dropped,
+            records_rewritten,
+            auth_refused,
         }
+    }
+}
+
+/// X25519 and Ed25519 results shared by every simulated node (see the module docs). Both
+/// functions are pure, so a cached answer is the answer. Bounded: a full map is cleared.
+#[derive(Debug, Default)]
+pub struct CryptoCache {
+    /// X25519 result per unordered pair of public keys (lower key first).
+    dh: Mutex<HashMap<KeyPair, Option<[u8; 32]>>>,
+    /// Verification result per signature, with the key and message it was for (a lookup
+    /// with another key or message computes again).
+    verified: Mutex<HashMap<Sig, Verified>>,
+}
+
+/// Two X25519 public keys, the lower first.
+type KeyPair = ([u8; 32], [u8; 32]);
+
+/// A verification: the Ed25519 key, the message, the result.
+type Verified = ([u8; 32], Vec<u8>, bool);
+
+/// Most entries per map of [`CryptoCache`] (about 100 bytes each).
+const CACHE_ENTRIES: usize = 1 << 22;
+
+impl CryptoCache {
+    fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+        m.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A simulated node's keys behind the shared cache.
+#[derive(Debug)]
+struct SimCrypto {
+    keys: NodeKeys,
+    cache: Option<Arc<CryptoCache>>,
+}
+
+impl Crypto for SimCrypto {
+    fn public(&self) -> PublicKeys {
+        self.keys.public()
+    }
+
+    fn shared(&self, peer_x25519: &[u8; 32]) -> Option<Zeroizing<[u8; 32]>> {
+        let Some(cache) = &self.cache else {
+            return self.keys.shared(peer_x25519);
+        };
+        let mine = self.keys.public().x25519;
+        let pair = if mine <= *peer_x25519 {
+            (mine, *peer_x25519)
+        } else {
+            (*peer_x25519, mine)
+        };
+        if let Some(v) = CryptoCache::lock(&cache.dh).get(&pair) {
+            return v.map(Zeroizing::new);
+        }
+        let v = self.keys.shared(peer_x25519);
+        let mut dh = CryptoCache::lock(&cache.dh);
+        if dh.len() >= CACHE_ENTRIES {
+            dh.clear();
+        }
+        dh.insert(pair, v.as_deref().copied());
+        v
+    }
+
+    fn sign(&self, msg: &[u8]) -> Sig {
+        self.keys.sign(msg)
+    }
+
+    fn verify(&self, ed25519: &[u8; 32], msg: &[u8], sig: &Sig) -> bool {
+        let Some(cache) = &self.cache else {
+            return self.keys.verify(ed25519, msg, sig);
+        };
+        if let Some((k, m, ok)) = CryptoCache::lock(&cache.verified).get(sig) {
+            if k == ed25519 && m == msg {
+                return *ok;
+            }
+        }
+        let ok = self.keys.verify(ed25519, msg, sig);
+        let mut v = CryptoCache::lock(&cache.verified);
+        if v.len() >= CACHE_ENTRIES {
+            v.clear();
+        }
+        v.insert(*sig, (*ed25519, msg.to_vec(), ok));
+        ok
     }
 }

@@ -53,6 +53,19 @@ fn same_seed_same_trace_other_seed_other_trace() {
     assert_ne!(a.trace_hash, c.trace_hash);
 }
 
+/// The shared X25519 and verification cache is only a cache: without it the same seed
+/// gives the same trace.
+#[test]
+fn the_crypto_cache_changes_no_outcome() {
+    let mut c = config(20, 5, Scenario::Crash, 0.05, 1.0);
+    let cached = Sim::new(c.clone()).run();
+    c.crypto_cache = false;
+    let direct = Sim::new(c).run();
+    assert_eq!(cached.trace_hash, direct.trace_hash);
+    assert_eq!(cached.datagrams, direct.datagrams);
+    assert_eq!(cached.auth_refused, 0);
+}
+
 #[test]
 fn small_cluster_detects_a_crash_in_any_profile() {
     let r = run(40, 11, Scenario::Crash, 0.01, 1.0, true);
@@ -62,6 +75,7 @@ fn small_cluster_detects_a_crash_in_any_profile() {
     assert_eq!(r.false_downs, 0);
     assert_eq!(r.dropped_bad, 0);
     assert_eq!(r.dropped_replay, 0);
+    assert_eq!(r.auth_refused, 0);
 }
 
 #[test]
