@@ -21,7 +21,6 @@ use tokio::task::JoinHandle;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tracing::{debug, info, warn};
-use x25519_dalek::{PublicKey, StaticSecret};
 
 use crate::api::{
     hex, read_frame, write_frame, write_raw_frame, AdminRequest, CaptureFrame, CaptureRequest,
@@ -474,8 +473,7 @@ impl Agent {
         let store = Arc::new(Store::open(&config.state_dir)?);
         let node_secret = zeroize::Zeroizing::new(store.node_key(random_key())?);
         store.check_incarnation()?;
-        let secret = StaticSecret::from(*node_secret);
-        let public_key = PublicKey::from(&secret).to_bytes();
+        let (public_key, _) = crate::join::public_keys(&node_secret);
         let membership = store.membership()?;
         let manager_state = store.manager()?;
         let agent = Arc::new(Self {
@@ -537,9 +535,6 @@ impl Agent {
             .renew_incarnation(|| {
                 let mut bytes = [0u8; 16];
                 bytes.copy_from_slice(&random_key()[..16]);
-                // Gossip carries the incarnation's first four bytes only, until shoal-gossip
-                // carries all sixteen: the others stay zero so every peer derives the same keys.
-                bytes[4..].fill(0);
                 bytes
             })
             .map(Incarnation)
@@ -557,7 +552,7 @@ impl Agent {
             self.gossip.clone(),
             self.gossip_keys.clone(),
             self.membership.clone(),
-            self.public_key,
+            self.node_secret.clone(),
             incarnation,
             self.config.gossip_addr,
             manager,
@@ -1470,7 +1465,7 @@ async fn gossip_loop(
     handle_slot: Arc<std::sync::Mutex<Option<shoal_gossip::driver::Handle>>>,
     keys_slot: GossipKeysSlot,
     cell: Arc<Current>,
-    public_key: [u8; 32],
+    node_secret: zeroize::Zeroizing<[u8; 32]>,
     incarnation: Incarnation,
     bind: Option<SocketAddr>,
     manager: Option<Arc<Manager>>,
@@ -1483,7 +1478,7 @@ async fn gossip_loop(
         let Some(m) = cell.get() else {
             return;
         };
-        match Link::start(&m, public_key, incarnation, bind, keys_slot.clone()).await {
+        match Link::start(&m, &node_secret, incarnation, bind, keys_slot.clone()).await {
             Ok(link) => break link,
             Err(e) => {
                 if !warned {
@@ -1533,7 +1528,7 @@ async fn gossip_loop(
                 }
                 match cell.get() {
                     Some(m) => {
-                        if let Err(e) = link.follow(&m, public_key).await {
+                        if let Err(e) = link.follow(&m).await {
                             warn!("gossip could not follow the cluster view: {e}");
                         }
                         if let Some(s) = steer.as_mut() {

@@ -2,8 +2,10 @@
 //! node's membership, keeps the driver's admission list, keys and metadata in step with the
 //! cluster view, and turns gossip events into the set of node IDs gossip sees up.
 //!
-//! Admission is exactly the manager's node list (ID and X25519 public key, nodes that left
-//! excluded): gossip spreads the list, but only what the manager issued is believed. The
+//! Admission is exactly the manager's node list (ID, X25519 and Ed25519 public keys, nodes
+//! that left excluded): every gossip datagram and push-pull stream is sealed for one peer
+//! under their pair key, and every record a member spreads is signed by its author, so a
+//! member can speak only for itself, and only what the manager issued is believed. The
 //! gossip keyring is the view's gossip keys: a new key opens at once and starts sealing only
 //! [`KEY_GRACE`] after this node first saw it, by which time every node holds it, so a
 //! rotation drops nothing; the key before it stops opening [`KEY_RETIRE`] after that first
@@ -16,7 +18,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use shoal_gossip::driver::{self, Handle, HandleError, StartError};
-use shoal_gossip::{Event, Key, Keyring, Metadata};
+use shoal_gossip::{Event, Key, Keyring, Metadata, NodeKeys, PublicKeys};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
@@ -54,6 +56,7 @@ pub enum LinkError {
 /// A running gossip driver tied to this node's membership.
 pub struct Link {
     handle: Handle,
+    public_key: [u8; 32],
     incarnation: Incarnation,
     up: watch::Receiver<Arc<HashSet<NodeId>>>,
     heard: watch::Receiver<Arc<HashMap<NodeId, Heard>>>,
@@ -166,29 +169,35 @@ pub fn sealing_order<'a>(
     })
 }
 
-/// A peer's incarnation from what its gossip metadata carries: the first four bytes (the rest
-/// zero, as this node draws its own; see `Agent::fresh_incarnation`).
-fn heard_incarnation(tag: u32) -> Incarnation {
-    let mut bytes = [0u8; 16];
-    bytes[..4].copy_from_slice(&tag.to_be_bytes());
-    Incarnation(bytes)
-}
-
-/// The admission list for a view: every node that has not left, with its public key.
-pub fn admission(view: &ClusterView) -> Vec<(shoal_gossip::NodeId, [u8; 32])> {
+/// The admission list for a view: every node that has not left, with the public keys the
+/// manager issued it (X25519 for the pair keys, Ed25519 for what it signs).
+pub fn admission(view: &ClusterView) -> Vec<(shoal_gossip::NodeId, PublicKeys)> {
     view.nodes
         .iter()
         .filter(|n| !n.left)
-        .filter_map(|n| gossip_id(&n.id).ok().map(|id| (id, n.public_key)))
+        .filter_map(|n| {
+            let keys = PublicKeys {
+                x25519: n.public_key,
+                ed25519: n.signing_key,
+            };
+            gossip_id(&n.id).ok().map(|id| (id, keys))
+        })
         .collect()
 }
 
-/// Gossip addresses of the other nodes that have not left.
-pub fn seeds(view: &ClusterView, me: &NodeId, port: u16) -> Vec<SocketAddr> {
+/// The other nodes that have not left, with their gossip addresses.
+pub fn seeds(
+    view: &ClusterView,
+    me: &NodeId,
+    port: u16,
+) -> Vec<(shoal_gossip::NodeId, SocketAddr)> {
     view.nodes
         .iter()
         .filter(|n| !n.left && &n.id != me)
-        .map(|n| SocketAddr::new(n.addr, port))
+        .filter_map(|n| {
+            let id = gossip_id(&n.id).ok()?;
+            Some((id, SocketAddr::new(n.addr, port)))
+        })
         .collect()
 }
 
@@ -204,7 +213,7 @@ pub fn metadata(
         vtep: node.addr,
         data_port: view.ingress.data_path_port,
         public_key,
-        incarnation: incarnation.tag(),
+        incarnation: incarnation.0,
         role: match node.role {
             Role::Worker => shoal_gossip::Role::Worker,
             Role::Manager => shoal_gossip::Role::Manager,
@@ -215,11 +224,11 @@ pub fn metadata(
 
 impl Link {
     /// Starts gossip for `m` on `bind` (default: our advertise address and [`DEFAULT_PORT`]),
-    /// joining through every other node. The keys live on this node are kept in `live_slot`
-    /// (for `shoal info`).
+    /// as the node whose X25519 secret is `node_secret`, joining through every other node.
+    /// The keys live on this node are kept in `live_slot` (for `shoal info`).
     pub async fn start(
         m: &Membership,
-        public_key: [u8; 32],
+        node_secret: &[u8; 32],
         incarnation: Incarnation,
         bind: Option<SocketAddr>,
         live_slot: Arc<Mutex<Option<LiveKeys>>>,
@@ -227,10 +236,13 @@ impl Link {
         let me = m.view.node(&m.node_id).ok_or(LinkError::NotInView)?;
         let bind = bind.unwrap_or(SocketAddr::new(me.addr, DEFAULT_PORT));
         let advertise = SocketAddr::new(me.addr, bind.port());
+        let keys = NodeKeys::from_secret(*node_secret);
+        let public_key = keys.public().x25519;
         let meta = metadata(&m.view, &m.node_id, public_key, incarnation)?;
         let mut seen = HashMap::new();
         let (ring, live, switch_at) = keyring_at(&m.view, &mut seen, Instant::now())?;
-        let mut cfg = driver::Config::new(gossip_id(&m.node_id)?, advertise, meta.clone(), ring);
+        let mut cfg =
+            driver::Config::new(gossip_id(&m.node_id)?, advertise, meta.clone(), ring, keys);
         cfg.bind = bind;
         cfg.seeds = seeds(&m.view, &m.node_id, bind.port());
         cfg.admission = shoal_gossip::Admission::only(admission(&m.view));
@@ -255,7 +267,7 @@ impl Link {
                 if let Some(meta) = &member.metadata {
                     let h = Heard {
                         public_key: meta.public_key,
-                        incarnation: heard_incarnation(meta.incarnation),
+                        incarnation: Incarnation(meta.incarnation),
                     };
                     if known.insert(id.clone(), h) != Some(h) {
                         heard_tx.send_replace(Arc::new(known.clone()));
@@ -279,6 +291,7 @@ impl Link {
         });
         Ok(Self {
             handle,
+            public_key,
             incarnation,
             up,
             heard,
@@ -346,10 +359,10 @@ impl Link {
     }
 
     /// Brings admission, keys and our metadata in step with a new view.
-    pub async fn follow(&self, m: &Membership, public_key: [u8; 32]) -> Result<(), LinkError> {
+    pub async fn follow(&self, m: &Membership) -> Result<(), LinkError> {
         self.handle.set_admission(admission(&m.view))?;
         self.refresh_keys(&m.view)?;
-        let meta = metadata(&m.view, &m.node_id, public_key, self.incarnation)?;
+        let meta = metadata(&m.view, &m.node_id, self.public_key, self.incarnation)?;
         let changed = {
             let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
             let changed = last.as_ref() != Some(&meta);
@@ -396,14 +409,15 @@ mod tests {
         let v = view();
         let list = admission(&v);
         assert_eq!(list.len(), 2, "the node that left is not admitted");
-        assert!(list
-            .iter()
-            .any(|(id, key)| id.as_str() == NodeId::from_random(2).as_str() && *key == [2; 32]));
+        let two = node(2, Role::Worker);
+        assert!(list.iter().any(|(id, keys)| id.as_str() == two.id.as_str()
+            && keys.x25519 == two.public_key
+            && keys.ed25519 == two.signing_key));
         let me = NodeId::from_random(1);
-        assert_eq!(
-            seeds(&v, &me, 7946),
-            vec!["198.18.0.2:7946".parse().unwrap()]
-        );
+        let seeds = seeds(&v, &me, 7946);
+        assert_eq!(seeds.len(), 1);
+        assert_eq!(seeds[0].0.as_str(), two.id.as_str());
+        assert_eq!(seeds[0].1, "198.18.0.2:7946".parse().unwrap());
     }
 
     #[test]
@@ -476,10 +490,14 @@ mod tests {
     #[test]
     fn metadata_from_the_view() {
         let v = view();
-        let inc = heard_incarnation(7);
+        let inc = Incarnation([7; 16]);
         let meta = metadata(&v, &NodeId::from_random(1), [1; 32], inc).unwrap();
         assert_eq!(meta.role, shoal_gossip::Role::Manager);
-        assert_eq!(heard_incarnation(meta.incarnation), inc);
+        assert_eq!(
+            Incarnation(meta.incarnation),
+            inc,
+            "all sixteen bytes travel"
+        );
         assert_eq!(meta.data_port, 4789);
         assert_eq!(meta.vtep, "198.18.0.1".parse::<std::net::IpAddr>().unwrap());
         assert!(meta.validate().is_ok());

@@ -26,11 +26,11 @@
 
 use std::net::IpAddr;
 
-use ed25519_dalek::{Signer as _, SigningKey, VerifyingKey};
 use hmac::{Hmac, Mac as _};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
-use x25519_dalek::{PublicKey, StaticSecret};
+use shoal_gossip::auth::Crypto as _;
+use shoal_gossip::NodeKeys;
 use zeroize::Zeroizing;
 
 /// The TLS exporter label of the join proofs.
@@ -40,7 +40,6 @@ pub const EXPORTER_LEN: usize = 32;
 
 const TRANSCRIPT_LABEL: &[u8] = b"shoal join v1";
 const KEY_PROOF_INFO: &[u8] = b"shoal join key proof v1";
-const SIGNING_KEY_INFO: &[u8] = b"shoal node signing key v1";
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -83,20 +82,12 @@ mod signature_bytes {
     }
 }
 
-/// The node's Ed25519 signing key, derived from its X25519 secret: HKDF-SHA256(salt = none,
-/// ikm = secret, info = "shoal node signing key v1"), the 32 bytes as the Ed25519 seed.
-pub fn signing_key(node_secret: &[u8; 32]) -> SigningKey {
-    let hk = hkdf::Hkdf::<Sha256>::new(None, node_secret);
-    let mut seed = Zeroizing::new([0u8; 32]);
-    // 32 bytes is far below HKDF's limit: expand cannot fail.
-    let _ = hk.expand(SIGNING_KEY_INFO, &mut seed[..]);
-    SigningKey::from_bytes(&seed)
-}
-
-/// The node's two public keys: X25519 and Ed25519.
+/// The node's two public keys: X25519, and the Ed25519 key derived from the same secret
+/// (HKDF-SHA256, info "shoal node signing key v1": gossip's [`NodeKeys`], which signs what the
+/// node spreads, is the one key pair).
 pub fn public_keys(node_secret: &[u8; 32]) -> ([u8; 32], [u8; 32]) {
-    let x = PublicKey::from(&StaticSecret::from(*node_secret)).to_bytes();
-    (x, signing_key(node_secret).verifying_key().to_bytes())
+    let public = NodeKeys::from_secret(*node_secret).public();
+    (public.x25519, public.ed25519)
 }
 
 /// HMAC-SHA256 of the exporter bytes under a join secret.
@@ -157,9 +148,10 @@ impl Claim {
         exporter: &[u8; EXPORTER_LEN],
     ) -> Option<Claim> {
         let transcript = self.transcript(exporter);
-        let key = proof_key(node_secret, manager_public)?;
+        let keys = NodeKeys::from_secret(*node_secret);
+        let key = proof_key(&keys, manager_public)?;
         self.key_proof = mac(&key[..], &transcript);
-        self.signature = signing_key(node_secret).sign(&transcript).to_bytes();
+        self.signature = keys.sign(&transcript);
         Some(self)
     }
 
@@ -171,27 +163,24 @@ impl Claim {
         exporter: &[u8; EXPORTER_LEN],
     ) -> Result<(), ProofError> {
         let transcript = self.transcript(exporter);
-        let key = proof_key(manager_secret, &self.public_key).ok_or(ProofError::WeakKey)?;
+        let keys = NodeKeys::from_secret(*manager_secret);
+        let key = proof_key(&keys, &self.public_key).ok_or(ProofError::WeakKey)?;
         let mut m = HmacSha256::new_from_slice(&key[..]).map_err(|_| ProofError::KeyProof)?;
         m.update(&transcript);
         m.verify_slice(&self.key_proof)
             .map_err(|_| ProofError::KeyProof)?;
-        let vk = VerifyingKey::from_bytes(&self.signing_key).map_err(|_| ProofError::Signature)?;
-        vk.verify_strict(
-            &transcript,
-            &ed25519_dalek::Signature::from_bytes(&self.signature),
-        )
-        .map_err(|_| ProofError::Signature)
+        if keys.verify(&self.signing_key, &transcript, &self.signature) {
+            Ok(())
+        } else {
+            Err(ProofError::Signature)
+        }
     }
 }
 
 /// HKDF of the X25519 secret two keys share; `None` for a low-order peer key.
-fn proof_key(secret: &[u8; 32], peer_public: &[u8; 32]) -> Option<Zeroizing<[u8; 32]>> {
-    let shared = StaticSecret::from(*secret).diffie_hellman(&PublicKey::from(*peer_public));
-    if !shared.was_contributory() {
-        return None;
-    }
-    let hk = hkdf::Hkdf::<Sha256>::new(None, shared.as_bytes());
+fn proof_key(keys: &NodeKeys, peer_public: &[u8; 32]) -> Option<Zeroizing<[u8; 32]>> {
+    let shared = keys.shared(peer_public)?;
+    let hk = hkdf::Hkdf::<Sha256>::new(None, &shared[..]);
     let mut key = Zeroizing::new([0u8; 32]);
     // 32 bytes is far below HKDF's limit: expand cannot fail.
     let _ = hk.expand(KEY_PROOF_INFO, &mut key[..]);

@@ -382,8 +382,45 @@ fn gossip(p: &mut Page, g: &GossipSnapshot) {
             ("replay", s.dropped_replay),
             ("oversize", s.dropped_oversize),
             ("protocol", s.dropped_protocol),
+            ("spoofed", s.dropped_spoofed),
+            ("future", s.dropped_future),
+            ("renewal", s.dropped_renewal),
         ]
         .map(|(r, n)| (one("reason", r), n)),
+    );
+    p.counter(
+        "gossip_unsealable",
+        "Gossip datagrams not sent: the destination is not in the directory.",
+        [(vec![], s.dropped_unsealable)],
+    );
+    p.counter(
+        "gossip_items_dropped",
+        "Relayed gossip items dropped or rewritten, by reason: records that claim more than \
+         their subject stated, relayed downs taken as suspicions, bad signatures, witnesses of \
+         an unstated incarnation.",
+        [
+            ("record_ahead", s.records_dropped),
+            ("down_rewritten", s.records_rewritten),
+            ("bad_signature", s.items_bad_signature),
+            ("unproven", s.items_unproven),
+        ]
+        .map(|(r, n)| (one("reason", r), n)),
+    );
+    p.counter(
+        "gossip_revived",
+        "Members held down and taken back up by their signed record.",
+        [(vec![], s.revived)],
+    );
+    p.counter(
+        "gossip_tcp_refused",
+        "Push-pull connections refused or closed before an exchange, by limit.",
+        [
+            ("per_source", s.tcp_refused_per_ip),
+            ("preauth", s.tcp_refused_global),
+            ("first_frame_deadline", s.tcp_first_frame_timeout),
+            ("busy", s.tcp_refused_busy),
+        ]
+        .map(|(r, n)| (one("limit", r), n)),
     );
     p.counter(
         "gossip_pushpull",
@@ -575,6 +612,9 @@ mod tests {
                 members: vec![("alive".into(), 2), ("down".into(), 1)],
                 stats: shoal_gossip::Stats {
                     dropped_replay: 5,
+                    dropped_spoofed: 6,
+                    items_bad_signature: 2,
+                    tcp_refused_per_ip: 9,
                     probe_rtt_count: 4,
                     probe_rtt_sum_us: 2000,
                     probe_rtt_last_us: 250,
@@ -637,6 +677,18 @@ mod tests {
             (
                 r#"shoal_gossip_drops_total{reason="replay"}"#.to_owned(),
                 5.0,
+            ),
+            (
+                r#"shoal_gossip_drops_total{reason="spoofed"}"#.to_owned(),
+                6.0,
+            ),
+            (
+                r#"shoal_gossip_items_dropped_total{reason="bad_signature"}"#.to_owned(),
+                2.0,
+            ),
+            (
+                r#"shoal_gossip_tcp_refused_total{limit="per_source"}"#.to_owned(),
+                9.0,
             ),
             ("shoal_cluster_view_version".to_owned(), 12.0),
             (
