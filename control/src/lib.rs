@@ -1,38 +1,38 @@
-//! shoal's control plane: the manager's state and its API on 2377, join tokens, node
-//! identity, the agent daemon and the `shoal` CLI.
+//! shoal's control plane: the managers, the agent on every node, and the `shoal` CLI.
 //!
-//! What it does: `shoal init` makes a cluster CA, join tokens and network keys; `shoal join`
-//! pins the manager's CA from the token before it sends the secret, and keeps what the
-//! manager issues (node ID, certificate, node list, keys) in the state dir; the agent keeps
-//! a watch stream to the manager so node-list and key changes reach every node; the CLI talks
-//! to the local agent over a Unix socket, with docker swarm's words and output shapes.
+//! `control/README.md` is the map: what each part owns and which way the arrows run. In
+//! short, each part depends only on the ones below it:
 //!
-//! It also runs this node's data path ([`datapath`], on `shoal-ingress`), lets `shoal
-//! capture` copy its packets ([`capture`]), and exports Prometheus metrics ([`metrics`]).
+//! ```text
+//! cli ──► agent ──► manager ──► store ──► cluster ──► shoal-proto
+//!  │        │          └──────► trust ───────┘            ▲
+//!  │        └─────────────────► trust, store, cluster     │
+//!  └─► lab                                                │
+//!  └──────────────────────────────────────────────────────┘
+//! ```
 //!
-//! What it does not do: no Raft yet (one leader; promoted managers forward to it, and nodes
-//! join through the leader's address), no overlay networks beyond `ingress`.
-//!
-//! The state machine ([`state`]), the token format ([`token`]), node IDs ([`id`]) and the
-//! gossip keyring schedule ([`gossip::keyring_at`]) are pure: no IO, no clock, no
-//! randomness. [`store`], [`tls`], [`manager`], [`agent`] and [`gossip`] (the one seam to
-//! `shoal-gossip`) do IO; [`cli`] is the `shoal` program.
+//! - [`shoal_proto`] (re-exported as [`api`], [`id`], [`token`]): node IDs, tokens, the API
+//!   messages and their framing, the cluster view as it travels. No TLS, store or data path.
+//! - [`cluster`]: the cluster view in memory (node list, network keys, the ingress network)
+//!   and the key schedule. Pure.
+//! - [`trust`]: certificates and the pinned-CA and role checks ([`trust::tls`]), the join
+//!   proofs ([`trust::join`]).
+//! - [`store`]: the node's state dir (redb): its keys, incarnation, membership, and the
+//!   manager's state, each as a versioned record.
+//! - [`manager`]: the state machine ([`manager::state`], pure) and the API on 2377 (join,
+//!   admin, watch, renewals, key rotation).
+//! - [`agent`]: the daemon on every node: the local socket, the upstream watch stream, the
+//!   manager role when it has one, gossip and data-path glue, capture, metrics.
+//! - [`cli`]: the `shoal` program; [`lab`]: a cluster in network namespaces.
 
 #![forbid(unsafe_code)]
 
+pub use shoal_proto::{api, id, token};
+
 pub mod agent;
-pub mod api;
-pub mod capture;
 pub mod cli;
-pub mod datapath;
-pub mod gossip;
-pub mod id;
-pub mod join;
+pub mod cluster;
 pub mod lab;
-pub mod local;
 pub mod manager;
-pub mod metrics;
-pub mod state;
 pub mod store;
-pub mod tls;
-pub mod token;
+pub mod trust;

@@ -1,16 +1,25 @@
 //! The node's persistent state in `--state-dir`, in one redb file.
 //!
-//! Three records: the node's X25519 static secret, its swarm membership (ID, certificate,
-//! the last cluster view) and, on the leader, the manager state. Every change is one redb
-//! write transaction, so a crash at any point leaves the old state or the new one.
+//! Four records: the node's X25519 static secret, its data-path incarnation, its swarm
+//! membership (ID, certificate, the last cluster view) and, on a manager, the manager state.
+//! Every change is one redb write transaction, so a crash at any point leaves the old state
+//! or the new one.
+//!
+//! The membership and manager records are versioned on disk (`{"v1": ...}`), apart from the
+//! types the code works with: [`Membership`] is converted to and from its record here, and
+//! keeps the cluster view in the form it travelled in (`shoal_proto::view::View`, itself
+//! versioned), so the wire format, the disk format and the in-memory model each change on
+//! their own. A record in a format this build does not read is refused with its name, never
+//! half-read.
 
 use std::path::{Path, PathBuf};
 
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
+use crate::cluster::{ClusterView, Role};
 use crate::id::NodeId;
-use crate::state::{ClusterView, Role, State};
+use crate::manager::state::State;
 
 const TABLE: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("shoal");
 const NODE_KEY: &str = "node_key";
@@ -37,7 +46,7 @@ const MANAGER: &str = "manager";
 pub const FILE_NAME: &str = "shoal.redb";
 
 /// This node's place in a swarm, kept after a successful join or init.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Membership {
     /// Our node ID.
     pub node_id: NodeId,
@@ -45,15 +54,73 @@ pub struct Membership {
     pub cert_der: Vec<u8>,
     /// Its private key, PKCS#8 PEM.
     pub key_pem: String,
-    /// When that certificate expires (Unix seconds; 0 in records of older agents: renewed at
-    /// once).
-    #[serde(default)]
+    /// When that certificate expires (Unix seconds).
     pub cert_not_after: u64,
     /// The last cluster view we received.
     pub view: ClusterView,
     /// Where this node's manager API listens (leader only).
-    #[serde(default)]
     pub listen_addr: Option<std::net::SocketAddr>,
+}
+
+/// The membership record on disk, one variant per format.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum MembershipRecord {
+    V1(MembershipV1),
+}
+
+/// Format 1 of the membership record.
+#[derive(Serialize, Deserialize)]
+struct MembershipV1 {
+    node_id: NodeId,
+    cert_der: Vec<u8>,
+    key_pem: String,
+    cert_not_after: u64,
+    view: shoal_proto::view::View,
+    listen_addr: Option<std::net::SocketAddr>,
+}
+
+impl From<&Membership> for MembershipRecord {
+    fn from(m: &Membership) -> Self {
+        MembershipRecord::V1(MembershipV1 {
+            node_id: m.node_id.clone(),
+            cert_der: m.cert_der.clone(),
+            key_pem: m.key_pem.clone(),
+            cert_not_after: m.cert_not_after,
+            view: m.view.to_wire(),
+            listen_addr: m.listen_addr,
+        })
+    }
+}
+
+impl From<MembershipRecord> for Membership {
+    fn from(r: MembershipRecord) -> Self {
+        match r {
+            MembershipRecord::V1(m) => Membership {
+                node_id: m.node_id,
+                cert_der: m.cert_der,
+                key_pem: m.key_pem,
+                cert_not_after: m.cert_not_after,
+                view: ClusterView::from_wire(m.view),
+                listen_addr: m.listen_addr,
+            },
+        }
+    }
+}
+
+/// The manager record on disk, one variant per format. (The state machine's types are its
+/// format 1; a change to them that is not additive gets a format 2 and a conversion here.)
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum ManagerRecord {
+    V1(State),
+}
+
+/// [`ManagerRecord`] as it is written: the same bytes, without a copy of the state.
+#[derive(Serialize)]
+#[serde(rename_all = "lowercase")]
+enum ManagerRecordRef<'a> {
+    V1(&'a State),
 }
 
 impl Membership {
@@ -315,12 +382,16 @@ impl Store {
 
     /// The membership record, if this node is in a swarm.
     pub fn membership(&self) -> Result<Option<Membership>, StoreError> {
-        self.get_json(MEMBERSHIP)
+        Ok(self
+            .get_json::<MembershipRecord>(MEMBERSHIP)?
+            .map(Membership::from))
     }
 
     /// The manager state, if this node is the leader.
     pub fn manager(&self) -> Result<Option<State>, StoreError> {
-        self.get_json(MANAGER)
+        Ok(self
+            .get_json::<ManagerRecord>(MANAGER)?
+            .map(|ManagerRecord::V1(state)| state))
     }
 
     /// Applies all `writes` in one transaction: all of them or none.
@@ -329,9 +400,12 @@ impl Store {
         let mut encoded: Vec<(&'static str, Option<Vec<u8>>)> = Vec::with_capacity(writes.len());
         for w in writes {
             let item = match w {
-                Write::Membership(m) => (MEMBERSHIP, Some(to_json(MEMBERSHIP, m)?)),
+                Write::Membership(m) => (
+                    MEMBERSHIP,
+                    Some(to_json(MEMBERSHIP, &MembershipRecord::from(*m))?),
+                ),
                 Write::ClearMembership => (MEMBERSHIP, None),
-                Write::Manager(s) => (MANAGER, Some(to_json(MANAGER, s)?)),
+                Write::Manager(s) => (MANAGER, Some(to_json(MANAGER, &ManagerRecordRef::V1(s))?)),
                 Write::ClearManager => (MANAGER, None),
             };
             encoded.push(item);
@@ -377,12 +451,12 @@ fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::tests::{init_cmd, node};
-    use crate::state::Command;
+    use crate::manager::state::tests::{init_cmd, node};
+    use crate::manager::state::Command;
 
     fn membership(state: &State) -> Membership {
         Membership {
-            node_id: crate::state::tests::id(1),
+            node_id: crate::manager::state::tests::id(1),
             cert_der: vec![9; 10],
             key_pem: "pem".into(),
             cert_not_after: 0,

@@ -16,14 +16,14 @@ use shoal_control::api::{
     ManagerResponse, Request,
 };
 use shoal_control::id::NodeId;
-use shoal_control::state::{
+use shoal_control::manager::state::{
     Availability, CaMaterial, ClusterView, KeyEntry, Keys, Network, Node, Role,
 };
 use shoal_control::store::{Membership, Store, Write};
-use shoal_control::tls::{
+use shoal_control::token::CaDigest;
+use shoal_control::trust::tls::{
     cert_digest, generate_ca, issue_node_cert, server_config, Issued, Validity, DEFAULT_CERT_EXPIRY,
 };
-use shoal_control::token::CaDigest;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
 
@@ -78,7 +78,7 @@ async fn impostor(
                     record.lock().unwrap().bytes.extend_from_slice(&body);
                     let reply: ManagerResponse = match serde_json::from_slice(&body) {
                         Ok(ManagerRequest::JoinHello) => Ok(ManagerReply::JoinChallenge {
-                            public_key: shoal_control::join::public_keys(&[0x77; 32]).0,
+                            public_key: shoal_control::trust::join::public_keys(&[0x77; 32]).0,
                         }),
                         Ok(ManagerRequest::Join(_)) => match &grant {
                             Some(g) => Ok(ManagerReply::Joined(Box::new(g.clone()))),
@@ -228,7 +228,8 @@ async fn a_manager_certificate_of_another_node_gets_no_secret_and_no_member() {
                 node(&leader, Role::Manager, &leader_cert, 1),
                 node(&new_id, Role::Worker, &new_cert, 2),
             ],
-        ),
+        )
+        .to_wire(),
     };
     let (addr, seen) = impostor(&ca, impostor_cert, Some(grant)).await;
     let dir = tempfile::tempdir().unwrap();
@@ -263,9 +264,9 @@ async fn watch_and_admin_refuse_a_worker_certificate() {
     let leader = NodeId::from_random(1);
     let me = NodeId::from_random(3);
     let leader_cert = cert(&ca, &leader, Role::Manager);
-    let key = shoal_control::tls::NodeKey::generate().unwrap();
+    let key = shoal_control::trust::tls::NodeKey::generate().unwrap();
     let my_cert = Issued {
-        cert_der: shoal_control::tls::sign_node_cert(
+        cert_der: shoal_control::trust::tls::sign_node_cert(
             &ca,
             &me,
             Role::Manager,

@@ -5,7 +5,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use shoal_control::api::{ManagerRequest, ManagerResponse, Request, Response};
-use shoal_control::state::{Applied, Command, State};
+use shoal_control::manager::state::{Applied, Command, State};
 
 fn round_trip<T>(data: &[u8])
 where

@@ -21,7 +21,7 @@ pub struct Args {
     #[arg(long, default_value = shoal_ingress::network::INGRESS_INTERFACE)]
     overlay_interface: String,
     /// MTU of the underlay; the overlay interface gets this less the encapsulation.
-    #[arg(long, default_value_t = crate::datapath::DEFAULT_UNDERLAY_MTU)]
+    #[arg(long, default_value_t = crate::agent::datapath::DEFAULT_UNDERLAY_MTU)]
     underlay_mtu: u16,
     /// Run the control plane only: no overlay interface, no data path on this node (for
     /// control-plane tests that run several agents in one network namespace).
@@ -62,7 +62,7 @@ pub(super) async fn run(args: Args, socket: PathBuf) -> Result<(), CliError> {
         socket,
         hostname,
         gossip_addr: args.gossip_addr,
-        data_path: (!args.no_data_path).then_some(crate::datapath::Params {
+        data_path: (!args.no_data_path).then_some(crate::agent::datapath::Params {
             interface: args.overlay_interface,
             underlay_mtu: args.underlay_mtu,
             // Drawn and stored by the agent before every start of the data path.

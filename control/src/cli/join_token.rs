@@ -4,7 +4,7 @@ use std::path::Path;
 
 use crate::api::{AdminRequest, Reply, Request};
 use crate::cli::{call, unexpected, CliError};
-use crate::state::Role;
+use crate::manager::state::Role;
 
 /// Which token.
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]

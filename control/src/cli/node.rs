@@ -166,7 +166,7 @@ fn json_line(self_id: Option<&NodeId>, n: &NodeStatus) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{Availability, Role};
+    use crate::manager::state::{Availability, Role};
 
     fn status(n: u128, name: &str, ms: Option<ManagerStatus>, s: Status) -> NodeStatus {
         NodeStatus {

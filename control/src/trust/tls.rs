@@ -44,7 +44,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::id::NodeId;
-use crate::state::{CaMaterial, Role};
+use crate::manager::state::{CaMaterial, Role};
 use crate::token::CaDigest;
 
 /// The TLS server name every node uses for the manager, as docker does.

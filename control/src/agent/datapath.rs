@@ -9,9 +9,9 @@
 //! the list loses them, and its sessions' keys, at once. External VTEPs (plain networks) come
 //! from the network definition.
 //!
-//! Key epochs follow the gossip keys' rule ([`crate::gossip::sealing_order`]): both live
+//! Key epochs follow the gossip keys' rule ([`crate::agent::gossip::sealing_order`]): both live
 //! epochs always open, the newest seals once this node has known it for
-//! [`crate::gossip::KEY_GRACE`].
+//! [`crate::agent::gossip::KEY_GRACE`].
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -26,9 +26,9 @@ use shoal_vxlan::crypto::{EpochKey, Incarnation, NodeKey, PeerKey};
 use shoal_vxlan::engine::{Counters, DropCounts};
 use shoal_vxlan::wire::Mac;
 
-use crate::gossip::sealing_order;
+use crate::cluster::sealing_order;
 use crate::id::NodeId;
-use crate::state::{ClusterView, Network};
+use crate::manager::state::{ClusterView, Network};
 
 /// The underlay MTU assumed when none is given.
 pub const DEFAULT_UNDERLAY_MTU: u16 = 1500;
@@ -129,7 +129,7 @@ pub fn members(view: &ClusterView, me: &NodeId, heard: &HashMap<NodeId, Heard>) 
 pub struct DataPath {
     overlay: Mutex<Overlay>,
     seen: Mutex<HashMap<u32, Instant>>,
-    capture: Arc<crate::capture::Hub>,
+    capture: Arc<crate::agent::capture::Hub>,
 }
 
 impl std::fmt::Debug for DataPath {
@@ -159,7 +159,7 @@ impl DataPath {
             node_id: me.bytes(),
             incarnation: params.incarnation,
         })?;
-        let capture = Arc::new(crate::capture::Hub::default());
+        let capture = Arc::new(crate::agent::capture::Hub::default());
         overlay.set_capture(Some(capture.clone()));
         Ok(DataPath {
             overlay: Mutex::new(overlay),
@@ -205,11 +205,11 @@ impl DataPath {
         self.capture.readers()
     }
 
-    /// Starts a `shoal capture` reader, unless [`crate::capture::MAX_READERS`] run already.
+    /// Starts a `shoal capture` reader, unless [`crate::agent::capture::MAX_READERS`] run already.
     pub fn capture(
         &self,
-        filter: crate::capture::Filter,
-    ) -> Result<crate::capture::Subscription, crate::capture::Busy> {
+        filter: crate::agent::capture::Filter,
+    ) -> Result<crate::agent::capture::Subscription, crate::agent::capture::Busy> {
         self.capture.subscribe(filter)
     }
 
@@ -295,6 +295,22 @@ pub struct Status {
     pub io_errors: Vec<(&'static str, u64)>,
     /// Frames answered locally (ARP).
     pub answered_locally: u64,
+}
+
+/// The data path's counters as the API shows them: drops only by the reasons that happened.
+pub fn counters(c: &Counters) -> crate::api::Counters {
+    crate::api::Counters {
+        tx_packets: c.tx_packets,
+        tx_bytes: c.tx_bytes,
+        rx_packets: c.rx_packets,
+        rx_bytes: c.rx_bytes,
+        drops: c
+            .drops
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(r, n)| (r.label().to_owned(), n))
+            .collect(),
+    }
 }
 
 #[cfg(test)]

@@ -10,6 +10,8 @@
 //! (closed at once when its agent dies, or after [`PING_TIMEOUT`] without a keep-alive), and
 //! gossip, when the agent feeds it in through [`Manager::set_gossip_up`].
 
+pub mod state;
+
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -28,13 +30,13 @@ use crate::api::{
     ManagerRequest, ManagerResponse, ManagerStatus, NodeStatus, Reply, Status,
 };
 use crate::id::NodeId;
-use crate::join::{Claim, ProofError, EXPORTER_LABEL, EXPORTER_LEN};
-use crate::state::{
+use crate::manager::state::{
     Applied, ApplyError, Availability, Cluster, ClusterView, Command, Node, NodeCert, Role, State,
 };
 use crate::store::{Current, Membership, Store, StoreError, Write};
-use crate::tls::{cert_digest, sign_node_cert, Issued, Validity};
 use crate::token::{CaDigest, Secret, Token};
+use crate::trust::join::{Claim, ProofError, Proofs as _, EXPORTER_LABEL, EXPORTER_LEN};
+use crate::trust::tls::{cert_digest, sign_node_cert, Issued, Validity};
 
 /// A watch stream with no keep-alive for this long is closed and the node counted down.
 pub const PING_TIMEOUT: Duration = Duration::from_secs(6);
@@ -120,7 +122,7 @@ pub enum ChangeError {
     Save(#[from] StoreError),
     /// A certificate could not be issued.
     #[error("the manager could not issue a certificate: {0}")]
-    Certificate(crate::tls::TlsError),
+    Certificate(crate::trust::tls::TlsError),
 }
 
 /// Why an admin command failed. Nothing changed: rm, promote and demote check every node
@@ -189,7 +191,7 @@ pub enum AdmitError {
     VersionTooLong,
     /// The node's certificate could not be made (e.g. a malformed public key).
     #[error(transparent)]
-    Certificate(#[from] crate::tls::TlsError),
+    Certificate(#[from] crate::trust::tls::TlsError),
     /// The node did not prove it holds the keys it sent.
     #[error(transparent)]
     Proof(#[from] ProofError),
@@ -449,7 +451,7 @@ impl Manager {
             }
             AdminRequest::VtepAdd(v) => {
                 let line = format!("{} {} {}", v.addr, v.mac, v.ip);
-                self.apply(Command::AddVtep(crate::state::Vtep {
+                self.apply(Command::AddVtep(state::Vtep {
                     addr: v.addr,
                     mac: v.mac.to_ascii_lowercase(),
                     ip: v.ip,
@@ -533,7 +535,7 @@ impl Manager {
 
     /// The X25519 public key joining nodes prove their keys against.
     pub fn public_key(&self) -> [u8; 32] {
-        crate::join::public_keys(&self.node_secret).0
+        crate::trust::join::public_keys(&self.node_secret).0
     }
 
     /// Admits a node that sent `claim` on a connection whose exporter bytes are `exporter`:
@@ -590,7 +592,7 @@ impl Manager {
             node_id: id,
             cert_der: cert,
             cert_not_after: not_after,
-            view: (*self.view()).clone(),
+            view: self.view().to_wire(),
         })
     }
 
@@ -635,7 +637,7 @@ impl Manager {
     /// returns the new one for the API's TLS configuration, if it renewed.
     pub fn renew_own_if_due(&self, now: u64) -> Result<Option<Issued>, AdminError> {
         let (own, not_after) = lock(&self.own_cert).clone();
-        if !crate::tls::renewal_due(not_after, self.cert_lifetime(), now) {
+        if !crate::trust::tls::renewal_due(not_after, self.cert_lifetime(), now) {
             return Ok(None);
         }
         let issued = self.renew(&self.self_id)?;
@@ -658,7 +660,7 @@ impl Manager {
         Duration::from_secs(
             self.state()
                 .cluster()
-                .map_or(crate::tls::DEFAULT_CERT_EXPIRY.as_secs(), |c| {
+                .map_or(crate::trust::tls::DEFAULT_CERT_EXPIRY.as_secs(), |c| {
                     c.cert_expiry_secs
                 }),
         )
@@ -775,7 +777,7 @@ impl Manager {
             match self.renew_own_if_due(unix_now()) {
                 Ok(Some(own)) => {
                     let ca = self.state().cluster().map(|c| c.ca.cert_der.clone());
-                    match ca.map(|ca| crate::tls::server_config(&ca, &own)) {
+                    match ca.map(|ca| crate::trust::tls::server_config(&ca, &own)) {
                         Some(Ok(config)) => {
                             *acceptor.write().unwrap_or_else(PoisonError::into_inner) =
                                 TlsAcceptor::from(config);
@@ -929,7 +931,7 @@ impl Manager {
                     Some(n) if Some(n.cert_digest) != presented => {
                         // Reissued: the view first, then the certificate, then we part.
                         let frame: ManagerResponse =
-                            Ok(ManagerReply::View(Box::new((*view).clone())));
+                            Ok(ManagerReply::View(Box::new(view.to_wire())));
                         if let Err(e) = write_frame(&mut wr, &frame).await {
                             break Err(e.into());
                         }
@@ -938,7 +940,7 @@ impl Manager {
                             None => (Ok(ManagerReply::Removed), true),
                         }
                     }
-                    Some(_) => (Ok(ManagerReply::View(Box::new((*view).clone()))), false),
+                    Some(_) => (Ok(ManagerReply::View(Box::new(view.to_wire()))), false),
                 };
                 let reply: ManagerResponse = reply;
                 if let Err(e) = write_frame(&mut wr, &reply).await {
@@ -1228,9 +1230,9 @@ pub fn join_addr(advertise: IpAddr, listen: SocketAddr) -> SocketAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::tests::{init_cmd, node};
-    use crate::state::{CaMaterial, Init, Network};
-    use crate::tls::{generate_ca, issue_node_cert};
+    use crate::manager::state::tests::{init_cmd, node};
+    use crate::manager::state::{CaMaterial, Init, Network};
+    use crate::trust::tls::{generate_ca, issue_node_cert};
 
     struct Fixture {
         _dir: tempfile::TempDir,
@@ -1243,11 +1245,11 @@ mod tests {
         let store = Arc::new(Store::open(dir.path()).unwrap());
         let ca: CaMaterial = generate_ca().unwrap();
         let id = NodeId::from_random(1);
-        let validity = Validity::from_now(unix_now(), crate::tls::DEFAULT_CERT_EXPIRY);
+        let validity = Validity::from_now(unix_now(), crate::trust::tls::DEFAULT_CERT_EXPIRY);
         let own = issue_node_cert(&ca, &id, Role::Manager, validity).unwrap();
         let mut leader = node(1, Role::Manager);
         leader.cert_digest = cert_digest(&own.cert_der);
-        leader.public_key = crate::join::public_keys(&LEADER_SECRET).0;
+        leader.public_key = crate::trust::join::public_keys(&LEADER_SECRET).0;
         let mut state = State::default();
         state
             .apply(Command::Init(Box::new(Init {
@@ -1259,7 +1261,7 @@ mod tests {
                 gossip_key: [1; 32],
                 data_path_key: [2; 32],
                 key_interval_secs: 100,
-                cert_expiry_secs: crate::tls::DEFAULT_CERT_EXPIRY.as_secs(),
+                cert_expiry_secs: crate::trust::tls::DEFAULT_CERT_EXPIRY.as_secs(),
                 ingress: Network {
                     name: "ingress".into(),
                     vni: 4096,
@@ -1297,9 +1299,9 @@ mod tests {
     /// A claim proved by the node with secret `[n; 32]` at 198.18.0.n, for `m`.
     fn claim(m: &Manager, secret: &str, host: &str, n: u8, cert_key: Vec<u8>) -> Claim {
         let node_secret = [n; 32];
-        let (public_key, signing_key) = crate::join::public_keys(&node_secret);
+        let (public_key, signing_key) = crate::trust::join::public_keys(&node_secret);
         Claim {
-            secret_proof: crate::join::secret_proof(secret, &EXPORTER),
+            secret_proof: crate::trust::join::secret_proof(secret, &EXPORTER),
             hostname: host.into(),
             addr: IpAddr::from([198, 18, 0, n]),
             public_key,
@@ -1317,7 +1319,7 @@ mod tests {
     /// `Secret::from_random(secret)`.
     fn join(m: &Manager, secret: u128, host: &str) -> Result<JoinGrant, String> {
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let key = crate::tls::NodeKey::generate().unwrap().public_raw();
+        let key = crate::trust::tls::NodeKey::generate().unwrap().public_raw();
         let c = claim(m, Secret::from_random(secret).as_str(), host, n, key);
         m.handle_join(&c, &EXPORTER).map_err(|e| e.to_string())
     }
@@ -1340,8 +1342,9 @@ mod tests {
         assert_eq!(f.manager.state().version, before.version + 1);
 
         let grant = join(&f.manager, 22, "m2").unwrap();
-        assert_eq!(grant.view.node(&grant.node_id).unwrap().role, Role::Manager);
-        assert_eq!(grant.view.nodes.len(), 3);
+        let view = ClusterView::from_wire(grant.view);
+        assert_eq!(view.node(&grant.node_id).unwrap().role, Role::Manager);
+        assert_eq!(view.nodes.len(), 3);
         // The leader's own record follows every change.
         let kept = f.membership.get().unwrap();
         assert_eq!(kept.view.version, f.manager.state().version);
@@ -1385,7 +1388,7 @@ mod tests {
         assert_ne!(old, new);
         assert_eq!(join(&f.manager, 11, "w").unwrap_err(), INVALID_SECRET);
         let secret = Token::parse(&new).unwrap().secret;
-        let key = crate::tls::NodeKey::generate().unwrap().public_raw();
+        let key = crate::trust::tls::NodeKey::generate().unwrap().public_raw();
         let c = claim(&f.manager, secret.as_str(), "w", 200, key);
         assert!(f.manager.handle_join(&c, &EXPORTER).is_ok());
         // A certificate key that is not a P-256 point: refused, nothing added.
@@ -1403,7 +1406,7 @@ mod tests {
     #[test]
     fn a_join_must_prove_its_keys_and_cannot_take_another_nodes() {
         let f = leader();
-        let key = || crate::tls::NodeKey::generate().unwrap().public_raw();
+        let key = || crate::trust::tls::NodeKey::generate().unwrap().public_raw();
         let secret = Secret::from_random(11);
         let n2 = claim(&f.manager, secret.as_str(), "n2", 2, key());
         f.manager.handle_join(&n2, &EXPORTER).unwrap();
@@ -1446,7 +1449,8 @@ mod tests {
         let me = NodeId::from_random(1);
         let grant = join(&f.manager, 11, "w").unwrap();
         let ca = f.manager.view().ca_cert_der.clone();
-        crate::tls::verify_issued(&ca, &grant.cert_der, &grant.node_id, Role::Worker).unwrap();
+        crate::trust::tls::verify_issued(&ca, &grant.cert_der, &grant.node_id, Role::Worker)
+            .unwrap();
         let worker_digest = cert_digest(&grant.cert_der);
         f.manager
             .handle_admin(
@@ -1457,7 +1461,8 @@ mod tests {
             )
             .unwrap();
         let promoted = f.manager.issued_cert(&grant.node_id).unwrap();
-        crate::tls::verify_issued(&ca, &promoted.cert_der, &grant.node_id, Role::Manager).unwrap();
+        crate::trust::tls::verify_issued(&ca, &promoted.cert_der, &grant.node_id, Role::Manager)
+            .unwrap();
         // The worker certificate now only opens a watch stream (to fetch the new one).
         assert_eq!(
             f.manager
@@ -1481,7 +1486,8 @@ mod tests {
             )
             .unwrap();
         let demoted = f.manager.issued_cert(&grant.node_id).unwrap();
-        crate::tls::verify_issued(&ca, &demoted.cert_der, &grant.node_id, Role::Worker).unwrap();
+        crate::trust::tls::verify_issued(&ca, &demoted.cert_der, &grant.node_id, Role::Worker)
+            .unwrap();
         // The manager certificate it held is no longer current: no admin rights with it.
         assert_eq!(
             f.manager.caller(Some(manager_digest)).map(|(_, c)| c),
@@ -1495,7 +1501,8 @@ mod tests {
         // Renewal: same role, a new certificate.
         let renewed = f.manager.renew(&grant.node_id).unwrap();
         assert_ne!(renewed.cert_der, demoted.cert_der);
-        crate::tls::verify_issued(&ca, &renewed.cert_der, &grant.node_id, Role::Worker).unwrap();
+        crate::trust::tls::verify_issued(&ca, &renewed.cert_der, &grant.node_id, Role::Worker)
+            .unwrap();
     }
 
     #[test]

@@ -6,6 +6,12 @@
 //! restarted agent is the same node, with no token needed. Manager-only commands on a
 //! promoted (non-leader) manager are forwarded to the leader over the same mTLS identity.
 
+pub mod capture;
+pub mod datapath;
+pub mod gossip;
+pub mod local;
+pub mod metrics;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -22,26 +28,28 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tracing::{debug, info, warn};
 
+use crate::agent::datapath::DataPath;
+use crate::agent::gossip::Link;
 use crate::api::{
     hex, read_frame, write_frame, write_raw_frame, AdminRequest, CaptureFrame, CaptureRequest,
-    FrameError, Info, InitRequest, JoinGrant, JoinRequest, LocalDataPath, ManagerReply,
-    ManagerRequest, ManagerResponse, NetworkDetail, NetworkMember, NetworkSummary, PeerCounters,
-    Reply, Request, Response,
+    FrameError, Info, InitRequest, JoinRequest, LocalDataPath, ManagerReply, ManagerRequest,
+    ManagerResponse, NetworkDetail, NetworkMember, NetworkSummary, PeerCounters, Reply, Request,
+    Response,
 };
-use crate::datapath::DataPath;
-use crate::gossip::Link;
+use crate::cluster::ClusterView;
 use crate::id::NodeId;
+use crate::manager::state::{ApplyError, Availability, Command, Init, Network, Node, Role, State};
 use crate::manager::{
     join_addr, random_key, random_u128, unix_now, AdminError, Manager, StartError, NOT_MANAGER,
     PING_INTERVAL,
 };
-use crate::state::{ApplyError, Availability, Command, Init, Network, Node, Role, State};
 use crate::store::{Current, Membership, Store, StoreError, Write};
-use crate::tls::{
+use crate::token::{Secret, Token};
+use crate::trust::join::Proofs as _;
+use crate::trust::tls::{
     cert_digest, generate_ca, join_client_config, manager_client_config, server_config,
     server_name, Issued, NodeKey, TlsError, Validity,
 };
-use crate::token::{Secret, Token};
 
 /// The agent's version, reported as ENGINE VERSION.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -72,7 +80,7 @@ pub struct AgentConfig {
     pub gossip_addr: Option<SocketAddr>,
     /// The data path's settings; `None` runs the control plane only. The incarnation is
     /// filled in at start.
-    pub data_path: Option<crate::datapath::Params>,
+    pub data_path: Option<datapath::Params>,
     /// Where to serve Prometheus metrics (`GET /metrics`); `None`: nowhere.
     pub metrics_addr: Option<SocketAddr>,
     /// The group whose members may use the socket besides root and the agent's user (as the
@@ -101,7 +109,7 @@ pub enum AgentError {
     SocketInUse(PathBuf),
     /// The socket could not be made private, or its group does not exist.
     #[error(transparent)]
-    Local(#[from] crate::local::LocalError),
+    Local(#[from] local::LocalError),
     /// TLS material in the state dir is damaged.
     #[error(transparent)]
     Tls(#[from] TlsError),
@@ -183,10 +191,10 @@ pub enum InitError {
     #[error(transparent)]
     Subnet(#[from] CidrError),
     /// A key rotation interval shorter than a rotation takes.
-    #[error("--key-rotation-interval {0}s is too short: a rotation takes {min}s to reach every node and retire the old key, so the interval must be at least {min}s", min = crate::gossip::MIN_ROTATION_INTERVAL.as_secs())]
+    #[error("--key-rotation-interval {0}s is too short: a rotation takes {min}s to reach every node and retire the old key, so the interval must be at least {min}s", min = crate::cluster::MIN_ROTATION_INTERVAL.as_secs())]
     RotationTooShort(u64),
     /// A certificate lifetime that is too short.
-    #[error("--cert-expiry {0}s is too short: it must be at least {min}s", min = crate::tls::MIN_CERT_EXPIRY.as_secs())]
+    #[error("--cert-expiry {0}s is too short: it must be at least {min}s", min = crate::trust::tls::MIN_CERT_EXPIRY.as_secs())]
     CertExpiryTooShort(u64),
     /// The manager API address is taken.
     #[error(
@@ -338,7 +346,7 @@ pub struct Agent {
 }
 
 /// The gossip keys live on this node (`None`: gossip not running).
-type GossipKeysSlot = Arc<std::sync::Mutex<Option<crate::gossip::LiveKeys>>>;
+type GossipKeysSlot = Arc<std::sync::Mutex<Option<crate::cluster::LiveKeys>>>;
 
 /// The running data path, shared by the gossip loop (which starts and steers it) and the
 /// requests that read it.
@@ -364,7 +372,7 @@ pub async fn run(
     config: AgentConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
-    let access = crate::local::Access::new(config.socket_group.as_deref())?;
+    let access = local::Access::new(config.socket_group.as_deref())?;
     let agent = Agent::start(config).await?;
     let listener = bind_socket(&agent.config.socket, &access).await?;
     info!(socket = %agent.config.socket.display(), "agent listening");
@@ -378,9 +386,9 @@ pub async fn run(
             let agent = agent.clone();
             let page = move || {
                 let agent = agent.clone();
-                async move { crate::metrics::render(&agent.metrics_snapshot().await) }
+                async move { metrics::render(&agent.metrics_snapshot().await) }
             };
-            Some(tokio::spawn(crate::metrics::serve(tcp, page)))
+            Some(tokio::spawn(metrics::serve(tcp, page)))
         }
     };
     let drops = tokio::spawn(drop_summaries(agent.datapath.clone()));
@@ -392,12 +400,12 @@ pub async fn run(
                     let agent = agent.clone();
                     let allowed = match stream.peer_cred() {
                         Ok(c) => access.allows(
-                            &crate::local::Peer {
+                            &local::Peer {
                                 uid: c.uid(),
                                 gid: c.gid(),
                                 pid: c.pid(),
                             },
-                            crate::local::groups_of,
+                            local::groups_of,
                         ),
                         Err(_) => false,
                     };
@@ -428,7 +436,7 @@ pub async fn run(
 /// Logs one line per interval with the data path's drops by reason, when there were any
 /// (never a line per packet).
 async fn drop_summaries(slot: DataPathSlot) {
-    let mut tick = tokio::time::interval(crate::datapath::DROP_SUMMARY_INTERVAL);
+    let mut tick = tokio::time::interval(datapath::DROP_SUMMARY_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last: Option<(Arc<DataPath>, shoal_vxlan::engine::DropCounts)> = None;
     loop {
@@ -441,12 +449,12 @@ async fn drop_summaries(slot: DataPathSlot) {
         let now = dp.status().counters.drops;
         if let Some((prev_dp, prev)) = &last {
             if Arc::ptr_eq(prev_dp, &dp) {
-                if let Some((total, reasons)) = crate::datapath::drop_summary(prev, &now) {
+                if let Some((total, reasons)) = datapath::drop_summary(prev, &now) {
                     warn!(
                         total,
                         %reasons,
                         "data path dropped {total} packets in the last {}s",
-                        crate::datapath::DROP_SUMMARY_INTERVAL.as_secs()
+                        datapath::DROP_SUMMARY_INTERVAL.as_secs()
                     );
                 }
             }
@@ -455,16 +463,13 @@ async fn drop_summaries(slot: DataPathSlot) {
     }
 }
 
-/// Binds the local socket, private from its first moment (see [`crate::local`]); a socket
+/// Binds the local socket, private from its first moment (see [`crate::agent::local`]); a socket
 /// left by an agent that died is replaced, one that answers is another agent's.
-async fn bind_socket(
-    path: &Path,
-    access: &crate::local::Access,
-) -> Result<UnixListener, AgentError> {
+async fn bind_socket(path: &Path, access: &local::Access) -> Result<UnixListener, AgentError> {
     if path.exists() && UnixStream::connect(path).await.is_ok() {
         return Err(AgentError::SocketInUse(path.to_owned()));
     }
-    Ok(crate::local::bind(path, access)?)
+    Ok(local::bind(path, access)?)
 }
 
 impl Agent {
@@ -473,7 +478,7 @@ impl Agent {
         let store = Arc::new(Store::open(&config.state_dir)?);
         let node_secret = zeroize::Zeroizing::new(store.node_key(random_key())?);
         store.check_incarnation()?;
-        let (public_key, _) = crate::join::public_keys(&node_secret);
+        let (public_key, _) = crate::trust::join::public_keys(&node_secret);
         let membership = store.membership()?;
         let manager_state = store.manager()?;
         let agent = Arc::new(Self {
@@ -695,7 +700,7 @@ impl Agent {
     }
 
     /// `shoal capture`: streams pcapng to the client until it goes away (or the data path
-    /// stops). The data path never waits for the client: see [`crate::capture`].
+    /// stops). The data path never waits for the client: see [`crate::agent::capture`].
     async fn capture(&self, req: CaptureRequest, mut stream: UnixStream) {
         let started = self.start_capture(&req);
         let (mut sub, mut encoder, header) = match started {
@@ -747,14 +752,7 @@ impl Agent {
     fn start_capture(
         &self,
         req: &CaptureRequest,
-    ) -> Result<
-        (
-            crate::capture::Subscription,
-            crate::capture::Encoder,
-            Vec<u8>,
-        ),
-        String,
-    > {
+    ) -> Result<(capture::Subscription, capture::Encoder, Vec<u8>), String> {
         let m = self.membership_on(&req.network)?;
         let n = &m.view.ingress;
         if !req.inner && !req.outer {
@@ -780,7 +778,7 @@ impl Agent {
                 m.view.node(&id).map(|n| n.addr)
             }
         };
-        let context = crate::capture::Context {
+        let context = capture::Context {
             network: n.name.clone(),
             vni: n.vni,
             interface: dp.status().interface,
@@ -788,10 +786,9 @@ impl Agent {
             local: SocketAddr::new(me.addr, n.data_path_port),
             names: peer_names(&m.view),
         };
-        let (encoder, header) =
-            crate::capture::Encoder::start(context).map_err(|e| e.to_string())?;
+        let (encoder, header) = capture::Encoder::start(context).map_err(|e| e.to_string())?;
         let sub = dp
-            .capture(crate::capture::Filter {
+            .capture(capture::Filter {
                 inner: req.inner,
                 outer: req.outer,
                 peer,
@@ -827,7 +824,7 @@ impl Agent {
                 mtu: s.mtu,
                 send_epoch: s.send_epoch,
                 members: s.members,
-                counters: (&s.counters).into(),
+                counters: datapath::counters(&s.counters),
                 peers: {
                     let names = peer_names(&m.view);
                     s.peers.iter().map(|p| peer_counters(&names, p)).collect()
@@ -854,7 +851,15 @@ impl Agent {
                     vtep: node.addr,
                 })
                 .collect(),
-            vteps: n.vteps.clone(),
+            vteps: n
+                .vteps
+                .iter()
+                .map(|v| crate::api::Vtep {
+                    addr: v.addr,
+                    mac: v.mac.clone(),
+                    ip: v.ip,
+                })
+                .collect(),
             local,
         }
     }
@@ -884,7 +889,7 @@ impl Agent {
             data_path_epochs_live: running(&self.datapath).and_then(|dp| {
                 let s = dp.status();
                 let sealing = s.send_epoch?;
-                Some(crate::gossip::LiveKeys {
+                Some(crate::cluster::LiveKeys {
                     sealing,
                     also_open: s.epochs.into_iter().find(|e| *e != sealing),
                 })
@@ -899,10 +904,10 @@ impl Agent {
             return Err(InitError::AlreadyInSwarm);
         }
         check_cidr(&req.ingress_subnet)?;
-        if req.key_rotation_secs < crate::gossip::MIN_ROTATION_INTERVAL.as_secs() {
+        if req.key_rotation_secs < crate::cluster::MIN_ROTATION_INTERVAL.as_secs() {
             return Err(InitError::RotationTooShort(req.key_rotation_secs));
         }
-        if req.cert_expiry_secs < crate::tls::MIN_CERT_EXPIRY.as_secs() {
+        if req.cert_expiry_secs < crate::trust::tls::MIN_CERT_EXPIRY.as_secs() {
             return Err(InitError::CertExpiryTooShort(req.cert_expiry_secs));
         }
         // Before anything is made: a store that cannot renew the incarnation keeps nothing.
@@ -920,7 +925,7 @@ impl Agent {
         let validity = Validity::from_now(now, Duration::from_secs(req.cert_expiry_secs));
         let own_key = NodeKey::generate()?;
         let own = Issued {
-            cert_der: crate::tls::sign_node_cert(
+            cert_der: crate::trust::tls::sign_node_cert(
                 &ca,
                 &node_id,
                 Role::Manager,
@@ -929,7 +934,7 @@ impl Agent {
             )?,
             key_pem: own_key.private_pem(),
         };
-        let (_, signing_key) = crate::join::public_keys(&self.node_secret);
+        let (_, signing_key) = crate::trust::join::public_keys(&self.node_secret);
         let api_addr = join_addr(req.advertise_addr, req.listen_addr);
         let mut state = State::default();
         state.apply(Command::Init(Box::new(Init {
@@ -1045,10 +1050,10 @@ impl Agent {
             Ok(Ok(tls)) => tls,
         };
         // The proofs are bound to this TLS session: worth nothing on any other connection.
-        let mut exporter = [0u8; crate::join::EXPORTER_LEN];
+        let mut exporter = [0u8; crate::trust::join::EXPORTER_LEN];
         tls.get_ref()
             .1
-            .export_keying_material(&mut exporter, crate::join::EXPORTER_LABEL, None)
+            .export_keying_material(&mut exporter, crate::trust::join::EXPORTER_LABEL, None)
             .map_err(|e| CallError::unreachable(manager, format!("TLS exporter: {e}")))?;
         let manager_public = match call(&mut tls, manager, &ManagerRequest::JoinHello).await? {
             ManagerReply::JoinChallenge { public_key } => public_key,
@@ -1056,9 +1061,9 @@ impl Agent {
         };
         // Our certificate key: the manager signs its public half; the private half stays here.
         let cert_key = NodeKey::generate()?;
-        let (public_key, signing_key) = crate::join::public_keys(&self.node_secret);
-        let claim = crate::join::Claim {
-            secret_proof: crate::join::secret_proof(token.secret.as_str(), &exporter),
+        let (public_key, signing_key) = crate::trust::join::public_keys(&self.node_secret);
+        let claim = crate::trust::join::Claim {
+            secret_proof: crate::trust::join::secret_proof(token.secret.as_str(), &exporter),
             hostname: self.config.hostname.clone(),
             addr: req.advertise_addr.unwrap_or(local.ip()),
             public_key,
@@ -1074,13 +1079,21 @@ impl Agent {
             ManagerReply::Joined(grant) => grant,
             other => return Err(CallError::Unexpected(format!("{other:?}")).into()),
         };
-        check_grant(&grant, &token, pinned.accepted_leaf(), manager)?;
+        let view = ClusterView::from_wire(grant.view);
+        check_grant(
+            &grant.node_id,
+            &grant.cert_der,
+            &view,
+            &token,
+            pinned.accepted_leaf(),
+            manager,
+        )?;
         let membership = Membership {
-            node_id: grant.node_id.clone(),
+            node_id: grant.node_id,
             cert_der: grant.cert_der,
             key_pem: cert_key.private_pem(),
             cert_not_after: grant.cert_not_after,
-            view: grant.view,
+            view,
             listen_addr: None,
         };
         let role = membership.role();
@@ -1137,8 +1150,8 @@ impl Agent {
     }
 
     /// Everything `/metrics` exports, read now.
-    pub async fn metrics_snapshot(&self) -> crate::metrics::Snapshot {
-        use crate::metrics::{DataPathSnapshot, GossipSnapshot, PeerSnapshot, Snapshot};
+    pub async fn metrics_snapshot(&self) -> metrics::Snapshot {
+        use crate::agent::metrics::{DataPathSnapshot, GossipSnapshot, PeerSnapshot, Snapshot};
         let m = self.membership.get();
         let handle = self
             .gossip
@@ -1299,7 +1312,7 @@ impl Agent {
 
 /// Names for the data path's peers by underlay address: host names of nodes, `vtep
 /// OVERLAY-IP` for external VTEPs.
-fn peer_names(view: &crate::state::ClusterView) -> HashMap<IpAddr, String> {
+fn peer_names(view: &ClusterView) -> HashMap<IpAddr, String> {
     let vteps = view
         .ingress
         .vteps
@@ -1318,7 +1331,7 @@ fn peer_counters(
     PeerCounters {
         vtep: ip,
         name: names.get(&ip).cloned(),
-        counters: (&p.counters).into(),
+        counters: datapath::counters(&p.counters),
         epochs: p.epochs.clone(),
         last_rx_epoch: p.last_rx_epoch,
         last_rx_ms_ago: p
@@ -1331,31 +1344,25 @@ fn peer_counters(
 /// in the view, its certificate is the CA's for this node in its role, and the server that
 /// granted it is the view's manager (the certificate it showed names the view's leader).
 fn check_grant(
-    grant: &JoinGrant,
+    node_id: &NodeId,
+    cert_der: &[u8],
+    view: &ClusterView,
     token: &Token,
     server_leaf: Option<Vec<u8>>,
     addr: SocketAddr,
 ) -> Result<(), JoinError> {
     let bad = |why: String| JoinError::BadGrant { addr, why };
-    if crate::token::CaDigest::of(&grant.view.ca_cert_der) != token.ca_digest {
+    if crate::token::CaDigest::of(&view.ca_cert_der) != token.ca_digest {
         return Err(bad("its CA is not the one the token names".into()));
     }
-    let node = grant
-        .view
-        .node(&grant.node_id)
-        .ok_or(JoinError::NotInView(addr))?;
-    crate::tls::verify_issued(
-        &grant.view.ca_cert_der,
-        &grant.cert_der,
-        &grant.node_id,
-        node.role,
-    )
-    .map_err(|e| bad(format!("the certificate: {e}")))?;
-    let server = server_leaf.and_then(|der| crate::tls::cert_identity(&der));
-    if server != Some((grant.view.leader.clone(), Role::Manager)) {
+    let node = view.node(node_id).ok_or(JoinError::NotInView(addr))?;
+    crate::trust::tls::verify_issued(&view.ca_cert_der, cert_der, node_id, node.role)
+        .map_err(|e| bad(format!("the certificate: {e}")))?;
+    let server = server_leaf.and_then(|der| crate::trust::tls::cert_identity(&der));
+    if server != Some((view.leader.clone(), Role::Manager)) {
         return Err(bad(format!(
             "the server is not the swarm's manager {}",
-            grant.view.leader
+            view.leader
         )));
     }
     Ok(())
@@ -1469,7 +1476,7 @@ async fn gossip_loop(
     incarnation: Incarnation,
     bind: Option<SocketAddr>,
     manager: Option<Arc<Manager>>,
-    data_path: Option<(crate::datapath::Params, [u8; 32], DataPathSlot)>,
+    data_path: Option<(datapath::Params, [u8; 32], DataPathSlot)>,
     mut stop: watch::Receiver<bool>,
 ) {
     // Start gossip, retrying while it cannot (e.g. the advertise address is not up yet).
@@ -1588,7 +1595,7 @@ async fn gossip_loop(
 /// Brings the data path up once this node has an overlay address, and keeps it following the
 /// view and gossip. Failures are logged and retried (the control plane runs without it).
 struct Steer {
-    params: crate::datapath::Params,
+    params: datapath::Params,
     secret: zeroize::Zeroizing<[u8; 32]>,
     slot: DataPathSlot,
     warned: bool,
@@ -1598,7 +1605,7 @@ struct Steer {
 const DATA_PATH_RETRY: Duration = Duration::from_secs(5);
 
 impl Steer {
-    fn new(params: crate::datapath::Params, secret: [u8; 32], slot: DataPathSlot) -> Self {
+    fn new(params: datapath::Params, secret: [u8; 32], slot: DataPathSlot) -> Self {
         Steer {
             params,
             secret: zeroize::Zeroizing::new(secret),
@@ -1615,7 +1622,7 @@ impl Steer {
     fn follow(
         &mut self,
         m: &Membership,
-        heard: &HashMap<NodeId, crate::datapath::Heard>,
+        heard: &HashMap<NodeId, datapath::Heard>,
     ) -> Option<std::time::Instant> {
         let now = std::time::Instant::now();
         let dp = match self.current() {
@@ -1763,7 +1770,7 @@ fn take_certificate(
     faults: &Faults,
 ) -> Result<(), WatchError> {
     let role = m.role();
-    crate::tls::verify_issued(&m.view.ca_cert_der, &cert.cert_der, &m.node_id, role)
+    crate::trust::tls::verify_issued(&m.view.ca_cert_der, &cert.cert_der, &m.node_id, role)
         .map_err(WatchError::BadCertificate)?;
     let mut next = m.clone();
     next.cert_der = cert.cert_der;
@@ -1808,7 +1815,7 @@ async fn watch_loop(
         let Some(m) = membership.get() else {
             return;
         };
-        if crate::tls::renewal_due(m.cert_not_after, cert_lifetime(&m), unix_now()) {
+        if crate::trust::tls::renewal_due(m.cert_not_after, cert_lifetime(&m), unix_now()) {
             match renew(&m, &store, &membership, &faults).await {
                 Ok(()) => continue,
                 Err(e) => faults.report(
@@ -1888,6 +1895,7 @@ async fn watch_once(
             Ok(Some(Ok(ManagerReply::Removed))) => break Ok(WatchEnd::Removed),
             Ok(Some(Ok(ManagerReply::View(view)))) => {
                 *backoff = Duration::from_millis(200);
+                let view = ClusterView::from_wire(*view);
                 let Some(current) = membership.get() else {
                     break Ok(WatchEnd::Stopped);
                 };
@@ -1897,7 +1905,7 @@ async fn watch_once(
                     continue;
                 }
                 let mut next = current;
-                next.view = *view;
+                next.view = view;
                 keep(store, membership, faults, next);
                 debug!(
                     version = membership.get().map(|m| m.view.version),

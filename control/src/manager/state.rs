@@ -10,156 +10,11 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::cluster::{
+    Availability, ClusterView, KeyEntry, Keys, Network, Node, Role, Vtep, MIN_ROTATION_INTERVAL,
+};
 use crate::id::NodeId;
 use crate::token::Secret;
-
-/// What a node is in the swarm.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    /// Runs workloads; cannot view or change cluster state.
-    Worker,
-    /// Can view and change cluster state.
-    Manager,
-}
-
-impl Role {
-    /// The word docker uses.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Worker => "worker",
-            Role::Manager => "manager",
-        }
-    }
-}
-
-/// Scheduling availability, as docker has it. shoal only reports it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Availability {
-    /// The node takes work.
-    Active,
-}
-
-/// One entry of the node list, as the manager issued it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Node {
-    /// The node's ID.
-    pub id: NodeId,
-    /// Host name the node reported at join.
-    pub hostname: String,
-    /// Advertise (underlay) address: gossip and the data path use it.
-    pub addr: IpAddr,
-    /// Worker or manager.
-    pub role: Role,
-    /// Availability.
-    pub availability: Availability,
-    /// The node's static X25519 public key.
-    pub public_key: [u8; 32],
-    /// The node's Ed25519 public key (it signs what it says in gossip).
-    #[serde(default)]
-    pub signing_key: [u8; 32],
-    /// SHA-256 of the node certificate the manager issued; mTLS calls are checked against it,
-    /// so a removed node's certificate stops working at once.
-    pub cert_digest: [u8; 32],
-    /// The certificate itself, DER (kept so the node can be given it again; not in views).
-    #[serde(default)]
-    pub cert_der: Vec<u8>,
-    /// Unix time the certificate expires.
-    #[serde(default)]
-    pub cert_not_after: u64,
-    /// The public half of the node's certificate key (uncompressed P-256 point), for
-    /// reissuing its certificate on a role change or a renewal.
-    #[serde(default)]
-    pub cert_public_key: Vec<u8>,
-    /// The digest of the certificate before the last reissue: accepted for a watch stream
-    /// only (which hands the node its new one), never for anything else.
-    #[serde(default)]
-    pub previous_cert_digest: Option<[u8; 32]>,
-    /// Agent version the node reported.
-    pub engine_version: String,
-    /// The node said it left (`shoal leave`).
-    pub left: bool,
-    /// The node's address on the ingress network, from the manager's IPAM (kept for as long
-    /// as the node is in the list).
-    #[serde(default)]
-    pub overlay_addr: Option<Ipv4Addr>,
-    /// Unix time the node joined.
-    pub joined_at: u64,
-}
-
-/// A 32-byte key with an id, for the gossip keyring or a data-path epoch.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct KeyEntry {
-    /// Key id (gossip) or epoch number (data path); grows by one at each rotation.
-    pub id: u32,
-    /// The key.
-    pub key: [u8; 32],
-}
-
-impl std::fmt::Debug for KeyEntry {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "KeyEntry({}, ..)", self.id)
-    }
-}
-
-/// Network keys: the current one last, the previous one (still live during a rotation) before.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Keys {
-    /// Gossip keys, at most two, oldest first.
-    pub gossip: Vec<KeyEntry>,
-    /// Data-path key epochs, at most two, oldest first.
-    pub data_path: Vec<KeyEntry>,
-    /// Unix time of the last rotation (or of init).
-    pub rotated_at: u64,
-    /// Seconds between rotations.
-    pub interval_secs: u64,
-    /// A node left or was removed since the last rotation: the next one is due as soon as
-    /// [`crate::gossip::MIN_ROTATION_INTERVAL`] after the last allows, so what that node held
-    /// stops working.
-    #[serde(default)]
-    pub owed: bool,
-}
-
-impl Keys {
-    /// Unix time when the next rotation is due.
-    pub fn next_rotation(&self) -> u64 {
-        let interval = if self.owed {
-            crate::gossip::MIN_ROTATION_INTERVAL.as_secs()
-        } else {
-            self.interval_secs
-        };
-        self.rotated_at.saturating_add(interval)
-    }
-}
-
-/// An overlay network definition (only `ingress` for now).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Network {
-    /// Network name.
-    pub name: String,
-    /// VXLAN network identifier.
-    pub vni: u32,
-    /// Overlay subnet, CIDR text.
-    pub subnet: String,
-    /// Data path encrypted (false: plain RFC 7348).
-    pub encrypted: bool,
-    /// UDP port of the data path.
-    pub data_path_port: u16,
-    /// External VTEPs (kernel or hardware) on a plain network.
-    #[serde(default)]
-    pub vteps: Vec<Vtep>,
-}
-
-/// An external VTEP: a kernel vxlan device or a hardware switch on a plain network.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Vtep {
-    /// Its underlay address.
-    pub addr: IpAddr,
-    /// The MAC of its overlay interface.
-    pub mac: String,
-    /// Its overlay address.
-    pub ip: Ipv4Addr,
-}
 
 /// The cluster CA: certificate (public) and key (manager-only).
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -198,12 +53,7 @@ pub struct Cluster {
     /// Unix time of init.
     pub created_at: u64,
     /// How long node certificates are valid (`init --cert-expiry`).
-    #[serde(default = "default_cert_expiry")]
     pub cert_expiry_secs: u64,
-}
-
-fn default_cert_expiry() -> u64 {
-    crate::tls::DEFAULT_CERT_EXPIRY.as_secs()
 }
 
 impl Cluster {
@@ -630,12 +480,12 @@ impl State {
     }
 
     /// The role whose join secret `proof` proves on the connection with these exporter bytes
-    /// (see `crate::join`), if any.
+    /// (see `crate::trust::join`), if any.
     pub fn role_for_proof(&self, exporter: &[u8; 32], proof: &[u8; 32]) -> Option<Role> {
         let cluster = self.cluster.as_ref()?;
         [Role::Worker, Role::Manager]
             .into_iter()
-            .find(|role| crate::join::proves_secret(cluster.secret(*role), exporter, proof))
+            .find(|role| crate::trust::join::proves_secret(cluster.secret(*role), exporter, proof))
     }
 
     /// Checks `secret` against both roles' secrets; the role it opens, if any.
@@ -644,35 +494,6 @@ impl State {
         [Role::Worker, Role::Manager]
             .into_iter()
             .find(|role| secret_eq(cluster.secret(*role), secret))
-    }
-}
-
-/// What every node keeps of the manager's state: no CA key, no join secrets.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ClusterView {
-    /// The state version this view was made from.
-    pub version: u64,
-    /// The leader's node ID.
-    pub leader: NodeId,
-    /// The leader's API address.
-    pub api_addr: SocketAddr,
-    /// The cluster CA certificate, DER.
-    pub ca_cert_der: Vec<u8>,
-    /// The node list.
-    pub nodes: Vec<Node>,
-    /// Network keys.
-    pub keys: Keys,
-    /// The ingress network.
-    pub ingress: Network,
-    /// How long node certificates are valid (nodes renew theirs with a third left).
-    #[serde(default = "default_cert_expiry")]
-    pub cert_expiry_secs: u64,
-}
-
-impl ClusterView {
-    /// The node with this ID.
-    pub fn node(&self, id: &NodeId) -> Option<&Node> {
-        self.nodes.iter().find(|n| &n.id == id)
     }
 }
 
@@ -1083,7 +904,7 @@ pub(crate) mod tests {
         s.apply(Command::AddNode(Box::new(node(3, Role::Worker))))
             .unwrap();
         s.apply(Command::RemoveNode(id(3))).unwrap();
-        let min = crate::gossip::MIN_ROTATION_INTERVAL.as_secs();
+        let min = MIN_ROTATION_INTERVAL.as_secs();
         assert_eq!(keys(&s).next_rotation(), 1000 + min);
         s.apply(Command::RotateKeys {
             gossip_key: [2; 32],

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::id::NodeId;
-use crate::state::{Availability, ClusterView, Role};
+use crate::view::{Availability, LiveKeys, Role, View};
 
 /// Largest frame accepted, in bytes.
 pub const MAX_FRAME: u32 = 4 << 20;
@@ -202,7 +202,7 @@ pub struct InitRequest {
 }
 
 fn default_cert_expiry() -> u64 {
-    crate::tls::DEFAULT_CERT_EXPIRY.as_secs()
+    crate::view::DEFAULT_CERT_EXPIRY_SECS
 }
 
 /// `shoal join` parameters.
@@ -304,9 +304,20 @@ pub struct NetworkDetail {
     /// The nodes on it.
     pub members: Vec<NetworkMember>,
     /// External VTEPs (plain networks).
-    pub vteps: Vec<crate::state::Vtep>,
+    pub vteps: Vec<Vtep>,
     /// This node's data path, if it runs.
     pub local: Option<LocalDataPath>,
+}
+
+/// An external VTEP (a kernel vxlan device or a hardware switch) on a plain network.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vtep {
+    /// Its underlay address.
+    pub addr: IpAddr,
+    /// The MAC of its overlay interface.
+    pub mac: String,
+    /// Its overlay address.
+    pub ip: std::net::Ipv4Addr,
 }
 
 /// A node on a network.
@@ -356,23 +367,6 @@ pub struct Counters {
     pub rx_bytes: u64,
     /// Drops by reason (only reasons that happened).
     pub drops: std::collections::BTreeMap<String, u64>,
-}
-
-impl From<&shoal_vxlan::engine::Counters> for Counters {
-    fn from(c: &shoal_vxlan::engine::Counters) -> Self {
-        Counters {
-            tx_packets: c.tx_packets,
-            tx_bytes: c.tx_bytes,
-            rx_packets: c.rx_packets,
-            rx_bytes: c.rx_bytes,
-            drops: c
-                .drops
-                .iter()
-                .filter(|(_, n)| *n > 0)
-                .map(|(r, n)| (r.label().to_owned(), n))
-                .collect(),
-        }
-    }
 }
 
 /// One peer as this node's data path sees it.
@@ -527,11 +521,11 @@ pub struct Info {
     pub cert_not_after: Option<u64>,
     /// The gossip keys this node seals with and still opens now (`None`: gossip not running).
     #[serde(default)]
-    pub gossip_keys_live: Option<crate::gossip::LiveKeys>,
+    pub gossip_keys_live: Option<LiveKeys>,
     /// The data-path epochs this node seals under and still opens now (`None`: no data path,
     /// or a plain network).
     #[serde(default)]
-    pub data_path_epochs_live: Option<crate::gossip::LiveKeys>,
+    pub data_path_epochs_live: Option<LiveKeys>,
     /// The gossip driver's counters (`shoal_gossip::Stats`), if gossip runs.
     #[serde(default)]
     pub gossip: Option<serde_json::Value>,
@@ -543,10 +537,10 @@ pub struct Info {
 pub enum ManagerRequest {
     /// The first step of a join (no client certificate yet): the manager answers
     /// [`ManagerReply::JoinChallenge`], and the node sends [`ManagerRequest::Join`] on the same
-    /// connection. See `crate::join`.
+    /// connection. See [`crate::claim`].
     JoinHello,
     /// The second step of a join: who the node is, and its proofs.
-    Join(Box<crate::join::Claim>),
+    Join(Box<crate::claim::Claim>),
     /// mTLS: stream cluster views, starting with the current one (and this node's certificate
     /// when the manager reissued it).
     Watch,
@@ -571,7 +565,7 @@ pub struct JoinGrant {
     #[serde(default)]
     pub cert_not_after: u64,
     /// The cluster view: node list (gossip seeds), keys, networks, CA.
-    pub view: ClusterView,
+    pub view: View,
 }
 
 /// A certificate the manager issued to the asking node.
@@ -598,7 +592,7 @@ pub enum ManagerReply {
     /// This node's certificate, reissued (a role change, a renewal): use it from now on.
     Certificate(IssuedCert),
     /// A watch stream event: the current view.
-    View(Box<ClusterView>),
+    View(Box<View>),
     /// A watch stream event: this node is not in the swarm any more.
     Removed,
     /// Done.

@@ -7,15 +7,15 @@
 //! under their pair key, and every record a member spreads is signed by its author, so a
 //! member can speak only for itself, and only what the manager issued is believed. The
 //! gossip keyring is the view's gossip keys: a new key opens at once and starts sealing only
-//! [`KEY_GRACE`] after this node first saw it, by which time every node holds it, so a
-//! rotation drops nothing; the key before it stops opening [`KEY_RETIRE`] after that first
+//! [`KEY_GRACE`](crate::cluster::KEY_GRACE) after this node first saw it, by which time every node holds it, so a
+//! rotation drops nothing; the key before it stops opening [`KEY_RETIRE`](crate::cluster::KEY_RETIRE) after that first
 //! sight, so a node that was removed or left (and caused the rotation) is cut off for good
 //! then, not at the next scheduled rotation.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use shoal_gossip::driver::{self, Handle, HandleError, StartError};
 use shoal_gossip::{Event, Key, Keyring, Metadata, NodeKeys, PublicKeys};
@@ -25,9 +25,9 @@ use tracing::{debug, info, warn};
 
 use shoal_vxlan::crypto::Incarnation;
 
-use crate::datapath::Heard;
+use crate::agent::datapath::Heard;
+use crate::cluster::{sealing_order, ClusterView, KeyEntry, LiveKeys, Role};
 use crate::id::NodeId;
-use crate::state::{ClusterView, KeyEntry, Role};
 use crate::store::Membership;
 
 /// Default gossip port.
@@ -89,31 +89,6 @@ fn key(entry: &KeyEntry) -> Key {
     }
 }
 
-/// How long a new gossip key only opens before it also seals: long enough for the view that
-/// carries it to reach every node, so no node receives a key it does not hold yet.
-pub const KEY_GRACE: Duration = Duration::from_secs(10);
-
-/// How long after this node first saw a new key it stops opening the one before: three times
-/// the grace, so every node has sealed with the new key for twice the grace by then.
-pub const KEY_RETIRE: Duration = Duration::from_secs(3 * KEY_GRACE.as_secs());
-
-/// The shortest time between two key rotations (`init --key-rotation-interval`, and rotations
-/// for a removal or a leave, which wait for it): a new key must have reached every node and
-/// started sealing everywhere ([`KEY_GRACE`] after each node first saw it) before the one after
-/// it pushes the oldest out of the ring. Twice the grace leaves as long again for the view to
-/// travel.
-pub const MIN_ROTATION_INTERVAL: Duration = Duration::from_secs(2 * KEY_GRACE.as_secs());
-
-/// Which keys of a ring are live on this node: the one that seals, and the other one that
-/// still opens (by their ids in the view).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-pub struct LiveKeys {
-    /// The id that seals.
-    pub sealing: u32,
-    /// The other id that opens, if one does.
-    pub also_open: Option<u32>,
-}
-
 /// The gossip keyring for a view at `now`, which ids it holds, and when it next changes by
 /// itself.
 ///
@@ -136,37 +111,6 @@ pub fn keyring_at(
         also_open: open.map(|k| k.id),
     };
     Ok((ring, live, next))
-}
-
-/// Which key of a ring (at most two, oldest first) seals at `now`, which other one only
-/// opens, and when that changes by itself: the newest seals once this node has known it for
-/// [`KEY_GRACE`] (`seen` keeps when each id was first seen, between calls); until then the one
-/// before it keeps sealing. The one before stops opening once this node has known the newest
-/// for [`KEY_RETIRE`]. The same rule serves the gossip keys and the data-path epochs. Pure:
-/// time is an input. `None` for an empty ring.
-pub fn sealing_order<'a>(
-    ring: &'a [KeyEntry],
-    seen: &mut HashMap<u32, Instant>,
-    now: Instant,
-) -> Option<(&'a KeyEntry, Option<&'a KeyEntry>, Option<Instant>)> {
-    for entry in ring {
-        seen.entry(entry.id).or_insert(now);
-    }
-    seen.retain(|id, _| ring.iter().any(|k| k.id == *id));
-    let mut keys = ring.iter().rev();
-    let newest = keys.next()?;
-    let Some(previous) = keys.next() else {
-        return Some((newest, None, None));
-    };
-    let first_seen = seen.get(&newest.id).copied().unwrap_or(now);
-    let (ready_at, retire_at) = (first_seen + KEY_GRACE, first_seen + KEY_RETIRE);
-    Some(if now < ready_at {
-        (previous, Some(newest), Some(ready_at))
-    } else if now < retire_at {
-        (newest, Some(previous), Some(retire_at))
-    } else {
-        (newest, None, None)
-    })
 }
 
 /// The admission list for a view: every node that has not left, with the public keys the
@@ -390,8 +334,10 @@ impl Link {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::tests::{init_cmd, node};
-    use crate::state::{Command, State};
+    use crate::cluster::{KEY_GRACE, KEY_RETIRE};
+    use crate::manager::state::tests::{init_cmd, node};
+    use crate::manager::state::{Command, State};
+    use std::time::Duration;
 
     fn view() -> ClusterView {
         let mut s = State::default();

@@ -1,0 +1,177 @@
+//! The cluster view as it travels from a manager to the nodes (in a join grant and on the
+//! watch stream), and the words both ends share (role, availability, live keys).
+//!
+//! The message is versioned: [`View`] is an enum with one variant per format, written as
+//! `{"v1": {...}}`. Every field of a format is required (no serde defaults standing in for
+//! migrations); a node that gets a format it does not know says so in one line
+//! ("unknown variant `v2`"). The control plane keeps its own in-memory type and its own disk
+//! record and converts at the edges, so each can change without the others.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use serde::{Deserialize, Serialize};
+
+use crate::id::NodeId;
+
+/// What a node is in the swarm.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Runs workloads; cannot view or change cluster state.
+    Worker,
+    /// Can view and change cluster state.
+    Manager,
+}
+
+impl Role {
+    /// The word docker uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Worker => "worker",
+            Role::Manager => "manager",
+        }
+    }
+}
+
+/// Scheduling availability, as docker has it. shoal only reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Availability {
+    /// The node takes work.
+    Active,
+}
+
+/// Which keys of a ring are live on a node: the one that seals, and the other one that still
+/// opens (by their ids in the view).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct LiveKeys {
+    /// The id that seals.
+    pub sealing: u32,
+    /// The other id that opens, if one does.
+    pub also_open: Option<u32>,
+}
+
+/// How long node certificates are valid unless `init --cert-expiry` says otherwise: 90 days,
+/// docker's default.
+pub const DEFAULT_CERT_EXPIRY_SECS: u64 = 90 * 24 * 3600;
+
+/// The cluster view on the wire, one variant per format.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum View {
+    /// Format 1.
+    V1(ViewV1),
+}
+
+/// Format 1 of the view: what every node keeps of the manager's state (no CA key, no join
+/// secrets, no certificates).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ViewV1 {
+    /// The manager state version this view was made from; a node replaces its view only with
+    /// a strictly newer one.
+    pub version: u64,
+    /// The leader's node ID.
+    pub leader: NodeId,
+    /// The leader's API address.
+    pub api_addr: SocketAddr,
+    /// The cluster CA certificate, DER.
+    pub ca_cert_der: Vec<u8>,
+    /// The node list.
+    pub nodes: Vec<NodeV1>,
+    /// Network keys.
+    pub keys: KeysV1,
+    /// The ingress network.
+    pub ingress: NetworkV1,
+    /// How long node certificates are valid, in seconds (nodes renew with a third left).
+    pub cert_expiry_secs: u64,
+}
+
+/// One node of the list, format 1.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeV1 {
+    /// Node ID.
+    pub id: NodeId,
+    /// Host name the node reported at join.
+    pub hostname: String,
+    /// Advertise (underlay) address.
+    pub addr: IpAddr,
+    /// Worker or manager.
+    pub role: Role,
+    /// Availability.
+    pub availability: Availability,
+    /// Static X25519 public key.
+    pub public_key: [u8; 32],
+    /// Ed25519 public key.
+    pub signing_key: [u8; 32],
+    /// SHA-256 of the node's current certificate.
+    pub cert_digest: [u8; 32],
+    /// Unix time that certificate expires.
+    pub cert_not_after: u64,
+    /// SHA-256 of the certificate before the last reissue, if any.
+    pub previous_cert_digest: Option<[u8; 32]>,
+    /// Agent version the node reported.
+    pub engine_version: String,
+    /// The node left.
+    pub left: bool,
+    /// Address on the ingress network.
+    pub overlay_addr: Option<Ipv4Addr>,
+    /// Unix time the node joined.
+    pub joined_at: u64,
+}
+
+/// A key with its id, format 1.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyV1 {
+    /// Key id or epoch.
+    pub id: u32,
+    /// The key.
+    pub key: [u8; 32],
+}
+
+impl std::fmt::Debug for KeyV1 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "KeyV1({}, ..)", self.id)
+    }
+}
+
+/// Network keys, format 1: at most two per ring, oldest first.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeysV1 {
+    /// Gossip keys.
+    pub gossip: Vec<KeyV1>,
+    /// Data-path epochs.
+    pub data_path: Vec<KeyV1>,
+    /// Unix time of the last rotation.
+    pub rotated_at: u64,
+    /// Seconds between rotations.
+    pub interval_secs: u64,
+    /// A rotation is owed (a node left or was removed).
+    pub owed: bool,
+}
+
+/// An overlay network, format 1.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkV1 {
+    /// Name.
+    pub name: String,
+    /// VXLAN network identifier.
+    pub vni: u32,
+    /// Subnet, CIDR text.
+    pub subnet: String,
+    /// Encrypted data path.
+    pub encrypted: bool,
+    /// UDP port of the data path.
+    pub data_path_port: u16,
+    /// External VTEPs.
+    pub vteps: Vec<VtepV1>,
+}
+
+/// An external VTEP, format 1.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VtepV1 {
+    /// Underlay address.
+    pub addr: IpAddr,
+    /// MAC of its overlay interface.
+    pub mac: String,
+    /// Overlay address.
+    pub ip: Ipv4Addr,
+}

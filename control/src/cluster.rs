@@ -1,0 +1,330 @@
+//! The cluster as every part of the control plane sees it: the view a manager's state machine
+//! makes and every node follows (node list, network keys, the ingress network), and the
+//! schedule the network keys follow.
+//!
+//! This is the in-memory model. It travels as `shoal_proto::view::View` (versioned; see
+//! [`ClusterView::to_wire`] and [`ClusterView::from_wire`]) and is kept on disk in the
+//! store's own record (`store`), so the wire, the disk and this type change independently.
+//! Pure: no IO, no clock.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use shoal_proto::view::{self as wire, View};
+
+use crate::id::NodeId;
+pub use shoal_proto::view::{Availability, LiveKeys, Role};
+
+/// One entry of the node list, as the manager issued it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    /// The node's ID.
+    pub id: NodeId,
+    /// Host name the node reported at join.
+    pub hostname: String,
+    /// Advertise (underlay) address: gossip and the data path use it.
+    pub addr: IpAddr,
+    /// Worker or manager.
+    pub role: Role,
+    /// Availability.
+    pub availability: Availability,
+    /// The node's static X25519 public key.
+    pub public_key: [u8; 32],
+    /// The node's Ed25519 public key (it signs what it says in gossip).
+    pub signing_key: [u8; 32],
+    /// SHA-256 of the node certificate the manager issued; mTLS calls are checked against it,
+    /// so a removed node's certificate stops working at once.
+    pub cert_digest: [u8; 32],
+    /// The certificate itself, DER (kept so the node can be given it again; not in views).
+    pub cert_der: Vec<u8>,
+    /// Unix time the certificate expires.
+    pub cert_not_after: u64,
+    /// The public half of the node's certificate key (uncompressed P-256 point), for
+    /// reissuing its certificate on a role change or a renewal.
+    pub cert_public_key: Vec<u8>,
+    /// The digest of the certificate before the last reissue: accepted for a watch stream
+    /// only (which hands the node its new one), never for anything else.
+    pub previous_cert_digest: Option<[u8; 32]>,
+    /// Agent version the node reported.
+    pub engine_version: String,
+    /// The node said it left (`shoal leave`).
+    pub left: bool,
+    /// The node's address on the ingress network, from the manager's IPAM (kept for as long
+    /// as the node is in the list).
+    pub overlay_addr: Option<Ipv4Addr>,
+    /// Unix time the node joined.
+    pub joined_at: u64,
+}
+
+/// A 32-byte key with an id, for the gossip keyring or a data-path epoch.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyEntry {
+    /// Key id (gossip) or epoch number (data path); grows by one at each rotation.
+    pub id: u32,
+    /// The key.
+    pub key: [u8; 32],
+}
+
+impl std::fmt::Debug for KeyEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "KeyEntry({}, ..)", self.id)
+    }
+}
+
+/// Network keys: the current one last, the previous one (still live during a rotation) before.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Keys {
+    /// Gossip keys, at most two, oldest first.
+    pub gossip: Vec<KeyEntry>,
+    /// Data-path key epochs, at most two, oldest first.
+    pub data_path: Vec<KeyEntry>,
+    /// Unix time of the last rotation (or of init).
+    pub rotated_at: u64,
+    /// Seconds between rotations.
+    pub interval_secs: u64,
+    /// A node left or was removed since the last rotation: the next one is due as soon as
+    /// [`MIN_ROTATION_INTERVAL`] after the last allows, so what that node held
+    /// stops working.
+    pub owed: bool,
+}
+
+impl Keys {
+    /// Unix time when the next rotation is due.
+    pub fn next_rotation(&self) -> u64 {
+        let interval = if self.owed {
+            MIN_ROTATION_INTERVAL.as_secs()
+        } else {
+            self.interval_secs
+        };
+        self.rotated_at.saturating_add(interval)
+    }
+}
+
+/// An overlay network definition (only `ingress` for now).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Network {
+    /// Network name.
+    pub name: String,
+    /// VXLAN network identifier.
+    pub vni: u32,
+    /// Overlay subnet, CIDR text.
+    pub subnet: String,
+    /// Data path encrypted (false: plain RFC 7348).
+    pub encrypted: bool,
+    /// UDP port of the data path.
+    pub data_path_port: u16,
+    /// External VTEPs (kernel or hardware) on a plain network.
+    pub vteps: Vec<Vtep>,
+}
+
+/// An external VTEP: a kernel vxlan device or a hardware switch on a plain network.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vtep {
+    /// Its underlay address.
+    pub addr: IpAddr,
+    /// The MAC of its overlay interface.
+    pub mac: String,
+    /// Its overlay address.
+    pub ip: Ipv4Addr,
+}
+
+/// What every node keeps of the manager's state: no CA key, no join secrets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterView {
+    /// The state version this view was made from.
+    pub version: u64,
+    /// The leader's node ID.
+    pub leader: NodeId,
+    /// The leader's API address.
+    pub api_addr: SocketAddr,
+    /// The cluster CA certificate, DER.
+    pub ca_cert_der: Vec<u8>,
+    /// The node list.
+    pub nodes: Vec<Node>,
+    /// Network keys.
+    pub keys: Keys,
+    /// The ingress network.
+    pub ingress: Network,
+    /// How long node certificates are valid (nodes renew theirs with a third left).
+    pub cert_expiry_secs: u64,
+}
+
+impl ClusterView {
+    /// The node with this ID.
+    pub fn node(&self, id: &NodeId) -> Option<&Node> {
+        self.nodes.iter().find(|n| &n.id == id)
+    }
+}
+
+/// How long a new gossip key only opens before it also seals: long enough for the view that
+/// carries it to reach every node, so no node receives a key it does not hold yet.
+pub const KEY_GRACE: Duration = Duration::from_secs(10);
+
+/// How long after this node first saw a new key it stops opening the one before: three times
+/// the grace, so every node has sealed with the new key for twice the grace by then.
+pub const KEY_RETIRE: Duration = Duration::from_secs(3 * KEY_GRACE.as_secs());
+
+/// The shortest time between two key rotations (`init --key-rotation-interval`, and rotations
+/// for a removal or a leave, which wait for it): a new key must have reached every node and
+/// started sealing everywhere ([`KEY_GRACE`] after each node first saw it) before the one after
+/// it pushes the oldest out of the ring. Twice the grace leaves as long again for the view to
+/// travel.
+pub const MIN_ROTATION_INTERVAL: Duration = Duration::from_secs(2 * KEY_GRACE.as_secs());
+
+/// Which key of a ring (at most two, oldest first) seals at `now`, which other one only
+/// opens, and when that changes by itself: the newest seals once this node has known it for
+/// [`KEY_GRACE`] (`seen` keeps when each id was first seen, between calls); until then the one
+/// before it keeps sealing. The one before stops opening once this node has known the newest
+/// for [`KEY_RETIRE`]. The same rule serves the gossip keys and the data-path epochs. Pure:
+/// time is an input. `None` for an empty ring.
+pub fn sealing_order<'a>(
+    ring: &'a [KeyEntry],
+    seen: &mut HashMap<u32, Instant>,
+    now: Instant,
+) -> Option<(&'a KeyEntry, Option<&'a KeyEntry>, Option<Instant>)> {
+    for entry in ring {
+        seen.entry(entry.id).or_insert(now);
+    }
+    seen.retain(|id, _| ring.iter().any(|k| k.id == *id));
+    let mut keys = ring.iter().rev();
+    let newest = keys.next()?;
+    let Some(previous) = keys.next() else {
+        return Some((newest, None, None));
+    };
+    let first_seen = seen.get(&newest.id).copied().unwrap_or(now);
+    let (ready_at, retire_at) = (first_seen + KEY_GRACE, first_seen + KEY_RETIRE);
+    Some(if now < ready_at {
+        (previous, Some(newest), Some(ready_at))
+    } else if now < retire_at {
+        (newest, Some(previous), Some(retire_at))
+    } else {
+        (newest, None, None)
+    })
+}
+
+impl ClusterView {
+    /// The view as it travels (the newest wire format). Certificates and their keys are not
+    /// in views.
+    pub fn to_wire(&self) -> View {
+        let key = |k: &KeyEntry| wire::KeyV1 {
+            id: k.id,
+            key: k.key,
+        };
+        View::V1(wire::ViewV1 {
+            version: self.version,
+            leader: self.leader.clone(),
+            api_addr: self.api_addr,
+            ca_cert_der: self.ca_cert_der.clone(),
+            nodes: self
+                .nodes
+                .iter()
+                .map(|n| wire::NodeV1 {
+                    id: n.id.clone(),
+                    hostname: n.hostname.clone(),
+                    addr: n.addr,
+                    role: n.role,
+                    availability: n.availability,
+                    public_key: n.public_key,
+                    signing_key: n.signing_key,
+                    cert_digest: n.cert_digest,
+                    cert_not_after: n.cert_not_after,
+                    previous_cert_digest: n.previous_cert_digest,
+                    engine_version: n.engine_version.clone(),
+                    left: n.left,
+                    overlay_addr: n.overlay_addr,
+                    joined_at: n.joined_at,
+                })
+                .collect(),
+            keys: wire::KeysV1 {
+                gossip: self.keys.gossip.iter().map(key).collect(),
+                data_path: self.keys.data_path.iter().map(key).collect(),
+                rotated_at: self.keys.rotated_at,
+                interval_secs: self.keys.interval_secs,
+                owed: self.keys.owed,
+            },
+            ingress: wire::NetworkV1 {
+                name: self.ingress.name.clone(),
+                vni: self.ingress.vni,
+                subnet: self.ingress.subnet.clone(),
+                encrypted: self.ingress.encrypted,
+                data_path_port: self.ingress.data_path_port,
+                vteps: self
+                    .ingress
+                    .vteps
+                    .iter()
+                    .map(|v| wire::VtepV1 {
+                        addr: v.addr,
+                        mac: v.mac.clone(),
+                        ip: v.ip,
+                    })
+                    .collect(),
+            },
+            cert_expiry_secs: self.cert_expiry_secs,
+        })
+    }
+
+    /// The view a manager sent, in any format this build reads.
+    pub fn from_wire(view: View) -> Self {
+        let key = |k: wire::KeyV1| KeyEntry {
+            id: k.id,
+            key: k.key,
+        };
+        match view {
+            View::V1(v) => ClusterView {
+                version: v.version,
+                leader: v.leader,
+                api_addr: v.api_addr,
+                ca_cert_der: v.ca_cert_der,
+                nodes: v
+                    .nodes
+                    .into_iter()
+                    .map(|n| Node {
+                        id: n.id,
+                        hostname: n.hostname,
+                        addr: n.addr,
+                        role: n.role,
+                        availability: n.availability,
+                        public_key: n.public_key,
+                        signing_key: n.signing_key,
+                        cert_digest: n.cert_digest,
+                        cert_der: Vec::new(),
+                        cert_not_after: n.cert_not_after,
+                        cert_public_key: Vec::new(),
+                        previous_cert_digest: n.previous_cert_digest,
+                        engine_version: n.engine_version,
+                        left: n.left,
+                        overlay_addr: n.overlay_addr,
+                        joined_at: n.joined_at,
+                    })
+                    .collect(),
+                keys: Keys {
+                    gossip: v.keys.gossip.into_iter().map(key).collect(),
+                    data_path: v.keys.data_path.into_iter().map(key).collect(),
+                    rotated_at: v.keys.rotated_at,
+                    interval_secs: v.keys.interval_secs,
+                    owed: v.keys.owed,
+                },
+                ingress: Network {
+                    name: v.ingress.name,
+                    vni: v.ingress.vni,
+                    subnet: v.ingress.subnet,
+                    encrypted: v.ingress.encrypted,
+                    data_path_port: v.ingress.data_path_port,
+                    vteps: v
+                        .ingress
+                        .vteps
+                        .into_iter()
+                        .map(|t| Vtep {
+                            addr: t.addr,
+                            mac: t.mac,
+                            ip: t.ip,
+                        })
+                        .collect(),
+                },
+                cert_expiry_secs: v.cert_expiry_secs,
+            },
+        }
+    }
+}
