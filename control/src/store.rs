@@ -19,7 +19,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::cluster::{ClusterView, Role};
 use crate::id::NodeId;
-use crate::manager::state::State;
 
 const TABLE: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("shoal");
 const NODE_KEY: &str = "node_key";
@@ -108,21 +107,6 @@ impl From<MembershipRecord> for Membership {
     }
 }
 
-/// The manager record on disk, one variant per format. (The state machine's types are its
-/// format 1; a change to them that is not additive gets a format 2 and a conversion here.)
-#[derive(Deserialize)]
-#[serde(rename_all = "lowercase")]
-enum ManagerRecord {
-    V1(State),
-}
-
-/// [`ManagerRecord`] as it is written: the same bytes, without a copy of the state.
-#[derive(Serialize)]
-#[serde(rename_all = "lowercase")]
-enum ManagerRecordRef<'a> {
-    V1(&'a State),
-}
-
 impl Membership {
     /// Our role in the last view (worker if we are not in it).
     pub fn role(&self) -> Role {
@@ -198,8 +182,8 @@ pub enum Write<'a> {
     Membership(&'a Membership),
     /// Delete the membership record.
     ClearMembership,
-    /// Set the manager state.
-    Manager(&'a State),
+    /// Set the manager record (encoded by the manager module).
+    Manager(&'a [u8]),
     /// Delete the manager state.
     ClearManager,
 }
@@ -387,11 +371,21 @@ impl Store {
             .map(Membership::from))
     }
 
-    /// The manager state, if this node is the leader.
-    pub fn manager(&self) -> Result<Option<State>, StoreError> {
-        Ok(self
-            .get_json::<ManagerRecord>(MANAGER)?
-            .map(|ManagerRecord::V1(state)| state))
+    /// The manager record, if this node is a manager, read by `decode` (the manager module
+    /// owns that record's format; the store keeps its bytes).
+    pub fn manager<T>(
+        &self,
+        decode: impl FnOnce(&[u8]) -> Result<T, serde_json::Error>,
+    ) -> Result<Option<T>, StoreError> {
+        match self.get(MANAGER)? {
+            None => Ok(None),
+            Some(bytes) => decode(&bytes)
+                .map(Some)
+                .map_err(|source| StoreError::Corrupt {
+                    key: MANAGER,
+                    source,
+                }),
+        }
     }
 
     /// Applies all `writes` in one transaction: all of them or none.
@@ -405,7 +399,7 @@ impl Store {
                     Some(to_json(MEMBERSHIP, &MembershipRecord::from(*m))?),
                 ),
                 Write::ClearMembership => (MEMBERSHIP, None),
-                Write::Manager(s) => (MANAGER, Some(to_json(MANAGER, &ManagerRecordRef::V1(s))?)),
+                Write::Manager(bytes) => (MANAGER, Some(bytes.to_vec())),
                 Write::ClearManager => (MANAGER, None),
             };
             encoded.push(item);
@@ -439,6 +433,14 @@ impl Store {
     }
 }
 
+/// A record another part encoded (`Write::Manager`), or the error saying which one failed.
+pub fn encoded(
+    key: &'static str,
+    record: Result<Vec<u8>, serde_json::Error>,
+) -> Result<Vec<u8>, StoreError> {
+    record.map_err(|source| StoreError::Corrupt { key, source })
+}
+
 fn to_json<T: Serialize>(key: &'static str, value: &T) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(value).map_err(|source| StoreError::Corrupt { key, source })
 }
@@ -452,7 +454,7 @@ fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
 mod tests {
     use super::*;
     use crate::manager::state::tests::{init_cmd, node};
-    use crate::manager::state::Command;
+    use crate::manager::state::{Command, State};
 
     fn membership(state: &State) -> Membership {
         Membership {
@@ -476,7 +478,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.membership().unwrap(), None);
-        assert_eq!(store.manager().unwrap(), None);
+        assert_eq!(store.manager(State::from_record).unwrap(), None);
     }
 
     #[test]
@@ -488,14 +490,17 @@ mod tests {
             let store = Store::open(dir.path()).unwrap();
             assert_eq!(store.node_key([5; 32]).unwrap(), [5; 32]);
             store
-                .write(&[Write::Membership(&m), Write::Manager(&state)])
+                .write(&[
+                    Write::Membership(&m),
+                    Write::Manager(&state.to_record().unwrap()),
+                ])
                 .unwrap();
         }
         let store = Store::open(dir.path()).unwrap();
         // The first key stays; a new candidate is ignored.
         assert_eq!(store.node_key([6; 32]).unwrap(), [5; 32]);
         assert_eq!(store.membership().unwrap(), Some(m.clone()));
-        assert_eq!(store.manager().unwrap(), Some(state));
+        assert_eq!(store.manager(State::from_record).unwrap(), Some(state));
         assert_eq!(m.role(), Role::Manager);
         store
             .write(&[Write::ClearMembership, Write::ClearManager])
@@ -503,7 +508,7 @@ mod tests {
         drop(store);
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.membership().unwrap(), None);
-        assert_eq!(store.manager().unwrap(), None);
+        assert_eq!(store.manager(State::from_record).unwrap(), None);
         assert_eq!(store.node_key([7; 32]).unwrap(), [5; 32]);
     }
 
@@ -648,7 +653,9 @@ mod tests {
         if let Ok(dir) = std::env::var(ENV) {
             let store = Store::open(Path::new(&dir)).unwrap();
             let state = sample_state();
-            store.write(&[Write::Manager(&state)]).unwrap();
+            store
+                .write(&[Write::Manager(&state.to_record().unwrap())])
+                .unwrap();
             let mut bigger = state.clone();
             bigger
                 .apply(Command::AddNode(Box::new(node(2, Role::Worker))))
@@ -678,7 +685,10 @@ mod tests {
             .unwrap();
         assert!(!status.success(), "the child must have crashed");
         let store = Store::open(dir.path()).unwrap();
-        assert_eq!(store.manager().unwrap(), Some(sample_state()));
+        assert_eq!(
+            store.manager(State::from_record).unwrap(),
+            Some(sample_state())
+        );
         assert_eq!(store.membership().unwrap(), None);
     }
 }

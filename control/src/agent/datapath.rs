@@ -27,8 +27,8 @@ use shoal_vxlan::engine::{Counters, DropCounts};
 use shoal_vxlan::wire::Mac;
 
 use crate::cluster::sealing_order;
+use crate::cluster::{ClusterView, Network};
 use crate::id::NodeId;
-use crate::manager::state::{ClusterView, Network};
 
 /// The underlay MTU assumed when none is given.
 pub const DEFAULT_UNDERLAY_MTU: u16 = 1500;

@@ -480,7 +480,7 @@ impl Agent {
         store.check_incarnation()?;
         let (public_key, _) = crate::trust::join::public_keys(&node_secret);
         let membership = store.membership()?;
-        let manager_state = store.manager()?;
+        let manager_state = store.manager(State::from_record)?;
         let agent = Arc::new(Self {
             config,
             store,
@@ -990,8 +990,10 @@ impl Agent {
             view,
             listen_addr: Some(req.listen_addr),
         };
-        self.store
-            .write(&[Write::Manager(&state), Write::Membership(&membership)])?;
+        self.store.write(&[
+            Write::Manager(&crate::store::encoded("manager", state.to_record())?),
+            Write::Membership(&membership),
+        ])?;
         let started = self.start_manager(&membership, state, listener, req.listen_addr);
         self.membership.set(Some(membership));
         match started {

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use crate::api::{AdminRequest, Reply, Request};
 use crate::cli::{call, unexpected, CliError};
-use crate::manager::state::Role;
+use shoal_proto::view::Role;
 
 /// Which token.
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]

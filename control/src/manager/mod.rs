@@ -291,8 +291,10 @@ impl Manager {
         }
         let view = next.view().ok_or(ChangeError::NotManager)?;
         let membership = self.own_membership(view.clone());
+        let record =
+            crate::store::encoded("manager", next.to_record()).map_err(ChangeError::from)?;
         self.store
-            .write(&[Write::Manager(&next), Write::Membership(&membership)])
+            .write(&[Write::Manager(&record), Write::Membership(&membership)])
             .map_err(ChangeError::from)?;
         *guard = next;
         drop(guard);
@@ -1645,7 +1647,11 @@ mod tests {
         );
         assert_eq!(keys.next_rotation(), 1200);
         assert_eq!(
-            f.manager.store.manager().unwrap().unwrap(),
+            f.manager
+                .store
+                .manager(State::from_record)
+                .unwrap()
+                .unwrap(),
             f.manager.state()
         );
     }

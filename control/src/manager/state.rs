@@ -15,21 +15,7 @@ pub use crate::cluster::{
 };
 use crate::id::NodeId;
 use crate::token::Secret;
-
-/// The cluster CA: certificate (public) and key (manager-only).
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CaMaterial {
-    /// CA certificate, DER.
-    pub cert_der: Vec<u8>,
-    /// CA private key, PKCS#8 PEM.
-    pub key_pem: String,
-}
-
-impl std::fmt::Debug for CaMaterial {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("CaMaterial(..)")
-    }
-}
+pub use crate::trust::tls::CaMaterial;
 
 /// Everything a swarm is, once initialized.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -546,6 +532,34 @@ fn push_key(ring: &mut Vec<KeyEntry>, key: [u8; 32]) {
 fn unreachable_init() -> Result<Applied, ApplyError> {
     // `Init` is handled before the match; reaching here would be a bug, not bad input.
     Err(ApplyError::AlreadyInitialized)
+}
+
+/// The manager's state as the store keeps it, one variant per format (`{"v1": ...}`). The
+/// state machine's types are format 1; a change to them that old records cannot be read into
+/// gets a format 2 and a conversion here.
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Record {
+    V1(State),
+}
+
+/// [`Record`] as it is written: the same bytes, without a copy of the state.
+#[derive(Serialize)]
+#[serde(rename_all = "lowercase")]
+enum RecordRef<'a> {
+    V1(&'a State),
+}
+
+impl State {
+    /// The state as the store's manager record.
+    pub fn to_record(&self) -> Result<Vec<u8>, serde_json::Error> {
+        serde_json::to_vec(&RecordRef::V1(self))
+    }
+
+    /// The state from the store's manager record, in any format this build reads.
+    pub fn from_record(bytes: &[u8]) -> Result<State, serde_json::Error> {
+        serde_json::from_slice(bytes).map(|Record::V1(state)| state)
+    }
 }
 
 #[cfg(test)]

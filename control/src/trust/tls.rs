@@ -43,8 +43,8 @@ use sha2::{Digest as _, Sha256};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use crate::cluster::Role;
 use crate::id::NodeId;
-use crate::manager::state::{CaMaterial, Role};
 use crate::token::CaDigest;
 
 /// The TLS server name every node uses for the manager, as docker does.
@@ -621,6 +621,21 @@ fn verifier_accepts_chain(
     WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
         .is_ok_and(|v| v.verify_client_cert(leaf, &[], now).is_ok())
+}
+
+/// The cluster CA: certificate (public) and key (manager-only).
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CaMaterial {
+    /// CA certificate, DER.
+    pub cert_der: Vec<u8>,
+    /// CA private key, PKCS#8 PEM.
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for CaMaterial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CaMaterial(..)")
+    }
 }
 
 #[cfg(test)]
