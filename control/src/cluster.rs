@@ -328,3 +328,29 @@ impl ClusterView {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manager::state::tests::{init_cmd, node};
+    use crate::manager::state::{Command, State};
+
+    #[test]
+    fn the_view_survives_the_wire() {
+        let mut s = State::default();
+        s.apply(init_cmd()).unwrap();
+        let mut left = node(3, Role::Worker);
+        left.left = true;
+        s.apply(Command::AddNode(Box::new(node(2, Role::Worker))))
+            .unwrap();
+        s.apply(Command::AddNode(Box::new(left))).unwrap();
+        let view = s.view().unwrap();
+        assert_eq!(ClusterView::from_wire(view.to_wire()), view);
+        // Certificates and their keys stay with the manager: not on the wire.
+        let json = serde_json::to_value(view.to_wire()).unwrap();
+        let first = &json["v1"]["nodes"][0];
+        assert!(first.get("cert_digest").is_some(), "{first}");
+        assert!(first.get("cert_der").is_none(), "{first}");
+        assert!(first.get("cert_public_key").is_none(), "{first}");
+    }
+}

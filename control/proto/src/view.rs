@@ -175,3 +175,83 @@ pub struct VtepV1 {
     /// Overlay address.
     pub ip: Ipv4Addr,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v1() -> ViewV1 {
+        ViewV1 {
+            version: 7,
+            leader: NodeId::from_random(1),
+            api_addr: "198.18.0.1:2377".parse().unwrap(),
+            ca_cert_der: vec![1, 2, 3],
+            nodes: vec![NodeV1 {
+                id: NodeId::from_random(1),
+                hostname: "n1".into(),
+                addr: "198.18.0.1".parse().unwrap(),
+                role: Role::Manager,
+                availability: Availability::Active,
+                public_key: [1; 32],
+                signing_key: [2; 32],
+                cert_digest: [3; 32],
+                cert_not_after: 99,
+                previous_cert_digest: None,
+                engine_version: "0.1.0".into(),
+                left: false,
+                overlay_addr: Some("198.19.0.2".parse().unwrap()),
+                joined_at: 5,
+            }],
+            keys: KeysV1 {
+                gossip: vec![KeyV1 {
+                    id: 1,
+                    key: [4; 32],
+                }],
+                data_path: vec![KeyV1 {
+                    id: 1,
+                    key: [5; 32],
+                }],
+                rotated_at: 5,
+                interval_secs: 3600,
+                owed: false,
+            },
+            ingress: NetworkV1 {
+                name: "ingress".into(),
+                vni: 4096,
+                subnet: "198.19.0.0/24".into(),
+                encrypted: true,
+                data_path_port: 4789,
+                vteps: Vec::new(),
+            },
+            cert_expiry_secs: 3600,
+        }
+    }
+
+    #[test]
+    fn the_format_travels_as_its_key() {
+        let view = View::V1(v1());
+        let json = serde_json::to_value(&view).unwrap();
+        assert!(json.get("v1").is_some(), "{json}");
+        assert_eq!(serde_json::from_value::<View>(json).unwrap(), view);
+    }
+
+    #[test]
+    fn an_unknown_format_or_a_missing_field_is_refused() {
+        let json = serde_json::to_value(View::V1(v1())).unwrap();
+        let later = serde_json::json!({ "v2": json["v1"].clone() });
+        let err = serde_json::from_value::<View>(later)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown variant `v2`"), "{err}");
+        // No serde defaults standing in for migrations: every field of v1 is required.
+        let mut partial = json.clone();
+        partial["v1"]
+            .as_object_mut()
+            .unwrap()
+            .remove("cert_expiry_secs");
+        let err = serde_json::from_value::<View>(partial)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("missing field `cert_expiry_secs`"), "{err}");
+    }
+}
