@@ -4,11 +4,11 @@
 //! short, each part depends only on the ones below it:
 //!
 //! ```text
-//! cli ──► agent ──► manager ──► store ──► cluster ──► shoal-proto
-//!  │        │          └──────► trust ───────┘            ▲
-//!  │        └─────────────────► trust, store, cluster     │
-//!  └─► lab                                                │
-//!  └──────────────────────────────────────────────────────┘
+//! cli ─► agent ─► manager ─► store ─┐
+//!  │       │         └─────► trust ─┼─► cluster ─► shoal-proto
+//!  │       └───────────────► (store, trust, cluster)      ▲
+//!  ├─► lab                                                 │
+//!  └───────────────────────────────────────────────────────┘
 //! ```
 //!
 //! - [`shoal_proto`] (re-exported as [`api`], [`id`], [`token`]): node IDs, tokens, the API
