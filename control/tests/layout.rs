@@ -3,6 +3,8 @@
 //! path. Read from the sources (test modules excluded), so a new `use` that points the wrong
 //! way fails here with the file and the part it reached.
 
+#![allow(clippy::unwrap_used)] // test code: a failed step fails the test
+
 use std::path::{Path, PathBuf};
 
 /// Each part, the files that make it, and the parts it may use.
