@@ -52,7 +52,8 @@ pub const SERVER_NAME: &str = "swarm-manager";
 
 /// How long a node certificate is valid unless `init --cert-expiry` says otherwise: 90 days,
 /// as docker's.
-pub const DEFAULT_CERT_EXPIRY: Duration = Duration::from_secs(90 * 24 * 3600);
+pub const DEFAULT_CERT_EXPIRY: Duration =
+    Duration::from_secs(shoal_proto::view::DEFAULT_CERT_EXPIRY_SECS);
 /// The shortest `--cert-expiry` (docker's is an hour; a minute lets a lab see a renewal).
 pub const MIN_CERT_EXPIRY: Duration = Duration::from_secs(60);
 /// A certificate is valid from this long before it was issued, for clocks slightly behind.
