@@ -71,7 +71,7 @@ impl Default for Params {
 
 /// What gossip says of a node: its public key and incarnation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Heard {
+pub struct Announced {
     /// The public key in its gossip metadata.
     pub public_key: [u8; 32],
     /// Its incarnation.
@@ -94,7 +94,7 @@ pub fn spec(network: &Network) -> Result<NetworkSpec, DataPathError> {
 
 /// The overlay members for a view: every other node that has not left, has an overlay
 /// address and is heard in gossip with the key the manager issued; plus the external VTEPs.
-pub fn members(view: &ClusterView, me: &NodeId, heard: &HashMap<NodeId, Heard>) -> Vec<Member> {
+pub fn members(view: &ClusterView, me: &NodeId, heard: &HashMap<NodeId, Announced>) -> Vec<Member> {
     let port = view.ingress.data_path_port;
     let nodes = view
         .nodes
@@ -170,11 +170,11 @@ impl DataPath {
 
     /// Brings members and key epochs in step with `view` and what gossip `heard`, at `now`.
     /// Returns when the sending epoch will next change by itself, if it will.
-    pub fn follow(
+    pub fn apply_view(
         &self,
         view: &ClusterView,
         me: &NodeId,
-        heard: &HashMap<NodeId, Heard>,
+        heard: &HashMap<NodeId, Announced>,
         now: Instant,
     ) -> Result<Option<Instant>, DataPathError> {
         let mut overlay = self.overlay.lock().unwrap_or_else(PoisonError::into_inner);

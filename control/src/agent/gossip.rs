@@ -14,7 +14,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Instant;
 
 use shoal_gossip::driver::{self, Handle, HandleError, StartError};
@@ -25,7 +25,7 @@ use tracing::{debug, info, warn};
 
 use shoal_vxlan::crypto::Incarnation;
 
-use crate::agent::datapath::Heard;
+use crate::agent::datapath::Announced;
 use crate::cluster::{sealing_order, ClusterView, KeyEntry, LiveKeys, Role};
 use crate::id::NodeId;
 use crate::store::Membership;
@@ -59,12 +59,12 @@ pub struct Link {
     public_key: [u8; 32],
     incarnation: Incarnation,
     up: watch::Receiver<Arc<HashSet<NodeId>>>,
-    heard: watch::Receiver<Arc<HashMap<NodeId, Heard>>>,
+    announced: watch::Receiver<Arc<HashMap<NodeId, Announced>>>,
     events: JoinHandle<()>,
-    last: Mutex<Option<Metadata>>,
-    seen: Mutex<HashMap<u32, Instant>>,
-    switch_at: Mutex<Option<Instant>>,
-    live: Arc<Mutex<Option<LiveKeys>>>,
+    last: Option<Metadata>,
+    seen: HashMap<u32, Instant>,
+    switch_at: Option<Instant>,
+    live: LiveKeys,
 }
 
 impl std::fmt::Debug for Link {
@@ -169,13 +169,11 @@ pub fn metadata(
 impl Link {
     /// Starts gossip for `m` on `bind` (default: our advertise address and [`DEFAULT_PORT`]),
     /// as the node whose X25519 secret is `node_secret`, joining through every other node.
-    /// The keys live on this node are kept in `live_slot` (for `shoal info`).
     pub async fn start(
         m: &Membership,
         node_secret: &[u8; 32],
         incarnation: Incarnation,
         bind: Option<SocketAddr>,
-        live_slot: Arc<Mutex<Option<LiveKeys>>>,
     ) -> Result<Self, LinkError> {
         let me = m.view.node(&m.node_id).ok_or(LinkError::NotInView)?;
         let bind = bind.unwrap_or(SocketAddr::new(me.addr, DEFAULT_PORT));
@@ -193,10 +191,10 @@ impl Link {
         let (handle, mut events) = driver::start(cfg).await?;
         info!(%bind, "gossip started");
         let (up_tx, up) = watch::channel(Arc::new(HashSet::new()));
-        let (heard_tx, heard) = watch::channel(Arc::new(HashMap::new()));
+        let (announced_tx, announced) = watch::channel(Arc::new(HashMap::new()));
         let task = tokio::spawn(async move {
             let mut set = HashSet::new();
-            let mut known: HashMap<NodeId, Heard> = HashMap::new();
+            let mut known: HashMap<NodeId, Announced> = HashMap::new();
             while let Some(event) = events.recv().await {
                 let (member, is_up) = match &event {
                     Event::Up(m) | Event::Updated(m) => (m, true),
@@ -209,12 +207,12 @@ impl Link {
                 // What a node said of itself stays known while it is down: it may come back,
                 // and its data-path entries stay meanwhile.
                 if let Some(meta) = &member.metadata {
-                    let h = Heard {
+                    let h = Announced {
                         public_key: meta.public_key,
                         incarnation: Incarnation(meta.incarnation),
                     };
                     if known.insert(id.clone(), h) != Some(h) {
-                        heard_tx.send_replace(Arc::new(known.clone()));
+                        announced_tx.send_replace(Arc::new(known.clone()));
                     }
                 }
                 let changed = if is_up {
@@ -238,15 +236,12 @@ impl Link {
             public_key,
             incarnation,
             up,
-            heard,
+            announced,
             events: task,
-            last: Mutex::new(Some(meta)),
-            seen: Mutex::new(seen),
-            switch_at: Mutex::new(switch_at),
-            live: {
-                *live_slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(live);
-                live_slot
-            },
+            last: Some(meta),
+            seen,
+            switch_at,
+            live,
         })
     }
 
@@ -260,14 +255,14 @@ impl Link {
         self.up.borrow().clone()
     }
 
-    /// What gossip heard of each node: public key and data-path incarnation.
-    pub fn heard(&self) -> Arc<HashMap<NodeId, Heard>> {
-        self.heard.borrow().clone()
+    /// What each node announced of itself in gossip: public key and data-path incarnation.
+    pub fn announced(&self) -> Arc<HashMap<NodeId, Announced>> {
+        self.announced.borrow().clone()
     }
 
-    /// A receiver that changes whenever [`Link::heard`] does.
-    pub fn watch_heard(&self) -> watch::Receiver<Arc<HashMap<NodeId, Heard>>> {
-        self.heard.clone()
+    /// A receiver that changes whenever [`Link::announced`] does.
+    pub fn watch_announced(&self) -> watch::Receiver<Arc<HashMap<NodeId, Announced>>> {
+        self.announced.clone()
     }
 
     /// A receiver that changes whenever the up set does.
@@ -278,42 +273,32 @@ impl Link {
     /// When the keyring next changes by itself (a new key starts sealing); call
     /// [`Link::refresh_keys`] then.
     pub fn key_switch_at(&self) -> Option<Instant> {
-        *self
-            .switch_at
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        self.switch_at
+    }
+
+    /// The gossip keys live on this node: the one that seals, and the other one that opens.
+    pub fn live_keys(&self) -> LiveKeys {
+        self.live
     }
 
     /// Re-applies the keyring for `view` at the current time.
-    pub fn refresh_keys(&self, view: &ClusterView) -> Result<(), LinkError> {
-        let result = {
-            let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
-            keyring_at(view, &mut seen, Instant::now())
-        };
+    pub fn refresh_keys(&mut self, view: &ClusterView) -> Result<(), LinkError> {
+        let result = keyring_at(view, &mut self.seen, Instant::now());
         // Never leave a switch time in the past behind: the caller would wake at once again.
-        *self
-            .switch_at
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) =
-            result.as_ref().ok().and_then(|(_, _, next)| *next);
+        self.switch_at = result.as_ref().ok().and_then(|(_, _, next)| *next);
         let (ring, live, _) = result?;
         self.handle.set_keys(ring)?;
-        *self.live.lock().unwrap_or_else(PoisonError::into_inner) = Some(live);
+        self.live = live;
         Ok(())
     }
 
     /// Brings admission, keys and our metadata in step with a new view.
-    pub async fn follow(&self, m: &Membership) -> Result<(), LinkError> {
+    pub async fn apply_view(&mut self, m: &Membership) -> Result<(), LinkError> {
         self.handle.set_admission(admission(&m.view))?;
         self.refresh_keys(&m.view)?;
         let meta = metadata(&m.view, &m.node_id, self.public_key, self.incarnation)?;
-        let changed = {
-            let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
-            let changed = last.as_ref() != Some(&meta);
-            *last = Some(meta.clone());
-            changed
-        };
-        if changed {
+        if self.last.as_ref() != Some(&meta) {
+            self.last = Some(meta.clone());
             self.handle.update_metadata(meta).await?;
         }
         Ok(())

@@ -11,6 +11,7 @@ pub mod datapath;
 pub mod gossip;
 pub mod local;
 pub mod metrics;
+pub mod reconcile;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -23,13 +24,10 @@ use std::time::Duration;
 use shoal_vxlan::crypto::Incarnation;
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use tokio_rustls::client::TlsStream;
-use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_rustls::TlsConnector;
 use tracing::{debug, info, warn};
 
-use crate::agent::datapath::DataPath;
-use crate::agent::gossip::Link;
 use crate::api::{
     hex, read_frame, write_frame, write_raw_frame, AdminRequest, CaptureFrame, CaptureRequest,
     FrameError, Info, InitRequest, JoinRequest, LocalDataPath, ManagerReply, ManagerRequest,
@@ -40,15 +38,15 @@ use crate::cluster::ClusterView;
 use crate::id::NodeId;
 use crate::manager::state::{ApplyError, Availability, Command, Init, Network, Node, Role, State};
 use crate::manager::{
-    join_addr, random_key, random_u128, unix_now, AdminError, Manager, StartError, NOT_MANAGER,
+    join_addr, random_key, random_u128, unix_now, AdminError, StartError, NOT_MANAGER,
     PING_INTERVAL,
 };
 use crate::store::{Current, Membership, Store, StoreError, Write};
 use crate::token::{Secret, Token};
 use crate::trust::join::Proofs as _;
 use crate::trust::tls::{
-    cert_digest, generate_ca, join_client_config, manager_client_config, server_config,
-    server_name, Issued, NodeKey, TlsError, Validity,
+    cert_digest, generate_ca, join_client_config, manager_client_config, server_name, Issued,
+    NodeKey, TlsError, Validity,
 };
 
 /// The agent's version, reported as ENGINE VERSION.
@@ -60,7 +58,6 @@ pub const INGRESS_VNI: u32 = 4096;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
-const GOSSIP_RETRY: Duration = Duration::from_secs(5);
 
 /// The message for a client command that needs a swarm, on a node that is in none.
 pub const NOT_IN_SWARM: &str = "This node is not a swarm manager. Use \"shoal init\" or \"shoal join\" to connect this node to swarm and try again.";
@@ -134,6 +131,12 @@ pub enum AgentError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The agent is shutting down.
+    #[error("the agent is shutting down")]
+    Stopped,
+    /// Not in a swarm (a start without a membership record).
+    #[error("{NOT_IN_SWARM}")]
+    NotInSwarm,
 }
 
 /// Why a call to the manager API failed.
@@ -234,6 +237,9 @@ pub enum JoinError {
     /// The node is in a swarm.
     #[error("{ALREADY_IN_SWARM}")]
     AlreadyInSwarm,
+    /// Joined, but this node's part could not start (the agent is shutting down).
+    #[error("joined the swarm, but could not start: {0}")]
+    Start(Box<AgentError>),
     /// The token is malformed.
     #[error(transparent)]
     Token(#[from] crate::token::TokenError),
@@ -311,52 +317,19 @@ pub enum AdminCallError {
     Forward(#[from] CallError),
 }
 
-/// A background task with a stop signal.
-struct Running {
-    stop: watch::Sender<bool>,
-    task: JoinHandle<()>,
-}
-
-impl Running {
-    async fn stop(self) {
-        let _ = self.stop.send(true);
-        let _ = self.task.await;
-    }
-}
-
-#[derive(Default)]
-struct Roles {
-    manager: Option<(Arc<Manager>, Running)>,
-    watcher: Option<Running>,
-    gossip: Option<Running>,
-}
-
 /// The running agent.
 pub struct Agent {
     config: AgentConfig,
     store: Arc<Store>,
     public_key: [u8; 32],
     membership: Arc<Current>,
-    roles: tokio::sync::Mutex<Roles>,
-    gossip: Arc<std::sync::Mutex<Option<shoal_gossip::driver::Handle>>>,
+    /// One `init`, `join` or `leave` at a time: each checks the membership and then changes
+    /// it.
+    lifecycle: tokio::sync::Mutex<()>,
     node_secret: zeroize::Zeroizing<[u8; 32]>,
-    datapath: DataPathSlot,
     faults: Arc<Faults>,
-    gossip_keys: GossipKeysSlot,
-}
-
-/// The gossip keys live on this node (`None`: gossip not running).
-type GossipKeysSlot = Arc<std::sync::Mutex<Option<crate::cluster::LiveKeys>>>;
-
-/// The running data path, shared by the gossip loop (which starts and steers it) and the
-/// requests that read it.
-pub type DataPathSlot = Arc<std::sync::Mutex<Option<Arc<DataPath>>>>;
-
-/// The data path in `slot`, if one runs.
-fn running(slot: &DataPathSlot) -> Option<Arc<DataPath>> {
-    slot.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .clone()
+    /// The task that owns what runs (see [`reconcile`]).
+    reconciler: reconcile::Handle,
 }
 
 impl std::fmt::Debug for Agent {
@@ -391,7 +364,6 @@ pub async fn run(
             Some(tokio::spawn(metrics::serve(tcp, page)))
         }
     };
-    let drops = tokio::spawn(drop_summaries(agent.datapath.clone()));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -424,43 +396,12 @@ pub async fn run(
         }
     }
     info!("shutting down");
-    drops.abort();
     if let Some(task) = metrics {
         task.abort();
     }
     agent.stop().await;
     let _ = std::fs::remove_file(&agent.config.socket);
     Ok(())
-}
-
-/// Logs one line per interval with the data path's drops by reason, when there were any
-/// (never a line per packet).
-async fn drop_summaries(slot: DataPathSlot) {
-    let mut tick = tokio::time::interval(datapath::DROP_SUMMARY_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last: Option<(Arc<DataPath>, shoal_vxlan::engine::DropCounts)> = None;
-    loop {
-        tick.tick().await;
-        let dp = running(&slot);
-        let Some(dp) = dp else {
-            last = None;
-            continue;
-        };
-        let now = dp.status().counters.drops;
-        if let Some((prev_dp, prev)) = &last {
-            if Arc::ptr_eq(prev_dp, &dp) {
-                if let Some((total, reasons)) = datapath::drop_summary(prev, &now) {
-                    warn!(
-                        total,
-                        %reasons,
-                        "data path dropped {total} packets in the last {}s",
-                        datapath::DROP_SUMMARY_INTERVAL.as_secs()
-                    );
-                }
-            }
-        }
-        last = Some((dp, now));
-    }
 }
 
 /// Binds the local socket, private from its first moment (see [`crate::agent::local`]); a socket
@@ -481,20 +422,27 @@ impl Agent {
         let (public_key, _) = crate::trust::join::public_keys(&node_secret);
         let membership = store.membership()?;
         let manager_state = store.manager(State::from_record)?;
+        let membership_cell = Current::new(membership.clone());
+        let faults = Arc::new(Faults::default());
+        let (reconciler, _task) = reconcile::spawn(reconcile::Setup {
+            store: store.clone(),
+            membership: membership_cell.clone(),
+            faults: faults.clone(),
+            node_secret: node_secret.clone(),
+            gossip_addr: config.gossip_addr,
+            data_path: config.data_path.clone(),
+        });
         let agent = Arc::new(Self {
             config,
             store,
             public_key,
-            membership: Current::new(membership.clone()),
-            roles: tokio::sync::Mutex::new(Roles::default()),
-            gossip: Arc::new(std::sync::Mutex::new(None)),
+            membership: membership_cell,
+            lifecycle: tokio::sync::Mutex::new(()),
             node_secret,
-            datapath: Arc::new(std::sync::Mutex::new(None)),
-            faults: Arc::new(Faults::default()),
-            gossip_keys: Arc::new(std::sync::Mutex::new(None)),
+            faults,
+            reconciler,
         });
         if let Some(m) = membership {
-            let mut roles = agent.roles.lock().await;
             let incarnation = agent.fresh_incarnation()?;
             match (manager_state, m.listen_addr) {
                 (Some(state), Some(listen)) => {
@@ -505,14 +453,16 @@ impl Agent {
                                 addr: listen,
                                 source,
                             })?;
-                    let (manager, running) = agent.start_manager(&m, state, listener, listen)?;
-                    roles.gossip = Some(agent.start_gossip(Some(manager.clone()), incarnation));
-                    roles.manager = Some((manager, running));
+                    let manager = reconcile::ManagerStart {
+                        state,
+                        listener,
+                        listen,
+                    };
+                    agent.reconciler.start(Some(manager), incarnation).await?;
                     info!(node = %m.node_id, %listen, "resumed as the swarm leader");
                 }
                 _ => {
-                    roles.watcher = Some(agent.start_watcher());
-                    roles.gossip = Some(agent.start_gossip(None, incarnation));
+                    agent.reconciler.start(None, incarnation).await?;
                     info!(node = %m.node_id, manager = %m.view.api_addr, "resumed swarm membership");
                 }
             }
@@ -520,17 +470,13 @@ impl Agent {
         Ok(agent)
     }
 
+    /// What runs on this node now.
+    fn running(&self) -> Arc<reconcile::Running> {
+        self.reconciler.running()
+    }
+
     async fn stop(&self) {
-        let mut roles = self.roles.lock().await;
-        if let Some(running) = roles.gossip.take() {
-            running.stop().await;
-        }
-        if let Some((_, running)) = roles.manager.take() {
-            running.stop().await;
-        }
-        if let Some(running) = roles.watcher.take() {
-            running.stop().await;
-        }
+        self.reconciler.stop().await;
     }
 
     /// A new incarnation for the next start of gossip and the data path, stored before it is
@@ -543,65 +489,6 @@ impl Agent {
                 bytes
             })
             .map(Incarnation)
-    }
-
-    /// Starts gossip (and, with it, the data path) with `incarnation`, which must be fresh:
-    /// from [`Agent::fresh_incarnation`], once per start.
-    fn start_gossip(&self, manager: Option<Arc<Manager>>, incarnation: Incarnation) -> Running {
-        let (stop, rx) = watch::channel(false);
-        let data_path = self.config.data_path.clone().map(|mut params| {
-            params.incarnation = incarnation;
-            (params, *self.node_secret, self.datapath.clone())
-        });
-        let task = tokio::spawn(gossip_loop(
-            self.gossip.clone(),
-            self.gossip_keys.clone(),
-            self.membership.clone(),
-            self.node_secret.clone(),
-            incarnation,
-            self.config.gossip_addr,
-            manager,
-            data_path,
-            rx,
-        ));
-        Running { stop, task }
-    }
-
-    fn start_manager(
-        &self,
-        m: &Membership,
-        state: State,
-        listener: TcpListener,
-        listen: SocketAddr,
-    ) -> Result<(Arc<Manager>, Running), AgentError> {
-        let own = Issued {
-            cert_der: m.cert_der.clone(),
-            key_pem: m.key_pem.clone(),
-        };
-        let tls = server_config(&m.view.ca_cert_der, &own)?;
-        let manager = Manager::new(
-            m.node_id.clone(),
-            listen,
-            (own, m.cert_not_after),
-            *self.node_secret,
-            state,
-            self.store.clone(),
-            self.membership.clone(),
-        )?;
-        let (stop, rx) = watch::channel(false);
-        let task = tokio::spawn(manager.clone().serve(listener, TlsAcceptor::from(tls), rx));
-        Ok((manager, Running { stop, task }))
-    }
-
-    fn start_watcher(&self) -> Running {
-        let (stop, rx) = watch::channel(false);
-        let task = tokio::spawn(watch_loop(
-            self.store.clone(),
-            self.membership.clone(),
-            self.faults.clone(),
-            rx,
-        ));
-        Running { stop, task }
     }
 
     /// A client the socket's access rules do not allow: one line, counted, closed.
@@ -660,12 +547,7 @@ impl Agent {
         match request {
             Request::Info => {
                 let mut info = self.info();
-                let handle = self
-                    .gossip
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .clone();
-                if let Some(handle) = handle {
+                if let Some(handle) = self.running().gossip.clone() {
                     if let Ok(stats) = handle.stats().await {
                         info.gossip = serde_json::to_value(stats).ok();
                     }
@@ -758,7 +640,10 @@ impl Agent {
         if !req.inner && !req.outer {
             return Err("nothing to capture: ask for --inner, --outer or --both".into());
         }
-        let dp = running(&self.datapath)
+        let dp = self
+            .running()
+            .data_path
+            .clone()
             .ok_or("the data path is not running on this node; see the agent's log")?;
         let me = m.view.node(&m.node_id).ok_or(NOT_IN_SWARM)?;
         let peer = match &req.peer {
@@ -814,7 +699,7 @@ impl Agent {
 
     fn network_detail(&self, m: &Membership) -> NetworkDetail {
         let n = &m.view.ingress;
-        let dp = running(&self.datapath);
+        let dp = self.running().data_path.clone();
         let local = dp.map(|dp| {
             let s = dp.status();
             LocalDataPath {
@@ -882,11 +767,8 @@ impl Agent {
                 .map(|m| m.view.keys.data_path.iter().map(|k| k.id).collect())
                 .unwrap_or_default(),
             cert_not_after: m.as_ref().map(|m| m.cert_not_after),
-            gossip_keys_live: *self
-                .gossip_keys
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-            data_path_epochs_live: running(&self.datapath).and_then(|dp| {
+            gossip_keys_live: self.running().gossip_keys,
+            data_path_epochs_live: self.running().data_path.clone().and_then(|dp| {
                 let s = dp.status();
                 let sealing = s.send_epoch?;
                 Some(crate::cluster::LiveKeys {
@@ -899,7 +781,7 @@ impl Agent {
     }
 
     async fn init(&self, req: InitRequest) -> Result<Reply, InitError> {
-        let mut roles = self.roles.lock().await;
+        let _one_at_a_time = self.lifecycle.lock().await;
         if self.membership.get().is_some() {
             return Err(InitError::AlreadyInSwarm);
         }
@@ -994,13 +876,14 @@ impl Agent {
             Write::Manager(&crate::store::encoded("manager", state.to_record())?),
             Write::Membership(&membership),
         ])?;
-        let started = self.start_manager(&membership, state, listener, req.listen_addr);
         self.membership.set(Some(membership));
-        match started {
-            Ok((manager, running)) => {
-                roles.gossip = Some(self.start_gossip(Some(manager.clone()), incarnation));
-                roles.manager = Some((manager, running));
-            }
+        let manager = reconcile::ManagerStart {
+            state,
+            listener,
+            listen: req.listen_addr,
+        };
+        match self.reconciler.start(Some(manager), incarnation).await {
+            Ok(()) => {}
             Err(e) => {
                 // Undo: nothing of a half-started swarm stays.
                 self.membership.set(None);
@@ -1019,7 +902,7 @@ impl Agent {
     }
 
     async fn join(&self, req: JoinRequest) -> Result<Reply, JoinError> {
-        let mut roles = self.roles.lock().await;
+        let _one_at_a_time = self.lifecycle.lock().await;
         if self.membership.get().is_some() {
             return Err(JoinError::AlreadyInSwarm);
         }
@@ -1102,25 +985,21 @@ impl Agent {
         self.store.write(&[Write::Membership(&membership)])?;
         info!(node = %membership.node_id, role = role.as_str(), %manager, "joined the swarm");
         self.membership.set(Some(membership));
-        roles.watcher = Some(self.start_watcher());
-        roles.gossip = Some(self.start_gossip(None, incarnation));
+        self.reconciler
+            .start(None, incarnation)
+            .await
+            .map_err(|e| JoinError::Start(Box::new(e)))?;
         Ok(Reply::Joined { role })
     }
 
     async fn leave(&self, force: bool) -> Result<Reply, LeaveError> {
-        let mut roles = self.roles.lock().await;
+        let _one_at_a_time = self.lifecycle.lock().await;
         let Some(m) = self.membership.get() else {
             return Err(LeaveError::NotInSwarm);
         };
-        if roles.manager.is_some() {
+        if self.running().manager.is_some() {
             if !force {
                 return Err(LeaveError::LastManager);
-            }
-            if let Some(running) = roles.gossip.take() {
-                running.stop().await;
-            }
-            if let Some((_, running)) = roles.manager.take() {
-                running.stop().await;
             }
         } else {
             if m.role() == Role::Manager && !force {
@@ -1138,12 +1017,7 @@ impl Agent {
                 Err(_) => warn!("could not tell the manager we leave: timed out"),
             }
         }
-        if let Some(running) = roles.gossip.take() {
-            running.stop().await;
-        }
-        if let Some(running) = roles.watcher.take() {
-            running.stop().await;
-        }
+        self.reconciler.stop().await;
         self.store
             .write(&[Write::ClearMembership, Write::ClearManager])?;
         self.membership.set(None);
@@ -1155,12 +1029,8 @@ impl Agent {
     pub async fn metrics_snapshot(&self) -> metrics::Snapshot {
         use crate::agent::metrics::{DataPathSnapshot, GossipSnapshot, PeerSnapshot, Snapshot};
         let m = self.membership.get();
-        let handle = self
-            .gossip
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
-        let (members, stats) = match &handle {
+        let running = self.running();
+        let (members, stats) = match &running.gossip {
             Some(h) => (h.members().await.ok(), h.stats().await.ok()),
             None => (None, None),
         };
@@ -1172,8 +1042,8 @@ impl Agent {
         });
         let f = &self.faults;
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let api_refused = match self.roles.lock().await.manager.as_ref() {
-            Some((manager, _)) => {
+        let api_refused = match running.manager.as_ref() {
+            Some(manager) => {
                 let g = manager.gate_stats();
                 vec![
                     ("per_source", g.refused_per_source),
@@ -1226,7 +1096,7 @@ impl Agent {
                 stats,
             });
         }
-        let dp = running(&self.datapath);
+        let dp = self.running().data_path.clone();
         if let (Some(dp), Some(m)) = (dp, &m) {
             let s = dp.status();
             let names = peer_names(&m.view);
@@ -1261,7 +1131,7 @@ impl Agent {
         let Reply::Node(mut node) = reply else {
             return reply;
         };
-        let dp = running(&self.datapath);
+        let dp = self.running().data_path.clone();
         if let Some(dp) = dp.filter(|_| node.id != m.node_id) {
             node.data_path = dp
                 .status()
@@ -1274,13 +1144,7 @@ impl Agent {
     }
 
     async fn admin(&self, request: AdminRequest) -> Result<Reply, AdminCallError> {
-        let leader = self
-            .roles
-            .lock()
-            .await
-            .manager
-            .as_ref()
-            .map(|(m, _)| m.clone());
+        let leader = self.running().manager.clone();
         let Some(m) = self.membership.get() else {
             return Err(AdminCallError::NotInSwarm);
         };
@@ -1466,207 +1330,6 @@ async fn call(
         None => Err(CallError::Closed(addr)),
         Some(Err(message)) => Err(CallError::Refused { addr, message }),
         Some(Ok(reply)) => Ok(reply),
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn gossip_loop(
-    handle_slot: Arc<std::sync::Mutex<Option<shoal_gossip::driver::Handle>>>,
-    keys_slot: GossipKeysSlot,
-    cell: Arc<Current>,
-    node_secret: zeroize::Zeroizing<[u8; 32]>,
-    incarnation: Incarnation,
-    bind: Option<SocketAddr>,
-    manager: Option<Arc<Manager>>,
-    data_path: Option<(datapath::Params, [u8; 32], DataPathSlot)>,
-    mut stop: watch::Receiver<bool>,
-) {
-    // Start gossip, retrying while it cannot (e.g. the advertise address is not up yet).
-    let mut warned = false;
-    let link = loop {
-        let Some(m) = cell.get() else {
-            return;
-        };
-        match Link::start(&m, &node_secret, incarnation, bind, keys_slot.clone()).await {
-            Ok(link) => break link,
-            Err(e) => {
-                if !warned {
-                    warn!("gossip did not start: {e}; retrying every 5 s, and node STATUS falls back to the watch streams meanwhile");
-                    warned = true;
-                }
-            }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(GOSSIP_RETRY) => {}
-            _ = stop.changed() => return,
-        }
-    };
-    if warned {
-        info!("gossip started after all");
-    }
-    *handle_slot
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(link.handle());
-    let mut changes = cell.subscribe();
-    let mut up = link.watch_up();
-    let mut heard = link.watch_heard();
-    if let Some(manager) = &manager {
-        manager.set_gossip_up(Some(link.up()));
-    }
-    let mut steer = data_path.map(|(params, secret, slot)| Steer::new(params, secret, slot));
-    let mut epoch_switch = None;
-    if let (Some(s), Some(m)) = (steer.as_mut(), cell.get()) {
-        epoch_switch = s.follow(&m, &link.heard());
-    }
-    loop {
-        // Also wake when the data path's sending epoch changes (or, if it is not up yet, to
-        // retry bringing it up).
-        let dp_wake = epoch_switch.map_or_else(
-            || tokio::time::Instant::now() + Duration::from_secs(3600),
-            tokio::time::Instant::from_std,
-        );
-        // When a new gossip key starts sealing (see gossip::KEY_GRACE); far away if none.
-        let switch = link.key_switch_at().map_or_else(
-            || tokio::time::Instant::now() + Duration::from_secs(3600),
-            tokio::time::Instant::from_std,
-        );
-        tokio::select! {
-            changed = changes.changed() => {
-                if changed.is_err() {
-                    break;
-                }
-                match cell.get() {
-                    Some(m) => {
-                        if let Err(e) = link.follow(&m).await {
-                            warn!("gossip could not follow the cluster view: {e}");
-                        }
-                        if let Some(s) = steer.as_mut() {
-                            epoch_switch = s.follow(&m, &link.heard());
-                        }
-                    }
-                    None => break,
-                }
-            }
-            changed = heard.changed() => {
-                if changed.is_err() {
-                    break;
-                }
-                let now_heard = heard.borrow_and_update().clone();
-                if let (Some(s), Some(m)) = (steer.as_mut(), cell.get()) {
-                    epoch_switch = s.follow(&m, &now_heard);
-                }
-            }
-            () = tokio::time::sleep_until(dp_wake) => {
-                if let (Some(s), Some(m)) = (steer.as_mut(), cell.get()) {
-                    epoch_switch = s.follow(&m, &link.heard());
-                }
-            }
-            changed = up.changed() => {
-                if changed.is_err() {
-                    break;
-                }
-                if let Some(manager) = &manager {
-                    manager.set_gossip_up(Some(up.borrow_and_update().clone()));
-                }
-            }
-            () = tokio::time::sleep_until(switch) => {
-                if let Some(m) = cell.get() {
-                    if let Err(e) = link.refresh_keys(&m.view) {
-                        warn!("gossip could not switch keys: {e}");
-                    }
-                }
-            }
-            _ = stop.changed() => break,
-        }
-    }
-    if let Some(manager) = &manager {
-        manager.set_gossip_up(None);
-    }
-    if let Some(s) = steer {
-        s.stop();
-    }
-    *handle_slot
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
-    *keys_slot
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
-    link.stop(true).await;
-}
-
-/// Brings the data path up once this node has an overlay address, and keeps it following the
-/// view and gossip. Failures are logged and retried (the control plane runs without it).
-struct Steer {
-    params: datapath::Params,
-    secret: zeroize::Zeroizing<[u8; 32]>,
-    slot: DataPathSlot,
-    warned: bool,
-}
-
-/// How often a data path that could not start is retried.
-const DATA_PATH_RETRY: Duration = Duration::from_secs(5);
-
-impl Steer {
-    fn new(params: datapath::Params, secret: [u8; 32], slot: DataPathSlot) -> Self {
-        Steer {
-            params,
-            secret: zeroize::Zeroizing::new(secret),
-            slot,
-            warned: false,
-        }
-    }
-
-    fn current(&self) -> Option<Arc<DataPath>> {
-        running(&self.slot)
-    }
-
-    /// Follows `m`; returns when to be called again by itself.
-    fn follow(
-        &mut self,
-        m: &Membership,
-        heard: &HashMap<NodeId, datapath::Heard>,
-    ) -> Option<std::time::Instant> {
-        let now = std::time::Instant::now();
-        let dp = match self.current() {
-            Some(dp) => dp,
-            None => match DataPath::start(&m.view, &m.node_id, *self.secret, &self.params) {
-                Ok(dp) => {
-                    let dp = Arc::new(dp);
-                    info!(
-                        interface = %self.params.interface,
-                        incarnation = ?self.params.incarnation,
-                        aead = shoal_vxlan::crypto::backend(),
-                        "data path up"
-                    );
-                    *self
-                        .slot
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(dp.clone());
-                    dp
-                }
-                Err(e) => {
-                    if !self.warned {
-                        warn!("data path did not start: {e}; retrying every 5 s");
-                        self.warned = true;
-                    }
-                    return Some(now + DATA_PATH_RETRY);
-                }
-            },
-        };
-        match dp.follow(&m.view, &m.node_id, heard, now) {
-            Ok(next) => next,
-            Err(e) => {
-                warn!("data path could not follow the cluster view: {e}");
-                Some(now + DATA_PATH_RETRY)
-            }
-        }
-    }
-
-    fn stop(self) {
-        *self
-            .slot
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
     }
 }
 

@@ -1,0 +1,528 @@
+//! The one owner of what this node runs: its role (the manager's API when it leads, the watch
+//! stream to the manager otherwise), gossip, and the data path.
+//!
+//! One task, the [`Reconciler`], holds all of it. It is fed by events and never shares what
+//! it holds behind a lock:
+//! - **orders** from the agent's lifecycle requests ([`Order::Start`] after `init`, `join` or
+//!   a restart; [`Order::Stop`] for `leave` and shutdown);
+//! - **the membership record** changing (a new view from the watch stream or this node's own
+//!   manager, a renewed certificate): gossip's admission, keys and metadata and the data
+//!   path's peers and epochs follow it;
+//! - **gossip**: what peers announce of themselves (public key, incarnation) reaches the data
+//!   path; the set of nodes gossip sees up reaches the manager (node STATUS);
+//! - **timers**: a new gossip key or data-path epoch starts sealing, a failed start is
+//!   retried, the data path's drops are summed up in the log.
+//!
+//! What runs is published as a [`Running`] snapshot on every change; requests (`info`,
+//! `network inspect`, `capture`, `/metrics`, admin calls) read the latest snapshot.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+use tracing::{info, warn};
+
+use shoal_vxlan::crypto::Incarnation;
+
+use super::datapath::{self, DataPath};
+use super::gossip::Link;
+use super::{watch_loop, AgentError, Faults};
+use crate::cluster::LiveKeys;
+use crate::id::NodeId;
+use crate::manager::state::State;
+use crate::manager::Manager;
+use crate::store::{Current, Membership, Store};
+use crate::trust::tls::{server_config, Issued};
+
+/// How often gossip that could not start is tried again.
+const GOSSIP_RETRY: Duration = Duration::from_secs(5);
+/// How often a data path that could not start is tried again.
+const DATA_PATH_RETRY: Duration = Duration::from_secs(5);
+/// Orders waiting for the reconciler at most.
+const ORDER_QUEUE: usize = 8;
+
+/// What runs on this node now, as requests see it.
+#[derive(Clone, Default)]
+pub struct Running {
+    /// This node's manager, when it leads.
+    pub manager: Option<Arc<Manager>>,
+    /// The gossip driver, once gossip runs.
+    pub gossip: Option<shoal_gossip::driver::Handle>,
+    /// The gossip keys live on this node.
+    pub gossip_keys: Option<LiveKeys>,
+    /// The data path, once it runs.
+    pub data_path: Option<Arc<DataPath>>,
+}
+
+/// The manager's part of a start: its state and the listener already bound to its address
+/// (bound by the caller, so a busy port is the caller's error before anything is kept).
+pub struct ManagerStart {
+    /// The manager state.
+    pub state: State,
+    /// The bound API listener.
+    pub listener: TcpListener,
+    /// Its address.
+    pub listen: SocketAddr,
+}
+
+/// What the agent asks of the reconciler.
+pub enum Order {
+    /// Run this node's part in the swarm of the membership record: the manager (when
+    /// `manager` is given) or the watch stream, then gossip and the data path with
+    /// `incarnation`, which must be fresh (stored before, never used before).
+    Start {
+        /// The manager's state and listener, on the leader.
+        manager: Option<Box<ManagerStart>>,
+        /// A fresh incarnation.
+        incarnation: Incarnation,
+        /// Whether the manager started.
+        reply: oneshot::Sender<Result<(), AgentError>>,
+    },
+    /// Stop everything this node runs; gossip says goodbye first.
+    Stop {
+        /// Answered once everything has stopped.
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// The agent's side of the reconciler: sends orders, reads what runs.
+#[derive(Clone)]
+pub struct Handle {
+    orders: mpsc::Sender<Order>,
+    running: watch::Receiver<Arc<Running>>,
+}
+
+impl Handle {
+    /// What runs now.
+    pub fn running(&self) -> Arc<Running> {
+        self.running.borrow().clone()
+    }
+
+    /// See [`Order::Start`].
+    pub async fn start(
+        &self,
+        manager: Option<ManagerStart>,
+        incarnation: Incarnation,
+    ) -> Result<(), AgentError> {
+        let (reply, answer) = oneshot::channel();
+        let order = Order::Start {
+            manager: manager.map(Box::new),
+            incarnation,
+            reply,
+        };
+        if self.orders.send(order).await.is_err() {
+            return Err(AgentError::Stopped);
+        }
+        answer.await.unwrap_or(Err(AgentError::Stopped))
+    }
+
+    /// See [`Order::Stop`].
+    pub async fn stop(&self) {
+        let (reply, answer) = oneshot::channel();
+        if self.orders.send(Order::Stop { reply }).await.is_ok() {
+            let _ = answer.await;
+        }
+    }
+}
+
+/// What the reconciler needs to start things, fixed for the agent's life.
+pub struct Setup {
+    /// The state store.
+    pub store: Arc<Store>,
+    /// The membership record (and its changes).
+    pub membership: Arc<Current>,
+    /// Where faults are counted.
+    pub faults: Arc<Faults>,
+    /// The node's X25519 secret.
+    pub node_secret: zeroize::Zeroizing<[u8; 32]>,
+    /// Gossip's bind address, if not the default.
+    pub gossip_addr: Option<SocketAddr>,
+    /// The data path's parameters, if this node runs one.
+    pub data_path: Option<datapath::Params>,
+}
+
+/// A background task with a stop signal.
+struct Task {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Task {
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+/// Gossip while it runs, with the receivers the reconciler waits on.
+struct Gossip {
+    link: Link,
+    announced: watch::Receiver<Arc<std::collections::HashMap<NodeId, datapath::Announced>>>,
+    up: watch::Receiver<Arc<HashSet<NodeId>>>,
+}
+
+/// The task that owns what this node runs. See the module docs.
+pub struct Reconciler {
+    setup: Setup,
+    manager: Option<(Arc<Manager>, Task)>,
+    watcher: Option<Task>,
+    /// The incarnation of the current start (`None`: nothing should run).
+    incarnation: Option<Incarnation>,
+    gossip: Option<Gossip>,
+    gossip_retry: Option<Instant>,
+    gossip_warned: bool,
+    data_path: Option<Arc<DataPath>>,
+    data_path_wake: Option<Instant>,
+    data_path_warned: bool,
+    drops: Option<(Arc<DataPath>, shoal_vxlan::engine::DropCounts)>,
+    published: watch::Sender<Arc<Running>>,
+}
+
+/// Starts the reconciler task.
+pub fn spawn(setup: Setup) -> (Handle, JoinHandle<()>) {
+    let (orders, rx) = mpsc::channel(ORDER_QUEUE);
+    let (published, running) = watch::channel(Arc::new(Running::default()));
+    let reconciler = Reconciler {
+        setup,
+        manager: None,
+        watcher: None,
+        incarnation: None,
+        gossip: None,
+        gossip_retry: None,
+        gossip_warned: false,
+        data_path: None,
+        data_path_wake: None,
+        data_path_warned: false,
+        drops: None,
+        published,
+    };
+    let task = tokio::spawn(reconciler.run(rx));
+    (Handle { orders, running }, task)
+}
+
+/// Waits for a change on `rx`; forever when there is none to wait on (or it closed).
+async fn changed<T>(rx: Option<&mut watch::Receiver<T>>) {
+    if let Some(rx) = rx {
+        if rx.changed().await.is_ok() {
+            return;
+        }
+    }
+    std::future::pending().await
+}
+
+fn far() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(3600)
+}
+
+impl Reconciler {
+    async fn run(mut self, mut orders: mpsc::Receiver<Order>) {
+        let mut record = self.setup.membership.subscribe();
+        let mut drops = tokio::time::interval(datapath::DROP_SUMMARY_INTERVAL);
+        drops.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let wake = self
+                .next_wake()
+                .map_or_else(far, tokio::time::Instant::from_std);
+            let (announced, up) = match self.gossip.as_mut() {
+                Some(g) => (Some(&mut g.announced), Some(&mut g.up)),
+                None => (None, None),
+            };
+            tokio::select! {
+                order = orders.recv() => match order {
+                    Some(Order::Start { manager, incarnation, reply }) => {
+                        let _ = reply.send(self.start(manager, incarnation).await);
+                    }
+                    Some(Order::Stop { reply }) => {
+                        self.stop().await;
+                        let _ = reply.send(());
+                    }
+                    None => break,
+                },
+                changed = record.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    self.follow_record().await;
+                }
+                () = changed(announced) => self.steer_data_path(),
+                () = changed(up) => self.feed_manager(),
+                () = tokio::time::sleep_until(wake) => self.on_timer().await,
+                _ = drops.tick() => self.log_drops(),
+            }
+        }
+        self.stop().await;
+    }
+
+    /// The soonest of: gossip's next start try, a new gossip key sealing, the data path's
+    /// next epoch switch or start try.
+    fn next_wake(&self) -> Option<Instant> {
+        let key_switch = self.gossip.as_ref().and_then(|g| g.link.key_switch_at());
+        [self.gossip_retry, key_switch, self.data_path_wake]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    async fn start(
+        &mut self,
+        manager: Option<Box<ManagerStart>>,
+        incarnation: Incarnation,
+    ) -> Result<(), AgentError> {
+        let m = self.setup.membership.get().ok_or(AgentError::NotInSwarm)?;
+        self.stop().await;
+        match manager {
+            Some(start) => {
+                let (manager, task) = self.start_manager(&m, *start)?;
+                self.manager = Some((manager, task));
+            }
+            None => self.watcher = Some(self.start_watcher()),
+        }
+        self.incarnation = Some(incarnation);
+        self.gossip_retry = Some(Instant::now());
+        self.on_timer().await;
+        Ok(())
+    }
+
+    async fn stop(&mut self) {
+        self.incarnation = None;
+        self.gossip_retry = None;
+        self.data_path_wake = None;
+        if let Some((manager, _)) = &self.manager {
+            manager.set_gossip_up(None);
+        }
+        // The data path goes with its gossip (its peers' keys come from there).
+        self.data_path = None;
+        self.drops = None;
+        if let Some(g) = self.gossip.take() {
+            g.link.stop(true).await;
+        }
+        if let Some((_, task)) = self.manager.take() {
+            task.stop().await;
+        }
+        if let Some(task) = self.watcher.take() {
+            task.stop().await;
+        }
+        self.publish();
+    }
+
+    fn start_manager(
+        &self,
+        m: &Membership,
+        start: ManagerStart,
+    ) -> Result<(Arc<Manager>, Task), AgentError> {
+        let own = Issued {
+            cert_der: m.cert_der.clone(),
+            key_pem: m.key_pem.clone(),
+        };
+        let tls = server_config(&m.view.ca_cert_der, &own)?;
+        let manager = Manager::new(
+            m.node_id.clone(),
+            start.listen,
+            (own, m.cert_not_after),
+            *self.setup.node_secret,
+            start.state,
+            self.setup.store.clone(),
+            self.setup.membership.clone(),
+        )?;
+        let (stop, rx) = watch::channel(false);
+        let task = tokio::spawn(
+            manager
+                .clone()
+                .serve(start.listener, TlsAcceptor::from(tls), rx),
+        );
+        Ok((manager, Task { stop, task }))
+    }
+
+    fn start_watcher(&self) -> Task {
+        let (stop, rx) = watch::channel(false);
+        let task = tokio::spawn(watch_loop(
+            self.setup.store.clone(),
+            self.setup.membership.clone(),
+            self.setup.faults.clone(),
+            rx,
+        ));
+        Task { stop, task }
+    }
+
+    /// Tries to start gossip (retried every [`GOSSIP_RETRY`]: the advertise address may not
+    /// be up yet).
+    async fn start_gossip(&mut self) {
+        let (Some(incarnation), Some(m)) = (self.incarnation, self.setup.membership.get()) else {
+            self.gossip_retry = None;
+            return;
+        };
+        let started = Link::start(
+            &m,
+            &self.setup.node_secret,
+            incarnation,
+            self.setup.gossip_addr,
+        )
+        .await;
+        match started {
+            Ok(link) => {
+                if self.gossip_warned {
+                    info!("gossip started after all");
+                }
+                self.gossip_retry = None;
+                self.gossip_warned = false;
+                self.gossip = Some(Gossip {
+                    announced: link.watch_announced(),
+                    up: link.watch_up(),
+                    link,
+                });
+                self.feed_manager();
+                self.steer_data_path();
+            }
+            Err(e) => {
+                if !self.gossip_warned {
+                    warn!("gossip did not start: {e}; retrying every 5 s, and node STATUS falls back to the watch streams meanwhile");
+                    self.gossip_warned = true;
+                }
+                self.gossip_retry = Some(Instant::now() + GOSSIP_RETRY);
+            }
+        }
+        self.publish();
+    }
+
+    async fn on_timer(&mut self) {
+        let now = Instant::now();
+        if self.gossip.is_none() && self.gossip_retry.is_some_and(|t| t <= now) {
+            self.start_gossip().await;
+        }
+        let key_switch = self.gossip.as_ref().and_then(|g| g.link.key_switch_at());
+        if key_switch.is_some_and(|t| t <= now) {
+            if let (Some(g), Some(m)) = (self.gossip.as_mut(), self.setup.membership.get()) {
+                if let Err(e) = g.link.refresh_keys(&m.view) {
+                    warn!("gossip could not switch keys: {e}");
+                }
+            }
+            self.publish();
+        }
+        if self.data_path_wake.is_some_and(|t| t <= now) {
+            self.steer_data_path();
+        }
+    }
+
+    /// The membership record changed: gossip and the data path follow it. Without one (the
+    /// node left, or the manager removed it), nothing runs.
+    async fn follow_record(&mut self) {
+        let Some(m) = self.setup.membership.get() else {
+            if self.incarnation.is_some() || self.manager.is_some() || self.watcher.is_some() {
+                self.stop().await;
+            }
+            return;
+        };
+        if let Some(g) = self.gossip.as_mut() {
+            if let Err(e) = g.link.apply_view(&m).await {
+                warn!("gossip could not follow the cluster view: {e}");
+            }
+        }
+        self.steer_data_path();
+        self.publish();
+    }
+
+    /// The set of nodes gossip sees up goes to this node's manager (node STATUS).
+    fn feed_manager(&mut self) {
+        let up = self
+            .gossip
+            .as_mut()
+            .map(|g| g.up.borrow_and_update().clone());
+        if let (Some((manager, _)), Some(up)) = (&self.manager, up) {
+            manager.set_gossip_up(Some(up));
+        }
+    }
+
+    /// Brings the data path up once gossip runs and this node has an overlay address, and
+    /// keeps it following the view and what peers announce. Failures are logged once and
+    /// retried (the control plane runs without it).
+    fn steer_data_path(&mut self) {
+        let now = Instant::now();
+        self.data_path_wake = None;
+        let (Some(params), Some(incarnation), Some(g), Some(m)) = (
+            self.setup.data_path.as_ref(),
+            self.incarnation,
+            self.gossip.as_mut(),
+            self.setup.membership.get(),
+        ) else {
+            return;
+        };
+        let announced = g.announced.borrow_and_update().clone();
+        let dp = match &self.data_path {
+            Some(dp) => dp.clone(),
+            None => {
+                let params = datapath::Params {
+                    incarnation,
+                    ..params.clone()
+                };
+                match DataPath::start(&m.view, &m.node_id, *self.setup.node_secret, &params) {
+                    Ok(dp) => {
+                        info!(
+                            interface = %params.interface,
+                            incarnation = ?params.incarnation,
+                            aead = shoal_vxlan::crypto::backend(),
+                            "data path up"
+                        );
+                        self.data_path_warned = false;
+                        let dp = Arc::new(dp);
+                        self.data_path = Some(dp.clone());
+                        self.publish();
+                        dp
+                    }
+                    Err(e) => {
+                        if !self.data_path_warned {
+                            warn!("data path did not start: {e}; retrying every 5 s");
+                            self.data_path_warned = true;
+                        }
+                        self.data_path_wake = Some(now + DATA_PATH_RETRY);
+                        return;
+                    }
+                }
+            }
+        };
+        self.data_path_wake = match dp.apply_view(&m.view, &m.node_id, &announced, now) {
+            Ok(next) => next,
+            Err(e) => {
+                warn!("data path could not follow the cluster view: {e}");
+                Some(now + DATA_PATH_RETRY)
+            }
+        };
+    }
+
+    /// One log line per interval with the data path's drops by reason, when there were any
+    /// (never a line per packet).
+    fn log_drops(&mut self) {
+        let Some(dp) = self.data_path.clone() else {
+            self.drops = None;
+            return;
+        };
+        let now = dp.status().counters.drops;
+        if let Some((prev_dp, prev)) = &self.drops {
+            if Arc::ptr_eq(prev_dp, &dp) {
+                if let Some((total, reasons)) = datapath::drop_summary(prev, &now) {
+                    warn!(
+                        total,
+                        %reasons,
+                        "data path dropped {total} packets in the last {}s",
+                        datapath::DROP_SUMMARY_INTERVAL.as_secs()
+                    );
+                }
+            }
+        }
+        self.drops = Some((dp, now));
+    }
+
+    fn publish(&self) {
+        let running = Running {
+            manager: self.manager.as_ref().map(|(m, _)| m.clone()),
+            gossip: self.gossip.as_ref().map(|g| g.link.handle()),
+            gossip_keys: self.gossip.as_ref().map(|g| g.link.live_keys()),
+            data_path: self.data_path.clone(),
+        };
+        self.published.send_replace(Arc::new(running));
+    }
+}
