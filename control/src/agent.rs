@@ -735,10 +735,6 @@ impl Agent {
         info!(lost = sub.lost(), "capture ended");
     }
 
-    #[expect(
-        clippy::type_complexity,
-        reason = "a one-off triple, named where it is taken apart"
-    )]
     fn start_capture(
         &self,
         req: &CaptureRequest,
