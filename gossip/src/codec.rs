@@ -425,18 +425,26 @@ pub enum Item {
     },
 }
 
+/// Whether record sequence number `a` is later than `b`. A run's first record has the run's
+/// bump in its upper 32 bits, and bumps wrap (serial number arithmetic, RFC 1982, as in
+/// [`Identity::newer_than`](crate::Identity::newer_than)); so sequence numbers are compared
+/// the same way: `a` is later when it is less than 2^63 ahead of `b`.
+pub fn seq_after(a: u64, b: u64) -> bool {
+    (a.wrapping_sub(b) as i64) > 0
+}
+
 /// What a node says about itself, signed by it with its Ed25519 key: its identity (address
 /// and bump), its SWIM incarnation, its metadata and whether it is leaving. `seq` orders a
-/// node's records (higher wins); the node raises it with every record it makes. A node
-/// makes a new record whenever its identity, incarnation or metadata changes, so the
-/// highest record of a node is the highest (bump, incarnation) it stated.
+/// node's records (the later wins, see [`seq_after`]); the node raises it with every record
+/// it makes. A node makes a new record whenever its identity, incarnation or metadata
+/// changes, so the latest record of a node is the latest (bump, incarnation) it stated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeRecord {
     /// The node and its identity (address, bump).
     pub subject: Identity,
     /// Its SWIM incarnation.
     pub incarnation: u16,
-    /// Version of this record; higher wins.
+    /// Version of this record; the later wins ([`seq_after`]).
     pub seq: u64,
     /// The node is leaving the cluster on purpose.
     pub leaving: bool,

@@ -46,8 +46,8 @@ pub struct Config {
     pub advertise: SocketAddr,
     /// Our node ID.
     pub id: NodeId,
-    /// Identity generation; `None` takes the wall clock in tenths of a second so that a
-    /// restarted agent always wins over its previous life.
+    /// Identity generation; `None` takes [`wall_bump`] of the wall clock, so that a restarted
+    /// agent wins over its previous life.
     pub bump: Option<u32>,
     /// Our metadata; its `public_key` must be `keys`' X25519 public key.
     pub metadata: Metadata,
@@ -268,6 +268,17 @@ fn os_random() -> Result<(u64, u64), StartError> {
     Ok((word()?, word()?))
 }
 
+/// The bump of a run started `since_epoch` after the Unix epoch: the time in tenths of a
+/// second, modulo 2^32. It wraps every 13.6 years (last on 2024-06-10, next on 2038-01-19), on
+/// purpose: bumps ([`Identity::newer_than`](crate::Identity::newer_than)) and the record
+/// sequence numbers built on them ([`seq_after`](crate::codec::seq_after)) are compared with
+/// serial number arithmetic (RFC 1982), so a run started after the wrap is still the later
+/// one, as long as the runs of a node that meet are less than 6.8 years (2^31 tenths) apart.
+pub fn wall_bump(since_epoch: Duration) -> u32 {
+    let tenths = since_epoch.as_millis() / 100;
+    (tenths % (1 << 32)) as u32
+}
+
 /// The wall clock in milliseconds since the Unix epoch (0 if it is before 1970).
 fn wall_ms() -> u64 {
     SystemTime::now()
@@ -296,11 +307,11 @@ pub async fn start(cfg: Config) -> Result<(Handle, mpsc::UnboundedReceiver<Event
             source,
         })?;
     let bump = cfg.bump.unwrap_or_else(|| {
-        let tenths = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() / 100)
-            .unwrap_or(0);
-        tenths as u32
+        wall_bump(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or(Duration::ZERO),
+        )
     });
     let (salt, seed) = os_random()?;
     // The envelope epoch: rises with every start, so peers refuse an earlier run's datagrams.
@@ -725,4 +736,36 @@ async fn connect(addr: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpStre
     };
     socket.bind(SocketAddr::new(ip, 0))?;
     socket.connect(addr).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::seq_after;
+
+    /// At the wrap (2038-01-19 03:14:08 UTC, 5 * 2^32 tenths) the bump starts over from 0,
+    /// and the run after it is still the later one, by its bump and by its records.
+    #[test]
+    fn a_bump_after_the_wrap_is_later() {
+        let wrap = Duration::from_secs(5 * (1 << 32) / 10);
+        assert_eq!(wrap.as_secs(), 2_147_483_648);
+        let before = wall_bump(wrap - Duration::from_millis(100));
+        let after = wall_bump(wrap + Duration::from_millis(100));
+        assert_eq!((before, wall_bump(wrap), after), (u32::MAX, 0, 1));
+        let at = |bump| {
+            Identity::new(
+                NodeId::from_index(1),
+                "198.18.0.1:7946".parse().unwrap(),
+                bump,
+            )
+        };
+        assert!(at(after).newer_than(&at(before)));
+        assert!(!at(before).newer_than(&at(after)));
+        // A run's first record has its bump in the upper half; the run before made more.
+        let last_before = (u64::from(before) << 32) + 1_000;
+        assert!(seq_after(u64::from(after) << 32, last_before));
+        assert!(!seq_after(last_before, u64::from(after) << 32));
+        // Today's bumps: 2024-06-10 was the last wrap.
+        assert_eq!(wall_bump(Duration::from_secs(1_717_986_919)), 6);
+    }
 }

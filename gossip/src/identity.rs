@@ -146,7 +146,8 @@ impl fmt::Debug for NodeId {
 /// The node ID is the cluster-wide key (foca's `Addr`). The bump is renewed (incremented)
 /// when the node learns it was declared down, so it rejoins at once with an identity that
 /// wins over the old one; a restarted agent should start from a higher bump than it ever
-/// used (the driver uses the wall clock in seconds).
+/// used (the driver uses the wall clock in tenths of a second, modulo 2^32: see
+/// [`crate::driver::wall_bump`]).
 ///
 /// 48 bytes: the address is kept as its IP bytes, port and family (what the wire carries),
 /// not as a `SocketAddr` (32 bytes with the IPv6 flow label and scope ID, which the wire

@@ -101,7 +101,7 @@ use rand_0_10::{RngExt, SeedableRng};
 pub use crate::auth::Admission;
 use crate::auth::Crypto;
 use crate::codec::{
-    self, suspect_signed_bytes, Codec, DecodeError, Item, NodeRecord, Reader, StateDump,
+    self, seq_after, suspect_signed_bytes, Codec, DecodeError, Item, NodeRecord, Reader, StateDump,
 };
 use crate::identity::{Identity, Metadata, MetadataError, NodeId};
 use crate::peers::Peers;
@@ -573,12 +573,14 @@ enum ItemKey {
 impl Invalidates for ItemKey {
     fn invalidates(&self, other: &Self) -> bool {
         match (self, other) {
-            (ItemKey::Node { id, seq }, ItemKey::Node { id: o, seq: os }) => id == o && seq >= os,
+            (ItemKey::Node { id, seq }, ItemKey::Node { id: o, seq: os }) => {
+                id == o && !seq_after(*os, *seq)
+            }
             // A witness about a later generation or incarnation of the same member makes the
             // witnesses about earlier ones useless (that suspicion was refuted or the member
             // rejoined): drop them from the queue instead of spreading them on.
             (ItemKey::Suspect(id, b, i, _), ItemKey::Suspect(o, ob, oi, _)) if id == o => {
-                (b, i) > (ob, oi) || self == other
+                crate::relay::after(*b, *i, *ob, *oi) || self == other
             }
             (a, b) => a == b,
         }
@@ -672,7 +674,7 @@ impl Shared {
             return None;
         };
         let known = self.peers.record(&id);
-        if known.is_some_and(|k| k.seq >= rec.seq) || rec.meta.validate().is_err() {
+        if known.is_some_and(|k| !seq_after(rec.seq, k.seq)) || rec.meta.validate().is_err() {
             return None;
         }
         let msg = rec.signed_bytes(&keys.x25519);

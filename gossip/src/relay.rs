@@ -17,7 +17,7 @@
 
 use std::sync::Arc;
 
-use crate::codec::{Item, NodeRecord};
+use crate::codec::{seq_after, Item, NodeRecord};
 use crate::identity::{Identity, NodeId};
 
 /// What a queued item is about.
@@ -71,7 +71,7 @@ pub(crate) struct RecordQueue {
 
 /// Whether (`b`, `i`) is a later bump or incarnation than (`ob`, `oi`) (bumps compared with
 /// wrap-around, as identities are).
-fn after(b: u32, i: u16, ob: u32, oi: u16) -> bool {
+pub(crate) fn after(b: u32, i: u16, ob: u32, oi: u16) -> bool {
     ((b.wrapping_sub(ob) as i32) > 0) || (b == ob && i > oi)
 }
 
@@ -102,8 +102,9 @@ impl RecordQueue {
         let mut newer_held = false;
         self.items.retain(|q| match q.what {
             What::Record { id: o, seq, .. } if o == id => {
-                newer_held |= seq >= rec.seq;
-                seq >= rec.seq
+                let held = !seq_after(rec.seq, seq);
+                newer_held |= held;
+                held
             }
             What::Witness {
                 subject,

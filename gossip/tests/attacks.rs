@@ -111,22 +111,29 @@ fn bump_at(net: &Net, at: usize, of: usize) -> Option<u32> {
 }
 
 /// Defence: node records are signed by the node they describe (and verified under the
-/// directory's key). A member sends the victim's record with `seq = u64::MAX` and new
-/// metadata (another data-path incarnation, another VTEP), unsigned, signed by itself, and
-/// as "leaving": nothing changes anywhere, and the victim's own later update still lands.
+/// directory's key). A member sends the victim's record with the furthest-ahead `seq` there
+/// is (sequence numbers compare with serial number arithmetic: 2^63 - 1 past the victim's
+/// first) and new metadata (another data-path incarnation, another VTEP), unsigned, signed by
+/// itself, and as "leaving": nothing changes anywhere, and the victim's own later update
+/// still lands.
 #[test]
 fn forged_metadata_with_a_huge_seq_changes_nothing() {
     let mut net = Net::joined(4);
     let victim = 2;
     let mut f = Forger::new(ATTACKER, WALL0 + 50);
     let subject = *net.nodes[victim].identity();
+    let huge = (u64::from(subject.bump) << 32).wrapping_add(i64::MAX as u64);
+    assert!(shoal_gossip::codec::seq_after(
+        huge,
+        u64::from(subject.bump) << 32
+    ));
     let mut forged = meta(victim);
     forged.incarnation = [0xee; 16];
     forged.vtep = "198.18.9.9".parse().expect("ip");
     let unsigned = NodeRecord {
         subject,
         incarnation: 0,
-        seq: u64::MAX,
+        seq: huge,
         leaving: false,
         meta: forged.clone(),
         sig: [0; 64],
@@ -166,7 +173,7 @@ fn forged_metadata_with_a_huge_seq_changes_nothing() {
         let bad = net.nodes[i].stats().items_bad_signature - before[i];
         assert!(bad >= 3, "node {i}: {bad} bad signatures counted");
     }
-    // The victim's real update (its own seq, far below u64::MAX) still reaches everyone.
+    // The victim's real update (its own seq, far behind the forged one) still reaches everyone.
     let mut real = meta(victim);
     real.incarnation = [0x42; 16];
     let t = net.t();
@@ -243,6 +250,11 @@ fn invented_witnesses_do_not_declare_a_healthy_member_down() {
     let victim = 2;
     let mut f = Forger::new(ATTACKER, WALL0 + 50);
     let subject = *net.nodes[victim].identity();
+    let huge = (u64::from(subject.bump) << 32).wrapping_add(i64::MAX as u64);
+    assert!(shoal_gossip::codec::seq_after(
+        huge,
+        u64::from(subject.bump) << 32
+    ));
     let inc = net.nodes[victim].incarnation();
     let witness = |from: NodeId, sig: [u8; 64]| Item::Suspect {
         subject,
@@ -291,6 +303,11 @@ fn relayed_down_and_inflated_records_leave_the_victim_up_with_its_bump() {
     let victim = 2;
     let mut f = Forger::new(ATTACKER, WALL0 + 50);
     let subject = *net.nodes[victim].identity();
+    let huge = (u64::from(subject.bump) << 32).wrapping_add(i64::MAX as u64);
+    assert!(shoal_gossip::codec::seq_after(
+        huge,
+        u64::from(subject.bump) << 32
+    ));
     let inc = net.nodes[victim].incarnation();
     let mut later = subject;
     later.bump += 7;

@@ -307,6 +307,44 @@ fn a_restarted_sender_is_heard_and_its_old_run_is_not() {
     assert_eq!(net.nodes[0].num_active(), 1);
 }
 
+/// The driver takes bumps from the wall clock in tenths of a second, which wraps a u32 (next
+/// on 2038-01-19): a node restarted across the wrap has a smaller bump, and smaller record
+/// sequence numbers, than its run before. It is still the later run: its records are taken
+/// (here its new metadata), as its identity is.
+#[test]
+fn a_restart_across_the_bump_wrap_is_heard() {
+    let mut net = Net::new();
+    net.add(key(7), full(), true);
+    net.add(key(7), full(), true);
+    net.nodes[1] = net.core_bumped(1, key(7), full(), true, 1, u32::MAX - 1);
+    let t = net.t();
+    net.nodes[1].join(&[(id(0), addr(0))], t);
+    net.run(Duration::from_secs(10));
+    assert_eq!(net.nodes[0].members()[0].bump, u32::MAX - 1);
+    // The restart, past the wrap.
+    net.nodes[1] = net.core_bumped(1, key(7), full(), true, 2, 2);
+    let t = net.t();
+    net.nodes[1].join(&[(id(0), addr(0))], t);
+    net.run(Duration::from_secs(10));
+    let mut m = meta(1);
+    m.role = Role::Manager;
+    let t = net.t();
+    net.nodes[1].update_metadata(m.clone(), t).unwrap();
+    net.run(Duration::from_secs(3));
+    let seen = net.nodes[0].members();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(
+        seen[0].bump, 2,
+        "the restarted run is not the member: {seen:?}"
+    );
+    assert_eq!(
+        seen[0].metadata,
+        Some(m),
+        "the restarted run's records were not taken"
+    );
+    assert_eq!(net.nodes[0].num_active(), 1);
+}
+
 /// Two faults made this fail: foca 2.0 telling a member "you are down" (TurnUndead) when a
 /// refuted suspicion's timer fires, and a member that was unreachable while the rumour of its
 /// suspicion went round never hearing of it (fixed by the buddy system: probes to a suspect

@@ -17,7 +17,7 @@ pub enum IpamError {
     #[error("subnet {0} has no free address left: remove nodes or re-create the network with a larger subnet")]
     Exhausted(Ipv4Net),
     /// The subnet is too small to hold any node.
-    #[error("subnet {0} is too small: use a prefix of /29 or shorter")]
+    #[error("subnet {0} is too small: use a prefix of /{MAX_PREFIX_LEN} or shorter")]
     TooSmall(Ipv4Net),
     /// An address outside the subnet, or a reserved one.
     #[error("{addr} cannot be assigned in {subnet} (outside it, or reserved)")]
@@ -29,6 +29,11 @@ pub enum IpamError {
     },
 }
 
+/// The longest prefix a network's subnet may have: a /29 holds five nodes (eight addresses
+/// less the network, the broadcast and the gateway). The manager's checks of `--subnet` and
+/// `--ingress-subnet` call [`Ipam::new`], so this is the one place of the rule.
+pub const MAX_PREFIX_LEN: u8 = 29;
+
 /// The allocator of one subnet.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ipam {
@@ -36,10 +41,11 @@ pub struct Ipam {
 }
 
 impl Ipam {
-    /// An allocator for `subnet` (its host bits are cleared). Refuses subnets smaller than /29.
+    /// An allocator for `subnet` (its host bits are cleared). Refuses subnets smaller than
+    /// /[`MAX_PREFIX_LEN`].
     pub fn new(subnet: Ipv4Net) -> Result<Self, IpamError> {
         let subnet = subnet.trunc();
-        if subnet.prefix_len() > 29 {
+        if subnet.prefix_len() > MAX_PREFIX_LEN {
             return Err(IpamError::TooSmall(subnet));
         }
         Ok(Ipam { subnet })

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use shoal_vxlan::crypto::{EpochKey, Incarnation, Local, NodeIdBytes, NodeKey, PeerKey};
 use shoal_vxlan::engine::{ConfigError, Counters, Engine};
+use shoal_vxlan::fdb::Origin;
 use shoal_vxlan::io::tap::{Tap, TapConfig};
 use shoal_vxlan::io::{udp, Dataplane, IoCounters};
 use shoal_vxlan::wire::{Mac, Vni};
@@ -221,10 +222,13 @@ impl Overlay {
                 for m in wanted.values() {
                     engine.set_peer(m.vtep, m.key)?;
                     let fdb = engine.fdb_mut(vni)?;
-                    // A member whose MAC moved: forget the old one.
+                    // A member whose MAC moved: forget the old one (not the MACs learned
+                    // from its traffic: those age out by themselves).
                     let stale: Vec<Mac> = fdb
                         .entries()
-                        .filter(|(mac, e)| e.vtep == m.vtep.ip() && **mac != m.mac)
+                        .filter(|(mac, e)| {
+                            e.vtep == m.vtep.ip() && e.origin == Origin::Assigned && **mac != m.mac
+                        })
                         .map(|(mac, _)| *mac)
                         .collect();
                     for mac in stale {

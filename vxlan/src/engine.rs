@@ -24,7 +24,7 @@ use crate::crypto::{
     self, EpochKey, KeyError, Keyring, KeyringError, Local, OpenError, PeerKey, SealError, Session,
     SessionState, Shared, Verified,
 };
-use crate::fdb::Fdb;
+use crate::fdb::{Fdb, LearnError};
 use crate::replay::ReplayError;
 use crate::wire::{self, envelope, header, Envelope, Header, Mac, Vni, ETHERNET_HEADER_LEN};
 
@@ -73,8 +73,12 @@ drop_reasons! {
     Replay => "replay",
     /// The tag did not verify.
     Authentication => "authentication",
-    /// The inner source MAC belongs to another VTEP, or is a group address.
+    /// The inner source MAC belongs to another VTEP (assigned to it, or learned from it and
+    /// still in use), or is a group address.
     SpoofedSource => "spoofed_source",
+    /// The inner source MAC is new, and the sending VTEP has learned as many MACs on this
+    /// network as it may ([`crate::fdb::MAX_LEARNED_PER_VTEP`]).
+    LearnLimit => "learn_limit",
     /// No session to seal with: the peer has no key, or none for the sending epoch.
     NoSession => "no_session",
     /// The sending session ran out of counters (rotate the key epoch).
@@ -689,7 +693,7 @@ impl Engine {
         data: &'a mut [u8],
     ) -> Result<Opened<'a>, DropReason> {
         let ip = src.ip();
-        let (vni, from, to, provenance) = match self.open(ip, data) {
+        let (vni, from, to, provenance) = match self.open(now, ip, data) {
             Ok(v) => v,
             Err((peer_known, reason)) => {
                 return Err(self.count_drop(peer_known.then_some(ip), reason))
@@ -715,10 +719,12 @@ impl Engine {
         })
     }
 
-    /// Checks and opens a datagram in place. Returns the VNI, the frame's range and its
-    /// provenance, or whether the peer is known and the reason to drop.
+    /// Checks and opens a datagram in place, and binds the frame's source MAC to the peer
+    /// (see [`crate::fdb`]). Returns the VNI, the frame's range and its provenance, or whether
+    /// the peer is known and the reason to drop.
     fn open(
         &mut self,
+        now: Instant,
         ip: IpAddr,
         data: &mut [u8],
     ) -> Result<(Vni, usize, usize, Provenance), (bool, DropReason)> {
@@ -726,7 +732,7 @@ impl Engine {
         let (vni, sealed) = (hdr.vni(), hdr.is_sealed());
         let network = self
             .networks
-            .get(&vni)
+            .get_mut(&vni)
             .ok_or((false, DropReason::UnknownVni))?;
         let peer = self
             .peers
@@ -767,10 +773,15 @@ impl Engine {
             return Err(fail(DropReason::TooShort));
         }
         let src_mac = Mac::src_of(frame).ok_or(fail(DropReason::TooShort))?;
-        let owner = network.fdb.lookup(&src_mac).map(|e| e.vtep);
-        if src_mac.is_multicast() || owner.is_some_and(|v| v != ip) {
+        if src_mac.is_multicast() {
             return Err(fail(DropReason::SpoofedSource));
         }
+        // Only now, with the frame authenticated (or, plain, from a known VTEP): a MAC of
+        // another peer is refused, a new one is bound to this peer.
+        network.fdb.learn(src_mac, ip, now).map_err(|e| match e {
+            LearnError::Taken(_) => fail(DropReason::SpoofedSource),
+            LearnError::Full => fail(DropReason::LearnLimit),
+        })?;
         Ok((vni, from, to, provenance))
     }
 }

@@ -22,7 +22,10 @@ pub mod buffer;
 pub mod crypto;
 pub mod engine;
 pub mod fdb;
-#[allow(unsafe_code)]
+#[expect(
+    unsafe_code,
+    reason = "the TAP device and the batched UDP syscalls; each block has a SAFETY line"
+)]
 pub mod io;
 pub mod offload;
 pub mod replay;

@@ -11,6 +11,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use shoal_vxlan::crypto::{EpochKey, PeerKey};
 use shoal_vxlan::engine::Provenance;
+use shoal_vxlan::fdb::MAX_LEARNED_PER_VTEP;
 use shoal_vxlan::testing::{frame, local};
 use shoal_vxlan::wire::envelope;
 use shoal_vxlan::{DropReason, Engine, Mac, Packet, Transmits, Vni};
@@ -339,6 +340,104 @@ fn plain_mode_rules() {
     c.mac = a.mac;
     let spoof = c.send(b.mac, b"i am a").unwrap();
     assert_eq!(b.recv(c.addr, &spoof[0].1), Err(DropReason::SpoofedSource));
+}
+
+fn encrypted_trio() -> (Node, Node, Node) {
+    let mut nodes = [
+        Node::new(1, 1, true),
+        Node::new(2, 1, true),
+        Node::new(3, 1, true),
+    ];
+    for n in &mut nodes {
+        n.engine.add_epoch(EpochKey::new(1, [0xe1; 32])).unwrap();
+    }
+    mesh(&mut nodes);
+    let [a, b, c] = nodes;
+    (a, b, c)
+}
+
+fn drops(at: &Node, from: &Node, reason: DropReason) -> u64 {
+    at.engine
+        .peer(from.addr.ip())
+        .unwrap()
+        .counters()
+        .drops
+        .get(reason)
+}
+
+/// Workloads behind a node send from MACs of their own: a frame from a new MAC is delivered
+/// and the MAC bound to the peer that sent it (unicast to it then goes to that peer alone).
+/// No other peer can send from it, nor from a node's assigned MAC: refused and counted.
+#[test]
+fn a_source_mac_is_bound_to_the_peer_that_sent_it() {
+    let (mut a, mut b, mut c) = encrypted_trio();
+    let b_mac = b.mac;
+    let workload = Mac([2, 0x42, 198, 19, 9, 9]);
+    b.mac = workload;
+    let d = b.send(a.mac, b"from a container").unwrap();
+    assert_eq!(
+        a.recv(b.addr, &d[0].1).unwrap(),
+        frame(a.mac, workload, b"from a container")
+    );
+    let fdb = a.engine.network(vni()).unwrap().fdb();
+    assert_eq!(fdb.lookup(&workload).unwrap().vtep, b.addr.ip());
+    let out = a.send(workload, b"reply").unwrap();
+    assert_eq!(out.len(), 1, "unicast, not flooded");
+    assert_eq!(out[0].0, b.addr);
+
+    // c poses as the workload, then as b itself.
+    for claimed in [workload, b_mac] {
+        c.mac = claimed;
+        let spoof = c.send(a.mac, b"it is me").unwrap();
+        assert_eq!(
+            a.recv(c.addr, &spoof[0].1),
+            Err(DropReason::SpoofedSource),
+            "{claimed:?}"
+        );
+    }
+    assert_eq!(drops(&a, &c, DropReason::SpoofedSource), 2);
+    assert_eq!(
+        a.engine
+            .network(vni())
+            .unwrap()
+            .fdb()
+            .lookup(&workload)
+            .unwrap()
+            .vtep,
+        b.addr.ip()
+    );
+    // b goes on from both MACs.
+    for mac in [workload, b_mac] {
+        b.mac = mac;
+        let d = b.send(a.mac, b"still me").unwrap();
+        assert!(a.recv(b.addr, &d[0].1).is_ok());
+    }
+    assert_eq!(drops(&a, &b, DropReason::SpoofedSource), 0);
+}
+
+/// A peer that sends from ever new MACs fills only its own share of the table: past
+/// [`MAX_LEARNED_PER_VTEP`] its frames from new MACs are dropped and counted.
+#[test]
+fn a_peer_learns_a_bounded_number_of_macs() {
+    let (mut a, mut b, mut c) = encrypted_trio();
+    let b_mac = b.mac;
+    let new_mac = |n: usize| Mac([2, 0x42, 0, 0, (n >> 8) as u8, n as u8]);
+    for n in 0..MAX_LEARNED_PER_VTEP {
+        b.mac = new_mac(n);
+        let d = b.send(a.mac, b"x").unwrap();
+        assert!(a.recv(b.addr, &d[0].1).is_ok(), "{n}");
+    }
+    b.mac = new_mac(MAX_LEARNED_PER_VTEP);
+    let d = b.send(a.mac, b"one too many").unwrap();
+    assert_eq!(a.recv(b.addr, &d[0].1), Err(DropReason::LearnLimit));
+    assert_eq!(drops(&a, &b, DropReason::LearnLimit), 1);
+    // Its known MACs still pass, and other peers still learn.
+    b.mac = b_mac;
+    let d = b.send(a.mac, b"known").unwrap();
+    assert!(a.recv(b.addr, &d[0].1).is_ok());
+    c.mac = new_mac(MAX_LEARNED_PER_VTEP);
+    let d = c.send(a.mac, b"new").unwrap();
+    assert!(a.recv(c.addr, &d[0].1).is_ok());
 }
 
 #[test]

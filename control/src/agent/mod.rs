@@ -53,8 +53,6 @@ use crate::trust::tls::{
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// The manager API port.
 pub const DEFAULT_API_PORT: u16 = 2377;
-/// The ingress network's VNI.
-pub const INGRESS_VNI: u32 = 4096;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
@@ -113,14 +111,14 @@ pub enum AgentError {
     /// The stored manager state is empty.
     #[error(transparent)]
     Manager(#[from] StartError),
-    /// The manager API address is taken.
+    /// The metrics address (`--metrics-addr`) could not be bound.
     #[error(
         "cannot listen on {addr} for metrics: {source}; free the port or change --metrics-addr"
     )]
     Metrics {
-        /// The address.
+        /// The metrics address.
         addr: SocketAddr,
-        /// Why.
+        /// The OS error.
         source: std::io::Error,
     },
     /// The manager API's port could not be bound.
@@ -199,16 +197,6 @@ pub enum InitError {
     /// A certificate lifetime that is too short.
     #[error("--cert-expiry {0}s is too short: it must be at least {min}s", min = crate::trust::tls::MIN_CERT_EXPIRY.as_secs())]
     CertExpiryTooShort(u64),
-    /// The manager API address is taken.
-    #[error(
-        "cannot listen on {addr} for metrics: {source}; free the port or change --metrics-addr"
-    )]
-    Metrics {
-        /// The address.
-        addr: SocketAddr,
-        /// Why.
-        source: std::io::Error,
-    },
     /// The manager API's port could not be bound.
     #[error("cannot listen on {addr} for the manager API: {source}; free the port or change --listen-addr")]
     Bind {
@@ -246,12 +234,16 @@ pub enum JoinError {
     /// The manager address does not parse or resolve.
     #[error("invalid manager address {0:?}: expected IP[:PORT] or HOST[:PORT]")]
     Address(String),
-    /// The manager's certificate chain is not the CA in the token; the secret was not sent.
-    #[error("the manager at {0} does not hold the swarm CA named in the token: the token is for another swarm, or the address is wrong; nothing was sent")]
-    CaMismatch(SocketAddr),
-    /// The server holds a certificate of the token's swarm, but not a manager's.
-    #[error("the server at {0} presents a certificate of this swarm that is not a manager's (a worker's?): check the manager address; nothing was sent")]
-    NotManager(SocketAddr),
+    /// The server's certificate chain failed the check pinned to the token's CA (another
+    /// swarm's CA, a leaf it did not sign, an expired or not yet valid certificate, a worker's);
+    /// the secret was not sent.
+    #[error("the server at {addr} {failure}; nothing was sent")]
+    Pinned {
+        /// The server.
+        addr: SocketAddr,
+        /// What was wrong with its chain.
+        failure: crate::trust::tls::PinFailure,
+    },
     /// What came back is not a grant from the swarm's manager: a view under another CA, a
     /// certificate that does not name this node, or a server that is not the view's manager.
     #[error(
@@ -630,7 +622,6 @@ impl Agent {
         info!(lost = sub.lost(), "capture ended");
     }
 
-    #[allow(clippy::type_complexity)]
     fn start_capture(
         &self,
         req: &CaptureRequest,
@@ -847,8 +838,8 @@ impl Agent {
             key_interval_secs: req.key_rotation_secs,
             cert_expiry_secs: req.cert_expiry_secs,
             ingress: Network {
-                name: "ingress".into(),
-                vni: INGRESS_VNI,
+                name: shoal_ingress::INGRESS_NAME.into(),
+                vni: shoal_ingress::INGRESS_VNI,
                 subnet: req.ingress_subnet.clone(),
                 encrypted: req.encrypt,
                 data_path_port: req.data_path_port,
@@ -927,10 +918,14 @@ impl Agent {
             Err(_) => {
                 return Err(CallError::unreachable(manager, "the TLS handshake timed out").into())
             }
-            Ok(Err(_)) if pinned.mismatched() => return Err(JoinError::CaMismatch(manager)),
-            Ok(Err(_)) if pinned.not_manager() => return Err(JoinError::NotManager(manager)),
             Ok(Err(e)) => {
-                return Err(CallError::unreachable(manager, format!("TLS failed: {e}")).into())
+                return Err(match pinned.failure() {
+                    Some(failure) => JoinError::Pinned {
+                        addr: manager,
+                        failure,
+                    },
+                    None => CallError::unreachable(manager, format!("TLS failed: {e}")).into(),
+                })
             }
             Ok(Ok(tls)) => tls,
         };
@@ -1267,8 +1262,8 @@ pub enum CidrError {
     /// Not `a.b.c.d/len`.
     #[error("invalid subnet {0:?}: expected an IPv4 CIDR such as 10.0.0.0/24")]
     Syntax(String),
-    /// Fewer than two host addresses.
-    #[error("invalid subnet {0:?}: the prefix must be /30 or shorter")]
+    /// Too small for the IPAM to give a node an address.
+    #[error("invalid subnet {0:?}: the prefix must be /{max} or shorter, for addresses to give to nodes", max = shoal_ingress::ipam::MAX_PREFIX_LEN)]
     TooSmall(String),
     /// Bits set below the prefix.
     #[error("invalid subnet {text:?}: host bits are set; did you mean {fixed}?")]
@@ -1280,20 +1275,21 @@ pub enum CidrError {
     },
 }
 
-/// Checks an IPv4 CIDR like `10.0.0.0/24`.
+/// Checks an IPv4 CIDR like `10.0.0.0/24`. Whether it is large enough is the IPAM's rule
+/// ([`shoal_ingress::ipam::Ipam::new`]), asked here, so the two cannot disagree.
 pub fn check_cidr(text: &str) -> Result<(), CidrError> {
     let bad = || CidrError::Syntax(text.to_owned());
+    let too_small = || CidrError::TooSmall(text.to_owned());
     let (ip, len) = text.split_once('/').ok_or_else(bad)?;
     let ip: std::net::Ipv4Addr = ip.parse().map_err(|_| bad())?;
-    let len: u32 = len.parse().map_err(|_| bad())?;
-    if len > 30 {
-        return Err(CidrError::TooSmall(text.to_owned()));
-    }
-    let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
-    if u32::from(ip) & !mask != 0 {
+    let len: u8 = len.parse().map_err(|_| bad())?;
+    let net = ipnet::Ipv4Net::new(ip, len).map_err(|_| too_small())?;
+    // `new` refuses only a subnet too small to hold a node.
+    shoal_ingress::ipam::Ipam::new(net).map_err(|_| too_small())?;
+    if net.trunc() != net {
         return Err(CidrError::HostBits {
             text: text.to_owned(),
-            fixed: format!("{}/{len}", std::net::Ipv4Addr::from(u32::from(ip) & mask)),
+            fixed: net.trunc().to_string(),
         });
     }
     Ok(())
@@ -1622,6 +1618,196 @@ mod tests {
             assert_eq!(check_cidr(bad), Err(CidrError::Syntax(bad.into())), "{bad}");
         }
         assert!(check_cidr("0.0.0.0/0").is_ok());
+    }
+
+    /// The manager's check and the IPAM agree on every prefix length: what `init` accepts,
+    /// the IPAM can give addresses in (the boundary: /29 is taken, /30 refused with the size).
+    #[test]
+    fn cidr_size_rule_is_the_ipams() {
+        use shoal_ingress::ipam::{Ipam, MAX_PREFIX_LEN};
+        for len in 0..=32u8 {
+            let net = ipnet::Ipv4Net::new(std::net::Ipv4Addr::UNSPECIFIED, len).unwrap();
+            let text = net.to_string();
+            assert_eq!(
+                check_cidr(&text).is_ok(),
+                Ipam::new(net).is_ok(),
+                "{text}: the manager and the IPAM disagree"
+            );
+        }
+        assert_eq!(MAX_PREFIX_LEN, 29);
+        assert!(check_cidr("198.19.0.0/29").is_ok());
+        let err = check_cidr("198.19.0.0/30").unwrap_err();
+        assert_eq!(err, CidrError::TooSmall("198.19.0.0/30".into()));
+        assert_eq!(
+            err.to_string(),
+            "invalid subnet \"198.19.0.0/30\": the prefix must be /29 or shorter, for addresses to give to nodes"
+        );
+    }
+
+    /// A join refused on the pinned chain names the server, says what failed (not always
+    /// "another swarm") and that the secret was not sent.
+    #[test]
+    fn join_errors_say_what_failed_in_the_pinned_chain() {
+        use crate::trust::tls::PinFailure;
+        let addr: SocketAddr = "198.18.0.1:2377".parse().unwrap();
+        for (failure, words) in [
+            (
+                PinFailure::OtherSwarm,
+                "does not hold the swarm CA named in the token",
+            ),
+            (
+                PinFailure::NotSignedByCa,
+                "its own certificate is not signed by that CA",
+            ),
+            (
+                PinFailure::Expired {
+                    not_after: 2_000,
+                    now: 3_000,
+                },
+                "a certificate of this swarm that expired at 2000",
+            ),
+            (
+                PinFailure::NotYetValid {
+                    not_before: 4_000,
+                    now: 3_000,
+                },
+                "a certificate of this swarm that is valid only from 4000",
+            ),
+            (PinFailure::NotManager, "not a manager's"),
+        ] {
+            let line = JoinError::Pinned { addr, failure }.to_string();
+            assert!(line.starts_with("the server at 198.18.0.1:2377 "), "{line}");
+            assert!(line.contains(words), "{line}");
+            assert!(line.ends_with("; nothing was sent"), "{line}");
+        }
+    }
+
+    /// A taken `--metrics-addr` is reported as the metrics address, not another one.
+    #[tokio::test]
+    async fn a_taken_metrics_address_is_named_as_such() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = taken.local_addr().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let config = AgentConfig {
+            state_dir: dir.path().join("state"),
+            socket: dir.path().join("shoal.sock"),
+            hostname: "m".into(),
+            gossip_addr: None,
+            data_path: None,
+            metrics_addr: Some(addr),
+            socket_group: None,
+        };
+        let err = run(config, std::future::pending()).await.unwrap_err();
+        assert!(matches!(err, AgentError::Metrics { .. }), "{err:?}");
+        let line = err.to_string();
+        assert!(
+            line.starts_with(&format!("cannot listen on {addr} for metrics: ")),
+            "{line}"
+        );
+        assert!(
+            line.ends_with("; free the port or change --metrics-addr"),
+            "{line}"
+        );
+    }
+
+    /// The message of every warn-level event, while set as the thread's subscriber.
+    #[derive(Clone, Default)]
+    struct Warnings(Arc<std::sync::Mutex<Vec<String>>>);
+
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Warnings {
+        fn on_event(
+            &self,
+            event: &tracing::Event<'_>,
+            _: tracing_subscriber::layer::Context<'_, S>,
+        ) {
+            struct Message<'a>(&'a mut String);
+            impl tracing::field::Visit for Message<'_> {
+                fn record_debug(
+                    &mut self,
+                    field: &tracing::field::Field,
+                    value: &dyn std::fmt::Debug,
+                ) {
+                    if field.name() == "message" {
+                        *self.0 = format!("{value:?}");
+                    }
+                }
+            }
+            if *event.metadata().level() == tracing::Level::WARN {
+                let mut message = String::new();
+                event.record(&mut Message(&mut message));
+                self.0.lock().unwrap().push(message);
+            }
+        }
+    }
+
+    /// A watch stream that keeps failing (a "manager" that closes every connection) is counted
+    /// every time and logged at warn level, once per [`FAULT_LOG_EVERY`].
+    #[tokio::test]
+    async fn a_failing_watch_stream_is_counted_and_warned() {
+        use tracing_subscriber::layer::SubscriberExt as _;
+        let warnings = Warnings::default();
+        let _log =
+            tracing::subscriber::set_default(tracing_subscriber::registry().with(warnings.clone()));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let api_addr = listener.local_addr().unwrap();
+        let closer = tokio::spawn(async move {
+            while let Ok((conn, _)) = listener.accept().await {
+                drop(conn);
+            }
+        });
+        let ca = generate_ca().unwrap();
+        let id = NodeId::from_random(2);
+        let now = unix_now();
+        let issued = crate::trust::tls::issue_node_cert(
+            &ca,
+            &id,
+            Role::Worker,
+            Validity::from_now(now, crate::trust::tls::DEFAULT_CERT_EXPIRY),
+        )
+        .unwrap();
+        let mut state = State::default();
+        state
+            .apply(crate::manager::state::tests::init_cmd())
+            .unwrap();
+        let mut view = state.view().unwrap();
+        view.api_addr = api_addr;
+        view.ca_cert_der = ca.cert_der.clone();
+        let m = Membership {
+            node_id: id,
+            cert_der: issued.cert_der,
+            key_pem: issued.key_pem,
+            // Far from due for renewal: only the watch stream is tried.
+            cert_not_after: now + 3 * view.cert_expiry_secs,
+            view,
+            listen_addr: None,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let faults = Arc::new(Faults::default());
+        let (stop_tx, stop) = watch::channel(false);
+        let task = tokio::spawn(watch_loop(
+            store,
+            Current::new(Some(m)),
+            faults.clone(),
+            stop,
+        ));
+        let failures = || faults.watch_failures.load(Ordering::Relaxed);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while failures() < 3 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        stop_tx.send(true).unwrap();
+        task.await.unwrap();
+        closer.abort();
+        assert!(failures() >= 3, "{} watch failures counted", failures());
+        let warned: Vec<String> = warnings.0.lock().unwrap().clone();
+        let watch: Vec<&String> = warned
+            .iter()
+            .filter(|w| w.starts_with("the watch stream to the manager failed; reconnecting: "))
+            .collect();
+        assert_eq!(watch.len(), 1, "one warning per period: {warned:?}");
+        assert!(watch[0].contains(&api_addr.to_string()), "{warned:?}");
+        assert_eq!(faults.renewal_failures.load(Ordering::Relaxed), 0);
     }
 
     #[tokio::test]

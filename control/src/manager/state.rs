@@ -298,7 +298,8 @@ impl State {
         }
         let cluster = self.cluster.as_mut().ok_or(ApplyError::NotInitialized)?;
         match command {
-            Command::Init(_) => unreachable_init(),
+            // An `Init` returns above; here the cluster exists.
+            Command::Init(_) => Err(ApplyError::AlreadyInitialized),
             Command::AddNode(mut node) => {
                 if cluster.nodes.contains_key(&node.id) {
                     return Err(ApplyError::NodeExists(node.id.clone()));
@@ -526,12 +527,6 @@ fn push_key(ring: &mut Vec<KeyEntry>, key: [u8; 32]) {
     while ring.len() > 2 {
         ring.remove(0);
     }
-}
-
-#[cold]
-fn unreachable_init() -> Result<Applied, ApplyError> {
-    // `Init` is handled before the match; reaching here would be a bug, not bad input.
-    Err(ApplyError::AlreadyInitialized)
 }
 
 /// The manager's state as the store keeps it, one variant per format (`{"v1": ...}`). The

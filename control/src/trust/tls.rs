@@ -22,7 +22,6 @@
 //! a chain only if it holds a CA certificate whose SHA-256 equals the token's digest and the
 //! leaf is a manager certificate validly signed by that CA. There is no trust on first use.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use rcgen::{
@@ -488,7 +487,7 @@ impl<C: CheckServer> ServerCertVerifier for Verifier<C> {
 }
 
 /// A joining node's client configuration: trust only a manager whose chain holds the CA
-/// with `digest`. The returned verifier says afterwards whether a handshake failed on that.
+/// with `digest`. The returned verifier says afterwards why a handshake failed on that.
 pub fn join_client_config(
     digest: CaDigest,
 ) -> Result<(Arc<ClientConfig>, Arc<PinnedCa>), TlsError> {
@@ -496,8 +495,7 @@ pub fn join_client_config(
     let pinned = Arc::new(PinnedCa {
         digest,
         provider: provider.clone(),
-        mismatch: AtomicBool::new(false),
-        not_manager: AtomicBool::new(false),
+        failure: Mutex::new(None),
         leaf: Mutex::new(None),
     });
     let config = ClientConfig::builder_with_provider(provider)
@@ -512,43 +510,69 @@ pub fn join_client_config(
 }
 
 /// The server name to connect with.
+#[expect(
+    clippy::unwrap_used,
+    reason = "SERVER_NAME is a constant valid DNS name (the test server_name_is_valid checks it)"
+)]
 pub fn server_name() -> ServerName<'static> {
     ServerName::DnsName(
         rustls::pki_types::DnsName::try_from(SERVER_NAME)
-            .map(|n| n.to_owned())
-            .unwrap_or_else(|_| unreachable_dns()),
+            .unwrap()
+            .to_owned(),
     )
 }
 
-#[cold]
-fn unreachable_dns() -> rustls::pki_types::DnsName<'static> {
-    // SERVER_NAME is a constant valid DNS name; a test checks it.
-    rustls::pki_types::DnsName::try_from("localhost")
-        .map(|n| n.to_owned())
-        .unwrap_or_else(|_| unreachable_dns())
+/// Why a joining node refused the manager's certificate chain (see [`PinnedCa`]). Each says
+/// what was wrong and what to check; the join's error puts the server's address before it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PinFailure {
+    /// No certificate in the chain has the token's CA digest.
+    #[error("does not hold the swarm CA named in the token: the token is for another swarm, or the address is wrong")]
+    OtherSwarm,
+    /// The chain holds the token's CA, but the server's own certificate is not signed by it.
+    #[error("shows the swarm CA named in the token, but its own certificate is not signed by that CA: it is not this swarm's manager (check the address)")]
+    NotSignedByCa,
+    /// A certificate of the swarm, past its end.
+    #[error("presents a certificate of this swarm that expired at {not_after} (Unix time; this node's clock says {now}): the manager has not renewed it, or one of the two clocks is wrong")]
+    Expired {
+        /// The certificate's end, Unix seconds.
+        not_after: u64,
+        /// This node's clock, Unix seconds.
+        now: u64,
+    },
+    /// A certificate of the swarm, before its start.
+    #[error("presents a certificate of this swarm that is valid only from {not_before} (Unix time; this node's clock says {now}): one of the two clocks is wrong")]
+    NotYetValid {
+        /// The certificate's start, Unix seconds.
+        not_before: u64,
+        /// This node's clock, Unix seconds.
+        now: u64,
+    },
+    /// Signed by the token's CA, but not for the manager's name or server use (a worker's).
+    #[error("presents a certificate of this swarm that is not a manager's (a worker's?): check the manager address")]
+    NotManager,
+    /// Anything else the certificate check refused.
+    #[error("presents a certificate chain that does not verify ({0})")]
+    Other(String),
 }
 
 /// Server certificate verifier pinned to the CA digest from a join token: the chain must hold
-/// that CA, and the leaf must be a manager certificate it signed.
+/// that CA, and the leaf must be a manager certificate it signed, valid now.
 #[derive(Debug)]
 pub struct PinnedCa {
     digest: CaDigest,
     provider: Arc<CryptoProvider>,
-    mismatch: AtomicBool,
-    not_manager: AtomicBool,
+    failure: Mutex<Option<PinFailure>>,
     leaf: Mutex<Option<Vec<u8>>>,
 }
 
 impl PinnedCa {
-    /// True if a handshake failed because the manager's chain did not hold the token's CA.
-    pub fn mismatched(&self) -> bool {
-        self.mismatch.load(Ordering::Relaxed)
-    }
-
-    /// True if a handshake failed because the server's certificate, signed by the token's CA,
-    /// is not a manager's (a worker's, or one for another use).
-    pub fn not_manager(&self) -> bool {
-        self.not_manager.load(Ordering::Relaxed)
+    /// Why the last handshake failed on the pinned chain, if it did.
+    pub fn failure(&self) -> Option<PinFailure> {
+        self.failure
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// The manager certificate the last handshake accepted, to check once the node list says
@@ -560,9 +584,12 @@ impl PinnedCa {
             .clone()
     }
 
-    fn refuse(&self) -> rustls::Error {
-        self.mismatch.store(true, Ordering::Relaxed);
-        rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)
+    fn refuse(&self, failure: PinFailure, error: rustls::Error) -> rustls::Error {
+        *self
+            .failure
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(failure);
+        error
     }
 }
 
@@ -575,21 +602,26 @@ impl CheckServer for PinnedCa {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        let unknown = || rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer);
         let Some(ca) = intermediates
             .iter()
             .find(|c| CaDigest::of(c.as_ref()) == self.digest)
         else {
-            return Err(self.refuse());
+            return Err(self.refuse(PinFailure::OtherSwarm, unknown()));
         };
         let mut roots = RootCertStore::empty();
-        roots
-            .add(ca.clone().into_owned())
-            .map_err(|_| self.refuse())?;
+        if let Err(e) = roots.add(ca.clone().into_owned()) {
+            // The certificate with the token's digest is not a usable CA certificate.
+            return Err(self.refuse(PinFailure::Other(e.to_string()), unknown()));
+        }
         let verifier =
             WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
                 .build()
                 .map_err(|e| rustls::Error::General(e.to_string()))?;
-        match verifier.verify_server_cert(end_entity, &[], server_name, ocsp_response, now) {
+        let verify = |at: UnixTime| {
+            verifier.verify_server_cert(end_entity, &[], server_name, ocsp_response, at)
+        };
+        match verify(now) {
             Ok(ok) => {
                 *self
                     .leaf
@@ -598,30 +630,61 @@ impl CheckServer for PinnedCa {
                     Some(end_entity.as_ref().to_vec());
                 Ok(ok)
             }
-            // Signed by the token's CA, but not a manager's certificate (or expired).
-            Err(e) if verifier_accepts_chain(&self.provider, ca, end_entity, now) => {
-                self.not_manager.store(true, Ordering::Relaxed);
-                Err(e)
-            }
-            Err(_) => Err(self.refuse()),
+            Err(e) => Err(self.refuse(pin_failure(&e, now, verify), e)),
         }
     }
 }
 
-/// Whether `leaf` chains to `ca` as a client certificate (any member's certificate does).
-fn verifier_accepts_chain(
-    provider: &Arc<CryptoProvider>,
-    ca: &CertificateDer<'_>,
-    leaf: &CertificateDer<'_>,
+/// What a refusal of the pinned chain means. A certificate outside its validity is checked
+/// again at its own end (or start): only one the token's CA signed, for the manager, is
+/// reported as expired (or not yet valid); another is reported for what else is wrong.
+fn pin_failure(
+    error: &rustls::Error,
     now: UnixTime,
-) -> bool {
-    let mut roots = RootCertStore::empty();
-    if roots.add(ca.clone().into_owned()).is_err() {
-        return false;
+    verify_at: impl Fn(UnixTime) -> Result<ServerCertVerified, rustls::Error>,
+) -> PinFailure {
+    let now = now.as_secs();
+    let (at, outside) = match error {
+        rustls::Error::InvalidCertificate(CertificateError::ExpiredContext {
+            not_after, ..
+        }) => (
+            *not_after,
+            PinFailure::Expired {
+                not_after: not_after.as_secs(),
+                now,
+            },
+        ),
+        rustls::Error::InvalidCertificate(CertificateError::NotValidYetContext {
+            not_before,
+            ..
+        }) => (
+            *not_before,
+            PinFailure::NotYetValid {
+                not_before: not_before.as_secs(),
+                now,
+            },
+        ),
+        other => return untimed_failure(other),
+    };
+    match verify_at(at) {
+        Ok(_) => outside,
+        Err(e) => untimed_failure(&e),
     }
-    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .build()
-        .is_ok_and(|v| v.verify_client_cert(leaf, &[], now).is_ok())
+}
+
+fn untimed_failure(error: &rustls::Error) -> PinFailure {
+    match error {
+        rustls::Error::InvalidCertificate(
+            CertificateError::UnknownIssuer | CertificateError::BadSignature,
+        ) => PinFailure::NotSignedByCa,
+        rustls::Error::InvalidCertificate(
+            CertificateError::NotValidForName
+            | CertificateError::NotValidForNameContext { .. }
+            | CertificateError::InvalidPurpose
+            | CertificateError::InvalidPurposeContext { .. },
+        ) => PinFailure::NotManager,
+        other => PinFailure::Other(other.to_string()),
+    }
 }
 
 /// The cluster CA: certificate (public) and key (manager-only).
@@ -679,31 +742,116 @@ mod tests {
             .is_ok()
     }
 
+    /// What a joining node pinned to `ca` says of a server that shows `leaf` and `chain`.
+    fn pin(ca: &CaMaterial, leaf: &[u8], chain: &[&[u8]]) -> Result<Vec<u8>, PinFailure> {
+        let (_, pinned) = join_client_config(CaDigest::of(&ca.cert_der)).unwrap();
+        if verify(&pinned, leaf, chain) {
+            assert_eq!(pinned.failure(), None);
+            Ok(pinned.accepted_leaf().unwrap())
+        } else {
+            assert_eq!(pinned.accepted_leaf(), None);
+            Err(pinned.failure().expect("a refusal says why"))
+        }
+    }
+
+    fn at(not_before: u64, not_after: u64) -> Validity {
+        Validity {
+            not_before,
+            not_after,
+        }
+    }
+
     #[test]
     fn pinned_ca_accepts_only_a_manager_of_the_right_ca() {
         let ca = generate_ca().unwrap();
         let other = generate_ca().unwrap();
         let leaf = cert(&ca, 1, Role::Manager);
         let forged = cert(&other, 1, Role::Manager);
-        let (_, pinned) = join_client_config(CaDigest::of(&ca.cert_der)).unwrap();
 
-        assert!(verify(&pinned, &leaf.cert_der, &[&ca.cert_der]));
-        assert!(!pinned.mismatched() && !pinned.not_manager());
-        assert_eq!(pinned.accepted_leaf(), Some(leaf.cert_der.clone()));
-        // No CA in the chain.
-        assert!(!verify(&pinned, &leaf.cert_der, &[]));
-        assert!(pinned.mismatched());
-        // Another cluster's CA and leaf.
-        assert!(!verify(&pinned, &forged.cert_der, &[&other.cert_der]));
+        assert_eq!(pin(&ca, &leaf.cert_der, &[&ca.cert_der]), Ok(leaf.cert_der));
+        // No CA in the chain, or another swarm's CA and leaf.
+        assert_eq!(pin(&ca, &forged.cert_der, &[]), Err(PinFailure::OtherSwarm));
+        assert_eq!(
+            pin(&ca, &forged.cert_der, &[&other.cert_der]),
+            Err(PinFailure::OtherSwarm)
+        );
         // The right CA in the chain but a leaf signed by another CA.
-        assert!(!verify(&pinned, &forged.cert_der, &[&ca.cert_der]));
-
+        assert_eq!(
+            pin(&ca, &forged.cert_der, &[&ca.cert_der]),
+            Err(PinFailure::NotSignedByCa)
+        );
         // A worker's certificate, signed by the right CA: not a manager.
-        let (_, pinned) = join_client_config(CaDigest::of(&ca.cert_der)).unwrap();
         let worker = cert(&ca, 2, Role::Worker);
-        assert!(!verify(&pinned, &worker.cert_der, &[&ca.cert_der]));
-        assert!(pinned.not_manager() && !pinned.mismatched());
-        assert_eq!(pinned.accepted_leaf(), None);
+        assert_eq!(
+            pin(&ca, &worker.cert_der, &[&ca.cert_der]),
+            Err(PinFailure::NotManager)
+        );
+    }
+
+    /// A certificate outside its validity is reported as such only if it is otherwise right:
+    /// a manager's, signed by the token's CA.
+    #[test]
+    fn pinned_ca_says_when_a_certificate_is_out_of_date() {
+        let ca = generate_ca().unwrap();
+        let other = generate_ca().unwrap();
+        let now = now();
+        let manager = |ca, v| issue_node_cert(ca, &NodeId::from_random(1), Role::Manager, v);
+        let expired = manager(&ca, at(1_000, 2_000)).unwrap();
+        match pin(&ca, &expired.cert_der, &[&ca.cert_der]) {
+            Err(PinFailure::Expired { not_after, now: n }) => {
+                assert_eq!(not_after, 2_000);
+                assert!(n >= now, "{n} {now}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let early = manager(&ca, at(now + 10_000, now + 20_000)).unwrap();
+        assert!(matches!(
+            pin(&ca, &early.cert_der, &[&ca.cert_der]),
+            Err(PinFailure::NotYetValid { not_before, .. }) if not_before == now + 10_000
+        ));
+        // Expired, and also not a manager's or not signed by the CA: that is what is said.
+        let old_worker =
+            issue_node_cert(&ca, &NodeId::from_random(2), Role::Worker, at(1_000, 2_000)).unwrap();
+        assert_eq!(
+            pin(&ca, &old_worker.cert_der, &[&ca.cert_der]),
+            Err(PinFailure::NotManager)
+        );
+        let old_forged = manager(&other, at(1_000, 2_000)).unwrap();
+        assert_eq!(
+            pin(&ca, &old_forged.cert_der, &[&ca.cert_der]),
+            Err(PinFailure::NotSignedByCa)
+        );
+    }
+
+    /// Each failure's line says what failed, in words an operator can act on.
+    #[test]
+    fn pin_failures_say_what_failed() {
+        for (failure, words) in [
+            (PinFailure::OtherSwarm, "the token is for another swarm"),
+            (PinFailure::NotSignedByCa, "not signed by that CA"),
+            (
+                PinFailure::Expired {
+                    not_after: 2_000,
+                    now: 3_000,
+                },
+                "expired at 2000 (Unix time; this node's clock says 3000)",
+            ),
+            (
+                PinFailure::NotYetValid {
+                    not_before: 4_000,
+                    now: 3_000,
+                },
+                "valid only from 4000 (Unix time; this node's clock says 3000)",
+            ),
+            (PinFailure::NotManager, "not a manager's"),
+            (PinFailure::Other("bad encoding".into()), "bad encoding"),
+        ] {
+            let line = failure.to_string();
+            assert!(line.contains(words), "{line}");
+            if failure != PinFailure::OtherSwarm {
+                assert!(!line.contains("another swarm"), "{line}");
+            }
+        }
     }
 
     #[test]

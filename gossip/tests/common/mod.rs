@@ -110,6 +110,8 @@ impl Net {
         WALL0 + self.now.as_millis() as u64
     }
 
+    /// Node `i`'s core for its run number `run` (its bump too; the envelope epoch, seed and
+    /// salt rise with it).
     pub fn core(
         &self,
         i: usize,
@@ -117,6 +119,19 @@ impl Net {
         admission: Admission,
         lh: bool,
         run: u32,
+    ) -> Membership {
+        self.core_bumped(i, keyring, admission, lh, run, run)
+    }
+
+    /// [`Net::core`] with an identity bump of its own.
+    pub fn core_bumped(
+        &self,
+        i: usize,
+        keyring: Keyring,
+        admission: Admission,
+        lh: bool,
+        run: u32,
+        bump: u32,
     ) -> Membership {
         let mut config = Config::lan(10);
         config.local_health = lh;
@@ -126,7 +141,7 @@ impl Net {
         Membership::new(
             Setup {
                 config,
-                identity: Identity::new(id(i), addr(i), run),
+                identity: Identity::new(id(i), addr(i), bump),
                 metadata: meta(i),
                 keyring,
                 admission,
