@@ -13,6 +13,7 @@
 //! half-read.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -245,6 +246,16 @@ pub struct Store {
 impl Store {
     /// Opens (or creates) the store in `dir`; creates `dir` with mode 0700 if missing.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        Self::open_with(dir, Duration::ZERO)
+    }
+
+    /// [`Store::open`] on a slow disk: every sync takes `sync_delay` longer.
+    #[cfg(test)]
+    pub(crate) fn open_slow(dir: &Path, sync_delay: Duration) -> Result<Self, StoreError> {
+        Self::open_with(dir, sync_delay)
+    }
+
+    fn open_with(dir: &Path, sync_delay: Duration) -> Result<Self, StoreError> {
         let dir_err = |source| StoreError::Dir {
             path: dir.to_owned(),
             source,
@@ -252,7 +263,7 @@ impl Store {
         std::fs::create_dir_all(dir).map_err(dir_err)?;
         set_mode(dir, 0o700).map_err(dir_err)?;
         let path = dir.join(FILE_NAME);
-        let db = match Database::create(&path) {
+        let db = match Disk::open(&path, sync_delay) {
             Ok(db) => db,
             Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
                 return Err(StoreError::InUse(dir.to_owned()))
@@ -430,6 +441,54 @@ impl Store {
         }
         tx.commit().map_err(redb::Error::from)?;
         Ok(())
+    }
+}
+
+/// The store's file under redb, with a hook for tests: every sync can be made slow (a slow
+/// disk).
+#[derive(Debug)]
+struct Disk {
+    file: redb::backends::FileBackend,
+    /// Added to every sync.
+    sync_delay: Duration,
+}
+
+impl Disk {
+    /// Opens (or creates) the database at `path`, as `Database::create` does.
+    fn open(path: &Path, sync_delay: Duration) -> Result<Database, redb::DatabaseError> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        let file = redb::backends::FileBackend::new(file)?;
+        Database::builder().create_with_backend(Disk { file, sync_delay })
+    }
+}
+
+impl redb::StorageBackend for Disk {
+    fn len(&self) -> std::io::Result<u64> {
+        self.file.len()
+    }
+
+    fn read(&self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+        self.file.read(offset, len)
+    }
+
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.file.set_len(len)
+    }
+
+    fn sync_data(&self, eventual: bool) -> std::io::Result<()> {
+        if !self.sync_delay.is_zero() {
+            std::thread::sleep(self.sync_delay);
+        }
+        self.file.sync_data(eventual)
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.file.write(offset, data)
     }
 }
 

@@ -1244,7 +1244,13 @@ mod tests {
 
     fn leader() -> Fixture {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let store = Store::open(dir.path()).unwrap();
+        leader_on(dir, store)
+    }
+
+    /// A leader whose state lives in `store` (opened in `dir`).
+    fn leader_on(dir: tempfile::TempDir, store: Store) -> Fixture {
+        let store = Arc::new(store);
         let ca: CaMaterial = generate_ca().unwrap();
         let id = NodeId::from_random(1);
         let validity = Validity::from_now(unix_now(), crate::trust::tls::DEFAULT_CERT_EXPIRY);
@@ -1678,5 +1684,192 @@ mod tests {
         assert_eq!(resolve_s(c, "0000000000000000000000002"), Ok(id2));
         assert!(resolve_s(c, "nope").unwrap_err().contains("not found"));
         assert!(resolve_s(c, "").unwrap_err().contains("not found"));
+    }
+
+    /// What gossip's timers saw while the manager made changes.
+    #[derive(Debug)]
+    struct Lateness {
+        /// Manager changes made (one store commit each).
+        commits: u64,
+        /// Gossip timers fired during the load, both nodes.
+        fired: u64,
+        /// Their mean lateness, microseconds.
+        mean_us: u64,
+        /// The latest any gossip timer fired, microseconds (either node, since start).
+        max_us: u64,
+        /// The highest local health either node reported, sampled every 100 ms.
+        health: u32,
+    }
+
+    /// Two gossip drivers on loopback that see each other up (1 s probe period).
+    async fn gossip_pair() -> [shoal_gossip::driver::Handle; 2] {
+        use shoal_gossip::auth::insecure_test_keys;
+        use shoal_gossip::{driver, Admission, Event, Key, Keyring, Metadata};
+        let id = |i: u128| shoal_gossip::NodeId::from_index(100 + i);
+        let addr = || {
+            let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            s.local_addr().unwrap()
+        };
+        let addrs = [addr(), addr()];
+        let mut handles = Vec::new();
+        let mut events = Vec::new();
+        for i in 0..2 {
+            let mut c = driver::Config::new(
+                id(i),
+                addrs[i as usize],
+                Metadata {
+                    vtep: addrs[i as usize].ip(),
+                    data_port: 4789,
+                    public_key: insecure_test_keys(&id(i)).public().x25519,
+                    incarnation: [i as u8; 16],
+                    role: shoal_gossip::Role::Worker,
+                    version: "test".into(),
+                },
+                Keyring::new(Key {
+                    id: 1,
+                    secret: [3; 32],
+                }),
+                insecure_test_keys(&id(i)),
+            );
+            c.bind = addrs[i as usize];
+            c.admission =
+                Admission::only((0..2).map(|j| (id(j), insecure_test_keys(&id(j)).public())));
+            if i == 1 {
+                c.seeds = vec![(id(0), addrs[0])];
+            }
+            let (h, e) = driver::start(c).await.unwrap();
+            handles.push(h);
+            events.push(e);
+        }
+        for (i, e) in events.iter_mut().enumerate() {
+            let other = id(1 - i as u128);
+            tokio::time::timeout(Duration::from_secs(10), async {
+                while let Some(ev) = e.recv().await {
+                    if matches!(&ev, Event::Up(m) if m.id == other) {
+                        return;
+                    }
+                }
+            })
+            .await
+            .expect("the gossip nodes see each other up");
+        }
+        // Keep the event channels open (the drivers' sends fail harmlessly otherwise).
+        std::mem::forget(events);
+        [handles[0].clone(), handles[1].clone()]
+    }
+
+    /// Two gossip drivers run on this runtime (as the agent runs gossip beside its manager);
+    /// then `writers` tasks make manager changes for `load`, each a store commit whose syncs
+    /// take `sync_delay` longer (a slow disk), each task yielding between its changes (as API
+    /// requests do between their reads and writes). Returns what gossip's timers saw.
+    async fn gossip_during_commits(
+        sync_delay: Duration,
+        writers: u128,
+        load: Duration,
+    ) -> Lateness {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_slow(dir.path(), sync_delay).unwrap();
+        let f = leader_on(dir, store);
+        let gossip = gossip_pair().await;
+        let stats = || async {
+            let a = gossip[0].stats().await.unwrap();
+            let b = gossip[1].stats().await.unwrap();
+            [a, b]
+        };
+        let before = stats().await;
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let health = {
+            let (gossip, done) = (gossip.clone(), done.clone());
+            tokio::spawn(async move {
+                let mut worst = 0;
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    for g in &gossip {
+                        worst = worst.max(g.stats().await.unwrap().health);
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                worst
+            })
+        };
+        let end = tokio::time::Instant::now() + load;
+        let writers: Vec<_> = (0..writers)
+            .map(|w| {
+                let m = f.manager.clone();
+                tokio::spawn(async move {
+                    let mut n = 0u64;
+                    while tokio::time::Instant::now() < end {
+                        let secret = Secret::from_random(u128::from(n) << 8 | w);
+                        m.apply(Command::RotateSecret(Role::Worker, secret.as_str().into()))
+                            .unwrap();
+                        n += 1;
+                        tokio::task::yield_now().await;
+                    }
+                    n
+                })
+            })
+            .collect();
+        let mut commits = 0;
+        for w in writers {
+            commits += w.await.unwrap();
+        }
+        tokio::time::sleep_until(end).await;
+        // Every timer the load delayed has fired by now (the probe period is 1 s).
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        let health = health.await.unwrap();
+        let after = stats().await;
+        let fired: u64 = (0..2)
+            .map(|i| after[i].timers_fired - before[i].timers_fired)
+            .sum();
+        let late: u64 = (0..2)
+            .map(|i| after[i].timer_late_sum_us - before[i].timer_late_sum_us)
+            .sum();
+        for g in &gossip {
+            g.shutdown().await;
+        }
+        Lateness {
+            commits,
+            fired,
+            mean_us: late / fired.max(1),
+            max_us: after.iter().map(|s| s.timer_late_max_us).max().unwrap_or(0),
+            health: health.max(after.iter().map(|s| s.health).max().unwrap_or(0)),
+        }
+    }
+
+    /// The manager's store commits do not hold up gossip's timers on the agent's runtime (two
+    /// workers), even on a disk whose every sync takes 200 ms: no timer fires half a probe
+    /// period late (which would raise Lifeguard's local health, then slow this node's probes
+    /// and make it distrust its own observations).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn gossip_keeps_time_while_the_manager_commits_on_a_slow_disk() {
+        const SLOW_SYNC_MS: u64 = 700;
+        let l = gossip_during_commits(
+            Duration::from_millis(SLOW_SYNC_MS),
+            3,
+            Duration::from_secs(4),
+        )
+        .await;
+        eprintln!("slow disk ({SLOW_SYNC_MS} ms a sync), 3 writers, 4 s: {l:?}");
+        assert!(l.commits > 0 && l.fired > 0, "{l:?}");
+        let half_period = Duration::from_millis(500).as_micros() as u64;
+        assert!(
+            l.max_us < half_period,
+            "a gossip timer fired {} ms late: {l:?}",
+            l.max_us / 1000
+        );
+        assert_eq!(l.health, 0, "{l:?}");
+    }
+
+    /// The same on this machine's disk, as fast as the writers go (a measurement: prints
+    /// what gossip's timers saw; `cargo test -p shoal-control --lib gossip_timers_on_this_disk
+    /// -- --ignored --nocapture`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "a measurement"]
+    async fn gossip_timers_on_this_disk() {
+        for writers in [0, 3] {
+            let l = gossip_during_commits(Duration::ZERO, writers, Duration::from_secs(10)).await;
+            eprintln!("this disk, {writers} writers, 10 s: {l:?}");
+            assert_eq!(l.health, 0, "{l:?}");
+        }
     }
 }
