@@ -18,6 +18,7 @@
 //! would stall gossip's timers and raise its local health (see `manager`'s tests).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use redb::{Database, ReadableTable, TableDefinition};
@@ -134,8 +135,8 @@ pub struct Current {
 
 impl Current {
     /// A cell holding `value`.
-    pub fn new(value: Option<Membership>) -> std::sync::Arc<Self> {
-        std::sync::Arc::new(Self {
+    pub fn new(value: Option<Membership>) -> Arc<Self> {
+        Arc::new(Self {
             value: std::sync::Mutex::new(value),
             changed: tokio::sync::watch::channel(0).0,
             unsaved: std::sync::atomic::AtomicBool::new(false),
@@ -280,23 +281,40 @@ impl Drop for Store {
 impl Store {
     /// Opens (or creates) the store in `dir`; creates `dir` with mode 0700 if missing.
     pub async fn open(dir: &Path) -> Result<Self, StoreError> {
-        Self::open_with(dir, Duration::ZERO).await
+        Self::open_with(dir, DiskFaults::default()).await
     }
 
     /// [`Store::open`] on a slow disk: every sync takes `sync_delay` longer.
     #[cfg(test)]
     pub(crate) async fn open_slow(dir: &Path, sync_delay: Duration) -> Result<Self, StoreError> {
-        Self::open_with(dir, sync_delay).await
+        let faults = DiskFaults {
+            sync_delay,
+            ..DiskFaults::default()
+        };
+        Self::open_with(dir, faults).await
     }
 
-    async fn open_with(dir: &Path, sync_delay: Duration) -> Result<Self, StoreError> {
+    /// [`Store::open`] on a disk whose syncs fail while the returned switch is on.
+    #[cfg(test)]
+    pub(crate) async fn open_failing(
+        dir: &Path,
+    ) -> Result<(Self, Arc<std::sync::atomic::AtomicBool>), StoreError> {
+        let switch = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let faults = DiskFaults {
+            fail_syncs: Some(switch.clone()),
+            ..DiskFaults::default()
+        };
+        Ok((Self::open_with(dir, faults).await?, switch))
+    }
+
+    async fn open_with(dir: &Path, faults: DiskFaults) -> Result<Self, StoreError> {
         let dir = dir.to_owned();
         let (opened_tx, opened) = tokio::sync::oneshot::channel();
         let (jobs, queue) = std::sync::mpsc::channel::<Job>();
         let thread = std::thread::Builder::new()
             .name("shoal-store".into())
             .spawn(move || {
-                let db = match open_db(&dir, sync_delay) {
+                let db = match open_db(&dir, faults) {
                     Ok(db) => db,
                     Err(e) => {
                         let _ = opened_tx.send(Err(e));
@@ -499,7 +517,7 @@ impl Store {
 }
 
 /// Makes `dir` (mode 0700) and opens the database in it (mode 0600).
-fn open_db(dir: &Path, sync_delay: Duration) -> Result<Database, StoreError> {
+fn open_db(dir: &Path, faults: DiskFaults) -> Result<Database, StoreError> {
     let dir_err = |source| StoreError::Dir {
         path: dir.to_owned(),
         source,
@@ -507,7 +525,7 @@ fn open_db(dir: &Path, sync_delay: Duration) -> Result<Database, StoreError> {
     std::fs::create_dir_all(dir).map_err(dir_err)?;
     set_mode(dir, 0o700).map_err(dir_err)?;
     let path = dir.join(FILE_NAME);
-    let db = match Disk::open(&path, sync_delay) {
+    let db = match Disk::open(&path, faults) {
         Ok(db) => db,
         Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
             return Err(StoreError::InUse(dir.to_owned()))
@@ -549,18 +567,25 @@ fn commit(
     Ok(())
 }
 
-/// The store's file under redb, with a hook for tests: every sync can be made slow (a slow
-/// disk).
+/// Faults a test can give the store's disk (none otherwise).
+#[derive(Debug, Default)]
+struct DiskFaults {
+    /// Added to every sync: a slow disk.
+    sync_delay: Duration,
+    /// While on, every sync fails.
+    fail_syncs: Option<Arc<std::sync::atomic::AtomicBool>>,
+}
+
+/// The store's file under redb, with faults for tests.
 #[derive(Debug)]
 struct Disk {
     file: redb::backends::FileBackend,
-    /// Added to every sync.
-    sync_delay: Duration,
+    faults: DiskFaults,
 }
 
 impl Disk {
     /// Opens (or creates) the database at `path`, as `Database::create` does.
-    fn open(path: &Path, sync_delay: Duration) -> Result<Database, redb::DatabaseError> {
+    fn open(path: &Path, faults: DiskFaults) -> Result<Database, redb::DatabaseError> {
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -568,7 +593,7 @@ impl Disk {
             .truncate(false)
             .open(path)?;
         let file = redb::backends::FileBackend::new(file)?;
-        Database::builder().create_with_backend(Disk { file, sync_delay })
+        Database::builder().create_with_backend(Disk { file, faults })
     }
 }
 
@@ -595,8 +620,13 @@ impl redb::StorageBackend for Disk {
                 "a state store commit on a thread of the async runtime"
             );
         }
-        if !self.sync_delay.is_zero() {
-            std::thread::sleep(self.sync_delay);
+        if !self.faults.sync_delay.is_zero() {
+            std::thread::sleep(self.faults.sync_delay);
+        }
+        if let Some(fail) = &self.faults.fail_syncs {
+            if fail.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(std::io::Error::other("injected sync failure"));
+            }
         }
         self.file.sync_data(eventual)
     }
@@ -872,7 +902,7 @@ mod tests {
         assert_eq!(store.membership().await.unwrap(), Some(m));
         // The check itself: a commit made here, on a runtime thread, is caught.
         let caught = std::panic::catch_unwind(|| {
-            let db = Disk::open(&dir.path().join("other.redb"), Duration::ZERO).unwrap();
+            let db = Disk::open(&dir.path().join("other.redb"), DiskFaults::default()).unwrap();
             commit(&db, |t| {
                 t.insert(NODE_KEY, [1u8; 32].as_slice())?;
                 Ok(())

@@ -1749,6 +1749,87 @@ mod tests {
         );
     }
 
+    fn rotate_secret(n: u128) -> Command {
+        Command::RotateSecret(Role::Worker, Secret::from_random(n).as_str().into())
+    }
+
+    /// Changes asked for at once apply one at a time: none is computed from a state another
+    /// is replacing (each raises the version by one), and the store holds what is live.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_changes_apply_one_at_a_time() {
+        let f = leader().await;
+        let v = f.manager.state().version;
+        let tasks: Vec<_> = (0..20)
+            .map(|n| {
+                let m = f.manager.clone();
+                tokio::spawn(async move { m.apply(rotate_secret(1000 + n)).await })
+            })
+            .collect();
+        for t in tasks {
+            assert_eq!(t.await.unwrap().unwrap(), Applied::Changed);
+        }
+        let state = f.manager.state();
+        assert_eq!(state.version, v + 20);
+        assert_eq!(
+            f.manager.store.manager(State::from_record).await.unwrap(),
+            Some(state.clone())
+        );
+        assert_eq!(f.membership.get().unwrap().view.version, state.version);
+        assert_eq!(f.manager.view().version, state.version);
+    }
+
+    /// A caller that stops waiting while its change is being written splits nothing: the
+    /// change is saved and goes live together, and the next change starts from it.
+    #[tokio::test]
+    async fn a_caller_gone_mid_commit_splits_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_slow(dir.path(), Duration::from_millis(200))
+            .await
+            .unwrap();
+        let f = leader_on(dir, store);
+        let v = f.manager.state().version;
+        let mut change = Box::pin(f.manager.apply(rotate_secret(1)));
+        let first = std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(std::future::Future::poll(change.as_mut(), cx))
+        })
+        .await;
+        assert!(first.is_pending(), "the change is being written");
+        drop(change);
+        assert_eq!(f.manager.state().version, v, "not live before it is saved");
+        f.manager.apply(rotate_secret(2)).await.unwrap();
+        let state = f.manager.state();
+        assert_eq!(state.version, v + 2);
+        assert_eq!(
+            f.manager.store.manager(State::from_record).await.unwrap(),
+            Some(state)
+        );
+    }
+
+    /// A change the store cannot save changes nothing: not the state, the view, nor this
+    /// node's record.
+    #[tokio::test]
+    async fn a_failed_write_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, failing) = Store::open_failing(dir.path()).await.unwrap();
+        let f = leader_on(dir, store);
+        f.manager.apply(rotate_secret(1)).await.unwrap();
+        let (state, view, record) = (
+            f.manager.state(),
+            f.manager.view(),
+            f.membership.get().unwrap(),
+        );
+        failing.store(true, std::sync::atomic::Ordering::Relaxed);
+        let err = f.manager.apply(rotate_secret(2)).await.unwrap_err();
+        assert!(matches!(err, ChangeError::Save(_)), "{err}");
+        assert!(matches!(
+            f.manager.rotate_keys_if_due(1100).await,
+            Err(ChangeError::Save(_))
+        ));
+        assert_eq!(f.manager.state(), state);
+        assert_eq!(f.manager.view(), view);
+        assert_eq!(f.membership.get().unwrap(), record);
+    }
+
     fn resolve_s(c: &Cluster, name: &str) -> Result<NodeId, String> {
         resolve(c, name).map_err(|e| e.to_string())
     }
