@@ -550,8 +550,8 @@ impl Manager {
                     if node.role == role {
                         return Ok((None, ()));
                     }
-                    // A new certificate in the new role: the old one stops opening the manager API
-                    // (a demotion) at once.
+                    // A new certificate in the new role: the old one stops opening the
+                    // manager API (a demotion) at once.
                     let cert = self.reissue(cluster, node, role)?;
                     Ok((Some(Command::SetRole(id.clone(), role, cert)), ()))
                 })
