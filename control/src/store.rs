@@ -11,8 +11,15 @@
 //! versioned), so the wire format, the disk format and the in-memory model each change on
 //! their own. A record in a format this build does not read is refused with its name, never
 //! half-read.
+//!
+//! The database lives on a thread of its own, which runs every read and commit in the order
+//! asked; the API is async and waits for it. A commit's fsync can take long on a busy or slow
+//! disk, and the agent's async runtime has two workers that gossip shares: an fsync there
+//! would stall gossip's timers and raise its local health (see `manager`'s tests).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -128,8 +135,8 @@ pub struct Current {
 
 impl Current {
     /// A cell holding `value`.
-    pub fn new(value: Option<Membership>) -> std::sync::Arc<Self> {
-        std::sync::Arc::new(Self {
+    pub fn new(value: Option<Membership>) -> Arc<Self> {
+        Arc::new(Self {
             value: std::sync::Mutex::new(value),
             changed: tokio::sync::watch::channel(0).0,
             unsaved: std::sync::atomic::AtomicBool::new(false),
@@ -225,6 +232,12 @@ pub enum StoreError {
     /// cannot prove it will not repeat a nonce.
     #[error("state store record \"incarnation\" is {0}, so this node cannot start its data path without risking a repeated nonce; to recover, remove the node on a manager (`shoal node rm --force NODE`), move the state dir away and join again")]
     Incarnation(&'static str),
+    /// The store's thread could not be started.
+    #[error("cannot start the state store's thread: {0}")]
+    Thread(std::io::Error),
+    /// The store's thread has stopped (it panicked): nothing more can be read or written.
+    #[error("the state store's thread has stopped (see the log above); restart the agent")]
+    Stopped,
     /// The node key record is not 32 bytes.
     #[error("state store record \"node_key\" has {0} bytes, expected 32; move the state dir away to start afresh")]
     BadNodeKey(usize),
@@ -236,54 +249,123 @@ impl From<redb::Error> for StoreError {
     }
 }
 
-/// The open store.
-#[derive(Debug)]
+/// Work for the store's thread.
+type Job = Box<dyn FnOnce(&Database) + Send>;
+
+/// The open store. A thread of its own (`shoal-store`) owns the database and runs every read
+/// and every commit, one at a time in the order they were asked for; the async methods hand it
+/// the work and wait for the answer. So no fsync runs on a thread of the async runtime, where it
+/// would hold up every task queued there (gossip's timers among them).
+///
+/// Dropping the store waits for the work already handed over, then closes the database.
 pub struct Store {
-    db: Database,
+    jobs: Option<std::sync::mpsc::Sender<Job>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        drop(self.jobs.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 impl Store {
     /// Opens (or creates) the store in `dir`; creates `dir` with mode 0700 if missing.
-    pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let dir_err = |source| StoreError::Dir {
-            path: dir.to_owned(),
-            source,
-        };
-        std::fs::create_dir_all(dir).map_err(dir_err)?;
-        set_mode(dir, 0o700).map_err(dir_err)?;
-        let path = dir.join(FILE_NAME);
-        let db = match Database::create(&path) {
-            Ok(db) => db,
-            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
-                return Err(StoreError::InUse(dir.to_owned()))
-            }
-            Err(source) => {
-                return Err(StoreError::Open {
-                    path,
-                    source: Box::new(source),
-                })
-            }
-        };
-        set_mode(&path, 0o600).map_err(dir_err)?;
-        Ok(Self { db })
+    pub async fn open(dir: &Path) -> Result<Self, StoreError> {
+        Self::open_with(dir, DiskFaults::default()).await
     }
 
-    fn get(&self, key: &'static str) -> Result<Option<Vec<u8>>, StoreError> {
-        let tx = self.db.begin_read().map_err(redb::Error::from)?;
-        let table = match tx.open_table(TABLE) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-            Err(e) => return Err(redb::Error::from(e).into()),
+    /// [`Store::open`] on a slow disk: every sync takes `sync_delay` longer.
+    #[cfg(test)]
+    pub(crate) async fn open_slow(dir: &Path, sync_delay: Duration) -> Result<Self, StoreError> {
+        let faults = DiskFaults {
+            sync_delay,
+            ..DiskFaults::default()
         };
-        let value = table.get(key).map_err(redb::Error::from)?;
-        Ok(value.map(|v| v.value().to_vec()))
+        Self::open_with(dir, faults).await
     }
 
-    fn get_json<T: for<'de> Deserialize<'de>>(
+    /// [`Store::open`] on a disk whose syncs fail while the returned switch is on.
+    #[cfg(test)]
+    pub(crate) async fn open_failing(
+        dir: &Path,
+    ) -> Result<(Self, Arc<std::sync::atomic::AtomicBool>), StoreError> {
+        let switch = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let faults = DiskFaults {
+            fail_syncs: Some(switch.clone()),
+            ..DiskFaults::default()
+        };
+        Ok((Self::open_with(dir, faults).await?, switch))
+    }
+
+    async fn open_with(dir: &Path, faults: DiskFaults) -> Result<Self, StoreError> {
+        let dir = dir.to_owned();
+        let (opened_tx, opened) = tokio::sync::oneshot::channel();
+        let (jobs, queue) = std::sync::mpsc::channel::<Job>();
+        let thread = std::thread::Builder::new()
+            .name("shoal-store".into())
+            .spawn(move || {
+                let db = match open_db(&dir, faults) {
+                    Ok(db) => db,
+                    Err(e) => {
+                        let _ = opened_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = opened_tx.send(Ok(()));
+                // Until every sender is gone: the store was dropped.
+                for job in queue {
+                    job(&db);
+                }
+            })
+            .map_err(StoreError::Thread)?;
+        let store = Self {
+            jobs: Some(jobs),
+            thread: Some(thread),
+        };
+        match opened.await {
+            Ok(Ok(())) => Ok(store),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(StoreError::Stopped),
+        }
+    }
+
+    /// Runs `job` on the store's thread, after everything asked before it. Once handed over,
+    /// it runs to the end even if the caller stops waiting.
+    async fn run<R: Send + 'static>(
+        &self,
+        job: impl FnOnce(&Database) -> R + Send + 'static,
+    ) -> Result<R, StoreError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.jobs
+            .as_ref()
+            .ok_or(StoreError::Stopped)?
+            .send(Box::new(move |db| {
+                let _ = tx.send(job(db));
+            }))
+            .map_err(|_| StoreError::Stopped)?;
+        rx.await.map_err(|_| StoreError::Stopped)
+    }
+
+    /// The value of `key`.
+    async fn get(&self, key: &'static str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.run(move |db| read(db, key)).await?
+    }
+
+    async fn get_json<T: for<'de> Deserialize<'de>>(
         &self,
         key: &'static str,
     ) -> Result<Option<T>, StoreError> {
-        match self.get(key)? {
+        match self.get(key).await? {
             None => Ok(None),
             Some(bytes) => serde_json::from_slice(&bytes)
                 .map(Some)
@@ -294,29 +376,35 @@ impl Store {
     /// The node's X25519 static secret; `fresh` is stored and returned if there is none yet,
     /// together with a first incarnation record (see [`Store::renew_incarnation`]), in one
     /// transaction: a node that has a key always has an incarnation record.
-    pub fn node_key(&self, fresh: [u8; 32]) -> Result<[u8; 32], StoreError> {
-        if let Some(bytes) = self.get(NODE_KEY)? {
-            return <[u8; 32]>::try_from(bytes.as_slice())
-                .map_err(|_| StoreError::BadNodeKey(bytes.len()));
-        }
-        self.transact(|table| {
-            table.insert(NODE_KEY, fresh.as_slice())?;
-            table.insert(INCARNATION, [0u8; INCARNATION_LEN].as_slice())?;
-            Ok(())
-        })?;
-        Ok(fresh)
+    pub async fn node_key(&self, fresh: [u8; 32]) -> Result<[u8; 32], StoreError> {
+        self.run(move |db| {
+            if let Some(bytes) = read(db, NODE_KEY)? {
+                return <[u8; 32]>::try_from(bytes.as_slice())
+                    .map_err(|_| StoreError::BadNodeKey(bytes.len()));
+            }
+            commit(db, |table| {
+                table.insert(NODE_KEY, fresh.as_slice())?;
+                table.insert(INCARNATION, [0u8; INCARNATION_LEN].as_slice())?;
+                Ok(())
+            })?;
+            Ok(fresh)
+        })
+        .await?
     }
 
     /// Checks that a node with a key has a usable incarnation record (the agent refuses to
     /// start otherwise: see [`StoreError::Incarnation`]).
-    pub fn check_incarnation(&self) -> Result<(), StoreError> {
-        if self.get(NODE_KEY)?.is_none() {
-            return Ok(());
-        }
-        self.get(INCARNATION)?
-            .ok_or(StoreError::Incarnation("missing"))
-            .and_then(|v| parse_incarnation(&v))
-            .map(drop)
+    pub async fn check_incarnation(&self) -> Result<(), StoreError> {
+        self.run(|db| {
+            if read(db, NODE_KEY)?.is_none() {
+                return Ok(());
+            }
+            read(db, INCARNATION)?
+                .ok_or(StoreError::Incarnation("missing"))
+                .and_then(|v| parse_incarnation(&v))
+                .map(drop)
+        })
+        .await?
     }
 
     /// Renews the data path's incarnation before a start of the data path: draws 16 bytes with
@@ -328,56 +416,60 @@ impl Store {
     ///
     /// A node that has a key but no incarnation record, or a damaged one, is refused: the record
     /// must never silently start over.
-    pub fn renew_incarnation(
+    pub async fn renew_incarnation(
         &self,
-        mut fresh: impl FnMut() -> [u8; INCARNATION_LEN],
+        mut fresh: impl FnMut() -> [u8; INCARNATION_LEN] + Send + 'static,
     ) -> Result<[u8; INCARNATION_LEN], StoreError> {
-        let mut failed = None;
-        let mut next = [0u8; INCARNATION_LEN];
-        self.transact(|table| {
-            let has_key = table.get(NODE_KEY)?.is_some();
-            let current = table.get(INCARNATION)?.map(|v| v.value().to_vec());
-            let current = match (current, has_key) {
-                (Some(v), _) => match parse_incarnation(&v) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        failed = Some(e);
+        self.run(move |db| {
+            let mut failed = None;
+            let mut next = [0u8; INCARNATION_LEN];
+            commit(db, |table| {
+                let has_key = table.get(NODE_KEY)?.is_some();
+                let current = table.get(INCARNATION)?.map(|v| v.value().to_vec());
+                let current = match (current, has_key) {
+                    (Some(v), _) => match parse_incarnation(&v) {
+                        Ok(c) => c,
+                        Err(e) => {
+                            failed = Some(e);
+                            return Ok(());
+                        }
+                    },
+                    (None, true) => {
+                        failed = Some(StoreError::Incarnation("missing"));
                         return Ok(());
                     }
-                },
-                (None, true) => {
-                    failed = Some(StoreError::Incarnation("missing"));
-                    return Ok(());
-                }
-                (None, false) => [0u8; INCARNATION_LEN],
-            };
-            next = fresh();
-            while next == current {
+                    (None, false) => [0u8; INCARNATION_LEN],
+                };
                 next = fresh();
+                while next == current {
+                    next = fresh();
+                }
+                table.insert(INCARNATION, next.as_slice())?;
+                Ok(())
+            })?;
+            match failed {
+                Some(e) => Err(e),
+                None => Ok(next),
             }
-            table.insert(INCARNATION, next.as_slice())?;
-            Ok(())
-        })?;
-        match failed {
-            Some(e) => Err(e),
-            None => Ok(next),
-        }
+        })
+        .await?
     }
 
     /// The membership record, if this node is in a swarm.
-    pub fn membership(&self) -> Result<Option<Membership>, StoreError> {
+    pub async fn membership(&self) -> Result<Option<Membership>, StoreError> {
         Ok(self
-            .get_json::<MembershipRecord>(MEMBERSHIP)?
+            .get_json::<MembershipRecord>(MEMBERSHIP)
+            .await?
             .map(Membership::from))
     }
 
     /// The manager record, if this node is a manager, read by `decode` (the manager module
     /// owns that record's format; the store keeps its bytes).
-    pub fn manager<T>(
+    pub async fn manager<T>(
         &self,
         decode: impl FnOnce(&[u8]) -> Result<T, serde_json::Error>,
     ) -> Result<Option<T>, StoreError> {
-        match self.get(MANAGER)? {
+        match self.get(MANAGER).await? {
             None => Ok(None),
             Some(bytes) => decode(&bytes)
                 .map(Some)
@@ -388,8 +480,9 @@ impl Store {
         }
     }
 
-    /// Applies all `writes` in one transaction: all of them or none.
-    pub fn write(&self, writes: &[Write<'_>]) -> Result<(), StoreError> {
+    /// Applies all `writes` in one transaction: all of them or none. Once this is called, the
+    /// transaction runs to its end (commit or nothing) even if the caller stops waiting.
+    pub async fn write(&self, writes: &[Write<'_>]) -> Result<(), StoreError> {
         // Encode first: an encoding failure must not leave a half-made transaction.
         let mut encoded: Vec<(&'static str, Option<Vec<u8>>)> = Vec::with_capacity(writes.len());
         for w in writes {
@@ -404,32 +497,142 @@ impl Store {
             };
             encoded.push(item);
         }
-        self.transact(|table| {
-            for (key, value) in &encoded {
-                match value {
-                    Some(v) => {
-                        table.insert(*key, v.as_slice())?;
-                    }
-                    None => {
-                        table.remove(*key)?;
+        self.run(move |db| {
+            commit(db, |table| {
+                for (key, value) in &encoded {
+                    match value {
+                        Some(v) => {
+                            table.insert(*key, v.as_slice())?;
+                        }
+                        None => {
+                            table.remove(*key)?;
+                        }
                     }
                 }
-            }
-            Ok(())
+                Ok(())
+            })
         })
+        .await?
+    }
+}
+
+/// Makes `dir` (mode 0700) and opens the database in it (mode 0600).
+fn open_db(dir: &Path, faults: DiskFaults) -> Result<Database, StoreError> {
+    let dir_err = |source| StoreError::Dir {
+        path: dir.to_owned(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(dir_err)?;
+    set_mode(dir, 0o700).map_err(dir_err)?;
+    let path = dir.join(FILE_NAME);
+    let db = match Disk::open(&path, faults) {
+        Ok(db) => db,
+        Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+            return Err(StoreError::InUse(dir.to_owned()))
+        }
+        Err(source) => {
+            return Err(StoreError::Open {
+                path,
+                source: Box::new(source),
+            })
+        }
+    };
+    set_mode(&path, 0o600).map_err(dir_err)?;
+    Ok(db)
+}
+
+/// The value of `key` (on the store's thread).
+fn read(db: &Database, key: &'static str) -> Result<Option<Vec<u8>>, StoreError> {
+    let tx = db.begin_read().map_err(redb::Error::from)?;
+    let table = match tx.open_table(TABLE) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+        Err(e) => return Err(redb::Error::from(e).into()),
+    };
+    let value = table.get(key).map_err(redb::Error::from)?;
+    Ok(value.map(|v| v.value().to_vec()))
+}
+
+/// One write transaction with `f` (on the store's thread): all of it or nothing.
+fn commit(
+    db: &Database,
+    f: impl FnOnce(&mut redb::Table<'_, &str, &[u8]>) -> Result<(), redb::StorageError>,
+) -> Result<(), StoreError> {
+    let tx = db.begin_write().map_err(redb::Error::from)?;
+    {
+        let mut table = tx.open_table(TABLE).map_err(redb::Error::from)?;
+        f(&mut table).map_err(redb::Error::from)?;
+    }
+    tx.commit().map_err(redb::Error::from)?;
+    Ok(())
+}
+
+/// Faults a test can give the store's disk (none otherwise).
+#[derive(Debug, Default)]
+struct DiskFaults {
+    /// Added to every sync: a slow disk.
+    sync_delay: Duration,
+    /// While on, every sync fails.
+    fail_syncs: Option<Arc<std::sync::atomic::AtomicBool>>,
+}
+
+/// The store's file under redb, with faults for tests.
+#[derive(Debug)]
+struct Disk {
+    file: redb::backends::FileBackend,
+    faults: DiskFaults,
+}
+
+impl Disk {
+    /// Opens (or creates) the database at `path`, as `Database::create` does.
+    fn open(path: &Path, faults: DiskFaults) -> Result<Database, redb::DatabaseError> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        let file = redb::backends::FileBackend::new(file)?;
+        Database::builder().create_with_backend(Disk { file, faults })
+    }
+}
+
+impl redb::StorageBackend for Disk {
+    fn len(&self) -> std::io::Result<u64> {
+        self.file.len()
     }
 
-    fn transact(
-        &self,
-        f: impl FnOnce(&mut redb::Table<'_, &str, &[u8]>) -> Result<(), redb::StorageError>,
-    ) -> Result<(), StoreError> {
-        let tx = self.db.begin_write().map_err(redb::Error::from)?;
-        {
-            let mut table = tx.open_table(TABLE).map_err(redb::Error::from)?;
-            f(&mut table).map_err(redb::Error::from)?;
+    fn read(&self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+        self.file.read(offset, len)
+    }
+
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.file.set_len(len)
+    }
+
+    fn sync_data(&self, eventual: bool) -> std::io::Result<()> {
+        // Only the store's own thread commits: never a thread of an async runtime, where an
+        // fsync would hold up every task queued there. (On the store's thread, a panic here
+        // stops the store: every call then fails with `Stopped`.)
+        if cfg!(any(test, debug_assertions)) {
+            assert!(
+                tokio::runtime::Handle::try_current().is_err(),
+                "a state store commit on a thread of the async runtime"
+            );
         }
-        tx.commit().map_err(redb::Error::from)?;
-        Ok(())
+        if !self.faults.sync_delay.is_zero() {
+            std::thread::sleep(self.faults.sync_delay);
+        }
+        if let Some(fail) = &self.faults.fail_syncs {
+            if fail.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(std::io::Error::other("injected sync failure"));
+            }
+        }
+        self.file.sync_data(eventual)
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.file.write(offset, data)
     }
 }
 
@@ -467,16 +670,28 @@ mod tests {
         }
     }
 
+    impl Store {
+        /// One write transaction with `f`, as it is.
+        async fn transact(
+            &self,
+            f: impl FnOnce(&mut redb::Table<'_, &str, &[u8]>) -> Result<(), redb::StorageError>
+                + Send
+                + 'static,
+        ) -> Result<(), StoreError> {
+            self.run(move |db| commit(db, f)).await?
+        }
+    }
+
     fn sample_state() -> State {
         let mut s = State::default();
         s.apply(init_cmd()).unwrap();
         s
     }
 
-    #[test]
-    fn records_are_versioned_and_an_unknown_format_is_refused() {
+    #[tokio::test]
+    async fn records_are_versioned_and_an_unknown_format_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = Store::open(dir.path()).await.unwrap();
         let state = sample_state();
         let m = membership(&state);
         store
@@ -484,133 +699,149 @@ mod tests {
                 Write::Membership(&m),
                 Write::Manager(&state.to_record().unwrap()),
             ])
+            .await
             .unwrap();
         // On disk: the record's own format, with the view inside in its wire form.
-        let raw = store.get(MEMBERSHIP).unwrap().unwrap();
+        let raw = store.get(MEMBERSHIP).await.unwrap().unwrap();
         let raw: serde_json::Value = serde_json::from_slice(&raw).unwrap();
         assert!(raw["v1"]["view"]["v1"]["nodes"].is_array(), "{raw}");
-        let raw = store.get(MANAGER).unwrap().unwrap();
+        let raw = store.get(MANAGER).await.unwrap().unwrap();
         let raw: serde_json::Value = serde_json::from_slice(&raw).unwrap();
         assert!(raw["v1"]["cluster"].is_object(), "{raw}");
-        assert_eq!(store.membership().unwrap(), Some(m));
-        assert_eq!(store.manager(State::from_record).unwrap(), Some(state));
+        assert_eq!(store.membership().await.unwrap(), Some(m));
+        assert_eq!(
+            store.manager(State::from_record).await.unwrap(),
+            Some(state)
+        );
         // Records of a format this build does not read (a later one, or the unversioned one of
         // older agents) are refused with their name, never half-read.
         for (key, bytes) in [
             (MEMBERSHIP, &br#"{"v2":{}}"#[..]),
             (MANAGER, &br#"{"version":3,"cluster":null}"#[..]),
         ] {
-            store.transact(|t| t.insert(key, bytes).map(drop)).unwrap();
+            store
+                .transact(move |t| t.insert(key, bytes).map(drop))
+                .await
+                .unwrap();
             let err = if key == MEMBERSHIP {
-                store.membership().unwrap_err()
+                store.membership().await.unwrap_err()
             } else {
-                store.manager(State::from_record).unwrap_err()
+                store.manager(State::from_record).await.unwrap_err()
             };
             let err = err.to_string();
             assert!(err.contains(&format!("{key:?}")), "{err}");
         }
     }
 
-    #[test]
-    fn empty_store_has_nothing() {
+    #[tokio::test]
+    async fn empty_store_has_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        assert_eq!(store.membership().unwrap(), None);
-        assert_eq!(store.manager(State::from_record).unwrap(), None);
+        let store = Store::open(dir.path()).await.unwrap();
+        assert_eq!(store.membership().await.unwrap(), None);
+        assert_eq!(store.manager(State::from_record).await.unwrap(), None);
     }
 
-    #[test]
-    fn reopen_keeps_everything() {
+    #[tokio::test]
+    async fn reopen_keeps_everything() {
         let dir = tempfile::tempdir().unwrap();
         let state = sample_state();
         let m = membership(&state);
         {
-            let store = Store::open(dir.path()).unwrap();
-            assert_eq!(store.node_key([5; 32]).unwrap(), [5; 32]);
+            let store = Store::open(dir.path()).await.unwrap();
+            assert_eq!(store.node_key([5; 32]).await.unwrap(), [5; 32]);
             store
                 .write(&[
                     Write::Membership(&m),
                     Write::Manager(&state.to_record().unwrap()),
                 ])
+                .await
                 .unwrap();
         }
-        let store = Store::open(dir.path()).unwrap();
+        let store = Store::open(dir.path()).await.unwrap();
         // The first key stays; a new candidate is ignored.
-        assert_eq!(store.node_key([6; 32]).unwrap(), [5; 32]);
-        assert_eq!(store.membership().unwrap(), Some(m.clone()));
-        assert_eq!(store.manager(State::from_record).unwrap(), Some(state));
+        assert_eq!(store.node_key([6; 32]).await.unwrap(), [5; 32]);
+        assert_eq!(store.membership().await.unwrap(), Some(m.clone()));
+        assert_eq!(
+            store.manager(State::from_record).await.unwrap(),
+            Some(state)
+        );
         assert_eq!(m.role(), Role::Manager);
         store
             .write(&[Write::ClearMembership, Write::ClearManager])
+            .await
             .unwrap();
         drop(store);
-        let store = Store::open(dir.path()).unwrap();
-        assert_eq!(store.membership().unwrap(), None);
-        assert_eq!(store.manager(State::from_record).unwrap(), None);
-        assert_eq!(store.node_key([7; 32]).unwrap(), [5; 32]);
+        let store = Store::open(dir.path()).await.unwrap();
+        assert_eq!(store.membership().await.unwrap(), None);
+        assert_eq!(store.manager(State::from_record).await.unwrap(), None);
+        assert_eq!(store.node_key([7; 32]).await.unwrap(), [5; 32]);
     }
 
-    #[test]
-    fn second_open_is_refused() {
+    #[tokio::test]
+    async fn second_open_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let _store = Store::open(dir.path()).unwrap();
-        match Store::open(dir.path()) {
+        let _store = Store::open(dir.path()).await.unwrap();
+        match Store::open(dir.path()).await {
             Err(StoreError::InUse(p)) => assert_eq!(p, dir.path()),
             other => panic!("expected InUse, got {other:?}"),
         }
     }
 
-    #[test]
-    fn garbage_file_is_a_clear_error() {
+    #[tokio::test]
+    async fn garbage_file_is_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(
             dir.path().join(FILE_NAME),
             b"not a database at all, just text",
         )
         .unwrap();
-        let err = Store::open(dir.path()).unwrap_err();
+        let err = Store::open(dir.path()).await.unwrap_err();
         assert!(matches!(err, StoreError::Open { .. }), "{err:?}");
         assert!(err.to_string().contains("move it away"));
     }
 
-    #[test]
-    fn corrupt_record_is_a_clear_error() {
+    #[tokio::test]
+    async fn corrupt_record_is_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = Store::open(dir.path()).await.unwrap();
         store
             .transact(|t| {
                 t.insert(MEMBERSHIP, b"{not json".as_slice())?;
                 t.insert(NODE_KEY, b"short".as_slice())?;
                 Ok(())
             })
+            .await
             .unwrap();
         assert!(matches!(
-            store.membership(),
+            store.membership().await,
             Err(StoreError::Corrupt {
                 key: MEMBERSHIP,
                 ..
             })
         ));
         assert!(matches!(
-            store.node_key([0; 32]),
+            store.node_key([0; 32]).await,
             Err(StoreError::BadNodeKey(5))
         ));
     }
 
-    #[test]
-    fn incarnation_is_renewed_stored_and_never_repeated() {
+    #[tokio::test]
+    async fn incarnation_is_renewed_stored_and_never_repeated() {
         let dir = tempfile::tempdir().unwrap();
         let mut draws = (1u8..).map(|n| [n; INCARNATION_LEN]);
         let first;
         {
-            let store = Store::open(dir.path()).unwrap();
-            store.node_key([5; 32]).unwrap();
-            store.check_incarnation().unwrap();
-            first = store.renew_incarnation(|| draws.next().unwrap()).unwrap();
+            let store = Store::open(dir.path()).await.unwrap();
+            store.node_key([5; 32]).await.unwrap();
+            store.check_incarnation().await.unwrap();
+            first = store
+                .renew_incarnation(move || draws.next().unwrap())
+                .await
+                .unwrap();
             assert_eq!(first, [1; INCARNATION_LEN]);
         }
         // Reopened (a restart): the stored one is not drawn again, even if the source repeats.
-        let store = Store::open(dir.path()).unwrap();
+        let store = Store::open(dir.path()).await.unwrap();
         let mut again = [
             [1u8; INCARNATION_LEN],
             [1; INCARNATION_LEN],
@@ -618,33 +849,38 @@ mod tests {
         ]
         .into_iter();
         assert_eq!(
-            store.renew_incarnation(|| again.next().unwrap()).unwrap(),
+            store
+                .renew_incarnation(move || again.next().unwrap())
+                .await
+                .unwrap(),
             [9; INCARNATION_LEN]
         );
         assert_eq!(
-            parse_incarnation(&store.get(INCARNATION).unwrap().unwrap()).unwrap(),
+            parse_incarnation(&store.get(INCARNATION).await.unwrap().unwrap()).unwrap(),
             [9; INCARNATION_LEN],
             "stored before it was returned"
         );
     }
 
-    #[test]
-    fn missing_or_damaged_incarnation_refuses_to_start() {
+    #[tokio::test]
+    async fn missing_or_damaged_incarnation_refuses_to_start() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = Store::open(dir.path()).await.unwrap();
         // No key yet: nothing to protect.
-        store.check_incarnation().unwrap();
-        store.node_key([5; 32]).unwrap();
+        store.check_incarnation().await.unwrap();
+        store.node_key([5; 32]).await.unwrap();
         store
             .transact(|t| {
                 t.remove(INCARNATION)?;
                 Ok(())
             })
+            .await
             .unwrap();
         for err in [
-            store.check_incarnation().unwrap_err(),
+            store.check_incarnation().await.unwrap_err(),
             store
                 .renew_incarnation(|| [1; INCARNATION_LEN])
+                .await
                 .unwrap_err(),
         ] {
             assert!(matches!(err, StoreError::Incarnation("missing")), "{err:?}");
@@ -655,7 +891,7 @@ mod tests {
             );
         }
         assert!(
-            store.get(INCARNATION).unwrap().is_none(),
+            store.get(INCARNATION).await.unwrap().is_none(),
             "never silently 0"
         );
         store
@@ -663,9 +899,10 @@ mod tests {
                 t.insert(INCARNATION, b"xyz".as_slice())?;
                 Ok(())
             })
+            .await
             .unwrap();
         assert!(matches!(
-            store.renew_incarnation(|| [1; INCARNATION_LEN]),
+            store.renew_incarnation(|| [1; INCARNATION_LEN]).await,
             Err(StoreError::Incarnation("damaged"))
         ));
         // The four-byte counter of earlier agents is a valid record.
@@ -674,39 +911,86 @@ mod tests {
                 t.insert(INCARNATION, 7u32.to_be_bytes().as_slice())?;
                 Ok(())
             })
+            .await
             .unwrap();
-        store.check_incarnation().unwrap();
+        store.check_incarnation().await.unwrap();
         assert_eq!(
-            store.renew_incarnation(|| [3; INCARNATION_LEN]).unwrap(),
+            store
+                .renew_incarnation(|| [3; INCARNATION_LEN])
+                .await
+                .unwrap(),
             [3; INCARNATION_LEN]
+        );
+    }
+
+    /// Commits asked for from the agent's runtime (two workers) run on the store's thread:
+    /// `Disk::sync_data` checks every sync it makes, and one on a runtime thread would panic
+    /// there (then the store stops and answers `Stopped`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn commits_run_on_the_stores_thread_not_the_runtimes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).await.unwrap();
+        let state = sample_state();
+        let m = membership(&state);
+        store.node_key([5; 32]).await.unwrap();
+        store
+            .renew_incarnation(|| [4; INCARNATION_LEN])
+            .await
+            .unwrap();
+        store
+            .write(&[
+                Write::Membership(&m),
+                Write::Manager(&state.to_record().unwrap()),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(store.membership().await.unwrap(), Some(m));
+        // The check itself: a commit made here, on a runtime thread, is caught.
+        let caught = std::panic::catch_unwind(|| {
+            let db = Disk::open(&dir.path().join("other.redb"), DiskFaults::default()).unwrap();
+            commit(&db, |t| {
+                t.insert(NODE_KEY, [1u8; 32].as_slice())?;
+                Ok(())
+            })
+        });
+        assert!(
+            caught.is_err(),
+            "a commit on a runtime thread went unnoticed"
         );
     }
 
     /// A child process (this same test binary) writes a committed state, then starts a
     /// second write and aborts the process before commit. The reopened store must hold
     /// exactly the committed state.
-    #[test]
-    fn crash_before_commit_keeps_old_state() {
+    #[tokio::test]
+    async fn crash_before_commit_keeps_old_state() {
         const ENV: &str = "SHOAL_STORE_CRASH_DIR";
         if let Ok(dir) = std::env::var(ENV) {
-            let store = Store::open(Path::new(&dir)).unwrap();
+            let store = Store::open(Path::new(&dir)).await.unwrap();
             let state = sample_state();
             store
                 .write(&[Write::Manager(&state.to_record().unwrap())])
+                .await
                 .unwrap();
             let mut bigger = state.clone();
             bigger
                 .apply(Command::AddNode(Box::new(node(2, Role::Worker))))
                 .unwrap();
-            let tx = store.db.begin_write().unwrap();
-            {
-                let mut t = tx.open_table(TABLE).unwrap();
-                let json = serde_json::to_vec(&bigger).unwrap();
-                t.insert(MANAGER, json.as_slice()).unwrap();
-                t.insert(MEMBERSHIP, b"half".as_slice()).unwrap();
-            }
-            // Crash with the transaction open: no destructors, no commit.
-            std::process::abort();
+            store
+                .run(move |db| {
+                    let tx = db.begin_write().unwrap();
+                    {
+                        let mut t = tx.open_table(TABLE).unwrap();
+                        let json = serde_json::to_vec(&bigger).unwrap();
+                        t.insert(MANAGER, json.as_slice()).unwrap();
+                        t.insert(MEMBERSHIP, b"half".as_slice()).unwrap();
+                    }
+                    // Crash with the transaction open: no destructors, no commit.
+                    std::process::abort();
+                })
+                .await
+                .unwrap();
+            unreachable!("the child aborted");
         }
         let dir = tempfile::tempdir().unwrap();
         let exe = std::env::current_exe().unwrap();
@@ -722,11 +1006,11 @@ mod tests {
             .status()
             .unwrap();
         assert!(!status.success(), "the child must have crashed");
-        let store = Store::open(dir.path()).unwrap();
+        let store = Store::open(dir.path()).await.unwrap();
         assert_eq!(
-            store.manager(State::from_record).unwrap(),
+            store.manager(State::from_record).await.unwrap(),
             Some(sample_state())
         );
-        assert_eq!(store.membership().unwrap(), None);
+        assert_eq!(store.membership().await.unwrap(), None);
     }
 }

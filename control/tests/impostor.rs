@@ -279,8 +279,8 @@ async fn watch_and_admin_refuse_a_worker_certificate() {
     let (addr, seen) = impostor(&ca, cert(&ca, &NodeId::from_random(8), Role::Worker), None).await;
     let dir = tempfile::tempdir().unwrap();
     {
-        let store = Store::open(&dir.path().join("m")).unwrap();
-        store.node_key([3; 32]).unwrap();
+        let store = Store::open(&dir.path().join("m")).await.unwrap();
+        store.node_key([3; 32]).await.unwrap();
         let m = Membership {
             node_id: me.clone(),
             cert_der: my_cert.cert_der.clone(),
@@ -297,7 +297,7 @@ async fn watch_and_admin_refuse_a_worker_certificate() {
             ),
             listen_addr: None,
         };
-        store.write(&[Write::Membership(&m)]).unwrap();
+        store.write(&[Write::Membership(&m)]).await.unwrap();
     }
     // The agent resumes its membership and opens its watch stream (which must fail).
     let member = agent(dir.path(), "m").await;

@@ -358,6 +358,14 @@ pub struct Stats {
     pub declared_down: u64,
     /// Current local health score (0 is healthy).
     pub health: u32,
+    /// Timers fired (each is one lateness sample below).
+    pub timers_fired: u64,
+    /// Sum of how late those timers fired after their deadlines, in microseconds: the time
+    /// this node could not run (a stalled runtime, a blocked thread). With the count: the
+    /// mean. A timer more than half a probe period late raises local health.
+    pub timer_late_sum_us: u64,
+    /// The latest any timer fired after its deadline, in microseconds.
+    pub timer_late_max_us: u64,
     /// Direct probes answered (each gives one round-trip sample).
     pub probe_rtt_count: u64,
     /// Sum of those round trips, in microseconds (with the count: the mean).
@@ -1735,6 +1743,10 @@ impl Membership {
     fn fire(&mut self, mut p: Pending, now: Instant) {
         let period = self.config.swim.probe_period;
         let late = now.saturating_duration_since(p.deadline);
+        let late_us = u64::try_from(late.as_micros()).unwrap_or(u64::MAX);
+        self.stats.timers_fired += 1;
+        self.stats.timer_late_sum_us = self.stats.timer_late_sum_us.saturating_add(late_us);
+        self.stats.timer_late_max_us = self.stats.timer_late_max_us.max(late_us);
         let stalled = self.config.local_health && late > period / 2;
         if stalled && !self.stall_counted {
             // One point per stall, however many timers it delayed.

@@ -408,12 +408,12 @@ async fn bind_socket(path: &Path, access: &local::Access) -> Result<UnixListener
 impl Agent {
     /// Opens the state and resumes this node's role in its swarm, if any.
     pub async fn start(config: AgentConfig) -> Result<Arc<Self>, AgentError> {
-        let store = Arc::new(Store::open(&config.state_dir)?);
-        let node_secret = zeroize::Zeroizing::new(store.node_key(random_key())?);
-        store.check_incarnation()?;
+        let store = Arc::new(Store::open(&config.state_dir).await?);
+        let node_secret = zeroize::Zeroizing::new(store.node_key(random_key()).await?);
+        store.check_incarnation().await?;
         let (public_key, _) = crate::trust::join::public_keys(&node_secret);
-        let membership = store.membership()?;
-        let manager_state = store.manager(State::from_record)?;
+        let membership = store.membership().await?;
+        let manager_state = store.manager(State::from_record).await?;
         let membership_cell = Current::new(membership.clone());
         let faults = Arc::new(Faults::default());
         let (reconciler, _task) = reconcile::spawn(reconcile::Setup {
@@ -435,7 +435,7 @@ impl Agent {
             reconciler,
         });
         if let Some(m) = membership {
-            let incarnation = agent.fresh_incarnation()?;
+            let incarnation = agent.fresh_incarnation().await?;
             match (manager_state, m.listen_addr) {
                 (Some(state), Some(listen)) => {
                     let listener =
@@ -473,13 +473,14 @@ impl Agent {
 
     /// A new incarnation for the next start of gossip and the data path, stored before it is
     /// used (see [`Store::renew_incarnation`]).
-    fn fresh_incarnation(&self) -> Result<Incarnation, StoreError> {
+    async fn fresh_incarnation(&self) -> Result<Incarnation, StoreError> {
         self.store
             .renew_incarnation(|| {
                 let mut bytes = [0u8; 16];
                 bytes.copy_from_slice(&random_key()[..16]);
                 bytes
             })
+            .await
             .map(Incarnation)
     }
 
@@ -784,7 +785,7 @@ impl Agent {
             return Err(InitError::CertExpiryTooShort(req.cert_expiry_secs));
         }
         // Before anything is made: a store that cannot renew the incarnation keeps nothing.
-        let incarnation = self.fresh_incarnation()?;
+        let incarnation = self.fresh_incarnation().await?;
         let listener =
             TcpListener::bind(req.listen_addr)
                 .await
@@ -863,10 +864,12 @@ impl Agent {
             view,
             listen_addr: Some(req.listen_addr),
         };
-        self.store.write(&[
-            Write::Manager(&crate::store::encoded("manager", state.to_record())?),
-            Write::Membership(&membership),
-        ])?;
+        self.store
+            .write(&[
+                Write::Manager(&crate::store::encoded("manager", state.to_record())?),
+                Write::Membership(&membership),
+            ])
+            .await?;
         self.membership.set(Some(membership));
         let manager = reconcile::ManagerStart {
             state,
@@ -880,7 +883,8 @@ impl Agent {
                 self.membership.set(None);
                 let _ = self
                     .store
-                    .write(&[Write::ClearManager, Write::ClearMembership]);
+                    .write(&[Write::ClearManager, Write::ClearMembership])
+                    .await;
                 return Err(InitError::Start(Box::new(e)));
             }
         }
@@ -900,7 +904,7 @@ impl Agent {
         let token = Token::parse(&req.token)?;
         let manager = resolve_manager(&req.manager).await?;
         // Before the manager is asked: a store that cannot renew the incarnation keeps nothing.
-        let incarnation = self.fresh_incarnation()?;
+        let incarnation = self.fresh_incarnation().await?;
         let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(manager))
             .await
             .map_err(|_| CallError::unreachable(manager, "no answer"))?
@@ -977,7 +981,7 @@ impl Agent {
             listen_addr: None,
         };
         let role = membership.role();
-        self.store.write(&[Write::Membership(&membership)])?;
+        self.store.write(&[Write::Membership(&membership)]).await?;
         info!(node = %membership.node_id, role = role.as_str(), %manager, "joined the swarm");
         self.membership.set(Some(membership));
         self.reconciler
@@ -1014,7 +1018,8 @@ impl Agent {
         }
         self.reconciler.stop().await;
         self.store
-            .write(&[Write::ClearMembership, Write::ClearManager])?;
+            .write(&[Write::ClearMembership, Write::ClearManager])
+            .await?;
         self.membership.set(None);
         info!(node = %m.node_id, "left the swarm");
         Ok(Reply::Left)
@@ -1144,7 +1149,7 @@ impl Agent {
             return Err(AdminCallError::NotInSwarm);
         };
         if let Some(manager) = leader {
-            let reply = manager.handle_admin(request, &m.node_id)?;
+            let reply = manager.handle_admin(request, &m.node_id).await?;
             return Ok(self.with_data_path(&m, reply));
         }
         if m.role() != Role::Manager {
@@ -1413,7 +1418,7 @@ async fn renew(
     .map_err(|_| CallError::Timeout(addr))??;
     match cert {
         ManagerReply::Certificate(cert) => {
-            take_certificate(m, cert, store, membership, faults)?;
+            take_certificate(m, cert, store, membership, faults).await?;
             info!("certificate renewed");
             Ok(())
         }
@@ -1423,7 +1428,7 @@ async fn renew(
 
 /// Checks a certificate the manager issued to this node and keeps it (in memory at once; in
 /// the store too, or the fault is reported and the write retried with the next change).
-fn take_certificate(
+async fn take_certificate(
     m: &Membership,
     cert: crate::api::IssuedCert,
     store: &Store,
@@ -1436,15 +1441,15 @@ fn take_certificate(
     let mut next = m.clone();
     next.cert_der = cert.cert_der;
     next.cert_not_after = cert.not_after;
-    keep(store, membership, faults, next);
+    keep(store, membership, faults, next).await;
     Ok(())
 }
 
 /// Keeps `next` as this node's membership: in memory always (the node goes on with the newest
 /// view and certificate it was given), in the store if it can be written; a failed write is a
 /// fault, retried on the next change and every [`SAVE_RETRY`].
-fn keep(store: &Store, membership: &Current, faults: &Faults, next: Membership) {
-    match store.write(&[Write::Membership(&next)]) {
+async fn keep(store: &Store, membership: &Current, faults: &Faults, next: Membership) {
+    match store.write(&[Write::Membership(&next)]).await {
         Ok(()) => membership.set(Some(next)),
         Err(e) => {
             faults.report(
@@ -1491,7 +1496,7 @@ async fn watch_loop(
             Ok(WatchEnd::Reconnect) => continue,
             Ok(WatchEnd::Removed) => {
                 warn!(node = %m.node_id, "this node was removed from the swarm; leaving it");
-                if let Err(e) = store.write(&[Write::ClearMembership]) {
+                if let Err(e) = store.write(&[Write::ClearMembership]).await {
                     warn!("could not clear the membership: {e}");
                 }
                 membership.set(None);
@@ -1544,7 +1549,7 @@ async fn watch_once(
             () = tokio::time::sleep_until(renew_at) => break Ok(WatchEnd::Reconnect),
             () = tokio::time::sleep(SAVE_RETRY), if membership.unsaved() => {
                 if let Some(current) = membership.get() {
-                    keep(store, membership, faults, current);
+                    keep(store, membership, faults, current).await;
                 }
                 continue;
             }
@@ -1567,7 +1572,7 @@ async fn watch_once(
                 }
                 let mut next = current;
                 next.view = view;
-                keep(store, membership, faults, next);
+                keep(store, membership, faults, next).await;
                 debug!(
                     version = membership.get().map(|m| m.view.version),
                     "cluster view updated"
@@ -1577,7 +1582,7 @@ async fn watch_once(
                 let Some(current) = membership.get() else {
                     break Ok(WatchEnd::Stopped);
                 };
-                take_certificate(&current, cert, store, membership, faults)?;
+                take_certificate(&current, cert, store, membership, faults).await?;
                 info!(
                     role = current.role().as_str(),
                     "new certificate from the manager"
@@ -1782,7 +1787,7 @@ mod tests {
             listen_addr: None,
         };
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let store = Arc::new(Store::open(dir.path()).await.unwrap());
         let faults = Arc::new(Faults::default());
         let (stop_tx, stop) = watch::channel(false);
         let task = tokio::spawn(watch_loop(

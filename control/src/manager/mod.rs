@@ -1,10 +1,13 @@
 //! The manager: owns the [`State`], applies commands to it, persists every change, and
 //! serves the API on 2377 (join, watch streams, leave, admin commands).
 //!
-//! All changes go through [`Manager::apply_with`]: the command is built and applied to a copy
-//! under one lock, the copy is written to the store in one transaction, and only then does it
-//! replace the live state and go out to every watch stream. A refused command or a failed
-//! write changes nothing. With Raft (a later issue) the same commands become log entries.
+//! All changes go through [`Manager::apply_with`]: one at a time, in the order they were asked
+//! for (the turn, a fair async lock), the command is built and applied to a copy, the copy is
+//! written to the store in one transaction, and only then does it replace the live state and go
+//! out to every watch stream. A refused command or a failed write changes nothing. The commit
+//! runs on the store's thread, and no lock a runtime thread could block on is held across it:
+//! readers of the state see the old one until the new one is saved. With Raft (a later issue)
+//! the same commands become log entries.
 //!
 //! STATUS (Ready/Down) of a node is the OR of two signals: a live watch stream from that node
 //! (closed at once when its agent dies, or after [`PING_TIMEOUT`] without a keep-alive), and
@@ -91,7 +94,11 @@ pub struct Manager {
     own_cert: Mutex<(Issued, u64)>,
     /// This node's X25519 secret: joining nodes prove they hold theirs against it.
     node_secret: zeroize::Zeroizing<[u8; 32]>,
-    state: Mutex<State>,
+    /// The live state: read by many, replaced whole by a change once the store has it. Never
+    /// held across an await.
+    state: Arc<Mutex<State>>,
+    /// Held by one change at a time, from the state it reads until its result is live.
+    turn: Arc<tokio::sync::Mutex<()>>,
     store: Arc<Store>,
     membership: Arc<Current>,
     views: watch::Sender<Arc<ClusterView>>,
@@ -245,7 +252,8 @@ impl Manager {
             listen_addr,
             own_cert: Mutex::new(own_cert),
             node_secret: zeroize::Zeroizing::new(node_secret),
-            state: Mutex::new(state),
+            state: Arc::new(Mutex::new(state)),
+            turn: Arc::new(tokio::sync::Mutex::new(())),
             store,
             membership,
             views,
@@ -271,20 +279,20 @@ impl Manager {
     }
 
     /// Builds a command from the current state with `f` (`None`: nothing to do), applies
-    /// it, persists, publishes.
-    pub fn apply_with<T, E>(
+    /// it, persists, publishes. Changes run one at a time, in the order they were asked for.
+    pub async fn apply_with<T, E>(
         &self,
         f: impl FnOnce(&State) -> Result<(Option<Command>, T), E>,
     ) -> Result<(Applied, T), E>
     where
         E: From<ChangeError>,
     {
-        let mut guard = lock(&self.state);
-        let (command, extra) = f(&guard)?;
+        let turn = self.turn.clone().lock_owned().await;
+        let mut next = self.state();
+        let (command, extra) = f(&next)?;
         let Some(command) = command else {
             return Ok((Applied::Unchanged, extra));
         };
-        let mut next = guard.clone();
         let applied = next.apply(command).map_err(ChangeError::from)?;
         if applied == Applied::Unchanged {
             return Ok((applied, extra));
@@ -293,14 +301,50 @@ impl Manager {
         let membership = self.own_membership(view.clone());
         let record =
             crate::store::encoded("manager", next.to_record()).map_err(ChangeError::from)?;
-        self.store
-            .write(&[Write::Manager(&record), Write::Membership(&membership)])
+        self.commit(turn, membership, Some((next, record, view)))
+            .await
             .map_err(ChangeError::from)?;
-        *guard = next;
-        drop(guard);
-        self.membership.set(Some(membership));
-        self.views.send_replace(Arc::new(view));
         Ok((applied, extra))
+    }
+
+    /// Writes `membership` (this node's record) and, with `next`, the new state (and its
+    /// record) to the store, and only then makes them live and publishes the view. This runs
+    /// in a task of its own that holds `turn` to the end: a caller that stops waiting (a
+    /// closed connection, a stopped loop) can neither leave the store ahead of the live state
+    /// nor let the next change start from a state about to be replaced.
+    async fn commit(
+        &self,
+        turn: tokio::sync::OwnedMutexGuard<()>,
+        membership: Membership,
+        next: Option<(State, Vec<u8>, ClusterView)>,
+    ) -> Result<(), StoreError> {
+        let store = self.store.clone();
+        let state = self.state.clone();
+        let current = self.membership.clone();
+        let views = self.views.clone();
+        let task = tokio::spawn(async move {
+            let _turn = turn;
+            match next {
+                Some((next, record, view)) => {
+                    store
+                        .write(&[Write::Manager(&record), Write::Membership(&membership)])
+                        .await?;
+                    *lock(&state) = next;
+                    current.set(Some(membership));
+                    views.send_replace(Arc::new(view));
+                }
+                None => {
+                    store.write(&[Write::Membership(&membership)]).await?;
+                    current.set(Some(membership));
+                }
+            }
+            Ok(())
+        });
+        match task.await {
+            Ok(result) => result,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => Err(StoreError::Stopped),
+        }
     }
 
     /// This node's membership record with `view`.
@@ -322,8 +366,9 @@ impl Manager {
     }
 
     /// Applies one ready-made command.
-    pub fn apply(&self, command: Command) -> Result<Applied, ChangeError> {
+    pub async fn apply(&self, command: Command) -> Result<Applied, ChangeError> {
         self.apply_with(|_| Ok::<_, ChangeError>((Some(command), ())))
+            .await
             .map(|(a, ())| a)
     }
 
@@ -369,7 +414,7 @@ impl Manager {
     }
 
     /// Handles a command that needs a manager. `caller` is the asking node (for the `*`).
-    pub fn handle_admin(
+    pub async fn handle_admin(
         &self,
         request: AdminRequest,
         caller: &NodeId,
@@ -378,7 +423,8 @@ impl Manager {
             AdminRequest::JoinToken { role, rotate } => {
                 if rotate {
                     let secret = Secret::from_random(random_u128());
-                    self.apply(Command::RotateSecret(role, secret.as_str().to_owned()))?;
+                    self.apply(Command::RotateSecret(role, secret.as_str().to_owned()))
+                        .await?;
                     info!(role = role.as_str(), "join token rotated");
                 }
                 let state = self.state();
@@ -437,15 +483,15 @@ impl Manager {
                 }
                 let mut lines = Vec::new();
                 for id in ids {
-                    self.apply(Command::RemoveNode(id.clone()))?;
+                    self.apply(Command::RemoveNode(id.clone())).await?;
                     info!(node = %id, "node removed");
                     lines.push(id.to_string());
                 }
-                self.rotate_now_if_owed();
+                self.rotate_now_if_owed().await;
                 Ok(Reply::Lines(lines))
             }
-            AdminRequest::Promote { nodes } => self.set_roles(&nodes, Role::Manager),
-            AdminRequest::Demote { nodes } => self.set_roles(&nodes, Role::Worker),
+            AdminRequest::Promote { nodes } => self.set_roles(&nodes, Role::Manager).await,
+            AdminRequest::Demote { nodes } => self.set_roles(&nodes, Role::Worker).await,
             AdminRequest::VtepAdd(v) | AdminRequest::VtepRm(v)
                 if v.network != shoal_ingress::INGRESS_NAME =>
             {
@@ -457,7 +503,8 @@ impl Manager {
                     addr: v.addr,
                     mac: v.mac.to_ascii_lowercase(),
                     ip: v.ip,
-                }))?;
+                }))
+                .await?;
                 info!(vtep = %line, "external VTEP added");
                 Ok(Reply::Lines(vec![line]))
             }
@@ -473,14 +520,14 @@ impl Manager {
                         v.addr, v.mac, v.ip
                     )));
                 }
-                self.apply(Command::RemoveVtep(v.ip))?;
+                self.apply(Command::RemoveVtep(v.ip)).await?;
                 info!(vtep = %v.ip, "external VTEP removed");
                 Ok(Reply::Lines(vec![format!("{} {} {}", v.addr, v.mac, v.ip)]))
             }
         }
     }
 
-    fn set_roles(&self, names: &[String], role: Role) -> Result<Reply, AdminError> {
+    async fn set_roles(&self, names: &[String], role: Role) -> Result<Reply, AdminError> {
         let state = self.state();
         let cluster = state.cluster().ok_or(ChangeError::NotManager)?;
         let mut ids = Vec::new();
@@ -493,20 +540,22 @@ impl Manager {
         }
         let mut lines = Vec::new();
         for (name, id) in ids {
-            let (applied, ()) = self.apply_with(|state| -> Result<_, AdminError> {
-                let cluster = state.cluster().ok_or(ChangeError::NotManager)?;
-                let node = cluster
-                    .nodes
-                    .get(&id)
-                    .ok_or_else(|| AdminError::NotFound(name.clone()))?;
-                if node.role == role {
-                    return Ok((None, ()));
-                }
-                // A new certificate in the new role: the old one stops opening the manager API
-                // (a demotion) at once.
-                let cert = self.reissue(cluster, node, role)?;
-                Ok((Some(Command::SetRole(id.clone(), role, cert)), ()))
-            })?;
+            let (applied, ()) = self
+                .apply_with(|state| -> Result<_, AdminError> {
+                    let cluster = state.cluster().ok_or(ChangeError::NotManager)?;
+                    let node = cluster
+                        .nodes
+                        .get(&id)
+                        .ok_or_else(|| AdminError::NotFound(name.clone()))?;
+                    if node.role == role {
+                        return Ok((None, ()));
+                    }
+                    // A new certificate in the new role: the old one stops opening the
+                    // manager API (a demotion) at once.
+                    let cert = self.reissue(cluster, node, role)?;
+                    Ok((Some(Command::SetRole(id.clone(), role, cert)), ()))
+                })
+                .await?;
             lines.push(match (role, applied) {
                 (Role::Manager, Applied::Changed) => {
                     format!("Node {name} promoted to a manager in the swarm.")
@@ -544,7 +593,7 @@ impl Manager {
     /// its secret proof picks the role, its key proof and signature show it holds the keys it
     /// registers, and the state machine refuses an address or key another node in the swarm
     /// has.
-    pub fn handle_join(
+    pub async fn handle_join(
         &self,
         claim: &Claim,
         exporter: &[u8; EXPORTER_LEN],
@@ -558,37 +607,40 @@ impl Manager {
         }
         claim.verify(&self.node_secret, exporter)?;
         let id = NodeId::from_random(random_u128());
-        let (_, (cert, role, not_after)) = self.apply_with(|state| -> Result<_, AdmitError> {
-            let role = state
-                .role_for_proof(exporter, &claim.secret_proof)
-                .ok_or(AdmitError::InvalidSecret)?;
-            let cluster = state.cluster().ok_or(ChangeError::NotManager)?;
-            let validity =
-                Validity::from_now(unix_now(), Duration::from_secs(cluster.cert_expiry_secs));
-            let cert = sign_node_cert(&cluster.ca, &id, role, &claim.cert_public_key, validity)?;
-            let node = Node {
-                id: id.clone(),
-                hostname: hostname.to_owned(),
-                addr: claim.addr,
-                role,
-                availability: Availability::Active,
-                public_key: claim.public_key,
-                signing_key: claim.signing_key,
-                cert_digest: cert_digest(&cert),
-                cert_der: cert.clone(),
-                cert_not_after: validity.not_after,
-                cert_public_key: claim.cert_public_key.clone(),
-                previous_cert_digest: None,
-                engine_version: claim.engine_version.clone(),
-                left: false,
-                overlay_addr: None,
-                joined_at: unix_now(),
-            };
-            Ok((
-                Some(Command::AddNode(Box::new(node))),
-                (cert, role, validity.not_after),
-            ))
-        })?;
+        let (_, (cert, role, not_after)) = self
+            .apply_with(|state| -> Result<_, AdmitError> {
+                let role = state
+                    .role_for_proof(exporter, &claim.secret_proof)
+                    .ok_or(AdmitError::InvalidSecret)?;
+                let cluster = state.cluster().ok_or(ChangeError::NotManager)?;
+                let validity =
+                    Validity::from_now(unix_now(), Duration::from_secs(cluster.cert_expiry_secs));
+                let cert =
+                    sign_node_cert(&cluster.ca, &id, role, &claim.cert_public_key, validity)?;
+                let node = Node {
+                    id: id.clone(),
+                    hostname: hostname.to_owned(),
+                    addr: claim.addr,
+                    role,
+                    availability: Availability::Active,
+                    public_key: claim.public_key,
+                    signing_key: claim.signing_key,
+                    cert_digest: cert_digest(&cert),
+                    cert_der: cert.clone(),
+                    cert_not_after: validity.not_after,
+                    cert_public_key: claim.cert_public_key.clone(),
+                    previous_cert_digest: None,
+                    engine_version: claim.engine_version.clone(),
+                    left: false,
+                    overlay_addr: None,
+                    joined_at: unix_now(),
+                };
+                Ok((
+                    Some(Command::AddNode(Box::new(node))),
+                    (cert, role, validity.not_after),
+                ))
+            })
+            .await?;
         info!(node = %id, hostname, role = role.as_str(), addr = %claim.addr, "node joined");
         Ok(JoinGrant {
             node_id: id,
@@ -618,16 +670,18 @@ impl Manager {
     }
 
     /// A new certificate for node `id`, same role and key (a renewal).
-    pub fn renew(&self, id: &NodeId) -> Result<IssuedCert, AdminError> {
-        let (_, cert) = self.apply_with(|state| -> Result<_, AdminError> {
-            let cluster = state.cluster().ok_or(ChangeError::NotManager)?;
-            let node = cluster
-                .nodes
-                .get(id)
-                .ok_or_else(|| AdminError::NotFound(id.to_string()))?;
-            let cert = self.reissue(cluster, node, node.role)?;
-            Ok((Some(Command::Renew(id.clone(), cert.clone())), cert))
-        })?;
+    pub async fn renew(&self, id: &NodeId) -> Result<IssuedCert, AdminError> {
+        let (_, cert) = self
+            .apply_with(|state| -> Result<_, AdminError> {
+                let cluster = state.cluster().ok_or(ChangeError::NotManager)?;
+                let node = cluster
+                    .nodes
+                    .get(id)
+                    .ok_or_else(|| AdminError::NotFound(id.to_string()))?;
+                let cert = self.reissue(cluster, node, node.role)?;
+                Ok((Some(Command::Renew(id.clone(), cert.clone())), cert))
+            })
+            .await?;
         info!(node = %id, "certificate renewed");
         Ok(IssuedCert {
             cert_der: cert.der,
@@ -637,24 +691,24 @@ impl Manager {
 
     /// Renews this node's own certificate when it is due (it signs its own: it holds the CA);
     /// returns the new one for the API's TLS configuration, if it renewed.
-    pub fn renew_own_if_due(&self, now: u64) -> Result<Option<Issued>, AdminError> {
+    pub async fn renew_own_if_due(&self, now: u64) -> Result<Option<Issued>, AdminError> {
         let (own, not_after) = lock(&self.own_cert).clone();
         if !crate::trust::tls::renewal_due(not_after, self.cert_lifetime(), now) {
             return Ok(None);
         }
-        let issued = self.renew(&self.self_id)?;
+        let issued = self.renew(&self.self_id).await?;
         let fresh = Issued {
             cert_der: issued.cert_der,
             key_pem: own.key_pem,
         };
         *lock(&self.own_cert) = (fresh.clone(), issued.not_after);
-        // Keep the agent's record in step (it holds our certificate too).
-        let view = (*self.view()).clone();
-        let membership = self.own_membership(view);
-        self.store
-            .write(&[Write::Membership(&membership)])
+        // Keep the agent's record in step (it holds our certificate too), in turn with the
+        // changes, so that none writes an older record over this one.
+        let turn = self.turn.clone().lock_owned().await;
+        let membership = self.own_membership((*self.view()).clone());
+        self.commit(turn, membership, None)
+            .await
             .map_err(|e| AdminError::Change(ChangeError::Save(e)))?;
-        self.membership.set(Some(membership));
         Ok(Some(fresh))
     }
 
@@ -670,8 +724,8 @@ impl Manager {
 
     /// Rotates the keys at once if a removal or a leave made a rotation due (and the last one
     /// is old enough); otherwise the maintenance loop does it when it is.
-    fn rotate_now_if_owed(&self) {
-        match self.rotate_keys_if_due(unix_now()) {
+    async fn rotate_now_if_owed(&self) {
+        match self.rotate_keys_if_due(unix_now()).await {
             Ok(true) => info!("network keys rotated: a node left or was removed"),
             Ok(false) => {}
             Err(e) => warn!("network key rotation failed: {e}; retrying"),
@@ -679,21 +733,23 @@ impl Manager {
     }
 
     /// Rotates the network keys if due at `now` (unix seconds). True if it rotated.
-    pub fn rotate_keys_if_due(&self, now: u64) -> Result<bool, ChangeError> {
-        let (applied, ()) = self.apply_with(|state| -> Result<_, ChangeError> {
-            let cluster = state.cluster().ok_or(ChangeError::NotManager)?;
-            if now < cluster.keys.next_rotation() {
-                return Ok((None, ()));
-            }
-            Ok((
-                Some(Command::RotateKeys {
-                    gossip_key: random_key(),
-                    data_path_key: random_key(),
-                    at: now,
-                }),
-                (),
-            ))
-        })?;
+    pub async fn rotate_keys_if_due(&self, now: u64) -> Result<bool, ChangeError> {
+        let (applied, ()) = self
+            .apply_with(|state| -> Result<_, ChangeError> {
+                let cluster = state.cluster().ok_or(ChangeError::NotManager)?;
+                if now < cluster.keys.next_rotation() {
+                    return Ok((None, ()));
+                }
+                Ok((
+                    Some(Command::RotateKeys {
+                        gossip_key: random_key(),
+                        data_path_key: random_key(),
+                        at: now,
+                    }),
+                    (),
+                ))
+            })
+            .await?;
         Ok(applied == Applied::Changed)
     }
 
@@ -771,12 +827,12 @@ impl Manager {
                 _ = tokio::time::sleep(tick) => {}
                 _ = stop.changed() => return,
             }
-            match self.rotate_keys_if_due(unix_now()) {
+            match self.rotate_keys_if_due(unix_now()).await {
                 Ok(true) => info!("network keys rotated"),
                 Ok(false) => {}
                 Err(e) => warn!("network key rotation failed: {e}"),
             }
-            match self.renew_own_if_due(unix_now()) {
+            match self.renew_own_if_due(unix_now()).await {
                 Ok(Some(own)) => {
                     let ca = self.state().cluster().map(|c| c.ca.cert_der.clone());
                     match ca.map(|ca| crate::trust::tls::server_config(&ca, &own)) {
@@ -831,12 +887,12 @@ impl Manager {
                 });
                 write_frame(&mut tls, &hello).await?;
                 match read_request(&mut tls, deadline).await? {
-                    Some(ManagerRequest::Join(claim)) => self.join(&tls, &claim),
+                    Some(ManagerRequest::Join(claim)) => self.join(&tls, &claim).await,
                     Some(_) => Err("expected a join after the join hello".into()),
                     None => return Ok(()),
                 }
             }
-            ManagerRequest::Join(claim) => self.join(&tls, &claim),
+            ManagerRequest::Join(claim) => self.join(&tls, &claim).await,
             ManagerRequest::Watch => {
                 return match caller {
                     Some((node, _)) => {
@@ -854,25 +910,27 @@ impl Manager {
             ManagerRequest::Renew => match caller {
                 Some((node, true)) => self
                     .renew(&node.id)
+                    .await
                     .map(ManagerReply::Certificate)
                     .map_err(|e| e.to_string()),
                 Some((_, false)) => Err(OLD_CERT.into()),
                 None => Err(not_member()),
             },
             ManagerRequest::Leave => match caller {
-                Some((node, _)) => self
-                    .apply(Command::MarkLeft(node.id.clone()))
-                    .map(|_| {
+                Some((node, _)) => match self.apply(Command::MarkLeft(node.id.clone())).await {
+                    Ok(_) => {
                         info!(node = %node.id, "node left");
-                        self.rotate_now_if_owed();
-                        ManagerReply::Ok
-                    })
-                    .map_err(|e| e.to_string()),
+                        self.rotate_now_if_owed().await;
+                        Ok(ManagerReply::Ok)
+                    }
+                    Err(e) => Err(e.to_string()),
+                },
                 None => Err(not_member()),
             },
             ManagerRequest::Admin(request) => match caller {
                 Some((node, true)) if node.role == Role::Manager => self
                     .handle_admin(request, &node.id)
+                    .await
                     .map(|r| ManagerReply::Admin(Box::new(r)))
                     .map_err(|e| e.to_string()),
                 Some((_, false)) => Err(OLD_CERT.into()),
@@ -887,13 +945,14 @@ impl Manager {
     }
 
     /// A join on this TLS connection: its proofs are bound to the session's exporter bytes.
-    fn join(&self, tls: &ServerTls, claim: &Claim) -> ManagerResponse {
+    async fn join(&self, tls: &ServerTls, claim: &Claim) -> ManagerResponse {
         let mut exporter = [0u8; EXPORTER_LEN];
         tls.get_ref()
             .1
             .export_keying_material(&mut exporter, EXPORTER_LABEL, None)
             .map_err(|e| AdmitError::Exporter(e.to_string()).to_string())?;
         self.handle_join(claim, &exporter)
+            .await
             .map(|g| ManagerReply::Joined(Box::new(g)))
             .map_err(|e| e.to_string())
     }
@@ -1242,9 +1301,15 @@ mod tests {
         membership: Arc<Current>,
     }
 
-    fn leader() -> Fixture {
+    async fn leader() -> Fixture {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let store = Store::open(dir.path()).await.unwrap();
+        leader_on(dir, store)
+    }
+
+    /// A leader whose state lives in `store` (opened in `dir`).
+    fn leader_on(dir: tempfile::TempDir, store: Store) -> Fixture {
+        let store = Arc::new(store);
         let ca: CaMaterial = generate_ca().unwrap();
         let id = NodeId::from_random(1);
         let validity = Validity::from_now(unix_now(), crate::trust::tls::DEFAULT_CERT_EXPIRY);
@@ -1319,31 +1384,41 @@ mod tests {
 
     /// A join by a node of its own (its own keys and address) with the secret
     /// `Secret::from_random(secret)`.
-    fn join(m: &Manager, secret: u128, host: &str) -> Result<JoinGrant, String> {
+    async fn join(m: &Manager, secret: u128, host: &str) -> Result<JoinGrant, String> {
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let key = crate::trust::tls::NodeKey::generate().unwrap().public_raw();
         let c = claim(m, Secret::from_random(secret).as_str(), host, n, key);
-        m.handle_join(&c, &EXPORTER).map_err(|e| e.to_string())
+        m.handle_join(&c, &EXPORTER)
+            .await
+            .map_err(|e| e.to_string())
     }
 
-    #[test]
-    fn join_checks_the_secret_and_changes_nothing_on_refusal() {
-        let f = leader();
+    #[tokio::test]
+    async fn join_checks_the_secret_and_changes_nothing_on_refusal() {
+        let f = leader().await;
         let before = f.manager.state();
-        assert_eq!(join(&f.manager, 33, "w1").unwrap_err(), INVALID_SECRET);
+        assert_eq!(
+            join(&f.manager, 33, "w1").await.unwrap_err(),
+            INVALID_SECRET
+        );
         assert_eq!(f.manager.state(), before);
-        assert!(join(&f.manager, 11, "").unwrap_err().contains("hostname"));
+        assert!(join(&f.manager, 11, "")
+            .await
+            .unwrap_err()
+            .contains("hostname"));
         assert!(join(&f.manager, 11, "a\nb")
+            .await
             .unwrap_err()
             .contains("hostname"));
         assert!(join(&f.manager, 11, &"x".repeat(254))
+            .await
             .unwrap_err()
             .contains("hostname"));
         assert_eq!(f.manager.state(), before);
-        join(&f.manager, 11, "w1").unwrap();
+        join(&f.manager, 11, "w1").await.unwrap();
         assert_eq!(f.manager.state().version, before.version + 1);
 
-        let grant = join(&f.manager, 22, "m2").unwrap();
+        let grant = join(&f.manager, 22, "m2").await.unwrap();
         let view = ClusterView::from_wire(grant.view);
         assert_eq!(view.node(&grant.node_id).unwrap().role, Role::Manager);
         assert_eq!(view.nodes.len(), 3);
@@ -1352,9 +1427,9 @@ mod tests {
         assert_eq!(kept.view.version, f.manager.state().version);
     }
 
-    #[test]
-    fn rotated_secret_is_refused_at_once() {
-        let f = leader();
+    #[tokio::test]
+    async fn rotated_secret_is_refused_at_once() {
+        let f = leader().await;
         let me = NodeId::from_random(1);
         let Reply::JoinToken { token: old, .. } = f
             .manager
@@ -1365,6 +1440,7 @@ mod tests {
                 },
                 &me,
             )
+            .await
             .unwrap()
         else {
             panic!("not a token")
@@ -1382,36 +1458,38 @@ mod tests {
                 },
                 &me,
             )
+            .await
             .unwrap()
         else {
             panic!("not a token")
         };
         assert!(rotated);
         assert_ne!(old, new);
-        assert_eq!(join(&f.manager, 11, "w").unwrap_err(), INVALID_SECRET);
+        assert_eq!(join(&f.manager, 11, "w").await.unwrap_err(), INVALID_SECRET);
         let secret = Token::parse(&new).unwrap().secret;
         let key = crate::trust::tls::NodeKey::generate().unwrap().public_raw();
         let c = claim(&f.manager, secret.as_str(), "w", 200, key);
-        assert!(f.manager.handle_join(&c, &EXPORTER).is_ok());
+        assert!(f.manager.handle_join(&c, &EXPORTER).await.is_ok());
         // A certificate key that is not a P-256 point: refused, nothing added.
         let before = f.manager.state();
         let c = claim(&f.manager, secret.as_str(), "w", 201, vec![4; 10]);
         let err = f
             .manager
             .handle_join(&c, &EXPORTER)
+            .await
             .unwrap_err()
             .to_string();
         assert!(err.contains("P-256"), "{err}");
         assert_eq!(f.manager.state(), before);
     }
 
-    #[test]
-    fn a_join_must_prove_its_keys_and_cannot_take_another_nodes() {
-        let f = leader();
+    #[tokio::test]
+    async fn a_join_must_prove_its_keys_and_cannot_take_another_nodes() {
+        let f = leader().await;
         let key = || crate::trust::tls::NodeKey::generate().unwrap().public_raw();
         let secret = Secret::from_random(11);
         let n2 = claim(&f.manager, secret.as_str(), "n2", 2, key());
-        f.manager.handle_join(&n2, &EXPORTER).unwrap();
+        f.manager.handle_join(&n2, &EXPORTER).await.unwrap();
         let before = f.manager.state();
         // n2's address from another machine.
         let mut same_addr = claim(&f.manager, secret.as_str(), "n3", 3, key());
@@ -1422,12 +1500,16 @@ mod tests {
         }
         .prove(&[3; 32], &f.manager.public_key(), &EXPORTER)
         .unwrap();
-        let err = f.manager.handle_join(&same_addr, &EXPORTER).unwrap_err();
+        let err = f
+            .manager
+            .handle_join(&same_addr, &EXPORTER)
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains("already used by node"), "{err}");
         // n2's public key, sent by someone who cannot prove it holds it.
         let mut stolen = claim(&f.manager, secret.as_str(), "n4", 4, key());
         stolen.public_key = n2.public_key;
-        let err = f.manager.handle_join(&stolen, &EXPORTER).unwrap_err();
+        let err = f.manager.handle_join(&stolen, &EXPORTER).await.unwrap_err();
         assert!(matches!(err, AdmitError::Proof(_)), "{err}");
         // n2's own keys again (a copy of its state dir), proved: refused as taken.
         let twin = claim(&f.manager, secret.as_str(), "n2-copy", 2, key());
@@ -1437,19 +1519,19 @@ mod tests {
         }
         .prove(&[2; 32], &f.manager.public_key(), &EXPORTER)
         .unwrap();
-        let err = f.manager.handle_join(&twin, &EXPORTER).unwrap_err();
+        let err = f.manager.handle_join(&twin, &EXPORTER).await.unwrap_err();
         assert!(err.to_string().contains("already the key of node"), "{err}");
         // Proofs made on another TLS session: refused.
         let replayed = claim(&f.manager, secret.as_str(), "n6", 6, key());
-        assert!(f.manager.handle_join(&replayed, &[0x01; 32]).is_err());
+        assert!(f.manager.handle_join(&replayed, &[0x01; 32]).await.is_err());
         assert_eq!(f.manager.state(), before, "nothing was added");
     }
 
-    #[test]
-    fn promote_and_demote_reissue_the_certificate_in_the_new_role() {
-        let f = leader();
+    #[tokio::test]
+    async fn promote_and_demote_reissue_the_certificate_in_the_new_role() {
+        let f = leader().await;
         let me = NodeId::from_random(1);
-        let grant = join(&f.manager, 11, "w").unwrap();
+        let grant = join(&f.manager, 11, "w").await.unwrap();
         let ca = f.manager.view().ca_cert_der.clone();
         crate::trust::tls::verify_issued(&ca, &grant.cert_der, &grant.node_id, Role::Worker)
             .unwrap();
@@ -1461,6 +1543,7 @@ mod tests {
                 },
                 &me,
             )
+            .await
             .unwrap();
         let promoted = f.manager.issued_cert(&grant.node_id).unwrap();
         crate::trust::tls::verify_issued(&ca, &promoted.cert_der, &grant.node_id, Role::Manager)
@@ -1486,6 +1569,7 @@ mod tests {
                 },
                 &me,
             )
+            .await
             .unwrap();
         let demoted = f.manager.issued_cert(&grant.node_id).unwrap();
         crate::trust::tls::verify_issued(&ca, &demoted.cert_der, &grant.node_id, Role::Worker)
@@ -1501,17 +1585,17 @@ mod tests {
             "two back: gone"
         );
         // Renewal: same role, a new certificate.
-        let renewed = f.manager.renew(&grant.node_id).unwrap();
+        let renewed = f.manager.renew(&grant.node_id).await.unwrap();
         assert_ne!(renewed.cert_der, demoted.cert_der);
         crate::trust::tls::verify_issued(&ca, &renewed.cert_der, &grant.node_id, Role::Worker)
             .unwrap();
     }
 
-    #[test]
-    fn a_node_that_left_has_no_access() {
-        let f = leader();
+    #[tokio::test]
+    async fn a_node_that_left_has_no_access() {
+        let f = leader().await;
         let me = NodeId::from_random(1);
-        let grant = join(&f.manager, 22, "m2").unwrap();
+        let grant = join(&f.manager, 22, "m2").await.unwrap();
         let digest = cert_digest(&grant.cert_der);
         assert_eq!(
             f.manager.caller(Some(digest)).map(|(n, c)| (n.role, c)),
@@ -1519,10 +1603,15 @@ mod tests {
         );
         f.manager
             .apply(Command::MarkLeft(grant.node_id.clone()))
+            .await
             .unwrap();
         assert_eq!(f.manager.caller(Some(digest)), None);
         // Still listed (Down), as docker does, until `node rm`.
-        let Reply::Nodes { nodes, .. } = f.manager.handle_admin(AdminRequest::NodeLs, &me).unwrap()
+        let Reply::Nodes { nodes, .. } = f
+            .manager
+            .handle_admin(AdminRequest::NodeLs, &me)
+            .await
+            .unwrap()
         else {
             panic!("not a node list")
         };
@@ -1567,21 +1656,21 @@ mod tests {
         );
     }
 
-    #[test]
-    fn rm_refuses_an_up_node_unless_forced() {
-        let f = leader();
+    #[tokio::test]
+    async fn rm_refuses_an_up_node_unless_forced() {
+        let f = leader().await;
         let me = NodeId::from_random(1);
         let rm = |force| AdminRequest::NodeRm {
             nodes: vec!["w".into()],
             force,
         };
         // Gossip alone is not enough: without a watch stream the node is down and goes.
-        let first = join(&f.manager, 11, "w").unwrap();
+        let first = join(&f.manager, 11, "w").await.unwrap();
         f.manager
             .set_gossip_up(Some(Arc::new(HashSet::from([first.node_id.clone()]))));
-        assert!(f.manager.handle_admin(rm(false), &me).is_ok());
+        assert!(f.manager.handle_admin(rm(false), &me).await.is_ok());
         // A watch stream and gossip: up, so refused without --force.
-        let grant = join(&f.manager, 11, "w").unwrap();
+        let grant = join(&f.manager, 11, "w").await.unwrap();
         f.manager
             .set_gossip_up(Some(Arc::new(HashSet::from([grant.node_id.clone()]))));
         let session = Session::start(&f.manager, &grant.node_id);
@@ -1595,6 +1684,7 @@ mod tests {
         let err = f
             .manager
             .handle_admin(rm(false), &me)
+            .await
             .unwrap_err()
             .to_string();
         assert!(err.contains("is not down"), "{err}");
@@ -1609,12 +1699,13 @@ mod tests {
                 },
                 &me,
             )
+            .await
             .unwrap_err()
             .to_string();
         assert!(err.contains("not found"), "{err}");
         assert_eq!(f.manager.state().cluster().unwrap().nodes.len(), 2);
         assert_eq!(
-            f.manager.handle_admin(rm(true), &me).unwrap(),
+            f.manager.handle_admin(rm(true), &me).await.unwrap(),
             Reply::Lines(vec![grant.node_id.to_string()])
         );
         drop(session);
@@ -1628,18 +1719,19 @@ mod tests {
                 },
                 &me,
             )
+            .await
             .unwrap_err()
             .to_string();
         assert!(err.contains("leader"), "{err}");
     }
 
-    #[test]
-    fn keys_rotate_when_due_and_persist() {
-        let f = leader();
+    #[tokio::test]
+    async fn keys_rotate_when_due_and_persist() {
+        let f = leader().await;
         let v = f.manager.state().version;
-        assert!(!f.manager.rotate_keys_if_due(1099).unwrap());
+        assert!(!f.manager.rotate_keys_if_due(1099).await.unwrap());
         assert_eq!(f.manager.state().version, v);
-        assert!(f.manager.rotate_keys_if_due(1100).unwrap());
+        assert!(f.manager.rotate_keys_if_due(1100).await.unwrap());
         let keys = f.manager.view().keys.clone();
         assert_eq!(
             keys.data_path.iter().map(|k| k.id).collect::<Vec<_>>(),
@@ -1650,10 +1742,92 @@ mod tests {
             f.manager
                 .store
                 .manager(State::from_record)
+                .await
                 .unwrap()
                 .unwrap(),
             f.manager.state()
         );
+    }
+
+    fn rotate_secret(n: u128) -> Command {
+        Command::RotateSecret(Role::Worker, Secret::from_random(n).as_str().into())
+    }
+
+    /// Changes asked for at once apply one at a time: none is computed from a state another
+    /// is replacing (each raises the version by one), and the store holds what is live.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_changes_apply_one_at_a_time() {
+        let f = leader().await;
+        let v = f.manager.state().version;
+        let tasks: Vec<_> = (0..20)
+            .map(|n| {
+                let m = f.manager.clone();
+                tokio::spawn(async move { m.apply(rotate_secret(1000 + n)).await })
+            })
+            .collect();
+        for t in tasks {
+            assert_eq!(t.await.unwrap().unwrap(), Applied::Changed);
+        }
+        let state = f.manager.state();
+        assert_eq!(state.version, v + 20);
+        assert_eq!(
+            f.manager.store.manager(State::from_record).await.unwrap(),
+            Some(state.clone())
+        );
+        assert_eq!(f.membership.get().unwrap().view.version, state.version);
+        assert_eq!(f.manager.view().version, state.version);
+    }
+
+    /// A caller that stops waiting while its change is being written splits nothing: the
+    /// change is saved and goes live together, and the next change starts from it.
+    #[tokio::test]
+    async fn a_caller_gone_mid_commit_splits_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_slow(dir.path(), Duration::from_millis(200))
+            .await
+            .unwrap();
+        let f = leader_on(dir, store);
+        let v = f.manager.state().version;
+        let mut change = Box::pin(f.manager.apply(rotate_secret(1)));
+        let first = std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(std::future::Future::poll(change.as_mut(), cx))
+        })
+        .await;
+        assert!(first.is_pending(), "the change is being written");
+        drop(change);
+        assert_eq!(f.manager.state().version, v, "not live before it is saved");
+        f.manager.apply(rotate_secret(2)).await.unwrap();
+        let state = f.manager.state();
+        assert_eq!(state.version, v + 2);
+        assert_eq!(
+            f.manager.store.manager(State::from_record).await.unwrap(),
+            Some(state)
+        );
+    }
+
+    /// A change the store cannot save changes nothing: not the state, the view, nor this
+    /// node's record.
+    #[tokio::test]
+    async fn a_failed_write_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, failing) = Store::open_failing(dir.path()).await.unwrap();
+        let f = leader_on(dir, store);
+        f.manager.apply(rotate_secret(1)).await.unwrap();
+        let (state, view, record) = (
+            f.manager.state(),
+            f.manager.view(),
+            f.membership.get().unwrap(),
+        );
+        failing.store(true, std::sync::atomic::Ordering::Relaxed);
+        let err = f.manager.apply(rotate_secret(2)).await.unwrap_err();
+        assert!(matches!(err, ChangeError::Save(_)), "{err}");
+        assert!(matches!(
+            f.manager.rotate_keys_if_due(1100).await,
+            Err(ChangeError::Save(_))
+        ));
+        assert_eq!(f.manager.state(), state);
+        assert_eq!(f.manager.view(), view);
+        assert_eq!(f.membership.get().unwrap(), record);
     }
 
     fn resolve_s(c: &Cluster, name: &str) -> Result<NodeId, String> {
@@ -1678,5 +1852,207 @@ mod tests {
         assert_eq!(resolve_s(c, "0000000000000000000000002"), Ok(id2));
         assert!(resolve_s(c, "nope").unwrap_err().contains("not found"));
         assert!(resolve_s(c, "").unwrap_err().contains("not found"));
+    }
+
+    /// What gossip's timers saw while the manager made changes.
+    struct Lateness {
+        /// Manager changes made (one store commit each).
+        commits: u64,
+        /// Gossip timers fired during the load, both nodes.
+        fired: u64,
+        /// Their mean lateness, microseconds.
+        mean_us: u64,
+        /// The latest any gossip timer fired, microseconds (either node, since start).
+        max_us: u64,
+        /// The highest local health either node reported, sampled every 100 ms.
+        health: u32,
+    }
+
+    impl std::fmt::Display for Lateness {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            let ms = |us: u64| us as f64 / 1000.0;
+            write!(
+                f,
+                "{} commits; {} gossip timers fired, late by {:.1} ms on average, {:.1} ms at most; local health at most {}",
+                self.commits,
+                self.fired,
+                ms(self.mean_us),
+                ms(self.max_us),
+                self.health
+            )
+        }
+    }
+
+    /// Two gossip drivers on loopback that see each other up (1 s probe period).
+    async fn gossip_pair() -> [shoal_gossip::driver::Handle; 2] {
+        use shoal_gossip::auth::insecure_test_keys;
+        use shoal_gossip::{driver, Admission, Event, Key, Keyring, Metadata};
+        let id = |i: u128| shoal_gossip::NodeId::from_index(100 + i);
+        let addr = || {
+            let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            s.local_addr().unwrap()
+        };
+        let addrs = [addr(), addr()];
+        let mut handles = Vec::new();
+        let mut events = Vec::new();
+        for i in 0..2 {
+            let mut c = driver::Config::new(
+                id(i),
+                addrs[i as usize],
+                Metadata {
+                    vtep: addrs[i as usize].ip(),
+                    data_port: 4789,
+                    public_key: insecure_test_keys(&id(i)).public().x25519,
+                    incarnation: [i as u8; 16],
+                    role: shoal_gossip::Role::Worker,
+                    version: "test".into(),
+                },
+                Keyring::new(Key {
+                    id: 1,
+                    secret: [3; 32],
+                }),
+                insecure_test_keys(&id(i)),
+            );
+            c.bind = addrs[i as usize];
+            c.admission =
+                Admission::only((0..2).map(|j| (id(j), insecure_test_keys(&id(j)).public())));
+            if i == 1 {
+                c.seeds = vec![(id(0), addrs[0])];
+            }
+            let (h, e) = driver::start(c).await.unwrap();
+            handles.push(h);
+            events.push(e);
+        }
+        for (i, e) in events.iter_mut().enumerate() {
+            let other = id(1 - i as u128);
+            tokio::time::timeout(Duration::from_secs(10), async {
+                while let Some(ev) = e.recv().await {
+                    if matches!(&ev, Event::Up(m) if m.id == other) {
+                        return;
+                    }
+                }
+            })
+            .await
+            .expect("the gossip nodes see each other up");
+        }
+        // Keep the event channels open (the drivers' sends fail harmlessly otherwise).
+        std::mem::forget(events);
+        [handles[0].clone(), handles[1].clone()]
+    }
+
+    /// Two gossip drivers run on this runtime (as the agent runs gossip beside its manager);
+    /// then `writers` tasks make manager changes for `load`, each a store commit whose syncs
+    /// take `sync_delay` longer (a slow disk), each task yielding between its changes (as API
+    /// requests do between their reads and writes). Returns what gossip's timers saw.
+    async fn gossip_during_commits(
+        sync_delay: Duration,
+        writers: u128,
+        load: Duration,
+    ) -> Lateness {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_slow(dir.path(), sync_delay).await.unwrap();
+        let f = leader_on(dir, store);
+        let gossip = gossip_pair().await;
+        let stats = || async {
+            let a = gossip[0].stats().await.unwrap();
+            let b = gossip[1].stats().await.unwrap();
+            [a, b]
+        };
+        let before = stats().await;
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let health = {
+            let (gossip, done) = (gossip.clone(), done.clone());
+            tokio::spawn(async move {
+                let mut worst = 0;
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    for g in &gossip {
+                        worst = worst.max(g.stats().await.unwrap().health);
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                worst
+            })
+        };
+        let end = tokio::time::Instant::now() + load;
+        let writers: Vec<_> = (0..writers)
+            .map(|w| {
+                let m = f.manager.clone();
+                tokio::spawn(async move {
+                    let mut n = 0u64;
+                    while tokio::time::Instant::now() < end {
+                        let secret = Secret::from_random(u128::from(n) << 8 | w);
+                        m.apply(Command::RotateSecret(Role::Worker, secret.as_str().into()))
+                            .await
+                            .unwrap();
+                        n += 1;
+                        tokio::task::yield_now().await;
+                    }
+                    n
+                })
+            })
+            .collect();
+        let mut commits = 0;
+        for w in writers {
+            commits += w.await.unwrap();
+        }
+        tokio::time::sleep_until(end).await;
+        // Every timer the load delayed has fired by now (the probe period is 1 s).
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        let health = health.await.unwrap();
+        let after = stats().await;
+        let fired: u64 = (0..2)
+            .map(|i| after[i].timers_fired - before[i].timers_fired)
+            .sum();
+        let late: u64 = (0..2)
+            .map(|i| after[i].timer_late_sum_us - before[i].timer_late_sum_us)
+            .sum();
+        for g in &gossip {
+            g.shutdown().await;
+        }
+        Lateness {
+            commits,
+            fired,
+            mean_us: late / fired.max(1),
+            max_us: after.iter().map(|s| s.timer_late_max_us).max().unwrap_or(0),
+            health: health.max(after.iter().map(|s| s.health).max().unwrap_or(0)),
+        }
+    }
+
+    /// The manager's store commits do not hold up gossip's timers on the agent's runtime (two
+    /// workers), even on a disk whose every sync takes 200 ms: no timer fires half a probe
+    /// period late (which would raise Lifeguard's local health, then slow this node's probes
+    /// and make it distrust its own observations).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn gossip_keeps_time_while_the_manager_commits_on_a_slow_disk() {
+        const SLOW_SYNC_MS: u64 = 700;
+        let l = gossip_during_commits(
+            Duration::from_millis(SLOW_SYNC_MS),
+            3,
+            Duration::from_secs(4),
+        )
+        .await;
+        eprintln!("slow disk ({SLOW_SYNC_MS} ms a sync), 3 writers, 4 s: {l}");
+        assert!(l.commits > 0 && l.fired > 0, "{l}");
+        let half_period = Duration::from_millis(500).as_micros() as u64;
+        assert!(
+            l.max_us < half_period,
+            "a gossip timer fired {} ms late: {l}",
+            l.max_us / 1000
+        );
+        assert_eq!(l.health, 0, "{l}");
+    }
+
+    /// The same on this machine's disk, as fast as the writers go (a measurement: prints
+    /// what gossip's timers saw; `cargo test -p shoal-control --lib gossip_timers_on_this_disk
+    /// -- --ignored --nocapture`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "a measurement"]
+    async fn gossip_timers_on_this_disk() {
+        for writers in [0, 3] {
+            let l = gossip_during_commits(Duration::ZERO, writers, Duration::from_secs(10)).await;
+            eprintln!("this disk, {writers} writers, 10 s: {l}");
+            assert_eq!(l.health, 0, "{l}");
+        }
     }
 }
