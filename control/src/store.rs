@@ -123,17 +123,18 @@ impl Membership {
     }
 }
 
-/// The membership record in memory, shared by the agent's tasks; every change is announced
-/// to [`Current::subscribe`]rs (the gossip link follows the view this way).
+/// The membership record in memory, shared by the agent, its manager and its watch stream;
+/// every change is announced to [`MembershipCell::subscribe`]rs (the agent's reconciler
+/// follows it).
 #[derive(Debug)]
-pub struct Current {
+pub struct MembershipCell {
     value: std::sync::Mutex<Option<Membership>>,
     changed: tokio::sync::watch::Sender<u64>,
     /// The record in memory is newer than the one in the store (a write failed).
     unsaved: std::sync::atomic::AtomicBool,
 }
 
-impl Current {
+impl MembershipCell {
     /// A cell holding `value`.
     pub fn new(value: Option<Membership>) -> Arc<Self> {
         Arc::new(Self {
@@ -176,7 +177,7 @@ impl Current {
         self.changed.send_modify(|n| *n = n.wrapping_add(1));
     }
 
-    /// A receiver that changes on every [`Current::set`].
+    /// A receiver that changes on every [`MembershipCell::set`].
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.changed.subscribe()
     }

@@ -41,7 +41,7 @@ use crate::manager::{
     join_addr, random_key, random_u128, unix_now, AdminError, StartError, NOT_MANAGER,
     PING_INTERVAL,
 };
-use crate::store::{Current, Membership, Store, StoreError, Write};
+use crate::store::{Membership, MembershipCell, Store, StoreError, Write};
 use crate::token::{Secret, Token};
 use crate::trust::join::Proofs as _;
 use crate::trust::tls::{
@@ -314,7 +314,7 @@ pub struct Agent {
     config: AgentConfig,
     store: Arc<Store>,
     public_key: [u8; 32],
-    membership: Arc<Current>,
+    membership: Arc<MembershipCell>,
     /// One `init`, `join` or `leave` at a time: each checks the membership and then changes
     /// it.
     lifecycle: tokio::sync::Mutex<()>,
@@ -414,7 +414,7 @@ impl Agent {
         let (public_key, _) = crate::trust::join::public_keys(&node_secret);
         let membership = store.membership().await?;
         let manager_state = store.manager(State::from_record).await?;
-        let membership_cell = Current::new(membership.clone());
+        let membership_cell = MembershipCell::new(membership.clone());
         let faults = Arc::new(Faults::default());
         let (reconciler, _task) = reconcile::spawn(reconcile::Setup {
             store: store.clone(),
@@ -1406,7 +1406,7 @@ impl Faults {
 async fn renew(
     m: &Membership,
     store: &Store,
-    membership: &Current,
+    membership: &MembershipCell,
     faults: &Faults,
 ) -> Result<(), WatchError> {
     let addr = m.view.api_addr;
@@ -1432,7 +1432,7 @@ async fn take_certificate(
     m: &Membership,
     cert: crate::api::IssuedCert,
     store: &Store,
-    membership: &Current,
+    membership: &MembershipCell,
     faults: &Faults,
 ) -> Result<(), WatchError> {
     let role = m.role();
@@ -1448,7 +1448,7 @@ async fn take_certificate(
 /// Keeps `next` as this node's membership: in memory always (the node goes on with the newest
 /// view and certificate it was given), in the store if it can be written; a failed write is a
 /// fault, retried on the next change and every [`SAVE_RETRY`].
-async fn keep(store: &Store, membership: &Current, faults: &Faults, next: Membership) {
+async fn keep(store: &Store, membership: &MembershipCell, faults: &Faults, next: Membership) {
     match store.write(&[Write::Membership(&next)]).await {
         Ok(()) => membership.set(Some(next)),
         Err(e) => {
@@ -1472,7 +1472,7 @@ fn cert_lifetime(m: &Membership) -> Duration {
 
 async fn watch_loop(
     store: Arc<Store>,
-    membership: Arc<Current>,
+    membership: Arc<MembershipCell>,
     faults: Arc<Faults>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -1519,7 +1519,7 @@ async fn watch_loop(
 async fn watch_once(
     m: &Membership,
     store: &Store,
-    membership: &Current,
+    membership: &MembershipCell,
     faults: &Faults,
     stop: &mut watch::Receiver<bool>,
     backoff: &mut Duration,
@@ -1792,7 +1792,7 @@ mod tests {
         let (stop_tx, stop) = watch::channel(false);
         let task = tokio::spawn(watch_loop(
             store,
-            Current::new(Some(m)),
+            MembershipCell::new(Some(m)),
             faults.clone(),
             stop,
         ));

@@ -36,7 +36,7 @@ use crate::cluster::LiveKeys;
 use crate::id::NodeId;
 use crate::manager::state::State;
 use crate::manager::Manager;
-use crate::store::{Current, Membership, Store};
+use crate::store::{Membership, MembershipCell, Store};
 use crate::trust::tls::{server_config, Issued};
 
 /// How often gossip that could not start is tried again.
@@ -135,7 +135,7 @@ pub struct Setup {
     /// The state store.
     pub store: Arc<Store>,
     /// The membership record (and its changes).
-    pub membership: Arc<Current>,
+    pub membership: Arc<MembershipCell>,
     /// Where faults are counted.
     pub faults: Arc<Faults>,
     /// The node's X25519 secret.

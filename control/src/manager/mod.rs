@@ -36,7 +36,7 @@ use crate::id::NodeId;
 use crate::manager::state::{
     Applied, ApplyError, Availability, Cluster, ClusterView, Command, Node, NodeCert, Role, State,
 };
-use crate::store::{Current, Membership, Store, StoreError, Write};
+use crate::store::{Membership, MembershipCell, Store, StoreError, Write};
 use crate::token::{CaDigest, Secret, Token};
 use crate::trust::join::{Claim, ProofError, Proofs as _, EXPORTER_LABEL, EXPORTER_LEN};
 use crate::trust::tls::{cert_digest, sign_node_cert, Issued, Validity};
@@ -100,7 +100,7 @@ pub struct Manager {
     /// Held by one change at a time, from the state it reads until its result is live.
     turn: Arc<tokio::sync::Mutex<()>>,
     store: Arc<Store>,
-    membership: Arc<Current>,
+    membership: Arc<MembershipCell>,
     views: watch::Sender<Arc<ClusterView>>,
     sessions: Mutex<HashMap<NodeId, usize>>,
     gate: Arc<Gate>,
@@ -243,7 +243,7 @@ impl Manager {
         node_secret: [u8; 32],
         state: State,
         store: Arc<Store>,
-        membership: Arc<Current>,
+        membership: Arc<MembershipCell>,
     ) -> Result<Arc<Self>, StartError> {
         let view = state.view().ok_or(StartError::Empty)?;
         let (views, _) = watch::channel(Arc::new(view));
@@ -1298,7 +1298,7 @@ mod tests {
     struct Fixture {
         _dir: tempfile::TempDir,
         manager: Arc<Manager>,
-        membership: Arc<Current>,
+        membership: Arc<MembershipCell>,
     }
 
     async fn leader() -> Fixture {
@@ -1340,7 +1340,7 @@ mod tests {
                 at: 1000,
             })))
             .unwrap();
-        let membership = Current::new(None);
+        let membership = MembershipCell::new(None);
         let manager = Manager::new(
             id,
             "127.0.0.1:2377".parse().unwrap(),
