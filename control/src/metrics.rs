@@ -351,6 +351,11 @@ fn gossip(p: &mut Page, g: &GossipSnapshot) {
         ],
     );
     p.counter(
+        "gossip_datagrams_opened",
+        "Gossip datagrams received that opened (sealed for this node by an admitted member under a live key).",
+        [(vec![], s.datagrams_opened)],
+    );
+    p.counter(
         "gossip_bytes",
         "Sealed gossip bytes sent and received, UDP datagrams and TCP push-pull.",
         [

@@ -562,10 +562,29 @@ fn keys_rotate_and_reach_every_node() {
     });
     let info = k2.info();
     assert_eq!(info["gossip_key_ids"].as_array().unwrap().len(), 2);
-    // Gossip runs on the worker, under the rotating keys.
+    // Gossip runs under the rotated key: once both nodes seal with it, what each sends opens
+    // at the other (datagrams opened keep growing) and nothing fails to open.
+    let sealing = |n: &Node| n.info()["gossip_keys_live"]["sealing"].as_u64().unwrap_or(0);
+    wait_until(Duration::from_secs(30), || sealing(k1) >= 2 && sealing(k2) >= 2);
+    let counts = |n: &Node| {
+        let g = &n.info()["gossip"];
+        let get = |k: &str| g[k].as_u64().unwrap_or_else(|| panic!("no gossip.{k}: {g}"));
+        (get("datagrams_opened"), get("dropped_seal"))
+    };
+    let before = [counts(k1), counts(k2)];
     wait_until(Duration::from_secs(10), || {
-        k2.info()["gossip"]["datagrams_in"].as_u64().unwrap_or(0) > 0
+        [counts(k1), counts(k2)]
+            .iter()
+            .zip(&before)
+            .all(|(now, then)| now.0 >= then.0 + 5)
     });
+    let after = [counts(k1), counts(k2)];
+    for (name, (now, then)) in ["k1", "k2"].iter().zip(after.iter().zip(&before)) {
+        assert_eq!(
+            now.1, then.1,
+            "{name}: gossip datagrams failed to open under the rotated key"
+        );
+    }
 }
 
 #[test]
