@@ -165,6 +165,13 @@ fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) {
     panic!("condition not met within {limit:?}");
 }
 
+/// The value of the sample `name{labels}` on a metrics page.
+fn sample(page: &str, name_and_labels: &str) -> Option<f64> {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name_and_labels)?.strip_prefix(' '))
+        .map(|v| v.trim().parse().unwrap())
+}
+
 /// `node ls --format json` as (hostname, status, manager status, self) rows.
 fn rows(node: &Node) -> Vec<(String, String, String, bool)> {
     node.ok(&["node", "ls", "--format", "json"])
@@ -648,6 +655,23 @@ fn json_logs_and_metrics_on_loopback() {
         scrape().contains("shoal_gossip_bytes_total")
     });
     assert!(page.trim_end().ends_with("# EOF"), "{page}");
+
+    // Members by state, with the names `info` uses (`MemberState`'s): a worker that joins is
+    // counted `up`.
+    let mut n2 = Node::new(root.path(), "n2", Ipv4Addr::new(127, a, b, 2));
+    n2.start();
+    let token = n1.ok(&["join-token", "worker"]);
+    assert!(join(&n2, &join_command(&token)).status.success());
+    let members = |state: &str| {
+        sample(
+            &scrape(),
+            &format!("shoal_gossip_members{{state=\"{state}\"}}"),
+        )
+    };
+    wait_until(Duration::from_secs(20), || members("up") == Some(1.0));
+    for state in ["suspect", "down"] {
+        assert_eq!(members(state), Some(0.0), "{state} in\n{}", scrape());
+    }
 
     // Every log line is one JSON object; init's line is there with its fields.
     let log = std::fs::read_to_string(n1.dir.with_extension("log")).unwrap();
