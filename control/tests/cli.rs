@@ -165,6 +165,13 @@ fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) {
     panic!("condition not met within {limit:?}");
 }
 
+/// The value of the sample `name{labels}` on a metrics page.
+fn sample(page: &str, name_and_labels: &str) -> Option<f64> {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name_and_labels)?.strip_prefix(' '))
+        .map(|v| v.trim().parse().unwrap())
+}
+
 /// `node ls --format json` as (hostname, status, manager status, self) rows.
 fn rows(node: &Node) -> Vec<(String, String, String, bool)> {
     node.ok(&["node", "ls", "--format", "json"])
@@ -562,10 +569,29 @@ fn keys_rotate_and_reach_every_node() {
     });
     let info = k2.info();
     assert_eq!(info["gossip_key_ids"].as_array().unwrap().len(), 2);
-    // Gossip runs on the worker, under the rotating keys.
+    // Gossip runs under the rotated key: once both nodes seal with it, what each sends opens
+    // at the other (datagrams opened keep growing) and nothing fails to open.
+    let sealing = |n: &Node| n.info()["gossip_keys_live"]["sealing"].as_u64().unwrap_or(0);
+    wait_until(Duration::from_secs(30), || sealing(k1) >= 2 && sealing(k2) >= 2);
+    let counts = |n: &Node| {
+        let g = &n.info()["gossip"];
+        let get = |k: &str| g[k].as_u64().unwrap_or_else(|| panic!("no gossip.{k}: {g}"));
+        (get("datagrams_opened"), get("dropped_seal"))
+    };
+    let before = [counts(k1), counts(k2)];
     wait_until(Duration::from_secs(10), || {
-        k2.info()["gossip"]["datagrams_in"].as_u64().unwrap_or(0) > 0
+        [counts(k1), counts(k2)]
+            .iter()
+            .zip(&before)
+            .all(|(now, then)| now.0 >= then.0 + 5)
     });
+    let after = [counts(k1), counts(k2)];
+    for (name, (now, then)) in ["k1", "k2"].iter().zip(after.iter().zip(&before)) {
+        assert_eq!(
+            now.1, then.1,
+            "{name}: gossip datagrams failed to open under the rotated key"
+        );
+    }
 }
 
 #[test]
@@ -629,6 +655,23 @@ fn json_logs_and_metrics_on_loopback() {
         scrape().contains("shoal_gossip_bytes_total")
     });
     assert!(page.trim_end().ends_with("# EOF"), "{page}");
+
+    // Members by state, with the names `info` uses (`MemberState`'s): a worker that joins is
+    // counted `up`.
+    let mut n2 = Node::new(root.path(), "n2", Ipv4Addr::new(127, a, b, 2));
+    n2.start();
+    let token = n1.ok(&["join-token", "worker"]);
+    assert!(join(&n2, &join_command(&token)).status.success());
+    let members = |state: &str| {
+        sample(
+            &scrape(),
+            &format!("shoal_gossip_members{{state=\"{state}\"}}"),
+        )
+    };
+    wait_until(Duration::from_secs(20), || members("up") == Some(1.0));
+    for state in ["suspect", "down"] {
+        assert_eq!(members(state), Some(0.0), "{state} in\n{}", scrape());
+    }
 
     // Every log line is one JSON object; init's line is there with its fields.
     let log = std::fs::read_to_string(n1.dir.with_extension("log")).unwrap();

@@ -325,6 +325,9 @@ pub enum Event {
 pub struct Stats {
     /// Datagrams received (before any check).
     pub datagrams_in: u64,
+    /// Datagrams received that opened: sealed for us by an admitted sender under a live gossip
+    /// key (counted before the checks after opening: replay, spoofing, decoding).
+    pub datagrams_opened: u64,
     /// Datagrams sent.
     pub datagrams_out: u64,
     /// Bytes of datagrams received.
@@ -1359,6 +1362,7 @@ impl Membership {
                     return Err(e.into());
                 }
             };
+        self.stats.datagrams_opened += 1;
         let plain = match self.screen(&opened, now) {
             Ok(p) => p,
             Err(e) => {

@@ -15,6 +15,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use shoal_gossip::MemberState;
 use shoal_vxlan::engine::{Counters, DropReason};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -77,8 +78,8 @@ pub struct PeerSnapshot {
 /// Gossip's figures.
 #[derive(Debug, Clone, Default)]
 pub struct GossipSnapshot {
-    /// Members by state (`alive`, `suspect`, `down`).
-    pub members: Vec<(String, u64)>,
+    /// Members by state (labelled by [`member_state`]).
+    pub members: Vec<(MemberState, u64)>,
     /// The driver's counters.
     pub stats: shoal_gossip::Stats,
 }
@@ -332,6 +333,16 @@ fn data_path(p: &mut Page, dp: &DataPathSnapshot) {
     );
 }
 
+/// The `state` label of a gossip member state: the name `info` and `node inspect` use too
+/// (`MemberState`'s serde name), so the same state has one name everywhere.
+pub fn member_state(state: MemberState) -> &'static str {
+    match state {
+        MemberState::Up => "up",
+        MemberState::Suspect => "suspect",
+        MemberState::Down => "down",
+    }
+}
+
 fn gossip(p: &mut Page, g: &GossipSnapshot) {
     let s = &g.stats;
     let one = |k: &'static str, v: &str| -> Labels { vec![(k, v.to_owned())] };
@@ -340,7 +351,7 @@ fn gossip(p: &mut Page, g: &GossipSnapshot) {
         "Gossip members by state, as this node sees them.",
         g.members
             .iter()
-            .map(|(state, n)| (one("state", state), saturate(*n))),
+            .map(|(state, n)| (one("state", member_state(*state)), saturate(*n))),
     );
     p.counter(
         "gossip_datagrams",
@@ -349,6 +360,11 @@ fn gossip(p: &mut Page, g: &GossipSnapshot) {
             (one("direction", "tx"), s.datagrams_out),
             (one("direction", "rx"), s.datagrams_in),
         ],
+    );
+    p.counter(
+        "gossip_datagrams_opened",
+        "Gossip datagrams received that opened (sealed for this node by an admitted member under a live key).",
+        [(vec![], s.datagrams_opened)],
     );
     p.counter(
         "gossip_bytes",
@@ -609,7 +625,7 @@ mod tests {
                 capture_readers: 1,
             }),
             gossip: Some(GossipSnapshot {
-                members: vec![("alive".into(), 2), ("down".into(), 1)],
+                members: vec![(MemberState::Up, 2), (MemberState::Down, 1)],
                 stats: shoal_gossip::Stats {
                     dropped_replay: 5,
                     dropped_spoofed: 6,
@@ -673,7 +689,8 @@ mod tests {
                 r#"shoal_cluster_nodes{role="worker",status="Ready"}"#.to_owned(),
                 1.0,
             ),
-            (r#"shoal_gossip_members{state="alive"}"#.to_owned(), 2.0),
+            (r#"shoal_gossip_members{state="up"}"#.to_owned(), 2.0),
+            (r#"shoal_gossip_members{state="down"}"#.to_owned(), 1.0),
             (
                 r#"shoal_gossip_drops_total{reason="replay"}"#.to_owned(),
                 5.0,
@@ -708,6 +725,17 @@ mod tests {
         }
         // Per-peer drops list only the reasons that happened.
         assert!(!text.contains(&format!(r#"{peer},reason="replay""#)));
+    }
+
+    #[test]
+    fn member_states_have_one_name() {
+        for state in [MemberState::Up, MemberState::Suspect, MemberState::Down] {
+            assert_eq!(
+                serde_json::to_value(state).unwrap(),
+                member_state(state),
+                "{state:?}"
+            );
+        }
     }
 
     #[test]

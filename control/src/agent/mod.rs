@@ -1084,15 +1084,11 @@ impl Agent {
                 .collect();
         }
         if let (Some(members), Some(stats)) = (members, stats) {
-            let count = |s: shoal_gossip::MemberState| {
-                members.iter().filter(|i| i.state == s).count() as u64
-            };
+            use shoal_gossip::MemberState::{self, Down, Suspect, Up};
+            let count =
+                |s: MemberState| members.iter().filter(|i| i.state == s).count() as u64;
             snapshot.gossip = Some(GossipSnapshot {
-                members: vec![
-                    ("up".into(), count(shoal_gossip::MemberState::Up)),
-                    ("suspect".into(), count(shoal_gossip::MemberState::Suspect)),
-                    ("down".into(), count(shoal_gossip::MemberState::Down)),
-                ],
+                members: [Up, Suspect, Down].map(|s| (s, count(s))).to_vec(),
                 stats,
             });
         }

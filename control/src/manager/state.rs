@@ -1017,22 +1017,27 @@ pub(crate) mod tests {
 
     #[test]
     fn vteps_only_on_plain_networks_and_never_clash() {
-        let mut s = State::default();
-        s.apply(init_cmd()).unwrap();
+        // Encrypted (`shoal init`): refused, and nothing moves.
+        let mut encrypted = initialized();
+        assert!(encrypted.cluster().unwrap().ingress.encrypted);
         let vtep = Vtep {
             addr: "198.18.0.99".parse().unwrap(),
             mac: "02:42:c6:13:00:63".into(),
-            ip: "10.0.0.99".parse().unwrap(),
+            ip: "198.19.0.99".parse().unwrap(),
         };
-        if s.cluster().unwrap().ingress.encrypted {
-            let before = s.clone();
-            assert_eq!(
-                s.apply(Command::AddVtep(vtep.clone())),
-                Err(ApplyError::VtepOnEncrypted)
-            );
-            assert_eq!(s, before);
-            s.cluster.as_mut().unwrap().ingress.encrypted = false;
-        }
+        refused(
+            &mut encrypted,
+            Command::AddVtep(vtep.clone()),
+            ApplyError::VtepOnEncrypted,
+        );
+        // Plain (`shoal init --no-encrypt`): every state below is made by commands only.
+        let mut s = State::default();
+        let Command::Init(mut plain) = init_cmd() else {
+            unreachable!("init_cmd makes an Init")
+        };
+        plain.ingress.encrypted = false;
+        s.apply(Command::Init(plain)).unwrap();
+        assert!(!s.cluster().unwrap().ingress.encrypted);
         let subnet: ipnet::Ipv4Net = s.cluster().unwrap().ingress.subnet.parse().unwrap();
         let vtep = Vtep {
             ip: Ipv4Addr::from(u32::from(subnet.network()) + 99),
