@@ -96,7 +96,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("notify");
         let rx = UnixDatagram::bind(&path).unwrap();
-        send_to(&path.clone().into_os_string(), "READY=1\n").unwrap();
+        send_to(&path.as_os_str().to_owned(), "READY=1\n").unwrap();
         let mut buf = [0u8; 64];
         let n = rx.recv(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"READY=1\n");
