@@ -18,7 +18,9 @@ t0=$(date +%s)
 docs="$target/release/pkg-docs"
 rm -rf "$docs"
 cargo run --quiet -p shoal-control --example gen-docs -- "$docs"
-cargo deb --quiet -p shoal-control >/dev/null
+gzip -9n "$docs"/man/*.1
+cargo build --release --quiet -p shoal-control --bin shoal
+cargo deb --quiet --no-build --strip -p shoal-control >/dev/null
 deb=$(ls -t "$target"/debian/shoal_*.deb | head -n 1)
 echo "package: built $deb in $(($(date +%s) - t0)) s" >&2
 
@@ -30,9 +32,9 @@ for path in ./usr/bin/shoal ./usr/lib/systemd/system/shoal.service ./usr/share/d
   ./usr/share/zsh/vendor-completions/_shoal ./usr/share/fish/vendor_completions.d/shoal.fish; do
   grep -qxF "$path" <<<"$contents" || { echo "package: $path is not in $deb" >&2; fail=1; }
 done
-for page in "$docs"/man/*.1; do
+for page in "$docs"/man/*.1.gz; do
   name=$(basename "$page")
-  grep -qE "^\./usr/share/man/man1/$name(\.gz)?$" <<<"$contents" ||
+  grep -qxF "./usr/share/man/man1/$name" <<<"$contents" ||
     { echo "package: man page $name is not in $deb" >&2; fail=1; }
 done
 [ "$fail" = 0 ] || exit 1
