@@ -55,12 +55,15 @@ out=$(/usr/bin/shoal lab up --name pkgtest --nodes 3) || fail "shoal lab up"
 echo "$out"
 [ "$(grep -c ' Ready ' <<<"$out")" = 3 ] || fail "node ls does not show 3 Ready nodes"
 grep -qE ' 0% packet loss' <<<"$out" || fail "no ping across the overlay"
-for pid in $(cat /run/shoal/lab-pkgtest/n*.pid); do
-  exe=$(readlink "/proc/$pid/exe" 2>/dev/null || true)
-  # `ip netns exec` execs the agent in place: the PID is the agent's.
-  [ "$exe" = /usr/bin/shoal ] || fail "lab agent $pid runs $exe, not /usr/bin/shoal"
+want=$(stat -L -c %d:%i /usr/bin/shoal)
+for pidfile in /run/shoal/lab-pkgtest/n*.pid; do
+  pid=$(cat "$pidfile")
+  # `ip netns exec` execs the agent in place, so the PID is the agent's; the same file as
+  # /usr/bin/shoal (its path reads differently from the agent's own mount namespace).
+  [ "$(stat -L -c %d:%i "/proc/$pid/exe" 2>/dev/null)" = "$want" ] ||
+    fail "lab agent $pid runs $(readlink "/proc/$pid/exe"), not the installed /usr/bin/shoal"
 done
-/usr/bin/shoal lab exec --name pkgtest n2 -- shoal node ls >/dev/null || fail "lab exec n2 -- shoal node ls"
+/usr/bin/shoal lab exec --name pkgtest n2 -- shoal info >/dev/null || fail "lab exec n2 -- shoal info"
 /usr/bin/shoal lab down --name pkgtest >/dev/null
 
 # Upgrade (the same version reinstalled runs the upgrade path), remove, purge.

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Builds the .deb (issue 19) and checks it: its contents (dpkg-deb -c), the unit
-# (systemd-analyze verify), lintian (errors fail, warnings are printed), then installs it into
-# an overlay of this machine and runs the lab with the installed binary
-# (scripts/package-install-test.sh). Needs root for the last part. Prints the .deb's path last.
+# Builds the .deb (issue 19) and checks it: its contents (dpkg-deb -c), lintian (errors fail,
+# warnings are printed), then installs it into an overlay of this machine, verifies the
+# installed unit (systemd-analyze verify, with its man pages) and runs the lab with the
+# installed binary (scripts/package-install-test.sh). Needs root for the last part. Prints the
+# .deb's path last.
 #   scripts/package.sh                # build, check, install test
-#   SHOAL_PACKAGE_NO_INSTALL_TEST=1 scripts/package.sh    # build and check only
+#   SHOAL_PACKAGE_NO_INSTALL_TEST=1 scripts/package.sh    # build, contents and lintian only
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PATH:/usr/sbin:/sbin:${HOME:-/root}/.cargo/bin"
@@ -41,21 +42,8 @@ done
 echo "package: contents ok ($(grep -c '^\./usr/share/man/man1/.' <<<"$contents") man pages)" >&2
 dpkg-deb -I "$deb" | sed -n '/Package:/,$p' >&2
 
-# The unit, as systemd reads it (man pages are checked inside the install test, where they are
-# installed).
-unit=$(mktemp -d)
-trap 'rm -rf "$unit"' EXIT
-dpkg-deb -x "$deb" "$unit"
-systemd-analyze verify --man=no --root="$unit" /usr/lib/systemd/system/shoal.service 2>&1 |
-  tee "$unit/verify.log" >&2
-if [ -s "$unit/verify.log" ]; then
-  echo "package: systemd-analyze verify complained about shoal.service" >&2
-  exit 1
-fi
-echo "package: systemd-analyze verify ok" >&2
-
 # lintian: an error fails; warnings are listed.
-lintian --fail-on error --no-tag-display-limit "$deb" >&2 || {
+lintian --fail-on error --tag-display-limit 0 "$deb" >&2 || {
   echo "package: lintian found errors" >&2
   exit 1
 }
