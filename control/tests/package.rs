@@ -138,7 +138,10 @@ fn agent_notifies_readiness_only_once_its_socket_answers() {
     );
     let deadline = Instant::now() + Duration::from_secs(10);
     while first.0.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "the agent did not stop on SIGTERM");
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not stop on SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
