@@ -47,12 +47,12 @@ getent group shoal >/dev/null || fail "no shoal group after the install"
 man -w shoal-node-ls >/dev/null || fail "man shoal-node-ls finds no page"
 systemd-analyze verify /usr/lib/systemd/system/shoal.service 2>&1 | tee /tmp/verify.log >&2
 [ ! -s /tmp/verify.log ] || fail "systemd-analyze verify (with man pages) complained"
-/usr/bin/shoal --version
+/usr/bin/shoal --version >&2
 
 # The lab's walkthrough, with the installed binary: `lab up` starts its agents from the
 # program it runs as (current_exe), here /usr/bin/shoal.
 out=$(/usr/bin/shoal lab up --name pkgtest --nodes 3) || fail "shoal lab up"
-echo "$out"
+echo "$out" >&2
 [ "$(grep -c ' Ready ' <<<"$out")" = 3 ] || fail "node ls does not show 3 Ready nodes"
 grep -qE ' 0% packet loss' <<<"$out" || fail "no ping across the overlay"
 want=$(stat -L -c %d:%i /usr/bin/shoal)
