@@ -5,7 +5,14 @@ set -euo pipefail
 export PATH="$PATH:/usr/sbin:/sbin:${HOME:-/root}/.cargo/bin"
 
 need_apt=()
-for pair in ip:iproute2 tcpdump:tcpdump tshark:tshark ping:iputils-ping iperf3:iperf3 ethtool:ethtool python3:python3; do
+tools="ip:iproute2 tcpdump:tcpdump tshark:tshark ping:iputils-ping iperf3:iperf3 ethtool:ethtool python3:python3"
+# The package (scripts/package.sh): lintian, dpkg-shlibdeps for cargo-deb's $auto depends,
+# systemd-analyze to verify the unit, man to check its Documentation=, unshare and chroot for
+# the install test.
+if [ "${SHOAL_SETUP_PACKAGE:-0}" = 1 ]; then
+  tools="$tools lintian:lintian dpkg-shlibdeps:dpkg-dev systemd-analyze:systemd man:man-db unshare:util-linux"
+fi
+for pair in $tools; do
   cmd=${pair%%:*} pkg=${pair#*:}
   command -v "$cmd" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
@@ -23,4 +30,9 @@ fi
 if [ "${SHOAL_SETUP_FUZZ:-0}" = 1 ] && ! cargo fuzz --version >/dev/null 2>&1; then
   echo "setup: installing cargo-fuzz" >&2
   cargo install cargo-fuzz --locked --quiet
+fi
+
+if [ "${SHOAL_SETUP_PACKAGE:-0}" = 1 ] && ! cargo deb --version >/dev/null 2>&1; then
+  echo "setup: installing cargo-deb" >&2
+  cargo install cargo-deb --locked --quiet
 fi

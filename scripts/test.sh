@@ -27,3 +27,7 @@ if grep -qw avx2 /proc/cpuinfo; then
 else
   echo "test: poly1305's AVX2 checks not run: this CPU has no AVX2, so that backend never runs here" >&2
 fi
+# The .deb (issue 19): built with cargo-deb, its contents, the unit (systemd-analyze) and
+# lintian checked, then installed with dpkg into an overlay of this machine, where the lab runs
+# with the installed binary (scripts/package.sh, scripts/package-install-test.sh).
+scripts/package.sh >/dev/null

@@ -11,6 +11,7 @@ pub mod datapath;
 pub mod gossip;
 pub mod local;
 pub mod metrics;
+pub mod notify;
 pub mod reconcile;
 
 use std::collections::HashMap;
@@ -356,6 +357,16 @@ pub async fn run(
             Some(tokio::spawn(metrics::serve(tcp, page)))
         }
     };
+    // Socket bound, state open, metrics (if any) listening: ready.
+    notify::ready(&match agent.membership.get() {
+        Some(m) => format!(
+            "node {} ({:?}), socket {}",
+            m.node_id,
+            m.role(),
+            agent.config.socket.display()
+        ),
+        None => format!("not in a swarm, socket {}", agent.config.socket.display()),
+    });
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -388,6 +399,7 @@ pub async fn run(
         }
     }
     info!("shutting down");
+    notify::stopping();
     if let Some(task) = metrics {
         task.abort();
     }

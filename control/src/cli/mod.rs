@@ -130,6 +130,8 @@ pub fn main() -> std::process::ExitCode {
         };
     }
     if let Cmd::Agent(args) = &cli.command {
+        // Before any thread starts: see `agent::notify`.
+        crate::agent::notify::take_env();
         let logs = tracing_subscriber::fmt()
             .with_env_filter(
                 tracing_subscriber::EnvFilter::try_from_default_env()
