@@ -186,6 +186,9 @@ impl Link {
         let mut cfg =
             driver::Config::new(gossip_id(&m.node_id)?, advertise, meta.clone(), ring, keys);
         cfg.bind = bind;
+        // The driver's rare lines (refused connections) go through the agent's log, in its
+        // format (`--log-format json` stays JSON), not straight to standard error.
+        cfg.log = |line| warn!(target: "shoal_gossip", "{line}");
         cfg.seeds = seeds(&m.view, &m.node_id, bind.port());
         cfg.admission = shoal_gossip::Admission::only(admission(&m.view));
         let (handle, mut events) = driver::start(cfg).await?;
