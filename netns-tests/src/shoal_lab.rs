@@ -323,7 +323,12 @@ pub fn packets(pcap: &std::path::Path) -> Vec<Vec<u8>> {
     while at + 16 <= bytes.len() {
         let caught = u32_at(&bytes[at + 8..at + 12]) as usize;
         let sent = u32_at(&bytes[at + 12..at + 16]) as usize;
-        assert_eq!(caught, sent, "packet {} cut short in the capture", out.len());
+        assert_eq!(
+            caught,
+            sent,
+            "packet {} cut short in the capture",
+            out.len()
+        );
         let data = bytes
             .get(at + 16..at + 16 + caught)
             .unwrap_or_else(|| panic!("packet {} truncated in the file", out.len()));
