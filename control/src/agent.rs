@@ -1200,8 +1200,7 @@ impl Agent {
         }
         if let (Some(members), Some(stats)) = (members, stats) {
             use shoal_gossip::MemberState::{self, Down, Suspect, Up};
-            let count =
-                |s: MemberState| members.iter().filter(|i| i.state == s).count() as u64;
+            let count = |s: MemberState| members.iter().filter(|i| i.state == s).count() as u64;
             snapshot.gossip = Some(GossipSnapshot {
                 members: [Up, Suspect, Down].map(|s| (s, count(s))).to_vec(),
                 stats,

@@ -571,11 +571,20 @@ fn keys_rotate_and_reach_every_node() {
     assert_eq!(info["gossip_key_ids"].as_array().unwrap().len(), 2);
     // Gossip runs under the rotated key: once both nodes seal with it, what each sends opens
     // at the other (datagrams opened keep growing) and nothing fails to open.
-    let sealing = |n: &Node| n.info()["gossip_keys_live"]["sealing"].as_u64().unwrap_or(0);
-    wait_until(Duration::from_secs(30), || sealing(k1) >= 2 && sealing(k2) >= 2);
+    let sealing = |n: &Node| {
+        n.info()["gossip_keys_live"]["sealing"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    wait_until(Duration::from_secs(30), || {
+        sealing(k1) >= 2 && sealing(k2) >= 2
+    });
     let counts = |n: &Node| {
         let g = &n.info()["gossip"];
-        let get = |k: &str| g[k].as_u64().unwrap_or_else(|| panic!("no gossip.{k}: {g}"));
+        let get = |k: &str| {
+            g[k].as_u64()
+                .unwrap_or_else(|| panic!("no gossip.{k}: {g}"))
+        };
         (get("datagrams_opened"), get("dropped_seal"))
     };
     let before = [counts(k1), counts(k2)];

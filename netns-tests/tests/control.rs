@@ -204,26 +204,6 @@ impl Cluster {
         ]));
     }
 
-    /// Undoes [`Cluster::cut_tcp_to_port`].
-    fn uncut_tcp_to_port(&self, name: &str, port: u16) {
-        let ns = self.ns(name);
-        let port = port.to_string();
-        run(Command::new("ip").args([
-            "-n", &ns, "rule", "del", "ipproto", "tcp", "dport", &port, "table", "100", "priority",
-            "100",
-        ]));
-        run(Command::new("ip").args([
-            "-n",
-            &ns,
-            "route",
-            "del",
-            "blackhole",
-            "default",
-            "table",
-            "100",
-        ]));
-    }
-
     fn status(&self, on: &str, of: &str) -> Option<String> {
         self.rows(on).into_iter().find(|r| r.0 == of).map(|r| r.1)
     }

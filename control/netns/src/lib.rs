@@ -200,16 +200,17 @@ mod tests {
         let names = [name("sw"), name("a"), name("b")];
         {
             let mut bridge = Bridge::new(&names[0]).expect("bridge");
-            bridge.add_node(&names[1], "pa", "198.18.7.1/24").expect("a");
-            bridge.add_node(&names[2], "pb", "198.18.7.2/24").expect("b");
+            bridge
+                .add_node(&names[1], "pa", "198.18.7.1/24")
+                .expect("a");
+            bridge
+                .add_node(&names[2], "pb", "198.18.7.2/24")
+                .expect("b");
             assert!(names.iter().all(|n| exists(n)));
             let ping = run(exec(&names[1], "ping").args(["-c", "1", "-W", "2", "198.18.7.2"]));
             assert!(ping.is_ok(), "{ping:?}");
         }
-        assert!(
-            names.iter().all(|n| !exists(n)),
-            "namespaces left behind"
-        );
+        assert!(names.iter().all(|n| !exists(n)), "namespaces left behind");
     }
 
     #[test]
