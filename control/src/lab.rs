@@ -1,7 +1,8 @@
 //! `shoal lab`: a small cluster on one machine, in network namespaces.
 //!
 //! `lab up` makes a switch namespace holding a Linux bridge (so the host's own namespace is
-//! never touched) and N node namespaces on it, with underlay addresses 198.18.0.1..N/24; it
+//! never touched) and N node namespaces on it (with `shoal-netns`, the code every netns test
+//! makes its namespaces with), with underlay addresses 198.18.0.1..N/24; it
 //! starts an agent in each, runs `init` on the first with the overlay on 198.19.0.0/24, joins
 //! the others with the printed token, and prints `node ls` and a ping across the overlay.
 //! Everything it makes is named after the lab (`shoal-lab` unless `--name`), and its agents'
@@ -12,6 +13,8 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use shoal_netns::{self as netns, is_root, Bridge};
 
 /// The lab's underlay subnet (the first /24 of the benchmark range).
 pub const UNDERLAY: [u8; 3] = [198, 18, 0];
@@ -80,34 +83,25 @@ pub struct Lab {
     dir: PathBuf,
 }
 
-fn run(cmd: &mut Command) -> Result<String, LabError> {
-    let line = format!("{cmd:?}").replace('"', "");
-    let out = cmd.output().map_err(|e| LabError::Command {
-        cmd: line.clone(),
-        detail: e.to_string(),
-    })?;
-    if !out.status.success() {
-        return Err(LabError::Command {
-            cmd: line,
-            detail: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        });
+impl From<netns::Error> for LabError {
+    fn from(e: netns::Error) -> Self {
+        match e {
+            netns::Error::Spawn { cmd, source } => LabError::Command {
+                cmd,
+                detail: source.to_string(),
+            },
+            netns::Error::Command { cmd, stderr } => LabError::Command {
+                cmd,
+                detail: stderr,
+            },
+        }
     }
+}
+
+/// Runs `cmd` to its end; its stdout if it succeeded.
+fn run(cmd: &mut Command) -> Result<String, LabError> {
+    let out = netns::run(cmd)?;
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn ip(args: &[&str]) -> Result<String, LabError> {
-    run(Command::new("ip").args(args))
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(1).map(|v| v == "0"))
-        })
-        .unwrap_or(false)
 }
 
 impl Lab {
@@ -212,23 +206,11 @@ impl Lab {
         std::fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
         std::fs::write(self.dir.join("nodes"), nodes.to_string()).map_err(io(&self.dir))?;
         let exe = std::env::current_exe().map_err(io(Path::new("/proc/self/exe")))?;
-        let sw = self.switch();
-        ip(&["netns", "add", &sw])?;
-        ip(&["-n", &sw, "link", "add", "br0", "type", "bridge"])?;
-        ip(&["-n", &sw, "link", "set", "br0", "up"])?;
+        // Until the lab is up, a failed step deletes the namespaces with `bridge`.
+        let mut bridge = Bridge::new(&self.switch())?;
         for i in 1..=nodes {
-            let ns = self.node_ns(i);
-            let port = format!("p{i}");
             let addr = format!("{}.{}.{}.{i}/24", UNDERLAY[0], UNDERLAY[1], UNDERLAY[2]);
-            ip(&["netns", "add", &ns])?;
-            ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-            ip(&[
-                "link", "add", "eth0", "netns", &ns, "type", "veth", "peer", "name", &port,
-                "netns", &sw,
-            ])?;
-            ip(&["-n", &sw, "link", "set", &port, "master", "br0", "up"])?;
-            ip(&["-n", &ns, "addr", "add", &addr, "dev", "eth0"])?;
-            ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+            bridge.add_node(&self.node_ns(i), &format!("p{i}"), &addr)?;
             self.start_agent(&exe, i)?;
         }
         for i in 1..=nodes {
@@ -261,6 +243,8 @@ impl Lab {
             out.push('\n');
             out.push_str(&self.ping_across(&exe, nodes)?);
         }
+        // Up: the lab outlives this program, until `shoal lab down`.
+        bridge.keep();
         Ok(out)
     }
 
@@ -276,9 +260,7 @@ impl Lab {
             path: log_path.clone(),
             source,
         })?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.node_ns(i)])
-            .arg(exe)
+        let child = netns::exec(&self.node_ns(i), exe)
             .arg("--socket")
             .arg(self.socket(i))
             .args(["agent", "--hostname", &format!("n{i}"), "--state-dir"])
@@ -341,7 +323,7 @@ impl Lab {
         let deadline = Instant::now() + WAIT;
         loop {
             // One probe at a time until the path is up (keys and entries follow gossip).
-            let probe = ip(&["netns", "exec", &ns, "ping", "-c", "1", "-W", "1", &target]);
+            let probe = run(netns::exec(&ns, "ping").args(["-c", "1", "-W", "1", &target]));
             if probe.is_ok() {
                 break;
             }
@@ -351,9 +333,7 @@ impl Lab {
                 )));
             }
         }
-        let out = ip(&[
-            "netns", "exec", &ns, "ping", "-c", "3", "-i", "0.2", &target,
-        ])?;
+        let out = run(netns::exec(&ns, "ping").args(["-c", "3", "-i", "0.2", &target]))?;
         Ok(format!(
             "n{nodes} $ ping {target}   (n1 across the overlay)\n{out}"
         ))
@@ -431,22 +411,20 @@ impl Lab {
         if !is_root() {
             return Err(LabError::NotRoot);
         }
-        let listed = ip(&["netns", "list"]).unwrap_or_default();
+        let listed = netns::list().unwrap_or_default();
         let ours: Vec<String> = listed
-            .lines()
-            .filter_map(|l| l.split_whitespace().next())
+            .into_iter()
             .filter(|n| {
                 *n == self.switch()
                     || n.strip_prefix(&format!("{}-n", self.name))
                         .is_some_and(|rest| rest.parse::<usize>().is_ok())
             })
-            .map(str::to_owned)
             .collect();
         for i in 1..=MAX_NODES {
             self.stop_agent(i, true);
         }
         for ns in &ours {
-            let _ = ip(&["netns", "del", ns]);
+            let _ = netns::delete(ns);
         }
         let _ = std::fs::remove_dir_all(&self.dir);
         Ok(if ours.is_empty() {
@@ -520,9 +498,7 @@ impl Lab {
             Ok(exe) if program == "shoal" => exe.into(),
             _ => program.into(),
         };
-        Command::new("ip")
-            .args(["netns", "exec", &self.node_ns(i)])
-            .arg(&program)
+        netns::exec(&self.node_ns(i), &program)
             .args(args)
             .env("SHOAL_SOCKET", self.socket(i))
             .status()

@@ -1,4 +1,7 @@
-//! Linux network namespace helpers for shoal's integration tests and `shoal lab`.
+//! Helpers for shoal's network namespace integration tests.
+//!
+//! Every namespace these tests make is made by `shoal-netns` (the code `shoal lab` makes its
+//! namespaces with): [`Lab`] directly, [`shoal_lab::TestLab`] through `shoal lab up`.
 //!
 //! [`Lab::new`] builds a uniquely named set of namespaces: one "switch" namespace holding a
 //! Linux bridge, and N node namespaces, each attached to the bridge by a veth pair (`eth0`
@@ -6,7 +9,8 @@
 //! parallel labs differ even though their bridges are isolated anyway). Processes started
 //! with [`Lab::spawn`] run inside a node namespace (`ip netns exec`), are tracked by PID and
 //! killed with SIGKILL when the lab is dropped. Dropping the lab (also while unwinding from a
-//! failed assertion) deletes every namespace it made, which deletes their devices.
+//! failed assertion) kills them, then deletes every namespace it made, which deletes their
+//! devices.
 //!
 //! What it does not do: no routing between labs or to the host, no NAT, nothing outside the
 //! namespaces it created. It needs root ([`require_root`]) and the `ip` tool (iproute2).
@@ -17,22 +21,18 @@ pub mod shoal_lab;
 
 use std::io::{BufRead, BufReader};
 use std::net::Ipv4Addr;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
+use shoal_netns::Bridge;
+
 /// Panics with a clear message unless running as root (network namespaces need it).
 pub fn require_root() {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let euid = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse::<u32>().ok());
-    if euid != Some(0) {
+    if !shoal_netns::is_root() {
         panic!(
-            "this test needs root to create network namespaces (effective uid is {euid:?}); \
+            "this test needs root to create network namespaces; \
              run it as root, e.g. `sudo -E cargo test -p shoal-netns-tests`"
         );
     }
@@ -41,22 +41,12 @@ pub fn require_root() {
 /// Why a lab operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum LabError {
-    /// A command could not be started at all.
-    #[error("cannot run `{cmd}`: {source}; is iproute2 installed?")]
-    Spawn {
-        /// The command line.
-        cmd: String,
-        /// The OS error.
-        source: std::io::Error,
-    },
-    /// A setup command failed.
-    #[error("`{cmd}` failed: {stderr}")]
-    Command {
-        /// The command line.
-        cmd: String,
-        /// What it printed on stderr.
-        stderr: String,
-    },
+    /// A namespace command could not start or failed.
+    #[error(transparent)]
+    Netns(#[from] shoal_netns::Error),
+    /// [`Lab::exec`] without a program.
+    #[error("no command to run")]
+    NoCommand,
     /// No such node or process.
     #[error("no node or process number {0} in this lab")]
     NoSuch(usize),
@@ -78,26 +68,9 @@ pub struct Lab {
     prefix: String,
     subnet: (u8, u8),
     nodes: usize,
-    namespaces: Vec<String>,
     procs: Vec<Option<Proc>>,
-}
-
-fn run(args: &[&str]) -> Result<Output, LabError> {
-    let cmd = args.join(" ");
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .map_err(|source| LabError::Spawn {
-            cmd: cmd.clone(),
-            source,
-        })?;
-    if !out.status.success() {
-        return Err(LabError::Command {
-            cmd,
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(out)
+    /// Dropped after the processes are killed (see `Drop`): deletes the namespaces.
+    bridge: Bridge,
 }
 
 impl Lab {
@@ -107,39 +80,20 @@ impl Lab {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let pid = std::process::id();
         let slot = (pid.wrapping_mul(31).wrapping_add(n)) % 512;
+        let prefix = format!("shoal{pid}x{n}");
+        // On error, dropping the bridge deletes what it made.
         let mut lab = Lab {
-            prefix: format!("shoal{pid}x{n}"),
+            bridge: Bridge::new(&format!("{prefix}sw"))?,
+            prefix,
             subnet: (18 + (slot / 256) as u8, (slot % 256) as u8),
             nodes,
-            namespaces: Vec::new(),
             procs: Vec::new(),
         };
-        lab.build()?; // on error, Drop cleans up what exists
-        Ok(lab)
-    }
-
-    fn build(&mut self) -> Result<(), LabError> {
-        let sw = format!("{}sw", self.prefix);
-        run(&["ip", "netns", "add", &sw])?;
-        self.namespaces.push(sw.clone());
-        run(&["ip", "-n", &sw, "link", "add", "br0", "type", "bridge"])?;
-        run(&["ip", "-n", &sw, "link", "set", "br0", "up"])?;
-        for i in 0..self.nodes {
-            let ns = self.ns(i);
-            run(&["ip", "netns", "add", &ns])?;
-            self.namespaces.push(ns.clone());
-            let port = format!("p{i}");
-            run(&[
-                "ip", "-n", &sw, "link", "add", &port, "type", "veth", "peer", "name", "eth0",
-                "netns", &ns,
-            ])?;
-            run(&["ip", "-n", &sw, "link", "set", &port, "master", "br0", "up"])?;
-            let cidr = format!("{}/24", self.ip(i));
-            run(&["ip", "-n", &ns, "addr", "add", &cidr, "dev", "eth0"])?;
-            run(&["ip", "-n", &ns, "link", "set", "eth0", "up"])?;
-            run(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
+        for i in 0..nodes {
+            let cidr = format!("{}/24", lab.ip(i));
+            lab.bridge.add_node(&lab.ns(i), &format!("p{i}"), &cidr)?;
         }
-        Ok(())
+        Ok(lab)
     }
 
     /// Name of node `i`'s namespace.
@@ -167,10 +121,12 @@ impl Lab {
         if i >= self.nodes {
             return Err(LabError::NoSuch(i));
         }
-        let ns = self.ns(i);
-        let mut args = vec!["ip", "netns", "exec", &ns];
-        args.extend_from_slice(cmd);
-        run(&args)
+        let Some((program, args)) = cmd.split_first() else {
+            return Err(LabError::NoCommand);
+        };
+        Ok(shoal_netns::run(
+            shoal_netns::exec(&self.ns(i), program).args(args),
+        )?)
     }
 
     /// Starts `program args...` inside node `i` with stdout captured line by line; returns
@@ -180,14 +136,13 @@ impl Lab {
             return Err(LabError::NoSuch(i));
         }
         let ns = self.ns(i);
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &ns, program])
+        let mut child = shoal_netns::exec(&ns, program)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .map_err(|source| LabError::Spawn {
+            .map_err(|source| shoal_netns::Error::Spawn {
                 cmd: format!("ip netns exec {ns} {program}"),
                 source,
             })?;
@@ -263,7 +218,9 @@ impl Lab {
     /// kills it if it does not.
     pub fn terminate(&mut self, p: usize, timeout: Duration) -> Result<(), LabError> {
         let pid = self.pid(p).ok_or(LabError::NoSuch(p))?;
-        let _ = run(&["kill", "-TERM", &pid.to_string()]);
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
         let end = Instant::now() + timeout;
         if let Some(Some(proc_)) = self.procs.get_mut(p) {
             while Instant::now() < end {
@@ -283,10 +240,7 @@ impl Drop for Lab {
         for p in 0..self.procs.len() {
             let _ = self.kill(p);
         }
-        // Deleting a namespace deletes its veth end, which deletes the peer too.
-        for ns in self.namespaces.drain(..).rev() {
-            let _ = run(&["ip", "netns", "del", &ns]);
-        }
+        // Then the bridge, dropped with the other fields, deletes the namespaces.
     }
 }
 
@@ -295,10 +249,10 @@ mod tests {
     use super::*;
 
     fn ns_exists(name: &str) -> bool {
-        let out = run(&["ip", "netns", "list"]).expect("ip netns list");
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .any(|l| l.split_whitespace().next() == Some(name))
+        shoal_netns::list()
+            .expect("ip netns list")
+            .iter()
+            .any(|n| n == name)
     }
 
     #[test]
@@ -307,7 +261,8 @@ mod tests {
         let names;
         {
             let lab = Lab::new(2).expect("lab");
-            names = vec![lab.ns(0), lab.ns(1), format!("{}sw", lab.prefix)];
+            names = lab.bridge.namespaces().to_vec();
+            assert_eq!(names.len(), 3);
             assert!(names.iter().all(|n| ns_exists(n)));
             let ip1 = lab.ip(1).to_string();
             let out = lab

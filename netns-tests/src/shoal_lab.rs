@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use shoal_netns::Bridge;
+
 use crate::require_root;
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -21,8 +23,8 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 pub struct TestLab {
     /// The lab's name (`shoal lab --name`).
     pub name: String,
-    /// Namespaces a test added to the lab (deleted with it).
-    pub extra_ns: Vec<String>,
+    /// Namespaces a test added to the lab's bridge ([`TestLab::add_host`]), deleted on drop.
+    hosts: Bridge,
     /// A directory for the test's files (removed with the lab).
     pub scratch: PathBuf,
     bin: PathBuf,
@@ -64,8 +66,8 @@ impl TestLab {
         let scratch = std::env::temp_dir().join(format!("shoal-{name}"));
         std::fs::create_dir_all(&scratch).unwrap();
         let lab = TestLab {
+            hosts: Bridge::existing(&format!("{name}-sw")),
             name,
-            extra_ns: Vec::new(),
             scratch,
             bin: PathBuf::from(bin),
         };
@@ -97,18 +99,9 @@ impl TestLab {
     /// (from 198.18.0.0/24); it is deleted with the lab. Returns its name.
     pub fn add_host(&mut self, suffix: &str, cidr: &str) -> String {
         let ns = format!("{}-{suffix}", self.name);
-        let sw = format!("{}-sw", self.name);
-        let port = format!("p{suffix}");
-        ok(Command::new("ip").args(["netns", "add", &ns]));
-        self.extra_ns.push(ns.clone());
-        ok(Command::new("ip").args(["-n", &ns, "link", "set", "lo", "up"]));
-        ok(Command::new("ip").args([
-            "link", "add", "eth0", "netns", &ns, "type", "veth", "peer", "name", &port, "netns",
-            &sw,
-        ]));
-        ok(Command::new("ip").args(["-n", &sw, "link", "set", &port, "master", "br0", "up"]));
-        ok(Command::new("ip").args(["-n", &ns, "addr", "add", cidr, "dev", "eth0"]));
-        ok(Command::new("ip").args(["-n", &ns, "link", "set", "eth0", "up"]));
+        self.hosts
+            .add_node(&ns, &format!("p{suffix}"), cidr)
+            .unwrap_or_else(|e| panic!("add host {ns}: {e}"));
         ns
     }
 
@@ -150,9 +143,8 @@ impl TestLab {
 
     /// A command inside node i's namespace.
     pub fn exec(&self, i: usize, args: &[&str]) -> Output {
-        run(Command::new("ip")
-            .args(["netns", "exec", &self.ns(i)])
-            .args(args))
+        let (program, args) = args.split_first().expect("a command");
+        run(shoal_netns::exec(&self.ns(i), program).args(args))
     }
 
     /// `network inspect ingress` on node i.
@@ -226,71 +218,69 @@ impl TestLab {
              open('{}','wb').write(b)\n",
             out_file.display()
         );
-        let mut server_proc = Command::new("ip")
-            .args(["netns", "exec", &self.ns(server), "python3", "-c", &srv])
-            .spawn()
-            .unwrap();
+        let mut server_proc = Spawned(
+            shoal_netns::exec(&self.ns(server), "python3")
+                .args(["-c", &srv])
+                .spawn()
+                .unwrap(),
+        );
         std::thread::sleep(Duration::from_millis(300));
         let cli = format!(
             "import socket,time\nfor _ in range(50):\n    try:\n        c=socket.create_connection(('{to}',5555),timeout=5);break\n    except OSError: time.sleep(0.1)\n\
              c.sendall({data:?}.encode());c.close()\n"
         );
-        let client = run(Command::new("ip").args(["netns", "exec", from, "python3", "-c", &cli]));
+        let client = run(shoal_netns::exec(from, "python3").args(["-c", &cli]));
         assert!(
             client.status.success(),
             "{}",
             String::from_utf8_lossy(&client.stderr)
         );
-        let deadline = Instant::now() + Duration::from_secs(25);
-        loop {
-            if let Some(status) = server_proc.try_wait().unwrap() {
-                assert!(status.success(), "tcp server failed");
-                break;
-            }
-            if Instant::now() > deadline {
-                let _ = server_proc.kill();
-                let _ = server_proc.wait();
-                panic!("tcp server did not finish");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let status = wait_exit(&mut server_proc.0, Duration::from_secs(25));
+        assert!(status.success(), "tcp server failed");
         std::fs::read_to_string(&out_file).unwrap()
     }
 
-    /// Runs tcpdump on node i's underlay interface while `during` runs; returns the pcap path.
+    /// Runs tcpdump on node i's underlay interface while `during` runs, keeping the UDP
+    /// datagrams to or from the data-path port 4789; returns the pcap path.
     pub fn capture(&self, i: usize, tag: &str, during: impl FnOnce()) -> PathBuf {
+        self.capture_filtered(i, tag, &["udp", "port", "4789"], during)
+    }
+
+    /// [`TestLab::capture`] of every packet on node i's underlay interface, whole (no filter,
+    /// no snap length): read them with [`packets`].
+    pub fn capture_all(&self, i: usize, tag: &str, during: impl FnOnce()) -> PathBuf {
+        self.capture_filtered(i, tag, &[], during)
+    }
+
+    fn capture_filtered(
+        &self,
+        i: usize,
+        tag: &str,
+        filter: &[&str],
+        during: impl FnOnce(),
+    ) -> PathBuf {
         let file = self.scratch.join(format!("{tag}.pcap"));
-        let mut dump = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.ns(i),
-                "tcpdump",
-                "-i",
-                "eth0",
-                "-U",
-                "-w",
-            ])
-            .arg(&file)
-            .args(["udp", "port", "4789"])
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
+        // Killed by its PID on drop if `during` fails.
+        let mut dump = Spawned(
+            shoal_netns::exec(&self.ns(i), "tcpdump")
+                .args(["-i", "eth0", "-s", "0", "-U", "-w"])
+                .arg(&file)
+                .args(filter)
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
         std::thread::sleep(Duration::from_millis(700));
         during();
         std::thread::sleep(Duration::from_millis(500));
         let _ = Command::new("kill")
-            .args(["-INT", &dump.id().to_string()])
+            .args(["-INT", &dump.0.id().to_string()])
             .status();
         let deadline = Instant::now() + Duration::from_secs(5);
-        while dump.try_wait().unwrap().is_none() {
-            if Instant::now() > deadline {
-                let _ = dump.kill();
-                break;
-            }
+        while dump.0.try_wait().unwrap().is_none() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
         }
-        let _ = dump.wait();
+        drop(dump);
         file
     }
 }
@@ -300,11 +290,52 @@ impl Drop for TestLab {
         let _ = Command::new(&self.bin)
             .args(["lab", "down", "--name", &self.name])
             .output();
-        for ns in &self.extra_ns {
-            let _ = Command::new("ip").args(["netns", "del", ns]).output();
-        }
+        // Then `hosts`, dropped with the other fields, deletes the hosts the test added.
         let _ = std::fs::remove_dir_all(&self.scratch);
     }
+}
+
+/// A child process a test started, killed by its PID and reaped when dropped (also when the
+/// test fails), unless it was reaped already.
+#[derive(Debug)]
+pub struct Spawned(pub std::process::Child);
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Every packet of a pcap file (as tcpdump writes it), whole: panics if one was cut short by
+/// the snap length, so nothing on the wire escapes a check of their bytes.
+pub fn packets(pcap: &std::path::Path) -> Vec<Vec<u8>> {
+    let bytes = std::fs::read(pcap).unwrap();
+    assert!(bytes.len() >= 24, "{}: no pcap header", pcap.display());
+    let magic = u32::from_le_bytes(bytes[0..4].try_into().unwrap());
+    let u32_at: fn(&[u8]) -> u32 = match magic {
+        0xa1b2_c3d4 | 0xa1b2_3c4d => |b| u32::from_le_bytes(b.try_into().unwrap()),
+        0xd4c3_b2a1 | 0x4d3c_b2a1 => |b| u32::from_be_bytes(b.try_into().unwrap()),
+        _ => panic!("{}: not a pcap file (magic {magic:#x})", pcap.display()),
+    };
+    let mut out = Vec::new();
+    let mut at = 24;
+    while at + 16 <= bytes.len() {
+        let caught = u32_at(&bytes[at + 8..at + 12]) as usize;
+        let sent = u32_at(&bytes[at + 12..at + 16]) as usize;
+        assert_eq!(
+            caught,
+            sent,
+            "packet {} cut short in the capture",
+            out.len()
+        );
+        let data = bytes
+            .get(at + 16..at + 16 + caught)
+            .unwrap_or_else(|| panic!("packet {} truncated in the file", out.len()));
+        out.push(data.to_vec());
+        at += 16 + caught;
+    }
+    out
 }
 
 /// tshark with `args`; its stdout.

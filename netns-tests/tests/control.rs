@@ -139,6 +139,71 @@ impl Cluster {
             .collect()
     }
 
+    /// Whether the manager on `on` holds an established connection on 2377 from `from`.
+    fn watch_stream_open(&self, on: &str, from: &str) -> bool {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.ns(on),
+                "ss",
+                "-Htn",
+                "state",
+                "established",
+            ])
+            .args(["src", &format!("{}:2377", self.ip(on)), "dst", from])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ss: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        !out.stdout.is_empty()
+    }
+
+    /// Milliseconds since `from` last sent on its connection to the manager at `to`:2377 (its
+    /// agent sends only keep-alives there, every manager::PING_INTERVAL).
+    fn ms_since_send(&self, from: &str, to: &str) -> Option<u64> {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.ns(from),
+                "ss",
+                "-Htin",
+                "state",
+                "established",
+            ])
+            .args(["dst", &format!("{}:2377", self.ip(to))])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("lastsnd:")?.parse().ok())
+    }
+
+    /// Drops every TCP segment `name` sends to `port` (data, FIN, RST): a blackhole route for
+    /// them, in its own namespace (removed with it).
+    fn cut_tcp_to_port(&self, name: &str, port: u16) {
+        let ns = self.ns(name);
+        let port = port.to_string();
+        run(Command::new("ip").args([
+            "-n",
+            &ns,
+            "route",
+            "add",
+            "blackhole",
+            "default",
+            "table",
+            "100",
+        ]));
+        run(Command::new("ip").args([
+            "-n", &ns, "rule", "add", "ipproto", "tcp", "dport", &port, "table", "100", "priority",
+            "100",
+        ]));
+    }
+
     fn status(&self, on: &str, of: &str) -> Option<String> {
         self.rows(on).into_iter().find(|r| r.0 == of).map(|r| r.1)
     }
@@ -270,7 +335,9 @@ fn walkthrough_across_namespaces() {
     lab.ok("n1", &["node", "demote", "n2"]);
     assert!(lab.rows("n1").iter().any(|r| r.0 == "n2" && r.2.is_empty()));
 
-    // kill -9 of n2's agent: Down within 10 s; restart with the same state dir: Ready.
+    // kill -9 of n2's agent: Down within 10 s (n2's kernel closes its watch stream, which
+    // tells the manager at once; `a_crash_is_down_through_gossip` shows gossip alone does it);
+    // restart with the same state dir: Ready.
     lab.kill9("n2");
     let t = wait_until(Duration::from_secs(10), || {
         lab.status("n1", "n2").as_deref() == Some("Down")
@@ -332,4 +399,54 @@ fn status_follows_gossip() {
         lab.status("g1", "g2").as_deref() == Some("Ready")
     });
     eprintln!("g2 Ready on g1 {t:?} after gossip flowed again");
+}
+
+/// A crashed node is Down through gossip, not only because its watch stream ended: c2's
+/// namespace drops everything it sends to port 2377 (so its kernel's FIN and RSTs never reach
+/// the manager) and its agent is killed with SIGKILL. The manager's stream from c2 then stays
+/// open until its keep-alive times out (manager::PING_TIMEOUT, 6 s after the last one, which
+/// the test cuts right after); gossip, with four members to confirm the suspicion (3.4 to 4.4 s
+/// here), must make c2 Down before that, while c1 still holds the stream.
+#[test]
+fn a_crash_is_down_through_gossip() {
+    let names = ["c1", "c2", "c3", "c4", "c5"];
+    let mut lab = Cluster::new(&names);
+    for n in names {
+        lab.start(n);
+    }
+    let c1_ip = lab.ip("c1").to_string();
+    let init = lab.ok("c1", &["init", "--advertise-addr", &c1_ip]);
+    let join = join_words(&init);
+    let join_args: Vec<&str> = join.iter().map(String::as_str).collect();
+    for n in &names[1..] {
+        lab.ok(n, &join_args);
+    }
+    wait_until(Duration::from_secs(15), || {
+        lab.rows("c1").iter().filter(|r| r.1 == "Ready").count() == names.len()
+    });
+    let c2_ip = lab.ip("c2").to_string();
+    assert!(
+        lab.watch_stream_open("c1", &c2_ip),
+        "c2's watch stream on c1"
+    );
+
+    // Right after a keep-alive, so the stream on c1 lives its whole PING_TIMEOUT from here.
+    wait_until(Duration::from_secs(5), || {
+        lab.ms_since_send("c2", "c1").is_some_and(|ms| ms < 200)
+    });
+    lab.cut_tcp_to_port("c2", 2377);
+    lab.kill9("c2");
+    let t = wait_until(Duration::from_secs(10), || {
+        lab.status("c1", "c2").as_deref() == Some("Down")
+    });
+    let open = lab.watch_stream_open("c1", &c2_ip);
+    eprintln!("c2 Down on c1 {t:?} after kill -9 (its watch stream still open there: {open})");
+    assert!(
+        open,
+        "c2 turned Down only when its watch stream on c1 ended ({t:?}): STATUS did not come \
+         from gossip"
+    );
+    for n in ["c3", "c4", "c5"] {
+        assert_eq!(lab.status("c1", n).as_deref(), Some("Ready"), "{n}");
+    }
 }

@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use shoal_netns_tests::shoal_lab::{ok, payloads, TestLab};
+use shoal_netns_tests::shoal_lab::{ok, payloads, Spawned, TestLab};
 
 const BIN: &str = env!("CARGO_BIN_EXE_netns-shoal");
 
@@ -249,19 +249,13 @@ fn strangers_holding_connections_do_not_keep_nodes_out() {
         shoal_ok(&lab, 3, &["info"]).contains("\"node_id\": null")
     });
     let stranger = lab.add_host("x", "198.18.0.100/24");
-    let mut flood = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &stranger,
-            "python3",
-            "-c",
-            &flood_script(1100, 40),
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let guard = KillOnDrop(flood.id());
+    let flood = Spawned(
+        shoal_netns::exec(&stranger, "python3")
+            .args(["-c", &flood_script(1100, 40)])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     std::thread::sleep(Duration::from_secs(8));
     let started = Instant::now();
     lab.lab_node("restart", 2);
@@ -292,19 +286,7 @@ fn strangers_holding_connections_do_not_keep_nodes_out() {
         lab.log(1).contains("manager API refused connections"),
         "n1 logged them"
     );
-    drop(guard);
-    let _ = flood.wait();
-}
-
-/// Kills a process by PID when dropped (a helper process of a test, also when it fails).
-struct KillOnDrop(u32);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-KILL", &self.0.to_string()])
-            .status();
-    }
+    drop(flood);
 }
 
 /// Unmounts a test's tmpfs when dropped (lazily, so a busy mount goes as soon as it can).
