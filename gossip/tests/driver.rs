@@ -111,6 +111,7 @@ async fn two_drivers_join_update_and_leave() {
     assert_eq!(members[0].id, id(2));
     let stats = ha.stats().await.expect("stats");
     assert!(stats.datagrams_in > 0 && stats.datagrams_out > 0);
+    assert!(stats.datagrams_opened > 0, "{stats:?}");
     // b joined through a: a push-pull ran over TCP
     assert!(stats.stream_bytes_in > 0, "{stats:?}");
     assert_eq!(stats.dropped_seal + stats.dropped_decode, 0);

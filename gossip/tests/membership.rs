@@ -114,6 +114,10 @@ fn tampered_datagrams_are_dropped_and_counted() {
     let s = net.nodes[0].stats();
     assert!(s.dropped_seal >= 1, "{s:?}");
     assert_eq!(s.dropped_decode, 0);
+    assert_eq!(
+        s.datagrams_opened, 0,
+        "tampered datagrams never open: {s:?}"
+    );
     // garbage and oversize input
     assert!(net.nodes[0].handle_datagram(&[0u8; 5], t).is_err());
     assert!(net.nodes[0].handle_datagram(&[0u8; 1500], t).is_err());
