@@ -682,8 +682,20 @@ fn json_logs_and_metrics_on_loopback() {
         assert_eq!(members(state), Some(0.0), "{state} in\n{}", scrape());
     }
 
+    // Gossip's own rare lines go through the agent's log too: three idle connections from
+    // one address to the push-pull port trip its per-address cap (two), and the refusal line
+    // it writes must be JSON like every other.
+    let idle: Vec<_> = (0..3)
+        .map(|_| std::net::TcpStream::connect((ip, 7946)).unwrap())
+        .collect();
+    let log_path = n1.dir.with_extension("log");
+    wait_until(Duration::from_secs(10), || {
+        std::fs::read_to_string(&log_path).is_ok_and(|l| l.contains("push-pull connections"))
+    });
+    drop(idle);
+
     // Every log line is one JSON object; init's line is there with its fields.
-    let log = std::fs::read_to_string(n1.dir.with_extension("log")).unwrap();
+    let log = std::fs::read_to_string(&log_path).unwrap();
     let lines: Vec<serde_json::Value> = log
         .lines()
         .filter(|l| !l.is_empty())
