@@ -428,7 +428,7 @@ impl Agent {
         let manager_state = store.manager(State::from_record).await?;
         let membership_cell = MembershipCell::new(membership.clone());
         let faults = Arc::new(Faults::default());
-        let (reconciler, _task) = reconcile::spawn(reconcile::Setup {
+        let reconciler = reconcile::spawn(reconcile::Setup {
             store: store.clone(),
             membership: membership_cell.clone(),
             faults: faults.clone(),

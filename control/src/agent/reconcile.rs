@@ -183,8 +183,9 @@ pub struct Reconciler {
     published: watch::Sender<Arc<Running>>,
 }
 
-/// Starts the reconciler task.
-pub fn spawn(setup: Setup) -> (Handle, JoinHandle<()>) {
+/// Starts the reconciler task; it ends when every [`Handle`] is gone (after stopping what
+/// runs).
+pub fn spawn(setup: Setup) -> Handle {
     let (orders, rx) = mpsc::channel(ORDER_QUEUE);
     let (published, running) = watch::channel(Arc::new(Running::default()));
     let reconciler = Reconciler {
@@ -201,8 +202,8 @@ pub fn spawn(setup: Setup) -> (Handle, JoinHandle<()>) {
         drops: None,
         published,
     };
-    let task = tokio::spawn(reconciler.run(rx));
-    (Handle { orders, running }, task)
+    tokio::spawn(reconciler.run(rx));
+    Handle { orders, running }
 }
 
 /// Waits for a change on `rx`; forever when there is none to wait on (or it closed).
