@@ -552,6 +552,9 @@ pub enum ManagerRequest {
     Leave,
     /// mTLS, managers only: a forwarded admin command.
     Admin(AdminRequest),
+    /// mTLS, managers only: the connection carries the managers' Raft from here on (raw
+    /// frames: a kind byte and a body; see `shoal_control::manager::raft`).
+    Raft,
 }
 
 /// What a joining node gets.

@@ -1,5 +1,6 @@
-//! The one owner of what this node runs: its role (the manager's API when it leads, the watch
-//! stream to the manager otherwise), gossip, and the data path.
+//! The one owner of what this node runs: its role (on a manager, its part of the Raft group and
+//! the API; on a worker, the watch stream to a manager), gossip, and the data path. A
+//! promotion starts the manager, a demotion stops it (and clears its Raft log and state).
 //!
 //! One task, the [`Reconciler`], holds all of it. It is fed by events and never shares what
 //! it holds behind a lock:
@@ -34,7 +35,7 @@ use super::gossip::Link;
 use super::{watch_loop, AgentError, Faults};
 use crate::cluster::LiveKeys;
 use crate::id::NodeId;
-use crate::manager::state::State;
+use crate::manager::state::{Command, Role, State};
 use crate::manager::Manager;
 use crate::store::{Membership, MembershipCell, Store};
 use crate::trust::tls::{server_config, Issued};
@@ -62,12 +63,49 @@ pub struct Running {
 /// The manager's part of a start: its state and the listener already bound to its address
 /// (bound by the caller, so a busy port is the caller's error before anything is kept).
 pub struct ManagerStart {
-    /// The manager state.
+    /// The manager state (empty on a manager that has just joined).
     pub state: State,
     /// The bound API listener.
     pub listener: TcpListener,
     /// Its address.
     pub listen: SocketAddr,
+    /// This manager's Raft ID.
+    pub raft_id: u64,
+    /// Form a new Raft group of one if there is no Raft log (`init`, a state from before Raft).
+    pub bootstrap: bool,
+    /// A command to commit once it runs (`init`'s).
+    pub first: Option<Command>,
+}
+
+/// A [`ManagerStart`] for the manager of membership `m` from what the store holds, with its
+/// API bound to `listen`.
+pub async fn manager_start(
+    store: &Store,
+    m: &Membership,
+    listen: SocketAddr,
+    bootstrap: bool,
+) -> Result<ManagerStart, AgentError> {
+    let state = store.manager(State::from_record).await?.unwrap_or_default();
+    let raft_id = state
+        .cluster()
+        .and_then(|c| c.nodes.get(&m.node_id))
+        .and_then(|n| n.raft_id)
+        .or_else(|| m.view.node(&m.node_id).and_then(|n| n.raft_id))
+        .ok_or(AgentError::NoRaftId)?;
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|source| AgentError::Bind {
+            addr: listen,
+            source,
+        })?;
+    Ok(ManagerStart {
+        state,
+        listener,
+        listen,
+        raft_id,
+        bootstrap,
+        first: None,
+    })
 }
 
 /// What the agent asks of the reconciler.
@@ -278,8 +316,15 @@ impl Reconciler {
         self.stop().await;
         match manager {
             Some(start) => {
-                let (manager, task) = self.start_manager(&m, *start)?;
-                self.manager = Some((manager, task));
+                let first = start.first.clone();
+                let (manager, task) = self.start_manager(&m, *start).await?;
+                self.manager = Some((manager.clone(), task));
+                if let Some(command) = first {
+                    if let Err(e) = manager.apply(command).await {
+                        self.stop().await;
+                        return Err(AgentError::Manager(e.to_string()));
+                    }
+                }
             }
             None => self.watcher = Some(self.start_watcher()),
         }
@@ -302,8 +347,9 @@ impl Reconciler {
         if let Some(g) = self.gossip.take() {
             g.link.stop(true).await;
         }
-        if let Some((_, task)) = self.manager.take() {
+        if let Some((manager, task)) = self.manager.take() {
             task.stop().await;
+            manager.shutdown().await;
         }
         if let Some(task) = self.watcher.take() {
             task.stop().await;
@@ -311,7 +357,7 @@ impl Reconciler {
         self.publish();
     }
 
-    fn start_manager(
+    async fn start_manager(
         &self,
         m: &Membership,
         start: ManagerStart,
@@ -321,15 +367,18 @@ impl Reconciler {
             key_pem: m.key_pem.clone(),
         };
         let tls = server_config(&m.view.ca_cert_der, &own)?;
-        let manager = Manager::new(
+        let manager = Manager::start(
             m.node_id.clone(),
+            start.raft_id,
             start.listen,
             (own, m.cert_not_after),
             *self.setup.node_secret,
             start.state,
             self.setup.store.clone(),
             self.setup.membership.clone(),
-        )?;
+            start.bootstrap,
+        )
+        .await?;
         let (stop, rx) = watch::channel(false);
         let task = tokio::spawn(
             manager
@@ -418,6 +467,9 @@ impl Reconciler {
             }
             return;
         };
+        if self.incarnation.is_some() {
+            self.follow_role(&m).await;
+        }
         if let Some(g) = self.gossip.as_mut() {
             if let Err(e) = g.link.apply_view(&m).await {
                 warn!("gossip could not follow the cluster view: {e}");
@@ -425,6 +477,59 @@ impl Reconciler {
         }
         self.steer_data_path();
         self.publish();
+    }
+
+    /// A promotion starts this node's manager (the leader adds it to the Raft group); a
+    /// demotion (or a leave the managers applied) stops it, clears its Raft log and state, and
+    /// the node follows a manager's watch stream like any worker.
+    async fn follow_role(&mut self, m: &Membership) {
+        let own = m.view.node(&m.node_id);
+        let manager = own.is_some_and(|n| n.role == Role::Manager && n.active() && n.raft_id.is_some());
+        match (manager, self.manager.is_some()) {
+            (true, false) => {
+                let Some(listen) = m.listen_addr.or_else(|| own.and_then(|n| n.api_addr)) else {
+                    return;
+                };
+                let started = match manager_start(&self.setup.store, m, listen, false).await {
+                    Ok(start) => self.start_manager(m, start).await,
+                    Err(e) => Err(e),
+                };
+                match started {
+                    Ok(running) => {
+                        if let Some(task) = self.watcher.take() {
+                            task.stop().await;
+                        }
+                        info!("promoted: this node is a manager now");
+                        self.manager = Some(running);
+                        self.feed_manager();
+                    }
+                    Err(e) => warn!("could not start this node's manager: {e}"),
+                }
+            }
+            (false, true) if own.is_some() => {
+                if let Some((manager, task)) = self.manager.take() {
+                    task.stop().await;
+                    manager.shutdown().await;
+                }
+                let mut next = m.clone();
+                next.listen_addr = None;
+                if let Err(e) = self
+                    .setup
+                    .store
+                    .write(&[
+                        crate::store::Write::ClearManager,
+                        crate::store::Write::ClearRaft,
+                        crate::store::Write::Membership(&next),
+                    ])
+                    .await
+                {
+                    warn!("could not clear this node's manager state: {e}");
+                }
+                info!("demoted: this node is a worker now");
+                self.watcher = Some(self.start_watcher());
+            }
+            _ => {}
+        }
     }
 
     /// The set of nodes gossip sees up goes to this node's manager (node STATUS).

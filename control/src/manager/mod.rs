@@ -1,18 +1,20 @@
-//! The manager: owns the [`State`], applies commands to it, persists every change, and
-//! serves the API on 2377 (join, watch streams, leave, admin commands).
+//! The manager: serves the API on 2377 (join, watch streams, leave, admin commands, and the
+//! managers' Raft) over the replicated [`State`].
 //!
-//! All changes go through [`Manager::apply_with`]: one at a time, in the order they were asked
-//! for (the turn, a fair async lock), the command is built and applied to a copy, the copy is
-//! written to the store in one transaction, and only then does it replace the live state and go
-//! out to every watch stream. A refused command or a failed write changes nothing. The commit
-//! runs on the store's thread, and no lock a runtime thread could block on is held across it:
-//! readers of the state see the old one until the new one is saved. With Raft (a later issue)
-//! the same commands become log entries.
+//! Every manager runs one. All changes go through [`Manager::apply_with`]: one at a time per
+//! manager, in the order they were asked for (the turn, a fair async lock), the command is
+//! built from this manager's state and committed through the Raft leader ([`raft`]), wherever
+//! it is; the state machine decides it (a refused command changes nothing), every manager
+//! writes the result to its store in one transaction, and only then does it replace the live
+//! state and go out to that manager's watch streams. The caller hears back once this manager
+//! has applied it. Without a leader, a change fails within [`raft::PROPOSE_TIMEOUT`] with
+//! docker's message ([`raft::NO_LEADER`]).
 //!
 //! STATUS (Ready/Down) of a node is the OR of two signals: a live watch stream from that node
 //! (closed at once when its agent dies, or after [`PING_TIMEOUT`] without a keep-alive), and
 //! gossip, when the agent feeds it in through [`Manager::set_gossip_up`].
 
+pub mod raft;
 pub mod state;
 
 use std::collections::{HashMap, HashSet};
@@ -33,10 +35,11 @@ use crate::api::{
     ManagerRequest, ManagerResponse, ManagerStatus, NodeStatus, Reply, Status,
 };
 use crate::id::NodeId;
+use crate::manager::raft::{ProposeError, Replica};
 use crate::manager::state::{
     Applied, ApplyError, Availability, Cluster, ClusterView, Command, Node, NodeCert, Role, State,
 };
-use crate::store::{Membership, MembershipCell, Store, StoreError, Write};
+use crate::store::{MembershipCell, Store, StoreError};
 use crate::token::{CaDigest, Secret, Token};
 use crate::trust::join::{Claim, ProofError, Proofs as _, EXPORTER_LABEL, EXPORTER_LEN};
 use crate::trust::tls::{cert_digest, sign_node_cert, Issued, Validity};
@@ -86,23 +89,18 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// The leader's manager.
+/// A manager: this node's part of the Raft group and the API it serves.
 pub struct Manager {
     self_id: NodeId,
-    listen_addr: SocketAddr,
-    /// This node's own certificate (it serves the API with it); renewed like any node's.
-    own_cert: Mutex<(Issued, u64)>,
     /// This node's X25519 secret: joining nodes prove they hold theirs against it.
     node_secret: zeroize::Zeroizing<[u8; 32]>,
-    /// The live state: read by many, replaced whole by a change once the store has it. Never
-    /// held across an await.
-    state: Arc<Mutex<State>>,
-    /// Held by one change at a time, from the state it reads until its result is live.
+    /// The Raft node, with the live state (its replica).
+    raft: Arc<raft::Node>,
+    /// Held by one change at a time, from the state it reads until its result is live here.
     turn: Arc<tokio::sync::Mutex<()>>,
-    store: Arc<Store>,
-    membership: Arc<MembershipCell>,
-    views: watch::Sender<Arc<ClusterView>>,
+    /// Watch streams open here, by node; and when the last one of a node closed.
     sessions: Mutex<HashMap<NodeId, usize>>,
+    ended: Mutex<HashMap<NodeId, std::time::Instant>>,
     gate: Arc<Gate>,
     gossip_up: Mutex<Option<Arc<HashSet<NodeId>>>>,
 }
@@ -124,6 +122,9 @@ pub enum ChangeError {
     /// The state machine refused the command.
     #[error(transparent)]
     Refused(#[from] ApplyError),
+    /// No leader (too few managers up), or no commit in time.
+    #[error("{}", raft::NO_LEADER)]
+    NoLeader,
     /// The new state could not be saved, so it was not applied.
     #[error("the manager could not save the change: {0}")]
     Save(#[from] StoreError),
@@ -161,18 +162,12 @@ pub enum AdminError {
         /// How many match.
         count: usize,
     },
-    /// `rm` of the leader.
-    #[error("node {0} is the leader and can't be removed; run `shoal leave --force` on it to dissolve the swarm")]
-    RemoveLeader(NodeId),
     /// `rm` of a manager.
     #[error("node {0} is a cluster manager. It must be demoted to worker before removal")]
     RemoveManager(NodeId),
     /// `rm` without `--force` of a node that is up.
     #[error("node {0} is not down and can't be removed; stop it or run `shoal leave` on it first, or use --force")]
     NodeUp(NodeId),
-    /// `demote` of the leader.
-    #[error("node {0} is the leader and can't be demoted: shoal has no leader election yet, so the swarm would have no leader")]
-    DemoteLeader(String),
     /// The change itself failed.
     #[error(transparent)]
     Change(#[from] ChangeError),
@@ -222,55 +217,99 @@ pub enum ServeError {
     /// A frame could not be read or written.
     #[error(transparent)]
     Frame(#[from] FrameError),
+    /// A Raft channel ended on an error.
+    #[error("raft: {0}")]
+    Raft(String),
 }
 
-/// Why a manager could not start from a state.
+/// Why a manager could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    /// The state has no cluster.
-    #[error("the manager state is empty; run `shoal init`")]
-    Empty,
+    /// The store could not be read.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Raft did not start.
+    #[error(transparent)]
+    Raft(#[from] raft::StartError),
+}
+
+impl From<ProposeError> for ChangeError {
+    fn from(e: ProposeError) -> Self {
+        match e {
+            ProposeError::NoLeader => ChangeError::NoLeader,
+            ProposeError::Refused(e) => ChangeError::Refused(e),
+        }
+    }
 }
 
 impl Manager {
-    /// A manager over an initialized `state`, serving with `own_cert` (expiring at
-    /// `own_not_after`), for the node whose X25519 secret is `node_secret`; `membership` is the
-    /// agent's shared record, updated on every change.
-    pub fn new(
+    /// Starts the manager of node `self_id` (Raft ID `raft_id`, API on `listen_addr`, serving
+    /// with `own_cert`), over what the store holds: `state` (empty on a manager that has just
+    /// joined: it gets the state from the leader) and the Raft log. `bootstrap`: a new group of
+    /// one if there is no Raft log yet (`init`, or a state dir from before Raft).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn start(
         self_id: NodeId,
+        raft_id: u64,
         listen_addr: SocketAddr,
         own_cert: (Issued, u64),
         node_secret: [u8; 32],
         state: State,
         store: Arc<Store>,
         membership: Arc<MembershipCell>,
+        bootstrap: bool,
     ) -> Result<Arc<Self>, StartError> {
-        let view = state.view().ok_or(StartError::Empty)?;
-        let (views, _) = watch::channel(Arc::new(view));
-        Ok(Arc::new(Self {
-            self_id,
+        let view = match (state.view(), membership.get()) {
+            (Some(v), _) => v,
+            (None, Some(m)) => m.view,
+            (None, None) => ClusterView::empty(),
+        };
+        let replica = Replica::open(
+            self_id.clone(),
+            raft_id,
             listen_addr,
-            own_cert: Mutex::new(own_cert),
-            node_secret: zeroize::Zeroizing::new(node_secret),
-            state: Arc::new(Mutex::new(state)),
-            turn: Arc::new(tokio::sync::Mutex::new(())),
+            own_cert,
+            state,
             store,
             membership,
-            views,
+            view,
+        )
+        .await?;
+        let raft = raft::Node::start(replica, bootstrap).await?;
+        Ok(Arc::new(Self {
+            self_id,
+            node_secret: zeroize::Zeroizing::new(node_secret),
+            raft,
+            turn: Arc::new(tokio::sync::Mutex::new(())),
             sessions: Mutex::new(HashMap::new()),
+            ended: Mutex::new(HashMap::new()),
             gate: Arc::new(Gate::default()),
             gossip_up: Mutex::new(None),
         }))
     }
 
+    /// Stops this manager's Raft (the API stops with [`Manager::serve`]'s stop signal).
+    pub async fn shutdown(&self) {
+        self.raft.shutdown().await;
+    }
+
+    /// The Raft node.
+    pub fn raft(&self) -> &Arc<raft::Node> {
+        &self.raft
+    }
+
+    fn replica(&self) -> &Replica {
+        &self.raft.replica
+    }
+
     /// The current cluster view.
     pub fn view(&self) -> Arc<ClusterView> {
-        self.views.borrow().clone()
+        self.replica().view()
     }
 
     /// A copy of the state.
     pub fn state(&self) -> State {
-        lock(&self.state).clone()
+        self.replica().state()
     }
 
     /// Feeds gossip's view: the set of node IDs gossip sees up (`None`: gossip not running).
@@ -278,8 +317,14 @@ impl Manager {
         *lock(&self.gossip_up) = up;
     }
 
-    /// Builds a command from the current state with `f` (`None`: nothing to do), applies
-    /// it, persists, publishes. Changes run one at a time, in the order they were asked for.
+    /// Whether this manager leads (and heard from a quorum lately).
+    pub fn is_leader(&self) -> bool {
+        self.raft.leader() == Some(self.replica().raft_id)
+    }
+
+    /// Builds a command from the current state with `f` (`None`: nothing to do) and commits it
+    /// through the leader; returns once this manager has applied it. Changes asked of this
+    /// manager run one at a time, in the order they were asked for.
     pub async fn apply_with<T, E>(
         &self,
         f: impl FnOnce(&State) -> Result<(Option<Command>, T), E>,
@@ -287,82 +332,22 @@ impl Manager {
     where
         E: From<ChangeError>,
     {
-        let turn = self.turn.clone().lock_owned().await;
-        let mut next = self.state();
-        let (command, extra) = f(&next)?;
+        let _turn = self.turn.clone().lock_owned().await;
+        let (command, extra) = f(&self.state())?;
         let Some(command) = command else {
             return Ok((Applied::Unchanged, extra));
         };
-        let applied = next.apply(command).map_err(ChangeError::from)?;
-        if applied == Applied::Unchanged {
-            return Ok((applied, extra));
-        }
-        let view = next.view().ok_or(ChangeError::NotManager)?;
-        let membership = self.own_membership(view.clone());
-        let record =
-            crate::store::encoded("manager", next.to_record()).map_err(ChangeError::from)?;
-        self.commit(turn, membership, Some((next, record, view)))
+        let applied = self
+            .raft
+            .propose(command)
             .await
             .map_err(ChangeError::from)?;
         Ok((applied, extra))
     }
 
-    /// Writes `membership` (this node's record) and, with `next`, the new state (and its
-    /// record) to the store, and only then makes them live and publishes the view. This runs
-    /// in a task of its own that holds `turn` to the end: a caller that stops waiting (a
-    /// closed connection, a stopped loop) can neither leave the store ahead of the live state
-    /// nor let the next change start from a state about to be replaced.
-    async fn commit(
-        &self,
-        turn: tokio::sync::OwnedMutexGuard<()>,
-        membership: Membership,
-        next: Option<(State, Vec<u8>, ClusterView)>,
-    ) -> Result<(), StoreError> {
-        let store = self.store.clone();
-        let state = self.state.clone();
-        let current = self.membership.clone();
-        let views = self.views.clone();
-        let task = tokio::spawn(async move {
-            let _turn = turn;
-            match next {
-                Some((next, record, view)) => {
-                    store
-                        .write(&[Write::Manager(&record), Write::Membership(&membership)])
-                        .await?;
-                    *lock(&state) = next;
-                    current.set(Some(membership));
-                    views.send_replace(Arc::new(view));
-                }
-                None => {
-                    store.write(&[Write::Membership(&membership)]).await?;
-                    current.set(Some(membership));
-                }
-            }
-            Ok(())
-        });
-        match task.await {
-            Ok(result) => result,
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            Err(_) => Err(StoreError::Stopped),
-        }
-    }
-
-    /// This node's membership record with `view`.
-    fn own_membership(&self, view: ClusterView) -> Membership {
-        let (own, not_after) = lock(&self.own_cert).clone();
-        Membership {
-            node_id: self.self_id.clone(),
-            cert_der: own.cert_der,
-            key_pem: own.key_pem,
-            cert_not_after: not_after,
-            view,
-            listen_addr: Some(self.listen_addr),
-        }
-    }
-
     /// The certificate this node serves with.
     pub fn own_cert(&self) -> Issued {
-        lock(&self.own_cert).0.clone()
+        self.replica().own_cert().0
     }
 
     /// Applies one ready-made command.
@@ -370,6 +355,15 @@ impl Manager {
         self.apply_with(|_| Ok::<_, ChangeError>((Some(command), ())))
             .await
             .map(|(a, ())| a)
+    }
+
+    /// The managers this one sees reachable (itself included).
+    fn reachable_managers(&self, cluster: &Cluster) -> std::collections::BTreeSet<NodeId> {
+        cluster
+            .managers()
+            .filter(|n| n.raft_id.is_some_and(|r| self.raft.reachable(r)))
+            .map(|n| n.id.clone())
+            .collect()
     }
 
     /// True if `node` is up. Ourselves always; a node that left never; otherwise it needs a
@@ -383,19 +377,29 @@ impl Manager {
             return false;
         }
         let watching = lock(&self.sessions).get(&node.id).copied().unwrap_or(0) > 0;
-        let gossip = lock(&self.gossip_up)
-            .as_ref()
-            .is_none_or(|up| up.contains(&node.id));
-        watching && gossip
+        match lock(&self.gossip_up).as_ref() {
+            // Without gossip, the watch streams here are all this manager knows.
+            None => watching,
+            // A node follows one manager; the others know it from gossip. One whose stream
+            // here just ended (its agent stopped) is down at once, as before gossip agrees.
+            Some(up) => {
+                let lost_here = !watching
+                    && lock(&self.ended)
+                        .get(&node.id)
+                        .is_some_and(|t| t.elapsed() < LOST_STREAM_HOLD);
+                up.contains(&node.id) && !lost_here
+            }
+        }
     }
 
-    fn status(&self, cluster: &Cluster, node: &Node) -> NodeStatus {
+    fn status(&self, node: &Node) -> NodeStatus {
         let up = self.is_up(node);
-        let manager_status = match node.role {
-            Role::Worker => None,
-            Role::Manager if node.id == cluster.leader => Some(ManagerStatus::Leader),
-            Role::Manager if up => Some(ManagerStatus::Reachable),
-            Role::Manager => Some(ManagerStatus::Unreachable),
+        let leader = self.raft.leader();
+        let manager_status = match (node.role, node.raft_id) {
+            (Role::Worker, _) => None,
+            (Role::Manager, Some(r)) if Some(r) == leader => Some(ManagerStatus::Leader),
+            (Role::Manager, Some(r)) if self.raft.reachable(r) => Some(ManagerStatus::Reachable),
+            (Role::Manager, _) => Some(ManagerStatus::Unreachable),
         };
         NodeStatus {
             id: node.id.clone(),
@@ -437,7 +441,7 @@ impl Manager {
                 Ok(Reply::JoinToken {
                     role,
                     token: token.to_string(),
-                    join_addr: cluster.api_addr,
+                    join_addr: self.replica().listen_addr,
                     rotated: rotate,
                 })
             }
@@ -447,7 +451,7 @@ impl Manager {
                 let mut nodes: Vec<NodeStatus> = cluster
                     .nodes
                     .values()
-                    .map(|n| self.status(cluster, n))
+                    .map(|n| self.status(n))
                     .collect();
                 nodes.sort_by(|a, b| (&a.hostname, &a.id).cmp(&(&b.hostname, &b.id)));
                 Ok(Reply::Nodes {
@@ -460,7 +464,7 @@ impl Manager {
                 let cluster = state.cluster().ok_or(ChangeError::NotManager)?;
                 let id = resolve(cluster, &node)?;
                 let node = &cluster.nodes[&id];
-                Ok(Reply::Node(Box::new(self.status(cluster, node))))
+                Ok(Reply::Node(Box::new(self.status(node))))
             }
             AdminRequest::NodeRm { nodes, force } => {
                 let state = self.state();
@@ -470,10 +474,7 @@ impl Manager {
                 for name in &nodes {
                     let id = resolve(cluster, name)?;
                     let node = &cluster.nodes[&id];
-                    if id == cluster.leader {
-                        return Err(AdminError::RemoveLeader(id));
-                    }
-                    if node.role == Role::Manager {
+                    if node.role == Role::Manager && node.active() {
                         return Err(AdminError::RemoveManager(id));
                     }
                     if self.is_up(node) && !force {
@@ -533,9 +534,6 @@ impl Manager {
         let mut ids = Vec::new();
         for name in names {
             let id = resolve(cluster, name)?;
-            if role == Role::Worker && id == cluster.leader {
-                return Err(AdminError::DemoteLeader(name.clone()));
-            }
             ids.push((name, id));
         }
         let mut lines = Vec::new();
@@ -553,7 +551,8 @@ impl Manager {
                     // A new certificate in the new role: the old one stops opening the
                     // manager API (a demotion) at once.
                     let cert = self.reissue(cluster, node, role)?;
-                    Ok((Some(Command::SetRole(id.clone(), role, cert)), ()))
+                    let reachable = self.reachable_managers(cluster);
+                    Ok((Some(Command::SetRole(id.clone(), role, cert, reachable)), ()))
                 })
                 .await?;
             lines.push(match (role, applied) {
@@ -634,9 +633,15 @@ impl Manager {
                     left: false,
                     overlay_addr: None,
                     joined_at: unix_now(),
+                    raft_id: None,
+                    api_addr: None,
+                };
+                let admission = state::Admission {
+                    exporter: *exporter,
+                    secret_proof: claim.secret_proof,
                 };
                 Ok((
-                    Some(Command::AddNode(Box::new(node))),
+                    Some(Command::Join(Box::new(node), admission)),
                     (cert, role, validity.not_after),
                 ))
             })
@@ -655,8 +660,8 @@ impl Manager {
     /// reissue, good for a watch stream only).
     fn caller(&self, digest: Option<[u8; 32]>) -> Option<(Node, bool)> {
         let digest = digest?;
-        let state = lock(&self.state);
-        state.cluster()?.nodes.values().find_map(|n| {
+        let view = self.view();
+        view.nodes.iter().find_map(|n| {
             if !n.active() {
                 None
             } else if n.cert_digest == digest {
@@ -692,7 +697,7 @@ impl Manager {
     /// Renews this node's own certificate when it is due (it signs its own: it holds the CA);
     /// returns the new one for the API's TLS configuration, if it renewed.
     pub async fn renew_own_if_due(&self, now: u64) -> Result<Option<Issued>, AdminError> {
-        let (own, not_after) = lock(&self.own_cert).clone();
+        let (own, not_after) = self.replica().own_cert();
         if !crate::trust::tls::renewal_due(not_after, self.cert_lifetime(), now) {
             return Ok(None);
         }
@@ -701,14 +706,9 @@ impl Manager {
             cert_der: issued.cert_der,
             key_pem: own.key_pem,
         };
-        *lock(&self.own_cert) = (fresh.clone(), issued.not_after);
-        // Keep the agent's record in step (it holds our certificate too), in turn with the
-        // changes, so that none writes an older record over this one.
-        let turn = self.turn.clone().lock_owned().await;
-        let membership = self.own_membership((*self.view()).clone());
-        self.commit(turn, membership, None)
-            .await
-            .map_err(|e| AdminError::Change(ChangeError::Save(e)))?;
+        // The state machine took the new certificate as this node's own when it applied the
+        // renewal (and wrote this node's record with it).
+        self.replica().set_own_cert(fresh.clone(), issued.not_after);
         Ok(Some(fresh))
     }
 
@@ -734,6 +734,10 @@ impl Manager {
 
     /// Rotates the network keys if due at `now` (unix seconds). True if it rotated.
     pub async fn rotate_keys_if_due(&self, now: u64) -> Result<bool, ChangeError> {
+        // The leader rotates; the others would only race it to the same change.
+        if !self.is_leader() {
+            return Ok(false);
+        }
         let (applied, ()) = self
             .apply_with(|state| -> Result<_, ChangeError> {
                 let cluster = state.cluster().ok_or(ChangeError::NotManager)?;
@@ -803,9 +807,10 @@ impl Manager {
     /// against the unauthenticated limit (they still must show the node's certificate, and a
     /// TCP connection cannot come from an address that does not answer).
     fn is_member_address(&self, ip: IpAddr) -> bool {
-        lock(&self.state)
-            .cluster()
-            .is_some_and(|c| c.nodes.values().any(|n| n.active() && n.addr == ip))
+        self.view()
+            .nodes
+            .iter()
+            .any(|n| n.active() && n.addr == ip)
     }
 
     /// The connection limits' counters (see [`GateStats`]).
@@ -927,6 +932,20 @@ impl Manager {
                 },
                 None => Err(not_member()),
             },
+            ManagerRequest::Raft => {
+                return match caller {
+                    Some((node, true)) if node.role == Role::Manager => {
+                        drop(ticket);
+                        raft::serve_peer(self.raft.clone(), tls)
+                            .await
+                            .map_err(|e| ServeError::Raft(e.to_string()))
+                    }
+                    _ => {
+                        let r: ManagerResponse = Err(NOT_MANAGER.into());
+                        Ok(write_frame(&mut tls, &r).await?)
+                    }
+                };
+            }
             ManagerRequest::Admin(request) => match caller {
                 Some((node, true)) if node.role == Role::Manager => self
                     .handle_admin(request, &node.id)
@@ -983,7 +1002,7 @@ impl Manager {
                 }
             }
         });
-        let mut views = self.views.subscribe();
+        let mut views = self.replica().subscribe();
         let mut current = Some(views.borrow_and_update().clone());
         let result = loop {
             if let Some(view) = current.take() {
@@ -1033,7 +1052,7 @@ impl Manager {
 
     /// Node `id`'s current certificate, as the state holds it.
     fn issued_cert(&self, id: &NodeId) -> Option<IssuedCert> {
-        let state = lock(&self.state);
+        let state = self.state();
         let node = state.cluster()?.nodes.get(id)?;
         (!node.cert_der.is_empty()).then(|| IssuedCert {
             cert_der: node.cert_der.clone(),
@@ -1212,6 +1231,7 @@ struct Session<'a> {
 impl<'a> Session<'a> {
     fn start(manager: &'a Manager, id: &NodeId) -> Self {
         *lock(&manager.sessions).entry(id.clone()).or_insert(0) += 1;
+        lock(&manager.ended).remove(id);
         Self {
             manager,
             id: id.clone(),
@@ -1226,10 +1246,17 @@ impl Drop for Session<'_> {
             *n = n.saturating_sub(1);
             if *n == 0 {
                 sessions.remove(&self.id);
+                let mut ended = lock(&self.manager.ended);
+                ended.retain(|_, t| t.elapsed() < LOST_STREAM_HOLD);
+                ended.insert(self.id.clone(), std::time::Instant::now());
             }
         }
     }
 }
+
+/// How long a node whose watch stream here ended counts as down here, unless it opens another
+/// (gossip has noticed by then).
+pub const LOST_STREAM_HOLD: Duration = Duration::from_secs(30);
 
 /// Finds a node by exact ID, then unique hostname, then unique ID prefix, as docker does.
 pub fn resolve(cluster: &Cluster, name: &str) -> Result<NodeId, AdminError> {
