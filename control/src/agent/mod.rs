@@ -1891,7 +1891,11 @@ mod tests {
             .apply(crate::manager::state::tests::init_cmd())
             .unwrap();
         let mut view = state.view().unwrap();
-        view.api_addr = api_addr;
+        for n in &mut view.nodes {
+            if n.role == Role::Manager {
+                n.api_addr = Some(api_addr);
+            }
+        }
         view.ca_cert_der = ca.cert_der.clone();
         let m = Membership {
             node_id: id,

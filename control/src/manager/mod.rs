@@ -1326,16 +1326,17 @@ mod tests {
         _dir: tempfile::TempDir,
         manager: Arc<Manager>,
         membership: Arc<MembershipCell>,
+        store: Arc<Store>,
     }
 
     async fn leader() -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).await.unwrap();
-        leader_on(dir, store)
+        leader_on(dir, store).await
     }
 
-    /// A leader whose state lives in `store` (opened in `dir`).
-    fn leader_on(dir: tempfile::TempDir, store: Store) -> Fixture {
+    /// A manager group of one whose state lives in `store` (opened in `dir`).
+    async fn leader_on(dir: tempfile::TempDir, store: Store) -> Fixture {
         let store = Arc::new(store);
         let ca: CaMaterial = generate_ca().unwrap();
         let id = NodeId::from_random(1);
@@ -1344,9 +1345,7 @@ mod tests {
         let mut leader = node(1, Role::Manager);
         leader.cert_digest = cert_digest(&own.cert_der);
         leader.public_key = crate::trust::join::public_keys(&LEADER_SECRET).0;
-        let mut state = State::default();
-        state
-            .apply(Command::Init(Box::new(Init {
+        let init = Command::Init(Box::new(Init {
                 ca,
                 leader,
                 api_addr: "127.0.0.1:2377".parse().unwrap(),
@@ -1365,23 +1364,27 @@ mod tests {
                     vteps: Vec::new(),
                 },
                 at: 1000,
-            })))
-            .unwrap();
+            }));
         let membership = MembershipCell::new(None);
-        let manager = Manager::new(
+        let manager = Manager::start(
             id,
+            1,
             "127.0.0.1:2377".parse().unwrap(),
             (own, validity.not_after),
             LEADER_SECRET,
-            state,
-            store,
+            State::default(),
+            store.clone(),
             membership.clone(),
+            true,
         )
+        .await
         .unwrap();
+        manager.apply(init).await.unwrap();
         Fixture {
             _dir: dir,
             manager,
             membership,
+            store,
         }
     }
 
@@ -1766,8 +1769,7 @@ mod tests {
         );
         assert_eq!(keys.next_rotation(), 1200);
         assert_eq!(
-            f.manager
-                .store
+            f.store
                 .manager(State::from_record)
                 .await
                 .unwrap()
@@ -1798,7 +1800,7 @@ mod tests {
         let state = f.manager.state();
         assert_eq!(state.version, v + 20);
         assert_eq!(
-            f.manager.store.manager(State::from_record).await.unwrap(),
+            f.store.manager(State::from_record).await.unwrap(),
             Some(state.clone())
         );
         assert_eq!(f.membership.get().unwrap().view.version, state.version);
@@ -1813,7 +1815,7 @@ mod tests {
         let store = Store::open_slow(dir.path(), Duration::from_millis(200))
             .await
             .unwrap();
-        let f = leader_on(dir, store);
+        let f = leader_on(dir, store).await;
         let v = f.manager.state().version;
         let mut change = Box::pin(f.manager.apply(rotate_secret(1)));
         let first = std::future::poll_fn(|cx| {
@@ -1827,7 +1829,7 @@ mod tests {
         let state = f.manager.state();
         assert_eq!(state.version, v + 2);
         assert_eq!(
-            f.manager.store.manager(State::from_record).await.unwrap(),
+            f.store.manager(State::from_record).await.unwrap(),
             Some(state)
         );
     }
@@ -1838,7 +1840,7 @@ mod tests {
     async fn a_failed_write_changes_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let (store, failing) = Store::open_failing(dir.path()).await.unwrap();
-        let f = leader_on(dir, store);
+        let f = leader_on(dir, store).await;
         f.manager.apply(rotate_secret(1)).await.unwrap();
         let (state, view, record) = (
             f.manager.state(),
@@ -1978,7 +1980,7 @@ mod tests {
     ) -> Lateness {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open_slow(dir.path(), sync_delay).await.unwrap();
-        let f = leader_on(dir, store);
+        let f = leader_on(dir, store).await;
         let gossip = gossip_pair().await;
         let stats = || async {
             let a = gossip[0].stats().await.unwrap();

@@ -717,6 +717,8 @@ pub(crate) mod tests {
             left: false,
             overlay_addr: None,
             joined_at: 1000 + n as u64,
+            raft_id: None,
+            api_addr: None,
         }
     }
 
@@ -752,6 +754,11 @@ pub(crate) mod tests {
         s
     }
 
+    /// Every test node reachable.
+    fn up() -> BTreeSet<NodeId> {
+        (1..=9).map(id).collect()
+    }
+
     /// Applies a command that must be refused and checks nothing moved.
     fn refused(s: &mut State, cmd: Command, want: ApplyError) {
         let before = s.clone();
@@ -764,8 +771,10 @@ pub(crate) mod tests {
         let s = initialized();
         assert_eq!(s.version, 1);
         let c = s.cluster().unwrap();
-        assert_eq!(c.leader, id(1));
         assert_eq!(c.nodes[&id(1)].role, Role::Manager);
+        // The first manager is Raft ID 1; who leads is Raft's to say, not the state's.
+        assert_eq!(c.nodes[&id(1)].raft_id, Some(1));
+        assert_eq!(c.next_raft_id, 2);
         assert_eq!(c.keys.gossip.len(), 1);
         assert_eq!(c.keys.next_rotation(), 1000 + 43_200);
         assert_eq!(
@@ -802,7 +811,7 @@ pub(crate) mod tests {
         refused(
             &mut s,
             Command::Init(init),
-            ApplyError::BadSecret(crate::token::TokenError::SecretLength(3)),
+            ApplyError::BadSecret(crate::token::TokenError::SecretLength(3).to_string()),
         );
     }
 
@@ -812,7 +821,7 @@ pub(crate) mod tests {
         for cmd in [
             Command::AddNode(Box::new(node(2, Role::Worker))),
             Command::RemoveNode(id(2)),
-            Command::SetRole(id(2), Role::Manager, cert(2)),
+            Command::SetRole(id(2), Role::Manager, cert(2), up()),
             Command::MarkLeft(id(2)),
             Command::RotateSecret(Role::Worker, Secret::from_random(1).as_str().into()),
             Command::RotateKeys {
@@ -848,7 +857,7 @@ pub(crate) mod tests {
         refused(
             &mut s,
             Command::RemoveNode(id(1)),
-            ApplyError::RemoveLeader(id(1)),
+            ApplyError::RemoveManager(id(1)),
         );
     }
 
@@ -862,9 +871,136 @@ pub(crate) mod tests {
             Command::RemoveNode(id(3)),
             ApplyError::RemoveManager(id(3)),
         );
-        s.apply(Command::SetRole(id(3), Role::Worker, cert(3)))
+        s.apply(Command::SetRole(id(3), Role::Worker, cert(3), up()))
             .unwrap();
         assert_eq!(s.apply(Command::RemoveNode(id(3))), Ok(Applied::Changed));
+    }
+
+    #[test]
+    fn raft_ids_are_handed_out_once_and_never_reused() {
+        let mut s = initialized();
+        s.apply(Command::AddNode(Box::new(node(2, Role::Manager))))
+            .unwrap();
+        s.apply(Command::AddNode(Box::new(node(3, Role::Worker))))
+            .unwrap();
+        let c = s.cluster().unwrap();
+        assert_eq!(c.nodes[&id(2)].raft_id, Some(2));
+        assert_eq!(c.nodes[&id(3)].raft_id, None);
+        assert_eq!(
+            c.nodes[&id(2)].api_addr,
+            Some("198.18.0.2:2377".parse().unwrap())
+        );
+        // Demoted, then promoted again: a new Raft ID, not its old one.
+        s.apply(Command::SetRole(id(2), Role::Worker, cert(2), up()))
+            .unwrap();
+        assert_eq!(s.cluster().unwrap().nodes[&id(2)].raft_id, None);
+        s.apply(Command::SetRole(id(2), Role::Manager, cert(5), up()))
+            .unwrap();
+        s.apply(Command::SetRole(id(3), Role::Manager, cert(3), up()))
+            .unwrap();
+        let c = s.cluster().unwrap();
+        assert_eq!(c.nodes[&id(2)].raft_id, Some(3));
+        assert_eq!(c.nodes[&id(3)].raft_id, Some(4));
+        // A manager that leaves is out of the Raft group.
+        s.apply(Command::MarkLeft(id(3))).unwrap();
+        assert_eq!(s.cluster().unwrap().nodes[&id(3)].raft_id, None);
+    }
+
+    #[test]
+    fn a_demotion_that_breaks_quorum_is_refused_inside_apply() {
+        let mut s = initialized();
+        for n in [2, 3] {
+            s.apply(Command::AddNode(Box::new(node(n, Role::Manager))))
+                .unwrap();
+        }
+        // 3 managers, 3 reachable: demoting one leaves 2 of 2 reachable.
+        // 3 managers, 1 and 2 reachable (3 is down): demoting 2 leaves 1 of 2: no quorum.
+        let seen: BTreeSet<NodeId> = [id(1), id(2)].into();
+        refused(
+            &mut s,
+            Command::SetRole(id(2), Role::Worker, cert(2), seen.clone()),
+            ApplyError::Quorum {
+                reachable: 1,
+                left: 2,
+                quorum: 2,
+            },
+        );
+        // Demoting the down one keeps 2 of 2.
+        s.apply(Command::SetRole(id(3), Role::Worker, cert(3), seen))
+            .unwrap();
+        s.apply(Command::SetRole(id(2), Role::Worker, cert(2), up()))
+            .unwrap();
+        refused(
+            &mut s,
+            Command::SetRole(id(1), Role::Worker, cert(1), up()),
+            ApplyError::DemoteLast(id(1)),
+        );
+    }
+
+    #[test]
+    fn a_join_that_raced_a_rotation_does_not_commit() {
+        let mut s = initialized();
+        let exporter = [7u8; 32];
+        let old = s.cluster().unwrap().worker_secret.clone();
+        let proof = crate::trust::join::secret_proof(&old, &exporter);
+        let admission = Admission {
+            exporter,
+            secret_proof: proof,
+        };
+        // The rotation commits first; the join proved the old secret.
+        let new = Secret::from_random(42).as_str().to_owned();
+        s.apply(Command::RotateSecret(Role::Worker, new)).unwrap();
+        refused(
+            &mut s,
+            Command::Join(Box::new(node(2, Role::Worker)), admission.clone()),
+            ApplyError::InvalidSecret,
+        );
+        // A manager's secret does not admit a worker record, nor the reverse.
+        let manager = s.cluster().unwrap().manager_secret.clone();
+        let as_manager = Admission {
+            exporter,
+            secret_proof: crate::trust::join::secret_proof(&manager, &exporter),
+        };
+        refused(
+            &mut s,
+            Command::Join(Box::new(node(2, Role::Worker)), as_manager.clone()),
+            ApplyError::InvalidSecret,
+        );
+        assert_eq!(
+            s.apply(Command::Join(Box::new(node(2, Role::Manager)), as_manager)),
+            Ok(Applied::Changed)
+        );
+    }
+
+    #[test]
+    fn a_state_from_before_raft_gets_raft_ids() {
+        let mut s = initialized();
+        s.apply(Command::AddNode(Box::new(node(2, Role::Worker))))
+            .unwrap();
+        s.apply(Command::SetRole(id(2), Role::Manager, cert(2), up()))
+            .unwrap();
+        // As an agent before Raft wrote it: `leader` and `api_addr` in the cluster, no Raft IDs.
+        let mut json: serde_json::Value = serde_json::from_slice(&s.to_record().unwrap()).unwrap();
+        let c = &mut json["v1"]["cluster"];
+        c["leader"] = serde_json::to_value(id(1)).unwrap();
+        c["api_addr"] = "198.18.0.1:2400".into();
+        c.as_object_mut().unwrap().remove("next_raft_id");
+        for n in c["nodes"].as_object_mut().unwrap().values_mut() {
+            n.as_object_mut().unwrap().remove("raft_id");
+            n.as_object_mut().unwrap().remove("api_addr");
+        }
+        let old = State::from_record(&serde_json::to_vec(&json).unwrap()).unwrap();
+        let c = old.cluster().unwrap();
+        assert_eq!(c.nodes[&id(1)].raft_id, Some(1));
+        assert_eq!(
+            c.nodes[&id(1)].api_addr,
+            Some("198.18.0.1:2400".parse().unwrap())
+        );
+        assert_eq!(c.nodes[&id(2)].raft_id, Some(2));
+        assert_eq!(c.next_raft_id, 3);
+        // Written again, the old fields are gone.
+        let again = String::from_utf8(old.to_record().unwrap()).unwrap();
+        assert!(!again.contains("\"leader\""), "{again}");
     }
 
     #[test]
@@ -874,33 +1010,33 @@ pub(crate) mod tests {
             .unwrap();
         let v = s.version;
         assert_eq!(
-            s.apply(Command::SetRole(id(2), Role::Manager, cert(2))),
+            s.apply(Command::SetRole(id(2), Role::Manager, cert(2), up())),
             Ok(Applied::Changed)
         );
         assert_eq!(s.version, v + 1);
         assert_eq!(
-            s.apply(Command::SetRole(id(2), Role::Manager, cert(2))),
+            s.apply(Command::SetRole(id(2), Role::Manager, cert(2), up())),
             Ok(Applied::Unchanged)
         );
         assert_eq!(s.version, v + 1);
         assert_eq!(
-            s.apply(Command::SetRole(id(2), Role::Worker, cert(2))),
+            s.apply(Command::SetRole(id(2), Role::Worker, cert(2), up())),
             Ok(Applied::Changed)
         );
         assert_eq!(s.cluster().unwrap().nodes[&id(2)].role, Role::Worker);
         refused(
             &mut s,
-            Command::SetRole(id(1), Role::Worker, cert(1)),
-            ApplyError::DemoteLeader(id(1)),
+            Command::SetRole(id(1), Role::Worker, cert(1), up()),
+            ApplyError::DemoteLast(id(1)),
         );
         refused(
             &mut s,
-            Command::SetRole(id(9), Role::Manager, cert(9)),
+            Command::SetRole(id(9), Role::Manager, cert(9), up()),
             ApplyError::NoSuchNode(id(9)),
         );
         // Promoting the leader is a no-op.
         assert_eq!(
-            s.apply(Command::SetRole(id(1), Role::Manager, cert(1))),
+            s.apply(Command::SetRole(id(1), Role::Manager, cert(1), up())),
             Ok(Applied::Unchanged)
         );
     }
@@ -951,7 +1087,7 @@ pub(crate) mod tests {
         s.apply(Command::AddNode(Box::new(node(2, Role::Worker))))
             .unwrap();
         let old = s.cluster().unwrap().nodes[&id(2)].cert_digest;
-        s.apply(Command::SetRole(id(2), Role::Manager, cert(7)))
+        s.apply(Command::SetRole(id(2), Role::Manager, cert(7), up()))
             .unwrap();
         let n = &s.cluster().unwrap().nodes[&id(2)];
         assert_eq!(
@@ -1024,7 +1160,7 @@ pub(crate) mod tests {
         refused(
             &mut s,
             Command::RotateSecret(Role::Manager, "zz".into()),
-            ApplyError::BadSecret(crate::token::TokenError::SecretLength(2)),
+            ApplyError::BadSecret(crate::token::TokenError::SecretLength(2).to_string()),
         );
     }
 
@@ -1097,7 +1233,7 @@ pub(crate) mod tests {
             init_cmd(),
             Command::AddNode(Box::new(node(2, Role::Worker))),
             Command::AddNode(Box::new(node(3, Role::Worker))),
-            Command::SetRole(id(2), Role::Manager, cert(2)),
+            Command::SetRole(id(2), Role::Manager, cert(2), up()),
             Command::RotateSecret(Role::Worker, Secret::from_random(5).as_str().into()),
             Command::RotateKeys {
                 gossip_key: [2; 32],
