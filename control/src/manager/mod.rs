@@ -1379,6 +1379,14 @@ mod tests {
         )
         .await
         .unwrap();
+        // A group of one elects itself; then `init` commits.
+        manager
+            .raft()
+            .raft
+            .wait(Some(Duration::from_secs(20)))
+            .current_leader(1, "the group of one elected itself")
+            .await
+            .unwrap();
         manager.apply(init).await.unwrap();
         Fixture {
             _dir: dir,
@@ -1694,10 +1702,15 @@ mod tests {
             nodes: vec!["w".into()],
             force,
         };
-        // Gossip alone is not enough: without a watch stream the node is down and goes.
+        // A node follows one manager; the others know it is up from gossip alone...
         let first = join(&f.manager, 11, "w").await.unwrap();
         f.manager
             .set_gossip_up(Some(Arc::new(HashSet::from([first.node_id.clone()]))));
+        let err = f.manager.handle_admin(rm(false), &me).await.unwrap_err();
+        assert!(err.to_string().contains("is not down"), "{err}");
+        // ...but one whose watch stream here just ended is down here at once, before gossip
+        // notices, and goes.
+        drop(Session::start(&f.manager, &first.node_id));
         assert!(f.manager.handle_admin(rm(false), &me).await.is_ok());
         // A watch stream and gossip: up, so refused without --force.
         let grant = join(&f.manager, 11, "w").await.unwrap();
@@ -1739,7 +1752,7 @@ mod tests {
             Reply::Lines(vec![grant.node_id.to_string()])
         );
         drop(session);
-        // The leader itself.
+        // A manager (the only one).
         let err = f
             .manager
             .handle_admin(
@@ -1752,7 +1765,7 @@ mod tests {
             .await
             .unwrap_err()
             .to_string();
-        assert!(err.contains("leader"), "{err}");
+        assert!(err.contains("must be demoted to worker before removal"), "{err}");
     }
 
     #[tokio::test]
@@ -1835,7 +1848,8 @@ mod tests {
     }
 
     /// A change the store cannot save changes nothing: not the state, the view, nor this
-    /// node's record.
+    /// node's record. (openraft stops a member whose storage fails: the other managers carry
+    /// on without it; a group of one has no leader until it is restarted.)
     #[tokio::test]
     async fn a_failed_write_changes_nothing() {
         let dir = tempfile::tempdir().unwrap();
@@ -1849,11 +1863,8 @@ mod tests {
         );
         failing.store(true, std::sync::atomic::Ordering::Relaxed);
         let err = f.manager.apply(rotate_secret(2)).await.unwrap_err();
-        assert!(matches!(err, ChangeError::Save(_)), "{err}");
-        assert!(matches!(
-            f.manager.rotate_keys_if_due(1100).await,
-            Err(ChangeError::Save(_))
-        ));
+        assert!(matches!(err, ChangeError::NoLeader), "{err}");
+        assert!(!f.manager.rotate_keys_if_due(1100).await.unwrap_or(false));
         assert_eq!(f.manager.state(), state);
         assert_eq!(f.manager.view(), view);
         assert_eq!(f.membership.get().unwrap(), record);
@@ -2049,12 +2060,14 @@ mod tests {
     }
 
     /// The manager's store commits do not hold up gossip's timers on the agent's runtime (two
-    /// workers), even on a disk whose every sync takes 200 ms: no timer fires half a probe
+    /// workers), even on a disk whose every sync takes 300 ms: no timer fires half a probe
     /// period late (which would raise Lifeguard's local health, then slow this node's probes
     /// and make it distrust its own observations).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn gossip_keeps_time_while_the_manager_commits_on_a_slow_disk() {
-        const SLOW_SYNC_MS: u64 = 700;
+        // Slow, but a Raft commit (the log append, then the apply: two syncs) still fits in
+        // the proposal timeout.
+        const SLOW_SYNC_MS: u64 = 300;
         let l = gossip_during_commits(
             Duration::from_millis(SLOW_SYNC_MS),
             3,

@@ -255,20 +255,6 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .await
     }
 
-    async fn save_committed(&mut self, committed: Option<LogId<u64>>) -> StorageResult<()> {
-        self.put(RaftKey::Committed, &committed, |e| {
-            StorageIOError::write_logs(&e)
-        })
-        .await
-    }
-
-    async fn read_committed(&mut self) -> StorageResult<Option<LogId<u64>>> {
-        Ok(self
-            .record::<Option<LogId<u64>>>(RaftKey::Committed, |e| StorageIOError::read_logs(&e))
-            .await?
-            .flatten())
-    }
-
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StorageResult<()>
     where
         I: IntoIterator<Item = Entry<TypeConfig>> + Send,
