@@ -484,7 +484,11 @@ impl Reconciler {
     /// the node follows a manager's watch stream like any worker.
     async fn follow_role(&mut self, m: &Membership) {
         let own = m.view.node(&m.node_id);
-        let manager = own.is_some_and(|n| n.role == Role::Manager && n.active() && n.raft_id.is_some());
+        // A manager once the view says so and this node holds the certificate the view names
+        // (the manager certificate arrives on the watch stream just after the view).
+        let holds_cert = own.is_some_and(|n| n.cert_digest == crate::trust::tls::cert_digest(&m.cert_der));
+        let manager = holds_cert
+            && own.is_some_and(|n| n.role == Role::Manager && n.active() && n.raft_id.is_some());
         match (manager, self.manager.is_some()) {
             (true, false) => {
                 let Some(listen) = m.listen_addr.or_else(|| own.and_then(|n| n.api_addr)) else {
