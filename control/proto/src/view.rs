@@ -118,7 +118,8 @@ pub struct NodeV1 {
     pub overlay_addr: Option<Ipv4Addr>,
     /// Unix time the node joined.
     pub joined_at: u64,
-    /// A manager's Raft ID.
+    /// A manager's Raft ID. Optional, and the one exception to "every field is required":
+    /// views from managers before Raft have none (their one manager is `leader`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub raft_id: Option<u64>,
     /// A manager's API address.
@@ -209,6 +210,8 @@ mod tests {
                 left: false,
                 overlay_addr: Some("198.19.0.2".parse().unwrap()),
                 joined_at: 5,
+                raft_id: Some(1),
+                api_addr: Some("198.18.0.1:2377".parse().unwrap()),
             }],
             keys: KeysV1 {
                 gossip: vec![KeyV1 {

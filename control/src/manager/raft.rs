@@ -25,6 +25,9 @@
 //! Raft IDs are u64 the state machine hands out (`Cluster::next_raft_id`), never reused, apart
 //! from node IDs. Who leads comes from Raft only, never from the replicated state.
 
+// openraft's storage and network traits return its error types by value; they are large.
+#![allow(clippy::result_large_err)]
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Display;
 use std::io::Cursor;
@@ -338,6 +341,7 @@ impl std::fmt::Debug for Replica {
 impl Replica {
     /// The replica of node `self_id` (Raft ID `raft_id`), starting from what the store holds
     /// (`state`, maybe empty on a manager that has just joined) and `view` (the membership's).
+    #[allow(clippy::too_many_arguments)]
     pub async fn open(
         self_id: NodeId,
         raft_id: u64,
