@@ -395,10 +395,15 @@ impl Manager {
     fn status(&self, node: &Node) -> NodeStatus {
         let up = self.is_up(node);
         let leader = self.raft.leader();
+        // Reachable: a voter of the Raft group that answered lately. A manager still catching
+        // up (a learner) is not yet part of any quorum.
+        let voters = self.raft.voters();
         let manager_status = match (node.role, node.raft_id) {
             (Role::Worker, _) => None,
             (Role::Manager, Some(r)) if Some(r) == leader => Some(ManagerStatus::Leader),
-            (Role::Manager, Some(r)) if self.raft.reachable(r) => Some(ManagerStatus::Reachable),
+            (Role::Manager, Some(r)) if voters.contains(&r) && self.raft.reachable(r) => {
+                Some(ManagerStatus::Reachable)
+            }
             (Role::Manager, _) => Some(ManagerStatus::Unreachable),
         };
         NodeStatus {
