@@ -863,6 +863,7 @@ fn managers_elect_a_new_leader_and_refuse_without_quorum() {
     let rotated = rotated.unwrap_or_else(|| {
         for n in &nodes[1..3] {
             let log = std::fs::read_to_string(n.dir.with_extension("log")).unwrap_or_default();
+            let _ = std::fs::write(format!("/tmp/r/fail-{}.log", n.name), &log);
             let tail: Vec<&str> = log
                 .lines()
                 .filter(|l| {

@@ -1179,6 +1179,7 @@ impl Node {
 async fn elector(node: std::sync::Weak<Node>) {
     let mut wait = draw();
     let mut since = Instant::now();
+    let mut vote = None;
     loop {
         tokio::time::sleep(Duration::from_millis(50)).await;
         let Some(node) = node.upgrade() else { return };
@@ -1188,7 +1189,11 @@ async fn elector(node: std::sync::Weak<Node>) {
             .membership()
             .voter_ids()
             .any(|id| id == node.replica.raft_id);
-        if !voter || m.state == openraft::ServerState::Leader {
+        // A vote granted (or a term seen) is an election under way: let it finish before
+        // calling another, or two candidates undo each other's wins forever.
+        let changed = vote.as_ref() != Some(&m.vote);
+        vote = Some(m.vote);
+        if !voter || changed || m.state == openraft::ServerState::Leader {
             since = Instant::now();
             continue;
         }
