@@ -257,12 +257,7 @@ impl ClusterView {
             .managers()
             .first()
             .map(|(id, addr)| ((*id).clone(), *addr))
-            .unwrap_or_else(|| {
-                (
-                    NodeId::from_random(0),
-                    SocketAddr::from(([0, 0, 0, 0], 0)),
-                )
-            });
+            .unwrap_or_else(|| (NodeId::from_random(0), SocketAddr::from(([0, 0, 0, 0], 0))));
         View::V1(wire::ViewV1 {
             version: self.version,
             leader,

@@ -827,11 +827,26 @@ fn certificates_are_renewed_before_they_expire() {
 fn managers_elect_a_new_leader_and_refuse_without_quorum() {
     let (_root, mut nodes) = cluster(&["m1", "m2", "m3", "w1", "w2"]);
     let init_out = init(&nodes[0]);
-    let manager_token = nodes[0].ok(&["join-token", "-q", "manager"]).trim().to_owned();
+    let manager_token = nodes[0]
+        .ok(&["join-token", "-q", "manager"])
+        .trim()
+        .to_owned();
     let addr = format!("{}:2377", nodes[0].ip);
     for n in &nodes[1..3] {
-        let out = join(n, &["join".into(), "--token".into(), manager_token.clone(), addr.clone()]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = join(
+            n,
+            &[
+                "join".into(),
+                "--token".into(),
+                manager_token.clone(),
+                addr.clone(),
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     assert!(join(&nodes[3], &join_command(&init_out)).status.success());
     let status = |n: &Node, host: &str| rows(n).into_iter().find(|r| r.0 == host).map(|r| r.2);
@@ -873,7 +888,11 @@ fn managers_elect_a_new_leader_and_refuse_without_quorum() {
                         || l.contains("ERROR")
                 })
                 .collect();
-            eprintln!("--- {} ---\n{}", n.name, tail[tail.len().saturating_sub(40)..].join("\n"));
+            eprintln!(
+                "--- {} ---\n{}",
+                n.name,
+                tail[tail.len().saturating_sub(40)..].join("\n")
+            );
         }
         panic!("a rotation commits after the leader died")
     });
@@ -885,10 +904,17 @@ fn managers_elect_a_new_leader_and_refuse_without_quorum() {
         status(&nodes[2], "m1").as_deref() == Some("Unreachable")
     });
     // A new worker joins through a surviving manager, with the rotated token.
-    let token = nodes[2].ok(&["join-token", "-q", "worker"]).trim().to_owned();
+    let token = nodes[2]
+        .ok(&["join-token", "-q", "worker"])
+        .trim()
+        .to_owned();
     let via = format!("{}:2377", nodes[2].ip);
     let out = join(&nodes[4], &["join".into(), "--token".into(), token, via]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     wait_until(Duration::from_secs(10), || {
         status_of(&nodes[1], "w2").as_deref() == Some("Ready")
     });
@@ -909,13 +935,21 @@ fn managers_elect_a_new_leader_and_refuse_without_quorum() {
     });
 
     // Two of three managers gone: docker's line, within 2 s, for every admin write.
-    let (survivor, others) = if new_leader == "m2" { (2, [0, 1]) } else { (1, [0, 2]) };
+    let (survivor, others) = if new_leader == "m2" {
+        (2, [0, 1])
+    } else {
+        (1, [0, 2])
+    };
     for i in others {
         nodes[i].kill9();
     }
     let asked = Instant::now();
     let err = nodes[survivor].fails(&["join-token", "--rotate", "worker"]);
-    assert!(asked.elapsed() < Duration::from_millis(2500), "{:?}", asked.elapsed());
+    assert!(
+        asked.elapsed() < Duration::from_millis(2500),
+        "{:?}",
+        asked.elapsed()
+    );
     assert_eq!(
         err,
         "Error response from daemon: The swarm does not have a leader. It's possible that too few managers are online. Make sure more than half of the managers are online."

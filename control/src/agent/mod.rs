@@ -932,7 +932,11 @@ impl Agent {
                 self.membership.set(None);
                 let _ = self
                     .store
-                    .write(&[Write::ClearManager, Write::ClearRaft, Write::ClearMembership])
+                    .write(&[
+                        Write::ClearManager,
+                        Write::ClearRaft,
+                        Write::ClearMembership,
+                    ])
                     .await;
                 return Err(InitError::Start(Box::new(e)));
             }
@@ -1100,7 +1104,11 @@ impl Agent {
         }
         self.reconciler.stop().await;
         self.store
-            .write(&[Write::ClearMembership, Write::ClearManager, Write::ClearRaft])
+            .write(&[
+                Write::ClearMembership,
+                Write::ClearManager,
+                Write::ClearRaft,
+            ])
             .await?;
         self.membership.set(None);
         info!(node = %m.node_id, "left the swarm");
@@ -1398,7 +1406,9 @@ async fn connect_member(m: &Membership) -> Result<(TlsStream<TcpStream>, SocketA
         .filter(|(id, _)| **id != m.node_id)
         .map(|(id, a)| (id.clone(), a))
         .collect();
-    let last = *LAST_GOOD.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let last = *LAST_GOOD
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     if let Some(i) = managers.iter().position(|(_, a)| Some(*a) == last) {
         managers.rotate_left(i);
     }
@@ -1406,7 +1416,9 @@ async fn connect_member(m: &Membership) -> Result<(TlsStream<TcpStream>, SocketA
     for (id, addr) in managers {
         match connect_manager(m, &id, addr).await {
             Ok(tls) => {
-                *LAST_GOOD.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(addr);
+                *LAST_GOOD
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(addr);
                 return Ok((tls, addr));
             }
             Err(e) => error = e,

@@ -486,7 +486,8 @@ impl Reconciler {
         let own = m.view.node(&m.node_id);
         // A manager once the view says so and this node holds the certificate the view names
         // (the manager certificate arrives on the watch stream just after the view).
-        let holds_cert = own.is_some_and(|n| n.cert_digest == crate::trust::tls::cert_digest(&m.cert_der));
+        let holds_cert =
+            own.is_some_and(|n| n.cert_digest == crate::trust::tls::cert_digest(&m.cert_der));
         let manager = holds_cert
             && own.is_some_and(|n| n.role == Role::Manager && n.active() && n.raft_id.is_some());
         match (manager, self.manager.is_some()) {

@@ -453,11 +453,8 @@ impl Manager {
             AdminRequest::NodeLs => {
                 let state = self.state();
                 let cluster = state.cluster().ok_or(ChangeError::NotManager)?;
-                let mut nodes: Vec<NodeStatus> = cluster
-                    .nodes
-                    .values()
-                    .map(|n| self.status(n))
-                    .collect();
+                let mut nodes: Vec<NodeStatus> =
+                    cluster.nodes.values().map(|n| self.status(n)).collect();
                 nodes.sort_by(|a, b| (&a.hostname, &a.id).cmp(&(&b.hostname, &b.id)));
                 Ok(Reply::Nodes {
                     self_id: Some(caller.clone()),
@@ -557,7 +554,10 @@ impl Manager {
                     // manager API (a demotion) at once.
                     let cert = self.reissue(cluster, node, role)?;
                     let reachable = self.reachable_managers(cluster);
-                    Ok((Some(Command::SetRole(id.clone(), role, cert, reachable)), ()))
+                    Ok((
+                        Some(Command::SetRole(id.clone(), role, cert, reachable)),
+                        (),
+                    ))
                 })
                 .await?;
             lines.push(match (role, applied) {
@@ -812,10 +812,7 @@ impl Manager {
     /// against the unauthenticated limit (they still must show the node's certificate, and a
     /// TCP connection cannot come from an address that does not answer).
     fn is_member_address(&self, ip: IpAddr) -> bool {
-        self.view()
-            .nodes
-            .iter()
-            .any(|n| n.active() && n.addr == ip)
+        self.view().nodes.iter().any(|n| n.active() && n.addr == ip)
     }
 
     /// The connection limits' counters (see [`GateStats`]).
@@ -1351,25 +1348,25 @@ mod tests {
         leader.cert_digest = cert_digest(&own.cert_der);
         leader.public_key = crate::trust::join::public_keys(&LEADER_SECRET).0;
         let init = Command::Init(Box::new(Init {
-                ca,
-                leader,
-                api_addr: "127.0.0.1:2377".parse().unwrap(),
-                worker_secret: Secret::from_random(11).as_str().into(),
-                manager_secret: Secret::from_random(22).as_str().into(),
-                gossip_key: [1; 32],
-                data_path_key: [2; 32],
-                key_interval_secs: 100,
-                cert_expiry_secs: crate::trust::tls::DEFAULT_CERT_EXPIRY.as_secs(),
-                ingress: Network {
-                    name: "ingress".into(),
-                    vni: 4096,
-                    subnet: "198.19.0.0/24".into(),
-                    encrypted: true,
-                    data_path_port: 4789,
-                    vteps: Vec::new(),
-                },
-                at: 1000,
-            }));
+            ca,
+            leader,
+            api_addr: "127.0.0.1:2377".parse().unwrap(),
+            worker_secret: Secret::from_random(11).as_str().into(),
+            manager_secret: Secret::from_random(22).as_str().into(),
+            gossip_key: [1; 32],
+            data_path_key: [2; 32],
+            key_interval_secs: 100,
+            cert_expiry_secs: crate::trust::tls::DEFAULT_CERT_EXPIRY.as_secs(),
+            ingress: Network {
+                name: "ingress".into(),
+                vni: 4096,
+                subnet: "198.19.0.0/24".into(),
+                encrypted: true,
+                data_path_port: 4789,
+                vteps: Vec::new(),
+            },
+            at: 1000,
+        }));
         let membership = MembershipCell::new(None);
         let manager = Manager::start(
             id,
@@ -1770,7 +1767,10 @@ mod tests {
             .await
             .unwrap_err()
             .to_string();
-        assert!(err.contains("must be demoted to worker before removal"), "{err}");
+        assert!(
+            err.contains("must be demoted to worker before removal"),
+            "{err}"
+        );
     }
 
     #[tokio::test]
@@ -1787,11 +1787,7 @@ mod tests {
         );
         assert_eq!(keys.next_rotation(), 1200);
         assert_eq!(
-            f.store
-                .manager(State::from_record)
-                .await
-                .unwrap()
-                .unwrap(),
+            f.store.manager(State::from_record).await.unwrap().unwrap(),
             f.manager.state()
         );
     }

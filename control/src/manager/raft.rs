@@ -899,7 +899,8 @@ impl RaftNetwork<TypeConfig> for PeerClient {
                 PeerError::Broken { .. } => RPCError::Network(NetworkError::new(&e)),
             })?;
         let decoded: Result<InstallSnapshotResponse<u64>, RaftError<u64, InstallSnapshotError>> =
-            serde_json::from_slice(&answer).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+            serde_json::from_slice(&answer)
+                .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         decoded.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 
@@ -1200,7 +1201,10 @@ async fn elector(node: std::sync::Weak<Node>) {
         let heard = *lock(&node.replica.heard_leader);
         let quiet = heard.elapsed().min(since.elapsed());
         if quiet >= wait {
-            debug!(raft_id = node.replica.raft_id, "no leader heard: calling an election");
+            debug!(
+                raft_id = node.replica.raft_id,
+                "no leader heard: calling an election"
+            );
             let _ = node.raft.trigger().elect().await;
             since = Instant::now();
             wait = draw();

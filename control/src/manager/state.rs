@@ -343,7 +343,8 @@ impl State {
                 return Err(ApplyError::ZeroInterval);
             }
             for secret in [&init.worker_secret, &init.manager_secret] {
-                crate::token::Token::parse_secret(secret).map_err(|e| ApplyError::BadSecret(e.to_string()))?;
+                crate::token::Token::parse_secret(secret)
+                    .map_err(|e| ApplyError::BadSecret(e.to_string()))?;
             }
             let Init {
                 ca,
@@ -445,7 +446,8 @@ impl State {
                 node.raft_id = None;
                 if node.role == Role::Manager {
                     node.raft_id = Some(cluster.take_raft_id());
-                    node.api_addr = Some(node.api_addr.unwrap_or_else(|| default_api_addr(node.addr)));
+                    node.api_addr =
+                        Some(node.api_addr.unwrap_or_else(|| default_api_addr(node.addr)));
                 }
                 cluster.nodes.insert(node.id.clone(), *node);
                 Ok(Applied::Changed)
@@ -557,7 +559,8 @@ impl State {
                 Ok(Applied::Changed)
             }
             Command::RotateSecret(role, secret) => {
-                crate::token::Token::parse_secret(&secret).map_err(|e| ApplyError::BadSecret(e.to_string()))?;
+                crate::token::Token::parse_secret(&secret)
+                    .map_err(|e| ApplyError::BadSecret(e.to_string()))?;
                 let slot = match role {
                     Role::Worker => &mut cluster.worker_secret,
                     Role::Manager => &mut cluster.manager_secret,
