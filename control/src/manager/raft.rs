@@ -325,6 +325,9 @@ pub struct Replica {
     views: watch::Sender<Arc<ClusterView>>,
     /// When an RPC to each peer last succeeded.
     reach: Mutex<HashMap<u64, Instant>>,
+    /// Idle connections to peers, reused by the next client (openraft makes a new client for
+    /// every election's vote requests: a TLS handshake each time would eat the vote's deadline).
+    pool: Mutex<HashMap<u64, Vec<TlsStream<TcpStream>>>>,
     /// When a leader's append last arrived here.
     heard_leader: Mutex<Instant>,
 }
@@ -374,6 +377,7 @@ impl Replica {
             applied: Mutex::new(applied),
             views,
             reach: Mutex::new(HashMap::new()),
+            pool: Mutex::new(HashMap::new()),
             heard_leader: Mutex::new(Instant::now()),
         }))
     }
@@ -702,12 +706,30 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     }
 }
 
-/// One connection to one peer, opened when first needed and again after it broke.
+/// One connection to one peer, taken from the pool or opened when first needed, and again
+/// after it broke; back to the pool when the client goes, unless a request was cut off on it
+/// (its answer would reach the next user).
 pub struct PeerClient {
     replica: Arc<Replica>,
     target: u64,
     peer: Peer,
     conn: Option<TlsStream<TcpStream>>,
+    in_flight: bool,
+}
+
+/// Idle connections kept per peer at most.
+const POOL_PER_PEER: usize = 4;
+
+impl Drop for PeerClient {
+    fn drop(&mut self) {
+        if let (Some(conn), false) = (self.conn.take(), self.in_flight) {
+            let mut pool = lock(&self.replica.pool);
+            let idle = pool.entry(self.target).or_default();
+            if idle.len() < POOL_PER_PEER {
+                idle.push(conn);
+            }
+        }
+    }
 }
 
 impl PeerClient {
@@ -718,6 +740,7 @@ impl PeerClient {
             target,
             peer,
             conn: None,
+            in_flight: false,
         }
     }
 
@@ -761,7 +784,13 @@ impl PeerClient {
         let addr = self.addr_text();
         let result = tokio::time::timeout(ttl, async {
             if self.conn.is_none() {
-                self.conn = Some(self.connect().await?);
+                let pooled = lock(&self.replica.pool)
+                    .get_mut(&self.target)
+                    .and_then(Vec::pop);
+                self.conn = match pooled {
+                    Some(conn) => Some(conn),
+                    None => Some(self.connect().await?),
+                };
             }
             let broken = |why: String| PeerError::Broken {
                 addr: addr.clone(),
@@ -773,14 +802,17 @@ impl PeerClient {
             let mut frame = Vec::with_capacity(1 + body.len());
             frame.push(kind as u8);
             frame.extend_from_slice(body);
+            self.in_flight = true;
             write_raw_frame(conn, &frame)
                 .await
                 .map_err(|e| broken(e.to_string()))?;
-            match read_raw_frame(conn).await {
+            let answer = match read_raw_frame(conn).await {
                 Ok(Some(answer)) => Ok(answer),
                 Ok(None) => Err(broken("closed the connection".into())),
                 Err(e) => Err(broken(e.to_string())),
-            }
+            };
+            self.in_flight = false;
+            answer
         })
         .await
         .unwrap_or_else(|_| {
