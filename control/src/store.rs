@@ -207,8 +207,6 @@ pub enum Write<'a> {
 pub enum RaftKey {
     /// The vote (term and whom this manager voted for).
     Vote,
-    /// The last log entry known committed.
-    Committed,
     /// The last log entry purged (compacted into a snapshot).
     Purged,
     /// The last applied log entry and membership, kept with the state machine.
@@ -218,9 +216,8 @@ pub enum RaftKey {
 }
 
 impl RaftKey {
-    const ALL: [RaftKey; 5] = [
+    const ALL: [RaftKey; 4] = [
         RaftKey::Vote,
-        RaftKey::Committed,
         RaftKey::Purged,
         RaftKey::Applied,
         RaftKey::Snapshot,
@@ -229,7 +226,6 @@ impl RaftKey {
     fn name(self) -> &'static str {
         match self {
             RaftKey::Vote => "raft_vote",
-            RaftKey::Committed => "raft_committed",
             RaftKey::Purged => "raft_purged",
             RaftKey::Applied => "raft_applied",
             RaftKey::Snapshot => "raft_snapshot",
@@ -579,26 +575,27 @@ impl Store {
         self.get(key.name()).await
     }
 
-    /// Log entries with index in `range`, at most `limit`, in order.
+    /// Log entries with index in `range`, in order.
     pub async fn raft_entries(
         &self,
         range: (std::ops::Bound<u64>, std::ops::Bound<u64>),
-        limit: usize,
     ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        self.run(move |db| read_log(db, range, limit)).await?
+        self.run(move |db| {
+            read_log(db, Vec::new(), |log| {
+                log.range(range)?
+                    .map(|item| item.map(|(k, v)| (k.value(), v.value().to_vec())))
+                    .collect()
+            })
+        })
+        .await?
     }
 
     /// The last log entry, if any.
     pub async fn raft_last(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
         self.run(move |db| {
-            let tx = db.begin_read().map_err(redb::Error::from)?;
-            let log = match tx.open_table(RAFT_LOG) {
-                Ok(t) => t,
-                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-                Err(e) => return Err(redb::Error::from(e).into()),
-            };
-            let last = log.last().map_err(redb::Error::from)?;
-            Ok(last.map(|(k, v)| (k.value(), v.value().to_vec())))
+            read_log(db, None, |log| {
+                Ok(log.last()?.map(|(k, v)| (k.value(), v.value().to_vec())))
+            })
         })
         .await?
     }
@@ -618,7 +615,7 @@ impl Store {
 
     /// Deletes the entries from index `from` on (a conflicting suffix).
     pub async fn raft_truncate(&self, from: u64) -> Result<(), StoreError> {
-        self.run(move |db| commit_with_log(db, |_, log| log.retain(|k, _| k < from)))
+        self.run(move |db| commit_with_log(db, |_, log| log.retain_in(from.., |_, _| false)))
             .await?
     }
 
@@ -627,7 +624,7 @@ impl Store {
         self.run(move |db| {
             commit_with_log(db, |table, log| {
                 table.insert(RaftKey::Purged.name(), purged.as_slice())?;
-                log.retain(|k, _| k > upto)
+                log.retain_in(..=upto, |_, _| false)
             })
         })
         .await?
@@ -697,24 +694,19 @@ fn commit_with_log(
     Ok(())
 }
 
-/// Entries `range` of the Raft log (on the store's thread).
-fn read_log(
+/// `f` over the Raft log (on the store's thread); `empty` if there has never been one.
+fn read_log<T>(
     db: &Database,
-    range: impl std::ops::RangeBounds<u64>,
-    limit: usize,
-) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+    empty: T,
+    f: impl FnOnce(&redb::ReadOnlyTable<u64, &[u8]>) -> Result<T, redb::StorageError>,
+) -> Result<T, StoreError> {
     let tx = db.begin_read().map_err(redb::Error::from)?;
     let log = match tx.open_table(RAFT_LOG) {
         Ok(t) => t,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(empty),
         Err(e) => return Err(redb::Error::from(e).into()),
     };
-    let mut out = Vec::new();
-    for item in log.range(range).map_err(redb::Error::from)?.take(limit) {
-        let (k, v) = item.map_err(redb::Error::from)?;
-        out.push((k.value(), v.value().to_vec()));
-    }
-    Ok(out)
+    Ok(f(&log).map_err(redb::Error::from)?)
 }
 
 /// Faults a test can give the store's disk (none otherwise).
@@ -889,6 +881,52 @@ mod tests {
         let store = Store::open(dir.path()).await.unwrap();
         assert_eq!(store.membership().await.unwrap(), None);
         assert_eq!(store.manager(State::from_record).await.unwrap(), None);
+    }
+
+    /// The Raft log survives a reopen; `ClearRaft` (a leave, a demotion, a fresh init) takes
+    /// the whole log and every Raft record, and nothing else.
+    #[tokio::test]
+    async fn the_raft_log_is_kept_and_cleared_whole() {
+        use std::ops::Bound::{Included, Unbounded};
+        let dir = tempfile::tempdir().unwrap();
+        let state = sample_state();
+        {
+            let store = Store::open(dir.path()).await.unwrap();
+            let entries = (1..=5).map(|i| (i, vec![i as u8])).collect();
+            store.raft_append(entries).await.unwrap();
+            store
+                .write(&[
+                    Write::Raft(RaftKey::Vote, Some(b"vote")),
+                    Write::Manager(&state.to_record().unwrap()),
+                ])
+                .await
+                .unwrap();
+            store.raft_truncate(5).await.unwrap();
+            store.raft_purge(1, b"purged".to_vec()).await.unwrap();
+        }
+        let store = Store::open(dir.path()).await.unwrap();
+        let all = store.raft_entries((Unbounded, Unbounded)).await.unwrap();
+        assert_eq!(all, vec![(2, vec![2]), (3, vec![3]), (4, vec![4])]);
+        let some = store.raft_entries((Included(3), Unbounded)).await.unwrap();
+        assert_eq!(some.len(), 2);
+        assert_eq!(store.raft_last().await.unwrap(), Some((4, vec![4])));
+        assert_eq!(
+            store.raft_get(RaftKey::Vote).await.unwrap().unwrap(),
+            b"vote"
+        );
+        assert_eq!(
+            store.raft_get(RaftKey::Purged).await.unwrap().unwrap(),
+            b"purged"
+        );
+        store.write(&[Write::ClearRaft]).await.unwrap();
+        assert_eq!(store.raft_last().await.unwrap(), None);
+        for key in RaftKey::ALL {
+            assert_eq!(store.raft_get(key).await.unwrap(), None, "{key:?}");
+        }
+        assert_eq!(
+            store.manager(State::from_record).await.unwrap(),
+            Some(state)
+        );
     }
 
     #[tokio::test]

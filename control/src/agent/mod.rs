@@ -42,7 +42,7 @@ use crate::manager::{
     join_addr, random_key, random_u128, unix_now, AdminError, StartError, NOT_MANAGER,
     PING_INTERVAL,
 };
-use crate::store::{Membership, MembershipCell, RaftKey, Store, StoreError, Write};
+use crate::store::{Membership, MembershipCell, Store, StoreError, Write};
 use crate::token::{Secret, Token};
 use crate::trust::join::Proofs as _;
 use crate::trust::tls::{
@@ -53,7 +53,7 @@ use crate::trust::tls::{
 /// The agent's version, reported as ENGINE VERSION.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// The manager API port.
-pub const DEFAULT_API_PORT: u16 = 2377;
+pub use crate::api::DEFAULT_API_PORT;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
@@ -461,35 +461,21 @@ impl Agent {
             let incarnation = agent.fresh_incarnation().await?;
             let own = m.view.node(&m.node_id).cloned();
             let manager_role = own.as_ref().is_some_and(|n| n.role == Role::Manager);
+            if !manager_role && manager_state.is_some() {
+                // Demoted while it was down (or stopped before it could clear its part):
+                // a worker now, with nothing of the managers' kept.
+                agent
+                    .store
+                    .write(&[Write::ClearManager, Write::ClearRaft])
+                    .await?;
+            }
             let listen = m
                 .listen_addr
                 .or_else(|| own.as_ref().and_then(|n| n.api_addr));
-            match (manager_role || manager_state.is_some(), listen) {
+            match (manager_role, listen) {
                 (true, Some(listen)) => {
-                    let listener =
-                        TcpListener::bind(listen)
-                            .await
-                            .map_err(|source| AgentError::Bind {
-                                addr: listen,
-                                source,
-                            })?;
-                    let state = manager_state.unwrap_or_default();
-                    let raft_id = state
-                        .cluster()
-                        .and_then(|c| c.nodes.get(&m.node_id))
-                        .and_then(|n| n.raft_id)
-                        .or_else(|| own.as_ref().and_then(|n| n.raft_id))
-                        .unwrap_or(1);
-                    let manager = reconcile::ManagerStart {
-                        // A state dir from before Raft: a group of one, its state the first.
-                        bootstrap: state.cluster().is_some()
-                            && agent.store.raft_get(RaftKey::Applied).await?.is_none(),
-                        state,
-                        listener,
-                        listen,
-                        raft_id,
-                        first: None,
-                    };
+                    let manager = reconcile::manager_start(&agent.store, &m, listen).await?;
+                    let raft_id = manager.raft_id;
                     agent.reconciler.start(Some(manager), incarnation).await?;
                     info!(node = %m.node_id, %listen, raft_id, "resumed as a swarm manager");
                 }
@@ -1046,7 +1032,7 @@ impl Agent {
         // A manager joins the Raft group: the leader adds it and sends it the state.
         let manager_start = match (role, listen_addr) {
             (Role::Manager, Some(listen)) => Some(
-                reconcile::manager_start(&self.store, &membership, listen, false)
+                reconcile::manager_start(&self.store, &membership, listen)
                     .await
                     .map_err(|e| JoinError::Start(Box::new(e)))?,
             ),

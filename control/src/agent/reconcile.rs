@@ -37,13 +37,19 @@ use crate::cluster::LiveKeys;
 use crate::id::NodeId;
 use crate::manager::state::{Command, Role, State};
 use crate::manager::Manager;
-use crate::store::{Membership, MembershipCell, Store};
+use crate::store::{Membership, MembershipCell, RaftKey, Store, Write};
 use crate::trust::tls::{server_config, Issued};
 
 /// How often gossip that could not start is tried again.
 const GOSSIP_RETRY: Duration = Duration::from_secs(5);
 /// How often a data path that could not start is tried again.
 const DATA_PATH_RETRY: Duration = Duration::from_secs(5);
+/// How long a demoted manager stays in the Raft group at most, waiting to be taken out.
+const DEMOTION_GRACE: Duration = Duration::from_secs(10);
+/// A demoted manager no leader has sent anything for this long has been taken out.
+const LEADER_GONE: Duration = Duration::from_secs(2);
+/// How often a demoted manager looks whether it has been taken out.
+const ROLE_RECHECK: Duration = Duration::from_millis(200);
 /// Orders waiting for the reconciler at most.
 const ORDER_QUEUE: usize = 8;
 
@@ -78,14 +84,16 @@ pub struct ManagerStart {
 }
 
 /// A [`ManagerStart`] for the manager of membership `m` from what the store holds, with its
-/// API bound to `listen`.
+/// API bound to `listen`. A state with no Raft record beside it (a state dir from before Raft)
+/// forms a group of one, its state the first; an empty one (a manager that just joined or was
+/// promoted) waits for the leader.
 pub async fn manager_start(
     store: &Store,
     m: &Membership,
     listen: SocketAddr,
-    bootstrap: bool,
 ) -> Result<ManagerStart, AgentError> {
     let state = store.manager(State::from_record).await?.unwrap_or_default();
+    let bootstrap = state.cluster().is_some() && store.raft_get(RaftKey::Applied).await?.is_none();
     let raft_id = state
         .cluster()
         .and_then(|c| c.nodes.get(&m.node_id))
@@ -213,6 +221,11 @@ pub struct Reconciler {
     incarnation: Option<Incarnation>,
     gossip: Option<Gossip>,
     gossip_retry: Option<Instant>,
+    /// When this manager learnt it was demoted (or left): it keeps its part in the Raft group
+    /// until the others have taken it out, at most [`DEMOTION_GRACE`].
+    demoted_at: Option<Instant>,
+    /// When to look at the role again (a demoted manager still in the Raft group).
+    role_wake: Option<Instant>,
     gossip_warned: bool,
     data_path: Option<Arc<DataPath>>,
     data_path_wake: Option<Instant>,
@@ -236,6 +249,8 @@ pub fn spawn(setup: Setup) -> Handle {
         gossip_warned: false,
         data_path: None,
         data_path_wake: None,
+        demoted_at: None,
+        role_wake: None,
         data_path_warned: false,
         drops: None,
         published,
@@ -301,10 +316,15 @@ impl Reconciler {
     /// next epoch switch or start try.
     fn next_wake(&self) -> Option<Instant> {
         let key_switch = self.gossip.as_ref().and_then(|g| g.link.key_switch_at());
-        [self.gossip_retry, key_switch, self.data_path_wake]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            self.gossip_retry,
+            key_switch,
+            self.data_path_wake,
+            self.role_wake,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     async fn start(
@@ -330,6 +350,9 @@ impl Reconciler {
         }
         self.incarnation = Some(incarnation);
         self.gossip_retry = Some(Instant::now());
+        // What started may not be what the view says any more (a manager demoted while it was
+        // down): follow the view now, not at its next change.
+        self.follow_role(&m).await;
         self.on_timer().await;
         Ok(())
     }
@@ -453,6 +476,12 @@ impl Reconciler {
             }
             self.publish();
         }
+        if self.role_wake.is_some_and(|t| t <= now) {
+            self.role_wake = None;
+            if let Some(m) = self.setup.membership.get() {
+                self.follow_role(&m).await;
+            }
+        }
         if self.data_path_wake.is_some_and(|t| t <= now) {
             self.steer_data_path();
         }
@@ -495,7 +524,7 @@ impl Reconciler {
                 let Some(listen) = m.listen_addr.or_else(|| own.and_then(|n| n.api_addr)) else {
                     return;
                 };
-                let started = match manager_start(&self.setup.store, m, listen, false).await {
+                let started = match manager_start(&self.setup.store, m, listen).await {
                     Ok(start) => self.start_manager(m, start).await,
                     Err(e) => Err(e),
                 };
@@ -512,20 +541,27 @@ impl Reconciler {
                 }
             }
             (false, true) if own.is_some() => {
+                // Still a member of the Raft group: the others need this manager to commit its
+                // own removal (two managers, one demoted, is a quorum of both). It goes once
+                // they have taken it out (or stopped sending to it), or after the grace.
+                let now = Instant::now();
+                let since = *self.demoted_at.get_or_insert(now);
+                let needed = self.manager.as_ref().is_some_and(|(manager, _)| {
+                    manager.raft().in_group() && manager.raft().leader_quiet_for() < LEADER_GONE
+                });
+                if needed && now < since + DEMOTION_GRACE {
+                    self.role_wake = Some(now + ROLE_RECHECK);
+                    return;
+                }
+                self.demoted_at = None;
                 if let Some((manager, task)) = self.manager.take() {
                     task.stop().await;
                     manager.shutdown().await;
                 }
-                let mut next = m.clone();
-                next.listen_addr = None;
                 if let Err(e) = self
                     .setup
                     .store
-                    .write(&[
-                        crate::store::Write::ClearManager,
-                        crate::store::Write::ClearRaft,
-                        crate::store::Write::Membership(&next),
-                    ])
+                    .write(&[Write::ClearManager, Write::ClearRaft])
                     .await
                 {
                     warn!("could not clear this node's manager state: {e}");

@@ -259,11 +259,8 @@ impl Manager {
         membership: Arc<MembershipCell>,
         bootstrap: bool,
     ) -> Result<Arc<Self>, StartError> {
-        let view = match (state.view(), membership.get()) {
-            (Some(v), _) => v,
-            (None, Some(m)) => m.view,
-            (None, None) => ClusterView::empty(),
-        };
+        // Before it has a state, a manager knows the cluster from its join view.
+        let view = membership.get().map_or_else(ClusterView::empty, |m| m.view);
         let replica = Replica::open(
             self_id.clone(),
             raft_id,
@@ -380,10 +377,12 @@ impl Manager {
         match lock(&self.gossip_up).as_ref() {
             // Without gossip, the watch streams here are all this manager knows.
             None => watching,
-            // A node follows one manager; the others know it from gossip. One whose stream
-            // here just ended (its agent stopped) is down at once, as before gossip agrees.
+            // A node follows one manager; the others know it from gossip. A worker whose
+            // stream here just ended (its agent stopped) is down at once, as before gossip
+            // agrees. (A manager has no stream: a promoted node's ends when its manager starts.)
             Some(up) => {
                 let lost_here = !watching
+                    && node.role == Role::Worker
                     && lock(&self.ended)
                         .get(&node.id)
                         .is_some_and(|t| t.elapsed() < LOST_STREAM_HOLD);
@@ -540,6 +539,7 @@ impl Manager {
         }
         let mut lines = Vec::new();
         for (name, id) in ids {
+            let raft_id = cluster.nodes.get(&id).and_then(|n| n.raft_id);
             let (applied, ()) = self
                 .apply_with(|state| -> Result<_, AdminError> {
                     let cluster = state.cluster().ok_or(ChangeError::NotManager)?;
@@ -560,6 +560,13 @@ impl Manager {
                     ))
                 })
                 .await?;
+            if let (Role::Worker, Applied::Changed, Some(raft_id)) = (role, applied, raft_id) {
+                // As docker answers: once the managers have taken it out of the Raft group
+                // (until then it keeps its part: a group of two needs it for that).
+                if !self.raft.left_group(raft_id, raft::PROPOSE_TIMEOUT).await {
+                    warn!(node = %id, "demoted, but not yet out of the Raft group");
+                }
+            }
             lines.push(match (role, applied) {
                 (Role::Manager, Applied::Changed) => {
                     format!("Node {name} promoted to a manager in the swarm.")
@@ -713,7 +720,6 @@ impl Manager {
         };
         // The state machine took the new certificate as this node's own when it applied the
         // renewal (and wrote this node's record with it).
-        self.replica().set_own_cert(fresh.clone(), issued.not_after);
         Ok(Some(fresh))
     }
 
@@ -937,8 +943,14 @@ impl Manager {
             ManagerRequest::Raft => {
                 return match caller {
                     Some((node, true)) if node.role == Role::Manager => {
+                        let still = |(n, current): (Node, bool)| current && n.role == Role::Manager;
+                        let allowed = || self.caller(digest).is_some_and(still);
+                        // A manager keeps several channels to each peer (replication, votes,
+                        // probes, forwarded commands; see `raft::PeerClient`): they leave the
+                        // per-source count, which is for the API's callers, and are checked
+                        // again at every frame instead.
                         drop(ticket);
-                        raft::serve_peer(self.raft.clone(), tls)
+                        raft::serve_peer(self.raft.clone(), tls, allowed)
                             .await
                             .map_err(|e| ServeError::Raft(e.to_string()))
                     }
@@ -1321,7 +1333,7 @@ pub fn join_addr(advertise: IpAddr, listen: SocketAddr) -> SocketAddr {
 mod tests {
     use super::*;
     use crate::manager::state::tests::{init_cmd, node};
-    use crate::manager::state::{CaMaterial, Init, Network};
+    use crate::manager::state::CaMaterial;
     use crate::trust::tls::{generate_ca, issue_node_cert};
 
     struct Fixture {
@@ -1347,26 +1359,16 @@ mod tests {
         let mut leader = node(1, Role::Manager);
         leader.cert_digest = cert_digest(&own.cert_der);
         leader.public_key = crate::trust::join::public_keys(&LEADER_SECRET).0;
-        let init = Command::Init(Box::new(Init {
-            ca,
-            leader,
-            api_addr: "127.0.0.1:2377".parse().unwrap(),
-            worker_secret: Secret::from_random(11).as_str().into(),
-            manager_secret: Secret::from_random(22).as_str().into(),
-            gossip_key: [1; 32],
-            data_path_key: [2; 32],
-            key_interval_secs: 100,
-            cert_expiry_secs: crate::trust::tls::DEFAULT_CERT_EXPIRY.as_secs(),
-            ingress: Network {
-                name: "ingress".into(),
-                vni: 4096,
-                subnet: "198.19.0.0/24".into(),
-                encrypted: true,
-                data_path_port: 4789,
-                vteps: Vec::new(),
-            },
-            at: 1000,
-        }));
+        // The state machine tests' `init`, with a real CA and this leader.
+        let Command::Init(mut init) = init_cmd() else {
+            unreachable!("init_cmd is an init")
+        };
+        init.ca = ca;
+        init.leader = leader;
+        init.api_addr = "127.0.0.1:2377".parse().unwrap();
+        init.key_interval_secs = 100;
+        init.cert_expiry_secs = crate::trust::tls::DEFAULT_CERT_EXPIRY.as_secs();
+        let init = Command::Init(init);
         let membership = MembershipCell::new(None);
         let manager = Manager::start(
             id,
@@ -1694,6 +1696,93 @@ mod tests {
             gate.admit(stranger, false).is_some(),
             "places come back when closed"
         );
+    }
+
+    /// The managers' Raft channel on 2377 takes a manager's certificate only, and only for as
+    /// long as it is one: a worker is refused at the door, and a manager demoted while its
+    /// channel is open gets nothing more through it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_raft_channel_is_for_managers_only_and_ends_with_a_demotion() {
+        use crate::api::{read_raw_frame, write_raw_frame};
+        let f = leader().await;
+        let me = NodeId::from_random(1);
+        let ca_der = f.manager.view().ca_cert_der.clone();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let acceptor = TlsAcceptor::from(
+            crate::trust::tls::server_config(&ca_der, &f.manager.own_cert()).unwrap(),
+        );
+        let (stop, stopped) = watch::channel(false);
+        let server = tokio::spawn(f.manager.clone().serve(listener, acceptor, stopped));
+        // A worker that joined, with a key of its own.
+        let key = crate::trust::tls::NodeKey::generate().unwrap();
+        let c = claim(
+            &f.manager,
+            Secret::from_random(11).as_str(),
+            "w",
+            40,
+            key.public_raw(),
+        );
+        let grant = f.manager.handle_join(&c, &EXPORTER).await.unwrap();
+        let issued = |der: Vec<u8>| Issued {
+            cert_der: der,
+            key_pem: key.private_pem(),
+        };
+        async fn channel(
+            addr: SocketAddr,
+            ca_der: &[u8],
+            manager: &NodeId,
+            cert: Issued,
+        ) -> tokio_rustls::client::TlsStream<TcpStream> {
+            let config = crate::trust::tls::manager_client_config(ca_der, &cert, manager).unwrap();
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let mut tls = tokio_rustls::TlsConnector::from(config)
+                .connect(crate::trust::tls::server_name(), tcp)
+                .await
+                .unwrap();
+            write_frame(&mut tls, &ManagerRequest::Raft).await.unwrap();
+            tls
+        }
+        let ping = [5u8]; // raft::Kind::Ping
+        let mut worker = channel(addr, &ca_der, &me, issued(grant.cert_der.clone())).await;
+        let refused = tokio::time::timeout(Duration::from_secs(5), read_frame(&mut worker));
+        let refused: Option<ManagerResponse> = refused.await.expect("refused at once").unwrap();
+        assert_eq!(refused, Some(Err(NOT_MANAGER.to_owned())));
+        // Promoted: its manager certificate opens the channel, and a ping is answered.
+        f.manager
+            .handle_admin(
+                AdminRequest::Promote {
+                    nodes: vec!["w".into()],
+                },
+                &me,
+            )
+            .await
+            .unwrap();
+        let der = f.manager.state().cluster().unwrap().nodes[&grant.node_id]
+            .cert_der
+            .clone();
+        let mut promoted = channel(addr, &ca_der, &me, issued(der)).await;
+        write_raw_frame(&mut promoted, &ping).await.unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(5), read_raw_frame(&mut promoted));
+        assert_eq!(answer.await.unwrap().unwrap(), Some(Vec::new()));
+        // Demoted while the channel is open: the next frame gets no answer, the channel ends.
+        f.manager
+            .handle_admin(
+                AdminRequest::Demote {
+                    nodes: vec!["w".into()],
+                },
+                &me,
+            )
+            .await
+            .unwrap();
+        write_raw_frame(&mut promoted, &ping).await.unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(5), read_raw_frame(&mut promoted));
+        assert!(
+            !matches!(answer.await.unwrap(), Ok(Some(_))),
+            "a demoted manager's channel still answers"
+        );
+        let _ = stop.send(true);
+        let _ = server.await;
     }
 
     #[tokio::test]

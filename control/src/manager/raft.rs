@@ -11,16 +11,17 @@
 //!   entry, this node's membership record) in one transaction before it goes live and out to
 //!   the watch streams. Snapshots are the state's record; openraft sends them to new or
 //!   lagging managers in chunks of [`SNAPSHOT_CHUNK`].
-//! - **Peers** ([`Network`]): one mutual-TLS connection per peer, opened with
+//! - **Peers** ([`Network`]): mutual-TLS connections opened with
 //!   [`ManagerRequest::Raft`](crate::api::ManagerRequest::Raft), then raw frames: a kind byte
-//!   and a JSON body. The serving side takes them only from a node whose certificate is a
-//!   manager's of the state (or, before this manager has any state, of its join view).
+//!   and a JSON body; idle ones are kept for the next client. The serving side takes frames
+//!   only while the caller's certificate is a manager's of this manager's view, checked again
+//!   at every frame (a demoted or removed manager is cut off mid-connection).
 //! - **Elections**: openraft 0.9 draws one election timeout per instance, so two survivors can
-//!   tie again and again. [`Elector`] calls an election itself when no leader was heard for
-//!   the leader lease plus a fresh random draw, each attempt drawing again. A leader that has
-//!   not heard from a quorum for [`QUORUM_LEASE`] is not a leader to anyone asking
-//!   ([`Replica::leader`]): its commands fail at once with docker's no-leader message, and it
-//!   does not call itself Leader in `node ls`.
+//!   tie again and again. `elector` calls an election itself when no leader was heard and no
+//!   vote changed for the leader lease plus a fresh random draw, each attempt drawing again. A
+//!   leader that has not heard from a quorum for [`QUORUM_LEASE`] is not a leader to anyone
+//!   asking ([`Node::leader`]): its commands fail at once with docker's no-leader message, and
+//!   it does not call itself Leader in `node ls`.
 //!
 //! Raft IDs are u64 the state machine hands out (`Cluster::next_raft_id`), never reused, apart
 //! from node IDs. Who leads comes from Raft only, never from the replicated state.
@@ -29,7 +30,6 @@
 #![allow(clippy::result_large_err)]
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::fmt::Display;
 use std::io::Cursor;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -60,7 +60,7 @@ use tracing::{debug, info, warn};
 use crate::api::{read_raw_frame, write_frame, write_raw_frame, FrameError, ManagerRequest};
 use crate::cluster::ClusterView;
 use crate::id::NodeId;
-use crate::manager::state::{Applied, ApplyError, Command, Role, State};
+use crate::manager::state::{Applied, ApplyError, Command, State};
 use crate::store::{Membership, MembershipCell, RaftKey, Store, StoreError, Write};
 use crate::trust::tls::{manager_client_config, server_name, Issued};
 
@@ -80,7 +80,7 @@ type StorageResult<T> = Result<T, StorageError<u64>>;
 
 /// How often the leader sends heartbeats.
 pub const HEARTBEAT: Duration = Duration::from_millis(150);
-/// The election timeout range (openraft draws once per instance; [`Elector`] draws per
+/// The election timeout range (openraft draws once per instance; `elector` draws per
 /// attempt). The leader lease is the top of the range.
 pub const ELECTION_MIN: Duration = Duration::from_millis(800);
 /// See [`ELECTION_MIN`].
@@ -126,25 +126,7 @@ pub struct Peer {
 }
 
 /// What applying a command gave: changed or not, or why it was refused.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Outcome(pub Result<bool, ApplyError>);
-
-impl Outcome {
-    fn of(result: Result<Applied, ApplyError>) -> Self {
-        Outcome(result.map(|a| a == Applied::Changed))
-    }
-
-    /// As the state machine's own result type.
-    pub fn applied(self) -> Result<Applied, ApplyError> {
-        self.0.map(|changed| {
-            if changed {
-                Applied::Changed
-            } else {
-                Applied::Unchanged
-            }
-        })
-    }
-}
+pub type Outcome = Result<Applied, ApplyError>;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -215,7 +197,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
         let bounds = (range.start_bound().cloned(), range.end_bound().cloned());
         let rows = self
             .store
-            .raft_entries(bounds, usize::MAX)
+            .raft_entries(bounds)
             .await
             .map_err(|e| StorageIOError::read_logs(&e))?;
         rows.iter().map(|(_, bytes)| decode_entry(bytes)).collect()
@@ -407,27 +389,9 @@ impl Replica {
         lock(&self.own_cert).clone()
     }
 
-    /// Takes `cert` (expiring at `not_after`) as this node's certificate.
-    pub fn set_own_cert(&self, cert: Issued, not_after: u64) {
-        *lock(&self.own_cert) = (cert, not_after);
-    }
-
     /// The CA certificate (the state's, or the join view's before there is state).
     pub fn ca_der(&self) -> Vec<u8> {
         self.view().ca_cert_der.clone()
-    }
-
-    /// This node's membership record with `view`.
-    pub fn own_membership(&self, view: ClusterView) -> Membership {
-        let (own, not_after) = self.own_cert();
-        Membership {
-            node_id: self.self_id.clone(),
-            cert_der: own.cert_der,
-            key_pem: own.key_pem,
-            cert_not_after: not_after,
-            view,
-            listen_addr: Some(self.listen_addr),
-        }
     }
 
     /// Writes `next` (applied up to `last`, with `membership`) and this node's record in one
@@ -441,16 +405,23 @@ impl Replica {
         let record = crate::store::encoded("manager", next.to_record())?;
         let applied_bytes = json(&applied);
         // This node's certificate as the state has it (a role change or a renewal reissued
-        // it for the same key).
+        // it for the same key); it goes live with the state, once written.
+        let mut own = self.own_cert();
         if let Some(node) = next.cluster().and_then(|c| c.nodes.get(&self.self_id)) {
-            let mut own = lock(&self.own_cert);
             if !node.cert_der.is_empty() && node.cert_der != own.0.cert_der {
                 own.0.cert_der = node.cert_der.clone();
                 own.1 = node.cert_not_after;
             }
         }
         let view = next.view();
-        let membership = view.clone().map(|v| self.own_membership(v));
+        let membership = view.clone().map(|view| Membership {
+            node_id: self.self_id.clone(),
+            cert_der: own.0.cert_der.clone(),
+            key_pem: own.0.key_pem.clone(),
+            cert_not_after: own.1,
+            view,
+            listen_addr: Some(self.listen_addr),
+        });
         let mut writes = vec![
             Write::Manager(&record),
             Write::Raft(RaftKey::Applied, Some(&applied_bytes)),
@@ -462,6 +433,7 @@ impl Replica {
             writes.push(Write::Raft(RaftKey::Snapshot, Some(s)));
         }
         self.store.write(&writes).await?;
+        *lock(&self.own_cert) = own;
         let changed = {
             let mut state = lock(&self.state);
             let changed = state.version != next.version || state.cluster.is_none();
@@ -504,22 +476,30 @@ impl Machine {
     }
 }
 
-/// A snapshot as the store keeps it: the meta's JSON length (4 bytes, big-endian), the meta,
-/// the data.
-fn encode_snapshot(meta: &SnapshotMeta<u64, Peer>, data: &[u8]) -> Vec<u8> {
-    let meta = json(meta);
-    let len = u32::try_from(meta.len()).unwrap_or(u32::MAX);
-    let mut out = Vec::with_capacity(4 + meta.len() + data.len());
+/// The stored snapshot record does not parse.
+#[derive(Debug, thiserror::Error)]
+#[error("the stored snapshot record is damaged (its header does not parse)")]
+struct DamagedSnapshot;
+
+/// A JSON header and raw bytes after it: the header's length (4 bytes, big-endian), the
+/// header, the bytes. A stored snapshot (its meta, its data) and a snapshot chunk on the wire
+/// (its header, its bytes) are both this.
+fn with_header<H: Serialize>(header: &H, data: &[u8]) -> Vec<u8> {
+    let header = json(header);
+    let len = u32::try_from(header.len()).unwrap_or(u32::MAX);
+    let mut out = Vec::with_capacity(4 + header.len() + data.len());
     out.extend_from_slice(&len.to_be_bytes());
-    out.extend_from_slice(&meta);
+    out.extend_from_slice(&header);
     out.extend_from_slice(data);
     out
 }
 
-fn decode_snapshot(bytes: &[u8]) -> Option<(SnapshotMeta<u64, Peer>, Vec<u8>)> {
+/// The header and the bytes of [`with_header`]'s output; `None` if it is cut short or the
+/// header does not parse.
+fn split_header<H: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Option<(H, &[u8])> {
     let len = usize::try_from(u32::from_be_bytes(bytes.get(..4)?.try_into().ok()?)).ok()?;
-    let meta = serde_json::from_slice(bytes.get(4..4 + len)?).ok()?;
-    Some((meta, bytes.get(4 + len..)?.to_vec()))
+    let header = serde_json::from_slice(bytes.get(4..4usize.checked_add(len)?)?).ok()?;
+    Some((header, &bytes[4 + len..]))
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for Machine {
@@ -540,7 +520,7 @@ impl RaftSnapshotBuilder<TypeConfig> for Machine {
                 rand::rngs::OsRng.gen::<u64>()
             ),
         };
-        let stored = encode_snapshot(&meta, &data);
+        let stored = with_header(&meta, &data);
         self.replica
             .store
             .write(&[Write::Raft(RaftKey::Snapshot, Some(&stored))])
@@ -574,11 +554,11 @@ impl RaftStateMachine<TypeConfig> for Machine {
         for entry in entries {
             applied.last = Some(entry.log_id);
             out.push(match entry.payload {
-                EntryPayload::Blank => Outcome(Ok(false)),
-                EntryPayload::Normal(command) => Outcome::of(next.apply(command)),
+                EntryPayload::Blank => Ok(Applied::Unchanged),
+                EntryPayload::Normal(command) => next.apply(command),
                 EntryPayload::Membership(m) => {
                     applied.membership = StoredMembership::new(Some(entry.log_id), m);
-                    Outcome(Ok(false))
+                    Ok(Applied::Unchanged)
                 }
             });
         }
@@ -611,7 +591,7 @@ impl RaftStateMachine<TypeConfig> for Machine {
             last: meta.last_log_id,
             membership: meta.last_membership.clone(),
         };
-        let stored = encode_snapshot(meta, &data);
+        let stored = with_header(meta, &data);
         self.replica
             .commit(state, applied, Some(stored))
             .await
@@ -627,13 +607,15 @@ impl RaftStateMachine<TypeConfig> for Machine {
             .raft_get(RaftKey::Snapshot)
             .await
             .map_err(|e| StorageIOError::read_snapshot(None, &e))?;
-        Ok(bytes
-            .as_deref()
-            .and_then(decode_snapshot)
-            .map(|(meta, data)| Snapshot {
-                meta,
-                snapshot: Box::new(Cursor::new(data)),
-            }))
+        let Some(bytes) = bytes else {
+            return Ok(None);
+        };
+        let (meta, data) = split_header::<SnapshotMeta<u64, Peer>>(&bytes)
+            .ok_or_else(|| StorageIOError::read_snapshot(None, &DamagedSnapshot))?;
+        Ok(Some(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data.to_vec())),
+        }))
     }
 }
 
@@ -828,10 +810,11 @@ impl PeerClient {
         result
     }
 
-    async fn rpc<Req: Serialize, Resp, E>(
+    /// One openraft RPC: `body` out, the peer's `Result` back, its error as a remote one.
+    async fn rpc<Resp, E>(
         &mut self,
         kind: Kind,
-        req: &Req,
+        body: &[u8],
         option: &RPCOption,
     ) -> Result<Resp, RPCError<u64, Peer, RaftError<u64, E>>>
     where
@@ -839,7 +822,7 @@ impl PeerClient {
         E: std::error::Error + for<'de> Deserialize<'de>,
     {
         let answer = self
-            .call(kind, &json(req), option.hard_ttl())
+            .call(kind, body, option.hard_ttl())
             .await
             .map_err(|e| match e {
                 PeerError::Unreachable { .. } => RPCError::Unreachable(Unreachable::new(&e)),
@@ -879,8 +862,8 @@ pub enum Proposed {
         /// What applying it gave.
         outcome: Outcome,
     },
-    /// Not the leader (any more); the one it knows, if any.
-    NotLeader(Option<u64>),
+    /// Not the leader (any more).
+    NotLeader,
     /// No commit in time (no quorum).
     NoQuorum,
 }
@@ -900,7 +883,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, Peer, RaftError<u64>>> {
-        self.rpc(Kind::Append, &rpc, &option).await
+        self.rpc(Kind::Append, &json(&rpc), &option).await
     }
 
     async fn install_snapshot(
@@ -912,28 +895,14 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         RPCError<u64, Peer, RaftError<u64, InstallSnapshotError>>,
     > {
         // The chunk's bytes travel raw after a small JSON header, not as a JSON array.
-        let header = json(&ChunkHeader {
+        let header = ChunkHeader {
             vote: rpc.vote,
             meta: rpc.meta,
             offset: rpc.offset,
             done: rpc.done,
-        });
-        let len = u32::try_from(header.len()).unwrap_or(u32::MAX);
-        let mut body = Vec::with_capacity(4 + header.len() + rpc.data.len());
-        body.extend_from_slice(&len.to_be_bytes());
-        body.extend_from_slice(&header);
-        body.extend_from_slice(&rpc.data);
-        let answer = self
-            .call(Kind::Snapshot, &body, option.hard_ttl())
+        };
+        self.rpc(Kind::Snapshot, &with_header(&header, &rpc.data), &option)
             .await
-            .map_err(|e| match e {
-                PeerError::Unreachable { .. } => RPCError::Unreachable(Unreachable::new(&e)),
-                PeerError::Broken { .. } => RPCError::Network(NetworkError::new(&e)),
-            })?;
-        let decoded: Result<InstallSnapshotResponse<u64>, RaftError<u64, InstallSnapshotError>> =
-            serde_json::from_slice(&answer)
-                .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        decoded.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 
     async fn vote(
@@ -941,7 +910,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: VoteRequest<u64>,
         option: RPCOption,
     ) -> Result<VoteResponse<u64>, RPCError<u64, Peer, RaftError<u64>>> {
-        self.rpc(Kind::Vote, &rpc, &option).await
+        self.rpc(Kind::Vote, &json(&rpc), &option).await
     }
 }
 
@@ -954,14 +923,26 @@ pub enum ServeError {
     /// A request that does not parse.
     #[error("a bad Raft request: {0}")]
     Bad(String),
+    /// The caller is no longer a manager.
+    #[error("the peer is no longer a manager")]
+    NotManager,
 }
 
-/// Serves one peer's Raft channel on `stream` until it closes.
-pub async fn serve_peer<S>(node: Arc<Node>, mut stream: S) -> Result<(), ServeError>
+/// Serves one peer's Raft channel on `stream` until it closes, or until `allowed` says its
+/// caller is no longer a manager (checked before every frame: a demoted or removed manager's
+/// open connection carries nothing more).
+pub async fn serve_peer<S>(
+    node: Arc<Node>,
+    mut stream: S,
+    allowed: impl Fn() -> bool,
+) -> Result<(), ServeError>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     while let Some(frame) = read_raw_frame(&mut stream).await? {
+        if !allowed() {
+            return Err(ServeError::NotManager);
+        }
         let (&kind, body) = frame
             .split_first()
             .ok_or_else(|| ServeError::Bad("an empty frame".into()))?;
@@ -971,34 +952,33 @@ where
             Kind::Append => {
                 let req: AppendEntriesRequest<TypeConfig> =
                     serde_json::from_slice(body).map_err(bad)?;
-                *lock(&node.replica.heard_leader) = Instant::now();
-                json(&node.raft.append_entries(req).await)
+                let answer = node.raft.append_entries(req).await;
+                // A leader is heard only when this manager took it as one (not a deposed
+                // leader's append, refused for its older term).
+                if matches!(&answer, Ok(r) if !matches!(r, AppendEntriesResponse::HigherVote(_))) {
+                    *lock(&node.replica.heard_leader) = Instant::now();
+                }
+                json(&answer)
             }
             Kind::Vote => {
                 let req: VoteRequest<u64> = serde_json::from_slice(body).map_err(bad)?;
                 json(&node.raft.vote(req).await)
             }
             Kind::Snapshot => {
-                let len = body
-                    .get(..4)
-                    .and_then(|b| b.try_into().ok())
-                    .map(u32::from_be_bytes)
-                    .and_then(|l| usize::try_from(l).ok())
-                    .ok_or_else(|| ServeError::Bad("a short snapshot chunk".into()))?;
-                let header: ChunkHeader = serde_json::from_slice(
-                    body.get(4..4 + len)
-                        .ok_or_else(|| ServeError::Bad("a short snapshot chunk".into()))?,
-                )
-                .map_err(bad)?;
-                *lock(&node.replica.heard_leader) = Instant::now();
+                let (header, data) = split_header::<ChunkHeader>(body)
+                    .ok_or_else(|| ServeError::Bad("a snapshot chunk without its header".into()))?;
                 let req = InstallSnapshotRequest {
                     vote: header.vote,
                     meta: header.meta,
                     offset: header.offset,
-                    data: body[4 + len..].to_vec(),
+                    data: data.to_vec(),
                     done: header.done,
                 };
-                json(&node.raft.install_snapshot(req).await)
+                let answer = node.raft.install_snapshot(req).await;
+                if answer.is_ok() {
+                    *lock(&node.replica.heard_leader) = Instant::now();
+                }
+                json(&answer)
             }
             Kind::Propose => {
                 let command: Command = serde_json::from_slice(body).map_err(bad)?;
@@ -1114,6 +1094,47 @@ impl Node {
         Some(leader)
     }
 
+    /// How long since a leader's append or snapshot last reached this manager.
+    pub fn leader_quiet_for(&self) -> Duration {
+        lock(&self.replica.heard_leader).elapsed()
+    }
+
+    /// Whether this manager is in the Raft group's membership (a voter or a learner).
+    pub fn in_group(&self) -> bool {
+        self.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&self.replica.raft_id)
+            .is_some()
+    }
+
+    /// Waits (at most `limit`) until the manager with Raft ID `raft_id` is out of the Raft
+    /// group as this manager knows it; whether it is.
+    pub async fn left_group(&self, raft_id: u64, limit: Duration) -> bool {
+        let out = |m: &openraft::RaftMetrics<u64, Peer>| {
+            m.membership_config
+                .membership()
+                .get_node(&raft_id)
+                .is_none()
+        };
+        let mut metrics = self.raft.metrics();
+        tokio::time::timeout(limit, async {
+            loop {
+                if out(&metrics.borrow_and_update()) {
+                    return;
+                }
+                if metrics.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await
+        .is_ok()
+            && out(&self.raft.metrics().borrow())
+    }
+
     /// The voters' Raft IDs.
     pub fn voters(&self) -> BTreeSet<u64> {
         self.raft
@@ -1138,15 +1159,15 @@ impl Node {
     /// Commits `command` here, as the leader (a forwarded one, or our own).
     async fn commit_here(&self, command: Command) -> Proposed {
         if self.leader() != Some(self.replica.raft_id) {
-            return Proposed::NotLeader(self.raft.metrics().borrow().current_leader);
+            return Proposed::NotLeader;
         }
         match tokio::time::timeout(PROPOSE_TIMEOUT, self.raft.client_write(command)).await {
             Ok(Ok(r)) => Proposed::Committed {
                 index: r.log_id.index,
                 outcome: r.data,
             },
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
-                Proposed::NotLeader(f.leader_id)
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
+                Proposed::NotLeader
             }
             Ok(Err(e)) => {
                 warn!("a command did not commit: {e}");
@@ -1175,13 +1196,13 @@ impl Node {
                             Ok(p) => p,
                             Err(e) => {
                                 debug!("forwarding a command to the leader: {e}");
-                                Proposed::NotLeader(None)
+                                Proposed::NotLeader
                             }
                         }
                     }
-                    None => Proposed::NotLeader(None),
+                    None => Proposed::NotLeader,
                 },
-                None => Proposed::NotLeader(None),
+                None => Proposed::NotLeader,
             };
             match answer {
                 Proposed::Committed { index, outcome } => {
@@ -1191,17 +1212,17 @@ impl Node {
                         .wait(Some(left.max(Duration::from_millis(500))))
                         .applied_index_at_least(Some(index), "the command applied here")
                         .await;
-                    return Ok(outcome.applied()?);
+                    return Ok(outcome?);
                 }
                 Proposed::NoQuorum => return Err(ProposeError::NoLeader),
-                Proposed::NotLeader(_) => {
+                Proposed::NotLeader => {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
         }
     }
 
-    /// Whether this manager was heard from by the leader lately, or is the leader.
+    /// Whether the manager with Raft ID `raft_id` answered this one lately (itself always).
     pub fn reachable(&self, raft_id: u64) -> bool {
         self.replica.reachable(raft_id)
     }
@@ -1289,8 +1310,15 @@ async fn prober(node: std::sync::Weak<Node>) {
 /// added as learners, made voters once caught up; demoted, left or removed ones are taken
 /// out. One change at a time.
 async fn membership_keeper(node: std::sync::Weak<Node>) {
+    let Some(mut views) = node.upgrade().map(|n| n.replica.subscribe()) else {
+        return;
+    };
     loop {
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // A change of the managers shows in the view; the tick retries what did not go through.
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(300)) => {}
+            _ = views.changed() => {}
+        }
         let Some(node) = node.upgrade() else { return };
         if node.leader() != Some(node.replica.raft_id) {
             continue;
@@ -1298,9 +1326,7 @@ async fn membership_keeper(node: std::sync::Weak<Node>) {
         let wanted: BTreeMap<u64, Peer> = node.replica.with_state(|s| {
             s.cluster()
                 .map(|c| {
-                    c.nodes
-                        .values()
-                        .filter(|n| n.active() && n.role == Role::Manager)
+                    c.managers()
                         .filter_map(|n| {
                             Some((
                                 n.raft_id?,
@@ -1345,15 +1371,21 @@ async fn membership_keeper(node: std::sync::Weak<Node>) {
             }
             continue;
         }
-        let gone: BTreeSet<u64> = voters
-            .iter()
-            .chain(&learners)
-            .filter(|id| !wanted.contains_key(id))
-            .copied()
-            .collect();
-        if !gone.is_empty() {
-            info!(?gone, "taking managers out of the Raft group");
-            let change = ChangeMembers::RemoveNodes(gone);
+        let gone = |ids: &BTreeSet<u64>| -> BTreeSet<u64> {
+            ids.iter()
+                .filter(|id| !wanted.contains_key(id))
+                .copied()
+                .collect()
+        };
+        // Voters go with `RemoveVoters` (not kept as learners); learners with `RemoveNodes`,
+        // which refuses a voter.
+        let change = match (gone(&voters), gone(&learners)) {
+            (v, _) if !v.is_empty() => Some(ChangeMembers::RemoveVoters(v)),
+            (_, l) if !l.is_empty() => Some(ChangeMembers::RemoveNodes(l)),
+            _ => None,
+        };
+        if let Some(change) = change {
+            info!(?change, "taking managers out of the Raft group");
             if let Err(e) = node.raft.change_membership(change, false).await {
                 warn!("could not take managers out of the Raft group: {e}");
             }
@@ -1371,11 +1403,65 @@ fn caught_up(node: &Node, id: u64) -> bool {
         .is_some_and(|matched| matched.index + 8 >= last)
 }
 
-impl Display for Peer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match (&self.node, self.addr) {
-            (Some(n), Some(a)) => write!(f, "{n}@{a}"),
-            _ => write!(f, "?"),
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A log store and a state machine over a fresh store, for openraft's own storage suite.
+    struct Fresh;
+
+    impl openraft::testing::StoreBuilder<TypeConfig, LogStore, Machine, tempfile::TempDir> for Fresh {
+        async fn build(&self) -> StorageResult<(tempfile::TempDir, LogStore, Machine)> {
+            let dir = tempfile::tempdir().map_err(|e| StorageIOError::write(&e))?;
+            let store = Arc::new(
+                Store::open(dir.path())
+                    .await
+                    .map_err(|e| StorageIOError::write(&e))?,
+            );
+            let own = Issued {
+                cert_der: Vec::new(),
+                key_pem: String::new(),
+            };
+            let replica = Replica::open(
+                NodeId::from_random(1),
+                1,
+                "127.0.0.1:2377".parse().unwrap(),
+                (own, 0),
+                State::default(),
+                store.clone(),
+                MembershipCell::new(None),
+                ClusterView::empty(),
+            )
+            .await
+            .map_err(|e| StorageIOError::read(&e))?;
+            Ok((dir, LogStore::new(store), Machine::new(replica)))
         }
+    }
+
+    /// openraft's conformance suite for log stores and state machines: the log state after
+    /// appends, truncations and purges, the vote, the applied state and membership, snapshots
+    /// built, installed and read back.
+    #[test]
+    fn the_log_and_the_state_machine_pass_openraft_storage_suite() {
+        openraft::testing::Suite::test_all(Fresh).unwrap();
+    }
+
+    #[test]
+    fn a_header_and_bytes_round_trip_and_a_cut_one_is_refused() {
+        let framed = with_header(&("meta", 7u32), b"data bytes");
+        let (header, data) = split_header::<(String, u32)>(&framed).unwrap();
+        assert_eq!(
+            (header.0.as_str(), header.1, data),
+            ("meta", 7, &b"data bytes"[..])
+        );
+        for cut in [0, 3, 4, 10] {
+            assert!(
+                split_header::<(String, u32)>(&framed[..cut]).is_none(),
+                "{cut}"
+            );
+        }
+        let mut huge = framed.clone();
+        huge[..4].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(split_header::<(String, u32)>(&huge).is_none());
     }
 }

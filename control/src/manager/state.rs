@@ -49,7 +49,7 @@ pub struct Cluster {
 
 /// A manager's API address when it did not say otherwise.
 pub fn default_api_addr(addr: IpAddr) -> SocketAddr {
-    SocketAddr::new(addr, crate::agent::DEFAULT_API_PORT)
+    SocketAddr::new(addr, crate::api::DEFAULT_API_PORT)
 }
 
 impl Cluster {
@@ -244,7 +244,7 @@ pub struct Admission {
 }
 
 /// What an applied command did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Applied {
     /// The state changed and its version grew.
     Changed,
@@ -286,7 +286,7 @@ pub enum ApplyError {
         hostname: String,
     },
     /// The join secret was rotated (or is wrong) by the time the join was applied.
-    #[error("A valid join token is necessary to join this cluster: the token's secret is wrong or was rotated; get the current token with `shoal join-token worker` on a manager")]
+    #[error("{}", crate::manager::INVALID_SECRET)]
     InvalidSecret,
     /// A manager must be demoted before removal.
     #[error("node {0} is a cluster manager. It must be demoted to worker before removal")]
@@ -400,13 +400,7 @@ impl State {
             // An `Init` returns above; here the cluster exists.
             Command::Init(_) => Err(ApplyError::AlreadyInitialized),
             Command::Join(node, admission) => {
-                let role = [Role::Worker, Role::Manager].into_iter().find(|role| {
-                    crate::trust::join::proves_secret(
-                        cluster.secret(*role),
-                        &admission.exporter,
-                        &admission.secret_proof,
-                    )
-                });
+                let role = self.role_for_proof(&admission.exporter, &admission.secret_proof);
                 if role != Some(node.role) {
                     return Err(ApplyError::InvalidSecret);
                 }
