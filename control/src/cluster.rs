@@ -56,6 +56,12 @@ pub struct Node {
     pub overlay_addr: Option<Ipv4Addr>,
     /// Unix time the node joined.
     pub joined_at: u64,
+    /// A manager's Raft ID (never reused; a manager demoted and promoted again gets a new one).
+    #[serde(default)]
+    pub raft_id: Option<u64>,
+    /// A manager's API address (`advertise addr:2377` unless it listens elsewhere).
+    #[serde(default)]
+    pub api_addr: Option<SocketAddr>,
 }
 
 /// A 32-byte key with an id, for the gossip keyring or a data-path epoch.
@@ -135,10 +141,6 @@ pub struct Vtep {
 pub struct ClusterView {
     /// The state version this view was made from.
     pub version: u64,
-    /// The leader's node ID.
-    pub leader: NodeId,
-    /// The leader's API address.
-    pub api_addr: SocketAddr,
     /// The cluster CA certificate, DER.
     pub ca_cert_der: Vec<u8>,
     /// The node list.
@@ -155,6 +157,45 @@ impl ClusterView {
     /// The node with this ID.
     pub fn node(&self, id: &NodeId) -> Option<&Node> {
         self.nodes.iter().find(|n| &n.id == id)
+    }
+
+    /// A view of no cluster (a manager before it has any state or view).
+    pub fn empty() -> Self {
+        ClusterView {
+            version: 0,
+            ca_cert_der: Vec::new(),
+            nodes: Vec::new(),
+            keys: Keys {
+                gossip: Vec::new(),
+                data_path: Vec::new(),
+                rotated_at: 0,
+                interval_secs: 0,
+                owed: false,
+            },
+            ingress: Network {
+                name: String::new(),
+                vni: 0,
+                subnet: String::new(),
+                encrypted: false,
+                data_path_port: 0,
+                vteps: Vec::new(),
+            },
+            cert_expiry_secs: 0,
+        }
+    }
+
+    /// The managers with an API address, lowest Raft ID first.
+    pub fn managers(&self) -> Vec<(&NodeId, SocketAddr)> {
+        let mut managers: Vec<&Node> = self
+            .nodes
+            .iter()
+            .filter(|n| n.active() && n.role == Role::Manager && n.api_addr.is_some())
+            .collect();
+        managers.sort_by_key(|n| n.raft_id.unwrap_or(u64::MAX));
+        managers
+            .into_iter()
+            .filter_map(|n| Some((&n.id, n.api_addr?)))
+            .collect()
     }
 }
 
@@ -212,10 +253,15 @@ impl ClusterView {
             id: k.id,
             key: k.key,
         };
+        let (leader, api_addr) = self
+            .managers()
+            .first()
+            .map(|(id, addr)| ((*id).clone(), *addr))
+            .unwrap_or_else(|| (NodeId::from_random(0), SocketAddr::from(([0, 0, 0, 0], 0))));
         View::V1(wire::ViewV1 {
             version: self.version,
-            leader: self.leader.clone(),
-            api_addr: self.api_addr,
+            leader,
+            api_addr,
             ca_cert_der: self.ca_cert_der.clone(),
             nodes: self
                 .nodes
@@ -235,6 +281,8 @@ impl ClusterView {
                     left: n.left,
                     overlay_addr: n.overlay_addr,
                     joined_at: n.joined_at,
+                    raft_id: n.raft_id,
+                    api_addr: n.api_addr,
                 })
                 .collect(),
             keys: wire::KeysV1 {
@@ -274,13 +322,13 @@ impl ClusterView {
         match view {
             View::V1(v) => ClusterView {
                 version: v.version,
-                leader: v.leader,
-                api_addr: v.api_addr,
                 ca_cert_der: v.ca_cert_der,
                 nodes: v
                     .nodes
                     .into_iter()
                     .map(|n| Node {
+                        // A view from before Raft names its one manager only in `leader`.
+                        api_addr: n.api_addr.or((n.id == v.leader).then_some(v.api_addr)),
                         id: n.id,
                         hostname: n.hostname,
                         addr: n.addr,
@@ -297,6 +345,7 @@ impl ClusterView {
                         left: n.left,
                         overlay_addr: n.overlay_addr,
                         joined_at: n.joined_at,
+                        raft_id: n.raft_id,
                     })
                     .collect(),
                 keys: Keys {

@@ -28,6 +28,8 @@ use crate::cluster::{ClusterView, Role};
 use crate::id::NodeId;
 
 const TABLE: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("shoal");
+/// The managers' Raft log, by index (see `manager::raft`).
+const RAFT_LOG: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("raft_log");
 const NODE_KEY: &str = "node_key";
 const INCARNATION: &str = "incarnation";
 
@@ -194,6 +196,41 @@ pub enum Write<'a> {
     Manager(&'a [u8]),
     /// Delete the manager state.
     ClearManager,
+    /// Set (or with `None` delete) one of the Raft records (`manager::raft` owns their format).
+    Raft(RaftKey, Option<&'a [u8]>),
+    /// Delete the whole Raft log and every Raft record (`init --force-new-cluster`, `leave`).
+    ClearRaft,
+}
+
+/// The Raft records kept beside the log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RaftKey {
+    /// The vote (term and whom this manager voted for).
+    Vote,
+    /// The last log entry purged (compacted into a snapshot).
+    Purged,
+    /// The last applied log entry and membership, kept with the state machine.
+    Applied,
+    /// The current snapshot (its meta and data).
+    Snapshot,
+}
+
+impl RaftKey {
+    const ALL: [RaftKey; 4] = [
+        RaftKey::Vote,
+        RaftKey::Purged,
+        RaftKey::Applied,
+        RaftKey::Snapshot,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            RaftKey::Vote => "raft_vote",
+            RaftKey::Purged => "raft_purged",
+            RaftKey::Applied => "raft_applied",
+            RaftKey::Snapshot => "raft_snapshot",
+        }
+    }
 }
 
 /// Errors from the state store.
@@ -486,6 +523,7 @@ impl Store {
     pub async fn write(&self, writes: &[Write<'_>]) -> Result<(), StoreError> {
         // Encode first: an encoding failure must not leave a half-made transaction.
         let mut encoded: Vec<(&'static str, Option<Vec<u8>>)> = Vec::with_capacity(writes.len());
+        let mut clear_raft = false;
         for w in writes {
             let item = match w {
                 Write::Membership(m) => (
@@ -495,11 +533,22 @@ impl Store {
                 Write::ClearMembership => (MEMBERSHIP, None),
                 Write::Manager(bytes) => (MANAGER, Some(bytes.to_vec())),
                 Write::ClearManager => (MANAGER, None),
+                Write::Raft(key, value) => (key.name(), value.map(<[u8]>::to_vec)),
+                Write::ClearRaft => {
+                    clear_raft = true;
+                    for key in RaftKey::ALL {
+                        encoded.push((key.name(), None));
+                    }
+                    continue;
+                }
             };
             encoded.push(item);
         }
         self.run(move |db| {
-            commit(db, |table| {
+            commit_with_log(db, |table, log| {
+                if clear_raft {
+                    log.retain(|_, _| false)?;
+                }
                 for (key, value) in &encoded {
                     match value {
                         Some(v) => {
@@ -511,6 +560,71 @@ impl Store {
                     }
                 }
                 Ok(())
+            })
+        })
+        .await?
+    }
+}
+
+/// The Raft log and its records (`manager::raft` encodes them; the store keeps bytes). Every
+/// write here is one durable transaction on the store's thread: when the call returns, the
+/// entries are on disk.
+impl Store {
+    /// A Raft record.
+    pub async fn raft_get(&self, key: RaftKey) -> Result<Option<Vec<u8>>, StoreError> {
+        self.get(key.name()).await
+    }
+
+    /// Log entries with index in `range`, in order.
+    pub async fn raft_entries(
+        &self,
+        range: (std::ops::Bound<u64>, std::ops::Bound<u64>),
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        self.run(move |db| {
+            read_log(db, Vec::new(), |log| {
+                log.range(range)?
+                    .map(|item| item.map(|(k, v)| (k.value(), v.value().to_vec())))
+                    .collect()
+            })
+        })
+        .await?
+    }
+
+    /// The last log entry, if any.
+    pub async fn raft_last(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        self.run(move |db| {
+            read_log(db, None, |log| {
+                Ok(log.last()?.map(|(k, v)| (k.value(), v.value().to_vec())))
+            })
+        })
+        .await?
+    }
+
+    /// Appends (or overwrites) `entries`, durably, in one transaction.
+    pub async fn raft_append(&self, entries: Vec<(u64, Vec<u8>)>) -> Result<(), StoreError> {
+        self.run(move |db| {
+            commit_with_log(db, |_, log| {
+                for (index, bytes) in &entries {
+                    log.insert(*index, bytes.as_slice())?;
+                }
+                Ok(())
+            })
+        })
+        .await?
+    }
+
+    /// Deletes the entries from index `from` on (a conflicting suffix).
+    pub async fn raft_truncate(&self, from: u64) -> Result<(), StoreError> {
+        self.run(move |db| commit_with_log(db, |_, log| log.retain_in(from.., |_, _| false)))
+            .await?
+    }
+
+    /// Deletes the entries up to index `upto` and records `purged` as the last one purged.
+    pub async fn raft_purge(&self, upto: u64, purged: Vec<u8>) -> Result<(), StoreError> {
+        self.run(move |db| {
+            commit_with_log(db, |table, log| {
+                table.insert(RaftKey::Purged.name(), purged.as_slice())?;
+                log.retain_in(..=upto, |_, _| false)
             })
         })
         .await?
@@ -559,13 +673,40 @@ fn commit(
     db: &Database,
     f: impl FnOnce(&mut redb::Table<'_, &str, &[u8]>) -> Result<(), redb::StorageError>,
 ) -> Result<(), StoreError> {
+    commit_with_log(db, |table, _| f(table))
+}
+
+/// [`commit`] with the Raft log table as well, in the same transaction.
+fn commit_with_log(
+    db: &Database,
+    f: impl FnOnce(
+        &mut redb::Table<'_, &str, &[u8]>,
+        &mut redb::Table<'_, u64, &[u8]>,
+    ) -> Result<(), redb::StorageError>,
+) -> Result<(), StoreError> {
     let tx = db.begin_write().map_err(redb::Error::from)?;
     {
         let mut table = tx.open_table(TABLE).map_err(redb::Error::from)?;
-        f(&mut table).map_err(redb::Error::from)?;
+        let mut log = tx.open_table(RAFT_LOG).map_err(redb::Error::from)?;
+        f(&mut table, &mut log).map_err(redb::Error::from)?;
     }
     tx.commit().map_err(redb::Error::from)?;
     Ok(())
+}
+
+/// `f` over the Raft log (on the store's thread); `empty` if there has never been one.
+fn read_log<T>(
+    db: &Database,
+    empty: T,
+    f: impl FnOnce(&redb::ReadOnlyTable<u64, &[u8]>) -> Result<T, redb::StorageError>,
+) -> Result<T, StoreError> {
+    let tx = db.begin_read().map_err(redb::Error::from)?;
+    let log = match tx.open_table(RAFT_LOG) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(empty),
+        Err(e) => return Err(redb::Error::from(e).into()),
+    };
+    Ok(f(&log).map_err(redb::Error::from)?)
 }
 
 /// Faults a test can give the store's disk (none otherwise).
@@ -740,6 +881,52 @@ mod tests {
         let store = Store::open(dir.path()).await.unwrap();
         assert_eq!(store.membership().await.unwrap(), None);
         assert_eq!(store.manager(State::from_record).await.unwrap(), None);
+    }
+
+    /// The Raft log survives a reopen; `ClearRaft` (a leave, a demotion, a fresh init) takes
+    /// the whole log and every Raft record, and nothing else.
+    #[tokio::test]
+    async fn the_raft_log_is_kept_and_cleared_whole() {
+        use std::ops::Bound::{Included, Unbounded};
+        let dir = tempfile::tempdir().unwrap();
+        let state = sample_state();
+        {
+            let store = Store::open(dir.path()).await.unwrap();
+            let entries = (1..=5).map(|i| (i, vec![i as u8])).collect();
+            store.raft_append(entries).await.unwrap();
+            store
+                .write(&[
+                    Write::Raft(RaftKey::Vote, Some(b"vote")),
+                    Write::Manager(&state.to_record().unwrap()),
+                ])
+                .await
+                .unwrap();
+            store.raft_truncate(5).await.unwrap();
+            store.raft_purge(1, b"purged".to_vec()).await.unwrap();
+        }
+        let store = Store::open(dir.path()).await.unwrap();
+        let all = store.raft_entries((Unbounded, Unbounded)).await.unwrap();
+        assert_eq!(all, vec![(2, vec![2]), (3, vec![3]), (4, vec![4])]);
+        let some = store.raft_entries((Included(3), Unbounded)).await.unwrap();
+        assert_eq!(some.len(), 2);
+        assert_eq!(store.raft_last().await.unwrap(), Some((4, vec![4])));
+        assert_eq!(
+            store.raft_get(RaftKey::Vote).await.unwrap().unwrap(),
+            b"vote"
+        );
+        assert_eq!(
+            store.raft_get(RaftKey::Purged).await.unwrap().unwrap(),
+            b"purged"
+        );
+        store.write(&[Write::ClearRaft]).await.unwrap();
+        assert_eq!(store.raft_last().await.unwrap(), None);
+        for key in RaftKey::ALL {
+            assert_eq!(store.raft_get(key).await.unwrap(), None, "{key:?}");
+        }
+        assert_eq!(
+            store.manager(State::from_record).await.unwrap(),
+            Some(state)
+        );
     }
 
     #[tokio::test]

@@ -383,13 +383,16 @@ fn walkthrough_on_loopback() {
         n1.ok(&["node", "promote", "n2"]),
         "Node n2 is already a manager.\n"
     );
-    let err = n1.fails(&["node", "demote", "n1"]);
-    assert!(err.contains("leader"), "{err}");
     assert_eq!(
         n1.ok(&["node", "demote", "n2"]),
         "Manager n2 demoted in the swarm.\n"
     );
     assert!(rows(n1).iter().any(|r| r.0 == "n2" && r.2.is_empty()));
+    let err = n1.fails(&["node", "demote", "n1"]);
+    assert!(
+        err.contains("attempting to demote the last manager of the swarm"),
+        "{err}"
+    );
 
     // kill -9 of n2's agent: Down within 10 s; a restart with the same state: Ready, no token.
     let n2_id = nodes[1].info()["node_id"].clone();
@@ -813,4 +816,144 @@ fn certificates_are_renewed_before_they_expire() {
         err.contains("--key-rotation-interval 5s is too short"),
         "{err}"
     );
+}
+
+/// Three managers and a worker on loopback: `kill -9` of the leader, and the two left elect a
+/// new one (docker's `Leader` moves), a rotation commits on a follower's word, a new worker
+/// joins through a surviving manager; the old leader, restarted, rejoins as a follower. Then
+/// two of three managers gone: every admin command gets docker's one line within 2 s, and
+/// with one back, writes resume.
+#[test]
+fn managers_elect_a_new_leader_and_refuse_without_quorum() {
+    let (_root, mut nodes) = cluster(&["m1", "m2", "m3", "w1", "w2"]);
+    let init_out = init(&nodes[0]);
+    let manager_token = nodes[0]
+        .ok(&["join-token", "-q", "manager"])
+        .trim()
+        .to_owned();
+    let addr = format!("{}:2377", nodes[0].ip);
+    for n in &nodes[1..3] {
+        let out = join(
+            n,
+            &[
+                "join".into(),
+                "--token".into(),
+                manager_token.clone(),
+                addr.clone(),
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(join(&nodes[3], &join_command(&init_out)).status.success());
+    let status = |n: &Node, host: &str| rows(n).into_iter().find(|r| r.0 == host).map(|r| r.2);
+    wait_until(Duration::from_secs(15), || {
+        ["m2", "m3"]
+            .iter()
+            .all(|h| status(&nodes[0], h).as_deref() == Some("Reachable"))
+    });
+    assert_eq!(status(&nodes[0], "m1").as_deref(), Some("Leader"));
+    // Any manager answers admin commands, and sees the same leader.
+    wait_until(Duration::from_secs(10), || {
+        status(&nodes[2], "m1").as_deref() == Some("Leader")
+    });
+
+    // The leader dies: a new one within 3 s (the command retries inside its own 2 s).
+    nodes[0].kill9();
+    let killed = Instant::now();
+    let mut rotated = None;
+    while killed.elapsed() < Duration::from_secs(10) {
+        if nodes[1]
+            .shoal(&["join-token", "--rotate", "worker"])
+            .status
+            .success()
+        {
+            rotated = Some(killed.elapsed());
+            break;
+        }
+    }
+    let rotated = rotated.unwrap_or_else(|| {
+        // What the survivors' Raft said, for whoever reads the failure.
+        for n in &nodes[1..3] {
+            let log = std::fs::read_to_string(n.dir.with_extension("log")).unwrap_or_default();
+            let raft: Vec<&str> = log.lines().filter(|l| l.contains("raft")).collect();
+            eprintln!(
+                "--- {} ---\n{}",
+                n.name,
+                raft[raft.len().saturating_sub(40)..].join("\n")
+            );
+        }
+        panic!("a rotation commits after the leader died")
+    });
+    assert!(rotated < Duration::from_secs(5), "{rotated:?}");
+    let leader = |n: &Node| rows(n).into_iter().find(|r| r.2 == "Leader").map(|r| r.0);
+    let new_leader = leader(&nodes[1]).expect("a new leader");
+    assert_ne!(new_leader, "m1");
+    wait_until(Duration::from_secs(5), || {
+        status(&nodes[2], "m1").as_deref() == Some("Unreachable")
+    });
+    // A new worker joins through a surviving manager, with the rotated token.
+    let token = nodes[2]
+        .ok(&["join-token", "-q", "worker"])
+        .trim()
+        .to_owned();
+    let via = format!("{}:2377", nodes[2].ip);
+    let out = join(&nodes[4], &["join".into(), "--token".into(), token, via]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_until(Duration::from_secs(10), || {
+        status_of(&nodes[1], "w2").as_deref() == Some("Ready")
+    });
+    // The worker that followed m1 moved to another manager: it has the newest view.
+    let version = nodes[1].info()["view_version"].clone();
+    wait_until(Duration::from_secs(10), || {
+        nodes[3].info()["view_version"] == version
+    });
+
+    // The old leader comes back as a follower with the state it missed.
+    nodes[0].start();
+    wait_until(Duration::from_secs(10), || {
+        status(&nodes[0], "m1").as_deref() == Some("Reachable")
+            && leader(&nodes[0]).as_deref() == Some(new_leader.as_str())
+    });
+    wait_until(Duration::from_secs(10), || {
+        status_of(&nodes[0], "w2").as_deref() == Some("Ready")
+    });
+
+    // Two of three managers gone: docker's line, within 2 s, for every admin write.
+    let (survivor, others) = if new_leader == "m2" {
+        (2, [0, 1])
+    } else {
+        (1, [0, 2])
+    };
+    for i in others {
+        nodes[i].kill9();
+    }
+    let asked = Instant::now();
+    let err = nodes[survivor].fails(&["join-token", "--rotate", "worker"]);
+    assert!(
+        asked.elapsed() < Duration::from_millis(2500),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert_eq!(
+        err,
+        "Error response from daemon: The swarm does not have a leader. It's possible that too few managers are online. Make sure more than half of the managers are online."
+    );
+    let err = nodes[survivor].fails(&["node", "promote", "w1"]);
+    assert!(err.contains("does not have a leader"), "{err}");
+    // One back: a quorum again, writes resume.
+    nodes[others[0]].start();
+    wait_until(Duration::from_secs(10), || {
+        nodes[survivor]
+            .shoal(&["join-token", "--rotate", "worker"])
+            .status
+            .success()
+    });
 }

@@ -16,6 +16,9 @@ use crate::view::{Availability, LiveKeys, Role, View};
 /// Largest frame accepted, in bytes.
 pub const MAX_FRAME: u32 = 4 << 20;
 
+/// The manager API's port (docker swarm's 2377).
+pub const DEFAULT_API_PORT: u16 = 2377;
+
 /// Errors reading or writing a frame.
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
@@ -552,6 +555,9 @@ pub enum ManagerRequest {
     Leave,
     /// mTLS, managers only: a forwarded admin command.
     Admin(AdminRequest),
+    /// mTLS, managers only: the connection carries the managers' Raft from here on (raw
+    /// frames: a kind byte and a body; see `shoal_control::manager::raft`).
+    Raft,
 }
 
 /// What a joining node gets.

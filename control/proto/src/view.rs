@@ -69,9 +69,11 @@ pub struct ViewV1 {
     /// The manager state version this view was made from; a node replaces its view only with
     /// a strictly newer one.
     pub version: u64,
-    /// The leader's node ID.
+    /// A manager's node ID (the one with the lowest Raft ID). Before Raft this was the one
+    /// manager; now every manager is in `nodes` with its API address, and who leads is Raft's
+    /// to say, not the view's.
     pub leader: NodeId,
-    /// The leader's API address.
+    /// That manager's API address.
     pub api_addr: SocketAddr,
     /// The cluster CA certificate, DER.
     pub ca_cert_der: Vec<u8>,
@@ -116,6 +118,13 @@ pub struct NodeV1 {
     pub overlay_addr: Option<Ipv4Addr>,
     /// Unix time the node joined.
     pub joined_at: u64,
+    /// A manager's Raft ID. Optional, and the one exception to "every field is required":
+    /// views from managers before Raft have none (their one manager is `leader`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raft_id: Option<u64>,
+    /// A manager's API address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_addr: Option<SocketAddr>,
 }
 
 /// A key with its id, format 1.
@@ -201,6 +210,8 @@ mod tests {
                 left: false,
                 overlay_addr: Some("198.19.0.2".parse().unwrap()),
                 joined_at: 5,
+                raft_id: Some(1),
+                api_addr: Some("198.18.0.1:2377".parse().unwrap()),
             }],
             keys: KeysV1 {
                 gossip: vec![KeyV1 {

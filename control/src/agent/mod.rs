@@ -1,10 +1,10 @@
 //! The agent daemon: the Unix socket the CLI talks to, and this node's part in the swarm.
 //!
-//! On the leader it runs the [`Manager`] and its API on 2377. On every other node it keeps a
-//! watch stream to the leader over mTLS (node certificate issued at join): each change of
-//! the node list or the keys arrives as a new cluster view and is kept in the store, so a
-//! restarted agent is the same node, with no token needed. Manager-only commands on a
-//! promoted (non-leader) manager are forwarded to the leader over the same mTLS identity.
+//! On a manager it runs the [`Manager`] (its part of the Raft group) and its API on 2377. On
+//! every other node it keeps a watch stream to one of the managers over mTLS (node certificate
+//! issued at join), moving to another when that one stops answering: each change of the node
+//! list or the keys arrives as a new cluster view and is kept in the store, so a restarted
+//! agent is the same node, with no token needed.
 
 pub mod capture;
 pub mod datapath;
@@ -53,7 +53,7 @@ use crate::trust::tls::{
 /// The agent's version, reported as ENGINE VERSION.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// The manager API port.
-pub const DEFAULT_API_PORT: u16 = 2377;
+pub use crate::api::DEFAULT_API_PORT;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
@@ -109,9 +109,15 @@ pub enum AgentError {
     /// TLS material in the state dir is damaged.
     #[error(transparent)]
     Tls(#[from] TlsError),
-    /// The stored manager state is empty.
+    /// The manager did not start.
     #[error(transparent)]
-    Manager(#[from] StartError),
+    ManagerStart(#[from] StartError),
+    /// The manager started but could not commit its first command.
+    #[error("the manager could not commit: {0}")]
+    Manager(String),
+    /// A manager whose view gives it no Raft ID (a view from a manager older than Raft).
+    #[error("this node is a manager but its cluster view gives it no Raft ID; run `shoal leave --force` and join it again")]
+    NoRaftId,
     /// The metrics address (`--metrics-addr`) could not be bound.
     #[error(
         "cannot listen on {addr} for metrics: {source}; free the port or change --metrics-addr"
@@ -282,12 +288,17 @@ pub enum LeaveError {
     /// Not in a swarm.
     #[error("This node is not part of a swarm")]
     NotInSwarm,
-    /// The leader (the last manager) without `--force`.
+    /// The last manager without `--force`.
     #[error("You are attempting to leave the swarm on a node that is participating as a manager. Removing the last manager erases all current state of the swarm. Use `--force` to ignore this message.")]
     LastManager,
-    /// A promoted manager without `--force`.
-    #[error("You are attempting to leave the swarm on a node that is participating as a manager. Demote it first with `shoal node demote`, or use `--force` to ignore this message.")]
-    Manager,
+    /// A manager of several without `--force`.
+    #[error("You are attempting to leave the swarm on a node that is participating as a manager. Removing this node leaves {left} managers out of {total}. Without a Raft quorum your swarm will be inaccessible. The only way to restore a swarm that has lost consensus is to reinitialize it with `--force-new-cluster`. Use `--force` to suppress this message.")]
+    Manager {
+        /// Managers left after this one.
+        left: usize,
+        /// Managers now.
+        total: usize,
+    },
     /// The state could not be cleared.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -448,26 +459,29 @@ impl Agent {
         });
         if let Some(m) = membership {
             let incarnation = agent.fresh_incarnation().await?;
-            match (manager_state, m.listen_addr) {
-                (Some(state), Some(listen)) => {
-                    let listener =
-                        TcpListener::bind(listen)
-                            .await
-                            .map_err(|source| AgentError::Bind {
-                                addr: listen,
-                                source,
-                            })?;
-                    let manager = reconcile::ManagerStart {
-                        state,
-                        listener,
-                        listen,
-                    };
+            let own = m.view.node(&m.node_id).cloned();
+            let manager_role = own.as_ref().is_some_and(|n| n.role == Role::Manager);
+            if !manager_role && manager_state.is_some() {
+                // Demoted while it was down (or stopped before it could clear its part):
+                // a worker now, with nothing of the managers' kept.
+                agent
+                    .store
+                    .write(&[Write::ClearManager, Write::ClearRaft])
+                    .await?;
+            }
+            let listen = m
+                .listen_addr
+                .or_else(|| own.as_ref().and_then(|n| n.api_addr));
+            match (manager_role, listen) {
+                (true, Some(listen)) => {
+                    let manager = reconcile::manager_start(&agent.store, &m, listen).await?;
+                    let raft_id = manager.raft_id;
                     agent.reconciler.start(Some(manager), incarnation).await?;
-                    info!(node = %m.node_id, %listen, "resumed as the swarm leader");
+                    info!(node = %m.node_id, %listen, raft_id, "resumed as a swarm manager");
                 }
                 _ => {
                     agent.reconciler.start(None, incarnation).await?;
-                    info!(node = %m.node_id, manager = %m.view.api_addr, "resumed swarm membership");
+                    info!(node = %m.node_id, "resumed swarm membership");
                 }
             }
         }
@@ -760,7 +774,10 @@ impl Agent {
             public_key: hex(&self.public_key),
             node_id: m.as_ref().map(|m| m.node_id.clone()),
             role: m.as_ref().map(Membership::role),
-            manager_addr: m.as_ref().map(|m| m.view.api_addr),
+            manager_addr: m.as_ref().and_then(|m| {
+                let own = m.view.node(&m.node_id).and_then(|n| n.api_addr);
+                own.or_else(|| m.view.managers().first().map(|(_, a)| *a))
+            }),
             view_version: m.as_ref().map(|m| m.view.version),
             gossip_key_ids: m
                 .as_ref()
@@ -822,8 +839,7 @@ impl Agent {
         };
         let (_, signing_key) = crate::trust::join::public_keys(&self.node_secret);
         let api_addr = join_addr(req.advertise_addr, req.listen_addr);
-        let mut state = State::default();
-        state.apply(Command::Init(Box::new(Init {
+        let init = Command::Init(Box::new(Init {
             ca,
             leader: Node {
                 id: node_id.clone(),
@@ -842,6 +858,8 @@ impl Agent {
                 left: false,
                 overlay_addr: None,
                 joined_at: now,
+                raft_id: None,
+                api_addr: None,
             },
             api_addr,
             worker_secret: Secret::from_random(random_u128()).as_str().into(),
@@ -859,7 +877,11 @@ impl Agent {
                 vteps: Vec::new(),
             },
             at: now,
-        })))?;
+        }));
+        // What the state will be once the Raft group of one has committed `init`: the view
+        // this node keeps, and the token to print.
+        let mut state = State::default();
+        state.apply(init.clone())?;
         let (Some(view), Some(cluster)) = (state.view(), state.cluster()) else {
             return Err(InitError::Refused(ApplyError::NotInitialized));
         };
@@ -877,25 +899,30 @@ impl Agent {
             listen_addr: Some(req.listen_addr),
         };
         self.store
-            .write(&[
-                Write::Manager(&crate::store::encoded("manager", state.to_record())?),
-                Write::Membership(&membership),
-            ])
+            .write(&[Write::ClearRaft, Write::Membership(&membership)])
             .await?;
         self.membership.set(Some(membership));
         let manager = reconcile::ManagerStart {
-            state,
+            state: State::default(),
             listener,
             listen: req.listen_addr,
+            raft_id: 1,
+            bootstrap: true,
+            first: Some(init),
         };
         match self.reconciler.start(Some(manager), incarnation).await {
             Ok(()) => {}
             Err(e) => {
                 // Undo: nothing of a half-started swarm stays.
+                self.reconciler.stop().await;
                 self.membership.set(None);
                 let _ = self
                     .store
-                    .write(&[Write::ClearManager, Write::ClearMembership])
+                    .write(&[
+                        Write::ClearManager,
+                        Write::ClearRaft,
+                        Write::ClearMembership,
+                    ])
                     .await;
                 return Err(InitError::Start(Box::new(e)));
             }
@@ -984,20 +1011,36 @@ impl Agent {
             pinned.accepted_leaf(),
             manager,
         )?;
+        let listen_addr = view.node(&grant.node_id).and_then(|n| n.api_addr);
         let membership = Membership {
             node_id: grant.node_id,
             cert_der: grant.cert_der,
             key_pem: cert_key.private_pem(),
             cert_not_after: grant.cert_not_after,
             view,
-            listen_addr: None,
+            listen_addr,
         };
         let role = membership.role();
-        self.store.write(&[Write::Membership(&membership)]).await?;
+        self.store
+            .write(&[
+                Write::ClearManager,
+                Write::ClearRaft,
+                Write::Membership(&membership),
+            ])
+            .await?;
         info!(node = %membership.node_id, role = role.as_str(), %manager, "joined the swarm");
+        // A manager joins the Raft group: the leader adds it and sends it the state.
+        let manager_start = match (role, listen_addr) {
+            (Role::Manager, Some(listen)) => Some(
+                reconcile::manager_start(&self.store, &membership, listen)
+                    .await
+                    .map_err(|e| JoinError::Start(Box::new(e)))?,
+            ),
+            _ => None,
+        };
         self.membership.set(Some(membership));
         self.reconciler
-            .start(None, incarnation)
+            .start(manager_start, incarnation)
             .await
             .map_err(|e| JoinError::Start(Box::new(e)))?;
         Ok(Reply::Joined { role })
@@ -1008,18 +1051,35 @@ impl Agent {
         let Some(m) = self.membership.get() else {
             return Err(LeaveError::NotInSwarm);
         };
-        if self.running().manager.is_some() {
+        let total = m.view.managers().len();
+        if let Some(manager) = self.running().manager.clone() {
             if !force {
-                return Err(LeaveError::LastManager);
+                return Err(if total <= 1 {
+                    LeaveError::LastManager
+                } else {
+                    LeaveError::Manager {
+                        left: total - 1,
+                        total,
+                    }
+                });
+            }
+            // One of several: the others take it out of the Raft group and the node list.
+            if total > 1 {
+                if let Err(e) = manager.apply(Command::MarkLeft(m.node_id.clone())).await {
+                    warn!("could not tell the other managers we leave: {e}");
+                }
             }
         } else {
             if m.role() == Role::Manager && !force {
-                return Err(LeaveError::Manager);
+                return Err(LeaveError::Manager {
+                    left: total.saturating_sub(1),
+                    total,
+                });
             }
             // Tell the manager, so it shows this node Down at once; leave anyway if it can't hear.
             match tokio::time::timeout(REQUEST_TIMEOUT, async {
-                let mut tls = connect_member(&m).await?;
-                call(&mut tls, m.view.api_addr, &ManagerRequest::Leave).await
+                let (mut tls, addr) = connect_member(&m).await?;
+                call(&mut tls, addr, &ManagerRequest::Leave).await
             })
             .await
             {
@@ -1030,7 +1090,11 @@ impl Agent {
         }
         self.reconciler.stop().await;
         self.store
-            .write(&[Write::ClearMembership, Write::ClearManager])
+            .write(&[
+                Write::ClearMembership,
+                Write::ClearManager,
+                Write::ClearRaft,
+            ])
             .await?;
         self.membership.set(None);
         info!(node = %m.node_id, "left the swarm");
@@ -1162,14 +1226,13 @@ impl Agent {
         if m.role() != Role::Manager {
             return Err(AdminCallError::NotManager);
         }
-        // A promoted manager: forward to the leader.
-        let addr = m.view.api_addr;
+        // A manager whose own manager is not running yet: ask another.
         let reply = tokio::time::timeout(REQUEST_TIMEOUT, async {
-            let mut tls = connect_member(&m).await?;
+            let (mut tls, addr) = connect_member(&m).await?;
             call(&mut tls, addr, &ManagerRequest::Admin(request)).await
         })
         .await
-        .map_err(|_| CallError::Timeout(addr))??;
+        .map_err(|_| CallError::Timeout(first_manager(&m)))??;
         match reply {
             ManagerReply::Admin(reply) => Ok(match *reply {
                 Reply::Nodes { nodes, .. } => Reply::Nodes {
@@ -1215,7 +1278,7 @@ fn peer_counters(
 
 /// Checks a join grant before anything of it is kept: the view's CA is the token's, the node is
 /// in the view, its certificate is the CA's for this node in its role, and the server that
-/// granted it is the view's manager (the certificate it showed names the view's leader).
+/// granted it is one of the view's managers (the certificate it showed names it, as manager).
 fn check_grant(
     node_id: &NodeId,
     cert_der: &[u8],
@@ -1232,11 +1295,10 @@ fn check_grant(
     crate::trust::tls::verify_issued(&view.ca_cert_der, cert_der, node_id, node.role)
         .map_err(|e| bad(format!("the certificate: {e}")))?;
     let server = server_leaf.and_then(|der| crate::trust::tls::cert_identity(&der));
-    if server != Some((view.leader.clone(), Role::Manager)) {
-        return Err(bad(format!(
-            "the server is not the swarm's manager {}",
-            view.leader
-        )));
+    let is_manager = |id: &NodeId| view.node(id).is_some_and(|n| n.role == Role::Manager);
+    match server {
+        Some((id, Role::Manager)) if is_manager(&id) => {}
+        _ => return Err(bad("the server is not one of the swarm's managers".into())),
     }
     Ok(())
 }
@@ -1307,12 +1369,58 @@ pub fn check_cidr(text: &str) -> Result<(), CidrError> {
     Ok(())
 }
 
-/// A mutual-TLS connection to this node's manager: it must show a manager certificate of the
-/// cluster CA naming the view's leader.
-async fn connect_member(m: &Membership) -> Result<TlsStream<TcpStream>, CallError> {
-    let config = manager_client_config(&m.view.ca_cert_der, &issued(m), &m.view.leader)?;
-    let addr = m.view.api_addr;
-    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+/// The address of the first manager of the view (for messages).
+fn first_manager(m: &Membership) -> SocketAddr {
+    m.view
+        .managers()
+        .first()
+        .map_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)), |(_, a)| *a)
+}
+
+/// How long one manager gets to answer before the next is tried.
+const MANAGER_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A mutual-TLS connection to one of the view's managers (not this node), tried in turn from
+/// the one that answered last: each must show a manager certificate of the cluster CA naming
+/// itself.
+async fn connect_member(m: &Membership) -> Result<(TlsStream<TcpStream>, SocketAddr), CallError> {
+    static LAST_GOOD: std::sync::Mutex<Option<SocketAddr>> = std::sync::Mutex::new(None);
+    let mut managers: Vec<(NodeId, SocketAddr)> = m
+        .view
+        .managers()
+        .into_iter()
+        .filter(|(id, _)| **id != m.node_id)
+        .map(|(id, a)| (id.clone(), a))
+        .collect();
+    let last = *LAST_GOOD
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(i) = managers.iter().position(|(_, a)| Some(*a) == last) {
+        managers.rotate_left(i);
+    }
+    let mut error = CallError::unreachable(first_manager(m), "the view names no manager");
+    for (id, addr) in managers {
+        match connect_manager(m, &id, addr).await {
+            Ok(tls) => {
+                *LAST_GOOD
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(addr);
+                return Ok((tls, addr));
+            }
+            Err(e) => error = e,
+        }
+    }
+    Err(error)
+}
+
+/// A mutual-TLS connection to manager `id` at `addr`.
+async fn connect_manager(
+    m: &Membership,
+    id: &NodeId,
+    addr: SocketAddr,
+) -> Result<TlsStream<TcpStream>, CallError> {
+    let config = manager_client_config(&m.view.ca_cert_der, &issued(m), id)?;
+    let tcp = tokio::time::timeout(MANAGER_CONNECT_TIMEOUT, TcpStream::connect(addr))
         .await
         .map_err(|_| CallError::unreachable(addr, "no answer"))?
         .map_err(|e| CallError::unreachable(addr, e))?;
@@ -1416,13 +1524,12 @@ async fn renew(
     membership: &MembershipCell,
     faults: &Faults,
 ) -> Result<(), WatchError> {
-    let addr = m.view.api_addr;
     let cert = tokio::time::timeout(REQUEST_TIMEOUT, async {
-        let mut tls = connect_member(m).await?;
+        let (mut tls, addr) = connect_member(m).await?;
         call(&mut tls, addr, &ManagerRequest::Renew).await
     })
     .await
-    .map_err(|_| CallError::Timeout(addr))??;
+    .map_err(|_| CallError::Timeout(first_manager(m)))??;
     match cert {
         ManagerReply::Certificate(cert) => {
             take_certificate(m, cert, store, membership, faults).await?;
@@ -1512,7 +1619,7 @@ async fn watch_loop(
             Err(e) => faults.report(
                 &faults.watch_failures,
                 "the watch stream to the manager failed; reconnecting",
-                &format_args!("{}: {e}", m.view.api_addr),
+                &e,
             ),
         }
         tokio::select! {
@@ -1531,7 +1638,7 @@ async fn watch_once(
     stop: &mut watch::Receiver<bool>,
     backoff: &mut Duration,
 ) -> Result<WatchEnd, WatchError> {
-    let mut tls = connect_member(m).await?;
+    let (mut tls, _) = connect_member(m).await?;
     write_frame(&mut tls, &ManagerRequest::Watch).await?;
     let (mut rd, mut wr) = tokio::io::split(tls);
     let pinger = tokio::spawn(async move {
@@ -1782,7 +1889,11 @@ mod tests {
             .apply(crate::manager::state::tests::init_cmd())
             .unwrap();
         let mut view = state.view().unwrap();
-        view.api_addr = api_addr;
+        for n in &mut view.nodes {
+            if n.role == Role::Manager {
+                n.api_addr = Some(api_addr);
+            }
+        }
         view.ca_cert_der = ca.cert_der.clone();
         let m = Membership {
             node_id: id,

@@ -1,5 +1,6 @@
-//! The one owner of what this node runs: its role (the manager's API when it leads, the watch
-//! stream to the manager otherwise), gossip, and the data path.
+//! The one owner of what this node runs: its role (on a manager, its part of the Raft group and
+//! the API; on a worker, the watch stream to a manager), gossip, and the data path. A
+//! promotion starts the manager, a demotion stops it (and clears its Raft log and state).
 //!
 //! One task, the [`Reconciler`], holds all of it. It is fed by events and never shares what
 //! it holds behind a lock:
@@ -34,15 +35,21 @@ use super::gossip::Link;
 use super::{watch_loop, AgentError, Faults};
 use crate::cluster::LiveKeys;
 use crate::id::NodeId;
-use crate::manager::state::State;
+use crate::manager::state::{Command, Role, State};
 use crate::manager::Manager;
-use crate::store::{Membership, MembershipCell, Store};
+use crate::store::{Membership, MembershipCell, RaftKey, Store, Write};
 use crate::trust::tls::{server_config, Issued};
 
 /// How often gossip that could not start is tried again.
 const GOSSIP_RETRY: Duration = Duration::from_secs(5);
 /// How often a data path that could not start is tried again.
 const DATA_PATH_RETRY: Duration = Duration::from_secs(5);
+/// How long a demoted manager stays in the Raft group at most, waiting to be taken out.
+const DEMOTION_GRACE: Duration = Duration::from_secs(10);
+/// A demoted manager no leader has sent anything for this long has been taken out.
+const LEADER_GONE: Duration = Duration::from_secs(2);
+/// How often a demoted manager looks whether it has been taken out.
+const ROLE_RECHECK: Duration = Duration::from_millis(200);
 /// Orders waiting for the reconciler at most.
 const ORDER_QUEUE: usize = 8;
 
@@ -62,12 +69,51 @@ pub struct Running {
 /// The manager's part of a start: its state and the listener already bound to its address
 /// (bound by the caller, so a busy port is the caller's error before anything is kept).
 pub struct ManagerStart {
-    /// The manager state.
+    /// The manager state (empty on a manager that has just joined).
     pub state: State,
     /// The bound API listener.
     pub listener: TcpListener,
     /// Its address.
     pub listen: SocketAddr,
+    /// This manager's Raft ID.
+    pub raft_id: u64,
+    /// Form a new Raft group of one if there is no Raft log (`init`, a state from before Raft).
+    pub bootstrap: bool,
+    /// A command to commit once it runs (`init`'s).
+    pub first: Option<Command>,
+}
+
+/// A [`ManagerStart`] for the manager of membership `m` from what the store holds, with its
+/// API bound to `listen`. A state with no Raft record beside it (a state dir from before Raft)
+/// forms a group of one, its state the first; an empty one (a manager that just joined or was
+/// promoted) waits for the leader.
+pub async fn manager_start(
+    store: &Store,
+    m: &Membership,
+    listen: SocketAddr,
+) -> Result<ManagerStart, AgentError> {
+    let state = store.manager(State::from_record).await?.unwrap_or_default();
+    let bootstrap = state.cluster().is_some() && store.raft_get(RaftKey::Applied).await?.is_none();
+    let raft_id = state
+        .cluster()
+        .and_then(|c| c.nodes.get(&m.node_id))
+        .and_then(|n| n.raft_id)
+        .or_else(|| m.view.node(&m.node_id).and_then(|n| n.raft_id))
+        .ok_or(AgentError::NoRaftId)?;
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|source| AgentError::Bind {
+            addr: listen,
+            source,
+        })?;
+    Ok(ManagerStart {
+        state,
+        listener,
+        listen,
+        raft_id,
+        bootstrap,
+        first: None,
+    })
 }
 
 /// What the agent asks of the reconciler.
@@ -175,6 +221,11 @@ pub struct Reconciler {
     incarnation: Option<Incarnation>,
     gossip: Option<Gossip>,
     gossip_retry: Option<Instant>,
+    /// When this manager learnt it was demoted (or left): it keeps its part in the Raft group
+    /// until the others have taken it out, at most [`DEMOTION_GRACE`].
+    demoted_at: Option<Instant>,
+    /// When to look at the role again (a demoted manager still in the Raft group).
+    role_wake: Option<Instant>,
     gossip_warned: bool,
     data_path: Option<Arc<DataPath>>,
     data_path_wake: Option<Instant>,
@@ -198,6 +249,8 @@ pub fn spawn(setup: Setup) -> Handle {
         gossip_warned: false,
         data_path: None,
         data_path_wake: None,
+        demoted_at: None,
+        role_wake: None,
         data_path_warned: false,
         drops: None,
         published,
@@ -263,10 +316,15 @@ impl Reconciler {
     /// next epoch switch or start try.
     fn next_wake(&self) -> Option<Instant> {
         let key_switch = self.gossip.as_ref().and_then(|g| g.link.key_switch_at());
-        [self.gossip_retry, key_switch, self.data_path_wake]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            self.gossip_retry,
+            key_switch,
+            self.data_path_wake,
+            self.role_wake,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     async fn start(
@@ -278,13 +336,23 @@ impl Reconciler {
         self.stop().await;
         match manager {
             Some(start) => {
-                let (manager, task) = self.start_manager(&m, *start)?;
-                self.manager = Some((manager, task));
+                let first = start.first.clone();
+                let (manager, task) = self.start_manager(&m, *start).await?;
+                self.manager = Some((manager.clone(), task));
+                if let Some(command) = first {
+                    if let Err(e) = manager.apply(command).await {
+                        self.stop().await;
+                        return Err(AgentError::Manager(e.to_string()));
+                    }
+                }
             }
             None => self.watcher = Some(self.start_watcher()),
         }
         self.incarnation = Some(incarnation);
         self.gossip_retry = Some(Instant::now());
+        // What started may not be what the view says any more (a manager demoted while it was
+        // down): follow the view now, not at its next change.
+        self.follow_role(&m).await;
         self.on_timer().await;
         Ok(())
     }
@@ -302,8 +370,9 @@ impl Reconciler {
         if let Some(g) = self.gossip.take() {
             g.link.stop(true).await;
         }
-        if let Some((_, task)) = self.manager.take() {
+        if let Some((manager, task)) = self.manager.take() {
             task.stop().await;
+            manager.shutdown().await;
         }
         if let Some(task) = self.watcher.take() {
             task.stop().await;
@@ -311,7 +380,7 @@ impl Reconciler {
         self.publish();
     }
 
-    fn start_manager(
+    async fn start_manager(
         &self,
         m: &Membership,
         start: ManagerStart,
@@ -321,15 +390,18 @@ impl Reconciler {
             key_pem: m.key_pem.clone(),
         };
         let tls = server_config(&m.view.ca_cert_der, &own)?;
-        let manager = Manager::new(
+        let manager = Manager::start(
             m.node_id.clone(),
+            start.raft_id,
             start.listen,
             (own, m.cert_not_after),
             *self.setup.node_secret,
             start.state,
             self.setup.store.clone(),
             self.setup.membership.clone(),
-        )?;
+            start.bootstrap,
+        )
+        .await?;
         let (stop, rx) = watch::channel(false);
         let task = tokio::spawn(
             manager
@@ -404,6 +476,12 @@ impl Reconciler {
             }
             self.publish();
         }
+        if self.role_wake.is_some_and(|t| t <= now) {
+            self.role_wake = None;
+            if let Some(m) = self.setup.membership.get() {
+                self.follow_role(&m).await;
+            }
+        }
         if self.data_path_wake.is_some_and(|t| t <= now) {
             self.steer_data_path();
         }
@@ -418,6 +496,9 @@ impl Reconciler {
             }
             return;
         };
+        if self.incarnation.is_some() {
+            self.follow_role(&m).await;
+        }
         if let Some(g) = self.gossip.as_mut() {
             if let Err(e) = g.link.apply_view(&m).await {
                 warn!("gossip could not follow the cluster view: {e}");
@@ -425,6 +506,71 @@ impl Reconciler {
         }
         self.steer_data_path();
         self.publish();
+    }
+
+    /// A promotion starts this node's manager (the leader adds it to the Raft group); a
+    /// demotion (or a leave the managers applied) stops it, clears its Raft log and state, and
+    /// the node follows a manager's watch stream like any worker.
+    async fn follow_role(&mut self, m: &Membership) {
+        let own = m.view.node(&m.node_id);
+        // A manager once the view says so and this node holds the certificate the view names
+        // (the manager certificate arrives on the watch stream just after the view).
+        let holds_cert =
+            own.is_some_and(|n| n.cert_digest == crate::trust::tls::cert_digest(&m.cert_der));
+        let manager = holds_cert
+            && own.is_some_and(|n| n.role == Role::Manager && n.active() && n.raft_id.is_some());
+        match (manager, self.manager.is_some()) {
+            (true, false) => {
+                let Some(listen) = m.listen_addr.or_else(|| own.and_then(|n| n.api_addr)) else {
+                    return;
+                };
+                let started = match manager_start(&self.setup.store, m, listen).await {
+                    Ok(start) => self.start_manager(m, start).await,
+                    Err(e) => Err(e),
+                };
+                match started {
+                    Ok(running) => {
+                        if let Some(task) = self.watcher.take() {
+                            task.stop().await;
+                        }
+                        info!("promoted: this node is a manager now");
+                        self.manager = Some(running);
+                        self.feed_manager();
+                    }
+                    Err(e) => warn!("could not start this node's manager: {e}"),
+                }
+            }
+            (false, true) if own.is_some() => {
+                // Still a member of the Raft group: the others need this manager to commit its
+                // own removal (two managers, one demoted, is a quorum of both). It goes once
+                // they have taken it out (or stopped sending to it), or after the grace.
+                let now = Instant::now();
+                let since = *self.demoted_at.get_or_insert(now);
+                let needed = self.manager.as_ref().is_some_and(|(manager, _)| {
+                    manager.raft().in_group() && manager.raft().leader_quiet_for() < LEADER_GONE
+                });
+                if needed && now < since + DEMOTION_GRACE {
+                    self.role_wake = Some(now + ROLE_RECHECK);
+                    return;
+                }
+                self.demoted_at = None;
+                if let Some((manager, task)) = self.manager.take() {
+                    task.stop().await;
+                    manager.shutdown().await;
+                }
+                if let Err(e) = self
+                    .setup
+                    .store
+                    .write(&[Write::ClearManager, Write::ClearRaft])
+                    .await
+                {
+                    warn!("could not clear this node's manager state: {e}");
+                }
+                info!("demoted: this node is a worker now");
+                self.watcher = Some(self.start_watcher());
+            }
+            _ => {}
+        }
     }
 
     /// The set of nodes gossip sees up goes to this node's manager (node STATUS).

@@ -26,10 +26,15 @@ pub struct Cluster {
     pub worker_secret: String,
     /// Manager join secret.
     pub manager_secret: String,
-    /// The leader (the node that ran init; Raft will elect later).
-    pub leader: NodeId,
-    /// The leader's API address (`advertise addr:2377`).
-    pub api_addr: SocketAddr,
+    /// The next Raft ID to hand out (IDs are never reused).
+    #[serde(default)]
+    pub next_raft_id: u64,
+    /// Before Raft: the one manager. Read from old records only, to give it Raft ID 1.
+    #[serde(default, rename = "leader", skip_serializing)]
+    pub legacy_leader: Option<NodeId>,
+    /// Before Raft: that manager's API address.
+    #[serde(default, rename = "api_addr", skip_serializing)]
+    pub legacy_api_addr: Option<SocketAddr>,
     /// The node list.
     pub nodes: BTreeMap<NodeId, Node>,
     /// Network keys.
@@ -42,7 +47,74 @@ pub struct Cluster {
     pub cert_expiry_secs: u64,
 }
 
+/// A manager's API address when it did not say otherwise.
+pub fn default_api_addr(addr: IpAddr) -> SocketAddr {
+    SocketAddr::new(addr, crate::api::DEFAULT_API_PORT)
+}
+
 impl Cluster {
+    /// A fresh Raft ID.
+    fn take_raft_id(&mut self) -> u64 {
+        let id = self.next_raft_id.max(1);
+        self.next_raft_id = id + 1;
+        id
+    }
+
+    /// The active managers.
+    pub fn managers(&self) -> impl Iterator<Item = &Node> {
+        self.nodes
+            .values()
+            .filter(|n| n.active() && n.role == Role::Manager)
+    }
+
+    /// Refuses to demote `id` if it is the last manager, or if the managers left, as many of
+    /// them as `reachable` says are up, would be fewer than a quorum of their number.
+    fn check_demotion(&self, id: &NodeId, reachable: &BTreeSet<NodeId>) -> Result<(), ApplyError> {
+        let left: Vec<&Node> = self.managers().filter(|n| &n.id != id).collect();
+        if left.is_empty() {
+            return Err(ApplyError::DemoteLast(id.clone()));
+        }
+        let quorum = left.len() / 2 + 1;
+        let up = left.iter().filter(|n| reachable.contains(&n.id)).count();
+        if up < quorum {
+            return Err(ApplyError::Quorum {
+                reachable: up,
+                left: left.len(),
+                quorum,
+            });
+        }
+        Ok(())
+    }
+
+    /// Gives Raft IDs and API addresses to the managers of a state from before Raft: the one
+    /// that ran `init` gets ID 1 and the API address it had.
+    fn adopt_raft(&mut self) {
+        if self.next_raft_id != 0 {
+            return;
+        }
+        self.next_raft_id = 1;
+        if let Some(id) = self.legacy_leader.take() {
+            if let Some(n) = self.nodes.get_mut(&id) {
+                n.raft_id = Some(1);
+                n.api_addr = self.legacy_api_addr.or(n.api_addr);
+                self.next_raft_id = 2;
+            }
+        }
+        let others: Vec<NodeId> = self
+            .managers()
+            .filter(|n| n.raft_id.is_none())
+            .map(|n| n.id.clone())
+            .collect();
+        for id in others {
+            let raft_id = self.take_raft_id();
+            if let Some(n) = self.nodes.get_mut(&id) {
+                n.raft_id = Some(raft_id);
+                n.api_addr = Some(n.api_addr.unwrap_or_else(|| default_api_addr(n.addr)));
+            }
+        }
+        self.legacy_api_addr = None;
+    }
+
     /// Overlay addresses in use: the nodes' and the external VTEPs'.
     pub fn overlay_used(&self) -> BTreeSet<Ipv4Addr> {
         self.nodes
@@ -104,9 +176,9 @@ impl Node {
 pub struct Init {
     /// The CA made for this cluster.
     pub ca: CaMaterial,
-    /// The first node, which becomes the leader.
+    /// The first node, the first manager.
     pub leader: Node,
-    /// The leader's API address.
+    /// Its API address.
     pub api_addr: SocketAddr,
     /// Worker join secret.
     pub worker_secret: String,
@@ -131,12 +203,16 @@ pub struct Init {
 pub enum Command {
     /// Create the cluster.
     Init(Box<Init>),
-    /// Add a node that presented a valid secret.
+    /// Add a node (already checked by whoever proposes it).
     AddNode(Box<Node>),
+    /// Add a node that joined with a token: applied only if its secret proof still opens the
+    /// node's role (a join that raced a `join-token --rotate` does not commit).
+    Join(Box<Node>, Admission),
     /// Remove a node from the list.
     RemoveNode(NodeId),
-    /// Change a node's role, with the certificate issued for it in that role.
-    SetRole(NodeId, Role, NodeCert),
+    /// Change a node's role, with the certificate issued for it in that role; the managers the
+    /// proposer saw reachable decide whether a demotion keeps a quorum.
+    SetRole(NodeId, Role, NodeCert, BTreeSet<NodeId>),
     /// Replace a node's certificate (a renewal), same role.
     Renew(NodeId, NodeCert),
     /// The node left on its own (`shoal leave`).
@@ -158,8 +234,17 @@ pub enum Command {
     },
 }
 
+/// A join's proof of its secret, bound to the join's TLS session (see `crate::trust::join`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Admission {
+    /// The session's exporter bytes.
+    pub exporter: [u8; 32],
+    /// The node's proof of the join secret.
+    pub secret_proof: [u8; 32],
+}
+
 /// What an applied command did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Applied {
     /// The state changed and its version grew.
     Changed,
@@ -168,7 +253,7 @@ pub enum Applied {
 }
 
 /// Why a command was refused. The state is exactly as before.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum ApplyError {
     /// `init` on a node that is already in a swarm.
     #[error("This node is already part of a swarm. Use \"shoal leave\" to leave this swarm and join another one.")]
@@ -200,18 +285,28 @@ pub enum ApplyError {
         /// Its host name.
         hostname: String,
     },
-    /// The leader cannot be removed.
-    #[error("node {0} is the leader and can't be removed; run `shoal leave --force` on it to dissolve the swarm")]
-    RemoveLeader(NodeId),
+    /// The join secret was rotated (or is wrong) by the time the join was applied.
+    #[error("{}", crate::manager::INVALID_SECRET)]
+    InvalidSecret,
     /// A manager must be demoted before removal.
     #[error("node {0} is a cluster manager. It must be demoted to worker before removal")]
     RemoveManager(NodeId),
-    /// The leader cannot be demoted (no election yet).
-    #[error("node {0} is the leader and can't be demoted: shoal has no leader election yet, so the swarm would have no leader")]
-    DemoteLeader(NodeId),
+    /// The last manager cannot be demoted.
+    #[error("attempting to demote the last manager of the swarm")]
+    DemoteLast(NodeId),
+    /// A demotion that would leave fewer reachable managers than a quorum.
+    #[error("can't remove member from the raft: this would result in a loss of quorum ({reachable} of the {left} managers left would be reachable, {quorum} are needed)")]
+    Quorum {
+        /// Reachable managers after the change.
+        reachable: usize,
+        /// Managers after the change.
+        left: usize,
+        /// A quorum of those.
+        quorum: usize,
+    },
     /// A join secret that is not 25 base-36 characters.
     #[error("refused a malformed join secret: {0}")]
-    BadSecret(crate::token::TokenError),
+    BadSecret(String),
     /// No overlay address left, or a bad subnet.
     #[error("cannot give an address on network ingress: {0}")]
     Ipam(String),
@@ -248,7 +343,8 @@ impl State {
                 return Err(ApplyError::ZeroInterval);
             }
             for secret in [&init.worker_secret, &init.manager_secret] {
-                crate::token::Token::parse_secret(secret).map_err(ApplyError::BadSecret)?;
+                crate::token::Token::parse_secret(secret)
+                    .map_err(|e| ApplyError::BadSecret(e.to_string()))?;
             }
             let Init {
                 ca,
@@ -264,6 +360,8 @@ impl State {
                 at,
             } = *init;
             leader.role = Role::Manager;
+            leader.raft_id = Some(1);
+            leader.api_addr = Some(api_addr);
             leader.overlay_addr = Some(
                 ipam(&ingress)?
                     .allocate(&BTreeSet::new())
@@ -274,8 +372,9 @@ impl State {
                 ca,
                 worker_secret,
                 manager_secret,
-                leader: leader_id.clone(),
-                api_addr,
+                next_raft_id: 2,
+                legacy_leader: None,
+                legacy_api_addr: None,
                 nodes: BTreeMap::from([(leader_id, leader)]),
                 keys: Keys {
                     gossip: vec![KeyEntry {
@@ -300,6 +399,13 @@ impl State {
         match command {
             // An `Init` returns above; here the cluster exists.
             Command::Init(_) => Err(ApplyError::AlreadyInitialized),
+            Command::Join(node, admission) => {
+                let role = self.role_for_proof(&admission.exporter, &admission.secret_proof);
+                if role != Some(node.role) {
+                    return Err(ApplyError::InvalidSecret);
+                }
+                self.apply_inner(Command::AddNode(node))
+            }
             Command::AddNode(mut node) => {
                 if cluster.nodes.contains_key(&node.id) {
                     return Err(ApplyError::NodeExists(node.id.clone()));
@@ -331,6 +437,12 @@ impl State {
                         .allocate(&used)
                         .map_err(|e| ApplyError::Ipam(e.to_string()))?,
                 });
+                node.raft_id = None;
+                if node.role == Role::Manager {
+                    node.raft_id = Some(cluster.take_raft_id());
+                    node.api_addr =
+                        Some(node.api_addr.unwrap_or_else(|| default_api_addr(node.addr)));
+                }
                 cluster.nodes.insert(node.id.clone(), *node);
                 Ok(Applied::Changed)
             }
@@ -380,10 +492,7 @@ impl State {
                     .nodes
                     .get(&id)
                     .ok_or_else(|| ApplyError::NoSuchNode(id.clone()))?;
-                if id == cluster.leader {
-                    return Err(ApplyError::RemoveLeader(id));
-                }
-                if node.role == Role::Manager {
+                if node.role == Role::Manager && node.active() {
                     return Err(ApplyError::RemoveManager(id));
                 }
                 let was_in = node.active();
@@ -393,18 +502,26 @@ impl State {
                 cluster.keys.owed |= was_in;
                 Ok(Applied::Changed)
             }
-            Command::SetRole(id, role, cert) => {
-                if id == cluster.leader && role == Role::Worker {
-                    return Err(ApplyError::DemoteLeader(id));
-                }
-                let node = cluster
+            Command::SetRole(id, role, cert, reachable) => {
+                let current = cluster
                     .nodes
-                    .get_mut(&id)
+                    .get(&id)
                     .ok_or_else(|| ApplyError::NoSuchNode(id.clone()))?;
-                if node.role == role {
+                if current.role == role {
                     return Ok(Applied::Unchanged);
                 }
+                if role == Role::Worker {
+                    cluster.check_demotion(&id, &reachable)?;
+                }
+                let raft_id = (role == Role::Manager).then(|| cluster.take_raft_id());
+                let Some(node) = cluster.nodes.get_mut(&id) else {
+                    return Err(ApplyError::NoSuchNode(id));
+                };
                 node.role = role;
+                node.raft_id = raft_id;
+                if role == Role::Manager && node.api_addr.is_none() {
+                    node.api_addr = Some(default_api_addr(node.addr));
+                }
                 node.set_cert(cert);
                 Ok(Applied::Changed)
             }
@@ -431,11 +548,13 @@ impl State {
                 // the keys it held are rotated soon.
                 node.left = true;
                 node.previous_cert_digest = None;
+                node.raft_id = None;
                 cluster.keys.owed = true;
                 Ok(Applied::Changed)
             }
             Command::RotateSecret(role, secret) => {
-                crate::token::Token::parse_secret(&secret).map_err(ApplyError::BadSecret)?;
+                crate::token::Token::parse_secret(&secret)
+                    .map_err(|e| ApplyError::BadSecret(e.to_string()))?;
                 let slot = match role {
                     Role::Worker => &mut cluster.worker_secret,
                     Role::Manager => &mut cluster.manager_secret,
@@ -490,8 +609,6 @@ impl State {
         let c = self.cluster.as_ref()?;
         Some(ClusterView {
             version: self.version,
-            leader: c.leader.clone(),
-            api_addr: c.api_addr,
             ca_cert_der: c.ca.cert_der.clone(),
             nodes: c
                 .nodes
@@ -553,7 +670,12 @@ impl State {
 
     /// The state from the store's manager record, in any format this build reads.
     pub fn from_record(bytes: &[u8]) -> Result<State, serde_json::Error> {
-        serde_json::from_slice(bytes).map(|Record::V1(state)| state)
+        serde_json::from_slice(bytes).map(|Record::V1(mut state)| {
+            if let Some(c) = state.cluster.as_mut() {
+                c.adopt_raft();
+            }
+            state
+        })
     }
 }
 
@@ -592,6 +714,8 @@ pub(crate) mod tests {
             left: false,
             overlay_addr: None,
             joined_at: 1000 + n as u64,
+            raft_id: None,
+            api_addr: None,
         }
     }
 
@@ -627,6 +751,11 @@ pub(crate) mod tests {
         s
     }
 
+    /// Every test node reachable.
+    fn up() -> BTreeSet<NodeId> {
+        (1..=9).map(id).collect()
+    }
+
     /// Applies a command that must be refused and checks nothing moved.
     fn refused(s: &mut State, cmd: Command, want: ApplyError) {
         let before = s.clone();
@@ -639,8 +768,10 @@ pub(crate) mod tests {
         let s = initialized();
         assert_eq!(s.version, 1);
         let c = s.cluster().unwrap();
-        assert_eq!(c.leader, id(1));
         assert_eq!(c.nodes[&id(1)].role, Role::Manager);
+        // The first manager is Raft ID 1; who leads is Raft's to say, not the state's.
+        assert_eq!(c.nodes[&id(1)].raft_id, Some(1));
+        assert_eq!(c.next_raft_id, 2);
         assert_eq!(c.keys.gossip.len(), 1);
         assert_eq!(c.keys.next_rotation(), 1000 + 43_200);
         assert_eq!(
@@ -677,7 +808,7 @@ pub(crate) mod tests {
         refused(
             &mut s,
             Command::Init(init),
-            ApplyError::BadSecret(crate::token::TokenError::SecretLength(3)),
+            ApplyError::BadSecret(crate::token::TokenError::SecretLength(3).to_string()),
         );
     }
 
@@ -687,7 +818,7 @@ pub(crate) mod tests {
         for cmd in [
             Command::AddNode(Box::new(node(2, Role::Worker))),
             Command::RemoveNode(id(2)),
-            Command::SetRole(id(2), Role::Manager, cert(2)),
+            Command::SetRole(id(2), Role::Manager, cert(2), up()),
             Command::MarkLeft(id(2)),
             Command::RotateSecret(Role::Worker, Secret::from_random(1).as_str().into()),
             Command::RotateKeys {
@@ -723,7 +854,7 @@ pub(crate) mod tests {
         refused(
             &mut s,
             Command::RemoveNode(id(1)),
-            ApplyError::RemoveLeader(id(1)),
+            ApplyError::RemoveManager(id(1)),
         );
     }
 
@@ -737,9 +868,136 @@ pub(crate) mod tests {
             Command::RemoveNode(id(3)),
             ApplyError::RemoveManager(id(3)),
         );
-        s.apply(Command::SetRole(id(3), Role::Worker, cert(3)))
+        s.apply(Command::SetRole(id(3), Role::Worker, cert(3), up()))
             .unwrap();
         assert_eq!(s.apply(Command::RemoveNode(id(3))), Ok(Applied::Changed));
+    }
+
+    #[test]
+    fn raft_ids_are_handed_out_once_and_never_reused() {
+        let mut s = initialized();
+        s.apply(Command::AddNode(Box::new(node(2, Role::Manager))))
+            .unwrap();
+        s.apply(Command::AddNode(Box::new(node(3, Role::Worker))))
+            .unwrap();
+        let c = s.cluster().unwrap();
+        assert_eq!(c.nodes[&id(2)].raft_id, Some(2));
+        assert_eq!(c.nodes[&id(3)].raft_id, None);
+        assert_eq!(
+            c.nodes[&id(2)].api_addr,
+            Some("198.18.0.2:2377".parse().unwrap())
+        );
+        // Demoted, then promoted again: a new Raft ID, not its old one.
+        s.apply(Command::SetRole(id(2), Role::Worker, cert(2), up()))
+            .unwrap();
+        assert_eq!(s.cluster().unwrap().nodes[&id(2)].raft_id, None);
+        s.apply(Command::SetRole(id(2), Role::Manager, cert(5), up()))
+            .unwrap();
+        s.apply(Command::SetRole(id(3), Role::Manager, cert(3), up()))
+            .unwrap();
+        let c = s.cluster().unwrap();
+        assert_eq!(c.nodes[&id(2)].raft_id, Some(3));
+        assert_eq!(c.nodes[&id(3)].raft_id, Some(4));
+        // A manager that leaves is out of the Raft group.
+        s.apply(Command::MarkLeft(id(3))).unwrap();
+        assert_eq!(s.cluster().unwrap().nodes[&id(3)].raft_id, None);
+    }
+
+    #[test]
+    fn a_demotion_that_breaks_quorum_is_refused_inside_apply() {
+        let mut s = initialized();
+        for n in [2, 3] {
+            s.apply(Command::AddNode(Box::new(node(n, Role::Manager))))
+                .unwrap();
+        }
+        // 3 managers, 3 reachable: demoting one leaves 2 of 2 reachable.
+        // 3 managers, 1 and 2 reachable (3 is down): demoting 2 leaves 1 of 2: no quorum.
+        let seen: BTreeSet<NodeId> = [id(1), id(2)].into();
+        refused(
+            &mut s,
+            Command::SetRole(id(2), Role::Worker, cert(2), seen.clone()),
+            ApplyError::Quorum {
+                reachable: 1,
+                left: 2,
+                quorum: 2,
+            },
+        );
+        // Demoting the down one keeps 2 of 2.
+        s.apply(Command::SetRole(id(3), Role::Worker, cert(3), seen))
+            .unwrap();
+        s.apply(Command::SetRole(id(2), Role::Worker, cert(2), up()))
+            .unwrap();
+        refused(
+            &mut s,
+            Command::SetRole(id(1), Role::Worker, cert(1), up()),
+            ApplyError::DemoteLast(id(1)),
+        );
+    }
+
+    #[test]
+    fn a_join_that_raced_a_rotation_does_not_commit() {
+        let mut s = initialized();
+        let exporter = [7u8; 32];
+        let old = s.cluster().unwrap().worker_secret.clone();
+        let proof = crate::trust::join::secret_proof(&old, &exporter);
+        let admission = Admission {
+            exporter,
+            secret_proof: proof,
+        };
+        // The rotation commits first; the join proved the old secret.
+        let new = Secret::from_random(42).as_str().to_owned();
+        s.apply(Command::RotateSecret(Role::Worker, new)).unwrap();
+        refused(
+            &mut s,
+            Command::Join(Box::new(node(2, Role::Worker)), admission.clone()),
+            ApplyError::InvalidSecret,
+        );
+        // A manager's secret does not admit a worker record, nor the reverse.
+        let manager = s.cluster().unwrap().manager_secret.clone();
+        let as_manager = Admission {
+            exporter,
+            secret_proof: crate::trust::join::secret_proof(&manager, &exporter),
+        };
+        refused(
+            &mut s,
+            Command::Join(Box::new(node(2, Role::Worker)), as_manager.clone()),
+            ApplyError::InvalidSecret,
+        );
+        assert_eq!(
+            s.apply(Command::Join(Box::new(node(2, Role::Manager)), as_manager)),
+            Ok(Applied::Changed)
+        );
+    }
+
+    #[test]
+    fn a_state_from_before_raft_gets_raft_ids() {
+        let mut s = initialized();
+        s.apply(Command::AddNode(Box::new(node(2, Role::Worker))))
+            .unwrap();
+        s.apply(Command::SetRole(id(2), Role::Manager, cert(2), up()))
+            .unwrap();
+        // As an agent before Raft wrote it: `leader` and `api_addr` in the cluster, no Raft IDs.
+        let mut json: serde_json::Value = serde_json::from_slice(&s.to_record().unwrap()).unwrap();
+        let c = &mut json["v1"]["cluster"];
+        c["leader"] = serde_json::to_value(id(1)).unwrap();
+        c["api_addr"] = "198.18.0.1:2400".into();
+        c.as_object_mut().unwrap().remove("next_raft_id");
+        for n in c["nodes"].as_object_mut().unwrap().values_mut() {
+            n.as_object_mut().unwrap().remove("raft_id");
+            n.as_object_mut().unwrap().remove("api_addr");
+        }
+        let old = State::from_record(&serde_json::to_vec(&json).unwrap()).unwrap();
+        let c = old.cluster().unwrap();
+        assert_eq!(c.nodes[&id(1)].raft_id, Some(1));
+        assert_eq!(
+            c.nodes[&id(1)].api_addr,
+            Some("198.18.0.1:2400".parse().unwrap())
+        );
+        assert_eq!(c.nodes[&id(2)].raft_id, Some(2));
+        assert_eq!(c.next_raft_id, 3);
+        // Written again, the old fields are gone.
+        let again = String::from_utf8(old.to_record().unwrap()).unwrap();
+        assert!(!again.contains("\"leader\""), "{again}");
     }
 
     #[test]
@@ -749,33 +1007,33 @@ pub(crate) mod tests {
             .unwrap();
         let v = s.version;
         assert_eq!(
-            s.apply(Command::SetRole(id(2), Role::Manager, cert(2))),
+            s.apply(Command::SetRole(id(2), Role::Manager, cert(2), up())),
             Ok(Applied::Changed)
         );
         assert_eq!(s.version, v + 1);
         assert_eq!(
-            s.apply(Command::SetRole(id(2), Role::Manager, cert(2))),
+            s.apply(Command::SetRole(id(2), Role::Manager, cert(2), up())),
             Ok(Applied::Unchanged)
         );
         assert_eq!(s.version, v + 1);
         assert_eq!(
-            s.apply(Command::SetRole(id(2), Role::Worker, cert(2))),
+            s.apply(Command::SetRole(id(2), Role::Worker, cert(2), up())),
             Ok(Applied::Changed)
         );
         assert_eq!(s.cluster().unwrap().nodes[&id(2)].role, Role::Worker);
         refused(
             &mut s,
-            Command::SetRole(id(1), Role::Worker, cert(1)),
-            ApplyError::DemoteLeader(id(1)),
+            Command::SetRole(id(1), Role::Worker, cert(1), up()),
+            ApplyError::DemoteLast(id(1)),
         );
         refused(
             &mut s,
-            Command::SetRole(id(9), Role::Manager, cert(9)),
+            Command::SetRole(id(9), Role::Manager, cert(9), up()),
             ApplyError::NoSuchNode(id(9)),
         );
         // Promoting the leader is a no-op.
         assert_eq!(
-            s.apply(Command::SetRole(id(1), Role::Manager, cert(1))),
+            s.apply(Command::SetRole(id(1), Role::Manager, cert(1), up())),
             Ok(Applied::Unchanged)
         );
     }
@@ -826,7 +1084,7 @@ pub(crate) mod tests {
         s.apply(Command::AddNode(Box::new(node(2, Role::Worker))))
             .unwrap();
         let old = s.cluster().unwrap().nodes[&id(2)].cert_digest;
-        s.apply(Command::SetRole(id(2), Role::Manager, cert(7)))
+        s.apply(Command::SetRole(id(2), Role::Manager, cert(7), up()))
             .unwrap();
         let n = &s.cluster().unwrap().nodes[&id(2)];
         assert_eq!(
@@ -899,7 +1157,7 @@ pub(crate) mod tests {
         refused(
             &mut s,
             Command::RotateSecret(Role::Manager, "zz".into()),
-            ApplyError::BadSecret(crate::token::TokenError::SecretLength(2)),
+            ApplyError::BadSecret(crate::token::TokenError::SecretLength(2).to_string()),
         );
     }
 
@@ -972,7 +1230,7 @@ pub(crate) mod tests {
             init_cmd(),
             Command::AddNode(Box::new(node(2, Role::Worker))),
             Command::AddNode(Box::new(node(3, Role::Worker))),
-            Command::SetRole(id(2), Role::Manager, cert(2)),
+            Command::SetRole(id(2), Role::Manager, cert(2), up()),
             Command::RotateSecret(Role::Worker, Secret::from_random(5).as_str().into()),
             Command::RotateKeys {
                 gossip_key: [2; 32],
