@@ -70,6 +70,8 @@ pub enum LabError {
 pub struct UpOptions {
     /// How many nodes.
     pub nodes: usize,
+    /// How many of them are managers (n1 first; the others join with the manager token).
+    pub managers: usize,
     /// Encrypted overlay (or plain).
     pub encrypt: bool,
     /// `init --key-rotation-interval` (default: init's).
@@ -169,6 +171,7 @@ impl Lab {
     pub fn up(&self, nodes: usize, encrypt: bool) -> Result<String, LabError> {
         self.up_with(&UpOptions {
             nodes,
+            managers: 1,
             encrypt,
             key_rotation_interval: None,
         })
@@ -176,29 +179,30 @@ impl Lab {
 
     /// [`Lab::up`] with every option.
     pub fn up_with(&self, o: &UpOptions) -> Result<String, LabError> {
-        let (nodes, encrypt) = (o.nodes, o.encrypt);
+        let nodes = o.nodes;
         if !is_root() {
             return Err(LabError::NotRoot);
         }
         if !(1..=MAX_NODES).contains(&nodes) {
             return Err(LabError::Usage(format!("--nodes must be 1 to {MAX_NODES}")));
         }
+        if !(1..=nodes).contains(&o.managers) {
+            return Err(LabError::Usage(format!(
+                "--managers must be 1 to --nodes ({nodes})"
+            )));
+        }
         if self.dir.join("nodes").exists() {
             return Err(LabError::AlreadyUp(self.name.clone()));
         }
-        let result = self.build(nodes, encrypt, o.key_rotation_interval.as_deref());
+        let result = self.build(o);
         if result.is_err() {
             let _ = self.down();
         }
         result
     }
 
-    fn build(
-        &self,
-        nodes: usize,
-        encrypt: bool,
-        key_rotation_interval: Option<&str>,
-    ) -> Result<String, LabError> {
+    fn build(&self, o: &UpOptions) -> Result<String, LabError> {
+        let (nodes, encrypt) = (o.nodes, o.encrypt);
         let io = |path: &Path| {
             let path = path.to_owned();
             move |source| LabError::Io { path, source }
@@ -227,16 +231,22 @@ impl Lab {
         if !encrypt {
             init.push("--no-encrypt");
         }
-        if let Some(interval) = key_rotation_interval {
+        if let Some(interval) = o.key_rotation_interval.as_deref() {
             init.extend(["--key-rotation-interval", interval]);
         }
         let mut out = self.shoal(&exe, 1, &init)?;
-        let token = self.shoal(&exe, 1, &["join-token", "-q", "worker"])?;
-        let manager = format!("{first}:2377");
+        let worker = self.shoal(&exe, 1, &["join-token", "-q", "worker"])?;
+        let manager_token = self.shoal(&exe, 1, &["join-token", "-q", "manager"])?;
+        let manager = format!("{first}:{}", crate::api::DEFAULT_API_PORT);
         for i in 2..=nodes {
+            let token = if i <= o.managers {
+                &manager_token
+            } else {
+                &worker
+            };
             self.shoal(&exe, i, &["join", "--token", token.trim(), &manager])?;
         }
-        self.wait_ready(&exe, nodes)?;
+        self.wait_ready(&exe, nodes, o.managers)?;
         out.push('\n');
         out.push_str(&self.shoal(&exe, 1, &["node", "ls"])?);
         if nodes > 1 {
@@ -298,15 +308,20 @@ impl Lab {
         Ok(())
     }
 
-    fn wait_ready(&self, exe: &Path, nodes: usize) -> Result<(), LabError> {
+    /// Waits (bounded) until every node is Ready and every manager in the Raft group (the
+    /// Leader, and the others Reachable: voters that answer).
+    fn wait_ready(&self, exe: &Path, nodes: usize, managers: usize) -> Result<(), LabError> {
         let deadline = Instant::now() + WAIT;
         loop {
             let ls = self.shoal(exe, 1, &["node", "ls"])?;
-            if ls.matches(" Ready ").count() >= nodes {
+            let voters = ls.matches(" Leader ").count() + ls.matches(" Reachable ").count();
+            if ls.matches(" Ready ").count() >= nodes && voters >= managers {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                return Err(LabError::Timeout(format!("not every node is Ready:\n{ls}")));
+                return Err(LabError::Timeout(format!(
+                    "not every node is Ready, or not every manager in the Raft group:\n{ls}"
+                )));
             }
             std::thread::sleep(Duration::from_millis(200));
         }
@@ -442,11 +457,11 @@ impl Lab {
         Ok(format!("n{i} restarted"))
     }
 
-    /// Stops node `node`'s agent (SIGTERM, then SIGKILL after 5 s); its state stays, in
-    /// [`Lab::state_dir`].
-    pub fn stop(&self, node: &str) -> Result<String, LabError> {
-        let i = self.stopped(node, true)?;
-        Ok(format!("n{i} stopped"))
+    /// Stops node `node`'s agent (SIGTERM, then SIGKILL after 5 s; with `crash`, SIGKILL at
+    /// once, no goodbye); its state stays, in [`Lab::state_dir`], for [`Lab::start`].
+    pub fn stop(&self, node: &str, crash: bool) -> Result<String, LabError> {
+        let i = self.stopped(node, !crash)?;
+        Ok(format!("n{i} {}", if crash { "killed" } else { "stopped" }))
     }
 
     /// Starts node `node`'s agent on its state, if it is not running; returns when its socket

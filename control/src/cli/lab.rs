@@ -12,6 +12,10 @@ pub enum Cmd {
         /// How many nodes.
         #[arg(long, default_value_t = 3)]
         nodes: usize,
+        /// How many of them are managers (Raft; an odd number is best: 3 survive losing 1,
+        /// 5 survive losing 2).
+        #[arg(long, default_value_t = 1)]
+        managers: usize,
         /// Plain RFC 7348 overlay instead of the encrypted one.
         #[arg(long)]
         no_encrypt: bool,
@@ -41,6 +45,9 @@ pub enum Cmd {
         /// The lab's name.
         #[arg(long, default_value = DEFAULT_NAME)]
         name: String,
+        /// SIGKILL at once, as a crash (no goodbye to the others).
+        #[arg(long)]
+        kill: bool,
         /// The node: n1, n2, ...
         node: String,
     },
@@ -80,12 +87,14 @@ pub(super) fn run(cmd: Cmd) -> Result<std::process::ExitCode, CliError> {
     match cmd {
         Cmd::Up {
             nodes,
+            managers,
             no_encrypt,
             key_rotation_interval,
             name,
         } => {
             let options = crate::lab::UpOptions {
                 nodes,
+                managers,
                 encrypt: !no_encrypt,
                 key_rotation_interval,
             };
@@ -106,9 +115,9 @@ pub(super) fn run(cmd: Cmd) -> Result<std::process::ExitCode, CliError> {
                 .map_err(lab_err)?;
             outln!("{out}");
         }
-        Cmd::Stop { name, node } => {
+        Cmd::Stop { name, node, kill } => {
             let out = Lab::new(&name)
-                .and_then(|lab| lab.stop(&node))
+                .and_then(|lab| lab.stop(&node, kill))
                 .map_err(lab_err)?;
             outln!("{out}");
         }

@@ -445,7 +445,7 @@ impl Manager {
                 Ok(Reply::JoinToken {
                     role,
                     token: token.to_string(),
-                    join_addr: self.replica().listen_addr,
+                    join_addr: self.replica().api_addr(),
                     rotated: rotate,
                 })
             }
@@ -1783,6 +1783,28 @@ mod tests {
         );
         let _ = stop.send(true);
         let _ = server.await;
+    }
+
+    /// A pre-vote goes only to a candidate whose log is not behind this manager's, and only
+    /// when this manager hears no leader.
+    #[tokio::test]
+    async fn a_pre_vote_is_refused_to_a_log_behind_and_while_a_leader_is_heard() {
+        let f = leader().await;
+        let raft = f.manager.raft();
+        tokio::time::sleep(raft::ELECTION_MIN).await;
+        let ours = {
+            let mut log = raft::LogStore::new(f.store.clone());
+            use openraft::storage::RaftLogStorage as _;
+            log.get_log_state().await.unwrap().last_log_id.unwrap()
+        };
+        let behind = openraft::LogId::new(ours.leader_id, ours.index - 1);
+        let ahead = openraft::LogId::new(ours.leader_id, ours.index + 1);
+        assert!(!raft.would_vote(None).await, "an empty log is behind");
+        assert!(!raft.would_vote(Some(behind)).await);
+        assert!(raft.would_vote(Some(ours)).await);
+        assert!(raft.would_vote(Some(ahead)).await);
+        raft.hear_leader();
+        assert!(!raft.would_vote(Some(ahead)).await, "a leader is heard");
     }
 
     #[tokio::test]

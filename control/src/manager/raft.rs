@@ -112,6 +112,10 @@ pub fn config() -> openraft::Config {
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(500),
         snapshot_max_chunk_size: SNAPSHOT_CHUNK,
         max_in_snapshot_log_to_keep: 100,
+        // Elections are `elector`'s alone: openraft's own timer fires on a timeout drawn once
+        // per instance, so the same manager always went first, and one with an older log kept
+        // bumping the term over the one that could win (no write for 30 s in a failover run).
+        enable_elect: false,
         ..Default::default()
     }
 }
@@ -389,6 +393,15 @@ impl Replica {
         lock(&self.own_cert).clone()
     }
 
+    /// Where the other nodes reach this manager's API: its node record's address (its
+    /// advertise address), not the listen address, which may be 0.0.0.0.
+    pub fn api_addr(&self) -> SocketAddr {
+        self.view()
+            .node(&self.self_id)
+            .and_then(|n| n.api_addr)
+            .unwrap_or(self.listen_addr)
+    }
+
     /// The CA certificate (the state's, or the join view's before there is state).
     pub fn ca_der(&self) -> Vec<u8> {
         self.view().ca_cert_der.clone()
@@ -631,6 +644,7 @@ enum Kind {
     Snapshot = 3,
     Propose = 4,
     Ping = 5,
+    PreVote = 6,
 }
 
 impl Kind {
@@ -641,6 +655,7 @@ impl Kind {
             3 => Kind::Snapshot,
             4 => Kind::Propose,
             5 => Kind::Ping,
+            6 => Kind::PreVote,
             _ => return None,
         })
     }
@@ -846,6 +861,15 @@ impl PeerClient {
         })
     }
 
+    /// Whether the peer would vote for a candidate whose log ends at `last` (a pre-vote: it
+    /// changes nothing there).
+    pub async fn would_vote(&mut self, last: Option<LogId<u64>>, ttl: Duration) -> bool {
+        match self.call(Kind::PreVote, &json(&last), ttl).await {
+            Ok(answer) => serde_json::from_slice(&answer).unwrap_or(false),
+            Err(_) => false,
+        }
+    }
+
     /// A cheap round trip (reachability).
     pub async fn ping(&mut self, ttl: Duration) -> Result<(), PeerError> {
         self.call(Kind::Ping, b"", ttl).await.map(|_| ())
@@ -985,6 +1009,10 @@ where
                 json(&node.commit_here(command).await)
             }
             Kind::Ping => Vec::new(),
+            Kind::PreVote => {
+                let theirs: Option<LogId<u64>> = serde_json::from_slice(body).map_err(bad)?;
+                json(&node.would_vote(theirs).await)
+            }
         };
         write_raw_frame(&mut stream, &answer).await?;
     }
@@ -1051,7 +1079,7 @@ impl Node {
         if bootstrap && !raft.is_initialized().await.unwrap_or(true) {
             let me = Peer {
                 node: Some(replica.self_id.clone()),
-                addr: Some(replica.listen_addr),
+                addr: Some(replica.api_addr()),
             };
             raft.initialize(BTreeMap::from([(replica.raft_id, me)]))
                 .await
@@ -1092,6 +1120,33 @@ impl Node {
             return fresh.then_some(leader);
         }
         Some(leader)
+    }
+
+    /// The last entry of this manager's log (or of what it purged), if any.
+    async fn last_log(&self) -> Option<LogId<u64>> {
+        let mut log = LogStore::new(self.replica.store.clone());
+        log.get_log_state().await.ok()?.last_log_id
+    }
+
+    /// A pre-vote: whether this manager would vote for a candidate whose log ends at `theirs`
+    /// now. Not while it hears a leader, and not for a log behind its own (Raft's rule, asked
+    /// before the election: a manager with an older log, back from a crash, cannot start
+    /// elections it cannot win, each bumping the term over the one that could).
+    pub(crate) async fn would_vote(&self, theirs: Option<LogId<u64>>) -> bool {
+        if self.leader_quiet_for() < ELECTION_MIN {
+            return false;
+        }
+        let ours = self.last_log().await;
+        matches!(
+            theirs.partial_cmp(&ours),
+            Some(std::cmp::Ordering::Greater | std::cmp::Ordering::Equal)
+        )
+    }
+
+    /// As if a leader's append had just reached this manager (tests).
+    #[cfg(test)]
+    pub(crate) fn hear_leader(&self) {
+        *lock(&self.replica.heard_leader) = Instant::now();
     }
 
     /// How long since a leader's append or snapshot last reached this manager.
@@ -1238,11 +1293,13 @@ async fn elector(node: std::sync::Weak<Node>) {
         tokio::time::sleep(Duration::from_millis(50)).await;
         let Some(node) = node.upgrade() else { return };
         let m = node.raft.metrics().borrow().clone();
-        let voter = m
-            .membership_config
-            .membership()
-            .voter_ids()
-            .any(|id| id == node.replica.raft_id);
+        let voters: BTreeSet<u64> = m.membership_config.membership().voter_ids().collect();
+        let voter = voters.contains(&node.replica.raft_id);
+        // The only voter elects itself at once (openraft's timer would have; it is off).
+        if voter && voters.len() == 1 && m.current_leader.is_none() {
+            let _ = node.raft.trigger().elect().await;
+            continue;
+        }
         // A vote granted (or a term seen) is an election under way: let it finish before
         // calling another, or two candidates undo each other's wins forever.
         let changed = vote.as_ref() != Some(&m.vote);
@@ -1254,16 +1311,39 @@ async fn elector(node: std::sync::Weak<Node>) {
         let heard = *lock(&node.replica.heard_leader);
         let quiet = heard.elapsed().min(since.elapsed());
         if quiet >= wait {
-            debug!(
-                raft_id = node.replica.raft_id,
-                "no leader heard: calling an election"
-            );
-            let _ = node.raft.trigger().elect().await;
             since = Instant::now();
             wait = draw();
+            if pre_vote(&node, &voters).await {
+                debug!(
+                    raft_id = node.replica.raft_id,
+                    "no leader heard: calling an election"
+                );
+                let _ = node.raft.trigger().elect().await;
+            }
         }
     }
 }
+
+/// Whether a majority of `voters` (this manager included) would vote for it now.
+async fn pre_vote(node: &Arc<Node>, voters: &BTreeSet<u64>) -> bool {
+    let last = node.last_log().await;
+    let mut asks = tokio::task::JoinSet::new();
+    for &id in voters.iter().filter(|id| **id != node.replica.raft_id) {
+        let Some(peer) = node.peer_of(id) else {
+            continue;
+        };
+        let mut client = PeerClient::new(node.replica.clone(), id, peer);
+        asks.spawn(async move { client.would_vote(last, PRE_VOTE_WAIT).await });
+    }
+    let mut yes = 1; // its own
+    while let Some(answer) = asks.join_next().await {
+        yes += usize::from(answer.unwrap_or(false));
+    }
+    yes > voters.len() / 2
+}
+
+/// How long a pre-vote waits for the others' answers.
+const PRE_VOTE_WAIT: Duration = Duration::from_millis(300);
 
 /// The lease plus a fresh random part of the election range.
 fn draw() -> Duration {
