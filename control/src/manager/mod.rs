@@ -1572,21 +1572,12 @@ mod tests {
     #[tokio::test]
     async fn promote_and_demote_reissue_the_certificate_in_the_new_role() {
         let f = leader().await;
-        let me = NodeId::from_random(1);
         let grant = join(&f.manager, 11, "w").await.unwrap();
         let ca = f.manager.view().ca_cert_der.clone();
         crate::trust::tls::verify_issued(&ca, &grant.cert_der, &grant.node_id, Role::Worker)
             .unwrap();
         let worker_digest = cert_digest(&grant.cert_der);
-        f.manager
-            .handle_admin(
-                AdminRequest::Promote {
-                    nodes: vec!["w".into()],
-                },
-                &me,
-            )
-            .await
-            .unwrap();
+        set_role(&f.manager, "w", Role::Manager).await;
         let promoted = f.manager.issued_cert(&grant.node_id).unwrap();
         crate::trust::tls::verify_issued(&ca, &promoted.cert_der, &grant.node_id, Role::Manager)
             .unwrap();
@@ -1604,15 +1595,7 @@ mod tests {
                 .map(|(n, c)| (n.role, c)),
             Some((Role::Manager, true))
         );
-        f.manager
-            .handle_admin(
-                AdminRequest::Demote {
-                    nodes: vec!["w".into()],
-                },
-                &me,
-            )
-            .await
-            .unwrap();
+        set_role(&f.manager, "w", Role::Worker).await;
         let demoted = f.manager.issued_cert(&grant.node_id).unwrap();
         crate::trust::tls::verify_issued(&ca, &demoted.cert_der, &grant.node_id, Role::Worker)
             .unwrap();
@@ -1698,6 +1681,18 @@ mod tests {
         );
     }
 
+    /// `node promote NAME` (`Role::Manager`) or `node demote NAME`, asked by the leader.
+    async fn set_role(m: &Manager, name: &str, role: Role) {
+        let nodes = vec![name.to_owned()];
+        let request = match role {
+            Role::Manager => AdminRequest::Promote { nodes },
+            Role::Worker => AdminRequest::Demote { nodes },
+        };
+        m.handle_admin(request, &NodeId::from_random(1))
+            .await
+            .unwrap();
+    }
+
     /// The managers' Raft channel on 2377 takes a manager's certificate only, and only for as
     /// long as it is one: a worker is refused at the door, and a manager demoted while its
     /// channel is open gets nothing more through it.
@@ -1749,32 +1744,14 @@ mod tests {
         let refused: Option<ManagerResponse> = refused.await.expect("refused at once").unwrap();
         assert_eq!(refused, Some(Err(NOT_MANAGER.to_owned())));
         // Promoted: its manager certificate opens the channel, and a ping is answered.
-        f.manager
-            .handle_admin(
-                AdminRequest::Promote {
-                    nodes: vec!["w".into()],
-                },
-                &me,
-            )
-            .await
-            .unwrap();
-        let der = f.manager.state().cluster().unwrap().nodes[&grant.node_id]
-            .cert_der
-            .clone();
+        set_role(&f.manager, "w", Role::Manager).await;
+        let der = f.manager.issued_cert(&grant.node_id).unwrap().cert_der;
         let mut promoted = channel(addr, &ca_der, &me, issued(der)).await;
         write_raw_frame(&mut promoted, &ping).await.unwrap();
         let answer = tokio::time::timeout(Duration::from_secs(5), read_raw_frame(&mut promoted));
         assert_eq!(answer.await.unwrap().unwrap(), Some(Vec::new()));
         // Demoted while the channel is open: the next frame gets no answer, the channel ends.
-        f.manager
-            .handle_admin(
-                AdminRequest::Demote {
-                    nodes: vec!["w".into()],
-                },
-                &me,
-            )
-            .await
-            .unwrap();
+        set_role(&f.manager, "w", Role::Worker).await;
         write_raw_frame(&mut promoted, &ping).await.unwrap();
         let answer = tokio::time::timeout(Duration::from_secs(5), read_raw_frame(&mut promoted));
         assert!(
