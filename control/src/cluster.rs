@@ -141,6 +141,8 @@ pub struct Vtep {
 pub struct ClusterView {
     /// The state version this view was made from.
     pub version: u64,
+    /// The managers' group generation (see [`ClusterView::supersedes`]).
+    pub generation: u64,
     /// The cluster CA certificate, DER.
     pub ca_cert_der: Vec<u8>,
     /// The node list.
@@ -159,10 +161,17 @@ impl ClusterView {
         self.nodes.iter().find(|n| &n.id == id)
     }
 
+    /// Whether this view replaces `held`: a later generation of the managers' group (`init
+    /// --force-new-cluster` starts one), or the same generation at a higher version.
+    pub fn supersedes(&self, held: &ClusterView) -> bool {
+        (self.generation, self.version) > (held.generation, held.version)
+    }
+
     /// A view of no cluster (a manager before it has any state or view).
     pub fn empty() -> Self {
         ClusterView {
             version: 0,
+            generation: 0,
             ca_cert_der: Vec::new(),
             nodes: Vec::new(),
             keys: Keys {
@@ -260,6 +269,7 @@ impl ClusterView {
             .unwrap_or_else(|| (NodeId::from_random(0), SocketAddr::from(([0, 0, 0, 0], 0))));
         View::V1(wire::ViewV1 {
             version: self.version,
+            generation: self.generation,
             leader,
             api_addr,
             ca_cert_der: self.ca_cert_der.clone(),
@@ -322,6 +332,7 @@ impl ClusterView {
         match view {
             View::V1(v) => ClusterView {
                 version: v.version,
+                generation: v.generation,
                 ca_cert_der: v.ca_cert_der,
                 nodes: v
                     .nodes

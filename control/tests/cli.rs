@@ -818,14 +818,14 @@ fn certificates_are_renewed_before_they_expire() {
     );
 }
 
-/// Three managers and a worker on loopback: `kill -9` of the leader, and the two left elect a
-/// new one (docker's `Leader` moves), a rotation commits on a follower's word, a new worker
-/// joins through a surviving manager; the old leader, restarted, rejoins as a follower. Then
-/// two of three managers gone: every admin command gets docker's one line within 2 s, and
-/// with one back, writes resume.
-#[test]
-fn managers_elect_a_new_leader_and_refuse_without_quorum() {
-    let (_root, mut nodes) = cluster(&["m1", "m2", "m3", "w1", "w2"]);
+/// MANAGER STATUS of `host` in `node ls` on `n`.
+fn manager_status(n: &Node, host: &str) -> Option<String> {
+    rows(n).into_iter().find(|r| r.0 == host).map(|r| r.2)
+}
+
+/// `init` on the first node, the next two join as managers and the fourth as a worker; waits
+/// until the first (the leader) sees the other managers reachable.
+fn three_managers_and_a_worker(nodes: &[Node]) {
     let init_out = init(&nodes[0]);
     let manager_token = nodes[0]
         .ok(&["join-token", "-q", "manager"])
@@ -849,13 +849,27 @@ fn managers_elect_a_new_leader_and_refuse_without_quorum() {
         );
     }
     assert!(join(&nodes[3], &join_command(&init_out)).status.success());
-    let status = |n: &Node, host: &str| rows(n).into_iter().find(|r| r.0 == host).map(|r| r.2);
     wait_until(Duration::from_secs(15), || {
-        ["m2", "m3"]
+        [&nodes[1].name, &nodes[2].name]
             .iter()
-            .all(|h| status(&nodes[0], h).as_deref() == Some("Reachable"))
+            .all(|h| manager_status(&nodes[0], h).as_deref() == Some("Reachable"))
     });
-    assert_eq!(status(&nodes[0], "m1").as_deref(), Some("Leader"));
+    assert_eq!(
+        manager_status(&nodes[0], &nodes[0].name).as_deref(),
+        Some("Leader")
+    );
+}
+
+/// Three managers and a worker on loopback: `kill -9` of the leader, and the two left elect a
+/// new one (docker's `Leader` moves), a rotation commits on a follower's word, a new worker
+/// joins through a surviving manager; the old leader, restarted, rejoins as a follower. Then
+/// two of three managers gone: every admin command gets docker's one line within 2 s, and
+/// with one back, writes resume.
+#[test]
+fn managers_elect_a_new_leader_and_refuse_without_quorum() {
+    let (_root, mut nodes) = cluster(&["m1", "m2", "m3", "w1", "w2"]);
+    three_managers_and_a_worker(&nodes);
+    let status = manager_status;
     // Any manager answers admin commands, and sees the same leader.
     wait_until(Duration::from_secs(10), || {
         status(&nodes[2], "m1").as_deref() == Some("Leader")
@@ -956,4 +970,80 @@ fn managers_elect_a_new_leader_and_refuse_without_quorum() {
             .status
             .success()
     });
+}
+
+/// Two of three managers lost for good: `init --force-new-cluster` on the last one makes it
+/// the one manager of a swarm with the state it had (nodes, tokens, keys), within 5 s; the
+/// lost managers are workers in it; the worker follows on; a lost manager that comes back
+/// cannot disturb the new group (its manager certificate no longer opens the managers'
+/// channel). Refusals: on a worker, and with flags of a new swarm.
+#[test]
+fn force_new_cluster_on_the_last_manager() {
+    let (_root, mut nodes) = cluster(&["f1", "f2", "f3", "fw"]);
+    three_managers_and_a_worker(&nodes);
+    wait_until(Duration::from_secs(10), || {
+        status_of(&nodes[0], "fw").as_deref() == Some("Ready")
+    });
+    let token_before = nodes[0].ok(&["join-token", "-q", "worker"]);
+    // On a worker, with docker's words; with another init flag, clap's.
+    let err = nodes[3].fails(&["init", "--force-new-cluster"]);
+    assert!(err.contains("This node is not a swarm manager."), "{err}");
+    let out = nodes[0].shoal(&[
+        "init",
+        "--force-new-cluster",
+        "--advertise-addr",
+        "127.0.0.1",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("cannot be used with"),
+        "{err}"
+    );
+
+    nodes[1].kill9();
+    nodes[2].kill9();
+    let err = nodes[0].fails(&["join-token", "--rotate", "worker"]);
+    assert!(err.contains("does not have a leader"), "{err}");
+
+    let forced = Instant::now();
+    let out = nodes[0].ok(&["init", "--force-new-cluster"]);
+    let id = nodes[0].info()["node_id"].as_str().unwrap().to_owned();
+    assert!(
+        out.contains(&format!(
+            "Swarm initialized: current node ({id}) is now a manager."
+        )),
+        "{out}"
+    );
+    // A write commits on the new group of one.
+    wait_until(Duration::from_secs(5), || {
+        nodes[0]
+            .shoal(&["join-token", "--rotate", "worker"])
+            .status
+            .success()
+    });
+    let took = forced.elapsed();
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    let token_after = nodes[0].ok(&["join-token", "-q", "worker"]);
+    assert_ne!(token_before, token_after);
+    let ls = rows(&nodes[0]);
+    let mut hosts: Vec<(&str, &str)> = ls.iter().map(|r| (r.0.as_str(), r.2.as_str())).collect();
+    hosts.sort_unstable();
+    assert_eq!(
+        hosts,
+        [("f1", "Leader"), ("f2", ""), ("f3", ""), ("fw", "")],
+        "{ls:?}"
+    );
+    // The worker follows the new group (a later generation, whatever the versions).
+    let version = nodes[0].info()["view_version"].clone();
+    wait_until(Duration::from_secs(10), || {
+        nodes[3].info()["view_version"] == version
+    });
+    assert_eq!(status_of(&nodes[0], "fw").as_deref(), Some("Ready"));
+
+    // A lost manager comes back: the new group goes on without it.
+    nodes[1].start();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(manager_status(&nodes[0], "f1").as_deref(), Some("Leader"));
+    assert_eq!(manager_status(&nodes[0], "f2").as_deref(), Some(""));
+    nodes[0].ok(&["join-token", "--rotate", "worker"]);
 }

@@ -146,6 +146,7 @@ fn view(ca: &CaMaterial, api_addr: SocketAddr, leader: &NodeId, nodes: Vec<Node>
         .collect();
     ClusterView {
         version: 5,
+        generation: 0,
         ca_cert_der: ca.cert_der.clone(),
         nodes,
         keys: Keys {

@@ -119,6 +119,9 @@ pub enum Request {
     Info,
     /// `shoal init`.
     Init(InitRequest),
+    /// `shoal init --force-new-cluster`: this manager alone forms a new group of managers
+    /// from its state (after the others were lost).
+    ForceNewCluster,
     /// `shoal join`.
     Join(JoinRequest),
     /// `shoal leave`.

@@ -67,8 +67,13 @@ pub enum View {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ViewV1 {
     /// The manager state version this view was made from; a node replaces its view only with
-    /// a strictly newer one.
+    /// a strictly newer one (a later generation, or the same generation and a higher version).
     pub version: u64,
+    /// The generation of the managers' group: raised by `init --force-new-cluster`, so the new
+    /// group's views replace the old group's whatever their versions (the forced manager may
+    /// not have had every change the old group made). Absent (0) from views before it existed.
+    #[serde(default)]
+    pub generation: u64,
     /// A manager's node ID (the one with the lowest Raft ID). Before Raft this was the one
     /// manager; now every manager is in `nodes` with its API address, and who leads is Raft's
     /// to say, not the view's.
@@ -192,6 +197,7 @@ mod tests {
     fn v1() -> ViewV1 {
         ViewV1 {
             version: 7,
+            generation: 1,
             leader: NodeId::from_random(1),
             api_addr: "198.18.0.1:2377".parse().unwrap(),
             ca_cert_der: vec![1, 2, 3],
@@ -254,7 +260,8 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("unknown variant `v2`"), "{err}");
-        // No serde defaults standing in for migrations: every field of v1 is required.
+        // No serde defaults standing in for migrations: every field of v1 is required, but
+        // those added since that views from older managers lack (see below).
         let mut partial = json.clone();
         partial["v1"]
             .as_object_mut()
@@ -264,5 +271,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("missing field `cert_expiry_secs`"), "{err}");
+    }
+
+    #[test]
+    fn a_view_from_before_generations_is_generation_0() {
+        let mut json = serde_json::to_value(View::V1(v1())).unwrap();
+        json["v1"].as_object_mut().unwrap().remove("generation");
+        let View::V1(old) = serde_json::from_value::<View>(json).unwrap();
+        assert_eq!(old.generation, 0);
+        assert_eq!(old.version, 7);
     }
 }

@@ -574,6 +574,7 @@ impl Agent {
                 Ok(Reply::Info(info))
             }
             Request::Init(init) => self.init(init).await.map_err(|e| e.to_string()),
+            Request::ForceNewCluster => self.force_new_cluster().await.map_err(|e| e.to_string()),
             Request::Join(join) => self.join(join).await.map_err(|e| e.to_string()),
             Request::Leave { force } => self.leave(force).await.map_err(|e| e.to_string()),
             Request::Admin(admin) => self.admin(admin).await.map_err(|e| e.to_string()),
@@ -932,6 +933,37 @@ impl Agent {
             node_id,
             worker_token,
             join_addr: api_addr,
+        })
+    }
+
+    /// `init --force-new-cluster`: after the other managers were lost, this one forms a new
+    /// group of managers alone, from its state (see [`reconcile::Order::ForceNewCluster`]).
+    async fn force_new_cluster(&self) -> Result<Reply, AgentError> {
+        let _one_at_a_time = self.lifecycle.lock().await;
+        let m = self.membership.get().ok_or(AgentError::NotInSwarm)?;
+        let own = m.view.node(&m.node_id);
+        if !own.is_some_and(|n| n.role == Role::Manager && n.active()) {
+            return Err(AgentError::Manager(
+                ApplyError::NotAManager(m.node_id.clone()).to_string(),
+            ));
+        }
+        let demoted = self.reconciler.force_new_cluster().await?;
+        let manager = self.running().manager.clone().ok_or(AgentError::Stopped)?;
+        let state = manager.state();
+        let cluster = state.cluster().ok_or(AgentError::NotInSwarm)?;
+        let worker_token = format!(
+            "SWMTKN-1-{}-{}",
+            crate::token::CaDigest::of(&cluster.ca.cert_der),
+            cluster.worker_secret
+        );
+        warn!(
+            demoted = ?demoted,
+            "forced a new cluster: the other managers are workers now; promote nodes to have several managers again"
+        );
+        Ok(Reply::Initialized {
+            node_id: m.node_id.clone(),
+            worker_token,
+            join_addr: manager.raft().replica.api_addr(),
         })
     }
 
@@ -1681,7 +1713,7 @@ async fn watch_once(
                 };
                 // Only a newer view replaces the one we hold; the connection it came on is
                 // authenticated as the manager this node expects (see `connect_member`).
-                if view.version <= current.view.version {
+                if !view.supersedes(&current.view) {
                     continue;
                 }
                 let mut next = current;

@@ -5,7 +5,7 @@
 //! One task, the [`Reconciler`], holds all of it. It is fed by events and never shares what
 //! it holds behind a lock:
 //! - **orders** from the agent's lifecycle requests ([`Order::Start`] after `init`, `join` or
-//!   a restart; [`Order::Stop`] for `leave` and shutdown);
+//!   a restart; [`Order::Stop`] for `leave` and shutdown; [`Order::ForceNewCluster`]);
 //! - **the membership record** changing (a new view from the watch stream or this node's own
 //!   manager, a renewed certificate): gossip's admission, keys and metadata and the data
 //!   path's peers and epochs follow it;
@@ -116,6 +116,13 @@ pub async fn manager_start(
     })
 }
 
+/// Where this node's manager API listens: the address it was given (`init`, `join`), or the
+/// one its node record advertises.
+fn listen_addr(m: &Membership) -> Option<SocketAddr> {
+    m.listen_addr
+        .or_else(|| m.view.node(&m.node_id).and_then(|n| n.api_addr))
+}
+
 /// What the agent asks of the reconciler.
 pub enum Order {
     /// Run this node's part in the swarm of the membership record: the manager (when
@@ -128,6 +135,13 @@ pub enum Order {
         incarnation: Incarnation,
         /// Whether the manager started.
         reply: oneshot::Sender<Result<(), AgentError>>,
+    },
+    /// `init --force-new-cluster`: this node's manager stops, and starts again alone in a new
+    /// Raft group from the state it had (see [`crate::manager::forced_state`]); gossip and
+    /// the data path go on.
+    ForceNewCluster {
+        /// The managers demoted, once the new group runs.
+        reply: oneshot::Sender<Result<Vec<NodeId>, AgentError>>,
     },
     /// Stop everything this node runs; gossip says goodbye first.
     Stop {
@@ -162,6 +176,20 @@ impl Handle {
             reply,
         };
         if self.orders.send(order).await.is_err() {
+            return Err(AgentError::Stopped);
+        }
+        answer.await.unwrap_or(Err(AgentError::Stopped))
+    }
+
+    /// See [`Order::ForceNewCluster`].
+    pub async fn force_new_cluster(&self) -> Result<Vec<NodeId>, AgentError> {
+        let (reply, answer) = oneshot::channel();
+        if self
+            .orders
+            .send(Order::ForceNewCluster { reply })
+            .await
+            .is_err()
+        {
             return Err(AgentError::Stopped);
         }
         answer.await.unwrap_or(Err(AgentError::Stopped))
@@ -291,6 +319,9 @@ impl Reconciler {
                     Some(Order::Start { manager, incarnation, reply }) => {
                         let _ = reply.send(self.start(manager, incarnation).await);
                     }
+                    Some(Order::ForceNewCluster { reply }) => {
+                        let _ = reply.send(self.force_new_cluster().await);
+                    }
                     Some(Order::Stop { reply }) => {
                         self.stop().await;
                         let _ = reply.send(());
@@ -378,6 +409,58 @@ impl Reconciler {
             task.stop().await;
         }
         self.publish();
+    }
+
+    /// See [`Order::ForceNewCluster`]. On error the manager starts again as it was.
+    async fn force_new_cluster(&mut self) -> Result<Vec<NodeId>, AgentError> {
+        let m = self.setup.membership.get().ok_or(AgentError::NotInSwarm)?;
+        if self.incarnation.is_none() {
+            return Err(AgentError::Stopped);
+        }
+        // The old group's manager first: nothing more goes into its log or state.
+        if let Some((manager, task)) = self.manager.take() {
+            task.stop().await;
+            manager.shutdown().await;
+        }
+        self.demoted_at = None;
+        let forced = self.start_forced(&m).await;
+        if forced.is_err() {
+            self.follow_role(&m).await;
+        }
+        self.publish();
+        forced
+    }
+
+    async fn start_forced(&mut self, m: &Membership) -> Result<Vec<NodeId>, AgentError> {
+        let store = &self.setup.store;
+        let (state, demoted) = crate::manager::forced_state(store, &m.node_id)
+            .await
+            .map_err(|e| AgentError::Manager(e.to_string()))?;
+        let view = state
+            .view()
+            .ok_or_else(|| AgentError::Manager("this manager has no state".into()))?;
+        let next = Membership { view, ..m.clone() };
+        let record = crate::store::encoded("manager", state.to_record())?;
+        // One transaction: the old group's log goes with the state it made, so a crash leaves
+        // either the old manager or the new group's first state (which forms a group of one).
+        store
+            .write(&[
+                Write::ClearRaft,
+                Write::Manager(&record),
+                Write::Membership(&next),
+            ])
+            .await?;
+        self.setup.membership.set(Some(next.clone()));
+        let listen = listen_addr(&next).ok_or(AgentError::NoRaftId)?;
+        let start = manager_start(store, &next, listen).await?;
+        let running = self.start_manager(&next, start).await?;
+        self.manager = Some(running);
+        self.feed_manager();
+        info!(
+            demoted = demoted.len(),
+            "forced a new cluster: this manager alone forms the managers' Raft group"
+        );
+        Ok(demoted)
     }
 
     async fn start_manager(
@@ -521,7 +604,7 @@ impl Reconciler {
             && own.is_some_and(|n| n.role == Role::Manager && n.active() && n.raft_id.is_some());
         match (manager, self.manager.is_some()) {
             (true, false) => {
-                let Some(listen) = m.listen_addr.or_else(|| own.and_then(|n| n.api_addr)) else {
+                let Some(listen) = listen_addr(m) else {
                     return;
                 };
                 let started = match manager_start(&self.setup.store, m, listen).await {

@@ -10,8 +10,19 @@ use crate::cli::{call, unexpected, CliError};
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Address other nodes reach this one at.
-    #[arg(long)]
-    advertise_addr: IpAddr,
+    #[arg(long, required_unless_present = "force_new_cluster")]
+    advertise_addr: Option<IpAddr>,
+    /// On a manager of a swarm that lost the quorum of its managers: form a new swarm with
+    /// this manager alone, from its state (nodes, keys, tokens); the other managers become
+    /// workers. Takes no other flag.
+    #[arg(
+        long,
+        conflicts_with_all = [
+            "advertise_addr", "listen_addr", "data_path_port", "ingress_subnet", "no_encrypt",
+            "key_rotation_interval", "cert_expiry",
+        ]
+    )]
+    force_new_cluster: bool,
     /// Address the manager API listens on.
     #[arg(long, default_value = "0.0.0.0:2377")]
     listen_addr: SocketAddr,
@@ -31,6 +42,18 @@ pub struct Args {
     /// with s, m, h or d, as docker's `--cert-expiry` (default 2160h, 90 days).
     #[arg(long, default_value = "2160h", value_parser = parse_interval)]
     cert_expiry: u64,
+}
+
+fn init_request(advertise_addr: IpAddr, args: Args) -> Request {
+    Request::Init(InitRequest {
+        advertise_addr,
+        listen_addr: args.listen_addr,
+        data_path_port: args.data_path_port,
+        ingress_subnet: args.ingress_subnet,
+        encrypt: !args.no_encrypt,
+        key_rotation_secs: args.key_rotation_interval,
+        cert_expiry_secs: args.cert_expiry,
+    })
 }
 
 /// Parses `<n>s|m|h|d` into seconds (at least 1 s).
@@ -54,15 +77,11 @@ pub fn parse_interval(text: &str) -> Result<u64, String> {
 }
 
 pub(super) async fn run(args: Args, socket: &Path) -> Result<(), CliError> {
-    let request = Request::Init(InitRequest {
-        advertise_addr: args.advertise_addr,
-        listen_addr: args.listen_addr,
-        data_path_port: args.data_path_port,
-        ingress_subnet: args.ingress_subnet,
-        encrypt: !args.no_encrypt,
-        key_rotation_secs: args.key_rotation_interval,
-        cert_expiry_secs: args.cert_expiry,
-    });
+    let request = match args.advertise_addr {
+        _ if args.force_new_cluster => Request::ForceNewCluster,
+        Some(advertise_addr) => init_request(advertise_addr, args),
+        None => return Err(CliError::Usage("--advertise-addr is required".into())),
+    };
     let reply = call(socket, request).await?;
     let Reply::Initialized {
         node_id,

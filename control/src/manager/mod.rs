@@ -179,6 +179,52 @@ pub enum AdminError {
     NoCertKey(NodeId),
 }
 
+impl From<ApplyError> for AdminError {
+    fn from(e: ApplyError) -> Self {
+        AdminError::Change(ChangeError::Refused(e))
+    }
+}
+
+/// A certificate for `node` in `role`, for the key its current one certifies.
+pub fn issue_cert(cluster: &Cluster, node: &Node, role: Role) -> Result<NodeCert, AdminError> {
+    if node.cert_public_key.is_empty() {
+        return Err(AdminError::NoCertKey(node.id.clone()));
+    }
+    let validity = Validity::from_now(unix_now(), Duration::from_secs(cluster.cert_expiry_secs));
+    let der = sign_node_cert(&cluster.ca, &node.id, role, &node.cert_public_key, validity)
+        .map_err(|e| AdminError::Change(ChangeError::Certificate(e)))?;
+    Ok(NodeCert {
+        digest: cert_digest(&der),
+        der,
+        not_after: validity.not_after,
+    })
+}
+
+/// `init --force-new-cluster` on node `self_id`, whose manager has stopped: the first state of
+/// a new group of one, from what the store holds ([`raft::last_known_state`]) with every other
+/// manager demoted ([`State::force_new_cluster`]); and the managers demoted.
+pub async fn forced_state(
+    store: &Arc<Store>,
+    self_id: &NodeId,
+) -> Result<(State, Vec<NodeId>), ForceError> {
+    let mut state = raft::last_known_state(store).await?;
+    let demoted = state.force_new_cluster(self_id, |cluster, node| {
+        issue_cert(cluster, node, Role::Worker)
+    })?;
+    Ok((state, demoted))
+}
+
+/// Why `init --force-new-cluster` did not happen. Nothing changed.
+#[derive(Debug, thiserror::Error)]
+pub enum ForceError {
+    /// This manager's state or log could not be read.
+    #[error("cannot read this manager's state: {0}")]
+    Store(#[from] StoreError),
+    /// The state refused it (not a manager), or a certificate could not be issued.
+    #[error(transparent)]
+    Refused(#[from] AdminError),
+}
+
 /// Why a join was refused. Nothing was added to the node list.
 #[derive(Debug, thiserror::Error)]
 pub enum AdmitError {
@@ -552,7 +598,7 @@ impl Manager {
                     }
                     // A new certificate in the new role: the old one stops opening the
                     // manager API (a demotion) at once.
-                    let cert = self.reissue(cluster, node, role)?;
+                    let cert = issue_cert(cluster, node, role)?;
                     let reachable = self.reachable_managers(cluster);
                     Ok((
                         Some(Command::SetRole(id.clone(), role, cert, reachable)),
@@ -577,22 +623,6 @@ impl Manager {
             });
         }
         Ok(Reply::Lines(lines))
-    }
-
-    /// A certificate for `node` in `role`, for the key its current one certifies.
-    fn reissue(&self, cluster: &Cluster, node: &Node, role: Role) -> Result<NodeCert, AdminError> {
-        if node.cert_public_key.is_empty() {
-            return Err(AdminError::NoCertKey(node.id.clone()));
-        }
-        let validity =
-            Validity::from_now(unix_now(), Duration::from_secs(cluster.cert_expiry_secs));
-        let der = sign_node_cert(&cluster.ca, &node.id, role, &node.cert_public_key, validity)
-            .map_err(|e| AdminError::Change(ChangeError::Certificate(e)))?;
-        Ok(NodeCert {
-            digest: cert_digest(&der),
-            der,
-            not_after: validity.not_after,
-        })
     }
 
     /// The X25519 public key joining nodes prove their keys against.
@@ -695,7 +725,7 @@ impl Manager {
                     .nodes
                     .get(id)
                     .ok_or_else(|| AdminError::NotFound(id.to_string()))?;
-                let cert = self.reissue(cluster, node, node.role)?;
+                let cert = issue_cert(cluster, node, node.role)?;
                 Ok((Some(Command::Renew(id.clone(), cert.clone())), cert))
             })
             .await?;

@@ -193,6 +193,39 @@ fn decode_entry(bytes: &[u8]) -> StorageResult<Entry<TypeConfig>> {
     serde_json::from_slice(bytes).map_err(|e| StorageIOError::read_logs(&e).into())
 }
 
+/// The state a new group of one starts from at `init --force-new-cluster`: what this manager
+/// applied, then every command its log holds past that. Some of those may have committed
+/// without this manager hearing so yet (a write acknowledged to its client: it must not be
+/// lost); the others never committed, so no client was told they did, and keeping them breaks
+/// no promise either.
+pub async fn last_known_state(store: &Arc<Store>) -> Result<State, StoreError> {
+    let corrupt = |key| move |source| StoreError::Corrupt { key, source };
+    let mut state = store.manager(State::from_record).await?.unwrap_or_default();
+    let applied: AppliedRecord = match store.raft_get(RaftKey::Applied).await? {
+        Some(bytes) => serde_json::from_slice(&bytes).map_err(corrupt("raft_applied"))?,
+        None => AppliedRecord::default(),
+    };
+    let from = applied.last.map_or(0, |id| id.index + 1);
+    let pending = store
+        .raft_entries((std::ops::Bound::Included(from), std::ops::Bound::Unbounded))
+        .await?;
+    let mut kept = 0usize;
+    for (_, bytes) in pending {
+        let entry: Entry<TypeConfig> =
+            serde_json::from_slice(&bytes).map_err(corrupt("raft_log"))?;
+        if let EntryPayload::Normal(command) = entry.payload {
+            kept += usize::from(state.apply(command) == Ok(Applied::Changed));
+        }
+    }
+    if kept > 0 {
+        info!(
+            kept,
+            "kept changes from the log that this manager had not applied yet"
+        );
+    }
+    Ok(state)
+}
+
 impl RaftLogReader<TypeConfig> for LogStore {
     async fn try_get_log_entries<RB>(&mut self, range: RB) -> StorageResult<Vec<Entry<TypeConfig>>>
     where
@@ -1543,5 +1576,49 @@ mod tests {
         let mut huge = framed.clone();
         huge[..4].copy_from_slice(&u32::MAX.to_be_bytes());
         assert!(split_header::<(String, u32)>(&huge).is_none());
+    }
+
+    /// `init --force-new-cluster` starts from the applied state and every command the log
+    /// holds past it: a change that committed before this manager heard so is not lost.
+    #[tokio::test]
+    async fn the_last_known_state_takes_the_log_past_what_was_applied() {
+        use crate::manager::state::tests::{init_cmd, node};
+        use crate::manager::state::Role;
+        use openraft::testing::StoreBuilder as _;
+        let (_dir, _log, mut machine) = Fresh.build().await.unwrap();
+        let store = machine.replica.store.clone();
+        let commands = [
+            init_cmd(),
+            Command::AddNode(Box::new(node(2, Role::Worker))),
+            Command::AddNode(Box::new(node(3, Role::Worker))),
+        ];
+        let entries: Vec<Entry<TypeConfig>> = commands
+            .iter()
+            .zip(1..)
+            .map(|(c, index)| Entry {
+                log_id: openraft::testing::log_id(1, 1, index),
+                payload: EntryPayload::Normal(c.clone()),
+            })
+            .collect();
+        store
+            .raft_append(entries.iter().map(|e| (e.log_id.index, json(e))).collect())
+            .await
+            .unwrap();
+        // Only the first is applied (and so in the state record).
+        machine.apply(entries[..1].to_vec()).await.unwrap();
+        let mut all = State::default();
+        for c in commands {
+            all.apply(c).unwrap();
+        }
+        let known = last_known_state(&store).await.unwrap();
+        assert_eq!(known, all);
+        assert!(known
+            .cluster()
+            .unwrap()
+            .nodes
+            .contains_key(&node(3, Role::Worker).id));
+        // Everything applied: the state record alone.
+        machine.apply(entries[1..].to_vec()).await.unwrap();
+        assert_eq!(last_known_state(&store).await.unwrap(), all);
     }
 }

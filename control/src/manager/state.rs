@@ -138,6 +138,9 @@ impl Cluster {
 pub struct State {
     /// Grows by one at every command that changed something.
     pub version: u64,
+    /// Grows by one at every `init --force-new-cluster` (see [`State::force_new_cluster`]).
+    #[serde(default)]
+    pub generation: u64,
     /// `None` until `init`.
     pub cluster: Option<Cluster>,
 }
@@ -322,6 +325,9 @@ pub enum ApplyError {
     /// Key rotation interval of zero.
     #[error("the key rotation interval must be at least one second")]
     ZeroInterval,
+    /// `init --force-new-cluster` on a node that is not an active manager of its state.
+    #[error("This node is not a swarm manager. Worker nodes can't be used to view or modify cluster state. Please run this command on a manager node or promote the current node to a manager.")]
+    NotAManager(NodeId),
 }
 
 impl State {
@@ -580,6 +586,42 @@ impl State {
         }
     }
 
+    /// `init --force-new-cluster` on manager `keep`: every other manager becomes a worker,
+    /// out of the Raft group, with the certificate `issue` makes for it in that role (its
+    /// manager certificate no longer opens the managers' channel). The generation grows, so
+    /// the new group's views replace the old group's on every node whatever their versions.
+    /// Not a [`Command`]: it is no change the old group commits, but the first state of a new
+    /// one. The demoted managers, in `node ls` order; on error nothing changed.
+    pub fn force_new_cluster<E: From<ApplyError>>(
+        &mut self,
+        keep: &NodeId,
+        mut issue: impl FnMut(&Cluster, &Node) -> Result<NodeCert, E>,
+    ) -> Result<Vec<NodeId>, E> {
+        let cluster = self.cluster.as_ref().ok_or(ApplyError::NotInitialized)?;
+        if !cluster.managers().any(|n| &n.id == keep) {
+            return Err(ApplyError::NotAManager(keep.clone()).into());
+        }
+        let mut certs = Vec::new();
+        for node in cluster.managers().filter(|n| &n.id != keep) {
+            certs.push((node.id.clone(), issue(cluster, node)?));
+        }
+        let Some(cluster) = self.cluster.as_mut() else {
+            return Err(ApplyError::NotInitialized.into());
+        };
+        let mut demoted = Vec::new();
+        for (id, cert) in certs {
+            if let Some(node) = cluster.nodes.get_mut(&id) {
+                node.role = Role::Worker;
+                node.raft_id = None;
+                node.set_cert(cert);
+                demoted.push(id);
+            }
+        }
+        self.generation += 1;
+        self.version += 1;
+        Ok(demoted)
+    }
+
     /// The cluster, if initialized.
     pub fn cluster(&self) -> Option<&Cluster> {
         self.cluster.as_ref()
@@ -609,6 +651,7 @@ impl State {
         let c = self.cluster.as_ref()?;
         Some(ClusterView {
             version: self.version,
+            generation: self.generation,
             ca_cert_der: c.ca.cert_der.clone(),
             nodes: c
                 .nodes
@@ -901,6 +944,55 @@ pub(crate) mod tests {
         // A manager that leaves is out of the Raft group.
         s.apply(Command::MarkLeft(id(3))).unwrap();
         assert_eq!(s.cluster().unwrap().nodes[&id(3)].raft_id, None);
+    }
+
+    #[test]
+    fn force_new_cluster_keeps_one_manager_and_starts_a_generation() {
+        let mut s = initialized();
+        for (n, role) in [(2, Role::Manager), (3, Role::Manager), (4, Role::Worker)] {
+            s.apply(Command::AddNode(Box::new(node(n, role)))).unwrap();
+        }
+        let before = s.clone();
+        // A worker cannot force; nothing moves.
+        let worker = s.force_new_cluster(&id(4), |_, _| Ok::<_, ApplyError>(cert(9)));
+        assert_eq!(worker, Err(ApplyError::NotAManager(id(4))));
+        assert_eq!(s, before);
+        // A certificate that cannot be issued: nothing moves either.
+        let failed = s.force_new_cluster(&id(3), |_, n| {
+            if n.id == id(2) {
+                Err(ApplyError::NoSuchNode(n.id.clone()))
+            } else {
+                Ok(cert(9))
+            }
+        });
+        assert_eq!(failed, Err(ApplyError::NoSuchNode(id(2))));
+        assert_eq!(s, before);
+
+        let demoted = s.force_new_cluster(&id(3), |_, n| {
+            Ok::<_, ApplyError>(cert(u128::from(n.public_key[0]) + 50))
+        });
+        assert_eq!(demoted, Ok(vec![id(1), id(2)]));
+        let c = s.cluster().unwrap();
+        let managers: Vec<_> = c.managers().map(|n| n.id.clone()).collect();
+        assert_eq!(managers, vec![id(3)]);
+        assert_eq!(
+            c.nodes[&id(3)].raft_id,
+            before.cluster().unwrap().nodes[&id(3)].raft_id
+        );
+        for n in [1, 2] {
+            let node = &c.nodes[&id(n)];
+            assert_eq!((node.role, node.raft_id), (Role::Worker, None));
+            assert_eq!(node.cert_digest, cert(n + 50).digest);
+        }
+        // The worker and the Raft IDs to come are untouched.
+        assert_eq!(c.nodes[&id(4)], before.cluster().unwrap().nodes[&id(4)]);
+        assert_eq!(c.next_raft_id, before.cluster().unwrap().next_raft_id);
+        // A later generation outranks any version of the old group.
+        assert_eq!(s.generation, before.generation + 1);
+        let mut old_group = before.view().unwrap();
+        old_group.version += 1000;
+        assert!(s.view().unwrap().supersedes(&old_group));
+        assert!(!old_group.supersedes(&s.view().unwrap()));
     }
 
     #[test]
