@@ -104,12 +104,7 @@ impl Node {
     }
 
     fn shoal(&self, args: &[&str]) -> Output {
-        Command::new(BIN)
-            .arg("--socket")
-            .arg(&self.socket)
-            .args(args)
-            .output()
-            .unwrap()
+        shoal_at(&self.socket, args)
     }
 
     /// Runs a command that must succeed; its stdout.
@@ -152,6 +147,16 @@ impl Drop for Node {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// Runs `shoal` against the agent on `socket`.
+fn shoal_at(socket: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) {
@@ -215,14 +220,16 @@ fn cluster(names: &[&str]) -> (tempfile::TempDir, Vec<Node>) {
 }
 
 fn init(n1: &Node) -> String {
+    init_with(n1, &[])
+}
+
+/// `init` with more flags.
+fn init_with(n1: &Node, flags: &[&str]) -> String {
     let listen = format!("{}:2377", n1.ip);
-    let out = n1.ok(&[
-        "init",
-        "--advertise-addr",
-        &n1.ip.to_string(),
-        "--listen-addr",
-        &listen,
-    ]);
+    let ip = n1.ip.to_string();
+    let mut args = vec!["init", "--advertise-addr", &ip, "--listen-addr", &listen];
+    args.extend(flags);
+    let out = n1.ok(&args);
     let id = n1.info()["node_id"].as_str().unwrap().to_owned();
     assert_eq!(id.len(), 25);
     assert!(out.starts_with(&format!(
@@ -823,10 +830,10 @@ fn manager_status(n: &Node, host: &str) -> Option<String> {
     rows(n).into_iter().find(|r| r.0 == host).map(|r| r.2)
 }
 
-/// `init` on the first node, the next two join as managers and the fourth as a worker; waits
-/// until the first (the leader) sees the other managers reachable.
-fn three_managers_and_a_worker(nodes: &[Node]) {
-    let init_out = init(&nodes[0]);
+/// `init` (with `init_flags`) on the first node, the next two join as managers and the fourth
+/// as a worker; waits until the first (the leader) sees the other managers reachable.
+fn three_managers_and_a_worker(nodes: &[Node], init_flags: &[&str]) {
+    let init_out = init_with(&nodes[0], init_flags);
     let manager_token = nodes[0]
         .ok(&["join-token", "-q", "manager"])
         .trim()
@@ -868,7 +875,7 @@ fn three_managers_and_a_worker(nodes: &[Node]) {
 #[test]
 fn managers_elect_a_new_leader_and_refuse_without_quorum() {
     let (_root, mut nodes) = cluster(&["m1", "m2", "m3", "w1", "w2"]);
-    three_managers_and_a_worker(&nodes);
+    three_managers_and_a_worker(&nodes, &[]);
     let status = manager_status;
     // Any manager answers admin commands, and sees the same leader.
     wait_until(Duration::from_secs(10), || {
@@ -980,7 +987,7 @@ fn managers_elect_a_new_leader_and_refuse_without_quorum() {
 #[test]
 fn force_new_cluster_on_the_last_manager() {
     let (_root, mut nodes) = cluster(&["f1", "f2", "f3", "fw"]);
-    three_managers_and_a_worker(&nodes);
+    three_managers_and_a_worker(&nodes, &[]);
     wait_until(Duration::from_secs(10), || {
         status_of(&nodes[0], "fw").as_deref() == Some("Ready")
     });
@@ -1046,4 +1053,105 @@ fn force_new_cluster_on_the_last_manager() {
     assert_eq!(manager_status(&nodes[0], "f1").as_deref(), Some("Leader"));
     assert_eq!(manager_status(&nodes[0], "f2").as_deref(), Some(""));
     nodes[0].ok(&["join-token", "--rotate", "worker"]);
+}
+
+/// The no-lost-writes check: a client adds external VTEPs through the managers in turn, as
+/// fast as they answer, while the leader is killed (`kill -9`) and restarted three times.
+/// Every write acknowledged is in the final state on every manager, and once healed the
+/// managers' states are byte-equal (same digest). (`benches/managers/` runs it longer.)
+#[test]
+fn no_acknowledged_write_is_lost_when_leaders_die() {
+    let (_root, mut nodes) = cluster(&["l1", "l2", "l3", "lw"]);
+    three_managers_and_a_worker(&nodes, &["--no-encrypt", "--ingress-subnet", "10.9.0.0/16"]);
+    let sockets: Vec<PathBuf> = nodes[..3].iter().map(|n| n.socket.clone()).collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (mut acked, mut failed) = (Vec::new(), 0u32);
+            for i in 0u32..60_000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 9, 1, 0)) + i);
+                let addr = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 1, 0)) + i);
+                let mac = format!("02:42:00:00:{:02x}:{:02x}", i >> 8, i & 0xff);
+                let socket = &sockets[i as usize % sockets.len()];
+                let (ip_s, addr_s) = (ip.to_string(), addr.to_string());
+                let out = shoal_at(
+                    socket,
+                    &[
+                        "network", "vtep", "add", "ingress", "--addr", &addr_s, "--mac", &mac,
+                        "--ip", &ip_s,
+                    ],
+                );
+                if out.status.success() {
+                    acked.push(ip_s);
+                } else {
+                    failed += 1;
+                }
+            }
+            (acked, failed)
+        })
+    };
+    let leader = |nodes: &[Node]| {
+        nodes[..3].iter().position(|n| {
+            n.child.is_some() && manager_status(n, &n.name).as_deref() == Some("Leader")
+        })
+    };
+    for round in 0..3 {
+        let mut found = None;
+        wait_until(Duration::from_secs(10), || {
+            found = leader(&nodes);
+            found.is_some()
+        });
+        let i = found.unwrap_or_default();
+        std::thread::sleep(Duration::from_millis(700));
+        nodes[i].kill9();
+        eprintln!("round {round}: killed the leader {}", nodes[i].name);
+        std::thread::sleep(Duration::from_secs(3));
+        nodes[i].start();
+        let name = nodes[i].name.clone();
+        let other = &nodes[(i + 1) % 3];
+        wait_until(Duration::from_secs(15), || {
+            manager_status(other, &name).as_deref() == Some("Reachable")
+        });
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::Relaxed);
+    let (acked, failed) = writer.join().unwrap();
+    eprintln!(
+        "{} writes acknowledged, {failed} refused or unanswered",
+        acked.len()
+    );
+    assert!(
+        acked.len() >= 20,
+        "too few writes to tell anything: {}",
+        acked.len()
+    );
+    // Healed: every manager applies the same log to the same state.
+    let digest = |n: &Node| n.info()["state_digest"].as_str().map(str::to_owned);
+    wait_until(Duration::from_secs(20), || {
+        let d: Vec<_> = nodes[..3].iter().map(digest).collect();
+        d[0].is_some() && d.iter().all(|x| *x == d[0])
+    });
+    for n in &nodes[..3] {
+        let out = n.ok(&["network", "inspect", "ingress"]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let have: std::collections::HashSet<&str> = v[0]["vteps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["ip"].as_str().unwrap())
+            .collect();
+        let lost: Vec<&String> = acked
+            .iter()
+            .filter(|ip| !have.contains(ip.as_str()))
+            .collect();
+        assert!(
+            lost.is_empty(),
+            "{}: acknowledged but lost: {lost:?}",
+            n.name
+        );
+    }
 }

@@ -535,6 +535,10 @@ pub struct Info {
     /// The gossip driver's counters (`shoal_gossip::Stats`), if gossip runs.
     #[serde(default)]
     pub gossip: Option<serde_json::Value>,
+    /// On a manager: SHA-256 of its state as stored, hex. Managers that have applied the same
+    /// commands show the same digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_digest: Option<String>,
 }
 
 /// A request to the manager API on 2377.

@@ -799,6 +799,10 @@ impl Agent {
                 })
             }),
             gossip: None,
+            state_digest: self.running().manager.as_ref().and_then(|manager| {
+                let record = manager.state().to_record().ok()?;
+                Some(hex(&<sha2::Sha256 as sha2::Digest>::digest(&record)))
+            }),
         }
     }
 
