@@ -825,6 +825,11 @@ fn certificates_are_renewed_before_they_expire() {
     );
 }
 
+/// A manager's state digest (`info`), `None` on a worker.
+fn state_digest(n: &Node) -> Option<String> {
+    n.info()["state_digest"].as_str().map(str::to_owned)
+}
+
 /// MANAGER STATUS of `host` in `node ls` on `n`.
 fn manager_status(n: &Node, host: &str) -> Option<String> {
     rows(n).into_iter().find(|r| r.0 == host).map(|r| r.2)
@@ -1053,6 +1058,15 @@ fn force_new_cluster_on_the_last_manager() {
     assert_eq!(manager_status(&nodes[0], "f1").as_deref(), Some("Leader"));
     assert_eq!(manager_status(&nodes[0], "f2").as_deref(), Some(""));
     nodes[0].ok(&["join-token", "--rotate", "worker"]);
+    // A manager added to the new group gets its state (from a snapshot: the new group's log
+    // does not hold it).
+    nodes[0].ok(&["node", "promote", "fw"]);
+    wait_until(Duration::from_secs(15), || {
+        manager_status(&nodes[0], "fw").as_deref() == Some("Reachable")
+    });
+    wait_until(Duration::from_secs(10), || {
+        state_digest(&nodes[3]).is_some() && state_digest(&nodes[3]) == state_digest(&nodes[0])
+    });
 }
 
 /// The no-lost-writes check: a client adds external VTEPs through the managers in turn, as
@@ -1130,7 +1144,7 @@ fn no_acknowledged_write_is_lost_when_leaders_die() {
         acked.len()
     );
     // Healed: every manager applies the same log to the same state.
-    let digest = |n: &Node| n.info()["state_digest"].as_str().map(str::to_owned);
+    let digest = state_digest;
     wait_until(Duration::from_secs(20), || {
         let d: Vec<_> = nodes[..3].iter().map(digest).collect();
         d[0].is_some() && d.iter().all(|x| *x == d[0])

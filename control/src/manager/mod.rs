@@ -1792,6 +1792,48 @@ mod tests {
         let _ = server.await;
     }
 
+    /// A manager whose Raft stopped (a demotion, a restart in the same agent) ends the peer
+    /// channels open to it at their next frame, so the peers reconnect to what serves next
+    /// instead of talking to a stopped node forever.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stopped_managers_raft_channels_end() {
+        use crate::api::{read_raw_frame, write_raw_frame};
+        let f = leader().await;
+        let ca_der = f.manager.view().ca_cert_der.clone();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let acceptor = TlsAcceptor::from(
+            crate::trust::tls::server_config(&ca_der, &f.manager.own_cert()).unwrap(),
+        );
+        let (stop, stopped) = watch::channel(false);
+        let server = tokio::spawn(f.manager.clone().serve(listener, acceptor, stopped));
+        let config = crate::trust::tls::manager_client_config(
+            &ca_der,
+            &f.manager.own_cert(),
+            &f.manager.self_id,
+        )
+        .unwrap();
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(config)
+            .connect(crate::trust::tls::server_name(), tcp)
+            .await
+            .unwrap();
+        write_frame(&mut tls, &ManagerRequest::Raft).await.unwrap();
+        let ping = [5u8]; // raft::Kind::Ping
+        write_raw_frame(&mut tls, &ping).await.unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(5), read_raw_frame(&mut tls));
+        assert_eq!(answer.await.unwrap().unwrap(), Some(Vec::new()));
+        f.manager.shutdown().await;
+        write_raw_frame(&mut tls, &ping).await.unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(5), read_raw_frame(&mut tls));
+        assert!(
+            !matches!(answer.await.unwrap(), Ok(Some(_))),
+            "a stopped manager's channel still answers"
+        );
+        let _ = stop.send(true);
+        let _ = server.await;
+    }
+
     /// A pre-vote goes only to a candidate whose log is not behind this manager's, and only
     /// when this manager hears no leader.
     #[tokio::test]

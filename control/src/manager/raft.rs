@@ -450,17 +450,25 @@ impl Replica {
     ) -> Result<(), StoreError> {
         let record = crate::store::encoded("manager", next.to_record())?;
         let applied_bytes = json(&applied);
+        let view = next.view();
+        // This node's record and certificate follow the state only forward: a manager catching
+        // up may install a snapshot from before its own promotion (its view, from the watch
+        // stream, is newer), and must not read it as a demotion.
+        let forward = view.as_ref().filter(|view| {
+            self.membership
+                .get()
+                .is_none_or(|m| !m.view.supersedes(view))
+        });
         // This node's certificate as the state has it (a role change or a renewal reissued
         // it for the same key); it goes live with the state, once written.
         let mut own = self.own_cert();
         if let Some(node) = next.cluster().and_then(|c| c.nodes.get(&self.self_id)) {
-            if !node.cert_der.is_empty() && node.cert_der != own.0.cert_der {
+            if forward.is_some() && !node.cert_der.is_empty() && node.cert_der != own.0.cert_der {
                 own.0.cert_der = node.cert_der.clone();
                 own.1 = node.cert_not_after;
             }
         }
-        let view = next.view();
-        let membership = view.clone().map(|view| Membership {
+        let membership = forward.cloned().map(|view| Membership {
             node_id: self.self_id.clone(),
             cert_der: own.0.cert_der.clone(),
             key_pem: own.0.key_pem.clone(),
@@ -983,6 +991,10 @@ pub enum ServeError {
     /// The caller is no longer a manager.
     #[error("the peer is no longer a manager")]
     NotManager,
+    /// This manager's Raft node stopped (a demotion, a restart in the same agent): the peer
+    /// reconnects to whatever serves next.
+    #[error("this manager's Raft stopped")]
+    Stopped,
 }
 
 /// Serves one peer's Raft channel on `stream` until it closes, or until `allowed` says its
@@ -999,6 +1011,9 @@ where
     while let Some(frame) = read_raw_frame(&mut stream).await? {
         if !allowed() {
             return Err(ServeError::NotManager);
+        }
+        if node.stopped.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(ServeError::Stopped);
         }
         let (&kind, body) = frame
             .split_first()
@@ -1062,6 +1077,8 @@ pub struct Node {
     /// The state and what goes out of it.
     pub replica: Arc<Replica>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Set by [`Node::shutdown`]: open peer channels end at their next frame.
+    stopped: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Node {
@@ -1071,6 +1088,9 @@ impl std::fmt::Debug for Node {
             .finish_non_exhaustive()
     }
 }
+
+/// How long a manager that starts waits for its first snapshot (see `snapshot_the_start`).
+const START_SNAPSHOT_WITHIN: Duration = Duration::from_secs(5);
 
 /// Why the Raft node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -1123,6 +1143,7 @@ impl Node {
             raft,
             replica,
             tasks: Mutex::new(Vec::new()),
+            stopped: std::sync::atomic::AtomicBool::new(false),
         });
         let tasks = vec![
             tokio::spawn(elector(Arc::downgrade(&node))),
@@ -1130,11 +1151,60 @@ impl Node {
             tokio::spawn(membership_keeper(Arc::downgrade(&node))),
         ];
         *lock(&node.tasks) = tasks;
+        node.snapshot_the_start().await;
         Ok(node)
+    }
+
+    /// A group formed over a state its log does not hold (a state from before Raft, or `init
+    /// --force-new-cluster`) must never send a new manager its log from the start: replaying
+    /// it would miss that state. So while nothing has been purged, a manager with a state builds
+    /// a snapshot of it and purges its log up to there: a manager that joins gets the
+    /// snapshot first. (In a group that began with `init` this costs one snapshot, once.)
+    async fn snapshot_the_start(&self) {
+        let purged = self.raft.metrics().borrow().purged;
+        if purged.is_some() || !self.replica.with_state(|s| s.cluster().is_some()) {
+            return;
+        }
+        let wait = || self.raft.wait(Some(START_SNAPSHOT_WITHIN));
+        let applied = match wait()
+            .metrics(|m| m.last_applied.is_some(), "the log's start applied")
+            .await
+        {
+            Ok(m) => m.last_applied,
+            Err(e) => {
+                warn!("no first snapshot of the manager state yet: {e}");
+                return;
+            }
+        };
+        if self.raft.trigger().snapshot().await.is_err() {
+            return;
+        }
+        match wait()
+            .metrics(|m| m.snapshot >= applied, "a snapshot of the start")
+            .await
+        {
+            Ok(m) => {
+                if let Some(upto) = m.snapshot {
+                    let _ = self.raft.trigger().purge_log(upto.index).await;
+                    let purged = wait()
+                        .metrics(
+                            |m| m.purged >= Some(upto),
+                            "the log purged up to the snapshot",
+                        )
+                        .await;
+                    if let Err(e) = purged {
+                        warn!("the log is not purged up to the first snapshot yet: {e}");
+                    }
+                }
+            }
+            Err(e) => warn!("no first snapshot of the manager state yet: {e}"),
+        }
     }
 
     /// Stops openraft and the tasks around it.
     pub async fn shutdown(&self) {
+        self.stopped
+            .store(true, std::sync::atomic::Ordering::Release);
         for task in lock(&self.tasks).drain(..) {
             task.abort();
         }
