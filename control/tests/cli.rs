@@ -1169,3 +1169,80 @@ fn no_acknowledged_write_is_lost_when_leaders_die() {
         );
     }
 }
+
+/// A manager that joins a swarm whose state is larger than the API's 4 MiB frame limit gets
+/// it: the state travels as a snapshot, in chunks of 512 KiB. (How long it takes is measured
+/// in release by `benches/managers/catch-up.sh`; the bound here only ends a hang.) The state is grown on
+/// the stopped first manager's store with departed nodes carrying 2 KiB certificates (kept in
+/// the state, not in the views), the way a state dir from before Raft would come: it restarts
+/// as a group of one whose log starts with a snapshot of that state.
+#[test]
+fn a_manager_catches_up_with_a_state_over_4_mib() {
+    use shoal_control::manager::state::{Role, State};
+    use shoal_control::store::{Store, Write};
+    const GONE: u16 = 800;
+    let (_root, mut nodes) = cluster(&["b1", "b2"]);
+    init(&nodes[0]);
+    let token = nodes[0]
+        .ok(&["join-token", "-q", "manager"])
+        .trim()
+        .to_owned();
+    nodes[0].terminate();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let size = runtime.block_on(async {
+        let store = Store::open(&nodes[0].dir.join("state")).await.unwrap();
+        let mut state = store.manager(State::from_record).await.unwrap().unwrap();
+        let cluster = state.cluster.as_mut().unwrap();
+        let first = cluster.nodes.values().next().unwrap().clone();
+        for i in 0..GONE {
+            let mut n = first.clone();
+            n.id = shoal_control::id::NodeId::from_random(0xb16_0000 + u128::from(i));
+            n.hostname = format!("gone-{i}");
+            n.addr = Ipv4Addr::new(198, 18, (i >> 8) as u8 + 10, i as u8).into();
+            n.role = Role::Worker;
+            n.left = true;
+            (n.raft_id, n.api_addr, n.overlay_addr) = (None, None, None);
+            n.cert_der = vec![i as u8; 2048];
+            cluster.nodes.insert(n.id.clone(), n);
+        }
+        state.version += 1;
+        let record = state.to_record().unwrap();
+        store
+            .write(&[Write::ClearRaft, Write::Manager(&record)])
+            .await
+            .unwrap();
+        record.len()
+    });
+    assert!(size > 4 << 20, "the state is only {size} bytes");
+    nodes[0].start();
+    wait_until(Duration::from_secs(10), || {
+        manager_status(&nodes[0], "b1").as_deref() == Some("Leader")
+    });
+    let addr = format!("{}:2377", nodes[0].ip);
+    let joined = Instant::now();
+    let out = join(&nodes[1], &["join".into(), "--token".into(), token, addr]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Asked twice a second: a digest costs each agent a pass over the whole state.
+    wait_until(Duration::from_secs(30), || {
+        std::thread::sleep(Duration::from_millis(400));
+        state_digest(&nodes[1]).is_some() && state_digest(&nodes[1]) == state_digest(&nodes[0])
+    });
+    let took = joined.elapsed();
+    eprintln!("a {size}-byte state: the new manager had it {took:?} after `join`");
+    assert_eq!(
+        manager_status(&nodes[0], "b2").as_deref(),
+        Some("Reachable")
+    );
+    let gone = rows(&nodes[1])
+        .iter()
+        .filter(|r| r.0.starts_with("gone-"))
+        .count();
+    assert_eq!(gone, usize::from(GONE));
+}
