@@ -988,7 +988,7 @@ fn managers_elect_a_new_leader_and_refuse_without_quorum() {
 /// the one manager of a swarm with the state it had (nodes, tokens, keys), within 5 s; the
 /// lost managers are workers in it; the worker follows on; a lost manager that comes back
 /// cannot disturb the new group (its manager certificate no longer opens the managers'
-/// channel). Refusals: on a worker, and with flags of a new swarm.
+/// channel). Refusals: on a worker, while there is a leader, and with flags of a new swarm.
 #[test]
 fn force_new_cluster_on_the_last_manager() {
     let (_root, mut nodes) = cluster(&["f1", "f2", "f3", "fw"]);
@@ -996,7 +996,7 @@ fn force_new_cluster_on_the_last_manager() {
     wait_until(Duration::from_secs(10), || {
         status_of(&nodes[0], "fw").as_deref() == Some("Ready")
     });
-    let token_before = nodes[0].ok(&["join-token", "-q", "worker"]);
+    let token_before = nodes[1].ok(&["join-token", "-q", "worker"]);
     // On a worker, with docker's words; with another init flag, clap's.
     let err = nodes[3].fails(&["init", "--force-new-cluster"]);
     assert!(err.contains("This node is not a swarm manager."), "{err}");
@@ -1012,6 +1012,11 @@ fn force_new_cluster_on_the_last_manager() {
         "{err}"
     );
 
+    // Not while there is a leader: two groups would go their own ways.
+    let err = nodes[1].fails(&["init", "--force-new-cluster"]);
+    assert!(err.contains("the swarm has a leader"), "{err}");
+    // The leader f1 and f3 are lost; f2, a follower, survives (from here nodes[0]).
+    nodes.swap(0, 1);
     nodes[1].kill9();
     nodes[2].kill9();
     let err = nodes[0].fails(&["join-token", "--rotate", "worker"]);
@@ -1042,7 +1047,7 @@ fn force_new_cluster_on_the_last_manager() {
     hosts.sort_unstable();
     assert_eq!(
         hosts,
-        [("f1", "Leader"), ("f2", ""), ("f3", ""), ("fw", "")],
+        [("f1", ""), ("f2", "Leader"), ("f3", ""), ("fw", "")],
         "{ls:?}"
     );
     // The worker follows the new group (a later generation, whatever the versions).
@@ -1055,8 +1060,8 @@ fn force_new_cluster_on_the_last_manager() {
     // A lost manager comes back: the new group goes on without it.
     nodes[1].start();
     std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(manager_status(&nodes[0], "f1").as_deref(), Some("Leader"));
-    assert_eq!(manager_status(&nodes[0], "f2").as_deref(), Some(""));
+    assert_eq!(manager_status(&nodes[0], "f2").as_deref(), Some("Leader"));
+    assert_eq!(manager_status(&nodes[0], "f1").as_deref(), Some(""));
     nodes[0].ok(&["join-token", "--rotate", "worker"]);
     // A manager added to the new group gets its state (from a snapshot: the new group's log
     // does not hold it).

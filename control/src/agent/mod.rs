@@ -115,6 +115,9 @@ pub enum AgentError {
     /// The manager started but could not commit its first command.
     #[error("the manager could not commit: {0}")]
     Manager(String),
+    /// `init --force-new-cluster` was refused or failed; nothing changed.
+    #[error("{0}")]
+    Force(String),
     /// A manager whose view gives it no Raft ID (a view from a manager older than Raft).
     #[error("this node is a manager but its cluster view gives it no Raft ID; run `shoal leave --force` and join it again")]
     NoRaftId,
@@ -947,9 +950,17 @@ impl Agent {
         let m = self.membership.get().ok_or(AgentError::NotInSwarm)?;
         let own = m.view.node(&m.node_id);
         if !own.is_some_and(|n| n.role == Role::Manager && n.active()) {
-            return Err(AgentError::Manager(
+            return Err(AgentError::Force(
                 ApplyError::NotAManager(m.node_id.clone()).to_string(),
             ));
+        }
+        // Two groups of managers would each go their own way: only once the quorum is lost.
+        if let Some(manager) = self.running().manager.clone() {
+            if manager.raft().hears_leader() {
+                return Err(AgentError::Force(
+                    "the swarm has a leader: --force-new-cluster is only for a swarm that lost the quorum of its managers; demote managers (`shoal node demote`) to have fewer".into(),
+                ));
+            }
         }
         let demoted = self.reconciler.force_new_cluster().await?;
         let manager = self.running().manager.clone().ok_or(AgentError::Stopped)?;

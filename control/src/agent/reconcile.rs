@@ -435,10 +435,10 @@ impl Reconciler {
         let store = &self.setup.store;
         let (state, demoted) = crate::manager::forced_state(store, &m.node_id)
             .await
-            .map_err(|e| AgentError::Manager(e.to_string()))?;
+            .map_err(|e| AgentError::Force(e.to_string()))?;
         let view = state
             .view()
-            .ok_or_else(|| AgentError::Manager("this manager has no state".into()))?;
+            .ok_or_else(|| AgentError::Force("this manager has no state".into()))?;
         let next = Membership { view, ..m.clone() };
         let record = crate::store::encoded("manager", state.to_record())?;
         // One transaction: the old group's log goes with the state it made, so a crash leaves

@@ -1252,6 +1252,16 @@ impl Node {
         *lock(&self.replica.heard_leader) = Instant::now();
     }
 
+    /// Whether a leader is alive as this manager sees it: itself with a fresh quorum, or
+    /// another that reached it within [`QUORUM_LEASE`].
+    pub fn hears_leader(&self) -> bool {
+        match self.leader() {
+            Some(id) if id == self.replica.raft_id => true,
+            Some(_) => self.leader_quiet_for() < QUORUM_LEASE,
+            None => false,
+        }
+    }
+
     /// How long since a leader's append or snapshot last reached this manager.
     pub fn leader_quiet_for(&self) -> Duration {
         lock(&self.replica.heard_leader).elapsed()
