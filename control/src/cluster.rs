@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use shoal_proto::view::{self as wire, View};
 
 use crate::id::NodeId;
+pub use crate::manager::networks::UserNetwork;
 pub use shoal_proto::view::{Availability, LiveKeys, Role};
 
 /// One entry of the node list, as the manager issued it.
@@ -153,12 +154,26 @@ pub struct ClusterView {
     pub ingress: Network,
     /// How long node certificates are valid (nodes renew theirs with a third left).
     pub cert_expiry_secs: u64,
+    /// User-defined networks.
+    pub networks: Vec<UserNetwork>,
 }
 
 impl ClusterView {
     /// The node with this ID.
     pub fn node(&self, id: &NodeId) -> Option<&Node> {
         self.nodes.iter().find(|n| &n.id == id)
+    }
+
+    /// The `ingress` network's ID: derived from the cluster CA, so every node shows the same.
+    pub fn ingress_id(&self) -> String {
+        use sha2::Digest as _;
+        let digest = sha2::Sha256::new()
+            .chain_update(&self.ca_cert_der)
+            .chain_update(b"shoal ingress network")
+            .finalize();
+        let mut first = [0u8; 16];
+        first.copy_from_slice(&digest[..16]);
+        NodeId::from_random(u128::from_be_bytes(first)).to_string()
     }
 
     /// Whether this view replaces `held`: a later generation of the managers' group (`init
@@ -181,6 +196,7 @@ impl ClusterView {
                 interval_secs: 0,
                 owed: false,
             },
+            networks: Vec::new(),
             ingress: Network {
                 name: String::new(),
                 vni: 0,
@@ -320,6 +336,21 @@ impl ClusterView {
                     .collect(),
             },
             cert_expiry_secs: self.cert_expiry_secs,
+            networks: self
+                .networks
+                .iter()
+                .map(|n| wire::UserNetworkV1 {
+                    id: n.id.clone(),
+                    name: n.name.clone(),
+                    vni: n.vni,
+                    subnet: n.subnet.to_string(),
+                    gateway: n.gateway,
+                    encrypted: n.encrypted,
+                    attachable: n.attachable,
+                    internal: n.internal,
+                    created_at: n.created_at,
+                })
+                .collect(),
         })
     }
 
@@ -384,6 +415,25 @@ impl ClusterView {
                         .collect(),
                 },
                 cert_expiry_secs: v.cert_expiry_secs,
+                // A subnet that does not parse cannot come from a manager of this version;
+                // such a network is left out rather than guessed at.
+                networks: v
+                    .networks
+                    .into_iter()
+                    .filter_map(|n| {
+                        Some(UserNetwork {
+                            subnet: n.subnet.parse().ok()?,
+                            id: n.id,
+                            name: n.name,
+                            vni: n.vni,
+                            gateway: n.gateway,
+                            encrypted: n.encrypted,
+                            attachable: n.attachable,
+                            internal: n.internal,
+                            created_at: n.created_at,
+                        })
+                    })
+                    .collect(),
             },
         }
     }

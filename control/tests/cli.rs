@@ -1251,3 +1251,114 @@ fn a_manager_catches_up_with_a_state_over_4_mib() {
         .count();
     assert_eq!(gone, usize::from(GONE));
 }
+
+/// `network create|ls|inspect|rm` in docker's words: VNIs from 4097, subnets from the pools
+/// `init --default-addr-pool` set, the definitions on every node (a worker lists and inspects
+/// them), and docker's refusals.
+#[test]
+fn networks_are_created_listed_and_removed() {
+    let (_root, nodes) = cluster(&["k1", "k2"]);
+    let out = init_with(
+        &nodes[0],
+        &[
+            "--default-addr-pool",
+            "10.20.0.0/16",
+            "--default-addr-pool-mask-length",
+            "26",
+        ],
+    );
+    assert!(join(&nodes[1], &join_command(&out)).status.success());
+    let (m, w) = (&nodes[0], &nodes[1]);
+    let id = m.ok(&[
+        "network",
+        "create",
+        "--opt",
+        "encrypted",
+        "--attachable",
+        "web",
+    ]);
+    assert_eq!(id.trim().len(), 25, "{id}");
+    m.ok(&[
+        "network",
+        "create",
+        "--subnet",
+        "192.168.50.0/24",
+        "--gateway",
+        "192.168.50.254",
+        "db",
+    ]);
+    for (args, want) in [
+        (
+            &["network", "create", "web"][..],
+            "network with name web already exists",
+        ),
+        (
+            &["network", "create", "--subnet", "10.0.0.0/16", "x"],
+            "Pool overlaps",
+        ),
+        (
+            &[
+                "network",
+                "create",
+                "--subnet",
+                "10.99.0.0/24",
+                "--gateway",
+                "10.98.0.1",
+                "x",
+            ],
+            "is not a host address",
+        ),
+        (
+            &["network", "create", "-d", "bridge", "x"],
+            "overlay networks only",
+        ),
+        (
+            &["network", "create", "--opt", "mtu=9000", "x"],
+            "unknown network option",
+        ),
+        (&["network", "create", "bad name"], "invalid network name"),
+        (&["network", "rm", "ingress"], "cannot be removed"),
+        (&["network", "rm", "nope"], "network nope not found"),
+    ] {
+        let err = m.fails(args);
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    let err = w.fails(&["network", "create", "x"]);
+    assert!(err.contains("not a swarm manager"), "{err}");
+    // The worker has them from its view.
+    let names = |n: &Node| -> Vec<String> {
+        n.ok(&["network", "ls"])
+            .lines()
+            .skip(1)
+            .map(|l| l.split_whitespace().nth(1).unwrap_or_default().to_owned())
+            .collect()
+    };
+    wait_until(Duration::from_secs(10), || {
+        names(w) == ["ingress", "db", "web"]
+    });
+    let header = w.ok(&["network", "ls"]);
+    assert!(header.starts_with("NETWORK ID     NAME"), "{header}");
+    assert!(header.contains(&id.trim()[..12]), "{header}");
+    let inspect = |n: &Node, name: &str| -> serde_json::Value {
+        serde_json::from_str::<serde_json::Value>(&n.ok(&["network", "inspect", name])).unwrap()[0]
+            .clone()
+    };
+    let web = inspect(w, "web");
+    assert_eq!(web["vni"], 4097);
+    assert_eq!(web["subnet"], "10.20.0.0/26");
+    assert_eq!(web["gateway"], "10.20.0.1");
+    assert_eq!(
+        (web["encrypted"].clone(), web["attachable"].clone()),
+        (true.into(), true.into())
+    );
+    let db = inspect(w, "db");
+    assert_eq!(
+        (db["vni"].clone(), db["gateway"].clone()),
+        (4098.into(), "192.168.50.254".into())
+    );
+    assert_eq!(db["encrypted"], false);
+    // Removed by name and by ID prefix.
+    let out = m.ok(&["network", "rm", "db", &id.trim()[..8]]);
+    assert_eq!(out.lines().count(), 2, "{out}");
+    wait_until(Duration::from_secs(10), || names(w) == ["ingress"]);
+}

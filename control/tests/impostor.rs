@@ -147,6 +147,7 @@ fn view(ca: &CaMaterial, api_addr: SocketAddr, leader: &NodeId, nodes: Vec<Node>
     ClusterView {
         version: 5,
         generation: 0,
+        networks: Vec::new(),
         ca_cert_der: ca.cert_der.clone(),
         nodes,
         keys: Keys {

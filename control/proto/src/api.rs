@@ -205,6 +205,12 @@ pub struct InitRequest {
     /// Seconds node certificates are valid.
     #[serde(default = "default_cert_expiry")]
     pub cert_expiry_secs: u64,
+    /// Where user networks' subnets come from, CIDRs (`--default-addr-pool`; empty: 10.0.0.0/8).
+    #[serde(default)]
+    pub default_addr_pools: Vec<String>,
+    /// Prefix length of those subnets (`--default-addr-pool-mask-length`; absent: 24).
+    #[serde(default)]
+    pub default_addr_pool_mask: Option<u8>,
 }
 
 fn default_cert_expiry() -> u64 {
@@ -262,6 +268,30 @@ pub enum AdminRequest {
     VtepAdd(VtepArgs),
     /// `shoal network vtep rm NETWORK --addr --mac --ip`.
     VtepRm(VtepArgs),
+    /// `shoal network create`.
+    NetworkCreate(NetworkCreateArgs),
+    /// `shoal network rm NETWORK...`.
+    NetworkRm {
+        /// Names or IDs (or unique ID prefixes).
+        networks: Vec<String>,
+    },
+}
+
+/// `shoal network create` flags.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkCreateArgs {
+    /// Name.
+    pub name: String,
+    /// `--subnet` CIDR (else one from the default pools).
+    pub subnet: Option<String>,
+    /// `--gateway`.
+    pub gateway: Option<Ipv4Addr>,
+    /// `--opt encrypted`.
+    pub encrypted: bool,
+    /// `--attachable`.
+    pub attachable: bool,
+    /// `--internal`.
+    pub internal: bool,
 }
 
 /// An external VTEP as the CLI names it.
@@ -280,6 +310,9 @@ pub struct VtepArgs {
 /// A network as `network ls` shows it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetworkSummary {
+    /// ID, 25 base-36 characters.
+    #[serde(default)]
+    pub id: String,
     /// Name.
     pub name: String,
     /// VXLAN network identifier.
@@ -293,6 +326,9 @@ pub struct NetworkSummary {
 /// A network as `network inspect` shows it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetworkDetail {
+    /// ID, 25 base-36 characters.
+    #[serde(default)]
+    pub id: String,
     /// Name.
     pub name: String,
     /// Driver (always `overlay`).
@@ -313,6 +349,15 @@ pub struct NetworkDetail {
     pub vteps: Vec<Vtep>,
     /// This node's data path, if it runs.
     pub local: Option<LocalDataPath>,
+    /// Gateway (user networks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<Ipv4Addr>,
+    /// Containers may attach by hand (user networks).
+    #[serde(default)]
+    pub attachable: bool,
+    /// No route out of the overlay (user networks).
+    #[serde(default)]
+    pub internal: bool,
 }
 
 /// An external VTEP (a kernel vxlan device or a hardware switch) on a plain network.

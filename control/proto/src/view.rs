@@ -90,6 +90,9 @@ pub struct ViewV1 {
     pub ingress: NetworkV1,
     /// How long node certificates are valid, in seconds (nodes renew with a third left).
     pub cert_expiry_secs: u64,
+    /// User-defined networks (absent from views before they existed).
+    #[serde(default)]
+    pub networks: Vec<UserNetworkV1>,
 }
 
 /// One node of the list, format 1.
@@ -179,6 +182,29 @@ pub struct NetworkV1 {
     pub vteps: Vec<VtepV1>,
 }
 
+/// A user-defined overlay network (`network create`), format 1.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserNetworkV1 {
+    /// ID, 25 base-36 characters.
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// VXLAN network identifier.
+    pub vni: u32,
+    /// Subnet, CIDR text.
+    pub subnet: String,
+    /// Gateway address.
+    pub gateway: Ipv4Addr,
+    /// Encrypted data path.
+    pub encrypted: bool,
+    /// Containers may attach by hand.
+    pub attachable: bool,
+    /// No route out of the overlay.
+    pub internal: bool,
+    /// Unix time of its creation.
+    pub created_at: u64,
+}
+
 /// An external VTEP, format 1.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VtepV1 {
@@ -241,6 +267,7 @@ mod tests {
                 vteps: Vec::new(),
             },
             cert_expiry_secs: 3600,
+            networks: Vec::new(),
         }
     }
 

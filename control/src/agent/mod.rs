@@ -37,6 +37,7 @@ use crate::api::{
 };
 use crate::cluster::ClusterView;
 use crate::id::NodeId;
+use crate::manager::networks::{AddrPools, NetworkError};
 use crate::manager::state::{ApplyError, Availability, Command, Init, Network, Node, Role, State};
 use crate::manager::{
     join_addr, random_key, random_u128, unix_now, AdminError, StartError, NOT_MANAGER,
@@ -587,14 +588,52 @@ impl Agent {
                     .get()
                     .ok_or_else(|| NOT_IN_SWARM.to_owned())?;
                 let n = &m.view.ingress;
-                Ok(Reply::Networks(vec![NetworkSummary {
+                let ingress = NetworkSummary {
+                    id: m.view.ingress_id(),
                     name: n.name.clone(),
                     vni: n.vni,
                     subnet: n.subnet.clone(),
                     encrypted: n.encrypted,
-                }]))
+                };
+                let user = m.view.networks.iter().map(|n| NetworkSummary {
+                    id: n.id.clone(),
+                    name: n.name.clone(),
+                    vni: n.vni,
+                    subnet: n.subnet.to_string(),
+                    encrypted: n.encrypted,
+                });
+                Ok(Reply::Networks(
+                    std::iter::once(ingress).chain(user).collect(),
+                ))
             }
             Request::NetworkInspect { network } => {
+                let m = self
+                    .membership
+                    .get()
+                    .ok_or_else(|| NOT_IN_SWARM.to_owned())?;
+                if let Some(n) = m
+                    .view
+                    .networks
+                    .iter()
+                    .find(|n| n.name == network || n.id == network)
+                {
+                    return Ok(Reply::Network(Box::new(NetworkDetail {
+                        id: n.id.clone(),
+                        name: n.name.clone(),
+                        driver: "overlay".into(),
+                        scope: "swarm".into(),
+                        vni: n.vni,
+                        subnet: n.subnet.to_string(),
+                        encrypted: n.encrypted,
+                        data_path_port: m.view.ingress.data_path_port,
+                        members: Vec::new(),
+                        vteps: Vec::new(),
+                        local: None,
+                        gateway: Some(n.gateway),
+                        attachable: n.attachable,
+                        internal: n.internal,
+                    })));
+                }
                 let m = self.membership_on(&network)?;
                 Ok(Reply::Network(Box::new(self.network_detail(&m))))
             }
@@ -711,10 +750,14 @@ impl Agent {
             .get()
             .ok_or_else(|| NOT_IN_SWARM.to_owned())?;
         if network != m.view.ingress.name {
-            return Err(format!(
-                "network {network} not found (shoal has one network, {})",
-                m.view.ingress.name
-            ));
+            return Err(if m.view.networks.iter().any(|n| n.name == network) {
+                format!(
+                    "network {network} has no data path on this node yet (only {} has, today)",
+                    m.view.ingress.name
+                )
+            } else {
+                format!("network {network} not found")
+            });
         }
         Ok(m)
     }
@@ -739,6 +782,7 @@ impl Agent {
             }
         });
         NetworkDetail {
+            id: m.view.ingress_id(),
             name: n.name.clone(),
             driver: "overlay".into(),
             scope: "swarm".into(),
@@ -768,6 +812,9 @@ impl Agent {
                 })
                 .collect(),
             local,
+            gateway: None,
+            attachable: false,
+            internal: false,
         }
     }
 
@@ -821,6 +868,7 @@ impl Agent {
         if req.cert_expiry_secs < crate::trust::tls::MIN_CERT_EXPIRY.as_secs() {
             return Err(InitError::CertExpiryTooShort(req.cert_expiry_secs));
         }
+        let addr_pools = addr_pools(&req)?;
         // Before anything is made: a store that cannot renew the incarnation keeps nothing.
         let incarnation = self.fresh_incarnation().await?;
         let listener =
@@ -885,6 +933,7 @@ impl Agent {
                 vteps: Vec::new(),
             },
             at: now,
+            addr_pools,
         }));
         // What the state will be once the Raft group of one has committed `init`: the view
         // this node keeps, and the token to print.
@@ -1755,6 +1804,30 @@ async fn watch_once(
     };
     pinger.abort();
     end
+}
+
+/// `init`'s default address pools, checked (`--default-addr-pool`, `--default-addr-pool-mask-length`).
+fn addr_pools(req: &InitRequest) -> Result<AddrPools, InitError> {
+    let mut pools = AddrPools::default();
+    if !req.default_addr_pools.is_empty() {
+        pools.pools = req
+            .default_addr_pools
+            .iter()
+            .map(|p| {
+                p.parse().map_err(|_| {
+                    NetworkError::Pool(format!(
+                        "--default-addr-pool {p:?} is not a CIDR, e.g. 10.10.0.0/16"
+                    ))
+                })
+            })
+            .collect::<Result<_, _>>()
+            .map_err(ApplyError::from)?;
+    }
+    if let Some(mask) = req.default_addr_pool_mask {
+        pools.mask = mask;
+    }
+    pools.check().map_err(ApplyError::from)?;
+    Ok(pools)
 }
 
 #[cfg(test)]

@@ -19,7 +19,8 @@ pub struct Args {
         long,
         conflicts_with_all = [
             "advertise_addr", "listen_addr", "data_path_port", "ingress_subnet", "no_encrypt",
-            "key_rotation_interval", "cert_expiry",
+            "key_rotation_interval", "cert_expiry", "default_addr_pool",
+            "default_addr_pool_mask_length",
         ]
     )]
     force_new_cluster: bool,
@@ -42,6 +43,13 @@ pub struct Args {
     /// with s, m, h or d, as docker's `--cert-expiry` (default 2160h, 90 days).
     #[arg(long, default_value = "2160h", value_parser = parse_interval)]
     cert_expiry: u64,
+    /// Address pool that user networks' subnets come from, CIDR (may be repeated; default
+    /// 10.0.0.0/8).
+    #[arg(long, value_delimiter = ',')]
+    default_addr_pool: Vec<String>,
+    /// Prefix length of each network's subnet from those pools (default 24).
+    #[arg(long)]
+    default_addr_pool_mask_length: Option<u8>,
 }
 
 fn init_request(advertise_addr: IpAddr, args: Args) -> Request {
@@ -53,6 +61,8 @@ fn init_request(advertise_addr: IpAddr, args: Args) -> Request {
         encrypt: !args.no_encrypt,
         key_rotation_secs: args.key_rotation_interval,
         cert_expiry_secs: args.cert_expiry,
+        default_addr_pools: args.default_addr_pool,
+        default_addr_pool_mask: args.default_addr_pool_mask_length,
     })
 }
 

@@ -14,6 +14,7 @@
 //! (closed at once when its agent dies, or after [`PING_TIMEOUT`] without a keep-alive), and
 //! gossip, when the agent feeds it in through [`Manager::set_gossip_up`].
 
+pub mod networks;
 pub mod raft;
 pub mod state;
 
@@ -35,6 +36,7 @@ use crate::api::{
     ManagerRequest, ManagerResponse, ManagerStatus, NodeStatus, Reply, Status,
 };
 use crate::id::NodeId;
+use crate::manager::networks::{NetworkError, NetworkSpec};
 use crate::manager::raft::{ProposeError, Replica};
 use crate::manager::state::{
     Applied, ApplyError, Availability, Cluster, ClusterView, Command, Node, NodeCert, Role, State,
@@ -138,7 +140,7 @@ pub enum ChangeError {
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
     /// No network by this name.
-    #[error("network {0} not found (shoal has one network, ingress)")]
+    #[error("external VTEPs join network ingress only, not {0}")]
     NoSuchNetwork(String),
     /// No such external VTEP.
     #[error("no external VTEP {0} on network ingress; `shoal network inspect ingress` lists them")]
@@ -182,6 +184,26 @@ pub enum AdminError {
 impl From<ApplyError> for AdminError {
     fn from(e: ApplyError) -> Self {
         AdminError::Change(ChangeError::Refused(e))
+    }
+}
+
+/// The name of the network called `name`, or whose ID is or starts with `name` (as docker
+/// takes a name, an ID or a unique prefix of one).
+pub fn resolve_network(cluster: &Cluster, name: &str) -> Result<String, AdminError> {
+    if name == cluster.ingress.name || cluster.networks.contains_key(name) {
+        return Ok(name.to_owned());
+    }
+    let mut by_id = cluster
+        .networks
+        .values()
+        .filter(|n| !name.is_empty() && n.id.starts_with(name));
+    match (by_id.next(), by_id.next()) {
+        (Some(n), None) => Ok(n.name.clone()),
+        (Some(_), Some(_)) => Err(AdminError::AmbiguousPrefix {
+            name: name.to_owned(),
+            count: 2 + by_id.count(),
+        }),
+        (None, _) => Err(ApplyError::from(NetworkError::NotFound(name.to_owned())).into()),
     }
 }
 
@@ -571,6 +593,45 @@ impl Manager {
                 self.apply(Command::RemoveVtep(v.ip)).await?;
                 info!(vtep = %v.ip, "external VTEP removed");
                 Ok(Reply::Lines(vec![format!("{} {} {}", v.addr, v.mac, v.ip)]))
+            }
+            AdminRequest::NetworkCreate(args) => {
+                let subnet = match &args.subnet {
+                    Some(s) => Some(s.parse().map_err(|_| {
+                        AdminError::from(ApplyError::Ipam(format!(
+                            "invalid --subnet {s:?}: use a CIDR such as 10.20.0.0/24"
+                        )))
+                    })?),
+                    None => None,
+                };
+                let id = NodeId::from_random(random_u128()).to_string();
+                let name = args.name.clone();
+                self.apply(Command::CreateNetwork(Box::new(NetworkSpec {
+                    id: id.clone(),
+                    name: args.name,
+                    subnet,
+                    gateway: args.gateway,
+                    encrypted: args.encrypted,
+                    attachable: args.attachable,
+                    internal: args.internal,
+                    at: unix_now(),
+                })))
+                .await?;
+                info!(network = %name, %id, "network created");
+                Ok(Reply::Lines(vec![id]))
+            }
+            AdminRequest::NetworkRm { networks } => {
+                // Every name resolves before anything is removed.
+                let state = self.state();
+                let cluster = state.cluster().ok_or(ChangeError::NotManager)?;
+                let names = networks
+                    .iter()
+                    .map(|n| resolve_network(cluster, n))
+                    .collect::<Result<Vec<_>, _>>()?;
+                for name in &names {
+                    self.apply(Command::RemoveNetwork(name.clone())).await?;
+                    info!(network = %name, "network removed");
+                }
+                Ok(Reply::Lines(networks))
             }
         }
     }

@@ -14,6 +14,7 @@ pub use crate::cluster::{
     Availability, ClusterView, KeyEntry, Keys, Network, Node, Role, Vtep, MIN_ROTATION_INTERVAL,
 };
 use crate::id::NodeId;
+use crate::manager::networks::{self, AddrPools, NetworkError, NetworkSpec, UserNetwork};
 use crate::token::Secret;
 pub use crate::trust::tls::CaMaterial;
 
@@ -45,6 +46,12 @@ pub struct Cluster {
     pub created_at: u64,
     /// How long node certificates are valid (`init --cert-expiry`).
     pub cert_expiry_secs: u64,
+    /// User-defined networks, by name.
+    #[serde(default)]
+    pub networks: BTreeMap<String, UserNetwork>,
+    /// Where their subnets come from (`init --default-addr-pool`).
+    #[serde(default)]
+    pub addr_pools: AddrPools,
 }
 
 /// A manager's API address when it did not say otherwise.
@@ -199,6 +206,9 @@ pub struct Init {
     pub ingress: Network,
     /// Unix time now.
     pub at: u64,
+    /// Where user networks' subnets come from.
+    #[serde(default)]
+    pub addr_pools: AddrPools,
 }
 
 /// A change to the manager's state. Everything random or time-dependent is inside.
@@ -226,6 +236,10 @@ pub enum Command {
     AddVtep(Vtep),
     /// Remove the external VTEP with this overlay address.
     RemoveVtep(Ipv4Addr),
+    /// `network create`.
+    CreateNetwork(Box<NetworkSpec>),
+    /// `network rm`.
+    RemoveNetwork(String),
     /// Start a new gossip key and data-path epoch; the previous ones stay live.
     RotateKeys {
         /// New gossip key.
@@ -325,6 +339,9 @@ pub enum ApplyError {
     /// Key rotation interval of zero.
     #[error("the key rotation interval must be at least one second")]
     ZeroInterval,
+    /// `network create` or `rm` refused.
+    #[error(transparent)]
+    Network(#[from] NetworkError),
     /// `init --force-new-cluster` on a node that is not an active manager of its state.
     #[error("This node is not a swarm manager. Worker nodes can't be used to view or modify cluster state. Please run this command on a manager node or promote the current node to a manager.")]
     NotAManager(NodeId),
@@ -364,7 +381,9 @@ impl State {
                 cert_expiry_secs,
                 ingress,
                 at,
+                addr_pools,
             } = *init;
+            addr_pools.check()?;
             leader.role = Role::Manager;
             leader.raft_id = Some(1);
             leader.api_addr = Some(api_addr);
@@ -398,6 +417,8 @@ impl State {
                 ingress,
                 created_at: at,
                 cert_expiry_secs,
+                networks: BTreeMap::new(),
+                addr_pools,
             });
             return Ok(Applied::Changed);
         }
@@ -571,6 +592,25 @@ impl State {
                 *slot = secret;
                 Ok(Applied::Changed)
             }
+            Command::CreateNetwork(spec) => {
+                let ingress = cluster.ingress.subnet.parse().map_err(|_| {
+                    ApplyError::Ipam(format!("subnet {} is not a CIDR", cluster.ingress.subnet))
+                })?;
+                let network =
+                    networks::create(&cluster.networks, ingress, &cluster.addr_pools, *spec)?;
+                cluster.networks.insert(network.name.clone(), network);
+                Ok(Applied::Changed)
+            }
+            Command::RemoveNetwork(name) => {
+                if name == cluster.ingress.name {
+                    return Err(NetworkError::Ingress.into());
+                }
+                cluster
+                    .networks
+                    .remove(&name)
+                    .ok_or(NetworkError::NotFound(name))?;
+                Ok(Applied::Changed)
+            }
             Command::RotateKeys {
                 gossip_key,
                 data_path_key,
@@ -665,6 +705,7 @@ impl State {
             keys: c.keys.clone(),
             ingress: c.ingress.clone(),
             cert_expiry_secs: c.cert_expiry_secs,
+            networks: c.networks.values().cloned().collect(),
         })
     }
 }
@@ -785,6 +826,7 @@ pub(crate) mod tests {
                 vteps: Vec::new(),
             },
             at: 1000,
+            addr_pools: AddrPools::default(),
         }))
     }
 
@@ -944,6 +986,53 @@ pub(crate) mod tests {
         // A manager that leaves is out of the Raft group.
         s.apply(Command::MarkLeft(id(3))).unwrap();
         assert_eq!(s.cluster().unwrap().nodes[&id(3)].raft_id, None);
+    }
+
+    #[test]
+    fn networks_are_created_and_removed_through_apply() {
+        let mut s = initialized();
+        let spec = |name: &str| {
+            Command::CreateNetwork(Box::new(NetworkSpec {
+                id: format!("{name}-id"),
+                name: name.into(),
+                subnet: None,
+                gateway: None,
+                encrypted: true,
+                attachable: false,
+                internal: false,
+                at: 9,
+            }))
+        };
+        s.apply(spec("web")).unwrap();
+        let web = &s.cluster().unwrap().networks["web"];
+        assert_eq!(
+            (web.vni, web.subnet.to_string()),
+            (4097, "10.0.0.0/24".into())
+        );
+        // The view carries it to every node.
+        let view = s.view().unwrap();
+        assert_eq!(view.networks.len(), 1);
+        assert_eq!(
+            ClusterView::from_wire(view.to_wire()).networks,
+            view.networks
+        );
+        refused(
+            &mut s,
+            spec("web"),
+            ApplyError::Network(NetworkError::NameTaken("web".into())),
+        );
+        refused(
+            &mut s,
+            Command::RemoveNetwork("ingress".into()),
+            ApplyError::Network(NetworkError::Ingress),
+        );
+        refused(
+            &mut s,
+            Command::RemoveNetwork("db".into()),
+            ApplyError::Network(NetworkError::NotFound("db".into())),
+        );
+        s.apply(Command::RemoveNetwork("web".into())).unwrap();
+        assert!(s.cluster().unwrap().networks.is_empty());
     }
 
     #[test]
