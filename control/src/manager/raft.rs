@@ -1157,12 +1157,28 @@ impl Node {
 
     /// A group formed over a state its log does not hold (a state from before Raft, or `init
     /// --force-new-cluster`) must never send a new manager its log from the start: replaying
-    /// it would miss that state. So while nothing has been purged, a manager with a state builds
-    /// a snapshot of it and purges its log up to there: a manager that joins gets the
-    /// snapshot first. (In a group that began with `init` this costs one snapshot, once.)
+    /// it would miss that state. Such a log has nothing purged yet and no `init` near its
+    /// start; its manager (the group's only one) builds a snapshot of its state and purges the
+    /// log up to it, so a manager that joins gets the snapshot first. Checked at every start,
+    /// so a crash between forming the group and the purge is mended at the next.
     async fn snapshot_the_start(&self) {
         let purged = self.raft.metrics().borrow().purged;
         if purged.is_some() || !self.replica.with_state(|s| s.cluster().is_some()) {
+            return;
+        }
+        // `init` commits within the first entries of a group it began (membership, the
+        // leader's blank entry, then `init`).
+        let first = self
+            .replica
+            .store
+            .raft_entries((std::ops::Bound::Included(0), std::ops::Bound::Excluded(8)))
+            .await
+            .unwrap_or_default();
+        let began_with_init = first.iter().any(|(_, bytes)| {
+            serde_json::from_slice::<Entry<TypeConfig>>(bytes)
+                .is_ok_and(|e| matches!(e.payload, EntryPayload::Normal(Command::Init(_))))
+        });
+        if began_with_init {
             return;
         }
         let wait = || self.raft.wait(Some(START_SNAPSHOT_WITHIN));
