@@ -120,6 +120,9 @@ for k in $(seq "$KILLS"); do
     echo "kill $k: ${times[-1]} ms, leader was $l" >> benches/managers/last-slow/rounds.txt
   fi
   start "$l"; settled "${survivors[0]}" 3
+  # ... and the restarted one sees the leader too (a survivor may still count it reachable
+  # from before its kill).
+  settled "$l" 3
   printf '.' >&2
 done
 echo >&2

@@ -239,6 +239,19 @@ fn init_with(n1: &Node, flags: &[&str]) -> String {
     out
 }
 
+/// `join --token TOKEN ADDR` on `node`, which must succeed.
+fn join_ok(node: &Node, token: &str, addr: &str) {
+    let out = join(
+        node,
+        &["join".into(), "--token".into(), token.into(), addr.into()],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn join(node: &Node, cmd: &[String]) -> Output {
     let mut args: Vec<&str> = cmd.iter().map(String::as_str).collect();
     let ip = node.ip.to_string();
@@ -845,20 +858,7 @@ fn three_managers_and_a_worker(nodes: &[Node], init_flags: &[&str]) {
         .to_owned();
     let addr = format!("{}:2377", nodes[0].ip);
     for n in &nodes[1..3] {
-        let out = join(
-            n,
-            &[
-                "join".into(),
-                "--token".into(),
-                manager_token.clone(),
-                addr.clone(),
-            ],
-        );
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        join_ok(n, &manager_token, &addr);
     }
     assert!(join(&nodes[3], &join_command(&init_out)).status.success());
     wait_until(Duration::from_secs(15), || {
@@ -927,12 +927,7 @@ fn managers_elect_a_new_leader_and_refuse_without_quorum() {
         .trim()
         .to_owned();
     let via = format!("{}:2377", nodes[2].ip);
-    let out = join(&nodes[4], &["join".into(), "--token".into(), token, via]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    join_ok(&nodes[4], &token, &via);
     wait_until(Duration::from_secs(10), || {
         status_of(&nodes[1], "w2").as_deref() == Some("Ready")
     });
@@ -1228,12 +1223,7 @@ fn a_manager_catches_up_with_a_state_over_4_mib() {
     });
     let addr = format!("{}:2377", nodes[0].ip);
     let joined = Instant::now();
-    let out = join(&nodes[1], &["join".into(), "--token".into(), token, addr]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    join_ok(&nodes[1], &token, &addr);
     // Asked twice a second: a digest costs each agent a pass over the whole state.
     wait_until(Duration::from_secs(30), || {
         std::thread::sleep(Duration::from_millis(400));

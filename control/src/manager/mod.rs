@@ -1784,6 +1784,38 @@ mod tests {
             .unwrap();
     }
 
+    /// `manager`'s API served on a loopback port: its address, and the stop signal and task.
+    async fn serving(
+        manager: &Arc<Manager>,
+    ) -> (SocketAddr, watch::Sender<bool>, tokio::task::JoinHandle<()>) {
+        let ca_der = manager.view().ca_cert_der.clone();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let acceptor = TlsAcceptor::from(
+            crate::trust::tls::server_config(&ca_der, &manager.own_cert()).unwrap(),
+        );
+        let (stop, stopped) = watch::channel(false);
+        let server = tokio::spawn(manager.clone().serve(listener, acceptor, stopped));
+        (addr, stop, server)
+    }
+
+    /// A Raft channel to the manager API at `addr` (CA `ca_der`, node `manager`), as `cert`.
+    async fn raft_channel(
+        addr: SocketAddr,
+        ca_der: &[u8],
+        manager: &NodeId,
+        cert: &Issued,
+    ) -> tokio_rustls::client::TlsStream<TcpStream> {
+        let config = crate::trust::tls::manager_client_config(ca_der, cert, manager).unwrap();
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(config)
+            .connect(crate::trust::tls::server_name(), tcp)
+            .await
+            .unwrap();
+        write_frame(&mut tls, &ManagerRequest::Raft).await.unwrap();
+        tls
+    }
+
     /// The managers' Raft channel on 2377 takes a manager's certificate only, and only for as
     /// long as it is one: a worker is refused at the door, and a manager demoted while its
     /// channel is open gets nothing more through it.
@@ -1793,13 +1825,7 @@ mod tests {
         let f = leader().await;
         let me = NodeId::from_random(1);
         let ca_der = f.manager.view().ca_cert_der.clone();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let acceptor = TlsAcceptor::from(
-            crate::trust::tls::server_config(&ca_der, &f.manager.own_cert()).unwrap(),
-        );
-        let (stop, stopped) = watch::channel(false);
-        let server = tokio::spawn(f.manager.clone().serve(listener, acceptor, stopped));
+        let (addr, stop, server) = serving(&f.manager).await;
         // A worker that joined, with a key of its own.
         let key = crate::trust::tls::NodeKey::generate().unwrap();
         let c = claim(
@@ -1814,30 +1840,15 @@ mod tests {
             cert_der: der,
             key_pem: key.private_pem(),
         };
-        async fn channel(
-            addr: SocketAddr,
-            ca_der: &[u8],
-            manager: &NodeId,
-            cert: Issued,
-        ) -> tokio_rustls::client::TlsStream<TcpStream> {
-            let config = crate::trust::tls::manager_client_config(ca_der, &cert, manager).unwrap();
-            let tcp = TcpStream::connect(addr).await.unwrap();
-            let mut tls = tokio_rustls::TlsConnector::from(config)
-                .connect(crate::trust::tls::server_name(), tcp)
-                .await
-                .unwrap();
-            write_frame(&mut tls, &ManagerRequest::Raft).await.unwrap();
-            tls
-        }
         let ping = [5u8]; // raft::Kind::Ping
-        let mut worker = channel(addr, &ca_der, &me, issued(grant.cert_der.clone())).await;
+        let mut worker = raft_channel(addr, &ca_der, &me, &issued(grant.cert_der.clone())).await;
         let refused = tokio::time::timeout(Duration::from_secs(5), read_frame(&mut worker));
         let refused: Option<ManagerResponse> = refused.await.expect("refused at once").unwrap();
         assert_eq!(refused, Some(Err(NOT_MANAGER.to_owned())));
         // Promoted: its manager certificate opens the channel, and a ping is answered.
         set_role(&f.manager, "w", Role::Manager).await;
         let der = f.manager.issued_cert(&grant.node_id).unwrap().cert_der;
-        let mut promoted = channel(addr, &ca_der, &me, issued(der)).await;
+        let mut promoted = raft_channel(addr, &ca_der, &me, &issued(der)).await;
         write_raw_frame(&mut promoted, &ping).await.unwrap();
         let answer = tokio::time::timeout(Duration::from_secs(5), read_raw_frame(&mut promoted));
         assert_eq!(answer.await.unwrap().unwrap(), Some(Vec::new()));
@@ -1861,25 +1872,8 @@ mod tests {
         use crate::api::{read_raw_frame, write_raw_frame};
         let f = leader().await;
         let ca_der = f.manager.view().ca_cert_der.clone();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let acceptor = TlsAcceptor::from(
-            crate::trust::tls::server_config(&ca_der, &f.manager.own_cert()).unwrap(),
-        );
-        let (stop, stopped) = watch::channel(false);
-        let server = tokio::spawn(f.manager.clone().serve(listener, acceptor, stopped));
-        let config = crate::trust::tls::manager_client_config(
-            &ca_der,
-            &f.manager.own_cert(),
-            &f.manager.self_id,
-        )
-        .unwrap();
-        let tcp = TcpStream::connect(addr).await.unwrap();
-        let mut tls = tokio_rustls::TlsConnector::from(config)
-            .connect(crate::trust::tls::server_name(), tcp)
-            .await
-            .unwrap();
-        write_frame(&mut tls, &ManagerRequest::Raft).await.unwrap();
+        let (addr, stop, server) = serving(&f.manager).await;
+        let mut tls = raft_channel(addr, &ca_der, &f.manager.self_id, &f.manager.own_cert()).await;
         let ping = [5u8]; // raft::Kind::Ping
         write_raw_frame(&mut tls, &ping).await.unwrap();
         let answer = tokio::time::timeout(Duration::from_secs(5), read_raw_frame(&mut tls));
@@ -1899,22 +1893,23 @@ mod tests {
     /// when this manager hears no leader.
     #[tokio::test]
     async fn a_pre_vote_is_refused_to_a_log_behind_and_while_a_leader_is_heard() {
+        use raft::grants_pre_vote as grants;
+        let at = |index| Some(openraft::testing::log_id(3, 1, index));
+        let quiet = raft::ELECTION_MIN;
+        assert!(!grants(false, quiet, at(5), None), "an empty log is behind");
+        assert!(!grants(false, quiet, at(5), at(4)));
+        assert!(grants(false, quiet, at(5), at(5)));
+        assert!(grants(false, quiet, at(5), at(6)));
+        assert!(grants(false, quiet, None, None));
+        let heard = raft::ELECTION_MIN - Duration::from_millis(1);
+        assert!(!grants(false, heard, at(5), at(6)), "a leader is heard");
+        assert!(!grants(true, quiet, at(5), at(6)), "this manager leads");
+        // The rule as a manager applies it: a leader (of one) grants nothing.
         let f = leader().await;
         let raft = f.manager.raft();
         tokio::time::sleep(raft::ELECTION_MIN).await;
-        let ours = {
-            let mut log = raft::LogStore::new(f.store.clone());
-            use openraft::storage::RaftLogStorage as _;
-            log.get_log_state().await.unwrap().last_log_id.unwrap()
-        };
-        let behind = openraft::LogId::new(ours.leader_id, ours.index - 1);
-        let ahead = openraft::LogId::new(ours.leader_id, ours.index + 1);
-        assert!(!raft.would_vote(None).await, "an empty log is behind");
-        assert!(!raft.would_vote(Some(behind)).await);
-        assert!(raft.would_vote(Some(ours)).await);
-        assert!(raft.would_vote(Some(ahead)).await);
-        raft.hear_leader();
-        assert!(!raft.would_vote(Some(ahead)).await, "a leader is heard");
+        let ahead = openraft::testing::log_id(u64::MAX, 1, u64::MAX);
+        assert!(!raft.would_vote(Some(ahead)).await);
     }
 
     #[tokio::test]

@@ -1089,6 +1089,23 @@ impl std::fmt::Debug for Node {
     }
 }
 
+/// The pre-vote rule: not while this manager leads (a candidate that calls just after it won,
+/// their timers close together, must not unseat it) or heard a leader within
+/// [`ELECTION_MIN`], and not for a log behind `ours`.
+pub(crate) fn grants_pre_vote(
+    leading: bool,
+    quiet: Duration,
+    ours: Option<LogId<u64>>,
+    theirs: Option<LogId<u64>>,
+) -> bool {
+    !leading
+        && quiet >= ELECTION_MIN
+        && matches!(
+            theirs.partial_cmp(&ours),
+            Some(std::cmp::Ordering::Greater | std::cmp::Ordering::Equal)
+        )
+}
+
 /// How long a manager that starts waits for its first snapshot (see `snapshot_the_start`).
 const START_SNAPSHOT_WITHIN: Duration = Duration::from_secs(5);
 
@@ -1157,12 +1174,32 @@ impl Node {
 
     /// A group formed over a state its log does not hold (a state from before Raft, or `init
     /// --force-new-cluster`) must never send a new manager its log from the start: replaying
-    /// it would miss that state. So while nothing has been purged, a manager with a state builds
-    /// a snapshot of it and purges its log up to there: a manager that joins gets the
-    /// snapshot first. (In a group that began with `init` this costs one snapshot, once.)
+    /// it would miss that state. Such a log has nothing purged yet and no `init` near its
+    /// start; its manager (the group's only one) builds a snapshot of its state and purges the
+    /// log up to it, so a manager that joins gets the snapshot first. Checked at every start,
+    /// so a crash between forming the group and the purge is mended at the next.
     async fn snapshot_the_start(&self) {
-        let purged = self.raft.metrics().borrow().purged;
-        if purged.is_some() || !self.replica.with_state(|s| s.cluster().is_some()) {
+        // From the store: openraft's metrics are not filled in yet this early.
+        let purged = {
+            let mut log = LogStore::new(self.replica.store.clone());
+            log.get_log_state().await.map(|s| s.last_purged_log_id)
+        };
+        if !matches!(purged, Ok(None)) || !self.replica.with_state(|s| s.cluster().is_some()) {
+            return;
+        }
+        // `init` commits within the first entries of a group it began (membership, the
+        // leader's blank entry, then `init`).
+        let first = self
+            .replica
+            .store
+            .raft_entries((std::ops::Bound::Included(0), std::ops::Bound::Excluded(8)))
+            .await
+            .unwrap_or_default();
+        let began_with_init = first.iter().any(|(_, bytes)| {
+            serde_json::from_slice::<Entry<TypeConfig>>(bytes)
+                .is_ok_and(|e| matches!(e.payload, EntryPayload::Normal(Command::Init(_))))
+        });
+        if began_with_init {
             return;
         }
         let wait = || self.raft.wait(Some(START_SNAPSHOT_WITHIN));
@@ -1236,20 +1273,13 @@ impl Node {
     /// before the election: a manager with an older log, back from a crash, cannot start
     /// elections it cannot win, each bumping the term over the one that could).
     pub(crate) async fn would_vote(&self, theirs: Option<LogId<u64>>) -> bool {
-        if self.leader_quiet_for() < ELECTION_MIN {
-            return false;
-        }
-        let ours = self.last_log().await;
-        matches!(
-            theirs.partial_cmp(&ours),
-            Some(std::cmp::Ordering::Greater | std::cmp::Ordering::Equal)
+        let leading = self.raft.metrics().borrow().state == openraft::ServerState::Leader;
+        grants_pre_vote(
+            leading,
+            self.leader_quiet_for(),
+            self.last_log().await,
+            theirs,
         )
-    }
-
-    /// As if a leader's append had just reached this manager (tests).
-    #[cfg(test)]
-    pub(crate) fn hear_leader(&self) {
-        *lock(&self.replica.heard_leader) = Instant::now();
     }
 
     /// Whether a leader is alive as this manager sees it: itself with a fresh quorum, or
