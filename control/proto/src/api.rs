@@ -4,7 +4,7 @@
 //! Framing: a 4-byte big-endian length, then that many bytes of JSON. Frames over
 //! [`MAX_FRAME`] are refused before anything is read into memory.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -304,7 +304,7 @@ pub struct VtepArgs {
     /// Its overlay MAC.
     pub mac: String,
     /// Its overlay address.
-    pub ip: std::net::Ipv4Addr,
+    pub ip: Ipv4Addr,
 }
 
 /// A network as `network ls` shows it.
@@ -368,7 +368,7 @@ pub struct Vtep {
     /// The MAC of its overlay interface.
     pub mac: String,
     /// Its overlay address.
-    pub ip: std::net::Ipv4Addr,
+    pub ip: Ipv4Addr,
 }
 
 /// A node on a network.
@@ -379,7 +379,7 @@ pub struct NetworkMember {
     /// Host name.
     pub hostname: String,
     /// Overlay address.
-    pub address: Option<std::net::Ipv4Addr>,
+    pub address: Option<Ipv4Addr>,
     /// Underlay address of its VTEP.
     pub vtep: IpAddr,
 }
@@ -390,7 +390,7 @@ pub struct LocalDataPath {
     /// Interface name.
     pub interface: String,
     /// Overlay address.
-    pub address: std::net::Ipv4Addr,
+    pub address: Ipv4Addr,
     /// Interface MAC.
     pub mac: String,
     /// Interface MTU.
@@ -541,7 +541,7 @@ pub struct NodeStatus {
     pub joined_at: u64,
     /// Address on the ingress network.
     #[serde(default)]
-    pub overlay_addr: Option<std::net::Ipv4Addr>,
+    pub overlay_addr: Option<Ipv4Addr>,
     /// This node as the data path of the node answering `node inspect` sees it (absent for
     /// the answering node itself, and where its data path does not run).
     #[serde(default, skip_serializing_if = "Option::is_none")]
