@@ -11,11 +11,11 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 use shoal_proto::view::{self as wire, View};
 
 use crate::id::NodeId;
-pub use crate::manager::networks::UserNetwork;
 pub use shoal_proto::view::{Availability, LiveKeys, Role};
 
 /// One entry of the node list, as the manager issued it.
@@ -124,6 +124,30 @@ pub struct Network {
     pub data_path_port: u16,
     /// External VTEPs (kernel or hardware) on a plain network.
     pub vteps: Vec<Vtep>,
+}
+
+/// A user-defined overlay network (`network create`; the manager allocates it, see
+/// `manager::networks`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserNetwork {
+    /// 25 base-36 characters, as node IDs.
+    pub id: String,
+    /// Its name, unique in the cluster (and never `ingress`).
+    pub name: String,
+    /// VXLAN network identifier.
+    pub vni: u32,
+    /// Its subnet.
+    pub subnet: Ipv4Net,
+    /// Its gateway (the first address unless `--gateway` said otherwise).
+    pub gateway: Ipv4Addr,
+    /// Sealed per pair of nodes (`--opt encrypted`).
+    pub encrypted: bool,
+    /// Containers may attach to it by hand (`--attachable`).
+    pub attachable: bool,
+    /// No route out of the overlay (`--internal`).
+    pub internal: bool,
+    /// Unix time of `network create`.
+    pub created_at: u64,
 }
 
 /// An external VTEP: a kernel vxlan device or a hardware switch on a plain network.

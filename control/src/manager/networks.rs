@@ -8,35 +8,14 @@ use std::net::Ipv4Addr;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
+pub use crate::cluster::UserNetwork;
+
 /// `ingress` keeps this VNI; user networks get the lowest free one above it.
 pub const INGRESS_VNI: u32 = shoal_ingress::INGRESS_VNI;
 /// The largest VNI (24 bits).
 pub const MAX_VNI: u32 = (1 << 24) - 1;
 /// The longest network name.
 pub const MAX_NAME: usize = 64;
-
-/// A user-defined overlay network.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct UserNetwork {
-    /// 25 base-36 characters, as node IDs.
-    pub id: String,
-    /// Its name, unique in the cluster (and never `ingress`).
-    pub name: String,
-    /// VXLAN network identifier.
-    pub vni: u32,
-    /// Its subnet.
-    pub subnet: Ipv4Net,
-    /// Its gateway (the first address unless `--gateway` said otherwise).
-    pub gateway: Ipv4Addr,
-    /// Sealed per pair of nodes (`--opt encrypted`).
-    pub encrypted: bool,
-    /// Containers may attach to it by hand (`--attachable`).
-    pub attachable: bool,
-    /// No route out of the overlay (`--internal`).
-    pub internal: bool,
-    /// Unix time of `network create`.
-    pub created_at: u64,
-}
 
 /// What `network create` asks for; the manager fills in the ID and the time.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
