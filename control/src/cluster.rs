@@ -7,7 +7,7 @@
 //! store's own record (`store`), so the wire, the disk and this type change independently.
 //! Pure: no IO, no clock.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -148,6 +148,10 @@ pub struct UserNetwork {
     pub internal: bool,
     /// Unix time of `network create`.
     pub created_at: u64,
+    /// The address blocks of its subnet each node allocates from on its own (see
+    /// `docs/networks.md`): granted by the manager, given back when the node goes.
+    #[serde(default)]
+    pub blocks: BTreeMap<NodeId, Vec<Ipv4Net>>,
 }
 
 /// An external VTEP: a kernel vxlan device or a hardware switch on a plain network.
@@ -373,6 +377,16 @@ impl ClusterView {
                     attachable: n.attachable,
                     internal: n.internal,
                     created_at: n.created_at,
+                    blocks: n
+                        .blocks
+                        .iter()
+                        .flat_map(|(node, blocks)| {
+                            blocks.iter().map(|b| wire::BlockV1 {
+                                node: node.clone(),
+                                block: b.to_string(),
+                            })
+                        })
+                        .collect(),
                 })
                 .collect(),
         })
@@ -455,6 +469,15 @@ impl ClusterView {
                             attachable: n.attachable,
                             internal: n.internal,
                             created_at: n.created_at,
+                            blocks: n.blocks.into_iter().fold(
+                                BTreeMap::new(),
+                                |mut all: BTreeMap<NodeId, Vec<Ipv4Net>>, b| {
+                                    if let Ok(block) = b.block.parse() {
+                                        all.entry(b.node).or_default().push(block);
+                                    }
+                                    all
+                                },
+                            ),
                         })
                     })
                     .collect(),

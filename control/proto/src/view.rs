@@ -203,6 +203,18 @@ pub struct UserNetworkV1 {
     pub internal: bool,
     /// Unix time of its creation.
     pub created_at: u64,
+    /// Each node's address blocks of the subnet (absent from views before blocks existed).
+    #[serde(default)]
+    pub blocks: Vec<BlockV1>,
+}
+
+/// A node's address block of a network, format 1.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockV1 {
+    /// The node.
+    pub node: NodeId,
+    /// The block, CIDR text.
+    pub block: String,
 }
 
 /// An external VTEP, format 1.

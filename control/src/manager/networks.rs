@@ -8,6 +8,8 @@ use std::net::Ipv4Addr;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
+use crate::id::NodeId;
+
 pub use crate::cluster::UserNetwork;
 
 /// `ingress` keeps this VNI; user networks get the lowest free one above it.
@@ -16,6 +18,8 @@ pub const INGRESS_VNI: u32 = shoal_ingress::INGRESS_VNI;
 pub const MAX_VNI: u32 = (1 << 24) - 1;
 /// The longest network name.
 pub const MAX_NAME: usize = 64;
+/// A node's address block: a /28 (16 addresses), or the whole subnet when it is smaller.
+pub const BLOCK_PREFIX: u8 = 28;
 
 /// What `network create` asks for; the manager fills in the ID and the time.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -134,6 +138,9 @@ pub enum NetworkError {
     /// Bad default pools at `init`.
     #[error("{0}")]
     Pool(String),
+    /// Every block of the subnet is granted.
+    #[error("network {0} has no address block left for this node: its subnet is full; remove containers on other nodes, or make a network with a larger --subnet")]
+    BlocksExhausted(String),
 }
 
 /// Checks a network name as docker does.
@@ -213,7 +220,33 @@ pub fn create(
         attachable: spec.attachable,
         internal: spec.internal,
         created_at: spec.at,
+        blocks: BTreeMap::new(),
     })
+}
+
+/// Grants `node` the lowest block of `network`'s subnet that no node holds (see
+/// [`BLOCK_PREFIX`]); the block.
+pub fn grant_block(network: &mut UserNetwork, node: &NodeId) -> Result<Ipv4Net, NetworkError> {
+    let prefix = BLOCK_PREFIX.max(network.subnet.prefix_len());
+    let held: Vec<Ipv4Net> = network.blocks.values().flatten().copied().collect();
+    let block = network
+        .subnet
+        .subnets(prefix)
+        .into_iter()
+        .flatten()
+        .find(|b| !held.contains(b))
+        .ok_or_else(|| NetworkError::BlocksExhausted(network.name.clone()))?;
+    network.blocks.entry(node.clone()).or_default().push(block);
+    Ok(block)
+}
+
+/// Gives back every block `node` holds, on every network (it left or was removed).
+pub fn release_blocks(networks: &mut BTreeMap<String, UserNetwork>, node: &NodeId) -> bool {
+    let mut any = false;
+    for n in networks.values_mut() {
+        any |= n.blocks.remove(node).is_some();
+    }
+    any
 }
 
 #[cfg(test)]
@@ -365,5 +398,35 @@ mod tests {
         .check()
         .is_err());
         assert!(AddrPools::default().check().is_ok());
+    }
+
+    #[test]
+    fn blocks_are_granted_lowest_first_and_given_back() {
+        let mut all = make(vec![
+            spec("web", Some("10.9.0.0/26")),
+            spec("tiny", Some("10.9.1.0/30")),
+        ])
+        .unwrap();
+        let (a, b) = (NodeId::from_random(1), NodeId::from_random(2));
+        let web = all.get_mut("web").unwrap();
+        assert_eq!(grant_block(web, &a), Ok(net("10.9.0.0/28")));
+        assert_eq!(grant_block(web, &b), Ok(net("10.9.0.16/28")));
+        assert_eq!(grant_block(web, &a), Ok(net("10.9.0.32/28")));
+        assert_eq!(grant_block(web, &b), Ok(net("10.9.0.48/28")));
+        assert_eq!(
+            grant_block(web, &a),
+            Err(NetworkError::BlocksExhausted("web".into()))
+        );
+        assert_eq!(web.blocks[&a], [net("10.9.0.0/28"), net("10.9.0.32/28")]);
+        // A subnet smaller than a block is one block.
+        let tiny = all.get_mut("tiny").unwrap();
+        assert_eq!(grant_block(tiny, &b), Ok(net("10.9.1.0/30")));
+        assert!(grant_block(tiny, &a).is_err());
+        // Node a goes: its blocks are free again, b's stay.
+        assert!(release_blocks(&mut all, &a));
+        assert!(!release_blocks(&mut all, &a));
+        let web = all.get_mut("web").unwrap();
+        assert_eq!(web.blocks.keys().collect::<Vec<_>>(), [&b]);
+        assert_eq!(grant_block(web, &a), Ok(net("10.9.0.0/28")));
     }
 }

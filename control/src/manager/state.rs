@@ -240,6 +240,13 @@ pub enum Command {
     CreateNetwork(Box<NetworkSpec>),
     /// `network rm`.
     RemoveNetwork(String),
+    /// Give a node another address block of a network (see `docs/networks.md`).
+    GrantBlock {
+        /// The network's name.
+        network: String,
+        /// The node.
+        node: NodeId,
+    },
     /// Start a new gossip key and data-path epoch; the previous ones stay live.
     RotateKeys {
         /// New gossip key.
@@ -524,6 +531,7 @@ impl State {
                 }
                 let was_in = node.active();
                 cluster.nodes.remove(&id);
+                networks::release_blocks(&mut cluster.networks, &id);
                 // What it held (gossip key, data-path epoch) must stop working: rotate soon.
                 // (A node that left already caused that rotation.)
                 cluster.keys.owed |= was_in;
@@ -577,6 +585,7 @@ impl State {
                 node.previous_cert_digest = None;
                 node.raft_id = None;
                 cluster.keys.owed = true;
+                networks::release_blocks(&mut cluster.networks, &id);
                 Ok(Applied::Changed)
             }
             Command::RotateSecret(role, secret) => {
@@ -599,6 +608,17 @@ impl State {
                 let network =
                     networks::create(&cluster.networks, ingress, &cluster.addr_pools, *spec)?;
                 cluster.networks.insert(network.name.clone(), network);
+                Ok(Applied::Changed)
+            }
+            Command::GrantBlock { network, node } => {
+                if !cluster.nodes.get(&node).is_some_and(Node::active) {
+                    return Err(ApplyError::NoSuchNode(node));
+                }
+                let n = cluster
+                    .networks
+                    .get_mut(&network)
+                    .ok_or(NetworkError::NotFound(network))?;
+                networks::grant_block(n, &node)?;
                 Ok(Applied::Changed)
             }
             Command::RemoveNetwork(name) => {
@@ -1033,6 +1053,55 @@ pub(crate) mod tests {
         );
         s.apply(Command::RemoveNetwork("web".into())).unwrap();
         assert!(s.cluster().unwrap().networks.is_empty());
+    }
+
+    #[test]
+    fn address_blocks_go_to_members_and_come_back_when_they_go() {
+        let mut s = initialized();
+        for n in [2, 3] {
+            s.apply(Command::AddNode(Box::new(node(n, Role::Worker))))
+                .unwrap();
+        }
+        s.apply(Command::CreateNetwork(Box::new(NetworkSpec {
+            id: "web-id".into(),
+            name: "web".into(),
+            subnet: Some("10.9.0.0/24".parse().unwrap()),
+            gateway: None,
+            encrypted: true,
+            attachable: false,
+            internal: false,
+            at: 9,
+        })))
+        .unwrap();
+        let grant = |n| Command::GrantBlock {
+            network: "web".into(),
+            node: id(n),
+        };
+        for n in [2, 3, 2] {
+            s.apply(grant(n)).unwrap();
+        }
+        let blocks = |s: &State| s.cluster().unwrap().networks["web"].blocks.clone();
+        assert_eq!(blocks(&s)[&id(2)].len(), 2);
+        assert_eq!(blocks(&s)[&id(3)], ["10.9.0.16/28".parse().unwrap()]);
+        // Every node has them, from its view.
+        let view = ClusterView::from_wire(s.view().unwrap().to_wire());
+        assert_eq!(view.networks[0].blocks, blocks(&s));
+        // Not for a node that is not in the swarm, nor on a network that does not exist.
+        refused(&mut s, grant(7), ApplyError::NoSuchNode(id(7)));
+        refused(
+            &mut s,
+            Command::GrantBlock {
+                network: "db".into(),
+                node: id(2),
+            },
+            ApplyError::Network(NetworkError::NotFound("db".into())),
+        );
+        // A node that leaves, or is removed, gives its blocks back.
+        s.apply(Command::MarkLeft(id(2))).unwrap();
+        assert!(!blocks(&s).contains_key(&id(2)));
+        refused(&mut s, grant(2), ApplyError::NoSuchNode(id(2)));
+        s.apply(Command::RemoveNode(id(3))).unwrap();
+        assert!(blocks(&s).is_empty());
     }
 
     #[test]
