@@ -554,3 +554,34 @@ fn retired_sessions_are_bounded_per_peer() {
     a.engine.fdb_mut(vni()).unwrap().insert(b.mac, b.addr.ip());
     assert_eq!(counter(&a.send(b.mac, b"y").unwrap()[0].1), 1);
 }
+
+/// Two networks between the same two nodes, sealed under the same pair keys: a datagram of one
+/// network with its VNI rewritten to the other's does not open (the VNI is associated data),
+/// so no one on the path can move a frame from one network into another. The untouched
+/// datagram opens, on its own network.
+#[test]
+fn a_frame_cannot_be_moved_to_another_network() {
+    let (mut a, mut b) = encrypted_pair();
+    let other = Vni::new(4097).unwrap();
+    for n in [&mut a, &mut b] {
+        n.engine.add_network(other, true).unwrap();
+    }
+    let out = a.send(b.mac, b"for network 4096 only").unwrap();
+    let (_, datagram) = &out[0];
+    // The VNI: bytes 4 to 6 of the VXLAN header (RFC 7348).
+    let mut moved = datagram.clone();
+    moved[4..7].copy_from_slice(&4097u32.to_be_bytes()[1..]);
+    let before = b.engine.counters().drops.get(DropReason::Authentication);
+    assert_eq!(b.recv(a.addr, &moved), Err(DropReason::Authentication));
+    assert_eq!(
+        b.engine.counters().drops.get(DropReason::Authentication),
+        before + 1
+    );
+    let mut pkt = Packet::new(MAX_FRAME);
+    assert!(pkt.set_datagram(datagram));
+    let opened = b
+        .engine
+        .handle_datagram(Instant::now(), a.addr, &mut pkt)
+        .unwrap();
+    assert_eq!(opened.vni(), vni());
+}
