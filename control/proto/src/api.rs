@@ -610,6 +610,12 @@ pub enum ManagerRequest {
     /// mTLS, managers only: the connection carries the managers' Raft from here on (raw
     /// frames: a kind byte and a body; see `shoal_control::manager::raft`).
     Raft,
+    /// mTLS: one more address block of a user network for this node, which allocates its
+    /// endpoints' addresses from its blocks on its own (`docs/networks.md`).
+    AddressBlock {
+        /// The network's name.
+        network: String,
+    },
 }
 
 /// What a joining node gets.
@@ -657,6 +663,9 @@ pub enum ManagerReply {
     Ok,
     /// Answer to a forwarded admin command.
     Admin(Box<Reply>),
+    /// Answer to [`ManagerRequest::AddressBlock`]: all of this node's blocks of the network,
+    /// CIDR, the new one last.
+    Blocks(Vec<String>),
 }
 
 /// The manager's answer or one line of error.

@@ -686,6 +686,24 @@ impl Manager {
         Ok(Reply::Lines(lines))
     }
 
+    /// One more address block of `network` for node `id`: the caller, never a node it names.
+    async fn address_block(&self, id: &NodeId, network: &str) -> Result<ManagerReply, AdminError> {
+        self.apply(Command::GrantBlock {
+            network: network.to_owned(),
+            node: id.clone(),
+        })
+        .await?;
+        let state = self.state();
+        let blocks = state
+            .cluster()
+            .and_then(|c| c.networks.get(network))
+            .and_then(|n| n.blocks.get(id))
+            .map(|blocks| blocks.iter().map(ToString::to_string).collect())
+            .unwrap_or_default();
+        info!(node = %id, %network, "address block granted");
+        Ok(ManagerReply::Blocks(blocks))
+    }
+
     /// The X25519 public key joining nodes prove their keys against.
     pub fn public_key(&self) -> [u8; 32] {
         crate::trust::join::public_keys(&self.node_secret).0
@@ -1016,6 +1034,14 @@ impl Manager {
                     .renew(&node.id)
                     .await
                     .map(ManagerReply::Certificate)
+                    .map_err(|e| e.to_string()),
+                Some((_, false)) => Err(OLD_CERT.into()),
+                None => Err(not_member()),
+            },
+            ManagerRequest::AddressBlock { network } => match caller {
+                Some((node, true)) => self
+                    .address_block(&node.id, &network)
+                    .await
                     .map_err(|e| e.to_string()),
                 Some((_, false)) => Err(OLD_CERT.into()),
                 None => Err(not_member()),
@@ -1860,6 +1886,77 @@ mod tests {
             !matches!(answer.await.unwrap(), Ok(Some(_))),
             "a demoted manager's channel still answers"
         );
+        let _ = stop.send(true);
+        let _ = server.await;
+    }
+
+    /// A node asks for an address block of a network and gets one for itself, the lowest
+    /// free first; asking again gets another; an unknown network is refused with docker's
+    /// words.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_gets_address_blocks_for_itself() {
+        let f = leader().await;
+        f.manager
+            .apply(Command::CreateNetwork(Box::new(NetworkSpec {
+                id: "web-id".into(),
+                name: "web".into(),
+                subnet: Some("10.9.0.0/24".parse().unwrap()),
+                gateway: None,
+                encrypted: true,
+                attachable: false,
+                internal: false,
+                at: 1,
+            })))
+            .await
+            .unwrap();
+        let ca_der = f.manager.view().ca_cert_der.clone();
+        let (addr, stop, server) = serving(&f.manager).await;
+        let key = crate::trust::tls::NodeKey::generate().unwrap();
+        let c = claim(
+            &f.manager,
+            Secret::from_random(11).as_str(),
+            "w",
+            40,
+            key.public_raw(),
+        );
+        let grant = f.manager.handle_join(&c, &EXPORTER).await.unwrap();
+        let cert = Issued {
+            cert_der: grant.cert_der.clone(),
+            key_pem: key.private_pem(),
+        };
+        let ask = |network: &str| {
+            let (cert, ca_der, manager) = (cert.clone(), ca_der.clone(), f.manager.self_id.clone());
+            let request = ManagerRequest::AddressBlock {
+                network: network.into(),
+            };
+            async move {
+                let config =
+                    crate::trust::tls::manager_client_config(&ca_der, &cert, &manager).unwrap();
+                let tcp = TcpStream::connect(addr).await.unwrap();
+                let mut tls = tokio_rustls::TlsConnector::from(config)
+                    .connect(crate::trust::tls::server_name(), tcp)
+                    .await
+                    .unwrap();
+                write_frame(&mut tls, &request).await.unwrap();
+                let answer: Option<ManagerResponse> = read_frame(&mut tls).await.unwrap();
+                answer.unwrap()
+            }
+        };
+        assert_eq!(
+            ask("web").await,
+            Ok(ManagerReply::Blocks(vec!["10.9.0.0/28".into()]))
+        );
+        assert_eq!(
+            ask("web").await,
+            Ok(ManagerReply::Blocks(vec![
+                "10.9.0.0/28".into(),
+                "10.9.0.16/28".into()
+            ]))
+        );
+        assert_eq!(ask("db").await, Err("network db not found".into()));
+        let state = f.manager.state();
+        let web = &state.cluster().unwrap().networks["web"];
+        assert_eq!(web.blocks.keys().collect::<Vec<_>>(), [&grant.node_id]);
         let _ = stop.send(true);
         let _ = server.await;
     }
