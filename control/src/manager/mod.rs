@@ -1825,8 +1825,9 @@ mod tests {
         (addr, stop, server)
     }
 
-    /// A Raft channel to the manager API at `addr` (CA `ca_der`, node `manager`), as `cert`.
-    async fn raft_channel(
+    /// An mTLS connection to the manager API at `addr` (CA `ca_der`, node `manager`), as
+    /// `cert`.
+    async fn connect(
         addr: SocketAddr,
         ca_der: &[u8],
         manager: &NodeId,
@@ -1834,12 +1835,35 @@ mod tests {
     ) -> tokio_rustls::client::TlsStream<TcpStream> {
         let config = crate::trust::tls::manager_client_config(ca_der, cert, manager).unwrap();
         let tcp = TcpStream::connect(addr).await.unwrap();
-        let mut tls = tokio_rustls::TlsConnector::from(config)
+        tokio_rustls::TlsConnector::from(config)
             .connect(crate::trust::tls::server_name(), tcp)
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    /// A Raft channel to the manager API at `addr`, as `cert` (see [`connect`]).
+    async fn raft_channel(
+        addr: SocketAddr,
+        ca_der: &[u8],
+        manager: &NodeId,
+        cert: &Issued,
+    ) -> tokio_rustls::client::TlsStream<TcpStream> {
+        let mut tls = connect(addr, ca_der, manager, cert).await;
         write_frame(&mut tls, &ManagerRequest::Raft).await.unwrap();
         tls
+    }
+
+    /// A worker `w` that joined `manager` with a key of its own: its grant and its key.
+    async fn worker_with_key(manager: &Manager) -> (JoinGrant, crate::trust::tls::NodeKey) {
+        let key = crate::trust::tls::NodeKey::generate().unwrap();
+        let c = claim(
+            manager,
+            Secret::from_random(11).as_str(),
+            "w",
+            40,
+            key.public_raw(),
+        );
+        (manager.handle_join(&c, &EXPORTER).await.unwrap(), key)
     }
 
     /// The managers' Raft channel on 2377 takes a manager's certificate only, and only for as
@@ -1852,16 +1876,7 @@ mod tests {
         let me = NodeId::from_random(1);
         let ca_der = f.manager.view().ca_cert_der.clone();
         let (addr, stop, server) = serving(&f.manager).await;
-        // A worker that joined, with a key of its own.
-        let key = crate::trust::tls::NodeKey::generate().unwrap();
-        let c = claim(
-            &f.manager,
-            Secret::from_random(11).as_str(),
-            "w",
-            40,
-            key.public_raw(),
-        );
-        let grant = f.manager.handle_join(&c, &EXPORTER).await.unwrap();
+        let (grant, key) = worker_with_key(&f.manager).await;
         let issued = |der: Vec<u8>| Issued {
             cert_der: der,
             key_pem: key.private_pem(),
@@ -1897,29 +1912,15 @@ mod tests {
     async fn a_node_gets_address_blocks_for_itself() {
         let f = leader().await;
         f.manager
-            .apply(Command::CreateNetwork(Box::new(NetworkSpec {
-                id: "web-id".into(),
-                name: "web".into(),
-                subnet: Some("10.9.0.0/24".parse().unwrap()),
-                gateway: None,
-                encrypted: true,
-                attachable: false,
-                internal: false,
-                at: 1,
-            })))
+            .apply(Command::CreateNetwork(Box::new(networks::tests::spec(
+                "web",
+                Some("10.9.0.0/24"),
+            ))))
             .await
             .unwrap();
         let ca_der = f.manager.view().ca_cert_der.clone();
         let (addr, stop, server) = serving(&f.manager).await;
-        let key = crate::trust::tls::NodeKey::generate().unwrap();
-        let c = claim(
-            &f.manager,
-            Secret::from_random(11).as_str(),
-            "w",
-            40,
-            key.public_raw(),
-        );
-        let grant = f.manager.handle_join(&c, &EXPORTER).await.unwrap();
+        let (grant, key) = worker_with_key(&f.manager).await;
         let cert = Issued {
             cert_der: grant.cert_der.clone(),
             key_pem: key.private_pem(),
@@ -1930,13 +1931,7 @@ mod tests {
                 network: network.into(),
             };
             async move {
-                let config =
-                    crate::trust::tls::manager_client_config(&ca_der, &cert, &manager).unwrap();
-                let tcp = TcpStream::connect(addr).await.unwrap();
-                let mut tls = tokio_rustls::TlsConnector::from(config)
-                    .connect(crate::trust::tls::server_name(), tcp)
-                    .await
-                    .unwrap();
+                let mut tls = connect(addr, &ca_der, &manager, &cert).await;
                 write_frame(&mut tls, &request).await.unwrap();
                 let answer: Option<ManagerResponse> = read_frame(&mut tls).await.unwrap();
                 answer.unwrap()

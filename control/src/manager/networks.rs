@@ -250,14 +250,15 @@ pub fn release_blocks(networks: &mut BTreeMap<String, UserNetwork>, node: &NodeI
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn net(s: &str) -> Ipv4Net {
+    pub(crate) fn net(s: &str) -> Ipv4Net {
         s.parse().unwrap()
     }
 
-    fn spec(name: &str, subnet: Option<&str>) -> NetworkSpec {
+    /// `network create NAME [--subnet SUBNET] --opt encrypted --attachable`.
+    pub(crate) fn spec(name: &str, subnet: Option<&str>) -> NetworkSpec {
         NetworkSpec {
             id: format!("id-{name}"),
             name: name.into(),

@@ -1011,18 +1011,7 @@ pub(crate) mod tests {
     #[test]
     fn networks_are_created_and_removed_through_apply() {
         let mut s = initialized();
-        let spec = |name: &str| {
-            Command::CreateNetwork(Box::new(NetworkSpec {
-                id: format!("{name}-id"),
-                name: name.into(),
-                subnet: None,
-                gateway: None,
-                encrypted: true,
-                attachable: false,
-                internal: false,
-                at: 9,
-            }))
-        };
+        let spec = |name: &str| Command::CreateNetwork(Box::new(networks::tests::spec(name, None)));
         s.apply(spec("web")).unwrap();
         let web = &s.cluster().unwrap().networks["web"];
         assert_eq!(
@@ -1062,16 +1051,10 @@ pub(crate) mod tests {
             s.apply(Command::AddNode(Box::new(node(n, Role::Worker))))
                 .unwrap();
         }
-        s.apply(Command::CreateNetwork(Box::new(NetworkSpec {
-            id: "web-id".into(),
-            name: "web".into(),
-            subnet: Some("10.9.0.0/24".parse().unwrap()),
-            gateway: None,
-            encrypted: true,
-            attachable: false,
-            internal: false,
-            at: 9,
-        })))
+        s.apply(Command::CreateNetwork(Box::new(networks::tests::spec(
+            "web",
+            Some("10.9.0.0/24"),
+        ))))
         .unwrap();
         let grant = |n| Command::GrantBlock {
             network: "web".into(),
