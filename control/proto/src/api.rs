@@ -141,6 +141,86 @@ pub enum Request {
     /// `shoal capture`: after [`Reply::Capturing`], the agent sends raw frames (see
     /// [`CaptureFrame`]) until the client closes the connection.
     Capture(CaptureRequest),
+    /// A call of the `shoal-cni` plugin, passed on as the runtime made it; answered by
+    /// [`Reply::Cni`].
+    Cni(CniRequest),
+}
+
+/// The CNI operations the agent carries out (VERSION is answered by the plugin alone).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum CniCommand {
+    /// Attach a container.
+    Add,
+    /// Detach it (idempotent).
+    Del,
+    /// Check an attachment is as ADD left it.
+    Check,
+    /// Drop every attachment of the network not in the valid list.
+    Gc,
+    /// Whether the plugin is ready for ADDs.
+    Status,
+}
+
+/// One `shoal-cni` call: the runtime's `CNI_*` variables and the network configuration it
+/// gave on standard input (CNI spec 1.1.0).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CniRequest {
+    /// `CNI_COMMAND`.
+    pub command: CniCommand,
+    /// `CNI_CONTAINERID` (absent for GC and STATUS).
+    #[serde(default)]
+    pub container_id: Option<String>,
+    /// `CNI_NETNS`: the container's network namespace, a path (absent for DEL at times, GC
+    /// and STATUS).
+    #[serde(default)]
+    pub netns: Option<String>,
+    /// `CNI_IFNAME`.
+    #[serde(default)]
+    pub ifname: Option<String>,
+    /// `CNI_ARGS`, as given (`K=V;K=V`).
+    #[serde(default)]
+    pub args: Option<String>,
+    /// The network configuration, whole (`cniVersion`, `name`, `type`, `network`,
+    /// `runtimeConfig`, `prevResult`, `cni.dev/valid-attachments`, ...).
+    pub config: serde_json::Value,
+}
+
+/// A CNI error, as the spec prints it (`code`, `msg`, `details`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CniError {
+    /// The spec's code: 1 incompatible version, 2 unsupported field, 3 container unknown,
+    /// 4 invalid environment variables, 5 I/O failure, 6 decoding failure, 7 invalid network
+    /// configuration, 11 try again later, 50 plugin not available, 51 limited connectivity;
+    /// 100 and up are shoal's own.
+    pub code: u32,
+    /// What went wrong, one line.
+    pub msg: String,
+    /// More, if any.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub details: String,
+}
+
+impl CniError {
+    /// An error with `code` and `msg`, no details.
+    pub fn new(code: u32, msg: impl Into<String>) -> Self {
+        CniError {
+            code,
+            msg: msg.into(),
+            details: String::new(),
+        }
+    }
+}
+
+/// The agent's answer to a [`CniRequest`]: the JSON the plugin prints (a CNI result for ADD
+/// and CHECK, nothing for the others), or the error it prints.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CniAnswer {
+    /// Success, with the result to print, if the command prints one.
+    Done(Option<serde_json::Value>),
+    /// Failure.
+    Failed(CniError),
 }
 
 /// `shoal capture` parameters.
@@ -494,6 +574,8 @@ pub enum Reply {
     Network(Box<NetworkDetail>),
     /// A capture started; raw [`CaptureFrame`]s follow.
     Capturing,
+    /// Answer to [`Request::Cni`].
+    Cni(CniAnswer),
 }
 
 /// Gossip-level health, as `node ls` shows it.

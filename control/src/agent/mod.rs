@@ -7,6 +7,7 @@
 //! agent is the same node, with no token needed.
 
 pub mod capture;
+mod cni;
 pub mod datapath;
 pub mod gossip;
 pub mod local;
@@ -640,6 +641,7 @@ impl Agent {
             Request::Capture(_) => Err(
                 "a capture streams packets: send it on its own connection (shoal capture)".into(),
             ),
+            Request::Cni(req) => Ok(Reply::Cni(self.cni(req).await)),
         }
     }
 
