@@ -30,6 +30,9 @@ use crate::id::NodeId;
 const TABLE: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("shoal");
 /// The managers' Raft log, by index (see `manager::raft`).
 const RAFT_LOG: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("raft_log");
+/// This node's attachments of containers to user networks (`agent::cni` owns their keys and
+/// format; the store keeps bytes), one record each.
+const ATTACHMENTS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("attachments");
 const NODE_KEY: &str = "node_key";
 const INCARNATION: &str = "incarnation";
 
@@ -626,6 +629,56 @@ impl Store {
                 table.insert(RaftKey::Purged.name(), purged.as_slice())?;
                 log.retain_in(..=upto, |_, _| false)
             })
+        })
+        .await?
+    }
+}
+
+/// The attachments of containers to user networks: one record per key, each write durable
+/// before the call returns.
+impl Store {
+    /// Every attachment record, by key.
+    pub async fn attachments(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.run(move |db| -> Result<_, StoreError> {
+            let tx = db.begin_read().map_err(redb::Error::from)?;
+            let table = match tx.open_table(ATTACHMENTS) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+                Err(e) => return Err(redb::Error::from(e).into()),
+            };
+            let rows: Result<Vec<_>, redb::StorageError> = table
+                .iter()
+                .map_err(redb::Error::from)?
+                .map(|item| item.map(|(k, v)| (k.value().to_owned(), v.value().to_vec())))
+                .collect();
+            Ok(rows.map_err(redb::Error::from)?)
+        })
+        .await?
+    }
+
+    /// Sets (or with `None` deletes) the attachment record `key`.
+    pub async fn put_attachment(
+        &self,
+        key: String,
+        value: Option<Vec<u8>>,
+    ) -> Result<(), StoreError> {
+        self.run(move |db| -> Result<(), StoreError> {
+            let tx = db.begin_write().map_err(redb::Error::from)?;
+            {
+                let mut table = tx.open_table(ATTACHMENTS).map_err(redb::Error::from)?;
+                match &value {
+                    Some(v) => {
+                        table
+                            .insert(key.as_str(), v.as_slice())
+                            .map_err(redb::Error::from)?;
+                    }
+                    None => {
+                        table.remove(key.as_str()).map_err(redb::Error::from)?;
+                    }
+                }
+            }
+            tx.commit().map_err(redb::Error::from)?;
+            Ok(())
         })
         .await?
     }

@@ -86,6 +86,45 @@ pub enum OverlayError {
     },
 }
 
+/// An endpoint of a user network behind another node: a container's address and MAC, and
+/// the node's VTEP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RemoteEndpoint {
+    /// Its address on the network.
+    pub ip: Ipv4Addr,
+    /// Its MAC.
+    pub mac: Mac,
+    /// The underlay address of the node it is behind.
+    pub vtep: IpAddr,
+}
+
+/// A user network as this node should carry it (see [`Overlay::set_networks`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentConfig {
+    /// The network.
+    pub spec: NetworkSpec,
+    /// The device its local endpoints are bridged to, if this node has any: the TAP's name.
+    pub device: Option<String>,
+    /// Its endpoints behind other nodes.
+    pub endpoints: Vec<RemoteEndpoint>,
+}
+
+/// A user network carried here.
+#[derive(Debug)]
+struct Segment {
+    spec: NetworkSpec,
+    device: Option<String>,
+    arp: Arc<ArpResponder>,
+    endpoints: Vec<RemoteEndpoint>,
+}
+
+/// The MAC of a user network's TAP device on a node: `02:43` and the VNI (the device is a
+/// bridge port; nothing is addressed to it).
+pub fn device_mac(vni: Vni) -> Mac {
+    let v = vni.get().to_be_bytes();
+    Mac([0x02, 0x43, 0, v[1], v[2], v[3]])
+}
+
 /// A network, up on this node.
 pub struct Overlay {
     spec: NetworkSpec,
@@ -96,6 +135,8 @@ pub struct Overlay {
     dataplane: Dataplane,
     arp: Arc<ArpResponder>,
     members: HashMap<IpAddr, Member>,
+    underlay_mtu: u16,
+    segments: HashMap<Vni, Segment>,
 }
 
 impl core::fmt::Debug for Overlay {
@@ -172,7 +213,163 @@ impl Overlay {
             dataplane,
             arp,
             members: HashMap::new(),
+            underlay_mtu: config.underlay_mtu,
+            segments: HashMap::new(),
         })
+    }
+
+    /// Makes the user networks carried here exactly `networks` (`ingress` is not one of
+    /// them): each one's forwarding table holds its remote endpoints (and floods to their
+    /// nodes only), ARP for them is answered here, and a network with local endpoints has
+    /// its device (created at its first, removed after its last). A network no longer listed
+    /// loses its device, its table and its engine entry.
+    pub fn set_networks(&mut self, networks: &[SegmentConfig]) -> Result<(), OverlayError> {
+        let mut wanted: HashMap<Vni, &SegmentConfig> = HashMap::new();
+        for n in networks {
+            let vni = Vni::new(n.spec.vni).map_err(|_| OverlayError::BadVni(n.spec.vni))?;
+            if vni == self.vni {
+                return Err(OverlayError::BadVni(n.spec.vni));
+            }
+            wanted.insert(vni, n);
+        }
+        let gone: Vec<Vni> = self
+            .segments
+            .keys()
+            .filter(|v| !wanted.contains_key(v))
+            .copied()
+            .collect();
+        for vni in gone {
+            self.dataplane.remove_device(vni);
+            self.dataplane.configure(|e| e.remove_network(vni))?;
+            self.segments.remove(&vni);
+        }
+        for (vni, want) in wanted {
+            let changed_kind = self
+                .segments
+                .get(&vni)
+                .is_some_and(|s| s.spec.encrypted != want.spec.encrypted);
+            if changed_kind {
+                self.dataplane.remove_device(vni);
+                self.dataplane.configure(|e| e.remove_network(vni))?;
+                self.segments.remove(&vni);
+            }
+            if !self.segments.contains_key(&vni) {
+                self.dataplane
+                    .configure(|e| e.add_network(vni, want.spec.encrypted))?;
+                self.segments.insert(
+                    vni,
+                    Segment {
+                        spec: want.spec.clone(),
+                        device: None,
+                        arp: Arc::new(ArpResponder::new()),
+                        endpoints: Vec::new(),
+                    },
+                );
+            }
+            self.set_segment(vni, want)?;
+        }
+        Ok(())
+    }
+
+    fn set_segment(&mut self, vni: Vni, want: &SegmentConfig) -> Result<(), OverlayError> {
+        let Some(segment) = self.segments.get_mut(&vni) else {
+            return Ok(());
+        };
+        segment.spec = want.spec.clone();
+        if segment.device != want.device {
+            self.dataplane.remove_device(vni);
+            segment.device = None;
+            if let Some(name) = &want.device {
+                let tap = Tap::create(&TapConfig {
+                    name: name.clone(),
+                    mac: device_mac(vni),
+                    mtu: want.spec.mtu(self.underlay_mtu),
+                    address: None,
+                })
+                .map_err(|source| OverlayError::Io {
+                    what: "creating a network's device",
+                    source,
+                })?;
+                let responder: Arc<dyn shoal_vxlan::io::LocalResponder> = segment.arp.clone();
+                self.dataplane
+                    .add_device(vni, tap, Some(responder))
+                    .map_err(|source| OverlayError::Io {
+                        what: "starting a network's device",
+                        source,
+                    })?;
+                segment.device = Some(name.clone());
+            }
+        }
+        if segment.endpoints != want.endpoints {
+            let wanted: HashMap<Mac, IpAddr> =
+                want.endpoints.iter().map(|e| (e.mac, e.vtep)).collect();
+            let mut flood: Vec<IpAddr> = want.endpoints.iter().map(|e| e.vtep).collect();
+            flood.sort_unstable();
+            flood.dedup();
+            self.dataplane
+                .configure(|engine| -> Result<(), OverlayError> {
+                    let fdb = engine.fdb_mut(vni)?;
+                    let stale: Vec<Mac> = fdb
+                        .entries()
+                        .filter(|(mac, e)| {
+                            e.origin == Origin::Assigned && wanted.get(*mac) != Some(&e.vtep)
+                        })
+                        .map(|(mac, _)| *mac)
+                        .collect();
+                    for mac in stale {
+                        fdb.remove(&mac);
+                    }
+                    let held: Vec<IpAddr> = fdb.flood().to_vec();
+                    for vtep in held.iter().filter(|v| !flood.contains(v)) {
+                        fdb.remove_flood(vtep);
+                    }
+                    for (mac, vtep) in &wanted {
+                        if fdb.lookup(mac).map(|e| (e.vtep, e.origin))
+                            != Some((*vtep, Origin::Assigned))
+                        {
+                            fdb.insert(*mac, *vtep);
+                        }
+                    }
+                    for vtep in &flood {
+                        fdb.add_flood(*vtep);
+                    }
+                    Ok(())
+                })?;
+            let mut table = ArpTable::new();
+            for e in &want.endpoints {
+                table.insert(e.ip, e.mac);
+            }
+            segment.arp.set(table);
+            segment.endpoints = want.endpoints.clone();
+        }
+        Ok(())
+    }
+
+    /// The user networks carried here: VNI, whether it has a device here, and its remote
+    /// endpoints as the data path holds them (forwarding entries assigned by the control
+    /// plane, sorted by MAC).
+    pub fn segments(&self) -> Vec<(u32, Option<String>, Vec<(Mac, IpAddr)>)> {
+        let mut out: Vec<_> = self
+            .segments
+            .iter()
+            .map(|(vni, s)| {
+                let mut entries = self.dataplane.read(|out, _| {
+                    out.network(*vni)
+                        .map(|n| {
+                            n.fdb()
+                                .entries()
+                                .filter(|(_, e)| e.origin == Origin::Assigned)
+                                .map(|(m, e)| (*m, e.vtep))
+                                .collect::<Vec<_>>()
+                        })
+                        .unwrap_or_default()
+                });
+                entries.sort();
+                (vni.get(), s.device.clone(), entries)
+            })
+            .collect();
+        out.sort_by_key(|(v, _, _)| *v);
+        out
     }
 
     /// The network.

@@ -6,6 +6,7 @@
 //! list or the keys arrives as a new cluster view and is kept in the store, so a restarted
 //! agent is the same node, with no token needed.
 
+mod attach;
 pub mod capture;
 mod cni;
 pub mod datapath;

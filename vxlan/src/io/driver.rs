@@ -6,6 +6,11 @@
 //! of GRO-coalesced datagrams; each is opened in place and the frames are merged back into
 //! large TCP segments ([`offload::Coalescer`]) for few writes to the device.
 //!
+//! One socket carries every network: each network with a local device (a TAP) has its own
+//! outbound thread reading that device ([`Dataplane::add_device`]); the one inbound thread
+//! writes each opened frame to the device of the frame's network (its VNI), or counts it
+//! (`no_device`) when this node has none.
+//!
 //! Each direction has its own engine, configured identically (same peers, forwarding entries
 //! and keys): the outbound one only seals (its counters advance), the inbound one only opens
 //! (its replay windows advance). So the two threads never wait for each other; each engine
@@ -13,6 +18,7 @@
 //! [`Dataplane::configure`] between packets. The threads wake at least every [`POLL`] to
 //! notice a stop.
 
+use std::collections::HashMap;
 use std::io::{self, IoSliceMut};
 use std::net::UdpSocket;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -65,6 +71,8 @@ pub struct IoCounters {
     pub udp_recv_errors: AtomicU64,
     /// Frames answered locally.
     pub answered_locally: AtomicU64,
+    /// Opened frames of a network that has no device on this node.
+    pub no_device: AtomicU64,
 }
 
 struct Shared {
@@ -75,6 +83,9 @@ struct Shared {
     /// Bumped whenever `capture` changes, so the threads re-read it only then.
     capture_generation: AtomicU64,
     capture: Mutex<Option<Arc<dyn CaptureSink>>>,
+    /// Bumped whenever `devices` changes, so the inbound thread re-reads it only then.
+    devices_generation: AtomicU64,
+    devices: Mutex<HashMap<Vni, Arc<Tap>>>,
 }
 
 /// One thread's copy of the capture sink: per batch it costs one atomic load (no lock, no
@@ -106,10 +117,20 @@ impl SinkCache {
     }
 }
 
-/// The running data path of one network: a TAP device, a UDP socket and an engine.
+/// One device's outbound thread.
+struct DeviceThread {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<()>,
+}
+
+/// The running data path: a UDP socket, the engines, and a TAP device per network with local
+/// endpoints.
 pub struct Dataplane {
     shared: Arc<Shared>,
-    threads: Vec<JoinHandle<()>>,
+    udp: Arc<UdpSocket>,
+    state: Arc<UdpSocketState>,
+    inbound: Option<JoinHandle<()>>,
+    devices: HashMap<Vni, DeviceThread>,
 }
 
 impl core::fmt::Debug for Dataplane {
@@ -125,8 +146,9 @@ fn lock(engine: &Mutex<Engine>) -> MutexGuard<'_, Engine> {
 }
 
 impl Dataplane {
-    /// Starts the two threads with their engines (built from the same key and incarnation, and
-    /// configured alike). Frames read from `tap` go out on network `vni`.
+    /// Starts the data path with its engines (built from the same key and incarnation, and
+    /// configured alike) and its first device: frames read from `tap` go out on network
+    /// `vni`, and frames of `vni` are written to it.
     pub fn start(
         outbound: Engine,
         inbound: Engine,
@@ -146,32 +168,89 @@ impl Dataplane {
             counters: IoCounters::default(),
             capture_generation: AtomicU64::new(0),
             capture: Mutex::new(None),
+            devices_generation: AtomicU64::new(0),
+            devices: Mutex::new(HashMap::new()),
         });
-        let tap = Arc::new(tap);
         let udp = Arc::new(udp);
-        let out = {
-            let (shared, tap, udp, state) = (
-                Arc::clone(&shared),
-                Arc::clone(&tap),
-                Arc::clone(&udp),
-                Arc::clone(&state),
-            );
-            std::thread::Builder::new()
-                .name("shoal-dp-out".into())
-                .spawn(move || {
-                    Outbound::new(&shared, vni, &udp, &state).run(&tap, responder.as_deref())
-                })?
-        };
-        let inb = {
-            let shared = Arc::clone(&shared);
+        let inbound = {
+            let (shared, udp, state) = (Arc::clone(&shared), Arc::clone(&udp), Arc::clone(&state));
             std::thread::Builder::new()
                 .name("shoal-dp-in".into())
-                .spawn(move || receive(&shared, &tap, &udp, &state))?
+                .spawn(move || receive(&shared, &udp, &state))?
         };
-        Ok(Dataplane {
+        let mut dataplane = Dataplane {
             shared,
-            threads: vec![out, inb],
-        })
+            udp,
+            state,
+            inbound: Some(inbound),
+            devices: HashMap::new(),
+        };
+        dataplane.add_device(vni, tap, responder)?;
+        Ok(dataplane)
+    }
+
+    /// Gives network `vni` a device on this node: frames read from `tap` go out on `vni`
+    /// (after `responder`, if any, had its say), and opened frames of `vni` are written to
+    /// it. The engines must know the network ([`Engine::add_network`]). A device already there
+    /// for `vni` is replaced.
+    pub fn add_device(
+        &mut self,
+        vni: Vni,
+        tap: Tap,
+        responder: Option<Arc<dyn LocalResponder>>,
+    ) -> io::Result<()> {
+        self.remove_device(vni);
+        let tap = Arc::new(tap);
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (shared, tap, udp, state, stop) = (
+                Arc::clone(&self.shared),
+                Arc::clone(&tap),
+                Arc::clone(&self.udp),
+                Arc::clone(&self.state),
+                Arc::clone(&stop),
+            );
+            std::thread::Builder::new()
+                .name(format!("shoal-dp-out-{}", vni.get()))
+                .spawn(move || {
+                    Outbound::new(&shared, vni, &udp, &state, &stop).run(&tap, responder.as_deref())
+                })?
+        };
+        self.devices.insert(vni, DeviceThread { stop, thread });
+        self.set_devices(|d| {
+            d.insert(vni, tap);
+        });
+        Ok(())
+    }
+
+    /// Takes network `vni`'s device away (its thread stops within about [`POLL`], and the
+    /// interface goes when the inbound thread lets go of it too); whether there was one.
+    pub fn remove_device(&mut self, vni: Vni) -> bool {
+        let Some(device) = self.devices.remove(&vni) else {
+            return false;
+        };
+        self.set_devices(|d| {
+            d.remove(&vni);
+        });
+        device.stop.store(true, Ordering::Relaxed);
+        let _ = device.thread.join();
+        true
+    }
+
+    /// The networks with a device here.
+    pub fn device_vnis(&self) -> impl Iterator<Item = Vni> + '_ {
+        self.devices.keys().copied()
+    }
+
+    fn set_devices(&self, f: impl FnOnce(&mut HashMap<Vni, Arc<Tap>>)) {
+        f(&mut self
+            .shared
+            .devices
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner));
+        self.shared
+            .devices_generation
+            .fetch_add(1, Ordering::Release);
     }
 
     /// Applies the same change to both engines (peers, forwarding entries, keys), between
@@ -216,7 +295,10 @@ impl Dataplane {
 
     fn halt(&mut self) {
         self.shared.stop.store(true, Ordering::Relaxed);
-        for t in self.threads.drain(..) {
+        for (_, d) in self.devices.drain() {
+            let _ = d.thread.join();
+        }
+        if let Some(t) = self.inbound.take() {
             let _ = t.join();
         }
     }
@@ -238,6 +320,7 @@ fn is_timeout(e: &io::Error) -> bool {
 /// The device-to-underlay direction.
 struct Outbound<'a> {
     shared: &'a Shared,
+    stop: &'a AtomicBool,
     vni: Vni,
     udp: &'a UdpSocket,
     state: &'a UdpSocketState,
@@ -247,9 +330,16 @@ struct Outbound<'a> {
 }
 
 impl<'a> Outbound<'a> {
-    fn new(shared: &'a Shared, vni: Vni, udp: &'a UdpSocket, state: &'a UdpSocketState) -> Self {
+    fn new(
+        shared: &'a Shared,
+        vni: Vni,
+        udp: &'a UdpSocket,
+        state: &'a UdpSocketState,
+        stop: &'a AtomicBool,
+    ) -> Self {
         Outbound {
             shared,
+            stop,
             vni,
             udp,
             state,
@@ -266,7 +356,7 @@ impl<'a> Outbound<'a> {
         let mut copy = Vec::new();
         let mut sinks = SinkCache::new();
         let counters = &self.shared.counters;
-        while !self.shared.stop.load(Ordering::Relaxed) {
+        while !self.shared.stop.load(Ordering::Relaxed) && !self.stop.load(Ordering::Relaxed) {
             let n = match tap.recv_timeout(&mut read, POLL) {
                 Ok(n) => n,
                 Err(e) if is_timeout(&e) => continue,
@@ -416,21 +506,67 @@ impl<'a> Outbound<'a> {
     }
 }
 
+/// The inbound thread's copy of the devices, each with its coalescer: re-read only after
+/// [`Dataplane::add_device`] or [`Dataplane::remove_device`] (one atomic load per batch).
+struct Devices {
+    generation: u64,
+    by_vni: HashMap<Vni, (Arc<Tap>, Coalescer)>,
+}
+
+impl Devices {
+    fn refresh(&mut self, shared: &Shared) {
+        let generation = shared.devices_generation.load(Ordering::Acquire);
+        if generation == self.generation {
+            return;
+        }
+        let now = shared
+            .devices
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        self.by_vni.retain(|vni, _| now.contains_key(vni));
+        for (vni, tap) in now {
+            match self.by_vni.get_mut(&vni) {
+                Some((held, _)) if Arc::ptr_eq(held, &tap) => {}
+                _ => {
+                    self.by_vni.insert(vni, (tap, Coalescer::new()));
+                }
+            }
+        }
+        self.generation = generation;
+    }
+}
+
+/// Writes `frame` to the device of its network through that device's coalescer, or counts it.
+fn deliver(devices: &mut Devices, counters: &IoCounters, vni: Vni, frame: &[u8]) {
+    match devices.by_vni.get_mut(&vni) {
+        Some((tap, coalescer)) => coalescer.push(frame, &mut |b: &[u8]| write_to(tap, counters, b)),
+        None => {
+            counters.no_device.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+fn write_to(tap: &Tap, counters: &IoCounters, b: &[u8]) {
+    if tap.send(b).is_err() {
+        counters.tap_write_errors.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// The underlay-to-device direction.
-fn receive(shared: &Shared, tap: &Tap, udp: &UdpSocket, state: &UdpSocketState) {
+fn receive(shared: &Shared, udp: &UdpSocket, state: &UdpSocketState) {
     // One allocation, at start: RECV_BATCH receive buffers side by side.
     let mut bufs = vec![0u8; MAX_UDP * RECV_BATCH];
     let mut meta = [RecvMeta::default(); RECV_BATCH];
-    let mut coalescer = Coalescer::new();
+    let mut devices = Devices {
+        generation: u64::MAX,
+        by_vni: HashMap::new(),
+    };
     let mut copy = Vec::new();
     let mut sinks = SinkCache::new();
     let counters = &shared.counters;
-    let mut write = |b: &[u8]| {
-        if tap.send(b).is_err() {
-            counters.tap_write_errors.fetch_add(1, Ordering::Relaxed);
-        }
-    };
     while !shared.stop.load(Ordering::Relaxed) {
+        devices.refresh(shared);
         if wait(udp, libc::POLLIN, POLL).is_err() {
             counters.udp_recv_errors.fetch_add(1, Ordering::Relaxed);
             continue;
@@ -481,11 +617,13 @@ fn receive(shared: &Shared, tap: &Tap, udp: &UdpSocket, state: &UdpSocketState) 
                             data: opened.frame(),
                         });
                     }
-                    coalescer.push(opened.frame(), &mut write);
+                    deliver(&mut devices, counters, opened.vni(), opened.frame());
                 }
             }
         }
-        coalescer.flush(&mut write);
+        for (tap, coalescer) in devices.by_vni.values_mut() {
+            coalescer.flush(&mut |b: &[u8]| write_to(tap, counters, b));
+        }
     }
 }
 
