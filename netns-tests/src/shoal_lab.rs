@@ -110,6 +110,11 @@ impl TestLab {
         PathBuf::from(format!("/run/shoal/lab-{}/n{i}", self.name))
     }
 
+    /// Node i's agent socket (`shoal lab` puts it beside the state).
+    pub fn socket(&self, i: usize) -> PathBuf {
+        PathBuf::from(format!("/run/shoal/lab-{}/n{i}.sock", self.name))
+    }
+
     /// Node i's agent log.
     pub fn log(&self, i: usize) -> String {
         std::fs::read_to_string(format!("/run/shoal/lab-{}/n{i}.log", self.name))
@@ -210,6 +215,11 @@ impl TestLab {
     /// Sends `data` over TCP from namespace `from` to `to`:5555, and returns what the server on
     /// node `server` received (python3, bounded by timeouts).
     pub fn tcp_transfer(&self, server: usize, from: &str, to: &str, data: &str) -> String {
+        self.tcp_transfer_ns(&self.ns(server), from, to, data)
+    }
+
+    /// [`TestLab::tcp_transfer`] with the server in namespace `server`.
+    pub fn tcp_transfer_ns(&self, server: &str, from: &str, to: &str, data: &str) -> String {
         let out_file = self.scratch.join(format!("tcp-{server}-{from}.out"));
         let srv = format!(
             "import socket,sys\ns=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
@@ -219,7 +229,7 @@ impl TestLab {
             out_file.display()
         );
         let mut server_proc = Spawned(
-            shoal_netns::exec(&self.ns(server), "python3")
+            shoal_netns::exec(server, "python3")
                 .args(["-c", &srv])
                 .spawn()
                 .unwrap(),

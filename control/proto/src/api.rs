@@ -438,6 +438,25 @@ pub struct NetworkDetail {
     /// No route out of the overlay (user networks).
     #[serde(default)]
     pub internal: bool,
+    /// The containers attached (user networks): this node's, and those other nodes announce.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// A container attached to a user network, as `network inspect` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoint {
+    /// The node it runs on.
+    pub node_id: NodeId,
+    /// That node's host name.
+    pub hostname: String,
+    /// The container's ID (known for this node's own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
+    /// Its MAC.
+    pub mac: String,
+    /// Its address, CIDR.
+    pub ip: String,
 }
 
 /// An external VTEP (a kernel vxlan device or a hardware switch) on a plain network.

@@ -1,17 +1,611 @@
-//! The agent's side of `shoal-cni` (CNI spec 1.1.0): attachments of containers to user
-//! networks. See `docs/networks.md`.
+//! The agent's side of `shoal-cni` (CNI spec 1.1.0): containers attached to user networks.
+//! See `docs/networks.md`.
+//!
+//! One plugin call at a time (they are quick, and this keeps addresses and devices simple).
+//! ADD keeps the attachment in the store before it touches a device, so a crash leaves a
+//! record the next start reconciles, never an address in use that no record holds:
+//! - **ADD**: an attachment that exists is answered again as it is (a runtime retrying);
+//!   otherwise an address from this node's blocks (one more block from the manager when they
+//!   are full: the only ADD that waits for a manager), the record, the network's device and
+//!   bridge (at its first endpoint here), the veth, and the endpoint announced in gossip.
+//! - **DEL**: the veth, the record, the announcement (a tombstone); the device and bridge
+//!   after the network's last endpoint here. An attachment that does not exist is success.
+//! - **CHECK**: the record and the devices as ADD left them.
+//! - **GC**: every attachment of the network not in `cni.dev/valid-attachments` is deleted.
+//! - **STATUS**: ready when this node is in a swarm, its data path runs and knows the
+//!   network.
+//! At start, attachments whose namespace is gone are deleted.
 
-use crate::api::{CniAnswer, CniError, CniRequest};
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::{Mutex, PoisonError};
+use std::time::{SystemTime, UNIX_EPOCH};
 
+use ipnet::Ipv4Net;
+use serde_json::Value;
+use tracing::{info, warn};
+
+use super::attach::{self, Announced, Attachment, Attachments};
+use super::links::{Attach, LinkError, Links};
 use super::Agent;
+use crate::api::{CniAnswer, CniCommand, CniError, CniRequest, ManagerReply, ManagerRequest};
+use crate::cluster::{ClusterView, UserNetwork};
+use crate::id::NodeId;
+use crate::store::Store;
+
+/// CNI error codes (spec 1.1.0, "Error").
+mod code {
+    pub const CONTAINER_UNKNOWN: u32 = 3;
+    pub const BAD_ENV: u32 = 4;
+    pub const IO: u32 = 5;
+    pub const BAD_CONFIG: u32 = 7;
+    pub const TRY_LATER: u32 = 11;
+    pub const NOT_AVAILABLE: u32 = 50;
+}
+
+/// What the agent holds of user networks: this node's attachments, the endpoints others
+/// announce, blocks granted but not yet in the view, and the netlink connection.
+#[derive(Default)]
+pub struct Endpoints {
+    op: tokio::sync::Mutex<()>,
+    local: Mutex<Attachments>,
+    remote: Mutex<HashMap<(NodeId, u32, Ipv4Addr), Announced>>,
+    granted: Mutex<HashMap<String, Vec<Ipv4Net>>>,
+    links: tokio::sync::OnceCell<Links>,
+}
+
+impl std::fmt::Debug for Endpoints {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoints").finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+fn err(code: u32, msg: impl Into<String>) -> CniError {
+    CniError::new(code, msg)
+}
+
+impl Endpoints {
+    /// The user networks the data path should carry (see [`attach::segments`]).
+    pub fn segments(&self, view: &ClusterView, me: &NodeId) -> Vec<shoal_ingress::overlay::SegmentConfig> {
+        attach::segments(view, me, &lock(&self.local), &lock(&self.remote))
+    }
+
+    /// The endpoints of `net` live as far as this node knows: its own, and those of other
+    /// nodes in `view` that have not left (announced inside their blocks).
+    pub fn count(&self, view: &ClusterView, net: &UserNetwork) -> usize {
+        let local = lock(&self.local).on(&net.id).count();
+        let remote = lock(&self.remote)
+            .values()
+            .filter(|a| a.vni == net.vni)
+            .filter(|a| view.node(&a.node).is_some_and(|n| !n.left))
+            .filter(|a| {
+                net.blocks
+                    .get(&a.node)
+                    .is_some_and(|bs| bs.iter().any(|b| b.contains(&a.ip)))
+            })
+            .count();
+        local + remote
+    }
+
+    /// The endpoints of `net` for `network inspect`: this node's, then the believed ones of
+    /// other nodes, by address.
+    pub fn inspect(&self, view: &ClusterView, me: &NodeId, net: &UserNetwork) -> Vec<crate::api::Endpoint> {
+        let hostname = |id: &NodeId| view.node(id).map(|n| n.hostname.clone()).unwrap_or_default();
+        let mut out: Vec<crate::api::Endpoint> = lock(&self.local)
+            .on(&net.id)
+            .map(|a| crate::api::Endpoint {
+                node_id: me.clone(),
+                hostname: hostname(me),
+                container_id: Some(a.container_id.clone()),
+                mac: shoal_vxlan::wire::Mac(a.mac()).to_string(),
+                ip: format!("{}/{}", a.ip, a.prefix),
+            })
+            .collect();
+        let seg = attach::segments(view, me, &Attachments::new(), &lock(&self.remote));
+        let by_ip: HashMap<Ipv4Addr, NodeId> = lock(&self.remote)
+            .values()
+            .filter(|a| a.vni == net.vni)
+            .map(|a| (a.ip, a.node.clone()))
+            .collect();
+        for s in seg.iter().filter(|s| s.spec.vni == net.vni) {
+            for e in &s.endpoints {
+                let node = by_ip.get(&e.ip).cloned().unwrap_or_else(|| me.clone());
+                out.push(crate::api::Endpoint {
+                    hostname: hostname(&node),
+                    node_id: node,
+                    container_id: None,
+                    mac: e.mac.to_string(),
+                    ip: format!("{}/{}", e.ip, net.subnet.prefix_len()),
+                });
+            }
+        }
+        out.sort_by_key(|e| e.ip.split('/').next().and_then(|ip| ip.parse::<Ipv4Addr>().ok()));
+        out
+    }
+
+    /// This node's attachments.
+    pub fn local(&self) -> Vec<Attachment> {
+        lock(&self.local).iter().cloned().collect()
+    }
+
+    /// The endpoints other nodes announced, as held (believed or not).
+    pub fn remote(&self) -> Vec<Announced> {
+        lock(&self.remote).values().cloned().collect()
+    }
+
+    /// Takes what gossip says of node `author`'s entry `key`: an endpoint announced, or with
+    /// `None`, gone. Whether anything changed.
+    pub fn take_entry(&self, author: &NodeId, key: &[u8], value: Option<&[u8]>) -> bool {
+        let mut remote = lock(&self.remote);
+        match value {
+            Some(v) => match attach::decode_entry(author, key, v) {
+                Some(a) => remote.insert((a.node.clone(), a.vni, a.ip), a.clone()) != Some(a),
+                None => false,
+            },
+            None => {
+                let Some(probe) = attach::decode_entry(author, key, &[0; 6]) else {
+                    return false;
+                };
+                remote.remove(&(probe.node, probe.vni, probe.ip)).is_some()
+            }
+        }
+    }
+
+    /// Loads this node's attachments from the store.
+    pub async fn load(&self, store: &Store) -> Result<usize, crate::store::StoreError> {
+        let rows = store.attachments().await?;
+        let mut local = lock(&self.local);
+        for (key, bytes) in rows {
+            match serde_json::from_slice::<Attachment>(&bytes) {
+                Ok(a) if a.key() == key => local.insert(a),
+                _ => warn!(%key, "an attachment record is damaged; it is ignored"),
+            }
+        }
+        Ok(local.iter().count())
+    }
+
+    async fn links(&self) -> Result<&Links, LinkError> {
+        self.links.get_or_try_init(Links::new).await
+    }
+
+    /// Gives each network with a device here its bridge, with the device on it (after the
+    /// data path made or remade the device).
+    pub async fn wire_devices(&self, view: &ClusterView, underlay_mtu: u16) -> Result<(), LinkError> {
+        let wanted: Vec<(u32, u16)> = {
+            let local = lock(&self.local);
+            view.networks
+                .iter()
+                .filter(|n| local.on(&n.id).next().is_some())
+                .map(|n| (n.vni, attach::mtu(n, underlay_mtu)))
+                .collect()
+        };
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let links = self.links().await?;
+        for (vni, mtu) in wanted {
+            let bridge = attach::bridge_name(vni);
+            links.ensure_bridge(&bridge, u32::from(mtu)).await?;
+            links
+                .set_master(&attach::device_name(vni), &bridge)
+                .await?;
+        }
+        Ok(())
+    }
+}
 
 impl Agent {
     /// Carries out one plugin call.
     pub(crate) async fn cni(&self, req: CniRequest) -> CniAnswer {
-        let _ = req;
-        CniAnswer::Failed(CniError::new(
-            50,
-            "user networks are not served by this agent yet",
-        ))
+        let result = match req.command {
+            CniCommand::Add => self.cni_add(&req).await.map(Some),
+            CniCommand::Del => self.cni_del(&req).await.map(|()| None),
+            CniCommand::Check => self.cni_check(&req).await.map(|()| None),
+            CniCommand::Gc => self.cni_gc(&req).await.map(|()| None),
+            CniCommand::Status => self.cni_status(&req).map(|()| None),
+        };
+        match result {
+            Ok(v) => CniAnswer::Done(v),
+            Err(e) => {
+                info!(command = ?req.command, code = e.code, "cni: {}", e.msg);
+                CniAnswer::Failed(e)
+            }
+        }
+    }
+
+    /// The network the configuration names, in this node's view.
+    fn cni_network(&self, req: &CniRequest) -> Result<(crate::store::Membership, UserNetwork), CniError> {
+        let m = self.membership.get().ok_or_else(|| {
+            err(code::TRY_LATER, "this node is not in a swarm yet (shoal join)")
+        })?;
+        let name = req
+            .config
+            .get("network")
+            .and_then(Value::as_str)
+            .ok_or_else(|| err(code::BAD_CONFIG, "the network configuration has no \"network\" (the shoal network's name)"))?;
+        let net = m
+            .view
+            .networks
+            .iter()
+            .find(|n| n.name == name || n.id == name)
+            .cloned()
+            .ok_or_else(|| {
+                err(
+                    code::BAD_CONFIG,
+                    format!("network {name} not found (shoal network ls; create it on a manager with shoal network create)"),
+                )
+            })?;
+        Ok((m, net))
+    }
+
+    async fn cni_add(&self, req: &CniRequest) -> Result<Value, CniError> {
+        let (container_id, ifname) = ids(req)?;
+        let netns = req
+            .netns
+            .clone()
+            .ok_or_else(|| err(code::BAD_ENV, "CNI_NETNS is required for ADD"))?;
+        let (m, net) = self.cni_network(req)?;
+        if !net.attachable {
+            return Err(err(
+                code::BAD_CONFIG,
+                format!("network {} not manually attachable (create it with --attachable)", net.name),
+            ));
+        }
+        let version = cni_version(req);
+        let dp = self
+            .running()
+            .data_path
+            .clone()
+            .ok_or_else(|| err(code::TRY_LATER, "this node's data path is not up yet"))?;
+        let _op = self.endpoints.op.lock().await;
+        let key = attach::key(&net.id, &container_id, &ifname);
+        if let Some(a) = lock(&self.endpoints.local).get(&key) {
+            return Ok(a.result(&version));
+        }
+        let want = wanted_ip(req)?;
+        let ip = self.allocate(&m, &net, want).await?;
+        let host_ifname = attach::host_ifname(&net.id, &container_id, &ifname);
+        let a = Attachment {
+            network_id: net.id.clone(),
+            vni: net.vni,
+            container_id,
+            ifname,
+            netns,
+            ip,
+            prefix: net.subnet.prefix_len(),
+            gateway: net.gateway,
+            host_ifname,
+            mtu: attach::mtu(&net, dp.underlay_mtu()),
+            version: lock(&self.endpoints.local).take_version(now_ms()),
+        };
+        let record = serde_json::to_vec(&a).map_err(|e| err(code::IO, e.to_string()))?;
+        self.store
+            .put_attachment(key.clone(), Some(record))
+            .await
+            .map_err(|e| err(code::IO, format!("could not keep the attachment: {e}")))?;
+        lock(&self.endpoints.local).insert(a.clone());
+        if let Err(e) = self.plumb(&a).await {
+            self.forget(&a).await;
+            return Err(e);
+        }
+        self.announce(&a, true);
+        info!(network = %net.name, container = %a.container_id, ip = %a.ip, "endpoint attached");
+        Ok(a.result(&version))
+    }
+
+    /// An address for a new endpoint of `net`: from this node's blocks, asking the manager
+    /// for one more when they are full.
+    async fn allocate(
+        &self,
+        m: &crate::store::Membership,
+        net: &UserNetwork,
+        want: Option<Ipv4Addr>,
+    ) -> Result<Ipv4Addr, CniError> {
+        let blocks = |extra: &[Ipv4Net]| {
+            let mut b: Vec<Ipv4Net> = net.blocks.get(&m.node_id).cloned().unwrap_or_default();
+            b.extend(lock(&self.endpoints.granted).get(&net.id).into_iter().flatten());
+            b.extend_from_slice(extra);
+            b.sort();
+            b.dedup();
+            b
+        };
+        let first = lock(&self.endpoints.local).allocate(net, &blocks(&[]), want);
+        match first {
+            Ok(ip) => return Ok(ip),
+            Err(attach::AllocError::Exhausted(_)) if want.is_none() => {}
+            Err(e) => return Err(err(code::BAD_CONFIG, e.to_string())),
+        }
+        let granted = self
+            .address_block(m, &net.name)
+            .await
+            .map_err(|e| err(code::TRY_LATER, format!("no free address on this node and no new block: {e}")))?;
+        lock(&self.endpoints.granted).insert(net.id.clone(), granted.clone());
+        lock(&self.endpoints.local)
+            .allocate(net, &blocks(&granted), None)
+            .map_err(|e| err(code::TRY_LATER, e.to_string()))
+    }
+
+    /// One more address block of network `name` for this node, from the manager.
+    async fn address_block(
+        &self,
+        m: &crate::store::Membership,
+        name: &str,
+    ) -> Result<Vec<Ipv4Net>, String> {
+        let reply = match self.running().manager.clone() {
+            Some(manager) => manager
+                .address_block(&m.node_id, name)
+                .await
+                .map_err(|e| e.to_string()),
+            None => tokio::time::timeout(super::REQUEST_TIMEOUT, async {
+                let (mut tls, addr) = super::connect_member(m).await?;
+                let request = ManagerRequest::AddressBlock {
+                    network: name.to_owned(),
+                };
+                super::call(&mut tls, addr, &request).await
+            })
+            .await
+            .map_err(|_| "the manager did not answer in time".to_owned())
+            .and_then(|r| r.map_err(|e| e.to_string())),
+        }?;
+        match reply {
+            ManagerReply::Blocks(blocks) => Ok(blocks.iter().filter_map(|b| b.parse().ok()).collect()),
+            other => Err(format!("unexpected answer {other:?}")),
+        }
+    }
+
+    /// The devices for an attachment kept in the store: the network's device and bridge,
+    /// the veth into the container.
+    async fn plumb(&self, a: &Attachment) -> Result<(), CniError> {
+        self.sync_networks()
+            .map_err(|e| err(code::IO, format!("the data path could not take the network: {e}")))?;
+        let m = self
+            .membership
+            .get()
+            .ok_or_else(|| err(code::TRY_LATER, "this node left the swarm"))?;
+        let mtu = self
+            .running()
+            .data_path
+            .as_ref()
+            .map_or(crate::agent::datapath::DEFAULT_UNDERLAY_MTU, |dp| dp.underlay_mtu());
+        self.endpoints
+            .wire_devices(&m.view, mtu)
+            .await
+            .map_err(|e| link_err(&e))?;
+        let links = self.endpoints.links().await.map_err(|e| link_err(&e))?;
+        // A veth of ours with no record (an agent that stopped mid-ADD): it goes first.
+        let _ = links.delete(&a.host_ifname).await;
+        links.attach(&attachment_links(a)).await.map_err(|e| link_err(&e))
+    }
+
+    /// Undoes an attachment: the veth, the record, the device and bridge if it was the
+    /// network's last here. Errors are logged: what remains is reconciled at the next start.
+    async fn forget(&self, a: &Attachment) {
+        if let Ok(links) = self.endpoints.links().await {
+            if let Err(e) = links.delete(&a.host_ifname).await {
+                warn!(veth = %a.host_ifname, "could not delete the veth: {e}");
+            }
+        }
+        if let Err(e) = self.store.put_attachment(a.key(), None).await {
+            warn!("could not delete an attachment record: {e}");
+        }
+        let last = {
+            let mut local = lock(&self.endpoints.local);
+            local.remove(&a.key());
+            local.on(&a.network_id).next().is_none()
+        };
+        if let Err(e) = self.sync_networks() {
+            warn!("the data path could not follow a detach: {e}");
+        }
+        if last {
+            if let Ok(links) = self.endpoints.links().await {
+                let _ = links.delete(&attach::bridge_name(a.vni)).await;
+            }
+        }
+    }
+
+    async fn cni_del(&self, req: &CniRequest) -> Result<(), CniError> {
+        let (container_id, ifname) = ids(req)?;
+        let m = self.membership.get();
+        let name = req.config.get("network").and_then(Value::as_str).unwrap_or_default();
+        // By the network's ID when it is in the view, else any attachment of this container
+        // and interface on a network of that name or ID (the network may be gone).
+        let _op = self.endpoints.op.lock().await;
+        let ids: Vec<String> = m
+            .iter()
+            .flat_map(|m| m.view.networks.iter())
+            .filter(|n| n.name == name || n.id == name)
+            .map(|n| n.id.clone())
+            .chain(std::iter::once(name.to_owned()))
+            .collect();
+        let found: Vec<Attachment> = lock(&self.endpoints.local)
+            .iter()
+            .filter(|a| a.container_id == container_id && a.ifname == ifname && ids.contains(&a.network_id))
+            .cloned()
+            .collect();
+        for a in found {
+            self.detach(&a).await;
+        }
+        Ok(())
+    }
+
+    async fn detach(&self, a: &Attachment) {
+        self.forget(a).await;
+        let mut tomb = a.clone();
+        tomb.version = lock(&self.endpoints.local).take_version(now_ms());
+        self.announce(&tomb, false);
+        info!(container = %a.container_id, ip = %a.ip, "endpoint detached");
+    }
+
+    async fn cni_check(&self, req: &CniRequest) -> Result<(), CniError> {
+        let (container_id, ifname) = ids(req)?;
+        let (_, net) = self.cni_network(req)?;
+        let key = attach::key(&net.id, &container_id, &ifname);
+        let a = lock(&self.endpoints.local).get(&key).cloned().ok_or_else(|| {
+            err(
+                code::CONTAINER_UNKNOWN,
+                format!("container {container_id} has no interface {ifname} on network {}", net.name),
+            )
+        })?;
+        let links = self.endpoints.links().await.map_err(|e| link_err(&e))?;
+        links.check(&attachment_links(&a)).await.map_err(|e| link_err(&e))
+    }
+
+    async fn cni_gc(&self, req: &CniRequest) -> Result<(), CniError> {
+        let (_, net) = self.cni_network(req)?;
+        let valid: Vec<(String, String)> = req
+            .config
+            .get("cni.dev/valid-attachments")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|v| {
+                Some((
+                    v.get("containerID")?.as_str()?.to_owned(),
+                    v.get("ifname")?.as_str()?.to_owned(),
+                ))
+            })
+            .collect();
+        let _op = self.endpoints.op.lock().await;
+        let stale: Vec<Attachment> = lock(&self.endpoints.local)
+            .on(&net.id)
+            .filter(|a| !valid.contains(&(a.container_id.clone(), a.ifname.clone())))
+            .cloned()
+            .collect();
+        for a in &stale {
+            self.detach(a).await;
+        }
+        if !stale.is_empty() {
+            info!(network = %net.name, removed = stale.len(), "cni gc");
+        }
+        Ok(())
+    }
+
+    fn cni_status(&self, req: &CniRequest) -> Result<(), CniError> {
+        let unavailable = |msg: &str| err(code::NOT_AVAILABLE, msg);
+        let (_, net) = self
+            .cni_network(req)
+            .map_err(|e| unavailable(&e.msg))?;
+        if self.running().data_path.is_none() {
+            return Err(unavailable("this node's data path is not up yet"));
+        }
+        let _ = net;
+        Ok(())
+    }
+
+    /// Brings the data path's user networks in step with the view and the endpoints.
+    pub(crate) fn sync_networks(&self) -> Result<(), super::datapath::DataPathError> {
+        let Some(dp) = self.running().data_path.clone() else {
+            return Ok(());
+        };
+        dp.sync_networks(|| match self.membership.get() {
+            Some(m) => self.endpoints.segments(&m.view, &m.node_id),
+            None => Vec::new(),
+        })
+    }
+
+    /// Tells the cluster of an attachment (or, `live` false, that it is gone).
+    fn announce(&self, a: &Attachment, live: bool) {
+        let Some(gossip) = self.running().gossip.clone() else {
+            return;
+        };
+        let value = live.then(|| a.mac().to_vec());
+        if let Err(e) = gossip.set_entry(attach::entry_key(a.vni, a.ip), a.version, value) {
+            warn!("could not announce an endpoint in gossip: {e}");
+        }
+    }
+
+    /// At start: attachments whose namespace is gone are deleted (the container went while
+    /// the agent was down).
+    pub(crate) async fn reconcile_attachments(&self) {
+        let gone: Vec<Attachment> = lock(&self.endpoints.local)
+            .iter()
+            .filter(|a| !std::path::Path::new(&a.netns).exists())
+            .cloned()
+            .collect();
+        for a in &gone {
+            self.detach(a).await;
+        }
+        if !gone.is_empty() {
+            info!(removed = gone.len(), "attachments whose container is gone were removed");
+        }
+    }
+}
+
+/// `CNI_CONTAINERID` and `CNI_IFNAME`, required.
+fn ids(req: &CniRequest) -> Result<(String, String), CniError> {
+    let c = req
+        .container_id
+        .clone()
+        .filter(|c| !c.is_empty())
+        .ok_or_else(|| err(code::BAD_ENV, "CNI_CONTAINERID is required"))?;
+    let i = req
+        .ifname
+        .clone()
+        .filter(|i| !i.is_empty())
+        .ok_or_else(|| err(code::BAD_ENV, "CNI_IFNAME is required"))?;
+    Ok((c, i))
+}
+
+/// The configuration's `cniVersion` (the result is given in it).
+fn cni_version(req: &CniRequest) -> String {
+    req.config
+        .get("cniVersion")
+        .and_then(Value::as_str)
+        .unwrap_or("1.1.0")
+        .to_owned()
+}
+
+/// A fixed address asked for: `runtimeConfig.ips` (the `ips` capability) or `IP=` in
+/// `CNI_ARGS`.
+fn wanted_ip(req: &CniRequest) -> Result<Option<Ipv4Addr>, CniError> {
+    let from_caps = req
+        .config
+        .pointer("/runtimeConfig/ips")
+        .and_then(Value::as_array)
+        .and_then(|ips| ips.first())
+        .and_then(Value::as_str)
+        .map(|s| s.split('/').next().unwrap_or(s).to_owned());
+    let from_args = req.args.as_deref().and_then(|args| {
+        args.split(';')
+            .find_map(|kv| kv.strip_prefix("IP="))
+            .map(str::to_owned)
+    });
+    match from_caps.or(from_args) {
+        None => Ok(None),
+        Some(s) => s.parse().map(Some).map_err(|_| {
+            err(code::BAD_CONFIG, format!("{s} is not an IPv4 address"))
+        }),
+    }
+}
+
+fn attachment_links(a: &Attachment) -> Attach {
+    Attach {
+        bridge: attach::bridge_name(a.vni),
+        host_ifname: a.host_ifname.clone(),
+        netns: PathBuf::from(&a.netns),
+        ifname: a.ifname.clone(),
+        mac: a.mac(),
+        address: Ipv4Net::new(a.ip, a.prefix).unwrap_or_else(|_| Ipv4Net::from(a.ip)),
+        gateway: None,
+        mtu: u32::from(a.mtu),
+    }
+}
+
+fn link_err(e: &LinkError) -> CniError {
+    match e {
+        LinkError::NoNetns { .. } => err(code::CONTAINER_UNKNOWN, e.to_string()),
+        _ => err(code::IO, e.to_string()),
     }
 }

@@ -20,7 +20,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use shoal_ingress::network::{mac_for, INGRESS_INTERFACE};
-use shoal_ingress::overlay::{Member, Overlay, OverlayConfig, OverlayError, PeerStatus};
+use shoal_ingress::overlay::{
+    Member, Overlay, OverlayConfig, OverlayError, PeerStatus, SegmentConfig,
+};
 use shoal_ingress::NetworkSpec;
 use shoal_vxlan::crypto::{EpochKey, Incarnation, NodeKey, PeerKey};
 use shoal_vxlan::engine::{Counters, DropCounts};
@@ -128,6 +130,7 @@ pub fn members(view: &ClusterView, me: &NodeId, heard: &HashMap<NodeId, Announce
 /// A running data path.
 pub struct DataPath {
     overlay: Mutex<Overlay>,
+    underlay_mtu: u16,
     seen: Mutex<HashMap<u32, Instant>>,
     capture: Arc<crate::agent::capture::Hub>,
 }
@@ -163,6 +166,7 @@ impl DataPath {
         overlay.set_capture(Some(capture.clone()));
         Ok(DataPath {
             overlay: Mutex::new(overlay),
+            underlay_mtu: params.underlay_mtu,
             seen: Mutex::new(HashMap::new()),
             capture,
         })
@@ -198,6 +202,31 @@ impl DataPath {
         };
         overlay.set_members(&members(view, me, heard))?;
         Ok(next)
+    }
+
+    /// Makes the user networks carried here what `segments` computes, called with the data
+    /// path held so two callers never apply an older picture over a newer one.
+    pub fn sync_networks(
+        &self,
+        segments: impl FnOnce() -> Vec<SegmentConfig>,
+    ) -> Result<(), DataPathError> {
+        let mut overlay = self.overlay.lock().unwrap_or_else(PoisonError::into_inner);
+        overlay.set_networks(&segments())?;
+        Ok(())
+    }
+
+    /// The user networks carried here: VNI, device, remote endpoints' (MAC, VTEP) as the data
+    /// path holds them.
+    pub fn segments(&self) -> Vec<(u32, Option<String>, Vec<(Mac, std::net::IpAddr)>)> {
+        self.overlay
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .segments()
+    }
+
+    /// The underlay MTU the interfaces are sized for.
+    pub fn underlay_mtu(&self) -> u16 {
+        self.underlay_mtu
     }
 
     /// `shoal capture` readers attached.
@@ -236,6 +265,7 @@ impl DataPath {
                     ("tap_write", get(&io.tap_write_errors)),
                     ("udp_send", get(&io.udp_send_errors)),
                     ("udp_recv", get(&io.udp_recv_errors)),
+                    ("no_device", get(&io.no_device)),
                 ]
             },
             answered_locally: overlay

@@ -8,8 +8,9 @@
 
 mod attach;
 pub mod capture;
-mod cni;
+pub mod cni;
 pub mod datapath;
+pub mod links;
 pub mod gossip;
 pub mod local;
 pub mod metrics;
@@ -340,6 +341,8 @@ pub struct Agent {
     faults: Arc<Faults>,
     /// The task that owns what runs (see [`reconcile`]).
     reconciler: reconcile::Handle,
+    /// Containers attached to user networks, here and elsewhere (see [`cni`]).
+    endpoints: Arc<cni::Endpoints>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -445,7 +448,13 @@ impl Agent {
         let manager_state = store.manager(State::from_record).await?;
         let membership_cell = MembershipCell::new(membership.clone());
         let faults = Arc::new(Faults::default());
+        let endpoints = Arc::new(cni::Endpoints::default());
+        let attached = endpoints.load(&store).await?;
+        if attached > 0 {
+            info!(attached, "container attachments resumed");
+        }
         let reconciler = reconcile::spawn(reconcile::Setup {
+            endpoints: endpoints.clone(),
             store: store.clone(),
             membership: membership_cell.clone(),
             faults: faults.clone(),
@@ -462,6 +471,7 @@ impl Agent {
             node_secret,
             faults,
             reconciler,
+            endpoints,
         });
         if let Some(m) = membership {
             let incarnation = agent.fresh_incarnation().await?;
@@ -490,6 +500,7 @@ impl Agent {
                     info!(node = %m.node_id, "resumed swarm membership");
                 }
             }
+            agent.reconcile_attachments().await;
         }
         Ok(agent)
     }
@@ -634,6 +645,7 @@ impl Agent {
                         gateway: Some(n.gateway),
                         attachable: n.attachable,
                         internal: n.internal,
+                        endpoints: self.endpoints.inspect(&m.view, &m.node_id, n),
                     })));
                 }
                 let m = self.membership_on(&network)?;
@@ -818,6 +830,7 @@ impl Agent {
             gateway: None,
             attachable: false,
             internal: false,
+            endpoints: Vec::new(),
         }
     }
 

@@ -218,6 +218,8 @@ pub struct Setup {
     pub gossip_addr: Option<SocketAddr>,
     /// The data path's parameters, if this node runs one.
     pub data_path: Option<datapath::Params>,
+    /// Containers attached to user networks (the data path carries their networks).
+    pub endpoints: Arc<super::cni::Endpoints>,
 }
 
 /// A background task with a stop signal.
@@ -485,6 +487,12 @@ impl Reconciler {
             start.bootstrap,
         )
         .await?;
+        let (endpoints, membership) = (self.setup.endpoints.clone(), self.setup.membership.clone());
+        manager.set_endpoint_count(Arc::new(move |net| {
+            membership
+                .get()
+                .map_or(0, |m| endpoints.count(&m.view, net))
+        }));
         let (stop, rx) = watch::channel(false);
         let task = tokio::spawn(
             manager
@@ -721,6 +729,27 @@ impl Reconciler {
                 Some(now + DATA_PATH_RETRY)
             }
         };
+        let endpoints = self.setup.endpoints.clone();
+        let membership = self.setup.membership.clone();
+        let synced = dp.sync_networks(|| match membership.get() {
+            Some(m) => endpoints.segments(&m.view, &m.node_id),
+            None => Vec::new(),
+        });
+        match synced {
+            Ok(()) => {
+                // A device the data path (re)made goes onto its bridge.
+                let mtu = dp.underlay_mtu();
+                tokio::spawn(async move {
+                    if let Err(e) = endpoints.wire_devices(&m.view, mtu).await {
+                        warn!("could not put a network's device on its bridge: {e}");
+                    }
+                });
+            }
+            Err(e) => {
+                warn!("data path could not follow the user networks: {e}");
+                self.data_path_wake = Some(now + DATA_PATH_RETRY);
+            }
+        }
     }
 
     /// One log line per interval with the data path's drops by reason, when there were any

@@ -105,6 +105,7 @@ pub struct Manager {
     ended: Mutex<HashMap<NodeId, std::time::Instant>>,
     gate: Arc<Gate>,
     gossip_up: Mutex<Option<Arc<HashSet<NodeId>>>>,
+    endpoints: Mutex<Option<EndpointCount>>,
 }
 
 impl std::fmt::Debug for Manager {
@@ -179,7 +180,14 @@ pub enum AdminError {
     /// A node whose record has no certificate key cannot get a new certificate.
     #[error("node {0} joined before certificates named roles and cannot be given a new one; run `shoal leave` on it and join it again")]
     NoCertKey(NodeId),
+    /// `network rm` of a network with containers attached (docker's words).
+    #[error("network {0} has active endpoints")]
+    ActiveEndpoints(String),
 }
+
+/// How many endpoints of a user network the manager's node knows to be live (its own and
+/// those other nodes announce): `network rm` refuses a network with any.
+pub type EndpointCount = Arc<dyn Fn(&crate::cluster::UserNetwork) -> usize + Send + Sync>;
 
 impl From<ApplyError> for AdminError {
     fn from(e: ApplyError) -> Self {
@@ -350,6 +358,7 @@ impl Manager {
             ended: Mutex::new(HashMap::new()),
             gate: Arc::new(Gate::default()),
             gossip_up: Mutex::new(None),
+            endpoints: Mutex::new(None),
         }))
     }
 
@@ -380,6 +389,11 @@ impl Manager {
     /// Feeds gossip's view: the set of node IDs gossip sees up (`None`: gossip not running).
     pub fn set_gossip_up(&self, up: Option<Arc<HashSet<NodeId>>>) {
         *lock(&self.gossip_up) = up;
+    }
+
+    /// Where `network rm` learns whether a network has endpoints (the agent's table).
+    pub fn set_endpoint_count(&self, count: EndpointCount) {
+        *lock(&self.endpoints) = Some(count);
     }
 
     /// Whether this manager leads (and heard from a quorum lately).
@@ -627,6 +641,17 @@ impl Manager {
                     .iter()
                     .map(|n| resolve_network(cluster, n))
                     .collect::<Result<Vec<_>, _>>()?;
+                let count = lock(&self.endpoints).clone();
+                for name in &names {
+                    let busy = cluster
+                        .networks
+                        .get(name)
+                        .zip(count.as_ref())
+                        .is_some_and(|(n, count)| count(n) > 0);
+                    if busy {
+                        return Err(AdminError::ActiveEndpoints(name.clone()));
+                    }
+                }
                 for name in &names {
                     self.apply(Command::RemoveNetwork(name.clone())).await?;
                     info!(network = %name, "network removed");
@@ -687,7 +712,12 @@ impl Manager {
     }
 
     /// One more address block of `network` for node `id`: the caller, never a node it names.
-    async fn address_block(&self, id: &NodeId, network: &str) -> Result<ManagerReply, AdminError> {
+    /// Grants node `id` one more address block of `network`; all its blocks of it.
+    pub(crate) async fn address_block(
+        &self,
+        id: &NodeId,
+        network: &str,
+    ) -> Result<ManagerReply, AdminError> {
         self.apply(Command::GrantBlock {
             network: network.to_owned(),
             node: id.clone(),
