@@ -18,6 +18,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod program;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 

@@ -526,6 +526,17 @@ impl Agent {
         }
     }
 
+    /// On `leave`: every container is detached (its veth, its record), every bridge goes,
+    /// and the endpoints other nodes announced are forgotten.
+    pub(crate) async fn detach_all(&self) {
+        let _op = self.endpoints.op.lock().await;
+        for a in self.endpoints.local() {
+            self.forget(&a).await;
+        }
+        lock(&self.endpoints.remote).clear();
+        lock(&self.endpoints.granted).clear();
+    }
+
     /// At start: attachments whose namespace is gone are deleted (the container went while
     /// the agent was down).
     pub(crate) async fn reconcile_attachments(&self) {

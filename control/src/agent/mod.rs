@@ -1201,6 +1201,7 @@ impl Agent {
             }
         }
         self.reconciler.stop().await;
+        self.detach_all().await;
         self.store
             .write(&[
                 Write::ClearMembership,

@@ -1,0 +1,276 @@
+//! User-defined networks as a container runtime uses them: `shoal-cni` called exactly as a
+//! runtime calls it (`CNI_*` variables, the configuration on stdin, a network namespace as the
+//! container) against the agents of a `shoal lab`. Needs root; each test makes its own lab and
+//! container namespaces and removes them on drop, also when it fails.
+
+#![allow(clippy::unwrap_used)] // test helpers: a failed step fails the test
+
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use shoal_netns_tests::shoal_lab::{packets, TestLab};
+
+const BIN: &str = env!("CARGO_BIN_EXE_netns-shoal");
+const CNI: &str = env!("CARGO_BIN_EXE_netns-shoal-cni");
+
+/// A container: a network namespace of its own, deleted on drop.
+struct Container {
+    name: String,
+    id: String,
+}
+
+impl Container {
+    fn new(lab: &TestLab, tag: &str) -> Container {
+        let name = format!("{}-{tag}", lab.name);
+        shoal_netns::ip(&["netns", "add", &name]).unwrap();
+        Container {
+            id: format!("{tag}0123456789abcdef"),
+            name,
+        }
+    }
+
+    fn netns(&self) -> String {
+        format!("/run/netns/{}", self.name)
+    }
+
+    fn exec(&self, args: &[&str]) -> std::process::Output {
+        let (program, args) = args.split_first().unwrap();
+        shoal_netns::exec(&self.name, program)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn ping(&self, to: &str) -> bool {
+        self.exec(&["ping", "-c", "1", "-W", "1", to])
+            .status
+            .success()
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        let _ = shoal_netns::delete(&self.name);
+    }
+}
+
+/// What one plugin call printed, and whether it succeeded.
+struct Called {
+    ok: bool,
+    out: Value,
+}
+
+/// Calls `shoal-cni` as a runtime does: `command` for `container` (its ID, namespace and
+/// `eth0`) on network `network`, against node `node`'s agent, with `extra` merged into the
+/// configuration.
+fn cni(
+    lab: &TestLab,
+    node: usize,
+    command: &str,
+    container: Option<&Container>,
+    network: &str,
+    extra: Value,
+) -> Called {
+    let mut config = json!({
+        "cniVersion": "1.1.0",
+        "name": network,
+        "type": "shoal-cni",
+        "network": network,
+        "socket": lab.socket(node),
+    });
+    if let (Some(c), Value::Object(extra)) = (config.as_object_mut(), extra) {
+        c.extend(extra);
+    }
+    let mut cmd = Command::new(CNI);
+    cmd.env_clear()
+        .env("CNI_COMMAND", command)
+        .env("CNI_PATH", "/opt/cni/bin")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(c) = container {
+        cmd.env("CNI_CONTAINERID", &c.id)
+            .env("CNI_NETNS", c.netns())
+            .env("CNI_IFNAME", "eth0");
+    }
+    let mut child = cmd.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(config.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    Called {
+        ok: out.status.success(),
+        out: serde_json::from_str(text.trim()).unwrap_or(Value::Null),
+    }
+}
+
+/// The address an ADD result gives (without its prefix length).
+fn address(result: &Value) -> String {
+    let cidr = result["ips"][0]["address"].as_str().unwrap_or_default();
+    cidr.split('/').next().unwrap().to_owned()
+}
+
+fn add(lab: &TestLab, node: usize, c: &Container, network: &str) -> String {
+    let r = cni(lab, node, "ADD", Some(c), network, json!({}));
+    assert!(r.ok, "ADD of {} on n{node}: {}", c.name, r.out);
+    address(&r.out)
+}
+
+fn create(lab: &TestLab, args: &[&str]) {
+    let mut all = vec!["network", "create"];
+    all.extend_from_slice(args);
+    let out = lab.shoal(1, &all);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Waits until every node's view has network `name`.
+fn wait_network(lab: &TestLab, nodes: usize, name: &str) {
+    for i in 1..=nodes {
+        lab.eventually(
+            &format!("n{i} knows network {name}"),
+            Duration::from_secs(10),
+            || {
+                let out = lab.shoal(i, &["network", "ls"]);
+                String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .any(|l| l.split_whitespace().nth(1) == Some(name))
+            },
+        );
+    }
+}
+
+fn endpoints(lab: &TestLab, node: usize, network: &str) -> Vec<Value> {
+    let out = lab.shoal(node, &["network", "inspect", network]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    v[0]["endpoints"].as_array().cloned().unwrap_or_default()
+}
+
+#[test]
+fn containers_on_three_nodes_reach_each_other_through_the_cni_plugin() {
+    let lab = TestLab::up(BIN, 3, true);
+    create(
+        &lab,
+        &["--opt", "encrypted", "--attachable", "--subnet", "10.77.0.0/24", "web"],
+    );
+    wait_network(&lab, 3, "web");
+    let c: Vec<Container> = (1..=3).map(|i| Container::new(&lab, &format!("c{i}"))).collect();
+    let ips: Vec<String> = (0..3).map(|i| add(&lab, i + 1, &c[i], "web")).collect();
+    for ip in &ips {
+        assert!(ip.starts_with("10.77.0."), "{ips:?}");
+    }
+    assert_eq!(
+        ips.iter().collect::<std::collections::HashSet<_>>().len(),
+        3,
+        "three different addresses: {ips:?}"
+    );
+    // The interface is as the result says, with the encrypted overlay's MTU.
+    let link = String::from_utf8_lossy(&c[0].exec(&["ip", "-o", "addr", "show", "eth0"]).stdout)
+        .into_owned();
+    assert!(link.contains(&format!("{}/24", ips[0])), "{link}");
+    let mtu = String::from_utf8_lossy(&c[0].exec(&["cat", "/sys/class/net/eth0/mtu"]).stdout)
+        .trim()
+        .to_owned();
+    assert_eq!(mtu, "1414");
+
+    // Every container reaches every other, across nodes.
+    for (i, from) in c.iter().enumerate() {
+        for (j, to) in ips.iter().enumerate() {
+            if i != j {
+                lab.eventually(
+                    &format!("c{} pings c{} ({to})", i + 1, j + 1),
+                    Duration::from_secs(10),
+                    || from.ping(to),
+                );
+            }
+        }
+    }
+    // TCP across nodes, and never the plaintext on the underlay.
+    let marker = "shoal-container-plaintext-";
+    let data = marker.repeat(300);
+    let pcap = lab.capture_all(2, "web", || {
+        let got = lab.tcp_transfer_ns(&c[1].name, &c[0].name, &ips[1], &data);
+        assert_eq!(got, data, "TCP c1 -> c2 arrives intact");
+    });
+    let leaked = packets(&pcap)
+        .iter()
+        .filter(|p| p.windows(marker.len()).any(|w| w == marker.as_bytes()))
+        .count();
+    assert_eq!(leaked, 0, "the plaintext is on the underlay");
+
+    // Every node knows every endpoint.
+    for node in 1..=3 {
+        lab.eventually(
+            &format!("n{node} lists the 3 endpoints"),
+            Duration::from_secs(5),
+            || endpoints(&lab, node, "web").len() == 3,
+        );
+    }
+
+    // ADD again (a runtime retrying) answers the same; CHECK passes.
+    let again = cni(&lab, 1, "ADD", Some(&c[0]), "web", json!({}));
+    assert!(again.ok, "{}", again.out);
+    assert_eq!(address(&again.out), ips[0]);
+    let check = cni(&lab, 1, "CHECK", Some(&c[0]), "web", json!({}));
+    assert!(check.ok, "{}", check.out);
+
+    // network rm is refused while endpoints are attached.
+    let rm = lab.shoal(1, &["network", "rm", "web"]);
+    assert!(!rm.status.success());
+    assert!(
+        String::from_utf8_lossy(&rm.stderr).contains("network web has active endpoints"),
+        "{}",
+        String::from_utf8_lossy(&rm.stderr)
+    );
+
+    // DEL, and DEL again: both succeed; c2 is gone from the overlay and from every table.
+    for _ in 0..2 {
+        let del = cni(&lab, 2, "DEL", Some(&c[1]), "web", json!({}));
+        assert!(del.ok, "{}", del.out);
+    }
+    assert!(!c[1].exec(&["ip", "link", "show", "eth0"]).status.success());
+    for node in [1, 3] {
+        lab.eventually(
+            &format!("n{node} forgets c2"),
+            Duration::from_secs(5),
+            || endpoints(&lab, node, "web").len() == 2,
+        );
+    }
+    assert!(!c[0].ping(&ips[1]), "c2's address still answers");
+
+    // GC with c3 not among the valid attachments removes it.
+    let gc = cni(
+        &lab,
+        3,
+        "GC",
+        None,
+        "web",
+        json!({"cni.dev/valid-attachments": [{"containerID": "other", "ifname": "eth0"}]}),
+    );
+    assert!(gc.ok, "{}", gc.out);
+    assert!(!c[2].exec(&["ip", "link", "show", "eth0"]).status.success());
+
+    // STATUS: ready while the agent runs, the spec's error 50 when it does not.
+    let status = cni(&lab, 3, "STATUS", None, "web", json!({}));
+    assert!(status.ok, "{}", status.out);
+    lab.lab_node("stop", 3);
+    let status = cni(&lab, 3, "STATUS", None, "web", json!({}));
+    assert!(!status.ok);
+    assert_eq!(status.out["code"], 50, "{}", status.out);
+
+    // With the last endpoint gone, the network can be removed.
+    let del = cni(&lab, 1, "DEL", Some(&c[0]), "web", json!({}));
+    assert!(del.ok, "{}", del.out);
+    lab.eventually("network rm web", Duration::from_secs(5), || {
+        lab.shoal(1, &["network", "rm", "web"]).status.success()
+    });
+}
