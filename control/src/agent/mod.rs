@@ -9,6 +9,7 @@
 pub mod capture;
 pub mod datapath;
 pub mod gossip;
+pub mod links;
 pub mod local;
 pub mod metrics;
 pub mod notify;
