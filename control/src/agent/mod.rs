@@ -12,6 +12,7 @@ pub mod cni;
 pub mod datapath;
 pub mod links;
 pub mod gossip;
+pub mod links;
 pub mod local;
 pub mod metrics;
 pub mod notify;
