@@ -160,10 +160,19 @@ fn containers_on_three_nodes_reach_each_other_through_the_cni_plugin() {
     let lab = TestLab::up(BIN, 3, true);
     create(
         &lab,
-        &["--opt", "encrypted", "--attachable", "--subnet", "10.77.0.0/24", "web"],
+        &[
+            "--opt",
+            "encrypted",
+            "--attachable",
+            "--subnet",
+            "10.77.0.0/24",
+            "web",
+        ],
     );
     wait_network(&lab, 3, "web");
-    let c: Vec<Container> = (1..=3).map(|i| Container::new(&lab, &format!("c{i}"))).collect();
+    let c: Vec<Container> = (1..=3)
+        .map(|i| Container::new(&lab, &format!("c{i}")))
+        .collect();
     let ips: Vec<String> = (0..3).map(|i| add(&lab, i + 1, &c[i], "web")).collect();
     for ip in &ips {
         assert!(ip.starts_with("10.77.0."), "{ips:?}");

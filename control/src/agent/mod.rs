@@ -10,7 +10,6 @@ mod attach;
 pub mod capture;
 pub mod cni;
 pub mod datapath;
-pub mod links;
 pub mod gossip;
 pub mod links;
 pub mod local;
