@@ -283,3 +283,213 @@ fn containers_on_three_nodes_reach_each_other_through_the_cni_plugin() {
         lab.shoal(1, &["network", "rm", "web"]).status.success()
     });
 }
+
+/// Podman from Debian with its CNI backend, one configuration per lab node (each naming that
+/// node's agent socket), storage and state under the test's scratch directory. Dropping it
+/// removes the containers it ran (each DEL reaches its node's agent), then its files.
+struct Podman {
+    dir: std::path::PathBuf,
+    containers: Vec<(usize, String)>,
+}
+
+impl Podman {
+    /// Sets up podman for nodes `1..=nodes` of `lab` with `network` and imports a busybox
+    /// image made here (no network access needed).
+    fn new(lab: &TestLab, nodes: usize, network: &str) -> Podman {
+        let dir = lab.scratch.join("podman");
+        let rootfs = dir.join("rootfs");
+        std::fs::create_dir_all(rootfs.join("bin")).unwrap();
+        std::fs::copy("/bin/busybox", rootfs.join("bin/busybox"))
+            .expect("busybox-static is installed (.ci/run installs it)");
+        for tool in ["sh", "ping", "nc", "sleep", "ip", "cat", "echo"] {
+            std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(tool)).unwrap();
+        }
+        let plugins = dir.join("plugins");
+        std::fs::create_dir_all(&plugins).unwrap();
+        std::os::unix::fs::symlink(CNI, plugins.join("shoal-cni")).unwrap();
+        for i in 1..=nodes {
+            let conf = dir.join(format!("n{i}"));
+            std::fs::create_dir_all(conf.join("net.d")).unwrap();
+            std::fs::write(
+                conf.join("net.d").join(format!("{network}.conflist")),
+                json!({
+                    "cniVersion": "1.0.0",
+                    "name": network,
+                    "plugins": [{
+                        "type": "shoal-cni",
+                        "network": network,
+                        "socket": lab.socket(i),
+                    }],
+                })
+                .to_string(),
+            )
+            .unwrap();
+            std::fs::write(
+                conf.join("containers.conf"),
+                format!(
+                    "[containers]\ndefault_ulimits = []\n\n[engine]\nruntime = \"runc\"\n\
+                     cgroup_manager = \"cgroupfs\"\nevents_logger = \"file\"\n\n[network]\n\
+                     network_backend = \"cni\"\ncni_plugin_dirs = [\"{}\"]\n\
+                     network_config_dir = \"{}\"\n",
+                    plugins.display(),
+                    conf.join("net.d").display()
+                ),
+            )
+            .unwrap();
+        }
+        let podman = Podman {
+            dir,
+            containers: Vec::new(),
+        };
+        let tar = podman.dir.join("rootfs.tar");
+        let out = Command::new("tar")
+            .arg("-C")
+            .arg(&rootfs)
+            .arg("-cf")
+            .arg(&tar)
+            .arg(".")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "tar: {out:?}");
+        let out = podman
+            .cmd(1)
+            .arg("import")
+            .arg(&tar)
+            .arg("shoal-bb")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "podman import: {out:?}");
+        podman
+    }
+
+    /// `podman` with node `node`'s configuration.
+    fn cmd(&self, node: usize) -> Command {
+        let mut cmd = Command::new("podman");
+        cmd.env(
+            "CONTAINERS_CONF",
+            self.dir.join(format!("n{node}")).join("containers.conf"),
+        )
+        .arg("--root")
+        .arg(self.dir.join("root"))
+        .arg("--runroot")
+        .arg(self.dir.join("run"))
+        .args(["--storage-driver", "vfs"]);
+        cmd
+    }
+
+    /// Runs a container `name` on node `node`'s network; its address there.
+    fn run(&mut self, node: usize, name: &str, network: &str) -> String {
+        let out = self
+            .cmd(node)
+            .args([
+                "run",
+                "-d",
+                "--name",
+                name,
+                "--network",
+                network,
+                "shoal-bb",
+            ])
+            .args(["sleep", "600"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "podman run on n{node}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.containers.push((node, name.to_owned()));
+        let addr = self.exec(node, name, &["ip", "-o", "-4", "addr", "show", "eth0"]);
+        let cidr = addr
+            .split_whitespace()
+            .skip_while(|w| *w != "inet")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no address on eth0 in {name}: {addr}"));
+        cidr.split('/').next().unwrap().to_owned()
+    }
+
+    /// `podman exec` in container `name` (on node `node`); its stdout, if it succeeded.
+    fn try_exec(&self, node: usize, name: &str, args: &[&str]) -> Option<String> {
+        let out = self
+            .cmd(node)
+            .args(["exec", name])
+            .args(args)
+            .output()
+            .unwrap();
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn exec(&self, node: usize, name: &str, args: &[&str]) -> String {
+        self.try_exec(node, name, args)
+            .unwrap_or_else(|| panic!("podman exec {name} {args:?} failed"))
+    }
+}
+
+impl Drop for Podman {
+    fn drop(&mut self) {
+        for (node, name) in std::mem::take(&mut self.containers) {
+            let _ = self.cmd(node).args(["rm", "-f", "-t", "0", &name]).output();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn podman_containers_on_two_nodes_talk_over_an_encrypted_user_network() {
+    let lab = TestLab::up(BIN, 2, true);
+    create(
+        &lab,
+        &[
+            "--opt",
+            "encrypted",
+            "--attachable",
+            "--subnet",
+            "10.78.0.0/24",
+            "app",
+        ],
+    );
+    wait_network(&lab, 2, "app");
+    let mut podman = Podman::new(&lab, 2, "app");
+    let a = format!("{}-a", lab.name);
+    let b = format!("{}-b", lab.name);
+    let ip_a = podman.run(1, &a, "app");
+    let ip_b = podman.run(2, &b, "app");
+    assert!(ip_a.starts_with("10.78.0.") && ip_b.starts_with("10.78.0."));
+    lab.eventually(
+        &format!("{a} pings {b} ({ip_b})"),
+        Duration::from_secs(15),
+        || {
+            podman
+                .try_exec(1, &a, &["ping", "-c", "1", "-W", "1", &ip_b])
+                .is_some()
+        },
+    );
+    // A TCP transfer between the two, never in the clear on the underlay.
+    let marker = "shoal-podman-plaintext-";
+    let data = marker.repeat(100);
+    let pcap = lab.capture_all(1, "podman", || {
+        let mut listen = podman.cmd(2);
+        listen.args(["exec", &b, "sh", "-c", "nc -l -p 5555 > /tmp/got"]);
+        let mut listener = shoal_netns_tests::shoal_lab::Spawned(listen.spawn().unwrap());
+        std::thread::sleep(Duration::from_millis(500));
+        lab.eventually("the transfer is sent", Duration::from_secs(10), || {
+            podman
+                .try_exec(
+                    1,
+                    &a,
+                    &["sh", "-c", &format!("echo {data} | nc -w 2 {ip_b} 5555")],
+                )
+                .is_some()
+        });
+        let _ = shoal_netns_tests::shoal_lab::wait_exit(&mut listener.0, Duration::from_secs(10));
+    });
+    let got = podman.exec(2, &b, &["cat", "/tmp/got"]);
+    assert_eq!(got.trim(), data, "what {b} received");
+    let leaked = packets(&pcap)
+        .iter()
+        .filter(|p| p.windows(marker.len()).any(|w| w == marker.as_bytes()))
+        .count();
+    assert_eq!(leaked, 0, "the plaintext is on the underlay");
+}
