@@ -8,20 +8,31 @@
 //! message   = tag u8 [probe u8 | identity probe u8]      (see `Tag`)
 //! member    = identity incarnation u16 state u8          (0 alive, 1 suspect, 2 down)
 //! item      = 1 record | 2 subject:identity incarnation u16 from:node_id[25] sig[64]
+//!           | 3 entry
 //! record    = subject:identity incarnation u16 seq u64 flags u8 meta sig[64]   (node record)
 //! meta      = family ip port u16 incarnation[16] role u8 len u8 version[len]
-//! state     = version(1) count u32 (kind u8 1 record)* count u32 member*   (push-pull)
+//! entry     = author:node_id[25] klen u8 key[klen] version u64 flags u8
+//!             [vlen u16 value[vlen]] sig[64]          (flags 1: a value follows; 0: tombstone)
+//! state     = version(3) count u32 (kind u8 1 record)* count u32 member*   (push-pull)
 //!             kind 1: the record only; kind 2: the record and an alive member entry at
 //!             exactly its identity and incarnation (not listed again)
+//!           | version(4) (the same) count u32 entry*  (count >= 1, entries in strictly
+//!             increasing (author, key) order; a state without entries is version 3)
 //! ```
 //!
-//! Signatures (Ed25519, by the node the item speaks for; see [`NodeRecord::signed_bytes`]
-//! and [`suspect_signed_bytes`]):
+//! Signatures (Ed25519, by the node the item speaks for; see [`NodeRecord::signed_bytes`],
+//! [`suspect_signed_bytes`] and [`Entry::signed_bytes`]):
 //!
 //! ```text
 //! record    signs "shoal gossip node v1" subject incarnation seq flags x25519[32] meta
 //! witness   signs "shoal gossip suspect v1" subject incarnation from
+//! entry     signs "shoal gossip entry v1" author klen key version flags [vlen value]
 //! ```
+//!
+//! Compatibility: entries came after version 3. An agent that predates them drops a datagram's
+//! items from the first entry on (its `dropped_decode`; records and witnesses go first in
+//! every datagram) and refuses a version-4 state; a state with no entries is still version 3,
+//! byte for byte, so a cluster that does not use entries upgrades node by node.
 //!
 //! A foca datagram is `header [count u16 member*] [(len u16 item)*]`; foca itself frames the
 //! updates and the custom broadcasts. Decoding never panics: every read is bounds checked and
@@ -46,6 +57,19 @@ pub const VERSION: u8 = 3;
 
 /// Largest member count a push-pull state may announce (bounds allocation on decode).
 pub const MAX_STATE_ENTRIES: u32 = 100_000;
+
+/// Version byte of a push-pull state that carries entries (see the module docs). Headers
+/// and states without entries stay at [`VERSION`].
+pub const STATE_VERSION_ENTRIES: u8 = 4;
+
+/// Largest entry count a push-pull state may announce (bounds allocation on decode).
+pub const MAX_DUMP_ENTRIES: u32 = 1 << 20;
+
+/// Longest entry key, in bytes.
+pub const MAX_ENTRY_KEY: usize = 64;
+
+/// Longest entry value, in bytes.
+pub const MAX_ENTRY_VALUE: usize = 512;
 
 /// Why bytes could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -405,8 +429,8 @@ pub enum CodecError {
     Encode(#[from] EncodeError),
 }
 
-/// A custom broadcast item spread by foca with the membership updates. Both kinds are
-/// signed by the node they speak for.
+/// A custom broadcast item spread by foca with the membership updates. Every kind is
+/// signed by the node it speaks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Item {
     /// What a node says about itself (identity, incarnation, metadata), signed by it.
@@ -423,6 +447,8 @@ pub enum Item {
         /// `from`'s signature over [`suspect_signed_bytes`].
         sig: Sig,
     },
+    /// An application entry of its author's table, signed by the author.
+    Entry(Arc<Entry>),
 }
 
 /// Whether record sequence number `a` is later than `b`. A run's first record has the run's
@@ -516,6 +542,174 @@ pub fn suspect_signed_bytes(subject: &Identity, incarnation: u16, from: &NodeId)
     v
 }
 
+/// Why an entry cannot be made: it is larger than the codec carries.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EntryError {
+    /// The key is longer than [`MAX_ENTRY_KEY`].
+    #[error(
+        "gossip entry key of {0} bytes exceeds the {MAX_ENTRY_KEY}-byte limit; use a shorter key"
+    )]
+    KeyTooLong(usize),
+    /// The value is longer than [`MAX_ENTRY_VALUE`].
+    #[error("gossip entry value of {0} bytes exceeds the {MAX_ENTRY_VALUE}-byte limit; store less per entry")]
+    ValueTooLong(usize),
+}
+
+/// One entry of a node's application table: `key` maps to `value` (`None`: deleted, a
+/// tombstone) at `version`, signed by `author` with its Ed25519 key. Only the author makes
+/// its entries; a receiver believes one only if the signature verifies under the key its
+/// directory names for the author. For one (author, key), the higher version wins.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The node whose table this is (and who signed it).
+    pub author: NodeId,
+    /// The key, at most [`MAX_ENTRY_KEY`] bytes (opaque to gossip).
+    pub key: Vec<u8>,
+    /// The version the author gave it; the higher wins.
+    pub version: u64,
+    /// The value, at most [`MAX_ENTRY_VALUE`] bytes (opaque), or `None` for a tombstone.
+    pub value: Option<Vec<u8>>,
+    /// The author's signature over [`Entry::signed_bytes`].
+    pub sig: Sig,
+}
+
+/// Domain separation of entries.
+const ENTRY_DOMAIN: &[u8] = b"shoal gossip entry v1";
+
+/// Smallest encoded entry (empty key, tombstone), without an item tag.
+const MIN_ENTRY_LEN: usize = NODE_ID_LEN + 1 + 8 + 1 + SIGNATURE_LEN;
+
+impl Entry {
+    /// Checks the sizes of a key and value against [`MAX_ENTRY_KEY`] and [`MAX_ENTRY_VALUE`].
+    pub fn check(key: &[u8], value: Option<&[u8]>) -> Result<(), EntryError> {
+        if key.len() > MAX_ENTRY_KEY {
+            return Err(EntryError::KeyTooLong(key.len()));
+        }
+        match value {
+            Some(v) if v.len() > MAX_ENTRY_VALUE => Err(EntryError::ValueTooLong(v.len())),
+            _ => Ok(()),
+        }
+    }
+
+    /// An entry of ours, signed with `crypto` (our keys).
+    pub fn signed(
+        author: NodeId,
+        key: Vec<u8>,
+        version: u64,
+        value: Option<Vec<u8>>,
+        crypto: &dyn Crypto,
+    ) -> Result<Self, EntryError> {
+        Entry::check(&key, value.as_deref())?;
+        let mut e = Entry {
+            author,
+            key,
+            version,
+            value,
+            sig: [0; SIGNATURE_LEN],
+        };
+        e.sig = crypto.sign(&e.signed_bytes());
+        Ok(e)
+    }
+
+    /// The bytes the signature covers: `"shoal gossip entry v1"` then the entry as it
+    /// travels, without its signature (`author klen key version flags [vlen value]`).
+    pub fn signed_bytes(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(ENTRY_DOMAIN.len() + self.body_len());
+        v.put_slice(ENTRY_DOMAIN);
+        self.put_body(&mut v);
+        v
+    }
+
+    /// Whether the signature verifies under `ed25519` (the author's key, from the directory).
+    pub fn verify(&self, ed25519: &[u8; 32], crypto: &dyn Crypto) -> bool {
+        crypto.verify(ed25519, &self.signed_bytes(), &self.sig)
+    }
+
+    /// Whether this is a tombstone (a deleted key).
+    pub fn is_tombstone(&self) -> bool {
+        self.value.is_none()
+    }
+
+    /// Length of the entry without its signature.
+    fn body_len(&self) -> usize {
+        NODE_ID_LEN + 1 + self.key.len() + 8 + 1 + self.value.as_ref().map_or(0, |v| 2 + v.len())
+    }
+
+    /// Encoded length without an item tag (as a push-pull state holds it).
+    pub fn encoded_len(&self) -> usize {
+        self.body_len() + SIGNATURE_LEN
+    }
+
+    /// Encoded length as an item (tag included).
+    pub fn item_len(&self) -> usize {
+        1 + self.encoded_len()
+    }
+
+    /// Writes the entry without its signature. The sizes were checked when it was made or
+    /// decoded; longer fields would be cut, never written with a wrong length.
+    fn put_body(&self, buf: &mut impl BufMut) {
+        let key = &self.key[..self.key.len().min(MAX_ENTRY_KEY)];
+        buf.put_slice(self.author.as_bytes());
+        buf.put_u8(key.len() as u8);
+        buf.put_slice(key);
+        buf.put_u64(self.version);
+        match &self.value {
+            Some(v) => {
+                let v = &v[..v.len().min(MAX_ENTRY_VALUE)];
+                buf.put_u8(1);
+                buf.put_u16(v.len() as u16);
+                buf.put_slice(v);
+            }
+            None => buf.put_u8(0),
+        }
+    }
+
+    fn put(&self, buf: &mut impl BufMut) {
+        self.put_body(buf);
+        buf.put_slice(&self.sig);
+    }
+
+    fn get(r: &mut Reader<'_>) -> Result<Entry, DecodeError> {
+        let author = get_node_id(r)?;
+        let klen = usize::from(r.u8()?);
+        if klen > MAX_ENTRY_KEY {
+            return Err(DecodeError::TooLong("entry key"));
+        }
+        let key = r.take(klen)?.to_vec();
+        let version = r.u64()?;
+        let value = match r.u8()? {
+            0 => None,
+            1 => {
+                let vlen = usize::from(r.u16()?);
+                if vlen > MAX_ENTRY_VALUE {
+                    return Err(DecodeError::TooLong("entry value"));
+                }
+                Some(r.take(vlen)?.to_vec())
+            }
+            tag => {
+                return Err(DecodeError::Tag {
+                    what: "entry flags",
+                    tag,
+                })
+            }
+        };
+        let sig = r.array::<SIGNATURE_LEN>()?;
+        Ok(Entry {
+            author,
+            key,
+            version,
+            value,
+            sig,
+        })
+    }
+}
+
+/// Whether a decoding error is an entry over the size limits (counted apart from other
+/// decoding errors).
+pub fn is_oversize_entry(e: &DecodeError) -> bool {
+    matches!(e, DecodeError::TooLong("entry key" | "entry value"))
+}
+
 /// Encoded length of metadata (the public key is not on the wire).
 pub fn meta_len(m: &Metadata) -> usize {
     ip_len(&m.vtep) + 2 + 16 + 1 + 1 + m.version.len().min(MAX_VERSION_LEN)
@@ -584,6 +778,7 @@ impl Item {
             Item::Suspect { subject, .. } => {
                 1 + identity_len(subject) + 2 + NODE_ID_LEN + SIGNATURE_LEN
             }
+            Item::Entry(e) => e.item_len(),
         }
     }
 
@@ -607,6 +802,10 @@ impl Item {
                 buf.put_slice(from.as_bytes());
                 buf.put_slice(sig);
             }
+            Item::Entry(e) => {
+                buf.put_u8(3);
+                e.put(buf);
+            }
         }
     }
 
@@ -625,6 +824,7 @@ impl Item {
                     sig,
                 })
             }
+            3 => Ok(Item::Entry(Arc::new(Entry::get(r)?))),
             tag => Err(DecodeError::Tag {
                 what: "broadcast item",
                 tag,
@@ -673,6 +873,9 @@ pub struct StateDump {
     pub members: Vec<Member<Identity>>,
     /// Every signed node record known.
     pub records: Vec<Arc<NodeRecord>>,
+    /// Every application entry known (tombstones included), at most one per (author, key);
+    /// encoded in (author, key) order whatever their order here.
+    pub entries: Vec<Arc<Entry>>,
 }
 
 /// Smallest encoded member (IPv4): what a member count can claim per remaining byte.
@@ -688,7 +891,8 @@ const RECORD_ALIVE: u8 = 2;
 
 impl StateDump {
     /// Encodes the state: the records, each saying whether it also stands for an alive
-    /// member entry, then the member entries it does not stand for.
+    /// member entry, then the member entries it does not stand for, then (version 4 only)
+    /// the application entries in (author, key) order.
     pub fn encode(&self) -> Vec<u8> {
         let implied: HashMap<NodeId, usize> = self
             .members
@@ -700,9 +904,14 @@ impl StateDump {
         let mut skip = vec![false; self.members.len()];
         let len = 9
             + self.members.iter().map(member_len).sum::<usize>()
-            + self.records.iter().map(|r| 1 + r.item_len()).sum::<usize>();
+            + self.records.iter().map(|r| 1 + r.item_len()).sum::<usize>()
+            + self.entries_len();
         let mut v = Vec::with_capacity(len);
-        v.put_u8(VERSION);
+        v.put_u8(if self.entries.is_empty() {
+            VERSION
+        } else {
+            STATE_VERSION_ENTRIES
+        });
         v.put_u32(self.records.len() as u32);
         for r in &self.records {
             let alive = implied.get(&r.subject.id).copied().filter(|i| {
@@ -723,16 +932,34 @@ impl StateDump {
         for (m, _) in self.members.iter().zip(&skip).filter(|(_, s)| !**s) {
             put_member(&mut v, m);
         }
+        if !self.entries.is_empty() {
+            let mut sorted: Vec<&Arc<Entry>> = self.entries.iter().collect();
+            sorted.sort_by(|a, b| (a.author, &a.key).cmp(&(b.author, &b.key)));
+            v.put_u32(sorted.len() as u32);
+            for e in sorted {
+                e.put(&mut v);
+            }
+        }
         v
     }
 
-    /// Decodes a state that fills `data` exactly. Members a record stands for come after
-    /// the listed ones. Only the canonical encoding decodes (a listed member that its
-    /// node's record could have stood for is an error).
+    /// Bytes the entries add to the encoding (their count included; 0 without entries).
+    pub fn entries_len(&self) -> usize {
+        if self.entries.is_empty() {
+            0
+        } else {
+            4 + self.entries.iter().map(|e| e.encoded_len()).sum::<usize>()
+        }
+    }
+
+    /// Decodes a state that fills `data` exactly (version 3, or 4 with entries). Members a
+    /// record stands for come after the listed ones. Only the canonical encoding decodes (a
+    /// listed member that its node's record could have stood for, a version-4 state without
+    /// entries, entries out of (author, key) order or repeated are errors).
     pub fn decode(data: &[u8]) -> Result<StateDump, DecodeError> {
         let mut r = Reader::new(data);
         let v = r.u8()?;
-        if v != VERSION {
+        if v != VERSION && v != STATE_VERSION_ENTRIES {
             return Err(DecodeError::Version(v));
         }
         let n = r.u32()?;
@@ -800,12 +1027,52 @@ impl StateDump {
             }
             members.push(m);
         }
+        let entries = if v == STATE_VERSION_ENTRIES {
+            get_entries(&mut r)?
+        } else {
+            Vec::new()
+        };
         if r.remaining() != 0 {
             return Err(DecodeError::Trailing(r.remaining()));
         }
         members.extend(implied);
-        Ok(StateDump { members, records })
+        Ok(StateDump {
+            members,
+            records,
+            entries,
+        })
     }
+}
+
+/// The entries of a version-4 state: at least one, in strictly increasing (author, key)
+/// order (so none repeats).
+fn get_entries(r: &mut Reader<'_>) -> Result<Vec<Arc<Entry>>, DecodeError> {
+    let n = r.u32()?;
+    if n == 0 {
+        // Canonical form: a state without entries is version 3.
+        return Err(DecodeError::Tag {
+            what: "push-pull entry count (none in a version-4 state)",
+            tag: 0,
+        });
+    }
+    if n > MAX_DUMP_ENTRIES {
+        return Err(DecodeError::TooLong("push-pull entry count"));
+    }
+    let mut entries: Vec<Arc<Entry>> =
+        Vec::with_capacity((n as usize).min(r.remaining() / MIN_ENTRY_LEN));
+    for _ in 0..n {
+        let e = Entry::get(r)?;
+        if let Some(last) = entries.last() {
+            if (last.author, &last.key) >= (e.author, &e.key) {
+                return Err(DecodeError::Tag {
+                    what: "push-pull entry (out of order or repeated)",
+                    tag: 0,
+                });
+            }
+        }
+        entries.push(Arc::new(e));
+    }
+    Ok(entries)
 }
 
 #[cfg(test)]
@@ -1011,6 +1278,7 @@ mod tests {
         let dump = StateDump {
             members,
             records: vec![Arc::new(zeroed.clone())],
+            entries: Vec::new(),
         };
         let b = dump.encode();
         assert_eq!(
@@ -1114,6 +1382,293 @@ mod tests {
         let mut b = vec![VERSION];
         b.extend_from_slice(&50_000u32.to_be_bytes());
         assert_eq!(StateDump::decode(&b), Err(DecodeError::Truncated));
+    }
+
+    fn entry(
+        keys: &crate::auth::NodeKeys,
+        key: &[u8],
+        version: u64,
+        value: Option<&[u8]>,
+    ) -> Entry {
+        Entry::signed(
+            NodeId::from_index(8),
+            key.to_vec(),
+            version,
+            value.map(<[u8]>::to_vec),
+            keys,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn entry_golden_bytes_and_signature() {
+        let e = Entry {
+            author: NodeId::from_index(1),
+            key: b"ep".to_vec(),
+            version: 0x0102_0304_0506_0708,
+            value: Some(b"xyz".to_vec()),
+            sig: [0x55; 64],
+        };
+        let mut want = vec![3];
+        want.extend_from_slice(b"0000000000000000000000001");
+        want.extend_from_slice(&[
+            2, b'e', b'p', 1, 2, 3, 4, 5, 6, 7, 8, 1, 0, 3, b'x', b'y', b'z',
+        ]);
+        want.extend_from_slice(&[0x55; 64]);
+        let item = Item::Entry(Arc::new(e.clone()));
+        assert_eq!(item.encode(), want);
+        assert_eq!(item.len(), want.len());
+        assert_eq!(e.item_len(), want.len());
+        // what the signature covers: the domain, then the entry without tag and signature
+        let mut signed = b"shoal gossip entry v1".to_vec();
+        signed.extend_from_slice(&want[1..want.len() - 64]);
+        assert_eq!(e.signed_bytes(), signed);
+        // a tombstone: flags 0, no length
+        let t = Entry { value: None, ..e };
+        let b = Item::Entry(Arc::new(t)).encode();
+        assert_eq!(&b[1 + 25 + 3 + 8..1 + 25 + 3 + 8 + 1], &[0]);
+        assert_eq!(b.len(), 1 + 25 + 3 + 8 + 1 + 64);
+    }
+
+    #[test]
+    fn entry_signature_covers_every_field() {
+        let keys = crate::auth::NodeKeys::from_secret([5; 32]);
+        let other = crate::auth::NodeKeys::from_secret([6; 32]);
+        let pk = keys.public().ed25519;
+        let e = entry(&keys, b"ep/1", 7, Some(b"10.0.0.1"));
+        assert!(e.verify(&pk, &keys));
+        // signed by someone else, or verified under another key
+        assert!(!e.verify(&other.public().ed25519, &keys));
+        let forged = Entry::signed(e.author, e.key.clone(), 7, e.value.clone(), &other).unwrap();
+        assert!(!forged.verify(&pk, &keys));
+        // any field changed after signing
+        let tampered = [
+            Entry {
+                author: NodeId::from_index(9),
+                ..e.clone()
+            },
+            Entry {
+                key: b"ep/2".to_vec(),
+                ..e.clone()
+            },
+            Entry {
+                version: 8,
+                ..e.clone()
+            },
+            Entry {
+                value: Some(b"10.0.0.2".to_vec()),
+                ..e.clone()
+            },
+            Entry {
+                value: None,
+                ..e.clone()
+            },
+        ];
+        for t in tampered {
+            assert!(!t.verify(&pk, &keys), "{t:?}");
+        }
+        // and through the wire: a flipped value byte still decodes, and no longer verifies
+        let mut b = Item::Entry(Arc::new(e)).encode();
+        let at = b.len() - 64 - 1;
+        b[at] ^= 1;
+        let Ok(Item::Entry(back)) = Item::decode(&b) else {
+            panic!("decodes")
+        };
+        assert!(!back.verify(&pk, &keys));
+    }
+
+    #[test]
+    fn oversize_entries_are_refused_on_both_ends() {
+        let keys = crate::auth::NodeKeys::from_secret([5; 32]);
+        let a = NodeId::from_index(8);
+        assert_eq!(
+            Entry::signed(a, vec![0; MAX_ENTRY_KEY + 1], 1, None, &keys),
+            Err(EntryError::KeyTooLong(MAX_ENTRY_KEY + 1))
+        );
+        assert_eq!(
+            Entry::signed(a, vec![0; 4], 1, Some(vec![0; MAX_ENTRY_VALUE + 1]), &keys),
+            Err(EntryError::ValueTooLong(MAX_ENTRY_VALUE + 1))
+        );
+        // the largest entry fits, and fits in a datagram beside an IPv6 header
+        let big = entry(&keys, &[1; MAX_ENTRY_KEY], 1, Some(&[2; MAX_ENTRY_VALUE]));
+        let b = Item::Entry(Arc::new(big)).encode();
+        assert_eq!(b.len(), 1 + 25 + 1 + 64 + 8 + 1 + 2 + 512 + 64);
+        assert!(Item::decode(&b).is_ok());
+        let ipv6 = header_len(&Header {
+            src: ident(1, true),
+            src_incarnation: 0,
+            dst: ident(2, true),
+            message: Message::PingReq {
+                target: ident(3, true),
+                probe_number: 0,
+            },
+        });
+        assert!(ipv6 + 2 + 2 + b.len() <= crate::membership::MAX_DATAGRAM - crate::seal::OVERHEAD);
+        // a key length over the limit, as a sender would write it
+        let mut long_key = vec![3];
+        long_key.extend_from_slice(NodeId::from_index(8).as_bytes());
+        long_key.push(MAX_ENTRY_KEY as u8 + 1);
+        long_key.extend_from_slice(&[0; MAX_ENTRY_KEY + 1]);
+        long_key.extend_from_slice(&[0; 8 + 1 + 64]);
+        let err = Item::decode(&long_key).unwrap_err();
+        assert_eq!(err, DecodeError::TooLong("entry key"));
+        assert!(is_oversize_entry(&err));
+        // a value length over the limit
+        let mut long_value = vec![3];
+        long_value.extend_from_slice(NodeId::from_index(8).as_bytes());
+        long_value.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0x02, 0x01]);
+        long_value.extend_from_slice(&[0; 513 + 64]);
+        let err = Item::decode(&long_value).unwrap_err();
+        assert_eq!(err, DecodeError::TooLong("entry value"));
+        assert!(is_oversize_entry(&err));
+        // unknown flags
+        let mut b = Item::Entry(Arc::new(entry(&keys, b"k", 1, None))).encode();
+        b[1 + 25 + 2 + 8] = 2;
+        assert!(matches!(
+            Item::decode(&b),
+            Err(DecodeError::Tag {
+                what: "entry flags",
+                tag: 2
+            })
+        ));
+    }
+
+    #[test]
+    fn states_with_entries_are_version_four_and_canonical() {
+        let keys = crate::auth::NodeKeys::from_secret([5; 32]);
+        let members = vec![Member::new(ident(3, false), 1, State::Suspect)];
+        let v3 = StateDump {
+            members: members.clone(),
+            records: Vec::new(),
+            entries: Vec::new(),
+        };
+        let b3 = v3.encode();
+        assert_eq!(b3[0], VERSION);
+        assert_eq!(StateDump::decode(&b3).unwrap(), v3);
+        let (a, z) = (
+            Arc::new(entry(&keys, b"a", 1, Some(b"x"))),
+            Arc::new(entry(&keys, b"z", 2, None)),
+        );
+        // given out of order, encoded in (author, key) order
+        let dump = StateDump {
+            members,
+            records: Vec::new(),
+            entries: vec![Arc::clone(&z), Arc::clone(&a)],
+        };
+        let b = dump.encode();
+        assert_eq!(b[0], STATE_VERSION_ENTRIES);
+        assert_eq!(b.len(), b3.len() + dump.entries_len());
+        assert_eq!(&b[1..b3.len()], &b3[1..], "the version-3 part unchanged");
+        let back = StateDump::decode(&b).unwrap();
+        assert_eq!(back.entries, vec![Arc::clone(&a), Arc::clone(&z)]);
+        assert_eq!(back.encode(), b);
+        for cut in 0..b.len() {
+            assert!(StateDump::decode(&b[..cut]).is_err(), "prefix {cut}");
+        }
+        // version 4 with no entries is not canonical
+        let mut empty = b3.clone();
+        empty[0] = STATE_VERSION_ENTRIES;
+        empty.extend_from_slice(&0u32.to_be_bytes());
+        assert!(StateDump::decode(&empty).is_err());
+        // nor is a repeated or out-of-order entry
+        for pair in [[&a, &a], [&z, &a]] {
+            let mut v = b3.clone();
+            v[0] = STATE_VERSION_ENTRIES;
+            v.extend_from_slice(&2u32.to_be_bytes());
+            for e in pair {
+                v.extend_from_slice(&Item::Entry(Arc::clone(e)).encode()[1..]);
+            }
+            assert!(StateDump::decode(&v).is_err());
+        }
+        // a version-3 state with entries bytes after it is trailing garbage
+        let mut v = b3.clone();
+        v.extend_from_slice(&b[b3.len()..]);
+        assert!(matches!(
+            StateDump::decode(&v),
+            Err(DecodeError::Trailing(_))
+        ));
+        // an entry count no input could hold does not allocate
+        let mut huge = b3;
+        huge[0] = STATE_VERSION_ENTRIES;
+        huge.extend_from_slice(&(MAX_DUMP_ENTRIES + 1).to_be_bytes());
+        assert_eq!(
+            StateDump::decode(&huge),
+            Err(DecodeError::TooLong("push-pull entry count"))
+        );
+    }
+
+    mod prop {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn arb_entry() -> impl Strategy<Value = Entry> {
+            (
+                any::<u128>(),
+                proptest::collection::vec(any::<u8>(), 0..=MAX_ENTRY_KEY),
+                any::<u64>(),
+                proptest::option::of(proptest::collection::vec(any::<u8>(), 0..=MAX_ENTRY_VALUE)),
+                proptest::array::uniform32(any::<u8>()),
+            )
+                .prop_map(|(author, key, version, value, half)| {
+                    let mut sig = [0u8; 64];
+                    sig[..32].copy_from_slice(&half);
+                    sig[32..].copy_from_slice(&half);
+                    Entry {
+                        author: NodeId::from_index(author % 36u128.pow(24)),
+                        key,
+                        version,
+                        value,
+                        sig,
+                    }
+                })
+        }
+
+        proptest! {
+            #[test]
+            fn entry_items_round_trip(e in arb_entry()) {
+                let item = Item::Entry(Arc::new(e));
+                let b = item.encode();
+                prop_assert_eq!(b.len(), item.len());
+                prop_assert_eq!(Item::decode(&b), Ok(item));
+                // every strict prefix and every extension is an error
+                for cut in [0, 1, b.len() / 2, b.len() - 1] {
+                    prop_assert!(Item::decode(&b[..cut]).is_err());
+                }
+                let mut long = b.clone();
+                long.push(0);
+                prop_assert_eq!(Item::decode(&long), Err(DecodeError::Trailing(1)));
+            }
+
+            #[test]
+            fn states_with_entries_round_trip(entries in proptest::collection::vec(arb_entry(), 0..20)) {
+                // one per (author, key)
+                let mut seen = std::collections::HashSet::new();
+                let entries: Vec<Arc<Entry>> = entries
+                    .into_iter()
+                    .filter(|e| seen.insert((e.author, e.key.clone())))
+                    .map(Arc::new)
+                    .collect();
+                let dump = StateDump { members: Vec::new(), records: Vec::new(), entries };
+                let b = dump.encode();
+                let back = StateDump::decode(&b).unwrap();
+                let mut want = dump.entries.clone();
+                want.sort_by(|a, b| (a.author, &a.key).cmp(&(b.author, &b.key)));
+                prop_assert_eq!(&back.entries, &want);
+                prop_assert_eq!(back.encode(), b);
+            }
+
+            #[test]
+            fn arbitrary_bytes_never_panic_and_decoded_items_encode_back(b in proptest::collection::vec(any::<u8>(), 0..700)) {
+                if let Ok(item) = Item::decode(&b) {
+                    prop_assert_eq!(item.encode(), b.clone());
+                }
+                let mut with_tag = vec![3];
+                with_tag.extend_from_slice(&b);
+                if let Ok(item) = Item::decode(&with_tag) {
+                    prop_assert_eq!(item.encode(), with_tag);
+                }
+            }
+        }
     }
 
     #[test]

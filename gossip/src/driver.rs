@@ -32,7 +32,7 @@ use tokio::task::JoinHandle;
 use crate::auth::{Admission, Crypto, NodeKeys, PublicKeys};
 use crate::identity::{Identity, Metadata, NodeId};
 use crate::membership::{
-    self, ApiError, Event, MemberInfo, Membership, Setup, Stats, MAX_PUSHPULL_FRAME,
+    self, ApiError, EntryInfo, Event, MemberInfo, Membership, Setup, Stats, MAX_PUSHPULL_FRAME,
 };
 use crate::seal::Keyring;
 
@@ -151,6 +151,13 @@ enum Command {
     SetAdmission(Admission),
     SetKeys(Keyring),
     UpdateMetadata(Metadata, oneshot::Sender<Result<(), ApiError>>),
+    SetEntry(
+        Vec<u8>,
+        u64,
+        Option<Vec<u8>>,
+        oneshot::Sender<Result<(), ApiError>>,
+    ),
+    Entries(oneshot::Sender<Vec<EntryInfo>>),
     Join(Vec<(NodeId, SocketAddr)>),
     Members(oneshot::Sender<Vec<MemberInfo>>),
     Stats(oneshot::Sender<Stats>),
@@ -210,6 +217,29 @@ impl Handle {
         let (tx, rx) = oneshot::channel();
         self.send(Command::UpdateMetadata(meta, tx))?;
         Ok(rx.await.map_err(|_| HandleError::Stopped)??)
+    }
+
+    /// Sets this node's entry `key` to `value` at `version` (`None` deletes it) and spreads
+    /// it at once; see [`Membership::set_entry`] (the version must be higher than the one
+    /// held for `key`, and must never go back across restarts). Every node reports the
+    /// change as [`Event::Entry`], this one included.
+    pub async fn set_entry(
+        &self,
+        key: Vec<u8>,
+        version: u64,
+        value: Option<Vec<u8>>,
+    ) -> Result<(), HandleError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::SetEntry(key, version, value, tx))?;
+        Ok(rx.await.map_err(|_| HandleError::Stopped)??)
+    }
+
+    /// Every live entry known (every author's, ours included; tombstones left out), in
+    /// (author, key) order.
+    pub async fn entries(&self) -> Result<Vec<EntryInfo>, HandleError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Entries(tx))?;
+        rx.await.map_err(|_| HandleError::Stopped)
     }
 
     /// Joins (again) through these seeds (node ID and gossip address).
@@ -626,6 +656,12 @@ impl Driver {
             Command::SetKeys(k) => self.core.set_keys(k),
             Command::UpdateMetadata(m, tx) => {
                 let _ = tx.send(self.core.update_metadata(m, now));
+            }
+            Command::SetEntry(key, version, value, tx) => {
+                let _ = tx.send(self.core.set_entry(key, version, value, now));
+            }
+            Command::Entries(tx) => {
+                let _ = tx.send(self.core.entries());
             }
             Command::Join(seeds) => {
                 self.core.join(&seeds, now);

@@ -5,7 +5,20 @@
 //!   bump), a versioned [`codec`], signed node records (identity, incarnation, [`Metadata`])
 //!   spread ahead of foca's updates, an [`Admission`] directory of node keys from the control
 //!   plane, push-pull full-state sync, Lifeguard-style local health and dynamic suspicion. It
-//!   emits [`Event`]s: up, down, updated, left.
+//!   emits [`Event`]s: up, down, updated, left, and entry changes.
+//! - **Entries**: each node's own small table of opaque keys (at most 64 bytes) and values
+//!   (at most 512 bytes), set with [`Membership::set_entry`] (or [`driver::Handle::set_entry`])
+//!   at a version the node chooses (`None` deletes: a tombstone). Each entry is signed by its
+//!   author ([`codec::Entry`]) and believed only under the author's directory key, so a member
+//!   relays others' entries but can neither forge nor alter them; for one (author, key) the
+//!   higher version wins. A new entry is gossiped at once and relayed like the signed node
+//!   records (a change is one small item, never the table), push-pull carries every entry
+//!   held, and every node reports each change as [`Event::Entry`] and lists the live ones
+//!   with [`Membership::entries`]. An author's entries go when it leaves or is removed from
+//!   the directory, or after it has been down for [`Config::entries_down_grace`]; it sends
+//!   them again when it is back. Tombstones are kept [`Config::tombstone_ttl`]. Gossip does not
+//!   interpret them: the control plane puts its endpoint records (network, IP, MAC behind a
+//!   node) there.
 //! - [`auth`]: node keys ([`NodeKeys`]: the X25519 static secret and the Ed25519 key derived
 //!   from it), [`PublicKeys`], the [`Admission`] directory. Who speaks is authenticated, not
 //!   only that a member speaks: every datagram and stream frame is sealed per pair of nodes
@@ -46,6 +59,8 @@
 //!     match ev {
 //!         Event::Up(m) | Event::Updated(m) => { /* add/refresh m.id -> m.metadata */ }
 //!         Event::Down(m) | Event::Left(m) => { /* remove m.id */ }
+//!         Event::Entry { author, key, value: Some(v), .. } => { /* (author, key) -> v */ }
+//!         Event::Entry { author, key, value: None, .. } => { /* forget (author, key) */ }
 //!     }
 //! }
 //! handle.leave().await?;
@@ -53,8 +68,21 @@
 //! # Ok(()) }
 //! ```
 //!
+//! Our own entries (an endpoint behind this node), with a version that never goes back, not
+//! even across restarts (wall-clock milliseconds, or a stored counter):
+//!
+//! ```no_run
+//! # async fn f(handle: shoal_gossip::driver::Handle) -> Result<(), Box<dyn std::error::Error>> {
+//! let version = 1_717_986_919_000; // e.g. wall-clock milliseconds
+//! handle.set_entry(b"ep/4f2a".to_vec(), version, Some(b"net1 10.0.1.5 02:42:0a:00:01:05".to_vec())).await?;
+//! handle.set_entry(b"ep/4f2a".to_vec(), version + 1, None).await?; // deleted
+//! let all = handle.entries().await?; // every live entry known, every author's
+//! # let _ = all; Ok(()) }
+//! ```
+//!
 //! Handle methods: [`driver::Handle::set_admission`], [`driver::Handle::set_keys`],
-//! [`driver::Handle::update_metadata`], [`driver::Handle::join`],
+//! [`driver::Handle::update_metadata`], [`driver::Handle::set_entry`],
+//! [`driver::Handle::entries`], [`driver::Handle::join`],
 //! [`driver::Handle::members`], [`driver::Handle::stats`], [`driver::Handle::leave`],
 //! [`driver::Handle::shutdown`].
 //!
@@ -65,6 +93,7 @@
 pub mod auth;
 pub mod codec;
 pub mod driver;
+mod entries;
 pub mod identity;
 pub mod membership;
 pub mod node;
@@ -76,6 +105,6 @@ pub mod sim;
 pub use auth::{Admission, NodeKeys, PublicKeys};
 pub use identity::{Identity, Metadata, NodeId, Role};
 pub use membership::{
-    Config, Event, MemberInfo, MemberState, Membership, Peer, Setup, Stats, Transmit,
+    Config, EntryInfo, Event, MemberInfo, MemberState, Membership, Peer, Setup, Stats, Transmit,
 };
 pub use seal::{Key, Keyring};

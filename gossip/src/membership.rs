@@ -79,6 +79,24 @@
 //! refused; record sequence numbers, bumps and incarnations rise only under their author's
 //! signature.
 //!
+//! ## Entries (application tables)
+//!
+//! Each node also holds a small table of its own, [`Membership::set_entry`]: opaque keys
+//! (at most [`MAX_ENTRY_KEY`](codec::MAX_ENTRY_KEY) bytes) mapping to opaque values (at most
+//! [`MAX_ENTRY_VALUE`](codec::MAX_ENTRY_VALUE) bytes; `None` deletes, as a tombstone) at a version the node chooses. Each entry is
+//! signed by its author ([`Entry`]) and believed only under the author's directory key: a
+//! member can relay another's entries, never forge or alter them. For one (author, key) the
+//! higher version wins; an equal or lower one is stale. Entries spread like signed records
+//! (the core's queue, after records and witnesses), and at once: a new entry, ours or one
+//! first heard in a datagram, makes the core gossip to `num_indirect_probes` members within
+//! [`EAGER_SPACING`], so it crosses the cluster in a few network round trips rather than
+//! in gossip periods. Push-pull states carry every entry held, tombstones included, so a
+//! node that missed broadcasts converges. An author's entries are dropped when it left or
+//! was removed from the directory, and once it has been down for
+//! [`Config::entries_down_grace`]; a node re-sends its own when its identity changes or a
+//! member tells it that it was declared down. Tombstones are forgotten after
+//! [`Config::tombstone_ttl`]. [`Event::Entry`] reports every change of what is held.
+//!
 //! [`Config::plain_swim`] turns all of the above off (`local_health`, `dynamic_suspicion`,
 //! `buddy_system`, `confirm_probes`, `flap_damping`): the plain SWIM baseline the
 //! simulation compares with (its relayed suspicions wait `suspicion_max` and are declared
@@ -101,8 +119,10 @@ use rand_0_10::{RngExt, SeedableRng};
 pub use crate::auth::Admission;
 use crate::auth::Crypto;
 use crate::codec::{
-    self, seq_after, suspect_signed_bytes, Codec, DecodeError, Item, NodeRecord, Reader, StateDump,
+    self, seq_after, suspect_signed_bytes, Codec, DecodeError, Entry, EntryError, Item, NodeRecord,
+    Reader, StateDump,
 };
+use crate::entries::{Refused, Table};
 use crate::identity::{Identity, Metadata, MetadataError, NodeId};
 use crate::peers::Peers;
 use crate::relay::RecordQueue;
@@ -126,6 +146,10 @@ pub const MAX_PUSHPULL_FRAME: usize = 16 << 20;
 
 /// How far ahead of our wall clock an envelope epoch (the sender's start time) may be.
 pub const MAX_EPOCH_AHEAD: Duration = Duration::from_secs(600);
+
+/// A new entry (ours, or one first heard in a datagram) makes the core gossip at once, but
+/// at most once per this span (a burst of entries shares the rounds).
+pub const EAGER_SPACING: Duration = Duration::from_millis(10);
 
 /// After we renew our identity, a member's "you are down" (TurnUndead) is refused for this
 /// long: one member alone cannot make us churn identities faster than this. (A TurnUndead
@@ -174,6 +198,19 @@ pub struct Config {
     /// more members, and a tenth or more, went down within the period (a partition), nobody
     /// is damped. `None`: off.
     pub flap_damping: Option<Duration>,
+    /// How long an author may stay down before its entries are dropped (with
+    /// [`Event::Entry`] removals). An author that left, or is removed from the directory,
+    /// loses them at once.
+    pub entries_down_grace: Duration,
+    /// How long a tombstone (a deleted entry) is kept, so that older copies still travelling
+    /// are recognized as stale. A node cut off for longer than this that still holds the
+    /// deleted value can bring it back; its author then sees it as an [`Event::Entry`] of
+    /// its own and deletes it again.
+    pub tombstone_ttl: Duration,
+    /// Most entries (tombstones included) held per author. Our own beyond it are refused
+    /// ([`ApiError::TooManyEntries`]), others' counted (`entries_over_limit`); every node
+    /// should use the same value.
+    pub max_entries_per_author: usize,
 }
 
 impl Config {
@@ -196,7 +233,9 @@ impl Config {
     ///   partitions;
     /// - flap damping for `5 * suspicion_max` (60 s at n = 1000) after a member is seen
     ///   down: a member that went down and came back gets the full `suspicion_max` for its
-    ///   next suspicions.
+    ///   next suspicions;
+    /// - entries: dropped 30 s after their author went down, tombstones kept 120 s, at most
+    ///   4096 per author.
     pub fn lan(cluster_size: u32) -> Self {
         let n = NonZeroU32::new(cluster_size.max(1)).unwrap_or(NonZeroU32::MIN);
         let mut swim = foca::Config::new_lan(n);
@@ -235,6 +274,9 @@ impl Config {
             confirm_probes: 5,
             pushpull_interval: Duration::from_secs_f64((f64::from(cluster_size) * 0.6).max(30.0)),
             flap_damping: Some(suspicion_max * 5),
+            entries_down_grace: Duration::from_secs(30),
+            tombstone_ttl: Duration::from_secs(120),
+            max_entries_per_author: 4096,
         }
     }
 
@@ -307,7 +349,20 @@ impl serde::Serialize for NodeId {
     }
 }
 
-/// Membership changes, in the order they happened.
+/// A live entry, as [`Membership::entries`] lists it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct EntryInfo {
+    /// The node whose table it belongs to (who signed it).
+    pub author: NodeId,
+    /// The key.
+    pub key: Vec<u8>,
+    /// Its version.
+    pub version: u64,
+    /// The value.
+    pub value: Vec<u8>,
+}
+
+/// Membership changes and entry changes, in the order they happened.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// A member is up and its metadata is known.
@@ -318,6 +373,23 @@ pub enum Event {
     Updated(MemberInfo),
     /// An up member left on purpose.
     Left(MemberInfo),
+    /// The entry held for (`author`, `key`) changed: set, replaced by a higher version,
+    /// deleted (a tombstone arrived: `value` is `None`), or dropped with its author (`None`
+    /// at the version last held; the author left, was removed from the directory, or stayed
+    /// down for [`Config::entries_down_grace`]). Every change is reported once, in order;
+    /// our own [`Membership::set_entry`] calls included. An entry of our own that arrives
+    /// from others (an earlier run's, or a deleted one whose tombstone was forgotten) is
+    /// reported too: set it again, or delete it, with a higher version.
+    Entry {
+        /// The node whose table changed.
+        author: NodeId,
+        /// The key.
+        key: Vec<u8>,
+        /// The version now held (or last held, for a drop).
+        version: u64,
+        /// The value, `None` when deleted or dropped.
+        value: Option<Vec<u8>>,
+    },
 }
 
 /// Counters, all since start.
@@ -416,6 +488,33 @@ pub struct Stats {
     /// TCP connections closed after their first frame opened, because every exchange slot
     /// was busy (driver only).
     pub tcp_refused_busy: u64,
+    /// Entries received from others (datagrams, push-pull, restore), before any check.
+    pub entries_received: u64,
+    /// Received entries that changed what we hold (each one [`Event::Entry`]).
+    pub entries_applied: u64,
+    /// Received entries no newer than the one held for their (author, key): copies, or
+    /// older versions.
+    pub entries_stale: u64,
+    /// Received entries whose signature did not verify under their author's directory key
+    /// (forged or altered).
+    pub entries_bad_signature: u64,
+    /// Received entries over the size limits (the datagram's or state's decoding stops
+    /// there).
+    pub entries_too_big: u64,
+    /// Received entries refused: a new key of an author holding
+    /// [`Config::max_entries_per_author`] already.
+    pub entries_over_limit: u64,
+    /// Received entries refused: their author left, or has been down for
+    /// [`Config::entries_down_grace`] (it sends them again when it is back).
+    pub entries_refused_gone: u64,
+    /// Live entries dropped with their author (left, removed, or down past the grace).
+    pub entries_dropped: u64,
+    /// Entries left out of a push-pull state that would otherwise exceed
+    /// [`MAX_PUSHPULL_FRAME`] (others' first; the peer gets them by gossip or later).
+    pub entries_pushpull_omitted: u64,
+    /// Entries dropped from the send queue before they were sent their transmissions (more
+    /// than it holds at once; push-pull repairs).
+    pub entries_queue_evicted: u64,
 }
 
 /// Why a datagram was dropped. Every variant is counted in [`Stats`].
@@ -497,6 +596,25 @@ pub enum ApiError {
     /// foca refused the call.
     #[error("the SWIM state machine refused the call: {0}")]
     Protocol(String),
+    /// The entry's key or value is too large.
+    #[error(transparent)]
+    Entry(#[from] EntryError),
+    /// The version is not higher than the one we hold for that key (ours from this run, or
+    /// from an earlier run, learnt from others).
+    #[error("gossip entry version {version} is not higher than the {held} held for that key; pass a higher version")]
+    StaleVersion {
+        /// The version given.
+        version: u64,
+        /// The version held.
+        held: u64,
+    },
+    /// We hold [`Config::max_entries_per_author`] entries of our own already (tombstones
+    /// count until they are forgotten).
+    #[error("this node holds {0} gossip entries already, the most allowed; delete some and wait for their tombstones to expire")]
+    TooManyEntries(usize),
+    /// We left the cluster: nobody takes our entries any more.
+    #[error("this node left the gossip cluster; its entries are no longer taken")]
+    Left,
 }
 
 /// A peer to run a push-pull exchange with.
@@ -547,6 +665,7 @@ struct ItemCounts {
     not_admitted: u64,
     bad_signature: u64,
     unproven: u64,
+    entries_too_big: u64,
 }
 
 #[derive(Debug)]
@@ -570,6 +689,9 @@ struct Shared {
     relay: Vec<Arc<NodeRecord>>,
     /// Witnesses just accepted from gossip: to spread on.
     relay_witnesses: Vec<Item>,
+    /// Entries in the datagram being handled, checked by the core once foca is done with
+    /// it (see [`Membership::take_entries`]). At most a datagram's worth.
+    entries_in: Vec<Arc<Entry>>,
     /// Our own identity and incarnation (what we stated last).
     own: (Identity, u16),
     counts: ItemCounts,
@@ -623,24 +745,40 @@ impl BroadcastHandler<Identity> for Handler {
         data: &[u8],
         sender: Option<&Identity>,
     ) -> Result<Option<ItemKey>, ItemError> {
-        let item = Item::decode(data)?;
+        let item = Item::decode(data).inspect_err(|e| {
+            if codec::is_oversize_entry(e) {
+                lock(&self.shared).counts.entries_too_big += 1;
+            }
+        })?;
         if sender.is_none() {
             // Our own item, added through `add_broadcast`: always spread it.
-            return Ok(Some(match item {
-                Item::Node(r) => ItemKey::Node {
+            return Ok(match item {
+                Item::Node(r) => Some(ItemKey::Node {
                     id: r.subject.id,
                     seq: r.seq,
-                },
+                }),
                 Item::Suspect {
                     subject,
                     incarnation,
                     from,
                     ..
-                } => ItemKey::Suspect(subject.id, subject.bump, incarnation, from),
-            }));
+                } => Some(ItemKey::Suspect(
+                    subject.id,
+                    subject.bump,
+                    incarnation,
+                    from,
+                )),
+                // Entries never go through foca's queue.
+                Item::Entry(_) => None,
+            });
         }
         let mut sh = lock(&self.shared);
         match item {
+            // Entries are checked and spread by the core, once foca is done.
+            Item::Entry(e) => {
+                sh.entries_in.push(e);
+                Ok(None)
+            }
             // Records are spread by the core itself, ahead of foca's updates.
             Item::Node(rec) => {
                 if sh.accept_record(Arc::clone(&rec), self.me).is_some() {
@@ -719,6 +857,7 @@ impl Shared {
     fn accept_item(&mut self, item: Item, me: NodeId) -> Option<ItemKey> {
         match item {
             Item::Node(rec) => self.accept_record(rec, me),
+            Item::Entry(_) => None,
             Item::Suspect {
                 subject,
                 incarnation,
@@ -872,6 +1011,12 @@ pub struct Membership {
     pushpulls: VecDeque<Peer>,
     /// Signed records to spread, ours and relayed (see [`RecordQueue`]).
     records: RecordQueue,
+    /// Every entry held, ours included.
+    entries: Table,
+    /// When the next eager gossip round for new entries may go (see [`EAGER_SPACING`]).
+    eager_at: Option<Instant>,
+    /// When the last one went.
+    eager_last: Option<Instant>,
     events: VecDeque<Event>,
     /// The directory (also in `shared`, for the broadcast handler).
     admission: Admission,
@@ -1017,6 +1162,7 @@ impl Membership {
             raised: Vec::new(),
             relay: Vec::new(),
             relay_witnesses: Vec::new(),
+            entries_in: Vec::new(),
             own: (setup.identity, 0),
             counts: ItemCounts::default(),
         }));
@@ -1043,6 +1189,9 @@ impl Membership {
             transmits: VecDeque::new(),
             pushpulls: VecDeque::new(),
             records: RecordQueue::new(me),
+            entries: Table::default(),
+            eager_at: None,
+            eager_last: None,
             events: VecDeque::new(),
             admission: setup.admission,
             crypto: setup.crypto,
@@ -1144,6 +1293,7 @@ impl Membership {
             ),
             ("suspects", set(&self.suspects)),
             ("record_queue", self.records.heap_bytes()),
+            ("entries", self.entries.heap_bytes()),
             ("checks_pings", map(&self.checks) + map(&self.pings)),
             (
                 "timers",
@@ -1160,6 +1310,7 @@ impl Membership {
         s.dropped_not_admitted += c.not_admitted;
         s.items_bad_signature += c.bad_signature;
         s.items_unproven += c.unproven;
+        s.entries_too_big += c.entries_too_big;
         s
     }
 
@@ -1243,6 +1394,70 @@ impl Membership {
         Ok(())
     }
 
+    /// Sets our entry `key` to `value` at `version` (`None` deletes it: a tombstone that
+    /// replaces it everywhere), reports it as an [`Event::Entry`], and spreads it at once
+    /// (a gossip round to a few members within [`EAGER_SPACING`], then relayed by every
+    /// node that hears it). `version` must be higher than the one held for `key`, ours from
+    /// this run or from an earlier run learnt from others ([`ApiError::StaleVersion`]), and
+    /// must never go back across restarts: a wall-clock-millisecond or stored counter. A
+    /// refused call changes nothing.
+    pub fn set_entry(
+        &mut self,
+        key: Vec<u8>,
+        version: u64,
+        value: Option<Vec<u8>>,
+        now: Instant,
+    ) -> Result<(), ApiError> {
+        if self.left {
+            return Err(ApiError::Left);
+        }
+        Entry::check(&key, value.as_deref())?;
+        let me = self.foca.identity().id;
+        match self.entries.get(&me, &key) {
+            Some(held) if version <= held.version => {
+                return Err(ApiError::StaleVersion {
+                    version,
+                    held: held.version,
+                })
+            }
+            Some(_) => {}
+            None => {
+                let max = self.config.max_entries_per_author;
+                if self.entries.author_len(&me) >= max {
+                    return Err(ApiError::TooManyEntries(max));
+                }
+            }
+        }
+        let e = Arc::new(Entry::signed(
+            me,
+            key,
+            version,
+            value,
+            self.crypto.as_ref(),
+        )?);
+        self.entries
+            .insert(Arc::clone(&e), now, self.config.tombstone_ttl);
+        self.entry_event(&e);
+        self.queue_entry(&e);
+        self.eager(now);
+        Ok(())
+    }
+
+    /// Every live entry held (tombstones left out), ours included, in (author, key) order.
+    pub fn entries(&self) -> Vec<EntryInfo> {
+        self.entries
+            .iter()
+            .filter_map(|e| {
+                e.value.as_ref().map(|v| EntryInfo {
+                    author: e.author,
+                    key: e.key.clone(),
+                    version: e.version,
+                    value: v.clone(),
+                })
+            })
+            .collect()
+    }
+
     /// Replaces the gossip keys.
     pub fn set_keys(&mut self, keyring: Keyring) {
         self.sealer.set_keys(keyring);
@@ -1269,6 +1484,12 @@ impl Membership {
         }
         self.sealer.set_directory(&admission);
         self.records.retain(|id| admission.admits(id));
+        // Entries of members removed, or accepted under keys that changed, go now.
+        let me = self.foca.identity().id;
+        let dropped = self.entries.retain_authors(|id| {
+            *id == me || (admission.keys(id).is_some() && admission.keys(id) == old.keys(id))
+        });
+        self.entries_dropped(dropped);
         if !removed.is_empty() {
             let mut rt = Collect::default();
             if self
@@ -1304,10 +1525,15 @@ impl Membership {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        match (t, self.next_pushpull) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [
+            self.next_pushpull,
+            self.eager_at,
+            self.entries.next_deadline(),
+        ]
+        .into_iter()
+        .flatten()
+        .chain(t)
+        .min()
     }
 
     /// The next datagram to send.
@@ -1394,6 +1620,15 @@ impl Membership {
         self.arm_suspicions(now);
         if std::mem::take(&mut self.refute) {
             self.refute_now(now);
+            // Someone holds us down: it may have dropped our entries (or will, after the
+            // grace), and its side of a split never heard those we set meanwhile.
+            self.rebroadcast_own(now);
+        }
+        // Entries last: the records in the datagram may just have taken their author back
+        // up, and they are welcome again.
+        let entries = std::mem::take(&mut lock(&self.shared).entries_in);
+        if !entries.is_empty() {
+            self.take_entries(entries, true, now);
         }
         match res {
             Ok(()) => Ok(()),
@@ -1587,6 +1822,137 @@ impl Membership {
         if self.declares.iter().any(|d| d.0 <= now) {
             self.run_declares(now);
         }
+        if self.eager_at.is_some_and(|t| t <= now) {
+            self.eager(now);
+        }
+        if self.entries.next_deadline().is_some_and(|t| t <= now) {
+            let dropped = self.entries.expire(now, self.config.entries_down_grace);
+            self.entries_dropped(dropped);
+        }
+    }
+
+    /// Reports a change of what we hold for (author, key).
+    fn entry_event(&mut self, e: &Entry) {
+        self.events.push_back(Event::Entry {
+            author: e.author,
+            key: e.key.clone(),
+            version: e.version,
+            value: e.value.clone(),
+        });
+    }
+
+    /// Reports live entries dropped with their author, and stops spreading that author's.
+    fn entries_dropped(&mut self, dropped: Vec<Arc<Entry>>) {
+        let mut last = None;
+        for e in dropped {
+            if last != Some(e.author) {
+                last = Some(e.author);
+                self.records.drop_entries_of(&e.author);
+            }
+            self.stats.entries_dropped += 1;
+            self.events.push_back(Event::Entry {
+                author: e.author,
+                key: e.key.clone(),
+                version: e.version,
+                value: None,
+            });
+        }
+    }
+
+    /// Queues an entry for `max_transmissions` sends.
+    fn queue_entry(&mut self, e: &Arc<Entry>) {
+        let tx = self.config.swim.max_transmissions.get().into();
+        if self.records.push_entry(e, tx) {
+            self.stats.entries_queue_evicted += 1;
+        }
+    }
+
+    /// Takes entries received from others: the cheap checks first (author admitted, newer
+    /// than what we hold, author not gone, room under the limit), then the signature under
+    /// the author's directory key. Each one taken is reported; with `relay` (heard in a
+    /// datagram) it is also spread on, at once. Entries from a push-pull state or a restore
+    /// are not spread: every node gets them by its own push-pulls.
+    fn take_entries(&mut self, list: Vec<Arc<Entry>>, relay: bool, now: Instant) {
+        let mut fresh = false;
+        for e in list {
+            self.stats.entries_received += 1;
+            let Some(keys) = self.admission.keys(&e.author).copied() else {
+                self.stats.dropped_not_admitted += 1;
+                continue;
+            };
+            match self.entries.check(
+                &e,
+                self.config.max_entries_per_author,
+                self.config.entries_down_grace,
+                now,
+            ) {
+                Ok(()) => {}
+                Err(Refused::Stale) => {
+                    self.stats.entries_stale += 1;
+                    continue;
+                }
+                Err(Refused::OverLimit) => {
+                    self.stats.entries_over_limit += 1;
+                    continue;
+                }
+                Err(Refused::Gone) => {
+                    self.stats.entries_refused_gone += 1;
+                    continue;
+                }
+            }
+            if !e.verify(&keys.ed25519, self.crypto.as_ref()) {
+                self.stats.entries_bad_signature += 1;
+                continue;
+            }
+            self.stats.entries_applied += 1;
+            self.entries
+                .insert(Arc::clone(&e), now, self.config.tombstone_ttl);
+            self.entry_event(&e);
+            if relay {
+                self.queue_entry(&e);
+                fresh = true;
+            }
+        }
+        if fresh {
+            self.eager(now);
+        }
+    }
+
+    /// Gossips at once (to `num_indirect_probes` members) what the queue holds, at most
+    /// once per [`EAGER_SPACING`]; later calls within it share the round that follows.
+    fn eager(&mut self, now: Instant) {
+        if self.foca.num_members() == 0 || self.records.is_empty() {
+            // Nobody to tell yet: the queue goes out with our first datagrams.
+            self.eager_at = None;
+            return;
+        }
+        if let Some(next) = self.eager_last.map(|t| t + EAGER_SPACING) {
+            if now < next {
+                self.eager_at = Some(next);
+                return;
+            }
+        }
+        self.eager_at = None;
+        self.eager_last = Some(now);
+        let mut rt = Collect::default();
+        if self.foca.gossip(&mut rt).is_err() {
+            self.stats.dropped_protocol += 1;
+        }
+        self.absorb(rt, now);
+    }
+
+    /// Spreads our own entries again (tombstones included), at once: after our identity
+    /// changed or a member told us we were declared down, others may have dropped them.
+    fn rebroadcast_own(&mut self, now: Instant) {
+        let me = self.foca.identity().id;
+        let own: Vec<Arc<Entry>> = self.entries.of(&me).cloned().collect();
+        if own.is_empty() {
+            return;
+        }
+        for e in &own {
+            self.queue_entry(e);
+        }
+        self.eager(now);
     }
 
     /// Confirmation probes: re-send, or declare ourselves an independent witness.
@@ -2255,15 +2621,17 @@ impl Membership {
         }
         let identity = now_identity;
         let first_contact = !self.meta_sent && self.foca.num_members() > 0;
-        if first_contact
-            || identity != self.my_record.subject
-            || self.my_incarnation != self.my_record.incarnation
-        {
+        let renewed = identity != self.my_record.subject;
+        if first_contact || renewed || self.my_incarnation != self.my_record.incarnation {
             // Our first record goes out when we first have someone to tell (a node that
             // joined nobody, the first of a cluster, included), and a new one whenever our
             // identity or incarnation moves.
             self.meta_sent = true;
             self.publish(now);
+        }
+        if renewed {
+            // A new identity: we were declared down somewhere; our entries go out again.
+            self.rebroadcast_own(now);
         }
     }
 
@@ -2676,6 +3044,7 @@ impl Membership {
     fn notify(&mut self, note: OwnedNotification<Identity>, now: Instant) {
         match note {
             OwnedNotification::MemberUp(ident) => {
+                self.entries.up(&ident.id);
                 let info = self.info(&ident, MemberState::Up);
                 let known = info.metadata.is_some();
                 if !known {
@@ -2709,7 +3078,13 @@ impl Membership {
                     .peers
                     .record(&ident.id)
                     .is_some_and(|r| r.leaving);
-                if !leaving {
+                if leaving {
+                    let dropped = self.entries.left(ident.id);
+                    self.records.drop_entries_of(&ident.id);
+                    self.entries_dropped(dropped);
+                } else {
+                    self.entries
+                        .down(ident.id, now, self.config.entries_down_grace);
                     let inc = self
                         .foca
                         .iter_membership_state()
@@ -2797,8 +3172,14 @@ impl Membership {
                 self.my_incarnation,
                 State::Alive,
             ));
-            StateDump { members, records }
+            StateDump {
+                members,
+                records,
+                entries: Vec::new(),
+            }
         };
+        let mut dump = dump;
+        dump.entries = self.pushpull_entries(&dump);
         let sealed = self
             .sealer
             .seal(
@@ -2815,6 +3196,35 @@ impl Membership {
             })?;
         self.stats.stream_bytes_out += sealed.len() as u64;
         Ok(sealed)
+    }
+
+    /// The entries for a push-pull state (every one held), as many as fit in
+    /// [`MAX_PUSHPULL_FRAME`] beside the rest of `dump`: ours first, then the others in
+    /// (author, key) order; those left out are counted.
+    fn pushpull_entries(&mut self, dump: &StateDump) -> Vec<Arc<Entry>> {
+        // An upper bound of the rest (encode's own capacity estimate), and the envelope.
+        let rest = 9
+            + dump.members.iter().map(codec::member_len).sum::<usize>()
+            + dump.records.iter().map(|r| 1 + r.item_len()).sum::<usize>()
+            + OVERHEAD
+            + 4;
+        let mut budget = MAX_PUSHPULL_FRAME.saturating_sub(rest);
+        let me = self.foca.identity().id;
+        let mut out = Vec::with_capacity(self.entries.len());
+        let mut omitted = 0;
+        let ours = self.entries.of(&me);
+        let others = self.entries.iter().filter(|e| e.author != me);
+        for e in ours.chain(others) {
+            let len = e.encoded_len();
+            if len <= budget {
+                budget -= len;
+                out.push(Arc::clone(e));
+            } else {
+                omitted += 1;
+            }
+        }
+        self.stats.entries_pushpull_omitted += omitted;
+        out
     }
 
     /// Loads a known state without spreading it (an agent restoring what it saved, or the
@@ -2851,6 +3261,9 @@ impl Membership {
             self.stats.dropped_protocol += 1;
         }
         self.absorb(rt, now);
+        if !dump.entries.is_empty() {
+            self.take_entries(dump.entries.clone(), false, now);
+        }
     }
 
     /// Applies a peer's push-pull frame ([`Membership::open_pushpull`] then
@@ -2907,8 +3320,11 @@ impl Membership {
             self.stats.dropped_spoofed += 1;
             return Err(PushPullError::Spoofed { expected, sender });
         }
-        let dump = StateDump::decode(opened.plaintext()).inspect_err(|_| {
+        let dump = StateDump::decode(opened.plaintext()).inspect_err(|e| {
             self.stats.dropped_decode += 1;
+            if codec::is_oversize_entry(e) {
+                self.stats.entries_too_big += 1;
+            }
         })?;
         let me = *self.foca.identity();
         let mut downed: Vec<(Identity, u16)> = Vec::new();
@@ -2970,6 +3386,11 @@ impl Membership {
         }
         self.absorb(rt, now);
         self.arm_suspicions(now);
+        // Entries once the members are applied: an author the state shows up again is
+        // welcome again.
+        if !dump.entries.is_empty() {
+            self.take_entries(dump.entries, false, now);
+        }
         self.stats.pushpull_applied += 1;
         Ok(sender)
     }

@@ -1,7 +1,7 @@
 //! The `gossip-node` program as a library function, so that other packages (the netns tests)
 //! can ship it as their own binary: it runs the gossip driver alone and prints membership
-//! events as JSON lines on stdout (`ready`, `up`, `down`, `updated`, `left`, and `stats`
-//! every 2 s). SIGTERM or SIGINT leaves the cluster gracefully. Its directory comes from
+//! events as JSON lines on stdout (`ready`, `up`, `down`, `updated`, `left`, `entry` (key
+//! and value as byte arrays), and `stats` every 2 s). SIGTERM or SIGINT leaves the cluster gracefully. Its directory comes from
 //! `--admit` (and, with `--insecure-test-keys`, from the node IDs themselves).
 
 use std::net::{IpAddr, SocketAddr};
@@ -146,6 +146,18 @@ fn print_event(e: &Event) {
         Event::Down(m) => ("down", m),
         Event::Updated(m) => ("updated", m),
         Event::Left(m) => ("left", m),
+        Event::Entry {
+            author,
+            key,
+            version,
+            value,
+        } => {
+            println!(
+                "{}",
+                json!({"event": "entry", "author": author, "key": key, "version": version, "value": value})
+            );
+            return;
+        }
     };
     println!(
         "{}",

@@ -14,14 +14,22 @@
 //! a later incarnation than a suspicion's, that suspicion's witnesses stop being sent (they
 //! are 128 bytes each, three per suspicion, and a suspicion is usually refuted within a
 //! second).
+//!
+//! Application entries travel here as well, after records and witnesses (membership first:
+//! a burst of entries must not slow failure detection), ours before relayed ones. At most
+//! one per (author, key) is queued, the highest version, and at most [`MAX_QUEUED_ENTRIES`]
+//! in all: past that the one sent most often goes (push-pull repairs what a node misses).
 
 use std::sync::Arc;
 
-use crate::codec::{seq_after, Item, NodeRecord};
+use crate::codec::{seq_after, Entry, Item, NodeRecord};
 use crate::identity::{Identity, NodeId};
 
+/// Most entries queued at once (ours and relayed).
+pub(crate) const MAX_QUEUED_ENTRIES: usize = 8192;
+
 /// What a queued item is about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum What {
     /// A node record: at most one per node, the newest; with the bump and incarnation it
     /// states.
@@ -37,6 +45,12 @@ enum What {
         incarnation: u16,
         from: NodeId,
     },
+    /// An entry of `author`'s table: at most one per (author, key), the highest version.
+    Entry {
+        author: NodeId,
+        key: Vec<u8>,
+        version: u64,
+    },
 }
 
 impl What {
@@ -44,6 +58,19 @@ impl What {
         match self {
             What::Record { id, .. } => *id,
             What::Witness { subject, .. } => subject.id,
+            What::Entry { author, .. } => *author,
+        }
+    }
+
+    /// Sending order by kind: our record, other records, witnesses, our entries, other
+    /// entries (lowest first).
+    fn rank(&self, me: Option<NodeId>) -> u8 {
+        match self {
+            What::Record { id, .. } if Some(*id) == me => 0,
+            What::Record { .. } => 1,
+            What::Witness { .. } => 2,
+            What::Entry { author, .. } if Some(*author) == me => 3,
+            What::Entry { .. } => 4,
         }
     }
 }
@@ -65,6 +92,8 @@ struct Queued {
 pub(crate) struct RecordQueue {
     items: Vec<Queued>,
     pushes: u64,
+    /// Entries among `items`.
+    entries: usize,
     /// Our own node: its record goes before every other (it is the only source of it).
     me: Option<NodeId>,
 }
@@ -100,9 +129,9 @@ impl RecordQueue {
         let id = rec.subject.id;
         let (b, i) = (rec.subject.bump, rec.incarnation);
         let mut newer_held = false;
-        self.items.retain(|q| match q.what {
-            What::Record { id: o, seq, .. } if o == id => {
-                let held = !seq_after(rec.seq, seq);
+        self.items.retain(|q| match &q.what {
+            What::Record { id: o, seq, .. } if *o == id => {
+                let held = !seq_after(rec.seq, *seq);
                 newer_held |= held;
                 held
             }
@@ -110,7 +139,7 @@ impl RecordQueue {
                 subject,
                 incarnation,
                 ..
-            } if subject.id == id => !after(b, i, subject.bump, incarnation),
+            } if subject.id == id => !after(b, i, subject.bump, *incarnation),
             _ => true,
         });
         if newer_held {
@@ -152,23 +181,24 @@ impl RecordQueue {
             if q.what.node() != subject.id {
                 return true;
             }
-            match q.what {
+            match &q.what {
                 What::Witness {
                     subject: s,
                     incarnation: si,
                     ..
                 } => {
-                    superseded |= q.what == what || after(s.bump, si, b, i);
-                    !after(b, i, s.bump, si)
+                    superseded |= q.what == what || after(s.bump, *si, b, i);
+                    !after(b, i, s.bump, *si)
                 }
                 What::Record {
                     bump: rb,
                     incarnation: ri,
                     ..
                 } => {
-                    superseded |= after(rb, ri, b, i);
+                    superseded |= after(*rb, *ri, b, i);
                     true
                 }
+                What::Entry { .. } => true,
             }
         });
         if !superseded {
@@ -176,15 +206,67 @@ impl RecordQueue {
         }
     }
 
+    /// Queues an entry for `transmissions` sends, replacing a lower version of the same
+    /// (author, key); a higher or equal version queued already wins. Past
+    /// [`MAX_QUEUED_ENTRIES`], the queued entry with the fewest transmissions left (a
+    /// relayed one before one of ours) goes; returns whether one went.
+    pub(crate) fn push_entry(&mut self, e: &Arc<Entry>, transmissions: usize) -> bool {
+        let mut newer_held = false;
+        let before = self.items.len();
+        self.items.retain(|q| match &q.what {
+            What::Entry {
+                author,
+                key,
+                version,
+            } if *author == e.author && *key == e.key => {
+                let held = *version >= e.version;
+                newer_held |= held;
+                held
+            }
+            _ => true,
+        });
+        self.entries -= before - self.items.len();
+        if newer_held {
+            return false;
+        }
+        let mut evicted = false;
+        if self.entries >= MAX_QUEUED_ENTRIES {
+            let me = self.me;
+            let victim = self
+                .items
+                .iter()
+                .enumerate()
+                .filter(|(_, q)| matches!(q.what, What::Entry { .. }))
+                .min_by_key(|(_, q)| (q.what.rank(me) == 3, q.left, q.queued))
+                .map(|(i, _)| i);
+            if let Some(i) = victim {
+                self.items.swap_remove(i);
+                self.entries -= 1;
+                evicted = true;
+            }
+        }
+        self.add(
+            What::Entry {
+                author: e.author,
+                key: e.key.clone(),
+                version: e.version,
+            },
+            Item::Entry(Arc::clone(e)).encode(),
+            transmissions,
+        );
+        self.entries += 1;
+        evicted
+    }
+
     /// Ends the witnesses of `subject` up to (`bump`, `incarnation`): it refuted them (its
     /// record shows a later incarnation, learnt from push-pull or its own datagrams).
     pub(crate) fn refuted(&mut self, id: NodeId, bump: u32, incarnation: u16) {
-        self.items.retain(|q| match q.what {
+        self.items.retain(|q| match &q.what {
             What::Witness {
                 subject,
                 incarnation: si,
                 ..
-            } if subject.id == id => !after(bump, incarnation, subject.bump, si),
+            } if subject.id == id => !after(bump, incarnation, subject.bump, *si),
             _ => true,
         });
     }
@@ -211,12 +293,10 @@ impl RecordQueue {
             return 0;
         }
         let me = self.me;
-        let own = |q: &Queued| matches!(q.what, What::Record { id, .. } if Some(id) == me);
-        let record = |q: &Queued| matches!(q.what, What::Record { .. });
         self.items.sort_by(|a, b| {
-            own(b)
-                .cmp(&own(a))
-                .then(record(b).cmp(&record(a)))
+            a.what
+                .rank(me)
+                .cmp(&b.what.rank(me))
                 .then(b.left.cmp(&a.left))
                 .then(b.queued.cmp(&a.queued))
         });
@@ -231,8 +311,18 @@ impl RecordQueue {
             used += need;
             q.left -= 1;
         }
-        self.items.retain(|q| q.left > 0);
+        self.retain_queued(|q| q.left > 0);
         used
+    }
+
+    /// Keeps the items for which `keep` says yes, counting the entries that go.
+    fn retain_queued(&mut self, keep: impl FnMut(&Queued) -> bool) {
+        self.items.retain(keep);
+        self.entries = self
+            .items
+            .iter()
+            .filter(|q| matches!(q.what, What::Entry { .. }))
+            .count();
     }
 
     /// The smallest queued item with its framing, if any.
@@ -240,9 +330,14 @@ impl RecordQueue {
         self.items.iter().map(|q| 2 + q.item.len()).min()
     }
 
-    /// Forgets the items about nodes for which `keep` says no.
+    /// Forgets the items about nodes (or by authors) for which `keep` says no.
     pub(crate) fn retain(&mut self, mut keep: impl FnMut(&NodeId) -> bool) {
-        self.items.retain(|q| keep(&q.what.node()));
+        self.retain_queued(|q| keep(&q.what.node()));
+    }
+
+    /// Forgets the entries of `author` (it left or went down for good here).
+    pub(crate) fn drop_entries_of(&mut self, author: &NodeId) {
+        self.retain_queued(|q| !matches!(&q.what, What::Entry { author: a, .. } if a == author));
     }
 
     /// Heap bytes (the simulation's memory figures).
@@ -325,6 +420,73 @@ mod tests {
         q.push(&record(2, 5, 0), 1);
         let items = drain(&mut q);
         assert!(matches!(&items[..], [Item::Node(r)] if r.seq == 6));
+    }
+
+    fn entry(author: u128, key: &str, version: u64) -> Arc<Entry> {
+        Arc::new(Entry {
+            author: NodeId::from_index(author),
+            key: key.as_bytes().to_vec(),
+            version,
+            value: Some(vec![7; 10]),
+            sig: [0; 64],
+        })
+    }
+
+    #[test]
+    fn entries_go_after_membership_ours_first_one_per_key() {
+        let mut q = RecordQueue::new(NodeId::from_index(1));
+        q.push_entry(&entry(2, "a", 5), 2);
+        q.push_entry(&entry(1, "a", 5), 2);
+        q.push_witness(&witness(4, 0, 5), 2);
+        q.push(&record(3, 5, 0), 2);
+        // a lower or equal version does not replace a queued one; a higher one does
+        q.push_entry(&entry(2, "a", 4), 2);
+        q.push_entry(&entry(2, "a", 5), 2);
+        q.push_entry(&entry(2, "b", 1), 2);
+        q.push_entry(&entry(2, "b", 2), 2);
+        let items = drain(&mut q);
+        assert_eq!(items.len(), 5, "{items:?}");
+        assert!(matches!(&items[0], Item::Node(_)));
+        assert!(matches!(&items[1], Item::Suspect { .. }));
+        assert!(matches!(&items[2], Item::Entry(e) if e.author == NodeId::from_index(1)));
+        let keys: Vec<(Vec<u8>, u64)> = items[3..]
+            .iter()
+            .map(|i| match i {
+                Item::Entry(e) => (e.key.clone(), e.version),
+                _ => panic!("{i:?}"),
+            })
+            .collect();
+        // the newest first among equals
+        assert_eq!(keys, vec![(b"b".to_vec(), 2), (b"a".to_vec(), 5)]);
+        drain(&mut q);
+        assert!(q.is_empty());
+        assert_eq!(q.entries, 0);
+        // an author's entries can be dropped from the queue
+        q.push_entry(&entry(2, "a", 6), 2);
+        q.push_entry(&entry(3, "a", 6), 2);
+        q.drop_entries_of(&NodeId::from_index(2));
+        assert_eq!(q.len(), 1);
+        assert_eq!(q.entries, 1);
+    }
+
+    #[test]
+    fn the_entry_queue_is_bounded_ours_kept() {
+        let mut q = RecordQueue::new(NodeId::from_index(1));
+        assert!(!q.push_entry(&entry(1, "own", 1), 1));
+        for i in 0..MAX_QUEUED_ENTRIES - 1 {
+            assert!(!q.push_entry(&entry(2, &i.to_string(), 1), 3));
+        }
+        assert_eq!(q.len(), MAX_QUEUED_ENTRIES);
+        // full: the relayed entry with the fewest transmissions left goes, not ours
+        let mut sent = Vec::new();
+        q.fill(&mut sent, 2 + Item::Entry(entry(2, "0", 1)).len());
+        assert!(q.push_entry(&entry(3, "new", 1), 3));
+        assert_eq!(q.len(), MAX_QUEUED_ENTRIES);
+        let items = drain(&mut q);
+        assert!(matches!(&items[0], Item::Entry(e) if e.author == NodeId::from_index(1)));
+        assert!(items
+            .iter()
+            .any(|i| matches!(i, Item::Entry(e) if e.author == NodeId::from_index(3))));
     }
 
     #[test]

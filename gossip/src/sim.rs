@@ -627,6 +627,10 @@ impl Sim {
             Event::Down(m) => (2, m),
             Event::Updated(m) => (3, m),
             Event::Left(m) => (4, m),
+            Event::Entry { .. } => {
+                self.record_entry(observer, e);
+                return;
+            }
         };
         let subj = info.id;
         let info_bump = info.bump;
@@ -696,6 +700,8 @@ impl Sim {
             _ => {}
         }
     }
+
+    fn record_entry(&mut self, _observer: usize, _e: Event) {}
 
     fn need(&self, exclude: usize) -> usize {
         let live = self.live_count() - usize::from(self.alive(exclude));
@@ -914,6 +920,7 @@ impl Sim {
                     ))
                 })
                 .collect(),
+            entries: Vec::new(),
         };
         for i in 0..n {
             let mut core = self.make_core(i);

@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use foca::{Header, Member, Message, State};
 use shoal_gossip::auth::insecure_test_keys;
-use shoal_gossip::codec::{decode_header, encode_header, Codec, Item, NodeRecord, StateDump};
+use shoal_gossip::codec::{
+    decode_header, encode_header, Codec, Entry, Item, NodeRecord, StateDump,
+};
 use shoal_gossip::{Identity, Metadata, NodeId, Role};
 
 fn ident(i: u128) -> Identity {
@@ -62,7 +64,20 @@ fn datagram(message: Message<Identity>, members: &[Member<Identity>], items: &[I
     v
 }
 
-fn state() -> Vec<u8> {
+/// An entry of node `author`, signed by it (a tombstone without `value`).
+fn entry(author: u128, key: &str, version: u64, value: Option<&str>) -> Entry {
+    let keys = insecure_test_keys(&NodeId::from_index(author));
+    Entry::signed(
+        NodeId::from_index(author),
+        key.as_bytes().to_vec(),
+        version,
+        value.map(|v| v.as_bytes().to_vec()),
+        &keys,
+    )
+    .expect("small entry")
+}
+
+fn state_with(entries: Vec<Entry>) -> Vec<u8> {
     StateDump {
         members: vec![
             Member::new(ident(2), 0, State::Alive),
@@ -70,8 +85,23 @@ fn state() -> Vec<u8> {
             Member::new(ident(9), 0, State::Alive),
         ],
         records: vec![Arc::new(record(2)), Arc::new(record(9))],
+        entries: entries.into_iter().map(Arc::new).collect(),
     }
     .encode()
+}
+
+/// A version-3 state (no entries).
+fn state() -> Vec<u8> {
+    state_with(Vec::new())
+}
+
+/// A version-4 state: entries of nodes 2 and 9, a tombstone among them.
+fn state_entries() -> Vec<u8> {
+    state_with(vec![
+        entry(2, "ep/a", 10, Some("net1 10.0.0.2 02:42:0a:00:00:02")),
+        entry(9, "ep/b", 11, None),
+        entry(9, "ep/c", 12, Some("net1 10.0.0.3 02:42:0a:00:00:03")),
+    ])
 }
 
 /// (target, file, bytes)
@@ -83,6 +113,16 @@ fn corpus() -> Vec<(&'static str, &'static str, Vec<u8>)> {
             Member::new(ident(3), 0, State::Down),
         ],
         &[Item::Node(Arc::new(record(9))), witness()],
+    );
+    let with_entry = datagram(
+        Message::Gossip,
+        &[],
+        &[Item::Entry(Arc::new(entry(
+            9,
+            "ep/c",
+            12,
+            Some("net1 10.0.0.3 02:42:0a:00:00:03"),
+        )))],
     );
     let ping = datagram(Message::Ping(7), &[], &[]);
     let pingreq = encode_header(&Header {
@@ -111,6 +151,17 @@ fn corpus() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         ),
         ("codec", "item_suspect", witness().encode()),
         ("codec", "state", state()),
+        (
+            "codec",
+            "item_entry",
+            Item::Entry(Arc::new(entry(2, "ep/a", 10, Some("net1")))).encode(),
+        ),
+        (
+            "codec",
+            "item_entry_tombstone",
+            Item::Entry(Arc::new(entry(2, "ep/a", 11, None))).encode(),
+        ),
+        ("codec", "state_entries", state_entries()),
         ("envelope", "raw_datagram", with_mode(0, &gossip)),
         ("envelope", "raw_state", with_mode(2, &state())),
         ("envelope", "sealed_announce", with_mode(1, &announce)),
@@ -118,6 +169,16 @@ fn corpus() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         ("envelope", "sealed_state", with_mode(3, &state())),
         ("envelope", "stranger_datagram", with_mode(5, &gossip)),
         ("envelope", "stranger_state", with_mode(7, &state())),
+        (
+            "envelope",
+            "sealed_datagram_entry",
+            with_mode(1, &with_entry),
+        ),
+        (
+            "envelope",
+            "sealed_state_entries",
+            with_mode(3, &state_entries()),
+        ),
     ]
 }
 
@@ -153,4 +214,15 @@ fn committed_corpus_is_the_current_format() {
     assert!(decode_header(&corpus()[0].2).is_ok());
     assert!(Item::decode(&corpus()[3].2).is_ok());
     assert!(StateDump::decode(&corpus()[5].2).is_ok());
+    for (_, name, bytes) in corpus() {
+        match name {
+            "item_entry" | "item_entry_tombstone" => {
+                assert!(matches!(Item::decode(&bytes), Ok(Item::Entry(_))), "{name}")
+            }
+            "state_entries" => {
+                assert_eq!(StateDump::decode(&bytes).expect(name).entries.len(), 3)
+            }
+            _ => {}
+        }
+    }
 }

@@ -202,6 +202,8 @@ impl Link {
                 let (member, is_up) = match &event {
                     Event::Up(m) | Event::Updated(m) => (m, true),
                     Event::Down(m) | Event::Left(m) => (m, false),
+                    // No entries are set yet (endpoint records will be).
+                    Event::Entry { .. } => continue,
                 };
                 let Ok(id) = member.id.as_str().parse::<NodeId>() else {
                     continue;

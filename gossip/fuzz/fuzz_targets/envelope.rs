@@ -94,6 +94,7 @@ fn core(now: Instant) -> Membership {
                 ))
             })
             .collect(),
+        entries: Vec::new(),
     };
     m.restore(&dump, now);
     m

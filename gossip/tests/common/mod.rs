@@ -280,7 +280,7 @@ impl Net {
             match e {
                 Event::Up(m) => up.push(m.id),
                 Event::Down(m) | Event::Left(m) => up.retain(|x| *x != m.id),
-                Event::Updated(_) => {}
+                Event::Updated(_) | Event::Entry { .. } => {}
             }
         }
         up.sort();
