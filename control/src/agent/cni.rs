@@ -180,6 +180,41 @@ impl Endpoints {
         }
     }
 
+    /// This node's endpoints as gossip entries (key, version, value).
+    pub fn own_entries(&self) -> Vec<(Vec<u8>, u64, Option<Vec<u8>>)> {
+        lock(&self.local)
+            .iter()
+            .map(|a| {
+                (
+                    attach::entry_key(a.vni, a.ip),
+                    a.version,
+                    Some(a.mac().to_vec()),
+                )
+            })
+            .collect()
+    }
+
+    /// Gossip holds our entry `key` at `version` with `value` (from an earlier run, or a
+    /// deletion others did not hear of): what to set it to now, above that version, if it is
+    /// not what this node holds.
+    pub fn correct_own(
+        &self,
+        key: &[u8],
+        version: u64,
+        value: Option<&[u8]>,
+    ) -> Option<(u64, Option<Vec<u8>>)> {
+        let mut local = lock(&self.local);
+        let now: Option<Vec<u8>> = local
+            .iter()
+            .find(|a| attach::entry_key(a.vni, a.ip) == key)
+            .map(|a| a.mac().to_vec());
+        if now.as_deref() == value {
+            return None;
+        }
+        let next = local.take_version(now_ms().max(version.saturating_add(1)));
+        Some((next, now))
+    }
+
     /// Loads this node's attachments from the store.
     pub async fn load(&self, store: &Store) -> Result<usize, crate::store::StoreError> {
         let rows = store.attachments().await?;
@@ -586,8 +621,13 @@ impl Agent {
             return;
         };
         let value = live.then(|| a.mac().to_vec());
-        // WIP: gossip entries land with the gossip-tables branch.
-        let _ = (gossip, attach::entry_key(a.vni, a.ip), value);
+        let key = attach::entry_key(a.vni, a.ip);
+        let version = a.version;
+        tokio::spawn(async move {
+            if let Err(e) = gossip.set_entry(key, version, value).await {
+                warn!("could not announce an endpoint in gossip: {e}");
+            }
+        });
     }
 
     /// On `leave`: every container is detached (its veth, its record), every bridge goes,

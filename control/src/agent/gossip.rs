@@ -60,6 +60,7 @@ pub struct Link {
     incarnation: Incarnation,
     up: watch::Receiver<Arc<HashSet<NodeId>>>,
     announced: watch::Receiver<Arc<HashMap<NodeId, Announced>>>,
+    entries: watch::Receiver<u64>,
     events: JoinHandle<()>,
     last: Option<Metadata>,
     seen: HashMap<u32, Instant>,
@@ -174,6 +175,7 @@ impl Link {
         node_secret: &[u8; 32],
         incarnation: Incarnation,
         bind: Option<SocketAddr>,
+        endpoints: Arc<crate::agent::cni::Endpoints>,
     ) -> Result<Self, LinkError> {
         let me = m.view.node(&m.node_id).ok_or(LinkError::NotInView)?;
         let bind = bind.unwrap_or(SocketAddr::new(me.addr, DEFAULT_PORT));
@@ -195,6 +197,15 @@ impl Link {
         info!(%bind, "gossip started");
         let (up_tx, up) = watch::channel(Arc::new(HashSet::new()));
         let (announced_tx, announced) = watch::channel(Arc::new(HashMap::new()));
+        let (entries_tx, entries) = watch::channel(0u64);
+        // This node's endpoints, announced again (a restart: gossip holds nothing of ours).
+        for (key, version, value) in endpoints.own_entries() {
+            if let Err(e) = handle.set_entry(key, version, value).await {
+                warn!("could not announce an endpoint in gossip: {e}");
+            }
+        }
+        let own = m.node_id.clone();
+        let own_handle = handle.clone();
         let task = tokio::spawn(async move {
             let mut set = HashSet::new();
             let mut known: HashMap<NodeId, Announced> = HashMap::new();
@@ -202,8 +213,32 @@ impl Link {
                 let (member, is_up) = match &event {
                     Event::Up(m) | Event::Updated(m) => (m, true),
                     Event::Down(m) | Event::Left(m) => (m, false),
-                    // No entries are set yet (endpoint records will be).
-                    Event::Entry { .. } => continue,
+                    Event::Entry {
+                        author,
+                        key,
+                        version,
+                        value,
+                    } => {
+                        let Ok(author) = author.as_str().parse::<NodeId>() else {
+                            continue;
+                        };
+                        if author == own {
+                            // One of ours as others hold it (an earlier run's): say again
+                            // what is true now, above the version they hold.
+                            if let Some((version, value)) =
+                                endpoints.correct_own(key, *version, value.as_deref())
+                            {
+                                if let Err(e) =
+                                    own_handle.set_entry(key.clone(), version, value).await
+                                {
+                                    warn!("could not correct an endpoint in gossip: {e}");
+                                }
+                            }
+                        } else if endpoints.take_entry(&author, key, value.as_deref()) {
+                            entries_tx.send_modify(|n| *n += 1);
+                        }
+                        continue;
+                    }
                 };
                 let Ok(id) = member.id.as_str().parse::<NodeId>() else {
                     continue;
@@ -242,6 +277,7 @@ impl Link {
             incarnation,
             up,
             announced,
+            entries,
             events: task,
             last: Some(meta),
             seen,
@@ -268,6 +304,11 @@ impl Link {
     /// A receiver that changes whenever [`Link::announced`] does.
     pub fn watch_announced(&self) -> watch::Receiver<Arc<HashMap<NodeId, Announced>>> {
         self.announced.clone()
+    }
+
+    /// A receiver that changes whenever the endpoints other nodes announce do.
+    pub fn watch_entries(&self) -> watch::Receiver<u64> {
+        self.entries.clone()
     }
 
     /// A receiver that changes whenever the up set does.

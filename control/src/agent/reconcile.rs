@@ -240,6 +240,7 @@ struct Gossip {
     link: Link,
     announced: watch::Receiver<Arc<std::collections::HashMap<NodeId, datapath::Announced>>>,
     up: watch::Receiver<Arc<HashSet<NodeId>>>,
+    entries: watch::Receiver<u64>,
 }
 
 /// The task that owns what this node runs. See the module docs.
@@ -312,9 +313,13 @@ impl Reconciler {
             let wake = self
                 .next_wake()
                 .map_or_else(far, tokio::time::Instant::from_std);
-            let (announced, up) = match self.gossip.as_mut() {
-                Some(g) => (Some(&mut g.announced), Some(&mut g.up)),
-                None => (None, None),
+            let (announced, up, entries) = match self.gossip.as_mut() {
+                Some(g) => (
+                    Some(&mut g.announced),
+                    Some(&mut g.up),
+                    Some(&mut g.entries),
+                ),
+                None => (None, None, None),
             };
             tokio::select! {
                 order = orders.recv() => match order {
@@ -337,6 +342,7 @@ impl Reconciler {
                     self.follow_record().await;
                 }
                 () = changed(announced) => self.steer_data_path(),
+                () = changed(entries) => self.steer_data_path(),
                 () = changed(up) => self.feed_manager(),
                 () = tokio::time::sleep_until(wake) => self.on_timer().await,
                 _ = drops.tick() => self.log_drops(),
@@ -525,6 +531,7 @@ impl Reconciler {
             &self.setup.node_secret,
             incarnation,
             self.setup.gossip_addr,
+            self.setup.endpoints.clone(),
         )
         .await;
         match started {
@@ -537,6 +544,7 @@ impl Reconciler {
                 self.gossip = Some(Gossip {
                     announced: link.watch_announced(),
                     up: link.watch_up(),
+                    entries: link.watch_entries(),
                     link,
                 });
                 self.feed_manager();
