@@ -298,7 +298,9 @@ impl Podman {
     fn new(lab: &TestLab, nodes: usize, network: &str) -> Podman {
         let dir = lab.scratch.join("podman");
         let rootfs = dir.join("rootfs");
-        std::fs::create_dir_all(rootfs.join("bin")).unwrap();
+        for d in ["bin", "tmp"] {
+            std::fs::create_dir_all(rootfs.join(d)).unwrap();
+        }
         std::fs::copy("/bin/busybox", rootfs.join("bin/busybox"))
             .expect("busybox-static is installed (.ci/run installs it)");
         for tool in ["sh", "ping", "nc", "sleep", "ip", "cat", "echo"] {
@@ -377,7 +379,8 @@ impl Podman {
         cmd
     }
 
-    /// Runs a container `name` on node `node`'s network; its address there.
+    /// Runs a container `name` on node `node`'s network; its address there. Its main process:
+    /// a TCP listener on port 5555 writing what it gets to /tmp/got, then a long sleep.
     fn run(&mut self, node: usize, name: &str, network: &str) -> String {
         let out = self
             .cmd(node)
@@ -390,7 +393,7 @@ impl Podman {
                 network,
                 "shoal-bb",
             ])
-            .args(["sleep", "600"])
+            .args(["sh", "-c", "nc -l -p 5555 > /tmp/got; sleep 600"])
             .output()
             .unwrap();
         assert!(
@@ -416,6 +419,13 @@ impl Podman {
             .args(args)
             .output()
             .unwrap();
+        if !out.status.success() {
+            let what: String = format!("{args:?}").chars().take(120).collect();
+            eprintln!(
+                "podman exec {name} {what}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         out.status
             .success()
             .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
@@ -470,23 +480,26 @@ fn podman_containers_on_two_nodes_talk_over_an_encrypted_user_network() {
     let marker = "shoal-podman-plaintext-";
     let data = marker.repeat(100);
     let pcap = lab.capture_all(1, "podman", || {
-        let mut listen = podman.cmd(2);
-        listen.args(["exec", &b, "sh", "-c", "nc -l -p 5555 > /tmp/got"]);
-        let mut listener = shoal_netns_tests::shoal_lab::Spawned(listen.spawn().unwrap());
-        std::thread::sleep(Duration::from_millis(500));
         lab.eventually("the transfer is sent", Duration::from_secs(10), || {
             podman
                 .try_exec(
                     1,
                     &a,
-                    &["sh", "-c", &format!("echo {data} | nc -w 2 {ip_b} 5555")],
+                    &["sh", "-c", &format!("echo {data} | nc {ip_b} 5555")],
                 )
                 .is_some()
         });
-        let _ = shoal_netns_tests::shoal_lab::wait_exit(&mut listener.0, Duration::from_secs(10));
     });
-    let got = podman.exec(2, &b, &["cat", "/tmp/got"]);
-    assert_eq!(got.trim(), data, "what {b} received");
+    lab.eventually(
+        &format!("{b} received it all"),
+        Duration::from_secs(5),
+        || {
+            podman
+                .try_exec(2, &b, &["cat", "/tmp/got"])
+                .map(|s| s.trim().to_owned())
+                == Some(data.clone())
+        },
+    );
     let leaked = packets(&pcap)
         .iter()
         .filter(|p| p.windows(marker.len()).any(|w| w == marker.as_bytes()))
