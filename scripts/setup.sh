@@ -6,6 +6,9 @@ export PATH="$PATH:/usr/sbin:/sbin:${HOME:-/root}/.cargo/bin"
 
 need_apt=()
 tools="ip:iproute2 tcpdump:tcpdump tshark:tshark ping:iputils-ping iperf3:iperf3 ethtool:ethtool python3:python3"
+# User networks (issue 16): the podman test runs Debian's podman with its CNI backend and runc,
+# on an image made from busybox-static; the CNI reference plugins sit where shoal-cni installs.
+tools="$tools podman:podman runc:runc busybox:busybox-static /usr/lib/cni/bridge:containernetworking-plugins"
 # The package (scripts/package.sh): lintian, dpkg-shlibdeps for cargo-deb's $auto depends,
 # systemd-analyze to verify the unit, man to check its Documentation=, unshare and chroot for
 # the install test.
@@ -14,7 +17,11 @@ if [ "${SHOAL_SETUP_PACKAGE:-0}" = 1 ]; then
 fi
 for pair in $tools; do
   cmd=${pair%%:*} pkg=${pair#*:}
-  command -v "$cmd" >/dev/null 2>&1 || need_apt+=("$pkg")
+  if [ "${cmd#/}" != "$cmd" ]; then
+    [ -e "$cmd" ] || need_apt+=("$pkg")
+  else
+    command -v "$cmd" >/dev/null 2>&1 || need_apt+=("$pkg")
+  fi
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
