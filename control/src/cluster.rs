@@ -152,6 +152,24 @@ pub struct UserNetwork {
     /// `docs/networks.md`): granted by the manager, given back when the node goes.
     #[serde(default)]
     pub blocks: BTreeMap<NodeId, Vec<Ipv4Net>>,
+    /// Fixed addresses a node asked for by name (a container that moved, or one that wants
+    /// its address): each belongs to that node whatever block it lies in.
+    #[serde(default)]
+    pub assigned: BTreeMap<Ipv4Addr, NodeId>,
+}
+
+impl UserNetwork {
+    /// Whether node `node` may hold an endpoint at `ip`: the address is assigned to it, or
+    /// lies in one of its blocks and is assigned to no one else.
+    pub fn holds(&self, node: &NodeId, ip: Ipv4Addr) -> bool {
+        match self.assigned.get(&ip) {
+            Some(owner) => owner == node,
+            None => self
+                .blocks
+                .get(node)
+                .is_some_and(|bs| bs.iter().any(|b| b.contains(&ip))),
+        }
+    }
 }
 
 /// An external VTEP: a kernel vxlan device or a hardware switch on a plain network.
@@ -387,6 +405,14 @@ impl ClusterView {
                             })
                         })
                         .collect(),
+                    assigned: n
+                        .assigned
+                        .iter()
+                        .map(|(ip, node)| wire::AssignedV1 {
+                            ip: *ip,
+                            node: node.clone(),
+                        })
+                        .collect(),
                 })
                 .collect(),
         })
@@ -478,6 +504,7 @@ impl ClusterView {
                                     all
                                 },
                             ),
+                            assigned: n.assigned.into_iter().map(|a| (a.ip, a.node)).collect(),
                         })
                     })
                     .collect(),

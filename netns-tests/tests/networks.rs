@@ -506,3 +506,86 @@ fn podman_containers_on_two_nodes_talk_over_an_encrypted_user_network() {
         .count();
     assert_eq!(leaked, 0, "the plaintext is on the underlay");
 }
+
+/// When `from` first reaches `to`, from now: pings every 50 ms for up to 3 s; the time of the
+/// first echo answered (its sequence number times the interval), `None` if none was.
+fn first_reply(from: &Container, to: &str) -> Option<Duration> {
+    let out = from.exec(&["ping", "-n", "-i", "0.05", "-c", "60", "-w", "3", to]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let seq = text
+        .lines()
+        .filter_map(|l| l.split("icmp_seq=").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
+        .min()?;
+    Some(Duration::from_millis(seq.saturating_sub(1) * 50))
+}
+
+#[test]
+fn a_moved_address_is_followed_and_networks_stay_apart() {
+    let lab = TestLab::up(BIN, 3, true);
+    create(&lab, &["--attachable", "--subnet", "10.79.0.0/24", "front"]);
+    create(&lab, &["--attachable", "--subnet", "10.80.0.0/24", "back"]);
+    wait_network(&lab, 3, "back");
+    let [c1, c2, c3, c4, d] = ["c1", "c2", "c3", "c4", "d"].map(|t| Container::new(&lab, t));
+    let ip1 = add(&lab, 1, &c1, "front");
+    add(&lab, 3, &c3, "front");
+    add(&lab, 1, &c4, "front");
+    lab.eventually("c3 reaches c1", Duration::from_secs(10), || c3.ping(&ip1));
+
+    // The address leaves n1 (DEL) and comes back on n2 by name (IP= in CNI_ARGS).
+    let del = cni(&lab, 1, "DEL", Some(&c1), "front", json!({}));
+    assert!(del.ok, "{}", del.out);
+    let moved = cni(
+        &lab,
+        2,
+        "ADD",
+        Some(&c2),
+        "front",
+        json!({"runtimeConfig": {"ips": [format!("{ip1}/24")]}}),
+    );
+    assert!(moved.ok, "{}", moved.out);
+    assert_eq!(address(&moved.out), ip1, "the address asked for");
+    for (name, from) in [("c3 on n3", &c3), ("c4 on n1", &c4)] {
+        let after =
+            first_reply(from, &ip1).unwrap_or_else(|| panic!("{name} never reaches {ip1} on n2"));
+        assert!(
+            after <= Duration::from_secs(1),
+            "{name} reached the moved address after {after:?}"
+        );
+    }
+    // The address is n2's now: its endpoint is listed, on n2's node.
+    let listed = endpoints(&lab, 3, "front");
+    let row = listed
+        .iter()
+        .find(|e| {
+            e["ip"]
+                .as_str()
+                .is_some_and(|ip| ip.starts_with(&format!("{ip1}/")))
+        })
+        .unwrap_or_else(|| panic!("{ip1} not listed: {listed:?}"));
+    let n2 = lab.shoal(2, &["info"]);
+    let n2: Value = serde_json::from_slice(&n2.stdout).unwrap_or(Value::Null);
+    assert_eq!(row["node_id"], n2["node_id"], "{row}");
+
+    // Networks are apart: a container of `back` on the same node as c2, told that `front`'s
+    // subnet is on its link, reaches nothing there (its ARP is answered by no one and
+    // flooded to no node of `front`).
+    let ip_d = add(&lab, 2, &d, "back");
+    assert!(ip_d.starts_with("10.80.0."));
+    assert!(d
+        .exec(&["ip", "route", "add", "10.79.0.0/24", "dev", "eth0"])
+        .status
+        .success());
+    assert!(c3
+        .exec(&["ip", "route", "add", "10.80.0.0/24", "dev", "eth0"])
+        .status
+        .success());
+    for _ in 0..3 {
+        assert!(!d.ping(&ip1), "a container of back reached front's {ip1}");
+        assert!(
+            !c3.ping(&ip_d),
+            "a container of front reached back's {ip_d}"
+        );
+    }
+    assert!(c3.ping(&ip1), "front itself still works");
+}

@@ -717,6 +717,14 @@ pub enum ManagerRequest {
         /// The network's name.
         network: String,
     },
+    /// mTLS: the fixed address `ip` of a user network for this node (a container that moved
+    /// here keeps its address); answered [`ManagerReply::Ok`].
+    AssignAddress {
+        /// The network's name.
+        network: String,
+        /// The address.
+        ip: Ipv4Addr,
+    },
 }
 
 /// What a joining node gets.

@@ -206,6 +206,18 @@ pub struct UserNetworkV1 {
     /// Each node's address blocks of the subnet (absent from views before blocks existed).
     #[serde(default)]
     pub blocks: Vec<BlockV1>,
+    /// Fixed addresses and the node each is assigned to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub assigned: Vec<AssignedV1>,
+}
+
+/// A fixed address of a network and its node, format 1.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AssignedV1 {
+    /// The address.
+    pub ip: Ipv4Addr,
+    /// The node it is assigned to.
+    pub node: NodeId,
 }
 
 /// A node's address block of a network, format 1.

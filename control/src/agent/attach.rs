@@ -199,18 +199,33 @@ impl Attachments {
         self.last_version
     }
 
-    /// An address for a new endpoint of `net` from `blocks` (this node's): `want` if given
-    /// and free, else the lowest free one.
+    /// An address for a new endpoint of `net` on node `me`: `want` if given, free and this
+    /// node's (see [`UserNetwork::holds`]; `taken` is an address just assigned to it that the
+    /// view does not show yet), else the lowest free one of its blocks and of `more` (blocks
+    /// just granted) that no other node has by assignment.
     pub fn allocate(
         &self,
         net: &UserNetwork,
-        blocks: &[Ipv4Net],
+        me: &NodeId,
+        more: &[Ipv4Net],
+        taken: Option<Ipv4Addr>,
         want: Option<Ipv4Addr>,
     ) -> Result<Ipv4Addr, AllocError> {
         let used: std::collections::HashSet<Ipv4Addr> = self.on(&net.id).map(|a| a.ip).collect();
         let free = |ip: Ipv4Addr| assignable(net, ip) && !used.contains(&ip);
+        let mut blocks: Vec<Ipv4Net> = net.blocks.get(me).cloned().unwrap_or_default();
+        blocks.extend_from_slice(more);
+        blocks.sort();
+        blocks.dedup();
+        let ours = |ip: Ipv4Addr| {
+            taken == Some(ip)
+                || match net.assigned.get(&ip) {
+                    Some(owner) => owner == me,
+                    None => blocks.iter().any(|b| b.contains(&ip)),
+                }
+        };
         if let Some(ip) = want {
-            if !blocks.iter().any(|b| b.contains(&ip)) {
+            if !ours(ip) {
                 return Err(AllocError::NotOurs {
                     network: net.name.clone(),
                     ip,
@@ -225,12 +240,10 @@ impl Attachments {
                 })
             };
         }
-        let mut sorted = blocks.to_vec();
-        sorted.sort();
-        sorted
+        blocks
             .iter()
             .flat_map(|b| b.hosts().chain([b.network(), b.broadcast()]))
-            .filter(|ip| free(*ip))
+            .filter(|ip| free(*ip) && ours(*ip))
             .min()
             .ok_or_else(|| AllocError::Exhausted(net.name.clone()))
     }
@@ -277,9 +290,9 @@ pub fn decode_entry(node: &NodeId, key: &[u8], value: &[u8]) -> Option<Announced
 
 /// The user networks the data path should carry on node `me`: every user network of the
 /// view; a device for those with local attachments; and the remote endpoints believed: an
-/// announced endpoint is kept only if its node is in the view, has not left, and holds a
-/// block of that network containing its address (first announcement per address wins ties
-/// in no way: two nodes cannot hold the same block).
+/// announced endpoint is kept only if its node is in the view, has not left, and holds its
+/// address ([`UserNetwork::holds`]: by a fixed assignment, or in one of its blocks that no
+/// assignment took), so no two nodes are believed for one address.
 pub fn segments(
     view: &ClusterView,
     me: &NodeId,
@@ -294,11 +307,7 @@ pub fn segments(
                 .filter(|a| a.vni == net.vni && &a.node != me)
                 .filter_map(|a| {
                     let node = view.node(&a.node).filter(|n| !n.left)?;
-                    let holds = net
-                        .blocks
-                        .get(&a.node)
-                        .is_some_and(|bs| bs.iter().any(|b| b.contains(&a.ip)));
-                    (holds && assignable(net, a.ip)).then(|| RemoteEndpoint {
+                    (net.holds(&a.node, a.ip) && assignable(net, a.ip)).then(|| RemoteEndpoint {
                         ip: a.ip,
                         mac: shoal_vxlan::wire::Mac(a.mac),
                         vtep: node.addr,
@@ -387,32 +396,35 @@ mod tests {
     fn addresses_are_the_lowest_free_of_our_blocks_never_reserved_ones() {
         let v = view();
         let net = web(&v);
-        let mine = net.blocks[&NodeId::from_random(1)].clone();
-        assert_eq!(mine, vec!["10.9.0.0/28".parse::<Ipv4Net>().unwrap()]);
+        let me = NodeId::from_random(1);
+        assert_eq!(
+            net.blocks[&me],
+            vec!["10.9.0.0/28".parse::<Ipv4Net>().unwrap()]
+        );
         let mut atts = Attachments::new();
         // .0 is the network's address, .1 its gateway.
-        let first = atts.allocate(net, &mine, None).unwrap();
+        let first = atts.allocate(net, &me, &[], None, None).unwrap();
         assert_eq!(first, Ipv4Addr::new(10, 9, 0, 2));
         atts.insert(attachment(net, "a", first));
         assert_eq!(
-            atts.allocate(net, &mine, None).unwrap(),
+            atts.allocate(net, &me, &[], None, None).unwrap(),
             Ipv4Addr::new(10, 9, 0, 3)
         );
         // The whole block: .2 to .15 (the block's last address is not the subnet's
         // broadcast address, so it is a host like any other).
         for i in 3..=15 {
-            let ip = atts.allocate(net, &mine, None).unwrap();
+            let ip = atts.allocate(net, &me, &[], None, None).unwrap();
             assert_eq!(ip, Ipv4Addr::new(10, 9, 0, i));
             atts.insert(attachment(net, &format!("c{i}"), ip));
         }
         assert_eq!(
-            atts.allocate(net, &mine, None),
+            atts.allocate(net, &me, &[], None, None),
             Err(AllocError::Exhausted("web".into()))
         );
         // A freed address is given again.
         atts.remove(&key(&net.id, "c7", "eth0"));
         assert_eq!(
-            atts.allocate(net, &mine, None).unwrap(),
+            atts.allocate(net, &me, &[], None, None).unwrap(),
             Ipv4Addr::new(10, 9, 0, 7)
         );
     }
@@ -421,22 +433,22 @@ mod tests {
     fn a_fixed_address_must_be_ours_and_free() {
         let v = view();
         let net = web(&v);
-        let mine = net.blocks[&NodeId::from_random(1)].clone();
+        let me = NodeId::from_random(1);
         let mut atts = Attachments::new();
         let five = Ipv4Addr::new(10, 9, 0, 5);
-        assert_eq!(atts.allocate(net, &mine, Some(five)), Ok(five));
+        assert_eq!(atts.allocate(net, &me, &[], None, Some(five)), Ok(five));
         atts.insert(attachment(net, "a", five));
         assert!(matches!(
-            atts.allocate(net, &mine, Some(five)),
+            atts.allocate(net, &me, &[], None, Some(five)),
             Err(AllocError::InUse { .. })
         ));
         assert!(matches!(
-            atts.allocate(net, &mine, Some(net.gateway)),
+            atts.allocate(net, &me, &[], None, Some(net.gateway)),
             Err(AllocError::InUse { .. })
         ));
         // Node 2's block.
         assert!(matches!(
-            atts.allocate(net, &mine, Some(Ipv4Addr::new(10, 9, 0, 18))),
+            atts.allocate(net, &me, &[], None, Some(Ipv4Addr::new(10, 9, 0, 18))),
             Err(AllocError::NotOurs { .. })
         ));
     }
@@ -484,6 +496,64 @@ mod tests {
         assert_eq!(
             segs[0].device.as_deref(),
             Some(device_name(net.vni).as_str())
+        );
+    }
+
+    #[test]
+    fn a_fixed_address_moves_belief_to_its_new_node() {
+        let mut v = view();
+        let me = NodeId::from_random(1);
+        let two = NodeId::from_random(2);
+        // 10.9.0.5 lies in node 1's block; node 2 is assigned it (a container moved there).
+        let moved = Ipv4Addr::new(10, 9, 0, 5);
+        let net = v.networks.iter_mut().find(|n| n.name == "web").unwrap();
+        assert!(net.holds(&me, moved) && !net.holds(&two, moved));
+        networks::assign(net, &two, moved).unwrap();
+        assert!(!net.holds(&me, moved) && net.holds(&two, moved));
+        let net = net.clone();
+        // Node 1 no longer gives it out, nor takes it by name.
+        let mut atts = Attachments::new();
+        for i in 2..=4 {
+            atts.insert(attachment(
+                &net,
+                &format!("c{i}"),
+                Ipv4Addr::new(10, 9, 0, i),
+            ));
+        }
+        assert_eq!(
+            atts.allocate(&net, &me, &[], None, None),
+            Ok(Ipv4Addr::new(10, 9, 0, 6))
+        );
+        assert!(matches!(
+            atts.allocate(&net, &me, &[], None, Some(moved)),
+            Err(AllocError::NotOurs { .. })
+        ));
+        // Node 2 may take it, before its view shows the assignment too.
+        assert_eq!(
+            Attachments::new().allocate(&net, &two, &[], Some(moved), Some(moved)),
+            Ok(moved)
+        );
+        // Node 2's announcement of it is believed, node 1's not.
+        let mut remote = HashMap::new();
+        for (n, node) in [(2, &two), (1, &me)] {
+            let a = Announced {
+                node: node.clone(),
+                vni: net.vni,
+                ip: moved,
+                mac: mac_for(moved).0,
+            };
+            remote.insert((NodeId::from_random(n), a.vni, a.ip), a);
+        }
+        let three = NodeId::from_random(3);
+        let segs = segments(&v, &three, &Attachments::new(), &remote);
+        let node2 = v.node(&two).unwrap().addr;
+        assert_eq!(
+            segs[0].endpoints,
+            vec![RemoteEndpoint {
+                ip: moved,
+                mac: mac_for(moved),
+                vtep: node2
+            }]
         );
     }
 

@@ -94,11 +94,7 @@ impl Endpoints {
             .values()
             .filter(|a| a.vni == net.vni)
             .filter(|a| view.node(&a.node).is_some_and(|n| !n.left))
-            .filter(|a| {
-                net.blocks
-                    .get(&a.node)
-                    .is_some_and(|bs| bs.iter().any(|b| b.contains(&a.ip)))
-            })
+            .filter(|a| net.holds(&a.node, a.ip))
             .count();
         local + remote
     }
@@ -381,35 +377,68 @@ impl Agent {
         net: &UserNetwork,
         want: Option<Ipv4Addr>,
     ) -> Result<Ipv4Addr, CniError> {
-        let blocks = |extra: &[Ipv4Net]| {
-            let mut b: Vec<Ipv4Net> = net.blocks.get(&m.node_id).cloned().unwrap_or_default();
-            b.extend(
-                lock(&self.endpoints.granted)
-                    .get(&net.id)
-                    .into_iter()
-                    .flatten(),
-            );
-            b.extend_from_slice(extra);
-            b.sort();
-            b.dedup();
-            b
-        };
-        let first = lock(&self.endpoints.local).allocate(net, &blocks(&[]), want);
-        match first {
-            Ok(ip) => return Ok(ip),
-            Err(attach::AllocError::Exhausted(_)) if want.is_none() => {}
-            Err(e) => return Err(err(code::BAD_CONFIG, e.to_string())),
+        let granted: Vec<Ipv4Net> = lock(&self.endpoints.granted)
+            .get(&net.id)
+            .cloned()
+            .unwrap_or_default();
+        let me = &m.node_id;
+        let first = lock(&self.endpoints.local).allocate(net, me, &granted, None, want);
+        match (first, want) {
+            (Ok(ip), _) => Ok(ip),
+            (Err(attach::AllocError::Exhausted(_)), None) => {
+                let more = self.address_block(m, &net.name).await.map_err(|e| {
+                    err(
+                        code::TRY_LATER,
+                        format!("no free address on this node and no new block: {e}"),
+                    )
+                })?;
+                lock(&self.endpoints.granted).insert(net.id.clone(), more.clone());
+                lock(&self.endpoints.local)
+                    .allocate(net, me, &more, None, None)
+                    .map_err(|e| err(code::TRY_LATER, e.to_string()))
+            }
+            (Err(attach::AllocError::NotOurs { .. }), Some(ip)) => {
+                // Another node's address (a container that moved here): the manager gives it
+                // to this node, and from then on only this node's endpoint at it is believed.
+                self.assign_address(m, &net.name, ip)
+                    .await
+                    .map_err(|e| err(code::TRY_LATER, format!("address {ip}: {e}")))?;
+                lock(&self.endpoints.local)
+                    .allocate(net, me, &granted, Some(ip), Some(ip))
+                    .map_err(|e| err(code::BAD_CONFIG, e.to_string()))
+            }
+            (Err(e), _) => Err(err(code::BAD_CONFIG, e.to_string())),
         }
-        let granted = self.address_block(m, &net.name).await.map_err(|e| {
-            err(
-                code::TRY_LATER,
-                format!("no free address on this node and no new block: {e}"),
-            )
-        })?;
-        lock(&self.endpoints.granted).insert(net.id.clone(), granted.clone());
-        lock(&self.endpoints.local)
-            .allocate(net, &blocks(&granted), None)
-            .map_err(|e| err(code::TRY_LATER, e.to_string()))
+    }
+
+    /// Asks the manager to assign the fixed address `ip` of network `name` to this node.
+    async fn assign_address(
+        &self,
+        m: &crate::store::Membership,
+        name: &str,
+        ip: Ipv4Addr,
+    ) -> Result<(), String> {
+        let reply = match self.running().manager.clone() {
+            Some(manager) => manager
+                .assign_address(&m.node_id, name, ip)
+                .await
+                .map_err(|e| e.to_string()),
+            None => tokio::time::timeout(super::REQUEST_TIMEOUT, async {
+                let (mut tls, addr) = super::connect_member(m).await?;
+                let request = ManagerRequest::AssignAddress {
+                    network: name.to_owned(),
+                    ip,
+                };
+                super::call(&mut tls, addr, &request).await
+            })
+            .await
+            .map_err(|_| "the manager did not answer in time".to_owned())
+            .and_then(|r| r.map_err(|e| e.to_string())),
+        }?;
+        match reply {
+            ManagerReply::Ok => Ok(()),
+            other => Err(format!("unexpected answer {other:?}")),
+        }
     }
 
     /// One more address block of network `name` for this node, from the manager.

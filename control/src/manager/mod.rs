@@ -734,6 +734,23 @@ impl Manager {
         Ok(ManagerReply::Blocks(blocks))
     }
 
+    /// Assigns the fixed address `ip` of `network` to node `id`.
+    pub(crate) async fn assign_address(
+        &self,
+        id: &NodeId,
+        network: &str,
+        ip: std::net::Ipv4Addr,
+    ) -> Result<ManagerReply, AdminError> {
+        self.apply(Command::AssignAddress {
+            network: network.to_owned(),
+            node: id.clone(),
+            ip,
+        })
+        .await?;
+        info!(node = %id, %network, %ip, "fixed address assigned");
+        Ok(ManagerReply::Ok)
+    }
+
     /// The X25519 public key joining nodes prove their keys against.
     pub fn public_key(&self) -> [u8; 32] {
         crate::trust::join::public_keys(&self.node_secret).0
@@ -1064,6 +1081,14 @@ impl Manager {
                     .renew(&node.id)
                     .await
                     .map(ManagerReply::Certificate)
+                    .map_err(|e| e.to_string()),
+                Some((_, false)) => Err(OLD_CERT.into()),
+                None => Err(not_member()),
+            },
+            ManagerRequest::AssignAddress { network, ip } => match caller {
+                Some((node, true)) => self
+                    .assign_address(&node.id, &network, ip)
+                    .await
                     .map_err(|e| e.to_string()),
                 Some((_, false)) => Err(OLD_CERT.into()),
                 None => Err(not_member()),

@@ -141,6 +141,14 @@ pub enum NetworkError {
     /// Every block of the subnet is granted.
     #[error("network {0} has no address block left for this node: its subnet is full; remove containers on other nodes, or make a network with a larger --subnet")]
     BlocksExhausted(String),
+    /// A fixed address outside the subnet, or its network, broadcast or gateway address.
+    #[error("address {ip} cannot be given to a container on network {network}: it is outside its subnet or reserved")]
+    BadAddress {
+        /// The address.
+        ip: Ipv4Addr,
+        /// The network.
+        network: String,
+    },
 }
 
 /// Checks a network name as docker does.
@@ -221,6 +229,7 @@ pub fn create(
         internal: spec.internal,
         created_at: spec.at,
         blocks: BTreeMap::new(),
+        assigned: BTreeMap::new(),
     })
 }
 
@@ -240,13 +249,34 @@ pub fn grant_block(network: &mut UserNetwork, node: &NodeId) -> Result<Ipv4Net, 
     Ok(block)
 }
 
-/// Gives back every block `node` holds, on every network (it left or was removed).
+/// Gives back every block and fixed address `node` holds, on every network (it left or was
+/// removed).
 pub fn release_blocks(networks: &mut BTreeMap<String, UserNetwork>, node: &NodeId) -> bool {
     let mut any = false;
     for n in networks.values_mut() {
         any |= n.blocks.remove(node).is_some();
+        let before = n.assigned.len();
+        n.assigned.retain(|_, owner| owner != node);
+        any |= n.assigned.len() != before;
     }
     any
+}
+
+/// Assigns the fixed address `ip` of `network` to `node` (taking it from any other node's
+/// block or assignment: the last node to ask for an address by name holds it).
+pub fn assign(network: &mut UserNetwork, node: &NodeId, ip: Ipv4Addr) -> Result<(), NetworkError> {
+    let usable = network.subnet.contains(&ip)
+        && ip != network.subnet.network()
+        && ip != network.subnet.broadcast()
+        && ip != network.gateway;
+    if !usable {
+        return Err(NetworkError::BadAddress {
+            ip,
+            network: network.name.clone(),
+        });
+    }
+    network.assigned.insert(ip, node.clone());
+    Ok(())
 }
 
 #[cfg(test)]

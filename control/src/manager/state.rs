@@ -247,6 +247,15 @@ pub enum Command {
         /// The node.
         node: NodeId,
     },
+    /// Assign a fixed address of a network to a node (a container that moved to it).
+    AssignAddress {
+        /// The network's name.
+        network: String,
+        /// The node.
+        node: NodeId,
+        /// The address.
+        ip: Ipv4Addr,
+    },
     /// Start a new gossip key and data-path epoch; the previous ones stay live.
     RotateKeys {
         /// New gossip key.
@@ -619,6 +628,20 @@ impl State {
                     .get_mut(&network)
                     .ok_or(NetworkError::NotFound(network))?;
                 networks::grant_block(n, &node)?;
+                Ok(Applied::Changed)
+            }
+            Command::AssignAddress { network, node, ip } => {
+                if !cluster.nodes.get(&node).is_some_and(Node::active) {
+                    return Err(ApplyError::NoSuchNode(node));
+                }
+                let n = cluster
+                    .networks
+                    .get_mut(&network)
+                    .ok_or(NetworkError::NotFound(network))?;
+                if n.assigned.get(&ip) == Some(&node) {
+                    return Ok(Applied::Unchanged);
+                }
+                networks::assign(n, &node, ip)?;
                 Ok(Applied::Changed)
             }
             Command::RemoveNetwork(name) => {
