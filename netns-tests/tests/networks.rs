@@ -589,3 +589,232 @@ fn a_moved_address_is_followed_and_networks_stay_apart() {
     }
     assert!(c3.ping(&ip1), "front itself still works");
 }
+
+/// A small deterministic generator (xorshift64*), so a failing churn run can be replayed from
+/// the seed it prints.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 33) as usize % n
+    }
+}
+
+/// ADD/DEL cycles on the churn test's network.
+const CHURN_CYCLES: usize = 1000;
+
+#[test]
+fn churn_with_crashing_agents_leaves_tables_in_step_and_no_address_leaked() {
+    let lab = TestLab::up(BIN, 3, true);
+    create(
+        &lab,
+        &[
+            "--attachable",
+            "--opt",
+            "encrypted",
+            "--subnet",
+            "10.81.0.0/22",
+            "churn",
+        ],
+    );
+    wait_network(&lab, 3, "churn");
+    let seed = std::env::var("SHOAL_CHURN_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(u64::from(std::process::id()) | 1);
+    eprintln!("churn seed {seed} (SHOAL_CHURN_SEED replays it)");
+    let mut rng = Rng(seed);
+    // Nine containers, three per node; what the runtime believes of each.
+    let slots: Vec<(usize, Container)> = (0..9)
+        .map(|k| (k % 3 + 1, Container::new(&lab, &format!("k{k}"))))
+        .collect();
+    let mut attached: Vec<Option<String>> = vec![None; slots.len()];
+    let mut owed_del = vec![false; slots.len()];
+    let mut down: Option<usize> = None;
+    let (mut adds, mut dels, mut kills, mut failed) = (0, 0, 0, 0);
+    // The first address each node gave: the lowest of its first block, given again at the
+    // end if no address leaked.
+    let mut first: [Option<String>; 3] = [None, None, None];
+    while adds < CHURN_CYCLES {
+        if rng.below(150) == 0 {
+            match down.take() {
+                None => {
+                    let n = rng.below(3) + 1;
+                    ok_lab(&lab, &["stop", "--kill", &format!("n{n}")]);
+                    down = Some(n);
+                    kills += 1;
+                }
+                Some(n) => lab.lab_node("start", n),
+            }
+        }
+        let k = rng.below(slots.len());
+        let (node, c) = &slots[k];
+        if owed_del[k] || attached[k].is_some() {
+            // A runtime deletes what it added, and retries a DEL that failed.
+            let r = cni(&lab, *node, "DEL", Some(c), "churn", json!({}));
+            if r.ok {
+                owed_del[k] = false;
+                attached[k] = None;
+                dels += 1;
+            } else {
+                owed_del[k] = true;
+                attached[k] = None;
+                failed += 1;
+            }
+        } else {
+            let r = cni(&lab, *node, "ADD", Some(c), "churn", json!({}));
+            if r.ok {
+                attached[k] = Some(address(&r.out));
+                first[node - 1].get_or_insert_with(|| address(&r.out));
+                adds += 1;
+            } else {
+                // A failed ADD is followed by a DEL, as the spec asks of runtimes.
+                owed_del[k] = true;
+                failed += 1;
+            }
+        }
+    }
+    if let Some(n) = down {
+        lab.lab_node("start", n);
+    }
+    for (k, (node, c)) in slots.iter().enumerate() {
+        if owed_del[k] {
+            lab.eventually("an owed DEL succeeds", Duration::from_secs(20), || {
+                cni(&lab, *node, "DEL", Some(c), "churn", json!({})).ok
+            });
+        }
+    }
+    eprintln!("churn: {adds} ADDs, {dels} DELs, {failed} calls refused while an agent was down, {kills} agents killed");
+    assert!(
+        kills > 0 && failed > 0,
+        "the run crashed no agent mid-churn"
+    );
+
+    // Every node's records, and its data path's table, are what the runtime holds.
+    let ids: Vec<String> = (1..=3)
+        .map(|i| {
+            let info: Value = serde_json::from_slice(&lab.shoal(i, &["info"]).stdout).unwrap();
+            info["node_id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    let vtep_of: std::collections::HashMap<String, String> = lab.inspect(1)["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["node_id"].as_str().unwrap().to_owned(),
+                m["vtep"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let expected: std::collections::BTreeSet<(String, String)> = slots
+        .iter()
+        .zip(&attached)
+        .filter_map(|((node, _), ip)| Some((ip.clone()?, ids[node - 1].clone())))
+        .collect();
+    let mac = |ip: &str| {
+        let o: Vec<u8> = ip.split('.').map(|p| p.parse().unwrap()).collect();
+        format!("02:42:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3])
+    };
+    let in_step = |i: usize| -> Result<(), String> {
+        let out = lab.shoal(i, &["network", "inspect", "churn"]);
+        let v: Value = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+        let records: std::collections::BTreeSet<(String, String)> = v[0]["endpoints"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .map(|e| {
+                let ip = e["ip"].as_str().unwrap_or_default();
+                (
+                    ip.split('/').next().unwrap_or_default().to_owned(),
+                    e["node_id"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect();
+        if records != expected {
+            return Err(format!(
+                "n{i} records {records:?}, the runtime holds {expected:?}"
+            ));
+        }
+        let table: std::collections::BTreeSet<(String, String)> = v[0]["data_path"]["forwarding"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .map(|f| {
+                (
+                    f["mac"].as_str().unwrap_or_default().to_owned(),
+                    f["vtep"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect();
+        let want: std::collections::BTreeSet<(String, String)> = expected
+            .iter()
+            .filter(|(_, node)| *node != ids[i - 1])
+            .map(|(ip, node)| (mac(ip), vtep_of[node].clone()))
+            .collect();
+        if table != want {
+            return Err(format!("n{i} data path {table:?}, records say {want:?}"));
+        }
+        Ok(())
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        let errors: Vec<String> = (1..=3).filter_map(|i| in_step(i).err()).collect();
+        if errors.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not in step within 2 s:\n{}",
+            errors.join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // No address leaked: with every container deleted, no node holds an attachment, a veth
+    // or a bridge, and each node gives its first address again.
+    for (k, (node, c)) in slots.iter().enumerate() {
+        if attached[k].take().is_some() {
+            let r = cni(&lab, *node, "DEL", Some(c), "churn", json!({}));
+            assert!(r.ok, "{}", r.out);
+        }
+    }
+    for i in 1..=3 {
+        assert_eq!(
+            endpoints(&lab, i, "churn").len(),
+            0,
+            "n{i} still lists endpoints"
+        );
+        let links =
+            String::from_utf8_lossy(&lab.exec(i, &["ip", "-o", "link"]).stdout).into_owned();
+        assert!(
+            !links.contains("shv") && !links.contains("shb"),
+            "n{i} keeps devices:\n{links}"
+        );
+    }
+    for (node, c) in slots.iter().take(3) {
+        let again = add(&lab, *node, c, "churn");
+        assert_eq!(
+            Some(&again),
+            first[node - 1].as_ref(),
+            "n{node} gives its first address again"
+        );
+    }
+}
+
+/// `shoal lab ARGS --name LAB`, which must succeed.
+fn ok_lab(lab: &TestLab, args: &[&str]) {
+    let (verb, rest) = args.split_first().unwrap();
+    let out = Command::new(BIN)
+        .args(["lab", verb, "--name", &lab.name])
+        .args(rest)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "lab {args:?}: {out:?}");
+}

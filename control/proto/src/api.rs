@@ -441,6 +441,28 @@ pub struct NetworkDetail {
     /// The containers attached (user networks): this node's, and those other nodes announce.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub endpoints: Vec<Endpoint>,
+    /// This node's data path on a user network: its device (while it has containers on it)
+    /// and its forwarding table (each remote endpoint's MAC and the node it is behind).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_path: Option<UserDataPath>,
+}
+
+/// A user network in this node's data path.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserDataPath {
+    /// The TAP device on the network's bridge, while this node has containers on it.
+    pub device: Option<String>,
+    /// The forwarding entries the control plane set: MAC and VTEP.
+    pub forwarding: Vec<Forwarding>,
+}
+
+/// One forwarding entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Forwarding {
+    /// The endpoint's MAC.
+    pub mac: String,
+    /// The underlay address of the node it is behind.
+    pub vtep: IpAddr,
 }
 
 /// A container attached to a user network, as `network inspect` shows it.

@@ -646,6 +646,21 @@ impl Agent {
                         attachable: n.attachable,
                         internal: n.internal,
                         endpoints: self.endpoints.inspect(&m.view, &m.node_id, n),
+                        data_path: self.running().data_path.as_ref().and_then(|dp| {
+                            dp.segments()
+                                .into_iter()
+                                .find(|(vni, _, _)| *vni == n.vni)
+                                .map(|(_, device, entries)| crate::api::UserDataPath {
+                                    device,
+                                    forwarding: entries
+                                        .into_iter()
+                                        .map(|(mac, vtep)| crate::api::Forwarding {
+                                            mac: mac.to_string(),
+                                            vtep,
+                                        })
+                                        .collect(),
+                                })
+                        }),
                     })));
                 }
                 let m = self.membership_on(&network)?;
@@ -831,6 +846,7 @@ impl Agent {
             attachable: false,
             internal: false,
             endpoints: Vec::new(),
+            data_path: None,
         }
     }
 
