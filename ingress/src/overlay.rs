@@ -109,6 +109,18 @@ pub struct SegmentConfig {
     pub endpoints: Vec<RemoteEndpoint>,
 }
 
+/// A user network as the data path carries it (see [`Overlay::segments`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentStatus {
+    /// Its VNI.
+    pub vni: u32,
+    /// Its device here, if this node has endpoints on it.
+    pub device: Option<String>,
+    /// The forwarding entries the control plane assigned: each remote endpoint's MAC and
+    /// VTEP, sorted.
+    pub forwarding: Vec<(Mac, IpAddr)>,
+}
+
 /// A user network carried here.
 #[derive(Debug)]
 struct Segment {
@@ -345,10 +357,8 @@ impl Overlay {
         Ok(())
     }
 
-    /// The user networks carried here: VNI, whether it has a device here, and its remote
-    /// endpoints as the data path holds them (forwarding entries assigned by the control
-    /// plane, sorted by MAC).
-    pub fn segments(&self) -> Vec<(u32, Option<String>, Vec<(Mac, IpAddr)>)> {
+    /// The user networks carried here, by VNI.
+    pub fn segments(&self) -> Vec<SegmentStatus> {
         let mut out: Vec<_> = self
             .segments
             .iter()
@@ -365,10 +375,14 @@ impl Overlay {
                         .unwrap_or_default()
                 });
                 entries.sort();
-                (vni.get(), s.device.clone(), entries)
+                SegmentStatus {
+                    vni: vni.get(),
+                    device: s.device.clone(),
+                    forwarding: entries,
+                }
             })
             .collect();
-        out.sort_by_key(|(v, _, _)| *v);
+        out.sort_by_key(|s| s.vni);
         out
     }
 

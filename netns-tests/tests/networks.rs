@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use shoal_netns_tests::shoal_lab::{packets, TestLab};
+use shoal_netns_tests::shoal_lab::{matching, packets, wait_exit, Spawned, TestLab};
 
 const BIN: &str = env!("CARGO_BIN_EXE_netns-shoal");
 const CNI: &str = env!("CARGO_BIN_EXE_netns-shoal-cni");
@@ -588,6 +588,64 @@ fn a_moved_address_is_followed_and_networks_stay_apart() {
         );
     }
     assert!(c3.ping(&ip1), "front itself still works");
+
+    // `shoal capture --network` shows a user network's own frames, decrypted, and only its.
+    let pattern = "5348414c4f21";
+    let front = start_capture(&lab, 2, "front");
+    let back = start_capture(&lab, 2, "back");
+    let ping = c3.exec(&["ping", "-c", "3", "-i", "0.2", "-p", pattern, &ip1]);
+    assert!(ping.status.success(), "{ping:?}");
+    let front = front.finish();
+    let back = back.finish();
+    let echo = format!("icmp.type == 8 && ip.dst == {ip1}");
+    let seen = matching(
+        &front,
+        &format!("frame.interface_name == \"front/inner\" && {echo}"),
+    );
+    assert!(seen.len() >= 3, "front's capture: {seen:?}");
+    assert!(
+        matching(&back, &echo).is_empty(),
+        "back's capture holds front's frames"
+    );
+}
+
+/// A `shoal capture --network NET --inner` running on node `node`.
+struct Capture {
+    child: Spawned,
+    file: std::path::PathBuf,
+}
+
+fn start_capture(lab: &TestLab, node: usize, network: &str) -> Capture {
+    let file = lab.scratch.join(format!("{network}-n{node}.pcapng"));
+    let file_arg = file.to_str().unwrap().to_owned();
+    let child = Spawned(
+        Command::new(BIN)
+            .args([
+                "lab",
+                "exec",
+                "--name",
+                &lab.name,
+                &format!("n{node}"),
+                "--",
+            ])
+            .args(["shoal", "capture", "--network", network, "--inner"])
+            .args(["--duration", "4", "-w", &file_arg])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    lab.eventually("the capture file", Duration::from_secs(10), || {
+        std::fs::metadata(&file).is_ok_and(|m| m.len() > 0)
+    });
+    Capture { child, file }
+}
+
+impl Capture {
+    fn finish(mut self) -> std::path::PathBuf {
+        assert!(wait_exit(&mut self.child.0, Duration::from_secs(15)).success());
+        self.file
+    }
 }
 
 /// A small deterministic generator (xorshift64*), so a failing churn run can be replayed from

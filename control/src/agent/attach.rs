@@ -307,7 +307,7 @@ pub fn segments(
                 .filter(|a| a.vni == net.vni && &a.node != me)
                 .filter_map(|a| {
                     let node = view.node(&a.node).filter(|n| !n.left)?;
-                    (net.holds(&a.node, a.ip) && assignable(net, a.ip)).then(|| RemoteEndpoint {
+                    (net.holds(&a.node, a.ip) && assignable(net, a.ip)).then_some(RemoteEndpoint {
                         ip: a.ip,
                         mac: shoal_vxlan::wire::Mac(a.mac),
                         vtep: node.addr,

@@ -38,6 +38,8 @@ pub struct Filter {
     pub outer: bool,
     /// Only packets to or from this underlay address.
     pub peer: Option<IpAddr>,
+    /// Only packets of this network (VNI).
+    pub vni: Option<u32>,
 }
 
 impl Filter {
@@ -53,6 +55,9 @@ impl Filter {
             && self
                 .peer
                 .is_none_or(|p| r.peer.is_some_and(|q| q.ip() == p))
+            && self
+                .vni
+                .is_none_or(|v| r.vni.map(shoal_vxlan::wire::Vni::get) == Some(v))
     }
 }
 
@@ -484,6 +489,7 @@ mod tests {
             peer: Some(peer.parse().unwrap()),
             fanout: 1,
             dropped: None,
+            vni: Some(shoal_vxlan::wire::Vni::new(4096).unwrap()),
             data,
         }
     }
@@ -497,6 +503,7 @@ mod tests {
                 inner: true,
                 outer: false,
                 peer: None,
+                vni: Some(4096),
             })
             .unwrap();
         let mut n3 = hub
@@ -504,6 +511,7 @@ mod tests {
                 inner: true,
                 outer: true,
                 peer: Some("198.18.0.3".parse().unwrap()),
+                vni: None,
             })
             .unwrap();
         assert!(hub.wants(Direction::Out, Layer::Inner));
@@ -511,13 +519,17 @@ mod tests {
         hub.offer(&record(Layer::Inner, "198.18.0.2:4789", b"a"));
         hub.offer(&record(Layer::Outer, "198.18.0.3:4789", b"b"));
         hub.offer(&record(Layer::Inner, "198.18.0.3:4789", b"c"));
+        // Another network's frame: only the reader of every network takes it.
+        let mut other = record(Layer::Inner, "198.18.0.3:4789", b"d");
+        other.vni = Some(shoal_vxlan::wire::Vni::new(4097).unwrap());
+        hub.offer(&other);
         let got = |s: &mut Subscription| {
             std::iter::from_fn(|| s.try_recv())
                 .map(|c| c.data)
                 .collect::<Vec<_>>()
         };
         assert_eq!(got(&mut inner), [b"a".to_vec(), b"c".to_vec()]);
-        assert_eq!(got(&mut n3), [b"b".to_vec(), b"c".to_vec()]);
+        assert_eq!(got(&mut n3), [b"b".to_vec(), b"c".to_vec(), b"d".to_vec()]);
         drop(n3);
         assert!(!hub.wants(Direction::In, Layer::Outer));
         drop(inner);
@@ -527,6 +539,7 @@ mod tests {
             inner: true,
             outer: true,
             peer: None,
+            vni: None,
         };
         let mut held: Vec<Subscription> = (0..MAX_READERS)
             .map(|_| hub.subscribe(any).unwrap())
@@ -547,6 +560,7 @@ mod tests {
                 inner: true,
                 outer: true,
                 peer: None,
+                vni: None,
             })
             .unwrap();
         let extra = 100;

@@ -14,6 +14,7 @@
 //! - **GC**: every attachment of the network not in `cni.dev/valid-attachments` is deleted.
 //! - **STATUS**: ready when this node is in a swarm, its data path runs and knows the
 //!   network.
+//!
 //! At start, attachments whose namespace is gone are deleted.
 
 use std::collections::HashMap;
@@ -688,6 +689,11 @@ impl Agent {
             );
         }
     }
+}
+
+/// The name of a user network's device on a node (for captures).
+pub fn device_of(vni: u32) -> String {
+    attach::device_name(vni)
 }
 
 /// `CNI_CONTAINERID` and `CNI_IFNAME`, required.

@@ -215,9 +215,8 @@ impl DataPath {
         Ok(())
     }
 
-    /// The user networks carried here: VNI, device, remote endpoints' (MAC, VTEP) as the data
-    /// path holds them.
-    pub fn segments(&self) -> Vec<(u32, Option<String>, Vec<(Mac, std::net::IpAddr)>)> {
+    /// The user networks carried here, as the data path holds them.
+    pub fn segments(&self) -> Vec<shoal_ingress::overlay::SegmentStatus> {
         self.overlay
             .lock()
             .unwrap_or_else(PoisonError::into_inner)

@@ -647,19 +647,19 @@ impl Agent {
                         internal: n.internal,
                         endpoints: self.endpoints.inspect(&m.view, &m.node_id, n),
                         data_path: self.running().data_path.as_ref().and_then(|dp| {
-                            dp.segments()
-                                .into_iter()
-                                .find(|(vni, _, _)| *vni == n.vni)
-                                .map(|(_, device, entries)| crate::api::UserDataPath {
-                                    device,
-                                    forwarding: entries
+                            dp.segments().into_iter().find(|s| s.vni == n.vni).map(|s| {
+                                crate::api::UserDataPath {
+                                    device: s.device,
+                                    forwarding: s
+                                        .forwarding
                                         .into_iter()
                                         .map(|(mac, vtep)| crate::api::Forwarding {
                                             mac: mac.to_string(),
                                             vtep,
                                         })
                                         .collect(),
-                                })
+                                }
+                            })
                         }),
                     })));
                 }
@@ -726,8 +726,10 @@ impl Agent {
         &self,
         req: &CaptureRequest,
     ) -> Result<(capture::Subscription, capture::Encoder, Vec<u8>), String> {
-        let m = self.membership_on(&req.network)?;
-        let n = &m.view.ingress;
+        let m = self
+            .membership
+            .get()
+            .ok_or_else(|| NOT_IN_SWARM.to_owned())?;
         if !req.inner && !req.outer {
             return Err("nothing to capture: ask for --inner, --outer or --both".into());
         }
@@ -736,6 +738,23 @@ impl Agent {
             .data_path
             .clone()
             .ok_or("the data path is not running on this node; see the agent's log")?;
+        // `ingress`, or a user network (by name or ID): its frames, on its device's name.
+        let (name, vni, interface) = if req.network == m.view.ingress.name {
+            (
+                m.view.ingress.name.clone(),
+                m.view.ingress.vni,
+                dp.status().interface,
+            )
+        } else {
+            let n = m
+                .view
+                .networks
+                .iter()
+                .find(|n| n.name == req.network || n.id == req.network)
+                .ok_or_else(|| format!("network {} not found", req.network))?;
+            (n.name.clone(), n.vni, cni::device_of(n.vni))
+        };
+        let port = m.view.ingress.data_path_port;
         let me = m.view.node(&m.node_id).ok_or(NOT_IN_SWARM)?;
         let peer = match &req.peer {
             None => None,
@@ -755,11 +774,11 @@ impl Agent {
             }
         };
         let context = capture::Context {
-            network: n.name.clone(),
-            vni: n.vni,
-            interface: dp.status().interface,
+            network: name,
+            vni,
+            interface,
             hostname: me.hostname.clone(),
-            local: SocketAddr::new(me.addr, n.data_path_port),
+            local: SocketAddr::new(me.addr, port),
             names: peer_names(&m.view),
         };
         let (encoder, header) = capture::Encoder::start(context).map_err(|e| e.to_string())?;
@@ -768,6 +787,7 @@ impl Agent {
                 inner: req.inner,
                 outer: req.outer,
                 peer,
+                vni: Some(vni),
             })
             .map_err(|e| e.to_string())?;
         Ok((sub, encoder, header))

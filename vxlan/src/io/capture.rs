@@ -48,6 +48,9 @@ pub struct CaptureRecord<'a> {
     /// Why the engine dropped this packet, if it did. A received datagram that did not open
     /// is still offered as an outer record, with the reason.
     pub dropped: Option<DropReason>,
+    /// The network: the frame's, or the datagram's VXLAN header's (`None` for a datagram
+    /// too short to have one).
+    pub vni: Option<crate::wire::Vni>,
     /// The bytes.
     pub data: &'a [u8],
 }

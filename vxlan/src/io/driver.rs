@@ -378,7 +378,7 @@ impl<'a> Outbound<'a> {
                 if r.respond(frame, &mut answer) {
                     counters.answered_locally.fetch_add(1, Ordering::Relaxed);
                     if let Some(sink) = sink {
-                        offer_local(&**sink, frame, &answer);
+                        offer_local(&**sink, self.vni, frame, &answer);
                     }
                     reply[..VirtioNetHdr::LEN].fill(0);
                     reply.extend_from_slice(&answer);
@@ -415,6 +415,7 @@ impl<'a> Outbound<'a> {
                         },
                         fanout: sent.len(),
                         dropped: result.err(),
+                        vni: Some(vni),
                         data: &copy,
                     });
                 }
@@ -426,6 +427,7 @@ impl<'a> Outbound<'a> {
                             peer: Some(t.dst),
                             fanout: 1,
                             dropped: None,
+                            vni: Some(vni),
                             data: t.packet.data(),
                         });
                     }
@@ -614,6 +616,7 @@ fn receive(shared: &Shared, udp: &UdpSocket, state: &UdpSocketState) {
                             peer: Some(m.addr),
                             fanout: 1,
                             dropped: None,
+                            vni: Some(opened.vni()),
                             data: opened.frame(),
                         });
                     }
@@ -648,13 +651,14 @@ fn offer_received(
         peer: Some(from),
         fanout: 1,
         dropped,
+        vni: crate::wire::Header::new_checked(data).ok().map(|h| h.vni()),
         data,
     });
 }
 
 /// Offers a frame answered locally (an ARP request, say) and the answer, as inner frames
-/// that went to no peer.
-fn offer_local(sink: &dyn CaptureSink, frame: &[u8], answer: &[u8]) {
+/// of network `vni` that went to no peer.
+fn offer_local(sink: &dyn CaptureSink, vni: Vni, frame: &[u8], answer: &[u8]) {
     for (direction, data) in [(Direction::Out, frame), (Direction::In, answer)] {
         if sink.wants(direction, Layer::Inner) {
             sink.offer(&CaptureRecord {
@@ -663,6 +667,7 @@ fn offer_local(sink: &dyn CaptureSink, frame: &[u8], answer: &[u8]) {
                 peer: None,
                 fanout: 0,
                 dropped: None,
+                vni: Some(vni),
                 data,
             });
         }
