@@ -5,8 +5,8 @@
 # registry needed) is imported on first use. Needs root and a lab that is up (scripts/lab.sh).
 #   scripts/podman-lab.sh n1 run -d --name a --network web shoal-bb sleep 1d
 #   scripts/podman-lab.sh n2 run -d --name b --network web shoal-bb sleep 1d
-#   scripts/podman-lab.sh n1 exec a ping -c 3 10.0.1.18
-#   scripts/podman-lab.sh n1 rm -f a
+#   scripts/podman-lab.sh n1 exec a ping -c 3 10.0.0.16
+#   scripts/podman-lab.sh n1 rm -f -t 0 a
 # Podman's files live under /run/shoal/lab-NAME/podman (gone with `shoal lab down` and a
 # reboot); LAB=NAME picks a lab other than the default one.
 set -euo pipefail
@@ -73,7 +73,7 @@ if ! "${podman[@]}" image exists shoal-bb; then
   cp "$(command -v busybox)" "$rootfs/bin/busybox"
   for tool in sh ping nc sleep ip cat echo ls wget; do ln -s busybox "$rootfs/bin/$tool"; done
   tar -C "$rootfs" -cf "$rootfs.tar" .
-  "${podman[@]}" import "$rootfs.tar" shoal-bb >/dev/null
+  "${podman[@]}" import "$rootfs.tar" shoal-bb >/dev/null 2>&1
   rm -f "$rootfs.tar"
 fi
 exec "${podman[@]}" "$@"
