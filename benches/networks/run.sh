@@ -576,6 +576,26 @@ report() {
   echo "bridge): $FIRST_ADD ms; its DEL: $FIRST_DEL ms. The residents' ADDs (first on n1 and n2):"
   echo "$(tr '\n' ' ' <"$WORK/resident-a.txt" 2>/dev/null)(node ms). Other work during this phase: ${PHASE_LOAD[a]:-n/a}."
   echo
+  local v st ad dl vd bd ca cd
+  v=$(stats <"$WORK/floor-version.txt" | awk '{print $1}')
+  st=$(stats <"$WORK/floor-status.txt" | awk '{print $1}')
+  ad=$(col 2 "$WORK/cycles.txt" | stats | awk '{print $1}')
+  dl=$(col 3 "$WORK/cycles.txt" | stats | awk '{print $1}')
+  vd=$(col 2 "$WORK/kernel.txt" | stats | awk '{print $1}')
+  bd=$(col 4 "$WORK/kernel.txt" | stats | awk '{print $1}')
+  cd=$(col 2 "$WORK/cold.txt" | stats | awk '{print $1}')
+  echo "Where the time goes (p50s of this run): starting the plugin process is $v ms (VERSION), one"
+  echo "round trip to the agent adds $(awk -v a="$st" -v b="$v" 'BEGIN {printf "%.1f", a - b}') ms (STATUS $st ms); an ADD spends $(awk -v a="$ad" -v b="$st" 'BEGIN {printf "%.1f", a - b}') ms more in the agent"
+  echo "(address, its record in the store, the veth pair made in one netlink request, the container"
+  echo "side configured from a thread in its namespace). A DEL ($dl ms) is mostly the kernel deleting"
+  echo "the veth: \`ip link del\` of a veth takes $vd ms here (device unregistration waits for RCU)."
+  echo "The DEL of a network's last container on a node ($cd ms) also removes the network's device"
+  echo "and bridge: the bridge's deletion alone is $bd ms (anchor), and an strace of the agent (done"
+  echo "once by hand, not part of this script) showed the rest: the data path stops the device's"
+  echo "reader thread by a flag it reads only at its 100 ms poll timeout (\`vxlan/src/io/driver.rs\`"
+  echo "\`POLL\`, \`remove_device\` joins it), so that DEL waits up to 100 ms more, then ~13 ms for the"
+  echo "TAP's close."
+  echo
   echo "## B. Spread, 5-node lab"
   echo
   echo "A resident container on every node; each sample an ADD on node A (A rotating over"
@@ -603,6 +623,14 @@ for l in sys.stdin:
   echo
   local missed
   missed=$(cat "$WORK"/spread-*.jsonl 2>/dev/null | grep -c '"missed"\|"error"\|del_spread_missed')
+  echo "Where the time goes: the ADD's agent hands the signed endpoint record to gossip before it"
+  echo "answers, and a new record goes out at once (within gossip's 10 ms \`EAGER_SPACING\`) to"
+  echo "\`num_indirect_probes\` members, 5 in the agent's LAN configuration: in a 5-node lab that is"
+  echo "every other node in the first round, so this lab measures one datagram and the receivers'"
+  echo "processing, not relaying across hops (larger clusters are not measured here). The ping"
+  echo "figures are close to their floor: what they add over inspect is starting ping in the"
+  echo "container, ARP (answered by the local agent) and one round trip."
+  echo
   echo "Samples that did not converge within 5 s or failed: $missed. $CLI_CHECK."
   echo "Other work during this phase: ${PHASE_LOAD[b]:-n/a}."
   echo
