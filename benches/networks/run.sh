@@ -52,7 +52,7 @@ PROBE="$HERE/probe.py"
 usage() {
   cat <<EOF
 usage: $0 [--quick] [--cycles N] [--cold N] [--floor N] [--spread N] [--pings N] [--reps N]
-          [--dur SECONDS] [--count N] [--out FILE] [--quiet-wait SECONDS]
+          [--dur SECONDS] [--count N] [--ping-rounds N] [--out FILE] [--quiet-wait SECONDS]
 
   --quick          CI's short mode: small counts, results into a scratch file; exits 1 only
                    when something could not run
@@ -63,7 +63,9 @@ usage: $0 [--quick] [--cycles N] [--cold N] [--floor N] [--spread N] [--pings N]
   --pings N        spread samples watched by ping, and as many floor samples (default 20; quick 3)
   --reps N         iperf3 runs per path, median (default 3; quick 1)
   --dur SECONDS    seconds per iperf3 run (default 5; quick 2)
-  --count N        pings per path, 10 ms apart (default 50; quick 20)
+  --count N        pings per series, 10 ms apart (default 50; quick 20)
+  --ping-rounds N  rounds of four ping series (node, container, container, node) (default 3;
+                   quick 1)
   --out FILE       where the report goes (default benches/networks/results-latest.md)
   --quiet-wait S   wait up to S seconds for other work on the machine to calm down before
                    measuring (default 60; quick 0)
@@ -73,7 +75,7 @@ Environment: SHOAL_BIN and SHOAL_CNI_BIN = prebuilt binaries (otherwise they are
 EOF
 }
 
-QUICK=0 CYCLES="" COLD="" FLOOR="" SPREAD="" PINGS="" REPS="" DUR="" COUNT="" OUT="" QUIET_WAIT=""
+QUICK=0 PING_ROUNDS="" CYCLES="" COLD="" FLOOR="" SPREAD="" PINGS="" REPS="" DUR="" COUNT="" OUT="" QUIET_WAIT=""
 while (($#)); do
   case $1 in
     --quick) QUICK=1 ;;
@@ -85,6 +87,7 @@ while (($#)); do
     --reps) REPS=${2:-}; shift ;;
     --dur) DUR=${2:-}; shift ;;
     --count) COUNT=${2:-}; shift ;;
+    --ping-rounds) PING_ROUNDS=${2:-}; shift ;;
     --out) OUT=${2:-}; shift ;;
     --quiet-wait) QUIET_WAIT=${2:-}; shift ;;
     -h | --help) usage; exit 0 ;;
@@ -94,17 +97,17 @@ while (($#)); do
 done
 if [ "$QUICK" = 1 ]; then
   CYCLES=${CYCLES:-20} COLD=${COLD:-3} FLOOR=${FLOOR:-10} SPREAD=${SPREAD:-5} PINGS=${PINGS:-3}
-  REPS=${REPS:-1} DUR=${DUR:-2} COUNT=${COUNT:-20} QUIET_WAIT=${QUIET_WAIT:-0}
+  REPS=${REPS:-1} DUR=${DUR:-2} COUNT=${COUNT:-20} PING_ROUNDS=${PING_ROUNDS:-1} QUIET_WAIT=${QUIET_WAIT:-0}
 else
   CYCLES=${CYCLES:-200} COLD=${COLD:-30} FLOOR=${FLOOR:-50} SPREAD=${SPREAD:-50} PINGS=${PINGS:-20}
-  REPS=${REPS:-3} DUR=${DUR:-5} COUNT=${COUNT:-50} QUIET_WAIT=${QUIET_WAIT:-60}
+  REPS=${REPS:-3} DUR=${DUR:-5} COUNT=${COUNT:-50} PING_ROUNDS=${PING_ROUNDS:-3} QUIET_WAIT=${QUIET_WAIT:-60}
 fi
 for pair in "cycles:$CYCLES" "cold:$COLD" "floor:$FLOOR" "spread:$SPREAD" "pings:$PINGS" \
-  "reps:$REPS" "dur:$DUR" "count:$COUNT" "quiet-wait:$QUIET_WAIT"; do
+  "reps:$REPS" "dur:$DUR" "count:$COUNT" "ping-rounds:$PING_ROUNDS" "quiet-wait:$QUIET_WAIT"; do
   [[ ${pair#*:} =~ ^[0-9]+$ ]] || { echo "run.sh: --${pair%%:*} needs a whole number, got '${pair#*:}'" >&2; exit 2; }
 done
-((CYCLES >= 1 && SPREAD >= 1 && REPS >= 1 && DUR >= 1 && COUNT >= 1)) \
-  || { echo "run.sh: --cycles, --spread, --reps, --dur and --count must be at least 1" >&2; exit 2; }
+((CYCLES >= 1 && SPREAD >= 1 && REPS >= 1 && DUR >= 1 && COUNT >= 1 && PING_ROUNDS >= 1)) \
+  || { echo "run.sh: --cycles, --spread, --reps, --dur, --count and --ping-rounds must be at least 1" >&2; exit 2; }
 if [ "$(id -u)" -ne 0 ]; then
   echo "run.sh: needs root (it creates network namespaces); run it as root or with sudo" >&2
   exit 1
@@ -115,7 +118,7 @@ chmod 700 "$WORK"
 if [ -z "$OUT" ]; then
   if [ "$QUICK" = 1 ]; then OUT="$WORK/results-quick.md"; else OUT="$HERE/results-latest.md"; fi
 fi
-ARGS_TEXT="$([ "$QUICK" = 1 ] && echo '--quick ')--cycles $CYCLES --cold $COLD --floor $FLOOR --spread $SPREAD --pings $PINGS --reps $REPS --dur $DUR --count $COUNT"
+ARGS_TEXT="$([ "$QUICK" = 1 ] && echo '--quick ')--cycles $CYCLES --cold $COLD --floor $FLOOR --spread $SPREAD --pings $PINGS --reps $REPS --dur $DUR --count $COUNT --ping-rounds $PING_ROUNDS"
 
 ID=$$
 PREFIX="nb$ID"        # every lab and container namespace of this run starts with it
@@ -464,7 +467,9 @@ ping_avg() {    # $1 from ns, $2 target, $3 file to add each RTT (µs) to -> ave
   awk '/ time=/ {sub(/.* time=/, ""); printf "%.0f\n", $1 * 1000}' "$WORK/ping.out" >>"$3"
   awk -F'/' '/min\/avg/ {printf "%.0f\n", $5 * 1000; f=1} END {if (!f) print "-"}' "$WORK/ping.out"
 }
-mean2() { num "$1" && num "$2" && awk -v a="$1" -v b="$2" 'BEGIN {printf "%.0f\n", (a + b) / 2}' || echo -; }
+mean() {   # the mean of the numbers among the arguments, rounded, or "-"
+  printf '%s\n' "$@" | awk '/^[0-9.]+$/ {s += $1; n++} END {if (n) printf "%.0f\n", s / n; else print "-"}'
+}
 median() {
   printf '%s\n' "$@" | grep -E '^[0-9.]+$' | sort -g | awk '{v[NR] = $1} END {
     if (NR == 0) {print "-"; exit}
@@ -491,14 +496,18 @@ phase_c() {
   done
   ((ok)) || { problem "no ping $ip1 -> $ip2 or $in1 -> $in2 after ~20 s"; return 1; }
   phase_start c
-  # ping series in the order node, container, container, node (drift cancels); each path's
-  # figure is the mean of its two series' averages
-  local p1 p2 p3 p4
+  # ping: PING_ROUNDS rounds of four series, in the order node, container, container, node (so
+  # a drift cancels); each path's figure is the mean of its series' averages
+  local pn=() pc=()
   : >"$WORK/rtt-node.txt"; : >"$WORK/rtt-ctr.txt"
-  p1=$(ping_avg "$lab-n1" "$in2" "$WORK/rtt-node.txt") p2=$(ping_avg "$c1" "$ip2" "$WORK/rtt-ctr.txt")
-  p3=$(ping_avg "$c1" "$ip2" "$WORK/rtt-ctr.txt") p4=$(ping_avg "$lab-n1" "$in2" "$WORK/rtt-node.txt")
-  PING_RAW="series averages: nodes $p1 and $p4 µs, containers $p2 and $p3 µs (in the order node, container, container, node)"
-  PING_AVG[node]=$(mean2 "$p1" "$p4") PING_AVG[ctr]=$(mean2 "$p2" "$p3")
+  for r in $(seq 1 "$PING_ROUNDS"); do
+    pn+=("$(ping_avg "$lab-n1" "$in2" "$WORK/rtt-node.txt")")
+    pc+=("$(ping_avg "$c1" "$ip2" "$WORK/rtt-ctr.txt")")
+    pc+=("$(ping_avg "$c1" "$ip2" "$WORK/rtt-ctr.txt")")
+    pn+=("$(ping_avg "$lab-n1" "$in2" "$WORK/rtt-node.txt")")
+  done
+  PING_RAW="series averages, µs: nodes [${pn[*]}], containers [${pc[*]}] (rounds of node, container, container, node)"
+  PING_AVG[node]=$(mean "${pn[@]}") PING_AVG[ctr]=$(mean "${pc[@]}")
   PING_MED[node]=$(stats <"$WORK/rtt-node.txt" | awk '{printf "%.0f", $1}')
   PING_MED[ctr]=$(stats <"$WORK/rtt-ctr.txt" | awk '{printf "%.0f", $1}')
   log "ping avg: $PING_RAW"
@@ -692,8 +701,9 @@ for l in sys.stdin:
   echo "## C. Containers against nodes, 2-node lab, encrypted"
   echo
   echo "iperf3 TCP, 1 stream, ${DUR} s, median of ${REPS} (receiver Gbit/s; sender retransmits),"
-  echo "node and container runs interleaved (which goes first alternates); ping: ${COUNT} x 10 ms,"
-  echo "average, two series per path in the order node, container, container, node, their mean."
+  echo "node and container runs interleaved (which goes first alternates); ping: series of ${COUNT} x"
+  echo "10 ms, each averaged, in ${PING_ROUNDS} round(s) of node, container, container, node; the mean of"
+  echo "each path's series."
   echo "${C_ADDRS:-}; ${C_MTU:-}."
   echo
   echo "| path | TCP Gbit/s | retransmits | ping avg µs | ping median µs |"
@@ -704,6 +714,7 @@ for l in sys.stdin:
   echo
   echo "The goal is judged on the averages, as issue 16 states it; the median of the same RTTs is"
   echo "beside them because on this shared machine a few slow replies move an average of $COUNT."
+  echo "The container path has one veth pair and one bridge more at each end than the node path."
   echo
   echo "Raw: iperf3 ${C_SAMPLES:-}; ping ${PING_RAW:-}. Other work during this phase: ${PHASE_LOAD[c]:-n/a}."
   echo
