@@ -52,7 +52,7 @@ PROBE="$HERE/probe.py"
 usage() {
   cat <<EOF
 usage: $0 [--quick] [--cycles N] [--cold N] [--floor N] [--spread N] [--pings N] [--reps N]
-          [--dur SECONDS] [--count N] [--ping-rounds N] [--out FILE] [--quiet-wait SECONDS]
+          [--dur SECONDS] [--count N] [--ping-rounds N] [--parts LIST] [--out FILE] [--quiet-wait SECONDS]
 
   --quick          CI's short mode: small counts, results into a scratch file; exits 1 only
                    when something could not run
@@ -66,6 +66,7 @@ usage: $0 [--quick] [--cycles N] [--cold N] [--floor N] [--spread N] [--pings N]
   --count N        pings per series, 10 ms apart (default 50; quick 20)
   --ping-rounds N  rounds of four ping series (node, container, container, node) (default 3;
                    quick 1)
+  --parts LIST     which parts to run, of A,B,C (default all three)
   --out FILE       where the report goes (default benches/networks/results-latest.md)
   --quiet-wait S   wait up to S seconds for other work on the machine to calm down before
                    measuring (default 60; quick 0)
@@ -75,7 +76,7 @@ Environment: SHOAL_BIN and SHOAL_CNI_BIN = prebuilt binaries (otherwise they are
 EOF
 }
 
-QUICK=0 PING_ROUNDS="" CYCLES="" COLD="" FLOOR="" SPREAD="" PINGS="" REPS="" DUR="" COUNT="" OUT="" QUIET_WAIT=""
+QUICK=0 PARTS=A,B,C PING_ROUNDS="" CYCLES="" COLD="" FLOOR="" SPREAD="" PINGS="" REPS="" DUR="" COUNT="" OUT="" QUIET_WAIT=""
 while (($#)); do
   case $1 in
     --quick) QUICK=1 ;;
@@ -88,6 +89,7 @@ while (($#)); do
     --dur) DUR=${2:-}; shift ;;
     --count) COUNT=${2:-}; shift ;;
     --ping-rounds) PING_ROUNDS=${2:-}; shift ;;
+    --parts) PARTS=${2:-}; shift ;;
     --out) OUT=${2:-}; shift ;;
     --quiet-wait) QUIET_WAIT=${2:-}; shift ;;
     -h | --help) usage; exit 0 ;;
@@ -108,6 +110,8 @@ for pair in "cycles:$CYCLES" "cold:$COLD" "floor:$FLOOR" "spread:$SPREAD" "pings
 done
 ((CYCLES >= 1 && SPREAD >= 1 && REPS >= 1 && DUR >= 1 && COUNT >= 1 && PING_ROUNDS >= 1)) \
   || { echo "run.sh: --cycles, --spread, --reps, --dur, --count and --ping-rounds must be at least 1" >&2; exit 2; }
+[[ $PARTS =~ ^[ABC](,[ABC])*$ ]] || { echo "run.sh: --parts takes a comma-separated list of A, B, C" >&2; exit 2; }
+part() { [[ ",$PARTS," == *",$1,"* ]]; }
 if [ "$(id -u)" -ne 0 ]; then
   echo "run.sh: needs root (it creates network namespaces); run it as root or with sudo" >&2
   exit 1
@@ -118,7 +122,7 @@ chmod 700 "$WORK"
 if [ -z "$OUT" ]; then
   if [ "$QUICK" = 1 ]; then OUT="$WORK/results-quick.md"; else OUT="$HERE/results-latest.md"; fi
 fi
-ARGS_TEXT="$([ "$QUICK" = 1 ] && echo '--quick ')--cycles $CYCLES --cold $COLD --floor $FLOOR --spread $SPREAD --pings $PINGS --reps $REPS --dur $DUR --count $COUNT --ping-rounds $PING_ROUNDS"
+ARGS_TEXT="$([ "$QUICK" = 1 ] && echo '--quick ')--cycles $CYCLES --cold $COLD --floor $FLOOR --spread $SPREAD --pings $PINGS --reps $REPS --dur $DUR --count $COUNT --ping-rounds $PING_ROUNDS$([ "$PARTS" = A,B,C ] || echo " --parts $PARTS")"
 
 ID=$$
 PREFIX="nb$ID"        # every lab and container namespace of this run starts with it
@@ -733,9 +737,9 @@ for f in add-failures.txt floor-version.txt floor-status.txt kernel.txt cold.txt
 start_sampler
 wait_quiet
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
-phase_a || log "phase A stopped"
-phase_b || log "phase B stopped"
-phase_c || log "phase C stopped"
+if part A; then phase_a || log "phase A stopped"; else A_OK=1; fi
+if part B; then phase_b || log "phase B stopped"; else B_OK=1; fi
+if part C; then phase_c || log "phase C stopped"; else C_OK=1; fi
 ((A_OK && B_OK && C_OK)) || [ ${#PROBLEMS[@]} -gt 0 ] || problem "a phase stopped early"
 mkdir -p "$(dirname "$OUT")"
 report | tee "$OUT"
