@@ -723,7 +723,7 @@ for l in sys.stdin:
   echo "Raw: iperf3 ${C_SAMPLES:-}; ping ${PING_RAW:-}. Other work during this phase: ${PHASE_LOAD[c]:-n/a}."
   echo
   if ((${#PROBLEMS[@]})); then
-    echo "## Could not run"
+    echo "## Failures (the run exits 1)"
     echo
     printf -- '- %s\n' "${PROBLEMS[@]}"
     echo
