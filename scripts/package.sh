@@ -21,6 +21,7 @@ rm -rf "$docs"
 cargo run --quiet -p shoal-control --example gen-docs -- "$docs"
 gzip -9n "$docs"/man/*.1
 cargo build --release --quiet -p shoal-control --bin shoal
+cargo build --release --quiet -p shoal-cni
 cargo deb --quiet --no-build --strip -p shoal-control >/dev/null
 deb=$(ls -t "$target"/debian/shoal_*.deb | head -n 1)
 echo "package: built $deb in $(($(date +%s) - t0)) s" >&2
@@ -28,7 +29,7 @@ echo "package: built $deb in $(($(date +%s) - t0)) s" >&2
 # Contents: each path the issue names, and one man page per generated page.
 contents=$(dpkg-deb -c "$deb" | awk '{print $6}')
 fail=0
-for path in ./usr/bin/shoal ./usr/lib/systemd/system/shoal.service ./usr/share/doc/shoal/README \
+for path in ./usr/bin/shoal ./usr/lib/cni/shoal-cni ./usr/lib/systemd/system/shoal.service ./usr/share/doc/shoal/README \
   ./usr/share/doc/shoal/copyright ./usr/share/bash-completion/completions/shoal \
   ./usr/share/zsh/vendor-completions/_shoal ./usr/share/fish/vendor_completions.d/shoal.fish; do
   grep -qxF "$path" <<<"$contents" || { echo "package: $path is not in $deb" >&2; fail=1; }

@@ -247,6 +247,14 @@ fn containers_on_three_nodes_reach_each_other_through_the_cni_plugin() {
         assert!(del.ok, "{}", del.out);
     }
     assert!(!c[1].exec(&["ip", "link", "show", "eth0"]).status.success());
+    // n2's last container went, and its device and bridge with it: an ADD right after makes
+    // them again (the old device must be gone by then, not still closing).
+    for _ in 0..10 {
+        let again = cni(&lab, 2, "ADD", Some(&c[1]), "web", json!({}));
+        assert!(again.ok, "ADD right after the last DEL: {}", again.out);
+        let del = cni(&lab, 2, "DEL", Some(&c[1]), "web", json!({}));
+        assert!(del.ok, "{}", del.out);
+    }
     for node in [1, 3] {
         lab.eventually(
             &format!("n{node} forgets c2"),

@@ -223,17 +223,26 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Takes network `vni`'s device away (its thread stops within about [`POLL`], and the
-    /// interface goes when the inbound thread lets go of it too); whether there was one.
+    /// Takes network `vni`'s device away: its thread stops and the interface is gone when this
+    /// returns (within about [`POLL`]); whether there was one.
     pub fn remove_device(&mut self, vni: Vni) -> bool {
         let Some(device) = self.devices.remove(&vni) else {
             return false;
         };
+        let mut tap = None;
         self.set_devices(|d| {
-            d.remove(&vni);
+            tap = d.remove(&vni);
         });
         device.stop.store(true, Ordering::Relaxed);
         let _ = device.thread.join();
+        // The interface goes when the last handle on it closes: wait (bounded) for the inbound
+        // thread to let go of its copy, so a device of the same name can be made at once.
+        if let Some(tap) = tap {
+            let deadline = Instant::now() + 4 * POLL;
+            while Arc::strong_count(&tap) > 1 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
         true
     }
 
