@@ -639,10 +639,18 @@ impl Agent {
         let Some(dp) = self.running().data_path.clone() else {
             return Ok(());
         };
-        dp.sync_networks(|| match self.membership.get() {
-            Some(m) => self.endpoints.segments(&m.view, &m.node_id),
-            None => Vec::new(),
-        })
+        let sync = || {
+            dp.sync_networks(|| match self.membership.get() {
+                Some(m) => self.endpoints.segments(&m.view, &m.node_id),
+                None => Vec::new(),
+            })
+        };
+        // Removing a device waits for its threads (up to about 100 ms): not on a worker the
+        // other tasks need.
+        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(sync),
+            _ => sync(),
+        }
     }
 
     /// Tells the cluster of an attachment (or, `live` false, that it is gone).
