@@ -929,6 +929,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn attachment_records_are_kept_one_each_across_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).await.unwrap();
+        assert!(store.attachments().await.unwrap().is_empty());
+        store
+            .put_attachment("web/a/eth0".into(), Some(b"one".to_vec()))
+            .await
+            .unwrap();
+        store
+            .put_attachment("web/b/eth0".into(), Some(b"two".to_vec()))
+            .await
+            .unwrap();
+        store
+            .put_attachment("web/a/eth0".into(), None)
+            .await
+            .unwrap();
+        // Deleting what is not there is not an error.
+        store
+            .put_attachment("web/zz/eth0".into(), None)
+            .await
+            .unwrap();
+        drop(store);
+        let store = Store::open(dir.path()).await.unwrap();
+        assert_eq!(
+            store.attachments().await.unwrap(),
+            vec![("web/b/eth0".to_owned(), b"two".to_vec())]
+        );
+    }
+
+    #[tokio::test]
     async fn empty_store_has_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).await.unwrap();
