@@ -536,7 +536,7 @@ fn a_moved_address_is_followed_and_networks_stay_apart() {
     wait_network(&lab, 3, "back");
     let [c1, c2, c3, c4, d] = ["c1", "c2", "c3", "c4", "d"].map(|t| Container::new(&lab, t));
     let ip1 = add(&lab, 1, &c1, "front");
-    add(&lab, 3, &c3, "front");
+    let ip3 = add(&lab, 3, &c3, "front");
     add(&lab, 1, &c4, "front");
     lab.eventually("c3 reaches c1", Duration::from_secs(10), || c3.ping(&ip1));
 
@@ -615,6 +615,30 @@ fn a_moved_address_is_followed_and_networks_stay_apart() {
         matching(&back, &echo).is_empty(),
         "back's capture holds front's frames"
     );
+
+    // A node down for longer than the grace (30 s) loses its endpoints on every other node;
+    // when it comes back, so do they.
+    let listed = |node: usize, ip: &str| {
+        endpoints(&lab, node, "front").iter().any(|e| {
+            e["ip"]
+                .as_str()
+                .is_some_and(|a| a.starts_with(&format!("{ip}/")))
+        })
+    };
+    assert!(listed(1, &ip3));
+    ok_lab(&lab, &["stop", "--kill", "n3"]);
+    lab.eventually("n1 drops n3's endpoint", Duration::from_secs(60), || {
+        !listed(1, &ip3)
+    });
+    lab.lab_node("start", 3);
+    lab.eventually(
+        "n1 lists n3's endpoint again",
+        Duration::from_secs(15),
+        || listed(1, &ip3),
+    );
+    lab.eventually("c4 reaches c3 again", Duration::from_secs(10), || {
+        c4.ping(&ip3)
+    });
 }
 
 /// A `shoal capture --network NET --inner` running on node `node`.
