@@ -813,36 +813,17 @@ fn churn_with_crashing_agents_leaves_tables_in_step_and_no_address_leaked() {
     let in_step = |i: usize| -> Result<(), String> {
         let out = lab.shoal(i, &["network", "inspect", "churn"]);
         let v: Value = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
-        let records: std::collections::BTreeSet<(String, String)> = v[0]["endpoints"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
-            .iter()
-            .map(|e| {
-                let ip = e["ip"].as_str().unwrap_or_default();
-                (
-                    ip.split('/').next().unwrap_or_default().to_owned(),
-                    e["node_id"].as_str().unwrap_or_default().to_owned(),
-                )
-            })
-            .collect();
+        let records: std::collections::BTreeSet<(String, String)> =
+            pairs(&v[0]["endpoints"], "ip", "node_id")
+                .into_iter()
+                .map(|(ip, node)| (ip.split('/').next().unwrap_or_default().to_owned(), node))
+                .collect();
         if records != expected {
             return Err(format!(
                 "n{i} records {records:?}, the runtime holds {expected:?}"
             ));
         }
-        let table: std::collections::BTreeSet<(String, String)> = v[0]["data_path"]["forwarding"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
-            .iter()
-            .map(|f| {
-                (
-                    f["mac"].as_str().unwrap_or_default().to_owned(),
-                    f["vtep"].as_str().unwrap_or_default().to_owned(),
-                )
-            })
-            .collect();
+        let table = pairs(&v[0]["data_path"]["forwarding"], "mac", "vtep");
         let want: std::collections::BTreeSet<(String, String)> = expected
             .iter()
             .filter(|(_, node)| *node != ids[i - 1])
@@ -896,6 +877,18 @@ fn churn_with_crashing_agents_leaves_tables_in_step_and_no_address_leaked() {
             "n{node} gives its first address again"
         );
     }
+}
+
+/// The (`a`, `b`) string fields of each object of the JSON array `list`.
+fn pairs(list: &Value, a: &str, b: &str) -> std::collections::BTreeSet<(String, String)> {
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .map(|o| {
+            let field = |k: &str| o[k].as_str().unwrap_or_default().to_owned();
+            (field(a), field(b))
+        })
+        .collect()
 }
 
 /// `shoal lab ARGS --name LAB`, which must succeed.

@@ -419,23 +419,15 @@ impl Agent {
         name: &str,
         ip: Ipv4Addr,
     ) -> Result<(), String> {
-        let reply = match self.running().manager.clone() {
-            Some(manager) => manager
-                .assign_address(&m.node_id, name, ip)
-                .await
-                .map_err(|e| e.to_string()),
-            None => tokio::time::timeout(super::REQUEST_TIMEOUT, async {
-                let (mut tls, addr) = super::connect_member(m).await?;
-                let request = ManagerRequest::AssignAddress {
-                    network: name.to_owned(),
-                    ip,
-                };
-                super::call(&mut tls, addr, &request).await
+        let request = ManagerRequest::AssignAddress {
+            network: name.to_owned(),
+            ip,
+        };
+        let reply = self
+            .ask_manager(m, request, |manager| async move {
+                manager.assign_address(&m.node_id, name, ip).await
             })
-            .await
-            .map_err(|_| "the manager did not answer in time".to_owned())
-            .and_then(|r| r.map_err(|e| e.to_string())),
-        }?;
+            .await?;
         match reply {
             ManagerReply::Ok => Ok(()),
             other => Err(format!("unexpected answer {other:?}")),
@@ -448,27 +440,43 @@ impl Agent {
         m: &crate::store::Membership,
         name: &str,
     ) -> Result<Vec<Ipv4Net>, String> {
-        let reply = match self.running().manager.clone() {
-            Some(manager) => manager
-                .address_block(&m.node_id, name)
-                .await
-                .map_err(|e| e.to_string()),
-            None => tokio::time::timeout(super::REQUEST_TIMEOUT, async {
-                let (mut tls, addr) = super::connect_member(m).await?;
-                let request = ManagerRequest::AddressBlock {
-                    network: name.to_owned(),
-                };
-                super::call(&mut tls, addr, &request).await
+        let request = ManagerRequest::AddressBlock {
+            network: name.to_owned(),
+        };
+        let reply = self
+            .ask_manager(m, request, |manager| async move {
+                manager.address_block(&m.node_id, name).await
             })
-            .await
-            .map_err(|_| "the manager did not answer in time".to_owned())
-            .and_then(|r| r.map_err(|e| e.to_string())),
-        }?;
+            .await?;
         match reply {
             ManagerReply::Blocks(blocks) => {
                 Ok(blocks.iter().filter_map(|b| b.parse().ok()).collect())
             }
             other => Err(format!("unexpected answer {other:?}")),
+        }
+    }
+
+    /// `request` for this node: to its own manager when it leads (`local`), else over mTLS to
+    /// a manager of the view.
+    async fn ask_manager<'a, F, Fut>(
+        &self,
+        m: &'a crate::store::Membership,
+        request: ManagerRequest,
+        local: F,
+    ) -> Result<ManagerReply, String>
+    where
+        F: FnOnce(std::sync::Arc<crate::manager::Manager>) -> Fut,
+        Fut: std::future::Future<Output = Result<ManagerReply, crate::manager::AdminError>> + 'a,
+    {
+        match self.running().manager.clone() {
+            Some(manager) => local(manager).await.map_err(|e| e.to_string()),
+            None => tokio::time::timeout(super::REQUEST_TIMEOUT, async {
+                let (mut tls, addr) = super::connect_member(m).await?;
+                super::call(&mut tls, addr, &request).await
+            })
+            .await
+            .map_err(|_| "the manager did not answer in time".to_owned())
+            .and_then(|r| r.map_err(|e| e.to_string())),
         }
     }
 

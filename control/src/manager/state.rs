@@ -620,24 +620,12 @@ impl State {
                 Ok(Applied::Changed)
             }
             Command::GrantBlock { network, node } => {
-                if !cluster.nodes.get(&node).is_some_and(Node::active) {
-                    return Err(ApplyError::NoSuchNode(node));
-                }
-                let n = cluster
-                    .networks
-                    .get_mut(&network)
-                    .ok_or(NetworkError::NotFound(network))?;
+                let n = network_of_node(cluster, network, &node)?;
                 networks::grant_block(n, &node)?;
                 Ok(Applied::Changed)
             }
             Command::AssignAddress { network, node, ip } => {
-                if !cluster.nodes.get(&node).is_some_and(Node::active) {
-                    return Err(ApplyError::NoSuchNode(node));
-                }
-                let n = cluster
-                    .networks
-                    .get_mut(&network)
-                    .ok_or(NetworkError::NotFound(network))?;
+                let n = network_of_node(cluster, network, &node)?;
                 if n.assigned.get(&ip) == Some(&node) {
                     return Ok(Applied::Unchanged);
                 }
@@ -804,6 +792,21 @@ impl State {
             state
         })
     }
+}
+
+/// User network `network`, to change on behalf of `node`, which must be an active node.
+fn network_of_node<'a>(
+    cluster: &'a mut Cluster,
+    network: String,
+    node: &NodeId,
+) -> Result<&'a mut UserNetwork, ApplyError> {
+    if !cluster.nodes.get(node).is_some_and(Node::active) {
+        return Err(ApplyError::NoSuchNode(node.clone()));
+    }
+    Ok(cluster
+        .networks
+        .get_mut(&network)
+        .ok_or(NetworkError::NotFound(network))?)
 }
 
 #[cfg(test)]
@@ -1108,6 +1111,58 @@ pub(crate) mod tests {
         refused(&mut s, grant(2), ApplyError::NoSuchNode(id(2)));
         s.apply(Command::RemoveNode(id(3))).unwrap();
         assert!(blocks(&s).is_empty());
+    }
+
+    #[test]
+    fn a_fixed_address_goes_to_the_last_node_that_asks_and_comes_back_when_it_goes() {
+        let mut s = initialized();
+        for n in [2, 3] {
+            s.apply(Command::AddNode(Box::new(node(n, Role::Worker))))
+                .unwrap();
+        }
+        s.apply(Command::CreateNetwork(Box::new(networks::tests::spec(
+            "web",
+            Some("10.9.0.0/24"),
+        ))))
+        .unwrap();
+        let ip: Ipv4Addr = "10.9.0.5".parse().unwrap();
+        let assign = |n, ip| Command::AssignAddress {
+            network: "web".into(),
+            node: id(n),
+            ip,
+        };
+        let owner = |s: &State| {
+            s.cluster().unwrap().networks["web"]
+                .assigned
+                .get(&ip)
+                .cloned()
+        };
+        s.apply(assign(2, ip)).unwrap();
+        assert_eq!(owner(&s), Some(id(2)));
+        assert_eq!(s.apply(assign(2, ip)).unwrap(), Applied::Unchanged);
+        // It moves: the last node to ask holds it; every node sees that in its view.
+        s.apply(assign(3, ip)).unwrap();
+        assert_eq!(owner(&s), Some(id(3)));
+        let view = ClusterView::from_wire(s.view().unwrap().to_wire());
+        assert_eq!(view.networks[0].assigned.get(&ip), Some(&id(3)));
+        assert!(view.networks[0].holds(&id(3), ip) && !view.networks[0].holds(&id(2), ip));
+        // Never the gateway, the network's own addresses, or one outside it; never for a
+        // node that is not in the swarm.
+        for bad in ["10.9.0.1", "10.9.0.0", "10.9.0.255", "10.10.0.5"] {
+            let bad: Ipv4Addr = bad.parse().unwrap();
+            refused(
+                &mut s,
+                assign(2, bad),
+                ApplyError::Network(NetworkError::BadAddress {
+                    ip: bad,
+                    network: "web".into(),
+                }),
+            );
+        }
+        refused(&mut s, assign(7, ip), ApplyError::NoSuchNode(id(7)));
+        // A node that goes gives it back.
+        s.apply(Command::RemoveNode(id(3))).unwrap();
+        assert_eq!(owner(&s), None);
     }
 
     #[test]
