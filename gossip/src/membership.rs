@@ -3078,11 +3078,7 @@ impl Membership {
                     .peers
                     .record(&ident.id)
                     .is_some_and(|r| r.leaving);
-                if leaving {
-                    let dropped = self.entries.left(ident.id);
-                    self.records.drop_entries_of(&ident.id);
-                    self.entries_dropped(dropped);
-                } else {
+                if !leaving {
                     self.entries
                         .down(ident.id, now, self.config.entries_down_grace);
                     let inc = self
@@ -3101,6 +3097,11 @@ impl Membership {
                             Event::Down(info)
                         });
                     }
+                }
+                if leaving {
+                    // After the Left: its entries go with it.
+                    let dropped = self.entries.left(ident.id);
+                    self.entries_dropped(dropped);
                 }
             }
             OwnedNotification::Rename(old, new) => {
