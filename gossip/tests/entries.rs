@@ -412,3 +412,39 @@ fn large_entries_fit_the_datagram_budget() {
         "entries filled datagrams: largest {largest}"
     );
 }
+
+/// A split too short for anyone to be declared down, so nobody sends its entries again:
+/// the changes made on each side while it lasted (their broadcasts spent within the side)
+/// cross by push-pull (the nodes they are new to spread them on).
+#[test]
+fn a_healed_split_converges_by_push_pull() {
+    let mut net = Net::joined_tweaked(6, true, |c| {
+        c.pushpull_interval = Duration::from_secs(4);
+    });
+    net.split = Some(3);
+    set(&mut net, 0, b"a", 1, Some(b"x"));
+    set(&mut net, 4, b"b", 1, Some(b"y"));
+    net.run(Duration::from_millis(900));
+    for i in 0..6 {
+        assert_eq!(held(&net, i, 0, b"a").is_some(), i < 3, "node {i}");
+        assert_eq!(held(&net, i, 4, b"b").is_some(), i >= 3, "node {i}");
+        assert_eq!(net.nodes[i].backlog().1, 0, "node {i}: broadcasts spent");
+    }
+    net.split = None;
+    net.run(Duration::from_secs(15));
+    for i in 0..6 {
+        assert!(
+            !(0..6).any(|j| net.saw_down(i, j)),
+            "node {i} saw a down: not the case this test is about"
+        );
+        assert_eq!(held(&net, i, 0, b"a"), Some((1, b"x".to_vec())), "node {i}");
+        assert_eq!(held(&net, i, 4, b"b"), Some((1, b"y".to_vec())), "node {i}");
+    }
+    let by_state: u64 = (0..6)
+        .map(|i| net.nodes[i].stats().entries_from_pushpull)
+        .sum();
+    assert!(
+        by_state >= 2,
+        "{by_state} changes taken from push-pull states"
+    );
+}
