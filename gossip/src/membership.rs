@@ -88,10 +88,10 @@
 //! only under the author's directory key: a member can relay another's entries, never
 //! forge or alter them. For one (author, key) the higher version wins; an equal or lower
 //! one is stale. An entry travels as one item of its own, in the core's queue after
-//! records and witnesses, `max_transmissions` times per node; and at once: a new entry,
-//! ours or one first heard in a datagram, makes the core gossip to `num_indirect_probes`
-//! members within [`EAGER_SPACING`], so it crosses the cluster in a few network round trips
-//! rather than in gossip periods. Push-pull states carry every entry held, tombstones
+//! records and witnesses, `max_transmissions + num_indirect_probes` times per node; and at
+//! once: a new entry, ours or one first heard in a datagram, makes the core gossip to
+//! `num_indirect_probes` members [`EAGER_ROUNDS`] times, [`EAGER_SPACING`] apart, so it
+//! crosses the cluster in a few network round trips rather than in gossip periods. Push-pull states carry every entry held, tombstones
 //! included, so a node that missed broadcasts converges; the entries a state brings that
 //! are new to us (at most [`MAX_STATE_RELAY`], none from our first state: a join) are spread
 //! on, since a node that missed a change is seldom the only one (a healed split).
@@ -158,6 +158,14 @@ pub const MAX_EPOCH_AHEAD: Duration = Duration::from_secs(600);
 /// A new entry (ours, or one first heard in a datagram) makes the core gossip at once, but
 /// at most once per this span (a burst of entries shares the rounds).
 pub const EAGER_SPACING: Duration = Duration::from_millis(10);
+
+/// Eager gossip rounds after a new entry, [`EAGER_SPACING`] apart. With `k` members per
+/// round (`num_indirect_probes`, five in `Config::lan`), every node that hears a change
+/// sends it to `k * EAGER_ROUNDS` members at once: a node then misses every copy with
+/// probability about `e^-(k * EAGER_ROUNDS)` and waits for the next gossip period (200 ms).
+/// With one round, at N = 200 three changes in four left such a straggler (e^-5 per node).
+/// An entry gets `k` more transmissions than a record for it (see `queue_entry`).
+pub const EAGER_ROUNDS: u8 = 2;
 
 /// Most entries new to us that one push-pull state makes us spread on (as if heard in a
 /// datagram); the rest wait for the next push-pulls. None from our first state (a join: the
@@ -1037,6 +1045,8 @@ pub struct Membership {
     eager_at: Option<Instant>,
     /// When the last one went.
     eager_last: Option<Instant>,
+    /// Eager rounds still to go for the entries queued last.
+    eager_rounds: u8,
     /// When to send our own entries again (see [`RESEND_HOLD`]).
     resend_at: Option<Instant>,
     /// When they were last sent again.
@@ -1219,6 +1229,7 @@ impl Membership {
             entries: Table::default(),
             eager_at: None,
             eager_last: None,
+            eager_rounds: 0,
             resend_at: None,
             resent_last: None,
             synced: false,
@@ -1473,6 +1484,7 @@ impl Membership {
         );
         self.entry_event(&e);
         self.queue_entry(&e);
+        self.eager_rounds = EAGER_ROUNDS;
         self.eager(now);
         Ok(())
     }
@@ -1910,9 +1922,13 @@ impl Membership {
         }
     }
 
-    /// Queues an entry for `max_transmissions` sends.
+    /// Queues an entry for `max_transmissions + num_indirect_probes` sends: the rounds after
+    /// the eager ones keep the budget a record has (the second eager round would otherwise
+    /// spend most of it at once, and a node all of them missed would wait for a
+    /// push-pull).
     fn queue_entry(&mut self, e: &Arc<Entry>) {
-        let tx = self.config.swim.max_transmissions.get().into();
+        let tx = usize::from(self.config.swim.max_transmissions.get())
+            + self.config.swim.num_indirect_probes.get();
         if self.records.push_entry(e, tx) {
             self.stats.entries_queue_evicted += 1;
         }
@@ -1995,16 +2011,20 @@ impl Membership {
             }
         }
         if fresh {
+            self.eager_rounds = EAGER_ROUNDS;
             self.eager(now);
         }
     }
 
-    /// Gossips at once (to `num_indirect_probes` members) what the queue holds, at most
-    /// once per [`EAGER_SPACING`]; later calls within it share the round that follows.
+    /// Gossips at once (to `num_indirect_probes` members) what the queue holds, for the
+    /// eager rounds left ([`EAGER_ROUNDS`]), at most once per [`EAGER_SPACING`]; calls within
+    /// it share the round that follows.
     fn eager(&mut self, now: Instant) {
-        if self.foca.num_members() == 0 || self.records.is_empty() {
-            // Nobody to tell yet: the queue goes out with our first datagrams.
+        if self.eager_rounds == 0 || self.foca.num_members() == 0 || self.records.is_empty() {
+            // Nothing to send, or nobody to tell yet (the queue goes out with our first
+            // datagrams).
             self.eager_at = None;
+            self.eager_rounds = 0;
             return;
         }
         if let Some(next) = self.eager_last.map(|t| t + EAGER_SPACING) {
@@ -2013,7 +2033,8 @@ impl Membership {
                 return;
             }
         }
-        self.eager_at = None;
+        self.eager_rounds -= 1;
+        self.eager_at = (self.eager_rounds > 0).then(|| now + EAGER_SPACING);
         self.eager_last = Some(now);
         let mut rt = Collect::default();
         if self.foca.gossip(&mut rt).is_err() {
@@ -2044,6 +2065,7 @@ impl Membership {
         for e in &own {
             self.queue_entry(e);
         }
+        self.eager_rounds = EAGER_ROUNDS;
         self.eager(now);
     }
 

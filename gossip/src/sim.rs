@@ -777,6 +777,14 @@ impl Sim {
             let s = &mut self.entry_samples[k];
             if s.seen.insert(observer) && s.seen.len() >= s.need && s.done.is_none() {
                 s.done = Some(now - s.start);
+                if self.debug && now - s.start > Duration::from_secs(1) {
+                    eprintln!(
+                        "{:.3} slow entry of {} (version {v}, set at {:.3}): node {observer} last, at version {version}",
+                        now.as_secs_f64(),
+                        s.subject,
+                        s.start.as_secs_f64()
+                    );
+                }
             }
         }
     }
