@@ -630,9 +630,15 @@ impl Entry {
         self.value.is_none()
     }
 
-    /// Length of the entry without its signature.
+    /// Length of the entry without its signature (fields cut at their limits, as
+    /// `put_body` writes them).
     fn body_len(&self) -> usize {
-        NODE_ID_LEN + 1 + self.key.len() + 8 + 1 + self.value.as_ref().map_or(0, |v| 2 + v.len())
+        let key = self.key.len().min(MAX_ENTRY_KEY);
+        let value = self
+            .value
+            .as_ref()
+            .map_or(0, |v| 2 + v.len().min(MAX_ENTRY_VALUE));
+        NODE_ID_LEN + 1 + key + 8 + 1 + value
     }
 
     /// Encoded length without an item tag (as a push-pull state holds it).

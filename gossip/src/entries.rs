@@ -5,7 +5,10 @@
 //! kept for the tombstone time to live, then forgotten, so that an older copy still
 //! travelling is recognized as stale meanwhile. An author's entries are dropped when it
 //! left, or once it has been down for the grace period; until it comes back up, its entries
-//! are refused (a copy relayed by a slower node would otherwise bring them back).
+//! are refused (a copy relayed by a slower node would otherwise bring them back). Refused,
+//! but parked for [`PARK_FOR`]: an author that comes back sends its entries again at once,
+//! and some arrive just before the record that takes it back up here; those are taken when
+//! it does.
 //!
 //! Sans-IO like the core: time comes in as `now`. The table checks nothing cryptographic;
 //! the core verifies an entry's signature after [`Table::check`] passed and before
@@ -18,6 +21,16 @@ use std::time::{Duration, Instant};
 
 use crate::codec::Entry;
 use crate::identity::NodeId;
+
+/// How long an entry of a gone author is parked, waiting for its author to come back up.
+pub(crate) const PARK_FOR: Duration = Duration::from_secs(10);
+
+/// Most entries parked at once (the oldest go first).
+pub(crate) const MAX_PARKED: usize = 4096;
+
+/// An entry parked: when, whether it came in a datagram (then it is spread on once taken),
+/// and the entry (its signature verified).
+type Parked = (Instant, bool, Arc<Entry>);
 
 /// Why a received entry is not taken (the checks before its signature).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +74,10 @@ pub(crate) struct Table {
     drops: BinaryHeap<Reverse<(Instant, NodeId)>>,
     /// Entries held, tombstones included.
     len: usize,
+    /// Entries of gone authors (see the module docs), oldest first.
+    parked: Vec<Parked>,
+    /// Parked entries whose author came back up: for the core to take.
+    unparked: Vec<(bool, Arc<Entry>)>,
 }
 
 impl Table {
@@ -93,19 +110,33 @@ impl Table {
     }
 
     /// Holds `e` (checked and verified), replacing what was held for its (author, key). A
-    /// tombstone is forgotten `tombstone_ttl` after `now`.
-    pub(crate) fn insert(&mut self, e: Arc<Entry>, now: Instant, tombstone_ttl: Duration) {
+    /// tombstone is forgotten `tombstone_ttl` after `now`; an author down has its entries
+    /// dropped `grace` after it went down.
+    pub(crate) fn insert(
+        &mut self,
+        e: Arc<Entry>,
+        now: Instant,
+        tombstone_ttl: Duration,
+        grace: Duration,
+    ) {
         let forget_at = e.is_tombstone().then(|| now + tombstone_ttl);
         if let Some(at) = forget_at {
             self.forget.push(Reverse((at, e.author, e.key.clone())));
         }
         let table = self.authors.entry(e.author).or_default();
+        let first = table.is_empty();
         let held = Held {
             entry: Arc::clone(&e),
             forget_at,
         };
         if table.insert(e.key.clone(), held).is_none() {
             self.len += 1;
+        }
+        if first {
+            // The first entry of an author down (within the grace): its drop is due.
+            if let Some(Gone::Down(since)) = self.gone.get(&e.author) {
+                self.drops.push(Reverse((*since + grace, e.author)));
+            }
         }
     }
 
@@ -139,19 +170,55 @@ impl Table {
             .flat_map(|t| t.values().map(|h| &h.entry))
     }
 
-    /// `author` is up (again): its entries are welcome.
+    /// `author` is up (again): its entries are welcome, those parked first
+    /// ([`Table::take_unparked`]).
     pub(crate) fn up(&mut self, author: &NodeId) {
-        self.gone.remove(author);
+        if self.gone.remove(author).is_none() || self.parked.is_empty() {
+            return;
+        }
+        let (back, keep): (Vec<Parked>, Vec<Parked>) = std::mem::take(&mut self.parked)
+            .into_iter()
+            .partition(|(_, _, e)| e.author == *author);
+        self.parked = keep;
+        self.unparked
+            .extend(back.into_iter().map(|(_, relay, e)| (relay, e)));
+    }
+
+    /// Whether this very entry (author, key, version) is parked already.
+    pub(crate) fn is_parked(&self, e: &Entry) -> bool {
+        self.parked
+            .iter()
+            .any(|(_, _, p)| p.author == e.author && p.version == e.version && p.key == e.key)
+    }
+
+    /// Parks an entry refused because its author is gone (its signature verified), for
+    /// [`PARK_FOR`]; `relay`: it came in a datagram.
+    pub(crate) fn park(&mut self, e: Arc<Entry>, relay: bool, now: Instant) {
+        self.parked
+            .retain(|(at, _, _)| now.saturating_duration_since(*at) < PARK_FOR);
+        if self.parked.len() >= MAX_PARKED {
+            self.parked.remove(0);
+        }
+        self.parked.push((now, relay, e));
+    }
+
+    /// The parked entries whose author came back up, to take now (checked again).
+    pub(crate) fn take_unparked(&mut self) -> Vec<(bool, Arc<Entry>)> {
+        std::mem::take(&mut self.unparked)
     }
 
     /// `author` was declared down at `now`: its entries are dropped `grace` later unless it
-    /// comes back up first. A member already down keeps its first instant.
+    /// comes back up first. A member already down keeps its first instant. (Nothing is
+    /// scheduled for an author without entries: a core that holds none wakes no more often
+    /// than without entries.)
     pub(crate) fn down(&mut self, author: NodeId, now: Instant, grace: Duration) {
         if self.gone.contains_key(&author) {
             return;
         }
         self.gone.insert(author, Gone::Down(now));
-        self.drops.push(Reverse((now + grace, author)));
+        if self.authors.contains_key(&author) {
+            self.drops.push(Reverse((now + grace, author)));
+        }
     }
 
     /// `author` left: its entries go now, and are refused until it comes back up. Returns
@@ -182,6 +249,7 @@ impl Table {
         mut keep: impl FnMut(&NodeId) -> bool,
     ) -> Vec<Arc<Entry>> {
         self.gone.retain(|id, _| keep(id));
+        self.parked.retain(|(_, _, e)| keep(&e.author));
         let drop: Vec<NodeId> = self
             .authors
             .keys()
@@ -247,6 +315,7 @@ impl Table {
             + self.forget.capacity() * (size_of::<(Instant, NodeId, Vec<u8>)>())
             + self.drops.capacity() * size_of::<(Instant, NodeId)>()
             + self.gone.capacity() * (size_of::<(NodeId, Gone)>() + 1)
+            + self.parked.capacity() * size_of::<Parked>()
     }
 }
 
@@ -273,7 +342,7 @@ mod tests {
         let mut t = Table::default();
         let e = entry(1, "a", 5, Some("x"));
         assert_eq!(t.check(&e, 10, GRACE, t0), Ok(()));
-        t.insert(e, t0, TTL);
+        t.insert(e, t0, TTL, GRACE);
         for v in [4, 5] {
             assert_eq!(
                 t.check(&entry(1, "a", v, Some("y")), 10, GRACE, t0),
@@ -282,7 +351,7 @@ mod tests {
         }
         let e = entry(1, "a", 6, None);
         assert_eq!(t.check(&e, 10, GRACE, t0), Ok(()));
-        t.insert(e, t0, TTL);
+        t.insert(e, t0, TTL, GRACE);
         assert_eq!(t.len(), 1);
         assert!(t
             .get(&NodeId::from_index(1), b"a")
@@ -293,8 +362,8 @@ mod tests {
     fn a_new_key_over_the_limit_is_refused_an_update_is_not() {
         let t0 = Instant::now();
         let mut t = Table::default();
-        t.insert(entry(1, "a", 1, Some("x")), t0, TTL);
-        t.insert(entry(1, "b", 1, None), t0, TTL);
+        t.insert(entry(1, "a", 1, Some("x")), t0, TTL, GRACE);
+        t.insert(entry(1, "b", 1, None), t0, TTL, GRACE);
         let c = entry(1, "c", 1, Some("x"));
         assert_eq!(t.check(&c, 2, GRACE, t0), Err(Refused::OverLimit));
         assert_eq!(t.check(&entry(1, "a", 2, None), 2, GRACE, t0), Ok(()));
@@ -306,10 +375,10 @@ mod tests {
     fn tombstones_are_forgotten_after_their_time() {
         let t0 = Instant::now();
         let mut t = Table::default();
-        t.insert(entry(1, "a", 1, None), t0, TTL);
-        t.insert(entry(1, "b", 1, None), t0, TTL);
+        t.insert(entry(1, "a", 1, None), t0, TTL, GRACE);
+        t.insert(entry(1, "b", 1, None), t0, TTL, GRACE);
         // b comes back to life: its tombstone's time no longer applies
-        t.insert(entry(1, "b", 2, Some("x")), t0 + TTL / 2, TTL);
+        t.insert(entry(1, "b", 2, Some("x")), t0 + TTL / 2, TTL, GRACE);
         assert_eq!(t.next_deadline(), Some(t0 + TTL));
         assert!(t
             .expire(t0 + TTL - Duration::from_millis(1), GRACE)
@@ -335,9 +404,9 @@ mod tests {
         let t0 = Instant::now();
         let (a, b) = (NodeId::from_index(1), NodeId::from_index(2));
         let mut t = Table::default();
-        t.insert(entry(1, "a", 1, Some("x")), t0, TTL);
-        t.insert(entry(1, "b", 1, None), t0, TTL);
-        t.insert(entry(2, "a", 1, Some("x")), t0, TTL);
+        t.insert(entry(1, "a", 1, Some("x")), t0, TTL, GRACE);
+        t.insert(entry(1, "b", 1, None), t0, TTL, GRACE);
+        t.insert(entry(2, "a", 1, Some("x")), t0, TTL, GRACE);
         t.down(a, t0, GRACE);
         t.down(b, t0, GRACE);
         // within the grace, entries of a down author are still taken
@@ -365,11 +434,58 @@ mod tests {
     }
 
     #[test]
+    fn entries_of_a_gone_author_wait_parked_for_its_return() {
+        let t0 = Instant::now();
+        let a = NodeId::from_index(1);
+        let mut t = Table::default();
+        t.down(a, t0, GRACE);
+        let late = t0 + GRACE;
+        let e = entry(1, "a", 1, Some("x"));
+        assert_eq!(t.check(&e, 10, GRACE, late), Err(Refused::Gone));
+        t.park(Arc::clone(&e), true, late);
+        assert!(t.is_parked(&e));
+        assert!(!t.is_parked(&entry(1, "a", 2, Some("x"))));
+        // an old one expires when another is parked
+        t.park(entry(1, "b", 1, None), false, late + PARK_FOR);
+        assert!(!t.is_parked(&e));
+        t.up(&NodeId::from_index(2));
+        assert!(t.take_unparked().is_empty(), "another author");
+        t.up(&a);
+        let back = t.take_unparked();
+        assert_eq!(back.len(), 1);
+        assert!(!back[0].0 && back[0].1.key == b"b");
+        assert!(t.take_unparked().is_empty());
+        // bounded
+        t.down(a, late, GRACE);
+        for i in 0..MAX_PARKED + 5 {
+            t.park(entry(1, &i.to_string(), 1, None), false, late);
+        }
+        assert_eq!(t.parked.len(), MAX_PARKED);
+        assert!(!t.is_parked(&entry(1, "0", 1, None)), "the oldest went");
+    }
+
+    #[test]
+    fn an_entry_taken_while_its_author_is_down_is_dropped_with_it() {
+        let t0 = Instant::now();
+        let a = NodeId::from_index(1);
+        let mut t = Table::default();
+        t.down(a, t0, GRACE);
+        assert_eq!(
+            t.next_deadline(),
+            None,
+            "nothing to drop, nothing to wake for"
+        );
+        t.insert(entry(1, "a", 1, Some("x")), t0 + GRACE / 2, TTL, GRACE);
+        assert_eq!(t.next_deadline(), Some(t0 + GRACE));
+        assert_eq!(t.expire(t0 + GRACE, GRACE).len(), 1);
+    }
+
+    #[test]
     fn a_member_that_left_is_dropped_at_once() {
         let t0 = Instant::now();
         let a = NodeId::from_index(1);
         let mut t = Table::default();
-        t.insert(entry(1, "a", 1, Some("x")), t0, TTL);
+        t.insert(entry(1, "a", 1, Some("x")), t0, TTL, GRACE);
         assert_eq!(t.left(a).len(), 1);
         assert_eq!(t.len(), 0);
         assert_eq!(
@@ -377,7 +493,7 @@ mod tests {
             Err(Refused::Gone)
         );
         // removed from the directory
-        t.insert(entry(2, "a", 1, Some("x")), t0, TTL);
+        t.insert(entry(2, "a", 1, Some("x")), t0, TTL, GRACE);
         assert_eq!(t.retain_authors(|id| *id != NodeId::from_index(2)).len(), 1);
         assert_eq!(t.iter().count(), 0);
     }

@@ -83,19 +83,27 @@
 //!
 //! Each node also holds a small table of its own, [`Membership::set_entry`]: opaque keys
 //! (at most [`MAX_ENTRY_KEY`](codec::MAX_ENTRY_KEY) bytes) mapping to opaque values (at most
-//! [`MAX_ENTRY_VALUE`](codec::MAX_ENTRY_VALUE) bytes; `None` deletes, as a tombstone) at a version the node chooses. Each entry is
-//! signed by its author ([`Entry`]) and believed only under the author's directory key: a
-//! member can relay another's entries, never forge or alter them. For one (author, key) the
-//! higher version wins; an equal or lower one is stale. Entries spread like signed records
-//! (the core's queue, after records and witnesses), and at once: a new entry, ours or one
-//! first heard in a datagram, makes the core gossip to `num_indirect_probes` members within
-//! [`EAGER_SPACING`], so it crosses the cluster in a few network round trips rather than
-//! in gossip periods. Push-pull states carry every entry held, tombstones included, so a
-//! node that missed broadcasts converges. An author's entries are dropped when it left or
-//! was removed from the directory, and once it has been down for
-//! [`Config::entries_down_grace`]; a node re-sends its own when its identity changes or a
-//! member tells it that it was declared down. Tombstones are forgotten after
-//! [`Config::tombstone_ttl`]. [`Event::Entry`] reports every change of what is held.
+//! [`MAX_ENTRY_VALUE`](codec::MAX_ENTRY_VALUE) bytes; `None` deletes, as a tombstone) at a
+//! version the node chooses. Each entry is signed by its author ([`Entry`]) and believed
+//! only under the author's directory key: a member can relay another's entries, never
+//! forge or alter them. For one (author, key) the higher version wins; an equal or lower
+//! one is stale. An entry travels as one item of its own, in the core's queue after
+//! records and witnesses, `max_transmissions + num_indirect_probes` times per node; and at
+//! once: a new entry, ours or one first heard in a datagram, makes the core gossip to
+//! `num_indirect_probes` members [`EAGER_ROUNDS`] times, [`EAGER_SPACING`] apart, so it
+//! crosses the cluster in a few network round trips rather than in gossip periods. Push-pull states carry every entry held, tombstones
+//! included, so a node that missed broadcasts converges; the entries a state brings that
+//! are new to us (at most [`MAX_STATE_RELAY`], none from our first state: a join) are spread
+//! on, since a node that missed a change is seldom the only one (a healed split).
+//!
+//! Lifetimes: an author's entries are dropped (reported as removals) when it left or was
+//! removed from the directory, and once it has been down for
+//! [`Config::entries_down_grace`]; until it is back up, its entries are refused, but parked
+//! for a while, for those that arrive just before the record that takes it back up.
+//! A node sends its own entries again when its identity changes or a member tells it that
+//! it was declared down (at most once per [`RESEND_HOLD`]). Tombstones are forgotten after
+//! [`Config::tombstone_ttl`]; our own live entries never age. [`Event::Entry`] reports every
+//! change of what is held, our own calls included.
 //!
 //! [`Config::plain_swim`] turns all of the above off (`local_health`, `dynamic_suspicion`,
 //! `buddy_system`, `confirm_probes`, `flap_damping`): the plain SWIM baseline the
@@ -150,6 +158,23 @@ pub const MAX_EPOCH_AHEAD: Duration = Duration::from_secs(600);
 /// A new entry (ours, or one first heard in a datagram) makes the core gossip at once, but
 /// at most once per this span (a burst of entries shares the rounds).
 pub const EAGER_SPACING: Duration = Duration::from_millis(10);
+
+/// Eager gossip rounds after a new entry, [`EAGER_SPACING`] apart. With `k` members per
+/// round (`num_indirect_probes`, five in `Config::lan`), every node that hears a change
+/// sends it to `k * EAGER_ROUNDS` members at once: a node then misses every copy with
+/// probability about `e^-(k * EAGER_ROUNDS)` and waits for the next gossip period (200 ms).
+/// With one round, at N = 200 three changes in four left such a straggler (e^-5 per node).
+/// An entry gets `k` more transmissions than a record for it (see `queue_entry`).
+pub const EAGER_ROUNDS: u8 = 2;
+
+/// Most entries new to us that one push-pull state makes us spread on (as if heard in a
+/// datagram); the rest wait for the next push-pulls. None from our first state (a join: the
+/// others hold them all).
+pub const MAX_STATE_RELAY: usize = 256;
+
+/// Our own entries are sent again (when we learn we were declared down) at most once per
+/// this span: several members tell us, one after the other.
+pub const RESEND_HOLD: Duration = Duration::from_secs(1);
 
 /// After we renew our identity, a member's "you are down" (TurnUndead) is refused for this
 /// long: one member alone cannot make us churn identities faster than this. (A TurnUndead
@@ -492,6 +517,9 @@ pub struct Stats {
     pub entries_received: u64,
     /// Received entries that changed what we hold (each one [`Event::Entry`]).
     pub entries_applied: u64,
+    /// Of those, the ones that came in a push-pull state or a restore: changes whose
+    /// broadcasts missed us (loss, a partition, a restart).
+    pub entries_from_pushpull: u64,
     /// Received entries no newer than the one held for their (author, key): copies, or
     /// older versions.
     pub entries_stale: u64,
@@ -1017,6 +1045,15 @@ pub struct Membership {
     eager_at: Option<Instant>,
     /// When the last one went.
     eager_last: Option<Instant>,
+    /// Eager rounds still to go for the entries queued last.
+    eager_rounds: u8,
+    /// When to send our own entries again (see [`RESEND_HOLD`]).
+    resend_at: Option<Instant>,
+    /// When they were last sent again.
+    resent_last: Option<Instant>,
+    /// We applied a push-pull state (or restored one) already: the entries new to us in the
+    /// next ones are changes some nodes missed, worth spreading on.
+    synced: bool,
     events: VecDeque<Event>,
     /// The directory (also in `shared`, for the broadcast handler).
     admission: Admission,
@@ -1192,6 +1229,10 @@ impl Membership {
             entries: Table::default(),
             eager_at: None,
             eager_last: None,
+            eager_rounds: 0,
+            resend_at: None,
+            resent_last: None,
+            synced: false,
             events: VecDeque::new(),
             admission: setup.admission,
             crypto: setup.crypto,
@@ -1435,10 +1476,15 @@ impl Membership {
             value,
             self.crypto.as_ref(),
         )?);
-        self.entries
-            .insert(Arc::clone(&e), now, self.config.tombstone_ttl);
+        self.entries.insert(
+            Arc::clone(&e),
+            now,
+            self.config.tombstone_ttl,
+            self.config.entries_down_grace,
+        );
         self.entry_event(&e);
         self.queue_entry(&e);
+        self.eager_rounds = EAGER_ROUNDS;
         self.eager(now);
         Ok(())
     }
@@ -1528,6 +1574,7 @@ impl Membership {
         [
             self.next_pushpull,
             self.eager_at,
+            self.resend_at,
             self.entries.next_deadline(),
         ]
         .into_iter()
@@ -1622,14 +1669,15 @@ impl Membership {
             self.refute_now(now);
             // Someone holds us down: it may have dropped our entries (or will, after the
             // grace), and its side of a split never heard those we set meanwhile.
-            self.rebroadcast_own(now);
+            self.resend_own(now);
         }
         // Entries last: the records in the datagram may just have taken their author back
         // up, and they are welcome again.
         let entries = std::mem::take(&mut lock(&self.shared).entries_in);
         if !entries.is_empty() {
-            self.take_entries(entries, true, now);
+            self.take_entries(entries, true, 0, now);
         }
+        self.take_unparked(now);
         match res {
             Ok(()) => Ok(()),
             Err(foca::Error::Decode(e)) | Err(foca::Error::CustomBroadcast(e)) => {
@@ -1825,10 +1873,25 @@ impl Membership {
         if self.eager_at.is_some_and(|t| t <= now) {
             self.eager(now);
         }
+        if self.resend_at.is_some_and(|t| t <= now) {
+            match self
+                .resent_last
+                .map(|t| t + RESEND_HOLD)
+                .filter(|t| *t > now)
+            {
+                Some(later) => self.resend_at = Some(later),
+                None => {
+                    self.resend_at = None;
+                    self.resent_last = Some(now);
+                    self.rebroadcast_own(now);
+                }
+            }
+        }
         if self.entries.next_deadline().is_some_and(|t| t <= now) {
             let dropped = self.entries.expire(now, self.config.entries_down_grace);
             self.entries_dropped(dropped);
         }
+        self.take_unparked(now);
     }
 
     /// Reports a change of what we hold for (author, key).
@@ -1859,9 +1922,13 @@ impl Membership {
         }
     }
 
-    /// Queues an entry for `max_transmissions` sends.
+    /// Queues an entry for `max_transmissions + num_indirect_probes` sends: the rounds after
+    /// the eager ones keep the budget a record has (the second eager round would otherwise
+    /// spend most of it at once, and a node all of them missed would wait for a
+    /// push-pull).
     fn queue_entry(&mut self, e: &Arc<Entry>) {
-        let tx = self.config.swim.max_transmissions.get().into();
+        let tx = usize::from(self.config.swim.max_transmissions.get())
+            + self.config.swim.num_indirect_probes.get();
         if self.records.push_entry(e, tx) {
             self.stats.entries_queue_evicted += 1;
         }
@@ -1869,13 +1936,30 @@ impl Membership {
 
     /// Takes entries received from others: the cheap checks first (author admitted, newer
     /// than what we hold, author not gone, room under the limit), then the signature under
-    /// the author's directory key. Each one taken is reported; with `relay` (heard in a
-    /// datagram) it is also spread on, at once. Entries from a push-pull state or a restore
-    /// are not spread: every node gets them by its own push-pulls.
-    fn take_entries(&mut self, list: Vec<Arc<Entry>>, relay: bool, now: Instant) {
+    /// the author's directory key. Each one taken is reported. Those heard in a datagram
+    /// (`datagram`) are also spread on, at once; of those from a push-pull state or a
+    /// restore, the first `spread` (a node that missed a change is seldom alone: after a
+    /// healed split, a whole side did). An entry refused because its author is gone is
+    /// parked (verified) in case the author comes back up meanwhile.
+    fn take_entries(&mut self, list: Vec<Arc<Entry>>, datagram: bool, spread: usize, now: Instant) {
+        self.stats.entries_received += list.len() as u64;
+        let list = list.into_iter().map(|e| (datagram, e)).collect();
+        self.take_checked(list, spread, now);
+    }
+
+    /// Takes the parked entries whose author came back up (see [`Table::park`]).
+    fn take_unparked(&mut self, now: Instant) {
+        let back = self.entries.take_unparked();
+        if !back.is_empty() {
+            let spread = if self.synced { MAX_STATE_RELAY } else { 0 };
+            self.take_checked(back, spread, now);
+        }
+    }
+
+    /// [`Membership::take_entries`], each entry saying whether it came in a datagram.
+    fn take_checked(&mut self, list: Vec<(bool, Arc<Entry>)>, mut spread: usize, now: Instant) {
         let mut fresh = false;
-        for e in list {
-            self.stats.entries_received += 1;
+        for (datagram, e) in list {
             let Some(keys) = self.admission.keys(&e.author).copied() else {
                 self.stats.dropped_not_admitted += 1;
                 continue;
@@ -1897,6 +1981,10 @@ impl Membership {
                 }
                 Err(Refused::Gone) => {
                     self.stats.entries_refused_gone += 1;
+                    if !self.entries.is_parked(&e) && e.verify(&keys.ed25519, self.crypto.as_ref())
+                    {
+                        self.entries.park(e, datagram, now);
+                    }
                     continue;
                 }
             }
@@ -1905,8 +1993,17 @@ impl Membership {
                 continue;
             }
             self.stats.entries_applied += 1;
-            self.entries
-                .insert(Arc::clone(&e), now, self.config.tombstone_ttl);
+            let relay = datagram || spread > 0;
+            if !datagram {
+                self.stats.entries_from_pushpull += 1;
+                spread = spread.saturating_sub(1);
+            }
+            self.entries.insert(
+                Arc::clone(&e),
+                now,
+                self.config.tombstone_ttl,
+                self.config.entries_down_grace,
+            );
             self.entry_event(&e);
             if relay {
                 self.queue_entry(&e);
@@ -1914,16 +2011,20 @@ impl Membership {
             }
         }
         if fresh {
+            self.eager_rounds = EAGER_ROUNDS;
             self.eager(now);
         }
     }
 
-    /// Gossips at once (to `num_indirect_probes` members) what the queue holds, at most
-    /// once per [`EAGER_SPACING`]; later calls within it share the round that follows.
+    /// Gossips at once (to `num_indirect_probes` members) what the queue holds, for the
+    /// eager rounds left ([`EAGER_ROUNDS`]), at most once per [`EAGER_SPACING`]; calls within
+    /// it share the round that follows.
     fn eager(&mut self, now: Instant) {
-        if self.foca.num_members() == 0 || self.records.is_empty() {
-            // Nobody to tell yet: the queue goes out with our first datagrams.
+        if self.eager_rounds == 0 || self.foca.num_members() == 0 || self.records.is_empty() {
+            // Nothing to send, or nobody to tell yet (the queue goes out with our first
+            // datagrams).
             self.eager_at = None;
+            self.eager_rounds = 0;
             return;
         }
         if let Some(next) = self.eager_last.map(|t| t + EAGER_SPACING) {
@@ -1932,7 +2033,8 @@ impl Membership {
                 return;
             }
         }
-        self.eager_at = None;
+        self.eager_rounds -= 1;
+        self.eager_at = (self.eager_rounds > 0).then(|| now + EAGER_SPACING);
         self.eager_last = Some(now);
         let mut rt = Collect::default();
         if self.foca.gossip(&mut rt).is_err() {
@@ -1941,8 +2043,19 @@ impl Membership {
         self.absorb(rt, now);
     }
 
-    /// Spreads our own entries again (tombstones included), at once: after our identity
-    /// changed or a member told us we were declared down, others may have dropped them.
+    /// Sends our own entries again at the next timeout, or once [`RESEND_HOLD`] has passed
+    /// since the last time: others may have dropped them (we were declared down: a member
+    /// told us, or our identity changed). (After a healed split, the push-pulls that
+    /// reconnect the sides carry them, and whoever they are new to spreads them on.)
+    fn resend_own(&mut self, now: Instant) {
+        let me = self.foca.identity().id;
+        if self.entries.of(&me).next().is_some() {
+            self.resend_at = Some(self.resend_at.map_or(now, |t| t.min(now)));
+        }
+    }
+
+    /// Spreads our own entries again (tombstones included), at once, each for
+    /// `max_transmissions` sends again.
     fn rebroadcast_own(&mut self, now: Instant) {
         let me = self.foca.identity().id;
         let own: Vec<Arc<Entry>> = self.entries.of(&me).cloned().collect();
@@ -1952,6 +2065,7 @@ impl Membership {
         for e in &own {
             self.queue_entry(e);
         }
+        self.eager_rounds = EAGER_ROUNDS;
         self.eager(now);
     }
 
@@ -2631,7 +2745,7 @@ impl Membership {
         }
         if renewed {
             // A new identity: we were declared down somewhere; our entries go out again.
-            self.rebroadcast_own(now);
+            self.resend_own(now);
         }
     }
 
@@ -2677,16 +2791,19 @@ impl Membership {
             }
         }
         let mut records = Vec::new();
+        let mut entries = Vec::new();
         while r.remaining() > 2 {
             let Ok(len) = r.u16() else { return };
             let Ok(bytes) = r.take(usize::from(len)) else {
                 return;
             };
-            if let Ok(Item::Node(rec)) = Item::decode(bytes) {
-                records.push(rec);
+            match Item::decode(bytes) {
+                Ok(Item::Node(rec)) => records.push(rec),
+                Ok(Item::Entry(e)) => entries.push(e),
+                _ => {}
             }
         }
-        if records.is_empty() {
+        if records.is_empty() && entries.is_empty() {
             return;
         }
         let down = self
@@ -2704,6 +2821,10 @@ impl Membership {
                     sh.relay.push(rec);
                 }
             }
+            // Entries too (after the datagram, with the others): they speak for their
+            // authors as well. If the records just took the sender back up, foca hands us
+            // the same entries again, as copies.
+            sh.entries_in.extend(entries);
             std::mem::take(&mut sh.raised)
         };
         self.apply_records(raised, now);
@@ -3078,11 +3199,7 @@ impl Membership {
                     .peers
                     .record(&ident.id)
                     .is_some_and(|r| r.leaving);
-                if leaving {
-                    let dropped = self.entries.left(ident.id);
-                    self.records.drop_entries_of(&ident.id);
-                    self.entries_dropped(dropped);
-                } else {
+                if !leaving {
                     self.entries
                         .down(ident.id, now, self.config.entries_down_grace);
                     let inc = self
@@ -3101,6 +3218,11 @@ impl Membership {
                             Event::Down(info)
                         });
                     }
+                }
+                if leaving {
+                    // After the Left: its entries go with it.
+                    let dropped = self.entries.left(ident.id);
+                    self.entries_dropped(dropped);
                 }
             }
             OwnedNotification::Rename(old, new) => {
@@ -3262,8 +3384,9 @@ impl Membership {
         }
         self.absorb(rt, now);
         if !dump.entries.is_empty() {
-            self.take_entries(dump.entries.clone(), false, now);
+            self.take_entries(dump.entries.clone(), false, 0, now);
         }
+        self.synced = true;
     }
 
     /// Applies a peer's push-pull frame ([`Membership::open_pushpull`] then
@@ -3389,8 +3512,11 @@ impl Membership {
         // Entries once the members are applied: an author the state shows up again is
         // welcome again.
         if !dump.entries.is_empty() {
-            self.take_entries(dump.entries, false, now);
+            let spread = if self.synced { MAX_STATE_RELAY } else { 0 };
+            self.take_entries(dump.entries, false, spread, now);
         }
+        self.synced = true;
+        self.take_unparked(now);
         self.stats.pushpull_applied += 1;
         Ok(sender)
     }

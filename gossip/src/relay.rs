@@ -207,18 +207,22 @@ impl RecordQueue {
     }
 
     /// Queues an entry for `transmissions` sends, replacing a lower version of the same
-    /// (author, key); a higher or equal version queued already wins. Past
+    /// (author, key); a higher version queued already wins, the same version gets at least
+    /// `transmissions` sends left (sent again). Past
     /// [`MAX_QUEUED_ENTRIES`], the queued entry with the fewest transmissions left (a
     /// relayed one before one of ours) goes; returns whether one went.
     pub(crate) fn push_entry(&mut self, e: &Arc<Entry>, transmissions: usize) -> bool {
         let mut newer_held = false;
         let before = self.items.len();
-        self.items.retain(|q| match &q.what {
+        self.items.retain_mut(|q| match &q.what {
             What::Entry {
                 author,
                 key,
                 version,
             } if *author == e.author && *key == e.key => {
+                if *version == e.version {
+                    q.left = q.left.max(transmissions);
+                }
                 let held = *version >= e.version;
                 newer_held |= held;
                 held
@@ -439,7 +443,8 @@ mod tests {
         q.push_entry(&entry(1, "a", 5), 2);
         q.push_witness(&witness(4, 0, 5), 2);
         q.push(&record(3, 5, 0), 2);
-        // a lower or equal version does not replace a queued one; a higher one does
+        // a lower or equal version does not replace a queued one (the equal one gets its
+        // transmissions back); a higher one does
         q.push_entry(&entry(2, "a", 4), 2);
         q.push_entry(&entry(2, "a", 5), 2);
         q.push_entry(&entry(2, "b", 1), 2);

@@ -29,6 +29,13 @@
 //! In every scenario one random node changes its metadata every 10 s; the time until 99.9% of
 //! the other live nodes report [`Event::Updated`] is the dissemination time.
 //!
+//! With [`SimConfig::entry_every`], a random node also sets or deletes one of its entries
+//! (sixteen keys per node, one change in four a deletion) at that interval, except in the
+//! last 10 s of the run (which ends with every node's table checked); the time until
+//! every other live node reports that version ([`Event::Entry`]) is the entry spread time.
+//! After a partition heals, the time until every live node holds exactly the live entries
+//! of every live author is the entries' convergence time.
+//!
 //! [`SimConfig::anomaly_secs`] changes the stall lengths or the slow nodes' read delay.
 //! [`SimConfig::protocol`] picks every node's membership configuration: ours
 //! ([`Config::lan`]), ours without local health, or plain SWIM ([`Config::plain_swim`]).
@@ -144,6 +151,11 @@ pub struct SimConfig {
     /// pair) on stderr once the cluster has formed and at the end, with the resident set
     /// size `rss` reports (the binary reads it; the simulation does no IO).
     pub mem: Option<fn() -> Option<u64>>,
+    /// One entry change (a random node sets or deletes one of its entries) per this
+    /// interval, from the start of the measurement; `None` (the default): no entries.
+    pub entry_every: Option<Duration>,
+    /// Length of the partition scenario's split (60 s by default).
+    pub partition: Duration,
 }
 
 impl SimConfig {
@@ -166,6 +178,8 @@ impl SimConfig {
             flap_damping: true,
             crypto_cache: true,
             mem: None,
+            entry_every: None,
+            partition: Duration::from_secs(60),
         }
     }
 }
@@ -255,6 +269,28 @@ pub struct Report {
     /// attacker): spoofed senders, future epochs, bad signatures, unproven witnesses,
     /// unsealable destinations, refused renewals.
     pub auth_refused: u64,
+    /// Entry changes made ([`SimConfig::entry_every`]).
+    pub entry_samples: usize,
+    /// Entry change to every other live node reporting it (or a later version of the same
+    /// key), median, milliseconds.
+    pub entry_spread_p50_ms: Option<f64>,
+    /// Same, 99th percentile.
+    pub entry_spread_p99_ms: Option<f64>,
+    /// Same, the slowest.
+    pub entry_spread_max_ms: Option<f64>,
+    /// Entry changes some live node had not reported by the end.
+    pub entry_missed: usize,
+    /// Partition healed to every live node holding exactly every live author's live
+    /// entries, seconds (partition scenario with entries).
+    pub entries_heal_converge_s: Option<f64>,
+    /// At the end, every live node holds exactly every live author's live entries.
+    pub entries_converged: Option<bool>,
+    /// Entry changes taken from push-pull states (their broadcasts missed the node), summed
+    /// over the live nodes.
+    pub entries_from_pushpull: u64,
+    /// Entries sent, summed over the nodes: a datagram and a push-pull state carried
+    /// (per-node counters: `entries_received`, summed).
+    pub entries_received: u64,
 }
 
 enum Ev {
@@ -284,6 +320,7 @@ enum Action {
     Crash(usize),
     Restart(usize),
     MetaChange,
+    EntrySet,
     StallStart(usize),
     PartitionStart,
     PartitionEnd,
@@ -351,9 +388,17 @@ pub struct Sim {
     heal_start: Option<Duration>,
     healed: Vec<Option<Duration>>,
     formed_at: Option<Duration>,
+    /// Entry changes, and by (author, key) each one's version and index.
+    entry_samples: Vec<Sample>,
+    entry_index: HashMap<EntryKey, Vec<(u64, usize)>>,
+    entry_seq: u64,
+    entries_converged_at: Option<Duration>,
     debug: bool,
     tally: std::collections::BTreeMap<String, (u64, u64)>,
 }
+
+/// An entry's author and key.
+type EntryKey = (NodeId, Vec<u8>);
 
 fn addr_of(i: usize) -> SocketAddr {
     let ip = Ipv4Addr::new(198, 18, (i >> 8) as u8, (i & 0xff) as u8);
@@ -437,6 +482,10 @@ impl Sim {
             heal_start: None,
             healed: Vec::new(),
             formed_at: None,
+            entry_samples: Vec::new(),
+            entry_index: HashMap::new(),
+            entry_seq: 0,
+            entries_converged_at: None,
             tally: Default::default(),
         }
     }
@@ -701,7 +750,93 @@ impl Sim {
         }
     }
 
-    fn record_entry(&mut self, _observer: usize, _e: Event) {}
+    /// An entry change reported by `observer`: one more node that holds that version.
+    fn record_entry(&mut self, observer: usize, e: Event) {
+        let Event::Entry {
+            author,
+            key,
+            version,
+            value,
+        } = e
+        else {
+            return;
+        };
+        let author_index =
+            (u128::from_str_radix(author.as_str(), 36).unwrap_or(0) as usize).wrapping_sub(1);
+        self.mix(
+            observer as u64 * 8 + 5 + u64::from(value.is_some()),
+            author_index as u64 ^ version,
+        );
+        let now = self.now;
+        // That version, or a later one that superseded it (a node that missed a change but
+        // holds the next one has caught up).
+        for &(v, k) in self.entry_index.get(&(author, key)).into_iter().flatten() {
+            if v > version {
+                continue;
+            }
+            let s = &mut self.entry_samples[k];
+            if s.seen.insert(observer) && s.seen.len() >= s.need && s.done.is_none() {
+                s.done = Some(now - s.start);
+                if self.debug && now - s.start > Duration::from_secs(1) {
+                    eprintln!(
+                        "{:.3} slow entry of {} (version {v}, set at {:.3}): node {observer} last, at version {version}",
+                        now.as_secs_f64(),
+                        s.subject,
+                        s.start.as_secs_f64()
+                    );
+                }
+            }
+        }
+    }
+
+    /// Prints (debug) which nodes hold other live entries than their authors do.
+    fn entries_diff(&self) {
+        for (j, n) in self.nodes.iter().enumerate() {
+            let Some(c) = n.core.as_ref() else { continue };
+            for (i, a) in self.nodes.iter().enumerate() {
+                let Some(ac) = a.core.as_ref() else { continue };
+                let own: Vec<_> = ac
+                    .entries()
+                    .into_iter()
+                    .filter(|e| e.author == id_of(i))
+                    .map(|e| (e.key, e.version))
+                    .collect();
+                let held: Vec<_> = c
+                    .entries()
+                    .into_iter()
+                    .filter(|e| e.author == id_of(i))
+                    .map(|e| (e.key, e.version))
+                    .collect();
+                if own != held {
+                    eprintln!("entries of node {i} at node {j}: author holds {own:?}, node holds {held:?}");
+                }
+            }
+        }
+    }
+
+    /// Whether every live node holds exactly the live entries of every live author (as
+    /// each author holds them itself).
+    fn entries_converged(&self) -> bool {
+        let live: HashSet<NodeId> = (0..self.nodes.len())
+            .filter(|i| self.alive(*i))
+            .map(id_of)
+            .collect();
+        let mut want = Vec::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            if let Some(c) = n.core.as_ref() {
+                want.extend(c.entries().into_iter().filter(|e| e.author == id_of(i)));
+            }
+        }
+        want.sort_by(|a, b| (a.author, &a.key).cmp(&(b.author, &b.key)));
+        self.nodes.iter().filter_map(|n| n.core.as_ref()).all(|c| {
+            let held: Vec<_> = c
+                .entries()
+                .into_iter()
+                .filter(|e| live.contains(&e.author))
+                .collect();
+            held == want
+        })
+    }
 
     fn need(&self, exclude: usize) -> usize {
         let live = self.live_count() - usize::from(self.alive(exclude));
@@ -772,6 +907,51 @@ impl Sim {
                     Ev::Action(Action::MetaChange),
                 );
             }
+            Action::EntrySet => {
+                let i = self.plan.random_range(0..n);
+                let key = format!("ep/{}", self.plan.random_range(0..16u32)).into_bytes();
+                let delete = self.plan.random_range(0..4u32) == 0;
+                self.plan_mix(6, i as u64, u64::from(delete));
+                self.entry_seq += 1;
+                // Wall-clock milliseconds (virtual), then a sequence number: never back, not
+                // even across restarts.
+                let version = (now.as_millis() as u64) * 1000 + self.entry_seq % 1000;
+                let value =
+                    (!delete).then(|| format!("net1 10.0.{i}.{} mac", self.entry_seq).into_bytes());
+                if self.alive(i) && self.nodes[i].stalled_until.is_none() {
+                    let need = self.live_count() - 1;
+                    let set = self.nodes[i].core.as_mut().is_some_and(|c| {
+                        c.set_entry(key.clone(), version, value, self.base + now)
+                            .is_ok()
+                    });
+                    if set {
+                        self.entry_index
+                            .entry((id_of(i), key))
+                            .or_default()
+                            .push((version, self.entry_samples.len()));
+                        let mut seen = HashSet::new();
+                        seen.insert(i);
+                        self.entry_samples.push(Sample {
+                            subject: id_of(i),
+                            version: None,
+                            start: now,
+                            seen,
+                            // every other live node, and the author itself
+                            need: need + 1,
+                            done: None,
+                        });
+                    }
+                    self.pump(i);
+                }
+                // None in the last 10 s: the run ends with every change spread (or missed).
+                let stop = self
+                    .measuring_from
+                    .map_or(now, |f| f + self.cfg.duration)
+                    .saturating_sub(Duration::from_secs(10));
+                if let Some(every) = self.cfg.entry_every.filter(|e| now + *e < stop) {
+                    self.push(now + every, Ev::Action(Action::EntrySet));
+                }
+            }
             Action::StallStart(i) => {
                 let (lo, hi) = self.cfg.anomaly_secs.unwrap_or((2.0, 4.0));
                 let len = Duration::from_secs_f64(if hi > lo {
@@ -787,10 +967,7 @@ impl Sim {
             }
             Action::PartitionStart => {
                 self.partitioned = true;
-                self.push(
-                    now + Duration::from_secs(60),
-                    Ev::Action(Action::PartitionEnd),
-                );
+                self.push(now + self.cfg.partition, Ev::Action(Action::PartitionEnd));
             }
             Action::PartitionEnd => {
                 self.partitioned = false;
@@ -812,6 +989,14 @@ impl Sim {
                     }
                 }
                 if let Some(h) = self.heal_start {
+                    if self.cfg.entry_every.is_some() && self.entries_converged_at.is_none() {
+                        if self.entries_converged() {
+                            self.entries_converged_at = Some(now - h);
+                        } else if self.debug && (now - h).as_millis() % 5000 == 0 {
+                            eprintln!("{:.2} entries not converged:", now.as_secs_f64());
+                            self.entries_diff();
+                        }
+                    }
                     for i in 0..n {
                         if self.healed[i].is_none() {
                             if let Some(c) = self.nodes[i].core.as_ref() {
@@ -861,6 +1046,9 @@ impl Sim {
         self.probes_failed_at_start = self.total_probes_failed();
         let n = self.nodes.len();
         self.push(now + Duration::from_secs(2), Ev::Action(Action::MetaChange));
+        if let Some(every) = self.cfg.entry_every {
+            self.push(now + every, Ev::Action(Action::EntrySet));
+        }
         match self.cfg.scenario {
             Scenario::Steady => {}
             Scenario::Crash => {
@@ -1210,6 +1398,39 @@ impl Sim {
                 + s.dropped_not_admitted
         });
         let node_config = self.node_config();
+        let entries_on = self.cfg.entry_every.is_some();
+        let mut spread: Vec<f64> = Vec::new();
+        let mut entry_missed = 0;
+        for s in &self.entry_samples {
+            match s.done {
+                Some(d) => spread.push(d.as_secs_f64() * 1000.0),
+                None => {
+                    entry_missed += 1;
+                    spread.push(f64::INFINITY);
+                }
+            }
+        }
+        let spread_max = spread
+            .iter()
+            .copied()
+            .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
+        let entries_converged = entries_on.then(|| self.entries_converged());
+        if self.debug && entries_converged == Some(false) {
+            self.entries_diff();
+        }
+        if self.debug && entries_on {
+            eprintln!(
+                "entries: refused_gone {} stale {} dropped {} from_pushpull {} evicted {} omitted {}",
+                sum(&|s| s.entries_refused_gone),
+                sum(&|s| s.entries_stale),
+                sum(&|s| s.entries_dropped),
+                sum(&|s| s.entries_from_pushpull),
+                sum(&|s| s.entries_queue_evicted),
+                sum(&|s| s.entries_pushpull_omitted)
+            );
+        }
+        let entries_from_pushpull = sum(&|s| s.entries_from_pushpull);
+        let entries_received = sum(&|s| s.entries_received);
         Report {
             nodes: self.nodes.len(),
             seed: self.cfg.seed,
@@ -1259,6 +1480,15 @@ impl Sim {
             records_dropped,
             records_rewritten,
             auth_refused,
+            entry_samples: self.entry_samples.len(),
+            entry_spread_p50_ms: fin(percentile(&mut spread, 0.5)),
+            entry_spread_p99_ms: fin(percentile(&mut spread, 0.99)),
+            entry_spread_max_ms: fin(spread_max.map(|m| (m * 1000.0).round() / 1000.0)),
+            entry_missed,
+            entries_heal_converge_s: self.entries_converged_at.map(|d| d.as_secs_f64()),
+            entries_converged,
+            entries_from_pushpull,
+            entries_received,
         }
     }
 }

@@ -12,7 +12,9 @@ use std::time::Duration;
 use common::*;
 use foca::{Header, Member, Message, State};
 use shoal_gossip::auth::{insecure_test_keys, sender_tag, Crypto, PublicKeys};
-use shoal_gossip::codec::{encode_header, suspect_signed_bytes, Codec, Item, NodeRecord};
+use shoal_gossip::codec::{
+    encode_header, suspect_signed_bytes, Codec, Entry, Item, NodeRecord, StateDump,
+};
 use shoal_gossip::seal::{Kind, Sealer};
 use shoal_gossip::{Admission, Event, Identity, Membership, NodeId};
 
@@ -184,6 +186,161 @@ fn forged_metadata_with_a_huge_seq_changes_nothing() {
     for i in others(&net, victim) {
         assert_eq!(metadata_at(&net, i, victim), Some(real.clone()), "node {i}");
     }
+}
+
+/// The live entries node `at` holds of `author`: (key, version, value).
+fn entries_of(net: &Net, at: usize, author: usize) -> Vec<(Vec<u8>, u64, Vec<u8>)> {
+    net.nodes[at]
+        .entries()
+        .into_iter()
+        .filter(|e| e.author == id(author))
+        .map(|e| (e.key, e.version, e.value))
+        .collect()
+}
+
+/// Defence: entries are signed by their author and verified under its directory key. A
+/// member (node 9) sends, in datagrams and in a push-pull state, entries in the victim's
+/// name: signed by itself, signed by another member (node 1) of the cluster, and the
+/// victim's genuine entry with its value and version changed. Nothing changes anywhere,
+/// each is counted, and the victim's real change still lands.
+#[test]
+fn forged_and_altered_entries_change_nothing() {
+    let mut net = Net::joined(4);
+    let victim = 2;
+    let t = net.t();
+    net.nodes[victim]
+        .set_entry(b"ep/a".to_vec(), 10, Some(b"real".to_vec()), t)
+        .expect("set");
+    net.run(Duration::from_secs(1));
+    let mut f = Forger::new(ATTACKER, WALL0 + 50);
+    let sign_as = |signer: &dyn Crypto, key: &[u8], version: u64, value: Option<&[u8]>| {
+        Arc::new(
+            Entry::signed(
+                id(victim),
+                key.to_vec(),
+                version,
+                value.map(<[u8]>::to_vec),
+                signer,
+            )
+            .expect("small"),
+        )
+    };
+    let by_attacker = sign_as(f.crypto.as_ref(), b"ep/a", 11, Some(b"forged"));
+    let by_member = sign_as(crypto(1).as_ref(), b"ep/a", 12, None);
+    let new_key = sign_as(f.crypto.as_ref(), b"ep/b", 1, Some(b"forged"));
+    let genuine = sign_as(crypto(victim).as_ref(), b"ep/a", 10, Some(b"real"));
+    let mut altered = Entry::clone(&genuine);
+    altered.value = Some(b"altered".to_vec());
+    altered.version = 13;
+    let items: Vec<Item> = [by_attacker, by_member, new_key.clone(), Arc::new(altered)]
+        .into_iter()
+        .map(Item::Entry)
+        .collect();
+    let before: Vec<u64> = (0..4)
+        .map(|i| net.nodes[i].stats().entries_bad_signature)
+        .collect();
+    for to in others(&net, victim) {
+        let dst = *net.nodes[to].identity();
+        let d = f.gossip(&dst, &[], &items);
+        assert!(net.deliver(to, &d), "the datagram itself is well formed");
+    }
+    // and in a push-pull state
+    let state = StateDump {
+        members: Vec::new(),
+        records: Vec::new(),
+        entries: vec![new_key],
+    }
+    .encode();
+    let frame = f
+        .sealer
+        .seal(Kind::Stream, &id(0), &f.dir, f.crypto.as_ref(), &state)
+        .expect("seal");
+    let t = net.t();
+    net.nodes[0]
+        .handle_pushpull(&frame, None, t)
+        .expect("a well-formed state");
+    net.run(Duration::from_secs(3));
+    for (i, before) in before.iter().enumerate() {
+        assert_eq!(
+            entries_of(&net, i, victim),
+            vec![(b"ep/a".to_vec(), 10, b"real".to_vec())],
+            "node {i}"
+        );
+        let changes = net.events[i]
+            .iter()
+            .filter(|e| matches!(e, Event::Entry { author, .. } if *author == id(victim)))
+            .count();
+        assert_eq!(
+            changes, 1,
+            "node {i}: only the real entry was ever reported"
+        );
+        if i != victim {
+            let bad = net.nodes[i].stats().entries_bad_signature - before;
+            let want = if i == 0 { 5 } else { 4 };
+            assert_eq!(bad, want, "node {i}: bad signatures counted");
+        }
+    }
+    // the victim's real change still lands (its version is below the forged ones)
+    let t = net.t();
+    net.nodes[victim]
+        .set_entry(b"ep/a".to_vec(), 11, Some(b"real 2".to_vec()), t)
+        .expect("set");
+    net.run(Duration::from_secs(1));
+    for i in 0..4 {
+        assert_eq!(
+            entries_of(&net, i, victim),
+            vec![(b"ep/a".to_vec(), 11, b"real 2".to_vec())],
+            "node {i}"
+        );
+    }
+}
+
+/// Defences: a version never goes back, and per-author limits. A member replays the
+/// victim's genuine older entry (captured earlier) and genuine new keys beyond the limit:
+/// the first is stale, the others refused, each counted; nothing changes.
+#[test]
+fn replayed_and_excess_genuine_entries_change_nothing() {
+    let mut net = Net::joined_tweaked(3, false, |c| c.max_entries_per_author = 2);
+    let victim = 2;
+    let genuine = |key: &[u8], version: u64, value: &[u8]| {
+        Arc::new(
+            Entry::signed(
+                id(victim),
+                key.to_vec(),
+                version,
+                Some(value.to_vec()),
+                crypto(victim).as_ref(),
+            )
+            .expect("small"),
+        )
+    };
+    let t = net.t();
+    for (k, v) in [(b"a", 1), (b"a", 2), (b"b", 1)] {
+        net.nodes[victim]
+            .set_entry(k.to_vec(), v, Some(b"x".to_vec()), t)
+            .expect("set");
+    }
+    net.run(Duration::from_secs(1));
+    let mut f = Forger::new(ATTACKER, WALL0 + 50);
+    let items = vec![
+        Item::Entry(genuine(b"a", 1, b"x")),
+        Item::Entry(genuine(b"c", 1, b"x")),
+    ];
+    let dst = *net.nodes[0].identity();
+    let st = net.nodes[0].stats();
+    let d = f.gossip(&dst, &[], &items);
+    assert!(net.deliver(0, &d));
+    let s = net.nodes[0].stats();
+    assert_eq!(s.entries_stale, st.entries_stale + 1);
+    assert_eq!(s.entries_over_limit, st.entries_over_limit + 1);
+    assert_eq!(s.entries_applied, st.entries_applied);
+    assert_eq!(
+        entries_of(&net, 0, victim),
+        vec![
+            (b"a".to_vec(), 2, b"x".to_vec()),
+            (b"b".to_vec(), 1, b"x".to_vec())
+        ]
+    );
 }
 
 /// Defences: envelopes sealed per pair (a member cannot seal as another), the header's

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use shoal_gossip::auth::insecure_test_keys;
+use shoal_gossip::membership::ApiError;
 use shoal_gossip::{
     driver, Admission, Event, Key, Keyring, Membership, Metadata, NodeId, Role, Setup,
 };
@@ -126,6 +127,86 @@ async fn two_drivers_join_update_and_leave() {
     hb.shutdown().await;
     ha.shutdown().await;
     assert!(ha.members().await.is_err(), "handle works after shutdown");
+}
+
+/// Entries through the handles: set on one driver, reported and listed on the other (and
+/// on the author), deleted, refused when stale; a node that joins later gets them by its
+/// join's push-pull over TCP.
+#[tokio::test]
+async fn entries_through_the_handles() {
+    let (a_addr, b_addr, c_addr) = (
+        free_port("127.0.0.1"),
+        free_port("127.0.0.1"),
+        free_port("127.0.0.1"),
+    );
+    let mut cb = config(2, b_addr);
+    cb.seeds = vec![(id(1), a_addr)];
+    let (ha, mut ea) = driver::start(config(1, a_addr)).await.expect("start a");
+    let (hb, mut eb) = driver::start(cb).await.expect("start b");
+    assert!(
+        next_matching(&mut ea, |e| matches!(e, Event::Up(m) if m.id == id(2)))
+            .await
+            .is_some()
+    );
+    ha.set_entry(b"ep/1".to_vec(), 5, Some(b"10.0.0.5".to_vec()))
+        .await
+        .expect("set");
+    let is_ep = |e: &Event, value: Option<&[u8]>| {
+        matches!(e, Event::Entry { author, key, version, value: v }
+            if *author == id(1) && key == b"ep/1" && *version >= 5 && v.as_deref() == value)
+    };
+    assert!(
+        next_matching(&mut ea, |e| is_ep(e, Some(b"10.0.0.5")))
+            .await
+            .is_some(),
+        "the author reports its own change"
+    );
+    assert!(
+        next_matching(&mut eb, |e| is_ep(e, Some(b"10.0.0.5")))
+            .await
+            .is_some(),
+        "b never saw a's entry"
+    );
+    let listed = hb.entries().await.expect("entries");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        (
+            listed[0].author,
+            listed[0].version,
+            listed[0].value.as_slice()
+        ),
+        (id(1), 5, &b"10.0.0.5"[..])
+    );
+    assert!(matches!(
+        ha.set_entry(b"ep/1".to_vec(), 5, None).await,
+        Err(driver::HandleError::Api(ApiError::StaleVersion {
+            held: 5,
+            ..
+        }))
+    ));
+    // c joins later and gets it too (its join's push-pull carries every entry)
+    let mut cc = config(3, c_addr);
+    cc.seeds = vec![(id(2), b_addr)];
+    let (hc, mut ec) = driver::start(cc).await.expect("start c");
+    assert!(
+        next_matching(&mut ec, |e| is_ep(e, Some(b"10.0.0.5")))
+            .await
+            .is_some(),
+        "c never got a's entry"
+    );
+    ha.set_entry(b"ep/1".to_vec(), 6, None)
+        .await
+        .expect("delete");
+    for rx in [&mut eb, &mut ec] {
+        assert!(
+            next_matching(rx, |e| is_ep(e, None)).await.is_some(),
+            "the deletion did not arrive"
+        );
+    }
+    assert!(hc.entries().await.expect("entries").is_empty());
+    for h in [ha, hb, hc] {
+        h.shutdown().await;
+    }
 }
 
 /// Opens a TCP connection from `source` (a loopback address) to `to`, sends nothing.

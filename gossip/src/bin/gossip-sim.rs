@@ -69,6 +69,14 @@ struct Args {
     /// set size on stderr, once formed and at the end.
     #[arg(long)]
     mem: bool,
+    /// One entry change (a random node sets or deletes one of its entries) every this many
+    /// milliseconds; reports the entries' spread times (and, in the partition scenario,
+    /// their convergence after the heal).
+    #[arg(long)]
+    entries_ms: Option<u64>,
+    /// Length of the partition scenario's split, in seconds.
+    #[arg(long, default_value_t = 60.0)]
+    partition_s: f64,
 }
 
 /// Resident set size of this process, from `/proc/self/status` (Linux).
@@ -109,7 +117,16 @@ fn main() -> ExitCode {
         eprintln!("gossip-sim: need --nodes >= 2, 0 <= --loss < 1 and --minutes > 0");
         return ExitCode::from(2);
     }
+    if !(args.partition_s > 0.0 && args.partition_s <= 3600.0) {
+        eprintln!("gossip-sim: need 0 < --partition-s <= 3600");
+        return ExitCode::from(2);
+    }
     let mut cfg = SimConfig::new(args.nodes, args.seed, args.scenario);
+    cfg.entry_every = args
+        .entries_ms
+        .filter(|ms| *ms > 0)
+        .map(Duration::from_millis);
+    cfg.partition = Duration::from_secs_f64(args.partition_s);
     cfg.loss = args.loss;
     cfg.debug = args.debug;
     cfg.anomaly_secs = args.anomaly_s;

@@ -41,6 +41,8 @@ pub struct Net {
     pub log: Vec<(usize, usize, Vec<u8>)>,
     /// Build cores without flap damping.
     pub no_damping: bool,
+    /// Applied to every core's configuration when it is built (after the above).
+    pub tweak: fn(&mut Config),
 }
 
 pub fn addr(i: usize) -> SocketAddr {
@@ -102,6 +104,7 @@ impl Net {
             held: Vec::new(),
             log: Vec::new(),
             no_damping: false,
+            tweak: |_| {},
         }
     }
 
@@ -138,6 +141,7 @@ impl Net {
         if self.no_damping {
             config.flap_damping = None;
         }
+        (self.tweak)(&mut config);
         Membership::new(
             Setup {
                 config,
@@ -174,8 +178,14 @@ impl Net {
 
     /// [`Net::joined`], with flap damping off when `no_damping`.
     pub fn joined_with(n: usize, no_damping: bool) -> Net {
+        Net::joined_tweaked(n, no_damping, |_| {})
+    }
+
+    /// [`Net::joined_with`], every core's configuration changed by `tweak`.
+    pub fn joined_tweaked(n: usize, no_damping: bool, tweak: fn(&mut Config)) -> Net {
         let mut net = Net::new();
         net.no_damping = no_damping;
+        net.tweak = tweak;
         for _ in 0..n {
             net.add(key(7), full(), true);
         }
