@@ -272,18 +272,22 @@ pub fn entry_key(vni: u32, ip: Ipv4Addr) -> Vec<u8> {
     k
 }
 
+/// The network (VNI) and address an endpoint entry's key names; `None` for any other key.
+pub fn decode_key(key: &[u8]) -> Option<(u32, Ipv4Addr)> {
+    let rest = key.strip_prefix(b"ep")?;
+    let vni: [u8; 4] = rest.get(..4)?.try_into().ok()?;
+    let ip: [u8; 4] = rest.get(4..)?.try_into().ok()?;
+    Some((u32::from_be_bytes(vni), Ipv4Addr::from(ip)))
+}
+
 /// Decodes an endpoint entry of `node`; `None` for any other key or a malformed value.
 pub fn decode_entry(node: &NodeId, key: &[u8], value: &[u8]) -> Option<Announced> {
-    let rest = key.strip_prefix(b"ep")?;
-    let (vni, ip): ([u8; 4], [u8; 4]) = (
-        rest.get(..4)?.try_into().ok()?,
-        rest.get(4..)?.try_into().ok()?,
-    );
+    let (vni, ip) = decode_key(key)?;
     let mac: [u8; 6] = value.try_into().ok()?;
     Some(Announced {
         node: node.clone(),
-        vni: u32::from_be_bytes(vni),
-        ip: Ipv4Addr::from(ip),
+        vni,
+        ip,
         mac,
     })
 }

@@ -168,12 +168,10 @@ impl Endpoints {
                 Some(a) => remote.insert((a.node.clone(), a.vni, a.ip), a.clone()) != Some(a),
                 None => false,
             },
-            None => {
-                let Some(probe) = attach::decode_entry(author, key, &[0; 6]) else {
-                    return false;
-                };
-                remote.remove(&(probe.node, probe.vni, probe.ip)).is_some()
-            }
+            None => match attach::decode_key(key) {
+                Some((vni, ip)) => remote.remove(&(author.clone(), vni, ip)).is_some(),
+                None => false,
+            },
         }
     }
 
@@ -634,11 +632,10 @@ impl Agent {
 
     fn cni_status(&self, req: &CniRequest) -> Result<(), CniError> {
         let unavailable = |msg: &str| err(code::NOT_AVAILABLE, msg);
-        let (_, net) = self.cni_network(req).map_err(|e| unavailable(&e.msg))?;
+        self.cni_network(req).map_err(|e| unavailable(&e.msg))?;
         if self.running().data_path.is_none() {
             return Err(unavailable("this node's data path is not up yet"));
         }
-        let _ = net;
         Ok(())
     }
 
