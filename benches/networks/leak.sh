@@ -472,6 +472,7 @@ run() {
   log "kills planned at cycles ${KILL_AT[*]:-none} on nodes ${KILL_NODE[*]:-none} (each $DOWN cycles down)"
   RANDOM=$SEED
   k=0
+  period_mark 0
   for i in $(seq 1 "$CYCLES"); do
     if ((k < ${#KILL_AT[@]})) && ((i == KILL_AT[k])); then kill_node "${KILL_NODE[k]}"; fi
     if ((DOWN_NODE)) && ((i == KILL_AT[k] + DOWN)); then
@@ -503,6 +504,7 @@ run() {
     fi
     del_container_ns "$ns"
     if ((i % GC_EVERY == 0)); then
+      period_mark "$i"
       gc_all "gc-$i" long
       check_state "gc-$i" long || LEAK_OK=0
       log "cycle $i: GC, check $( ((LEAK_OK)) && echo clean || echo NOT clean) after $CHECK_MS ms; ADD $(awk '$3 != "fail" {print $3}' "$WORK/cycles.txt" | stats) (p50 p99 max min n, ms)"
@@ -692,6 +694,20 @@ report() {
   done
   row "GC on one node (its stale attachments deleted)" "$(awk '{print $3}' "$WORK/gc.txt" | stats)"
   echo
+  if [ "$(wc -l <"$WORK/periods.txt")" -gt 2 ]; then
+    echo "By period between GCs, with the CPU other processes on the machine took meanwhile (the"
+    echo "agents, the plugin and \`ip\` wait for the cores behind them):"
+    echo
+    echo "| cycles | ADD p50 | ADD p99 | DEL p50 | DEL p99 | other work (% of $(nproc) cores) |"
+    echo "|---|---|---|---|---|---|"
+    local c0 s0 f0 c1 s1 f1 a d
+    while read -r c0 s0 f0 c1 s1 f1; do
+      a=$(awk -v a="$c0" -v b="$c1" '$1 > a && $1 <= b && $3 != "fail" {print $3}' "$WORK/cycles.txt" | stats)
+      d=$(awk -v a="$c0" -v b="$c1" '$1 > a && $1 <= b && $4 ~ /^[0-9.]+$/ {print $4}' "$WORK/cycles.txt" | stats)
+      echo "| $((c0 + 1))-$c1 | $(cut -d' ' -f1 <<<"$a") | $(cut -d' ' -f2 <<<"$a") | $(cut -d' ' -f1 <<<"$d") | $(cut -d' ' -f2 <<<"$d") | $(awk -v f="$((s1 - s0))" -v c="$f0" -v e="$f1" -v n="$(nproc)" 'BEGIN {printf "%.0f", (f > 0 ? 100 * (e - c) / (f * n) : 0)}') |"
+    done < <(paste -d' ' <(head -n -1 "$WORK/periods.txt") <(tail -n +2 "$WORK/periods.txt"))
+    echo
+  fi
   echo "Calls: $adds ADDs and $dels DELs succeeded in the cycles, $skips DELs skipped. Total time:"
   echo "$((SECONDS - T0)) s (lab set-up and the checks included)."
   echo
@@ -753,6 +769,10 @@ start_sampler() {
   SAMPLER_T0=$SECONDS
 }
 LOAD_NOTE="not measured"
+# periods.txt: cycle seconds foreign-cpu-seconds, at the start and at each GC (before it)
+period_mark() {
+  echo "$1 $SECONDS $(awk '$1 == "TOTAL" {print $2}' "$WORK/foreign.now" 2>/dev/null || echo 0)" >>"$WORK/periods.txt"
+}
 end_sampler() {
   cat "$WORK/foreign.now" >"$WORK/foreign.end" 2>/dev/null || echo "TOTAL 0" >"$WORK/foreign.end"
   LOAD_NOTE=$(python3 "$PROBE" foreign-note "$WORK/foreign.start" "$WORK/foreign.end" $((SECONDS - SAMPLER_T0 > 0 ? SECONDS - SAMPLER_T0 : 1)))
@@ -760,7 +780,7 @@ end_sampler() {
 }
 
 # ---------------------------------------------------------------------------------- main
-for f in cycles.txt failures.txt checks.txt checks-slow.txt gc.txt pings.txt restarts.txt again.txt addresses-first.txt state-kb.txt; do
+for f in cycles.txt failures.txt checks.txt checks-slow.txt periods.txt gc.txt pings.txt restarts.txt again.txt addresses-first.txt state-kb.txt; do
   : >"$WORK/$f"
 done
 log "seed $SEED, $CYCLES cycles, GC every $GC_EVERY, ${SKIP_PCT}% DELs skipped, $KILLS kills; scratch $WORK"
