@@ -62,7 +62,7 @@ usage: $0 [--full] [--cycles N] [--gc-every N] [--skip-pct P] [--kills N] [--dow
 
   --full           the recorded run: --cycles 10000 --gc-every 1000 --kills 5, report into
                    benches/networks/results-leak.md (10-20 minutes on 2 cores)
-  --cycles N       ADD/DEL cycles (default 300: a smoke run of a minute or two)
+  --cycles N       ADD/DEL cycles (default 300: a smoke run of under a minute)
   --gc-every N     cycles between GCs (default 1000, or a third of the cycles when fewer
                    than 3000)
   --skip-pct P     percentage of cycles whose DEL is skipped (default 10)
@@ -270,9 +270,9 @@ cni_code() {   # the error code of the last call's answer, or "none" when it pri
 cni_msg() {    # its message (or the start of what it printed)
   if [[ $CNI_OUT =~ $RE_MSG ]]; then echo "${BASH_REMATCH[1]}"; else echo "${CNI_OUT:0:200}"; fi
 }
-container() {  # $1 name: a fresh container namespace of ours
-  ip netns add "$1" || return 1
-  echo "$1" >>"$NS_LIST"
+container() {  # $1 name: a fresh container namespace of ours (listed first: an interrupt
+  echo "$1" >>"$NS_LIST"   # between the two must not leave it behind)
+  ip netns add "$1"
 }
 stats() { python3 "$PROBE" stats; }   # numbers on stdin -> "p50 p99 max min n"
 
