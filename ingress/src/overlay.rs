@@ -130,11 +130,13 @@ struct Segment {
     endpoints: Vec<RemoteEndpoint>,
 }
 
-/// The MAC of a user network's TAP device on a node: `02:43` and the VNI (the device is a
-/// bridge port; nothing is addressed to it).
-pub fn device_mac(vni: Vni) -> Mac {
-    let v = vni.get().to_be_bytes();
-    Mac([0x02, 0x43, 0, v[1], v[2], v[3]])
+/// The MAC of a user network's TAP device on the node whose ingress address is `node`:
+/// `02:43` and that address's four bytes, so no two nodes' devices share one (the device is
+/// a bridge port, and a bridge takes its lowest port's MAC: frames the bridge itself sends
+/// would otherwise come from one MAC on every node, and be dropped as spoofed).
+pub fn device_mac(node: Ipv4Addr) -> Mac {
+    let o = node.octets();
+    Mac([0x02, 0x43, o[0], o[1], o[2], o[3]])
 }
 
 /// A network, up on this node.
@@ -294,7 +296,7 @@ impl Overlay {
             if let Some(name) = &want.device {
                 let tap = Tap::create(&TapConfig {
                     name: name.clone(),
-                    mac: device_mac(vni),
+                    mac: device_mac(self.address),
                     mtu: want.spec.mtu(self.underlay_mtu),
                     address: None,
                 })

@@ -225,6 +225,12 @@ fn containers_on_three_nodes_reach_each_other_through_the_cni_plugin() {
         );
     }
 
+    // Nothing a node's own devices send looks like another node's: no frame was dropped as
+    // a spoofed source (each node's network device has a MAC of its own, its bridge no IPv6).
+    for node in 1..=3 {
+        assert_eq!(lab.drops(node, "spoofed_source"), 0, "n{node}");
+    }
+
     // ADD again (a runtime retrying) answers the same; CHECK passes.
     let again = cni(&lab, 1, "ADD", Some(&c[0]), "web", json!({}));
     assert!(again.ok, "{}", again.out);

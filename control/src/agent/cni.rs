@@ -666,11 +666,7 @@ impl Agent {
         let value = live.then(|| a.mac().to_vec());
         let key = attach::entry_key(a.vni, a.ip);
         let version = a.version;
-        tokio::spawn(async move {
-            if let Err(e) = gossip.set_entry(key, version, value).await {
-                warn!("could not announce an endpoint in gossip: {e}");
-            }
-        });
+        tokio::spawn(async move { super::gossip::announce(&gossip, key, version, value).await });
     }
 
     /// On `leave`: every container is detached (its veth, its record), every bridge goes,

@@ -167,6 +167,25 @@ pub fn metadata(
     })
 }
 
+/// Sets this node's gossip entry `key`. A version gossip already holds (the same entry,
+/// back from others before we set it: same author and version, same value) is no news; a
+/// newer one held is corrected when its event arrives (see [`crate::agent::cni::Endpoints::correct_own`]).
+pub async fn announce(handle: &Handle, key: Vec<u8>, version: u64, value: Option<Vec<u8>>) {
+    match handle.set_entry(key, version, value).await {
+        Ok(()) => {}
+        Err(HandleError::Api(shoal_gossip::membership::ApiError::StaleVersion {
+            version,
+            held,
+        })) => {
+            debug!(
+                version,
+                held, "endpoint entry already held at this version or later"
+            );
+        }
+        Err(e) => warn!("could not announce an endpoint in gossip: {e}"),
+    }
+}
+
 impl Link {
     /// Starts gossip for `m` on `bind` (default: our advertise address and [`DEFAULT_PORT`]),
     /// as the node whose X25519 secret is `node_secret`, joining through every other node.
@@ -200,9 +219,7 @@ impl Link {
         let (entries_tx, entries) = watch::channel(0u64);
         // This node's endpoints, announced again (a restart: gossip holds nothing of ours).
         for (key, version, value) in endpoints.own_entries() {
-            if let Err(e) = handle.set_entry(key, version, value).await {
-                warn!("could not announce an endpoint in gossip: {e}");
-            }
+            announce(&handle, key, version, value).await;
         }
         let own = m.node_id.clone();
         let own_handle = handle.clone();
@@ -228,11 +245,7 @@ impl Link {
                             if let Some((version, value)) =
                                 endpoints.correct_own(key, *version, value.as_deref())
                             {
-                                if let Err(e) =
-                                    own_handle.set_entry(key.clone(), version, value).await
-                                {
-                                    warn!("could not correct an endpoint in gossip: {e}");
-                                }
+                                announce(&own_handle, key.clone(), version, value).await;
                             }
                         } else if endpoints.take_entry(&author, key, value.as_deref()) {
                             entries_tx.send_modify(|n| *n += 1);

@@ -305,6 +305,9 @@ impl Links {
             }
         }
         let index = bridge_index(&self.handle, name, &ns).await?;
+        // The overlay is IPv4: no router solicitations or MLD reports from the bridge itself
+        // (best effort, as for the TAP: a kernel without IPv6 has no such file).
+        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
         // Set on the existing device, so the bridge keeps this MTU as set by hand instead of
         // following its ports' smallest.
         self.handle
