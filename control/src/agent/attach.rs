@@ -159,11 +159,6 @@ pub struct Attachments {
 }
 
 impl Attachments {
-    /// An empty set.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
     /// The attachment with `key`.
     pub fn get(&self, key: &str) -> Option<&Attachment> {
         self.by_key.get(key)
@@ -306,16 +301,11 @@ pub fn segments(
     view.networks
         .iter()
         .map(|net| {
-            let mut endpoints: Vec<RemoteEndpoint> = remote
-                .values()
-                .filter(|a| a.vni == net.vni && &a.node != me)
-                .filter_map(|a| {
-                    let node = view.node(&a.node).filter(|n| !n.left)?;
-                    (net.holds(&a.node, a.ip) && assignable(net, a.ip)).then_some(RemoteEndpoint {
-                        ip: a.ip,
-                        mac: shoal_vxlan::wire::Mac(a.mac),
-                        vtep: node.addr,
-                    })
+            let mut endpoints: Vec<RemoteEndpoint> = believed(view, me, net, remote)
+                .map(|(a, vtep)| RemoteEndpoint {
+                    ip: a.ip,
+                    mac: shoal_vxlan::wire::Mac(a.mac),
+                    vtep,
                 })
                 .collect();
             endpoints.sort_by_key(|e| (e.ip, e.mac.0));
@@ -331,6 +321,24 @@ pub fn segments(
             }
         })
         .collect()
+}
+
+/// The endpoints of `net` other nodes announced that node `me` believes, each with its
+/// node's VTEP: its node is in the view, has not left and holds the address
+/// ([`UserNetwork::holds`]), and the address may be given to an endpoint at all.
+pub fn believed<'a>(
+    view: &'a ClusterView,
+    me: &'a NodeId,
+    net: &'a UserNetwork,
+    remote: &'a HashMap<(NodeId, u32, Ipv4Addr), Announced>,
+) -> impl Iterator<Item = (&'a Announced, std::net::IpAddr)> + 'a {
+    remote
+        .values()
+        .filter(move |a| a.vni == net.vni && &a.node != me)
+        .filter_map(move |a| {
+            let node = view.node(&a.node).filter(|n| !n.left)?;
+            (net.holds(&a.node, a.ip) && assignable(net, a.ip)).then_some((a, node.addr))
+        })
 }
 
 /// The MTU of a user network's interfaces on an underlay of `underlay_mtu`.
@@ -405,7 +413,7 @@ mod tests {
             net.blocks[&me],
             vec!["10.9.0.0/28".parse::<Ipv4Net>().unwrap()]
         );
-        let mut atts = Attachments::new();
+        let mut atts = Attachments::default();
         // .0 is the network's address, .1 its gateway.
         let first = atts.allocate(net, &me, &[], None, None).unwrap();
         assert_eq!(first, Ipv4Addr::new(10, 9, 0, 2));
@@ -438,7 +446,7 @@ mod tests {
         let v = view();
         let net = web(&v);
         let me = NodeId::from_random(1);
-        let mut atts = Attachments::new();
+        let mut atts = Attachments::default();
         let five = Ipv4Addr::new(10, 9, 0, 5);
         assert_eq!(atts.allocate(net, &me, &[], None, Some(five)), Ok(five));
         atts.insert(attachment(net, "a", five));
@@ -480,7 +488,7 @@ mod tests {
         add(3, [10, 9, 0, 34]);
         // An unknown node.
         add(9, [10, 9, 0, 50]);
-        let segs = segments(&v, &me, &Attachments::new(), &remote);
+        let segs = segments(&v, &me, &Attachments::default(), &remote);
         assert_eq!(segs.len(), 1);
         let seg = &segs[0];
         assert_eq!(seg.spec.vni, net.vni);
@@ -494,7 +502,7 @@ mod tests {
                 vtep: node2,
             }]
         );
-        let mut local = Attachments::new();
+        let mut local = Attachments::default();
         local.insert(attachment(net, "a", Ipv4Addr::new(10, 9, 0, 2)));
         let segs = segments(&v, &me, &local, &remote);
         assert_eq!(
@@ -516,7 +524,7 @@ mod tests {
         assert!(!net.holds(&me, moved) && net.holds(&two, moved));
         let net = net.clone();
         // Node 1 no longer gives it out, nor takes it by name.
-        let mut atts = Attachments::new();
+        let mut atts = Attachments::default();
         for i in 2..=4 {
             atts.insert(attachment(
                 &net,
@@ -534,7 +542,7 @@ mod tests {
         ));
         // Node 2 may take it, before its view shows the assignment too.
         assert_eq!(
-            Attachments::new().allocate(&net, &two, &[], Some(moved), Some(moved)),
+            Attachments::default().allocate(&net, &two, &[], Some(moved), Some(moved)),
             Ok(moved)
         );
         // Node 2's announcement of it is believed, node 1's not.
@@ -549,7 +557,7 @@ mod tests {
             remote.insert((NodeId::from_random(n), a.vni, a.ip), a);
         }
         let three = NodeId::from_random(3);
-        let segs = segments(&v, &three, &Attachments::new(), &remote);
+        let segs = segments(&v, &three, &Attachments::default(), &remote);
         let node2 = v.node(&two).unwrap().addr;
         assert_eq!(
             segs[0].endpoints,
@@ -589,7 +597,7 @@ mod tests {
         assert!(bridge_name(16_777_215).len() <= 15);
         assert_eq!(next_version(5, 3), 6, "never back, never the same");
         assert_eq!(next_version(5, 100), 100);
-        let mut atts = Attachments::new();
+        let mut atts = Attachments::default();
         let a = atts.take_version(10);
         let b = atts.take_version(10);
         assert!(b > a);

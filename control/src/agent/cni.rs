@@ -89,15 +89,9 @@ impl Endpoints {
 
     /// The endpoints of `net` live as far as this node knows: its own, and those of other
     /// nodes in `view` that have not left (announced inside their blocks).
-    pub fn count(&self, view: &ClusterView, net: &UserNetwork) -> usize {
+    pub fn count(&self, view: &ClusterView, me: &NodeId, net: &UserNetwork) -> usize {
         let local = lock(&self.local).on(&net.id).count();
-        let remote = lock(&self.remote)
-            .values()
-            .filter(|a| a.vni == net.vni)
-            .filter(|a| view.node(&a.node).is_some_and(|n| !n.left))
-            .filter(|a| net.holds(&a.node, a.ip))
-            .count();
-        local + remote
+        local + attach::believed(view, me, net, &lock(&self.remote)).count()
     }
 
     /// The endpoints of `net` for `network inspect`: this node's, then the believed ones of
@@ -113,50 +107,41 @@ impl Endpoints {
                 .map(|n| n.hostname.clone())
                 .unwrap_or_default()
         };
-        let mut out: Vec<crate::api::Endpoint> = lock(&self.local)
+        let mut out: Vec<(Ipv4Addr, crate::api::Endpoint)> = lock(&self.local)
             .on(&net.id)
-            .map(|a| crate::api::Endpoint {
-                node_id: me.clone(),
-                hostname: hostname(me),
-                container_id: Some(a.container_id.clone()),
-                mac: shoal_vxlan::wire::Mac(a.mac()).to_string(),
-                ip: format!("{}/{}", a.ip, a.prefix),
+            .map(|a| {
+                (
+                    a.ip,
+                    crate::api::Endpoint {
+                        node_id: me.clone(),
+                        hostname: hostname(me),
+                        container_id: Some(a.container_id.clone()),
+                        mac: shoal_vxlan::wire::Mac(a.mac()).to_string(),
+                        ip: format!("{}/{}", a.ip, a.prefix),
+                    },
+                )
             })
             .collect();
-        let seg = attach::segments(view, me, &Attachments::new(), &lock(&self.remote));
-        let by_ip: HashMap<Ipv4Addr, NodeId> = lock(&self.remote)
-            .values()
-            .filter(|a| a.vni == net.vni)
-            .map(|a| (a.ip, a.node.clone()))
-            .collect();
-        for s in seg.iter().filter(|s| s.spec.vni == net.vni) {
-            for e in &s.endpoints {
-                let node = by_ip.get(&e.ip).cloned().unwrap_or_else(|| me.clone());
-                out.push(crate::api::Endpoint {
-                    hostname: hostname(&node),
-                    node_id: node,
+        let remote = lock(&self.remote);
+        out.extend(attach::believed(view, me, net, &remote).map(|(a, _)| {
+            (
+                a.ip,
+                crate::api::Endpoint {
+                    node_id: a.node.clone(),
+                    hostname: hostname(&a.node),
                     container_id: None,
-                    mac: e.mac.to_string(),
-                    ip: format!("{}/{}", e.ip, net.subnet.prefix_len()),
-                });
-            }
-        }
-        out.sort_by_key(|e| {
-            e.ip.split('/')
-                .next()
-                .and_then(|ip| ip.parse::<Ipv4Addr>().ok())
-        });
-        out
+                    mac: shoal_vxlan::wire::Mac(a.mac).to_string(),
+                    ip: format!("{}/{}", a.ip, net.subnet.prefix_len()),
+                },
+            )
+        }));
+        out.sort_by_key(|(ip, _)| *ip);
+        out.into_iter().map(|(_, e)| e).collect()
     }
 
     /// This node's attachments.
     pub fn local(&self) -> Vec<Attachment> {
         lock(&self.local).iter().cloned().collect()
-    }
-
-    /// The endpoints other nodes announced, as held (believed or not).
-    pub fn remote(&self) -> Vec<Announced> {
-        lock(&self.remote).values().cloned().collect()
     }
 
     /// Takes what gossip says of node `author`'s entry `key`: an endpoint announced, or with
@@ -698,11 +683,6 @@ impl Agent {
             );
         }
     }
-}
-
-/// The name of a user network's device on a node (for captures).
-pub fn device_of(vni: u32) -> String {
-    attach::device_name(vni)
 }
 
 /// `CNI_CONTAINERID` and `CNI_IFNAME`, required.

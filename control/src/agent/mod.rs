@@ -6,7 +6,7 @@
 //! list or the keys arrives as a new cluster view and is kept in the store, so a restarted
 //! agent is the same node, with no token needed.
 
-mod attach;
+pub(crate) mod attach;
 pub mod capture;
 pub mod cni;
 pub mod datapath;
@@ -752,7 +752,7 @@ impl Agent {
                 .iter()
                 .find(|n| n.name == req.network || n.id == req.network)
                 .ok_or_else(|| format!("network {} not found", req.network))?;
-            (n.name.clone(), n.vni, cni::device_of(n.vni))
+            (n.name.clone(), n.vni, attach::device_name(n.vni))
         };
         let port = m.view.ingress.data_path_port;
         let me = m.view.node(&m.node_id).ok_or(NOT_IN_SWARM)?;

@@ -497,7 +497,7 @@ impl Reconciler {
         manager.set_endpoint_count(Arc::new(move |net| {
             membership
                 .get()
-                .map_or(0, |m| endpoints.count(&m.view, net))
+                .map_or(0, |m| endpoints.count(&m.view, &m.node_id, net))
         }));
         let (stop, rx) = watch::channel(false);
         let task = tokio::spawn(

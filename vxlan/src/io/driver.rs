@@ -246,11 +246,6 @@ impl Dataplane {
         true
     }
 
-    /// The networks with a device here.
-    pub fn device_vnis(&self) -> impl Iterator<Item = Vni> + '_ {
-        self.devices.keys().copied()
-    }
-
     fn set_devices(&self, f: impl FnOnce(&mut HashMap<Vni, Arc<Tap>>)) {
         f(&mut self
             .shared
