@@ -1070,8 +1070,8 @@ pub(crate) mod tests {
         assert!(s.cluster().unwrap().networks.is_empty());
     }
 
-    #[test]
-    fn address_blocks_go_to_members_and_come_back_when_they_go() {
+    /// A swarm of node 1 (its manager) and workers 2 and 3, with network `web` on 10.9.0.0/24.
+    fn with_web() -> State {
         let mut s = initialized();
         for n in [2, 3] {
             s.apply(Command::AddNode(Box::new(node(n, Role::Worker))))
@@ -1082,6 +1082,12 @@ pub(crate) mod tests {
             Some("10.9.0.0/24"),
         ))))
         .unwrap();
+        s
+    }
+
+    #[test]
+    fn address_blocks_go_to_members_and_come_back_when_they_go() {
+        let mut s = with_web();
         let grant = |n| Command::GrantBlock {
             network: "web".into(),
             node: id(n),
@@ -1115,16 +1121,7 @@ pub(crate) mod tests {
 
     #[test]
     fn a_fixed_address_goes_to_the_last_node_that_asks_and_comes_back_when_it_goes() {
-        let mut s = initialized();
-        for n in [2, 3] {
-            s.apply(Command::AddNode(Box::new(node(n, Role::Worker))))
-                .unwrap();
-        }
-        s.apply(Command::CreateNetwork(Box::new(networks::tests::spec(
-            "web",
-            Some("10.9.0.0/24"),
-        ))))
-        .unwrap();
+        let mut s = with_web();
         let ip: Ipv4Addr = "10.9.0.5".parse().unwrap();
         let assign = |n, ip| Command::AssignAddress {
             network: "web".into(),
