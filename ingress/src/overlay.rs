@@ -189,6 +189,7 @@ impl Overlay {
             mac: mac_for(config.address),
             mtu,
             address: Some((config.address, config.network.subnet.prefix_len())),
+            offload: true,
         })
         .map_err(|source| OverlayError::Io {
             what: "creating the overlay interface",
@@ -299,6 +300,7 @@ impl Overlay {
                     mac: device_mac(self.address),
                     mtu: want.spec.mtu(self.underlay_mtu),
                     address: None,
+                    offload: true,
                 })
                 .map_err(|source| OverlayError::Io {
                     what: "creating a network's device",

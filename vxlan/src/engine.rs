@@ -620,22 +620,7 @@ impl Engine {
         };
 
         if let Some(vtep) = unicast {
-            let result = match self.peers.get_mut(&vtep) {
-                None => Err(DropReason::UnknownPeer),
-                Some(peer) => encap(peer, vni, encrypted, send_epoch, pkt).map(|dst| {
-                    let mut sealed = out.take_spare();
-                    core::mem::swap(pkt, &mut sealed);
-                    out.push(dst, sealed);
-                }),
-            };
-            return match result {
-                Ok(()) => {
-                    self.counters.tx_packets += 1;
-                    self.counters.tx_bytes += len as u64;
-                    Ok(1)
-                }
-                Err(reason) => Err(self.count_drop(Some(vtep), reason)),
-            };
+            return self.unicast(vni, encrypted, vtep, pkt, out);
         }
 
         let flood = network.fdb.flood();
@@ -670,6 +655,57 @@ impl Engine {
         self.counters.tx_packets += sent as u64;
         self.counters.tx_bytes += (sent * len) as u64;
         Ok(sent)
+    }
+
+    /// Handles a frame for one given peer on network `vni`, whatever its destination MAC: the
+    /// routing mesh sends a flow's frames to the node it came in through (see
+    /// `docs/services.md`). Sealed in place, as [`Engine::handle_frame`] does for unicast.
+    pub fn handle_frame_to(
+        &mut self,
+        now: Instant,
+        vni: Vni,
+        vtep: IpAddr,
+        pkt: &mut Packet,
+        out: &mut Transmits,
+    ) -> Result<usize, DropReason> {
+        let _ = now;
+        if pkt.len() < ETHERNET_HEADER_LEN {
+            return Err(self.count_drop(None, DropReason::TooShort));
+        }
+        let Some(network) = self.networks.get(&vni) else {
+            return Err(self.count_drop(None, DropReason::UnknownVni));
+        };
+        let encrypted = network.encrypted;
+        self.unicast(vni, encrypted, vtep, pkt, out)
+    }
+
+    /// Seals the frame in `pkt` for `vtep` and queues it: one datagram, or the counted reason.
+    fn unicast(
+        &mut self,
+        vni: Vni,
+        encrypted: bool,
+        vtep: IpAddr,
+        pkt: &mut Packet,
+        out: &mut Transmits,
+    ) -> Result<usize, DropReason> {
+        let len = pkt.len();
+        let send_epoch = self.keyring.send_epoch();
+        let result = match self.peers.get_mut(&vtep) {
+            None => Err(DropReason::UnknownPeer),
+            Some(peer) => encap(peer, vni, encrypted, send_epoch, pkt).map(|dst| {
+                let mut sealed = out.take_spare();
+                core::mem::swap(pkt, &mut sealed);
+                out.push(dst, sealed);
+            }),
+        };
+        match result {
+            Ok(()) => {
+                self.counters.tx_packets += 1;
+                self.counters.tx_bytes += len as u64;
+                Ok(1)
+            }
+            Err(reason) => Err(self.count_drop(Some(vtep), reason)),
+        }
     }
 
     /// Handles a datagram from the underlay, sent from `src`. On success the frame (decrypted

@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use quinn_udp::{RecvMeta, UdpSocketState};
 
 use super::capture::{CaptureRecord, CaptureSink, Direction, Layer};
+use super::hook::{FrameHook, Steer};
 use super::tap::Tap;
 use crate::buffer::{Packet, Transmit, Transmits};
 use crate::engine::{DropReason, Engine};
@@ -73,6 +74,8 @@ pub struct IoCounters {
     pub answered_locally: AtomicU64,
     /// Opened frames of a network that has no device on this node.
     pub no_device: AtomicU64,
+    /// Frames the hook sent somewhere this direction cannot send them.
+    pub hook_misdirected: AtomicU64,
 }
 
 struct Shared {
@@ -86,6 +89,63 @@ struct Shared {
     /// Bumped whenever `devices` changes, so the inbound thread re-reads it only then.
     devices_generation: AtomicU64,
     devices: Mutex<HashMap<Vni, Arc<Tap>>>,
+    /// Bumped whenever `mesh` changes, so the threads re-read it only then.
+    mesh_generation: AtomicU64,
+    mesh: Mutex<Option<Mesh>>,
+}
+
+/// The frame hook and the device its [`Steer::Outside`] frames go to.
+#[derive(Clone)]
+struct Mesh {
+    hook: Arc<dyn FrameHook>,
+    outside: Arc<Tap>,
+}
+
+/// One thread's copy of the mesh (as [`SinkCache`] for the capture sink).
+struct MeshCache {
+    generation: u64,
+    mesh: Option<Mesh>,
+}
+
+impl MeshCache {
+    fn new() -> Self {
+        MeshCache {
+            generation: 0,
+            mesh: None,
+        }
+    }
+
+    fn get(&mut self, shared: &Shared) -> Option<&Mesh> {
+        let generation = shared.mesh_generation.load(Ordering::Acquire);
+        if generation != self.generation {
+            self.mesh = shared
+                .mesh
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone();
+            self.generation = generation;
+        }
+        self.mesh.as_ref()
+    }
+}
+
+/// The device of network `vni`, if this node has one (for frames the hook steers; not per
+/// packet of ordinary traffic).
+fn device_of(shared: &Shared, vni: Vni) -> Option<Arc<Tap>> {
+    shared
+        .devices
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get(&vni)
+        .cloned()
+}
+
+/// Writes one whole frame (checksums complete, no offload) to `tap`, through `scratch`.
+fn write_frame(tap: &Tap, counters: &IoCounters, scratch: &mut Vec<u8>, frame: &[u8]) {
+    scratch.clear();
+    scratch.resize(VirtioNetHdr::LEN, 0);
+    scratch.extend_from_slice(frame);
+    write_to(tap, counters, scratch);
 }
 
 /// One thread's copy of the capture sink: per batch it costs one atomic load (no lock, no
@@ -131,6 +191,7 @@ pub struct Dataplane {
     state: Arc<UdpSocketState>,
     inbound: Option<JoinHandle<()>>,
     devices: HashMap<Vni, DeviceThread>,
+    mesh: Option<DeviceThread>,
 }
 
 impl core::fmt::Debug for Dataplane {
@@ -170,6 +231,8 @@ impl Dataplane {
             capture: Mutex::new(None),
             devices_generation: AtomicU64::new(0),
             devices: Mutex::new(HashMap::new()),
+            mesh_generation: AtomicU64::new(0),
+            mesh: Mutex::new(None),
         });
         let udp = Arc::new(udp);
         let inbound = {
@@ -184,6 +247,7 @@ impl Dataplane {
             state,
             inbound: Some(inbound),
             devices: HashMap::new(),
+            mesh: None,
         };
         dataplane.add_device(vni, tap, responder)?;
         Ok(dataplane)
@@ -246,6 +310,46 @@ impl Dataplane {
         true
     }
 
+    /// Installs the frame hook and its device (`outside`): from the next batch on, every
+    /// thread offers the hook the frames it claims, and a thread reads `outside` and hands
+    /// its frames to the hook. `None` takes them away (the device goes within about
+    /// [`POLL`]).
+    pub fn set_mesh(&mut self, mesh: Option<(Arc<dyn FrameHook>, Tap)>) -> io::Result<()> {
+        if let Some(old) = self.mesh.take() {
+            old.stop.store(true, Ordering::Relaxed);
+            let _ = old.thread.join();
+        }
+        let mesh = mesh.map(|(hook, tap)| Mesh {
+            hook,
+            outside: Arc::new(tap),
+        });
+        if let Some(m) = &mesh {
+            let stop = Arc::new(AtomicBool::new(false));
+            let (shared, udp, state, stop2, m) = (
+                Arc::clone(&self.shared),
+                Arc::clone(&self.udp),
+                Arc::clone(&self.state),
+                Arc::clone(&stop),
+                m.clone(),
+            );
+            let thread = std::thread::Builder::new()
+                .name("shoal-dp-mesh".into())
+                .spawn(move || {
+                    // The VNI is per frame here; the one given is not used.
+                    let vni = Vni::new(0).unwrap_or_else(|_| unreachable!("0 is a VNI"));
+                    Outbound::new(&shared, vni, &udp, &state, &stop2).run_outside(&m)
+                })?;
+            self.mesh = Some(DeviceThread { stop, thread });
+        }
+        *self
+            .shared
+            .mesh
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = mesh;
+        self.shared.mesh_generation.fetch_add(1, Ordering::Release);
+        Ok(())
+    }
+
     fn set_devices(&self, f: impl FnOnce(&mut HashMap<Vni, Arc<Tap>>)) {
         f(&mut self
             .shared
@@ -301,6 +405,9 @@ impl Dataplane {
         self.shared.stop.store(true, Ordering::Relaxed);
         for (_, d) in self.devices.drain() {
             let _ = d.thread.join();
+        }
+        if let Some(m) = self.mesh.take() {
+            let _ = m.thread.join();
         }
         if let Some(t) = self.inbound.take() {
             let _ = t.join();
@@ -359,6 +466,9 @@ impl<'a> Outbound<'a> {
         let mut answer = Vec::with_capacity(128);
         let mut copy = Vec::new();
         let mut sinks = SinkCache::new();
+        let mut meshes = MeshCache::new();
+        let (mut hook_reply, mut scratch) = (Vec::new(), Vec::new());
+        let shared = self.shared;
         let counters = &self.shared.counters;
         while !self.shared.stop.load(Ordering::Relaxed) && !self.stop.load(Ordering::Relaxed) {
             let n = match tap.recv_timeout(&mut read, POLL) {
@@ -376,6 +486,7 @@ impl<'a> Outbound<'a> {
             };
             let frame = &mut read[VirtioNetHdr::LEN..n];
             let sink = sinks.get(self.shared);
+            let mesh = meshes.get(self.shared);
             if let Some(r) = responder.filter(|_| hdr.gso_type == VirtioNetHdr::GSO_NONE) {
                 reply.truncate(VirtioNetHdr::LEN);
                 answer.clear();
@@ -400,6 +511,21 @@ impl<'a> Outbound<'a> {
                 if !pkt.set_frame_parts(head, payload) {
                     return;
                 }
+                let mut to = None;
+                if let Some(m) = mesh.filter(|m| m.hook.claims_from_device(pkt.data())) {
+                    match m.hook.from_device(now, vni, pkt.data_mut(), &mut hook_reply) {
+                        Steer::Pass => {}
+                        Steer::Peer { vni, vtep } => to = Some((vni, vtep)),
+                        other => {
+                            let frame = match other {
+                                Steer::Reply => &hook_reply[..],
+                                _ => pkt.data(),
+                            };
+                            steer_locally(shared, m, tap, other, frame, &mut scratch);
+                            return;
+                        }
+                    }
+                }
                 if inner.is_some() {
                     // Sealing happens in place: keep the clear frame for the capture.
                     copy.clear();
@@ -407,7 +533,10 @@ impl<'a> Outbound<'a> {
                 }
                 let before = out.len();
                 // Drops are counted by the engine.
-                let result = lock(engine).handle_frame(now, vni, pkt, out);
+                let result = match to {
+                    None => lock(engine).handle_frame(now, vni, pkt, out),
+                    Some((vni, vtep)) => lock(engine).handle_frame_to(now, vni, vtep, pkt, out),
+                };
                 let sent = out.ready().get(before..).unwrap_or_default();
                 if let Some(sink) = inner {
                     sink.offer(&CaptureRecord {
@@ -441,6 +570,56 @@ impl<'a> Outbound<'a> {
                 counters.tap_bad_frames.fetch_add(1, Ordering::Relaxed);
             }
             self.send();
+        }
+    }
+
+    /// The mesh device's thread: each frame from a client outside goes where the hook says.
+    fn run_outside(mut self, mesh: &Mesh) {
+        let mut read = vec![0u8; TAP_READ];
+        let mut scratch = Vec::new();
+        let shared = self.shared;
+        let counters = &shared.counters;
+        while !shared.stop.load(Ordering::Relaxed) && !self.stop.load(Ordering::Relaxed) {
+            let n = match mesh.outside.recv_timeout(&mut read, POLL) {
+                Ok(n) => n,
+                Err(e) if is_timeout(&e) => continue,
+                Err(_) => {
+                    counters.tap_read_errors.fetch_add(1, Ordering::Relaxed);
+                    std::thread::sleep(POLL);
+                    continue;
+                }
+            };
+            // The mesh device has no offloads: every frame is whole, its checksums done.
+            match VirtioNetHdr::parse(&read[..n]) {
+                Some(h) if h.gso_type == VirtioNetHdr::GSO_NONE => {}
+                _ => {
+                    counters.tap_bad_frames.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+            }
+            let frame = &mut read[VirtioNetHdr::LEN..n];
+            let now = Instant::now();
+            match mesh.hook.from_outside(now, frame) {
+                Steer::Peer { vni, vtep } => {
+                    if self.pkt.set_frame(frame) {
+                        // Drops are counted by the engine.
+                        let _ = lock(&shared.outbound).handle_frame_to(
+                            now,
+                            vni,
+                            vtep,
+                            &mut self.pkt,
+                            &mut self.out,
+                        );
+                        self.send();
+                    } else {
+                        counters.tap_bad_frames.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                other => {
+                    let tap = Arc::clone(&mesh.outside);
+                    steer_locally(shared, mesh, &tap, other, frame, &mut scratch);
+                }
+            }
         }
     }
 
@@ -559,6 +738,34 @@ fn write_to(tap: &Tap, counters: &IoCounters, b: &[u8]) {
     }
 }
 
+/// Carries out a hook's [`Steer`] that stays on this node: `frame` to the device it came
+/// from (`back`), to a network's device, or out through the mesh device. A `Peer` here is
+/// one this direction cannot send, and is counted.
+fn steer_locally(
+    shared: &Shared,
+    mesh: &Mesh,
+    back: &Tap,
+    steer: Steer,
+    frame: &[u8],
+    scratch: &mut Vec<u8>,
+) {
+    let counters = &shared.counters;
+    match steer {
+        Steer::Pass | Steer::Drop => {}
+        Steer::Reply => write_frame(back, counters, scratch, frame),
+        Steer::Outside => write_frame(&mesh.outside, counters, scratch, frame),
+        Steer::Device(vni) => match device_of(shared, vni) {
+            Some(tap) => write_frame(&tap, counters, scratch, frame),
+            None => {
+                counters.no_device.fetch_add(1, Ordering::Relaxed);
+            }
+        },
+        Steer::Peer { .. } => {
+            counters.hook_misdirected.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
 /// The underlay-to-device direction.
 fn receive(shared: &Shared, udp: &UdpSocket, state: &UdpSocketState) {
     // One allocation, at start: RECV_BATCH receive buffers side by side.
@@ -570,6 +777,8 @@ fn receive(shared: &Shared, udp: &UdpSocket, state: &UdpSocketState) {
     };
     let mut copy = Vec::new();
     let mut sinks = SinkCache::new();
+    let mut meshes = MeshCache::new();
+    let (mut claimed, mut scratch) = (Vec::new(), Vec::new());
     let counters = &shared.counters;
     while !shared.stop.load(Ordering::Relaxed) {
         devices.refresh(shared);
@@ -592,6 +801,7 @@ fn receive(shared: &Shared, udp: &UdpSocket, state: &UdpSocketState) {
         };
         let now = Instant::now();
         let (inner, outer) = wanted(sinks.get(shared), Direction::In);
+        let mesh = meshes.get(shared);
         for (m, buf) in meta.iter().zip(bufs.chunks_mut(MAX_UDP)).take(n) {
             if m.len == 0 {
                 // An empty datagram: nothing to split, but still a drop to count.
@@ -624,7 +834,22 @@ fn receive(shared: &Shared, udp: &UdpSocket, state: &UdpSocketState) {
                             data: opened.frame(),
                         });
                     }
-                    deliver(&mut devices, counters, opened.vni(), opened.frame());
+                    match mesh.filter(|mh| mh.hook.claims_from_peer(opened.frame())) {
+                        None => deliver(&mut devices, counters, opened.vni(), opened.frame()),
+                        Some(mh) => {
+                            claimed.clear();
+                            claimed.extend_from_slice(opened.frame());
+                            let vni = opened.vni();
+                            match mh.hook.from_peer(now, vni, m.addr.ip(), &mut claimed) {
+                                Steer::Pass => deliver(&mut devices, counters, vni, &claimed),
+                                Steer::Device(v) => deliver(&mut devices, counters, v, &claimed),
+                                other => {
+                                    let back = Arc::clone(&mh.outside);
+                                    steer_locally(shared, mh, &back, other, &claimed, &mut scratch);
+                                }
+                            }
+                        }
+                    }
                 }
             }
         }

@@ -5,9 +5,11 @@
 
 pub mod capture;
 mod driver;
+pub mod hook;
 pub mod tap;
 pub mod udp;
 
 pub use capture::{CaptureRecord, CaptureSink};
 pub use driver::{Dataplane, IoCounters, LocalResponder};
+pub use hook::{FrameHook, Steer};
 pub use tap::Tap;

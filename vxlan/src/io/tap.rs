@@ -37,6 +37,10 @@ pub struct TapConfig {
     pub mtu: u16,
     /// Its IPv4 address and prefix length, if any.
     pub address: Option<(Ipv4Addr, u8)>,
+    /// Whether its reader takes large segments with checksums left to it (the overlay's
+    /// devices), or only whole frames with complete checksums (the mesh device, whose frames
+    /// are rewritten one by one).
+    pub offload: bool,
 }
 
 fn tun_err(e: tun::Error) -> io::Error {
@@ -58,10 +62,12 @@ impl Tap {
             p.vnet_hdr(true);
         });
         let dev = tun::create(&cfg).map_err(tun_err)?;
-        set_offload(
-            dev.as_raw_fd(),
-            libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6,
-        )?;
+        let offloads = if config.offload {
+            libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6
+        } else {
+            0
+        };
+        set_offload(dev.as_raw_fd(), offloads)?;
         let mut tap = Tap {
             dev,
             name: config.name.clone(),
