@@ -13,6 +13,7 @@
 
 pub mod arp;
 pub mod ipam;
+pub mod mesh;
 pub mod network;
 pub mod overlay;
 

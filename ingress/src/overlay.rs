@@ -15,6 +15,7 @@ use shoal_vxlan::io::{udp, Dataplane, IoCounters};
 use shoal_vxlan::wire::{Mac, Vni};
 
 use crate::arp::{ArpResponder, ArpTable};
+use crate::mesh::{Mesh, MeshConfig, MeshCounters, MeshHook};
 use crate::network::{mac_for, NetworkSpec};
 
 /// How to bring a network up on this node.
@@ -24,6 +25,8 @@ pub struct OverlayConfig {
     pub network: NetworkSpec,
     /// The interface name (`shoal-ingress`).
     pub interface: String,
+    /// The mesh device's name ([`MESH_INTERFACE`]).
+    pub mesh_interface: String,
     /// This node's overlay address.
     pub address: Ipv4Addr,
     /// The underlay MTU the interface MTU is derived from.
@@ -107,6 +110,9 @@ pub struct SegmentConfig {
     pub device: Option<String>,
     /// Its endpoints behind other nodes.
     pub endpoints: Vec<RemoteEndpoint>,
+    /// The addresses the network's router answers for here (its gateway, its services'
+    /// virtual IPs): ARP for them gets [`crate::mesh::router_mac`].
+    pub router: Vec<Ipv4Addr>,
 }
 
 /// A user network as the data path carries it (see [`Overlay::segments`]).
@@ -128,6 +134,7 @@ struct Segment {
     device: Option<String>,
     arp: Arc<ArpResponder>,
     endpoints: Vec<RemoteEndpoint>,
+    router: Vec<Ipv4Addr>,
 }
 
 /// The MAC of a user network's TAP device on the node whose ingress address is `node`:
@@ -151,7 +158,12 @@ pub struct Overlay {
     members: HashMap<IpAddr, Member>,
     underlay_mtu: u16,
     segments: HashMap<Vni, Segment>,
+    mesh: Arc<MeshHook>,
 }
+
+/// The name of the device clients' packets to published ports are steered to (see
+/// `docs/services.md`).
+pub const MESH_INTERFACE: &str = "shoal-mesh";
 
 impl core::fmt::Debug for Overlay {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
@@ -214,9 +226,30 @@ impl Overlay {
         let [outbound, inbound] = engines;
         let arp = Arc::new(ArpResponder::new());
         let responder: Arc<dyn shoal_vxlan::io::LocalResponder> = arp.clone();
-        let dataplane = Dataplane::start(outbound, inbound, vni, tap, socket, Some(responder))
+        let mut dataplane =
+            Dataplane::start(outbound, inbound, vni, tap, socket, Some(responder)).map_err(
+                |source| OverlayError::Io {
+                    what: "starting the data path",
+                    source,
+                },
+            )?;
+        let mesh = Arc::new(MeshHook::new(Mesh::new(config.address)));
+        let outside = Tap::create(&TapConfig {
+            name: config.mesh_interface.clone(),
+            mac: mac_for(config.address),
+            mtu: config.underlay_mtu,
+            address: None,
+            offload: false,
+        })
+        .map_err(|source| OverlayError::Io {
+            what: "creating the mesh device",
+            source,
+        })?;
+        let hook: Arc<dyn shoal_vxlan::io::FrameHook> = mesh.clone();
+        dataplane
+            .set_mesh(Some((hook, outside)))
             .map_err(|source| OverlayError::Io {
-                what: "starting the data path",
+                what: "starting the mesh device",
                 source,
             })?;
         Ok(Overlay {
@@ -230,6 +263,7 @@ impl Overlay {
             members: HashMap::new(),
             underlay_mtu: config.underlay_mtu,
             segments: HashMap::new(),
+            mesh,
         })
     }
 
@@ -278,6 +312,7 @@ impl Overlay {
                         device: None,
                         arp: Arc::new(ArpResponder::new()),
                         endpoints: Vec::new(),
+                        router: Vec::new(),
                     },
                 );
             }
@@ -316,7 +351,7 @@ impl Overlay {
                 segment.device = Some(name.clone());
             }
         }
-        if segment.endpoints != want.endpoints {
+        if segment.endpoints != want.endpoints || segment.router != want.router {
             let wanted: HashMap<Mac, IpAddr> =
                 want.endpoints.iter().map(|e| (e.mac, e.vtep)).collect();
             let mut flood: Vec<IpAddr> = want.endpoints.iter().map(|e| e.vtep).collect();
@@ -355,8 +390,13 @@ impl Overlay {
             for e in &want.endpoints {
                 table.insert(e.ip, e.mac);
             }
+            let router = crate::mesh::router_mac(want.spec.vni);
+            for ip in &want.router {
+                table.insert(*ip, router);
+            }
             segment.arp.set(table);
             segment.endpoints = want.endpoints.clone();
+            segment.router = want.router.clone();
         }
         Ok(())
     }
@@ -388,6 +428,16 @@ impl Overlay {
             .collect();
         out.sort_by_key(|s| s.vni);
         out
+    }
+
+    /// Makes the routing mesh and the networks' routers serve `config`.
+    pub fn set_mesh(&self, config: &MeshConfig) {
+        self.mesh.with(|m| m.set_config(config));
+    }
+
+    /// The mesh's counters.
+    pub fn mesh_counters(&self) -> MeshCounters {
+        self.mesh.with(|m| m.counters())
     }
 
     /// The network.

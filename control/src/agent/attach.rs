@@ -318,6 +318,12 @@ pub fn segments(
                 },
                 device: local.on(&net.id).next().map(|_| device_name(net.vni)),
                 endpoints,
+                // The router answers for the gateway on networks with a way to it.
+                router: if net.internal {
+                    Vec::new()
+                } else {
+                    vec![net.gateway]
+                },
             }
         })
         .collect()

@@ -155,6 +155,7 @@ impl DataPath {
         let overlay = Overlay::start(OverlayConfig {
             network: spec(&view.ingress)?,
             interface: params.interface.clone(),
+            mesh_interface: shoal_ingress::overlay::MESH_INTERFACE.to_owned(),
             address,
             underlay_mtu: params.underlay_mtu,
             bind: SocketAddr::new(node.addr, view.ingress.data_path_port),
