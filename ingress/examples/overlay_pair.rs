@@ -27,6 +27,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut overlay = Overlay::start(OverlayConfig {
         network: NetworkSpec::ingress("198.19.0.0/24".parse()?, encrypted),
         interface: "shoal-ingress".into(),
+        mesh_interface: shoal_ingress::overlay::MESH_INTERFACE.into(),
         address: overlay_ip(n),
         underlay_mtu: 1500,
         bind: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 4789),

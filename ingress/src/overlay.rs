@@ -226,13 +226,11 @@ impl Overlay {
         let [outbound, inbound] = engines;
         let arp = Arc::new(ArpResponder::new());
         let responder: Arc<dyn shoal_vxlan::io::LocalResponder> = arp.clone();
-        let mut dataplane =
-            Dataplane::start(outbound, inbound, vni, tap, socket, Some(responder)).map_err(
-                |source| OverlayError::Io {
-                    what: "starting the data path",
-                    source,
-                },
-            )?;
+        let mut dataplane = Dataplane::start(outbound, inbound, vni, tap, socket, Some(responder))
+            .map_err(|source| OverlayError::Io {
+                what: "starting the data path",
+                source,
+            })?;
         let mesh = Arc::new(MeshHook::new(Mesh::new(config.address)));
         let outside = Tap::create(&TapConfig {
             name: config.mesh_interface.clone(),

@@ -344,7 +344,8 @@ impl Mesh {
             let tables = NetworkTables::new(n, vni);
             for (i, s) in tables.services.iter().enumerate() {
                 for p in &s.ports {
-                    self.published.insert((p.proto, p.published), (n.vni, i, *p));
+                    self.published
+                        .insert((p.proto, p.published), (n.vni, i, *p));
                 }
             }
             self.networks.insert(n.vni, tables);
@@ -426,11 +427,7 @@ impl Mesh {
             backend: SocketAddrV4::new(backend.ip, port.target),
         };
         let (router, net_vni) = (net.router, net.vni);
-        if self
-            .flows
-            .entry(now, key, || Flow::new(vni, now))
-            .is_err()
-        {
+        if self.flows.entry(now, key, || Flow::new(vni, now)).is_err() {
             return self.drop(MeshDrop::FlowTableFull);
         }
         let (client_mac, own) = (Mac::src_of(f), Mac::dst_of(f));

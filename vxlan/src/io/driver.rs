@@ -513,7 +513,10 @@ impl<'a> Outbound<'a> {
                 }
                 let mut to = None;
                 if let Some(m) = mesh.filter(|m| m.hook.claims_from_device(pkt.data())) {
-                    match m.hook.from_device(now, vni, pkt.data_mut(), &mut hook_reply) {
+                    match m
+                        .hook
+                        .from_device(now, vni, pkt.data_mut(), &mut hook_reply)
+                    {
                         Steer::Pass => {}
                         Steer::Peer { vni, vtep } => to = Some((vni, vtep)),
                         other => {
