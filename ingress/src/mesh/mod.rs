@@ -391,7 +391,7 @@ impl Mesh {
     }
 
     /// A frame from a client outside (the mesh device): forwarded to a backend.
-    pub fn from_outside(&mut self, now: Instant, f: &mut [u8]) -> Steer {
+    pub fn on_outside(&mut self, now: Instant, f: &mut [u8]) -> Steer {
         let Some(flow) = frame::parse(f) else {
             return self.drop(MeshDrop::NotAFlow);
         };
@@ -461,7 +461,7 @@ impl Mesh {
 
     /// A frame opened from the node at `vtep`, on network `vni`, that [`claims_from_peer`]
     /// took.
-    pub fn from_peer(&mut self, now: Instant, vni: Vni, vtep: IpAddr, f: &mut [u8]) -> Steer {
+    pub fn on_peer(&mut self, now: Instant, vni: Vni, vtep: IpAddr, f: &mut [u8]) -> Steer {
         let (Some(src_mac), Some(dst_mac)) = (Mac::src_of(f), Mac::dst_of(f)) else {
             return Steer::Pass;
         };
@@ -533,7 +533,7 @@ impl Mesh {
     }
 
     /// A frame from network `vni`'s device to its router (see [`claims_from_device`]).
-    pub fn from_device(
+    pub fn on_device(
         &mut self,
         now: Instant,
         vni: Vni,
@@ -685,16 +685,16 @@ impl FrameHook for MeshHook {
         claims_from_peer(frame)
     }
 
-    fn from_device(&self, now: Instant, vni: Vni, frame: &mut [u8], reply: &mut Vec<u8>) -> Steer {
-        self.with(|m| m.from_device(now, vni, frame, reply))
+    fn on_device(&self, now: Instant, vni: Vni, frame: &mut [u8], reply: &mut Vec<u8>) -> Steer {
+        self.with(|m| m.on_device(now, vni, frame, reply))
     }
 
-    fn from_peer(&self, now: Instant, vni: Vni, vtep: IpAddr, frame: &mut [u8]) -> Steer {
-        self.with(|m| m.from_peer(now, vni, vtep, frame))
+    fn on_peer(&self, now: Instant, vni: Vni, vtep: IpAddr, frame: &mut [u8]) -> Steer {
+        self.with(|m| m.on_peer(now, vni, vtep, frame))
     }
 
-    fn from_outside(&self, now: Instant, frame: &mut [u8]) -> Steer {
-        self.with(|m| m.from_outside(now, frame))
+    fn on_outside(&self, now: Instant, frame: &mut [u8]) -> Steer {
+        self.with(|m| m.on_outside(now, frame))
     }
 }
 

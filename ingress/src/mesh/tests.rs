@@ -159,7 +159,7 @@ fn a_published_flow_goes_to_a_remote_backend_and_comes_back_with_the_clients_vie
         tcp_flags::SYN,
         b"",
     );
-    let to = n.from_outside(t0, &mut f);
+    let to = n.on_outside(t0, &mut f);
     assert_eq!(
         to,
         Steer::Peer {
@@ -173,10 +173,7 @@ fn a_published_flow_goes_to_a_remote_backend_and_comes_back_with_the_clients_vie
     );
     // N -> M: claimed (source is N's device MAC), delivered, the way back noted.
     assert!(claims_from_peer(&f));
-    assert_eq!(
-        m.from_peer(t0, vni(), N_UNDERLAY.into(), &mut f),
-        Steer::Pass
-    );
+    assert_eq!(m.on_peer(t0, vni(), N_UNDERLAY.into(), &mut f), Steer::Pass);
     // B1's answer, to its default gateway: sent back to N.
     let mut r = tcp(
         (router_mac(VNI), mac_of(B1)),
@@ -188,7 +185,7 @@ fn a_published_flow_goes_to_a_remote_backend_and_comes_back_with_the_clients_vie
     assert!(claims_from_device(&r));
     let mut reply = Vec::new();
     assert_eq!(
-        m.from_device(t0, vni(), &mut r, &mut reply),
+        m.on_device(t0, vni(), &mut r, &mut reply),
         Steer::Peer {
             vni: vni(),
             vtep: N_UNDERLAY.into()
@@ -198,7 +195,7 @@ fn a_published_flow_goes_to_a_remote_backend_and_comes_back_with_the_clients_vie
     // At N: the source the client connected to, the client's MACs.
     assert!(claims_from_peer(&r));
     assert_eq!(
-        n.from_peer(t0, vni(), M_UNDERLAY.into(), &mut r),
+        n.on_peer(t0, vni(), M_UNDERLAY.into(), &mut r),
         Steer::Outside
     );
     assert_eq!(read(&r), (CLIENT_MAC, N_ETH_MAC, published, client(40_000)));
@@ -218,7 +215,7 @@ fn a_local_backend_is_reached_through_the_bridge_and_answers_outside() {
         tcp_flags::SYN,
         b"",
     );
-    assert_eq!(n.from_outside(t0, &mut f), Steer::Device(vni()));
+    assert_eq!(n.on_outside(t0, &mut f), Steer::Device(vni()));
     assert_eq!(
         read(&f),
         (mac_of(B2), router_mac(VNI), client(1), sa(B2, 80))
@@ -231,7 +228,7 @@ fn a_local_backend_is_reached_through_the_bridge_and_answers_outside() {
         b"x",
     );
     let mut reply = Vec::new();
-    assert_eq!(n.from_device(t0, vni(), &mut r, &mut reply), Steer::Outside);
+    assert_eq!(n.on_device(t0, vni(), &mut r, &mut reply), Steer::Outside);
     assert_eq!(read(&r), (CLIENT_MAC, N_ETH_MAC, published, client(1)));
 }
 
@@ -253,7 +250,7 @@ fn every_node_picks_the_same_backend_and_both_get_flows() {
             tcp_flags::SYN,
             b"",
         );
-        n.from_outside(t0, &mut a);
+        n.on_outside(t0, &mut a);
         m.set_config(&MeshConfig {
             addresses: vec![N_UNDERLAY, M_UNDERLAY],
             ..config(M_UNDERLAY, [true, true], Timeouts::default())
@@ -265,7 +262,7 @@ fn every_node_picks_the_same_backend_and_both_get_flows() {
             tcp_flags::SYN,
             b"",
         );
-        m.from_outside(t0, &mut b);
+        m.on_outside(t0, &mut b);
         let (pa, pb) = (read(&a).3, read(&b).3);
         assert_eq!(pa, pb, "flow {port}");
         seen[usize::from(*pa.ip() == B2)] += 1;
@@ -288,7 +285,7 @@ fn an_unhealthy_backend_gets_no_new_flow_and_keeps_its_open_ones() {
             tcp_flags::SYN,
             b"",
         );
-        n.from_outside(t0, &mut f);
+        n.on_outside(t0, &mut f);
         if *read(&f).3.ip() == B1 {
             to_b1.push(port);
         }
@@ -303,7 +300,7 @@ fn an_unhealthy_backend_gets_no_new_flow_and_keeps_its_open_ones() {
         tcp_flags::ACK,
         b"more",
     );
-    n.from_outside(t0, &mut f);
+    n.on_outside(t0, &mut f);
     assert_eq!(*read(&f).3.ip(), B1);
     // ... and every new one goes to B2.
     for port in 3000..3100 {
@@ -314,13 +311,13 @@ fn an_unhealthy_backend_gets_no_new_flow_and_keeps_its_open_ones() {
             tcp_flags::SYN,
             b"",
         );
-        assert_eq!(n.from_outside(t0, &mut f), Steer::Device(vni()));
+        assert_eq!(n.on_outside(t0, &mut f), Steer::Device(vni()));
         assert_eq!(*read(&f).3.ip(), B2);
     }
     // None healthy: refused and counted.
     n.set_config(&config(N_UNDERLAY, [false, false], Timeouts::default()));
     let mut f = tcp((N_ETH_MAC, CLIENT_MAC), client(9), dst, tcp_flags::SYN, b"");
-    assert_eq!(n.from_outside(t0, &mut f), Steer::Drop);
+    assert_eq!(n.on_outside(t0, &mut f), Steer::Drop);
     assert_eq!(n.counters().dropped(MeshDrop::NoBackend), 1);
 }
 
@@ -336,7 +333,7 @@ fn an_idle_open_flow_outlives_every_timeout() {
     n.set_config(&config(N_UNDERLAY, [false, true], short));
     let dst = sa(N_UNDERLAY, 8080);
     let mut f = tcp((N_ETH_MAC, CLIENT_MAC), client(7), dst, tcp_flags::SYN, b"");
-    n.from_outside(t0, &mut f);
+    n.on_outside(t0, &mut f);
     let mut r = tcp(
         (router_mac(VNI), mac_of(B2)),
         sa(B2, 80),
@@ -344,7 +341,7 @@ fn an_idle_open_flow_outlives_every_timeout() {
         tcp_flags::SYN | tcp_flags::ACK,
         b"",
     );
-    n.from_device(t0, vni(), &mut r, &mut Vec::new());
+    n.on_device(t0, vni(), &mut r, &mut Vec::new());
     // An hour of silence, then the backend speaks first: still routed.
     let later = t0 + Duration::from_secs(3600);
     n.flows.sweep(later, true);
@@ -356,12 +353,12 @@ fn an_idle_open_flow_outlives_every_timeout() {
         b"push",
     );
     assert_eq!(
-        n.from_device(later, vni(), &mut r, &mut Vec::new()),
+        n.on_device(later, vni(), &mut r, &mut Vec::new()),
         Steer::Outside
     );
     // A flow that never got an answer is gone by then.
     let mut f = tcp((N_ETH_MAC, CLIENT_MAC), client(8), dst, tcp_flags::SYN, b"");
-    n.from_outside(t0, &mut f);
+    n.on_outside(t0, &mut f);
     n.flows.sweep(later, true);
     assert_eq!(n.flows().len(), 1);
 }
@@ -378,7 +375,7 @@ fn a_full_table_refuses_new_flows_with_a_count() {
     let steers: Vec<Steer> = (0..5)
         .map(|p| {
             let mut f = tcp((N_ETH_MAC, CLIENT_MAC), client(p), dst, tcp_flags::SYN, b"");
-            n.from_outside(t0, &mut f)
+            n.on_outside(t0, &mut f)
         })
         .collect();
     assert_eq!(steers.iter().filter(|s| **s == Steer::Drop).count(), 2);
@@ -400,9 +397,9 @@ fn what_is_not_published_is_dropped_and_counted() {
     ] {
         let mut f = tcp((N_ETH_MAC, CLIENT_MAC), client(1), dst, tcp_flags::SYN, b"");
         assert!(proto_ok);
-        assert_eq!(n.from_outside(t0, &mut f), Steer::Drop);
+        assert_eq!(n.on_outside(t0, &mut f), Steer::Drop);
     }
-    assert_eq!(n.from_outside(t0, &mut [0u8; 20]), Steer::Drop);
+    assert_eq!(n.on_outside(t0, &mut [0u8; 20]), Steer::Drop);
     assert_eq!(n.counters().dropped(MeshDrop::NotPublished), 2);
     assert_eq!(n.counters().dropped(MeshDrop::NotAFlow), 1);
     // A member forwarding to a port of a backend that is no published target: refused.
@@ -413,10 +410,7 @@ fn what_is_not_published_is_dropped_and_counted() {
         tcp_flags::SYN,
         b"",
     );
-    assert_eq!(
-        m.from_peer(t0, vni(), N_UNDERLAY.into(), &mut f),
-        Steer::Drop
-    );
+    assert_eq!(m.on_peer(t0, vni(), N_UNDERLAY.into(), &mut f), Steer::Drop);
     assert_eq!(m.counters().dropped(MeshDrop::NotPublished), 1);
     // A reply of no tracked flow, and the router asked for somewhere it does not go.
     let mut r = tcp(
@@ -426,10 +420,7 @@ fn what_is_not_published_is_dropped_and_counted() {
         tcp_flags::ACK,
         b"",
     );
-    assert_eq!(
-        m.from_device(t0, vni(), &mut r, &mut Vec::new()),
-        Steer::Drop
-    );
+    assert_eq!(m.on_device(t0, vni(), &mut r, &mut Vec::new()), Steer::Drop);
     assert_eq!(m.counters().dropped(MeshDrop::NoFlow), 1);
     let mut r = tcp(
         (router_mac(VNI), mac_of(B1)),
@@ -438,10 +429,7 @@ fn what_is_not_published_is_dropped_and_counted() {
         tcp_flags::ACK,
         b"",
     );
-    assert_eq!(
-        m.from_device(t0, vni(), &mut r, &mut Vec::new()),
-        Steer::Drop
-    );
+    assert_eq!(m.on_device(t0, vni(), &mut r, &mut Vec::new()), Steer::Drop);
     assert_eq!(m.counters().dropped(MeshDrop::NoRoute), 1);
 }
 
@@ -459,7 +447,7 @@ fn a_vip_connection_goes_unchanged_to_a_backend_for_direct_return() {
             tcp_flags::SYN,
             b"",
         );
-        let steer = n.from_device(t0, vni(), &mut f, &mut Vec::new());
+        let steer = n.on_device(t0, vni(), &mut f, &mut Vec::new());
         let (dmac, smac, src, dst) = read(&f);
         assert_eq!(
             (src, dst),
@@ -497,7 +485,7 @@ fn service_removal_drops_its_flows() {
             tcp_flags::SYN,
             b"",
         );
-        n.from_outside(t0, &mut f);
+        n.on_outside(t0, &mut f);
     }
     assert_eq!(n.flows().len(), 10);
     let mut c = config(N_UNDERLAY, [true, true], Timeouts::default());
@@ -527,7 +515,7 @@ fn ask(n: &mut Mesh, name: &str) -> (simple_dns::RCODE, Vec<Ipv4Addr>) {
     assert!(claims_from_device(&f));
     let mut reply = Vec::new();
     assert_eq!(
-        n.from_device(Instant::now(), vni(), &mut f, &mut reply),
+        n.on_device(Instant::now(), vni(), &mut f, &mut reply),
         Steer::Reply
     );
     let p = SlicedPacket::from_ethernet(&reply).unwrap();

@@ -513,10 +513,7 @@ impl<'a> Outbound<'a> {
                 }
                 let mut to = None;
                 if let Some(m) = mesh.filter(|m| m.hook.claims_from_device(pkt.data())) {
-                    match m
-                        .hook
-                        .from_device(now, vni, pkt.data_mut(), &mut hook_reply)
-                    {
+                    match m.hook.on_device(now, vni, pkt.data_mut(), &mut hook_reply) {
                         Steer::Pass => {}
                         Steer::Peer { vni, vtep } => to = Some((vni, vtep)),
                         other => {
@@ -602,7 +599,7 @@ impl<'a> Outbound<'a> {
             }
             let frame = &mut read[VirtioNetHdr::LEN..n];
             let now = Instant::now();
-            match mesh.hook.from_outside(now, frame) {
+            match mesh.hook.on_outside(now, frame) {
                 Steer::Peer { vni, vtep } => {
                     if self.pkt.set_frame(frame) {
                         // Drops are counted by the engine.
@@ -843,7 +840,7 @@ fn receive(shared: &Shared, udp: &UdpSocket, state: &UdpSocketState) {
                             claimed.clear();
                             claimed.extend_from_slice(opened.frame());
                             let vni = opened.vni();
-                            match mh.hook.from_peer(now, vni, m.addr.ip(), &mut claimed) {
+                            match mh.hook.on_peer(now, vni, m.addr.ip(), &mut claimed) {
                                 Steer::Pass => deliver(&mut devices, counters, vni, &claimed),
                                 Steer::Device(v) => deliver(&mut devices, counters, v, &claimed),
                                 other => {

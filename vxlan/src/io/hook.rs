@@ -40,9 +40,9 @@ pub trait FrameHook: Send + Sync {
     /// Whether a frame opened from a peer is the hook's.
     fn claims_from_peer(&self, frame: &[u8]) -> bool;
     /// A claimed frame from network `vni`'s device; an answer goes in `reply`.
-    fn from_device(&self, now: Instant, vni: Vni, frame: &mut [u8], reply: &mut Vec<u8>) -> Steer;
+    fn on_device(&self, now: Instant, vni: Vni, frame: &mut [u8], reply: &mut Vec<u8>) -> Steer;
     /// A claimed frame of network `vni`, opened from the node at `vtep`.
-    fn from_peer(&self, now: Instant, vni: Vni, vtep: IpAddr, frame: &mut [u8]) -> Steer;
+    fn on_peer(&self, now: Instant, vni: Vni, vtep: IpAddr, frame: &mut [u8]) -> Steer;
     /// A frame from the mesh device (a client outside the cluster, steered there).
-    fn from_outside(&self, now: Instant, frame: &mut [u8]) -> Steer;
+    fn on_outside(&self, now: Instant, frame: &mut [u8]) -> Steer;
 }
