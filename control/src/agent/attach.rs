@@ -50,6 +50,13 @@ pub struct Attachment {
     pub host_ifname: String,
     /// The interface MTU.
     pub mtu: u16,
+    /// Whether the container's default route goes through the network's router (networks
+    /// that are not `--internal`: the way back to clients of published ports).
+    #[serde(default)]
+    pub default_route: bool,
+    /// The services it is a backend of (`SHOAL_SERVICE` in `CNI_ARGS`).
+    #[serde(default)]
+    pub services: Vec<String>,
     /// The version of its announcement: it grows with every change this node makes, across
     /// restarts (see [`next_version`]).
     pub version: u64,
@@ -67,9 +74,18 @@ impl Attachment {
     }
 
     /// The CNI result for it, in `cni_version`: the container's interface, its address on
-    /// the network's subnet, no routes (the network has no way out of the overlay yet, so a
-    /// default route through it would only shadow the container's others).
+    /// the network's subnet, and (not `--internal`) the default route through the network's
+    /// router and its DNS server, both at the gateway (see `docs/services.md`).
     pub fn result(&self, cni_version: &str) -> serde_json::Value {
+        let gateway = self.gateway.to_string();
+        let (routes, dns) = if self.default_route {
+            (
+                serde_json::json!([{"dst": "0.0.0.0/0", "gw": gateway}]),
+                serde_json::json!({"nameservers": [gateway]}),
+            )
+        } else {
+            (serde_json::json!([]), serde_json::json!({}))
+        };
         serde_json::json!({
             "cniVersion": cni_version,
             "interfaces": [{
@@ -80,10 +96,11 @@ impl Attachment {
             }],
             "ips": [{
                 "address": format!("{}/{}", self.ip, self.prefix),
-                "gateway": self.gateway.to_string(),
+                "gateway": gateway,
                 "interface": 0,
             }],
-            "dns": {},
+            "routes": routes,
+            "dns": dns,
         })
     }
 }
@@ -406,6 +423,8 @@ mod tests {
             gateway: net.gateway,
             host_ifname: host_ifname(&net.id, container, "eth0"),
             mtu: 1414,
+            default_route: true,
+            services: Vec::new(),
             version: 1,
         }
     }

@@ -336,6 +336,8 @@ impl Agent {
             gateway: net.gateway,
             host_ifname,
             mtu: attach::mtu(&net, dp.underlay_mtu()),
+            default_route: !net.internal,
+            services: Vec::new(),
             version: lock(&self.endpoints.local).take_version(now_ms()),
         };
         let record = serde_json::to_vec(&a).map_err(|e| err(code::IO, e.to_string()))?;
@@ -741,7 +743,7 @@ fn attachment_links(a: &Attachment) -> Attach {
         ifname: a.ifname.clone(),
         mac: a.mac(),
         address: Ipv4Net::new(a.ip, a.prefix).unwrap_or_else(|_| Ipv4Net::from(a.ip)),
-        gateway: None,
+        gateway: a.default_route.then_some(a.gateway),
         mtu: u32::from(a.mtu),
     }
 }
