@@ -540,6 +540,165 @@ async fn configure_container(h: &Handle, a: &Attach, ns: &Namespace) -> Result<(
     Ok(())
 }
 
+/// The tc priority of shoal's filters (`tc filter show dev DEV ingress` shows `pref 21320`):
+/// one band on the underlay device's ingress, all of it shoal's, rebuilt whole on each change.
+pub const STEER_PRIORITY: u16 = 0x5348;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_ALL: u16 = 0x0003;
+
+/// A published port to steer: protocol (6 or 17), the node's address, the port.
+pub type SteerRule = (u8, Ipv4Addr, u16);
+
+impl Links {
+    /// Steers the packets of `rules` arriving on `underlay` to the mesh device `mesh`, and
+    /// every frame the data path writes to `mesh` out of `underlay` (see `docs/services.md`):
+    /// `u32` filters with `mirred` redirects on the two devices' ingress, in shoal's band
+    /// ([`STEER_PRIORITY`]) only; other filters on the devices are left alone. Rules no longer
+    /// given are removed; with none, the band is empty.
+    pub async fn set_steering(
+        &self,
+        underlay: &str,
+        mesh: &str,
+        rules: &[SteerRule],
+    ) -> Result<(), LinkError> {
+        let ns = Namespace::Node;
+        let h = &self.handle;
+        let (u, m) = (
+            link_index(h, underlay, &ns).await?,
+            link_index(h, mesh, &ns).await?,
+        );
+        for index in [u, m] {
+            ensure_ingress_qdisc(h, index, &ns).await?;
+            delete_band(h, index, &ns).await?;
+        }
+        for &(proto, addr, port) in rules {
+            let keys = [
+                u32_key(u32::from(addr), u32::MAX, 16),
+                u32_key(u32::from(proto) << 16, 0x00ff_0000, 8),
+                // The destination port, for an IPv4 header without options (as tc's own
+                // `match ip dport` does).
+                u32_key(u32::from(port), 0x0000_ffff, 20),
+            ];
+            add_redirect(h, u, ETH_P_IP, &keys, m, &ns)
+                .await
+                .map_err(|e| netlink(format!("steer {addr}:{port} to {mesh}"), &ns, e))?;
+        }
+        if !rules.is_empty() {
+            add_redirect(h, m, ETH_P_ALL, &[u32_key(0, 0, 0)], u, &ns)
+                .await
+                .map_err(|e| netlink(format!("send {mesh}'s frames out of {underlay}"), &ns, e))?;
+        }
+        Ok(())
+    }
+}
+
+fn u32_key(val: u32, mask: u32, off: i32) -> rtnetlink::packet_route::tc::TcU32Key {
+    let mut k = rtnetlink::packet_route::tc::TcU32Key::default();
+    k.val = val & mask;
+    k.mask = mask;
+    k.off = off;
+    k
+}
+
+/// Adds the `ingress` qdisc to interface `index` unless it has one.
+async fn ensure_ingress_qdisc(h: &Handle, index: u32, ns: &Namespace) -> Result<(), LinkError> {
+    let index_i32 = i32::try_from(index).unwrap_or(i32::MAX);
+    match h.qdisc().add(index_i32).ingress().execute().await {
+        Ok(()) => Ok(()),
+        Err(e) if errno(&e) == Some(Errno::EEXIST) => Ok(()),
+        Err(e) => Err(netlink(
+            format!("add the ingress qdisc to interface {index}"),
+            ns,
+            e,
+        )),
+    }
+}
+
+/// Deletes every filter in shoal's band on interface `index`'s ingress.
+async fn delete_band(h: &Handle, index: u32, ns: &Namespace) -> Result<(), LinkError> {
+    use futures_util::StreamExt;
+    use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_REQUEST};
+    use rtnetlink::packet_route::tc::{TcHandle, TcMessage};
+    use rtnetlink::packet_route::RouteNetlinkMessage;
+    // Protocol 0: the band whatever its protocol (naming another protocol than the band's
+    // is EINVAL).
+    {
+        let mut msg = TcMessage::with_index(i32::try_from(index).unwrap_or(i32::MAX));
+        msg.header.parent = TcHandle {
+            major: 0xffff,
+            minor: TcHandle::MIN_INGRESS,
+        };
+        msg.header.info = u32::from(TcHandle {
+            major: STEER_PRIORITY,
+            minor: 0,
+        });
+        let mut req = NetlinkMessage::from(RouteNetlinkMessage::DelTrafficFilter(msg));
+        req.header.flags = NLM_F_REQUEST | NLM_F_ACK;
+        let mut handle = h.clone();
+        let mut answers = handle
+            .request(req)
+            .map_err(|e| netlink(format!("clear shoal's filters on interface {index}"), ns, e))?;
+        while let Some(answer) = answers.next().await {
+            if let NetlinkPayload::Error(e) = answer.payload {
+                let code = e.raw_code();
+                // None there: nothing to delete.
+                if code != 0 && Errno::from_raw(code.abs()) != Errno::ENOENT {
+                    return Err(netlink(
+                        format!("clear shoal's filters on interface {index}"),
+                        ns,
+                        rtnetlink::Error::NetlinkError(e),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Adds a filter in shoal's band on `index`'s ingress: frames of `proto` matching `keys` are
+/// redirected to the egress of interface `to`.
+async fn add_redirect(
+    h: &Handle,
+    index: u32,
+    proto: u16,
+    keys: &[rtnetlink::packet_route::tc::TcU32Key],
+    to: u32,
+    _ns: &Namespace,
+) -> Result<(), rtnetlink::Error> {
+    use rtnetlink::packet_route::tc::{
+        TcAction, TcActionAttribute, TcActionGeneric, TcActionMirror, TcActionMirrorOption,
+        TcActionOption, TcActionType, TcFilterU32Option, TcMirror, TcMirrorActionType,
+        TcU32Selector, TcU32SelectorFlags,
+    };
+    let mut sel = TcU32Selector::default();
+    sel.flags = TcU32SelectorFlags::Terminal;
+    sel.nkeys = u8::try_from(keys.len()).unwrap_or(u8::MAX);
+    sel.keys = keys.to_vec();
+    let mut mirror = TcMirror::default();
+    mirror.generic = TcActionGeneric::default();
+    mirror.generic.action = TcActionType::Stolen;
+    mirror.eaction = TcMirrorActionType::EgressRedir;
+    mirror.ifindex = to;
+    let mut action = TcAction::default();
+    action.attributes = vec![
+        TcActionAttribute::Kind(TcActionMirror::KIND.to_string()),
+        TcActionAttribute::Options(vec![TcActionOption::Mirror(TcActionMirrorOption::Parms(
+            mirror,
+        ))]),
+    ];
+    h.traffic_filter(i32::try_from(index).unwrap_or(i32::MAX))
+        .add()
+        .ingress()
+        .priority(STEER_PRIORITY)
+        .protocol(proto.to_be())
+        .u32(&[
+            TcFilterU32Option::Selector(sel),
+            TcFilterU32Option::Action(vec![action]),
+        ])?
+        .execute()
+        .await
+}
+
 /// [`Links::check`] inside the container's namespace.
 async fn check_container(h: &Handle, a: &Attach, ns: &Namespace) -> Result<(), LinkError> {
     let link = get_link(h, &a.ifname, ns)
@@ -1447,6 +1606,83 @@ mod tests {
                 .attach(&Attach { gateway: None, ..a })
                 .await
                 .expect("attach");
+        });
+    }
+
+    fn tc_filters(dev: &str) -> String {
+        let out = std::process::Command::new("tc")
+            .args(["filter", "show", "dev", dev, "ingress"])
+            .output()
+            .expect("tc (iproute2)");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    #[test]
+    fn steering_puts_published_ports_on_the_mesh_device_and_takes_them_off() {
+        require_root();
+        on_private_node(|| async {
+            let links = Links::new().await.expect("netlink");
+            let ns = Namespace::Node;
+            spare_veth(&links.handle, "ul0", &ns)
+                .await
+                .expect("underlay");
+            spare_veth(&links.handle, "mesh0", &ns)
+                .await
+                .expect("mesh device");
+            // Someone else's filter on the underlay: never touched.
+            let ul0 = link_index(&links.handle, "ul0", &ns).await.expect("ul0");
+            ensure_ingress_qdisc(&links.handle, ul0, &ns)
+                .await
+                .expect("qdisc");
+            let other = std::process::Command::new("tc")
+                .args(["filter", "add", "dev", "ul0", "ingress", "pref", "7"])
+                .args([
+                    "protocol", "ip", "u32", "match", "u32", "0", "0", "classid", "1:1",
+                ])
+                .status();
+            assert!(other.expect("tc").success());
+            let addr = Ipv4Addr::new(198, 18, 0, 1);
+            let rules = [(6, addr, 8080), (17, addr, 5353)];
+            links
+                .set_steering("ul0", "mesh0", &rules)
+                .await
+                .expect("steer");
+            // Twice: the band is rebuilt, not doubled.
+            links
+                .set_steering("ul0", "mesh0", &rules)
+                .await
+                .expect("again");
+            let ul = tc_filters("ul0");
+            assert_eq!(
+                ul.matches("match c6120001/ffffffff at 16").count(),
+                2,
+                "{ul}"
+            );
+            assert!(ul.contains("match 00001f90/0000ffff at 20"), "{ul}"); // 8080
+            assert!(ul.contains("match 000014e9/0000ffff at 20"), "{ul}"); // 5353
+            assert!(ul.contains("match 00110000/00ff0000 at 8"), "{ul}"); // UDP
+            assert!(ul.contains("Egress Redirect to device mesh0"), "{ul}");
+            let mesh = tc_filters("mesh0");
+            assert!(mesh.contains("Egress Redirect to device ul0"), "{mesh}");
+            // One port left, then none.
+            links
+                .set_steering("ul0", "mesh0", &rules[..1])
+                .await
+                .expect("one");
+            assert_eq!(tc_filters("ul0").matches("at 16").count(), 1);
+            links.set_steering("ul0", "mesh0", &[]).await.expect("none");
+            let (ul, mesh) = (tc_filters("ul0"), tc_filters("mesh0"));
+            assert!(
+                !ul.contains("pref 21320") && !mesh.contains("pref 21320"),
+                "{ul}{mesh}"
+            );
+            assert!(ul.contains("pref 7"), "another's filter stays: {ul}");
+            // A device that is not there: a clear error.
+            let e = links
+                .set_steering("nope0", "mesh0", &rules)
+                .await
+                .unwrap_err();
+            assert!(e.to_string().contains("no interface nope0"), "{e}");
         });
     }
 }
