@@ -110,9 +110,11 @@ pub struct SegmentConfig {
     pub device: Option<String>,
     /// Its endpoints behind other nodes.
     pub endpoints: Vec<RemoteEndpoint>,
-    /// The addresses the network's router answers for here (its gateway, its services'
-    /// virtual IPs): ARP for them gets [`crate::mesh::router_mac`].
-    pub router: Vec<Ipv4Addr>,
+    /// The network's router on this node: its gateway address, or `None` for a network
+    /// with no way out (`--internal`). ARP for it gets [`crate::mesh::router_mac`].
+    pub gateway: Option<Ipv4Addr>,
+    /// Its services' virtual IPs, which the router answers for too.
+    pub vips: Vec<Ipv4Addr>,
 }
 
 /// A user network as the data path carries it (see [`Overlay::segments`]).
@@ -135,6 +137,13 @@ struct Segment {
     arp: Arc<ArpResponder>,
     endpoints: Vec<RemoteEndpoint>,
     router: Vec<Ipv4Addr>,
+}
+
+impl SegmentConfig {
+    /// The addresses the network's router answers for: the gateway and the VIPs.
+    pub fn router(&self) -> Vec<Ipv4Addr> {
+        self.gateway.iter().chain(&self.vips).copied().collect()
+    }
 }
 
 /// The MAC of a user network's TAP device on the node whose ingress address is `node`:
@@ -349,7 +358,8 @@ impl Overlay {
                 segment.device = Some(name.clone());
             }
         }
-        if segment.endpoints != want.endpoints || segment.router != want.router {
+        let router = want.router();
+        if segment.endpoints != want.endpoints || segment.router != router {
             let wanted: HashMap<Mac, IpAddr> =
                 want.endpoints.iter().map(|e| (e.mac, e.vtep)).collect();
             let mut flood: Vec<IpAddr> = want.endpoints.iter().map(|e| e.vtep).collect();
@@ -388,13 +398,13 @@ impl Overlay {
             for e in &want.endpoints {
                 table.insert(e.ip, e.mac);
             }
-            let router = crate::mesh::router_mac(want.spec.vni);
-            for ip in &want.router {
-                table.insert(*ip, router);
+            let mac = crate::mesh::router_mac(want.spec.vni);
+            for ip in &router {
+                table.insert(*ip, mac);
             }
             segment.arp.set(table);
             segment.endpoints = want.endpoints.clone();
-            segment.router = want.router.clone();
+            segment.router = router;
         }
         Ok(())
     }

@@ -75,16 +75,15 @@ impl Attachment {
 
     /// The CNI result for it, in `cni_version`: the container's interface, its address on
     /// the network's subnet, and (not `--internal`) the default route through the network's
-    /// router and its DNS server, both at the gateway (see `docs/services.md`).
+    /// router at the gateway (see `docs/services.md`).
     pub fn result(&self, cni_version: &str) -> serde_json::Value {
         let gateway = self.gateway.to_string();
-        let (routes, dns) = if self.default_route {
-            (
-                serde_json::json!([{"dst": "0.0.0.0/0", "gw": gateway}]),
-                serde_json::json!({"nameservers": [gateway]}),
-            )
+        // The router answers DNS at the gateway too, but only for service names; it is not
+        // named as the container's nameserver until services reach the agent (issue 17).
+        let routes = if self.default_route {
+            serde_json::json!([{"dst": "0.0.0.0/0", "gw": gateway}])
         } else {
-            (serde_json::json!([]), serde_json::json!({}))
+            serde_json::json!([])
         };
         serde_json::json!({
             "cniVersion": cni_version,
@@ -100,7 +99,7 @@ impl Attachment {
                 "interface": 0,
             }],
             "routes": routes,
-            "dns": dns,
+            "dns": {},
         })
     }
 }
@@ -335,12 +334,9 @@ pub fn segments(
                 },
                 device: local.on(&net.id).next().map(|_| device_name(net.vni)),
                 endpoints,
-                // The router answers for the gateway on networks with a way to it.
-                router: if net.internal {
-                    Vec::new()
-                } else {
-                    vec![net.gateway]
-                },
+                // A router on networks with a way out of the overlay.
+                gateway: (!net.internal).then_some(net.gateway),
+                vips: Vec::new(),
             }
         })
         .collect()

@@ -19,6 +19,8 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
+use shoal_ingress::mesh::flows::Timeouts;
+use shoal_ingress::mesh::{MeshConfig, MeshNetwork, DEFAULT_MAX_FLOWS};
 use shoal_ingress::network::{mac_for, INGRESS_INTERFACE};
 use shoal_ingress::overlay::{
     Member, Overlay, OverlayConfig, OverlayError, PeerStatus, SegmentConfig,
@@ -131,6 +133,8 @@ pub fn members(view: &ClusterView, me: &NodeId, heard: &HashMap<NodeId, Announce
 pub struct DataPath {
     overlay: Mutex<Overlay>,
     underlay_mtu: u16,
+    /// The node's underlay addresses that published ports answer on.
+    addresses: Vec<Ipv4Addr>,
     seen: Mutex<HashMap<u32, Instant>>,
     capture: Arc<crate::agent::capture::Hub>,
 }
@@ -168,6 +172,10 @@ impl DataPath {
         Ok(DataPath {
             overlay: Mutex::new(overlay),
             underlay_mtu: params.underlay_mtu,
+            addresses: match node.addr {
+                std::net::IpAddr::V4(a) => vec![a],
+                std::net::IpAddr::V6(_) => Vec::new(),
+            },
             seen: Mutex::new(HashMap::new()),
             capture,
         })
@@ -212,7 +220,27 @@ impl DataPath {
         segments: impl FnOnce() -> Vec<SegmentConfig>,
     ) -> Result<(), DataPathError> {
         let mut overlay = self.overlay.lock().unwrap_or_else(PoisonError::into_inner);
-        overlay.set_networks(&segments())?;
+        let segments = segments();
+        overlay.set_networks(&segments)?;
+        // The networks' routers (services reach them with issue 17's agent side).
+        let networks = segments
+            .iter()
+            .filter_map(|s| {
+                Some(MeshNetwork {
+                    vni: s.spec.vni,
+                    subnet: s.spec.subnet,
+                    gateway: s.gateway?,
+                    services: Vec::new(),
+                })
+            })
+            .collect();
+        overlay.set_mesh(&MeshConfig {
+            node: overlay.address(),
+            addresses: self.addresses.clone(),
+            networks,
+            timeouts: Timeouts::default(),
+            max_flows: DEFAULT_MAX_FLOWS,
+        });
         Ok(())
     }
 
