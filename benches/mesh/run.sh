@@ -50,11 +50,12 @@ export PATH="$PATH:/usr/sbin:/sbin:${HOME:-/root}/.cargo/bin"
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 MESH_PY="$HERE/mesh.py"
+PROBE="$REPO/benches/networks/probe.py"   # its sampler of other work on the machine
 
 usage() {
   cat <<EOF
 usage: $0 [--quick] [--reps N] [--dur SECONDS] [--conns N] [--cps-par N] [--rows LIST]
-          [--out FILE] [--skip-install]
+          [--out FILE] [--skip-install] [--quiet-wait SECONDS]
 
   --quick          CI's short mode (< 2 minutes): 1 iperf3 run of 2 s, 300 connections,
                    report into a scratch file
@@ -66,11 +67,13 @@ usage: $0 [--quick] [--reps N] [--dur SECONDS] [--conns N] [--cps-par N] [--rows
   --rows LIST      comma-separated subset of: $ALL_ROWS
   --out FILE       where the report goes (default benches/mesh/results-latest.md; quick: scratch)
   --skip-install   install nothing (rows whose tools are missing are skipped)
+  --quiet-wait S   wait up to S seconds for other work on the machine to calm down before
+                   measuring (default 60; quick 0)
 EOF
 }
 
 ALL_ROWS="nft,haproxy,haproxy-wg,nft-wg,shoal"
-QUICK=0 REPS="" DUR="" CONNS="" CPS_PAR=4 ROWS_ARG=$ALL_ROWS OUT="" SKIP_INSTALL=0
+QUICK=0 REPS="" DUR="" CONNS="" CPS_PAR=4 ROWS_ARG=$ALL_ROWS OUT="" SKIP_INSTALL=0 QUIET_WAIT=""
 while (($#)); do
   case $1 in
     --quick) QUICK=1 ;;
@@ -81,16 +84,18 @@ while (($#)); do
     --rows) ROWS_ARG=${2:-}; shift ;;
     --out) OUT=${2:-}; shift ;;
     --skip-install) SKIP_INSTALL=1 ;;
+    --quiet-wait) QUIET_WAIT=${2:-}; shift ;;
     -h | --help) usage; exit 0 ;;
     *) echo "run.sh: unknown argument '$1'; see --help" >&2; exit 2 ;;
   esac
   shift
 done
 if [ "$QUICK" = 1 ]; then
-  REPS=${REPS:-1} DUR=${DUR:-2} CONNS=${CONNS:-300}
+  REPS=${REPS:-1} DUR=${DUR:-2} CONNS=${CONNS:-300} QUIET_WAIT=${QUIET_WAIT:-0}
 else
-  REPS=${REPS:-3} DUR=${DUR:-5} CONNS=${CONNS:-5000}
+  REPS=${REPS:-3} DUR=${DUR:-5} CONNS=${CONNS:-5000} QUIET_WAIT=${QUIET_WAIT:-60}
 fi
+[[ $QUIET_WAIT =~ ^[0-9]+$ ]] || { echo "run.sh: --quiet-wait needs a whole number, got '$QUIET_WAIT'" >&2; exit 2; }
 for pair in "reps:$REPS" "dur:$DUR" "conns:$CONNS" "cps-par:$CPS_PAR"; do
   [[ ${pair#*:} =~ ^[0-9]+$ ]] && ((${pair#*:} >= 1)) \
     || { echo "run.sh: --${pair%%:*} needs a whole number >= 1, got '${pair#*:}'" >&2; exit 2; }
@@ -109,7 +114,7 @@ chmod 700 "$WORK"
 if [ -z "$OUT" ]; then
   if [ "$QUICK" = 1 ]; then OUT="$WORK/results-quick.md"; else OUT="$HERE/results-latest.md"; fi
 fi
-ARGS_TEXT="$([ "$QUICK" = 1 ] && echo '--quick ')--reps $REPS --dur $DUR --conns $CONNS --cps-par $CPS_PAR --rows $ROWS_ARG"
+ARGS_TEXT="$([ "$QUICK" = 1 ] && echo '--quick ')--reps $REPS --dur $DUR --conns $CONNS --cps-par $CPS_PAR --rows $ROWS_ARG --quiet-wait $QUIET_WAIT"
 
 # ----------------------------------------------------------------- the lab's names and addresses
 # The contract every row (shoal's included) uses. lab_names sets LAB and the namespace names for
@@ -184,8 +189,10 @@ lab_down() {   # everything of the current row: its processes, its namespaces
   rm -f /var/run/wireguard/mw"${ID}"r*.sock 2>/dev/null
   return 0
 }
+SAMPLER_PID=""
 cleanup() {
   lab_down
+  [ -n "$SAMPLER_PID" ] && stop_pid "$SAMPLER_PID"
   rm -f "$WORK"/*.key 2>/dev/null
   log "cleaned up (logs in $WORK)"
 }
@@ -220,6 +227,44 @@ for t in ip iperf3 ping jq python3; do
 done
 # the interpreter itself, not a pyenv shim: it runs inside namespaces, many times
 PY=$(python3 -c 'import sys; print(sys.executable)')
+
+# ------------------------------------------------------------------ load on a shared machine
+# benches/networks/probe.py's sampler: once a second, the CPU time of processes that are not
+# ours (not in this script's process group, not in a namespace named mb<PID>..., not kernel
+# threads).
+SAMPLER_ON=0
+start_sampler() {
+  [ -r "$PROBE" ] || return 0
+  "$PY" "$PROBE" sampler --work "$WORK" --prefix "mb$ID" --pgid "$(ps -o pgid= -p $$ | tr -d ' ')" \
+    >"$WORK/sampler.log" 2>&1 &
+  SAMPLER_PID=$!
+  SAMPLER_ON=1
+  sleep 2
+}
+foreign_snap() { cat "$WORK/foreign.now" 2>/dev/null || echo "TOTAL 0"; }
+foreign_note() {   # $1 snapshot file from the start, $2 seconds
+  ((SAMPLER_ON)) || { echo "other work: not sampled"; return; }
+  foreign_snap >"$WORK/foreign.end"
+  "$PY" "$PROBE" foreign-note "$1" "$WORK/foreign.end" "$2"
+}
+LOAD_NOTE="not checked before measuring"
+wait_quiet() {   # up to QUIET_WAIT s for other work < 10% of the machine over 5 s
+  ((QUIET_WAIT > 0 && SAMPLER_ON)) || return 0
+  local t0=$SECONDS pct=?
+  while ((SECONDS - t0 < QUIET_WAIT)); do
+    foreign_snap >"$WORK/foreign.q"
+    sleep 5
+    pct=$(foreign_note "$WORK/foreign.q" 5 | awk '{print $3 + 0}')
+    if ((pct < 10)); then
+      LOAD_NOTE="quiet at start (other work ${pct}% over 5 s)"
+      log "machine quiet (other work ${pct}%)"
+      return 0
+    fi
+    log "waiting for a quieter machine: other work ${pct}% over 5 s"
+  done
+  LOAD_NOTE="NOT quiet at start (other work ${pct}% after waiting ${QUIET_WAIT} s)"
+  log "machine still busy; measuring anyway"
+}
 
 # ------------------------------------------------------------------------------ lab helpers
 nsx() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
@@ -392,6 +437,9 @@ measure_row() {
   done
   TPUT[$id]=$(median "${s[@]}") RETR[$id]=$(median "${rt[@]}" | awk '/^[0-9.]+$/ {printf "%.0f\n", $1; next} {print}')
   local c cs=() b1=0 b2=0 seen="" ok failed x1 x2 sv cj=()
+  # warm-up, not counted: neighbour entries, the proxies' first connections, page cache
+  timeout 60 ip netns exec "$CLIENT_NS" "$PY" "$MESH_PY" client --target "$ENTRY" --port "$PUB_CPS" \
+    --count 200 --par "$CPS_PAR" --timeout 2 >"$WORK/cps-$id-warmup.json" 2>&1
   for r in $(seq 1 "$REPS"); do
     json="$WORK/cps-$id-$r.json"
     timeout $((CONNS * 2 / CPS_PAR + 60)) ip netns exec "$CLIENT_NS" "$PY" "$MESH_PY" client \
@@ -418,6 +466,7 @@ measure_row() {
   else SEES[$id]="no (${seen//,/, })"; fi
   SAMPLES[$id]="iperf3 [${s[*]}] Gbit/s, retransmits [${rt[*]}]; conn/s [${cs[*]}] (${cj[*]})"
   ((${#errs[@]})) && NOTES[$id]+="; errors: ${errs[*]}"
+  NOTES[$id]+="; $(foreign_note "$WORK/foreign.row" $((SECONDS - ROW_T0 > 0 ? SECONDS - ROW_T0 : 1)))"
   NOTES[$id]+="; load average after the row $(cut -d' ' -f1 /proc/loadavg)"
   if [ "${TPUT[$id]}" != - ] && [ "${CPS[$id]}" != - ]; then STATUS[$id]=ok; else STATUS[$id]=fail; fi
 }
@@ -555,6 +604,8 @@ run_row() {      # $1 row id
   SETUP_ERR="" SETUP_SKIP="" WG_NOTE=""
   lab_names
   log "row $id: ${LABEL[$id]} (lab $LAB)"
+  foreign_snap >"$WORK/foreign.row"
+  ROW_T0=$SECONDS
   if ! "$fn"; then
     if [ -n "$SETUP_SKIP" ]; then
       STATUS[$id]=skipped NOTES[$id]="$SETUP_SKIP"
@@ -583,9 +634,11 @@ report() {
   echo "# shoal routing mesh: published-port load balancing, baselines ($(date -u +%Y-%m-%dT%H:%MZ))"
   echo
   echo "Machine: $(uname -sr), $cores cores ($model), shared with other work; the lab's nodes,"
-  echo "backends, client and every proxy share these cores. Load average at start $LOAD_START, at end"
-  echo "$(cut -d' ' -f1-3 /proc/loadavg). Mode: $([ "$QUICK" = 1 ] && echo 'quick (CI short mode)' || echo full)."
-  echo "Tools: $(ver iperf3 --version); $("$PY" --version 2>&1); $(ver nft --version);" \
+  echo "backends, client and every proxy share these cores. Machine load: $LOAD_NOTE; the notes"
+  echo "give the CPU other work took during each row (sampled once a second, approximate); load"
+  echo "average at start $LOAD_START, at end $(cut -d' ' -f1-3 /proc/loadavg)."
+  echo "Mode: $([ "$QUICK" = 1 ] && echo 'quick (CI short mode)' || echo full)."
+  echo "Tools: $(ver iperf3 --version | awk '{print $1, $2}'); $("$PY" --version 2>&1); $(ver nft --version);" \
     "$(ver haproxy -v | awk '{print $1, $3}'); wireguard-go $(ver wireguard-go --version | awk '{print $NF}')."
   ((${#INSTALL_NOTES[@]})) && echo "Install problems: ${INSTALL_NOTES[*]}"
   echo
@@ -612,6 +665,8 @@ report() {
 }
 
 # -------------------------------------------------------------------------------------- main
+start_sampler
+wait_quiet
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 for id in "${ROWS[@]}"; do run_row "$id"; done
 mkdir -p "$(dirname "$OUT")"
