@@ -9,6 +9,9 @@ tools="ip:iproute2 tcpdump:tcpdump tshark:tshark ping:iputils-ping iperf3:iperf3
 # User networks (issue 16): the podman test runs Debian's podman with its CNI backend and runc,
 # on an image made from busybox-static; the CNI reference plugins sit where shoal-cni installs.
 tools="$tools podman:podman runc:runc busybox:busybox-static /usr/lib/cni/bridge:containernetworking-plugins"
+# The routing mesh's baselines (benches/mesh/run.sh): nftables DNAT, as kube-proxy's nftables
+# mode, and HAProxy in TCP mode (the bench runs its own, in the foreground, with its own config).
+tools="$tools nft:nftables haproxy:haproxy"
 # The package (scripts/package.sh): lintian, dpkg-shlibdeps for cargo-deb's $auto depends,
 # systemd-analyze to verify the unit, man to check its Documentation=, unshare and chroot for
 # the install test.
