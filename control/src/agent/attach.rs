@@ -426,6 +426,19 @@ mod tests {
     }
 
     #[test]
+    fn the_cni_result_routes_through_the_router_only_when_asked() {
+        let v = view();
+        let mut a = attachment(web(&v), "c1", Ipv4Addr::new(10, 0, 0, 2));
+        let routed = a.result("1.1.0");
+        assert_eq!(
+            routed["routes"],
+            serde_json::json!([{"dst": "0.0.0.0/0", "gw": a.gateway.to_string()}])
+        );
+        a.default_route = false;
+        assert_eq!(a.result("1.1.0")["routes"], serde_json::json!([]));
+    }
+
+    #[test]
     fn addresses_are_the_lowest_free_of_our_blocks_never_reserved_ones() {
         let v = view();
         let net = web(&v);

@@ -336,7 +336,9 @@ impl Agent {
             gateway: net.gateway,
             host_ifname,
             mtu: attach::mtu(&net, dp.underlay_mtu()),
-            default_route: !net.internal,
+            // Not yet: a route through the router is for published ports' replies, and a
+            // container on two networks would get two (issue 17's agent side decides).
+            default_route: false,
             services: Vec::new(),
             version: lock(&self.endpoints.local).take_version(now_ms()),
         };

@@ -519,15 +519,10 @@ async fn configure_container(h: &Handle, a: &Attach, ns: &Namespace) -> Result<(
             .gateway(gateway)
             .output_interface(index)
             .build();
-        match h.route().add(route).execute().await {
-            Ok(()) => {}
-            // The container has a default route already (through another network): keep it.
-            Err(e) if errno(&e) == Some(Errno::EEXIST) => {}
-            Err(e) => {
-                let doing = format!("add the default route via {gateway} dev {}", a.ifname);
-                return Err(netlink(doing, ns, e));
-            }
-        }
+        h.route().add(route).execute().await.map_err(|e| {
+            let doing = format!("add the default route via {gateway} dev {}", a.ifname);
+            netlink(doing, ns, e)
+        })?;
     }
     // Last, so that after an earlier failure the namespace is as it was once the pair is gone.
     if let Some(lo) = get_link(h, "lo", ns).await? {
