@@ -16,6 +16,7 @@
 
 pub mod networks;
 pub mod raft;
+pub mod services;
 pub mod state;
 
 use std::collections::{HashMap, HashSet};
@@ -33,11 +34,12 @@ use tracing::{debug, info, warn};
 
 use crate::api::{
     hex, read_frame, write_frame, AdminRequest, FrameError, IssuedCert, JoinGrant, ManagerReply,
-    ManagerRequest, ManagerResponse, ManagerStatus, NodeStatus, Reply, Status,
+    ManagerRequest, ManagerResponse, ManagerStatus, NodeStatus, Reply, ServiceDetail, Status,
 };
 use crate::id::NodeId;
 use crate::manager::networks::{NetworkError, NetworkSpec};
 use crate::manager::raft::{ProposeError, Replica};
+use crate::manager::services::{HealthSpec, Service, ServiceError, ServiceSpec};
 use crate::manager::state::{
     Applied, ApplyError, Availability, Cluster, ClusterView, Command, Node, NodeCert, Role, State,
 };
@@ -45,6 +47,7 @@ use crate::store::{MembershipCell, Store, StoreError};
 use crate::token::{CaDigest, Secret, Token};
 use crate::trust::join::{Claim, ProofError, Proofs as _, EXPORTER_LABEL, EXPORTER_LEN};
 use crate::trust::tls::{cert_digest, sign_node_cert, Issued, Validity};
+use shoal_proto::view::HealthV1;
 
 /// A watch stream with no keep-alive for this long is closed and the node counted down.
 pub const PING_TIMEOUT: Duration = Duration::from_secs(6);
@@ -183,6 +186,28 @@ pub enum AdminError {
     /// `network rm` of a network with containers attached (docker's words).
     #[error("network {0} has active endpoints")]
     ActiveEndpoints(String),
+    /// `service backend add|rm` with an endpoint that is no IPv4 address (nor, on the node
+    /// that was asked, a local container).
+    #[error("endpoint {0:?} is neither an IPv4 address nor a container attached on this node: give its IP on the service's network")]
+    BadEndpoint(String),
+    /// Several services' IDs start with this prefix.
+    #[error(
+        "service {name} is ambiguous ({count} service IDs start with it); type more of the ID"
+    )]
+    AmbiguousService {
+        /// What was asked for.
+        name: String,
+        /// How many match.
+        count: usize,
+    },
+    /// A node naming as a backend an address the view does not give it.
+    #[error("address {ip} is not this node's on the network of service {service}: a node makes backends of its own endpoints only")]
+    NotYourAddress {
+        /// The address.
+        ip: std::net::Ipv4Addr,
+        /// The service.
+        service: String,
+    },
 }
 
 /// How many endpoints of a user network the manager's node knows to be live (its own and
@@ -212,6 +237,49 @@ pub fn resolve_network(cluster: &Cluster, name: &str) -> Result<String, AdminErr
             count: 2 + by_id.count(),
         }),
         (None, _) => Err(ApplyError::from(NetworkError::NotFound(name.to_owned())).into()),
+    }
+}
+
+/// The name of the service called `name`, or whose ID is or starts with `name`.
+pub fn resolve_service(cluster: &Cluster, name: &str) -> Result<String, AdminError> {
+    if cluster.services.contains_key(name) {
+        return Ok(name.to_owned());
+    }
+    let mut by_id = cluster
+        .services
+        .values()
+        .filter(|s| !name.is_empty() && s.id.starts_with(name));
+    match (by_id.next(), by_id.next()) {
+        (Some(s), None) => Ok(s.name.clone()),
+        (Some(_), Some(_)) => Err(AdminError::AmbiguousService {
+            name: name.to_owned(),
+            count: 2 + by_id.count(),
+        }),
+        (None, _) => Err(ApplyError::from(ServiceError::NotFound(name.to_owned())).into()),
+    }
+}
+
+/// A service as `service ls` and `inspect` show it.
+pub fn service_detail(cluster: &Cluster, s: &Service) -> ServiceDetail {
+    ServiceDetail {
+        id: s.id.clone(),
+        name: s.name.clone(),
+        network: cluster
+            .networks
+            .values()
+            .find(|n| n.id == s.network)
+            .map(|n| n.name.clone())
+            .unwrap_or_default(),
+        network_id: s.network.clone(),
+        endpoint_mode: s.endpoint_mode,
+        vip: s.vip,
+        ports: s.ports.iter().map(|&p| p.into()).collect(),
+        backends: s.backends.iter().copied().collect(),
+        health: HealthV1 {
+            interval_ms: s.health.interval_ms,
+            retries: s.health.retries,
+        },
+        created_at: s.created_at,
     }
 }
 
@@ -658,7 +726,152 @@ impl Manager {
                 }
                 Ok(Reply::Lines(networks))
             }
+            AdminRequest::ServiceCreate(args) => {
+                let network = {
+                    let state = self.state();
+                    let cluster = state.cluster().ok_or(ChangeError::NotManager)?;
+                    resolve_network(cluster, &args.network)?
+                };
+                let id = NodeId::from_random(random_u128()).to_string();
+                let name = args.name.clone();
+                self.apply(Command::CreateService(Box::new(ServiceSpec {
+                    id: id.clone(),
+                    name: args.name,
+                    network,
+                    endpoint_mode: args.endpoint_mode,
+                    ports: args.ports.into_iter().map(Into::into).collect(),
+                    health: args
+                        .health
+                        .map_or_else(HealthSpec::default, |h| HealthSpec {
+                            interval_ms: h.interval_ms,
+                            retries: h.retries,
+                        }),
+                    at: unix_now(),
+                })))
+                .await?;
+                info!(service = %name, %id, "service created");
+                Ok(Reply::Lines(vec![id]))
+            }
+            AdminRequest::ServiceLs => {
+                let state = self.state();
+                let cluster = state.cluster().ok_or(ChangeError::NotManager)?;
+                Ok(Reply::Services(
+                    cluster
+                        .services
+                        .values()
+                        .map(|s| service_detail(cluster, s))
+                        .collect(),
+                ))
+            }
+            AdminRequest::ServiceInspect { service } => {
+                let state = self.state();
+                let cluster = state.cluster().ok_or(ChangeError::NotManager)?;
+                let name = resolve_service(cluster, &service)?;
+                Ok(Reply::Service(Box::new(service_detail(
+                    cluster,
+                    &cluster.services[&name],
+                ))))
+            }
+            AdminRequest::ServiceRm { services } => {
+                // Every name resolves before anything is removed.
+                let names = {
+                    let state = self.state();
+                    let cluster = state.cluster().ok_or(ChangeError::NotManager)?;
+                    services
+                        .iter()
+                        .map(|s| resolve_service(cluster, s))
+                        .collect::<Result<Vec<_>, _>>()?
+                };
+                for name in &names {
+                    self.apply(Command::RemoveService(name.clone())).await?;
+                    info!(service = %name, "service removed");
+                }
+                Ok(Reply::Lines(services))
+            }
+            AdminRequest::ServiceUpdate {
+                service,
+                publish_add,
+                publish_rm,
+            } => {
+                let name = {
+                    let state = self.state();
+                    let cluster = state.cluster().ok_or(ChangeError::NotManager)?;
+                    resolve_service(cluster, &service)?
+                };
+                self.apply(Command::UpdateService {
+                    name: name.clone(),
+                    publish_add: publish_add.into_iter().map(Into::into).collect(),
+                    publish_rm: publish_rm
+                        .into_iter()
+                        .map(|r| (r.published, r.protocol))
+                        .collect(),
+                })
+                .await?;
+                info!(service = %name, "service updated");
+                Ok(Reply::Lines(vec![service]))
+            }
+            AdminRequest::ServiceBackend {
+                service,
+                endpoint,
+                present,
+            } => {
+                let name = {
+                    let state = self.state();
+                    let cluster = state.cluster().ok_or(ChangeError::NotManager)?;
+                    resolve_service(cluster, &service)?
+                };
+                let ip: std::net::Ipv4Addr = endpoint
+                    .parse()
+                    .map_err(|_| AdminError::BadEndpoint(endpoint.clone()))?;
+                self.apply(Command::SetBackend {
+                    service: name.clone(),
+                    ip,
+                    present,
+                })
+                .await?;
+                info!(service = %name, %ip, present, "service backend set");
+                Ok(Reply::Lines(vec![ip.to_string()]))
+            }
         }
+    }
+
+    /// Adds (`present`) or removes the endpoint of node `id` at `ip` as a backend of
+    /// `service`: only an address the state gives that node on the service's network
+    /// ([`crate::cluster::UserNetwork::holds`]), so a node speaks for its own endpoints only.
+    pub(crate) async fn set_backend(
+        &self,
+        id: &NodeId,
+        service: &str,
+        ip: std::net::Ipv4Addr,
+        present: bool,
+    ) -> Result<ManagerReply, AdminError> {
+        {
+            let state = self.state();
+            let cluster = state.cluster().ok_or(ChangeError::NotManager)?;
+            let s = cluster
+                .services
+                .get(service)
+                .ok_or_else(|| ApplyError::from(ServiceError::NotFound(service.to_owned())))?;
+            let held = cluster
+                .networks
+                .values()
+                .find(|n| n.id == s.network)
+                .is_some_and(|n| n.holds(id, ip));
+            if !held {
+                return Err(AdminError::NotYourAddress {
+                    ip,
+                    service: service.to_owned(),
+                });
+            }
+        }
+        self.apply(Command::SetBackend {
+            service: service.to_owned(),
+            ip,
+            present,
+        })
+        .await?;
+        info!(node = %id, %service, %ip, present, "service backend set by its node");
+        Ok(ManagerReply::Ok)
     }
 
     async fn set_roles(&self, names: &[String], role: Role) -> Result<Reply, AdminError> {
@@ -1088,6 +1301,18 @@ impl Manager {
             ManagerRequest::AssignAddress { network, ip } => match caller {
                 Some((node, true)) => self
                     .assign_address(&node.id, &network, ip)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Some((_, false)) => Err(OLD_CERT.into()),
+                None => Err(not_member()),
+            },
+            ManagerRequest::SetBackend {
+                service,
+                ip,
+                present,
+            } => match caller {
+                Some((node, true)) => self
+                    .set_backend(&node.id, &service, ip, present)
                     .await
                     .map_err(|e| e.to_string()),
                 Some((_, false)) => Err(OLD_CERT.into()),
