@@ -2236,6 +2236,169 @@ mod tests {
         let _ = server.await;
     }
 
+    /// `service create|ls|inspect|update|backend|rm` through the admin API, a network in use
+    /// refused, and a node making its own endpoint a backend over mTLS (never another's).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn services_through_the_admin_api_and_backends_from_their_nodes() {
+        use crate::api::{PublishRm, ServiceCreateArgs};
+        use crate::manager::services::{parse_publish, Protocol};
+        let f = leader().await;
+        let me = NodeId::from_random(1);
+        f.manager
+            .apply(Command::CreateNetwork(Box::new(networks::tests::spec(
+                "web",
+                Some("10.9.0.0/24"),
+            ))))
+            .await
+            .unwrap();
+        let admin = |request| f.manager.handle_admin(request, &me);
+        let create = |name: &str, ports: &[&str]| {
+            AdminRequest::ServiceCreate(ServiceCreateArgs {
+                name: name.into(),
+                network: "web".into(),
+                endpoint_mode: Default::default(),
+                ports: ports
+                    .iter()
+                    .map(|p| parse_publish(p).unwrap().into())
+                    .collect(),
+                health: None,
+            })
+        };
+        let Reply::Lines(id) = admin(create("front", &["8080:80"])).await.unwrap() else {
+            panic!("create answers lines");
+        };
+        assert_eq!(id[0].len(), 25);
+        assert_eq!(
+            admin(create("back", &["8080:81"]))
+                .await
+                .unwrap_err()
+                .to_string(),
+            "port 8080 is already in use by service front"
+        );
+        // Inspect by name or ID prefix.
+        let Reply::Service(detail) = admin(AdminRequest::ServiceInspect {
+            service: id[0][..6].into(),
+        })
+        .await
+        .unwrap() else {
+            panic!("inspect answers a service");
+        };
+        assert_eq!(
+            (detail.name.as_str(), detail.network.as_str()),
+            ("front", "web")
+        );
+        assert_eq!(detail.vip, Some("10.9.0.254".parse().unwrap()));
+        assert_eq!(detail.health.interval_ms, 250);
+        admin(AdminRequest::ServiceUpdate {
+            service: "front".into(),
+            publish_add: vec![parse_publish("mode=host,53:53/udp").unwrap().into()],
+            publish_rm: vec![PublishRm {
+                published: 8080,
+                protocol: Protocol::Tcp,
+            }],
+        })
+        .await
+        .unwrap();
+        admin(AdminRequest::ServiceBackend {
+            service: "front".into(),
+            endpoint: "10.9.0.100".into(),
+            present: true,
+        })
+        .await
+        .unwrap();
+        assert!(admin(AdminRequest::ServiceBackend {
+            service: "front".into(),
+            endpoint: "c0ffee".into(),
+            present: true,
+        })
+        .await
+        .unwrap_err()
+        .to_string()
+        .contains("neither an IPv4 address"));
+        let Reply::Services(all) = admin(AdminRequest::ServiceLs).await.unwrap() else {
+            panic!("ls answers services");
+        };
+        assert_eq!(all.len(), 1);
+        assert_eq!(
+            all[0].backends,
+            ["10.9.0.100".parse::<std::net::Ipv4Addr>().unwrap()]
+        );
+        assert_eq!(
+            all[0].ports,
+            [parse_publish("mode=host,53:53/udp").unwrap().into()]
+        );
+        assert_eq!(
+            admin(AdminRequest::NetworkRm {
+                networks: vec!["web".into()]
+            })
+            .await
+            .unwrap_err()
+            .to_string(),
+            "network web is in use by service front"
+        );
+
+        // A worker: its own address (in its block) becomes a backend; another's does not.
+        let ca_der = f.manager.view().ca_cert_der.clone();
+        let (addr, stop, server) = serving(&f.manager).await;
+        let (grant, key) = worker_with_key(&f.manager).await;
+        let cert = Issued {
+            cert_der: grant.cert_der.clone(),
+            key_pem: key.private_pem(),
+        };
+        f.manager
+            .address_block(&grant.node_id, "web")
+            .await
+            .unwrap();
+        let ask = |service: &str, ip: &str, present| {
+            let (cert, ca_der, manager) = (cert.clone(), ca_der.clone(), f.manager.self_id.clone());
+            let request = ManagerRequest::SetBackend {
+                service: service.into(),
+                ip: ip.parse().unwrap(),
+                present,
+            };
+            async move {
+                let mut tls = connect(addr, &ca_der, &manager, &cert).await;
+                write_frame(&mut tls, &request).await.unwrap();
+                let answer: Option<ManagerResponse> = read_frame(&mut tls).await.unwrap();
+                answer.unwrap()
+            }
+        };
+        assert_eq!(ask("front", "10.9.0.2", true).await, Ok(ManagerReply::Ok));
+        assert!(ask("front", "10.9.0.100", false)
+            .await
+            .unwrap_err()
+            .contains("not this node's"));
+        assert_eq!(
+            ask("nope", "10.9.0.2", true).await,
+            Err("service nope not found".into())
+        );
+        let backends = |m: &Manager| {
+            m.state().cluster().unwrap().services["front"]
+                .backends
+                .len()
+        };
+        assert_eq!(backends(&f.manager), 2);
+        assert_eq!(ask("front", "10.9.0.2", false).await, Ok(ManagerReply::Ok));
+        assert_eq!(backends(&f.manager), 1);
+        assert_eq!(
+            f.manager.view().service("front").unwrap().backends.len(),
+            1,
+            "the view carries it"
+        );
+        let _ = stop.send(true);
+        let _ = server.await;
+        admin(AdminRequest::ServiceRm {
+            services: vec!["front".into()],
+        })
+        .await
+        .unwrap();
+        admin(AdminRequest::NetworkRm {
+            networks: vec!["web".into()],
+        })
+        .await
+        .unwrap();
+    }
+
     /// A manager whose Raft stopped (a demotion, a restart in the same agent) ends the peer
     /// channels open to it at their next frame, so the peers reconnect to what serves next
     /// instead of talking to a stopped node forever.

@@ -549,9 +549,11 @@ pub(crate) mod tests {
         dnsrr.endpoint_mode = EndpointMode::Dnsrr;
         assert_eq!(add(&mut services, &nets, dnsrr).unwrap().vip, None);
         // A removed service's VIP is free again.
-        services.remove("a");
+        let h = add(&mut services, &nets, spec("h", "web", vec![])).unwrap();
+        assert_eq!(h.vip, Some(ip("10.9.0.222")));
+        services.remove("c");
         let g = add(&mut services, &nets, spec("g", "web", vec![])).unwrap();
-        assert_eq!(g.vip, Some(ip("10.9.0.254")));
+        assert_eq!(g.vip, Some(ip("10.9.0.223")));
     }
 
     #[test]
