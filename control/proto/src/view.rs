@@ -301,6 +301,16 @@ pub struct HealthV1 {
     pub retries: u32,
 }
 
+impl Default for HealthV1 {
+    /// 250 ms and 2 retries.
+    fn default() -> Self {
+        HealthV1 {
+            interval_ms: 250,
+            retries: 2,
+        }
+    }
+}
+
 /// A service (`service create`), format 1.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceV1 {

@@ -4,8 +4,7 @@ use std::path::Path;
 
 use crate::api::{AdminRequest, PublishRm, Reply, Request, ServiceCreateArgs, ServiceDetail};
 use crate::cli::{call, unexpected, CliError};
-use crate::cluster::PublishedPort;
-use crate::manager::services::{parse_publish, parse_publish_rm};
+use shoal_proto::publish::{parse_publish, parse_publish_rm};
 use shoal_proto::view::{EndpointMode, HealthV1};
 
 /// `shoal service` subcommands.
@@ -138,11 +137,7 @@ pub fn parse_duration_ms(text: &str) -> Result<u32, String> {
 fn publish(specs: &[String]) -> Result<Vec<shoal_proto::view::PortV1>, CliError> {
     specs
         .iter()
-        .map(|s| {
-            parse_publish(s)
-                .map(Into::into)
-                .map_err(|e| CliError::Usage(e.to_string()))
-        })
+        .map(|s| parse_publish(s).map_err(|e| CliError::Usage(e.to_string())))
         .collect()
 }
 
@@ -151,7 +146,7 @@ impl Create {
         let health = match (self.health_interval, self.health_retries) {
             (None, None) => None,
             (interval, retries) => {
-                let default = crate::cluster::HealthSpec::default();
+                let default = HealthV1::default();
                 Some(HealthV1 {
                     interval_ms: interval.unwrap_or(default.interval_ms),
                     retries: retries.unwrap_or(default.retries),
@@ -209,11 +204,7 @@ pub fn table(services: &[ServiceDetail]) -> String {
     );
     for s in services {
         let id: String = s.id.chars().take(12).collect();
-        let ports: Vec<String> = s
-            .ports
-            .iter()
-            .map(|&p| PublishedPort::from(p).to_string())
-            .collect();
+        let ports: Vec<String> = s.ports.iter().map(ToString::to_string).collect();
         let line = format!(
             "{id:<15}{:<name_width$}{:<8}{:<11}{}",
             s.name,

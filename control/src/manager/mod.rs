@@ -2241,7 +2241,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn services_through_the_admin_api_and_backends_from_their_nodes() {
         use crate::api::{PublishRm, ServiceCreateArgs};
-        use crate::manager::services::{parse_publish, Protocol};
+        use crate::manager::services::Protocol;
+        use shoal_proto::publish::parse_publish;
         let f = leader().await;
         let me = NodeId::from_random(1);
         f.manager
@@ -2257,10 +2258,7 @@ mod tests {
                 name: name.into(),
                 network: "web".into(),
                 endpoint_mode: Default::default(),
-                ports: ports
-                    .iter()
-                    .map(|p| parse_publish(p).unwrap().into())
-                    .collect(),
+                ports: ports.iter().map(|p| parse_publish(p).unwrap()).collect(),
                 health: None,
             })
         };
@@ -2291,7 +2289,7 @@ mod tests {
         assert_eq!(detail.health.interval_ms, 250);
         admin(AdminRequest::ServiceUpdate {
             service: "front".into(),
-            publish_add: vec![parse_publish("mode=host,53:53/udp").unwrap().into()],
+            publish_add: vec![parse_publish("mode=host,53:53/udp").unwrap()],
             publish_rm: vec![PublishRm {
                 published: 8080,
                 protocol: Protocol::Tcp,
@@ -2325,7 +2323,7 @@ mod tests {
         );
         assert_eq!(
             all[0].ports,
-            [parse_publish("mode=host,53:53/udp").unwrap().into()]
+            [parse_publish("mode=host,53:53/udp").unwrap()]
         );
         assert_eq!(
             admin(AdminRequest::NetworkRm {

@@ -1266,10 +1266,7 @@ pub(crate) mod tests {
         Command::CreateService(Box::new(services::tests::spec(
             name,
             "web",
-            ports
-                .iter()
-                .map(|p| services::parse_publish(p).unwrap())
-                .collect(),
+            ports.iter().map(|p| services::tests::port(p)).collect(),
         )))
     }
 
@@ -1307,7 +1304,7 @@ pub(crate) mod tests {
         );
         elsewhere.network = "web".into();
         elsewhere.endpoint_mode = services::EndpointMode::Dnsrr;
-        elsewhere.ports = vec![services::parse_publish("9090:90").unwrap()];
+        elsewhere.ports = vec![services::tests::port("9090:90")];
         refused(
             &mut s,
             Command::CreateService(Box::new(elsewhere)),
@@ -1316,10 +1313,7 @@ pub(crate) mod tests {
         // Update: removals first, then additions; what already is, is Unchanged.
         let update = |add: &[&str], rm: &[(u16, Protocol)]| Command::UpdateService {
             name: "front".into(),
-            publish_add: add
-                .iter()
-                .map(|p| services::parse_publish(p).unwrap())
-                .collect(),
+            publish_add: add.iter().map(|p| services::tests::port(p)).collect(),
             publish_rm: rm.to_vec(),
         };
         assert_eq!(s.apply(update(&["8080:80"], &[])), Ok(Applied::Unchanged));
