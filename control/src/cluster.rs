@@ -7,7 +7,7 @@
 //! store's own record (`store`), so the wire, the disk and this type change independently.
 //! Pure: no IO, no clock.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use shoal_proto::view::{self as wire, View};
 
 use crate::id::NodeId;
-pub use shoal_proto::view::{Availability, LiveKeys, Role};
+pub use shoal_proto::view::{Availability, EndpointMode, LiveKeys, Protocol, PublishMode, Role};
 
 /// One entry of the node list, as the manager issued it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -172,6 +172,81 @@ impl UserNetwork {
     }
 }
 
+/// A published port of a service (`--publish [mode=M,]PUBLISHED:TARGET[/PROTO]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishedPort {
+    /// The port on the nodes.
+    pub published: u16,
+    /// The port on the backends.
+    pub target: u16,
+    /// TCP or UDP.
+    pub protocol: Protocol,
+    /// Ingress (every node answers) or host (nodes with a local backend).
+    pub mode: PublishMode,
+}
+
+impl std::fmt::Display for PublishedPort {
+    /// As docker's `service ls` shows it: `*:8080->80/tcp` (ingress), `8080->80/tcp` (host).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.mode == PublishMode::Ingress {
+            f.write_str("*:")?;
+        }
+        write!(
+            f,
+            "{}->{}/{}",
+            self.published,
+            self.target,
+            self.protocol.as_str()
+        )
+    }
+}
+
+/// How a backend's own node checks it: a TCP connect to each target port, every
+/// `interval_ms`; `retries` failures in a row make it unhealthy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthSpec {
+    /// Milliseconds between checks (default 250).
+    pub interval_ms: u32,
+    /// Failures in a row before the backend leaves (default 2).
+    pub retries: u32,
+}
+
+impl Default for HealthSpec {
+    fn default() -> Self {
+        HealthSpec {
+            interval_ms: 250,
+            retries: 2,
+        }
+    }
+}
+
+/// A service (`service create`; the manager allocates its VIP, see `manager::services` and
+/// `docs/services.md`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Service {
+    /// 25 base-36 characters, as node IDs.
+    pub id: String,
+    /// Its name, unique in the cluster.
+    pub name: String,
+    /// The ID of its user network.
+    pub network: String,
+    /// VIP (the default) or DNS round robin.
+    pub endpoint_mode: EndpointMode,
+    /// Its virtual IP on the network (`vip` mode only): from the top of the subnet, never in
+    /// a node's block, a fixed address, the gateway or another service's VIP.
+    pub vip: Option<Ipv4Addr>,
+    /// Published ports; no two services publish the same port and protocol.
+    pub ports: Vec<PublishedPort>,
+    /// Health check.
+    #[serde(default)]
+    pub health: HealthSpec,
+    /// The backends' addresses on the network.
+    #[serde(default)]
+    pub backends: BTreeSet<Ipv4Addr>,
+    /// Unix time of `service create`.
+    pub created_at: u64,
+}
+
 /// An external VTEP: a kernel vxlan device or a hardware switch on a plain network.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Vtep {
@@ -202,9 +277,21 @@ pub struct ClusterView {
     pub cert_expiry_secs: u64,
     /// User-defined networks.
     pub networks: Vec<UserNetwork>,
+    /// Services, by name.
+    pub services: Vec<Service>,
 }
 
 impl ClusterView {
+    /// The service called `name`.
+    pub fn service(&self, name: &str) -> Option<&Service> {
+        self.services.iter().find(|s| s.name == name)
+    }
+
+    /// The user network with this ID.
+    pub fn network_by_id(&self, id: &str) -> Option<&UserNetwork> {
+        self.networks.iter().find(|n| n.id == id)
+    }
+
     /// The node with this ID.
     pub fn node(&self, id: &NodeId) -> Option<&Node> {
         self.nodes.iter().find(|n| &n.id == id)
@@ -243,6 +330,7 @@ impl ClusterView {
                 owed: false,
             },
             networks: Vec::new(),
+            services: Vec::new(),
             ingress: Network {
                 name: String::new(),
                 vni: 0,
@@ -415,6 +503,24 @@ impl ClusterView {
                         .collect(),
                 })
                 .collect(),
+            services: self
+                .services
+                .iter()
+                .map(|s| wire::ServiceV1 {
+                    id: s.id.clone(),
+                    name: s.name.clone(),
+                    network: s.network.clone(),
+                    endpoint_mode: s.endpoint_mode,
+                    vip: s.vip,
+                    ports: s.ports.iter().map(|&p| p.into()).collect(),
+                    health: wire::HealthV1 {
+                        interval_ms: s.health.interval_ms,
+                        retries: s.health.retries,
+                    },
+                    backends: s.backends.iter().copied().collect(),
+                    created_at: s.created_at,
+                })
+                .collect(),
         })
     }
 
@@ -508,7 +614,47 @@ impl ClusterView {
                         })
                     })
                     .collect(),
+                services: v
+                    .services
+                    .into_iter()
+                    .map(|s| Service {
+                        id: s.id,
+                        name: s.name,
+                        network: s.network,
+                        endpoint_mode: s.endpoint_mode,
+                        vip: s.vip,
+                        ports: s.ports.into_iter().map(Into::into).collect(),
+                        health: HealthSpec {
+                            interval_ms: s.health.interval_ms,
+                            retries: s.health.retries,
+                        },
+                        backends: s.backends.into_iter().collect(),
+                        created_at: s.created_at,
+                    })
+                    .collect(),
             },
+        }
+    }
+}
+
+impl From<PublishedPort> for wire::PortV1 {
+    fn from(p: PublishedPort) -> Self {
+        wire::PortV1 {
+            published: p.published,
+            target: p.target,
+            protocol: p.protocol,
+            mode: p.mode,
+        }
+    }
+}
+
+impl From<wire::PortV1> for PublishedPort {
+    fn from(p: wire::PortV1) -> Self {
+        PublishedPort {
+            published: p.published,
+            target: p.target,
+            protocol: p.protocol,
+            mode: p.mode,
         }
     }
 }

@@ -1359,3 +1359,122 @@ fn networks_are_created_listed_and_removed() {
     assert_eq!(out.lines().count(), 2, "{out}");
     wait_until(Duration::from_secs(10), || names(w) == ["ingress"]);
 }
+
+#[test]
+fn services_are_created_listed_changed_and_removed() {
+    let (_root, nodes) = cluster(&["v1", "v2"]);
+    let out = init_with(&nodes[0], &[]);
+    assert!(join(&nodes[1], &join_command(&out)).status.success());
+    let (m, w) = (&nodes[0], &nodes[1]);
+    m.ok(&["network", "create", "--subnet", "10.30.0.0/24", "web"]);
+    let id = m.ok(&[
+        "service",
+        "create",
+        "--network",
+        "web",
+        "-p",
+        "8080:80",
+        "front",
+    ]);
+    assert_eq!(id.trim().len(), 25, "{id}");
+    for (args, want) in [
+        (
+            &[
+                "service",
+                "create",
+                "--network",
+                "web",
+                "-p",
+                "8080:81",
+                "back",
+            ][..],
+            "port 8080 is already in use by service front",
+        ),
+        (
+            &[
+                "service",
+                "create",
+                "--network",
+                "web",
+                "-p",
+                "70000:80",
+                "back",
+            ],
+            r#"invalid publish spec "70000:80": port out of range"#,
+        ),
+        (
+            &[
+                "service",
+                "create",
+                "--network",
+                "web",
+                "--endpoint-mode",
+                "dnsrr",
+                "-p",
+                "9090:90",
+                "back",
+            ],
+            "port published with ingress mode can't be used with dnsrr mode",
+        ),
+        (
+            &["service", "create", "--network", "nope", "back"],
+            "network nope not found",
+        ),
+        (
+            &["network", "rm", "web"],
+            "network web is in use by service front",
+        ),
+        (
+            &["service", "backend", "add", "front", "c0ffee"],
+            "neither an IPv4 address nor a container",
+        ),
+        (&["service", "rm", "nope"], "service nope not found"),
+    ] {
+        let err = m.fails(args);
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    let err = w.fails(&["service", "ls"]);
+    assert!(err.contains("not a swarm manager"), "{err}");
+    m.ok(&[
+        "service",
+        "update",
+        "--publish-add",
+        "mode=host,53:53/udp",
+        "--publish-rm",
+        "8080",
+        "front",
+    ]);
+    m.ok(&["service", "backend", "add", "front", "10.30.0.9"]);
+    let ls = m.ok(&["service", "ls"]);
+    let mut lines = ls.lines();
+    assert!(
+        lines.next().is_some_and(|h| h
+            .split_whitespace()
+            .eq(["ID", "NAME", "MODE", "REPLICAS", "PORTS"])),
+        "{ls}"
+    );
+    let row: Vec<&str> = lines
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        row,
+        [&id.trim()[..12], "front", "vip", "1", "53->53/udp"],
+        "{ls}"
+    );
+    let inspect: serde_json::Value =
+        serde_json::from_str(&m.ok(&["service", "inspect", "front"])).unwrap();
+    let front = &inspect[0];
+    assert_eq!(front["vip"], "10.30.0.254");
+    assert_eq!(front["network"], "web");
+    assert_eq!(front["endpoint_mode"], "vip");
+    assert_eq!(front["backends"], serde_json::json!(["10.30.0.9"]));
+    assert_eq!(
+        front["health"],
+        serde_json::json!({"interval_ms": 250, "retries": 2})
+    );
+    m.ok(&["service", "backend", "rm", "front", "10.30.0.9"]);
+    m.ok(&["service", "rm", &id.trim()[..8]]);
+    m.ok(&["network", "rm", "web"]);
+}

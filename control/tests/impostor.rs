@@ -148,6 +148,7 @@ fn view(ca: &CaMaterial, api_addr: SocketAddr, leader: &NodeId, nodes: Vec<Node>
         version: 5,
         generation: 0,
         networks: Vec::new(),
+        services: Vec::new(),
         ca_cert_der: ca.cert_der.clone(),
         nodes,
         keys: Keys {

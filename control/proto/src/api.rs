@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::id::NodeId;
-use crate::view::{Availability, LiveKeys, Role, View};
+use crate::view::{Availability, EndpointMode, HealthV1, LiveKeys, PortV1, Protocol, Role, View};
 
 /// Largest frame accepted, in bytes.
 pub const MAX_FRAME: u32 = 4 << 20;
@@ -355,6 +355,91 @@ pub enum AdminRequest {
         /// Names or IDs (or unique ID prefixes).
         networks: Vec<String>,
     },
+    /// `shoal service create`; answered with the new service's ID.
+    ServiceCreate(ServiceCreateArgs),
+    /// `shoal service ls`.
+    ServiceLs,
+    /// `shoal service inspect SERVICE`.
+    ServiceInspect {
+        /// Name, ID or unique ID prefix.
+        service: String,
+    },
+    /// `shoal service rm SERVICE...`.
+    ServiceRm {
+        /// Names, IDs or unique ID prefixes.
+        services: Vec<String>,
+    },
+    /// `shoal service update SERVICE --publish-add ... --publish-rm ...`.
+    ServiceUpdate {
+        /// Name, ID or unique ID prefix.
+        service: String,
+        /// Ports to publish.
+        publish_add: Vec<PortV1>,
+        /// Ports to stop publishing (removed before any is added).
+        publish_rm: Vec<PublishRm>,
+    },
+    /// `shoal service backend add|rm SERVICE ENDPOINT`.
+    ServiceBackend {
+        /// Name, ID or unique ID prefix.
+        service: String,
+        /// The backend's IP on the service's network (the CLI's agent turns a local
+        /// container ID into it before the request reaches a manager).
+        endpoint: String,
+        /// Add (`true`) or remove.
+        present: bool,
+    },
+}
+
+/// `shoal service create` flags.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceCreateArgs {
+    /// Name.
+    pub name: String,
+    /// Its user network: name, ID or unique ID prefix.
+    pub network: String,
+    /// `--endpoint-mode` (vip when absent).
+    #[serde(default)]
+    pub endpoint_mode: EndpointMode,
+    /// `--publish`.
+    #[serde(default)]
+    pub ports: Vec<PortV1>,
+    /// `--health-interval`, `--health-retries` (250 ms and 2 when absent).
+    #[serde(default)]
+    pub health: Option<HealthV1>,
+}
+
+/// A port to stop publishing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishRm {
+    /// The published port.
+    pub published: u16,
+    /// Its protocol.
+    pub protocol: Protocol,
+}
+
+/// A service as `service ls` and `service inspect` show it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceDetail {
+    /// ID, 25 base-36 characters.
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// Its network's name.
+    pub network: String,
+    /// Its network's ID.
+    pub network_id: String,
+    /// `vip` or `dnsrr`.
+    pub endpoint_mode: EndpointMode,
+    /// Its virtual IP (`vip` mode).
+    pub vip: Option<Ipv4Addr>,
+    /// Published ports.
+    pub ports: Vec<PortV1>,
+    /// The backends' addresses.
+    pub backends: Vec<Ipv4Addr>,
+    /// The health check.
+    pub health: HealthV1,
+    /// Unix time of its creation.
+    pub created_at: u64,
 }
 
 /// `shoal network create` flags.
@@ -613,6 +698,10 @@ pub enum Reply {
     Networks(Vec<NetworkSummary>),
     /// One network.
     Network(Box<NetworkDetail>),
+    /// The services, by name.
+    Services(Vec<ServiceDetail>),
+    /// One service.
+    Service(Box<ServiceDetail>),
     /// A capture started; raw [`CaptureFrame`]s follow.
     Capturing,
     /// Answer to [`Request::Cni`].
@@ -746,6 +835,17 @@ pub enum ManagerRequest {
         network: String,
         /// The address.
         ip: Ipv4Addr,
+    },
+    /// mTLS: this node's endpoint at `ip` is a backend of `service` from now on
+    /// (`present`), or no longer; only for an address the view gives this node. Answered
+    /// [`ManagerReply::Ok`].
+    SetBackend {
+        /// The service's name.
+        service: String,
+        /// The endpoint's address on the service's network.
+        ip: Ipv4Addr,
+        /// A backend, or no longer.
+        present: bool,
     },
 }
 

@@ -18,5 +18,6 @@
 pub mod api;
 pub mod claim;
 pub mod id;
+pub mod publish;
 pub mod token;
 pub mod view;

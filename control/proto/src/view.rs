@@ -93,6 +93,9 @@ pub struct ViewV1 {
     /// User-defined networks (absent from views before they existed).
     #[serde(default)]
     pub networks: Vec<UserNetworkV1>,
+    /// Services (absent from views before they existed).
+    #[serde(default)]
+    pub services: Vec<ServiceV1>,
 }
 
 /// One node of the list, format 1.
@@ -211,6 +214,126 @@ pub struct UserNetworkV1 {
     pub assigned: Vec<AssignedV1>,
 }
 
+/// How a service's clients reach its backends (docker's `--endpoint-mode`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EndpointMode {
+    /// A virtual IP on the service's network, spread over the backends.
+    #[default]
+    Vip,
+    /// DNS round robin: the service's name resolves to its backends' addresses.
+    Dnsrr,
+}
+
+impl EndpointMode {
+    /// The word docker uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndpointMode::Vip => "vip",
+            EndpointMode::Dnsrr => "dnsrr",
+        }
+    }
+}
+
+/// The transport protocol of a published port.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// TCP.
+    #[default]
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+impl Protocol {
+    /// The word docker uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+/// Where a published port answers (docker's `mode=` of `--publish`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PublishMode {
+    /// On every node (the routing mesh).
+    #[default]
+    Ingress,
+    /// Only on nodes with a local backend, and only with those.
+    Host,
+}
+
+impl PublishMode {
+    /// The word docker uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PublishMode::Ingress => "ingress",
+            PublishMode::Host => "host",
+        }
+    }
+}
+
+/// A published port of a service, format 1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortV1 {
+    /// The port on the nodes.
+    pub published: u16,
+    /// The port on the backends.
+    pub target: u16,
+    /// TCP or UDP.
+    pub protocol: Protocol,
+    /// Ingress (every node) or host (nodes with a backend).
+    pub mode: PublishMode,
+}
+
+/// A service's health check, format 1 (a TCP connect to each target port).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthV1 {
+    /// Milliseconds between checks.
+    pub interval_ms: u32,
+    /// Failed checks in a row that make a backend unhealthy.
+    pub retries: u32,
+}
+
+impl Default for HealthV1 {
+    /// 250 ms and 2 retries.
+    fn default() -> Self {
+        HealthV1 {
+            interval_ms: 250,
+            retries: 2,
+        }
+    }
+}
+
+/// A service (`service create`), format 1.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceV1 {
+    /// ID, 25 base-36 characters.
+    pub id: String,
+    /// Name, unique in the cluster.
+    pub name: String,
+    /// The ID of its user network.
+    pub network: String,
+    /// VIP or DNS round robin.
+    pub endpoint_mode: EndpointMode,
+    /// Its virtual IP on the network (`vip` mode only).
+    pub vip: Option<Ipv4Addr>,
+    /// Published ports.
+    pub ports: Vec<PortV1>,
+    /// Health check.
+    pub health: HealthV1,
+    /// The backends' addresses on the network.
+    pub backends: Vec<Ipv4Addr>,
+    /// Unix time of its creation.
+    pub created_at: u64,
+}
+
 /// A fixed address of a network and its node, format 1.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AssignedV1 {
@@ -292,6 +415,7 @@ mod tests {
             },
             cert_expiry_secs: 3600,
             networks: Vec::new(),
+            services: Vec::new(),
         }
     }
 
@@ -322,6 +446,43 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("missing field `cert_expiry_secs`"), "{err}");
+    }
+
+    #[test]
+    fn a_view_from_before_services_has_none_and_services_travel() {
+        let mut json = serde_json::to_value(View::V1(v1())).unwrap();
+        json["v1"].as_object_mut().unwrap().remove("services");
+        let View::V1(old) = serde_json::from_value::<View>(json).unwrap();
+        assert!(old.services.is_empty());
+        let mut with = v1();
+        with.services.push(ServiceV1 {
+            id: "s".repeat(25),
+            name: "web".into(),
+            network: "n".repeat(25),
+            endpoint_mode: EndpointMode::Vip,
+            vip: Some("10.9.0.254".parse().unwrap()),
+            ports: vec![PortV1 {
+                published: 8080,
+                target: 80,
+                protocol: Protocol::Udp,
+                mode: PublishMode::Host,
+            }],
+            health: HealthV1 {
+                interval_ms: 250,
+                retries: 2,
+            },
+            backends: vec!["10.9.0.2".parse().unwrap()],
+            created_at: 9,
+        });
+        let json = serde_json::to_value(View::V1(with.clone())).unwrap();
+        let port = &json["v1"]["services"][0]["ports"][0];
+        assert_eq!(port["protocol"], "udp");
+        assert_eq!(port["mode"], "host");
+        assert_eq!(json["v1"]["services"][0]["endpoint_mode"], "vip");
+        assert_eq!(
+            serde_json::from_value::<View>(json).unwrap(),
+            View::V1(with)
+        );
     }
 
     #[test]

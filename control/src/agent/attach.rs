@@ -193,6 +193,41 @@ impl Attachments {
             .filter(move |a| a.network_id == network_id)
     }
 
+    /// The address on network `network_id` of the container whose ID is or starts with
+    /// `container` (`service backend add SERVICE CONTAINER`): `None` when no container here
+    /// matches; an error when several do.
+    pub fn container_ip(
+        &self,
+        network_id: &str,
+        container: &str,
+    ) -> Result<Option<Ipv4Addr>, String> {
+        if container.is_empty() {
+            return Ok(None);
+        }
+        let exact: Vec<&Attachment> = self
+            .on(network_id)
+            .filter(|a| a.container_id == container)
+            .collect();
+        let found: Vec<&Attachment> = if exact.is_empty() {
+            self.on(network_id)
+                .filter(|a| a.container_id.starts_with(container))
+                .collect()
+        } else {
+            exact
+        };
+        match found.as_slice() {
+            [] => Ok(None),
+            [a] => Ok(Some(a.ip)),
+            [a, ..] if found.iter().all(|b| b.container_id == a.container_id) => Err(format!(
+                "container {container} has several interfaces on the service's network: give the IP"
+            )),
+            _ => Err(format!(
+                "container {container} is ambiguous ({} containers here start with it); type more of the ID",
+                found.len()
+            )),
+        }
+    }
+
     /// Adds (or replaces) an attachment.
     pub fn insert(&mut self, a: Attachment) {
         self.last_version = self.last_version.max(a.version);
@@ -439,6 +474,30 @@ mod tests {
     }
 
     #[test]
+    fn a_container_id_or_prefix_names_its_address_on_the_network() {
+        let v = view();
+        let net = web(&v);
+        let mut local = Attachments::default();
+        local.insert(attachment(net, "abc123", Ipv4Addr::new(10, 9, 0, 2)));
+        local.insert(attachment(net, "abd456", Ipv4Addr::new(10, 9, 0, 3)));
+        assert_eq!(
+            local.container_ip(&net.id, "abc123"),
+            Ok(Some(Ipv4Addr::new(10, 9, 0, 2)))
+        );
+        assert_eq!(
+            local.container_ip(&net.id, "abd"),
+            Ok(Some(Ipv4Addr::new(10, 9, 0, 3)))
+        );
+        assert!(local
+            .container_ip(&net.id, "ab")
+            .unwrap_err()
+            .contains("ambiguous"));
+        assert_eq!(local.container_ip(&net.id, "zz"), Ok(None));
+        assert_eq!(local.container_ip("other", "abc123"), Ok(None));
+        assert_eq!(local.container_ip(&net.id, ""), Ok(None));
+    }
+
+    #[test]
     fn addresses_are_the_lowest_free_of_our_blocks_never_reserved_ones() {
         let v = view();
         let net = web(&v);
@@ -554,7 +613,7 @@ mod tests {
         let moved = Ipv4Addr::new(10, 9, 0, 5);
         let net = v.networks.iter_mut().find(|n| n.name == "web").unwrap();
         assert!(net.holds(&me, moved) && !net.holds(&two, moved));
-        networks::assign(net, &two, moved).unwrap();
+        networks::assign(net, &two, moved, &Default::default()).unwrap();
         assert!(!net.holds(&me, moved) && net.holds(&two, moved));
         let net = net.clone();
         // Node 1 no longer gives it out, nor takes it by name.

@@ -443,6 +443,66 @@ impl Agent {
         }
     }
 
+    /// Makes this node's endpoint at `ip` a backend of service `service` (`present`), or no
+    /// longer one: the call the CNI path makes for a container attached with
+    /// `SHOAL_SERVICE=NAME`. A service the view does not have is refused here at once
+    /// (`service NAME not found`), as is an address that is not this node's (by the manager).
+    #[expect(
+        dead_code,
+        reason = "the CNI path (SHOAL_SERVICE in CNI_ARGS) calls it with the data path's work"
+    )]
+    pub(crate) async fn set_backend(
+        &self,
+        service: &str,
+        ip: Ipv4Addr,
+        present: bool,
+    ) -> Result<(), String> {
+        let m = self
+            .membership
+            .get()
+            .ok_or_else(|| super::NOT_IN_SWARM.to_owned())?;
+        if m.view.service(service).is_none() {
+            return Err(
+                crate::manager::services::ServiceError::NotFound(service.to_owned()).to_string(),
+            );
+        }
+        let request = ManagerRequest::SetBackend {
+            service: service.to_owned(),
+            ip,
+            present,
+        };
+        let m = &m;
+        let reply = self
+            .ask_manager(m, request, |manager| async move {
+                manager.set_backend(&m.node_id, service, ip, present).await
+            })
+            .await?;
+        match reply {
+            ManagerReply::Ok => Ok(()),
+            other => Err(format!("unexpected answer {other:?}")),
+        }
+    }
+
+    /// The IP of a local container (by ID or unique prefix) on service `service`'s network,
+    /// for `service backend add|rm SERVICE CONTAINER`; `None` when `endpoint` names none.
+    pub(crate) fn local_endpoint(
+        &self,
+        view: &ClusterView,
+        service: &str,
+        endpoint: &str,
+    ) -> Result<Option<Ipv4Addr>, String> {
+        let Some(s) = view.service(service).or_else(|| {
+            let mut by_id = view.services.iter().filter(|s| s.id.starts_with(service));
+            match (by_id.next(), by_id.next()) {
+                (Some(s), None) => Some(s),
+                _ => None,
+            }
+        }) else {
+            return Ok(None);
+        };
+        lock(&self.endpoints.local).container_ip(&s.network, endpoint)
+    }
+
     /// `request` for this node: to its own manager when it leads (`local`), else over mTLS to
     /// a manager of the view.
     async fn ask_manager<'a, F, Fut>(

@@ -326,6 +326,9 @@ pub enum AdminCallError {
     /// Forwarding to the leader failed.
     #[error(transparent)]
     Forward(#[from] CallError),
+    /// A container ID that names no single endpoint here.
+    #[error("{0}")]
+    Endpoint(String),
 }
 
 /// The running agent.
@@ -1363,11 +1366,26 @@ impl Agent {
         Reply::Node(node)
     }
 
-    async fn admin(&self, request: AdminRequest) -> Result<Reply, AdminCallError> {
+    async fn admin(&self, mut request: AdminRequest) -> Result<Reply, AdminCallError> {
         let leader = self.running().manager.clone();
         let Some(m) = self.membership.get() else {
             return Err(AdminCallError::NotInSwarm);
         };
+        // `service backend add|rm SERVICE CONTAINER`: a container attached here stands for
+        // its address on the service's network (the managers know addresses only).
+        if let AdminRequest::ServiceBackend {
+            service, endpoint, ..
+        } = &mut request
+        {
+            if endpoint.parse::<std::net::Ipv4Addr>().is_err() {
+                if let Some(ip) = self
+                    .local_endpoint(&m.view, service, endpoint)
+                    .map_err(AdminCallError::Endpoint)?
+                {
+                    *endpoint = ip.to_string();
+                }
+            }
+        }
         if let Some(manager) = leader {
             let reply = manager.handle_admin(request, &m.node_id).await?;
             return Ok(self.with_data_path(&m, reply));

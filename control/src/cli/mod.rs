@@ -29,6 +29,7 @@ mod lab;
 mod leave;
 mod network;
 mod node;
+mod service;
 
 use std::path::PathBuf;
 
@@ -71,6 +72,9 @@ pub enum Cmd {
     /// Inspect overlay networks and manage external VTEPs.
     #[command(subcommand)]
     Network(network::Cmd),
+    /// Manage services: virtual IPs, published ports and backends (on a manager).
+    #[command(subcommand)]
+    Service(service::Cmd),
     /// Write a live copy of this node's overlay traffic as pcapng: decrypted inner frames
     /// and/or outer datagrams as on the wire.
     Capture(capture::Args),
@@ -175,6 +179,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Cmd::Leave(args) => leave::run(args, &socket).await,
         Cmd::Node(cmd) => node::run(cmd, &socket).await,
         Cmd::Network(cmd) => network::run(cmd, &socket).await,
+        Cmd::Service(cmd) => service::run(cmd, &socket).await,
         Cmd::Capture(args) => capture::run(args, &socket).await,
         Cmd::Lab(cmd) => lab::run(cmd).map(drop),
         Cmd::Info => {

@@ -16,6 +16,7 @@
 
 pub mod networks;
 pub mod raft;
+pub mod services;
 pub mod state;
 
 use std::collections::{HashMap, HashSet};
@@ -33,11 +34,12 @@ use tracing::{debug, info, warn};
 
 use crate::api::{
     hex, read_frame, write_frame, AdminRequest, FrameError, IssuedCert, JoinGrant, ManagerReply,
-    ManagerRequest, ManagerResponse, ManagerStatus, NodeStatus, Reply, Status,
+    ManagerRequest, ManagerResponse, ManagerStatus, NodeStatus, Reply, ServiceDetail, Status,
 };
 use crate::id::NodeId;
 use crate::manager::networks::{NetworkError, NetworkSpec};
 use crate::manager::raft::{ProposeError, Replica};
+use crate::manager::services::{HealthSpec, Service, ServiceError, ServiceSpec};
 use crate::manager::state::{
     Applied, ApplyError, Availability, Cluster, ClusterView, Command, Node, NodeCert, Role, State,
 };
@@ -45,6 +47,7 @@ use crate::store::{MembershipCell, Store, StoreError};
 use crate::token::{CaDigest, Secret, Token};
 use crate::trust::join::{Claim, ProofError, Proofs as _, EXPORTER_LABEL, EXPORTER_LEN};
 use crate::trust::tls::{cert_digest, sign_node_cert, Issued, Validity};
+use shoal_proto::view::HealthV1;
 
 /// A watch stream with no keep-alive for this long is closed and the node counted down.
 pub const PING_TIMEOUT: Duration = Duration::from_secs(6);
@@ -183,6 +186,28 @@ pub enum AdminError {
     /// `network rm` of a network with containers attached (docker's words).
     #[error("network {0} has active endpoints")]
     ActiveEndpoints(String),
+    /// `service backend add|rm` with an endpoint that is no IPv4 address (nor, on the node
+    /// that was asked, a local container).
+    #[error("endpoint {0:?} is neither an IPv4 address nor a container attached on this node: give its IP on the service's network")]
+    BadEndpoint(String),
+    /// Several services' IDs start with this prefix.
+    #[error(
+        "service {name} is ambiguous ({count} service IDs start with it); type more of the ID"
+    )]
+    AmbiguousService {
+        /// What was asked for.
+        name: String,
+        /// How many match.
+        count: usize,
+    },
+    /// A node naming as a backend an address the view does not give it.
+    #[error("address {ip} is not this node's on the network of service {service}: a node makes backends of its own endpoints only")]
+    NotYourAddress {
+        /// The address.
+        ip: std::net::Ipv4Addr,
+        /// The service.
+        service: String,
+    },
 }
 
 /// How many endpoints of a user network the manager's node knows to be live (its own and
@@ -212,6 +237,49 @@ pub fn resolve_network(cluster: &Cluster, name: &str) -> Result<String, AdminErr
             count: 2 + by_id.count(),
         }),
         (None, _) => Err(ApplyError::from(NetworkError::NotFound(name.to_owned())).into()),
+    }
+}
+
+/// The name of the service called `name`, or whose ID is or starts with `name`.
+pub fn resolve_service(cluster: &Cluster, name: &str) -> Result<String, AdminError> {
+    if cluster.services.contains_key(name) {
+        return Ok(name.to_owned());
+    }
+    let mut by_id = cluster
+        .services
+        .values()
+        .filter(|s| !name.is_empty() && s.id.starts_with(name));
+    match (by_id.next(), by_id.next()) {
+        (Some(s), None) => Ok(s.name.clone()),
+        (Some(_), Some(_)) => Err(AdminError::AmbiguousService {
+            name: name.to_owned(),
+            count: 2 + by_id.count(),
+        }),
+        (None, _) => Err(ApplyError::from(ServiceError::NotFound(name.to_owned())).into()),
+    }
+}
+
+/// A service as `service ls` and `inspect` show it.
+pub fn service_detail(cluster: &Cluster, s: &Service) -> ServiceDetail {
+    ServiceDetail {
+        id: s.id.clone(),
+        name: s.name.clone(),
+        network: cluster
+            .networks
+            .values()
+            .find(|n| n.id == s.network)
+            .map(|n| n.name.clone())
+            .unwrap_or_default(),
+        network_id: s.network.clone(),
+        endpoint_mode: s.endpoint_mode,
+        vip: s.vip,
+        ports: s.ports.iter().map(|&p| p.into()).collect(),
+        backends: s.backends.iter().copied().collect(),
+        health: HealthV1 {
+            interval_ms: s.health.interval_ms,
+            retries: s.health.retries,
+        },
+        created_at: s.created_at,
     }
 }
 
@@ -658,7 +726,152 @@ impl Manager {
                 }
                 Ok(Reply::Lines(networks))
             }
+            AdminRequest::ServiceCreate(args) => {
+                let network = {
+                    let state = self.state();
+                    let cluster = state.cluster().ok_or(ChangeError::NotManager)?;
+                    resolve_network(cluster, &args.network)?
+                };
+                let id = NodeId::from_random(random_u128()).to_string();
+                let name = args.name.clone();
+                self.apply(Command::CreateService(Box::new(ServiceSpec {
+                    id: id.clone(),
+                    name: args.name,
+                    network,
+                    endpoint_mode: args.endpoint_mode,
+                    ports: args.ports.into_iter().map(Into::into).collect(),
+                    health: args
+                        .health
+                        .map_or_else(HealthSpec::default, |h| HealthSpec {
+                            interval_ms: h.interval_ms,
+                            retries: h.retries,
+                        }),
+                    at: unix_now(),
+                })))
+                .await?;
+                info!(service = %name, %id, "service created");
+                Ok(Reply::Lines(vec![id]))
+            }
+            AdminRequest::ServiceLs => {
+                let state = self.state();
+                let cluster = state.cluster().ok_or(ChangeError::NotManager)?;
+                Ok(Reply::Services(
+                    cluster
+                        .services
+                        .values()
+                        .map(|s| service_detail(cluster, s))
+                        .collect(),
+                ))
+            }
+            AdminRequest::ServiceInspect { service } => {
+                let state = self.state();
+                let cluster = state.cluster().ok_or(ChangeError::NotManager)?;
+                let name = resolve_service(cluster, &service)?;
+                Ok(Reply::Service(Box::new(service_detail(
+                    cluster,
+                    &cluster.services[&name],
+                ))))
+            }
+            AdminRequest::ServiceRm { services } => {
+                // Every name resolves before anything is removed.
+                let names = {
+                    let state = self.state();
+                    let cluster = state.cluster().ok_or(ChangeError::NotManager)?;
+                    services
+                        .iter()
+                        .map(|s| resolve_service(cluster, s))
+                        .collect::<Result<Vec<_>, _>>()?
+                };
+                for name in &names {
+                    self.apply(Command::RemoveService(name.clone())).await?;
+                    info!(service = %name, "service removed");
+                }
+                Ok(Reply::Lines(services))
+            }
+            AdminRequest::ServiceUpdate {
+                service,
+                publish_add,
+                publish_rm,
+            } => {
+                let name = {
+                    let state = self.state();
+                    let cluster = state.cluster().ok_or(ChangeError::NotManager)?;
+                    resolve_service(cluster, &service)?
+                };
+                self.apply(Command::UpdateService {
+                    name: name.clone(),
+                    publish_add: publish_add.into_iter().map(Into::into).collect(),
+                    publish_rm: publish_rm
+                        .into_iter()
+                        .map(|r| (r.published, r.protocol))
+                        .collect(),
+                })
+                .await?;
+                info!(service = %name, "service updated");
+                Ok(Reply::Lines(vec![service]))
+            }
+            AdminRequest::ServiceBackend {
+                service,
+                endpoint,
+                present,
+            } => {
+                let name = {
+                    let state = self.state();
+                    let cluster = state.cluster().ok_or(ChangeError::NotManager)?;
+                    resolve_service(cluster, &service)?
+                };
+                let ip: std::net::Ipv4Addr = endpoint
+                    .parse()
+                    .map_err(|_| AdminError::BadEndpoint(endpoint.clone()))?;
+                self.apply(Command::SetBackend {
+                    service: name.clone(),
+                    ip,
+                    present,
+                })
+                .await?;
+                info!(service = %name, %ip, present, "service backend set");
+                Ok(Reply::Lines(vec![ip.to_string()]))
+            }
         }
+    }
+
+    /// Adds (`present`) or removes the endpoint of node `id` at `ip` as a backend of
+    /// `service`: only an address the state gives that node on the service's network
+    /// ([`crate::cluster::UserNetwork::holds`]), so a node speaks for its own endpoints only.
+    pub(crate) async fn set_backend(
+        &self,
+        id: &NodeId,
+        service: &str,
+        ip: std::net::Ipv4Addr,
+        present: bool,
+    ) -> Result<ManagerReply, AdminError> {
+        {
+            let state = self.state();
+            let cluster = state.cluster().ok_or(ChangeError::NotManager)?;
+            let s = cluster
+                .services
+                .get(service)
+                .ok_or_else(|| ApplyError::from(ServiceError::NotFound(service.to_owned())))?;
+            let held = cluster
+                .networks
+                .values()
+                .find(|n| n.id == s.network)
+                .is_some_and(|n| n.holds(id, ip));
+            if !held {
+                return Err(AdminError::NotYourAddress {
+                    ip,
+                    service: service.to_owned(),
+                });
+            }
+        }
+        self.apply(Command::SetBackend {
+            service: service.to_owned(),
+            ip,
+            present,
+        })
+        .await?;
+        info!(node = %id, %service, %ip, present, "service backend set by its node");
+        Ok(ManagerReply::Ok)
     }
 
     async fn set_roles(&self, names: &[String], role: Role) -> Result<Reply, AdminError> {
@@ -1088,6 +1301,18 @@ impl Manager {
             ManagerRequest::AssignAddress { network, ip } => match caller {
                 Some((node, true)) => self
                     .assign_address(&node.id, &network, ip)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Some((_, false)) => Err(OLD_CERT.into()),
+                None => Err(not_member()),
+            },
+            ManagerRequest::SetBackend {
+                service,
+                ip,
+                present,
+            } => match caller {
+                Some((node, true)) => self
+                    .set_backend(&node.id, &service, ip, present)
                     .await
                     .map_err(|e| e.to_string()),
                 Some((_, false)) => Err(OLD_CERT.into()),
@@ -2009,6 +2234,167 @@ mod tests {
         assert_eq!(web.blocks.keys().collect::<Vec<_>>(), [&grant.node_id]);
         let _ = stop.send(true);
         let _ = server.await;
+    }
+
+    /// `service create|ls|inspect|update|backend|rm` through the admin API, a network in use
+    /// refused, and a node making its own endpoint a backend over mTLS (never another's).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn services_through_the_admin_api_and_backends_from_their_nodes() {
+        use crate::api::{PublishRm, ServiceCreateArgs};
+        use crate::manager::services::Protocol;
+        use shoal_proto::publish::parse_publish;
+        let f = leader().await;
+        let me = NodeId::from_random(1);
+        f.manager
+            .apply(Command::CreateNetwork(Box::new(networks::tests::spec(
+                "web",
+                Some("10.9.0.0/24"),
+            ))))
+            .await
+            .unwrap();
+        let admin = |request| f.manager.handle_admin(request, &me);
+        let create = |name: &str, ports: &[&str]| {
+            AdminRequest::ServiceCreate(ServiceCreateArgs {
+                name: name.into(),
+                network: "web".into(),
+                endpoint_mode: Default::default(),
+                ports: ports.iter().map(|p| parse_publish(p).unwrap()).collect(),
+                health: None,
+            })
+        };
+        let Reply::Lines(id) = admin(create("front", &["8080:80"])).await.unwrap() else {
+            panic!("create answers lines");
+        };
+        assert_eq!(id[0].len(), 25);
+        assert_eq!(
+            admin(create("back", &["8080:81"]))
+                .await
+                .unwrap_err()
+                .to_string(),
+            "port 8080 is already in use by service front"
+        );
+        // Inspect by name or ID prefix.
+        let Reply::Service(detail) = admin(AdminRequest::ServiceInspect {
+            service: id[0][..6].into(),
+        })
+        .await
+        .unwrap() else {
+            panic!("inspect answers a service");
+        };
+        assert_eq!(
+            (detail.name.as_str(), detail.network.as_str()),
+            ("front", "web")
+        );
+        assert_eq!(detail.vip, Some("10.9.0.254".parse().unwrap()));
+        assert_eq!(detail.health.interval_ms, 250);
+        admin(AdminRequest::ServiceUpdate {
+            service: "front".into(),
+            publish_add: vec![parse_publish("mode=host,53:53/udp").unwrap()],
+            publish_rm: vec![PublishRm {
+                published: 8080,
+                protocol: Protocol::Tcp,
+            }],
+        })
+        .await
+        .unwrap();
+        admin(AdminRequest::ServiceBackend {
+            service: "front".into(),
+            endpoint: "10.9.0.100".into(),
+            present: true,
+        })
+        .await
+        .unwrap();
+        assert!(admin(AdminRequest::ServiceBackend {
+            service: "front".into(),
+            endpoint: "c0ffee".into(),
+            present: true,
+        })
+        .await
+        .unwrap_err()
+        .to_string()
+        .contains("neither an IPv4 address"));
+        let Reply::Services(all) = admin(AdminRequest::ServiceLs).await.unwrap() else {
+            panic!("ls answers services");
+        };
+        assert_eq!(all.len(), 1);
+        assert_eq!(
+            all[0].backends,
+            ["10.9.0.100".parse::<std::net::Ipv4Addr>().unwrap()]
+        );
+        assert_eq!(
+            all[0].ports,
+            [parse_publish("mode=host,53:53/udp").unwrap()]
+        );
+        assert_eq!(
+            admin(AdminRequest::NetworkRm {
+                networks: vec!["web".into()]
+            })
+            .await
+            .unwrap_err()
+            .to_string(),
+            "network web is in use by service front"
+        );
+
+        // A worker: its own address (in its block) becomes a backend; another's does not.
+        let ca_der = f.manager.view().ca_cert_der.clone();
+        let (addr, stop, server) = serving(&f.manager).await;
+        let (grant, key) = worker_with_key(&f.manager).await;
+        let cert = Issued {
+            cert_der: grant.cert_der.clone(),
+            key_pem: key.private_pem(),
+        };
+        f.manager
+            .address_block(&grant.node_id, "web")
+            .await
+            .unwrap();
+        let ask = |service: &str, ip: &str, present| {
+            let (cert, ca_der, manager) = (cert.clone(), ca_der.clone(), f.manager.self_id.clone());
+            let request = ManagerRequest::SetBackend {
+                service: service.into(),
+                ip: ip.parse().unwrap(),
+                present,
+            };
+            async move {
+                let mut tls = connect(addr, &ca_der, &manager, &cert).await;
+                write_frame(&mut tls, &request).await.unwrap();
+                let answer: Option<ManagerResponse> = read_frame(&mut tls).await.unwrap();
+                answer.unwrap()
+            }
+        };
+        assert_eq!(ask("front", "10.9.0.2", true).await, Ok(ManagerReply::Ok));
+        assert!(ask("front", "10.9.0.100", false)
+            .await
+            .unwrap_err()
+            .contains("not this node's"));
+        assert_eq!(
+            ask("nope", "10.9.0.2", true).await,
+            Err("service nope not found".into())
+        );
+        let backends = |m: &Manager| {
+            m.state().cluster().unwrap().services["front"]
+                .backends
+                .len()
+        };
+        assert_eq!(backends(&f.manager), 2);
+        assert_eq!(ask("front", "10.9.0.2", false).await, Ok(ManagerReply::Ok));
+        assert_eq!(backends(&f.manager), 1);
+        assert_eq!(
+            f.manager.view().service("front").unwrap().backends.len(),
+            1,
+            "the view carries it"
+        );
+        let _ = stop.send(true);
+        let _ = server.await;
+        admin(AdminRequest::ServiceRm {
+            services: vec!["front".into()],
+        })
+        .await
+        .unwrap();
+        admin(AdminRequest::NetworkRm {
+            networks: vec!["web".into()],
+        })
+        .await
+        .unwrap();
     }
 
     /// A manager whose Raft stopped (a demotion, a restart in the same agent) ends the peer

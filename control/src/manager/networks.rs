@@ -2,7 +2,7 @@
 //! Pure: the state machine calls [`create`] inside apply, so every manager allocates the same.
 //! `docs/networks.md` is the design.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
@@ -141,6 +141,14 @@ pub enum NetworkError {
     /// Every block of the subnet is granted.
     #[error("network {0} has no address block left for this node: its subnet is full; remove containers on other nodes, or make a network with a larger --subnet")]
     BlocksExhausted(String),
+    /// `network rm` of a network a service uses.
+    #[error("network {network} is in use by service {service}")]
+    InUse {
+        /// The network.
+        network: String,
+        /// A service on it.
+        service: String,
+    },
     /// A fixed address outside the subnet, or its network, broadcast or gateway address.
     #[error("address {ip} cannot be given to a container on network {network}: it is outside its subnet or reserved")]
     BadAddress {
@@ -214,7 +222,7 @@ pub fn create(
     if !subnet.contains(&gateway) || gateway == subnet.network() || gateway == subnet.broadcast() {
         return Err(NetworkError::BadGateway { gateway, subnet });
     }
-    let used: std::collections::BTreeSet<u32> = networks.values().map(|n| n.vni).collect();
+    let used: BTreeSet<u32> = networks.values().map(|n| n.vni).collect();
     let vni = (INGRESS_VNI + 1..=MAX_VNI)
         .find(|v| !used.contains(v))
         .ok_or(NetworkError::VnisExhausted)?;
@@ -233,9 +241,13 @@ pub fn create(
     })
 }
 
-/// Grants `node` the lowest block of `network`'s subnet that no node holds (see
-/// [`BLOCK_PREFIX`]); the block.
-pub fn grant_block(network: &mut UserNetwork, node: &NodeId) -> Result<Ipv4Net, NetworkError> {
+/// Grants `node` the lowest block of `network`'s subnet that no node holds and that holds
+/// none of the services' VIPs `vips` (see [`BLOCK_PREFIX`]); the block.
+pub fn grant_block(
+    network: &mut UserNetwork,
+    node: &NodeId,
+    vips: &BTreeSet<Ipv4Addr>,
+) -> Result<Ipv4Net, NetworkError> {
     let prefix = BLOCK_PREFIX.max(network.subnet.prefix_len());
     let held: Vec<Ipv4Net> = network.blocks.values().flatten().copied().collect();
     let block = network
@@ -243,7 +255,7 @@ pub fn grant_block(network: &mut UserNetwork, node: &NodeId) -> Result<Ipv4Net, 
         .subnets(prefix)
         .into_iter()
         .flatten()
-        .find(|b| !held.contains(b))
+        .find(|b| !held.contains(b) && !vips.iter().any(|v| b.contains(v)))
         .ok_or_else(|| NetworkError::BlocksExhausted(network.name.clone()))?;
     network.blocks.entry(node.clone()).or_default().push(block);
     Ok(block)
@@ -263,12 +275,19 @@ pub fn release_blocks(networks: &mut BTreeMap<String, UserNetwork>, node: &NodeI
 }
 
 /// Assigns the fixed address `ip` of `network` to `node` (taking it from any other node's
-/// block or assignment: the last node to ask for an address by name holds it).
-pub fn assign(network: &mut UserNetwork, node: &NodeId, ip: Ipv4Addr) -> Result<(), NetworkError> {
+/// block or assignment: the last node to ask for an address by name holds it); never one of
+/// the services' VIPs `vips`.
+pub fn assign(
+    network: &mut UserNetwork,
+    node: &NodeId,
+    ip: Ipv4Addr,
+    vips: &BTreeSet<Ipv4Addr>,
+) -> Result<(), NetworkError> {
     let usable = network.subnet.contains(&ip)
         && ip != network.subnet.network()
         && ip != network.subnet.broadcast()
-        && ip != network.gateway;
+        && ip != network.gateway
+        && !vips.contains(&ip);
     if !usable {
         return Err(NetworkError::BadAddress {
             ip,
@@ -439,25 +458,44 @@ pub(crate) mod tests {
         ])
         .unwrap();
         let (a, b) = (NodeId::from_random(1), NodeId::from_random(2));
+        let none = BTreeSet::new();
         let web = all.get_mut("web").unwrap();
-        assert_eq!(grant_block(web, &a), Ok(net("10.9.0.0/28")));
-        assert_eq!(grant_block(web, &b), Ok(net("10.9.0.16/28")));
-        assert_eq!(grant_block(web, &a), Ok(net("10.9.0.32/28")));
-        assert_eq!(grant_block(web, &b), Ok(net("10.9.0.48/28")));
+        assert_eq!(grant_block(web, &a, &none), Ok(net("10.9.0.0/28")));
+        assert_eq!(grant_block(web, &b, &none), Ok(net("10.9.0.16/28")));
+        assert_eq!(grant_block(web, &a, &none), Ok(net("10.9.0.32/28")));
+        assert_eq!(grant_block(web, &b, &none), Ok(net("10.9.0.48/28")));
         assert_eq!(
-            grant_block(web, &a),
+            grant_block(web, &a, &none),
             Err(NetworkError::BlocksExhausted("web".into()))
         );
         assert_eq!(web.blocks[&a], [net("10.9.0.0/28"), net("10.9.0.32/28")]);
         // A subnet smaller than a block is one block.
         let tiny = all.get_mut("tiny").unwrap();
-        assert_eq!(grant_block(tiny, &b), Ok(net("10.9.1.0/30")));
-        assert!(grant_block(tiny, &a).is_err());
+        assert_eq!(grant_block(tiny, &b, &none), Ok(net("10.9.1.0/30")));
+        assert!(grant_block(tiny, &a, &none).is_err());
         // Node a goes: its blocks are free again, b's stay.
         assert!(release_blocks(&mut all, &a));
         assert!(!release_blocks(&mut all, &a));
         let web = all.get_mut("web").unwrap();
         assert_eq!(web.blocks.keys().collect::<Vec<_>>(), [&b]);
-        assert_eq!(grant_block(web, &a), Ok(net("10.9.0.0/28")));
+        assert_eq!(grant_block(web, &a, &none), Ok(net("10.9.0.0/28")));
+    }
+
+    #[test]
+    fn no_block_holds_a_vip_and_no_vip_is_a_fixed_address() {
+        let mut all = make(vec![spec("web", Some("10.9.0.0/26"))]).unwrap();
+        let a = NodeId::from_random(1);
+        let vips = BTreeSet::from([Ipv4Addr::new(10, 9, 0, 62), Ipv4Addr::new(10, 9, 0, 20)]);
+        let web = all.get_mut("web").unwrap();
+        assert_eq!(grant_block(web, &a, &vips), Ok(net("10.9.0.0/28")));
+        assert_eq!(grant_block(web, &a, &vips), Ok(net("10.9.0.32/28")));
+        assert!(grant_block(web, &a, &vips).is_err());
+        let before = web.clone();
+        assert!(matches!(
+            assign(web, &a, Ipv4Addr::new(10, 9, 0, 62), &vips),
+            Err(NetworkError::BadAddress { .. })
+        ));
+        assert_eq!(*web, before);
+        assert_eq!(assign(web, &a, Ipv4Addr::new(10, 9, 0, 61), &vips), Ok(()));
     }
 }

@@ -15,6 +15,7 @@ pub use crate::cluster::{
 };
 use crate::id::NodeId;
 use crate::manager::networks::{self, AddrPools, NetworkError, NetworkSpec, UserNetwork};
+use crate::manager::services::{self, Protocol, PublishedPort, Service, ServiceError, ServiceSpec};
 use crate::token::Secret;
 pub use crate::trust::tls::CaMaterial;
 
@@ -52,6 +53,9 @@ pub struct Cluster {
     /// Where their subnets come from (`init --default-addr-pool`).
     #[serde(default)]
     pub addr_pools: AddrPools,
+    /// Services, by name.
+    #[serde(default)]
+    pub services: BTreeMap<String, Service>,
 }
 
 /// A manager's API address when it did not say otherwise.
@@ -256,6 +260,29 @@ pub enum Command {
         /// The address.
         ip: Ipv4Addr,
     },
+    /// `service create` (its VIP allocated inside apply).
+    CreateService(Box<ServiceSpec>),
+    /// `service rm`: the service and its VIP go.
+    RemoveService(String),
+    /// `service update`: its published ports (removals first).
+    UpdateService {
+        /// The service's name.
+        name: String,
+        /// `--publish-add`.
+        publish_add: Vec<PublishedPort>,
+        /// `--publish-rm`: published port and protocol.
+        publish_rm: Vec<(u16, Protocol)>,
+    },
+    /// `service backend add|rm`, or a node attaching a container of the service: the address
+    /// `ip` on the service's network is one of its backends (`present`) or not.
+    SetBackend {
+        /// The service's name.
+        service: String,
+        /// The backend's address on the service's network.
+        ip: Ipv4Addr,
+        /// A backend from now on, or no longer.
+        present: bool,
+    },
     /// Start a new gossip key and data-path epoch; the previous ones stay live.
     RotateKeys {
         /// New gossip key.
@@ -358,6 +385,9 @@ pub enum ApplyError {
     /// `network create` or `rm` refused.
     #[error(transparent)]
     Network(#[from] NetworkError),
+    /// A service command refused.
+    #[error(transparent)]
+    Service(#[from] ServiceError),
     /// `init --force-new-cluster` on a node that is not an active manager of its state.
     #[error("This node is not a swarm manager. Worker nodes can't be used to view or modify cluster state. Please run this command on a manager node or promote the current node to a manager.")]
     NotAManager(NodeId),
@@ -435,6 +465,7 @@ impl State {
                 cert_expiry_secs,
                 networks: BTreeMap::new(),
                 addr_pools,
+                services: BTreeMap::new(),
             });
             return Ok(Applied::Changed);
         }
@@ -620,27 +651,86 @@ impl State {
                 Ok(Applied::Changed)
             }
             Command::GrantBlock { network, node } => {
+                let vips = vips_of(cluster, &network);
                 let n = network_of_node(cluster, network, &node)?;
-                networks::grant_block(n, &node)?;
+                networks::grant_block(n, &node, &vips)?;
                 Ok(Applied::Changed)
             }
             Command::AssignAddress { network, node, ip } => {
+                let vips = vips_of(cluster, &network);
                 let n = network_of_node(cluster, network, &node)?;
                 if n.assigned.get(&ip) == Some(&node) {
                     return Ok(Applied::Unchanged);
                 }
-                networks::assign(n, &node, ip)?;
+                networks::assign(n, &node, ip, &vips)?;
                 Ok(Applied::Changed)
             }
             Command::RemoveNetwork(name) => {
                 if name == cluster.ingress.name {
                     return Err(NetworkError::Ingress.into());
                 }
-                cluster
+                let n = cluster
                     .networks
-                    .remove(&name)
-                    .ok_or(NetworkError::NotFound(name))?;
+                    .get(&name)
+                    .ok_or_else(|| NetworkError::NotFound(name.clone()))?;
+                if let Some(s) = services::user_of(&cluster.services, &n.id) {
+                    return Err(NetworkError::InUse {
+                        network: name,
+                        service: s.name.clone(),
+                    }
+                    .into());
+                }
+                cluster.networks.remove(&name);
                 Ok(Applied::Changed)
+            }
+            Command::CreateService(spec) => {
+                let service = services::create(
+                    &cluster.services,
+                    &cluster.networks,
+                    &cluster.ingress.name,
+                    *spec,
+                )?;
+                cluster.services.insert(service.name.clone(), service);
+                Ok(Applied::Changed)
+            }
+            Command::RemoveService(name) => {
+                cluster
+                    .services
+                    .remove(&name)
+                    .ok_or(ServiceError::NotFound(name))?;
+                Ok(Applied::Changed)
+            }
+            Command::UpdateService {
+                name,
+                publish_add,
+                publish_rm,
+            } => {
+                let ports = services::update(&cluster.services, &name, &publish_add, &publish_rm)?;
+                match (ports, cluster.services.get_mut(&name)) {
+                    (Some(ports), Some(s)) => {
+                        s.ports = ports;
+                        Ok(Applied::Changed)
+                    }
+                    _ => Ok(Applied::Unchanged),
+                }
+            }
+            Command::SetBackend {
+                service,
+                ip,
+                present,
+            } => {
+                let changed = services::set_backend(
+                    &mut cluster.services,
+                    &cluster.networks,
+                    &service,
+                    ip,
+                    present,
+                )?;
+                Ok(if changed {
+                    Applied::Changed
+                } else {
+                    Applied::Unchanged
+                })
             }
             Command::RotateKeys {
                 gossip_key,
@@ -737,6 +827,7 @@ impl State {
             ingress: c.ingress.clone(),
             cert_expiry_secs: c.cert_expiry_secs,
             networks: c.networks.values().cloned().collect(),
+            services: c.services.values().cloned().collect(),
         })
     }
 }
@@ -792,6 +883,15 @@ impl State {
             state
         })
     }
+}
+
+/// The VIPs of the services on user network `network` (by name).
+fn vips_of(cluster: &Cluster, network: &str) -> BTreeSet<Ipv4Addr> {
+    cluster
+        .networks
+        .get(network)
+        .map(|n| services::vips_on(&cluster.services, &n.id))
+        .unwrap_or_default()
 }
 
 /// User network `network`, to change on behalf of `node`, which must be an active node.
@@ -1160,6 +1260,201 @@ pub(crate) mod tests {
         // A node that goes gives it back.
         s.apply(Command::RemoveNode(id(3))).unwrap();
         assert_eq!(owner(&s), None);
+    }
+
+    fn create_service(name: &str, ports: &[&str]) -> Command {
+        Command::CreateService(Box::new(services::tests::spec(
+            name,
+            "web",
+            ports.iter().map(|p| services::tests::port(p)).collect(),
+        )))
+    }
+
+    #[test]
+    fn services_are_created_changed_and_removed_through_apply() {
+        let mut s = with_web();
+        s.apply(create_service("front", &["8080:80"])).unwrap();
+        let svc = |s: &State, name: &str| s.cluster().unwrap().services[name].clone();
+        let vip: Ipv4Addr = "10.9.0.254".parse().unwrap();
+        assert_eq!(svc(&s, "front").vip, Some(vip));
+        // Every node has it, from its view.
+        let view = ClusterView::from_wire(s.view().unwrap().to_wire());
+        assert_eq!(view.services, [svc(&s, "front")]);
+        assert_eq!(view.service("front").unwrap().vip, Some(vip));
+        // Refusals change nothing.
+        let service_err = |e| ApplyError::Service(e);
+        refused(
+            &mut s,
+            create_service("front", &[]),
+            service_err(ServiceError::NameTaken("front".into())),
+        );
+        refused(
+            &mut s,
+            create_service("back", &["mode=host,8080:81"]),
+            service_err(ServiceError::PortInUse {
+                port: 8080,
+                service: "front".into(),
+            }),
+        );
+        let mut elsewhere = services::tests::spec("back", "db", vec![]);
+        refused(
+            &mut s,
+            Command::CreateService(Box::new(elsewhere.clone())),
+            service_err(ServiceError::NoNetwork("db".into())),
+        );
+        elsewhere.network = "web".into();
+        elsewhere.endpoint_mode = services::EndpointMode::Dnsrr;
+        elsewhere.ports = vec![services::tests::port("9090:90")];
+        refused(
+            &mut s,
+            Command::CreateService(Box::new(elsewhere)),
+            service_err(ServiceError::DnsrrIngress),
+        );
+        // Update: removals first, then additions; what already is, is Unchanged.
+        let update = |add: &[&str], rm: &[(u16, Protocol)]| Command::UpdateService {
+            name: "front".into(),
+            publish_add: add.iter().map(|p| services::tests::port(p)).collect(),
+            publish_rm: rm.to_vec(),
+        };
+        assert_eq!(s.apply(update(&["8080:80"], &[])), Ok(Applied::Unchanged));
+        s.apply(update(&["53:53/udp"], &[(8080, Protocol::Tcp)]))
+            .unwrap();
+        assert_eq!(
+            svc(&s, "front")
+                .ports
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["*:53->53/udp"]
+        );
+        refused(
+            &mut s,
+            update(&[], &[(8080, Protocol::Tcp)]),
+            service_err(ServiceError::NotPublished {
+                service: "front".into(),
+                port: 8080,
+                protocol: Protocol::Tcp,
+            }),
+        );
+        // Backends: addresses of the network, never its VIP.
+        let backend = |ip: &str, present| Command::SetBackend {
+            service: "front".into(),
+            ip: ip.parse().unwrap(),
+            present,
+        };
+        s.apply(backend("10.9.0.2", true)).unwrap();
+        assert_eq!(s.apply(backend("10.9.0.2", true)), Ok(Applied::Unchanged));
+        assert!(matches!(
+            s.clone().apply(backend("10.9.0.254", true)),
+            Err(ApplyError::Service(ServiceError::BadBackend { .. }))
+        ));
+        let before = s.clone();
+        assert!(s.apply(backend("10.8.0.2", true)).is_err());
+        assert_eq!(s, before);
+        refused(
+            &mut s,
+            Command::SetBackend {
+                service: "nope".into(),
+                ip: "10.9.0.2".parse().unwrap(),
+                present: true,
+            },
+            service_err(ServiceError::NotFound("nope".into())),
+        );
+        assert_eq!(
+            ClusterView::from_wire(s.view().unwrap().to_wire()).services[0]
+                .backends
+                .len(),
+            1
+        );
+        // A network a service uses stays.
+        refused(
+            &mut s,
+            Command::RemoveNetwork("web".into()),
+            ApplyError::Network(NetworkError::InUse {
+                network: "web".into(),
+                service: "front".into(),
+            }),
+        );
+        assert_eq!(
+            ApplyError::Network(NetworkError::InUse {
+                network: "web".into(),
+                service: "front".into(),
+            })
+            .to_string(),
+            "network web is in use by service front"
+        );
+        s.apply(Command::RemoveService("front".into())).unwrap();
+        refused(
+            &mut s,
+            Command::RemoveService("front".into()),
+            service_err(ServiceError::NotFound("front".into())),
+        );
+        s.apply(Command::RemoveNetwork("web".into())).unwrap();
+    }
+
+    #[test]
+    fn blocks_and_fixed_addresses_keep_away_from_vips() {
+        let mut s = with_web();
+        s.apply(create_service("front", &[])).unwrap();
+        let vip: Ipv4Addr = "10.9.0.254".parse().unwrap();
+        refused(
+            &mut s,
+            Command::AssignAddress {
+                network: "web".into(),
+                node: id(2),
+                ip: vip,
+            },
+            ApplyError::Network(NetworkError::BadAddress {
+                ip: vip,
+                network: "web".into(),
+            }),
+        );
+        // All 15 blocks below the VIP's are granted; the VIP's is never.
+        for _ in 0..15 {
+            s.apply(Command::GrantBlock {
+                network: "web".into(),
+                node: id(2),
+            })
+            .unwrap();
+        }
+        refused(
+            &mut s,
+            Command::GrantBlock {
+                network: "web".into(),
+                node: id(3),
+            },
+            ApplyError::Network(NetworkError::BlocksExhausted("web".into())),
+        );
+        // Once the service goes, its block is free; with every block granted, a new VIP
+        // has nowhere to go.
+        s.apply(Command::RemoveService("front".into())).unwrap();
+        s.apply(Command::GrantBlock {
+            network: "web".into(),
+            node: id(3),
+        })
+        .unwrap();
+        assert_eq!(
+            s.cluster().unwrap().networks["web"].blocks[&id(3)],
+            ["10.9.0.240/28".parse().unwrap()]
+        );
+        refused(
+            &mut s,
+            create_service("back", &[]),
+            ApplyError::Service(ServiceError::VipsExhausted("web".into())),
+        );
+    }
+
+    #[test]
+    fn a_state_from_before_services_loads_with_none() {
+        let s = with_web();
+        let mut json: serde_json::Value = serde_json::from_slice(&s.to_record().unwrap()).unwrap();
+        json["v1"]["cluster"]
+            .as_object_mut()
+            .unwrap()
+            .remove("services");
+        let old = State::from_record(&serde_json::to_vec(&json).unwrap()).unwrap();
+        assert!(old.cluster().unwrap().services.is_empty());
+        assert_eq!(old, s);
     }
 
     #[test]
