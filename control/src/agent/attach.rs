@@ -74,12 +74,12 @@ impl Attachment {
     }
 
     /// The CNI result for it, in `cni_version`: the container's interface, its address on
-    /// the network's subnet, and (not `--internal`) the default route through the network's
-    /// router at the gateway (see `docs/services.md`).
+    /// the network's subnet, the network's router (at the gateway) as its nameserver and, on
+    /// networks that are not `--internal`, its default route (see `docs/services.md`).
     pub fn result(&self, cni_version: &str) -> serde_json::Value {
         let gateway = self.gateway.to_string();
-        // The router answers DNS at the gateway too, but only for service names; it is not
-        // named as the container's nameserver until services reach the agent (issue 17).
+        // The router answers DNS at the gateway on every node: service names, and REFUSED
+        // for the rest (a stub resolver then asks its next server).
         let routes = if self.default_route {
             serde_json::json!([{"dst": "0.0.0.0/0", "gw": gateway}])
         } else {
@@ -99,7 +99,7 @@ impl Attachment {
                 "interface": 0,
             }],
             "routes": routes,
-            "dns": {},
+            "dns": {"nameservers": [gateway]},
         })
     }
 }
@@ -369,9 +369,15 @@ pub fn segments(
                 },
                 device: local.on(&net.id).next().map(|_| device_name(net.vni)),
                 endpoints,
-                // A router on networks with a way out of the overlay.
-                gateway: (!net.internal).then_some(net.gateway),
-                vips: Vec::new(),
+                // The router answers DNS and the VIPs on every network, internal or not.
+                gateway: Some(net.gateway),
+                vips: view
+                    .services
+                    .iter()
+                    .filter(|s| s.network == net.id)
+                    .filter(|s| s.endpoint_mode == crate::cluster::EndpointMode::Vip)
+                    .filter_map(|s| s.vip)
+                    .collect(),
             }
         })
         .collect()

@@ -17,10 +17,10 @@
 //!
 //! At start, attachments whose namespace is gone are deleted.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use ipnet::Ipv4Net;
@@ -29,6 +29,7 @@ use tracing::{info, warn};
 
 use super::attach::{self, Announced, Attachment, Attachments};
 use super::links::{Attach, LinkError, Links};
+use super::services;
 use super::Agent;
 use crate::api::{CniAnswer, CniCommand, CniError, CniRequest, ManagerReply, ManagerRequest};
 use crate::cluster::{ClusterView, UserNetwork};
@@ -54,6 +55,16 @@ pub struct Endpoints {
     remote: Mutex<HashMap<(NodeId, u32, Ipv4Addr), Announced>>,
     granted: Mutex<HashMap<String, Vec<Ipv4Net>>>,
     links: tokio::sync::OnceCell<Links>,
+    /// Health other nodes announced of their endpoints.
+    remote_health: Mutex<HashMap<(NodeId, u32, Ipv4Addr), bool>>,
+    /// This node's backends' health, as announced: (VNI, address) to healthy.
+    local_health: Mutex<HashMap<(u32, Ipv4Addr), bool>>,
+    /// The nodes gossip sees up.
+    up: Mutex<Arc<HashSet<NodeId>>>,
+    /// The published ports steered to the mesh, as last made.
+    steered: tokio::sync::Mutex<Option<Vec<super::links::SteerRule>>>,
+    /// The VIPs each attachment's loopback holds, as last made (by attachment key).
+    vips: tokio::sync::Mutex<BTreeMap<String, Vec<Ipv4Addr>>>,
 }
 
 impl std::fmt::Debug for Endpoints {
@@ -78,13 +89,105 @@ fn err(code: u32, msg: impl Into<String>) -> CniError {
 }
 
 impl Endpoints {
-    /// The user networks the data path should carry (see [`attach::segments`]).
+    /// The user networks the data path should carry (see [`attach::segments`]), and the
+    /// mesh's view of them (see [`services::mesh_networks`]).
     pub fn segments(
         &self,
         view: &ClusterView,
         me: &NodeId,
-    ) -> Vec<shoal_ingress::overlay::SegmentConfig> {
-        attach::segments(view, me, &lock(&self.local), &lock(&self.remote))
+    ) -> (
+        Vec<shoal_ingress::overlay::SegmentConfig>,
+        Vec<shoal_ingress::mesh::MeshNetwork>,
+    ) {
+        let (local, remote) = (lock(&self.local), lock(&self.remote));
+        let segments = attach::segments(view, me, &local, &remote);
+        let up = lock(&self.up).clone();
+        let mesh = services::mesh_networks(&services::Inputs {
+            view,
+            me,
+            local: &local,
+            remote: &remote,
+            remote_health: &lock(&self.remote_health),
+            local_health: &lock(&self.local_health),
+            up: &up,
+        });
+        (segments, mesh)
+    }
+
+    /// What gossip says is up now.
+    pub fn set_up(&self, up: Arc<HashSet<NodeId>>) {
+        *lock(&self.up) = up;
+    }
+
+    /// Records this node's check of backend (`vni`, `ip`); whether that is news to announce.
+    pub fn set_local_health(&self, vni: u32, ip: Ipv4Addr, healthy: bool) -> bool {
+        lock(&self.local_health).insert((vni, ip), healthy) != Some(healthy)
+    }
+
+    /// Forgets the health of backends no longer checked here; their keys.
+    pub fn retain_local_health(&self, keep: &HashSet<(u32, Ipv4Addr)>) -> Vec<(u32, Ipv4Addr)> {
+        let mut h = lock(&self.local_health);
+        let gone: Vec<(u32, Ipv4Addr)> = h.keys().filter(|k| !keep.contains(k)).copied().collect();
+        for k in &gone {
+            h.remove(k);
+        }
+        gone
+    }
+
+    /// Brings the published ports' steering and the backends' VIPs in step with the view
+    /// (netlink; only what changed). `address` is this node's underlay address.
+    pub async fn apply_services(&self, view: &ClusterView, me: &NodeId, address: Ipv4Addr) {
+        let (_, mesh) = self.segments(view, me);
+        let rules = services::steer_rules(&mesh, &[address]);
+        let links = match self.links().await {
+            Ok(l) => l,
+            Err(e) => {
+                warn!("services: no netlink: {e}");
+                return;
+            }
+        };
+        {
+            let mut steered = self.steered.lock().await;
+            if steered.as_ref() != Some(&rules) {
+                let made = match links.interface_with(address).await {
+                    Ok(Some(underlay)) => {
+                        links
+                            .set_steering(&underlay, shoal_ingress::overlay::MESH_INTERFACE, &rules)
+                            .await
+                    }
+                    Ok(None) => Err(LinkError::NotFound {
+                        name: format!("(the interface with {address})"),
+                        ns: super::links::Namespace::Node,
+                    }),
+                    Err(e) => Err(e),
+                };
+                match made {
+                    Ok(()) => *steered = Some(rules),
+                    Err(e) => warn!("could not steer the published ports: {e}"),
+                }
+            }
+        }
+        let wanted = services::local_vips(view, &lock(&self.local));
+        let mut held = self.vips.lock().await;
+        held.retain(|k, _| wanted.contains_key(k));
+        for (key, vips) in wanted {
+            let now = held.get(&key).cloned().unwrap_or_default();
+            if now == vips {
+                continue;
+            }
+            let Some(a) = lock(&self.local).get(&key).cloned() else {
+                continue;
+            };
+            let path = PathBuf::from(&a.netns);
+            match links.set_loopback_vips(&path, &a.ifname, &vips).await {
+                Ok(()) => {
+                    held.insert(key, vips);
+                }
+                Err(e) => {
+                    warn!(container = %a.container_id, "could not give a backend its VIPs: {e}")
+                }
+            }
+        }
     }
 
     /// The endpoints of `net` live as far as this node knows: its own, and those of other
@@ -147,6 +250,14 @@ impl Endpoints {
     /// Takes what gossip says of node `author`'s entry `key`: an endpoint announced, or with
     /// `None`, gone. Whether anything changed.
     pub fn take_entry(&self, author: &NodeId, key: &[u8], value: Option<&[u8]>) -> bool {
+        if let Some((vni, ip)) = services::decode_health_key(key) {
+            let mut health = lock(&self.remote_health);
+            let k = (author.clone(), vni, ip);
+            return match value.and_then(|v| services::decode_health(key, v)) {
+                Some((_, _, healthy)) => health.insert(k, healthy) != Some(healthy),
+                None => health.remove(&k).is_some(),
+            };
+        }
         let mut remote = lock(&self.remote);
         match value {
             Some(v) => match attach::decode_entry(author, key, v) {
@@ -162,7 +273,8 @@ impl Endpoints {
 
     /// This node's endpoints as gossip entries (key, version, value).
     pub fn own_entries(&self) -> Vec<(Vec<u8>, u64, Option<Vec<u8>>)> {
-        lock(&self.local)
+        let mut local = lock(&self.local);
+        let mut out: Vec<_> = local
             .iter()
             .map(|a| {
                 (
@@ -171,7 +283,20 @@ impl Endpoints {
                     Some(a.mac().to_vec()),
                 )
             })
-            .collect()
+            .collect();
+        let health: Vec<((u32, Ipv4Addr), bool)> = lock(&self.local_health)
+            .iter()
+            .map(|(k, h)| (*k, *h))
+            .collect();
+        for ((vni, ip), healthy) in health {
+            let version = local.take_version(now_ms());
+            out.push((
+                services::health_key(vni, ip),
+                version,
+                Some(vec![u8::from(healthy)]),
+            ));
+        }
+        out
     }
 
     /// Gossip holds our entry `key` at `version` with `value` (from an earlier run, or a
@@ -184,10 +309,13 @@ impl Endpoints {
         value: Option<&[u8]>,
     ) -> Option<(u64, Option<Vec<u8>>)> {
         let mut local = lock(&self.local);
-        let now: Option<Vec<u8>> = local
-            .iter()
-            .find(|a| attach::entry_key(a.vni, a.ip) == key)
-            .map(|a| a.mac().to_vec());
+        let now: Option<Vec<u8>> = match services::decode_health_key(key) {
+            Some(k) => lock(&self.local_health).get(&k).map(|h| vec![u8::from(*h)]),
+            None => local
+                .iter()
+                .find(|a| attach::entry_key(a.vni, a.ip) == key)
+                .map(|a| a.mac().to_vec()),
+        };
         if now.as_deref() == value {
             return None;
         }
@@ -323,6 +451,33 @@ impl Agent {
             return Ok(a.result(&version));
         }
         let want = wanted_ip(req)?;
+        let services = wanted_services(req);
+        for name in &services {
+            match m.view.service(name) {
+                None => {
+                    return Err(err(
+                        code::BAD_CONFIG,
+                        format!("service {name} not found (shoal service ls)"),
+                    ))
+                }
+                Some(s) if s.network != net.id => {
+                    return Err(err(
+                        code::BAD_CONFIG,
+                        format!("service {name} is not on network {}", net.name),
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+        // The default route goes through this network's router (the way back to clients of
+        // published ports), unless the container has one already (another network's).
+        let routed = match self.endpoints.links().await {
+            Ok(links) => links
+                .has_default_route(std::path::Path::new(&netns))
+                .await
+                .unwrap_or(false),
+            Err(_) => false,
+        };
         let ip = self.allocate(&m, &net, want).await?;
         let host_ifname = attach::host_ifname(&net.id, &container_id, &ifname);
         let a = Attachment {
@@ -336,10 +491,8 @@ impl Agent {
             gateway: net.gateway,
             host_ifname,
             mtu: attach::mtu(&net, dp.underlay_mtu()),
-            // Not yet: a route through the router is for published ports' replies, and a
-            // container on two networks would get two (issue 17's agent side decides).
-            default_route: false,
-            services: Vec::new(),
+            default_route: !net.internal && !routed,
+            services: services.clone(),
             version: lock(&self.endpoints.local).take_version(now_ms()),
         };
         let record = serde_json::to_vec(&a).map_err(|e| err(code::IO, e.to_string()))?;
@@ -353,6 +506,15 @@ impl Agent {
             return Err(e);
         }
         self.announce(&a, true);
+        for name in &services {
+            if let Err(e) = self.set_backend(name, a.ip, true).await {
+                self.detach(&a).await;
+                return Err(err(
+                    code::TRY_LATER,
+                    format!("could not make the container a backend of service {name}: {e}"),
+                ));
+            }
+        }
         info!(network = %net.name, container = %a.container_id, ip = %a.ip, "endpoint attached");
         Ok(a.result(&version))
     }
@@ -447,10 +609,6 @@ impl Agent {
     /// longer one: the call the CNI path makes for a container attached with
     /// `SHOAL_SERVICE=NAME`. A service the view does not have is refused here at once
     /// (`service NAME not found`), as is an address that is not this node's (by the manager).
-    #[expect(
-        dead_code,
-        reason = "the CNI path (SHOAL_SERVICE in CNI_ARGS) calls it with the data path's work"
-    )]
     pub(crate) async fn set_backend(
         &self,
         service: &str,
@@ -512,7 +670,7 @@ impl Agent {
         local: F,
     ) -> Result<ManagerReply, String>
     where
-        F: FnOnce(std::sync::Arc<crate::manager::Manager>) -> Fut,
+        F: FnOnce(Arc<crate::manager::Manager>) -> Fut,
         Fut: std::future::Future<Output = Result<ManagerReply, crate::manager::AdminError>> + 'a,
     {
         match self.running().manager.clone() {
@@ -619,6 +777,13 @@ impl Agent {
     }
 
     async fn detach(&self, a: &Attachment) {
+        // No longer a backend (best effort: the address is gone from gossip either way, and
+        // a backend that is no endpoint is no one's).
+        for name in &a.services {
+            if let Err(e) = self.set_backend(name, a.ip, false).await {
+                warn!(service = %name, ip = %a.ip, "could not take the backend out: {e}");
+            }
+        }
         self.forget(a).await;
         let mut tomb = a.clone();
         tomb.version = lock(&self.endpoints.local).take_version(now_ms());
@@ -696,15 +861,111 @@ impl Agent {
         let sync = || {
             dp.sync_networks(|| match self.membership.get() {
                 Some(m) => self.endpoints.segments(&m.view, &m.node_id),
-                None => Vec::new(),
+                None => (Vec::new(), Vec::new()),
             })
         };
         // Removing a device waits for its threads (up to about 100 ms): not on a worker the
         // other tasks need.
-        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        let synced = match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
             Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(sync),
             _ => sync(),
+        };
+        if let Some(m) = self.membership.get() {
+            if let Some(std::net::IpAddr::V4(address)) = m.view.node(&m.node_id).map(|n| n.addr) {
+                let endpoints = self.endpoints.clone();
+                tokio::spawn(async move {
+                    endpoints.apply_services(&m.view, &m.node_id, address).await;
+                });
+            }
         }
+        synced
+    }
+
+    /// Checks this node's backends ([`services::checks`]) and announces their health (a
+    /// signed `hc` gossip entry each) when it changes, taking them out of (or back into) this
+    /// node's mesh at once. Runs for the agent's life.
+    pub(crate) async fn run_health(self: Arc<Self>) {
+        use std::time::{Duration, Instant};
+        struct Due {
+            state: services::CheckState,
+            next: Instant,
+            running: bool,
+            retries: u32,
+        }
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<((u32, Ipv4Addr), bool)>();
+        let mut due: HashMap<(u32, Ipv4Addr), Due> = HashMap::new();
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    let Some(m) = self.membership.get() else { continue };
+                    let checks = services::checks(&m.view, &lock(&self.endpoints.local));
+                    let keep: HashSet<(u32, Ipv4Addr)> =
+                        checks.iter().map(|c| (c.vni, c.ip)).collect();
+                    due.retain(|k, _| keep.contains(k));
+                    for (vni, ip) in self.endpoints.retain_local_health(&keep) {
+                        self.announce_health(vni, ip, None);
+                    }
+                    let now = Instant::now();
+                    for c in checks {
+                        let d = due.entry((c.vni, c.ip)).or_insert(Due {
+                            state: services::CheckState::new(),
+                            next: now,
+                            running: false,
+                            retries: c.retries,
+                        });
+                        d.retries = c.retries;
+                        if d.running || now < d.next {
+                            continue;
+                        }
+                        d.running = true;
+                        d.next = now + c.interval;
+                        let tx = tx.clone();
+                        tokio::spawn(async move {
+                            let netns = std::path::Path::new(&c.netns);
+                            let mut ok = true;
+                            for port in &c.ports {
+                                let addr = std::net::SocketAddr::new(c.ip.into(), *port);
+                                if !super::links::connects_in(netns, addr, c.interval).await {
+                                    ok = false;
+                                    break;
+                                }
+                            }
+                            let _ = tx.send(((c.vni, c.ip), ok));
+                        });
+                    }
+                }
+                Some((key, ok)) = rx.recv() => {
+                    let Some(d) = due.get_mut(&key) else { continue };
+                    d.running = false;
+                    d.state.take(ok, d.retries);
+                    let healthy = d.state.healthy;
+                    if self.endpoints.set_local_health(key.0, key.1, healthy) {
+                        if !healthy {
+                            warn!(ip = %key.1, "a backend failed its health check");
+                        } else {
+                            info!(ip = %key.1, "a backend passes its health check");
+                        }
+                        self.announce_health(key.0, key.1, Some(healthy));
+                        if let Err(e) = self.sync_networks() {
+                            warn!("data path could not follow a backend's health: {e}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Tells the cluster of a backend's health (`None`: no longer checked here).
+    fn announce_health(&self, vni: u32, ip: Ipv4Addr, healthy: Option<bool>) {
+        let Some(gossip) = self.running().gossip.clone() else {
+            return;
+        };
+        let key = services::health_key(vni, ip);
+        let version = lock(&self.endpoints.local).take_version(now_ms());
+        let value = healthy.map(|h| vec![u8::from(h)]);
+        tokio::spawn(async move { super::gossip::announce(&gossip, key, version, value).await });
     }
 
     /// Tells the cluster of an attachment (or, `live` false, that it is gone).
@@ -775,6 +1036,25 @@ fn cni_version(req: &CniRequest) -> String {
 
 /// A fixed address asked for: `runtimeConfig.ips` (the `ips` capability) or `IP=` in
 /// `CNI_ARGS`.
+/// The services an ADD makes the container a backend of: `SHOAL_SERVICE=NAME[,NAME...]` in
+/// `CNI_ARGS`.
+fn wanted_services(req: &CniRequest) -> Vec<String> {
+    req.args
+        .as_deref()
+        .and_then(|args| {
+            args.split(';')
+                .find_map(|kv| kv.strip_prefix("SHOAL_SERVICE="))
+        })
+        .map(|list| {
+            list.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn wanted_ip(req: &CniRequest) -> Result<Option<Ipv4Addr>, CniError> {
     let from_caps = req
         .config

@@ -61,6 +61,10 @@ pub struct Params {
     /// This node's incarnation: drawn afresh and stored before every start of the data path
     /// (see `Store::renew_incarnation`).
     pub incarnation: Incarnation,
+    /// The mesh's flow timeouts (`shoal agent --mesh-timeouts`).
+    pub mesh_timeouts: Timeouts,
+    /// The mesh's flow table bound (`shoal agent --mesh-max-flows`).
+    pub mesh_max_flows: usize,
 }
 
 impl Default for Params {
@@ -69,6 +73,8 @@ impl Default for Params {
             interface: INGRESS_INTERFACE.to_owned(),
             underlay_mtu: DEFAULT_UNDERLAY_MTU,
             incarnation: Incarnation::default(),
+            mesh_timeouts: Timeouts::default(),
+            mesh_max_flows: DEFAULT_MAX_FLOWS,
         }
     }
 }
@@ -135,6 +141,8 @@ pub struct DataPath {
     underlay_mtu: u16,
     /// The node's underlay addresses that published ports answer on.
     addresses: Vec<Ipv4Addr>,
+    mesh_timeouts: Timeouts,
+    mesh_max_flows: usize,
     seen: Mutex<HashMap<u32, Instant>>,
     capture: Arc<crate::agent::capture::Hub>,
 }
@@ -176,6 +184,8 @@ impl DataPath {
                 std::net::IpAddr::V4(a) => vec![a],
                 std::net::IpAddr::V6(_) => Vec::new(),
             },
+            mesh_timeouts: params.mesh_timeouts,
+            mesh_max_flows: params.mesh_max_flows,
             seen: Mutex::new(HashMap::new()),
             capture,
         })
@@ -217,29 +227,17 @@ impl DataPath {
     /// path held so two callers never apply an older picture over a newer one.
     pub fn sync_networks(
         &self,
-        segments: impl FnOnce() -> Vec<SegmentConfig>,
+        segments: impl FnOnce() -> (Vec<SegmentConfig>, Vec<MeshNetwork>),
     ) -> Result<(), DataPathError> {
         let mut overlay = self.overlay.lock().unwrap_or_else(PoisonError::into_inner);
-        let segments = segments();
+        let (segments, networks) = segments();
         overlay.set_networks(&segments)?;
-        // The networks' routers (services reach them with issue 17's agent side).
-        let networks = segments
-            .iter()
-            .filter_map(|s| {
-                Some(MeshNetwork {
-                    vni: s.spec.vni,
-                    subnet: s.spec.subnet,
-                    gateway: s.gateway?,
-                    services: Vec::new(),
-                })
-            })
-            .collect();
         overlay.set_mesh(&MeshConfig {
             node: overlay.address(),
             addresses: self.addresses.clone(),
             networks,
-            timeouts: Timeouts::default(),
-            max_flows: DEFAULT_MAX_FLOWS,
+            timeouts: self.mesh_timeouts,
+            max_flows: self.mesh_max_flows,
         });
         Ok(())
     }
@@ -300,6 +298,7 @@ impl DataPath {
                 .io_counters()
                 .answered_locally
                 .load(Ordering::Relaxed),
+            mesh: overlay.mesh_counters(),
         }
     }
 }
@@ -353,6 +352,8 @@ pub struct Status {
     pub io_errors: Vec<(&'static str, u64)>,
     /// Frames answered locally (ARP).
     pub answered_locally: u64,
+    /// The routing mesh's counters.
+    pub mesh: shoal_ingress::mesh::MeshCounters,
 }
 
 /// The data path's counters as the API shows them: drops only by the reasons that happened.

@@ -24,6 +24,7 @@ use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use futures_util::TryStreamExt;
 use ipnet::Ipv4Net;
@@ -585,6 +586,113 @@ impl Links {
         }
         Ok(())
     }
+}
+
+impl Links {
+    /// Whether the namespace at `netns` has an IPv4 default route (a container joined to
+    /// another network already, say).
+    pub async fn has_default_route(&self, netns: &Path) -> Result<bool, LinkError> {
+        let file = open_netns(netns)?;
+        in_netns(&file, netns, |h, ns| async move {
+            Ok(!default_routes(&h, &ns).await?.is_empty())
+        })
+        .await
+    }
+
+    /// Makes the /32 addresses on the loopback of the namespace at `netns` exactly `vips` (a
+    /// backend holds its services' virtual IPs, for direct return; 127/8 is left alone), and
+    /// has its interface `ifname` answer ARP only for its own addresses, so a VIP is never
+    /// claimed on the network (`arp_ignore=1`, `arp_announce=2`).
+    pub async fn set_loopback_vips(
+        &self,
+        netns: &Path,
+        ifname: &str,
+        vips: &[Ipv4Addr],
+    ) -> Result<(), LinkError> {
+        validate_name(ifname)?;
+        let file = open_netns(netns)?;
+        let (ifname, vips) = (ifname.to_owned(), vips.to_vec());
+        in_netns(&file, netns, move |h, ns| async move {
+            for (knob, value) in [("arp_ignore", "1"), ("arp_announce", "2")] {
+                // This thread is in the container's namespace: /proc/sys/net is its.
+                let path = format!("/proc/sys/net/ipv4/conf/{ifname}/{knob}");
+                std::fs::write(&path, value).map_err(|source| LinkError::Io {
+                    doing: "set the container interface's ARP behaviour",
+                    source,
+                })?;
+            }
+            let lo = link_index(&h, "lo", &ns).await?;
+            let held = ipv4_addresses(&h, lo, &ns).await?;
+            for net in &held {
+                let ip = net.addr();
+                if net.prefix_len() == 32 && !ip.is_loopback() && !vips.contains(&ip) {
+                    let messages: Vec<AddressMessage> = h
+                        .address()
+                        .get()
+                        .set_link_index_filter(lo)
+                        .set_address_filter(IpAddr::V4(ip))
+                        .execute()
+                        .try_collect()
+                        .await
+                        .map_err(|e| netlink(format!("look up {ip} on lo"), &ns, e))?;
+                    for m in messages {
+                        h.address()
+                            .del(m)
+                            .execute()
+                            .await
+                            .map_err(|e| netlink(format!("remove {ip} from lo"), &ns, e))?;
+                    }
+                }
+            }
+            for vip in &vips {
+                if !held.iter().any(|n| n.addr() == *vip) {
+                    h.address()
+                        .add(lo, IpAddr::V4(*vip), 32)
+                        .execute()
+                        .await
+                        .map_err(|e| netlink(format!("add {vip}/32 to lo"), &ns, e))?;
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// The interface of this namespace that holds `ip`, if one does.
+    pub async fn interface_with(&self, ip: Ipv4Addr) -> Result<Option<String>, LinkError> {
+        let ns = Namespace::Node;
+        let messages: Vec<AddressMessage> = self
+            .handle
+            .address()
+            .get()
+            .set_address_filter(IpAddr::V4(ip))
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| netlink(format!("look up the interface with {ip}"), &ns, e))?;
+        match messages.first() {
+            Some(m) => link_name(&self.handle, m.header.index, &ns).await,
+            None => Ok(None),
+        }
+    }
+}
+
+/// Whether a TCP connection to `addr` can be made from inside the network namespace at
+/// `netns` within `timeout` (a backend's health check, made where the backend is). On a
+/// thread of its own, which enters the namespace and ends with the check.
+pub async fn connects_in(netns: &Path, addr: std::net::SocketAddr, timeout: Duration) -> bool {
+    let Ok(file) = File::open(netns) else {
+        return false;
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name("shoal-health".to_owned())
+        .spawn(move || {
+            let ok = setns(&file, CloneFlags::CLONE_NEWNET).is_ok()
+                && std::net::TcpStream::connect_timeout(&addr, timeout).is_ok();
+            let _ = tx.send(ok);
+        });
+    spawned.is_ok() && rx.await.unwrap_or(false)
 }
 
 fn u32_key(val: u32, mask: u32, off: i32) -> rtnetlink::packet_route::tc::TcU32Key {

@@ -58,6 +58,8 @@ pub struct DataPathSnapshot {
     pub answered_locally: u64,
     /// `shoal capture` readers attached.
     pub capture_readers: usize,
+    /// The routing mesh's counters.
+    pub mesh: shoal_ingress::mesh::MeshCounters,
 }
 
 /// One peer of the data path.
@@ -246,7 +248,38 @@ fn packets_and_bytes(p: &mut Page, name: &str, whose: &str, samples: &[(Labels, 
     );
 }
 
+/// The routing mesh's figures (`docs/services.md`).
+fn mesh(p: &mut Page, m: &shoal_ingress::mesh::MeshCounters) {
+    use shoal_ingress::mesh::MeshDrop;
+    p.gauge(
+        "mesh_flows",
+        "Flows the routing mesh tracks on this node.",
+        [(Vec::new(), saturate(m.flows))],
+    );
+    p.counter(
+        "mesh_packets",
+        "Packets the routing mesh handled, by what it did: forwarded (a client's, to a \
+         backend), returned (a backend's, towards a client), vip (to a virtual IP), dns \
+         (queries answered).",
+        [
+            ("forwarded", m.forwarded),
+            ("returned", m.returned),
+            ("vip", m.vip),
+            ("dns", m.dns),
+        ]
+        .map(|(what, n)| (vec![("what", what.to_owned())], n)),
+    );
+    p.counter(
+        "mesh_drops",
+        "Packets the routing mesh dropped, by reason.",
+        MeshDrop::ALL
+            .iter()
+            .map(|r| (vec![("reason", r.as_str().to_owned())], m.dropped(*r))),
+    );
+}
+
 fn data_path(p: &mut Page, dp: &DataPathSnapshot) {
+    mesh(p, &dp.mesh);
     let net: Labels = vec![("network", dp.network.clone())];
     let t = traffic(&dp.counters, &net);
     packets_and_bytes(p, "datapath", "engine-wide", &t);
@@ -623,6 +656,11 @@ mod tests {
                 io_errors: vec![("udp_send", 0)],
                 answered_locally: 4,
                 capture_readers: 1,
+                mesh: shoal_ingress::mesh::MeshCounters {
+                    flows: 3,
+                    forwarded: 10,
+                    ..Default::default()
+                },
             }),
             gossip: Some(GossipSnapshot {
                 members: vec![(MemberState::Up, 2), (MemberState::Down, 1)],
@@ -685,6 +723,15 @@ mod tests {
                 1.5,
             ),
             (format!("shoal_datapath_peer_rx_epoch{{{peer}}}"), 3.0),
+            ("shoal_mesh_flows".to_owned(), 3.0),
+            (
+                r#"shoal_mesh_packets_total{what="forwarded"}"#.to_owned(),
+                10.0,
+            ),
+            (
+                r#"shoal_mesh_drops_total{reason="flow_table_full"}"#.to_owned(),
+                0.0,
+            ),
             (
                 r#"shoal_cluster_nodes{role="worker",status="Ready"}"#.to_owned(),
                 1.0,

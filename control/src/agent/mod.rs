@@ -16,6 +16,7 @@ pub mod local;
 pub mod metrics;
 pub mod notify;
 pub mod reconcile;
+pub mod services;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -363,6 +364,7 @@ pub async fn run(
 ) -> Result<(), AgentError> {
     let access = local::Access::new(config.socket_group.as_deref())?;
     let agent = Agent::start(config).await?;
+    tokio::spawn(agent.clone().run_health());
     let listener = bind_socket(&agent.config.socket, &access).await?;
     info!(socket = %agent.config.socket.display(), "agent listening");
     let metrics = match agent.config.metrics_addr {
@@ -1344,6 +1346,7 @@ impl Agent {
                 io_errors: s.io_errors,
                 answered_locally: s.answered_locally,
                 capture_readers: dp.capture_readers(),
+                mesh: s.mesh,
             });
         }
         snapshot

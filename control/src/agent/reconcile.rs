@@ -343,7 +343,11 @@ impl Reconciler {
                 }
                 () = changed(announced) => self.steer_data_path(),
                 () = changed(entries) => self.steer_data_path(),
-                () = changed(up) => self.feed_manager(),
+                () = changed(up) => {
+                    self.feed_manager();
+                    // A backend's node going down takes it out of the mesh at once.
+                    self.steer_data_path();
+                }
                 () = tokio::time::sleep_until(wake) => self.on_timer().await,
                 _ = drops.tick() => self.log_drops(),
             }
@@ -698,6 +702,7 @@ impl Reconciler {
             return;
         };
         let announced = g.announced.borrow_and_update().clone();
+        let up = g.up.borrow().clone();
         let dp = match &self.data_path {
             Some(dp) => dp.clone(),
             None => {
@@ -738,18 +743,23 @@ impl Reconciler {
             }
         };
         let endpoints = self.setup.endpoints.clone();
+        endpoints.set_up(up);
         let membership = self.setup.membership.clone();
         let synced = dp.sync_networks(|| match membership.get() {
             Some(m) => endpoints.segments(&m.view, &m.node_id),
-            None => Vec::new(),
+            None => (Vec::new(), Vec::new()),
         });
         match synced {
             Ok(()) => {
                 // A device the data path (re)made goes onto its bridge.
                 let mtu = dp.underlay_mtu();
+                let address = m.view.node(&m.node_id).map(|n| n.addr);
                 tokio::spawn(async move {
                     if let Err(e) = endpoints.wire_devices(&m.view, mtu).await {
                         warn!("could not put a network's device on its bridge: {e}");
+                    }
+                    if let Some(std::net::IpAddr::V4(address)) = address {
+                        endpoints.apply_services(&m.view, &m.node_id, address).await;
                     }
                 });
             }

@@ -34,6 +34,15 @@ pub struct Args {
     /// Serve Prometheus metrics at http://ADDR/metrics (IP:PORT; off by default).
     #[arg(long, value_name = "ADDR")]
     metrics_addr: Option<std::net::SocketAddr>,
+    /// The routing mesh's flow timeouts, as `syn=30s,closing=10s,udp=2m` (any of the three;
+    /// the others keep their defaults). An established TCP flow has none: it stays until it
+    /// closes (`docs/services.md`).
+    #[arg(long, env = "SHOAL_MESH_TIMEOUTS", value_name = "LIST", value_parser = parse_timeouts)]
+    mesh_timeouts: Option<shoal_ingress::mesh::flows::Timeouts>,
+    /// The most flows the routing mesh tracks on this node; new ones are refused (and
+    /// counted) past it.
+    #[arg(long, default_value_t = shoal_ingress::mesh::DEFAULT_MAX_FLOWS)]
+    mesh_max_flows: usize,
     /// Log lines as text for people or JSON objects for machines.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -67,12 +76,38 @@ pub(super) async fn run(args: Args, socket: PathBuf) -> Result<(), CliError> {
             underlay_mtu: args.underlay_mtu,
             // Drawn and stored by the agent before every start of the data path.
             incarnation: shoal_vxlan::crypto::Incarnation::default(),
+            mesh_timeouts: args.mesh_timeouts.unwrap_or_default(),
+            mesh_max_flows: args.mesh_max_flows,
         }),
         metrics_addr: args.metrics_addr,
         socket_group: args.socket_group,
     };
     crate::agent::run(config, shutdown_signal()).await?;
     Ok(())
+}
+
+/// Reads `--mesh-timeouts`: `NAME=DURATION` pairs, comma-separated, NAME one of `syn`,
+/// `closing`, `udp`.
+fn parse_timeouts(text: &str) -> Result<shoal_ingress::mesh::flows::Timeouts, String> {
+    let mut t = shoal_ingress::mesh::flows::Timeouts::default();
+    for pair in text.split(',').filter(|p| !p.is_empty()) {
+        let (name, value) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("{pair:?} is not NAME=DURATION (syn=30s, say)"))?;
+        let ms = super::service::parse_duration_ms(value)?;
+        let d = std::time::Duration::from_millis(u64::from(ms));
+        match name {
+            "syn" => t.syn = d,
+            "closing" => t.closing = d,
+            "udp" => t.udp = d,
+            other => {
+                return Err(format!(
+                    "unknown timeout {other:?}: use syn, closing or udp"
+                ))
+            }
+        }
+    }
+    Ok(t)
 }
 
 async fn shutdown_signal() {
@@ -91,5 +126,29 @@ async fn shutdown_signal() {
             tracing::warn!("cannot install signal handlers; stop the agent with SIGKILL");
             std::future::pending::<()>().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn mesh_timeouts_are_read_by_name_and_refuse_the_rest() {
+        let t = parse_timeouts("syn=2s,udp=500ms").unwrap();
+        assert_eq!(
+            (t.syn, t.udp),
+            (Duration::from_secs(2), Duration::from_millis(500))
+        );
+        assert_eq!(
+            t.closing,
+            shoal_ingress::mesh::flows::Timeouts::default().closing
+        );
+        assert!(parse_timeouts("idle=1s")
+            .unwrap_err()
+            .contains("unknown timeout"));
+        assert!(parse_timeouts("syn").unwrap_err().contains("NAME=DURATION"));
+        assert!(parse_timeouts("syn=soon").is_err());
     }
 }

@@ -1,0 +1,449 @@
+//! Services as this node's data path serves them (`docs/services.md`): pure functions from
+//! the view, the endpoints and their health to the mesh's networks, the published ports to
+//! steer, the VIPs each local backend holds, and the health checks this node makes.
+//!
+//! A backend is an address the service lists (`service backend add`, or `SHOAL_SERVICE` at
+//! ADD) that is an endpoint this node believes: one of its own, or one another node announced
+//! ([`attach::believed`]). It is healthy unless its node said otherwise (a signed `hc` gossip
+//! entry, this module's [`health_key`]) or that node is down.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+
+use shoal_ingress::mesh::frame::{TCP, UDP};
+use shoal_ingress::mesh::{MeshBackend, MeshNetwork, MeshService, PortMap};
+use shoal_vxlan::wire::Mac;
+
+use super::attach::{self, Announced, Attachments};
+use super::links::SteerRule;
+use crate::cluster::{ClusterView, EndpointMode, Protocol, PublishMode, Service, UserNetwork};
+use crate::id::NodeId;
+
+/// The gossip entry key of an endpoint's health: `hc`, the VNI, the address. Its value is
+/// one byte, 1 healthy, 0 not; no entry means healthy (never checked, or no ports).
+pub fn health_key(vni: u32, ip: Ipv4Addr) -> Vec<u8> {
+    let mut k = b"hc".to_vec();
+    k.extend_from_slice(&vni.to_be_bytes());
+    k.extend_from_slice(&ip.octets());
+    k
+}
+
+/// The VNI, address and health a health entry says; `None` for any other key or value.
+pub fn decode_health(key: &[u8], value: &[u8]) -> Option<(u32, Ipv4Addr, bool)> {
+    let rest = key.strip_prefix(b"hc")?;
+    let (vni, ip) = decode_vni_ip(rest)?;
+    match value {
+        [0] => Some((vni, ip, false)),
+        [1] => Some((vni, ip, true)),
+        _ => None,
+    }
+}
+
+/// The VNI and address of a health entry's key (its value aside).
+pub fn decode_health_key(key: &[u8]) -> Option<(u32, Ipv4Addr)> {
+    decode_vni_ip(key.strip_prefix(b"hc")?)
+}
+
+fn decode_vni_ip(rest: &[u8]) -> Option<(u32, Ipv4Addr)> {
+    let b: [u8; 8] = rest.try_into().ok()?;
+    Some((
+        u32::from_be_bytes([b[0], b[1], b[2], b[3]]),
+        Ipv4Addr::new(b[4], b[5], b[6], b[7]),
+    ))
+}
+
+/// What the functions here read.
+#[derive(Debug, Clone, Copy)]
+pub struct Inputs<'a> {
+    /// The cluster view.
+    pub view: &'a ClusterView,
+    /// This node.
+    pub me: &'a NodeId,
+    /// This node's attachments.
+    pub local: &'a Attachments,
+    /// Endpoints other nodes announced.
+    pub remote: &'a HashMap<(NodeId, u32, Ipv4Addr), Announced>,
+    /// Health other nodes announced of their endpoints.
+    pub remote_health: &'a HashMap<(NodeId, u32, Ipv4Addr), bool>,
+    /// This node's checks of its own backends: (VNI, address) to healthy.
+    pub local_health: &'a HashMap<(u32, Ipv4Addr), bool>,
+    /// The nodes gossip sees up (a backend of a node down is not healthy).
+    pub up: &'a HashSet<NodeId>,
+}
+
+fn proto(p: Protocol) -> u8 {
+    match p {
+        Protocol::Tcp => TCP,
+        Protocol::Udp => UDP,
+    }
+}
+
+/// The mesh's networks: every user network, with its router at the gateway and its
+/// services, their ports and backends (see the module documentation).
+pub fn mesh_networks(i: &Inputs<'_>) -> Vec<MeshNetwork> {
+    i.view
+        .networks
+        .iter()
+        .map(|net| {
+            let services = i
+                .view
+                .services
+                .iter()
+                .filter(|s| s.network == net.id)
+                .map(|s| mesh_service(i, net, s))
+                .collect();
+            MeshNetwork {
+                vni: net.vni,
+                subnet: net.subnet,
+                gateway: net.gateway,
+                services,
+            }
+        })
+        .collect()
+}
+
+fn mesh_service(i: &Inputs<'_>, net: &UserNetwork, s: &Service) -> MeshService {
+    let remote: HashMap<Ipv4Addr, (&Announced, IpAddr)> =
+        attach::believed(i.view, i.me, net, i.remote)
+            .map(|(a, vtep)| (a.ip, (a, vtep)))
+            .collect();
+    let backends = s
+        .backends
+        .iter()
+        .filter_map(|ip| {
+            if let Some(a) = i.local.on(&net.id).find(|a| a.ip == *ip) {
+                return Some(MeshBackend {
+                    ip: *ip,
+                    mac: Mac(a.mac()),
+                    node: None,
+                    healthy: i.local_health.get(&(net.vni, *ip)).copied().unwrap_or(true),
+                });
+            }
+            let (a, vtep) = remote.get(ip)?;
+            let said = i
+                .remote_health
+                .get(&(a.node.clone(), net.vni, *ip))
+                .copied()
+                .unwrap_or(true);
+            Some(MeshBackend {
+                ip: *ip,
+                mac: Mac(a.mac),
+                node: Some(*vtep),
+                healthy: said && i.up.contains(&a.node),
+            })
+        })
+        .collect();
+    MeshService {
+        name: s.name.clone(),
+        vip: match s.endpoint_mode {
+            EndpointMode::Vip => s.vip,
+            EndpointMode::Dnsrr => None,
+        },
+        ports: s
+            .ports
+            .iter()
+            .map(|p| PortMap {
+                proto: proto(p.protocol),
+                published: p.published,
+                target: p.target,
+                host_mode: p.mode == PublishMode::Host,
+            })
+            .collect(),
+        backends,
+    }
+}
+
+/// The published ports this node steers to the mesh, on each of its `addresses`: every
+/// ingress-mode port, and host-mode ports of services with a healthy backend here.
+pub fn steer_rules(networks: &[MeshNetwork], addresses: &[Ipv4Addr]) -> Vec<SteerRule> {
+    let mut rules: Vec<SteerRule> = networks
+        .iter()
+        .flat_map(|n| &n.services)
+        .flat_map(|s| {
+            let local = s.backends.iter().any(|b| b.node.is_none() && b.healthy);
+            s.ports
+                .iter()
+                .filter(move |p| !p.host_mode || local)
+                .flat_map(|p| addresses.iter().map(move |a| (p.proto, *a, p.published)))
+        })
+        .collect();
+    rules.sort_unstable();
+    rules.dedup();
+    rules
+}
+
+/// The VIPs each of this node's attachments holds (by attachment key): those of the `vip`
+/// services of its network that list it as a backend.
+pub fn local_vips(view: &ClusterView, local: &Attachments) -> BTreeMap<String, Vec<Ipv4Addr>> {
+    local
+        .iter()
+        .map(|a| {
+            let mut vips: Vec<Ipv4Addr> = view
+                .services
+                .iter()
+                .filter(|s| s.network == a.network_id && s.backends.contains(&a.ip))
+                .filter(|s| s.endpoint_mode == EndpointMode::Vip)
+                .filter_map(|s| s.vip)
+                .collect();
+            vips.sort_unstable();
+            (a.key(), vips)
+        })
+        .collect()
+}
+
+/// A health check this node makes of one of its backends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    /// The backend's network and address.
+    pub vni: u32,
+    /// Its address.
+    pub ip: Ipv4Addr,
+    /// Its container's network namespace.
+    pub netns: String,
+    /// The TCP target ports to connect to (all must answer).
+    pub ports: Vec<u16>,
+    /// Between checks (the shortest of its services').
+    pub interval: Duration,
+    /// Failures in a row before it is unhealthy (the fewest of its services').
+    pub retries: u32,
+}
+
+/// The checks of this node's backends: one per attachment that a service with TCP ports
+/// lists (UDP targets are not checked: a connect proves nothing there).
+pub fn checks(view: &ClusterView, local: &Attachments) -> Vec<Check> {
+    let mut out = Vec::new();
+    for a in local.iter() {
+        let mine: Vec<&Service> = view
+            .services
+            .iter()
+            .filter(|s| s.network == a.network_id && s.backends.contains(&a.ip))
+            .collect();
+        let mut ports: Vec<u16> = mine
+            .iter()
+            .flat_map(|s| &s.ports)
+            .filter(|p| p.protocol == Protocol::Tcp)
+            .map(|p| p.target)
+            .collect();
+        ports.sort_unstable();
+        ports.dedup();
+        if ports.is_empty() {
+            continue;
+        }
+        let interval = mine
+            .iter()
+            .map(|s| s.health.interval_ms)
+            .min()
+            .unwrap_or(250)
+            .max(10);
+        let retries = mine
+            .iter()
+            .map(|s| s.health.retries)
+            .min()
+            .unwrap_or(2)
+            .max(1);
+        out.push(Check {
+            vni: a.vni,
+            ip: a.ip,
+            netns: a.netns.clone(),
+            ports,
+            interval: Duration::from_millis(u64::from(interval)),
+            retries,
+        });
+    }
+    out
+}
+
+/// Where a backend's check stands: failures in a row, and what was last announced.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CheckState {
+    /// Failures since the last success.
+    pub failures: u32,
+    /// Whether it counts as healthy now.
+    pub healthy: bool,
+}
+
+impl CheckState {
+    /// A new backend: healthy until its checks say otherwise.
+    pub fn new() -> Self {
+        CheckState {
+            failures: 0,
+            healthy: true,
+        }
+    }
+
+    /// Takes one check's result; whether the backend's health changed.
+    pub fn take(&mut self, ok: bool, retries: u32) -> bool {
+        let before = self.healthy;
+        if ok {
+            self.failures = 0;
+            self.healthy = true;
+        } else {
+            self.failures = self.failures.saturating_add(1);
+            if self.failures >= retries {
+                self.healthy = false;
+            }
+        }
+        before != self.healthy
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::{HealthSpec, PublishedPort};
+
+    #[test]
+    fn health_entries_round_trip_and_refuse_the_rest() {
+        let ip = Ipv4Addr::new(10, 0, 0, 5);
+        let k = health_key(4097, ip);
+        assert_eq!(decode_health(&k, &[0]), Some((4097, ip, false)));
+        assert_eq!(decode_health(&k, &[1]), Some((4097, ip, true)));
+        assert_eq!(decode_health(&k, &[2]), None);
+        assert_eq!(decode_health(&k, &[]), None);
+        assert_eq!(decode_health(&k[..9], &[1]), None);
+        assert_eq!(decode_health(&attach::entry_key(4097, ip), &[1]), None);
+        assert_eq!(decode_health_key(&k), Some((4097, ip)));
+    }
+
+    #[test]
+    fn a_backend_leaves_after_its_retries_and_comes_back_at_once() {
+        let mut s = CheckState::new();
+        assert!(!s.take(false, 2), "one failure is not enough");
+        assert!(s.take(false, 2), "the second makes it unhealthy");
+        assert!(!s.healthy);
+        assert!(!s.take(false, 2));
+        assert!(s.take(true, 2), "one success brings it back");
+        assert!(s.healthy && s.failures == 0);
+    }
+
+    fn port(published: u16, target: u16, mode: PublishMode) -> PublishedPort {
+        PublishedPort {
+            published,
+            target,
+            protocol: Protocol::Tcp,
+            mode,
+        }
+    }
+
+    fn mesh_net(ports: Vec<PortMap>, local_healthy: Option<bool>) -> MeshNetwork {
+        let backends = local_healthy
+            .map(|healthy| MeshBackend {
+                ip: Ipv4Addr::new(10, 0, 0, 2),
+                mac: Mac([2, 0x42, 10, 0, 0, 2]),
+                node: None,
+                healthy,
+            })
+            .into_iter()
+            .collect();
+        MeshNetwork {
+            vni: 4097,
+            subnet: "10.0.0.0/24".parse().unwrap(),
+            gateway: Ipv4Addr::new(10, 0, 0, 1),
+            services: vec![MeshService {
+                name: "web".into(),
+                vip: None,
+                ports,
+                backends,
+            }],
+        }
+    }
+
+    #[test]
+    fn ingress_ports_are_steered_everywhere_host_ports_only_beside_a_healthy_backend() {
+        let addr = Ipv4Addr::new(198, 18, 0, 1);
+        let ingress = PortMap {
+            proto: TCP,
+            published: 8080,
+            target: 80,
+            host_mode: false,
+        };
+        let host = PortMap {
+            proto: UDP,
+            published: 53,
+            target: 53,
+            host_mode: true,
+        };
+        let rules = |local| steer_rules(&[mesh_net(vec![ingress, host], local)], &[addr]);
+        assert_eq!(rules(None), vec![(TCP, addr, 8080)]);
+        assert_eq!(rules(Some(false)), vec![(TCP, addr, 8080)]);
+        assert_eq!(rules(Some(true)), vec![(TCP, addr, 8080), (UDP, addr, 53)]);
+        let _ = port(1, 1, PublishMode::Host);
+    }
+
+    #[test]
+    fn checks_cover_backends_with_tcp_targets_at_their_strictest_settings() {
+        use crate::agent::attach::Attachment;
+        use crate::manager::state::tests::init_cmd;
+        use crate::manager::state::{Command, State};
+        let mut st = State::default();
+        st.apply(init_cmd()).unwrap();
+        st.apply(Command::CreateNetwork(Box::new(
+            crate::manager::networks::tests::spec("web", Some("10.0.0.0/24")),
+        )))
+        .unwrap();
+        let mut view = st.view().unwrap();
+        let net = view.networks[0].clone();
+        let mk = |name: &str, ports: Vec<PublishedPort>, interval_ms, backends: &[u8]| Service {
+            id: format!("{name:0>25}"),
+            name: name.into(),
+            network: net.id.clone(),
+            endpoint_mode: EndpointMode::Vip,
+            vip: Some(Ipv4Addr::new(10, 0, 0, 254)),
+            ports,
+            health: HealthSpec {
+                interval_ms,
+                retries: 3,
+            },
+            backends: backends
+                .iter()
+                .map(|b| Ipv4Addr::new(10, 0, 0, *b))
+                .collect(),
+            created_at: 0,
+        };
+        view.services = vec![
+            mk("a", vec![port(8080, 80, PublishMode::Ingress)], 500, &[2]),
+            mk(
+                "b",
+                vec![port(9090, 90, PublishMode::Ingress)],
+                200,
+                &[2, 3],
+            ),
+            mk("c", vec![], 100, &[4]),
+        ];
+        let mut local = Attachments::default();
+        for n in [2u8, 3, 4, 5] {
+            local.insert(Attachment {
+                network_id: net.id.clone(),
+                vni: net.vni,
+                container_id: format!("c{n}"),
+                ifname: "eth0".into(),
+                netns: format!("/run/netns/c{n}"),
+                ip: Ipv4Addr::new(10, 0, 0, n),
+                prefix: 24,
+                gateway: net.gateway,
+                host_ifname: format!("shv{n}"),
+                mtu: 1450,
+                default_route: true,
+                services: vec![],
+                version: 1,
+            });
+        }
+        let mut got = checks(&view, &local);
+        got.sort_by_key(|c| c.ip);
+        let summary: Vec<(u8, Vec<u16>, u64)> = got
+            .iter()
+            .map(|c| {
+                (
+                    c.ip.octets()[3],
+                    c.ports.clone(),
+                    c.interval.as_millis() as u64,
+                )
+            })
+            .collect();
+        // .2: both services' ports, the shorter interval; .3: b's; .4: no TCP port; .5: none.
+        assert_eq!(summary, vec![(2, vec![80, 90], 200), (3, vec![90], 200)]);
+        let vips = local_vips(&view, &local);
+        assert_eq!(vips.values().filter(|v| !v.is_empty()).count(), 3);
+    }
+}
