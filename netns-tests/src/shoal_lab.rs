@@ -57,6 +57,18 @@ impl TestLab {
 
     /// [`TestLab::up`] with more `shoal lab up` flags.
     pub fn up_with(bin: &str, nodes: usize, encrypt: bool, flags: &[&str]) -> TestLab {
+        Self::up_with_env(bin, nodes, encrypt, flags, &[])
+    }
+
+    /// [`TestLab::up_with`] with environment variables for `shoal lab up`, which its agents
+    /// inherit (`SHOAL_MESH_TIMEOUTS`, say).
+    pub fn up_with_env(
+        bin: &str,
+        nodes: usize,
+        encrypt: bool,
+        flags: &[&str],
+        env: &[(&str, &str)],
+    ) -> TestLab {
         require_root();
         let name = format!(
             "t{}-{}",
@@ -84,6 +96,7 @@ impl TestLab {
             cmd.arg("--no-encrypt");
         }
         cmd.args(flags);
+        cmd.envs(env.iter().copied());
         let out = ok(&mut cmd);
         assert!(out.contains("Leader"), "{out}");
         if nodes > 1 {
