@@ -18,18 +18,23 @@ mod common;
 use common::cni::{address, cni_args, create, wait_network, Container};
 
 /// The backends' TCP server: to each connection it says its name and the peer address it
-/// sees, then echoes what it gets.
+/// sees, then echoes each line it gets, but for `later N`: after N seconds of silence it
+/// speaks first (`pushed`), as a server pushing to an idle client does.
 const SERVER: &str = r#"
-import socketserver, sys
+import socketserver, sys, time
 name = sys.argv[1]
-class H(socketserver.BaseRequestHandler):
+class H(socketserver.StreamRequestHandler):
     def handle(self):
-        self.request.sendall(f"{name} {self.client_address[0]}\n".encode())
-        while True:
-            d = self.request.recv(4096)
-            if not d:
-                break
-            self.request.sendall(d)
+        try:
+            self.wfile.write(f"{name} {self.client_address[0]}\n".encode())
+            for line in self.rfile:
+                if line.startswith(b"later "):
+                    time.sleep(float(line.split()[1]))
+                    self.wfile.write(b"pushed\n")
+                else:
+                    self.wfile.write(line)
+        except OSError:
+            pass  # a health check connects and leaves at once
 socketserver.ThreadingTCPServer.allow_reuse_address = True
 socketserver.ThreadingTCPServer.daemon_threads = True
 socketserver.ThreadingTCPServer(("0.0.0.0", 7000), H).serve_forever()
@@ -53,14 +58,16 @@ for _ in range(count):
         print("timeout")
 "#;
 
-/// One connection held idle for `idle` seconds, then used: prints the greeting and the echo.
+/// One connection left idle for `idle` seconds: the backend speaks first after the silence
+/// (so the way back must still be known), then the client is echoed. Prints the three lines.
 const IDLE_CLIENT: &str = r#"
-import socket, sys, time
-addr, port, idle = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-c = socket.create_connection((addr, port), timeout=5)
+import socket, sys
+addr, port, idle = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+c = socket.create_connection((addr, port), timeout=float(idle) + 5)
 f = c.makefile()
 print(f.readline().strip(), flush=True)
-time.sleep(idle)
+c.sendall(f"later {idle}\n".encode())
+print(f.readline().strip(), flush=True)
 c.sendall(b"still-there\n")
 print(f.readline().strip())
 "#;
@@ -289,10 +296,24 @@ fn published_ports_reach_healthy_backends_from_every_node_with_the_clients_addre
     assert_eq!(served.len(), 2, "both backends get connections: {served:?}");
 
     // An idle connection outlives every tracking timeout (all 1 s here) and still works.
-    let idle = python(&client, IDLE_CLIENT, &[NODE[1], "8080", "3"]);
+    // Meanwhile other connections come and go through the same node (tables are swept as
+    // new flows arrive): only the idle one's own entries keep its way back.
+    let idle = std::thread::scope(|s| {
+        let held = s.spawn(|| python(&client, IDLE_CLIENT, &[NODE[1], "8080", "3"]));
+        let started = Instant::now();
+        while !held.is_finished() && started.elapsed() < Duration::from_secs(15) {
+            connect(&client, NODE[1], 8080, 4);
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        held.join().unwrap()
+    });
     let lines: Vec<&str> = idle.lines().collect();
-    assert_eq!(lines.len(), 2, "{idle}");
-    assert_eq!(lines[1], "still-there", "the idle connection broke: {idle}");
+    assert_eq!(lines.len(), 3, "{idle}");
+    assert_eq!(
+        lines[1..],
+        ["pushed", "still-there"],
+        "the idle connection broke: {idle}"
+    );
 
     // Health: b1 stops answering; within a second every new connection goes to b2.
     b1.stop();
@@ -307,6 +328,7 @@ fn published_ports_reach_healthy_backends_from_every_node_with_the_clients_addre
         std::thread::sleep(Duration::from_millis(50));
     }
     let moved = moved.expect("new connections still reach the stopped backend after 5 s");
+    eprintln!("new connections left the stopped backend after {moved:?}");
     assert!(
         moved <= Duration::from_secs(1),
         "new connections left the stopped backend only after {moved:?}"
@@ -316,13 +338,17 @@ fn published_ports_reach_healthy_backends_from_every_node_with_the_clients_addre
     lab.eventually(
         "b1 serves again after its server is back",
         Duration::from_secs(10),
-        || connect(&client, NODE[2], 8080, 20).iter().any(|(b, _)| b == "b1"),
+        || {
+            connect(&client, NODE[2], 8080, 20)
+                .iter()
+                .any(|(b, _)| b == "b1")
+        },
     );
 
     // Inside the network: names at the gateway, and the VIP reaches a backend with the
     // client's own address.
-    let inspect: Value = serde_json::from_str(&shoal_ok(&lab, 1, &["service", "inspect", "web"]))
-        .unwrap();
+    let inspect: Value =
+        serde_json::from_str(&shoal_ok(&lab, 1, &["service", "inspect", "web"])).unwrap();
     let vip = inspect[0]["vip"]
         .as_str()
         .or_else(|| inspect["vip"].as_str())
@@ -372,7 +398,11 @@ fn published_ports_reach_healthy_backends_from_every_node_with_the_clients_addre
         );
         let tc = lab.exec(i + 1, &["tc", "filter", "show", "dev", "eth0", "ingress"]);
         let tc = String::from_utf8_lossy(&tc.stdout);
-        assert!(!tc.contains("pref 21320"), "n{} kept a steering filter: {tc}", i + 1);
+        assert!(
+            !tc.contains("pref 21320"),
+            "n{} kept a steering filter: {tc}",
+            i + 1
+        );
     }
     b2.stop();
 }

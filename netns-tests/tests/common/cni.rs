@@ -169,4 +169,3 @@ pub fn endpoints(lab: &TestLab, node: usize, network: &str) -> Vec<Value> {
     let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
     v[0]["endpoints"].as_array().cloned().unwrap_or_default()
 }
-
