@@ -29,7 +29,8 @@
 #   haproxy     HAProxy, TCP mode, roundrobin, on every node, over kernel VXLAN   row_haproxy
 #   haproxy-wg  the same over VXLAN over wireguard-go between the nodes (encrypted) row_haproxy_wg
 #   nft-wg      nftables DNAT over VXLAN over wireguard-go (encrypted)  row_nft_wg
-#   shoal       shoal's routing mesh: NOT BUILT YET; shoal_mesh_row prints so (replace it)
+#   shoal       shoal's routing mesh on a plain user network                 row_shoal
+#   shoal-enc   the same on an encrypted user network                        row_shoal_enc
 #
 # Output: markdown on stdout and, in full mode, in benches/mesh/results-latest.md (in --quick
 # mode a file in the run's scratch directory, so CI leaves the checkout untouched).
@@ -72,7 +73,7 @@ usage: $0 [--quick] [--reps N] [--dur SECONDS] [--conns N] [--cps-par N] [--rows
 EOF
 }
 
-ALL_ROWS="nft,haproxy,haproxy-wg,nft-wg,shoal"
+ALL_ROWS="nft,haproxy,haproxy-wg,nft-wg,shoal,shoal-enc"
 QUICK=0 REPS="" DUR="" CONNS="" CPS_PAR=4 ROWS_ARG=$ALL_ROWS OUT="" SKIP_INSTALL=0 QUIET_WAIT=""
 while (($#)); do
   case $1 in
@@ -423,7 +424,8 @@ LABEL[nft]="nftables DNAT + masquerade, kernel VXLAN"
 LABEL[haproxy]="HAProxy TCP, kernel VXLAN"
 LABEL[haproxy-wg]="HAProxy TCP, VXLAN over wireguard-go"
 LABEL[nft-wg]="nftables DNAT + masquerade, VXLAN over wireguard-go"
-LABEL[shoal]="shoal routing mesh"
+LABEL[shoal]="shoal routing mesh, plain network"
+LABEL[shoal-enc]="shoal routing mesh, encrypted network"
 
 # measure_row ID: the figures of one row, through the lab as it stands (every row calls it once
 # its published ports answer on ENTRY). Fills TPUT, RETR, CPS, SPLIT, SEES, SAMPLES, STATUS.
@@ -567,35 +569,71 @@ haproxy_row() {   # $1 row id, $2 plain|wg
 row_haproxy() { haproxy_row haproxy plain; }
 row_haproxy_wg() { haproxy_row haproxy-wg wg; }
 
-# ------------------------------------------------------------------------- shoal's row (slot)
-# REPLACE THIS FUNCTION when the routing mesh exists (docs/services.md). It must leave
-# STATUS[shoal] (ok | fail | skipped), NOTES[shoal], and, through measure_row shoal, the
-# figures. What it should do, with the helpers and names the baselines use:
-#
-#   lab_names                                  # LAB, SW_NS, NODE_NS[1..3], CLIENT_NS, BACKEND_NS
-#   SHOAL_LABS+=("$LAB")                       # lab_down (and the trap) run `shoal lab down`
-#   "$SHOAL_BIN" lab up --name "$LAB" --nodes 3 [--no-encrypt]   # NAME-sw/br0, NAME-n1..3,
-#                                              # eth0 198.18.0.1..3/24 = NODE_ADDR
-#   client_up                                  # LAB-client, 198.18.0.100/24 on the lab's br0
-#   "$SHOAL_BIN" lab exec n1 -- shoal network create --subnet "$MESH_SUBNET" mesh
-#   "$SHOAL_BIN" lab exec n1 -- shoal service create web --network mesh \
-#       --publish "$PUB_TPUT:$PUB_TPUT" --publish "$PUB_CPS:$PUB_CPS"
-#   mkns "${BACKEND_NS[k]}"  for k = 1, 2, then shoal-cni ADD of BACKEND_NS[k] on node
-#       BACKEND_NODE[k] (n2, n3; socket /run/shoal/lab-$LAB/nN.sock; see cni_call in
-#       benches/networks/run.sh) with CNI_ARGS "IP=${BACKEND_ADDR[k]};SHOAL_SERVICE=web"
-#   wait until ENTRY answers on PUB_CPS (bounded), servers_up, measure_row shoal
-#
-# One caveat for the throughput figure: iperf3's control and data connections must reach the
-# same backend; measure_row runs the iperf3 server in b1 only, so the throughput port must have
-# b1 as its only backend (a second service, or `service backend rm` of b2 around it). The
-# conn/s figure uses both backends and is address-agnostic (each reply names its backend).
-shoal_mesh_row() {
-  echo "shoal: not measured (mesh not built yet)"
-  SETUP_SKIP="not measured (mesh not built yet)"
-  return 1
+# ------------------------------------------------------------------------------ shoal's rows
+# The real lab (`shoal lab up`, the same names and addresses as the baselines), a user network
+# (plain, or encrypted for shoal-enc), two services as the baselines have them: `tput`
+# publishing PUB_TPUT with b1 alone (iperf3's two connections must meet one server) and `cps`
+# publishing PUB_CPS with b1 and b2. The backends join through shoal-cni with SHOAL_SERVICE,
+# at the baselines' addresses. Nothing else: no nft, no proxy; the agents steer the ports.
+SHOAL_BIN="" CNI_BIN=""
+build_shoal() {   # once per run: the release binaries shoal's rows run
+  [ -n "$SHOAL_BIN" ] && return 0
+  log "cargo build --release -p shoal-control -p shoal-cni"
+  if ! (cd "$REPO" && timeout 3600 cargo build --release -p shoal-control -p shoal-cni) >"$WORK/build.log" 2>&1; then
+    SETUP_ERR="the build failed: $(tail -c 300 "$WORK/build.log" | tr '\n|' ' /')"
+    return 1
+  fi
+  local td=${CARGO_TARGET_DIR:-$REPO/target}
+  SHOAL_BIN="$td/release/shoal" CNI_BIN="$td/release/shoal-cni"
 }
-row_shoal() { shoal_mesh_row; }
-SHOAL_BIN=${SHOAL_BIN:-shoal}   # for lab_down's `shoal lab down` once the row runs labs
+shoal_exec() {    # $1 node index, command...: a shoal command against that node's agent
+  local i=$1; shift
+  timeout 30 "$SHOAL_BIN" lab exec --name "$LAB" "n$i" -- "$SHOAL_BIN" "$@"
+}
+shoal_row() {     # $1 row id, $2 plain|encrypted
+  local id=$1 k opt=() conf args i ok
+  build_shoal || return 1
+  SHOAL_LABS+=("$LAB")
+  timeout 120 "$SHOAL_BIN" lab up --name "$LAB" --nodes 3 >>"$WORK/shoal-lab.log" 2>&1 \
+    || { SETUP_ERR="shoal lab up failed: $(tail -c 200 "$WORK/shoal-lab.log" | tr '\n|' ' /')"; return 1; }
+  client_up || { SETUP_ERR="could not add the client"; return 1; }
+  [ "$2" = encrypted ] && opt=(--opt encrypted)
+  shoal_exec 1 network create "${opt[@]}" --attachable --subnet "$MESH_SUBNET" mesh >>"$WORK/setup.err" 2>&1 \
+    && shoal_exec 1 service create tput --network mesh --publish "$PUB_TPUT:$PUB_TPUT" >>"$WORK/setup.err" 2>&1 \
+    && shoal_exec 1 service create cps --network mesh --publish "$PUB_CPS:$PUB_CPS" >>"$WORK/setup.err" 2>&1 \
+    || { SETUP_ERR="network or service create failed: $(tail -c 200 "$WORK/setup.err" | tr '\n|' ' /')"; return 1; }
+  for i in 2 3; do   # the backends' nodes must know the network and services first
+    ok=0
+    for _ in $(seq 1 100); do
+      shoal_exec "$i" network ls 2>/dev/null | awk '{print $2}' | grep -qx mesh && { ok=1; break; }
+      sleep 0.1
+    done
+    ((ok)) || { SETUP_ERR="n$i does not know network mesh after 10 s"; return 1; }
+  done
+  sleep 1
+  for k in 1 2; do
+    mkns "${BACKEND_NS[k]}" || { SETUP_ERR="could not make ${BACKEND_NS[k]}"; return 1; }
+    args="IP=${BACKEND_ADDR[k]};SHOAL_SERVICE=cps"
+    [ "$k" = 1 ] && args+=",tput"
+    conf="{\"cniVersion\":\"1.1.0\",\"name\":\"mesh\",\"type\":\"shoal-cni\",\"network\":\"mesh\",\"socket\":\"/run/shoal/lab-$LAB/n${BACKEND_NODE[k]}.sock\"}"
+    CNI_COMMAND=ADD CNI_CONTAINERID="${BACKEND_NS[k]}-0123456789abcdef" CNI_NETNS="/run/netns/${BACKEND_NS[k]}" \
+      CNI_IFNAME=eth0 CNI_PATH=/opt/cni/bin CNI_ARGS="$args" timeout 30 "$CNI_BIN" <<<"$conf" \
+      >>"$WORK/cni.out" 2>>"$WORK/setup.err" \
+      || { SETUP_ERR="CNI ADD of b$k failed: $(tail -c 300 "$WORK/cni.out" | tr '\n|' ' /')"; return 1; }
+  done
+  servers_up || return 1
+  ok=0
+  for _ in $(seq 1 100); do   # up to ~20 s for the ports to answer through n1
+    timeout 3 ip netns exec "$CLIENT_NS" "$PY" "$MESH_PY" client --target "$ENTRY" --port "$PUB_CPS" \
+      --count 1 --par 1 --timeout 1 2>/dev/null | jq -e '.ok == 1' >/dev/null 2>&1 && { ok=1; break; }
+    sleep 0.2
+  done
+  ((ok)) || { SETUP_ERR="the published port does not answer on $ENTRY after 20 s"; return 1; }
+  NOTES[$id]="shoal $("$SHOAL_BIN" --version 2>/dev/null | awk '{print $2}'), $2 user network, agents' routing mesh on all 3 nodes (tc steering, no NAT table, no proxy)"
+  measure_row "$id"
+}
+row_shoal() { shoal_row shoal plain; }
+row_shoal_enc() { shoal_row shoal-enc encrypted; }
 
 run_row() {      # $1 row id
   local id=$1 fn t=$SECONDS
