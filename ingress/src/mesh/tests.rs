@@ -550,3 +550,84 @@ fn the_router_answers_service_names_and_refuses_the_rest() {
     );
     assert_eq!(n.counters().dns, 4);
 }
+
+fn udp(macs: (Mac, Mac), src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(macs.1 .0, macs.0 .0)
+        .ipv4(src.ip().octets(), dst.ip().octets(), 64)
+        .udp(src.port(), dst.port());
+    let mut out = Vec::new();
+    b.write(&mut out, payload).unwrap();
+    out
+}
+
+#[test]
+fn a_udp_published_flow_goes_and_comes_back() {
+    let t0 = Instant::now();
+    let (mut n, mut m) = (
+        mesh(N_UNDERLAY, [true, false]),
+        mesh(M_UNDERLAY, [true, false]),
+    );
+    let published = sa(N_UNDERLAY, 5353);
+    let mut f = udp((N_ETH_MAC, CLIENT_MAC), client(5000), published, b"query");
+    assert!(matches!(n.on_outside(t0, &mut f), Steer::Peer { .. }));
+    assert_eq!(frame::parse(&f).unwrap().dst, sa(B1, 53));
+    assert_eq!(m.on_peer(t0, vni(), N_UNDERLAY.into(), &mut f), Steer::Pass);
+    let mut r = udp(
+        (router_mac(VNI), mac_of(B1)),
+        sa(B1, 53),
+        client(5000),
+        b"answer",
+    );
+    assert!(matches!(
+        m.on_device(t0, vni(), &mut r, &mut Vec::new()),
+        Steer::Peer { .. }
+    ));
+    assert_eq!(
+        n.on_peer(t0, vni(), M_UNDERLAY.into(), &mut r),
+        Steer::Outside
+    );
+    let back = frame::parse(&r).unwrap();
+    assert_eq!((back.src, back.dst), (published, client(5000)));
+}
+
+#[test]
+fn host_mode_ports_use_only_this_nodes_backends() {
+    let t0 = Instant::now();
+    let host = |me| {
+        let mut c = config(me, [true, true], Timeouts::default());
+        for p in &mut c.networks[0].services[0].ports {
+            p.host_mode = true;
+        }
+        let mut m = Mesh::new(Ipv4Addr::UNSPECIFIED);
+        m.set_config(&c);
+        m
+    };
+    // N holds B2: every flow goes to it, though B1 is healthy too.
+    let mut n = host(N_UNDERLAY);
+    for port in 1..50 {
+        let mut f = tcp(
+            (N_ETH_MAC, CLIENT_MAC),
+            client(port),
+            sa(N_UNDERLAY, 8080),
+            tcp_flags::SYN,
+            b"",
+        );
+        assert_eq!(n.on_outside(t0, &mut f), Steer::Device(vni()));
+        assert_eq!(*frame::parse(&f).unwrap().dst.ip(), B2);
+    }
+    // A node whose backend is unhealthy has none to give.
+    let mut c = config(N_UNDERLAY, [true, false], Timeouts::default());
+    for p in &mut c.networks[0].services[0].ports {
+        p.host_mode = true;
+    }
+    n.set_config(&c);
+    let mut f = tcp(
+        (N_ETH_MAC, CLIENT_MAC),
+        client(99),
+        sa(N_UNDERLAY, 8080),
+        tcp_flags::SYN,
+        b"",
+    );
+    assert_eq!(n.on_outside(t0, &mut f), Steer::Drop);
+    assert_eq!(n.counters().dropped(MeshDrop::NoBackend), 1);
+}
