@@ -246,7 +246,7 @@ impl Overlay {
             mac: mac_for(config.address),
             mtu: config.underlay_mtu,
             address: None,
-            offload: false,
+            offload: true,
         })
         .map_err(|source| OverlayError::Io {
             what: "creating the mesh device",

@@ -70,7 +70,7 @@ fuzz_target!(|data: &[u8]| {
     let now = *t0 + Duration::from_millis(u64::from(side) * 997);
     let vni = Vni::new(VNI).unwrap();
     let steer = match side % 3 {
-        0 => m.on_outside(now, &mut f),
+        0 => m.on_outside(now, &mut f, side & 0x80 != 0),
         1 => m.on_peer(now, vni, IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2)), &mut f),
         _ => {
             let mut reply = Vec::new();

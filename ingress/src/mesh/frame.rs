@@ -97,7 +97,9 @@ pub enum End {
 
 /// Changes one end of `flow` (as [`parse`] read it from `frame`) to `to`, updating the IPv4
 /// header checksum and the TCP or UDP checksum (whose pseudo-header holds the addresses).
-pub fn rewrite(frame: &mut [u8], flow: &Flow, end: End, to: SocketAddrV4) {
+/// A `partial` checksum (the field holds the pseudo-header sum, uncomplemented, and the rest
+/// is summed later, as Linux's CHECKSUM_PARTIAL) gets only the addresses' change.
+pub fn rewrite(frame: &mut [u8], flow: &Flow, end: End, to: SocketAddrV4, partial: bool) {
     let (ip_at, port_at, from) = match end {
         End::Source => (ETH + 12, flow.l4, flow.src),
         End::Destination => (ETH + 16, flow.l4 + 2, flow.dst),
@@ -114,6 +116,10 @@ pub fn rewrite(frame: &mut [u8], flow: &Flow, end: End, to: SocketAddrV4) {
         _ => flow.l4 + 6,
     };
     let sum = read16(frame, l4_sum);
+    if partial {
+        write16(frame, l4_sum, !adjust(!sum, &old_ip, &new_ip));
+        return;
+    }
     if flow.proto == UDP && sum == 0 {
         // UDP without a checksum stays without one.
         return;
@@ -223,14 +229,14 @@ mod tests {
                 tcp_flags::SYN
             )
         );
-        rewrite(&mut f, &flow, End::Destination, sa("10.0.1.5:80"));
+        rewrite(&mut f, &flow, End::Destination, sa("10.0.1.5:80"), false);
         assert!(checksums_ok(&f));
         let after = parse(&f).unwrap();
         assert_eq!(
             (after.src, after.dst),
             (sa("198.18.9.9:40000"), sa("10.0.1.5:80"))
         );
-        rewrite(&mut f, &after, End::Source, sa("198.18.0.7:1"));
+        rewrite(&mut f, &after, End::Source, sa("198.18.0.7:1"), false);
         assert!(checksums_ok(&f));
         assert_eq!(parse(&f).unwrap().src, sa("198.18.0.7:1"));
     }
@@ -239,13 +245,13 @@ mod tests {
     fn udp_keeps_no_checksum_and_never_writes_zero() {
         let mut f = udp_frame(sa("198.18.9.9:5000"), sa("198.18.0.1:53"), b"q");
         let flow = parse(&f).unwrap();
-        rewrite(&mut f, &flow, End::Destination, sa("10.0.1.5:5353"));
+        rewrite(&mut f, &flow, End::Destination, sa("10.0.1.5:5353"), false);
         assert!(checksums_ok(&f));
         // No checksum (0) stays none.
         let mut g = udp_frame(sa("198.18.9.9:5000"), sa("198.18.0.1:53"), b"q");
         let at = flow.l4 + 6;
         g[at..at + 2].copy_from_slice(&[0, 0]);
-        rewrite(&mut g, &flow, End::Destination, sa("10.0.1.5:5353"));
+        rewrite(&mut g, &flow, End::Destination, sa("10.0.1.5:5353"), false);
         assert_eq!(&g[at..at + 2], &[0, 0]);
     }
 
@@ -268,6 +274,42 @@ mod tests {
         assert!(parse(&g).is_none());
     }
 
+    #[test]
+    fn a_partial_checksum_gets_the_addresses_change_and_completes_right() {
+        use shoal_vxlan::offload::{segment, VirtioNetHdr};
+        let mut f = tcp_frame(sa("198.18.9.9:40000"), sa("198.18.0.1:8080"), b"some data");
+        let flow = parse(&f).unwrap();
+        // As Linux hands it over with checksum offload: the field holds the pseudo-header
+        // sum (addresses, protocol, length), folded and not complemented.
+        let l4_len = (f.len() - flow.l4) as u32;
+        let mut sum: u32 = 0;
+        for w in f[ETH + 12..ETH + 20].chunks_exact(2) {
+            sum += u32::from(u16::from_be_bytes([w[0], w[1]]));
+        }
+        sum += u32::from(TCP) + l4_len;
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        let at = flow.l4 + 16;
+        f[at..at + 2].copy_from_slice(&(sum as u16).to_be_bytes());
+        rewrite(&mut f, &flow, End::Destination, sa("10.0.1.5:80"), true);
+        let hdr = VirtioNetHdr {
+            flags: VirtioNetHdr::F_NEEDS_CSUM,
+            gso_type: VirtioNetHdr::GSO_NONE,
+            hdr_len: 0,
+            gso_size: 0,
+            csum_start: flow.l4 as u16,
+            csum_offset: 16,
+        };
+        let mut done = Vec::new();
+        segment(&hdr, &mut f, |head, tail| {
+            done = [head, tail].concat();
+        })
+        .unwrap();
+        assert!(checksums_ok(&done), "completed after the rewrite");
+        assert_eq!(parse(&done).unwrap().dst, sa("10.0.1.5:80"));
+    }
+
     proptest! {
         #[test]
         fn rewrites_keep_checksums_valid(
@@ -280,7 +322,7 @@ mod tests {
             let mut f = if udp { udp_frame(s, d, &payload) } else { tcp_frame(s, d, &payload) };
             let flow = parse(&f).unwrap();
             let end = if src_end { End::Source } else { End::Destination };
-            rewrite(&mut f, &flow, end, SocketAddrV4::new(c.into(), r));
+            rewrite(&mut f, &flow, end, SocketAddrV4::new(c.into(), r), false);
             prop_assert!(checksums_ok(&f));
         }
 

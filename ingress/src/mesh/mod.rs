@@ -390,8 +390,9 @@ impl Mesh {
         Steer::Drop
     }
 
-    /// A frame from a client outside (the mesh device): forwarded to a backend.
-    pub fn on_outside(&mut self, now: Instant, f: &mut [u8]) -> Steer {
+    /// A frame from a client outside (the mesh device): forwarded to a backend. Its L4
+    /// checksum may be `partial` (see [`frame::rewrite`]).
+    pub fn on_outside(&mut self, now: Instant, f: &mut [u8], partial: bool) -> Steer {
         let Some(flow) = frame::parse(f) else {
             return self.drop(MeshDrop::NotAFlow);
         };
@@ -443,7 +444,7 @@ impl Mesh {
             },
         );
         self.flows.observe(now, &key, true, flow.flags);
-        frame::rewrite(f, &flow, End::Destination, key.backend);
+        frame::rewrite(f, &flow, End::Destination, key.backend, partial);
         self.counters.forwarded += 1;
         match backend.node {
             // Into this node's bridge: from the router's MAC, which the bridge learns is
@@ -526,7 +527,7 @@ impl Mesh {
             return self.drop(MeshDrop::NoFlow);
         };
         self.flows.observe(now, key, false, flow.flags);
-        frame::rewrite(f, flow, End::Source, front.published);
+        frame::rewrite(f, flow, End::Source, front.published, false);
         frame::set_macs(f, front.client_mac, front.own_mac);
         self.counters.returned += 1;
         Steer::Outside
@@ -693,8 +694,8 @@ impl FrameHook for MeshHook {
         self.with(|m| m.on_peer(now, vni, vtep, frame))
     }
 
-    fn on_outside(&self, now: Instant, frame: &mut [u8]) -> Steer {
-        self.with(|m| m.on_outside(now, frame))
+    fn on_outside(&self, now: Instant, frame: &mut [u8], partial: bool) -> Steer {
+        self.with(|m| m.on_outside(now, frame, partial))
     }
 }
 

@@ -159,7 +159,7 @@ fn a_published_flow_goes_to_a_remote_backend_and_comes_back_with_the_clients_vie
         tcp_flags::SYN,
         b"",
     );
-    let to = n.on_outside(t0, &mut f);
+    let to = n.on_outside(t0, &mut f, false);
     assert_eq!(
         to,
         Steer::Peer {
@@ -215,7 +215,7 @@ fn a_local_backend_is_reached_through_the_bridge_and_answers_outside() {
         tcp_flags::SYN,
         b"",
     );
-    assert_eq!(n.on_outside(t0, &mut f), Steer::Device(vni()));
+    assert_eq!(n.on_outside(t0, &mut f, false), Steer::Device(vni()));
     assert_eq!(
         read(&f),
         (mac_of(B2), router_mac(VNI), client(1), sa(B2, 80))
@@ -250,7 +250,7 @@ fn every_node_picks_the_same_backend_and_both_get_flows() {
             tcp_flags::SYN,
             b"",
         );
-        n.on_outside(t0, &mut a);
+        n.on_outside(t0, &mut a, false);
         m.set_config(&MeshConfig {
             addresses: vec![N_UNDERLAY, M_UNDERLAY],
             ..config(M_UNDERLAY, [true, true], Timeouts::default())
@@ -262,7 +262,7 @@ fn every_node_picks_the_same_backend_and_both_get_flows() {
             tcp_flags::SYN,
             b"",
         );
-        m.on_outside(t0, &mut b);
+        m.on_outside(t0, &mut b, false);
         let (pa, pb) = (read(&a).3, read(&b).3);
         assert_eq!(pa, pb, "flow {port}");
         seen[usize::from(*pa.ip() == B2)] += 1;
@@ -285,7 +285,7 @@ fn an_unhealthy_backend_gets_no_new_flow_and_keeps_its_open_ones() {
             tcp_flags::SYN,
             b"",
         );
-        n.on_outside(t0, &mut f);
+        n.on_outside(t0, &mut f, false);
         if *read(&f).3.ip() == B1 {
             to_b1.push(port);
         }
@@ -300,7 +300,7 @@ fn an_unhealthy_backend_gets_no_new_flow_and_keeps_its_open_ones() {
         tcp_flags::ACK,
         b"more",
     );
-    n.on_outside(t0, &mut f);
+    n.on_outside(t0, &mut f, false);
     assert_eq!(*read(&f).3.ip(), B1);
     // ... and every new one goes to B2.
     for port in 3000..3100 {
@@ -311,13 +311,13 @@ fn an_unhealthy_backend_gets_no_new_flow_and_keeps_its_open_ones() {
             tcp_flags::SYN,
             b"",
         );
-        assert_eq!(n.on_outside(t0, &mut f), Steer::Device(vni()));
+        assert_eq!(n.on_outside(t0, &mut f, false), Steer::Device(vni()));
         assert_eq!(*read(&f).3.ip(), B2);
     }
     // None healthy: refused and counted.
     n.set_config(&config(N_UNDERLAY, [false, false], Timeouts::default()));
     let mut f = tcp((N_ETH_MAC, CLIENT_MAC), client(9), dst, tcp_flags::SYN, b"");
-    assert_eq!(n.on_outside(t0, &mut f), Steer::Drop);
+    assert_eq!(n.on_outside(t0, &mut f, false), Steer::Drop);
     assert_eq!(n.counters().dropped(MeshDrop::NoBackend), 1);
 }
 
@@ -333,7 +333,7 @@ fn an_idle_open_flow_outlives_every_timeout() {
     n.set_config(&config(N_UNDERLAY, [false, true], short));
     let dst = sa(N_UNDERLAY, 8080);
     let mut f = tcp((N_ETH_MAC, CLIENT_MAC), client(7), dst, tcp_flags::SYN, b"");
-    n.on_outside(t0, &mut f);
+    n.on_outside(t0, &mut f, false);
     let mut r = tcp(
         (router_mac(VNI), mac_of(B2)),
         sa(B2, 80),
@@ -358,7 +358,7 @@ fn an_idle_open_flow_outlives_every_timeout() {
     );
     // A flow that never got an answer is gone by then.
     let mut f = tcp((N_ETH_MAC, CLIENT_MAC), client(8), dst, tcp_flags::SYN, b"");
-    n.on_outside(t0, &mut f);
+    n.on_outside(t0, &mut f, false);
     n.flows.sweep(later, true);
     assert_eq!(n.flows().len(), 1);
 }
@@ -375,7 +375,7 @@ fn a_full_table_refuses_new_flows_with_a_count() {
     let steers: Vec<Steer> = (0..5)
         .map(|p| {
             let mut f = tcp((N_ETH_MAC, CLIENT_MAC), client(p), dst, tcp_flags::SYN, b"");
-            n.on_outside(t0, &mut f)
+            n.on_outside(t0, &mut f, false)
         })
         .collect();
     assert_eq!(steers.iter().filter(|s| **s == Steer::Drop).count(), 2);
@@ -397,9 +397,9 @@ fn what_is_not_published_is_dropped_and_counted() {
     ] {
         let mut f = tcp((N_ETH_MAC, CLIENT_MAC), client(1), dst, tcp_flags::SYN, b"");
         assert!(proto_ok);
-        assert_eq!(n.on_outside(t0, &mut f), Steer::Drop);
+        assert_eq!(n.on_outside(t0, &mut f, false), Steer::Drop);
     }
-    assert_eq!(n.on_outside(t0, &mut [0u8; 20]), Steer::Drop);
+    assert_eq!(n.on_outside(t0, &mut [0u8; 20], false), Steer::Drop);
     assert_eq!(n.counters().dropped(MeshDrop::NotPublished), 2);
     assert_eq!(n.counters().dropped(MeshDrop::NotAFlow), 1);
     // A member forwarding to a port of a backend that is no published target: refused.
@@ -485,7 +485,7 @@ fn service_removal_drops_its_flows() {
             tcp_flags::SYN,
             b"",
         );
-        n.on_outside(t0, &mut f);
+        n.on_outside(t0, &mut f, false);
     }
     assert_eq!(n.flows().len(), 10);
     let mut c = config(N_UNDERLAY, [true, true], Timeouts::default());
@@ -569,7 +569,10 @@ fn a_udp_published_flow_goes_and_comes_back() {
     );
     let published = sa(N_UNDERLAY, 5353);
     let mut f = udp((N_ETH_MAC, CLIENT_MAC), client(5000), published, b"query");
-    assert!(matches!(n.on_outside(t0, &mut f), Steer::Peer { .. }));
+    assert!(matches!(
+        n.on_outside(t0, &mut f, false),
+        Steer::Peer { .. }
+    ));
     assert_eq!(frame::parse(&f).unwrap().dst, sa(B1, 53));
     assert_eq!(m.on_peer(t0, vni(), N_UNDERLAY.into(), &mut f), Steer::Pass);
     let mut r = udp(
@@ -612,7 +615,7 @@ fn host_mode_ports_use_only_this_nodes_backends() {
             tcp_flags::SYN,
             b"",
         );
-        assert_eq!(n.on_outside(t0, &mut f), Steer::Device(vni()));
+        assert_eq!(n.on_outside(t0, &mut f, false), Steer::Device(vni()));
         assert_eq!(*frame::parse(&f).unwrap().dst.ip(), B2);
     }
     // A node whose backend is unhealthy has none to give.
@@ -628,6 +631,6 @@ fn host_mode_ports_use_only_this_nodes_backends() {
         tcp_flags::SYN,
         b"",
     );
-    assert_eq!(n.on_outside(t0, &mut f), Steer::Drop);
+    assert_eq!(n.on_outside(t0, &mut f, false), Steer::Drop);
     assert_eq!(n.counters().dropped(MeshDrop::NoBackend), 1);
 }

@@ -574,6 +574,9 @@ impl<'a> Outbound<'a> {
     }
 
     /// The mesh device's thread: each frame from a client outside goes where the hook says.
+    /// The device has offloads, so one read may be a 64 KiB TCP segment: the hook rewrites its
+    /// headers once, then it is cut into MTU-sized frames and sealed to the backend's node
+    /// (or written whole, virtio header and all, to the backend's local network device).
     fn run_outside(mut self, mesh: &Mesh) {
         let mut read = vec![0u8; TAP_READ];
         let mut scratch = Vec::new();
@@ -589,34 +592,41 @@ impl<'a> Outbound<'a> {
                     continue;
                 }
             };
-            // The mesh device has no offloads: every frame is whole, its checksums done.
-            match VirtioNetHdr::parse(&read[..n]) {
-                Some(h) if h.gso_type == VirtioNetHdr::GSO_NONE => {}
-                _ => {
-                    counters.tap_bad_frames.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                }
-            }
-            let frame = &mut read[VirtioNetHdr::LEN..n];
+            let Some(hdr) = VirtioNetHdr::parse(&read[..n]) else {
+                counters.tap_bad_frames.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
             let now = Instant::now();
-            match mesh.hook.on_outside(now, frame) {
+            let partial = hdr.flags & VirtioNetHdr::F_NEEDS_CSUM != 0;
+            let steer = mesh
+                .hook
+                .on_outside(now, &mut read[VirtioNetHdr::LEN..n], partial);
+            match steer {
                 Steer::Peer { vni, vtep } => {
-                    if self.pkt.set_frame(frame) {
-                        // Drops are counted by the engine.
-                        let _ = lock(&shared.outbound).handle_frame_to(
-                            now,
-                            vni,
-                            vtep,
-                            &mut self.pkt,
-                            &mut self.out,
-                        );
-                        self.send();
-                    } else {
+                    let (pkt, out) = (&mut self.pkt, &mut self.out);
+                    let segmented =
+                        offload::segment(&hdr, &mut read[VirtioNetHdr::LEN..n], |head, payload| {
+                            if pkt.set_frame_parts(head, payload) {
+                                // Drops are counted by the engine.
+                                let _ = lock(&shared.outbound)
+                                    .handle_frame_to(now, vni, vtep, pkt, out);
+                            }
+                        });
+                    if segmented.is_err() {
                         counters.tap_bad_frames.fetch_add(1, Ordering::Relaxed);
                     }
+                    self.send();
                 }
+                // As read, offloads and all: the network's device takes them too.
+                Steer::Device(vni) => match device_of(shared, vni) {
+                    Some(tap) => write_to(&tap, counters, &read[..n]),
+                    None => {
+                        counters.no_device.fetch_add(1, Ordering::Relaxed);
+                    }
+                },
                 other => {
                     let tap = Arc::clone(&mesh.outside);
+                    let frame = &read[VirtioNetHdr::LEN..n];
                     steer_locally(shared, mesh, &tap, other, frame, &mut scratch);
                 }
             }

@@ -3,8 +3,9 @@
 //! and sends flows back through the node they came in by.
 //!
 //! The driver asks the cheap `claims_*` first, with no lock and no copy, and calls the
-//! `from_*` only for frames claimed. Frames reach the hook whole and with complete checksums
-//! (after segmentation on the way out, before coalescing on the way in).
+//! `on_*` only for frames claimed. Frames from devices and peers reach the hook whole and with
+//! complete checksums (after segmentation on the way out, before coalescing on the way in);
+//! the mesh device's may be large segments with partial checksums (see `on_outside`).
 
 use std::net::IpAddr;
 use std::time::Instant;
@@ -43,6 +44,8 @@ pub trait FrameHook: Send + Sync {
     fn on_device(&self, now: Instant, vni: Vni, frame: &mut [u8], reply: &mut Vec<u8>) -> Steer;
     /// A claimed frame of network `vni`, opened from the node at `vtep`.
     fn on_peer(&self, now: Instant, vni: Vni, vtep: IpAddr, frame: &mut [u8]) -> Steer;
-    /// A frame from the mesh device (a client outside the cluster, steered there).
-    fn on_outside(&self, now: Instant, frame: &mut [u8]) -> Steer;
+    /// A frame from the mesh device (a client outside the cluster, steered there): possibly a
+    /// large TCP segment the driver cuts after the hook had it, and with its TCP/UDP checksum
+    /// left `partial` (the field holds the pseudo-header sum, as Linux's CHECKSUM_PARTIAL).
+    fn on_outside(&self, now: Instant, frame: &mut [u8], partial: bool) -> Steer;
 }
