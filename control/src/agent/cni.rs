@@ -924,10 +924,13 @@ impl Agent {
                         let tx = tx.clone();
                         tokio::spawn(async move {
                             let netns = std::path::Path::new(&c.netns);
+                            // A refused connection fails at once; a slow one gets a second
+                            // (a busy node is not a dead backend).
+                            let limit = c.interval.max(Duration::from_secs(1));
                             let mut ok = true;
                             for port in &c.ports {
                                 let addr = std::net::SocketAddr::new(c.ip.into(), *port);
-                                if !super::links::connects_in(netns, addr, c.interval).await {
+                                if !super::links::connects_in(netns, addr, limit).await {
                                     ok = false;
                                     break;
                                 }
