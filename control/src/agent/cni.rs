@@ -114,6 +114,11 @@ impl Endpoints {
         (segments, mesh)
     }
 
+    /// Whether one of this node's attachments has address `ip`.
+    pub fn holds(&self, ip: Ipv4Addr) -> bool {
+        lock(&self.local).iter().any(|a| a.ip == ip)
+    }
+
     /// What gossip says is up now.
     pub fn set_up(&self, up: Arc<HashSet<NodeId>>) {
         *lock(&self.up) = up;

@@ -1394,6 +1394,23 @@ impl Agent {
             return Ok(self.with_data_path(&m, reply));
         }
         if m.role() != Role::Manager {
+            // A worker may name its own containers as backends, as the CNI path does (the
+            // managers accept it for addresses the view gives this node only).
+            if let AdminRequest::ServiceBackend {
+                service,
+                endpoint,
+                present,
+            } = &request
+            {
+                if let Ok(ip) = endpoint.parse::<std::net::Ipv4Addr>() {
+                    if self.endpoints.holds(ip) {
+                        self.set_backend(service, ip, *present)
+                            .await
+                            .map_err(AdminCallError::Endpoint)?;
+                        return Ok(Reply::Lines(vec![ip.to_string()]));
+                    }
+                }
+            }
             return Err(AdminCallError::NotManager);
         }
         // A manager whose own manager is not running yet: ask another.
