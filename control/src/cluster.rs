@@ -186,18 +186,9 @@ pub struct PublishedPort {
 }
 
 impl std::fmt::Display for PublishedPort {
-    /// As docker's `service ls` shows it: `*:8080->80/tcp` (ingress), `8080->80/tcp` (host).
+    /// As docker's `service ls` shows it (the wire form's [`wire::PortV1`] writes it).
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.mode == PublishMode::Ingress {
-            f.write_str("*:")?;
-        }
-        write!(
-            f,
-            "{}->{}/{}",
-            self.published,
-            self.target,
-            self.protocol.as_str()
-        )
+        wire::PortV1::from(*self).fmt(f)
     }
 }
 

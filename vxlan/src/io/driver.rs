@@ -421,6 +421,27 @@ impl Drop for Dataplane {
     }
 }
 
+/// One read from `tap` into `buf`: the virtio header and the length read, or `None` for a
+/// time-out ([`POLL`]), a failed read (counted, then a pause) or a malformed one (counted).
+fn read_device(tap: &Tap, buf: &mut [u8], counters: &IoCounters) -> Option<(VirtioNetHdr, usize)> {
+    let n = match tap.recv_timeout(buf, POLL) {
+        Ok(n) => n,
+        Err(e) if is_timeout(&e) => return None,
+        Err(_) => {
+            counters.tap_read_errors.fetch_add(1, Ordering::Relaxed);
+            std::thread::sleep(POLL);
+            return None;
+        }
+    };
+    match VirtioNetHdr::parse(&buf[..n]) {
+        Some(hdr) => Some((hdr, n)),
+        None => {
+            counters.tap_bad_frames.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
 fn is_timeout(e: &io::Error) -> bool {
     matches!(
         e.kind(),
@@ -471,17 +492,7 @@ impl<'a> Outbound<'a> {
         let shared = self.shared;
         let counters = &self.shared.counters;
         while !self.shared.stop.load(Ordering::Relaxed) && !self.stop.load(Ordering::Relaxed) {
-            let n = match tap.recv_timeout(&mut read, POLL) {
-                Ok(n) => n,
-                Err(e) if is_timeout(&e) => continue,
-                Err(_) => {
-                    counters.tap_read_errors.fetch_add(1, Ordering::Relaxed);
-                    std::thread::sleep(POLL);
-                    continue;
-                }
-            };
-            let Some(hdr) = VirtioNetHdr::parse(&read[..n]) else {
-                counters.tap_bad_frames.fetch_add(1, Ordering::Relaxed);
+            let Some((hdr, n)) = read_device(tap, &mut read, counters) else {
                 continue;
             };
             let frame = &mut read[VirtioNetHdr::LEN..n];
@@ -583,17 +594,7 @@ impl<'a> Outbound<'a> {
         let shared = self.shared;
         let counters = &shared.counters;
         while !shared.stop.load(Ordering::Relaxed) && !self.stop.load(Ordering::Relaxed) {
-            let n = match mesh.outside.recv_timeout(&mut read, POLL) {
-                Ok(n) => n,
-                Err(e) if is_timeout(&e) => continue,
-                Err(_) => {
-                    counters.tap_read_errors.fetch_add(1, Ordering::Relaxed);
-                    std::thread::sleep(POLL);
-                    continue;
-                }
-            };
-            let Some(hdr) = VirtioNetHdr::parse(&read[..n]) else {
-                counters.tap_bad_frames.fetch_add(1, Ordering::Relaxed);
+            let Some((hdr, n)) = read_device(&mesh.outside, &mut read, counters) else {
                 continue;
             };
             let now = Instant::now();
