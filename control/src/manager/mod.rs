@@ -220,42 +220,56 @@ impl From<ApplyError> for AdminError {
     }
 }
 
-/// The name of the network called `name`, or whose ID is or starts with `name` (as docker
-/// takes a name, an ID or a unique prefix of one).
+/// What `name` names among `items` (name, ID), as docker takes a name, an ID or a unique
+/// prefix of one: `Ok(Some(the name))`, `Ok(None)` for nothing, `Err(count)` for a prefix of
+/// several IDs.
+fn by_name_or_id<'a>(
+    items: impl Iterator<Item = (&'a str, &'a str)> + Clone,
+    name: &str,
+) -> Result<Option<String>, usize> {
+    if items.clone().any(|(n, _)| n == name) {
+        return Ok(Some(name.to_owned()));
+    }
+    let mut by_id = items.filter(|(_, id)| !name.is_empty() && id.starts_with(name));
+    match (by_id.next(), by_id.next()) {
+        (Some((n, _)), None) => Ok(Some(n.to_owned())),
+        (Some(_), Some(_)) => Err(2 + by_id.count()),
+        (None, _) => Ok(None),
+    }
+}
+
+/// The name of the network called `name`, or whose ID is or starts with `name`.
 pub fn resolve_network(cluster: &Cluster, name: &str) -> Result<String, AdminError> {
-    if name == cluster.ingress.name || cluster.networks.contains_key(name) {
+    if name == cluster.ingress.name {
         return Ok(name.to_owned());
     }
-    let mut by_id = cluster
+    let items = cluster
         .networks
         .values()
-        .filter(|n| !name.is_empty() && n.id.starts_with(name));
-    match (by_id.next(), by_id.next()) {
-        (Some(n), None) => Ok(n.name.clone()),
-        (Some(_), Some(_)) => Err(AdminError::AmbiguousPrefix {
+        .map(|n| (n.name.as_str(), n.id.as_str()));
+    match by_name_or_id(items, name) {
+        Ok(Some(n)) => Ok(n),
+        Ok(None) => Err(ApplyError::from(NetworkError::NotFound(name.to_owned())).into()),
+        Err(count) => Err(AdminError::AmbiguousPrefix {
             name: name.to_owned(),
-            count: 2 + by_id.count(),
+            count,
         }),
-        (None, _) => Err(ApplyError::from(NetworkError::NotFound(name.to_owned())).into()),
     }
 }
 
 /// The name of the service called `name`, or whose ID is or starts with `name`.
 pub fn resolve_service(cluster: &Cluster, name: &str) -> Result<String, AdminError> {
-    if cluster.services.contains_key(name) {
-        return Ok(name.to_owned());
-    }
-    let mut by_id = cluster
+    let items = cluster
         .services
         .values()
-        .filter(|s| !name.is_empty() && s.id.starts_with(name));
-    match (by_id.next(), by_id.next()) {
-        (Some(s), None) => Ok(s.name.clone()),
-        (Some(_), Some(_)) => Err(AdminError::AmbiguousService {
+        .map(|s| (s.name.as_str(), s.id.as_str()));
+    match by_name_or_id(items, name) {
+        Ok(Some(n)) => Ok(n),
+        Ok(None) => Err(ApplyError::from(ServiceError::NotFound(name.to_owned())).into()),
+        Err(count) => Err(AdminError::AmbiguousService {
             name: name.to_owned(),
-            count: 2 + by_id.count(),
+            count,
         }),
-        (None, _) => Err(ApplyError::from(ServiceError::NotFound(name.to_owned())).into()),
     }
 }
 
