@@ -56,9 +56,9 @@ pub struct Endpoints {
     granted: Mutex<HashMap<String, Vec<Ipv4Net>>>,
     links: tokio::sync::OnceCell<Links>,
     /// Health other nodes announced of their endpoints.
-    remote_health: Mutex<HashMap<(NodeId, u32, Ipv4Addr), bool>>,
-    /// This node's backends' health, as announced: (VNI, address) to healthy.
-    local_health: Mutex<HashMap<(u32, Ipv4Addr), bool>>,
+    remote_health: Mutex<HashMap<(NodeId, services::Target), bool>>,
+    /// This node's backends' health, as announced, by target.
+    local_health: Mutex<HashMap<services::Target, bool>>,
     /// The nodes gossip sees up.
     up: Mutex<Arc<HashSet<NodeId>>>,
     /// The published ports steered to the mesh, as last made.
@@ -124,15 +124,15 @@ impl Endpoints {
         *lock(&self.up) = up;
     }
 
-    /// Records this node's check of backend (`vni`, `ip`); whether that is news to announce.
-    pub fn set_local_health(&self, vni: u32, ip: Ipv4Addr, healthy: bool) -> bool {
-        lock(&self.local_health).insert((vni, ip), healthy) != Some(healthy)
+    /// Records this node's check of a backend's target; whether that is news to announce.
+    pub fn set_local_health(&self, t: services::Target, healthy: bool) -> bool {
+        lock(&self.local_health).insert(t, healthy) != Some(healthy)
     }
 
-    /// Forgets the health of backends no longer checked here; their keys.
-    pub fn retain_local_health(&self, keep: &HashSet<(u32, Ipv4Addr)>) -> Vec<(u32, Ipv4Addr)> {
+    /// Forgets the health of targets no longer checked here; which they were.
+    pub fn retain_local_health(&self, keep: &HashSet<services::Target>) -> Vec<services::Target> {
         let mut h = lock(&self.local_health);
-        let gone: Vec<(u32, Ipv4Addr)> = h.keys().filter(|k| !keep.contains(k)).copied().collect();
+        let gone: Vec<services::Target> = h.keys().filter(|k| !keep.contains(k)).copied().collect();
         for k in &gone {
             h.remove(k);
         }
@@ -255,11 +255,11 @@ impl Endpoints {
     /// Takes what gossip says of node `author`'s entry `key`: an endpoint announced, or with
     /// `None`, gone. Whether anything changed.
     pub fn take_entry(&self, author: &NodeId, key: &[u8], value: Option<&[u8]>) -> bool {
-        if let Some((vni, ip)) = services::decode_health_key(key) {
+        if let Some(t) = services::decode_health_key(key) {
             let mut health = lock(&self.remote_health);
-            let k = (author.clone(), vni, ip);
+            let k = (author.clone(), t);
             return match value.and_then(|v| services::decode_health(key, v)) {
-                Some((_, _, healthy)) => health.insert(k, healthy) != Some(healthy),
+                Some((_, healthy)) => health.insert(k, healthy) != Some(healthy),
                 None => health.remove(&k).is_some(),
             };
         }
@@ -289,14 +289,14 @@ impl Endpoints {
                 )
             })
             .collect();
-        let health: Vec<((u32, Ipv4Addr), bool)> = lock(&self.local_health)
+        let health: Vec<(services::Target, bool)> = lock(&self.local_health)
             .iter()
             .map(|(k, h)| (*k, *h))
             .collect();
-        for ((vni, ip), healthy) in health {
+        for (t, healthy) in health {
             let version = local.take_version(now_ms());
             out.push((
-                services::health_key(vni, ip),
+                services::health_key(t),
                 version,
                 Some(vec![u8::from(healthy)]),
             ));
@@ -899,22 +899,21 @@ impl Agent {
         }
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<((u32, Ipv4Addr), bool)>();
-        let mut due: HashMap<(u32, Ipv4Addr), Due> = HashMap::new();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(services::Target, bool)>();
+        let mut due: HashMap<services::Target, Due> = HashMap::new();
         loop {
             tokio::select! {
                 _ = tick.tick() => {
                     let Some(m) = self.membership.get() else { continue };
                     let checks = services::checks(&m.view, &lock(&self.endpoints.local));
-                    let keep: HashSet<(u32, Ipv4Addr)> =
-                        checks.iter().map(|c| (c.vni, c.ip)).collect();
+                    let keep: HashSet<services::Target> = checks.iter().map(|c| c.target).collect();
                     due.retain(|k, _| keep.contains(k));
-                    for (vni, ip) in self.endpoints.retain_local_health(&keep) {
-                        self.announce_health(vni, ip, None);
+                    for t in self.endpoints.retain_local_health(&keep) {
+                        self.announce_health(t, None);
                     }
                     let now = Instant::now();
                     for c in checks {
-                        let d = due.entry((c.vni, c.ip)).or_insert(Due {
+                        let d = due.entry(c.target).or_insert(Due {
                             state: services::CheckState::new(),
                             next: now,
                             running: false,
@@ -932,15 +931,10 @@ impl Agent {
                             // A refused connection fails at once; a slow one gets a second
                             // (a busy node is not a dead backend).
                             let limit = c.interval.max(Duration::from_secs(1));
-                            let mut ok = true;
-                            for port in &c.ports {
-                                let addr = std::net::SocketAddr::new(c.ip.into(), *port);
-                                if !super::links::connects_in(netns, addr, limit).await {
-                                    ok = false;
-                                    break;
-                                }
-                            }
-                            let _ = tx.send(((c.vni, c.ip), ok));
+                            let (_, ip, port) = c.target;
+                            let addr = std::net::SocketAddr::new(ip.into(), port);
+                            let ok = super::links::connects_in(netns, addr, limit).await;
+                            let _ = tx.send((c.target, ok));
                         });
                     }
                 }
@@ -949,13 +943,13 @@ impl Agent {
                     d.running = false;
                     d.state.take(ok, d.retries);
                     let healthy = d.state.healthy;
-                    if self.endpoints.set_local_health(key.0, key.1, healthy) {
+                    if self.endpoints.set_local_health(key, healthy) {
                         if !healthy {
-                            warn!(ip = %key.1, "a backend failed its health check");
+                            warn!(ip = %key.1, port = key.2, "a backend failed its health check");
                         } else {
-                            info!(ip = %key.1, "a backend passes its health check");
+                            info!(ip = %key.1, port = key.2, "a backend passes its health check");
                         }
-                        self.announce_health(key.0, key.1, Some(healthy));
+                        self.announce_health(key, Some(healthy));
                         if let Err(e) = self.sync_networks() {
                             warn!("data path could not follow a backend's health: {e}");
                         }
@@ -966,11 +960,11 @@ impl Agent {
     }
 
     /// Tells the cluster of a backend's health (`None`: no longer checked here).
-    fn announce_health(&self, vni: u32, ip: Ipv4Addr, healthy: Option<bool>) {
+    fn announce_health(&self, t: services::Target, healthy: Option<bool>) {
         let Some(gossip) = self.running().gossip.clone() else {
             return;
         };
-        let key = services::health_key(vni, ip);
+        let key = services::health_key(t);
         let version = lock(&self.endpoints.local).take_version(now_ms());
         let value = healthy.map(|h| vec![u8::from(h)]);
         tokio::spawn(async move { super::gossip::announce(&gossip, key, version, value).await });

@@ -20,36 +20,38 @@ use super::links::SteerRule;
 use crate::cluster::{ClusterView, EndpointMode, Protocol, PublishMode, Service, UserNetwork};
 use crate::id::NodeId;
 
-/// The gossip entry key of an endpoint's health: `hc`, the VNI, the address. Its value is
-/// one byte, 1 healthy, 0 not; no entry means healthy (never checked, or no ports).
-pub fn health_key(vni: u32, ip: Ipv4Addr) -> Vec<u8> {
+/// What one health check is of: a backend's network (VNI), address and TCP target port. A
+/// backend is healthy for a service when each of that service's TCP targets is: one endpoint
+/// may back several services, and one's server being down says nothing of another's.
+pub type Target = (u32, Ipv4Addr, u16);
+
+/// The gossip entry key of a target's health: `hc`, the VNI, the address, the port. Its value
+/// is one byte, 1 healthy, 0 not; no entry means healthy (never checked yet).
+pub fn health_key(t: Target) -> Vec<u8> {
     let mut k = b"hc".to_vec();
-    k.extend_from_slice(&vni.to_be_bytes());
-    k.extend_from_slice(&ip.octets());
+    k.extend_from_slice(&t.0.to_be_bytes());
+    k.extend_from_slice(&t.1.octets());
+    k.extend_from_slice(&t.2.to_be_bytes());
     k
 }
 
-/// The VNI, address and health a health entry says; `None` for any other key or value.
-pub fn decode_health(key: &[u8], value: &[u8]) -> Option<(u32, Ipv4Addr, bool)> {
-    let rest = key.strip_prefix(b"hc")?;
-    let (vni, ip) = decode_vni_ip(rest)?;
+/// The target and health a health entry says; `None` for any other key or value.
+pub fn decode_health(key: &[u8], value: &[u8]) -> Option<(Target, bool)> {
+    let t = decode_health_key(key)?;
     match value {
-        [0] => Some((vni, ip, false)),
-        [1] => Some((vni, ip, true)),
+        [0] => Some((t, false)),
+        [1] => Some((t, true)),
         _ => None,
     }
 }
 
-/// The VNI and address of a health entry's key (its value aside).
-pub fn decode_health_key(key: &[u8]) -> Option<(u32, Ipv4Addr)> {
-    decode_vni_ip(key.strip_prefix(b"hc")?)
-}
-
-fn decode_vni_ip(rest: &[u8]) -> Option<(u32, Ipv4Addr)> {
-    let b: [u8; 8] = rest.try_into().ok()?;
+/// The target of a health entry's key (its value aside).
+pub fn decode_health_key(key: &[u8]) -> Option<Target> {
+    let b: [u8; 10] = key.strip_prefix(b"hc")?.try_into().ok()?;
     Some((
         u32::from_be_bytes([b[0], b[1], b[2], b[3]]),
         Ipv4Addr::new(b[4], b[5], b[6], b[7]),
+        u16::from_be_bytes([b[8], b[9]]),
     ))
 }
 
@@ -64,10 +66,10 @@ pub struct Inputs<'a> {
     pub local: &'a Attachments,
     /// Endpoints other nodes announced.
     pub remote: &'a HashMap<(NodeId, u32, Ipv4Addr), Announced>,
-    /// Health other nodes announced of their endpoints.
-    pub remote_health: &'a HashMap<(NodeId, u32, Ipv4Addr), bool>,
-    /// This node's checks of its own backends: (VNI, address) to healthy.
-    pub local_health: &'a HashMap<(u32, Ipv4Addr), bool>,
+    /// Health other nodes announced of their endpoints' targets.
+    pub remote_health: &'a HashMap<(NodeId, Target), bool>,
+    /// This node's checks of its own backends' targets.
+    pub local_health: &'a HashMap<Target, bool>,
     /// The nodes gossip sees up (a backend of a node down is not healthy).
     pub up: &'a HashSet<NodeId>,
 }
@@ -108,6 +110,12 @@ fn mesh_service(i: &Inputs<'_>, net: &UserNetwork, s: &Service) -> MeshService {
         attach::believed(i.view, i.me, net, i.remote)
             .map(|(a, vtep)| (a.ip, (a, vtep)))
             .collect();
+    let targets = tcp_targets(s);
+    let passes = |ip: Ipv4Addr, said: &dyn Fn(Target) -> Option<bool>| {
+        targets
+            .iter()
+            .all(|port| said((net.vni, ip, *port)).unwrap_or(true))
+    };
     let backends = s
         .backends
         .iter()
@@ -117,15 +125,11 @@ fn mesh_service(i: &Inputs<'_>, net: &UserNetwork, s: &Service) -> MeshService {
                     ip: *ip,
                     mac: Mac(a.mac()),
                     node: None,
-                    healthy: i.local_health.get(&(net.vni, *ip)).copied().unwrap_or(true),
+                    healthy: passes(*ip, &|t| i.local_health.get(&t).copied()),
                 });
             }
             let (a, vtep) = remote.get(ip)?;
-            let said = i
-                .remote_health
-                .get(&(a.node.clone(), net.vni, *ip))
-                .copied()
-                .unwrap_or(true);
+            let said = passes(*ip, &|t| i.remote_health.get(&(a.node.clone(), t)).copied());
             Some(MeshBackend {
                 ip: *ip,
                 mac: Mac(a.mac),
@@ -192,66 +196,59 @@ pub fn local_vips(view: &ClusterView, local: &Attachments) -> BTreeMap<String, V
         .collect()
 }
 
-/// A health check this node makes of one of its backends.
+/// A service's TCP target ports (what its backends' checks connect to; a connect proves
+/// nothing of UDP).
+fn tcp_targets(s: &Service) -> Vec<u16> {
+    let mut ports: Vec<u16> = s
+        .ports
+        .iter()
+        .filter(|p| p.protocol == Protocol::Tcp)
+        .map(|p| p.target)
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}
+
+/// A health check this node makes: one TCP target of one of its backends.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Check {
-    /// The backend's network and address.
-    pub vni: u32,
-    /// Its address.
-    pub ip: Ipv4Addr,
+    /// The backend's network, address and target port.
+    pub target: Target,
     /// Its container's network namespace.
     pub netns: String,
-    /// The TCP target ports to connect to (all must answer).
-    pub ports: Vec<u16>,
-    /// Between checks (the shortest of its services').
+    /// Between checks (the shortest of the services' with this target).
     pub interval: Duration,
-    /// Failures in a row before it is unhealthy (the fewest of its services').
+    /// Failures in a row before it is unhealthy (the fewest of those services').
     pub retries: u32,
 }
 
-/// The checks of this node's backends: one per attachment that a service with TCP ports
-/// lists (UDP targets are not checked: a connect proves nothing there).
+/// The checks of this node's backends: one per TCP target port of each service that lists
+/// one of its attachments.
 pub fn checks(view: &ClusterView, local: &Attachments) -> Vec<Check> {
-    let mut out = Vec::new();
+    let mut out: BTreeMap<Target, Check> = BTreeMap::new();
     for a in local.iter() {
-        let mine: Vec<&Service> = view
+        for s in view
             .services
             .iter()
             .filter(|s| s.network == a.network_id && s.backends.contains(&a.ip))
-            .collect();
-        let mut ports: Vec<u16> = mine
-            .iter()
-            .flat_map(|s| &s.ports)
-            .filter(|p| p.protocol == Protocol::Tcp)
-            .map(|p| p.target)
-            .collect();
-        ports.sort_unstable();
-        ports.dedup();
-        if ports.is_empty() {
-            continue;
+        {
+            let interval = Duration::from_millis(u64::from(s.health.interval_ms.max(10)));
+            let retries = s.health.retries.max(1);
+            for port in tcp_targets(s) {
+                let target = (a.vni, a.ip, port);
+                let c = out.entry(target).or_insert_with(|| Check {
+                    target,
+                    netns: a.netns.clone(),
+                    interval,
+                    retries,
+                });
+                c.interval = c.interval.min(interval);
+                c.retries = c.retries.min(retries);
+            }
         }
-        let interval = mine
-            .iter()
-            .map(|s| s.health.interval_ms)
-            .min()
-            .unwrap_or(250)
-            .max(10);
-        let retries = mine
-            .iter()
-            .map(|s| s.health.retries)
-            .min()
-            .unwrap_or(2)
-            .max(1);
-        out.push(Check {
-            vni: a.vni,
-            ip: a.ip,
-            netns: a.netns.clone(),
-            ports,
-            interval: Duration::from_millis(u64::from(interval)),
-            retries,
-        });
     }
-    out
+    out.into_values().collect()
 }
 
 /// Where a backend's check stands: failures in a row, and what was last announced.
@@ -295,15 +292,15 @@ mod tests {
 
     #[test]
     fn health_entries_round_trip_and_refuse_the_rest() {
-        let ip = Ipv4Addr::new(10, 0, 0, 5);
-        let k = health_key(4097, ip);
-        assert_eq!(decode_health(&k, &[0]), Some((4097, ip, false)));
-        assert_eq!(decode_health(&k, &[1]), Some((4097, ip, true)));
+        let t = (4097, Ipv4Addr::new(10, 0, 0, 5), 8080);
+        let k = health_key(t);
+        assert_eq!(decode_health(&k, &[0]), Some((t, false)));
+        assert_eq!(decode_health(&k, &[1]), Some((t, true)));
         assert_eq!(decode_health(&k, &[2]), None);
         assert_eq!(decode_health(&k, &[]), None);
-        assert_eq!(decode_health(&k[..9], &[1]), None);
-        assert_eq!(decode_health(&attach::entry_key(4097, ip), &[1]), None);
-        assert_eq!(decode_health_key(&k), Some((4097, ip)));
+        assert_eq!(decode_health(&k[..11], &[1]), None);
+        assert_eq!(decode_health(&attach::entry_key(4097, t.1), &[1]), None);
+        assert_eq!(decode_health_key(&k), Some(t));
     }
 
     #[test]
@@ -371,8 +368,9 @@ mod tests {
         let _ = port(1, 1, PublishMode::Host);
     }
 
-    #[test]
-    fn checks_cover_backends_with_tcp_targets_at_their_strictest_settings() {
+    /// Services a (8080->80, 500 ms), b (9090->90, 200 ms), c (no port) on one network, and
+    /// this node's attachments .2 to .5 (.2 backs a and b, .3 b, .4 c).
+    fn fixture() -> (ClusterView, Attachments) {
         use crate::agent::attach::Attachment;
         use crate::manager::state::tests::init_cmd;
         use crate::manager::state::{Command, State};
@@ -429,21 +427,63 @@ mod tests {
                 version: 1,
             });
         }
-        let mut got = checks(&view, &local);
-        got.sort_by_key(|c| c.ip);
-        let summary: Vec<(u8, Vec<u16>, u64)> = got
+        (view, local)
+    }
+
+    #[test]
+    fn checks_cover_backends_with_tcp_targets_at_their_strictest_settings() {
+        let (view, local) = fixture();
+        let got = checks(&view, &local);
+        let summary: Vec<(u8, u16, u64)> = got
             .iter()
             .map(|c| {
-                (
-                    c.ip.octets()[3],
-                    c.ports.clone(),
-                    c.interval.as_millis() as u64,
-                )
+                let (_, ip, port) = c.target;
+                (ip.octets()[3], port, c.interval.as_millis() as u64)
             })
             .collect();
-        // .2: both services' ports, the shorter interval; .3: b's; .4: no TCP port; .5: none.
-        assert_eq!(summary, vec![(2, vec![80, 90], 200), (3, vec![90], 200)]);
+        // .2: each service's port at that service's interval; .3: b's; .4: no TCP port;
+        // .5: no service.
+        assert_eq!(summary, vec![(2, 80, 500), (2, 90, 200), (3, 90, 200)]);
         let vips = local_vips(&view, &local);
         assert_eq!(vips.values().filter(|v| !v.is_empty()).count(), 3);
+    }
+
+    #[test]
+    fn a_failing_target_takes_a_backend_out_of_that_service_only() {
+        let (view, local) = fixture();
+        let me = view.nodes[0].id.clone();
+        let vni = view.networks[0].vni;
+        let dot2 = Ipv4Addr::new(10, 0, 0, 2);
+        let health_of = |local_health: &HashMap<Target, bool>| -> Vec<(String, bool)> {
+            let nets = mesh_networks(&Inputs {
+                view: &view,
+                me: &me,
+                local: &local,
+                remote: &HashMap::new(),
+                remote_health: &HashMap::new(),
+                local_health,
+                up: &HashSet::new(),
+            });
+            nets[0]
+                .services
+                .iter()
+                .flat_map(|s| {
+                    s.backends
+                        .iter()
+                        .filter(|b| b.ip == dot2)
+                        .map(|b| (s.name.clone(), b.healthy))
+                })
+                .collect()
+        };
+        assert_eq!(
+            health_of(&HashMap::new()),
+            vec![("a".into(), true), ("b".into(), true)]
+        );
+        // a's target (80) fails: out of a, still in b (whose target is 90).
+        let failing = HashMap::from([((vni, dot2, 80), false), ((vni, dot2, 90), true)]);
+        assert_eq!(
+            health_of(&failing),
+            vec![("a".into(), false), ("b".into(), true)]
+        );
     }
 }
