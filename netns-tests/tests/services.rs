@@ -404,5 +404,30 @@ fn published_ports_reach_healthy_backends_from_every_node_with_the_clients_addre
             i + 1
         );
     }
+    // A node that leaves answers on no published port.
+    shoal_ok(
+        &lab,
+        1,
+        &[
+            "service",
+            "create",
+            "api",
+            "--network",
+            "front",
+            "--publish",
+            "9090:7000",
+        ],
+    );
+    let steered = |i: usize| {
+        let tc = lab.exec(i, &["tc", "filter", "show", "dev", "eth0", "ingress"]);
+        String::from_utf8_lossy(&tc.stdout).contains("pref 21320")
+    };
+    lab.eventually("n2 steers 9090", Duration::from_secs(10), || steered(2));
+    shoal_ok(&lab, 2, &["leave"]);
+    lab.eventually(
+        "n2 steers nothing after leave",
+        Duration::from_secs(10),
+        || !steered(2),
+    );
     b2.stop();
 }

@@ -61,8 +61,8 @@ pub struct Endpoints {
     local_health: Mutex<HashMap<services::Target, bool>>,
     /// The nodes gossip sees up.
     up: Mutex<Arc<HashSet<NodeId>>>,
-    /// The published ports steered to the mesh, as last made.
-    steered: tokio::sync::Mutex<Option<Vec<super::links::SteerRule>>>,
+    /// The published ports steered to the mesh, as last made, and the underlay interface.
+    steered: tokio::sync::Mutex<Option<(String, Vec<super::links::SteerRule>)>>,
     /// The VIPs each attachment's loopback holds, as last made (by attachment key).
     vips: tokio::sync::Mutex<BTreeMap<String, Vec<Ipv4Addr>>>,
 }
@@ -114,6 +114,26 @@ impl Endpoints {
         (segments, mesh)
     }
 
+    /// Takes the published ports' steering away (on `leave`: a node out of the swarm answers
+    /// on none).
+    pub async fn unsteer(&self) {
+        let mut steered = self.steered.lock().await;
+        if let Some((underlay, _)) = steered.as_ref() {
+            let done = match self.links().await {
+                Ok(links) => {
+                    links
+                        .set_steering(underlay, shoal_ingress::overlay::MESH_INTERFACE, &[])
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            match done {
+                Ok(()) => *steered = None,
+                Err(e) => warn!("could not take the published ports' steering away: {e}"),
+            }
+        }
+    }
+
     /// Whether one of this node's attachments has address `ip`.
     pub fn holds(&self, ip: Ipv4Addr) -> bool {
         lock(&self.local).iter().any(|a| a.ip == ip)
@@ -153,13 +173,12 @@ impl Endpoints {
         };
         {
             let mut steered = self.steered.lock().await;
-            if steered.as_ref() != Some(&rules) {
+            if steered.as_ref().map(|(_, r)| r) != Some(&rules) {
                 let made = match links.interface_with(address).await {
-                    Ok(Some(underlay)) => {
-                        links
-                            .set_steering(&underlay, shoal_ingress::overlay::MESH_INTERFACE, &rules)
-                            .await
-                    }
+                    Ok(Some(underlay)) => links
+                        .set_steering(&underlay, shoal_ingress::overlay::MESH_INTERFACE, &rules)
+                        .await
+                        .map(|()| underlay),
                     Ok(None) => Err(LinkError::NotFound {
                         name: format!("(the interface with {address})"),
                         ns: super::links::Namespace::Node,
@@ -167,7 +186,7 @@ impl Endpoints {
                     Err(e) => Err(e),
                 };
                 match made {
-                    Ok(()) => *steered = Some(rules),
+                    Ok(underlay) => *steered = Some((underlay, rules)),
                     Err(e) => warn!("could not steer the published ports: {e}"),
                 }
             }
@@ -990,6 +1009,7 @@ impl Agent {
         }
         lock(&self.endpoints.remote).clear();
         lock(&self.endpoints.granted).clear();
+        self.endpoints.unsteer().await;
     }
 
     /// At start: attachments whose namespace is gone are deleted (the container went while

@@ -559,14 +559,22 @@ impl Links {
     ) -> Result<(), LinkError> {
         let ns = Namespace::Node;
         let h = &self.handle;
-        let (u, m) = (
-            link_index(h, underlay, &ns).await?,
-            link_index(h, mesh, &ns).await?,
-        );
-        for index in [u, m] {
-            ensure_ingress_qdisc(h, index, &ns).await?;
-            delete_band(h, index, &ns).await?;
-        }
+        let u = link_index(h, underlay, &ns).await?;
+        ensure_ingress_qdisc(h, u, &ns).await?;
+        delete_band(h, u, &ns).await?;
+        // With nothing to steer, a mesh device already gone (the data path stopped) is fine.
+        let m = match get_link(h, mesh, &ns).await? {
+            Some(l) => l.header.index,
+            None if rules.is_empty() => return Ok(()),
+            None => {
+                return Err(LinkError::NotFound {
+                    name: mesh.to_owned(),
+                    ns,
+                })
+            }
+        };
+        ensure_ingress_qdisc(h, m, &ns).await?;
+        delete_band(h, m, &ns).await?;
         for &(proto, addr, port) in rules {
             let keys = [
                 u32_key(u32::from(addr), u32::MAX, 16),
