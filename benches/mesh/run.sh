@@ -387,18 +387,22 @@ servers_up() {
 }
 
 # ------------------------------------------------------------------------------ measurements
-TPUT_GBPS="" TPUT_RETR="" TPUT_ERR=""
+TPUT_GBPS="" TPUT_RETR="" TPUT_ERR="" IPERF_RESIDENT=""
 tput_once() {     # $1 tag: iperf3 client -> ENTRY:PUB_TPUT, server in b1 -> TPUT_GBPS, TPUT_RETR
   local tag=$1 spid json="$WORK/iperf-$1.json"
   TPUT_GBPS=FAIL TPUT_RETR=- TPUT_ERR=""
-  ip netns exec "${BACKEND_NS[1]}" iperf3 -s -1 -p "$PUB_TPUT" >"$WORK/iperf-server-$tag.log" 2>&1 &
-  spid=$!
-  PIDS+=("$spid")
+  if [ -z "$IPERF_RESIDENT" ]; then
+    ip netns exec "${BACKEND_NS[1]}" iperf3 -s -1 -p "$PUB_TPUT" >"$WORK/iperf-server-$tag.log" 2>&1 &
+    spid=$!
+    PIDS+=("$spid")
+  fi
   wait_listen "${BACKEND_NS[1]}" "$PUB_TPUT" || { TPUT_ERR="iperf3 server not listening"; return; }
   timeout $((DUR + 30)) ip netns exec "$CLIENT_NS" iperf3 -c "$ENTRY" -p "$PUB_TPUT" -t "$DUR" \
     -J --connect-timeout 3000 >"$json" 2>"$json.err"
-  for _ in $(seq 1 30); do kill -0 "$spid" 2>/dev/null || break; sleep 0.1; done
-  stop_pid "$spid"
+  if [ -z "$IPERF_RESIDENT" ]; then
+    for _ in $(seq 1 30); do kill -0 "$spid" 2>/dev/null || break; sleep 0.1; done
+    stop_pid "$spid"
+  fi
   local bps retr
   read -r bps retr < <(jq -r '[(.end.sum_received.bits_per_second // -1),
                                (.end.sum_sent.retransmits // -1)] | @tsv' "$json" 2>/dev/null)
@@ -622,6 +626,13 @@ shoal_row() {     # $1 row id, $2 plain|encrypted
       || { SETUP_ERR="CNI ADD of b$k failed: $(tail -c 300 "$WORK/cni.out" | tr '\n|' ' /')"; return 1; }
   done
   servers_up || return 1
+  # The iperf3 server stays up through the row: shoal health-checks its backends (a TCP
+  # connect to each target), and a one-test server (`-s -1`) takes a check for its test and
+  # exits. Baselines start one per run.
+  ip netns exec "${BACKEND_NS[1]}" iperf3 -s -p "$PUB_TPUT" >"$WORK/iperf-server-$LAB.log" 2>&1 &
+  PIDS+=("$!")
+  IPERF_RESIDENT=1
+  wait_listen "${BACKEND_NS[1]}" "$PUB_TPUT" || { SETUP_ERR="iperf3 server in b1 not listening"; return 1; }
   ok=0
   for _ in $(seq 1 100); do   # up to ~20 s for the ports to answer through n1
     timeout 3 ip netns exec "$CLIENT_NS" "$PY" "$MESH_PY" client --target "$ENTRY" --port "$PUB_CPS" \
@@ -639,7 +650,7 @@ run_row() {      # $1 row id
   local id=$1 fn t=$SECONDS
   fn="row_${id//-/_}"
   STATUS[$id]=fail TPUT[$id]=- RETR[$id]=- CPS[$id]=- SPLIT[$id]=- SEES[$id]=- NOTES[$id]=""
-  SETUP_ERR="" SETUP_SKIP="" WG_NOTE=""
+  SETUP_ERR="" SETUP_SKIP="" WG_NOTE="" IPERF_RESIDENT=""
   lab_names
   log "row $id: ${LABEL[$id]} (lab $LAB)"
   foreign_snap >"$WORK/foreign.row"
