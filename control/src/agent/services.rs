@@ -365,7 +365,6 @@ mod tests {
         assert_eq!(rules(None), vec![(TCP, addr, 8080)]);
         assert_eq!(rules(Some(false)), vec![(TCP, addr, 8080)]);
         assert_eq!(rules(Some(true)), vec![(TCP, addr, 8080), (UDP, addr, 53)]);
-        let _ = port(1, 1, PublishMode::Host);
     }
 
     /// Services a (8080->80, 500 ms), b (9090->90, 200 ms), c (no port) on one network, and

@@ -239,13 +239,12 @@ impl FlowTable {
             return;
         }
         if from_client && flags & tcp_flags::SYN != 0 && flags & tcp_flags::ACK == 0 {
-            // A new connection on the same ports (after the last closed): start over.
+            // A new connection on the same ports (after the last closed): start over, keeping
+            // where the flow goes.
             if matches!(f.phase, Phase::Closing(_)) {
-                *f = Flow {
-                    last_seen: now,
-                    ..Flow::new(f.vni, now)
-                }
-                .with_sides(f.front, f.back);
+                f.phase = Phase::Opening;
+                f.fin_client = false;
+                f.fin_backend = false;
             }
             return;
         }
@@ -291,14 +290,6 @@ impl FlowTable {
             }
             kept
         });
-    }
-}
-
-impl Flow {
-    fn with_sides(mut self, front: Option<Front>, back: Option<Back>) -> Self {
-        self.front = front;
-        self.back = back;
-        self
     }
 }
 
