@@ -142,6 +142,21 @@ mode=full
   done
   echo "| sealed, both ends | $per_packet_ns_1 | $per_packet_ns_1000 | ${ratio}x |"
   echo
+  echo "Where the difference goes: a fixed sum per packet, not a share of its work"
+  for p in encap_sealed decap_sealed encap_plain decap_plain; do
+    printf '%s' " ($p +$(awk -v a="$(val "per_packet_ns_${p}_1")" -v b="$(val "per_packet_ns_${p}_1000")" 'BEGIN { printf "%.0f", b - a }') ns)"
+  done
+  echo ","
+  echo "which is 5-12 % of a sealed packet (the ChaCha20-Poly1305 pass dominates it) and as much"
+  echo "again as a whole plain one. A profile (\`perf record\` of \`examples/scale --profile"
+  echo "encap_plain:1000\` against \`:1\`) puts the extra time on the hash-table probes that change"
+  echo "with every packet: in the network's FDB (\`Fdb::lookup\` / \`learn\`) and in the peer table"
+  echo "(\`peers.get_mut\`), each loading a control-byte group and then a bucket that are no longer in"
+  echo "cache when the next packet goes to another peer. Boxing the replay windows (a peer's bucket"
+  echo "from 1,576 bytes to about 550) changed nothing measurable, so it was not kept; fewer probes"
+  echo "per packet (an FDB entry that points at its peer's slot instead of its address) would be the"
+  echo "change to try next."
+  echo
   echo "## Memory"
   echo
   echo "VmRSS of the measuring process once it holds one engine with 1,000 peers, each keyed under"
