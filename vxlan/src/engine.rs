@@ -127,7 +127,7 @@ impl DropCounts {
         DropReason::ALL.iter().map(|&r| (r, self.get(r)))
     }
 
-    fn bump(&mut self, reason: DropReason) {
+    pub(crate) fn bump(&mut self, reason: DropReason) {
         self.0[reason as usize] += 1;
     }
 }

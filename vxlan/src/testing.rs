@@ -100,3 +100,5 @@ pub fn local(n: u8, incarnation: u8) -> Local {
         Incarnation([incarnation; 16]),
     )
 }
+
+pub mod scale;
