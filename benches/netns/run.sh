@@ -740,7 +740,7 @@ run_scale() {
     NOTES[$id]="benches/scale/run.sh failed: $(tail -c 300 "$WORK/scale.log" | tr '\n|' ' /')"
     return 1
   fi
-  mapfile -t SCALE_ROWS < <(grep -E '^\| .* \| (met|\*\*not met\*\*) \|$' "$out")
+  mapfile -t SCALE_ROWS < <(grep -E '^\| .* \| (met|not met|\*\*not met\*\*) \|$' "$out")
   ((${#SCALE_ROWS[@]})) && STATUS[$id]=ok
   [ "${STATUS[$id]}" = ok ]
 }
@@ -889,6 +889,7 @@ targets() {
   if row_wanted scale; then
     if [ "${STATUS[scale]:-}" = ok ]; then
       for r in "${SCALE_ROWS[@]}"; do
+        r=${r/%| not met |/| **not met** |}
         TARGET_ROWS+=("| 6. ${r#| }")
         [[ $r == *"not met"* ]] && ALL_MET=0
       done
