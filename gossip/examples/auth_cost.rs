@@ -125,7 +125,7 @@ fn main() {
             black_box(
                 cipher
                     .encrypt(
-                        XNonce::from_slice(&nonce),
+                        &XNonce::from(nonce),
                         Payload {
                             msg: &plain,
                             aad: &[1, 1],
@@ -137,7 +137,7 @@ fn main() {
     );
     let ct = cipher
         .encrypt(
-            XNonce::from_slice(&nonce),
+            &XNonce::from(nonce),
             Payload {
                 msg: &plain,
                 aad: &[1, 1],
@@ -151,7 +151,7 @@ fn main() {
             black_box(
                 cipher
                     .decrypt(
-                        XNonce::from_slice(&nonce),
+                        &XNonce::from(nonce),
                         Payload {
                             msg: &ct,
                             aad: &[1, 1],

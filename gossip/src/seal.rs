@@ -54,6 +54,13 @@ pub const OVERHEAD: usize = HEAD + 16;
 /// Bytes before the ciphertext: kind, key id, sender tag, nonce.
 const HEAD: usize = 1 + 1 + 4 + 24;
 
+/// The 24-byte nonce at bytes 6..30 of an envelope (callers have checked it is that long).
+fn nonce_of(envelope: &[u8]) -> XNonce {
+    let mut nonce = XNonce::default();
+    nonce.copy_from_slice(&envelope[6..HEAD]);
+    nonce
+}
+
 /// What an envelope carries, authenticated so one kind cannot pass for the other.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -497,7 +504,7 @@ impl Sealer {
         };
         let ct = cipher
             .encrypt(
-                XNonce::from_slice(&head[6..30]),
+                &nonce_of(&head),
                 Payload {
                     msg: plaintext,
                     aad: &head[..6],
@@ -547,7 +554,7 @@ impl Sealer {
                 continue;
             };
             if let Ok(plain) = c.recv.decrypt(
-                XNonce::from_slice(&data[6..30]),
+                &nonce_of(data),
                 Payload {
                     msg: &data[HEAD..],
                     aad: &data[..6],
@@ -586,7 +593,7 @@ impl Sealer {
             .find(|c| c.key_id == data[1])?;
         c.send
             .decrypt(
-                XNonce::from_slice(&data[6..30]),
+                &nonce_of(data),
                 Payload {
                     msg: &data[HEAD..],
                     aad: &data[..6],
@@ -685,7 +692,7 @@ mod tests {
         let k = pair_key(&[7; 32], &shared, &t.ids[0], &t.ids[1]);
         let plain = XChaCha20Poly1305::new((&*k).into())
             .decrypt(
-                XNonce::from_slice(&x[6..30]),
+                &nonce_of(&x),
                 Payload {
                     msg: &x[30..],
                     aad: &x[..6],

@@ -12,8 +12,7 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use chacha20poly1305::aead::AeadInPlace;
-use chacha20poly1305::{ChaCha20Poly1305, KeyInit};
+use chacha20poly1305::{AeadInOut, ChaCha20Poly1305, KeyInit};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use shoal_vxlan::testing::{frame, A, B, VNI};
 use shoal_vxlan::{Packet, Transmits};
@@ -35,7 +34,7 @@ fn raw_seal(c: &mut Criterion) {
                 let mut nonce = [0u8; 12];
                 nonce[4..].copy_from_slice(&counter.to_be_bytes());
                 black_box(
-                    aead.encrypt_in_place_detached(&nonce.into(), &aad, &mut buf)
+                    aead.encrypt_inout_detached(&nonce.into(), &aad, buf.as_mut_slice().into())
                         .unwrap(),
                 );
             })

@@ -4,14 +4,19 @@
 //! Two implementations of the same algorithm, chosen at build time; the bytes on the wire are
 //! the same, so nodes built either way talk to each other.
 //!
-//! - By default, RustCrypto's `chacha20poly1305` (pure Rust; ChaCha20's and Poly1305's AVX2
-//!   code chosen at run time, portable code on CPUs without AVX2). The workspace builds it with
-//!   a patched `poly1305` 0.8.0 (`third_party/poly1305/SHOAL-PATCH.md`): in the released crate
-//!   the AVX2 backend's helpers and per-key setup are compiled without AVX2 and call the vector
-//!   intrinsics out of line, which made it slower than the portable backend at our sizes
-//!   (Poly1305 over 1400 bytes: 2,048 ns released, 1,058 ns portable, ~640 ns patched;
-//!   `benches/netns/PROFILE.md`). `--cfg poly1305_force_soft` forces the portable backend
-//!   (scripts/test.sh tests that build too). Its key is zeroized on drop.
+//! - By default, RustCrypto's `chacha20poly1305` 0.11 (pure Rust; the CPU's best backend of
+//!   each half chosen at run time: ChaCha20 AVX-512, AVX2 or SSE2, Poly1305 AVX2 or portable;
+//!   [`backend`] names them). The workspace builds it with patched copies of `chacha20` 0.10.2
+//!   and `poly1305` 0.9.1 (`third_party/*/SHOAL-PATCH.md`) and with `--cfg chacha20_avx512`
+//!   (`.cargo/config.toml`), which compiles ChaCha20's AVX-512 backend in. Both patches fix
+//!   vector helpers that were built without the CPU features their intrinsics need and so ran
+//!   as out-of-line calls (per message: Poly1305's key setup and tag, ChaCha20's AVX-512
+//!   one-block path). The Poly1305 patch also keeps its AVX2 backend four blocks at a time
+//!   after our 28-byte AAD, which left two blocks cached and sent the whole body through its
+//!   per-block fallback. Seal, 1400 bytes, one core: ~1,940 ns with 0.10 and the patched Poly1305,
+//!   ~1,280 ns now (`benches/netns/PROFILE.md` section 1). `--cfg poly1305_backend="soft"`
+//!   forces Poly1305's portable backend (scripts/test.sh tests that build too). Its key is
+//!   zeroized on drop.
 //! - With the `ring` cargo feature, `ring`'s (BoringSSL's assembly, CPU features detected at
 //!   run time, in a portable build). `ring` keeps its key schedule without zeroizing it on drop.
 
@@ -38,30 +43,61 @@ impl fmt::Debug for Aead {
     }
 }
 
-/// The implementation this build uses on this CPU, for logs and reports.
+/// The implementation this build uses on this CPU, for logs and reports: with RustCrypto's, the
+/// backends its ChaCha20 and its Poly1305 chose at run time (each detects CPU features itself).
 pub fn backend() -> &'static str {
     if cfg!(feature = "ring") {
-        "ring"
-    } else if cfg!(poly1305_force_soft) {
-        "chacha20poly1305 (RustCrypto, portable Poly1305 forced at build time)"
-    } else if poly1305_avx2() {
-        "chacha20poly1305 (RustCrypto, Poly1305 AVX2)"
-    } else {
-        "chacha20poly1305 (RustCrypto, portable Poly1305: no AVX2 on this CPU)"
+        return "ring";
     }
+    static NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| {
+        format!(
+            "chacha20poly1305 (RustCrypto: ChaCha20 {}, Poly1305 {})",
+            chacha20_backend(),
+            poly1305_backend()
+        )
+    })
 }
 
-/// Whether `poly1305`'s run-time detection picks its AVX2 backend here (its `cpufeatures`
-/// check asks for AVX and AVX2 with OS support, as this does).
-fn poly1305_avx2() -> bool {
+/// The backend `chacha20` picks here: its AVX-512 one only in a build with `--cfg
+/// chacha20_avx512` (`.cargo/config.toml`) and on a CPU with AVX-512F and AVX-512VL (its
+/// `cpufeatures` check, OS support included, as `is_x86_feature_detected!` does), then AVX2, then
+/// SSE2.
+fn chacha20_backend() -> &'static str {
     #[cfg(any(target_arch = "x86_64", target_arch = "x86"))]
     {
-        std::is_x86_feature_detected!("avx") && std::is_x86_feature_detected!("avx2")
+        if cfg!(chacha20_avx512)
+            && std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512vl")
+        {
+            "AVX-512"
+        } else if std::is_x86_feature_detected!("avx2") {
+            "AVX2"
+        } else {
+            "SSE2"
+        }
     }
     #[cfg(not(any(target_arch = "x86_64", target_arch = "x86")))]
     {
-        false
+        if cfg!(all(target_arch = "aarch64", target_feature = "neon")) {
+            "NEON"
+        } else {
+            "portable"
+        }
     }
+}
+
+/// The backend `poly1305` picks here: AVX2 when the CPU has it (its `cpufeatures` check), unless
+/// the build forces the portable one with `--cfg poly1305_backend="soft"`.
+fn poly1305_backend() -> &'static str {
+    if cfg!(poly1305_backend = "soft") {
+        return "portable (forced at build time)";
+    }
+    #[cfg(any(target_arch = "x86_64", target_arch = "x86"))]
+    if std::is_x86_feature_detected!("avx2") {
+        return "AVX2";
+    }
+    "portable"
 }
 
 impl Aead {
@@ -97,9 +133,9 @@ impl Aead {
     ) -> Result<[u8; 16], Failed> {
         #[cfg(not(feature = "ring"))]
         {
-            use chacha20poly1305::aead::AeadInPlace;
+            use chacha20poly1305::AeadInOut;
             self.key
-                .encrypt_in_place_detached(&nonce.into(), aad, body)
+                .encrypt_inout_detached(&nonce.into(), aad, body.into())
                 .map(Into::into)
                 .map_err(|_| Failed)
         }
@@ -131,9 +167,9 @@ impl Aead {
     ) -> Result<(), Failed> {
         #[cfg(not(feature = "ring"))]
         {
-            use chacha20poly1305::aead::AeadInPlace;
+            use chacha20poly1305::AeadInOut;
             self.key
-                .decrypt_in_place_detached(&nonce.into(), aad, body, tag.into())
+                .decrypt_inout_detached(&nonce.into(), aad, body.into(), tag.into())
                 .map_err(|_| Failed)
         }
         #[cfg(feature = "ring")]
@@ -212,13 +248,62 @@ mod tests {
         );
     }
 
+    /// This build's [`Aead`] and ring seal alike, byte for byte, for every AAD length from 0 to
+    /// 69 bytes with every body length from 0 to 159 and a few longer ones: each number of
+    /// Poly1305 blocks the AAD leaves cached before the body (our wire header is 28 bytes: two)
+    /// meets each body length modulo 64, and ring's tag opens here. (The patched poly1305 checks
+    /// its AVX2 backend against its portable one over body lengths 0 to 599 the same way; this
+    /// crate's tests build ChaCha20's generic code unoptimized, so this stays smaller.)
+    #[test]
+    fn ring_and_backend_agree_over_aad_alignments() {
+        use rand::{Rng, SeedableRng};
+        use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
+
+        let mut rng = rand::rngs::StdRng::seed_from_u64(18);
+        let mut bytes = vec![0u8; 9100];
+        rng.fill(&mut bytes[..]);
+        for aad_len in 0..70 {
+            let mut key = [0u8; 32];
+            rng.fill(&mut key);
+            let ours = Aead::new(&key);
+            let ring = LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, &key).unwrap());
+            let aad = &bytes[..aad_len];
+            for len in (0..160).chain([255, 600, 1400, 8950]) {
+                let mut nonce = [0u8; 12];
+                rng.fill(&mut nonce);
+                let text = &bytes[100..100 + len];
+                let mut by_ours = text.to_vec();
+                let tag = ours.seal(nonce, aad, &mut by_ours).unwrap();
+                let mut by_ring = text.to_vec();
+                let ring_tag = ring
+                    .seal_in_place_separate_tag(
+                        Nonce::assume_unique_for_key(nonce),
+                        Aad::from(aad),
+                        &mut by_ring,
+                    )
+                    .unwrap();
+                let b = backend();
+                assert_eq!(
+                    by_ours, by_ring,
+                    "ciphertext, AAD {aad_len} B, body {len} B ({b})"
+                );
+                assert_eq!(
+                    tag[..],
+                    *ring_tag.as_ref(),
+                    "tag, AAD {aad_len} B, body {len} B ({b})"
+                );
+                ours.open(nonce, aad, &mut by_ring, &tag).unwrap();
+                assert_eq!(by_ring, text, "opened, AAD {aad_len} B, body {len} B ({b})");
+            }
+        }
+    }
+
     /// Both implementations (called directly) and this build's [`Aead`] seal every size and
     /// AAD alike, byte for byte, and [`Aead`] opens what either sealed. ring is a
     /// dev-dependency, so this runs with and without the `ring` feature.
     #[test]
     fn ring_rustcrypto_and_backend_agree() {
-        use chacha20poly1305::aead::AeadInPlace;
-        use chacha20poly1305::{ChaCha20Poly1305, KeyInit};
+        use chacha20poly1305::{AeadInOut, ChaCha20Poly1305, KeyInit};
         use rand::{Rng, SeedableRng};
         use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
 
@@ -238,7 +323,7 @@ mod tests {
             let ours_tag = ours.seal(nonce, &aad, &mut by_ours).unwrap();
             let mut by_rc = text.clone();
             let rc_tag = rc
-                .encrypt_in_place_detached(&nonce.into(), &aad, &mut by_rc)
+                .encrypt_inout_detached(&nonce.into(), &aad, by_rc.as_mut_slice().into())
                 .unwrap();
             let mut by_ring = text.clone();
             let ring_tag = ring
