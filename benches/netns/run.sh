@@ -275,14 +275,6 @@ wait_reach() {   # $1 target, pinged from b; up to ~15 s
   return 1
 }
 
-wait_link() {    # $1 ns, $2 ifname: up to 10 s for the device to exist and be up
-  for _ in $(seq 1 100); do
-    ip -n "$1" link show "$2" 2>/dev/null | grep -q 'state \(UP\|UNKNOWN\)' && return 0
-    sleep 0.1
-  done
-  return 1
-}
-
 offload_note() {  # $1 ns, $2 dev -> "dev TSO on, GSO on, GRO off"
   have ethtool || return 0
   ip netns exec "$1" ethtool -k "$2" 2>/dev/null | awk -F': ' -v dev="$2" '
@@ -413,10 +405,8 @@ setup_wggo() {
   NOTE="MTU 1420; GOMAXPROCS default ($(nproc))"
 }
 
-SHOAL_MODE=""
 shoal_up() {     # $1 plain|encrypted: `shoal lab up` with 2 nodes; b is n2, a is n1
   local mode=$1 flags=() i
-  SHOAL_MODE=$mode
   [ -n "$SHOAL_BIN" ] || { SETUP_ERR="no shoal binary (build failed; see $WORK/shoal-build.log)"; return 1; }
   lab_down
   LAB_N=$((LAB_N + 1))

@@ -136,7 +136,7 @@ mode=full
   echo "each packet touches another peer's state (the cache misses of traffic to every peer at"
   echo "once). The three kinds of rounds alternate. Encap: \`handle_frame\` (the frame copied into the buffer, encapsulated, sealed"
   echo "or not); decap: \`handle_datagram\` (opened or not, the source MAC checked in the FDB)."
-  echo "The first goal row is one sealed packet at both ends (sealed encap plus sealed decap)."
+  echo "The second goal row is one sealed packet at both ends (sealed encap plus sealed decap)."
   echo
   echo "| path | 1 peer | 1,000 peers, one flow | ratio | 1,000 peers, spread | ratio |"
   echo "|---|---|---|---|---|---|"
@@ -145,13 +145,14 @@ mode=full
   done
   echo "| sealed, both ends | $per_packet_ns_1 | | | $per_packet_ns_1000 | ${ratio}x |"
   echo
-  echo "Where the spread rounds' difference goes (one flow shows none): a fixed sum per packet, not a share of its work"
+  echo "Where the spread rounds' difference goes (one flow shows none): a fixed sum per packet,"
+  echo "not a share of its work, so a small share of a sealed packet (the ChaCha20-Poly1305 pass"
+  echo "dominates it) and a large one of a plain packet:"
   for p in encap_sealed decap_sealed encap_plain decap_plain; do
-    printf '%s' " ($p +$(awk -v a="$(val "per_packet_ns_${p}_1")" -v b="$(val "per_packet_ns_${p}_1000")" 'BEGIN { printf "%.0f", b - a }') ns)"
+    printf '%s' " $p +$(awk -v a="$(val "per_packet_ns_${p}_1")" -v b="$(val "per_packet_ns_${p}_1000")" 'BEGIN { printf "%.0f ns (%.0f %%)", b - a, 100 * (b - a) / a }');"
   done
-  echo ","
-  echo "which is 5-12 % of a sealed packet (the ChaCha20-Poly1305 pass dominates it) and as much"
-  echo "again as a whole plain one. A profile (\`perf record\` of \`examples/scale --profile"
+  echo
+  echo "A profile (\`perf record\` of \`examples/scale --profile"
   echo "encap_plain:1000\` against \`:1\`) puts the extra time on the hash-table probes that change"
   echo "with every packet: in the network's FDB (\`Fdb::lookup\` / \`learn\`) and in the peer table"
   echo "(\`peers.get_mut\`), each loading a control-byte group and then a bucket that are no longer in"

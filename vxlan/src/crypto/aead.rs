@@ -200,6 +200,16 @@ mod tests {
     const AAD: [u8; 12] = hex!("50515253c0c1c2c3c4c5c6c7");
     const TEXT: &[u8] = b"Ladies and Gentlemen of the class of '99: If I could offer you only one tip for the future, sunscreen would be it.";
 
+    /// The RustCrypto key is wiped when a session drops it: `chacha20poly1305` 0.11 does that
+    /// only with its `zeroize` feature (0.10 always did). Without the feature this does not
+    /// compile.
+    #[cfg(not(feature = "ring"))]
+    #[test]
+    fn the_key_is_zeroized_on_drop() {
+        fn zeroized_on_drop<T: zeroize::ZeroizeOnDrop>() {}
+        zeroized_on_drop::<chacha20poly1305::ChaCha20Poly1305>();
+    }
+
     /// RFC 8439 §2.8.2, through whichever backend this build uses.
     #[test]
     fn rfc8439_vector_through_backend() {

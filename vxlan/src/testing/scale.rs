@@ -109,22 +109,28 @@ impl Cluster {
             let _ = e.add_network(vni(j, encrypted), encrypted);
         }
         let _ = e.add_epoch(epoch());
-        for (i, (n, key)) in self.nodes.iter().zip(&self.keys).take(peers).enumerate() {
-            let i = i as u32;
-            // The keys are distinct, valid points by construction.
-            let _ = e.set_peer(n.addr, Some(*key));
-            let on: Vec<u32> = match layout {
-                Layout::Spread => vec![i % networks],
-                Layout::Full => (0..networks).collect(),
+        for i in 0..peers as u32 {
+            let on = match layout {
+                Layout::Spread => i % networks..i % networks + 1,
+                Layout::Full => 0..networks,
             };
-            for j in on {
-                if let Ok(fdb) = e.fdb_mut(vni(j, encrypted)) {
-                    fdb.insert(mac(i, j), n.addr.ip());
-                    fdb.add_flood(n.addr.ip());
-                }
-            }
+            self.bring_up(&mut e, i, on, encrypted);
         }
         e
+    }
+
+    /// Node `i` made a peer of engine `e` (its key: one X25519 and one HKDF) on the networks
+    /// `on`: its MAC there in the FDB and its address in the flood list.
+    fn bring_up(&self, e: &mut Engine, i: u32, on: std::ops::Range<u32>, encrypted: bool) {
+        let n = &self.nodes[i as usize];
+        // The keys are distinct, valid points by construction.
+        let _ = e.set_peer(n.addr, Some(self.keys[i as usize]));
+        for j in on {
+            if let Ok(fdb) = e.fdb_mut(vni(j, encrypted)) {
+                fdb.insert(mac(i, j), n.addr.ip());
+                fdb.add_flood(n.addr.ip());
+            }
+        }
     }
 
     /// Node `i`'s own engine, with `to` as its only peer (FDB entry and flood list) on network
@@ -282,12 +288,7 @@ pub fn rollout(cluster: &Cluster, peers: u32, networks: u32, watch: &[u32], orde
     };
 
     let bring_up = |local: &mut Engine, i: u32| {
-        let n = &cluster.nodes[i as usize];
-        let _ = local.set_peer(n.addr, Some(cluster.keys[i as usize]));
-        if let Ok(fdb) = local.fdb_mut(vni(i % networks, true)) {
-            fdb.insert(mac(i, i % networks), n.addr.ip());
-            fdb.add_flood(n.addr.ip());
-        }
+        cluster.bring_up(local, i, i % networks..i % networks + 1, true);
     };
 
     let early = peers - peers / 10;
