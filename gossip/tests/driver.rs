@@ -18,9 +18,17 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::time::timeout;
 
 fn free_port(ip: &str) -> SocketAddr {
-    // Ask the OS for a free port; the tiny race with other tests is harmless.
-    let s = UdpSocket::bind(format!("{ip}:0")).expect("bind loopback");
-    s.local_addr().expect("local addr")
+    // Ask the OS for a port free for both UDP and TCP (a driver binds both); the tiny race
+    // with other sockets until the driver binds it is harmless as long as the caller binds
+    // soon after asking.
+    for _ in 0..100 {
+        let s = UdpSocket::bind(format!("{ip}:0")).expect("bind loopback");
+        let addr = s.local_addr().expect("local addr");
+        if std::net::TcpListener::bind(addr).is_ok() {
+            return addr;
+        }
+    }
+    panic!("no port free for both UDP and TCP on {ip} in 100 tries");
 }
 
 fn id(i: u128) -> NodeId {
@@ -134,11 +142,7 @@ async fn two_drivers_join_update_and_leave() {
 /// join's push-pull over TCP.
 #[tokio::test]
 async fn entries_through_the_handles() {
-    let (a_addr, b_addr, c_addr) = (
-        free_port("127.0.0.1"),
-        free_port("127.0.0.1"),
-        free_port("127.0.0.1"),
-    );
+    let (a_addr, b_addr) = (free_port("127.0.0.1"), free_port("127.0.0.1"));
     let mut cb = config(2, b_addr);
     cb.seeds = vec![(id(1), a_addr)];
     let (ha, mut ea) = driver::start(config(1, a_addr)).await.expect("start a");
@@ -185,7 +189,9 @@ async fn entries_through_the_handles() {
         }))
     ));
     // c joins later and gets it too (its join's push-pull carries every entry)
-    let mut cc = config(3, c_addr);
+    // c's port is picked only now: picked at the start, it stayed free for UDP but a and b's
+    // push-pull connections, opened meanwhile, could take it as their TCP ephemeral port.
+    let mut cc = config(3, free_port("127.0.0.1"));
     cc.seeds = vec![(id(2), b_addr)];
     let (hc, mut ec) = driver::start(cc).await.expect("start c");
     assert!(
